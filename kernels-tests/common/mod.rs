@@ -1,0 +1,94 @@
+//! Shared test helpers: one GPU per test process, deterministic data and a
+//! closeness check against f64 references.
+#![allow(dead_code)]
+
+use cvt_gpu::gpu::{AdapterRequest, Gpu};
+use cvt_gpu::util::Rng;
+use std::sync::{Arc, OnceLock};
+
+/// The adapter named by CVT_GPU_BACKEND / CVT_GPU_ADAPTER (default: the best one).
+/// Tests fail, not skip, when there is none: a kernel test that cannot run has not passed.
+pub fn gpu() -> Arc<Gpu> {
+    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let backend = match std::env::var("CVT_GPU_BACKEND").as_deref() {
+            Ok("gl") => cvt_gpu::gpu::BackendChoice::Gl,
+            Ok("vulkan") => cvt_gpu::gpu::BackendChoice::Vulkan,
+            Ok("metal") => cvt_gpu::gpu::BackendChoice::Metal,
+            Ok("dx12") => cvt_gpu::gpu::BackendChoice::Dx12,
+            _ => cvt_gpu::gpu::BackendChoice::Auto,
+        };
+        let g = Gpu::new(&AdapterRequest { backend, adapter: std::env::var("CVT_GPU_ADAPTER").ok() }).expect("a GPU adapter");
+        eprintln!("testing on {}", g.describe());
+        g
+    })
+    .clone()
+}
+
+pub fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal()).collect()
+}
+
+/// |got - want| <= atol + rtol * |want| elementwise; reports the worst element.
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, 0.0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(err.is_finite(), "{what}: element {i} is {g}, want {w}");
+        let excess = err - (atol + rtol * w.abs());
+        if excess > worst.1 {
+            worst = (i, excess);
+        }
+    }
+    let i = worst.0;
+    assert!(worst.1 <= 0.0, "{what}: element {i} = {}, want {} (|err| {:.3e})", got[i], want[i], (got[i] as f64 - want[i]).abs());
+}
+
+pub fn gelu(x: f64) -> f64 {
+    0.5 * x * (1.0 + libm_erf(x / std::f64::consts::SQRT_2))
+}
+
+pub fn quick_gelu(x: f64) -> f64 {
+    x / (1.0 + (-1.702 * x).exp())
+}
+
+/// erf in f64 (W. J. Cody's rational approximations would do; this series/continued
+/// fraction pair is accurate to ~1e-15 over the real line).
+pub fn libm_erf(x: f64) -> f64 {
+    let ax = x.abs();
+    let r = if ax < 2.5 {
+        // Maclaurin series.
+        let mut sum = ax;
+        let mut term = ax;
+        let x2 = ax * ax;
+        let mut n = 0.0;
+        loop {
+            n += 1.0;
+            term *= -x2 / n;
+            let add = term / (2.0 * n + 1.0);
+            sum += add;
+            if add.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // Continued fraction for erfc.
+        let mut f = 0.0;
+        for k in (1..60).rev() {
+            f = (k as f64 / 2.0) / (ax + f);
+        }
+        1.0 - (-ax * ax).exp() / std::f64::consts::PI.sqrt() / (ax + f)
+    };
+    r.copysign(x)
+}
+
+pub fn layernorm_ref(x: &[f64], g: &[f32], b: &[f32]) -> Vec<f64> {
+    let c = x.len() as f64;
+    let mean = x.iter().sum::<f64>() / c;
+    let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c;
+    let r = 1.0 / (var + 1e-5).sqrt();
+    x.iter().enumerate().map(|(i, v)| (v - mean) * r * g[i] as f64 + b[i] as f64).collect()
+}

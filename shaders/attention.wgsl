@@ -1,0 +1,94 @@
+// Fused multi-head attention: O = softmax(Q·Kᵀ·scale)·V in one pass over the keys
+// (online softmax), never materialising the Tq x Tkv score matrix.
+//
+// Q [B, Tq, C], K and V [B, Tkv, C], O [B, Tq, C]; head h owns channels
+// [h*D, (h+1)*D) (CvT's 'b t (h d)' split). Tq != Tkv in CvT (keys and values are
+// stride-2 projections), and scale is the stage width C^-0.5 as in the official
+// code, not D^-0.5: the host passes it in.
+//
+// One invocation per query row; a workgroup of WG queries of one head shares each
+// tile of TK keys and values through workgroup memory. Per tile the scores go to
+// registers first, so the running output is rescaled once per tile, not per key.
+
+override WG: u32 = 64u;
+// Head width in vec4s; the private arrays are sized for the largest (D = 64).
+override D4: u32 = 16u;
+const D4_MAX: u32 = 16u;
+const TK: u32 = 16u;
+
+struct Params { B: u32, Tq: u32, Tkv: u32, C4: u32, heads: u32, scale: f32, _p0: u32, _p1: u32 }
+
+@group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> v: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> o: array<vec4<f32>>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+var<workgroup> ks: array<vec4<f32>, 256>; // TK * D4_MAX
+var<workgroup> vs: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let head = wid.y;
+    let bi = wid.z;
+    let qi = wid.x * WG + lid;
+    let qrow = min(qi, p.Tq - 1u);
+    let qbase = (bi * p.Tq + qrow) * p.C4 + head * D4;
+    var qv: array<vec4<f32>, D4_MAX>;
+    var acc: array<vec4<f32>, D4_MAX>;
+    for (var d = 0u; d < D4; d++) {
+        qv[d] = q[qbase + d] * p.scale;
+    }
+    var m = -3.0e38;
+    var l = 0.0;
+    for (var t0 = 0u; t0 < p.Tkv; t0 += TK) {
+        let n = min(TK, p.Tkv - t0);
+        // Cooperative load; rows past the end are zero so no stale value (or NaN
+        // from uninitialised memory) can reach the sums.
+        for (var i = lid; i < TK * D4; i += WG) {
+            let j = i / D4;
+            let d = i % D4;
+            var kv = vec4<f32>(0.0);
+            var vv = vec4<f32>(0.0);
+            if (j < n) {
+                let src = (bi * p.Tkv + t0 + j) * p.C4 + head * D4 + d;
+                kv = k[src];
+                vv = v[src];
+            }
+            ks[j * D4_MAX + d] = kv;
+            vs[j * D4_MAX + d] = vv;
+        }
+        workgroupBarrier();
+        var s: array<f32, TK>;
+        var tmax = m;
+        for (var j = 0u; j < TK; j++) {
+            var dotv = vec4<f32>(0.0);
+            for (var d = 0u; d < D4; d++) {
+                dotv += qv[d] * ks[j * D4_MAX + d];
+            }
+            let sj = select(-3.0e38, dotv.x + dotv.y + dotv.z + dotv.w, j < n);
+            s[j] = sj;
+            tmax = max(tmax, sj);
+        }
+        let corr = exp(m - tmax);
+        l *= corr;
+        for (var d = 0u; d < D4; d++) {
+            acc[d] *= corr;
+        }
+        for (var j = 0u; j < TK; j++) {
+            let pj = exp(s[j] - tmax);
+            l += pj;
+            for (var d = 0u; d < D4; d++) {
+                acc[d] += pj * vs[j * D4_MAX + d];
+            }
+        }
+        m = tmax;
+        workgroupBarrier();
+    }
+    if (qi < p.Tq) {
+        let inv = 1.0 / l;
+        for (var d = 0u; d < D4; d++) {
+            o[qbase + d] = acc[d] * inv;
+        }
+    }
+}

@@ -1,0 +1,109 @@
+// Row-wise normalisations over the channel axis: LayerNorm and softmax.
+// One workgroup per row, WG invocations striding over the row and a tree
+// reduction in workgroup memory. LayerNorm is two-pass (mean, then the mean of
+// squared deviations), as PyTorch computes it, so large means do not cancel.
+//
+// Rows may be gathered and scattered: row r is (g, i) = (r / group, r % group) and
+// reads input row g*in_stride + in_off + i and writes output row
+// g*out_stride + out_off + i. This lets the final norm read only the cls token of
+// each image and the token-embedding norm write below a cls slot.
+
+override WG: u32 = 64u;
+
+struct Params {
+    rows: u32, C: u32, group: u32, in_stride: u32,
+    in_off: u32, out_stride: u32, out_off: u32, eps: f32,
+}
+
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> gamma: array<f32>;
+@group(0) @binding(2) var<storage, read> beta: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+var<workgroup> red: array<f32, WG>;
+
+fn reduce_sum(val: f32, lid: u32) -> f32 {
+    red[lid] = val;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_max(val: f32, lid: u32) -> f32 {
+    red[lid] = val;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red[lid] = max(red[lid], red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn in_base(r: u32) -> u32 {
+    return ((r / p.group) * p.in_stride + p.in_off + r % p.group) * p.C;
+}
+
+fn out_base(r: u32) -> u32 {
+    return ((r / p.group) * p.out_stride + p.out_off + r % p.group) * p.C;
+}
+
+@compute @workgroup_size(WG)
+fn layernorm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let r = wid.y * nwg.x + wid.x;
+    if (r >= p.rows) {
+        return;
+    }
+    let ib = in_base(r);
+    let ob = out_base(r);
+    var s = 0.0;
+    for (var c = lid; c < p.C; c += WG) {
+        s += x[ib + c];
+    }
+    let mean = reduce_sum(s, lid) / f32(p.C);
+    var s2 = 0.0;
+    for (var c = lid; c < p.C; c += WG) {
+        let d = x[ib + c] - mean;
+        s2 += d * d;
+    }
+    let rstd = inverseSqrt(reduce_sum(s2, lid) / f32(p.C) + p.eps);
+    for (var c = lid; c < p.C; c += WG) {
+        y[ob + c] = (x[ib + c] - mean) * rstd * gamma[c] + beta[c];
+    }
+}
+
+// softmax uses x, y and p of the same bind group (gamma and beta unbound).
+@compute @workgroup_size(WG)
+fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let r = wid.y * nwg.x + wid.x;
+    if (r >= p.rows) {
+        return;
+    }
+    let b = r * p.C;
+    var m = -3.0e38;
+    for (var c = lid; c < p.C; c += WG) {
+        m = max(m, x[b + c]);
+    }
+    let mx = reduce_max(m, lid);
+    var s = 0.0;
+    for (var c = lid; c < p.C; c += WG) {
+        s += exp(x[b + c] - mx);
+    }
+    let inv = 1.0 / reduce_sum(s, lid);
+    for (var c = lid; c < p.C; c += WG) {
+        y[b + c] = exp(x[b + c] - mx) * inv;
+    }
+}

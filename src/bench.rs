@@ -1,0 +1,152 @@
+//! `cvt-gpu bench`: forward latency, throughput and achieved GFLOP/s against the
+//! adapter's own GEMM ceiling measured with the engine's matmul kernel.
+
+use anyhow::Result;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::graph::Graph;
+use crate::gpu::Gpu;
+use crate::model::{weights::random_tensors, CvtConfig, Model};
+use crate::ops::matmul::{linear, Out};
+use crate::ops::{Act, Linear};
+use crate::util::Rng;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// cvt-13, cvt-21, cvt-w24 or a JSON config (random weights).
+    #[arg(long, default_value = "cvt-13")]
+    pub model: String,
+    /// Input resolution (default: the model's).
+    #[arg(long)]
+    pub res: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Timed iterations after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Measure only the GEMM ceiling (best matmul rate at 1024x1024x1024).
+    #[arg(long)]
+    pub gemm: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(serde::Serialize, Debug)]
+pub struct GemmResult {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub median_ms: f64,
+    pub gflops_per_s: f64,
+}
+
+#[derive(serde::Serialize, Debug)]
+pub struct BenchResult {
+    pub model: String,
+    pub res: usize,
+    pub batch: usize,
+    pub mode: &'static str,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub img_per_s: f64,
+    pub gflop_per_image: f64,
+    pub gflops_per_s: f64,
+    pub ceiling_gflops_per_s: f64,
+    pub ratio_to_ceiling: f64,
+    pub weight_bytes: u64,
+    pub activation_bytes: u64,
+    pub first_call_ms: f64,
+    pub adapter: String,
+    pub timing: &'static str,
+}
+
+fn time_runs(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    let mut times = vec![];
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[0]))
+}
+
+/// Rate of the engine's matmul on an m x n x k problem (random data).
+pub fn gemm(gpu: &Arc<Gpu>, m: usize, n: usize, k: usize, iters: usize) -> Result<GemmResult> {
+    let mut rng = Rng::new(7);
+    let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+    let l = Linear::from_torch(gpu, "gemm", &w, None, n, k)?;
+    let mut g = Graph::new(gpu.clone());
+    let a = g.pinned("a", m * k);
+    linear(&mut g, "gemm", a, m, &l, Act::None, Out::New)?;
+    let plan = g.compile()?;
+    let data: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+    plan.write(a, &data)?;
+    plan.run()?;
+    gpu.sync()?;
+    let (median, _) = time_runs(iters, || {
+        plan.run()?;
+        gpu.sync()
+    })?;
+    Ok(GemmResult { m, n, k, median_ms: median, gflops_per_s: 2.0 * (m * n * k) as f64 / median / 1e6 })
+}
+
+pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
+    let ceiling = gemm(&gpu, 1024, 1024, 1024, 3)?;
+    if a.gemm {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&ceiling)?);
+        } else {
+            println!("{}: matmul 1024x1024x1024 {:.1} ms, {:.1} GFLOP/s", gpu.describe(), ceiling.median_ms, ceiling.gflops_per_s);
+        }
+        return Ok(());
+    }
+    let cfg = CvtConfig::by_name(&a.model)?;
+    let res = a.res.unwrap_or(cfg.image_size);
+    let t0 = Instant::now();
+    let model = Model::new(gpu.clone(), cfg.clone(), &random_tensors(&cfg, 1), Act::QuickGelu)?;
+    let upload_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = Instant::now();
+    let plan = model.plan(a.batch, res, res)?;
+    let mut rng = Rng::new(3);
+    let img: Vec<f32> = (0..a.batch * res * res * cfg.in_chans).map(|_| rng.normal()).collect();
+    plan.forward(&img)?;
+    let first_call_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let (median, min) = time_runs(a.iters, || {
+        plan.run()?;
+        gpu.sync()
+    })?;
+    let gflop = 2.0 * cfg.macs(res, res)? / 1e9;
+    let rate = gflop * a.batch as f64 / (median / 1e3);
+    let r = BenchResult {
+        model: cfg.name.clone(),
+        res,
+        batch: a.batch,
+        mode: "infer",
+        median_ms: median,
+        min_ms: min,
+        img_per_s: a.batch as f64 / (median / 1e3),
+        gflop_per_image: gflop,
+        gflops_per_s: rate,
+        ceiling_gflops_per_s: ceiling.gflops_per_s,
+        ratio_to_ceiling: rate / ceiling.gflops_per_s,
+        weight_bytes: model.weight_bytes,
+        activation_bytes: plan.plan.activation_bytes,
+        first_call_ms,
+        adapter: gpu.describe(),
+        timing: "wall clock, submit to completion",
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{} @{}x{} batch {} on {}", r.model, res, res, a.batch, r.adapter);
+        println!("  latency   median {:.1} ms, min {:.1} ms ({} iterations)", median, min, a.iters);
+        println!("  throughput {:.2} img/s, {:.1} GFLOP/s ({:.2} GFLOP/image)", r.img_per_s, rate, gflop);
+        println!("  ceiling   {:.1} GFLOP/s (matmul 1024^3) -> {:.0}% of it", ceiling.gflops_per_s, 100.0 * r.ratio_to_ceiling);
+        println!("  memory    weights {:.1} MiB, activations {:.1} MiB (unshared would be {:.1} MiB)", r.weight_bytes as f64 / 1048576.0, r.activation_bytes as f64 / 1048576.0, plan.plan.unshared_bytes as f64 / 1048576.0);
+        println!("  first call {:.0} ms (plan + pipelines + first run; weights upload {:.0} ms)", first_call_ms, upload_ms);
+    }
+    Ok(())
+}

@@ -1,0 +1,391 @@
+//! GPU context: adapter choice, device with the adapter's own limits, shader and
+//! pipeline caches, buffer helpers and readback.
+//!
+//! Nothing here assumes a limit: every size the engine relies on is read from the
+//! device (`Gpu::limits`) and checked before a buffer or dispatch is created, so a
+//! too-large request becomes a clear error instead of a wgpu validation panic.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use wgpu::util::DeviceExt;
+
+/// Every WGSL file of the engine, embedded in the binary. Tests walk this list to
+/// validate each shader with naga and translate it for every backend.
+pub const SHADERS: &[(&str, &str)] = &[
+    ("matmul", include_str!("../shaders/matmul.wgsl")),
+    ("attention", include_str!("../shaders/attention.wgsl")),
+    ("dwconv", include_str!("../shaders/dwconv.wgsl")),
+    ("rownorm", include_str!("../shaders/rownorm.wgsl")),
+    ("tokens", include_str!("../shaders/tokens.wgsl")),
+];
+
+/// Which wgpu backend to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// The best adapter wgpu finds on any backend (a discrete GPU first; Vulkan before GL).
+    #[default]
+    Auto,
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+impl BackendChoice {
+    fn backends(self) -> wgpu::Backends {
+        match self {
+            BackendChoice::Auto => wgpu::Backends::all(),
+            BackendChoice::Vulkan => wgpu::Backends::VULKAN,
+            BackendChoice::Metal => wgpu::Backends::METAL,
+            BackendChoice::Dx12 => wgpu::Backends::DX12,
+            BackendChoice::Gl => wgpu::Backends::GL,
+        }
+    }
+}
+
+/// How to pick an adapter: backend filter plus an optional index or name substring.
+#[derive(Clone, Debug, Default)]
+pub struct AdapterRequest {
+    pub backend: BackendChoice,
+    /// Index into `cvt-gpu adapters`' list, or a case-insensitive substring of the name.
+    pub adapter: Option<String>,
+}
+
+/// A summary of one adapter, as `cvt-gpu adapters` prints it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterSummary {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroups_per_dimension: u32,
+    pub max_storage_buffers_per_shader_stage: u32,
+    pub min_subgroup_size: u32,
+    pub max_subgroup_size: u32,
+    pub features: Vec<String>,
+}
+
+fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
+    let info = a.get_info();
+    let l = a.limits();
+    let features = a
+        .features()
+        .iter_names()
+        .map(|(n, _)| n.to_string())
+        .collect();
+    AdapterSummary {
+        index,
+        min_subgroup_size: info.subgroup_min_size,
+        max_subgroup_size: info.subgroup_max_size,
+        name: info.name,
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: info.driver,
+        driver_info: info.driver_info,
+        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size as u64,
+        max_buffer_size: l.max_buffer_size,
+        max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+        max_compute_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
+        max_storage_buffers_per_shader_stage: l.max_storage_buffers_per_shader_stage,
+        features,
+    }
+}
+
+/// Adapters on the requested backend, ordered best first: discrete, integrated,
+/// virtual, then CPU; on ties Vulkan before the others (lavapipe is faster than
+/// llvmpipe-on-GL for compute).
+fn ordered_adapters(backend: BackendChoice) -> Vec<wgpu::Adapter> {
+    let enumerate = |b: wgpu::Backends| {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        desc.backends = b;
+        pollster::block_on(wgpu::Instance::new(desc).enumerate_adapters(b))
+    };
+    // GL is the fallback of `auto`: probing it costs time (and Mesa's EGL prints
+    // warnings on headless machines), so it is only tried when nothing else is found.
+    let mut adapters = if backend == BackendChoice::Auto {
+        let native = enumerate(wgpu::Backends::all() - wgpu::Backends::GL);
+        if native.is_empty() { enumerate(wgpu::Backends::GL) } else { native }
+    } else {
+        enumerate(backend.backends())
+    };
+    let rank = |a: &wgpu::Adapter| {
+        let i = a.get_info();
+        let t = match i.device_type {
+            wgpu::DeviceType::DiscreteGpu => 0,
+            wgpu::DeviceType::IntegratedGpu => 1,
+            wgpu::DeviceType::VirtualGpu => 2,
+            wgpu::DeviceType::Other => 3,
+            wgpu::DeviceType::Cpu => 4,
+        };
+        let b = match i.backend {
+            wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+            _ => 1,
+        };
+        (t, b)
+    };
+    adapters.sort_by_key(|a| rank(a));
+    adapters
+}
+
+/// Lists every adapter the backend filter admits.
+pub fn list_adapters(backend: BackendChoice) -> Vec<AdapterSummary> {
+    ordered_adapters(backend)
+        .iter()
+        .enumerate()
+        .map(|(i, a)| summarize(i, a))
+        .collect()
+}
+
+const NO_ADAPTER: &str = "no GPU adapter found: install a Vulkan, Metal, DX12 or GL driver \
+(on Linux without a GPU: `apt-get install mesa-vulkan-drivers` for lavapipe)";
+
+/// The engine's device: everything kernels need to create and run pipelines.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// Uncaptured wgpu errors land here (instead of wgpu's default panic) and are
+    /// turned into `Err` at the next synchronisation point.
+    error: Arc<Mutex<Option<String>>>,
+}
+
+impl Gpu {
+    /// Opens the adapter described by `req`.
+    pub fn new(req: &AdapterRequest) -> Result<Arc<Gpu>> {
+        let adapters = ordered_adapters(req.backend);
+        if adapters.is_empty() {
+            if req.backend == BackendChoice::Auto {
+                bail!("{NO_ADAPTER}");
+            }
+            bail!("no adapter on the {:?} backend; `cvt-gpu adapters` lists what is available. {NO_ADAPTER}", req.backend);
+        }
+        let adapter = match &req.adapter {
+            None => adapters.into_iter().next().unwrap(),
+            Some(sel) => {
+                if let Ok(i) = sel.parse::<usize>() {
+                    let n = adapters.len();
+                    adapters.into_iter().nth(i).ok_or_else(|| {
+                        anyhow!("adapter index {i} does not exist ({n} adapters; see `cvt-gpu adapters`)")
+                    })?
+                } else {
+                    let s = sel.to_lowercase();
+                    adapters
+                        .into_iter()
+                        .find(|a| a.get_info().name.to_lowercase().contains(&s))
+                        .ok_or_else(|| anyhow!("no adapter name contains {sel:?} (see `cvt-gpu adapters`)"))?
+                }
+            }
+        };
+        Self::from_adapter(adapter)
+    }
+
+    fn from_adapter(adapter: wgpu::Adapter) -> Result<Arc<Gpu>> {
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        // Only features the engine uses, and only when the adapter has them.
+        let wanted = wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+            | wgpu::Features::SHADER_F16;
+        let features = adapter.features() & wanted;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("cvt-gpu"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .with_context(|| format!("could not open a device on adapter {:?}", info.name))?;
+        let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let sink = error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = sink.lock().unwrap();
+            if slot.is_none() {
+                *slot = Some(e.to_string());
+            }
+        }));
+        Ok(Arc::new(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+            error,
+        }))
+    }
+
+    /// One line naming the adapter, for logs and reports.
+    pub fn describe(&self) -> String {
+        format!("{} ({:?}, {})", self.info.name, self.info.backend, self.info.driver)
+    }
+
+    /// Fails with the first wgpu error reported since the last check.
+    pub fn check_error(&self) -> Result<()> {
+        if let Some(e) = self.error.lock().unwrap().take() {
+            let text: String = e.split_whitespace().collect::<Vec<_>>().join(" ");
+            bail!("GPU error: {}", text.chars().take(400).collect::<String>());
+        }
+        Ok(())
+    }
+
+    /// Largest storage buffer one binding may cover on this device.
+    pub fn max_binding(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    fn module(&self, name: &'static str) -> Result<wgpu::ShaderModule> {
+        let mut m = self.modules.lock().unwrap();
+        if let Some(module) = m.get(name) {
+            return Ok(module.clone());
+        }
+        let mut src: String = SHADERS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| anyhow!("no shader named {name}"))?
+            .1
+            .into();
+        // Kernel development: CVT_GPU_SHADER_DIR loads the WGSL from disk instead
+        // of the copy embedded at build time, so a kernel can be tuned without a rebuild.
+        if let Ok(dir) = std::env::var("CVT_GPU_SHADER_DIR") {
+            let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
+            src = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+        }
+        let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
+        let checks = match std::env::var("CVT_GPU_CHECKS").as_deref() {
+            Ok("all") => wgpu::ShaderRuntimeChecks::checked(),
+            Ok("none") => wgpu::ShaderRuntimeChecks::unchecked(),
+            _ => {
+                let mut c = wgpu::ShaderRuntimeChecks::checked();
+                c.force_loop_bounding = false;
+                c
+            }
+        };
+        // SAFETY: every loop in our kernels has a bound computed from uniforms or constants.
+        let module = unsafe { self.device.create_shader_module_trusted(desc, checks) };
+        m.insert(name, module.clone());
+        Ok(module)
+    }
+
+    /// A compute pipeline for `shader::entry` specialised by `overrides`, compiled
+    /// once per process and shared.
+    pub fn pipeline(
+        &self,
+        shader: &'static str,
+        entry: &str,
+        overrides: &[(&str, f64)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = format!("{shader}:{entry}:{overrides:?}");
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let module = self.module(shader)?;
+        let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&key),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: overrides,
+                // Every kernel writes the workgroup memory it reads; zero-fill costs time on CPUs.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        }));
+        self.check_error().with_context(|| format!("compiling {key}"))?;
+        self.pipelines.lock().unwrap().insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// A storage buffer of `bytes` (rounded up to 16), checked against the device limits.
+    pub fn storage(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        let size = bytes.max(16).div_ceil(16) * 16;
+        if size > self.max_binding() {
+            bail!(
+                "{label}: {} MiB exceeds this adapter's storage binding limit of {} MiB; use a smaller batch or resolution",
+                size >> 20,
+                self.max_binding() >> 20
+            );
+        }
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }))
+    }
+
+    /// A storage buffer holding `data`.
+    pub fn upload(&self, label: &str, data: &[f32]) -> Result<wgpu::Buffer> {
+        let buf = self.storage(label, (data.len() * 4) as u64)?;
+        self.queue.write_buffer(&buf, 0, bytemuck::cast_slice(data));
+        Ok(buf)
+    }
+
+    /// A small uniform buffer of kernel parameters.
+    pub fn uniform(&self, label: &str, words: &[u32]) -> wgpu::Buffer {
+        let mut padded = words.to_vec();
+        padded.resize(words.len().div_ceil(4).max(1) * 4, 0);
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::cast_slice(&padded),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    }
+
+    /// Copies `len` f32 from `buf` (at element `offset`) back to the host.
+    pub fn read(&self, buf: &wgpu::Buffer, offset: u64, len: usize) -> Result<Vec<f32>> {
+        let bytes = (len * 4) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf, offset * 4, &staging, 0, bytes);
+        self.queue.submit([enc.finish()]);
+        self.map_read(&staging, bytes)
+    }
+
+    /// Waits for `staging` (MAP_READ) to map and returns its first `bytes` as f32.
+    pub fn map_read(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<f32>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, 0..bytes.max(4), move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| anyhow!("GPU poll failed: {e}"))?;
+        self.check_error()?;
+        rx.recv()?.map_err(|e| anyhow!("readback failed: {e}"))?;
+        let out = {
+            let view = staging.get_mapped_range(..)?;
+            bytemuck::cast_slice::<u8, f32>(&view[..bytes as usize]).to_vec()
+        };
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Blocks until all submitted work is done.
+    pub fn sync(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| anyhow!("GPU poll failed: {e}"))?;
+        self.check_error()
+    }
+}

@@ -1,0 +1,214 @@
+//! `cvt-gpu`: a thin command line over the library.
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use cvt_gpu::gpu::{list_adapters, AdapterRequest, BackendChoice, Gpu};
+use cvt_gpu::model::{self, CvtConfig, LoadOptions};
+use cvt_gpu::ops::Act;
+use cvt_gpu::{bench, labels, preprocess};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "cvt-gpu",
+    version,
+    about = "CvT vision transformer inference on any GPU (Vulkan, Metal, DX12, GL) via wgpu",
+    after_help = "Examples:\n  cvt-gpu infer --weights weights/cvt13.safetensors cat.png dog.jpg\n  cvt-gpu infer --weights model.safetensors --json --topk 3 img.png\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu adapters"
+)]
+struct Cli {
+    #[command(flatten)]
+    gpu: GpuArgs,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct GpuArgs {
+    /// GPU backend.
+    #[arg(long, global = true, value_enum, env = "CVT_GPU_BACKEND", default_value = "auto")]
+    backend: BackendChoice,
+    /// Adapter index (from `cvt-gpu adapters`) or a substring of its name.
+    #[arg(long, global = true, env = "CVT_GPU_ADAPTER")]
+    adapter: Option<String>,
+}
+
+impl GpuArgs {
+    fn open(&self) -> Result<Arc<Gpu>> {
+        Gpu::new(&AdapterRequest { backend: self.backend, adapter: self.adapter.clone() })
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List GPU adapters with their backend, limits and features.
+    Adapters {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Classify images with a CvT checkpoint and print the top-k classes.
+    #[command(after_help = "Examples:\n  cvt-gpu infer --weights cvt-13.safetensors cat.png\n  cvt-gpu infer --weights cvt-21-384.safetensors --res 384 a.jpg b.webp --json\n  cvt-gpu infer --weights mine.safetensors --labels classes.txt --topk 3 img.png")]
+    Infer(InferArgs),
+    /// Measure latency, throughput and GFLOP/s of a CvT forward (or the GEMM ceiling).
+    #[command(after_help = "Examples:\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu bench --model cvt-w24 --res 384 --iters 2\n  cvt-gpu bench --gemm --json")]
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct InferArgs {
+    /// Checkpoint (.safetensors, official or Hugging Face names; F32/F16/BF16).
+    #[arg(long, short)]
+    weights: PathBuf,
+    /// Images (PNG, JPEG, WebP, BMP); they are classified as one batch.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Number of classes to print per image.
+    #[arg(long, default_value_t = 5)]
+    topk: usize,
+    /// Label file, one class name per line (default: the checkpoint's labels, or ImageNet-1k).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Input resolution (default: the model's, 224; 384 for CvT-W24).
+    #[arg(long)]
+    res: Option<usize>,
+    /// Images are already at the model's resolution: only convert and normalise.
+    #[arg(long)]
+    no_resize: bool,
+    /// MLP activation (default: QuickGELU for official names, GELU for Hugging Face names).
+    #[arg(long, value_enum)]
+    activation: Option<Act>,
+    /// Architecture: cvt-13, cvt-21, cvt-w24 or a JSON config (default: detected from the weights).
+    #[arg(long)]
+    config: Option<String>,
+    /// Largest number of images per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Print JSON (per image: index, label, probability and logit of each top-k class).
+    #[arg(long)]
+    json: bool,
+}
+
+fn adapters(args: &GpuArgs, json: bool) -> Result<()> {
+    let list = list_adapters(args.backend);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        bail!("no GPU adapter found: install a Vulkan, Metal, DX12 or GL driver (on Linux without a GPU: `apt-get install mesa-vulkan-drivers`)");
+    }
+    for a in list {
+        println!("[{}] {} ({}, {}, driver {} {})", a.index, a.name, a.backend, a.device_type, a.driver, a.driver_info);
+        println!(
+            "    storage binding {} MiB, buffer {} MiB, workgroup memory {} KiB, {} invocations/workgroup, {} workgroups/dim, {} storage buffers/stage, subgroup {}..{}",
+            a.max_storage_buffer_binding_size >> 20,
+            a.max_buffer_size >> 20,
+            a.max_compute_workgroup_storage_size >> 10,
+            a.max_compute_invocations_per_workgroup,
+            a.max_compute_workgroups_per_dimension,
+            a.max_storage_buffers_per_shader_stage,
+            a.min_subgroup_size,
+            a.max_subgroup_size
+        );
+        println!("    features: {}", a.features.join(" "));
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct Prediction {
+    index: usize,
+    label: String,
+    probability: f32,
+    logit: f32,
+}
+
+#[derive(serde::Serialize)]
+struct ImageResult {
+    image: String,
+    top: Vec<Prediction>,
+}
+
+fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
+    if a.topk == 0 {
+        bail!("--topk must be at least 1");
+    }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
+    let gpu = g.open()?;
+    let loaded = model::load(gpu, &a.weights, &LoadOptions { config, activation: a.activation })?;
+    let m = &loaded.model;
+    let res = a.res.unwrap_or(m.cfg.image_size);
+    let names = labels::for_head(m.cfg.num_classes, a.labels.as_deref(), loaded.labels.clone())?;
+    let resize = if a.no_resize { preprocess::Resize::None } else { preprocess::Resize::Eval };
+    let mut inputs = Vec::with_capacity(a.images.len());
+    for p in &a.images {
+        inputs.push(preprocess::load_image(p, res, resize)?);
+    }
+    let classes = m.cfg.num_classes;
+    let mut results = vec![];
+    let mut plans: Vec<(usize, model::ForwardPlan)> = vec![];
+    for (ci, chunk) in inputs.chunks(a.batch).enumerate() {
+        let n = chunk.len();
+        if !plans.iter().any(|(b, _)| *b == n) {
+            plans.push((n, m.plan(n, res, res)?));
+        }
+        let plan = &plans.iter().find(|(b, _)| *b == n).unwrap().1;
+        let (logits, probs) = plan.forward(&chunk.concat())?;
+        for i in 0..n {
+            let l = &logits[i * classes..(i + 1) * classes];
+            let p = &probs[i * classes..(i + 1) * classes];
+            let mut order: Vec<usize> = (0..classes).collect();
+            order.sort_by(|&x, &y| p[y].total_cmp(&p[x]).then(x.cmp(&y)));
+            let top = order
+                .iter()
+                .take(a.topk.min(classes))
+                .map(|&k| Prediction { index: k, label: names[k].clone(), probability: p[k], logit: l[k] })
+                .collect();
+            results.push(ImageResult { image: a.images[ci * a.batch + i].display().to_string(), top });
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        for r in &results {
+            println!("{}", r.image);
+            for (rank, p) in r.top.iter().enumerate() {
+                println!("  {}. {:6.2}%  {} ({})", rank + 1, 100.0 * p.probability, p.label, p.index);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match &cli.cmd {
+        Cmd::Adapters { json } => adapters(&cli.gpu, *json),
+        Cmd::Infer(a) => infer(&cli.gpu, a),
+        Cmd::Bench(a) => bench::run(cli.gpu.open()?, a),
+    }
+}
+
+fn main() {
+    // Mesa's drivers warn on stderr when XDG_RUNTIME_DIR is missing (headless
+    // machines, CI); a compute-only program needs no window-system directory.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join("cvt-gpu-runtime");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            #[allow(unused_unsafe)]
+            unsafe {
+                std::env::set_var("XDG_RUNTIME_DIR", &dir);
+            }
+        }
+    }
+    if let Err(e) = run() {
+        // One line: the chain of contexts, outermost first.
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}

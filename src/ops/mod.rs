@@ -1,0 +1,10 @@
+//! Host side of each WGSL op family: weight layout, parameters and dispatch
+//! geometry. One module per shader file; a backward pass goes beside its forward.
+
+pub mod attention;
+pub mod dwconv;
+pub mod matmul;
+pub mod rownorm;
+pub mod tokens;
+
+pub use matmul::{Act, ConvGeom, Linear};

@@ -1,0 +1,78 @@
+//! `shaders/rownorm.wgsl`: LayerNorm (with row gather/scatter) and softmax.
+
+use crate::graph::{grid1d, Graph, Res, TensorId};
+use crate::gpu::Gpu;
+use anyhow::Result;
+use std::sync::Arc;
+
+const WG: usize = 64;
+pub const LN_EPS: f32 = 1e-5;
+
+pub struct LayerNorm {
+    pub gamma: Arc<wgpu::Buffer>,
+    pub beta: Arc<wgpu::Buffer>,
+    pub c: usize,
+}
+
+impl LayerNorm {
+    pub fn new(gpu: &Gpu, name: &str, gamma: &[f32], beta: &[f32]) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            gamma: Arc::new(gpu.upload(&format!("{name}.weight"), gamma)?),
+            beta: Arc::new(gpu.upload(&format!("{name}.bias"), beta)?),
+            c: gamma.len(),
+        })
+    }
+}
+
+/// Row mapping: `rows` rows in groups of `group`; group g, row i reads input row
+/// g*in_stride + in_off + i and writes output row g*out_stride + out_off + i.
+#[derive(Clone, Copy, Debug)]
+pub struct RowMap {
+    pub rows: usize,
+    pub group: usize,
+    pub in_stride: usize,
+    pub in_off: usize,
+    pub out_stride: usize,
+    pub out_off: usize,
+}
+
+impl RowMap {
+    /// Plain contiguous rows.
+    pub fn dense(rows: usize) -> RowMap {
+        RowMap { rows, group: rows.max(1), in_stride: 0, in_off: 0, out_stride: 0, out_off: 0 }
+    }
+}
+
+fn params(m: &RowMap, c: usize) -> Vec<u32> {
+    vec![m.rows as u32, c as u32, m.group as u32, m.in_stride as u32, m.in_off as u32, m.out_stride as u32, m.out_off as u32, LN_EPS.to_bits()]
+}
+
+/// LayerNorm over the last axis into `out` (a new tensor of `out_len` when None).
+pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &LayerNorm, out: Option<TensorId>) -> Result<TensorId> {
+    let y = out.unwrap_or_else(|| g.tensor(label.to_string(), map.rows * ln.c));
+    let pipeline = g.gpu.pipeline("rownorm", "layernorm", &[("WG", WG as f64)])?;
+    let groups = grid1d(&g.gpu, map.rows as u64);
+    g.dispatch(
+        label,
+        pipeline,
+        vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), Res::Uniform(params(&map, ln.c))],
+        groups,
+        0.0,
+    );
+    Ok(y)
+}
+
+/// Softmax over the last axis of x [rows, c].
+pub fn softmax(g: &mut Graph, label: &str, x: TensorId, rows: usize, c: usize, out: Option<TensorId>) -> Result<TensorId> {
+    let y = out.unwrap_or_else(|| g.tensor(label.to_string(), rows * c));
+    let pipeline = g.gpu.pipeline("rownorm", "softmax", &[("WG", WG as f64)])?;
+    let groups = grid1d(&g.gpu, rows as u64);
+    g.dispatch(
+        label,
+        pipeline,
+        vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(params(&RowMap::dense(rows), c))],
+        groups,
+        0.0,
+    );
+    Ok(y)
+}

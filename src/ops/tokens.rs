@@ -1,0 +1,36 @@
+//! `shaders/tokens.wgsl`: the cls token and token mean-pooling.
+
+use crate::graph::{Graph, Res, TensorId};
+use anyhow::Result;
+use std::sync::Arc;
+
+const WG: usize = 64;
+
+/// Writes `cls` [C] into token 0 of each image of y [batch, tokens, C].
+pub fn cls_fill(g: &mut Graph, label: &str, cls: &Arc<wgpu::Buffer>, y: TensorId, batch: usize, tokens: usize, c: usize) -> Result<()> {
+    let pipeline = g.gpu.pipeline("tokens", "cls_fill", &[("WG", WG as f64)])?;
+    let groups = [(batch * c).div_ceil(WG) as u32, 1, 1];
+    g.dispatch(
+        label,
+        pipeline,
+        vec![Res::Buf(cls.clone()), Res::Act(y), Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0])],
+        groups,
+        0.0,
+    );
+    Ok(())
+}
+
+/// y [batch, C] = mean over tokens of x [batch, tokens, C].
+pub fn mean_tokens(g: &mut Graph, label: &str, x: TensorId, batch: usize, tokens: usize, c: usize) -> Result<TensorId> {
+    let y = g.tensor(label.to_string(), batch * c);
+    let pipeline = g.gpu.pipeline("tokens", "mean_tokens", &[("WG", WG as f64)])?;
+    let groups = [(batch * c).div_ceil(WG) as u32, 1, 1];
+    g.dispatch(
+        label,
+        pipeline,
+        vec![Res::Act(x), Res::Act(y), Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0])],
+        groups,
+        (batch * tokens * c) as f64,
+    );
+    Ok(y)
+}
