@@ -13,6 +13,29 @@ use crate::gpu::Gpu;
 use anyhow::{bail, Result};
 use std::sync::Arc;
 
+/// A tensor that does not fit in one storage binding on this adapter. Callers
+/// that can split the work (smaller batch) look for this error.
+#[derive(Debug)]
+pub struct TooLarge {
+    pub tensor: String,
+    pub bytes: u64,
+    pub limit: u64,
+}
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "tensor {} needs {} MiB, over this adapter's storage binding limit of {} MiB; use a smaller batch or resolution",
+            self.tensor,
+            self.bytes >> 20,
+            self.limit >> 20
+        )
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
 /// A symbolic activation tensor of a `Graph`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorId(usize);
@@ -188,12 +211,7 @@ impl Graph {
         }
         for t in 0..n {
             if bytes(t) > gpu.max_binding() {
-                bail!(
-                    "tensor {} needs {} MiB, over this adapter's storage binding limit of {} MiB; use a smaller batch or resolution",
-                    self.tensors[t].name,
-                    bytes(t) >> 20,
-                    gpu.max_binding() >> 20
-                );
+                return Err(TooLarge { tensor: self.tensors[t].name.clone(), bytes: bytes(t), limit: gpu.max_binding() }.into());
             }
         }
         let slots: Vec<wgpu::Buffer> = slot_size

@@ -150,14 +150,18 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
     }
     let classes = m.cfg.num_classes;
     let mut results = vec![];
-    let mut plans: Vec<(usize, model::ForwardPlan)> = vec![];
-    for (ci, chunk) in inputs.chunks(a.batch).enumerate() {
-        let n = chunk.len();
-        if !plans.iter().any(|(b, _)| *b == n) {
-            plans.push((n, m.plan(n, res, res)?));
-        }
-        let plan = &plans.iter().find(|(b, _)| *b == n).unwrap().1;
-        let (logits, probs) = plan.forward(&chunk.concat())?;
+    // One plan for full chunks (halved until it fits the adapter), one for the tail.
+    let full = m.plan_fitting(a.batch.min(inputs.len()), res, res)?;
+    let chunk = full.batch;
+    let mut tail: Option<model::ForwardPlan> = None;
+    for (ci, imgs) in inputs.chunks(chunk).enumerate() {
+        let n = imgs.len();
+        let plan = if n == chunk {
+            &full
+        } else {
+            tail.get_or_insert(m.plan(n, res, res)?)
+        };
+        let (logits, probs) = plan.forward(&imgs.concat())?;
         for i in 0..n {
             let l = &logits[i * classes..(i + 1) * classes];
             let p = &probs[i * classes..(i + 1) * classes];
@@ -168,7 +172,7 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
                 .take(a.topk.min(classes))
                 .map(|&k| Prediction { index: k, label: names[k].clone(), probability: p[k], logit: l[k] })
                 .collect();
-            results.push(ImageResult { image: a.images[ci * a.batch + i].display().to_string(), top });
+            results.push(ImageResult { image: a.images[ci * chunk + i].display().to_string(), top });
         }
     }
     if a.json {

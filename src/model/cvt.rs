@@ -181,6 +181,20 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Like `plan`, but halves the batch until every tensor fits the adapter's
+    /// storage-binding limit; returns the plan and the batch it holds.
+    pub fn plan_fitting(&self, batch: usize, height: usize, width: usize) -> Result<ForwardPlan> {
+        let mut b = batch.max(1);
+        loop {
+            match self.plan(b, height, width) {
+                Err(e) if b > 1 && e.downcast_ref::<crate::graph::TooLarge>().is_some() => b = b.div_ceil(2),
+                other => return other,
+            }
+        }
+    }
+}
+
 impl ForwardPlan {
     /// Runs the forward on NHWC images [batch, height, width, channels]; returns
     /// (logits, probabilities), each [batch, classes].
