@@ -5,12 +5,13 @@ mod common;
 use common::*;
 
 use cvt_gpu::graph::Graph;
-use cvt_gpu::ops::attention::{attention, AttnShape};
+use cvt_gpu::ops::attention::{attention_with, AttnShape};
 use cvt_gpu::ops::dwconv::{conv_proj, fold_bn, kv_hw, BatchNorm, ConvProj};
 use cvt_gpu::ops::matmul::{conv2d, linear, Out};
 use cvt_gpu::ops::rownorm::{layernorm, softmax, LayerNorm, RowMap};
 use cvt_gpu::ops::tokens::{cls_fill, mean_tokens};
 use cvt_gpu::ops::{Act, ConvGeom, Linear};
+use cvt_gpu::gpu::MatmulKind;
 use std::sync::Arc;
 
 fn matmul_ref(a: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize, act: Act, acc: Option<&[f32]>) -> Vec<f64> {
@@ -32,32 +33,61 @@ fn matmul_ref(a: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize, act
     y
 }
 
-#[test]
-fn matmul_dense_all_epilogues() {
+fn check_matmul(kind: MatmulKind, m: usize, n: usize, k: usize, act: Act, accumulate: bool) {
     let gpu = gpu();
+    let a = randn(m * k, 1);
+    let w = randn(n * k, 2);
+    let b = randn(n, 3);
+    let r = randn(m * n, 4);
+    let l = Linear::with_kind(&gpu, "t", &w, Some(&b), n, k, kind).unwrap();
+    let mut g = Graph::new(gpu.clone());
+    let x = g.pinned("x", m * k);
+    let y = g.pinned("y", m * n);
+    let out = if accumulate { Out::Accumulate(y) } else { Out::Into(y) };
+    linear(&mut g, "mm", x, m, &l, act, out).unwrap();
+    let plan = g.compile().unwrap();
+    plan.write(x, &a).unwrap();
+    plan.write(y, &r).unwrap();
+    plan.run().unwrap();
+    let got = plan.read(y).unwrap();
+    let want = matmul_ref(&a, &w, &b, m, n, k, act, accumulate.then_some(&r[..]));
+    // f32 accumulation over K terms of unit-variance products: error ~ 1e-7 * sqrt(K) * |sum|.
+    assert_close(&format!("{kind:?} matmul {m}x{n}x{k} {act:?} acc={accumulate}"), &got, &want, 1e-4, 1e-4);
+}
+
+#[test]
+fn matmul_buffer_variant_all_epilogues() {
     for &(m, n, k) in &[(1, 1, 1), (5, 3, 7), (13, 9, 17), (33, 70, 65), (64, 64, 64), (17, 1000, 12), (9, 6, 4)] {
         for act in [Act::None, Act::Gelu, Act::QuickGelu] {
             for accumulate in [false, true] {
-                let a = randn(m * k, 1);
-                let w = randn(n * k, 2);
-                let b = randn(n, 3);
-                let r = randn(m * n, 4);
-                let l = Linear::from_torch(&gpu, "t", &w, Some(&b), n, k).unwrap();
-                let mut g = Graph::new(gpu.clone());
-                let x = g.pinned("x", m * k);
-                let y = g.pinned("y", m * n);
-                let out = if accumulate { Out::Accumulate(y) } else { Out::Into(y) };
-                linear(&mut g, "mm", x, m, &l, act, out).unwrap();
-                let plan = g.compile().unwrap();
-                plan.write(x, &a).unwrap();
-                plan.write(y, &r).unwrap();
-                plan.run().unwrap();
-                let got = plan.read(y).unwrap();
-                let want = matmul_ref(&a, &w, &b, m, n, k, act, accumulate.then_some(&r[..]));
-                assert_close(&format!("matmul {m}x{n}x{k} {act:?} acc={accumulate}"), &got, &want, 1e-4, 1e-4);
+                check_matmul(MatmulKind::Buffer, m, n, k, act, accumulate);
             }
         }
     }
+}
+
+#[test]
+fn matmul_texture_variant_all_epilogues() {
+    // The texture variant takes K % 64 == 0 (row copies of 256-byte multiples).
+    for &(m, n, k) in &[(1, 1, 64), (5, 3, 64), (33, 70, 128), (17, 1000, 64), (100, 12, 192), (16, 16, 64)] {
+        for act in [Act::None, Act::Gelu, Act::QuickGelu] {
+            for accumulate in [false, true] {
+                check_matmul(MatmulKind::Texture, m, n, k, act, accumulate);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_texture_variant_splits_rows_over_the_texture_limit() {
+    let rows = gpu().limits.max_texture_dimension_2d as usize + 5;
+    check_matmul(MatmulKind::Texture, rows, 5, 64, Act::None, true);
+}
+
+#[test]
+fn matmul_texture_variant_refuses_unaligned_k() {
+    let gpu = gpu();
+    assert!(Linear::with_kind(&gpu, "t", &randn(3 * 65, 1), None, 3, 65, MatmulKind::Texture).is_err());
 }
 
 /// Direct convolution over an NHWC token map (with optional leading cls tokens).
@@ -212,23 +242,38 @@ fn attention_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Vec<f64> {
     o
 }
 
+fn check_attention(kind: MatmulKind, batch: usize, tq: usize, tkv: usize, c: usize, heads: usize) {
+    let gpu = gpu();
+    let shape = AttnShape { batch, tq, tkv, c, heads, scale: (c as f32).powf(-0.5) * 3.0 };
+    let (q, k, v) = (randn(batch * tq * c, 1), randn(batch * tkv * c, 2), randn(batch * tkv * c, 3));
+    let mut g = Graph::new(gpu.clone());
+    let (tq_, tk_, tv_) = (g.pinned("q", q.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
+    let o = attention_with(&mut g, "attn", tq_, tk_, tv_, shape, kind).unwrap();
+    let plan = g.compile().unwrap();
+    plan.write(tq_, &q).unwrap();
+    plan.write(tk_, &k).unwrap();
+    plan.write(tv_, &v).unwrap();
+    plan.run().unwrap();
+    assert_close(&format!("{kind:?} attention {shape:?}"), &plan.read(o).unwrap(), &attention_ref(&q, &k, &v, &shape), 1e-5, 1e-4);
+}
+
 #[test]
 fn attention_rectangular_multihead() {
-    let gpu = gpu();
     // (batch, tq, tkv, c, heads): Tq != Tkv, several key tiles, partial tiles, D = 4..64.
     for &(batch, tq, tkv, c, heads) in &[(2, 7, 3, 8, 2), (1, 37, 19, 64, 1), (2, 65, 17, 48, 3), (1, 1, 1, 4, 1), (3, 50, 33, 16, 2)] {
-        let shape = AttnShape { batch, tq, tkv, c, heads, scale: (c as f32).powf(-0.5) * 3.0 };
-        let (q, k, v) = (randn(batch * tq * c, 1), randn(batch * tkv * c, 2), randn(batch * tkv * c, 3));
-        let mut g = Graph::new(gpu.clone());
-        let (tq_, tk_, tv_) = (g.pinned("q", q.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
-        let o = attention(&mut g, "attn", tq_, tk_, tv_, shape).unwrap();
-        let plan = g.compile().unwrap();
-        plan.write(tq_, &q).unwrap();
-        plan.write(tk_, &k).unwrap();
-        plan.write(tv_, &v).unwrap();
-        plan.run().unwrap();
-        assert_close(&format!("attention {shape:?}"), &plan.read(o).unwrap(), &attention_ref(&q, &k, &v, &shape), 1e-5, 1e-4);
+        check_attention(MatmulKind::Buffer, batch, tq, tkv, c, heads);
     }
+    // The texture variant (C % 64 == 0); Tq == Tkv checks that q, k, v get distinct textures.
+    for &(batch, tq, tkv, c, heads) in &[(2, 37, 19, 64, 1), (3, 17, 17, 128, 2), (1, 1, 1, 64, 1), (2, 65, 50, 192, 3)] {
+        check_attention(MatmulKind::Texture, batch, tq, tkv, c, heads);
+    }
+}
+
+#[test]
+fn attention_texture_variant_splits_the_batch_over_the_texture_limit() {
+    // Three images whose rows together pass the texture height limit.
+    let t = gpu().limits.max_texture_dimension_2d as usize / 2 + 1;
+    check_attention(MatmulKind::Texture, 3, t, 5, 64, 1);
 }
 
 #[test]

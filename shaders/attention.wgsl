@@ -16,7 +16,8 @@ override D4: u32 = 16u;
 const D4_MAX: u32 = 16u;
 const TK: u32 = 16u;
 
-struct Params { B: u32, Tq: u32, Tkv: u32, C4: u32, heads: u32, scale: f32, _p0: u32, _p1: u32 }
+// b_off: first image of this dispatch (the texture variant splits the batch).
+struct Params { B: u32, Tq: u32, Tkv: u32, C4: u32, heads: u32, scale: f32, b_off: u32, _p1: u32 }
 
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read> k: array<vec4<f32>>;
@@ -90,5 +91,72 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var d = 0u; d < D4; d++) {
             o[qbase + d] = acc[d] * inv;
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Texture-operand variant, chosen with the matmul's per-adapter variant: q, k and v
+// are rgba32float textures [rows = image * T + token, C/4 texels], holding the
+// images of this dispatch only. Each invocation fetches keys and values itself;
+// every lane of a workgroup fetches the same texel, which texture units (and
+// lavapipe's SIMD texel fetch) serve cheaply, with no workgroup memory or barrier.
+
+@group(0) @binding(5) var q_tex: texture_2d<f32>;
+@group(0) @binding(6) var k_tex: texture_2d<f32>;
+@group(0) @binding(7) var v_tex: texture_2d<f32>;
+
+@compute @workgroup_size(WG)
+fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let head = wid.y;
+    let bi = wid.z;
+    let qi = gid.x;
+    if (qi >= p.Tq) {
+        return;
+    }
+    let hc = i32(head * D4);
+    let qrow = i32(bi * p.Tq + qi);
+    var qv: array<vec4<f32>, D4_MAX>;
+    var acc: array<vec4<f32>, D4_MAX>;
+    for (var d = 0u; d < D4; d++) {
+        qv[d] = textureLoad(q_tex, vec2<i32>(hc + i32(d), qrow), 0) * p.scale;
+    }
+    var m = -3.0e38;
+    var l = 0.0;
+    for (var t0 = 0u; t0 < p.Tkv; t0 += TK) {
+        let n = min(TK, p.Tkv - t0);
+        var s: array<f32, TK>;
+        var tmax = m;
+        for (var j = 0u; j < TK; j++) {
+            var sj = -3.0e38;
+            if (j < n) {
+                let krow = i32(bi * p.Tkv + t0 + j);
+                var dotv = vec4<f32>(0.0);
+                for (var d = 0u; d < D4; d++) {
+                    dotv += qv[d] * textureLoad(k_tex, vec2<i32>(hc + i32(d), krow), 0);
+                }
+                sj = dotv.x + dotv.y + dotv.z + dotv.w;
+            }
+            s[j] = sj;
+            tmax = max(tmax, sj);
+        }
+        let corr = exp(m - tmax);
+        l *= corr;
+        for (var d = 0u; d < D4; d++) {
+            acc[d] *= corr;
+        }
+        for (var j = 0u; j < n; j++) {
+            let pj = exp(s[j] - tmax);
+            l += pj;
+            let vrow = i32(bi * p.Tkv + t0 + j);
+            for (var d = 0u; d < D4; d++) {
+                acc[d] += pj * textureLoad(v_tex, vec2<i32>(hc + i32(d), vrow), 0);
+            }
+        }
+        m = tmax;
+    }
+    let obase = ((p.b_off + bi) * p.Tq + qi) * p.C4 + head * D4;
+    let inv = 1.0 / l;
+    for (var d = 0u; d < D4; d++) {
+        o[obase + d] = acc[d] * inv;
     }
 }

@@ -32,7 +32,9 @@ struct Params {
     M: u32, N: u32, K: u32, NP4: u32,
     in_h: u32, in_w: u32, cin: u32, in_tokens: u32,
     in_tok_off: u32, out_h: u32, out_w: u32, kh: u32,
-    kw: u32, stride: u32, pad: u32, _pad: u32,
+    kw: u32, stride: u32, pad: u32,
+    // First output row of this dispatch (the texture variant splits tall A).
+    out_row_off: u32,
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
@@ -58,6 +60,27 @@ fn activate(x: f32) -> f32 {
         return x / (1.0 + exp(-1.702 * x));
     }
     return x;
+}
+
+// Epilogue for one vec4 of C: bias, activation, optional residual add; columns
+// past N and rows past M are dropped.
+fn store_vec(row: u32, c4: u32, acc: vec4<f32>) {
+    let col = c4 * 4u;
+    if (row >= p.M || col >= p.N) {
+        return;
+    }
+    let v = acc + bias[c4];
+    let base = (p.out_row_off + row) * p.N + col;
+    for (var e = 0u; e < 4u; e++) {
+        if (col + e < p.N) {
+            let y = activate(v[e]);
+            if (ACCUMULATE) {
+                c[base + e] = c[base + e] + y;
+            } else {
+                c[base + e] = y;
+            }
+        }
+    }
 }
 
 // Per-row state of the conv view: base token index and top-left input corner.
@@ -135,27 +158,100 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     }
     for (var i = 0u; i < RM; i++) {
-        let row = row0 + i;
-        if (row >= p.M) {
-            break;
-        }
         for (var j = 0u; j < RN4; j++) {
-            let col = (col4 + j) * 4u;
-            if (col >= p.N) {
-                break;
-            }
-            let v = acc[i][j] + bias[col4 + j];
-            for (var e = 0u; e < 4u; e++) {
-                if (col + e < p.N) {
-                    let idx = row * p.N + col + e;
-                    let y = activate(v[e]);
-                    if (ACCUMULATE) {
-                        c[idx] = c[idx] + y;
-                    } else {
-                        c[idx] = y;
-                    }
-                }
-            }
+            store_vec(row0 + i, col4 + j, acc[i][j]);
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Texture-operand variant. A [M, K/4] and B [K, NP4] are rgba32float textures
+// (a texel = 4 consecutive K values of A, or 4 consecutive N values of B). Chosen
+// per adapter by a timed trial: some drivers vectorise texel fetches but not
+// storage-buffer loads (Mesa 22.3's lavapipe runs the latter as a per-lane loop;
+// docs/perf.md), and there a bigger block pays because fetches are cheap.
+//
+// Each invocation owns 8 rows x 4 vec4 columns. The block is written out by hand
+// rather than as loops over arrays: lavapipe does not unroll such nested loops, and
+// the array form measured 2.6x slower with 10x the compile time (docs/perf.md).
+
+fn mac(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>) -> vec4<f32> {
+    return a.x * b0 + a.y * b1 + a.z * b2 + a.w * b3;
+}
+
+@group(0) @binding(5) var a_tex: texture_2d<f32>;
+@group(0) @binding(6) var b_tex: texture_2d<f32>;
+
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let col4 = gid.x * 4u;
+    let row0 = gid.y * 8u;
+    if (col4 >= p.NP4 || row0 >= p.M) {
+        return;
+    }
+    // Rows and columns past the end are clamped (computed, never stored).
+    let c0 = i32(min(col4, p.NP4 - 1u));
+    let c1 = i32(min(col4 + 1u, p.NP4 - 1u));
+    let c2 = i32(min(col4 + 2u, p.NP4 - 1u));
+    let c3 = i32(min(col4 + 3u, p.NP4 - 1u));
+    let r0 = i32(min(row0 + 0u, p.M - 1u));
+    let r1 = i32(min(row0 + 1u, p.M - 1u));
+    let r2 = i32(min(row0 + 2u, p.M - 1u));
+    let r3 = i32(min(row0 + 3u, p.M - 1u));
+    let r4 = i32(min(row0 + 4u, p.M - 1u));
+    let r5 = i32(min(row0 + 5u, p.M - 1u));
+    let r6 = i32(min(row0 + 6u, p.M - 1u));
+    let r7 = i32(min(row0 + 7u, p.M - 1u));
+    var a0_0 = vec4<f32>(); var a0_1 = vec4<f32>(); var a0_2 = vec4<f32>(); var a0_3 = vec4<f32>();
+    var a1_0 = vec4<f32>(); var a1_1 = vec4<f32>(); var a1_2 = vec4<f32>(); var a1_3 = vec4<f32>();
+    var a2_0 = vec4<f32>(); var a2_1 = vec4<f32>(); var a2_2 = vec4<f32>(); var a2_3 = vec4<f32>();
+    var a3_0 = vec4<f32>(); var a3_1 = vec4<f32>(); var a3_2 = vec4<f32>(); var a3_3 = vec4<f32>();
+    var a4_0 = vec4<f32>(); var a4_1 = vec4<f32>(); var a4_2 = vec4<f32>(); var a4_3 = vec4<f32>();
+    var a5_0 = vec4<f32>(); var a5_1 = vec4<f32>(); var a5_2 = vec4<f32>(); var a5_3 = vec4<f32>();
+    var a6_0 = vec4<f32>(); var a6_1 = vec4<f32>(); var a6_2 = vec4<f32>(); var a6_3 = vec4<f32>();
+    var a7_0 = vec4<f32>(); var a7_1 = vec4<f32>(); var a7_2 = vec4<f32>(); var a7_3 = vec4<f32>();
+    for (var kk = 0; kk < i32(p.K / 4u); kk++) {
+        let k = kk * 4;
+        let b00 = textureLoad(b_tex, vec2<i32>(c0, k + 0), 0);
+        let b01 = textureLoad(b_tex, vec2<i32>(c1, k + 0), 0);
+        let b02 = textureLoad(b_tex, vec2<i32>(c2, k + 0), 0);
+        let b03 = textureLoad(b_tex, vec2<i32>(c3, k + 0), 0);
+        let b10 = textureLoad(b_tex, vec2<i32>(c0, k + 1), 0);
+        let b11 = textureLoad(b_tex, vec2<i32>(c1, k + 1), 0);
+        let b12 = textureLoad(b_tex, vec2<i32>(c2, k + 1), 0);
+        let b13 = textureLoad(b_tex, vec2<i32>(c3, k + 1), 0);
+        let b20 = textureLoad(b_tex, vec2<i32>(c0, k + 2), 0);
+        let b21 = textureLoad(b_tex, vec2<i32>(c1, k + 2), 0);
+        let b22 = textureLoad(b_tex, vec2<i32>(c2, k + 2), 0);
+        let b23 = textureLoad(b_tex, vec2<i32>(c3, k + 2), 0);
+        let b30 = textureLoad(b_tex, vec2<i32>(c0, k + 3), 0);
+        let b31 = textureLoad(b_tex, vec2<i32>(c1, k + 3), 0);
+        let b32 = textureLoad(b_tex, vec2<i32>(c2, k + 3), 0);
+        let b33 = textureLoad(b_tex, vec2<i32>(c3, k + 3), 0);
+        var x: vec4<f32>;
+        x = textureLoad(a_tex, vec2<i32>(kk, r0), 0);
+        a0_0 += mac(x, b00, b10, b20, b30); a0_1 += mac(x, b01, b11, b21, b31); a0_2 += mac(x, b02, b12, b22, b32); a0_3 += mac(x, b03, b13, b23, b33);
+        x = textureLoad(a_tex, vec2<i32>(kk, r1), 0);
+        a1_0 += mac(x, b00, b10, b20, b30); a1_1 += mac(x, b01, b11, b21, b31); a1_2 += mac(x, b02, b12, b22, b32); a1_3 += mac(x, b03, b13, b23, b33);
+        x = textureLoad(a_tex, vec2<i32>(kk, r2), 0);
+        a2_0 += mac(x, b00, b10, b20, b30); a2_1 += mac(x, b01, b11, b21, b31); a2_2 += mac(x, b02, b12, b22, b32); a2_3 += mac(x, b03, b13, b23, b33);
+        x = textureLoad(a_tex, vec2<i32>(kk, r3), 0);
+        a3_0 += mac(x, b00, b10, b20, b30); a3_1 += mac(x, b01, b11, b21, b31); a3_2 += mac(x, b02, b12, b22, b32); a3_3 += mac(x, b03, b13, b23, b33);
+        x = textureLoad(a_tex, vec2<i32>(kk, r4), 0);
+        a4_0 += mac(x, b00, b10, b20, b30); a4_1 += mac(x, b01, b11, b21, b31); a4_2 += mac(x, b02, b12, b22, b32); a4_3 += mac(x, b03, b13, b23, b33);
+        x = textureLoad(a_tex, vec2<i32>(kk, r5), 0);
+        a5_0 += mac(x, b00, b10, b20, b30); a5_1 += mac(x, b01, b11, b21, b31); a5_2 += mac(x, b02, b12, b22, b32); a5_3 += mac(x, b03, b13, b23, b33);
+        x = textureLoad(a_tex, vec2<i32>(kk, r6), 0);
+        a6_0 += mac(x, b00, b10, b20, b30); a6_1 += mac(x, b01, b11, b21, b31); a6_2 += mac(x, b02, b12, b22, b32); a6_3 += mac(x, b03, b13, b23, b33);
+        x = textureLoad(a_tex, vec2<i32>(kk, r7), 0);
+        a7_0 += mac(x, b00, b10, b20, b30); a7_1 += mac(x, b01, b11, b21, b31); a7_2 += mac(x, b02, b12, b22, b32); a7_3 += mac(x, b03, b13, b23, b33);
+    }
+    store_vec(row0 + 0u, col4, a0_0); store_vec(row0 + 0u, col4 + 1u, a0_1); store_vec(row0 + 0u, col4 + 2u, a0_2); store_vec(row0 + 0u, col4 + 3u, a0_3);
+    store_vec(row0 + 1u, col4, a1_0); store_vec(row0 + 1u, col4 + 1u, a1_1); store_vec(row0 + 1u, col4 + 2u, a1_2); store_vec(row0 + 1u, col4 + 3u, a1_3);
+    store_vec(row0 + 2u, col4, a2_0); store_vec(row0 + 2u, col4 + 1u, a2_1); store_vec(row0 + 2u, col4 + 2u, a2_2); store_vec(row0 + 2u, col4 + 3u, a2_3);
+    store_vec(row0 + 3u, col4, a3_0); store_vec(row0 + 3u, col4 + 1u, a3_1); store_vec(row0 + 3u, col4 + 2u, a3_2); store_vec(row0 + 3u, col4 + 3u, a3_3);
+    store_vec(row0 + 4u, col4, a4_0); store_vec(row0 + 4u, col4 + 1u, a4_1); store_vec(row0 + 4u, col4 + 2u, a4_2); store_vec(row0 + 4u, col4 + 3u, a4_3);
+    store_vec(row0 + 5u, col4, a5_0); store_vec(row0 + 5u, col4 + 1u, a5_1); store_vec(row0 + 5u, col4 + 2u, a5_2); store_vec(row0 + 5u, col4 + 3u, a5_3);
+    store_vec(row0 + 6u, col4, a6_0); store_vec(row0 + 6u, col4 + 1u, a6_1); store_vec(row0 + 6u, col4 + 2u, a6_2); store_vec(row0 + 6u, col4 + 3u, a6_3);
+    store_vec(row0 + 7u, col4, a7_0); store_vec(row0 + 7u, col4 + 1u, a7_1); store_vec(row0 + 7u, col4 + 2u, a7_2); store_vec(row0 + 7u, col4 + 3u, a7_3);
 }

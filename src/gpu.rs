@@ -102,7 +102,9 @@ fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
 /// Adapters on the requested backend, ordered best first: discrete, integrated,
 /// virtual, then CPU; on ties Vulkan before the others (lavapipe is faster than
 /// llvmpipe-on-GL for compute).
-fn ordered_adapters(backend: BackendChoice) -> Vec<wgpu::Adapter> {
+/// `lazy_gl`: for the default pick only — GL is probed when nothing else exists.
+/// Listing and `--adapter` selection always see every backend, in the same order.
+fn ordered_adapters(backend: BackendChoice, lazy_gl: bool) -> Vec<wgpu::Adapter> {
     let enumerate = |b: wgpu::Backends| {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
         desc.backends = b;
@@ -110,7 +112,7 @@ fn ordered_adapters(backend: BackendChoice) -> Vec<wgpu::Adapter> {
     };
     // GL is the fallback of `auto`: probing it costs time (and Mesa's EGL prints
     // warnings on headless machines), so it is only tried when nothing else is found.
-    let mut adapters = if backend == BackendChoice::Auto {
+    let mut adapters = if backend == BackendChoice::Auto && lazy_gl {
         let native = enumerate(wgpu::Backends::all() - wgpu::Backends::GL);
         if native.is_empty() { enumerate(wgpu::Backends::GL) } else { native }
     } else {
@@ -137,7 +139,7 @@ fn ordered_adapters(backend: BackendChoice) -> Vec<wgpu::Adapter> {
 
 /// Lists every adapter the backend filter admits.
 pub fn list_adapters(backend: BackendChoice) -> Vec<AdapterSummary> {
-    ordered_adapters(backend)
+    ordered_adapters(backend, false)
         .iter()
         .enumerate()
         .map(|(i, a)| summarize(i, a))
@@ -156,6 +158,8 @@ pub struct Gpu {
     pub features: wgpu::Features,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// The matmul variant, chosen on first use by a timed trial (`ops::matmul::preferred_kind`).
+    pub matmul_kind: std::sync::OnceLock<MatmulKind>,
     /// Uncaptured wgpu errors land here (instead of wgpu's default panic) and are
     /// turned into `Err` at the next synchronisation point.
     error: Arc<Mutex<Option<String>>>,
@@ -164,7 +168,7 @@ pub struct Gpu {
 impl Gpu {
     /// Opens the adapter described by `req`.
     pub fn new(req: &AdapterRequest) -> Result<Arc<Gpu>> {
-        let adapters = ordered_adapters(req.backend);
+        let adapters = ordered_adapters(req.backend, req.adapter.is_none());
         if adapters.is_empty() {
             if req.backend == BackendChoice::Auto {
                 bail!("{NO_ADAPTER}");
@@ -223,6 +227,7 @@ impl Gpu {
             features,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
+            matmul_kind: std::sync::OnceLock::new(),
             error,
         }))
     }
@@ -388,4 +393,28 @@ impl Gpu {
             .map_err(|e| anyhow!("GPU poll failed: {e}"))?;
         self.check_error()
     }
+}
+
+/// An rgba32float texture that kernels read with `textureLoad` and copies fill.
+pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture {
+    gpu.device.create_texture(&wgpu::TextureDescriptor {
+        label: Some(label),
+        size: wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba32Float,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        view_formats: &[],
+    })
+}
+
+/// How linear layers read their operands on this adapter (see `ops::matmul`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulKind {
+    /// Storage buffers: the design for GPUs.
+    Buffer,
+    /// rgba32float textures: for drivers that vectorise texel fetches but not buffer loads.
+    Texture,
 }

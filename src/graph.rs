@@ -10,7 +10,7 @@
 //! until the caller asks for an output.
 
 use crate::gpu::Gpu;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 
 /// A tensor that does not fit in one storage binding on this adapter. Callers
@@ -51,6 +51,20 @@ pub enum Res {
     /// A binding index the entry point does not use (its family's other entry
     /// points do).
     Unused,
+    /// A texture that outlives the plan (weights in the texture matmul variant).
+    Tex(Arc<wgpu::TextureView>),
+    /// A texture filled from an activation by an earlier `Graph::to_texture`.
+    ActTex(TexRef),
+}
+
+/// An rgba32float texture of the plan, filled by a copy step. Textures of equal
+/// size and `binding` are one texture: each is consumed by the dispatch right after
+/// its copies, and a dispatch reading several copies gives each its own binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TexRef {
+    width: u32,
+    height: u32,
+    binding: u32,
 }
 
 struct TensorMeta {
@@ -61,12 +75,25 @@ struct TensorMeta {
     pinned: bool,
 }
 
-struct OpRec {
-    label: String,
-    pipeline: Arc<wgpu::ComputePipeline>,
-    bindings: Vec<Res>,
-    groups: [u32; 3],
-    flops: f64,
+enum OpRec {
+    Dispatch {
+        label: String,
+        pipeline: Arc<wgpu::ComputePipeline>,
+        bindings: Vec<Res>,
+        groups: [u32; 3],
+        flops: f64,
+    },
+    /// Rows [row0, row0 + tex.height) of a [rows, 4 * tex.width] tensor into `tex`.
+    Copy { src: TensorId, row0: usize, tex: TexRef },
+}
+
+impl OpRec {
+    fn acts(&self) -> Vec<TensorId> {
+        match self {
+            OpRec::Dispatch { bindings, .. } => bindings.iter().filter_map(|r| if let Res::Act(t) = r { Some(*t) } else { None }).collect(),
+            OpRec::Copy { src, .. } => vec![*src],
+        }
+    }
 }
 
 /// A model under construction: tensors and the ordered dispatches over them.
@@ -76,13 +103,16 @@ pub struct Graph {
     ops: Vec<OpRec>,
 }
 
-/// One recorded dispatch of a compiled plan.
+/// One recorded step of a compiled plan.
 pub struct Step {
     pub label: String,
     pub flops: f64,
-    pipeline: Arc<wgpu::ComputePipeline>,
-    bind_group: wgpu::BindGroup,
-    groups: [u32; 3],
+    kind: StepKind,
+}
+
+enum StepKind {
+    Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bind_group: wgpu::BindGroup, groups: [u32; 3] },
+    Copy { slot: usize, offset: u64, texture: usize, width: u32, height: u32 },
 }
 
 /// A compiled graph: buffers allocated, bind groups built, ready to run.
@@ -90,6 +120,7 @@ pub struct Plan {
     pub gpu: Arc<Gpu>,
     pub steps: Vec<Step>,
     slots: Vec<wgpu::Buffer>,
+    textures: Vec<wgpu::Texture>,
     tensor_slot: Vec<usize>,
     tensor_len: Vec<usize>,
     /// Bytes of all activation buffers (the plan's activation footprint).
@@ -141,7 +172,17 @@ impl Graph {
         groups: [u32; 3],
         flops: f64,
     ) {
-        self.ops.push(OpRec { label: label.into(), pipeline, bindings, groups, flops });
+        self.ops.push(OpRec::Dispatch { label: label.into(), pipeline, bindings, groups, flops });
+    }
+
+    /// Copies rows [row0, row0 + rows) of `src`, a row-major [_, 4 * width] f32
+    /// tensor, into an rgba32float texture of width x rows texels, for the next
+    /// dispatch's `binding`. The copy needs 16 * width bytes per row to be a
+    /// multiple of 256.
+    pub fn to_texture(&mut self, src: TensorId, row0: usize, rows: usize, width: usize, binding: u32) -> TexRef {
+        let tex = TexRef { width: width as u32, height: rows as u32, binding };
+        self.ops.push(OpRec::Copy { src, row0, tex });
+        tex
     }
 
     /// Plans memory by liveness and creates every buffer and bind group.
@@ -151,17 +192,14 @@ impl Graph {
         let max_groups = gpu.limits.max_compute_workgroups_per_dimension;
         let (mut first, mut last) = (vec![usize::MAX; n], vec![0usize; n]);
         for (i, op) in self.ops.iter().enumerate() {
-            if op.groups.iter().any(|&g| g > max_groups) {
-                bail!(
-                    "{}: dispatch {:?} exceeds this adapter's {} workgroups per dimension; use a smaller batch",
-                    op.label, op.groups, max_groups
-                );
-            }
-            for r in &op.bindings {
-                if let Res::Act(t) = r {
-                    first[t.0] = first[t.0].min(i);
-                    last[t.0] = i;
+            if let OpRec::Dispatch { label, groups, .. } = op {
+                if groups.iter().any(|&g| g > max_groups) {
+                    bail!("{label}: dispatch {groups:?} exceeds this adapter's {max_groups} workgroups per dimension; use a smaller batch");
                 }
+            }
+            for t in op.acts() {
+                first[t.0] = first[t.0].min(i);
+                last[t.0] = i;
             }
         }
         // Slot assignment: best fit among free slots, else grow the largest free
@@ -219,18 +257,48 @@ impl Graph {
             .enumerate()
             .map(|(i, &s)| gpu.storage(&format!("activation slot {i}"), s))
             .collect::<Result<_>>()?;
+        let mut tex_sizes: Vec<TexRef> = vec![];
+        for op in &self.ops {
+            if let OpRec::Copy { tex, .. } = op {
+                if !tex_sizes.contains(tex) {
+                    tex_sizes.push(*tex);
+                }
+            }
+        }
+        let max_tex = gpu.limits.max_texture_dimension_2d;
+        if let Some(t) = tex_sizes.iter().find(|t| t.width > max_tex || t.height > max_tex) {
+            bail!("texture {}x{} exceeds this adapter's {max_tex} texel limit", t.width, t.height);
+        }
+        let textures: Vec<wgpu::Texture> = tex_sizes.iter().map(|t| crate::gpu::texture(&gpu, "activation texture", t.width, t.height)).collect();
+        let views: Vec<wgpu::TextureView> = textures.iter().map(|t| t.create_view(&Default::default())).collect();
+        let tex_index = |t: &TexRef| tex_sizes.iter().position(|x| x == t).unwrap();
         let mut steps = Vec::with_capacity(self.ops.len());
         for op in self.ops {
-            let uniforms: Vec<Option<wgpu::Buffer>> = op
-                .bindings
+            let (label, pipeline, bindings, groups, flops) = match op {
+                OpRec::Copy { src, row0, tex } => {
+                    steps.push(Step {
+                        label: "copy to texture".into(),
+                        flops: 0.0,
+                        kind: StepKind::Copy {
+                            slot: tensor_slot[src.0],
+                            offset: (row0 * tex.width as usize * 16) as u64,
+                            texture: tex_index(&tex),
+                            width: tex.width,
+                            height: tex.height,
+                        },
+                    });
+                    continue;
+                }
+                OpRec::Dispatch { label, pipeline, bindings, groups, flops } => (label, pipeline, bindings, groups, flops),
+            };
+            let uniforms: Vec<Option<wgpu::Buffer>> = bindings
                 .iter()
                 .map(|r| match r {
-                    Res::Uniform(w) => Some(gpu.uniform(&op.label, w)),
+                    Res::Uniform(w) => Some(gpu.uniform(&label, w)),
                     _ => None,
                 })
                 .collect();
-            let entries: Vec<wgpu::BindGroupEntry> = op
-                .bindings
+            let entries: Vec<wgpu::BindGroupEntry> = bindings
                 .iter()
                 .enumerate()
                 .filter(|(_, r)| !matches!(r, Res::Unused))
@@ -244,23 +312,19 @@ impl Graph {
                         }),
                         Res::Buf(b) => b.as_entire_binding(),
                         Res::Uniform(_) => uniforms[i].as_ref().unwrap().as_entire_binding(),
+                        Res::Tex(v) => wgpu::BindingResource::TextureView(v),
+                        Res::ActTex(t) => wgpu::BindingResource::TextureView(&views[tex_index(t)]),
                         Res::Unused => unreachable!(),
                     },
                 })
                 .collect();
             let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(&op.label),
-                layout: &op.pipeline.get_bind_group_layout(0),
+                label: Some(&label),
+                layout: &pipeline.get_bind_group_layout(0),
                 entries: &entries,
             });
-            gpu.check_error()?;
-            steps.push(Step {
-                label: op.label,
-                flops: op.flops,
-                pipeline: op.pipeline,
-                bind_group,
-                groups: op.groups,
-            });
+            gpu.check_error().with_context(|| label.clone())?;
+            steps.push(Step { label, flops, kind: StepKind::Dispatch { pipeline, bind_group, groups } });
         }
         Ok(Plan {
             activation_bytes: slot_size.iter().sum(),
@@ -268,6 +332,7 @@ impl Graph {
             gpu,
             steps,
             slots,
+            textures,
             tensor_slot,
             tensor_len: self.tensors.iter().map(|t| t.len).collect(),
         })
@@ -288,15 +353,30 @@ impl Plan {
         Ok(())
     }
 
-    /// Records every step into one compute pass and submits it.
+    /// Records every step into one command buffer — dispatches in compute passes,
+    /// texture copies between them — and submits it.
     pub fn run(&self) -> Result<()> {
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
-        {
+        let mut i = 0;
+        while i < self.steps.len() {
+            if let StepKind::Copy { slot, offset, texture, width, height } = &self.steps[i].kind {
+                enc.copy_buffer_to_texture(
+                    wgpu::TexelCopyBufferInfo {
+                        buffer: &self.slots[*slot],
+                        layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: Some(width * 16), rows_per_image: Some(*height) },
+                    },
+                    self.textures[*texture].as_image_copy(),
+                    wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
+                );
+                i += 1;
+                continue;
+            }
             let mut pass = enc.begin_compute_pass(&Default::default());
-            for s in &self.steps {
-                pass.set_pipeline(&s.pipeline);
-                pass.set_bind_group(0, &s.bind_group, &[]);
-                pass.dispatch_workgroups(s.groups[0], s.groups[1], s.groups[2]);
+            while let Some(Step { kind: StepKind::Dispatch { pipeline, bind_group, groups }, .. }) = self.steps.get(i) {
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, bind_group, &[]);
+                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                i += 1;
             }
         }
         self.gpu.queue.submit([enc.finish()]);

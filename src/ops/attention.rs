@@ -1,6 +1,8 @@
 //! `shaders/attention.wgsl`: fused multi-head attention with online softmax.
 
 use crate::graph::{Graph, Res, TensorId};
+use crate::gpu::MatmulKind;
+use crate::ops::matmul::preferred_kind;
 use anyhow::{bail, Result};
 
 const WG: usize = 64;
@@ -32,20 +34,42 @@ pub fn check_heads(c: usize, heads: usize) -> Result<()> {
 }
 
 pub fn attention(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: TensorId, s: AttnShape) -> Result<TensorId> {
+    let kind = preferred_kind(&g.gpu);
+    attention_with(g, label, q, k, v, s, kind)
+}
+
+/// As `attention`, with the operand path given (tests run both). The texture
+/// path needs C % 64 == 0 (256-byte row copies) and falls back to buffers otherwise.
+pub fn attention_with(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: TensorId, s: AttnShape, kind: MatmulKind) -> Result<TensorId> {
     check_heads(s.c, s.heads)?;
     let d4 = s.c / s.heads / 4;
     let o = g.tensor(label.to_string(), s.batch * s.tq * s.c);
-    let pipeline = g.gpu.pipeline("attention", "main", &[("WG", WG as f64), ("D4", d4 as f64)])?;
-    let params = vec![s.batch as u32, s.tq as u32, s.tkv as u32, (s.c / 4) as u32, s.heads as u32, s.scale.to_bits(), 0, 0];
-    let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
+    let params = |batch: usize, b_off: usize| vec![batch as u32, s.tq as u32, s.tkv as u32, (s.c / 4) as u32, s.heads as u32, s.scale.to_bits(), b_off as u32, 0];
     // QKᵀ and PV: 2 multiply-adds per (query, key, channel).
-    let flops = 4.0 * (s.batch * s.tq * s.tkv * s.c) as f64;
+    let flops = |batch: usize| 4.0 * (batch * s.tq * s.tkv * s.c) as f64;
+    let max_tex = g.gpu.limits.max_texture_dimension_2d as usize;
+    let per_chunk = max_tex / s.tq.max(s.tkv);
+    if kind == MatmulKind::Texture && s.c % 64 == 0 && s.c / 4 <= max_tex && per_chunk > 0 {
+        let pipeline = g.gpu.pipeline("attention", "main_tex", &[("WG", WG as f64), ("D4", d4 as f64)])?;
+        for b0 in (0..s.batch).step_by(per_chunk) {
+            let nb = per_chunk.min(s.batch - b0);
+            let qt = g.to_texture(q, b0 * s.tq, nb * s.tq, s.c / 4, 5);
+            let kt = g.to_texture(k, b0 * s.tkv, nb * s.tkv, s.c / 4, 6);
+            let vt = g.to_texture(v, b0 * s.tkv, nb * s.tkv, s.c / 4, 7);
+            let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, nb as u32];
+            let bindings = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(o), Res::Uniform(params(nb, b0)), Res::ActTex(qt), Res::ActTex(kt), Res::ActTex(vt)];
+            g.dispatch(label, pipeline.clone(), bindings, groups, flops(nb));
+        }
+        return Ok(o);
+    }
+    let pipeline = g.gpu.pipeline("attention", "main", &[("WG", WG as f64), ("D4", d4 as f64)])?;
+    let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
     g.dispatch(
         label,
         pipeline,
-        vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params)],
+        vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params(s.batch, 0))],
         groups,
-        flops,
+        flops(s.batch),
     );
     Ok(o)
 }

@@ -2,15 +2,20 @@
 //! with fused bias, activation and residual add.
 
 use crate::graph::{Graph, Res, TensorId};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, MatmulKind};
 use anyhow::Result;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Rows and vec4 columns per invocation (`RM`, `RN4` in the shader).
 const RM: usize = 8;
 const RN4: usize = 2;
 const WG_X: usize = 8;
 const WG_Y: usize = 8;
+/// The texture variant's block (`TRM`, `TRN4`) and workgroup.
+const TRM: usize = 8;
+const TRN4: usize = 4;
+const TWG_X: usize = 16;
 
 /// Activation fused into the matmul epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -33,12 +38,56 @@ impl Act {
     }
 }
 
-/// A GEMM right-hand side on the GPU: B [K, NP] (NP = N rounded up to 4) and bias [NP].
+/// A GEMM right-hand side on the GPU: B [K, NP] (NP = N rounded up to 4) as a
+/// storage buffer or as a [K x NP/4] rgba32float texture, and bias [NP].
 pub struct Linear {
-    pub w: Arc<wgpu::Buffer>,
+    pub w: Option<Arc<wgpu::Buffer>>,
+    pub tex: Option<Arc<wgpu::TextureView>>,
     pub b: Arc<wgpu::Buffer>,
     pub k: usize,
     pub n: usize,
+}
+
+/// Whether a K x N layer can take the texture path: activation rows are copied
+/// into textures, which needs rows of a multiple of 256 bytes (K % 64 == 0).
+fn texture_capable(gpu: &Gpu, k: usize, n: usize) -> bool {
+    let max = gpu.limits.max_texture_dimension_2d as usize;
+    k % 64 == 0 && k <= max && pad4(n) / 4 <= max && k / 4 <= max
+}
+
+/// The matmul variant for this adapter: `CVT_GPU_MATMUL=buffer|texture`, else a
+/// timed trial of both on a 256³ product, run once per process.
+pub fn preferred_kind(gpu: &Arc<Gpu>) -> MatmulKind {
+    *gpu.matmul_kind.get_or_init(|| match std::env::var("CVT_GPU_MATMUL").as_deref() {
+        Ok("buffer") => MatmulKind::Buffer,
+        Ok("texture") => MatmulKind::Texture,
+        _ => trial(gpu).unwrap_or(MatmulKind::Buffer),
+    })
+}
+
+fn trial(gpu: &Arc<Gpu>) -> Result<MatmulKind> {
+    let n = 256;
+    let w: Vec<f32> = (0..n * n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
+    let mut best = (f64::MAX, MatmulKind::Buffer);
+    for kind in [MatmulKind::Buffer, MatmulKind::Texture] {
+        let l = Linear::with_kind(gpu, "trial", &w, None, n, n, kind)?;
+        let mut g = Graph::new(gpu.clone());
+        let x = g.pinned("x", n * n);
+        linear(&mut g, "trial", x, n, &l, Act::None, Out::New)?;
+        let plan = g.compile()?;
+        plan.run()?;
+        gpu.sync()?;
+        let t = Instant::now();
+        for _ in 0..2 {
+            plan.run()?;
+            gpu.sync()?;
+        }
+        let s = t.elapsed().as_secs_f64();
+        if s < best.0 {
+            best = (s, kind);
+        }
+    }
+    Ok(best.1)
 }
 
 fn pad4(n: usize) -> usize {
@@ -46,9 +95,19 @@ fn pad4(n: usize) -> usize {
 }
 
 impl Linear {
-    /// From a PyTorch Linear: weight [N, K] (y = x·Wᵀ + b), bias [N] or none.
-    pub fn from_torch(gpu: &Gpu, name: &str, w: &[f32], b: Option<&[f32]>, n: usize, k: usize) -> Result<Linear> {
+    /// From a PyTorch Linear: weight [N, K] (y = x·Wᵀ + b), bias [N] or none,
+    /// in the adapter's preferred variant.
+    pub fn from_torch(gpu: &Arc<Gpu>, name: &str, w: &[f32], b: Option<&[f32]>, n: usize, k: usize) -> Result<Linear> {
+        let kind = if texture_capable(gpu, k, n) { preferred_kind(gpu) } else { MatmulKind::Buffer };
+        Self::with_kind(gpu, name, w, b, n, k, kind)
+    }
+
+    /// As `from_torch`, in a given variant (tests run every variant).
+    pub fn with_kind(gpu: &Gpu, name: &str, w: &[f32], b: Option<&[f32]>, n: usize, k: usize, kind: MatmulKind) -> Result<Linear> {
         assert_eq!(w.len(), n * k, "{name}: weight size");
+        if kind == MatmulKind::Texture && !texture_capable(gpu, k, n) {
+            anyhow::bail!("{name}: a {k}x{n} layer cannot use the texture matmul (needs K % 64 == 0 within the texture limit)");
+        }
         let np = pad4(n);
         let mut bt = vec![0f32; k * np];
         for o in 0..n {
@@ -56,7 +115,7 @@ impl Linear {
                 bt[i * np + o] = w[o * k + i];
             }
         }
-        Self::from_kn(gpu, name, &bt, b, n, k)
+        Self::from_kn(gpu, name, &bt, b, n, k, kind)
     }
 
     /// From a PyTorch Conv2d weight [Cout, Cin, kh, kw]: K ordered (ky, kx, ci) as
@@ -76,20 +135,30 @@ impl Linear {
                 }
             }
         }
-        Self::from_kn(gpu, name, &bt, b, cout, k)
+        // Convolutions read their input through the im2col view: buffers only.
+        Self::from_kn(gpu, name, &bt, b, cout, k, MatmulKind::Buffer)
     }
 
-    fn from_kn(gpu: &Gpu, name: &str, bt: &[f32], b: Option<&[f32]>, n: usize, k: usize) -> Result<Linear> {
+    fn from_kn(gpu: &Gpu, name: &str, bt: &[f32], b: Option<&[f32]>, n: usize, k: usize, kind: MatmulKind) -> Result<Linear> {
         let mut bias = vec![0f32; pad4(n)];
         if let Some(b) = b {
             bias[..n].copy_from_slice(b);
         }
-        Ok(Linear {
-            w: Arc::new(gpu.upload(&format!("{name}.weight"), bt)?),
-            b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?),
-            k,
-            n,
-        })
+        let (w, tex) = match kind {
+            MatmulKind::Buffer => (Some(Arc::new(gpu.upload(&format!("{name}.weight"), bt)?)), None),
+            MatmulKind::Texture => {
+                let w4 = (pad4(n) / 4) as u32;
+                let t = crate::gpu::texture(gpu, &format!("{name}.weight"), w4, k as u32);
+                gpu.queue.write_texture(
+                    t.as_image_copy(),
+                    bytemuck::cast_slice(bt),
+                    wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(w4 * 16), rows_per_image: Some(k as u32) },
+                    wgpu::Extent3d { width: w4, height: k as u32, depth_or_array_layers: 1 },
+                );
+                (None, Some(Arc::new(t.create_view(&Default::default()))))
+            }
+        };
+        Ok(Linear { w, tex, b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?), k, n })
     }
 }
 
@@ -126,6 +195,16 @@ pub enum Out {
     Accumulate(TensorId),
 }
 
+fn overrides(act: Act, accumulate: bool, conv: bool, wg: (usize, usize)) -> [(&'static str, f64); 5] {
+    [
+        ("A_MODE", if conv { 1.0 } else { 0.0 }),
+        ("ACT", act.code()),
+        ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }),
+        ("WG_X", wg.0 as f64),
+        ("WG_Y", wg.1 as f64),
+    ]
+}
+
 fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: Act, out: Out, conv: Option<ConvGeom>) -> Result<TensorId> {
     let np4 = pad4(l.n) / 4;
     let (accumulate, y) = match out {
@@ -133,29 +212,36 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
         Out::Into(t) => (false, t),
         Out::Accumulate(t) => (true, t),
     };
-    let mut params = vec![m as u32, l.n as u32, l.k as u32, np4 as u32];
     let c = conv.unwrap_or(ConvGeom { batch: 0, in_h: 0, in_w: 0, cin: 1, in_tokens: 0, in_tok_off: 0, k: 1, stride: 1, pad: 0 });
     let (oh, ow) = if conv.is_some() { c.out_hw() } else { (0, 0) };
-    params.extend([c.in_h, c.in_w, c.cin, c.in_tokens, c.in_tok_off, oh, ow, c.k, c.k, c.stride, c.pad, 0].map(|v| v as u32));
-    let pipeline = g.gpu.pipeline(
-        "matmul",
-        "main",
-        &[
-            ("A_MODE", if conv.is_some() { 1.0 } else { 0.0 }),
-            ("ACT", act.code()),
-            ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }),
-            ("WG_X", WG_X as f64),
-            ("WG_Y", WG_Y as f64),
-        ],
-    )?;
-    let groups = [np4.div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
-    g.dispatch(
-        label,
-        pipeline,
-        vec![Res::Act(a), Res::Buf(l.w.clone()), Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(params)],
-        groups,
-        2.0 * (m * l.n * l.k) as f64,
-    );
+    let params = |rows: usize, row_off: usize| {
+        let mut p = vec![rows as u32, l.n as u32, l.k as u32, np4 as u32];
+        p.extend([c.in_h, c.in_w, c.cin, c.in_tokens, c.in_tok_off, oh, ow, c.k, c.k, c.stride, c.pad, row_off].map(|v| v as u32));
+        p
+    };
+    let flops = |rows: usize| 2.0 * (rows * l.n * l.k) as f64;
+    match (&l.w, &l.tex) {
+        (Some(w), _) => {
+            let pipeline = g.gpu.pipeline("matmul", "main", &overrides(act, accumulate, conv.is_some(), (WG_X, WG_Y)))?;
+            let groups = [np4.div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
+            let b = vec![Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(params(m, 0))];
+            g.dispatch(label, pipeline, b, groups, flops(m));
+        }
+        (None, Some(tex)) => {
+            assert!(conv.is_none(), "{label}: convolutions use the buffer matmul");
+            let pipeline = g.gpu.pipeline("matmul", "main_tex", &overrides(act, accumulate, false, (TWG_X, 1)))?;
+            // A goes through a texture, in row chunks no taller than the texture limit.
+            let chunk = g.gpu.limits.max_texture_dimension_2d as usize;
+            for r0 in (0..m).step_by(chunk) {
+                let rows = chunk.min(m - r0);
+                let at = g.to_texture(a, r0, rows, l.k / 4, 5);
+                let groups = [np4.div_ceil(TRN4).div_ceil(TWG_X) as u32, rows.div_ceil(TRM) as u32, 1];
+                let b = vec![Res::Unused, Res::Unused, Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(params(rows, r0)), Res::ActTex(at), Res::Tex(tex.clone())];
+                g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
+            }
+        }
+        (None, None) => unreachable!("a Linear holds a buffer or a texture"),
+    }
     Ok(y)
 }
 
