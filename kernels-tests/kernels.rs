@@ -136,15 +136,18 @@ fn conv_implicit_gemm() {
         let x = randn(batch * tokens * cin, 5);
         let wt = randn(cout * cin * k * k, 6);
         let b = randn(cout, 7);
-        let l = Linear::from_conv(&gpu, "c", &wt, Some(&b), cout, cin, k, k).unwrap();
-        let mut g = Graph::new(gpu.clone());
-        let xin = g.pinned("x", x.len());
-        let y = conv2d(&mut g, "conv", xin, geo, &l).unwrap();
-        let plan = g.compile().unwrap();
-        plan.write(xin, &x).unwrap();
-        plan.run().unwrap();
-        let got = plan.read(y).unwrap();
-        assert_close(&format!("conv {geo:?}"), &got, &conv_ref(&x, &wt, &b, &geo, cout), 1e-4, 1e-4);
+        let want = conv_ref(&x, &wt, &b, &geo, cout);
+        // Buffer variant: implicit GEMM; texture variant: im2col (K padded to 64) + texture GEMM.
+        for kind in [MatmulKind::Buffer, MatmulKind::Texture] {
+            let l = Linear::conv_with_kind(&gpu, "c", &wt, Some(&b), cout, cin, k, k, kind).unwrap();
+            let mut g = Graph::new(gpu.clone());
+            let xin = g.pinned("x", x.len());
+            let y = conv2d(&mut g, "conv", xin, geo, &l).unwrap();
+            let plan = g.compile().unwrap();
+            plan.write(xin, &x).unwrap();
+            plan.run().unwrap();
+            assert_close(&format!("{kind:?} conv {geo:?}"), &plan.read(y).unwrap(), &want, 1e-4, 1e-4);
+        }
     }
 }
 

@@ -164,6 +164,24 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
+// im2col: materialises the A_MODE 1 view as a dense [M, K_out] matrix (zero
+// columns past K), for the texture variant, which reads A through a texture.
+// One invocation per element of the output.
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn im2col(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    // p.N holds K_out here; rows are spread over x and y to stay within the grid limit.
+    let k = gid.x;
+    let row = gid.y + gid.z * nwg.y * WG_Y;
+    if (k >= p.N || row >= p.M) {
+        return;
+    }
+    var v = 0.0;
+    if (k < p.K) {
+        v = load_a(row_view(row), k);
+    }
+    c[row * p.N + k] = v;
+}
+
 // ---------------------------------------------------------------------------
 // Texture-operand variant. A [M, K/4] and B [K, NP4] are rgba32float textures
 // (a texel = 4 consecutive K values of A, or 4 consecutive N values of B). Chosen

@@ -119,10 +119,18 @@ impl Linear {
     }
 
     /// From a PyTorch Conv2d weight [Cout, Cin, kh, kw]: K ordered (ky, kx, ci) as
-    /// the shader's im2col view reads it.
-    pub fn from_conv(gpu: &Gpu, name: &str, w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, kh: usize, kw: usize) -> Result<Linear> {
+    /// the shader's im2col view reads it, in the adapter's preferred variant.
+    pub fn from_conv(gpu: &Arc<Gpu>, name: &str, w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, kh: usize, kw: usize) -> Result<Linear> {
+        let kind = if texture_capable(gpu, (kh * kw * cin).div_ceil(64) * 64, cout) { preferred_kind(gpu) } else { MatmulKind::Buffer };
+        Self::conv_with_kind(gpu, name, w, b, cout, cin, kh, kw, kind)
+    }
+
+    /// As `from_conv`, in a given variant. The texture variant multiplies an
+    /// explicit im2col matrix whose K is padded to a multiple of 64 (zero rows of B).
+    pub fn conv_with_kind(gpu: &Gpu, name: &str, w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, kh: usize, kw: usize, kind: MatmulKind) -> Result<Linear> {
         assert_eq!(w.len(), cout * cin * kh * kw, "{name}: weight size");
-        let k = kh * kw * cin;
+        let k_real = kh * kw * cin;
+        let k = if kind == MatmulKind::Texture { k_real.div_ceil(64) * 64 } else { k_real };
         let np = pad4(cout);
         let mut bt = vec![0f32; k * np];
         for o in 0..cout {
@@ -135,8 +143,7 @@ impl Linear {
                 }
             }
         }
-        // Convolutions read their input through the im2col view: buffers only.
-        Self::from_kn(gpu, name, &bt, b, cout, k, MatmulKind::Buffer)
+        Self::from_kn(gpu, name, &bt, b, cout, k, kind)
     }
 
     fn from_kn(gpu: &Gpu, name: &str, bt: &[f32], b: Option<&[f32]>, n: usize, k: usize, kind: MatmulKind) -> Result<Linear> {
@@ -251,8 +258,28 @@ pub fn linear(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear, act
 }
 
 /// Dense convolution of an NHWC token map; output [batch, oh*ow, cout] tokens.
+/// Buffer variant: implicit GEMM. Texture variant: im2col, then the texture GEMM.
 pub fn conv2d(g: &mut Graph, label: &str, x: TensorId, geom: ConvGeom, l: &Linear) -> Result<TensorId> {
-    assert_eq!(l.k, geom.k * geom.k * geom.cin, "{label}: conv weight K");
+    let k_real = geom.k * geom.k * geom.cin;
     let (oh, ow) = geom.out_hw();
-    dispatch(g, label, x, geom.batch * oh * ow, l, Act::None, Out::New, Some(geom))
+    let m = geom.batch * oh * ow;
+    if l.tex.is_none() {
+        assert_eq!(l.k, k_real, "{label}: conv weight K");
+        return dispatch(g, label, x, m, l, Act::None, Out::New, Some(geom));
+    }
+    assert!(l.k >= k_real && l.k % 64 == 0, "{label}: padded conv weight K");
+    let cols = g.tensor(format!("{label}.im2col"), m * l.k);
+    let mut params = vec![m as u32, l.k as u32, k_real as u32, 0];
+    params.extend([geom.in_h, geom.in_w, geom.cin, geom.in_tokens, geom.in_tok_off, oh, ow, geom.k, geom.k, geom.stride, geom.pad, 0].map(|v| v as u32));
+    let pipeline = g.gpu.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
+    let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
+    let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
+    g.dispatch(
+        format!("{label}.im2col"),
+        pipeline,
+        vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(cols), Res::Uniform(params)],
+        [l.k.div_ceil(64) as u32, gy as u32, gz as u32],
+        0.0,
+    );
+    dispatch(g, label, cols, m, l, Act::None, Out::New, None)
 }
