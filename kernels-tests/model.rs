@@ -201,3 +201,40 @@ fn preprocessing_matches_torchvision_exactly() {
     eprintln!("vs transformers ConvNextImageProcessor: max |diff| = {d:.3e}, {n} of {} values differ", hf.len());
     assert!(d < 0.0176 && n < hf.len() / 100, "normalised input differs from transformers by {d} in {n} values");
 }
+
+/// Every accepted container and pixel format decodes to the same RGB pixels:
+/// grayscale, RGBA (alpha dropped, as PIL's convert("RGB")), 16-bit, JPEG, WebP, BMP.
+#[test]
+fn image_formats_convert_to_rgb() {
+    let tmp = std::env::temp_dir().join(format!("cvt-gpu-fmt-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let rgb = image::RgbImage::from_fn(9, 7, |x, y| image::Rgb([(x * 28) as u8, (y * 36) as u8, ((x + y) * 15) as u8]));
+    let gray = image::GrayImage::from_fn(9, 7, |x, y| image::Luma([(x * 20 + y) as u8]));
+    let rgba = image::RgbaImage::from_fn(9, 7, |x, y| {
+        let p = rgb.get_pixel(x, y).0;
+        image::Rgba([p[0], p[1], p[2], 77])
+    });
+    let rgb16 = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_fn(9, 7, |x, y| {
+        let p = rgb.get_pixel(x, y).0;
+        image::Rgb([p[0] as u16 * 257, p[1] as u16 * 257, p[2] as u16 * 257])
+    });
+    rgb.save(tmp.join("rgb.png")).unwrap();
+    rgb.save(tmp.join("rgb.bmp")).unwrap();
+    rgb.save(tmp.join("rgb.webp")).unwrap();
+    rgb.save(tmp.join("rgb.jpg")).unwrap();
+    gray.save(tmp.join("gray.png")).unwrap();
+    rgba.save(tmp.join("rgba.png")).unwrap();
+    rgb16.save(tmp.join("rgb16.png")).unwrap();
+    for f in ["rgb.png", "rgb.bmp", "rgb.webp", "rgba.png", "rgb16.png"] {
+        assert_eq!(preprocess::decode(&tmp.join(f)).unwrap(), rgb, "{f}");
+    }
+    let g = preprocess::decode(&tmp.join("gray.png")).unwrap();
+    assert!(g.pixels().zip(gray.pixels()).all(|(c, l)| c.0 == [l.0[0]; 3]), "gray");
+    // JPEG is lossy: same size, close pixels.
+    let j = preprocess::decode(&tmp.join("rgb.jpg")).unwrap();
+    assert_eq!(j.dimensions(), (9, 7));
+    // A file named .png holding another format is detected by content.
+    std::fs::copy(tmp.join("rgb.bmp"), tmp.join("actually_bmp.png")).unwrap();
+    assert_eq!(preprocess::decode(&tmp.join("actually_bmp.png")).unwrap(), rgb);
+    std::fs::remove_dir_all(&tmp).ok();
+}

@@ -58,6 +58,9 @@ pub struct BenchResult {
     pub weight_bytes: u64,
     pub activation_bytes: u64,
     pub first_call_ms: f64,
+    pub dispatches: usize,
+    pub texture_copies: usize,
+    pub matmul_variant: crate::gpu::MatmulKind,
     pub adapter: String,
     pub timing: &'static str,
 }
@@ -119,6 +122,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         gpu.sync()
     })?;
     let gflop = 2.0 * cfg.macs(res, res)? / 1e9;
+    let (dispatches, texture_copies) = plan.plan.counts();
     let rate = gflop * a.batch as f64 / (median / 1e3);
     let r = BenchResult {
         model: cfg.name.clone(),
@@ -135,6 +139,9 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         weight_bytes: model.weight_bytes,
         activation_bytes: plan.plan.activation_bytes,
         first_call_ms,
+        dispatches,
+        texture_copies,
+        matmul_variant: crate::ops::matmul::preferred_kind(&gpu),
         adapter: gpu.describe(),
         timing: "wall clock, submit to completion",
     };
@@ -147,6 +154,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         println!("  ceiling   {:.1} GFLOP/s (matmul 1024^3) -> {:.0}% of it", ceiling.gflops_per_s, 100.0 * r.ratio_to_ceiling);
         println!("  memory    weights {:.1} MiB, activations {:.1} MiB (unshared would be {:.1} MiB)", r.weight_bytes as f64 / 1048576.0, r.activation_bytes as f64 / 1048576.0, plan.plan.unshared_bytes as f64 / 1048576.0);
         println!("  first call {:.0} ms (plan + pipelines + first run; weights upload {:.0} ms)", first_call_ms, upload_ms);
+        println!("  schedule  {} dispatches, {} texture copies per forward; matmul variant: {:?}", dispatches, texture_copies, r.matmul_variant);
     }
     Ok(())
 }

@@ -388,6 +388,12 @@ impl Plan {
         self.gpu.read(self.buffer(t), 0, self.tensor_len[t.0])
     }
 
+    /// (dispatches, texture copies) recorded per run.
+    pub fn counts(&self) -> (usize, usize) {
+        let copies = self.steps.iter().filter(|s| matches!(s.kind, StepKind::Copy { .. })).count();
+        (self.steps.len() - copies, copies)
+    }
+
     /// Total floating-point operations of one run (2 per multiply-add).
     pub fn flops(&self) -> f64 {
         self.steps.iter().map(|s| s.flops).sum()
