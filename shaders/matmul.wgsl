@@ -11,13 +11,22 @@
 // invocations of a workgroup are SIMD lanes and the caches do the sharing, and the
 // measured rate of this shape is ~7x a 64x64 shared-memory tile there.
 //
-// A_MODE 0: A is a dense row-major [M, K] matrix.
+// A_MODE 0: A is a dense row-major matrix, row stride a_stride (= K).
 // A_MODE 1: A is the im2col view of an NHWC token map, so a convolution is this
 //           same GEMM with no materialised im2col buffer (implicit GEMM). Row m is
 //           output pixel (b, oy, ox); column k is tap (ky, kx) and input channel ci,
 //           k = (ky * kw + kx) * cin + ci, matching how the host lays out conv weights.
+// A_MODE 2: A is the transpose of a row-major [K, a_stride] matrix (backward: Xᵀ).
+// A_MODE 3: A is all ones (backward: column sums, the bias gradient).
+//
+// B_MODE 0: B is a weight, [K, NP] rows of b_stride = NP scalars (vec4 loads).
+// B_MODE 1: B is the transpose of a weight stored [N, b_stride] (backward: dY·Wᵀ).
+// B_MODE 2: B is a row-major [K, b_stride] activation with b_stride = N, any N
+//           (backward: the output gradient dY); columns past N read as zero.
 
 override A_MODE: u32 = 0u;
+override B_MODE: u32 = 0u;
+override HAS_BIAS: bool = true;
 // 0 none, 1 exact (erf) GELU, 2 QuickGELU x*sigmoid(1.702x).
 override ACT: u32 = 0u;
 // C += result instead of C = result: the residual add of a transformer block.
@@ -35,6 +44,7 @@ struct Params {
     kw: u32, stride: u32, pad: u32,
     // First output row of this dispatch (the texture variant splits tall A).
     out_row_off: u32,
+    a_stride: u32, b_stride: u32, _p0: u32, _p1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
@@ -69,7 +79,10 @@ fn store_vec(row: u32, c4: u32, acc: vec4<f32>) {
     if (row >= p.M || col >= p.N) {
         return;
     }
-    let v = acc + bias[c4];
+    var v = acc;
+    if (HAS_BIAS) {
+        v += bias[c4];
+    }
     let base = (p.out_row_off + row) * p.N + col;
     for (var e = 0u; e < 4u; e++) {
         if (col + e < p.N) {
@@ -95,8 +108,10 @@ fn row_view(row: u32) -> RowView {
         r.base = bi * p.in_tokens + p.in_tok_off;
         r.iy0 = i32((pix / p.out_w) * p.stride) - i32(p.pad);
         r.ix0 = i32((pix % p.out_w) * p.stride) - i32(p.pad);
+    } else if (A_MODE == 2u) {
+        r.base = row;
     } else {
-        r.base = row * p.K;
+        r.base = row * p.a_stride;
     }
     return r;
 }
@@ -111,15 +126,50 @@ fn load_a(r: RowView, k: u32) -> f32 {
             return 0.0;
         }
         return a[(r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + ci];
+    } else if (A_MODE == 2u) {
+        return a[k * p.a_stride + r.base];
+    } else if (A_MODE == 3u) {
+        return 1.0;
     }
     return a[r.base + k];
+}
+
+fn b_scalar(idx: u32) -> f32 {
+    return b[idx / 4u][idx % 4u];
+}
+
+// Four consecutive output columns (vec4 column c4) of B's row k.
+fn load_b(k: u32, c4: u32) -> vec4<f32> {
+    if (B_MODE == 1u) {
+        // Column n of Bᵀ is row n of the stored weight; rows past N read zero.
+        var v = vec4<f32>(0.0);
+        for (var e = 0u; e < 4u; e++) {
+            let n = c4 * 4u + e;
+            if (n < p.N) {
+                v[e] = b_scalar(n * p.b_stride + k);
+            }
+        }
+        return v;
+    } else if (B_MODE == 2u) {
+        var v = vec4<f32>(0.0);
+        for (var e = 0u; e < 4u; e++) {
+            let n = c4 * 4u + e;
+            if (n < p.b_stride) {
+                v[e] = b_scalar(k * p.b_stride + n);
+            }
+        }
+        return v;
+    }
+    return b[k * p.NP4 + c4];
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let col4 = gid.x * RN4;
     let row0 = gid.y * RM;
-    if (col4 >= p.NP4 || row0 >= p.M) {
+    // Output vec4 columns (forward: NP4, the weight's padded width).
+    let nc4 = (p.N + 3u) / 4u;
+    if (col4 >= nc4 || row0 >= p.M) {
         return;
     }
     // Rows past M are clamped to the last row (computed, never written) so the
@@ -130,7 +180,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var cols: array<u32, RN4>;
     for (var j = 0u; j < RN4; j++) {
-        cols[j] = min(col4 + j, p.NP4 - 1u);
+        cols[j] = min(col4 + j, nc4 - 1u);
     }
     var acc: array<array<vec4<f32>, RN4>, RM>;
     let k4 = p.K / 4u;
@@ -139,7 +189,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         var bv: array<array<vec4<f32>, RN4>, 4>;
         for (var t = 0u; t < 4u; t++) {
             for (var j = 0u; j < RN4; j++) {
-                bv[t][j] = b[(k + t) * p.NP4 + cols[j]];
+                bv[t][j] = load_b(k + t, cols[j]);
             }
         }
         for (var i = 0u; i < RM; i++) {
@@ -153,7 +203,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var i = 0u; i < RM; i++) {
             let av = load_a(rv[i], k);
             for (var j = 0u; j < RN4; j++) {
-                acc[i][j] += av * b[k * p.NP4 + cols[j]];
+                acc[i][j] += av * load_b(k, cols[j]);
             }
         }
     }

@@ -224,6 +224,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
     let params = |rows: usize, row_off: usize| {
         let mut p = vec![rows as u32, l.n as u32, l.k as u32, np4 as u32];
         p.extend([c.in_h, c.in_w, c.cin, c.in_tokens, c.in_tok_off, oh, ow, c.k, c.k, c.stride, c.pad, row_off].map(|v| v as u32));
+        p.extend([l.k as u32, (np4 * 4) as u32, 0, 0]);
         p
     };
     let flops = |rows: usize| 2.0 * (rows * l.n * l.k) as f64;
@@ -270,7 +271,7 @@ pub fn conv2d(g: &mut Graph, label: &str, x: TensorId, geom: ConvGeom, l: &Linea
     assert!(l.k >= k_real && l.k % 64 == 0, "{label}: padded conv weight K");
     let cols = g.tensor(format!("{label}.im2col"), m * l.k);
     let mut params = vec![m as u32, l.k as u32, k_real as u32, 0];
-    params.extend([geom.in_h, geom.in_w, geom.cin, geom.in_tokens, geom.in_tok_off, oh, ow, geom.k, geom.k, geom.stride, geom.pad, 0].map(|v| v as u32));
+    params.extend([geom.in_h, geom.in_w, geom.cin, geom.in_tokens, geom.in_tok_off, oh, ow, geom.k, geom.k, geom.stride, geom.pad, 0, 0, 0, 0, 0].map(|v| v as u32));
     let pipeline = g.gpu.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
     let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
     let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
@@ -282,4 +283,84 @@ pub fn conv2d(g: &mut Graph, label: &str, x: TensorId, geom: ConvGeom, l: &Linea
         0.0,
     );
     dispatch(g, label, cols, m, l, Act::None, Out::New, None)
+}
+
+// ---------------------------------------------------------------------------
+// Backward. For y = x·W + b (x [M, K], W stored [K, NP], dy [M, N]):
+//   dx = dy·Wᵀ        (B_MODE 1: the stored weight read transposed)
+//   dW = xᵀ·dy        (A_MODE 2, B_MODE 2), written in W's own [K, NP] layout so
+//                      the optimizer updates weights and gradients elementwise
+//   db = 1ᵀ·dy        (A_MODE 3, B_MODE 2)
+// The activation's derivative is applied to dy before this (it is not fused).
+
+/// Gradient buffers of a `Linear`, in its storage layout: w [K, NP], b [NP].
+pub struct LinearGrad {
+    pub w: Arc<wgpu::Buffer>,
+    pub b: Arc<wgpu::Buffer>,
+}
+
+impl LinearGrad {
+    pub fn new(gpu: &Gpu, name: &str, l: &Linear) -> Result<LinearGrad> {
+        let np = pad4(l.n);
+        Ok(LinearGrad {
+            w: Arc::new(gpu.storage(&format!("{name}.weight.grad"), (l.k * np * 4) as u64)?),
+            b: Arc::new(gpu.storage(&format!("{name}.bias.grad"), (np * 4) as u64)?),
+        })
+    }
+}
+
+/// One backward product C[m, n] (+)= A·B in the given operand modes.
+#[allow(clippy::too_many_arguments)]
+fn backward_product(
+    g: &mut Graph,
+    label: &str,
+    (a, a_mode, a_stride): (Option<TensorId>, u32, usize),
+    (b, b_mode, b_stride): (Res, u32, usize),
+    out: Res,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    bias_dummy: &Arc<wgpu::Buffer>,
+) -> Result<()> {
+    let pipeline = g.gpu.pipeline(
+        "matmul",
+        "main",
+        &[
+            ("A_MODE", a_mode as f64),
+            ("B_MODE", b_mode as f64),
+            ("HAS_BIAS", 0.0),
+            ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }),
+            ("WG_X", WG_X as f64),
+            ("WG_Y", WG_Y as f64),
+        ],
+    )?;
+    let mut params = vec![m as u32, n as u32, k as u32, 0];
+    params.extend([0u32; 12]);
+    params.extend([a_stride as u32, b_stride as u32, 0, 0]);
+    let groups = [n.div_ceil(4).div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
+    // A_MODE 3 reads no A; any bound buffer satisfies the layout.
+    let a_res = match a {
+        Some(t) => Res::Act(t),
+        None => Res::Buf(bias_dummy.clone()),
+    };
+    g.dispatch(label, pipeline, vec![a_res, b, Res::Buf(bias_dummy.clone()), out, Res::Uniform(params)], groups, 2.0 * (m * n * k) as f64);
+    Ok(())
+}
+
+/// Appends the backward of `y = x·W + b` (x [m, K], dy [m, N]): writes dW and db
+/// into `grad` and returns dx, a new tensor or added into `dx_into`.
+pub fn linear_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m: usize, l: &Linear, grad: &LinearGrad, dx_into: Option<TensorId>) -> Result<TensorId> {
+    let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the weight as a storage buffer (buffer variant)"))?;
+    let np = pad4(l.n);
+    // dW [K, NP] = xᵀ [K, m] · dy [m, N] (columns N..NP come out zero).
+    backward_product(g, &format!("{label}.dW"), (Some(x), 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false, &l.b)?;
+    // db [1, NP] = 1ᵀ · dy.
+    backward_product(g, &format!("{label}.db"), (None, 3, 0), (Res::Act(dy), 2, l.n), Res::Buf(grad.b.clone()), (1, np, m), false, &l.b)?;
+    // dx [m, K] = dy [m, N] · Wᵀ, W stored [K, NP]: B_MODE 1 reads row k of the
+    // store as column k of Bᵀ, with b_stride = NP.
+    let (dx, acc) = match dx_into {
+        Some(t) => (t, true),
+        None => (g.tensor(format!("{label}.dx"), m * l.k), false),
+    };
+    backward_product(g, &format!("{label}.dx"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc, &l.b)?;
+    Ok(dx)
 }
