@@ -131,3 +131,186 @@ fn linear_backward_two_layers() {
         }
     }
 }
+
+use cvt_gpu::ops::matmul::act_backward;
+use cvt_gpu::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
+
+fn act64(act: Act, z: f64) -> f64 {
+    match act {
+        Act::None => z,
+        Act::Gelu => gelu(z),
+        Act::QuickGelu => quick_gelu(z),
+    }
+}
+
+/// Central difference of `loss` in parameter `p[i]`.
+fn fd(p: &[f32], i: usize, eps: f32, loss: &dyn Fn(&[f32]) -> f64) -> f64 {
+    let mut q = p.to_vec();
+    q[i] += eps;
+    let lp = loss(&q);
+    q[i] -= 2.0 * eps;
+    let lm = loss(&q);
+    (lp - lm) / (2.0 * eps as f64)
+}
+
+fn close(what: &str, num: f64, ana: f64, tol: f64) {
+    assert!((num - ana).abs() <= tol * (1.0 + ana.abs()), "{what}: finite difference {num} vs analytic {ana}");
+}
+
+/// fc1-style layer: z = x·Wᵀ + b, a = act(z), L = Σ c·a. The activation's backward
+/// sits between the loss and the linear backward.
+#[test]
+fn activation_backward_mid_graph() {
+    let gpu = gpu();
+    let (m, k, n) = (6, 5, 7);
+    for act in [Act::Gelu, Act::QuickGelu] {
+        let (x, w, b, c) = (randn(m * k, 1), randn(n * k, 2), randn(n, 3), randn(m * n, 4));
+        let l = Linear::with_kind(&gpu, "l", &w, Some(&b), n, k, MatmulKind::Buffer).unwrap();
+        let grad = LinearGrad::new(&gpu, "l", &l).unwrap();
+        let mut g = Graph::new(gpu.clone());
+        let xi = g.pinned("x", m * k);
+        let z = g.pinned("z", m * n);
+        linear(&mut g, "l", xi, m, &l, Act::None, Out::Into(z)).unwrap();
+        let dy = g.pinned("dy", m * n);
+        act_backward(&mut g, "act", z, dy, m * n, act).unwrap();
+        linear_backward(&mut g, "l", xi, dy, m, &l, &grad, None).unwrap();
+        let plan = g.compile().unwrap();
+        plan.write(xi, &x).unwrap();
+        plan.write(dy, &c).unwrap();
+        plan.run().unwrap();
+        let zv = plan.read(z).unwrap();
+        let dz = plan.read(dy).unwrap();
+        // f64: dz = c * act'(z) by central differences of the f64 activation.
+        let want: Vec<f64> = zv.iter().zip(&c).map(|(&z, &c)| c as f64 * (act64(act, z as f64 + 1e-6) - act64(act, z as f64 - 1e-6)) / 2e-6).collect();
+        assert_close(&format!("{act:?} dz"), &dz, &want, 1e-5, 1e-4);
+        // Finite differences through the engine's fused forward (act in the epilogue).
+        let dw = gpu.read(&grad.w, 0, k * 8).unwrap();
+        let loss = |wp: &[f32]| -> f64 {
+            let l = Linear::with_kind(&gpu, "l", wp, Some(&b), n, k, MatmulKind::Buffer).unwrap();
+            let mut g = Graph::new(gpu.clone());
+            let xi = g.pinned("x", m * k);
+            let y = g.pinned("y", m * n);
+            linear(&mut g, "l", xi, m, &l, act, Out::Into(y)).unwrap();
+            let plan = g.compile().unwrap();
+            plan.write(xi, &x).unwrap();
+            plan.run().unwrap();
+            plan.read(y).unwrap().iter().zip(&c).map(|(a, b)| *a as f64 * *b as f64).sum()
+        };
+        for i in [0, n * k / 2, n * k - 1] {
+            close(&format!("{act:?} dW[{i}]"), fd(&w, i, 1e-2, &loss), dw[(i % k) * 8 + i / k] as f64, 5e-3);
+        }
+    }
+}
+
+/// h = LN(x); L = Σ c·(h·W2ᵀ) + Σ e·h: LayerNorm backward mid-graph.
+#[test]
+fn layernorm_backward_mid_graph() {
+    let gpu = gpu();
+    for &(m, c, n) in &[(4, 7, 3), (3, 130, 5), (1, 1, 1)] {
+        let x: Vec<f32> = randn(m * c, 1).iter().map(|v| v * 2.0 + 0.5).collect();
+        let (gm, bt, w2, cy, e) = (randn(c, 2), randn(c, 3), randn(n * c, 4), randn(m * n, 5), randn(m * c, 6));
+        let run = |x: &[f32], gm: &[f32], bt: &[f32], backward: bool| -> (f64, Vec<Vec<f32>>) {
+            let ln = LayerNorm::new(&gpu, "ln", gm, bt).unwrap();
+            let l2 = Linear::with_kind(&gpu, "l2", &w2, None, n, c, MatmulKind::Buffer).unwrap();
+            let (lg, g2) = (LayerNormGrad::new(&gpu, "ln", c).unwrap(), LinearGrad::new(&gpu, "l2", &l2).unwrap());
+            let mut g = Graph::new(gpu.clone());
+            let xi = g.pinned("x", m * c);
+            let h = g.pinned("h", m * c);
+            let y = g.pinned("y", m * n);
+            layernorm(&mut g, "ln", xi, RowMap::dense(m), &ln, Some(h)).unwrap();
+            linear(&mut g, "l2", h, m, &l2, Act::None, Out::Into(y)).unwrap();
+            let (dy, dh) = (g.pinned("dy", m * n), g.pinned("dh", m * c));
+            let mut dx = None;
+            if backward {
+                linear_backward(&mut g, "l2", h, dy, m, &l2, &g2, Some(dh)).unwrap();
+                dx = Some(layernorm_backward(&mut g, "ln", xi, dh, m, &ln, &lg).unwrap());
+            }
+            let plan = g.compile().unwrap();
+            plan.write(xi, x).unwrap();
+            plan.write(dy, &cy).unwrap();
+            plan.write(dh, &e).unwrap();
+            plan.run().unwrap();
+            let (hv, yv) = (plan.read(h).unwrap(), plan.read(y).unwrap());
+            let l = yv.iter().zip(&cy).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + hv.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+            let grads = if backward { vec![plan.read(dx.unwrap()).unwrap(), gpu.read(&lg.gamma, 0, c).unwrap(), gpu.read(&lg.beta, 0, c).unwrap()] } else { vec![] };
+            (l, grads)
+        };
+        let (_, gr) = run(&x, &gm, &bt, true);
+        // f64 reference: dh = e + cy·W2, then the LayerNorm backward formula.
+        let mut want_dx = vec![0f64; m * c];
+        let (mut want_dg, mut want_db) = (vec![0f64; c], vec![0f64; c]);
+        for r in 0..m {
+            let row: Vec<f64> = x[r * c..(r + 1) * c].iter().map(|&v| v as f64).collect();
+            let mu = row.iter().sum::<f64>() / c as f64;
+            let rstd = 1.0 / (row.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / c as f64 + 1e-5).sqrt();
+            let xh: Vec<f64> = row.iter().map(|v| (v - mu) * rstd).collect();
+            let dh: Vec<f64> = (0..c).map(|j| e[r * c + j] as f64 + (0..n).map(|o| cy[r * n + o] as f64 * w2[o * c + j] as f64).sum::<f64>()).collect();
+            let gg: Vec<f64> = (0..c).map(|j| dh[j] * gm[j] as f64).collect();
+            let (mg, mgx) = (gg.iter().sum::<f64>() / c as f64, gg.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / c as f64);
+            for j in 0..c {
+                want_dx[r * c + j] = rstd * (gg[j] - mg - xh[j] * mgx);
+                want_dg[j] += dh[j] * xh[j];
+                want_db[j] += dh[j];
+            }
+        }
+        let what = format!("m{m} c{c}");
+        assert_close(&format!("{what} LN dx"), &gr[0], &want_dx, 1e-4, 1e-3);
+        assert_close(&format!("{what} LN dgamma"), &gr[1], &want_dg, 1e-4, 1e-4);
+        assert_close(&format!("{what} LN dbeta"), &gr[2], &want_db, 1e-4, 1e-4);
+        // Finite differences through the engine's forward.
+        for i in [0, (m * c) / 2, m * c - 1] {
+            close(&format!("{what} LN dx[{i}]"), fd(&x, i, 1e-2, &|p| run(p, &gm, &bt, false).0), gr[0][i] as f64, 1e-2);
+        }
+        for i in [0, c - 1] {
+            close(&format!("{what} LN dgamma[{i}]"), fd(&gm, i, 1e-2, &|p| run(&x, p, &bt, false).0), gr[1][i] as f64, 1e-2);
+            close(&format!("{what} LN dbeta[{i}]"), fd(&bt, i, 1e-2, &|p| run(&x, &gm, p, false).0), gr[2][i] as f64, 1e-2);
+        }
+    }
+}
+
+/// logits = h·Wᵀ; L = mean over rows of cross-entropy against smoothed targets.
+#[test]
+fn softmax_cross_entropy_mid_graph() {
+    let gpu = gpu();
+    for &(m, k, classes) in &[(3, 5, 10), (2, 4, 1000), (1, 1, 2)] {
+        let (h, w) = (randn(m * k, 1), randn(classes * k, 2));
+        // Label smoothing 0.1 on labels r % classes.
+        let smooth = 0.1f32;
+        let t: Vec<f32> = (0..m * classes).map(|i| smooth / classes as f32 + if i % classes == (i / classes) % classes { 1.0 - smooth } else { 0.0 }).collect();
+        let run = |w: &[f32], backward: bool| -> (f64, Vec<f32>, Vec<f32>) {
+            let l = Linear::with_kind(&gpu, "head", w, None, classes, k, MatmulKind::Buffer).unwrap();
+            let grad = LinearGrad::new(&gpu, "head", &l).unwrap();
+            let mut g = Graph::new(gpu.clone());
+            let hi = g.pinned("h", m * k);
+            let logits = g.pinned("logits", m * classes);
+            let ti = g.pinned("t", m * classes);
+            linear(&mut g, "head", hi, m, &l, Act::None, Out::Into(logits)).unwrap();
+            let (d, loss) = softmax_xent(&mut g, "xent", logits, ti, m, classes, 1.0 / m as f32).unwrap();
+            if backward {
+                linear_backward(&mut g, "head", hi, d, m, &l, &grad, None).unwrap();
+            }
+            let plan = g.compile().unwrap();
+            plan.write(hi, &h).unwrap();
+            plan.write(ti, &t).unwrap();
+            plan.run().unwrap();
+            let lrows = plan.read(loss).unwrap();
+            let lg = plan.read(logits).unwrap();
+            let dw = if backward { gpu.read(&grad.w, 0, k * classes.div_ceil(4) * 4).unwrap() } else { vec![] };
+            (lrows.iter().map(|&v| v as f64).sum::<f64>() / m as f64, lg, dw)
+        };
+        let (loss, lg, dw) = run(&w, true);
+        // f64 loss from the GPU logits.
+        let mut want = 0f64;
+        for r in 0..m {
+            let row: Vec<f64> = lg[r * classes..(r + 1) * classes].iter().map(|&v| v as f64).collect();
+            let mx = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f64>().ln();
+            want += (0..classes).map(|j| t[r * classes + j] as f64 * (lse - row[j])).sum::<f64>() / m as f64;
+        }
+        assert!((loss - want).abs() < 1e-5 * (1.0 + want.abs()), "xent loss {loss} vs {want}");
+        let np = classes.div_ceil(4) * 4;
+        for i in [0, classes * k / 2, classes * k - 1] {
+            close(&format!("xent m{m} C{classes} dW[{i}]"), fd(&w, i, 1e-2, &|p| run(p, false).0), dw[(i % k) * np + i / k] as f64, 1e-2);
+        }
+    }
+}

@@ -72,6 +72,29 @@ fn activate(x: f32) -> f32 {
     return x;
 }
 
+// d act(z) / dz.
+fn activate_grad(z: f32) -> f32 {
+    if (ACT == 1u) {
+        // Φ(z) + z φ(z)
+        return 0.5 * (1.0 + erf_approx(z * 0.70710678118654752)) + z * 0.3989422804014327 * exp(-0.5 * z * z);
+    } else if (ACT == 2u) {
+        let s = 1.0 / (1.0 + exp(-1.702 * z));
+        return s + 1.702 * z * s * (1.0 - s);
+    }
+    return 1.0;
+}
+
+// Backward of the fused activation, in place: c[i] = c[i] * act'(a[i]), with a the
+// saved pre-activation z and c the incoming gradient (M elements).
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn act_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    if (i >= p.M) {
+        return;
+    }
+    c[i] = c[i] * activate_grad(a[i]);
+}
+
 // Epilogue for one vec4 of C: bias, activation, optional residual add; columns
 // past N and rows past M are dropped.
 fn store_vec(row: u32, c4: u32, acc: vec4<f32>) {

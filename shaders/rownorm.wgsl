@@ -107,3 +107,82 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
         y[b + c] = exp(x[b + c] - mx) * inv;
     }
 }
+
+// LayerNorm backward, one workgroup per row (dense rows). With x̂ = (x - μ)·rstd,
+// g = dy·γ:  dx = rstd · (g - mean(g) - x̂ · mean(g·x̂)).
+// Also writes t = dy·x̂ into `aux`, whose column sums are dγ (dβ is the column sum
+// of dy); the host sums both with the matmul kernel's column-sum mode.
+// Bindings: x (0) the forward input, gamma (1), dy (2, in beta's slot), dx (3), aux (5).
+@group(0) @binding(5) var<storage, read_write> aux: array<f32>;
+
+@compute @workgroup_size(WG)
+fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let r = wid.y * nwg.x + wid.x;
+    if (r >= p.rows) {
+        return;
+    }
+    let base = r * p.C;
+    var s = 0.0;
+    for (var c = lid; c < p.C; c += WG) {
+        s += x[base + c];
+    }
+    let mean = reduce_sum(s, lid) / f32(p.C);
+    var s2 = 0.0;
+    for (var c = lid; c < p.C; c += WG) {
+        let d = x[base + c] - mean;
+        s2 += d * d;
+    }
+    let rstd = inverseSqrt(reduce_sum(s2, lid) / f32(p.C) + p.eps);
+    var sg = 0.0;
+    var sgx = 0.0;
+    for (var c = lid; c < p.C; c += WG) {
+        let xh = (x[base + c] - mean) * rstd;
+        let g = beta[base + c] * gamma[c];
+        sg += g;
+        sgx += g * xh;
+    }
+    let mg = reduce_sum(sg, lid) / f32(p.C);
+    let mgx = reduce_sum(sgx, lid) / f32(p.C);
+    for (var c = lid; c < p.C; c += WG) {
+        let xh = (x[base + c] - mean) * rstd;
+        let dy = beta[base + c];
+        y[base + c] = rstd * (dy * gamma[c] - mg - xh * mgx);
+        aux[base + c] = dy * xh;
+    }
+}
+
+// Softmax cross-entropy against soft targets (label smoothing, mixup and cutmix
+// all become a target distribution), one workgroup per row. x holds the logits,
+// gamma the targets (gamma's slot); writes dlogits = (softmax(x) - t) * scale into y
+// and the row's loss -Σ t·log softmax(x) into aux[row].
+@compute @workgroup_size(WG)
+fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let r = wid.y * nwg.x + wid.x;
+    if (r >= p.rows) {
+        return;
+    }
+    let b = r * p.C;
+    var m = -3.0e38;
+    for (var c = lid; c < p.C; c += WG) {
+        m = max(m, x[b + c]);
+    }
+    let mx = reduce_max(m, lid);
+    var s = 0.0;
+    for (var c = lid; c < p.C; c += WG) {
+        s += exp(x[b + c] - mx);
+    }
+    let lse = mx + log(reduce_sum(s, lid));
+    // p.eps carries the gradient scale (1 / batch for a mean loss).
+    var l = 0.0;
+    for (var c = lid; c < p.C; c += WG) {
+        let t = gamma[b + c];
+        y[b + c] = (exp(x[b + c] - lse) - t) * p.eps;
+        l += t * (lse - x[b + c]);
+    }
+    let loss = reduce_sum(l, lid);
+    if (lid == 0u) {
+        aux[r] = loss;
+    }
+}

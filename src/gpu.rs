@@ -158,6 +158,8 @@ pub struct Gpu {
     pub features: wgpu::Features,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// A small zero buffer for bindings an entry point declares but a mode ignores.
+    placeholder: std::sync::OnceLock<Arc<wgpu::Buffer>>,
     /// The matmul variant, chosen on first use by a timed trial (`ops::matmul::preferred_kind`).
     pub matmul_kind: std::sync::OnceLock<MatmulKind>,
     /// Uncaptured wgpu errors land here (instead of wgpu's default panic) and are
@@ -228,6 +230,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             matmul_kind: std::sync::OnceLock::new(),
+            placeholder: std::sync::OnceLock::new(),
             error,
         }))
     }
@@ -244,6 +247,20 @@ impl Gpu {
             bail!("GPU error: {}", text.chars().take(400).collect::<String>());
         }
         Ok(())
+    }
+
+    /// A 16-byte zero storage buffer, for bindings a kernel mode does not read.
+    pub fn placeholder(&self) -> Arc<wgpu::Buffer> {
+        self.placeholder
+            .get_or_init(|| {
+                Arc::new(self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("placeholder"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::STORAGE,
+                    mapped_at_creation: false,
+                }))
+            })
+            .clone()
     }
 
     /// Largest storage buffer one binding may cover on this device.

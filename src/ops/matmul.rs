@@ -319,8 +319,8 @@ fn backward_product(
     out: Res,
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
-    bias_dummy: &Arc<wgpu::Buffer>,
 ) -> Result<()> {
+    let unused = g.gpu.placeholder();
     let pipeline = g.gpu.pipeline(
         "matmul",
         "main",
@@ -337,12 +337,27 @@ fn backward_product(
     params.extend([0u32; 12]);
     params.extend([a_stride as u32, b_stride as u32, 0, 0]);
     let groups = [n.div_ceil(4).div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
-    // A_MODE 3 reads no A; any bound buffer satisfies the layout.
+    // A_MODE 3 reads no A and HAS_BIAS=false reads no bias: placeholders fill the layout.
     let a_res = match a {
         Some(t) => Res::Act(t),
-        None => Res::Buf(bias_dummy.clone()),
+        None => Res::Buf(unused.clone()),
     };
-    g.dispatch(label, pipeline, vec![a_res, b, Res::Buf(bias_dummy.clone()), out, Res::Uniform(params)], groups, 2.0 * (m * n * k) as f64);
+    g.dispatch(label, pipeline, vec![a_res, b, Res::Buf(unused), out, Res::Uniform(params)], groups, 2.0 * (m * n * k) as f64);
+    Ok(())
+}
+
+/// out[1, cols] = column sums of src [rows, cols] (a ones-vector product).
+pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usize, out: Res) -> Result<()> {
+    backward_product(g, label, (None, 3, 0), (Res::Act(src), 2, cols), out, (1, cols, rows), false)
+}
+
+/// In place: dy[i] *= act'(z[i]) over `len` elements (the fused activation's backward).
+pub fn act_backward(g: &mut Graph, label: &str, z: TensorId, dy: TensorId, len: usize, act: Act) -> Result<()> {
+    let pipeline = g.gpu.pipeline("matmul", "act_backward", &[("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)])?;
+    let mut params = vec![len as u32];
+    params.resize(20, 0);
+    let groups = crate::graph::grid1d(&g.gpu, len.div_ceil(64) as u64);
+    g.dispatch(label, pipeline, vec![Res::Act(z), Res::Unused, Res::Unused, Res::Act(dy), Res::Uniform(params)], groups, 0.0);
     Ok(())
 }
 
@@ -352,15 +367,15 @@ pub fn linear_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m:
     let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the weight as a storage buffer (buffer variant)"))?;
     let np = pad4(l.n);
     // dW [K, NP] = xᵀ [K, m] · dy [m, N] (columns N..NP come out zero).
-    backward_product(g, &format!("{label}.dW"), (Some(x), 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false, &l.b)?;
+    backward_product(g, &format!("{label}.dW"), (Some(x), 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false)?;
     // db [1, NP] = 1ᵀ · dy.
-    backward_product(g, &format!("{label}.db"), (None, 3, 0), (Res::Act(dy), 2, l.n), Res::Buf(grad.b.clone()), (1, np, m), false, &l.b)?;
+    backward_product(g, &format!("{label}.db"), (None, 3, 0), (Res::Act(dy), 2, l.n), Res::Buf(grad.b.clone()), (1, np, m), false)?;
     // dx [m, K] = dy [m, N] · Wᵀ, W stored [K, NP]: B_MODE 1 reads row k of the
     // store as column k of Bᵀ, with b_stride = NP.
     let (dx, acc) = match dx_into {
         Some(t) => (t, true),
         None => (g.tensor(format!("{label}.dx"), m * l.k), false),
     };
-    backward_product(g, &format!("{label}.dx"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc, &l.b)?;
+    backward_product(g, &format!("{label}.dx"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc)?;
     Ok(dx)
 }

@@ -76,3 +76,55 @@ pub fn softmax(g: &mut Graph, label: &str, x: TensorId, rows: usize, c: usize, o
     );
     Ok(y)
 }
+
+/// Gradient buffers of a LayerNorm: dγ, dβ [C].
+pub struct LayerNormGrad {
+    pub gamma: Arc<wgpu::Buffer>,
+    pub beta: Arc<wgpu::Buffer>,
+}
+
+impl LayerNormGrad {
+    pub fn new(gpu: &Gpu, name: &str, c: usize) -> Result<LayerNormGrad> {
+        Ok(LayerNormGrad {
+            gamma: Arc::new(gpu.storage(&format!("{name}.weight.grad"), (c * 4) as u64)?),
+            beta: Arc::new(gpu.storage(&format!("{name}.bias.grad"), (c * 4) as u64)?),
+        })
+    }
+}
+
+/// Backward of a dense LayerNorm over x [rows, C]: returns dx; writes dγ, dβ.
+pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, rows: usize, ln: &LayerNorm, grad: &LayerNormGrad) -> Result<TensorId> {
+    let dx = g.tensor(format!("{label}.dx"), rows * ln.c);
+    let t = g.tensor(format!("{label}.dy_xhat"), rows * ln.c);
+    let pipeline = g.gpu.pipeline("rownorm", "layernorm_backward", &[("WG", WG as f64)])?;
+    let groups = grid1d(&g.gpu, rows as u64);
+    g.dispatch(
+        label,
+        pipeline,
+        vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::Uniform(params(&RowMap::dense(rows), ln.c)), Res::Act(t)],
+        groups,
+        0.0,
+    );
+    crate::ops::matmul::colsum(g, &format!("{label}.dgamma"), t, rows, ln.c, Res::Buf(grad.gamma.clone()))?;
+    crate::ops::matmul::colsum(g, &format!("{label}.dbeta"), dy, rows, ln.c, Res::Buf(grad.beta.clone()))?;
+    Ok(dx)
+}
+
+/// Softmax cross-entropy of logits [rows, classes] against soft targets (same
+/// shape). Returns (dlogits = (softmax − t)·scale, per-row loss [rows]).
+pub fn softmax_xent(g: &mut Graph, label: &str, logits: TensorId, targets: TensorId, rows: usize, classes: usize, scale: f32) -> Result<(TensorId, TensorId)> {
+    let d = g.tensor(format!("{label}.dlogits"), rows * classes);
+    // Pinned: the training loop reads the losses after the step.
+    let loss = g.pinned(format!("{label}.loss"), rows);
+    let pipeline = g.gpu.pipeline("rownorm", "softmax_xent", &[("WG", WG as f64)])?;
+    let mut p = params(&RowMap::dense(rows), classes);
+    p[7] = scale.to_bits();
+    g.dispatch(
+        label,
+        pipeline,
+        vec![Res::Act(logits), Res::Act(targets), Res::Unused, Res::Act(d), Res::Uniform(p), Res::Act(loss)],
+        grid1d(&g.gpu, rows as u64),
+        0.0,
+    );
+    Ok((d, loss))
+}
