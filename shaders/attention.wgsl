@@ -160,3 +160,110 @@ fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id
         o[obase + d] = acc[d] * inv;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Backward (buffer operands), recomputing the probabilities instead of storing the
+// Tq x Tkv matrix. With S = Q·Kᵀ·scale, P = softmax(S), O = P·V, per head:
+//   D_i = dO_i · O_i,   dS = P ⊙ (dO·Vᵀ − D),
+//   dQ = dS·K·scale,    dK = dSᵀ·Q·scale,    dV = Pᵀ·dO.
+// attn_bwd_q: one invocation per query; writes dQ and (logsumexp, D) per query.
+// attn_bwd_kv: one invocation per key; reads those and writes dK and dV.
+
+@group(0) @binding(8) var<storage, read> dout: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> dq: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read_write> lse_d: array<vec2<f32>>;
+@group(0) @binding(11) var<storage, read_write> dk: array<vec4<f32>>;
+@group(0) @binding(12) var<storage, read_write> dv: array<vec4<f32>>;
+
+fn dot_row(x: ptr<function, array<vec4<f32>, D4_MAX>>, base: u32, which: u32) -> f32 {
+    var acc = vec4<f32>(0.0);
+    for (var d = 0u; d < D4; d++) {
+        var other: vec4<f32>;
+        if (which == 0u) {
+            other = k[base + d];
+        } else if (which == 1u) {
+            other = v[base + d];
+        } else if (which == 2u) {
+            other = q[base + d];
+        } else {
+            other = dout[base + d];
+        }
+        acc += (*x)[d] * other;
+    }
+    return acc.x + acc.y + acc.z + acc.w;
+}
+
+@compute @workgroup_size(WG)
+fn attn_bwd_q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let head = wid.y;
+    let bi = wid.z;
+    let qi = gid.x;
+    if (qi >= p.Tq) {
+        return;
+    }
+    let qbase = (bi * p.Tq + qi) * p.C4 + head * D4;
+    var qv: array<vec4<f32>, D4_MAX>;
+    var gv: array<vec4<f32>, D4_MAX>;
+    var acc: array<vec4<f32>, D4_MAX>;
+    var dd = vec4<f32>(0.0);
+    for (var d = 0u; d < D4; d++) {
+        qv[d] = q[qbase + d] * p.scale;
+        gv[d] = dout[qbase + d];
+        dd += gv[d] * o[qbase + d];
+    }
+    let big_d = dd.x + dd.y + dd.z + dd.w;
+    var m = -3.0e38;
+    for (var j = 0u; j < p.Tkv; j++) {
+        m = max(m, dot_row(&qv, (bi * p.Tkv + j) * p.C4 + head * D4, 0u));
+    }
+    var l = 0.0;
+    for (var j = 0u; j < p.Tkv; j++) {
+        l += exp(dot_row(&qv, (bi * p.Tkv + j) * p.C4 + head * D4, 0u) - m);
+    }
+    let lse = m + log(l);
+    for (var j = 0u; j < p.Tkv; j++) {
+        let kb = (bi * p.Tkv + j) * p.C4 + head * D4;
+        let pij = exp(dot_row(&qv, kb, 0u) - lse);
+        let ds = pij * (dot_row(&gv, kb, 1u) - big_d);
+        for (var d = 0u; d < D4; d++) {
+            acc[d] += ds * k[kb + d];
+        }
+    }
+    for (var d = 0u; d < D4; d++) {
+        dq[qbase + d] = acc[d] * p.scale;
+    }
+    lse_d[(bi * p.heads + head) * p.Tq + qi] = vec2<f32>(lse, big_d);
+}
+
+@compute @workgroup_size(WG)
+fn attn_bwd_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let head = wid.y;
+    let bi = wid.z;
+    let kj = gid.x;
+    if (kj >= p.Tkv) {
+        return;
+    }
+    let kb = (bi * p.Tkv + kj) * p.C4 + head * D4;
+    var kv: array<vec4<f32>, D4_MAX>;
+    var vv: array<vec4<f32>, D4_MAX>;
+    var gk: array<vec4<f32>, D4_MAX>;
+    var gvv: array<vec4<f32>, D4_MAX>;
+    for (var d = 0u; d < D4; d++) {
+        kv[d] = k[kb + d] * p.scale;
+        vv[d] = v[kb + d];
+    }
+    for (var i = 0u; i < p.Tq; i++) {
+        let qb = (bi * p.Tq + i) * p.C4 + head * D4;
+        let ld = lse_d[(bi * p.heads + head) * p.Tq + i];
+        let pij = exp(dot_row(&kv, qb, 2u) - ld.x);
+        let ds = pij * (dot_row(&vv, qb, 3u) - ld.y);
+        for (var d = 0u; d < D4; d++) {
+            gvv[d] += pij * dout[qb + d];
+            gk[d] += ds * q[qb + d];
+        }
+    }
+    for (var d = 0u; d < D4; d++) {
+        dk[kb + d] = gk[d] * p.scale;
+        dv[kb + d] = gvv[d];
+    }
+}

@@ -159,6 +159,11 @@ impl Graph {
         t
     }
 
+    /// Marks an existing tensor as pinned, so its value can be read after a run.
+    pub fn pin(&mut self, t: TensorId) {
+        self.tensors[t.0].pinned = true;
+    }
+
     pub fn len(&self, t: TensorId) -> usize {
         self.tensors[t.0].len
     }

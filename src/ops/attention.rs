@@ -73,3 +73,26 @@ pub fn attention_with(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: T
     );
     Ok(o)
 }
+
+/// Appends the attention backward (buffer operands, probabilities recomputed):
+/// given q, k, v, the forward output o and its gradient dout, returns (dq, dk, dv).
+pub fn attention_backward(g: &mut Graph, label: &str, (q, k, v, o): (TensorId, TensorId, TensorId, TensorId), dout: TensorId, s: AttnShape) -> Result<(TensorId, TensorId, TensorId)> {
+    check_heads(s.c, s.heads)?;
+    let d4 = s.c / s.heads / 4;
+    let dq = g.tensor(format!("{label}.dq"), s.batch * s.tq * s.c);
+    let dk = g.tensor(format!("{label}.dk"), s.batch * s.tkv * s.c);
+    let dv = g.tensor(format!("{label}.dv"), s.batch * s.tkv * s.c);
+    let ld = g.tensor(format!("{label}.lse_d"), s.batch * s.heads * s.tq * 2);
+    let params = vec![s.batch as u32, s.tq as u32, s.tkv as u32, (s.c / 4) as u32, s.heads as u32, s.scale.to_bits(), 0, 0];
+    let consts = [("WG", WG as f64), ("D4", d4 as f64)];
+    // Per (query, key, channel): QKᵀ recomputed twice and dO·Vᵀ once in each kernel, plus dS·K / Pᵀ·dO / dSᵀ·Q.
+    let flops = 2.0 * (s.batch * s.tq * s.tkv * s.c) as f64;
+    let u = || Res::Unused;
+    let bq = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params.clone()), u(), u(), u(), Res::Act(dout), Res::Act(dq), Res::Act(ld), u(), u()];
+    let pq = g.gpu.pipeline("attention", "attn_bwd_q", &consts)?;
+    g.dispatch(format!("{label}.bwd_q"), pq, bq, [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32], 4.0 * flops);
+    let bkv = vec![Res::Act(q), Res::Act(k), Res::Act(v), u(), Res::Uniform(params), u(), u(), u(), Res::Act(dout), u(), Res::Act(ld), Res::Act(dk), Res::Act(dv)];
+    let pkv = g.gpu.pipeline("attention", "attn_bwd_kv", &consts)?;
+    g.dispatch(format!("{label}.bwd_kv"), pkv, bkv, [s.tkv.div_ceil(WG) as u32, s.heads as u32, s.batch as u32], 4.0 * flops);
+    Ok((dq, dk, dv))
+}
