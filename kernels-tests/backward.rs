@@ -398,3 +398,84 @@ fn attention_backward_mid_graph() {
         }
     }
 }
+
+use cvt_gpu::ops::matmul::{conv2d, conv2d_backward};
+use cvt_gpu::ops::ConvGeom;
+
+/// y = conv(x) on a token map (with a cls token slot); L = Σ c·y + Σ e·x.
+#[test]
+fn conv_backward_mid_graph() {
+    let gpu = gpu();
+    for &(batch, h, w, cin, cout, k, s, p, cls) in &[(2, 7, 6, 3, 5, 7, 4, 2, 0), (1, 5, 5, 4, 3, 3, 2, 1, 1), (1, 1, 1, 2, 2, 3, 2, 1, 0)] {
+        let tokens = cls + h * w;
+        let geom = ConvGeom { batch, in_h: h, in_w: w, cin, in_tokens: tokens, in_tok_off: cls, k, stride: s, pad: p };
+        let (oh, ow) = geom.out_hw();
+        let (x, wt, b) = (randn(batch * tokens * cin, 1), randn(cout * cin * k * k, 2), randn(cout, 3));
+        let (cy, e) = (randn(batch * oh * ow * cout, 4), randn(batch * tokens * cin, 5));
+        let run = |x: &[f32], wt: &[f32], backward: bool| -> (f64, Vec<Vec<f32>>) {
+            let l = Linear::conv_with_kind(&gpu, "conv", wt, Some(&b), cout, cin, k, k, MatmulKind::Buffer).unwrap();
+            let grad = LinearGrad::new(&gpu, "conv", &l).unwrap();
+            let mut g = Graph::new(gpu.clone());
+            let xi = g.pinned("x", x.len());
+            let y = conv2d(&mut g, "conv", xi, geom, &l).unwrap();
+            g.pin(y);
+            let dy = g.pinned("dy", cy.len());
+            let dx = g.pinned("dx", e.len());
+            if backward {
+                conv2d_backward(&mut g, "conv", xi, dy, geom, &l, &grad, Some(dx)).unwrap();
+            }
+            let plan = g.compile().unwrap();
+            plan.write(xi, x).unwrap();
+            plan.write(dy, &cy).unwrap();
+            plan.write(dx, &e).unwrap();
+            plan.run().unwrap();
+            let yv = plan.read(y).unwrap();
+            let l_val = yv.iter().zip(&cy).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + x.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+            let np = cout.div_ceil(4) * 4;
+            let grads = if backward { vec![plan.read(dx).unwrap(), gpu.read(&grad.w, 0, cin * k * k * np).unwrap(), gpu.read(&grad.b, 0, np).unwrap()] } else { vec![] };
+            (l_val, grads)
+        };
+        let (_, gr) = run(&x, &wt, true);
+        let np = cout.div_ceil(4) * 4;
+        // f64 reference by the definition of the convolution.
+        let mut wdx: Vec<f64> = e.iter().map(|&v| v as f64).collect();
+        let mut wdw = vec![0f64; cin * k * k * np];
+        let mut wdb = vec![0f64; np];
+        for bi in 0..batch {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for o in 0..cout {
+                        let gy = cy[((bi * oh + oy) * ow + ox) * cout + o] as f64;
+                        wdb[o] += gy;
+                        for ci in 0..cin {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (oy * s + ky) as isize - p as isize;
+                                    let ix = (ox * s + kx) as isize - p as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let t = bi * tokens + cls + iy as usize * w + ix as usize;
+                                    wdx[t * cin + ci] += gy * wt[((o * cin + ci) * k + ky) * k + kx] as f64;
+                                    wdw[((ky * k + kx) * cin + ci) * np + o] += gy * x[t * cin + ci] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let what = format!("{geom:?}");
+        assert_close(&format!("conv dx {what}"), &gr[0], &wdx, 1e-4, 1e-4);
+        assert_close(&format!("conv dW {what}"), &gr[1], &wdw, 1e-4, 1e-4);
+        assert_close(&format!("conv db {what}"), &gr[2], &wdb, 1e-4, 1e-4);
+        for i in [0, x.len() / 2, x.len() - 1] {
+            close(&format!("conv dx[{i}]"), fd(&x, i, 1e-2, &|q| run(q, &wt, false).0), gr[0][i] as f64, 5e-3);
+        }
+        for i in [0, wt.len() / 2, wt.len() - 1] {
+            // PyTorch [cout, cin, k, k] index -> stored [(ky*k+kx)*cin+ci, np].
+            let (o, ci, ky, kx) = (i / (cin * k * k), (i / (k * k)) % cin, (i / k) % k, i % k);
+            close(&format!("conv dW[{i}]"), fd(&wt, i, 1e-2, &|q| run(&x, q, false).0), gr[1][((ky * k + kx) * cin + ci) * np + o] as f64, 5e-3);
+        }
+    }
+}

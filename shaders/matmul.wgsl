@@ -255,6 +255,55 @@ fn im2col(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     c[row * p.N + k] = v;
 }
 
+// col2im: the backward of the im2col view. Given dcols [M, K] (the gradient of
+// the im2col matrix, M = batch * out_h * out_w, K = kh * kw * cin), writes the input
+// gradient dx [batch, in_tokens, cin] for the spatial tokens (a cls token at
+// in_tok_off gets nothing here). Each input element gathers the taps that read it,
+// so there are no write conflicts. One invocation per input element.
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    let hw = p.in_h * p.in_w;
+    if (i >= p.M * hw * p.cin) {
+        // p.M holds the batch here.
+        return;
+    }
+    let ci = i % p.cin;
+    let pix = (i / p.cin) % hw;
+    let bi = i / (p.cin * hw);
+    let iy = i32(pix / p.in_w);
+    let ix = i32(pix % p.in_w);
+    var acc = 0.0;
+    for (var ky = 0u; ky < p.kh; ky++) {
+        let ty = iy + i32(p.pad) - i32(ky);
+        if (ty < 0 || ty % i32(p.stride) != 0) {
+            continue;
+        }
+        let oy = u32(ty) / p.stride;
+        if (oy >= p.out_h) {
+            continue;
+        }
+        for (var kx = 0u; kx < p.kw; kx++) {
+            let tx = ix + i32(p.pad) - i32(kx);
+            if (tx < 0 || tx % i32(p.stride) != 0) {
+                continue;
+            }
+            let ox = u32(tx) / p.stride;
+            if (ox >= p.out_w) {
+                continue;
+            }
+            let row = (bi * p.out_h + oy) * p.out_w + ox;
+            acc += a[row * p.K + (ky * p.kw + kx) * p.cin + ci];
+        }
+    }
+    let dst = (bi * p.in_tokens + p.in_tok_off + pix) * p.cin + ci;
+    if (ACCUMULATE) {
+        c[dst] = c[dst] + acc;
+    } else {
+        c[dst] = acc;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Texture-operand variant. A [M, K/4] and B [K, NP4] are rgba32float textures
 // (a texel = 4 consecutive K values of A, or 4 consecutive N values of B). Chosen

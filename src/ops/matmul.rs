@@ -379,3 +379,37 @@ pub fn linear_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m:
     backward_product(g, &format!("{label}.dx"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc)?;
     Ok(dx)
 }
+
+/// Appends the backward of `conv2d` (buffer variant weights, as `Linear::conv_with_kind(.., Buffer)`):
+/// writes dW, db into `grad` and, when `dx_into` is given, adds the input gradient into it
+/// (spatial tokens only; the layout of `x`). x must still be alive (it is re-read through im2col).
+pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, geom: ConvGeom, l: &Linear, grad: &LinearGrad, dx_into: Option<TensorId>) -> Result<()> {
+    let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the buffer variant"))?;
+    let k_real = geom.k * geom.k * geom.cin;
+    assert_eq!(l.k, k_real, "{label}: conv weight K");
+    let (oh, ow) = geom.out_hw();
+    let m = geom.batch * oh * ow;
+    let np = pad4(l.n);
+    // im2col of x (the A of the forward), then dW = colsᵀ·dy and db = 1ᵀ·dy.
+    let cols = g.tensor(format!("{label}.im2col"), m * k_real);
+    let mut params = vec![m as u32, k_real as u32, k_real as u32, 0];
+    params.extend([geom.in_h, geom.in_w, geom.cin, geom.in_tokens, geom.in_tok_off, oh, ow, geom.k, geom.k, geom.stride, geom.pad, 0, 0, 0, 0, 0].map(|v| v as u32));
+    let pipeline = g.gpu.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
+    let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
+    let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
+    g.dispatch(format!("{label}.im2col"), pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(cols), Res::Uniform(params)], [k_real.div_ceil(64) as u32, gy as u32, gz as u32], 0.0);
+    backward_product(g, &format!("{label}.dW"), (Some(cols), 2, k_real), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (k_real, np, m), false)?;
+    colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
+    if let Some(dx) = dx_into {
+        // dcols = dy·Wᵀ, then col2im gathers it back onto the input grid.
+        let dcols = g.tensor(format!("{label}.dcols"), m * k_real);
+        backward_product(g, &format!("{label}.dcols"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dcols), (m, k_real, l.n), false)?;
+        let n_in = geom.batch * geom.in_h * geom.in_w * geom.cin;
+        let mut params = vec![geom.batch as u32, 0, k_real as u32, 0];
+        params.extend([geom.in_h, geom.in_w, geom.cin, geom.in_tokens, geom.in_tok_off, oh, ow, geom.k, geom.k, geom.stride, geom.pad, 0, 0, 0, 0, 0].map(|v| v as u32));
+        let pipeline = g.gpu.pipeline("matmul", "col2im", &overrides(Act::None, true, false, (64, 1)))?;
+        let groups = crate::graph::grid1d(&g.gpu, n_in.div_ceil(64) as u64);
+        g.dispatch(format!("{label}.col2im"), pipeline, vec![Res::Act(dcols), Res::Unused, Res::Unused, Res::Act(dx), Res::Uniform(params)], groups, 0.0);
+    }
+    Ok(())
+}
