@@ -18,6 +18,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("dwconv", include_str!("../shaders/dwconv.wgsl")),
     ("rownorm", include_str!("../shaders/rownorm.wgsl")),
     ("tokens", include_str!("../shaders/tokens.wgsl")),
+    ("optim", include_str!("../shaders/optim.wgsl")),
 ];
 
 /// Which wgpu backend to use.

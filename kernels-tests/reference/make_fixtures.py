@@ -180,8 +180,31 @@ def preprocess_fixture(out_dir):
     print(out_dir, "crop", crop.size, "warp", warp.size)
 
 
+def adamw_fixture(out_dir):
+    """torch.optim.AdamW for 3 steps on given gradients, with and without decay."""
+    os.makedirs(out_dir, exist_ok=True)
+    g = torch.Generator().manual_seed(5)
+    p0 = torch.randn(13, generator=g)
+    grads = [torch.randn(13, generator=g) * (i + 1) for i in range(3)]
+    out = {"p0": p0.tolist(), "grads": [x.tolist() for x in grads], "lr": 0.01, "weight_decay": 0.05,
+           "betas": [0.9, 0.999], "eps": 1e-8}
+    for decay in (True, False):
+        p = torch.nn.Parameter(p0.clone())
+        opt = torch.optim.AdamW([p], lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05 if decay else 0.0)
+        steps = []
+        for gr in grads:
+            p.grad = gr.clone()
+            opt.step()
+            steps.append(p.detach().clone().tolist())
+        out["decay" if decay else "no_decay"] = steps
+    with open(os.path.join(out_dir, "adamw.json"), "w") as f:
+        json.dump(out, f)
+    print(out_dir, "adamw 3 steps")
+
+
 def main():
     fixtures = os.path.join(HERE, "fixtures")
+    adamw_fixture(os.path.join(fixtures, "optim"))
     tiny = CvtConfig(num_labels=10, embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3])  # HF indexes drop-path rates by stage (spec §5.2): depth[i] > i
     build(os.path.join(fixtures, "tiny"), tiny, 64, 1, 2)
     preprocess_fixture(os.path.join(fixtures, "preprocess"))
