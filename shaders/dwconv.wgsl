@@ -75,3 +75,205 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         v[kidx] = sv;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Training: the same projection with BatchNorm in train mode. The forward runs
+// `main` with the raw (unfolded) weights and zero bias to get the pre-BN maps,
+// then `bn_train` per map; the backward runs `bn_backward` per map, then
+// `dwconv_backward_w` and `dwconv_backward_x`.
+//
+// BN kernels work on one map [B, cls + H*W, C] (H, W of that map in p.H, p.W) with
+// one invocation per channel: batch statistics over the B*H*W spatial rows (the cls
+// row bypasses BN, forward and backward), the biased variance to normalise and
+// the unbiased one for the running estimate (momentum 0.1, as PyTorch).
+
+const BN_EPS: f32 = 1e-5;
+const BN_MOMENTUM: f32 = 0.1;
+
+@group(0) @binding(7) var<storage, read_write> stats: array<f32>;     // [mean C | rstd C]
+@group(0) @binding(8) var<storage, read_write> running: array<f32>;   // [mean C | var C]
+@group(0) @binding(9) var<storage, read> pre: array<f32>;
+@group(0) @binding(10) var<storage, read_write> post: array<f32>;
+@group(0) @binding(11) var<storage, read> dpost: array<f32>;
+@group(0) @binding(12) var<storage, read_write> dpre: array<f32>;
+@group(0) @binding(13) var<storage, read_write> dgb: array<f32>;      // [dgamma C | dbeta C]
+@group(0) @binding(14) var<storage, read_write> dw: array<f32>;       // [3, 9, C]
+@group(0) @binding(15) var<storage, read_write> dx: array<f32>;
+
+fn map_row(bi: u32, pix: u32) -> u32 {
+    return (bi * (p.cls + p.H * p.W) + p.cls + pix) * p.C;
+}
+
+// gamma is bound at w's slot (1), beta at bias's slot (2).
+@compute @workgroup_size(WG)
+fn bn_train(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if (c >= p.C) {
+        return;
+    }
+    let hw = p.H * p.W;
+    let n = f32(p.B * hw);
+    var s = 0.0;
+    for (var bi = 0u; bi < p.B; bi++) {
+        for (var i = 0u; i < hw; i++) {
+            s += pre[map_row(bi, i) + c];
+        }
+    }
+    let mean = s / n;
+    var s2 = 0.0;
+    for (var bi = 0u; bi < p.B; bi++) {
+        for (var i = 0u; i < hw; i++) {
+            let d = pre[map_row(bi, i) + c] - mean;
+            s2 += d * d;
+        }
+    }
+    let var_b = s2 / n;
+    let rstd = inverseSqrt(var_b + BN_EPS);
+    for (var bi = 0u; bi < p.B; bi++) {
+        if (p.cls == 1u) {
+            let r = bi * (1u + hw) * p.C + c;
+            post[r] = pre[r];
+        }
+        for (var i = 0u; i < hw; i++) {
+            let r = map_row(bi, i) + c;
+            post[r] = (pre[r] - mean) * rstd * w[c] + bias[c];
+        }
+    }
+    stats[c] = mean;
+    stats[p.C + c] = rstd;
+    let unbiased = select(var_b, s2 / (n - 1.0), n > 1.0);
+    running[c] = (1.0 - BN_MOMENTUM) * running[c] + BN_MOMENTUM * mean;
+    running[p.C + c] = (1.0 - BN_MOMENTUM) * running[p.C + c] + BN_MOMENTUM * unbiased;
+}
+
+// dpre = γ·rstd·(dy − mean(dy) − ŷ·mean(dy·ŷ)); dγ = Σ dy·ŷ; dβ = Σ dy.
+@compute @workgroup_size(WG)
+fn bn_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if (c >= p.C) {
+        return;
+    }
+    let hw = p.H * p.W;
+    let n = f32(p.B * hw);
+    let mean = stats[c];
+    let rstd = stats[p.C + c];
+    var sdy = 0.0;
+    var sdyx = 0.0;
+    for (var bi = 0u; bi < p.B; bi++) {
+        for (var i = 0u; i < hw; i++) {
+            let r = map_row(bi, i) + c;
+            let dy = dpost[r];
+            sdy += dy;
+            sdyx += dy * (pre[r] - mean) * rstd;
+        }
+    }
+    for (var bi = 0u; bi < p.B; bi++) {
+        if (p.cls == 1u) {
+            let r = bi * (1u + hw) * p.C + c;
+            dpre[r] = dpost[r];
+        }
+        for (var i = 0u; i < hw; i++) {
+            let r = map_row(bi, i) + c;
+            let xh = (pre[r] - mean) * rstd;
+            dpre[r] = w[c] * rstd * (dpost[r] - sdy / n - xh * sdyx / n);
+        }
+    }
+    dgb[c] = sdyx;
+    dgb[p.C + c] = sdy;
+}
+
+// Weight gradient of the three depthwise convs: one invocation per (map, tap, c),
+// index (m * 9 + tap) * C + c. q, k, v hold the pre-BN gradients here; p.H, p.W is
+// the input grid, p.Hk, p.Wk the k/v grid.
+@compute @workgroup_size(WG)
+fn dwconv_backward_w(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let idx = gid.x;
+    if (idx >= 27u * p.C) {
+        return;
+    }
+    let c = idx % p.C;
+    let tap = (idx / p.C) % 9u;
+    let m = idx / (9u * p.C);
+    let ky = i32(tap / 3u);
+    let kx = i32(tap % 3u);
+    let stride = select(2, 1, m == 0u);
+    let oh = select(p.Hk, p.H, m == 0u);
+    let ow = select(p.Wk, p.W, m == 0u);
+    let tq = p.cls + p.H * p.W;
+    let to = p.cls + oh * ow;
+    var acc = 0.0;
+    for (var bi = 0u; bi < p.B; bi++) {
+        for (var oy = 0u; oy < oh; oy++) {
+            let iy = i32(oy) * stride + ky - 1;
+            if (iy < 0 || iy >= i32(p.H)) {
+                continue;
+            }
+            for (var ox = 0u; ox < ow; ox++) {
+                let ix = i32(ox) * stride + kx - 1;
+                if (ix < 0 || ix >= i32(p.W)) {
+                    continue;
+                }
+                let o = (bi * to + p.cls + oy * ow + ox) * p.C + c;
+                var g = 0.0;
+                if (m == 0u) {
+                    g = q[o];
+                } else if (m == 1u) {
+                    g = k[o];
+                } else {
+                    g = v[o];
+                }
+                acc += g * x[(bi * tq + p.cls + u32(iy) * p.W + u32(ix)) * p.C + c];
+            }
+        }
+    }
+    dw[idx] = acc;
+}
+
+// Input gradient: one invocation per input element, gathering from the q map
+// (stride 1) and the k, v maps (stride 2) through the raw weights w [3, 9, C]. The
+// cls token's gradient is the sum of token 0 of dq, dk, dv (it bypassed the convs).
+@compute @workgroup_size(WG)
+fn dwconv_backward_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let n = (wid.y * nwg.x + wid.x) * WG + lid;
+    if (n >= p.total) {
+        return;
+    }
+    let C = p.C;
+    let tq = p.cls + p.H * p.W;
+    let tk = p.cls + p.Hk * p.Wk;
+    let c = n % C;
+    let t = (n / C) % tq;
+    let bi = n / (C * tq);
+    if (t < p.cls) {
+        dx[n] = q[n] + k[bi * tk * C + c] + v[bi * tk * C + c];
+        return;
+    }
+    let pix = t - p.cls;
+    let iy = i32(pix / p.W);
+    let ix = i32(pix % p.W);
+    var acc = 0.0;
+    for (var ky = 0; ky < 3; ky++) {
+        for (var kx = 0; kx < 3; kx++) {
+            let tap = u32(ky * 3 + kx);
+            // q: oy = iy - ky + 1.
+            let qy = iy - ky + 1;
+            let qx = ix - kx + 1;
+            if (qy >= 0 && qx >= 0 && qy < i32(p.H) && qx < i32(p.W)) {
+                acc += q[(bi * tq + p.cls + u32(qy) * p.W + u32(qx)) * C + c] * w[tap * C + c];
+            }
+            // k, v: 2·oy = iy - ky + 1.
+            let ty = iy - ky + 1;
+            let tx = ix - kx + 1;
+            if (ty >= 0 && tx >= 0 && ty % 2 == 0 && tx % 2 == 0) {
+                let oy = u32(ty / 2);
+                let ox = u32(tx / 2);
+                if (oy < p.Hk && ox < p.Wk) {
+                    let o = (bi * tk + p.cls + oy * p.Wk + ox) * C + c;
+                    acc += k[o] * w[(9u + tap) * C + c] + v[o] * w[(18u + tap) * C + c];
+                }
+            }
+        }
+    }
+    dx[n] = acc;
+}

@@ -86,3 +86,123 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
     );
     Ok((q, k, v))
 }
+
+// ---------------------------------------------------------------------------
+// Training: train-mode BatchNorm (batch statistics) instead of the folded form.
+
+/// One projection's BatchNorm for training: γ, β [C] and running [mean C | var C].
+pub struct BnParams {
+    pub gamma: Arc<wgpu::Buffer>,
+    pub beta: Arc<wgpu::Buffer>,
+    pub running: Arc<wgpu::Buffer>,
+}
+
+/// The q, k, v projections for training: raw depthwise weights [3, 9, C] and their BNs.
+pub struct ConvProjTrain {
+    pub w: Arc<wgpu::Buffer>,
+    zero_bias: Arc<wgpu::Buffer>,
+    pub bn: [BnParams; 3],
+    pub c: usize,
+}
+
+impl ConvProjTrain {
+    /// From the q, k, v depthwise weights ([C, 1, 3, 3] each) and BN tensors.
+    pub fn new(gpu: &Gpu, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize) -> Result<ConvProjTrain> {
+        let mut w = Vec::with_capacity(27 * c);
+        for conv in convs {
+            for t in 0..9 {
+                w.extend((0..c).map(|ch| conv[ch * 9 + t]));
+            }
+        }
+        let mut bn = vec![];
+        for b in bns {
+            let running: Vec<f32> = b.mean.iter().chain(b.var.iter()).copied().collect();
+            bn.push(BnParams {
+                gamma: Arc::new(gpu.upload(&format!("{name}.bn.weight"), b.weight)?),
+                beta: Arc::new(gpu.upload(&format!("{name}.bn.bias"), b.bias)?),
+                running: Arc::new(gpu.upload(&format!("{name}.bn.running"), &running)?),
+            });
+        }
+        let bn: [BnParams; 3] = bn.try_into().map_err(|_| anyhow::anyhow!("three BatchNorms"))?;
+        Ok(ConvProjTrain {
+            w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?),
+            zero_bias: Arc::new(gpu.upload(&format!("{name}.zero_bias"), &vec![0.0; 3 * c])?),
+            bn,
+            c,
+        })
+    }
+}
+
+/// Gradients: raw weights [3, 9, C] and per map [dγ C | dβ C].
+pub struct ConvProjGrad {
+    pub w: Arc<wgpu::Buffer>,
+    pub bn: [Arc<wgpu::Buffer>; 3],
+}
+
+impl ConvProjGrad {
+    pub fn new(gpu: &Gpu, name: &str, c: usize) -> Result<ConvProjGrad> {
+        let gb = |i: usize| gpu.storage(&format!("{name}.bn{i}.grad"), (8 * c) as u64).map(Arc::new);
+        Ok(ConvProjGrad { w: Arc::new(gpu.storage(&format!("{name}.w.grad"), (108 * c) as u64)?), bn: [gb(0)?, gb(1)?, gb(2)?] })
+    }
+}
+
+/// What the backward needs from the forward: pre-BN maps and batch statistics.
+pub struct ProjSaved {
+    pre: [TensorId; 3],
+    stats: [TensorId; 3],
+}
+
+fn map_params(batch: usize, h: usize, w: usize, c: usize, cls: usize) -> Vec<u32> {
+    [batch, h, w, c, cls, 0, 0, 0].map(|v| v as u32).to_vec()
+}
+
+/// Train-mode forward: x [batch, cls + h*w, C] → (q, k, v) with batch-statistics
+/// BN; updates the running statistics.
+pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize, w: usize, cls: usize, p: &ConvProjTrain) -> Result<((TensorId, TensorId, TensorId), ProjSaved)> {
+    let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c };
+    let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
+    let (hk, wk) = kv_hw(h, w);
+    let pipeline = g.gpu.pipeline("dwconv", "bn_train", &[("WG", WG as f64)])?;
+    let mut post = vec![];
+    let mut stats = vec![];
+    for (m, (pre, (mh, mw))) in [(pq, (h, w)), (pk, (hk, wk)), (pv, (hk, wk))].into_iter().enumerate() {
+        let out = g.tensor(format!("{label}.bn{m}"), g.len(pre));
+        let st = g.tensor(format!("{label}.bn{m}.stats"), 2 * p.c);
+        let u = || Res::Unused;
+        let b = vec![u(), Res::Buf(p.bn[m].gamma.clone()), Res::Buf(p.bn[m].beta.clone()), u(), u(), u(), Res::Uniform(map_params(batch, mh, mw, p.c, cls)), Res::Act(st), Res::Buf(p.bn[m].running.clone()), Res::Act(pre), Res::Act(out)];
+        g.dispatch(format!("{label}.bn{m}"), pipeline.clone(), b, [p.c.div_ceil(WG) as u32, 1, 1], 0.0);
+        post.push(out);
+        stats.push(st);
+    }
+    Ok(((post[0], post[1], post[2]), ProjSaved { pre: [pq, pk, pv], stats: [stats[0], stats[1], stats[2]] }))
+}
+
+/// Backward of `conv_proj_train`: from the gradients of q, k, v, writes the weight
+/// and BN gradients into `grad` and returns dx.
+pub fn conv_proj_train_backward(g: &mut Graph, label: &str, x: TensorId, saved: &ProjSaved, d: (TensorId, TensorId, TensorId), batch: usize, h: usize, w: usize, cls: usize, p: &ConvProjTrain, grad: &ConvProjGrad) -> Result<TensorId> {
+    let c = p.c;
+    let (hk, wk) = kv_hw(h, w);
+    let bn_bwd = g.gpu.pipeline("dwconv", "bn_backward", &[("WG", WG as f64)])?;
+    let u = || Res::Unused;
+    let mut dpre = vec![];
+    for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {
+        let out = g.tensor(format!("{label}.bn{m}.dpre"), g.len(dpost));
+        let b = vec![u(), Res::Buf(p.bn[m].gamma.clone()), u(), u(), u(), u(), Res::Uniform(map_params(batch, mh, mw, c, cls)), Res::Act(saved.stats[m]), u(), Res::Act(saved.pre[m]), u(), Res::Act(dpost), Res::Act(out), Res::Buf(grad.bn[m].clone())];
+        g.dispatch(format!("{label}.bn{m}.backward"), bn_bwd.clone(), b, [c.div_ceil(WG) as u32, 1, 1], 0.0);
+        dpre.push(out);
+    }
+    let total = batch * (cls + h * w) * c;
+    let params = [batch, h, w, c, cls, hk, wk, total].map(|v| v as u32).to_vec();
+    let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w", &[("WG", WG as f64)])?;
+    let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params.clone())];
+    b.extend((7..14).map(|_| u()));
+    b.push(Res::Buf(grad.w.clone()));
+    g.dispatch(format!("{label}.dW"), pw, b, [(27 * c).div_ceil(WG) as u32, 1, 1], 0.0);
+    let dx = g.tensor(format!("{label}.dx"), total);
+    let px = g.gpu.pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
+    let mut b = vec![u(), Res::Buf(p.w.clone()), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params)];
+    b.extend((7..15).map(|_| u()));
+    b.push(Res::Act(dx));
+    g.dispatch(format!("{label}.dx"), px, b, grid1d(&g.gpu, total.div_ceil(WG) as u64), 0.0);
+    Ok(dx)
+}
