@@ -223,7 +223,7 @@ fn layernorm_backward_mid_graph() {
             let mut dx = None;
             if backward {
                 linear_backward(&mut g, "l2", h, dy, m, &l2, &g2, Some(dh)).unwrap();
-                dx = Some(layernorm_backward(&mut g, "ln", xi, dh, m, &ln, &lg).unwrap());
+                dx = Some(layernorm_backward(&mut g, "ln", xi, dh, RowMap::dense(m), &ln, &lg, None).unwrap());
             }
             let plan = g.compile().unwrap();
             plan.write(xi, x).unwrap();
@@ -648,4 +648,71 @@ fn conv_projection_train_bn() {
             }
         }
     }
+}
+
+/// LayerNorm backward through the two mapped uses in CvT: the final norm on the
+/// cls rows (gather) and the token-embedding norm writing below the cls slot
+/// (scatter); plus the cls parameter's gradient.
+#[test]
+fn layernorm_backward_gather_scatter_and_cls_grad() {
+    let gpu = gpu();
+    let (b, t, c) = (3, 5, 6);
+    let x: Vec<f32> = randn(b * t * c, 1);
+    let (gm, bt) = (randn(c, 2), randn(c, 3));
+    let ln = LayerNorm::new(&gpu, "ln", &gm, &bt).unwrap();
+    let reference = |xr: &[f64], dy: &[f64]| -> (Vec<f64>, Vec<f64>) {
+        let n = xr.len() as f64;
+        let mu = xr.iter().sum::<f64>() / n;
+        let rstd = 1.0 / (xr.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / n + 1e-5).sqrt();
+        let xh: Vec<f64> = xr.iter().map(|v| (v - mu) * rstd).collect();
+        let gg: Vec<f64> = dy.iter().zip(&gm).map(|(d, g)| d * *g as f64).collect();
+        let (mg, mgx) = (gg.iter().sum::<f64>() / n, gg.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / n);
+        ((0..xr.len()).map(|j| rstd * (gg[j] - mg - xh[j] * mgx)).collect(), xh)
+    };
+    // Gather: rows b*t + 0 of x -> dense [b, c] output (the final norm).
+    let gather = RowMap { rows: b, group: 1, in_stride: t, in_off: 0, out_stride: 1, out_off: 0 };
+    // Scatter: dense [b*(t-1), c] input -> rows b*t + 1 + i of the output (embedding norm).
+    let scatter = RowMap { rows: b * (t - 1), group: t - 1, in_stride: t - 1, in_off: 0, out_stride: t, out_off: 1 };
+    for (name, map, in_len, out_len) in [("gather", gather, b * t * c, b * c), ("scatter", scatter, b * (t - 1) * c, b * t * c)] {
+        let xin = &x[..in_len];
+        let dy = randn(out_len, 4);
+        let lg = LayerNormGrad::new(&gpu, "ln", c).unwrap();
+        let mut g = Graph::new(gpu.clone());
+        let xi = g.pinned("x", in_len);
+        let dyi = g.pinned("dy", out_len);
+        let dx = g.pinned("dx", in_len);
+        layernorm_backward(&mut g, name, xi, dyi, map, &ln, &lg, Some(dx)).unwrap();
+        let plan = g.compile().unwrap();
+        plan.write(xi, xin).unwrap();
+        plan.write(dyi, &dy).unwrap();
+        plan.write(dx, &vec![7.0; in_len]).unwrap();
+        plan.run().unwrap();
+        let mut want_dx = vec![7.0f64; in_len];
+        let (mut want_dg, mut want_db) = (vec![0f64; c], vec![0f64; c]);
+        for r in 0..map.rows {
+            let ib = ((r / map.group) * map.in_stride + map.in_off + r % map.group) * c;
+            let ob = ((r / map.group) * map.out_stride + map.out_off + r % map.group) * c;
+            let xr: Vec<f64> = xin[ib..ib + c].iter().map(|&v| v as f64).collect();
+            let dr: Vec<f64> = dy[ob..ob + c].iter().map(|&v| v as f64).collect();
+            let (d, xh) = reference(&xr, &dr);
+            want_dx[ib..ib + c].copy_from_slice(&d);
+            for j in 0..c {
+                want_dg[j] += dr[j] * xh[j];
+                want_db[j] += dr[j];
+            }
+        }
+        assert_close(&format!("{name} dx"), &plan.read(dx).unwrap(), &want_dx, 1e-4, 1e-3);
+        assert_close(&format!("{name} dgamma"), &gpu.read(&lg.gamma, 0, c).unwrap(), &want_dg, 1e-4, 1e-4);
+        assert_close(&format!("{name} dbeta"), &gpu.read(&lg.beta, 0, c).unwrap(), &want_db, 1e-4, 1e-4);
+    }
+    // cls parameter gradient: Σ_b token 0.
+    let out = std::sync::Arc::new(gpu.storage("dcls", (c * 4) as u64).unwrap());
+    let mut g = Graph::new(gpu.clone());
+    let xi = g.pinned("x", b * t * c);
+    cvt_gpu::ops::tokens::cls_grad(&mut g, "dcls", xi, b, t, c, &out).unwrap();
+    let plan = g.compile().unwrap();
+    plan.write(xi, &x).unwrap();
+    plan.run().unwrap();
+    let want: Vec<f64> = (0..c).map(|j| (0..b).map(|bi| x[bi * t * c + j] as f64).sum()).collect();
+    assert_close("cls grad", &gpu.read(&out, 0, c).unwrap(), &want, 1e-5, 1e-5);
 }

@@ -108,10 +108,11 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     }
 }
 
-// LayerNorm backward, one workgroup per row (dense rows). With x̂ = (x - μ)·rstd,
-// g = dy·γ:  dx = rstd · (g - mean(g) - x̂ · mean(g·x̂)).
-// Also writes t = dy·x̂ into `aux`, whose column sums are dγ (dβ is the column sum
-// of dy); the host sums both with the matmul kernel's column-sum mode.
+// LayerNorm backward, one workgroup per row, with the forward's row map: x and dx
+// at the input rows, dy at the output rows. With x̂ = (x - μ)·rstd, g = dy·γ:
+//   dx = rstd · (g - mean(g) - x̂ · mean(g·x̂)).
+// Also writes t = dy·x̂ densely into `aux` (row r), whose column sums are dγ; dβ is
+// the column sum of dy. Rows of dx outside the map are not written.
 // Bindings: x (0) the forward input, gamma (1), dy (2, in beta's slot), dx (3), aux (5).
 @group(0) @binding(5) var<storage, read_write> aux: array<f32>;
 
@@ -122,7 +123,9 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     if (r >= p.rows) {
         return;
     }
-    let base = r * p.C;
+    let base = in_base(r);
+    let ob = out_base(r);
+    let tb = r * p.C;
     var s = 0.0;
     for (var c = lid; c < p.C; c += WG) {
         s += x[base + c];
@@ -138,7 +141,7 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     var sgx = 0.0;
     for (var c = lid; c < p.C; c += WG) {
         let xh = (x[base + c] - mean) * rstd;
-        let g = beta[base + c] * gamma[c];
+        let g = beta[ob + c] * gamma[c];
         sg += g;
         sgx += g * xh;
     }
@@ -146,9 +149,9 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let mgx = reduce_sum(sgx, lid) / f32(p.C);
     for (var c = lid; c < p.C; c += WG) {
         let xh = (x[base + c] - mean) * rstd;
-        let dy = beta[base + c];
+        let dy = beta[ob + c];
         y[base + c] = rstd * (dy * gamma[c] - mg - xh * mgx);
-        aux[base + c] = dy * xh;
+        aux[tb + c] = dy * xh;
     }
 }
 

@@ -38,3 +38,34 @@ fn mean_tokens(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     y[n] = s / f32(p.T);
 }
+
+// gather_rows: y [rows, C] = src rows (r / group) * stride + off + r % group,
+// the dense copy of a mapped set of rows (used by the LayerNorm backward).
+struct GatherParams { rows: u32, C: u32, group: u32, stride: u32, off: u32, _p0: u32, _p1: u32, _p2: u32 }
+@group(0) @binding(3) var<uniform> gp: GatherParams;
+
+@compute @workgroup_size(WG)
+fn gather_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let n = gid.x + gid.y * nwg.x * WG;
+    if (n >= gp.rows * gp.C) {
+        return;
+    }
+    let r = n / gp.C;
+    let c = n % gp.C;
+    y[n] = src[((r / gp.group) * gp.stride + gp.off + r % gp.group) * gp.C + c];
+}
+
+// cls_grad: y [C] = Σ_b src[b, 0, :] over the B images of a [B, T, C] map (the
+// gradient of the cls parameter, which every image's token 0 copied).
+@compute @workgroup_size(WG)
+fn cls_grad(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if (c >= p.C) {
+        return;
+    }
+    var s = 0.0;
+    for (var bi = 0u; bi < p.B; bi++) {
+        s += src[bi * p.T * p.C + c];
+    }
+    y[c] = s;
+}

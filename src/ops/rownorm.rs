@@ -92,21 +92,34 @@ impl LayerNormGrad {
     }
 }
 
-/// Backward of a dense LayerNorm over x [rows, C]: returns dx; writes dγ, dβ.
-pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, rows: usize, ln: &LayerNorm, grad: &LayerNormGrad) -> Result<TensorId> {
-    let dx = g.tensor(format!("{label}.dx"), rows * ln.c);
+/// Backward of `layernorm` with the forward's row map: dy at the output rows, dx
+/// written at the input rows (a new dense tensor for dense maps, else `dx_into`,
+/// whose other rows are left as they are). Writes dγ, dβ.
+pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, map: RowMap, ln: &LayerNorm, grad: &LayerNormGrad, dx_into: Option<TensorId>) -> Result<TensorId> {
+    let rows = map.rows;
+    let dx = dx_into.unwrap_or_else(|| g.tensor(format!("{label}.dx"), rows * ln.c));
     let t = g.tensor(format!("{label}.dy_xhat"), rows * ln.c);
     let pipeline = g.gpu.pipeline("rownorm", "layernorm_backward", &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, rows as u64);
     g.dispatch(
         label,
         pipeline,
-        vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::Uniform(params(&RowMap::dense(rows), ln.c)), Res::Act(t)],
+        vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::Uniform(params(&map, ln.c)), Res::Act(t)],
         groups,
         0.0,
     );
     crate::ops::matmul::colsum(g, &format!("{label}.dgamma"), t, rows, ln.c, Res::Buf(grad.gamma.clone()))?;
-    crate::ops::matmul::colsum(g, &format!("{label}.dbeta"), dy, rows, ln.c, Res::Buf(grad.beta.clone()))?;
+    if map.group == rows && map.out_stride == 0 && map.out_off == 0 {
+        crate::ops::matmul::colsum(g, &format!("{label}.dbeta"), dy, rows, ln.c, Res::Buf(grad.beta.clone()))?;
+    } else {
+        // dβ sums dy over the mapped output rows only: gather them densely first
+        // (t's slot is free again after dγ's sum, the planner reuses it).
+        let dense = g.tensor(format!("{label}.dy_rows"), rows * ln.c);
+        let pipeline = g.gpu.pipeline("tokens", "gather_rows", &[("WG", 64.0)])?;
+        let p = vec![rows as u32, ln.c as u32, map.group as u32, map.out_stride as u32, map.out_off as u32, 0, 0, 0];
+        g.dispatch(format!("{label}.gather"), pipeline, vec![Res::Act(dy), Res::Act(dense), Res::Unused, Res::Uniform(p)], grid1d(&g.gpu, (rows * ln.c).div_ceil(64) as u64), 0.0);
+        crate::ops::matmul::colsum(g, &format!("{label}.dbeta"), dense, rows, ln.c, Res::Buf(grad.beta.clone()))?;
+    }
     Ok(dx)
 }
 

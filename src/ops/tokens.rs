@@ -34,3 +34,10 @@ pub fn mean_tokens(g: &mut Graph, label: &str, x: TensorId, batch: usize, tokens
     );
     Ok(y)
 }
+
+/// Gradient of a cls parameter: out [C] = Σ over images of token 0 of dy [batch, tokens, C].
+pub fn cls_grad(g: &mut Graph, label: &str, dy: TensorId, batch: usize, tokens: usize, c: usize, out: &Arc<wgpu::Buffer>) -> Result<()> {
+    let pipeline = g.gpu.pipeline("tokens", "cls_grad", &[("WG", WG as f64)])?;
+    g.dispatch(label, pipeline, vec![Res::Act(dy), Res::Buf(out.clone()), Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0])], [c.div_ceil(WG) as u32, 1, 1], 0.0);
+    Ok(())
+}
