@@ -84,6 +84,17 @@ fn activate_grad(z: f32) -> f32 {
     return 1.0;
 }
 
+// The activation alone, out of place: c[i] = act(a[i]) (training keeps the
+// pre-activation for the backward).
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn act_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    if (i >= p.M) {
+        return;
+    }
+    c[i] = activate(a[i]);
+}
+
 // Backward of the fused activation, in place: c[i] = c[i] * act'(a[i]), with a the
 // saved pre-activation z and c the incoming gradient (M elements).
 @compute @workgroup_size(WG_X, WG_Y, 1)

@@ -69,3 +69,17 @@ fn cls_grad(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     y[c] = s;
 }
+
+// add: y = src + other, elementwise over p.B elements (p.B holds the count).
+@group(0) @binding(4) var<storage, read> other: array<f32>;
+
+@compute @workgroup_size(WG)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let n = gid.x + gid.y * nwg.x * WG;
+    if (n >= p.B) {
+        return;
+    }
+    y[n] = src[n] + other[n];
+}
+
+// act_forward lives with the matmul epilogue (matmul.wgsl::act_forward).

@@ -85,6 +85,8 @@ enum OpRec {
     },
     /// Rows [row0, row0 + tex.height) of a [rows, 4 * tex.width] tensor into `tex`.
     Copy { src: TensorId, row0: usize, tex: TexRef },
+    /// Zero a tensor (gradients that several ops add into).
+    Clear { t: TensorId },
 }
 
 impl OpRec {
@@ -92,6 +94,7 @@ impl OpRec {
         match self {
             OpRec::Dispatch { bindings, .. } => bindings.iter().filter_map(|r| if let Res::Act(t) = r { Some(*t) } else { None }).collect(),
             OpRec::Copy { src, .. } => vec![*src],
+            OpRec::Clear { t } => vec![*t],
         }
     }
 }
@@ -112,6 +115,7 @@ pub struct Step {
 
 enum StepKind {
     Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bind_group: wgpu::BindGroup, groups: [u32; 3] },
+    Clear { slot: usize, bytes: u64 },
     Copy { slot: usize, offset: u64, texture: usize, width: u32, height: u32 },
 }
 
@@ -178,6 +182,11 @@ impl Graph {
         flops: f64,
     ) {
         self.ops.push(OpRec::Dispatch { label: label.into(), pipeline, bindings, groups, flops });
+    }
+
+    /// Zeroes tensor `t` at this point of the schedule.
+    pub fn clear(&mut self, t: TensorId) {
+        self.ops.push(OpRec::Clear { t });
     }
 
     /// Copies rows [row0, row0 + rows) of `src`, a row-major [_, 4 * width] f32
@@ -294,6 +303,10 @@ impl Graph {
                     });
                     continue;
                 }
+                OpRec::Clear { t } => {
+                    steps.push(Step { label: "clear".into(), flops: 0.0, kind: StepKind::Clear { slot: tensor_slot[t.0], bytes: bytes(t.0) } });
+                    continue;
+                }
                 OpRec::Dispatch { label, pipeline, bindings, groups, flops } => (label, pipeline, bindings, groups, flops),
             };
             let uniforms: Vec<Option<wgpu::Buffer>> = bindings
@@ -376,6 +389,11 @@ impl Plan {
                 i += 1;
                 continue;
             }
+            if let StepKind::Clear { slot, bytes } = &self.steps[i].kind {
+                enc.clear_buffer(&self.slots[*slot], 0, Some(*bytes));
+                i += 1;
+                continue;
+            }
             let mut pass = enc.begin_compute_pass(&Default::default());
             while let Some(Step { kind: StepKind::Dispatch { pipeline, bind_group, groups }, .. }) = self.steps.get(i) {
                 pass.set_pipeline(pipeline);
@@ -396,7 +414,8 @@ impl Plan {
     /// (dispatches, texture copies) recorded per run.
     pub fn counts(&self) -> (usize, usize) {
         let copies = self.steps.iter().filter(|s| matches!(s.kind, StepKind::Copy { .. })).count();
-        (self.steps.len() - copies, copies)
+        let clears = self.steps.iter().filter(|s| matches!(s.kind, StepKind::Clear { .. })).count();
+        (self.steps.len() - copies - clears, copies)
     }
 
     /// Total floating-point operations of one run (2 per multiply-add).

@@ -18,4 +18,5 @@ pub mod labels;
 pub mod model;
 pub mod ops;
 pub mod preprocess;
+pub mod train;
 pub mod util;

@@ -351,6 +351,17 @@ pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usiz
     backward_product(g, label, (None, 3, 0), (Res::Act(src), 2, cols), out, (1, cols, rows), false)
 }
 
+/// u = act(z) elementwise (a new tensor of `len`).
+pub fn act_forward(g: &mut Graph, label: &str, z: TensorId, len: usize, act: Act) -> Result<TensorId> {
+    let u = g.tensor(label.to_string(), len);
+    let pipeline = g.gpu.pipeline("matmul", "act_forward", &[("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)])?;
+    let mut params = vec![len as u32];
+    params.resize(20, 0);
+    let groups = crate::graph::grid1d(&g.gpu, len.div_ceil(64) as u64);
+    g.dispatch(label, pipeline, vec![Res::Act(z), Res::Unused, Res::Unused, Res::Act(u), Res::Uniform(params)], groups, 0.0);
+    Ok(u)
+}
+
 /// In place: dy[i] *= act'(z[i]) over `len` elements (the fused activation's backward).
 pub fn act_backward(g: &mut Graph, label: &str, z: TensorId, dy: TensorId, len: usize, act: Act) -> Result<()> {
     let pipeline = g.gpu.pipeline("matmul", "act_backward", &[("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)])?;

@@ -41,3 +41,13 @@ pub fn cls_grad(g: &mut Graph, label: &str, dy: TensorId, batch: usize, tokens: 
     g.dispatch(label, pipeline, vec![Res::Act(dy), Res::Buf(out.clone()), Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0])], [c.div_ceil(WG) as u32, 1, 1], 0.0);
     Ok(())
 }
+
+/// y = a + b elementwise (a new tensor): the out-of-place residual add of training.
+pub fn add(g: &mut Graph, label: &str, a: TensorId, b: TensorId) -> Result<TensorId> {
+    let n = g.len(a);
+    let y = g.tensor(label.to_string(), n);
+    let pipeline = g.gpu.pipeline("tokens", "add", &[("WG", WG as f64)])?;
+    let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(WG) as u64);
+    g.dispatch(label, pipeline, vec![Res::Act(a), Res::Act(y), Res::Uniform(vec![n as u32, 0, 0, 0]), Res::Unused, Res::Act(b)], groups, n as f64);
+    Ok(y)
+}
