@@ -84,15 +84,8 @@ fn layernorm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     }
 }
 
-// softmax uses x, y and p of the same bind group (gamma and beta unbound).
-@compute @workgroup_size(WG)
-fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-           @builtin(local_invocation_index) lid: u32) {
-    let r = wid.y * nwg.x + wid.x;
-    if (r >= p.rows) {
-        return;
-    }
-    let b = r * p.C;
+// log Σ exp over row r of x (max-shifted), shared by softmax and its cross-entropy.
+fn row_logsumexp(b: u32, lid: u32) -> f32 {
     var m = -3.0e38;
     for (var c = lid; c < p.C; c += WG) {
         m = max(m, x[b + c]);
@@ -102,9 +95,21 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     for (var c = lid; c < p.C; c += WG) {
         s += exp(x[b + c] - mx);
     }
-    let inv = 1.0 / reduce_sum(s, lid);
+    return mx + log(reduce_sum(s, lid));
+}
+
+// softmax uses x, y and p of the same bind group (gamma and beta unbound).
+@compute @workgroup_size(WG)
+fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let r = wid.y * nwg.x + wid.x;
+    if (r >= p.rows) {
+        return;
+    }
+    let b = r * p.C;
+    let lse = row_logsumexp(b, lid);
     for (var c = lid; c < p.C; c += WG) {
-        y[b + c] = exp(x[b + c] - mx) * inv;
+        y[b + c] = exp(x[b + c] - lse);
     }
 }
 
@@ -167,16 +172,7 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         return;
     }
     let b = r * p.C;
-    var m = -3.0e38;
-    for (var c = lid; c < p.C; c += WG) {
-        m = max(m, x[b + c]);
-    }
-    let mx = reduce_max(m, lid);
-    var s = 0.0;
-    for (var c = lid; c < p.C; c += WG) {
-        s += exp(x[b + c] - mx);
-    }
-    let lse = mx + log(reduce_sum(s, lid));
+    let lse = row_logsumexp(b, lid);
     // p.eps carries the gradient scale (1 / batch for a mean loss).
     var l = 0.0;
     for (var c = lid; c < p.C; c += WG) {
