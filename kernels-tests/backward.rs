@@ -565,7 +565,7 @@ fn conv_projection_train_bn() {
             let running: Vec<Vec<f32>> = p.bn.iter().map(|b| gpu.read(&b.running, 0, 2 * c).unwrap()).collect();
             let grads = if backward {
                 let mut gr = vec![plan.read(dx.unwrap()).unwrap(), gpu.read(&grad.w, 0, 27 * c).unwrap()];
-                gr.extend(grad.bn.iter().map(|b| gpu.read(b, 0, 2 * c).unwrap()));
+                gr.extend((0..3).map(|m| [gpu.read(&grad.gamma[m], 0, c).unwrap(), gpu.read(&grad.beta[m], 0, c).unwrap()].concat()));
                 gr
             } else {
                 vec![]

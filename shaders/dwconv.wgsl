@@ -96,7 +96,8 @@ const BN_MOMENTUM: f32 = 0.1;
 @group(0) @binding(10) var<storage, read_write> post: array<f32>;
 @group(0) @binding(11) var<storage, read> dpost: array<f32>;
 @group(0) @binding(12) var<storage, read_write> dpre: array<f32>;
-@group(0) @binding(13) var<storage, read_write> dgb: array<f32>;      // [dgamma C | dbeta C]
+@group(0) @binding(13) var<storage, read_write> dgamma: array<f32>;
+@group(0) @binding(16) var<storage, read_write> dbeta: array<f32>;
 @group(0) @binding(14) var<storage, read_write> dw: array<f32>;       // [3, 9, C]
 @group(0) @binding(15) var<storage, read_write> dx: array<f32>;
 
@@ -178,8 +179,8 @@ fn bn_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
             dpre[r] = w[c] * rstd * (dpost[r] - sdy / n - xh * sdyx / n);
         }
     }
-    dgb[c] = sdyx;
-    dgb[p.C + c] = sdy;
+    dgamma[c] = sdyx;
+    dbeta[c] = sdy;
 }
 
 // Weight gradient of the three depthwise convs: one invocation per (map, tap, c),

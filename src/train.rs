@@ -20,6 +20,7 @@ use crate::ops::attention::{attention_backward, attention_with, AttnShape};
 use crate::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
 use crate::ops::matmul::{act_backward, act_forward, conv2d, conv2d_backward, linear, linear_backward, LinearGrad, Out};
 use crate::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
+use crate::ops::optim::{adamw_step, AdamW, Hyper, Moments};
 use crate::ops::tokens::{add, cls_fill, cls_grad};
 use crate::ops::{Act, ConvGeom, Linear};
 
@@ -318,9 +319,8 @@ impl TrainModel {
                 let dw = gpu.read(&b.proj_g.w, 0, 27 * c)?;
                 for (m, x) in ["q", "k", "v"].iter().enumerate() {
                     out.insert(format!("{pb}.attn.conv_proj_{x}.conv.weight"), (0..9 * c).map(|i| dw[(m * 9 + i % 9) * c + i / 9]).collect());
-                    let gb = gpu.read(&b.proj_g.bn[m], 0, 2 * c)?;
-                    out.insert(format!("{pb}.attn.conv_proj_{x}.bn.weight"), gb[..c].to_vec());
-                    out.insert(format!("{pb}.attn.conv_proj_{x}.bn.bias"), gb[c..].to_vec());
+                    out.insert(format!("{pb}.attn.conv_proj_{x}.bn.weight"), gpu.read(&b.proj_g.gamma[m], 0, c)?);
+                    out.insert(format!("{pb}.attn.conv_proj_{x}.bn.bias"), gpu.read(&b.proj_g.beta[m], 0, c)?);
                 }
                 lin(&mut out, &format!("{pb}.attn.proj_q"), &b.q)?;
                 lin(&mut out, &format!("{pb}.attn.proj_k"), &b.k)?;
@@ -337,7 +337,94 @@ impl TrainModel {
     }
 }
 
+/// A parameter tensor as the optimizer sees it.
+pub struct Param {
+    pub name: String,
+    pub value: Arc<wgpu::Buffer>,
+    pub grad: Arc<wgpu::Buffer>,
+    pub len: usize,
+    /// Weight decay applies (not to norms, biases and the cls token, as the official recipe).
+    pub decay: bool,
+}
+
+/// AdamW over every parameter, recorded once and replayed each step.
+pub struct Optimizer {
+    pub plan: Plan,
+    pub hyper: Hyper,
+    pub settings: AdamW,
+    pub step: u64,
+    _state: Vec<Moments>,
+}
+
+impl Optimizer {
+    /// One update at learning rate `lr` (gradients of the last `StepPlan::run`).
+    pub fn update(&mut self, lr: f32) -> Result<()> {
+        self.step += 1;
+        self.hyper.set(&self.plan.gpu, &self.settings, lr, self.step, 1.0);
+        self.plan.run()
+    }
+}
+
 impl TrainModel {
+    /// Every parameter with its gradient buffer (storage layouts; the padded
+    /// columns of linear weights stay zero: their gradients are zero).
+    pub fn params(&self) -> Vec<Param> {
+        let mut v = vec![];
+        let mut push = |name: String, value: &Arc<wgpu::Buffer>, grad: &Arc<wgpu::Buffer>, len: usize, decay: bool| v.push(Param { name, value: value.clone(), grad: grad.clone(), len, decay });
+        let lin = |push: &mut dyn FnMut(String, &Arc<wgpu::Buffer>, &Arc<wgpu::Buffer>, usize, bool), name: &str, l: &Lin| {
+            let np = l.l.n.div_ceil(4) * 4;
+            push(format!("{name}.weight"), l.l.w.as_ref().expect("training weights are buffers"), &l.g.w, l.l.k * np, true);
+            push(format!("{name}.bias"), &l.l.b, &l.g.b, np, false);
+        };
+        let ln = |push: &mut dyn FnMut(String, &Arc<wgpu::Buffer>, &Arc<wgpu::Buffer>, usize, bool), name: &str, l: &Ln| {
+            push(format!("{name}.weight"), &l.l.gamma, &l.g.gamma, l.l.c, false);
+            push(format!("{name}.bias"), &l.l.beta, &l.g.beta, l.l.c, false);
+        };
+        for (s, st) in self.stages.iter().enumerate() {
+            let c = self.cfg.dims[s];
+            let p = format!("stage{s}");
+            lin(&mut push, &format!("{p}.patch_embed.proj"), &st.embed);
+            ln(&mut push, &format!("{p}.patch_embed.norm"), &st.embed_norm);
+            if let Some((cls, g)) = &st.cls {
+                push(format!("{p}.cls_token"), cls, g, c, false);
+            }
+            for (j, b) in st.blocks.iter().enumerate() {
+                let pb = format!("{p}.blocks.{j}");
+                ln(&mut push, &format!("{pb}.norm1"), &b.norm1);
+                ln(&mut push, &format!("{pb}.norm2"), &b.norm2);
+                // Depthwise weights decay (the official no-decay list has no 'dw'); BN does not.
+                push(format!("{pb}.attn.conv_proj.w"), &b.proj.w, &b.proj_g.w, 27 * c, true);
+                for (m, x) in ["q", "k", "v"].iter().enumerate() {
+                    push(format!("{pb}.attn.conv_proj_{x}.bn.weight"), &b.proj.bn[m].gamma, &b.proj_g.gamma[m], c, false);
+                    push(format!("{pb}.attn.conv_proj_{x}.bn.bias"), &b.proj.bn[m].beta, &b.proj_g.beta[m], c, false);
+                }
+                lin(&mut push, &format!("{pb}.attn.proj_q"), &b.q);
+                lin(&mut push, &format!("{pb}.attn.proj_k"), &b.k);
+                lin(&mut push, &format!("{pb}.attn.proj_v"), &b.v);
+                lin(&mut push, &format!("{pb}.attn.proj"), &b.o);
+                lin(&mut push, &format!("{pb}.mlp.fc1"), &b.fc1);
+                lin(&mut push, &format!("{pb}.mlp.fc2"), &b.fc2);
+            }
+        }
+        ln(&mut push, "norm", &self.norm);
+        lin(&mut push, "head", &self.head);
+        v
+    }
+
+    /// AdamW over every parameter.
+    pub fn optimizer(&self, settings: AdamW) -> Result<Optimizer> {
+        let gpu = &self.gpu;
+        let hyper = Hyper::new(gpu)?;
+        let mut g = Graph::new(gpu.clone());
+        let mut state = vec![];
+        for p in self.params() {
+            let m = Moments::zeros(gpu, &p.name, p.len)?;
+            adamw_step(&mut g, &p.name, &p.value, &p.grad, &m, &hyper, p.decay)?;
+            state.push(m);
+        }
+        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, _state: state })
+    }
+
     /// BatchNorm running statistics (official names), as updated by the steps run so far.
     pub fn running_stats(&self) -> Result<HashMap<String, Vec<f32>>> {
         let mut out = HashMap::new();

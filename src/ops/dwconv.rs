@@ -133,16 +133,21 @@ impl ConvProjTrain {
     }
 }
 
-/// Gradients: raw weights [3, 9, C] and per map [dγ C | dβ C].
+/// Gradients: raw weights [3, 9, C] and per map dγ, dβ [C].
 pub struct ConvProjGrad {
     pub w: Arc<wgpu::Buffer>,
-    pub bn: [Arc<wgpu::Buffer>; 3],
+    pub gamma: [Arc<wgpu::Buffer>; 3],
+    pub beta: [Arc<wgpu::Buffer>; 3],
 }
 
 impl ConvProjGrad {
     pub fn new(gpu: &Gpu, name: &str, c: usize) -> Result<ConvProjGrad> {
-        let gb = |i: usize| gpu.storage(&format!("{name}.bn{i}.grad"), (8 * c) as u64).map(Arc::new);
-        Ok(ConvProjGrad { w: Arc::new(gpu.storage(&format!("{name}.w.grad"), (108 * c) as u64)?), bn: [gb(0)?, gb(1)?, gb(2)?] })
+        let buf = |what: &str, i: usize| gpu.storage(&format!("{name}.bn{i}.{what}.grad"), (4 * c) as u64).map(Arc::new);
+        Ok(ConvProjGrad {
+            w: Arc::new(gpu.storage(&format!("{name}.w.grad"), (108 * c) as u64)?),
+            gamma: [buf("weight", 0)?, buf("weight", 1)?, buf("weight", 2)?],
+            beta: [buf("bias", 0)?, buf("bias", 1)?, buf("bias", 2)?],
+        })
     }
 }
 
@@ -187,7 +192,7 @@ pub fn conv_proj_train_backward(g: &mut Graph, label: &str, x: TensorId, saved: 
     let mut dpre = vec![];
     for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {
         let out = g.tensor(format!("{label}.bn{m}.dpre"), g.len(dpost));
-        let b = vec![u(), Res::Buf(p.bn[m].gamma.clone()), u(), u(), u(), u(), Res::Uniform(map_params(batch, mh, mw, c, cls)), Res::Act(saved.stats[m]), u(), Res::Act(saved.pre[m]), u(), Res::Act(dpost), Res::Act(out), Res::Buf(grad.bn[m].clone())];
+        let b = vec![u(), Res::Buf(p.bn[m].gamma.clone()), u(), u(), u(), u(), Res::Uniform(map_params(batch, mh, mw, c, cls)), Res::Act(saved.stats[m]), u(), Res::Act(saved.pre[m]), u(), Res::Act(dpost), Res::Act(out), Res::Buf(grad.gamma[m].clone()), u(), u(), Res::Buf(grad.beta[m].clone())];
         g.dispatch(format!("{label}.bn{m}.backward"), bn_bwd.clone(), b, [c.div_ceil(WG) as u32, 1, 1], 0.0);
         dpre.push(out);
     }
