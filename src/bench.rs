@@ -28,9 +28,19 @@ pub struct BenchArgs {
     /// Measure only the GEMM ceiling (best matmul rate at 1024x1024x1024).
     #[arg(long)]
     pub gemm: bool,
+    /// infer: a forward; train: forward + backward + AdamW update.
+    #[arg(long, value_enum, default_value = "infer")]
+    pub mode: Mode,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Infer,
+    Train,
 }
 
 #[derive(serde::Serialize, Debug)]
@@ -47,7 +57,7 @@ pub struct BenchResult {
     pub model: String,
     pub res: usize,
     pub batch: usize,
-    pub mode: &'static str,
+    pub mode: Mode,
     pub median_ms: f64,
     pub min_ms: f64,
     pub img_per_s: f64,
@@ -108,6 +118,9 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     }
     let cfg = CvtConfig::by_name(&a.model)?;
     let res = a.res.unwrap_or(cfg.image_size);
+    if a.mode == Mode::Train {
+        return train(gpu, a, &cfg, res, ceiling.gflops_per_s);
+    }
     let t0 = Instant::now();
     let model = Model::new(gpu.clone(), cfg.clone(), &random_tensors(&cfg, 1), Act::QuickGelu)?;
     let upload_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -128,7 +141,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         model: cfg.name.clone(),
         res,
         batch: a.batch,
-        mode: "infer",
+        mode: Mode::Infer,
         median_ms: median,
         min_ms: min,
         img_per_s: a.batch as f64 / (median / 1e3),
@@ -155,6 +168,72 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         println!("  memory    weights {:.1} MiB, activations {:.1} MiB (unshared would be {:.1} MiB)", r.weight_bytes as f64 / 1048576.0, r.activation_bytes as f64 / 1048576.0, plan.plan.unshared_bytes as f64 / 1048576.0);
         println!("  first call {:.0} ms (plan + pipelines + first run; weights upload {:.0} ms)", first_call_ms, upload_ms);
         println!("  schedule  {} dispatches, {} texture copies per forward; matmul variant: {:?}", dispatches, texture_copies, r.matmul_variant);
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize, Debug)]
+pub struct TrainBench {
+    pub model: String,
+    pub res: usize,
+    pub batch: usize,
+    pub mode: Mode,
+    pub median_ms: f64,
+    pub img_per_s: f64,
+    pub gflop_per_image: f64,
+    pub gflops_per_s: f64,
+    pub ceiling_gflops_per_s: f64,
+    pub ratio_to_ceiling: f64,
+    pub activation_bytes: u64,
+    pub first_call_ms: f64,
+    pub adapter: String,
+    pub timing: &'static str,
+}
+
+/// Training step rate: forward + backward + AdamW on random data and weights.
+fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize, ceiling: f64) -> Result<()> {
+    let t1 = Instant::now();
+    let model = crate::train::TrainModel::new(gpu.clone(), cfg.clone(), &random_tensors(cfg, 1), Act::QuickGelu)?;
+    let step = model.step_plan(a.batch, res, res)?;
+    let mut opt = model.optimizer(crate::ops::optim::AdamW::default())?;
+    let mut rng = Rng::new(3);
+    let img: Vec<f32> = (0..a.batch * res * res * cfg.in_chans).map(|_| rng.normal()).collect();
+    let targets: Vec<f32> = (0..a.batch * cfg.num_classes).map(|i| ((i % cfg.num_classes) == (i / cfg.num_classes) % cfg.num_classes) as u8 as f32).collect();
+    step.run(&img, &targets)?;
+    opt.update(1e-4)?;
+    gpu.sync()?;
+    let first_call_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let (median, _) = time_runs(a.iters, || {
+        step.run(&img, &targets)?;
+        opt.update(1e-4)?;
+        gpu.sync()
+    })?;
+    // Forward + backward ≈ 3 × the forward's FLOPs (the convention PyTorch's FlopCounter gives).
+    let gflop = 3.0 * 2.0 * cfg.macs(res, res)? / 1e9;
+    let rate = gflop * a.batch as f64 / (median / 1e3);
+    let r = TrainBench {
+        model: cfg.name.clone(),
+        res,
+        batch: a.batch,
+        mode: Mode::Train,
+        median_ms: median,
+        img_per_s: a.batch as f64 / (median / 1e3),
+        gflop_per_image: gflop,
+        gflops_per_s: rate,
+        ceiling_gflops_per_s: ceiling,
+        ratio_to_ceiling: rate / ceiling,
+        activation_bytes: step.plan.activation_bytes,
+        first_call_ms,
+        adapter: gpu.describe(),
+        timing: "wall clock per step (forward, backward, AdamW), loss read back",
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{} training @{}x{} batch {} on {}", r.model, res, res, a.batch, r.adapter);
+        println!("  step      median {:.1} ms -> {:.2} img/s", median, r.img_per_s);
+        println!("  rate      {:.2} GFLOP/s ({:.2} GFLOP/image fwd+bwd), {:.0}% of the {:.1} GFLOP/s matmul ceiling", rate, gflop, 100.0 * r.ratio_to_ceiling, ceiling);
+        println!("  memory    activations {:.1} MiB; first step {:.0} ms", r.activation_bytes as f64 / 1048576.0, first_call_ms);
     }
     Ok(())
 }
