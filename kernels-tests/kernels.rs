@@ -379,3 +379,35 @@ fn gelu_reference_is_exact() {
     assert!((libm_erf(3.0) - 0.999_977_909_503_001_4).abs() < 1e-14);
     assert!((libm_erf(-1.0) + 0.842_700_792_949_714_9).abs() < 1e-14);
 }
+
+#[test]
+fn activation_and_add_elementwise() {
+    let gpu = gpu();
+    let n = 1000;
+    let z: Vec<f32> = randn(n, 1).iter().map(|v| v * 4.0).collect();
+    let o = randn(n, 2);
+    for act in [Act::None, Act::Gelu, Act::QuickGelu] {
+        let mut g = Graph::new(gpu.clone());
+        let zi = g.pinned("z", n);
+        let oi = g.pinned("o", n);
+        let u = cvt_gpu::ops::matmul::act_forward(&mut g, "act", zi, n, act).unwrap();
+        let s = cvt_gpu::ops::tokens::add(&mut g, "add", u, oi).unwrap();
+        let plan = g.compile().unwrap();
+        plan.write(zi, &z).unwrap();
+        plan.write(oi, &o).unwrap();
+        plan.run().unwrap();
+        let want: Vec<f64> = z
+            .iter()
+            .zip(&o)
+            .map(|(&z, &o)| {
+                let z = z as f64;
+                (match act {
+                    Act::None => z,
+                    Act::Gelu => gelu(z),
+                    Act::QuickGelu => quick_gelu(z),
+                }) + o as f64
+            })
+            .collect();
+        assert_close(&format!("{act:?} + add"), &plan.read(s).unwrap(), &want, 1e-5, 1e-5);
+    }
+}
