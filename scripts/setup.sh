@@ -2,12 +2,17 @@
 # Installs what cvt-gpu needs at run time on a fresh Debian/Ubuntu machine
 # without a GPU: Mesa's Vulkan driver (lavapipe) and Mesa's GL/EGL for the GL
 # backend. Machines with a GPU driver already installed need nothing.
+# `--datasets` also installs the data sets the tests read.
 set -euo pipefail
 need=()
 ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || need+=(mesa-vulkan-drivers)
 ldconfig -p | grep -q 'libEGL.so.1' || need+=(libegl1)
 ls /usr/lib/*/libEGL_mesa.so.0 >/dev/null 2>&1 || need+=(libegl-mesa0)
 ls /usr/lib/*/dri/swrast_dri.so >/dev/null 2>&1 || need+=(libgl1-mesa-dri)
+# The tests also read the real Fashion-MNIST (Debian's dataset-fashion-mnist).
+if [ "${1:-}" = "--datasets" ]; then
+  [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null; then
     echo "setup: please install a Vulkan driver (Mesa's lavapipe) for: ${need[*]}" >&2

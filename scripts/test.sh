@@ -4,7 +4,7 @@
 # smoke inference on the GL backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --datasets
 export CVT_GPU_BACKEND="${CVT_GPU_BACKEND:-vulkan}"
 # Mesa warns on stderr without a runtime directory (headless machines, CI).
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod bench;
+pub mod data;
 pub mod gpu;
 pub mod graph;
 pub mod labels;
