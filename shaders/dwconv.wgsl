@@ -105,93 +105,112 @@ fn map_row(bi: u32, pix: u32) -> u32 {
     return (bi * (p.cls + p.H * p.W) + p.cls + pix) * p.C;
 }
 
-// gamma is bound at w's slot (1), beta at bias's slot (2).
+// The reductions below run one workgroup per channel (or per weight), its WG
+// invocations striding over the spatial rows and combining through workgroup
+// memory: a channel's rows number B*H*W (50k for a batch of 64 at 28x28), far too
+// many for one invocation.
+var<workgroup> red: array<f32, WG>;
+
+fn reduce_sum(val: f32, lid: u32) -> f32 {
+    red[lid] = val;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+// Spatial row i of image (i / hw) in a map of cls + hw tokens per image.
+fn flat_row(i: u32, hw: u32) -> u32 {
+    return map_row(i / hw, i % hw);
+}
+
+// gamma is bound at w's slot (1), beta at bias's slot (2). One workgroup per channel.
 @compute @workgroup_size(WG)
-fn bn_train(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
-    if (c >= p.C) {
-        return;
-    }
+fn bn_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wid.x;
     let hw = p.H * p.W;
-    let n = f32(p.B * hw);
+    let total = p.B * hw;
+    let n = f32(total);
     var s = 0.0;
-    for (var bi = 0u; bi < p.B; bi++) {
-        for (var i = 0u; i < hw; i++) {
-            s += pre[map_row(bi, i) + c];
-        }
+    for (var i = lid; i < total; i += WG) {
+        s += pre[flat_row(i, hw) + c];
     }
-    let mean = s / n;
+    let mean = reduce_sum(s, lid) / n;
     var s2 = 0.0;
-    for (var bi = 0u; bi < p.B; bi++) {
-        for (var i = 0u; i < hw; i++) {
-            let d = pre[map_row(bi, i) + c] - mean;
-            s2 += d * d;
-        }
+    for (var i = lid; i < total; i += WG) {
+        let d = pre[flat_row(i, hw) + c] - mean;
+        s2 += d * d;
     }
-    let var_b = s2 / n;
+    let ss = reduce_sum(s2, lid);
+    let var_b = ss / n;
     let rstd = inverseSqrt(var_b + BN_EPS);
-    for (var bi = 0u; bi < p.B; bi++) {
-        if (p.cls == 1u) {
+    for (var i = lid; i < total; i += WG) {
+        let r = flat_row(i, hw) + c;
+        post[r] = (pre[r] - mean) * rstd * w[c] + bias[c];
+    }
+    if (p.cls == 1u) {
+        for (var bi = lid; bi < p.B; bi += WG) {
             let r = bi * (1u + hw) * p.C + c;
             post[r] = pre[r];
         }
-        for (var i = 0u; i < hw; i++) {
-            let r = map_row(bi, i) + c;
-            post[r] = (pre[r] - mean) * rstd * w[c] + bias[c];
-        }
     }
-    stats[c] = mean;
-    stats[p.C + c] = rstd;
-    let unbiased = select(var_b, s2 / (n - 1.0), n > 1.0);
-    running[c] = (1.0 - BN_MOMENTUM) * running[c] + BN_MOMENTUM * mean;
-    running[p.C + c] = (1.0 - BN_MOMENTUM) * running[p.C + c] + BN_MOMENTUM * unbiased;
+    if (lid == 0u) {
+        stats[c] = mean;
+        stats[p.C + c] = rstd;
+        let unbiased = select(var_b, ss / (n - 1.0), n > 1.0);
+        running[c] = (1.0 - BN_MOMENTUM) * running[c] + BN_MOMENTUM * mean;
+        running[p.C + c] = (1.0 - BN_MOMENTUM) * running[p.C + c] + BN_MOMENTUM * unbiased;
+    }
 }
 
-// dpre = γ·rstd·(dy − mean(dy) − ŷ·mean(dy·ŷ)); dγ = Σ dy·ŷ; dβ = Σ dy.
+// dpre = γ·rstd·(dy − mean(dy) − ŷ·mean(dy·ŷ)); dγ = Σ dy·ŷ; dβ = Σ dy. One workgroup per channel.
 @compute @workgroup_size(WG)
-fn bn_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
-    if (c >= p.C) {
-        return;
-    }
+fn bn_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wid.x;
     let hw = p.H * p.W;
-    let n = f32(p.B * hw);
+    let total = p.B * hw;
+    let n = f32(total);
     let mean = stats[c];
     let rstd = stats[p.C + c];
-    var sdy = 0.0;
-    var sdyx = 0.0;
-    for (var bi = 0u; bi < p.B; bi++) {
-        for (var i = 0u; i < hw; i++) {
-            let r = map_row(bi, i) + c;
-            let dy = dpost[r];
-            sdy += dy;
-            sdyx += dy * (pre[r] - mean) * rstd;
-        }
+    var a = 0.0;
+    var bsum = 0.0;
+    for (var i = lid; i < total; i += WG) {
+        let r = flat_row(i, hw) + c;
+        let dy = dpost[r];
+        a += dy;
+        bsum += dy * (pre[r] - mean) * rstd;
     }
-    for (var bi = 0u; bi < p.B; bi++) {
-        if (p.cls == 1u) {
+    let sdy = reduce_sum(a, lid);
+    let sdyx = reduce_sum(bsum, lid);
+    for (var i = lid; i < total; i += WG) {
+        let r = flat_row(i, hw) + c;
+        let xh = (pre[r] - mean) * rstd;
+        dpre[r] = w[c] * rstd * (dpost[r] - sdy / n - xh * sdyx / n);
+    }
+    if (p.cls == 1u) {
+        for (var bi = lid; bi < p.B; bi += WG) {
             let r = bi * (1u + hw) * p.C + c;
             dpre[r] = dpost[r];
         }
-        for (var i = 0u; i < hw; i++) {
-            let r = map_row(bi, i) + c;
-            let xh = (pre[r] - mean) * rstd;
-            dpre[r] = w[c] * rstd * (dpost[r] - sdy / n - xh * sdyx / n);
-        }
     }
-    dgamma[c] = sdyx;
-    dbeta[c] = sdy;
+    if (lid == 0u) {
+        dgamma[c] = sdyx;
+        dbeta[c] = sdy;
+    }
 }
 
-// Weight gradient of the three depthwise convs: one invocation per (map, tap, c),
-// index (m * 9 + tap) * C + c. q, k, v hold the pre-BN gradients here; p.H, p.W is
-// the input grid, p.Hk, p.Wk the k/v grid.
+// Weight gradient of the three depthwise convs: one workgroup per (map, tap, c),
+// index (m * 9 + tap) * C + c, striding over the output positions. q, k, v hold
+// the pre-BN gradients here; p.H, p.W is the input grid, p.Hk, p.Wk the k/v grid.
 @compute @workgroup_size(WG)
-fn dwconv_backward_w(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let idx = gid.x;
-    if (idx >= 27u * p.C) {
-        return;
-    }
+fn dwconv_backward_w(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let idx = wid.x;
     let c = idx % p.C;
     let tap = (idx / p.C) % 9u;
     let m = idx / (9u * p.C);
@@ -202,32 +221,31 @@ fn dwconv_backward_w(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ow = select(p.Wk, p.W, m == 0u);
     let tq = p.cls + p.H * p.W;
     let to = p.cls + oh * ow;
+    let total = p.B * oh * ow;
     var acc = 0.0;
-    for (var bi = 0u; bi < p.B; bi++) {
-        for (var oy = 0u; oy < oh; oy++) {
-            let iy = i32(oy) * stride + ky - 1;
-            if (iy < 0 || iy >= i32(p.H)) {
-                continue;
-            }
-            for (var ox = 0u; ox < ow; ox++) {
-                let ix = i32(ox) * stride + kx - 1;
-                if (ix < 0 || ix >= i32(p.W)) {
-                    continue;
-                }
-                let o = (bi * to + p.cls + oy * ow + ox) * p.C + c;
-                var g = 0.0;
-                if (m == 0u) {
-                    g = q[o];
-                } else if (m == 1u) {
-                    g = k[o];
-                } else {
-                    g = v[o];
-                }
-                acc += g * x[(bi * tq + p.cls + u32(iy) * p.W + u32(ix)) * p.C + c];
-            }
+    for (var i = lid; i < total; i += WG) {
+        let bi = i / (oh * ow);
+        let pix = i % (oh * ow);
+        let iy = i32(pix / ow) * stride + ky - 1;
+        let ix = i32(pix % ow) * stride + kx - 1;
+        if (iy < 0 || ix < 0 || iy >= i32(p.H) || ix >= i32(p.W)) {
+            continue;
         }
+        let o = (bi * to + p.cls + pix) * p.C + c;
+        var g = 0.0;
+        if (m == 0u) {
+            g = q[o];
+        } else if (m == 1u) {
+            g = k[o];
+        } else {
+            g = v[o];
+        }
+        acc += g * x[(bi * tq + p.cls + u32(iy) * p.W + u32(ix)) * p.C + c];
     }
-    dw[idx] = acc;
+    let total_acc = reduce_sum(acc, lid);
+    if (lid == 0u) {
+        dw[idx] = total_acc;
+    }
 }
 
 // Input gradient: one invocation per input element, gathering from the q map

@@ -175,7 +175,7 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
         let st = g.tensor(format!("{label}.bn{m}.stats"), 2 * p.c);
         let u = || Res::Unused;
         let b = vec![u(), Res::Buf(p.bn[m].gamma.clone()), Res::Buf(p.bn[m].beta.clone()), u(), u(), u(), Res::Uniform(map_params(batch, mh, mw, p.c, cls)), Res::Act(st), Res::Buf(p.bn[m].running.clone()), Res::Act(pre), Res::Act(out)];
-        g.dispatch(format!("{label}.bn{m}"), pipeline.clone(), b, [p.c.div_ceil(WG) as u32, 1, 1], 0.0);
+        g.dispatch(format!("{label}.bn{m}"), pipeline.clone(), b, [p.c as u32, 1, 1], 0.0);
         post.push(out);
         stats.push(st);
     }
@@ -193,7 +193,7 @@ pub fn conv_proj_train_backward(g: &mut Graph, label: &str, x: TensorId, saved: 
     for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {
         let out = g.tensor(format!("{label}.bn{m}.dpre"), g.len(dpost));
         let b = vec![u(), Res::Buf(p.bn[m].gamma.clone()), u(), u(), u(), u(), Res::Uniform(map_params(batch, mh, mw, c, cls)), Res::Act(saved.stats[m]), u(), Res::Act(saved.pre[m]), u(), Res::Act(dpost), Res::Act(out), Res::Buf(grad.gamma[m].clone()), u(), u(), Res::Buf(grad.beta[m].clone())];
-        g.dispatch(format!("{label}.bn{m}.backward"), bn_bwd.clone(), b, [c.div_ceil(WG) as u32, 1, 1], 0.0);
+        g.dispatch(format!("{label}.bn{m}.backward"), bn_bwd.clone(), b, [c as u32, 1, 1], 0.0);
         dpre.push(out);
     }
     let total = batch * (cls + h * w) * c;
@@ -202,7 +202,7 @@ pub fn conv_proj_train_backward(g: &mut Graph, label: &str, x: TensorId, saved: 
     let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params.clone())];
     b.extend((7..14).map(|_| u()));
     b.push(Res::Buf(grad.w.clone()));
-    g.dispatch(format!("{label}.dW"), pw, b, [(27 * c).div_ceil(WG) as u32, 1, 1], 0.0);
+    g.dispatch(format!("{label}.dW"), pw, b, [(27 * c) as u32, 1, 1], 0.0);
     let dx = g.tensor(format!("{label}.dx"), total);
     let px = g.gpu.pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
     let mut b = vec![u(), Res::Buf(p.w.clone()), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params)];
