@@ -21,6 +21,12 @@ struct Params { B: u32, H: u32, W: u32, C: u32, cls: u32, Hk: u32, Wk: u32, tota
 @group(0) @binding(5) var<storage, read_write> v: array<f32>;
 @group(0) @binding(6) var<uniform> p: Params;
 
+// (channel, token, image) of element n of a [B, cls + H*W, C] map.
+fn element(n: u32) -> vec3<u32> {
+    let tq = p.cls + p.H * p.W;
+    return vec3<u32>(n % p.C, (n / p.C) % tq, n / (p.C * tq));
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -31,9 +37,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let C = p.C;
     let tq = p.cls + p.H * p.W;
     let tk = p.cls + p.Hk * p.Wk;
-    let c = n % C;
-    let t = (n / C) % tq;
-    let bi = n / (C * tq);
+    let e = element(n);
+    let c = e.x;
+    let t = e.y;
+    let bi = e.z;
     if (t < p.cls) {
         let val = x[n];
         q[n] = val;
@@ -261,9 +268,10 @@ fn dwconv_backward_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let C = p.C;
     let tq = p.cls + p.H * p.W;
     let tk = p.cls + p.Hk * p.Wk;
-    let c = n % C;
-    let t = (n / C) % tq;
-    let bi = n / (C * tq);
+    let e = element(n);
+    let c = e.x;
+    let t = e.y;
+    let bi = e.z;
     if (t < p.cls) {
         dx[n] = q[n] + k[bi * tk * C + c] + v[bi * tk * C + c];
         return;

@@ -51,6 +51,21 @@ fn reduce_max(val: f32, lid: u32) -> f32 {
     return r;
 }
 
+// (mean, 1/sqrt(var + eps)) of the row of C values at x[base..], two-pass.
+fn row_stats(base: u32, lid: u32) -> vec2<f32> {
+    var s = 0.0;
+    for (var c = lid; c < p.C; c += WG) {
+        s += x[base + c];
+    }
+    let mean = reduce_sum(s, lid) / f32(p.C);
+    var s2 = 0.0;
+    for (var c = lid; c < p.C; c += WG) {
+        let d = x[base + c] - mean;
+        s2 += d * d;
+    }
+    return vec2<f32>(mean, inverseSqrt(reduce_sum(s2, lid) / f32(p.C) + p.eps));
+}
+
 fn in_base(r: u32) -> u32 {
     return ((r / p.group) * p.in_stride + p.in_off + r % p.group) * p.C;
 }
@@ -68,17 +83,9 @@ fn layernorm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     }
     let ib = in_base(r);
     let ob = out_base(r);
-    var s = 0.0;
-    for (var c = lid; c < p.C; c += WG) {
-        s += x[ib + c];
-    }
-    let mean = reduce_sum(s, lid) / f32(p.C);
-    var s2 = 0.0;
-    for (var c = lid; c < p.C; c += WG) {
-        let d = x[ib + c] - mean;
-        s2 += d * d;
-    }
-    let rstd = inverseSqrt(reduce_sum(s2, lid) / f32(p.C) + p.eps);
+    let st = row_stats(ib, lid);
+    let mean = st.x;
+    let rstd = st.y;
     for (var c = lid; c < p.C; c += WG) {
         y[ob + c] = (x[ib + c] - mean) * rstd * gamma[c] + beta[c];
     }
@@ -131,17 +138,9 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let base = in_base(r);
     let ob = out_base(r);
     let tb = r * p.C;
-    var s = 0.0;
-    for (var c = lid; c < p.C; c += WG) {
-        s += x[base + c];
-    }
-    let mean = reduce_sum(s, lid) / f32(p.C);
-    var s2 = 0.0;
-    for (var c = lid; c < p.C; c += WG) {
-        let d = x[base + c] - mean;
-        s2 += d * d;
-    }
-    let rstd = inverseSqrt(reduce_sum(s2, lid) / f32(p.C) + p.eps);
+    let st = row_stats(base, lid);
+    let mean = st.x;
+    let rstd = st.y;
     var sg = 0.0;
     var sgx = 0.0;
     for (var c = lid; c < p.C; c += WG) {
