@@ -165,7 +165,6 @@ impl TrainModel {
             geom: ConvGeom,
             e: TensorId,
             blocks: Vec<BlockSaved>,
-            out: TensorId,
             t: usize,
             tk: usize,
             hw: (usize, usize),
@@ -208,7 +207,7 @@ impl TrainModel {
                 bs.push(BlockSaved { x0: cur, h1, proj, q, k, v, q0, k0, v0, a, x1, h2, z, u });
                 cur = x2;
             }
-            saved.push(StageSaved { input: x, geom, e, blocks: bs, out: cur, t, tk, hw: (oh, ow) });
+            saved.push(StageSaved { input: x, geom, e, blocks: bs, t, tk, hw: (oh, ow) });
             (x, h, w, cin, tokens, off) = (cur, oh, ow, c, t, cls);
         }
         let c_last = cin;
@@ -266,7 +265,6 @@ impl TrainModel {
             if let Some(p) = dx_prev {
                 dcur = p;
             }
-            let _ = sv.out;
         }
         let plan = g.compile()?;
         Ok(StepPlan { plan, batch, images, targets, loss, logits })
