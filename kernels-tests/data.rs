@@ -65,3 +65,46 @@ fn real_fashion_mnist_when_installed() {
         assert_eq!(test.labels.iter().filter(|&&l| l == c).count(), 1000);
     }
 }
+
+use cvt_gpu::data::loader::{epoch, epoch_order, LoaderConfig};
+use cvt_gpu::data::Dataset;
+use std::sync::Arc;
+
+fn toy() -> Arc<Dataset> {
+    let n = 10;
+    Arc::new(Dataset {
+        images: (0..n * 4).map(|i| (i * 6) as u8).collect(),
+        labels: (0..n as u32).map(|i| i % 3).collect(),
+        height: 2,
+        width: 2,
+        channels: 1,
+        classes: vec!["a".into(), "b".into(), "c".into()],
+    })
+}
+
+#[test]
+fn loader_is_seeded_complete_and_smoothed() {
+    let ds = toy();
+    let cfg = LoaderConfig { batch: 4, seed: 9, label_smoothing: 0.3, mean: 0.5, std: 0.25, drop_last: false, shuffle: true };
+    // Same seed and epoch: same order; another epoch: another order; every index once.
+    assert_eq!(epoch_order(10, 9, 0, true), epoch_order(10, 9, 0, true));
+    assert_ne!(epoch_order(10, 9, 0, true), epoch_order(10, 9, 1, true));
+    let mut seen: Vec<usize> = epoch_order(10, 9, 3, true);
+    seen.sort();
+    assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    let batches: Vec<_> = epoch(ds.clone(), cfg, 0).into_iter().collect();
+    assert_eq!(batches.iter().map(|b| b.labels.len()).collect::<Vec<_>>(), vec![4, 4, 2]);
+    let order = epoch_order(10, 9, 0, true);
+    let first = &batches[0];
+    for (b, &i) in order[..4].iter().enumerate() {
+        assert_eq!(first.labels[b], ds.labels[i]);
+        let px = ds.image(i)[1] as f32;
+        assert!((first.images[b * 4 + 1] - (px / 255.0 - 0.5) / 0.25).abs() < 1e-6);
+        let t = &first.targets[b * 3..b * 3 + 3];
+        assert!((t.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!((t[ds.labels[i] as usize] - (0.7 + 0.1)).abs() < 1e-6);
+    }
+    // drop_last keeps only full batches.
+    let n = epoch(ds, LoaderConfig { drop_last: true, ..cfg }, 0).into_iter().count();
+    assert_eq!(n, 2);
+}

@@ -1,6 +1,7 @@
 //! Datasets for training and evaluation.
 
 pub mod idx;
+pub mod loader;
 
 use anyhow::{bail, Result};
 use std::path::Path;
