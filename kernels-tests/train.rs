@@ -13,12 +13,24 @@ use std::path::Path;
 
 #[test]
 fn tiny_cvt_gradients_match_torch() {
+    gradient_parity(false);
+}
+
+/// BatchNorm in eval mode (running statistics, frozen) while training the rest.
+#[test]
+fn tiny_cvt_gradients_match_torch_bn_eval() {
+    gradient_parity(true);
+}
+
+fn gradient_parity(bn_eval: bool) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels-tests/reference/fixtures");
     let tiny = root.join("tiny");
     let cfg = CvtConfig::from_json_file(tiny.join("config.json").to_str().unwrap()).unwrap();
     let ck = read_checkpoint(&tiny.join("official.safetensors")).unwrap();
-    let model = TrainModel::new(gpu(), cfg.clone(), &ck.tensors, Act::QuickGelu).unwrap();
-    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("train/expected.json")).unwrap()).unwrap();
+    let mut model = TrainModel::new(gpu(), cfg.clone(), &ck.tensors, Act::QuickGelu).unwrap();
+    model.set_bn_eval(bn_eval);
+    let suffix = if bn_eval { "_eval" } else { "" };
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join(format!("train/expected{suffix}.json"))).unwrap()).unwrap();
     let images: Vec<f32> = ["chelsea64.png", "coffee64.png"].iter().flat_map(|f| preprocess::load_image(&tiny.join(f), 64, Resize::None).unwrap()).collect();
     let classes = cfg.num_classes;
     let smooth = exp["label_smoothing"].as_f64().unwrap() as f32;
@@ -32,7 +44,7 @@ fn tiny_cvt_gradients_match_torch() {
     assert!((loss as f64 - want_loss).abs() < 1e-5, "loss {loss} vs torch {want_loss}");
 
     let grads = model.gradients().unwrap();
-    let torch = read_checkpoint(&root.join("train/grads.safetensors")).unwrap();
+    let torch = read_checkpoint(&root.join(format!("train/grads{suffix}.safetensors"))).unwrap();
     assert_eq!(grads.len(), torch.tensors.len(), "every parameter has a gradient");
     let mut worst = (String::new(), 0f64);
     for (name, t) in &torch.tensors {
@@ -49,10 +61,17 @@ fn tiny_cvt_gradients_match_torch() {
             worst = (name.clone(), rel);
         }
     }
-    eprintln!("{} gradients match torch; worst relative error {:.2e} in {}", torch.tensors.len(), worst.1, worst.0);
+    eprintln!("BN {}: {} gradients match torch; worst relative error {:.2e} in {}", if bn_eval { "eval" } else { "train" }, torch.tensors.len(), worst.1, worst.0);
 
-    // BatchNorm running statistics after the step (momentum 0.1, unbiased variance).
+    // BatchNorm running statistics after the step (momentum 0.1, unbiased
+    // variance); in eval mode they must not move.
     let running = model.running_stats().unwrap();
+    if bn_eval {
+        for (name, v) in &running {
+            assert_eq!(v, &ck.tensors[name].data, "{name} changed in eval mode");
+        }
+        return;
+    }
     let want = read_checkpoint(&root.join("train/running_after.safetensors")).unwrap();
     assert_eq!(running.len(), want.tensors.len());
     for (name, t) in &want.tensors {

@@ -96,6 +96,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
 const BN_EPS: f32 = 1e-5;
 const BN_MOMENTUM: f32 = 0.1;
+// Eval-mode BatchNorm while training other parameters (fine-tuning with frozen
+// statistics): normalise by the running statistics, leave them unchanged, and
+// backpropagate through a fixed affine map.
+override BN_EVAL: bool = false;
 
 @group(0) @binding(7) var<storage, read_write> stats: array<f32>;     // [mean C | rstd C]
 @group(0) @binding(8) var<storage, read_write> running: array<f32>;   // [mean C | var C]
@@ -144,6 +148,25 @@ fn bn_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let hw = p.H * p.W;
     let total = p.B * hw;
     let n = f32(total);
+    if (BN_EVAL) {
+        let mean = running[c];
+        let rstd = inverseSqrt(running[p.C + c] + BN_EPS);
+        for (var i = lid; i < total; i += WG) {
+            let r = flat_row(i, hw) + c;
+            post[r] = (pre[r] - mean) * rstd * w[c] + bias[c];
+        }
+        if (p.cls == 1u) {
+            for (var bi = lid; bi < p.B; bi += WG) {
+                let r = bi * (1u + hw) * p.C + c;
+                post[r] = pre[r];
+            }
+        }
+        if (lid == 0u) {
+            stats[c] = mean;
+            stats[p.C + c] = rstd;
+        }
+        return;
+    }
     var s = 0.0;
     for (var i = lid; i < total; i += WG) {
         s += pre[flat_row(i, hw) + c];
@@ -198,7 +221,12 @@ fn bn_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     for (var i = lid; i < total; i += WG) {
         let r = flat_row(i, hw) + c;
         let xh = (pre[r] - mean) * rstd;
-        dpre[r] = w[c] * rstd * (dpost[r] - sdy / n - xh * sdyx / n);
+        if (BN_EVAL) {
+            // The statistics are constants: only the affine map is differentiated.
+            dpre[r] = w[c] * rstd * dpost[r];
+        } else {
+            dpre[r] = w[c] * rstd * (dpost[r] - sdy / n - xh * sdyx / n);
+        }
     }
     if (p.cls == 1u) {
         for (var bi = lid; bi < p.B; bi += WG) {

@@ -79,6 +79,16 @@ fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a [f32]> {
 }
 
 impl TrainModel {
+    /// BatchNorm in eval mode (running statistics, frozen) or train mode (batch
+    /// statistics, the default). Takes effect in plans built afterwards.
+    pub fn set_bn_eval(&mut self, eval: bool) {
+        for st in &mut self.stages {
+            for b in &mut st.blocks {
+                b.proj.bn_eval = eval;
+            }
+        }
+    }
+
     /// From official-named tensors (as `model::weights` reads them).
     pub fn new(gpu: Arc<Gpu>, cfg: CvtConfig, t: &HashMap<String, Tensor>, act: Act) -> Result<TrainModel> {
         cfg.validate()?;

@@ -203,31 +203,35 @@ def adamw_fixture(out_dir):
 
 
 def train_fixture(out_dir, tiny_dir, cfg):
-    """Gradients of every parameter for one training step of the tiny CvT:
-    train-mode BatchNorm (batch statistics), QuickGELU (official), no drop path,
-    cross-entropy with label smoothing 0.1 on two photos."""
+    """Gradients of every parameter for one training step of the tiny CvT, with
+    BatchNorm in train mode (batch statistics; also the running statistics after
+    the step) and in eval mode (running statistics, frozen): QuickGELU (official),
+    no drop path, cross-entropy with label smoothing 0.1 on two photos."""
     os.makedirs(out_dir, exist_ok=True)
     cfg = CvtConfig(**{**cfg.to_dict(), "drop_path_rate": [0.0, 0.0, 0.0]})
-    model = CvtForImageClassification(cfg)
-    randomise(model, 1)
-    for stage in model.cvt.encoder.stages:
-        for layer in stage.layers:
-            layer.intermediate.activation = QuickGELU()
-    model.train()
     names = json.load(open(os.path.join(tiny_dir, "expected.json")))["images"]
     imgs = [Image.open(os.path.join(tiny_dir, n)).convert("RGB") for n in names]
     pixels = pixel_values(imgs)
     labels = torch.tensor([3, 7])
-    logits = model(pixel_values=pixels).logits
-    loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
-    loss.backward()
-    grads = {official_name(k): p.grad.contiguous() for k, p in model.named_parameters()}
-    save_file(grads, os.path.join(out_dir, "grads.safetensors"))
-    running = {official_name(k): v.contiguous() for k, v in model.state_dict().items() if "running" in k}
-    save_file(running, os.path.join(out_dir, "running_after.safetensors"))
-    with open(os.path.join(out_dir, "expected.json"), "w") as f:
-        json.dump({"labels": labels.tolist(), "label_smoothing": 0.1, "loss": float(loss), "logits": logits.tolist()}, f)
-    print(out_dir, "loss", float(loss))
+    for mode in ("train", "eval"):
+        model = CvtForImageClassification(cfg)
+        randomise(model, 1)
+        for stage in model.cvt.encoder.stages:
+            for layer in stage.layers:
+                layer.intermediate.activation = QuickGELU()
+        model.train(mode == "train")
+        logits = model(pixel_values=pixels).logits
+        loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+        loss.backward()
+        suffix = "" if mode == "train" else "_eval"
+        grads = {official_name(k): p.grad.contiguous() for k, p in model.named_parameters()}
+        save_file(grads, os.path.join(out_dir, f"grads{suffix}.safetensors"))
+        if mode == "train":
+            running = {official_name(k): v.contiguous() for k, v in model.state_dict().items() if "running" in k}
+            save_file(running, os.path.join(out_dir, "running_after.safetensors"))
+        with open(os.path.join(out_dir, f"expected{suffix}.json"), "w") as f:
+            json.dump({"labels": labels.tolist(), "label_smoothing": 0.1, "loss": float(loss), "logits": logits.detach().tolist()}, f)
+        print(out_dir, mode, "loss", float(loss))
 
 
 def main():

@@ -103,6 +103,8 @@ pub struct ConvProjTrain {
     zero_bias: Arc<wgpu::Buffer>,
     pub bn: [BnParams; 3],
     pub c: usize,
+    /// Normalise by the running statistics and keep them fixed (BN in eval mode).
+    pub bn_eval: bool,
 }
 
 impl ConvProjTrain {
@@ -129,6 +131,7 @@ impl ConvProjTrain {
             zero_bias: Arc::new(gpu.upload(&format!("{name}.zero_bias"), &vec![0.0; 3 * c])?),
             bn,
             c,
+            bn_eval: false,
         })
     }
 }
@@ -167,7 +170,7 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
     let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c };
     let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
     let (hk, wk) = kv_hw(h, w);
-    let pipeline = g.gpu.pipeline("dwconv", "bn_train", &[("WG", WG as f64)])?;
+    let pipeline = g.gpu.pipeline("dwconv", "bn_train", &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)])?;
     let mut post = vec![];
     let mut stats = vec![];
     for (m, (pre, (mh, mw))) in [(pq, (h, w)), (pk, (hk, wk)), (pv, (hk, wk))].into_iter().enumerate() {
@@ -187,7 +190,7 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
 pub fn conv_proj_train_backward(g: &mut Graph, label: &str, x: TensorId, saved: &ProjSaved, d: (TensorId, TensorId, TensorId), batch: usize, h: usize, w: usize, cls: usize, p: &ConvProjTrain, grad: &ConvProjGrad) -> Result<TensorId> {
     let c = p.c;
     let (hk, wk) = kv_hw(h, w);
-    let bn_bwd = g.gpu.pipeline("dwconv", "bn_backward", &[("WG", WG as f64)])?;
+    let bn_bwd = g.gpu.pipeline("dwconv", "bn_backward", &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)])?;
     let u = || Res::Unused;
     let mut dpre = vec![];
     for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {
