@@ -212,6 +212,41 @@ fn overrides(act: Act, accumulate: bool, conv: bool, wg: (usize, usize)) -> [(&'
     ]
 }
 
+/// The shader's `Params` (20 u32, in its field order): sizes [M, N, K, NP4], the
+/// conv view (zeros when there is none), the first output row and the A/B strides.
+fn params(sizes: [usize; 4], conv: Option<&ConvGeom>, out_row_off: usize, (a_stride, b_stride): (usize, usize)) -> Vec<u32> {
+    let mut p: Vec<u32> = sizes.iter().map(|&v| v as u32).collect();
+    match conv {
+        Some(c) => {
+            let (oh, ow) = c.out_hw();
+            p.extend([c.in_h, c.in_w, c.cin, c.in_tokens, c.in_tok_off, oh, ow, c.k, c.k, c.stride, c.pad].map(|v| v as u32));
+        }
+        None => p.extend([0u32; 11]),
+    }
+    p.extend([out_row_off as u32, a_stride as u32, b_stride as u32, 0, 0]);
+    p
+}
+
+/// Materialises the im2col matrix of x for `geom`: [M, k_out] with zero columns
+/// past kh·kw·cin.
+fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k_out: usize) -> Result<TensorId> {
+    let (oh, ow) = geom.out_hw();
+    let m = geom.batch * oh * ow;
+    let cols = g.tensor(format!("{label}.im2col"), m * k_out);
+    let p = params([m, k_out, geom.k * geom.k * geom.cin, 0], Some(geom), 0, (0, 0));
+    let pipeline = g.gpu.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
+    let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
+    let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
+    g.dispatch(
+        format!("{label}.im2col"),
+        pipeline,
+        vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(cols), Res::Uniform(p)],
+        [k_out.div_ceil(64) as u32, gy as u32, gz as u32],
+        0.0,
+    );
+    Ok(cols)
+}
+
 fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: Act, out: Out, conv: Option<ConvGeom>) -> Result<TensorId> {
     let np4 = pad4(l.n) / 4;
     let (accumulate, y) = match out {
@@ -219,14 +254,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
         Out::Into(t) => (false, t),
         Out::Accumulate(t) => (true, t),
     };
-    let c = conv.unwrap_or(ConvGeom { batch: 0, in_h: 0, in_w: 0, cin: 1, in_tokens: 0, in_tok_off: 0, k: 1, stride: 1, pad: 0 });
-    let (oh, ow) = if conv.is_some() { c.out_hw() } else { (0, 0) };
-    let params = |rows: usize, row_off: usize| {
-        let mut p = vec![rows as u32, l.n as u32, l.k as u32, np4 as u32];
-        p.extend([c.in_h, c.in_w, c.cin, c.in_tokens, c.in_tok_off, oh, ow, c.k, c.k, c.stride, c.pad, row_off].map(|v| v as u32));
-        p.extend([l.k as u32, (np4 * 4) as u32, 0, 0]);
-        p
-    };
+    let params = |rows: usize, row_off: usize| params([rows, l.n, l.k, np4], conv.as_ref(), row_off, (l.k, np4 * 4));
     let flops = |rows: usize| 2.0 * (rows * l.n * l.k) as f64;
     match (&l.w, &l.tex) {
         (Some(w), _) => {
@@ -269,19 +297,7 @@ pub fn conv2d(g: &mut Graph, label: &str, x: TensorId, geom: ConvGeom, l: &Linea
         return dispatch(g, label, x, m, l, Act::None, Out::New, Some(geom));
     }
     assert!(l.k >= k_real && l.k % 64 == 0, "{label}: padded conv weight K");
-    let cols = g.tensor(format!("{label}.im2col"), m * l.k);
-    let mut params = vec![m as u32, l.k as u32, k_real as u32, 0];
-    params.extend([geom.in_h, geom.in_w, geom.cin, geom.in_tokens, geom.in_tok_off, oh, ow, geom.k, geom.k, geom.stride, geom.pad, 0, 0, 0, 0, 0].map(|v| v as u32));
-    let pipeline = g.gpu.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
-    let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
-    let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
-    g.dispatch(
-        format!("{label}.im2col"),
-        pipeline,
-        vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(cols), Res::Uniform(params)],
-        [l.k.div_ceil(64) as u32, gy as u32, gz as u32],
-        0.0,
-    );
+    let cols = im2col(g, label, x, &geom, l.k)?;
     dispatch(g, label, cols, m, l, Act::None, Out::New, None)
 }
 
@@ -333,9 +349,7 @@ fn backward_product(
             ("WG_Y", WG_Y as f64),
         ],
     )?;
-    let mut params = vec![m as u32, n as u32, k as u32, 0];
-    params.extend([0u32; 12]);
-    params.extend([a_stride as u32, b_stride as u32, 0, 0]);
+    let params = params([m, n, k, 0], None, 0, (a_stride, b_stride));
     let groups = [n.div_ceil(4).div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
     // A_MODE 3 reads no A and HAS_BIAS=false reads no bias: placeholders fill the layout.
     let a_res = match a {
@@ -351,25 +365,26 @@ pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usiz
     backward_product(g, label, (None, 3, 0), (Res::Act(src), 2, cols), out, (1, cols, rows), false)
 }
 
+/// The activation's elementwise entries over `len` values: `act_forward` writes
+/// act(z) into `out`, `act_backward` scales `out` (holding dy) by act'(z).
+fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: TensorId, len: usize, act: Act) -> Result<()> {
+    let pipeline = g.gpu.pipeline("matmul", entry, &[("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)])?;
+    let groups = crate::graph::grid1d(&g.gpu, len.div_ceil(64) as u64);
+    let p = params([len, 0, 0, 0], None, 0, (0, 0));
+    g.dispatch(label, pipeline, vec![Res::Act(z), Res::Unused, Res::Unused, Res::Act(out), Res::Uniform(p)], groups, 0.0);
+    Ok(())
+}
+
 /// u = act(z) elementwise (a new tensor of `len`).
 pub fn act_forward(g: &mut Graph, label: &str, z: TensorId, len: usize, act: Act) -> Result<TensorId> {
     let u = g.tensor(label.to_string(), len);
-    let pipeline = g.gpu.pipeline("matmul", "act_forward", &[("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)])?;
-    let mut params = vec![len as u32];
-    params.resize(20, 0);
-    let groups = crate::graph::grid1d(&g.gpu, len.div_ceil(64) as u64);
-    g.dispatch(label, pipeline, vec![Res::Act(z), Res::Unused, Res::Unused, Res::Act(u), Res::Uniform(params)], groups, 0.0);
+    elementwise(g, "act_forward", label, z, u, len, act)?;
     Ok(u)
 }
 
 /// In place: dy[i] *= act'(z[i]) over `len` elements (the fused activation's backward).
 pub fn act_backward(g: &mut Graph, label: &str, z: TensorId, dy: TensorId, len: usize, act: Act) -> Result<()> {
-    let pipeline = g.gpu.pipeline("matmul", "act_backward", &[("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)])?;
-    let mut params = vec![len as u32];
-    params.resize(20, 0);
-    let groups = crate::graph::grid1d(&g.gpu, len.div_ceil(64) as u64);
-    g.dispatch(label, pipeline, vec![Res::Act(z), Res::Unused, Res::Unused, Res::Act(dy), Res::Uniform(params)], groups, 0.0);
-    Ok(())
+    elementwise(g, "act_backward", label, z, dy, len, act)
 }
 
 /// Appends the backward of `y = x·W + b` (x [m, K], dy [m, N]): writes dW and db
@@ -402,13 +417,7 @@ pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, ge
     let m = geom.batch * oh * ow;
     let np = pad4(l.n);
     // im2col of x (the A of the forward), then dW = colsᵀ·dy and db = 1ᵀ·dy.
-    let cols = g.tensor(format!("{label}.im2col"), m * k_real);
-    let mut params = vec![m as u32, k_real as u32, k_real as u32, 0];
-    params.extend([geom.in_h, geom.in_w, geom.cin, geom.in_tokens, geom.in_tok_off, oh, ow, geom.k, geom.k, geom.stride, geom.pad, 0, 0, 0, 0, 0].map(|v| v as u32));
-    let pipeline = g.gpu.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
-    let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
-    let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
-    g.dispatch(format!("{label}.im2col"), pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(cols), Res::Uniform(params)], [k_real.div_ceil(64) as u32, gy as u32, gz as u32], 0.0);
+    let cols = im2col(g, label, x, &geom, k_real)?;
     backward_product(g, &format!("{label}.dW"), (Some(cols), 2, k_real), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (k_real, np, m), false)?;
     colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
     if let Some(dx) = dx_into {
@@ -416,11 +425,10 @@ pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, ge
         let dcols = g.tensor(format!("{label}.dcols"), m * k_real);
         backward_product(g, &format!("{label}.dcols"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dcols), (m, k_real, l.n), false)?;
         let n_in = geom.batch * geom.in_h * geom.in_w * geom.cin;
-        let mut params = vec![geom.batch as u32, 0, k_real as u32, 0];
-        params.extend([geom.in_h, geom.in_w, geom.cin, geom.in_tokens, geom.in_tok_off, oh, ow, geom.k, geom.k, geom.stride, geom.pad, 0, 0, 0, 0, 0].map(|v| v as u32));
+        let p = params([geom.batch, 0, k_real, 0], Some(&geom), 0, (0, 0));
         let pipeline = g.gpu.pipeline("matmul", "col2im", &overrides(Act::None, true, false, (64, 1)))?;
         let groups = crate::graph::grid1d(&g.gpu, n_in.div_ceil(64) as u64);
-        g.dispatch(format!("{label}.col2im"), pipeline, vec![Res::Act(dcols), Res::Unused, Res::Unused, Res::Act(dx), Res::Uniform(params)], groups, 0.0);
+        g.dispatch(format!("{label}.col2im"), pipeline, vec![Res::Act(dcols), Res::Unused, Res::Unused, Res::Act(dx), Res::Uniform(p)], groups, 0.0);
     }
     Ok(())
 }
