@@ -575,26 +575,7 @@ fn conv_projection_train_bn() {
         let (_, maps, running, gr) = run(&x, &convs, &gam, &bet, true);
         // f64 forward reference.
         for (mi, (stride, oh, ow, t)) in [(1, h, w, tq), (2, hk, wk, tk), (2, hk, wk, tk)].into_iter().enumerate() {
-            let mut pre = vec![0f64; batch * t * c];
-            for bi in 0..batch {
-                for ch in 0..c {
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            let mut s = 0f64;
-                            for ky in 0..3 {
-                                for kx in 0..3 {
-                                    let iy = (oy * stride + ky) as isize - 1;
-                                    let ix = (ox * stride + kx) as isize - 1;
-                                    if iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize {
-                                        s += x[(bi * tq + cls + iy as usize * w + ix as usize) * c + ch] as f64 * convs[mi][ch * 9 + ky * 3 + kx] as f64;
-                                    }
-                                }
-                            }
-                            pre[(bi * t + cls + oy * ow + ox) * c + ch] = s;
-                        }
-                    }
-                }
-            }
+            let pre = depthwise_ref(&x, &convs[mi], (batch, h, w, c, cls), stride);
             let n = (batch * oh * ow) as f64;
             let mut want = vec![0f64; batch * t * c];
             for ch in 0..c {

@@ -180,27 +180,17 @@ fn conv_projection_q_k_v() {
         plan.run().unwrap();
         for (i, (t, stride, oh, ow, tt)) in [(q, 1, h, w, tq), (k, 2, hk, wk, tk), (v, 2, hk, wk, tk)].into_iter().enumerate() {
             // Reference: conv, then BatchNorm with running statistics (not folded).
+            let pre = depthwise_ref(&x, &convs[i], (batch, h, w, c, cls), stride);
             let mut want = vec![0f64; batch * tt * c];
             for bi in 0..batch {
                 for ch in 0..c {
                     if cls == 1 {
                         want[(bi * tt) * c + ch] = x[(bi * tq) * c + ch] as f64;
                     }
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            let mut s = 0f64;
-                            for ky in 0..3 {
-                                for kx in 0..3 {
-                                    let iy = (oy * stride + ky) as isize - 1;
-                                    let ix = (ox * stride + kx) as isize - 1;
-                                    if iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize {
-                                        s += x[(bi * tq + cls + iy as usize * w + ix as usize) * c + ch] as f64 * convs[i][ch * 9 + ky * 3 + kx] as f64;
-                                    }
-                                }
-                            }
-                            let (gm, bt, mu, var) = (bnp[i][0][ch] as f64, bnp[i][1][ch] as f64, bnp[i][2][ch] as f64, bnp[i][3][ch] as f64);
-                            want[(bi * tt + cls + oy * ow + ox) * c + ch] = (s - mu) / (var + 1e-5).sqrt() * gm + bt;
-                        }
+                    let (gm, bt, mu, var) = (bnp[i][0][ch] as f64, bnp[i][1][ch] as f64, bnp[i][2][ch] as f64, bnp[i][3][ch] as f64);
+                    for pix in 0..oh * ow {
+                        let r = (bi * tt + cls + pix) * c + ch;
+                        want[r] = (pre[r] - mu) / (var + 1e-5).sqrt() * gm + bt;
                     }
                 }
             }

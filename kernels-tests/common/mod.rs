@@ -92,3 +92,31 @@ pub fn layernorm_ref(x: &[f64], g: &[f32], b: &[f32]) -> Vec<f64> {
     let r = 1.0 / (var + 1e-5).sqrt();
     x.iter().enumerate().map(|(i, v)| (v - mean) * r * g[i] as f64 + b[i] as f64).collect()
 }
+
+/// Depthwise 3x3 conv (pad 1, no bias) of x [batch, cls + h*w, c] at `stride`, in
+/// f64: [batch, cls + oh*ow, c] with the cls rows left zero (callers fill them).
+pub fn depthwise_ref(x: &[f32], conv: &[f32], (batch, h, w, c, cls): (usize, usize, usize, usize, usize), stride: usize) -> Vec<f64> {
+    let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+    let (tq, t) = (cls + h * w, cls + oh * ow);
+    let mut y = vec![0f64; batch * t * c];
+    for bi in 0..batch {
+        for ch in 0..c {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut s = 0f64;
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let iy = (oy * stride + ky) as isize - 1;
+                            let ix = (ox * stride + kx) as isize - 1;
+                            if iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize {
+                                s += x[(bi * tq + cls + iy as usize * w + ix as usize) * c + ch] as f64 * conv[ch * 9 + ky * 3 + kx] as f64;
+                            }
+                        }
+                    }
+                    y[(bi * t + cls + oy * ow + ox) * c + ch] = s;
+                }
+            }
+        }
+    }
+    y
+}
