@@ -85,7 +85,7 @@ fn toy() -> Arc<Dataset> {
 #[test]
 fn loader_is_seeded_complete_and_smoothed() {
     let ds = toy();
-    let cfg = LoaderConfig { batch: 4, seed: 9, label_smoothing: 0.3, mean: 0.5, std: 0.25, drop_last: false, shuffle: true };
+    let cfg = LoaderConfig { batch: 4, seed: 9, label_smoothing: 0.3, mean: [0.5; 3], std: [0.25; 3], augment: Default::default(), drop_last: false, shuffle: true };
     // Same seed and epoch: same order; another epoch: another order; every index once.
     assert_eq!(epoch_order(10, 9, 0, true), epoch_order(10, 9, 0, true));
     assert_ne!(epoch_order(10, 9, 0, true), epoch_order(10, 9, 1, true));

@@ -406,3 +406,41 @@ fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
     store_vec(row0 + 6u, col4, a6_0); store_vec(row0 + 6u, col4 + 1u, a6_1); store_vec(row0 + 6u, col4 + 2u, a6_2); store_vec(row0 + 6u, col4 + 3u, a6_3);
     store_vec(row0 + 7u, col4, a7_0); store_vec(row0 + 7u, col4 + 1u, a7_1); store_vec(row0 + 7u, col4 + 2u, a7_2); store_vec(row0 + 7u, col4 + 3u, a7_3);
 }
+
+// ---------------------------------------------------------------------------
+// pack: writes a logical matrix L [R, C] into an rgba32float texture of
+// ceil(C/4) x R texels (texel (x, y) = L[y][4x .. 4x+4]) for main_tex, from a
+// storage buffer in either orientation:
+//   normal:     L[r][c] = src[off + r * stride + c]
+//   transposed: L[r][c] = src[off + c * stride + r]
+// Entries past (r_real, c_real) are written as zero, so a GEMM's K can be padded
+// to the texture's multiple of 4 and its N to whole texels. This is how training
+// (and layers whose K is not a multiple of 64) use the texture GEMM: dX = dY·Wᵀ
+// packs W transposed, dW = Xᵀ·dY packs X transposed, with no copies of the
+// buffers themselves. Params reuse: M = texture height, N = texture width (texels),
+// K = r_real, NP4 = c_real, a_stride = stride, b_stride = 1 if transposed,
+// out_row_off = off.
+@group(0) @binding(7) var pack_out: texture_storage_2d<rgba32float, write>;
+
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn pack(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let x = gid.x;
+    let y = gid.y;
+    if (x >= p.N || y >= p.M) {
+        return;
+    }
+    var v = vec4<f32>(0.0);
+    if (y < p.K) {
+        for (var e = 0u; e < 4u; e++) {
+            let col = x * 4u + e;
+            if (col < p.NP4) {
+                if (p.b_stride != 0u) {
+                    v[e] = a[p.out_row_off + col * p.a_stride + y];
+                } else {
+                    v[e] = a[p.out_row_off + y * p.a_stride + col];
+                }
+            }
+        }
+    }
+    textureStore(pack_out, vec2<i32>(i32(x), i32(y)), v);
+}

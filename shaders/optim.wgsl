@@ -40,3 +40,29 @@ fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     m2[i] = v;
     param[i] = w - (lr / hyper[5]) * m / (sqrt(v) / sqrt(hyper[6]) + hyper[3]);
 }
+
+// sumsq: Σ grad² of one parameter tensor into norms[p.decay] (the slot index is
+// passed in the `decay` field), one workgroup striding over the tensor, for the
+// global gradient norm of clipping. The host sums the slots.
+@group(0) @binding(6) var<storage, read_write> norms: array<f32>;
+var<workgroup> red: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn sumsq(@builtin(local_invocation_index) lid: u32) {
+    var s = 0.0;
+    for (var i = lid; i < p.n; i += WG) {
+        let g = grad[i];
+        s += g * g;
+    }
+    red[lid] = s;
+    workgroupBarrier();
+    for (var k = WG / 2u; k > 0u; k >>= 1u) {
+        if (lid < k) {
+            red[lid] += red[lid + k];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        norms[p.decay] = red[0];
+    }
+}

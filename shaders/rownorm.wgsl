@@ -1,7 +1,11 @@
 // Row-wise normalisations over the channel axis: LayerNorm and softmax.
-// One workgroup per row, WG invocations striding over the row and a tree
-// reduction in workgroup memory. LayerNorm is two-pass (mean, then the mean of
-// squared deviations), as PyTorch computes it, so large means do not cancel.
+// LANES invocations share a row (WG / LANES rows per workgroup), striding over
+// it, with a tree reduction in workgroup memory. LANES = WG (one workgroup per
+// row) suits GPUs and wide rows; LANES = 1 (a row per invocation, no barriers)
+// suits CPU drivers, where a workgroup's invocations are SIMD lanes and every
+// barrier is a full spill (measured 30-100x faster on lavapipe for C <= 384:
+// docs/perf.md). LayerNorm is two-pass (mean, then the mean of squared
+// deviations), as PyTorch computes it, so large means do not cancel.
 //
 // Rows may be gathered and scattered: row r is (g, i) = (r / group, r % group) and
 // reads input row g*in_stride + in_off + i and writes output row
@@ -9,6 +13,7 @@
 // each image and the token-embedding norm write below a cls slot.
 
 override WG: u32 = 64u;
+override LANES: u32 = 64u;
 
 struct Params {
     rows: u32, C: u32, group: u32, in_stride: u32,
@@ -23,30 +28,47 @@ struct Params {
 
 var<workgroup> red: array<f32, WG>;
 
+// Which row and lane an invocation works on. Rows past the end are clamped to the
+// last one (computed, not written) so every invocation reaches the barriers.
+struct Row { r: u32, lane: u32, valid: bool }
+
+fn row_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Row {
+    let rr = (wid.y * nwg.x + wid.x) * (WG / LANES) + lid / LANES;
+    return Row(min(rr, p.rows - 1u), lid % LANES, rr < p.rows);
+}
+
 fn reduce_sum(val: f32, lid: u32) -> f32 {
+    if (LANES == 1u) {
+        return val;
+    }
+    let lane = lid % LANES;
     red[lid] = val;
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
+    for (var s = LANES / 2u; s > 0u; s >>= 1u) {
+        if (lane < s) {
             red[lid] += red[lid + s];
         }
         workgroupBarrier();
     }
-    let r = red[0];
+    let r = red[lid - lane];
     workgroupBarrier();
     return r;
 }
 
 fn reduce_max(val: f32, lid: u32) -> f32 {
+    if (LANES == 1u) {
+        return val;
+    }
+    let lane = lid % LANES;
     red[lid] = val;
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
+    for (var s = LANES / 2u; s > 0u; s >>= 1u) {
+        if (lane < s) {
             red[lid] = max(red[lid], red[lid + s]);
         }
         workgroupBarrier();
     }
-    let r = red[0];
+    let r = red[lid - lane];
     workgroupBarrier();
     return r;
 }
@@ -54,12 +76,12 @@ fn reduce_max(val: f32, lid: u32) -> f32 {
 // (mean, 1/sqrt(var + eps)) of the row of C values at x[base..], two-pass.
 fn row_stats(base: u32, lid: u32) -> vec2<f32> {
     var s = 0.0;
-    for (var c = lid; c < p.C; c += WG) {
+    for (var c = lid % LANES; c < p.C; c += LANES) {
         s += x[base + c];
     }
     let mean = reduce_sum(s, lid) / f32(p.C);
     var s2 = 0.0;
-    for (var c = lid; c < p.C; c += WG) {
+    for (var c = lid % LANES; c < p.C; c += LANES) {
         let d = x[base + c] - mean;
         s2 += d * d;
     }
@@ -77,16 +99,14 @@ fn out_base(r: u32) -> u32 {
 @compute @workgroup_size(WG)
 fn layernorm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) lid: u32) {
-    let r = wid.y * nwg.x + wid.x;
-    if (r >= p.rows) {
-        return;
-    }
+    let row = row_of(wid, nwg, lid);
+    let r = row.r;
     let ib = in_base(r);
     let ob = out_base(r);
     let st = row_stats(ib, lid);
     let mean = st.x;
     let rstd = st.y;
-    for (var c = lid; c < p.C; c += WG) {
+    for (var c = row.lane; c < p.C && row.valid; c += LANES) {
         y[ob + c] = (x[ib + c] - mean) * rstd * gamma[c] + beta[c];
     }
 }
@@ -94,12 +114,12 @@ fn layernorm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 // log Σ exp over row r of x (max-shifted), shared by softmax and its cross-entropy.
 fn row_logsumexp(b: u32, lid: u32) -> f32 {
     var m = -3.0e38;
-    for (var c = lid; c < p.C; c += WG) {
+    for (var c = lid % LANES; c < p.C; c += LANES) {
         m = max(m, x[b + c]);
     }
     let mx = reduce_max(m, lid);
     var s = 0.0;
-    for (var c = lid; c < p.C; c += WG) {
+    for (var c = lid % LANES; c < p.C; c += LANES) {
         s += exp(x[b + c] - mx);
     }
     return mx + log(reduce_sum(s, lid));
@@ -109,13 +129,11 @@ fn row_logsumexp(b: u32, lid: u32) -> f32 {
 @compute @workgroup_size(WG)
 fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
-    let r = wid.y * nwg.x + wid.x;
-    if (r >= p.rows) {
-        return;
-    }
+    let row = row_of(wid, nwg, lid);
+    let r = row.r;
     let b = r * p.C;
     let lse = row_logsumexp(b, lid);
-    for (var c = lid; c < p.C; c += WG) {
+    for (var c = row.lane; c < p.C && row.valid; c += LANES) {
         y[b + c] = exp(x[b + c] - lse);
     }
 }
@@ -131,10 +149,8 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
 @compute @workgroup_size(WG)
 fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
-    let r = wid.y * nwg.x + wid.x;
-    if (r >= p.rows) {
-        return;
-    }
+    let row = row_of(wid, nwg, lid);
+    let r = row.r;
     let base = in_base(r);
     let ob = out_base(r);
     let tb = r * p.C;
@@ -143,7 +159,7 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let rstd = st.y;
     var sg = 0.0;
     var sgx = 0.0;
-    for (var c = lid; c < p.C; c += WG) {
+    for (var c = row.lane; c < p.C; c += LANES) {
         let xh = (x[base + c] - mean) * rstd;
         let g = beta[ob + c] * gamma[c];
         sg += g;
@@ -151,7 +167,7 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     }
     let mg = reduce_sum(sg, lid) / f32(p.C);
     let mgx = reduce_sum(sgx, lid) / f32(p.C);
-    for (var c = lid; c < p.C; c += WG) {
+    for (var c = row.lane; c < p.C && row.valid; c += LANES) {
         let xh = (x[base + c] - mean) * rstd;
         let dy = beta[ob + c];
         y[base + c] = rstd * (dy * gamma[c] - mg - xh * mgx);
@@ -166,21 +182,19 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 @compute @workgroup_size(WG)
 fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
-    let r = wid.y * nwg.x + wid.x;
-    if (r >= p.rows) {
-        return;
-    }
+    let row = row_of(wid, nwg, lid);
+    let r = row.r;
     let b = r * p.C;
     let lse = row_logsumexp(b, lid);
     // p.eps carries the gradient scale (1 / batch for a mean loss).
     var l = 0.0;
-    for (var c = lid; c < p.C; c += WG) {
+    for (var c = row.lane; c < p.C && row.valid; c += LANES) {
         let t = gamma[b + c];
         y[b + c] = (exp(x[b + c] - lse) - t) * p.eps;
         l += t * (lse - x[b + c]);
     }
     let loss = reduce_sum(l, lid);
-    if (lid == 0u) {
+    if (row.lane == 0u && row.valid) {
         aux[r] = loss;
     }
 }

@@ -34,6 +34,9 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also time every kernel on its own and print a table by kernel family.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -134,6 +137,9 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         plan.run()?;
         gpu.sync()
     })?;
+    if a.profile {
+        print_profile(&[&plan.plan])?;
+    }
     let gflop = 2.0 * cfg.macs(res, res)? / 1e9;
     let (dispatches, texture_copies) = plan.plan.counts();
     let rate = gflop * a.batch as f64 / (median / 1e3);
@@ -208,6 +214,9 @@ fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize, ceiling: f64
         opt.update(1e-4)?;
         gpu.sync()
     })?;
+    if a.profile {
+        print_profile(&[&step.plan, &opt.plan])?;
+    }
     // Forward + backward ≈ 3 × the forward's FLOPs (the convention PyTorch's FlopCounter gives).
     let gflop = 3.0 * 2.0 * cfg.macs(res, res)? / 1e9;
     let rate = gflop * a.batch as f64 / (median / 1e3);
@@ -235,5 +244,34 @@ fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize, ceiling: f64
         println!("  rate      {:.2} GFLOP/s ({:.2} GFLOP/image fwd+bwd), {:.0}% of the {:.1} GFLOP/s matmul ceiling", rate, gflop, 100.0 * r.ratio_to_ceiling, ceiling);
         println!("  memory    activations {:.1} MiB; first step {:.0} ms", r.activation_bytes as f64 / 1048576.0, first_call_ms);
     }
+    Ok(())
+}
+
+/// Per-kernel wall times (each step run alone), grouped by kernel family: the
+/// label with block indices dropped, so "stage1.blocks.0.fc1" and
+/// "stage1.blocks.1.fc1" add up as "stage1.fc1".
+pub fn print_profile(plans: &[&crate::graph::Plan]) -> Result<()> {
+    let mut groups: Vec<(String, f64, f64, usize)> = vec![];
+    let mut total = 0.0;
+    for p in plans {
+        for s in p.profile()? {
+            let key = s.label.split('.').filter(|part| part.parse::<usize>().is_err() && *part != "blocks").collect::<Vec<_>>().join(".");
+            total += s.ms;
+            match groups.iter_mut().find(|g| g.0 == key) {
+                Some(g) => {
+                    g.1 += s.ms;
+                    g.2 += s.flops;
+                    g.3 += 1;
+                }
+                None => groups.push((key, s.ms, s.flops, 1)),
+            }
+        }
+    }
+    groups.sort_by(|a, b| b.1.total_cmp(&a.1));
+    eprintln!("{:<40} {:>6} {:>10} {:>6} {:>9}", "kernel (each step alone, wall clock)", "steps", "ms", "share", "GFLOP/s");
+    for (k, ms, fl, n) in &groups {
+        eprintln!("{:<40} {:>6} {:>10.2} {:>5.1}% {:>9.2}", k, n, ms, 100.0 * ms / total, fl / ms / 1e6);
+    }
+    eprintln!("{:<40} {:>6} {:>10.2}", "total", groups.iter().map(|g| g.3).sum::<usize>(), total);
     Ok(())
 }

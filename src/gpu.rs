@@ -163,6 +163,9 @@ pub struct Gpu {
     placeholder: std::sync::OnceLock<Arc<wgpu::Buffer>>,
     /// The matmul variant, chosen on first use by a timed trial (`ops::matmul::preferred_kind`).
     pub matmul_kind: std::sync::OnceLock<MatmulKind>,
+    /// Invocations per row in the row-reduction kernels (0 = not chosen yet; see
+    /// `ops::rownorm::row_lanes`). Tests set it to run every variant.
+    pub row_lanes: std::sync::atomic::AtomicUsize,
     /// Uncaptured wgpu errors land here (instead of wgpu's default panic) and are
     /// turned into `Err` at the next synchronisation point.
     error: Arc<Mutex<Option<String>>>,
@@ -231,6 +234,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             matmul_kind: std::sync::OnceLock::new(),
+            row_lanes: std::sync::atomic::AtomicUsize::new(0),
             placeholder: std::sync::OnceLock::new(),
             error,
         }))
@@ -422,7 +426,7 @@ pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
         format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::STORAGE_BINDING,
         view_formats: &[],
     })
 }

@@ -53,13 +53,17 @@ pub enum Res {
     Unused,
     /// A texture that outlives the plan (weights in the texture matmul variant).
     Tex(Arc<wgpu::TextureView>),
-    /// A texture filled from an activation by an earlier `Graph::to_texture`.
+    /// A texture filled from an activation by an earlier `Graph::to_texture`, or
+    /// written by an earlier dispatch through `OutTex`.
     ActTex(TexRef),
+    /// A plan texture this dispatch writes (a storage texture binding).
+    OutTex(TexRef),
 }
 
-/// An rgba32float texture of the plan, filled by a copy step. Textures of equal
-/// size and `binding` are one texture: each is consumed by the dispatch right after
-/// its copies, and a dispatch reading several copies gives each its own binding.
+/// An rgba32float texture of the plan, filled by a copy step or a packing
+/// dispatch. Textures of equal size and `binding` are one texture: each is consumed
+/// by the dispatch right after it is filled, and a dispatch reading several gives
+/// each its own binding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TexRef {
     width: u32,
@@ -199,6 +203,12 @@ impl Graph {
         tex
     }
 
+    /// A plan texture of width x rows texels for a later dispatch's `binding`,
+    /// to be written by a dispatch (`Res::OutTex`) right before that one.
+    pub fn tex(&mut self, width: usize, rows: usize, binding: u32) -> TexRef {
+        TexRef { width: width as u32, height: rows as u32, binding }
+    }
+
     /// Plans memory by liveness and creates every buffer and bind group.
     pub fn compile(self) -> Result<Plan> {
         let gpu = self.gpu.clone();
@@ -273,9 +283,14 @@ impl Graph {
             .collect::<Result<_>>()?;
         let mut tex_sizes: Vec<TexRef> = vec![];
         for op in &self.ops {
-            if let OpRec::Copy { tex, .. } = op {
-                if !tex_sizes.contains(tex) {
-                    tex_sizes.push(*tex);
+            let texs: Vec<TexRef> = match op {
+                OpRec::Copy { tex, .. } => vec![*tex],
+                OpRec::Dispatch { bindings, .. } => bindings.iter().filter_map(|r| if let Res::ActTex(t) | Res::OutTex(t) = r { Some(*t) } else { None }).collect(),
+                OpRec::Clear { .. } => vec![],
+            };
+            for t in texs {
+                if !tex_sizes.contains(&t) {
+                    tex_sizes.push(t);
                 }
             }
         }
@@ -331,7 +346,7 @@ impl Graph {
                         Res::Buf(b) => b.as_entire_binding(),
                         Res::Uniform(_) => uniforms[i].as_ref().unwrap().as_entire_binding(),
                         Res::Tex(v) => wgpu::BindingResource::TextureView(v),
-                        Res::ActTex(t) => wgpu::BindingResource::TextureView(&views[tex_index(t)]),
+                        Res::ActTex(t) | Res::OutTex(t) => wgpu::BindingResource::TextureView(&views[tex_index(t)]),
                         Res::Unused => unreachable!(),
                     },
                 })
@@ -421,5 +436,46 @@ impl Plan {
     /// Total floating-point operations of one run (2 per multiply-add).
     pub fn flops(&self) -> f64 {
         self.steps.iter().map(|s| s.flops).sum()
+    }
+}
+
+/// Wall time of one step, measured by `Plan::profile`.
+pub struct StepTime {
+    pub label: String,
+    pub ms: f64,
+    pub flops: f64,
+}
+
+impl Plan {
+    /// Runs every step on its own (submit, then wait) and returns its wall time.
+    /// Slower than `run` (no overlap, one submit per step) but it attributes time
+    /// to kernels on adapters without timestamp queries.
+    pub fn profile(&self) -> Result<Vec<StepTime>> {
+        let mut out = vec![];
+        for s in &self.steps {
+            let t = std::time::Instant::now();
+            let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+            match &s.kind {
+                StepKind::Copy { slot, offset, texture, width, height } => enc.copy_buffer_to_texture(
+                    wgpu::TexelCopyBufferInfo {
+                        buffer: &self.slots[*slot],
+                        layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: Some(width * 16), rows_per_image: Some(*height) },
+                    },
+                    self.textures[*texture].as_image_copy(),
+                    wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
+                ),
+                StepKind::Clear { slot, bytes } => enc.clear_buffer(&self.slots[*slot], 0, Some(*bytes)),
+                StepKind::Dispatch { pipeline, bind_group, groups } => {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    pass.set_pipeline(pipeline);
+                    pass.set_bind_group(0, bind_group, &[]);
+                    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                }
+            }
+            self.gpu.queue.submit([enc.finish()]);
+            self.gpu.sync()?;
+            out.push(StepTime { label: s.label.clone(), ms: t.elapsed().as_secs_f64() * 1e3, flops: s.flops });
+        }
+        Ok(out)
     }
 }

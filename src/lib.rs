@@ -12,12 +12,15 @@
 //! ```
 
 pub mod bench;
+pub mod checkpoint;
 pub mod data;
 pub mod gpu;
 pub mod graph;
 pub mod labels;
 pub mod model;
+pub mod plot;
 pub mod ops;
 pub mod preprocess;
 pub mod train;
+pub mod trainer;
 pub mod util;

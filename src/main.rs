@@ -13,8 +13,8 @@ use std::sync::Arc;
 #[command(
     name = "cvt-gpu",
     version,
-    about = "CvT vision transformer inference on any GPU (Vulkan, Metal, DX12, GL) via wgpu",
-    after_help = "Examples:\n  cvt-gpu infer --weights weights/cvt13.safetensors cat.png dog.jpg\n  cvt-gpu infer --weights model.safetensors --json --topk 3 img.png\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu adapters"
+    about = "CvT vision transformer inference and training on any GPU (Vulkan, Metal, DX12, GL) via wgpu",
+    after_help = "Examples:\n  cvt-gpu infer --weights weights/fmnist/model.safetensors weights/samples/fmnist-ankle-boot.png\n  cvt-gpu infer --weights cvt-13.safetensors --json --topk 3 cat.png dog.jpg\n  cvt-gpu train --fashion-mnist --out runs/fmnist\n  cvt-gpu eval --weights runs/fmnist/model.safetensors --fashion-mnist\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu adapters"
 )]
 struct Cli {
     #[command(flatten)]
@@ -53,6 +53,12 @@ enum Cmd {
     /// Measure latency, throughput and GFLOP/s of a CvT forward (or the GEMM ceiling).
     #[command(after_help = "Examples:\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu bench --model cvt-w24 --res 384 --iters 2\n  cvt-gpu bench --gemm --json")]
     Bench(bench::BenchArgs),
+    /// Train a CvT (from scratch, or fine-tune a checkpoint) with progress, evaluation, checkpoints and resume.
+    #[command(after_help = "Examples:\n  cvt-gpu train                                   # Fashion-MNIST, cvt-fmnist, 3 epochs -> runs/train\n  cvt-gpu train --fashion-mnist --epochs 5 --out runs/fmnist\n  cvt-gpu train --tiny-imagenet tiny-imagenet-200 --model cvt-13 --batch 64 --epochs 30 --mixup 0.8 --cutmix 1.0\n  cvt-gpu train --image-folder flowers --weights cvt-13.safetensors --res 224 --lr 1e-4 --epochs 5\n  cvt-gpu train --fashion-mnist --resume runs/fmnist      # continue after Ctrl-C or a crash\n\nThe run directory holds checkpoint.safetensors (weights + optimizer state; --resume),\nmodel.safetensors (weights with config, labels and preprocessing; for infer/eval),\nmetrics.jsonl (loss, learning rate, img/s per step; evaluation per epoch) and curves.png.\nCtrl-C stops after the current step and writes a checkpoint.")]
+    Train(cvt_gpu::trainer::TrainArgs),
+    /// Top-1/top-5 accuracy of a checkpoint on a dataset's validation split.
+    #[command(after_help = "Examples:\n  cvt-gpu eval --weights weights/fmnist/model.safetensors --fashion-mnist\n  cvt-gpu eval --weights runs/tin/model.safetensors --tiny-imagenet tiny-imagenet-200 --json")]
+    Eval(cvt_gpu::trainer::EvalArgs),
 }
 
 #[derive(Args)]
@@ -144,9 +150,12 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
     let res = a.res.unwrap_or(m.cfg.image_size);
     let names = labels::for_head(m.cfg.num_classes, a.labels.as_deref(), loaded.labels.clone())?;
     let resize = if a.no_resize { preprocess::Resize::None } else { preprocess::Resize::Eval };
+    if loaded.preprocess.channels != m.cfg.in_chans {
+        bail!("{}: the model takes {} input channels but its preprocessing gives {}", a.weights.display(), m.cfg.in_chans, loaded.preprocess.channels);
+    }
     let mut inputs = Vec::with_capacity(a.images.len());
     for p in &a.images {
-        inputs.push(preprocess::load_image(p, res, resize)?);
+        inputs.push(loaded.preprocess.load(p, res, resize)?);
     }
     let classes = m.cfg.num_classes;
     let mut results = vec![];
@@ -194,6 +203,8 @@ fn run() -> Result<()> {
         Cmd::Adapters { json } => adapters(&cli.gpu, *json),
         Cmd::Infer(a) => infer(&cli.gpu, a),
         Cmd::Bench(a) => bench::run(cli.gpu.open()?, a),
+        Cmd::Train(a) => cvt_gpu::trainer::train(cli.gpu.open()?, a),
+        Cmd::Eval(a) => cvt_gpu::trainer::eval(cli.gpu.open()?, a),
     }
 }
 

@@ -186,6 +186,64 @@ pub fn load_image(path: &Path, res: usize, resize: Resize) -> Result<Vec<f32>> {
     Ok(normalize(&img))
 }
 
+/// How a model's inputs are prepared: stored in the metadata of checkpoints the
+/// engine trains (key `preprocess`), so `infer` and `eval` feed a model exactly
+/// what it was trained on. Absent: the ImageNet evaluation transform.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Spec {
+    /// 1 (grayscale, ITU-R 601 luma) or 3 (RGB).
+    pub channels: usize,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    /// "eval": the official resize + centre crop; "plain": warp to res x res
+    /// (small images such as Fashion-MNIST and Tiny-ImageNet).
+    pub resize: String,
+}
+
+impl Spec {
+    pub fn imagenet() -> Spec {
+        Spec { channels: 3, mean: MEAN.to_vec(), std: STD.to_vec(), resize: "eval".into() }
+    }
+
+    /// Decodes `path` and prepares it for a res x res model (`Resize::None`
+    /// overrides the spec's resize and requires the exact size).
+    pub fn load(&self, path: &Path, res: usize, resize: Resize) -> Result<Vec<f32>> {
+        let img = decode(path)?;
+        let img = match resize {
+            Resize::None => {
+                if img.width() as usize != res || img.height() as usize != res {
+                    bail!("{}: is {}x{}, but --no-resize needs exactly {res}x{res}", path.display(), img.width(), img.height());
+                }
+                img
+            }
+            Resize::Eval if self.resize == "plain" => {
+                if img.width() as usize == res && img.height() as usize == res {
+                    img
+                } else {
+                    resize_bicubic(&img, res, res)
+                }
+            }
+            Resize::Eval => eval_transform(&img, res),
+        };
+        Ok(self.normalize(img.as_raw()))
+    }
+
+    /// HWC RGB u8 pixels to normalised NHWC f32 with this spec's channels.
+    pub fn normalize(&self, rgb: &[u8]) -> Vec<f32> {
+        if self.channels == 1 {
+            rgb.chunks_exact(3)
+                .map(|p| {
+                    // Pillow's L conversion: (299 R + 587 G + 114 B) / 1000, rounded.
+                    let l = ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500) / 1000) as f32;
+                    (l / 255.0 - self.mean[0]) / self.std[0]
+                })
+                .collect()
+        } else {
+            rgb.chunks_exact(3).flat_map(|px| (0..3).map(move |c| (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c])).collect()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

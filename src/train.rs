@@ -16,11 +16,11 @@ use crate::graph::{Graph, Plan, TensorId};
 use crate::gpu::{Gpu, MatmulKind};
 use crate::model::weights::Tensor;
 use crate::model::CvtConfig;
-use crate::ops::attention::{attention_backward, attention_with, AttnShape};
+use crate::ops::attention::{attention, attention_backward, AttnShape};
 use crate::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
 use crate::ops::matmul::{act_backward, act_forward, conv2d, conv2d_backward, linear, linear_backward, LinearGrad, Out};
 use crate::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
-use crate::ops::optim::{adamw_step, AdamW, Hyper, Moments};
+use crate::ops::optim::{adamw_step, sumsq, AdamW, Hyper, Moments};
 use crate::ops::tokens::{add, cls_fill, cls_grad};
 use crate::ops::{Act, ConvGeom, Linear};
 
@@ -206,7 +206,7 @@ impl TrainModel {
                 let k = linear(&mut g, &format!("{l}.proj_k"), k0, batch * tk, &b.k.l, Act::None, Out::New)?;
                 let v = linear(&mut g, &format!("{l}.proj_v"), v0, batch * tk, &b.v.l, Act::None, Out::New)?;
                 let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
-                let a = attention_with(&mut g, &format!("{l}.attn"), q, k, v, shape, MatmulKind::Buffer)?;
+                let a = attention(&mut g, &format!("{l}.attn"), q, k, v, shape)?;
                 let po = linear(&mut g, &format!("{l}.proj"), a, batch * t, &b.o.l, Act::None, Out::New)?;
                 let x1 = add(&mut g, &format!("{l}.res1"), cur, po)?;
                 let h2 = layernorm(&mut g, &format!("{l}.norm2"), x1, RowMap::dense(batch * t), &b.norm2.l, None)?;
@@ -283,18 +283,37 @@ impl TrainModel {
     /// Every gradient in PyTorch's layout and official names (for parity tests and
     /// checkpoints): reads them back from the GPU.
     pub fn gradients(&self) -> Result<HashMap<String, Vec<f32>>> {
+        self.read_tensors(true)
+    }
+
+    /// Every parameter and BatchNorm running statistic as official-named tensors
+    /// in PyTorch's shapes: what `infer` and `TrainModel::new` load.
+    pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut flat = self.read_tensors(false)?;
+        flat.extend(self.running_stats()?);
+        let mut out = HashMap::new();
+        for (name, shape) in crate::model::weights::expected_shapes(&self.cfg) {
+            let data = flat.remove(&name).with_context(|| format!("internal: no tensor {name} in the training model"))?;
+            out.insert(name, Tensor::new(shape, data));
+        }
+        Ok(out)
+    }
+
+    /// Parameters (`grads` false) or their gradients, flat, in PyTorch's layouts.
+    fn read_tensors(&self, grads: bool) -> Result<HashMap<String, Vec<f32>>> {
         let gpu = &self.gpu;
         let mut out = HashMap::new();
+        let pick = |value: &Arc<wgpu::Buffer>, grad: &Arc<wgpu::Buffer>| if grads { grad.clone() } else { value.clone() };
         let lin = |out: &mut HashMap<String, Vec<f32>>, name: &str, l: &Lin| -> Result<()> {
             let np = l.l.n.div_ceil(4) * 4;
-            let w = gpu.read(&l.g.w, 0, l.l.k * np)?;
+            let w = gpu.read(&pick(l.l.w.as_ref().expect("training weights are buffers"), &l.g.w), 0, l.l.k * np)?;
             out.insert(format!("{name}.weight"), (0..l.l.n * l.l.k).map(|i| w[(i % l.l.k) * np + i / l.l.k]).collect());
-            out.insert(format!("{name}.bias"), gpu.read(&l.g.b, 0, l.l.n)?);
+            out.insert(format!("{name}.bias"), gpu.read(&pick(&l.l.b, &l.g.b), 0, l.l.n)?);
             Ok(())
         };
         let ln = |out: &mut HashMap<String, Vec<f32>>, name: &str, l: &Ln| -> Result<()> {
-            out.insert(format!("{name}.weight"), gpu.read(&l.g.gamma, 0, l.l.c)?);
-            out.insert(format!("{name}.bias"), gpu.read(&l.g.beta, 0, l.l.c)?);
+            out.insert(format!("{name}.weight"), gpu.read(&pick(&l.l.gamma, &l.g.gamma), 0, l.l.c)?);
+            out.insert(format!("{name}.bias"), gpu.read(&pick(&l.l.beta, &l.g.beta), 0, l.l.c)?);
             Ok(())
         };
         let mut cin = self.cfg.in_chans;
@@ -303,7 +322,7 @@ impl TrainModel {
             let p = format!("stage{s}");
             // Conv weight stored [(ky*k+kx)*cin+ci, NP] -> PyTorch [c, cin, k, k].
             let np = c.div_ceil(4) * 4;
-            let wst = gpu.read(&st.embed.g.w, 0, k * k * cin * np)?;
+            let wst = gpu.read(&pick(st.embed.l.w.as_ref().expect("training weights are buffers"), &st.embed.g.w), 0, k * k * cin * np)?;
             let mut wt = vec![0f32; c * cin * k * k];
             for o in 0..c {
                 for ci in 0..cin {
@@ -315,20 +334,20 @@ impl TrainModel {
                 }
             }
             out.insert(format!("{p}.patch_embed.proj.weight"), wt);
-            out.insert(format!("{p}.patch_embed.proj.bias"), gpu.read(&st.embed.g.b, 0, c)?);
+            out.insert(format!("{p}.patch_embed.proj.bias"), gpu.read(&pick(&st.embed.l.b, &st.embed.g.b), 0, c)?);
             ln(&mut out, &format!("{p}.patch_embed.norm"), &st.embed_norm)?;
-            if let Some((_, cg)) = &st.cls {
-                out.insert(format!("{p}.cls_token"), gpu.read(cg, 0, c)?);
+            if let Some((cv, cg)) = &st.cls {
+                out.insert(format!("{p}.cls_token"), gpu.read(&pick(cv, cg), 0, c)?);
             }
             for (j, b) in st.blocks.iter().enumerate() {
                 let pb = format!("{p}.blocks.{j}");
                 ln(&mut out, &format!("{pb}.norm1"), &b.norm1)?;
                 ln(&mut out, &format!("{pb}.norm2"), &b.norm2)?;
-                let dw = gpu.read(&b.proj_g.w, 0, 27 * c)?;
+                let dw = gpu.read(&pick(&b.proj.w, &b.proj_g.w), 0, 27 * c)?;
                 for (m, x) in ["q", "k", "v"].iter().enumerate() {
                     out.insert(format!("{pb}.attn.conv_proj_{x}.conv.weight"), (0..9 * c).map(|i| dw[(m * 9 + i % 9) * c + i / 9]).collect());
-                    out.insert(format!("{pb}.attn.conv_proj_{x}.bn.weight"), gpu.read(&b.proj_g.gamma[m], 0, c)?);
-                    out.insert(format!("{pb}.attn.conv_proj_{x}.bn.bias"), gpu.read(&b.proj_g.beta[m], 0, c)?);
+                    out.insert(format!("{pb}.attn.conv_proj_{x}.bn.weight"), gpu.read(&pick(&b.proj.bn[m].gamma, &b.proj_g.gamma[m]), 0, c)?);
+                    out.insert(format!("{pb}.attn.conv_proj_{x}.bn.bias"), gpu.read(&pick(&b.proj.bn[m].beta, &b.proj_g.beta[m]), 0, c)?);
                 }
                 lin(&mut out, &format!("{pb}.attn.proj_q"), &b.q)?;
                 lin(&mut out, &format!("{pb}.attn.proj_k"), &b.k)?;
@@ -361,15 +380,51 @@ pub struct Optimizer {
     pub hyper: Hyper,
     pub settings: AdamW,
     pub step: u64,
-    _state: Vec<Moments>,
+    /// (parameter name, moments), in `TrainModel::params` order.
+    state: Vec<(String, Moments)>,
+    /// Σ grad² per parameter, for clipping: its plan and output buffer.
+    norm_plan: Plan,
+    norms: Arc<wgpu::Buffer>,
 }
 
 impl Optimizer {
     /// One update at learning rate `lr` (gradients of the last `StepPlan::run`).
     pub fn update(&mut self, lr: f32) -> Result<()> {
+        self.update_scaled(lr, 1.0)
+    }
+
+    /// One update with the gradients multiplied by `grad_scale` (clipping).
+    pub fn update_scaled(&mut self, lr: f32, grad_scale: f32) -> Result<()> {
         self.step += 1;
-        self.hyper.set(&self.plan.gpu, &self.settings, lr, self.step, 1.0);
+        self.hyper.set(&self.plan.gpu, &self.settings, lr, self.step, grad_scale);
         self.plan.run()
+    }
+
+    /// The global L2 norm of all gradients (waits for the GPU).
+    pub fn grad_norm(&self) -> Result<f32> {
+        self.norm_plan.run()?;
+        let v = self.norm_plan.gpu.read(&self.norms, 0, self.state.len())?;
+        Ok(v.iter().map(|&x| x as f64).sum::<f64>().sqrt() as f32)
+    }
+
+    /// First and second moments of every parameter (storage layout), by name.
+    pub fn state(&self) -> Result<Vec<(String, Vec<f32>, Vec<f32>)>> {
+        let gpu = &self.plan.gpu;
+        self.state.iter().map(|(n, m)| Ok((n.clone(), gpu.read(&m.m, 0, m.len)?, gpu.read(&m.v, 0, m.len)?))).collect()
+    }
+
+    /// Restores moments saved by `state` (keys `<name>.exp_avg`, `<name>.exp_avg_sq`).
+    pub fn load_state(&mut self, t: &HashMap<String, Vec<f32>>) -> Result<()> {
+        let gpu = &self.plan.gpu;
+        for (n, m) in &self.state {
+            for (suffix, buf) in [("exp_avg", &m.m), ("exp_avg_sq", &m.v)] {
+                let key = format!("{n}.{suffix}");
+                let v = t.get(&key).with_context(|| format!("checkpoint has no optimizer state {key}"))?;
+                anyhow::ensure!(v.len() == m.len, "optimizer state {key} has {} values, expected {}", v.len(), m.len);
+                gpu.queue.write_buffer(buf, 0, bytemuck::cast_slice(v));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -425,12 +480,16 @@ impl TrainModel {
         let hyper = Hyper::new(gpu)?;
         let mut g = Graph::new(gpu.clone());
         let mut state = vec![];
-        for p in self.params() {
+        let params = self.params();
+        let norms = Arc::new(gpu.storage("gradient norms", (params.len().max(1) * 4) as u64)?);
+        let mut ng = Graph::new(gpu.clone());
+        for (i, p) in params.into_iter().enumerate() {
             let m = Moments::zeros(gpu, &p.name, p.len)?;
             adamw_step(&mut g, &p.name, &p.value, &p.grad, &m, &hyper, p.decay)?;
-            state.push(m);
+            sumsq(&mut ng, &p.name, &p.grad, p.len, &norms, i)?;
+            state.push((p.name, m));
         }
-        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, _state: state })
+        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, state, norm_plan: ng.compile()?, norms })
     }
 
     /// BatchNorm running statistics (official names), as updated by the steps run so far.

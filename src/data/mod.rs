@@ -1,5 +1,6 @@
 //! Datasets for training and evaluation.
 
+pub mod folder;
 pub mod idx;
 pub mod loader;
 

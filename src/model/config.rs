@@ -84,6 +84,13 @@ impl CvtConfig {
     pub fn cvt21() -> CvtConfig {
         Self::released("cvt-21", [64, 192, 384], [1, 3, 6], [1, 4, 16], 224)
     }
+    /// A small CvT for 28x28 grayscale images (Fashion-MNIST), the default of
+    /// `cvt-gpu train`: the 7x7 stride-4 token embedding of CvT-13 gives a 7x7
+    /// grid, then 4x4 and 2x2 (+ cls); widths 32/64/128, one block per stage.
+    /// 0.36M parameters.
+    pub fn cvt_fmnist() -> CvtConfig {
+        CvtConfig { in_chans: 1, num_classes: 10, ..Self::released("cvt-fmnist", [32, 64, 128], [1, 2, 2], [1, 1, 1], 28) }
+    }
     pub fn cvt_w24() -> CvtConfig {
         Self::released("cvt-w24", [192, 768, 1024], [3, 12, 16], [2, 2, 20], 384)
     }
@@ -94,6 +101,7 @@ impl CvtConfig {
             "13" => Ok(Self::cvt13()),
             "21" => Ok(Self::cvt21()),
             "w24" => Ok(Self::cvt_w24()),
+            "fmnist" => Ok(Self::cvt_fmnist()),
             _ => Self::from_json_file(name),
         }
     }

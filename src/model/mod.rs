@@ -29,6 +29,8 @@ pub struct Loaded {
     pub naming: Naming,
     /// Class names stored in the checkpoint's metadata (our own checkpoints).
     pub labels: Option<Vec<String>>,
+    /// Input preparation stored in the metadata, else the ImageNet transform.
+    pub preprocess: crate::preprocess::Spec,
 }
 
 /// Reads a checkpoint, works out its architecture and activation, checks every
@@ -76,6 +78,10 @@ pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         Some(j) => Some(serde_json::from_str::<Vec<String>>(j).with_context(|| format!("{shown}: invalid labels metadata"))?),
         None => None,
     };
+    let preprocess = match ck.metadata.get("preprocess") {
+        Some(j) => serde_json::from_str(j).with_context(|| format!("{shown}: invalid preprocess metadata"))?,
+        None => crate::preprocess::Spec::imagenet(),
+    };
     let model = Model::new(gpu, cfg, &ck.tensors, act).with_context(|| format!("{shown}"))?;
-    Ok(Loaded { model, naming: ck.naming, labels })
+    Ok(Loaded { model, naming: ck.naming, labels, preprocess })
 }

@@ -127,6 +127,10 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     let mut raw: Vec<(String, Tensor)> = vec![];
     for (name, view) in st.tensors() {
         use safetensors::Dtype;
+        // Optimizer state of a training checkpoint (crate::checkpoint): not weights.
+        if name.starts_with(crate::checkpoint::OPTIM_PREFIX) {
+            continue;
+        }
         let data = match view.dtype() {
             Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(view.data()),
             Dtype::F16 => f16_to_f32(view.data()),
@@ -252,6 +256,47 @@ pub fn check_against(cfg: &CvtConfig, tensors: &HashMap<String, Tensor>, naming:
 
 fn describe(cfg: &CvtConfig) -> String {
     format!("dims {:?}, depths {:?}, {} classes", cfg.dims, cfg.depths, cfg.num_classes)
+}
+
+/// Fresh parameters for training from scratch, initialised as the official code
+/// does: Linear weights and the cls token truncated normal (std 0.02, cut at 2σ),
+/// Linear biases zero, LayerNorm/BatchNorm weight 1 and bias 0, BN running mean 0
+/// and variance 1; convolutions keep PyTorch's default (uniform ±1/√fan_in for
+/// weight and bias), since the official init touches only Linear and norm layers.
+pub fn init_tensors(cfg: &CvtConfig, seed: u64) -> HashMap<String, Tensor> {
+    let mut rng = crate::util::Rng::new(seed);
+    let mut out = HashMap::new();
+    for (name, shape) in expected_shapes(cfg) {
+        let n: usize = shape.iter().product();
+        let is_conv = name.contains("patch_embed.proj") || name.contains(".conv.");
+        let data: Vec<f32> = if is_conv {
+            let fan_in: usize = if name.ends_with("weight") { shape[1..].iter().product() } else { fan_in_of_conv(cfg, &name) };
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            (0..n).map(|_| bound * (2.0 * rng.uniform() - 1.0)).collect()
+        } else if name.ends_with("running_var") || ((name.contains("norm") || name.contains(".bn.")) && name.ends_with("weight")) {
+            vec![1.0; n]
+        } else if name.ends_with("bias") || name.ends_with("running_mean") {
+            vec![0.0; n]
+        } else {
+            // Linear weights and cls tokens: trunc_normal(std=0.02), resampled outside ±2σ.
+            (0..n)
+                .map(|_| loop {
+                    let v = rng.normal();
+                    if v.abs() <= 2.0 {
+                        break 0.02 * v;
+                    }
+                })
+                .collect()
+        };
+        out.insert(name, Tensor::new(shape, data));
+    }
+    out
+}
+
+/// fan_in of a conv's weight, for its bias's default init.
+fn fan_in_of_conv(cfg: &CvtConfig, bias_name: &str) -> usize {
+    let w = bias_name.replace(".bias", ".weight");
+    expected_shapes(cfg).into_iter().find(|(n, _)| *n == w).map(|(_, s)| s[1..].iter().product()).unwrap_or(1)
 }
 
 /// Deterministic random parameters for a config (official naming), non-trivial

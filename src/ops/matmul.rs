@@ -7,15 +7,23 @@ use anyhow::Result;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::ops::gemm::{tex_gemm, Epilogue, Src, View};
+
+/// Whether buffer-held weights go through the packed texture GEMM (`ops::gemm`):
+/// on adapters whose timed trial preferred texture operands.
+pub fn packs(gpu: &Arc<Gpu>) -> bool {
+    preferred_kind(gpu) == MatmulKind::Texture
+}
+
 /// Rows and vec4 columns per invocation (`RM`, `RN4` in the shader).
 const RM: usize = 8;
 const RN4: usize = 2;
 const WG_X: usize = 8;
 const WG_Y: usize = 8;
 /// The texture variant's block (`TRM`, `TRN4`) and workgroup.
-const TRM: usize = 8;
-const TRN4: usize = 4;
-const TWG_X: usize = 16;
+pub(crate) const TRM: usize = 8;
+pub(crate) const TRN4: usize = 4;
+pub(crate) const TWG_X: usize = 16;
 
 /// Activation fused into the matmul epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -29,7 +37,7 @@ pub enum Act {
 }
 
 impl Act {
-    fn code(self) -> f64 {
+    pub(crate) fn code(self) -> f64 {
         match self {
             Act::None => 0.0,
             Act::Gelu => 1.0,
@@ -73,7 +81,8 @@ fn trial(gpu: &Arc<Gpu>) -> Result<MatmulKind> {
         let l = Linear::with_kind(gpu, "trial", &w, None, n, n, kind)?;
         let mut g = Graph::new(gpu.clone());
         let x = g.pinned("x", n * n);
-        linear(&mut g, "trial", x, n, &l, Act::None, Out::New)?;
+        // Not `linear`: it asks for the preferred kind, which this trial decides.
+        dispatch(&mut g, "trial", x, n, &l, Act::None, Out::New, None, false)?;
         let plan = g.compile()?;
         plan.run()?;
         gpu.sync()?;
@@ -247,7 +256,9 @@ fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k_out: usize
     Ok(cols)
 }
 
-fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: Act, out: Out, conv: Option<ConvGeom>) -> Result<TensorId> {
+/// `pack`: route buffer weights through the packed texture GEMM (see `packs`).
+#[allow(clippy::too_many_arguments)]
+fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: Act, out: Out, conv: Option<ConvGeom>, pack: bool) -> Result<TensorId> {
     let np4 = pad4(l.n) / 4;
     let (accumulate, y) = match out {
         Out::New => (false, g.tensor(label.to_string(), m * l.n)),
@@ -257,6 +268,16 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
     let params = |rows: usize, row_off: usize| params([rows, l.n, l.k, np4], conv.as_ref(), row_off, (l.k, np4 * 4));
     let flops = |rows: usize| 2.0 * (rows * l.n * l.k) as f64;
     match (&l.w, &l.tex) {
+        (Some(w), _) if pack => {
+            // Buffer weights on a texture-preferring adapter: pack both operands.
+            let (a_view, k) = match conv {
+                Some(geom) => (View::new(Src::Act(im2col(g, label, a, &geom, l.k)?), m, l.k, l.k), l.k),
+                None => (View::new(Src::Act(a), m, l.k, l.k), l.k),
+            };
+            let b_view = View::new(Src::Buf(w.clone()), k, l.n, np4 * 4);
+            let ep = Epilogue { act, bias: Some(l.b.clone()), accumulate };
+            tex_gemm(g, label, &a_view, &b_view, Res::Act(y), l.n, ep)?;
+        }
         (Some(w), _) => {
             let pipeline = g.gpu.pipeline("matmul", "main", &overrides(act, accumulate, conv.is_some(), (WG_X, WG_Y)))?;
             let groups = [np4.div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
@@ -283,7 +304,8 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
 
 /// y[m, n] = act(x[m, k] · W + b), or y += that with `Out::Accumulate(y)`.
 pub fn linear(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear, act: Act, out: Out) -> Result<TensorId> {
-    dispatch(g, label, x, m, l, act, out, None)
+    let pack = packs(&g.gpu);
+    dispatch(g, label, x, m, l, act, out, None, pack)
 }
 
 /// Dense convolution of an NHWC token map; output [batch, oh*ow, cout] tokens.
@@ -294,11 +316,12 @@ pub fn conv2d(g: &mut Graph, label: &str, x: TensorId, geom: ConvGeom, l: &Linea
     let m = geom.batch * oh * ow;
     if l.tex.is_none() {
         assert_eq!(l.k, k_real, "{label}: conv weight K");
-        return dispatch(g, label, x, m, l, Act::None, Out::New, Some(geom));
+        let pack = packs(&g.gpu);
+        return dispatch(g, label, x, m, l, Act::None, Out::New, Some(geom), pack);
     }
     assert!(l.k >= k_real && l.k % 64 == 0, "{label}: padded conv weight K");
     let cols = im2col(g, label, x, &geom, l.k)?;
-    dispatch(g, label, cols, m, l, Act::None, Out::New, None)
+    dispatch(g, label, cols, m, l, Act::None, Out::New, None, false)
 }
 
 // ---------------------------------------------------------------------------
@@ -392,6 +415,18 @@ pub fn act_backward(g: &mut Graph, label: &str, z: TensorId, dy: TensorId, len: 
 pub fn linear_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m: usize, l: &Linear, grad: &LinearGrad, dx_into: Option<TensorId>) -> Result<TensorId> {
     let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the weight as a storage buffer (buffer variant)"))?;
     let np = pad4(l.n);
+    if packs(&g.gpu) {
+        let dyv = View::new(Src::Act(dy), m, l.n, l.n);
+        tex_gemm(g, &format!("{label}.dW"), &View::t(Src::Act(x), m, l.k, l.k), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
+        colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
+        let (dx, acc) = match dx_into {
+            Some(t) => (t, true),
+            None => (g.tensor(format!("{label}.dx"), m * l.k), false),
+        };
+        let wt = View::t(Src::Buf(w), l.k, l.n, np);
+        tex_gemm(g, &format!("{label}.dx"), &dyv, &wt, Res::Act(dx), l.k, Epilogue { accumulate: acc, ..Epilogue::plain() })?;
+        return Ok(dx);
+    }
     // dW [K, NP] = xᵀ [K, m] · dy [m, N] (columns N..NP come out zero).
     backward_product(g, &format!("{label}.dW"), (Some(x), 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false)?;
     // db [1, NP] = 1ᵀ · dy.
@@ -418,12 +453,21 @@ pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, ge
     let np = pad4(l.n);
     // im2col of x (the A of the forward), then dW = colsᵀ·dy and db = 1ᵀ·dy.
     let cols = im2col(g, label, x, &geom, k_real)?;
-    backward_product(g, &format!("{label}.dW"), (Some(cols), 2, k_real), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (k_real, np, m), false)?;
+    let dyv = View::new(Src::Act(dy), m, l.n, l.n);
+    if packs(&g.gpu) {
+        tex_gemm(g, &format!("{label}.dW"), &View::t(Src::Act(cols), m, k_real, k_real), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
+    } else {
+        backward_product(g, &format!("{label}.dW"), (Some(cols), 2, k_real), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (k_real, np, m), false)?;
+    }
     colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
     if let Some(dx) = dx_into {
         // dcols = dy·Wᵀ, then col2im gathers it back onto the input grid.
         let dcols = g.tensor(format!("{label}.dcols"), m * k_real);
-        backward_product(g, &format!("{label}.dcols"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dcols), (m, k_real, l.n), false)?;
+        if packs(&g.gpu) {
+            tex_gemm(g, &format!("{label}.dcols"), &dyv, &View::t(Src::Buf(w), k_real, l.n, np), Res::Act(dcols), k_real, Epilogue::plain())?;
+        } else {
+            backward_product(g, &format!("{label}.dcols"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dcols), (m, k_real, l.n), false)?;
+        }
         let n_in = geom.batch * geom.in_h * geom.in_w * geom.cin;
         let p = params([geom.batch, 0, k_real, 0], Some(&geom), 0, (0, 0));
         let pipeline = g.gpu.pipeline("matmul", "col2im", &overrides(Act::None, true, false, (64, 1)))?;

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod dwconv;
+pub mod gemm;
 pub mod matmul;
 pub mod optim;
 pub mod rownorm;

@@ -78,3 +78,16 @@ pub fn adamw_step(g: &mut Graph, label: &str, param: &Arc<wgpu::Buffer>, grad: &
     );
     Ok(())
 }
+
+/// Appends Σ grad² of `grad` (len elements) into `norms[slot]`.
+pub fn sumsq(g: &mut Graph, label: &str, grad: &Arc<wgpu::Buffer>, len: usize, norms: &Arc<wgpu::Buffer>, slot: usize) -> Result<()> {
+    let pipeline = g.gpu.pipeline("optim", "sumsq", &[("WG", WG as f64)])?;
+    g.dispatch(
+        format!("{label}.sumsq"),
+        pipeline,
+        vec![Res::Unused, Res::Buf(grad.clone()), Res::Unused, Res::Unused, Res::Unused, Res::Uniform(vec![len as u32, slot as u32, 0, 0]), Res::Buf(norms.clone())],
+        [1, 1, 1],
+        0.0,
+    );
+    Ok(())
+}

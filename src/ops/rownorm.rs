@@ -43,6 +43,32 @@ impl RowMap {
     }
 }
 
+/// Invocations per row for this adapter: `CVT_GPU_ROW_LANES=1|64`, else 1 where
+/// the timed matmul trial chose texture operands (a CPU driver: lanes are SIMD,
+/// barriers are expensive), else a workgroup of 64 per row.
+pub fn row_lanes(gpu: &Arc<Gpu>) -> usize {
+    use std::sync::atomic::Ordering;
+    let v = gpu.row_lanes.load(Ordering::Relaxed);
+    if v != 0 {
+        return v;
+    }
+    let v = match std::env::var("CVT_GPU_ROW_LANES").as_deref() {
+        Ok("1") => 1,
+        Ok("64") => 64,
+        _ if crate::ops::matmul::preferred_kind(gpu) == crate::gpu::MatmulKind::Texture => 1,
+        _ => WG,
+    };
+    gpu.row_lanes.store(v, Ordering::Relaxed);
+    v
+}
+
+/// The pipeline of a row kernel and its grid for `rows` rows.
+fn row_kernel(g: &Graph, entry: &str, rows: usize) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
+    let lanes = row_lanes(&g.gpu);
+    let pipeline = g.gpu.pipeline("rownorm", entry, &[("WG", WG as f64), ("LANES", lanes as f64)])?;
+    Ok((pipeline, grid1d(&g.gpu, rows.div_ceil(WG / lanes) as u64)))
+}
+
 fn params(m: &RowMap, c: usize) -> Vec<u32> {
     vec![m.rows as u32, c as u32, m.group as u32, m.in_stride as u32, m.in_off as u32, m.out_stride as u32, m.out_off as u32, LN_EPS.to_bits()]
 }
@@ -50,8 +76,7 @@ fn params(m: &RowMap, c: usize) -> Vec<u32> {
 /// LayerNorm over the last axis into `out` (a new tensor of `out_len` when None).
 pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &LayerNorm, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), map.rows * ln.c));
-    let pipeline = g.gpu.pipeline("rownorm", "layernorm", &[("WG", WG as f64)])?;
-    let groups = grid1d(&g.gpu, map.rows as u64);
+    let (pipeline, groups) = row_kernel(g, "layernorm", map.rows)?;
     g.dispatch(
         label,
         pipeline,
@@ -65,8 +90,7 @@ pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &Laye
 /// Softmax over the last axis of x [rows, c].
 pub fn softmax(g: &mut Graph, label: &str, x: TensorId, rows: usize, c: usize, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), rows * c));
-    let pipeline = g.gpu.pipeline("rownorm", "softmax", &[("WG", WG as f64)])?;
-    let groups = grid1d(&g.gpu, rows as u64);
+    let (pipeline, groups) = row_kernel(g, "softmax", rows)?;
     g.dispatch(
         label,
         pipeline,
@@ -99,8 +123,7 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
     let rows = map.rows;
     let dx = dx_into.unwrap_or_else(|| g.tensor(format!("{label}.dx"), rows * ln.c));
     let t = g.tensor(format!("{label}.dy_xhat"), rows * ln.c);
-    let pipeline = g.gpu.pipeline("rownorm", "layernorm_backward", &[("WG", WG as f64)])?;
-    let groups = grid1d(&g.gpu, rows as u64);
+    let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows)?;
     g.dispatch(
         label,
         pipeline,
@@ -129,14 +152,14 @@ pub fn softmax_xent(g: &mut Graph, label: &str, logits: TensorId, targets: Tenso
     let d = g.tensor(format!("{label}.dlogits"), rows * classes);
     // Pinned: the training loop reads the losses after the step.
     let loss = g.pinned(format!("{label}.loss"), rows);
-    let pipeline = g.gpu.pipeline("rownorm", "softmax_xent", &[("WG", WG as f64)])?;
+    let (pipeline, groups) = row_kernel(g, "softmax_xent", rows)?;
     let mut p = params(&RowMap::dense(rows), classes);
     p[7] = scale.to_bits();
     g.dispatch(
         label,
         pipeline,
         vec![Res::Act(logits), Res::Act(targets), Res::Unused, Res::Act(d), Res::Uniform(p), Res::Act(loss)],
-        grid1d(&g.gpu, rows as u64),
+        groups,
         0.0,
     );
     Ok((d, loss))

@@ -1,0 +1,142 @@
+//! The texture GEMM over packed operand views: C (+)= act(A·B + bias) where A and
+//! B are views of storage buffers, each packed into an rgba32float texture by
+//! `matmul.wgsl`'s `pack` right before `main_tex` reads it.
+//!
+//! This is how weights that live in buffers (training: the optimizer updates them
+//! in place; inference: layers whose K is not a multiple of 64) use the texture
+//! matmul on adapters that prefer it. A view may be transposed, so the three
+//! products of a linear layer need no transposed copies:
+//!   forward  y  = x·W     A = x,           B = W
+//!   backward dx = dy·Wᵀ   A = dy,          B = W read transposed
+//!            dW = xᵀ·dy   A = x transposed, B = dy
+//! Operands taller than the texture limit are split: output rows into row chunks
+//! (`out_row_off`), the reduction into K chunks that accumulate.
+
+use crate::graph::{Graph, Res, TensorId};
+use crate::ops::Act;
+use anyhow::Result;
+use std::sync::Arc;
+
+/// Where a view's values live.
+#[derive(Clone)]
+pub enum Src {
+    Act(TensorId),
+    Buf(Arc<wgpu::Buffer>),
+}
+
+impl Src {
+    fn res(&self) -> Res {
+        match self {
+            Src::Act(t) => Res::Act(*t),
+            Src::Buf(b) => Res::Buf(b.clone()),
+        }
+    }
+}
+
+/// A logical matrix [rows, cols] over a buffer: element (r, c) is
+/// src[r * stride + c], or src[c * stride + r] when `transposed`.
+#[derive(Clone)]
+pub struct View {
+    pub src: Src,
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+    pub transposed: bool,
+}
+
+impl View {
+    pub fn new(src: Src, rows: usize, cols: usize, stride: usize) -> View {
+        View { src, rows, cols, stride, transposed: false }
+    }
+
+    /// The transpose of a row-major [rows, cols] buffer with row `stride`, as a
+    /// [cols, rows] view.
+    pub fn t(src: Src, rows: usize, cols: usize, stride: usize) -> View {
+        View { src, rows: cols, cols: rows, stride, transposed: true }
+    }
+}
+
+const WG: usize = 8;
+
+/// Packs view rows [r0, r0 + rows) and columns [c0, c0 + cols) into a plan texture
+/// of ceil(cols / 4) x rows texels for `binding`; entries outside the view are zero.
+fn pack(g: &mut Graph, label: &str, v: &View, (r0, rows): (usize, usize), (c0, cols): (usize, usize), binding: u32) -> Result<crate::graph::TexRef> {
+    let width = cols.div_ceil(4);
+    let tex = g.tex(width, rows, binding);
+    let off = if v.transposed { c0 * v.stride + r0 } else { r0 * v.stride + c0 };
+    let r_real = v.rows.saturating_sub(r0).min(rows);
+    let c_real = v.cols.saturating_sub(c0).min(cols);
+    let mut p = vec![rows as u32, width as u32, r_real as u32, c_real as u32];
+    p.extend([0u32; 11]);
+    p.extend([off as u32, v.stride as u32, v.transposed as u32, 0, 0]);
+    let pipeline = g.gpu.pipeline("matmul", "pack", &[("WG_X", WG as f64), ("WG_Y", WG as f64)])?;
+    // The pack entry reads only `a` and `p`, and writes `pack_out`.
+    let b = vec![v.src.res(), Res::Unused, Res::Unused, Res::Unused, Res::Uniform(p), Res::Unused, Res::Unused, Res::OutTex(tex)];
+    g.dispatch(format!("{label}.pack"), pipeline, b, [width.div_ceil(WG) as u32, rows.div_ceil(WG) as u32, 1], 0.0);
+    Ok(tex)
+}
+
+/// The epilogue of a texture GEMM.
+pub struct Epilogue {
+    pub act: Act,
+    pub bias: Option<Arc<wgpu::Buffer>>,
+    /// Add into `out` instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl Epilogue {
+    pub fn plain() -> Epilogue {
+        Epilogue { act: Act::None, bias: None, accumulate: false }
+    }
+}
+
+/// out [a.rows, n_out] (+)= act(A·B + bias), with A = `a` [M, K] and B = `b`
+/// [K, N] (N <= n_out; columns N..n_out come out as the bias alone, zero without).
+/// `out` has row stride n_out.
+pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out: usize, ep: Epilogue) -> Result<()> {
+    assert_eq!(a.cols, b.rows, "{label}: inner dimensions");
+    let (m, k) = (a.rows, a.cols);
+    let max = g.gpu.limits.max_texture_dimension_2d as usize;
+    let k_chunk = (max / 4) * 4;
+    let n4 = n_out.div_ceil(4);
+    anyhow::ensure!(n4 <= max && k_chunk.div_ceil(4) <= max, "{label}: {n_out} columns exceed the texture limit");
+    anyhow::ensure!(ep.act == Act::None || k <= k_chunk, "{label}: a fused activation needs K within one texture");
+    let unused = g.gpu.placeholder();
+    let out_res = |o: &Res| match o {
+        Res::Act(t) => Res::Act(*t),
+        Res::Buf(b) => Res::Buf(b.clone()),
+        _ => unreachable!("GEMM output is a tensor or a buffer"),
+    };
+    for r0 in (0..m).step_by(max) {
+        let rows = max.min(m - r0);
+        for (j, k0) in (0..k.max(1)).step_by(k_chunk).enumerate() {
+            let kc = k_chunk.min(k - k0).div_ceil(4) * 4;
+            let at = pack(g, &format!("{label}.a"), a, (r0, rows), (k0, kc), 5)?;
+            let bt = pack(g, &format!("{label}.b"), b, (k0, kc), (0, n_out), 6)?;
+            let first = j == 0;
+            let has_bias = first && ep.bias.is_some();
+            let pipeline = g.gpu.pipeline(
+                "matmul",
+                "main_tex",
+                &[
+                    ("ACT", ep.act.code()),
+                    ("HAS_BIAS", has_bias as u32 as f64),
+                    ("ACCUMULATE", (ep.accumulate || !first) as u32 as f64),
+                    ("WG_X", super::matmul::TWG_X as f64),
+                    ("WG_Y", 1.0),
+                ],
+            )?;
+            let mut p = vec![rows as u32, n_out as u32, kc as u32, n4 as u32];
+            p.extend([0u32; 11]);
+            p.extend([r0 as u32, 0, 0, 0, 0]);
+            let bias = match (&ep.bias, has_bias) {
+                (Some(bb), true) => Res::Buf(bb.clone()),
+                _ => Res::Buf(unused.clone()),
+            };
+            let groups = [n4.div_ceil(super::matmul::TRN4).div_ceil(super::matmul::TWG_X) as u32, rows.div_ceil(super::matmul::TRM) as u32, 1];
+            let bind = vec![Res::Unused, Res::Unused, bias, out_res(&out), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt)];
+            g.dispatch(label, pipeline, bind, groups, 2.0 * (rows * b.cols * k_chunk.min(k - k0)) as f64);
+        }
+    }
+    Ok(())
+}
