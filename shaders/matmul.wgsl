@@ -444,3 +444,49 @@ fn pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     textureStore(pack_out, vec2<i32>(i32(x), i32(y)), v);
 }
+
+// pack4: the normal orientation when the view's start, row stride and column
+// count are multiples of 4, reading whole vec4s (through binding 1, the same
+// buffer viewed as vec4): a quarter of the loads of `pack`, which matters on
+// drivers that run every storage load as its own loop (lavapipe).
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn pack4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let x = gid.x;
+    let y = gid.y;
+    if (x >= p.N || y >= p.M) {
+        return;
+    }
+    var v = vec4<f32>(0.0);
+    if (y < p.K && x * 4u < p.NP4) {
+        v = b[(p.out_row_off + y * p.a_stride) / 4u + x];
+    }
+    textureStore(pack_out, vec2<i32>(i32(x), i32(y)), v);
+}
+
+// act_forward4 / act_backward4: the elementwise entries four values at a time
+// when the length is a multiple of 4 (z through binding 1 as vec4, the output
+// through binding 8); p.M counts vec4s.
+@group(0) @binding(8) var<storage, read_write> c4: array<vec4<f32>>;
+
+fn activate4(z: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(activate(z.x), activate(z.y), activate(z.z), activate(z.w));
+}
+
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn act_forward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    if (i >= p.M) {
+        return;
+    }
+    c4[i] = activate4(b[i]);
+}
+
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn act_backward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    if (i >= p.M) {
+        return;
+    }
+    let z = b[i];
+    c4[i] = c4[i] * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
+}

@@ -115,7 +115,11 @@ fn ordered_adapters(backend: BackendChoice, lazy_gl: bool) -> Vec<wgpu::Adapter>
     // warnings on headless machines), so it is only tried when nothing else is found.
     let mut adapters = if backend == BackendChoice::Auto && lazy_gl {
         let native = enumerate(wgpu::Backends::all() - wgpu::Backends::GL);
-        if native.is_empty() { enumerate(wgpu::Backends::GL) } else { native }
+        if native.is_empty() {
+            enumerate(wgpu::Backends::GL)
+        } else {
+            native
+        }
     } else {
         enumerate(backend.backends())
     };
@@ -194,7 +198,9 @@ impl Gpu {
                     adapters
                         .into_iter()
                         .find(|a| a.get_info().name.to_lowercase().contains(&s))
-                        .ok_or_else(|| anyhow!("no adapter name contains {sel:?} (see `cvt-gpu adapters`)"))?
+                        .ok_or_else(|| {
+                            anyhow!("no adapter name contains {sel:?} (see `cvt-gpu adapters`)")
+                        })?
                 }
             }
         };
@@ -242,7 +248,10 @@ impl Gpu {
 
     /// One line naming the adapter, for logs and reports.
     pub fn describe(&self) -> String {
-        format!("{} ({:?}, {})", self.info.name, self.info.backend, self.info.driver)
+        format!(
+            "{} ({:?}, {})",
+            self.info.name, self.info.backend, self.info.driver
+        )
     }
 
     /// Fails with the first wgpu error reported since the last check.
@@ -290,7 +299,10 @@ impl Gpu {
             let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
             src = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         }
-        let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        };
         let checks = match std::env::var("CVT_GPU_CHECKS").as_deref() {
             Ok("all") => wgpu::ShaderRuntimeChecks::checked(),
             Ok("none") => wgpu::ShaderRuntimeChecks::unchecked(),
@@ -319,19 +331,23 @@ impl Gpu {
             return Ok(p.clone());
         }
         let module = self.module(shader)?;
-        let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&key),
-            layout: None,
-            module: &module,
-            entry_point: Some(entry),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: overrides,
-                // Every kernel writes the workgroup memory it reads; zero-fill costs time on CPUs.
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        }));
-        self.check_error().with_context(|| format!("compiling {key}"))?;
+        let p = Arc::new(
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&key),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(entry),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: overrides,
+                        // Every kernel writes the workgroup memory it reads; zero-fill costs time on CPUs.
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                }),
+        );
+        self.check_error()
+            .with_context(|| format!("compiling {key}"))?;
         self.pipelines.lock().unwrap().insert(key, p.clone());
         Ok(p)
     }
@@ -367,11 +383,12 @@ impl Gpu {
     pub fn uniform(&self, label: &str, words: &[u32]) -> wgpu::Buffer {
         let mut padded = words.to_vec();
         padded.resize(words.len().div_ceil(4).max(1) * 4, 0);
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: bytemuck::cast_slice(&padded),
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(&padded),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
     }
 
     /// Copies `len` f32 from `buf` (at element `offset`) back to the host.
@@ -421,12 +438,18 @@ impl Gpu {
 pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture {
     gpu.device.create_texture(&wgpu::TextureDescriptor {
         label: Some(label),
-        size: wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
+        size: wgpu::Extent3d {
+            width,
+            height,
+            depth_or_array_layers: 1,
+        },
         mip_level_count: 1,
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
         format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::STORAGE_BINDING,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING
+            | wgpu::TextureUsages::COPY_DST
+            | wgpu::TextureUsages::STORAGE_BINDING,
         view_formats: &[],
     })
 }

@@ -26,7 +26,13 @@ struct Cli {
 #[derive(Args)]
 struct GpuArgs {
     /// GPU backend.
-    #[arg(long, global = true, value_enum, env = "CVT_GPU_BACKEND", default_value = "auto")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "CVT_GPU_BACKEND",
+        default_value = "auto"
+    )]
     backend: BackendChoice,
     /// Adapter index (from `cvt-gpu adapters`) or a substring of its name.
     #[arg(long, global = true, env = "CVT_GPU_ADAPTER")]
@@ -35,7 +41,10 @@ struct GpuArgs {
 
 impl GpuArgs {
     fn open(&self) -> Result<Arc<Gpu>> {
-        Gpu::new(&AdapterRequest { backend: self.backend, adapter: self.adapter.clone() })
+        Gpu::new(&AdapterRequest {
+            backend: self.backend,
+            adapter: self.adapter.clone(),
+        })
     }
 }
 
@@ -48,16 +57,24 @@ enum Cmd {
         json: bool,
     },
     /// Classify images with a CvT checkpoint and print the top-k classes.
-    #[command(after_help = "Examples:\n  cvt-gpu infer --weights cvt-13.safetensors cat.png\n  cvt-gpu infer --weights cvt-21-384.safetensors --res 384 a.jpg b.webp --json\n  cvt-gpu infer --weights mine.safetensors --labels classes.txt --topk 3 img.png")]
+    #[command(
+        after_help = "Examples:\n  cvt-gpu infer --weights cvt-13.safetensors cat.png\n  cvt-gpu infer --weights cvt-21-384.safetensors --res 384 a.jpg b.webp --json\n  cvt-gpu infer --weights mine.safetensors --labels classes.txt --topk 3 img.png"
+    )]
     Infer(InferArgs),
     /// Measure latency, throughput and GFLOP/s of a CvT forward (or the GEMM ceiling).
-    #[command(after_help = "Examples:\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu bench --model cvt-w24 --res 384 --iters 2\n  cvt-gpu bench --gemm --json")]
+    #[command(
+        after_help = "Examples:\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu bench --model cvt-w24 --res 384 --iters 2\n  cvt-gpu bench --gemm --json"
+    )]
     Bench(bench::BenchArgs),
     /// Train a CvT (from scratch, or fine-tune a checkpoint) with progress, evaluation, checkpoints and resume.
-    #[command(after_help = "Examples:\n  cvt-gpu train                                   # Fashion-MNIST, cvt-fmnist, 3 epochs -> runs/train\n  cvt-gpu train --fashion-mnist --epochs 5 --out runs/fmnist\n  cvt-gpu train --tiny-imagenet tiny-imagenet-200 --model cvt-13 --batch 64 --epochs 30 --mixup 0.8 --cutmix 1.0\n  cvt-gpu train --image-folder flowers --weights cvt-13.safetensors --res 224 --lr 1e-4 --epochs 5\n  cvt-gpu train --fashion-mnist --resume runs/fmnist      # continue after Ctrl-C or a crash\n\nThe run directory holds checkpoint.safetensors (weights + optimizer state; --resume),\nmodel.safetensors (weights with config, labels and preprocessing; for infer/eval),\nmetrics.jsonl (loss, learning rate, img/s per step; evaluation per epoch) and curves.png.\nCtrl-C stops after the current step and writes a checkpoint.")]
+    #[command(
+        after_help = "Examples:\n  cvt-gpu train                                   # Fashion-MNIST, cvt-fmnist, 3 epochs -> runs/train\n  cvt-gpu train --fashion-mnist --epochs 5 --out runs/fmnist\n  cvt-gpu train --tiny-imagenet tiny-imagenet-200 --model cvt-13 --batch 64 --epochs 30 --mixup 0.8 --cutmix 1.0\n  cvt-gpu train --image-folder flowers --weights cvt-13.safetensors --res 224 --lr 1e-4 --epochs 5\n  cvt-gpu train --fashion-mnist --resume runs/fmnist      # continue after Ctrl-C or a crash\n\nThe run directory holds checkpoint.safetensors (weights + optimizer state; --resume),\nmodel.safetensors (weights with config, labels and preprocessing; for infer/eval),\nmetrics.jsonl (loss, learning rate, img/s per step; evaluation per epoch) and curves.png.\nCtrl-C stops after the current step and writes a checkpoint."
+    )]
     Train(cvt_gpu::trainer::TrainArgs),
     /// Top-1/top-5 accuracy of a checkpoint on a dataset's validation split.
-    #[command(after_help = "Examples:\n  cvt-gpu eval --weights weights/fmnist/model.safetensors --fashion-mnist\n  cvt-gpu eval --weights runs/tin/model.safetensors --tiny-imagenet tiny-imagenet-200 --json")]
+    #[command(
+        after_help = "Examples:\n  cvt-gpu eval --weights weights/fmnist/model.safetensors --fashion-mnist\n  cvt-gpu eval --weights runs/tin/model.safetensors --tiny-imagenet tiny-imagenet-200 --json"
+    )]
     Eval(cvt_gpu::trainer::EvalArgs),
 }
 
@@ -105,7 +122,10 @@ fn adapters(args: &GpuArgs, json: bool) -> Result<()> {
         bail!("no GPU adapter found: install a Vulkan, Metal, DX12 or GL driver (on Linux without a GPU: `apt-get install mesa-vulkan-drivers`)");
     }
     for a in list {
-        println!("[{}] {} ({}, {}, driver {} {})", a.index, a.name, a.backend, a.device_type, a.driver, a.driver_info);
+        println!(
+            "[{}] {} ({}, {}, driver {} {})",
+            a.index, a.name, a.backend, a.device_type, a.driver, a.driver_info
+        );
         println!(
             "    storage binding {} MiB, buffer {} MiB, workgroup memory {} KiB, {} invocations/workgroup, {} workgroups/dim, {} storage buffers/stage, subgroup {}..{}",
             a.max_storage_buffer_binding_size >> 20,
@@ -145,13 +165,33 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
     }
     let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
     let gpu = g.open()?;
-    let loaded = model::load(gpu, &a.weights, &LoadOptions { config, activation: a.activation })?;
+    let loaded = model::load(
+        gpu,
+        &a.weights,
+        &LoadOptions {
+            config,
+            activation: a.activation,
+        },
+    )?;
     let m = &loaded.model;
     let res = a.res.unwrap_or(m.cfg.image_size);
-    let names = labels::for_head(m.cfg.num_classes, a.labels.as_deref(), loaded.labels.clone())?;
-    let resize = if a.no_resize { preprocess::Resize::None } else { preprocess::Resize::Eval };
+    let names = labels::for_head(
+        m.cfg.num_classes,
+        a.labels.as_deref(),
+        loaded.labels.clone(),
+    )?;
+    let resize = if a.no_resize {
+        preprocess::Resize::None
+    } else {
+        preprocess::Resize::Eval
+    };
     if loaded.preprocess.channels != m.cfg.in_chans {
-        bail!("{}: the model takes {} input channels but its preprocessing gives {}", a.weights.display(), m.cfg.in_chans, loaded.preprocess.channels);
+        bail!(
+            "{}: the model takes {} input channels but its preprocessing gives {}",
+            a.weights.display(),
+            m.cfg.in_chans,
+            loaded.preprocess.channels
+        );
     }
     let mut inputs = Vec::with_capacity(a.images.len());
     for p in &a.images {
@@ -179,9 +219,17 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
             let top = order
                 .iter()
                 .take(a.topk.min(classes))
-                .map(|&k| Prediction { index: k, label: names[k].clone(), probability: p[k], logit: l[k] })
+                .map(|&k| Prediction {
+                    index: k,
+                    label: names[k].clone(),
+                    probability: p[k],
+                    logit: l[k],
+                })
                 .collect();
-            results.push(ImageResult { image: a.images[ci * chunk + i].display().to_string(), top });
+            results.push(ImageResult {
+                image: a.images[ci * chunk + i].display().to_string(),
+                top,
+            });
         }
     }
     if a.json {
@@ -190,7 +238,13 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
         for r in &results {
             println!("{}", r.image);
             for (rank, p) in r.top.iter().enumerate() {
-                println!("  {}. {:6.2}%  {} ({})", rank + 1, 100.0 * p.probability, p.label, p.index);
+                println!(
+                    "  {}. {:6.2}%  {} ({})",
+                    rank + 1,
+                    100.0 * p.probability,
+                    p.label,
+                    p.index
+                );
             }
         }
     }

@@ -10,7 +10,38 @@ use std::sync::{Arc, OnceLock};
 /// Tests fail, not skip, when there is none: a kernel test that cannot run has not passed.
 pub fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
+    GPU.get_or_init(open_gpu).clone()
+}
+
+/// The same adapter with the GPU-style variants forced (buffer-operand matmuls,
+/// a workgroup per row in the row reductions), whatever the timed trial would
+/// pick: so tests cover both families on any machine.
+pub fn gpu_buffer_variants() -> Arc<Gpu> {
+    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
     GPU.get_or_init(|| {
+        let g = open_gpu();
+        g.matmul_kind.set(cvt_gpu::gpu::MatmulKind::Buffer).ok();
+        g.row_lanes.store(64, std::sync::atomic::Ordering::Relaxed);
+        g
+    })
+    .clone()
+}
+
+/// As `gpu_buffer_variants`, with the CPU-driver variants forced (packed texture
+/// GEMMs, a row per invocation).
+pub fn gpu_texture_variants() -> Arc<Gpu> {
+    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let g = open_gpu();
+        g.matmul_kind.set(cvt_gpu::gpu::MatmulKind::Texture).ok();
+        g.row_lanes.store(1, std::sync::atomic::Ordering::Relaxed);
+        g
+    })
+    .clone()
+}
+
+fn open_gpu() -> Arc<Gpu> {
+    {
         let backend = match std::env::var("CVT_GPU_BACKEND").as_deref() {
             Ok("gl") => cvt_gpu::gpu::BackendChoice::Gl,
             Ok("vulkan") => cvt_gpu::gpu::BackendChoice::Vulkan,
@@ -18,11 +49,14 @@ pub fn gpu() -> Arc<Gpu> {
             Ok("dx12") => cvt_gpu::gpu::BackendChoice::Dx12,
             _ => cvt_gpu::gpu::BackendChoice::Auto,
         };
-        let g = Gpu::new(&AdapterRequest { backend, adapter: std::env::var("CVT_GPU_ADAPTER").ok() }).expect("a GPU adapter");
+        let g = Gpu::new(&AdapterRequest {
+            backend,
+            adapter: std::env::var("CVT_GPU_ADAPTER").ok(),
+        })
+        .expect("a GPU adapter");
         eprintln!("testing on {}", g.describe());
         g
-    })
-    .clone()
+    }
 }
 
 pub fn randn(n: usize, seed: u64) -> Vec<f32> {
@@ -43,7 +77,13 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
         }
     }
     let i = worst.0;
-    assert!(worst.1 <= 0.0, "{what}: element {i} = {}, want {} (|err| {:.3e})", got[i], want[i], (got[i] as f64 - want[i]).abs());
+    assert!(
+        worst.1 <= 0.0,
+        "{what}: element {i} = {}, want {} (|err| {:.3e})",
+        got[i],
+        want[i],
+        (got[i] as f64 - want[i]).abs()
+    );
 }
 
 pub fn gelu(x: f64) -> f64 {
@@ -90,12 +130,20 @@ pub fn layernorm_ref(x: &[f64], g: &[f32], b: &[f32]) -> Vec<f64> {
     let mean = x.iter().sum::<f64>() / c;
     let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c;
     let r = 1.0 / (var + 1e-5).sqrt();
-    x.iter().enumerate().map(|(i, v)| (v - mean) * r * g[i] as f64 + b[i] as f64).collect()
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| (v - mean) * r * g[i] as f64 + b[i] as f64)
+        .collect()
 }
 
 /// Depthwise 3x3 conv (pad 1, no bias) of x [batch, cls + h*w, c] at `stride`, in
 /// f64: [batch, cls + oh*ow, c] with the cls rows left zero (callers fill them).
-pub fn depthwise_ref(x: &[f32], conv: &[f32], (batch, h, w, c, cls): (usize, usize, usize, usize, usize), stride: usize) -> Vec<f64> {
+pub fn depthwise_ref(
+    x: &[f32],
+    conv: &[f32],
+    (batch, h, w, c, cls): (usize, usize, usize, usize, usize),
+    stride: usize,
+) -> Vec<f64> {
     let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
     let (tq, t) = (cls + h * w, cls + oh * ow);
     let mut y = vec![0f64; batch * t * c];
@@ -109,7 +157,9 @@ pub fn depthwise_ref(x: &[f32], conv: &[f32], (batch, h, w, c, cls): (usize, usi
                             let iy = (oy * stride + ky) as isize - 1;
                             let ix = (ox * stride + kx) as isize - 1;
                             if iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize {
-                                s += x[(bi * tq + cls + iy as usize * w + ix as usize) * c + ch] as f64 * conv[ch * 9 + ky * 3 + kx] as f64;
+                                s += x[(bi * tq + cls + iy as usize * w + ix as usize) * c + ch]
+                                    as f64
+                                    * conv[ch * 9 + ky * 3 + kx] as f64;
                             }
                         }
                     }

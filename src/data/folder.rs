@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 /// Image files are recognised by extension here (content is checked when decoding).
 fn is_image(p: &Path) -> bool {
     matches!(
-        p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref(),
         Some("png" | "jpg" | "jpeg" | "webp" | "bmp")
     )
 }
@@ -37,7 +40,10 @@ pub struct FileList {
 pub fn image_folder(root: &Path, split: &str, classes: Option<&[String]>) -> Result<FileList> {
     let dir = root.join(split);
     if !dir.is_dir() {
-        bail!("{}: no {split}/ directory (expected {split}/<class>/<image files>)", root.display());
+        bail!(
+            "{}: no {split}/ directory (expected {split}/<class>/<image files>)",
+            root.display()
+        );
     }
     let found: Vec<String> = sorted_dir(&dir)?
         .into_iter()
@@ -47,14 +53,21 @@ pub fn image_folder(root: &Path, split: &str, classes: Option<&[String]>) -> Res
     let classes: Vec<String> = match classes {
         Some(c) => {
             if let Some(extra) = found.iter().find(|f| !c.contains(f)) {
-                bail!("{}: class {extra} is not among the training classes", dir.display());
+                bail!(
+                    "{}: class {extra} is not among the training classes",
+                    dir.display()
+                );
             }
             c.to_vec()
         }
         None => found,
     };
     if classes.len() < 2 {
-        bail!("{}: found {} class directories, need at least 2", dir.display(), classes.len());
+        bail!(
+            "{}: found {} class directories, need at least 2",
+            dir.display(),
+            classes.len()
+        );
     }
     let mut files = vec![];
     for (ci, c) in classes.iter().enumerate() {
@@ -69,7 +82,10 @@ pub fn image_folder(root: &Path, split: &str, classes: Option<&[String]>) -> Res
         }
     }
     if files.is_empty() {
-        bail!("{}: no image files (.png, .jpg, .jpeg, .webp, .bmp) under the class directories", dir.display());
+        bail!(
+            "{}: no image files (.png, .jpg, .jpeg, .webp, .bmp) under the class directories",
+            dir.display()
+        );
     }
     Ok(FileList { files, classes })
 }
@@ -80,13 +96,23 @@ pub fn image_folder(root: &Path, split: &str, classes: Option<&[String]>) -> Res
 pub fn tiny_imagenet(root: &Path, split: &str) -> Result<FileList> {
     let wnids_path = root.join("wnids.txt");
     let wnids: Vec<String> = std::fs::read_to_string(&wnids_path)
-        .with_context(|| format!("{}: cannot read (is {} a tiny-imagenet-200 directory?)", wnids_path.display(), root.display()))?
+        .with_context(|| {
+            format!(
+                "{}: cannot read (is {} a tiny-imagenet-200 directory?)",
+                wnids_path.display(),
+                root.display()
+            )
+        })?
         .lines()
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())
         .collect();
     if wnids.len() < 2 {
-        bail!("{}: {} class ids, need at least 2", wnids_path.display(), wnids.len());
+        bail!(
+            "{}: {} class ids, need at least 2",
+            wnids_path.display(),
+            wnids.len()
+        );
     }
     // Readable names from words.txt (optional): "n01443537\tgoldfish, Carassius auratus".
     let mut names = wnids.clone();
@@ -105,7 +131,10 @@ pub fn tiny_imagenet(root: &Path, split: &str) -> Result<FileList> {
             for (ci, id) in wnids.iter().enumerate() {
                 let dir = root.join("train").join(id).join("images");
                 if !dir.is_dir() {
-                    bail!("{}: missing (every class of wnids.txt needs train/<wnid>/images/)", dir.display());
+                    bail!(
+                        "{}: missing (every class of wnids.txt needs train/<wnid>/images/)",
+                        dir.display()
+                    );
                 }
                 for f in sorted_dir(&dir)? {
                     if f.is_file() && is_image(&f) {
@@ -116,16 +145,27 @@ pub fn tiny_imagenet(root: &Path, split: &str) -> Result<FileList> {
         }
         _ => {
             let ann = root.join("val").join("val_annotations.txt");
-            let text = std::fs::read_to_string(&ann).with_context(|| format!("{}: cannot read", ann.display()))?;
+            let text = std::fs::read_to_string(&ann)
+                .with_context(|| format!("{}: cannot read", ann.display()))?;
             for (ln, line) in text.lines().enumerate() {
                 let mut parts = line.split('\t');
                 let (Some(file), Some(id)) = (parts.next(), parts.next()) else {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    bail!("{}:{}: expected 'file<TAB>wnid<TAB>...'", ann.display(), ln + 1);
+                    bail!(
+                        "{}:{}: expected 'file<TAB>wnid<TAB>...'",
+                        ann.display(),
+                        ln + 1
+                    );
                 };
-                let ci = wnids.iter().position(|x| x == id).with_context(|| format!("{}:{}: class {id} is not in wnids.txt", ann.display(), ln + 1))?;
+                let ci = wnids.iter().position(|x| x == id).with_context(|| {
+                    format!(
+                        "{}:{}: class {id} is not in wnids.txt",
+                        ann.display(),
+                        ln + 1
+                    )
+                })?;
                 files.push((root.join("val").join("images").join(file), ci as u32));
             }
         }
@@ -133,14 +173,20 @@ pub fn tiny_imagenet(root: &Path, split: &str) -> Result<FileList> {
     if files.is_empty() {
         bail!("{}: no {split} images found", root.display());
     }
-    Ok(FileList { files, classes: names })
+    Ok(FileList {
+        files,
+        classes: names,
+    })
 }
 
 /// Decodes every file (all CPU threads), resizing to res x res; returns the
 /// dataset and the files that failed (with the reason), which are left out.
 pub fn decode_all(list: &FileList, res: usize, progress: &dyn Fn(usize)) -> (Dataset, Vec<String>) {
     let n = list.files.len();
-    let threads = std::thread::available_parallelism().map(|v| v.get()).unwrap_or(2).min(8);
+    let threads = std::thread::available_parallelism()
+        .map(|v| v.get())
+        .unwrap_or(2)
+        .min(8);
     let px = res * res * 3;
     let done = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<Vec<(usize, Result<Vec<u8>>)>> = std::thread::scope(|s| {
@@ -152,7 +198,13 @@ pub fn decode_all(list: &FileList, res: usize, progress: &dyn Fn(usize)) -> (Dat
                         .step_by(threads)
                         .map(|i| {
                             let r = crate::preprocess::decode(&list.files[i].0).map(|img| {
-                                let img = if img.width() as usize == res && img.height() as usize == res { img } else { crate::preprocess::resize_bicubic(&img, res, res) };
+                                let img = if img.width() as usize == res
+                                    && img.height() as usize == res
+                                {
+                                    img
+                                } else {
+                                    crate::preprocess::resize_bicubic(&img, res, res)
+                                };
                                 img.into_raw()
                             });
                             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -171,7 +223,10 @@ pub fn decode_all(list: &FileList, res: usize, progress: &dyn Fn(usize)) -> (Dat
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        handles.into_iter().map(|h| h.join().expect("decoder thread panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("decoder thread panicked"))
+            .collect()
     });
     let mut slots: Vec<Option<Result<Vec<u8>>>> = (0..n).map(|_| None).collect();
     for r in results.into_iter().flatten() {
@@ -189,5 +244,15 @@ pub fn decode_all(list: &FileList, res: usize, progress: &dyn Fn(usize)) -> (Dat
             Err(e) => failed.push(format!("{e:#}")),
         }
     }
-    (Dataset { images, labels, height: res, width: res, channels: 3, classes: list.classes.clone() }, failed)
+    (
+        Dataset {
+            images,
+            labels,
+            height: res,
+            width: res,
+            channels: 3,
+            classes: list.classes.clone(),
+        },
+        failed,
+    )
 }

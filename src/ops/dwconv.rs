@@ -1,8 +1,8 @@
 //! `shaders/dwconv.wgsl`: CvT's convolutional projection (depthwise 3x3 + folded
 //! BatchNorm) producing the q, k and v token maps in one pass.
 
-use crate::graph::{grid1d, Graph, Res, TensorId};
 use crate::gpu::Gpu;
+use crate::graph::{grid1d, Graph, Res, TensorId};
 use anyhow::Result;
 use std::sync::Arc;
 
@@ -42,7 +42,14 @@ pub fn fold_bn(conv: &[f32], bn: &BatchNorm, c: usize) -> (Vec<f32>, Vec<f32>) {
 
 impl ConvProj {
     /// From the q, k, v depthwise weights ([C, 1, 3, 3] each) and their BatchNorms.
-    pub fn new(gpu: &Gpu, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize) -> Result<ConvProj> {
+    pub fn new(
+        gpu: &Gpu,
+        name: &str,
+        convs: [&[f32]; 3],
+        bns: [BatchNorm; 3],
+        c: usize,
+    ) -> Result<ConvProj> {
+        check_width(name, c)?;
         let mut w = Vec::with_capacity(27 * c);
         let mut b = Vec::with_capacity(3 * c);
         for i in 0..3 {
@@ -58,13 +65,32 @@ impl ConvProj {
     }
 }
 
+/// The kernels work on four channels at a time (vec4): the width must be a
+/// multiple of 4, which every valid CvT width is (head widths are).
+fn check_width(name: &str, c: usize) -> Result<()> {
+    anyhow::ensure!(
+        c % 4 == 0 && c > 0,
+        "{name}: width {c} is not a multiple of 4"
+    );
+    Ok(())
+}
+
 /// Token counts: q keeps the grid (plus cls); k and v use ceil(H/2) x ceil(W/2).
 pub fn kv_hw(h: usize, w: usize) -> (usize, usize) {
     (h.div_ceil(2), w.div_ceil(2))
 }
 
 /// x [batch, cls + h*w, C] → (q, k, v).
-pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize, w: usize, cls: usize, p: &ConvProj) -> Result<(TensorId, TensorId, TensorId)> {
+pub fn conv_proj(
+    g: &mut Graph,
+    label: &str,
+    x: TensorId,
+    batch: usize,
+    h: usize,
+    w: usize,
+    cls: usize,
+    p: &ConvProj,
+) -> Result<(TensorId, TensorId, TensorId)> {
     let c = p.c;
     let (hk, wk) = kv_hw(h, w);
     let tq = cls + h * w;
@@ -72,15 +98,26 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
     let q = g.tensor(format!("{label}.q"), batch * tq * c);
     let k = g.tensor(format!("{label}.k"), batch * tk * c);
     let v = g.tensor(format!("{label}.v"), batch * tk * c);
-    let total = batch * tq * c;
-    let params = [batch, h, w, c, cls, hk, wk, total].map(|v| v as u32).to_vec();
+    // The shader works in units of four channels (vec4).
+    let total = batch * tq * c / 4;
+    let params = [batch, h, w, c / 4, cls, hk, wk, total]
+        .map(|v| v as u32)
+        .to_vec();
     let pipeline = g.gpu.pipeline("dwconv", "main", &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, total.div_ceil(WG) as u64);
     let flops = 2.0 * 9.0 * (batch * c * (h * w + 2 * hk * wk)) as f64;
     g.dispatch(
         label,
         pipeline,
-        vec![Res::Act(x), Res::Buf(p.w.clone()), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(params)],
+        vec![
+            Res::Act(x),
+            Res::Buf(p.w.clone()),
+            Res::Buf(p.b.clone()),
+            Res::Act(q),
+            Res::Act(k),
+            Res::Act(v),
+            Res::Uniform(params),
+        ],
         groups,
         flops,
     );
@@ -109,7 +146,14 @@ pub struct ConvProjTrain {
 
 impl ConvProjTrain {
     /// From the q, k, v depthwise weights ([C, 1, 3, 3] each) and BN tensors.
-    pub fn new(gpu: &Gpu, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize) -> Result<ConvProjTrain> {
+    pub fn new(
+        gpu: &Gpu,
+        name: &str,
+        convs: [&[f32]; 3],
+        bns: [BatchNorm; 3],
+        c: usize,
+    ) -> Result<ConvProjTrain> {
+        check_width(name, c)?;
         let mut w = Vec::with_capacity(27 * c);
         for conv in convs {
             for t in 0..9 {
@@ -125,7 +169,9 @@ impl ConvProjTrain {
                 running: Arc::new(gpu.upload(&format!("{name}.bn.running"), &running)?),
             });
         }
-        let bn: [BnParams; 3] = bn.try_into().map_err(|_| anyhow::anyhow!("three BatchNorms"))?;
+        let bn: [BnParams; 3] = bn
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three BatchNorms"))?;
         Ok(ConvProjTrain {
             w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?),
             zero_bias: Arc::new(gpu.upload(&format!("{name}.zero_bias"), &vec![0.0; 3 * c])?),
@@ -145,7 +191,10 @@ pub struct ConvProjGrad {
 
 impl ConvProjGrad {
     pub fn new(gpu: &Gpu, name: &str, c: usize) -> Result<ConvProjGrad> {
-        let buf = |what: &str, i: usize| gpu.storage(&format!("{name}.bn{i}.{what}.grad"), (4 * c) as u64).map(Arc::new);
+        let buf = |what: &str, i: usize| {
+            gpu.storage(&format!("{name}.bn{i}.{what}.grad"), (4 * c) as u64)
+                .map(Arc::new)
+        };
         Ok(ConvProjGrad {
             w: Arc::new(gpu.storage(&format!("{name}.w.grad"), (108 * c) as u64)?),
             gamma: [buf("weight", 0)?, buf("weight", 1)?, buf("weight", 2)?],
@@ -160,57 +209,181 @@ pub struct ProjSaved {
     stats: [TensorId; 3],
 }
 
+/// Params of one map; C in units of four channels, as the shader counts them.
 fn map_params(batch: usize, h: usize, w: usize, c: usize, cls: usize) -> Vec<u32> {
-    [batch, h, w, c, cls, 0, 0, 0].map(|v| v as u32).to_vec()
+    [batch, h, w, c / 4, cls, 0, 0, 0]
+        .map(|v| v as u32)
+        .to_vec()
 }
 
 /// Train-mode forward: x [batch, cls + h*w, C] → (q, k, v) with batch-statistics
 /// BN; updates the running statistics.
-pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize, w: usize, cls: usize, p: &ConvProjTrain) -> Result<((TensorId, TensorId, TensorId), ProjSaved)> {
-    let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c };
+pub fn conv_proj_train(
+    g: &mut Graph,
+    label: &str,
+    x: TensorId,
+    batch: usize,
+    h: usize,
+    w: usize,
+    cls: usize,
+    p: &ConvProjTrain,
+) -> Result<((TensorId, TensorId, TensorId), ProjSaved)> {
+    let raw = ConvProj {
+        w: p.w.clone(),
+        b: p.zero_bias.clone(),
+        c: p.c,
+    };
     let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
     let (hk, wk) = kv_hw(h, w);
-    let pipeline = g.gpu.pipeline("dwconv", "bn_train", &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)])?;
+    let pipeline = g.gpu.pipeline(
+        "dwconv",
+        "bn_train",
+        &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)],
+    )?;
     let mut post = vec![];
     let mut stats = vec![];
-    for (m, (pre, (mh, mw))) in [(pq, (h, w)), (pk, (hk, wk)), (pv, (hk, wk))].into_iter().enumerate() {
+    for (m, (pre, (mh, mw))) in [(pq, (h, w)), (pk, (hk, wk)), (pv, (hk, wk))]
+        .into_iter()
+        .enumerate()
+    {
         let out = g.tensor(format!("{label}.bn{m}"), g.len(pre));
         let st = g.tensor(format!("{label}.bn{m}.stats"), 2 * p.c);
         let u = || Res::Unused;
-        let b = vec![u(), Res::Buf(p.bn[m].gamma.clone()), Res::Buf(p.bn[m].beta.clone()), u(), u(), u(), Res::Uniform(map_params(batch, mh, mw, p.c, cls)), Res::Act(st), Res::Buf(p.bn[m].running.clone()), Res::Act(pre), Res::Act(out)];
-        g.dispatch(format!("{label}.bn{m}"), pipeline.clone(), b, [p.c as u32, 1, 1], 0.0);
+        let b = vec![
+            u(),
+            Res::Buf(p.bn[m].gamma.clone()),
+            Res::Buf(p.bn[m].beta.clone()),
+            u(),
+            u(),
+            u(),
+            Res::Uniform(map_params(batch, mh, mw, p.c, cls)),
+            Res::Act(st),
+            Res::Buf(p.bn[m].running.clone()),
+            Res::Act(pre),
+            Res::Act(out),
+        ];
+        g.dispatch(
+            format!("{label}.bn{m}"),
+            pipeline.clone(),
+            b,
+            [(p.c / 4) as u32, 1, 1],
+            0.0,
+        );
         post.push(out);
         stats.push(st);
     }
-    Ok(((post[0], post[1], post[2]), ProjSaved { pre: [pq, pk, pv], stats: [stats[0], stats[1], stats[2]] }))
+    Ok((
+        (post[0], post[1], post[2]),
+        ProjSaved {
+            pre: [pq, pk, pv],
+            stats: [stats[0], stats[1], stats[2]],
+        },
+    ))
 }
 
 /// Backward of `conv_proj_train`: from the gradients of q, k, v, writes the weight
 /// and BN gradients into `grad` and returns dx.
-pub fn conv_proj_train_backward(g: &mut Graph, label: &str, x: TensorId, saved: &ProjSaved, d: (TensorId, TensorId, TensorId), batch: usize, h: usize, w: usize, cls: usize, p: &ConvProjTrain, grad: &ConvProjGrad) -> Result<TensorId> {
+pub fn conv_proj_train_backward(
+    g: &mut Graph,
+    label: &str,
+    x: TensorId,
+    saved: &ProjSaved,
+    d: (TensorId, TensorId, TensorId),
+    batch: usize,
+    h: usize,
+    w: usize,
+    cls: usize,
+    p: &ConvProjTrain,
+    grad: &ConvProjGrad,
+) -> Result<TensorId> {
     let c = p.c;
     let (hk, wk) = kv_hw(h, w);
-    let bn_bwd = g.gpu.pipeline("dwconv", "bn_backward", &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)])?;
+    let bn_bwd = g.gpu.pipeline(
+        "dwconv",
+        "bn_backward",
+        &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)],
+    )?;
     let u = || Res::Unused;
     let mut dpre = vec![];
-    for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {
+    for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))]
+        .into_iter()
+        .enumerate()
+    {
         let out = g.tensor(format!("{label}.bn{m}.dpre"), g.len(dpost));
-        let b = vec![u(), Res::Buf(p.bn[m].gamma.clone()), u(), u(), u(), u(), Res::Uniform(map_params(batch, mh, mw, c, cls)), Res::Act(saved.stats[m]), u(), Res::Act(saved.pre[m]), u(), Res::Act(dpost), Res::Act(out), Res::Buf(grad.gamma[m].clone()), u(), u(), Res::Buf(grad.beta[m].clone())];
-        g.dispatch(format!("{label}.bn{m}.backward"), bn_bwd.clone(), b, [c as u32, 1, 1], 0.0);
+        let b = vec![
+            u(),
+            Res::Buf(p.bn[m].gamma.clone()),
+            u(),
+            u(),
+            u(),
+            u(),
+            Res::Uniform(map_params(batch, mh, mw, c, cls)),
+            Res::Act(saved.stats[m]),
+            u(),
+            Res::Act(saved.pre[m]),
+            u(),
+            Res::Act(dpost),
+            Res::Act(out),
+            Res::Buf(grad.gamma[m].clone()),
+            u(),
+            u(),
+            Res::Buf(grad.beta[m].clone()),
+        ];
+        g.dispatch(
+            format!("{label}.bn{m}.backward"),
+            bn_bwd.clone(),
+            b,
+            [(c / 4) as u32, 1, 1],
+            0.0,
+        );
         dpre.push(out);
     }
     let total = batch * (cls + h * w) * c;
-    let params = [batch, h, w, c, cls, hk, wk, total].map(|v| v as u32).to_vec();
-    let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w", &[("WG", WG as f64)])?;
-    let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params.clone())];
+    let params = [batch, h, w, c / 4, cls, hk, wk, total / 4]
+        .map(|v| v as u32)
+        .to_vec();
+    let pw = g
+        .gpu
+        .pipeline("dwconv", "dwconv_backward_w", &[("WG", WG as f64)])?;
+    let mut b = vec![
+        Res::Act(x),
+        u(),
+        u(),
+        Res::Act(dpre[0]),
+        Res::Act(dpre[1]),
+        Res::Act(dpre[2]),
+        Res::Uniform(params.clone()),
+    ];
     b.extend((7..14).map(|_| u()));
     b.push(Res::Buf(grad.w.clone()));
-    g.dispatch(format!("{label}.dW"), pw, b, [(27 * c) as u32, 1, 1], 0.0);
+    g.dispatch(
+        format!("{label}.dW"),
+        pw,
+        b,
+        [(27 * c / 4) as u32, 1, 1],
+        0.0,
+    );
     let dx = g.tensor(format!("{label}.dx"), total);
-    let px = g.gpu.pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
-    let mut b = vec![u(), Res::Buf(p.w.clone()), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params)];
+    let px = g
+        .gpu
+        .pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
+    let mut b = vec![
+        u(),
+        Res::Buf(p.w.clone()),
+        u(),
+        Res::Act(dpre[0]),
+        Res::Act(dpre[1]),
+        Res::Act(dpre[2]),
+        Res::Uniform(params),
+    ];
     b.extend((7..15).map(|_| u()));
     b.push(Res::Act(dx));
-    g.dispatch(format!("{label}.dx"), px, b, grid1d(&g.gpu, total.div_ceil(WG) as u64), 0.0);
+    g.dispatch(
+        format!("{label}.dx"),
+        px,
+        b,
+        grid1d(&g.gpu, (total / 4).div_ceil(WG) as u64),
+        0.0,
+    );
     Ok(dx)
 }
