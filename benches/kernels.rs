@@ -19,13 +19,7 @@ fn randn(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Times a single-op graph built by `build` (inputs get random data).
-fn time(
-    gpu: &Arc<Gpu>,
-    name: &str,
-    shape: &str,
-    iters: usize,
-    build: impl FnOnce(&mut Graph) -> Vec<cvt_gpu::graph::TensorId>,
-) {
+fn time(gpu: &Arc<Gpu>, name: &str, shape: &str, iters: usize, build: impl FnOnce(&mut Graph) -> Vec<cvt_gpu::graph::TensorId>) {
     let mut g = Graph::new(gpu.clone());
     let inputs = build(&mut g);
     let lens: Vec<usize> = inputs.iter().map(|&t| g.len(t)).collect();
@@ -46,147 +40,63 @@ fn time(
     ts.sort_by(f64::total_cmp);
     let ms = ts[ts.len() / 2];
     let flops = plan.flops();
-    let rate = if flops > 0.0 {
-        format!("{:8.2} GFLOP/s", flops / ms / 1e6)
-    } else {
-        String::from("   (memory-bound)")
-    };
+    let rate = if flops > 0.0 { format!("{:8.2} GFLOP/s", flops / ms / 1e6) } else { String::from("   (memory-bound)") };
     println!("{name:<22} {shape:<28} {ms:9.2} ms {rate}");
 }
 
 fn main() {
     let gpu = Gpu::new(&AdapterRequest::default()).unwrap();
-    let b: usize = std::env::var("CVT_BENCH_BATCH")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let b: usize = std::env::var("CVT_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let iters = 3;
-    println!(
-        "CvT-13 kernels at 224x224, batch {b}, on {}",
-        gpu.describe()
-    );
-    let stages = [
-        (56usize, 64usize, 1usize, 0usize),
-        (28, 192, 3, 0),
-        (14, 384, 6, 1),
-    ];
+    println!("CvT-13 kernels at 224x224, batch {b}, on {}", gpu.describe());
+    let stages = [(56usize, 64usize, 1usize, 0usize), (28, 192, 3, 0), (14, 384, 6, 1)];
     let mut cin = 3;
     let mut hin = 224;
     for (s, &(hw, c, heads, cls)) in stages.iter().enumerate() {
         let t = cls + hw * hw;
         let (k, stride, pad) = if s == 0 { (7, 4, 2) } else { (3, 2, 1) };
-        let geom = ConvGeom {
-            batch: b,
-            in_h: hin,
-            in_w: hin,
-            cin,
-            in_tokens: hin * hin,
-            in_tok_off: 0,
-            k,
-            stride,
-            pad,
-        };
-        let w = Linear::from_conv(
-            &gpu,
-            "embed",
-            &randn(c * cin * k * k, 1),
-            None,
-            c,
-            cin,
-            k,
-            k,
-        )
-        .unwrap();
-        time(
-            &gpu,
-            &format!("s{s} embed conv"),
-            &format!("{hin}²x{cin} → {hw}²x{c}"),
-            iters,
-            |g| {
-                let x = g.pinned("x", b * hin * hin * cin);
-                conv2d(g, "conv", x, geom, &w).unwrap();
-                vec![x]
-            },
-        );
+        let geom = ConvGeom { batch: b, in_h: hin, in_w: hin, cin, in_tokens: hin * hin, in_tok_off: 0, k, stride, pad };
+        let w = Linear::from_conv(&gpu, "embed", &randn(c * cin * k * k, 1), None, c, cin, k, k).unwrap();
+        time(&gpu, &format!("s{s} embed conv"), &format!("{hin}²x{cin} → {hw}²x{c}"), iters, |g| {
+            let x = g.pinned("x", b * hin * hin * cin);
+            conv2d(g, "conv", x, geom, &w).unwrap();
+            vec![x]
+        });
         let ln = LayerNorm::new(&gpu, "ln", &vec![1.0; c], &vec![0.0; c]).unwrap();
-        time(
-            &gpu,
-            &format!("s{s} layernorm"),
-            &format!("{}x{c}", b * t),
-            iters,
-            |g| {
-                let x = g.pinned("x", b * t * c);
-                layernorm(g, "ln", x, RowMap::dense(b * t), &ln, None).unwrap();
-                vec![x]
-            },
-        );
+        time(&gpu, &format!("s{s} layernorm"), &format!("{}x{c}", b * t), iters, |g| {
+            let x = g.pinned("x", b * t * c);
+            layernorm(g, "ln", x, RowMap::dense(b * t), &ln, None).unwrap();
+            vec![x]
+        });
         let ones = vec![1.0f32; c];
         let zeros = vec![0.0f32; c];
         let conv = randn(9 * c, 2);
-        let bn = || BatchNorm {
-            weight: &ones,
-            bias: &zeros,
-            mean: &zeros,
-            var: &ones,
-        };
+        let bn = || BatchNorm { weight: &ones, bias: &zeros, mean: &zeros, var: &ones };
         let proj = ConvProj::new(&gpu, "p", [&conv, &conv, &conv], [bn(), bn(), bn()], c).unwrap();
-        time(
-            &gpu,
-            &format!("s{s} conv proj q,k,v"),
-            &format!("{hw}²x{c}"),
-            iters,
-            |g| {
-                let x = g.pinned("x", b * t * c);
-                conv_proj(g, "proj", x, b, hw, hw, cls, &proj).unwrap();
-                vec![x]
-            },
-        );
+        time(&gpu, &format!("s{s} conv proj q,k,v"), &format!("{hw}²x{c}"), iters, |g| {
+            let x = g.pinned("x", b * t * c);
+            conv_proj(g, "proj", x, b, hw, hw, cls, &proj).unwrap();
+            vec![x]
+        });
         let (kh, kw) = kv_hw(hw, hw);
         let tk = cls + kh * kw;
-        for (name, n, kk) in [
-            ("proj_q/proj", c, c),
-            ("fc1 (+GELU)", 4 * c, c),
-            ("fc2 (+residual)", c, 4 * c),
-        ] {
+        for (name, n, kk) in [("proj_q/proj", c, c), ("fc1 (+GELU)", 4 * c, c), ("fc2 (+residual)", c, 4 * c)] {
             let l = Linear::from_torch(&gpu, "l", &randn(n * kk, 3), None, n, kk).unwrap();
-            let act = if name.starts_with("fc1") {
-                Act::QuickGelu
-            } else {
-                Act::None
-            };
-            time(
-                &gpu,
-                &format!("s{s} {name}"),
-                &format!("{}x{n}x{kk}", b * t),
-                iters,
-                |g| {
-                    let x = g.pinned("x", b * t * kk);
-                    linear(g, "mm", x, b * t, &l, act, Out::New).unwrap();
-                    vec![x]
-                },
-            );
+            let act = if name.starts_with("fc1") { Act::QuickGelu } else { Act::None };
+            time(&gpu, &format!("s{s} {name}"), &format!("{}x{n}x{kk}", b * t), iters, |g| {
+                let x = g.pinned("x", b * t * kk);
+                linear(g, "mm", x, b * t, &l, act, Out::New).unwrap();
+                vec![x]
+            });
         }
-        let shape = AttnShape {
-            batch: b,
-            tq: t,
-            tkv: tk,
-            c,
-            heads,
-            scale: (c as f32).powf(-0.5),
-        };
-        time(
-            &gpu,
-            &format!("s{s} attention"),
-            &format!("{t}x{tk}, {heads} heads"),
-            iters,
-            |g| {
-                let q = g.pinned("q", b * t * c);
-                let k = g.pinned("k", b * tk * c);
-                let v = g.pinned("v", b * tk * c);
-                attention(g, "attn", q, k, v, shape).unwrap();
-                vec![q, k, v]
-            },
-        );
+        let shape = AttnShape { batch: b, tq: t, tkv: tk, c, heads, scale: (c as f32).powf(-0.5) };
+        time(&gpu, &format!("s{s} attention"), &format!("{t}x{tk}, {heads} heads"), iters, |g| {
+            let q = g.pinned("q", b * t * c);
+            let k = g.pinned("k", b * tk * c);
+            let v = g.pinned("v", b * tk * c);
+            attention(g, "attn", q, k, v, shape).unwrap();
+            vec![q, k, v]
+        });
         cin = c;
         hin = hw;
     }

@@ -6,9 +6,7 @@ use cvt_gpu::{labels, model, preprocess};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (weights, images) = args
-        .split_first()
-        .ok_or_else(|| anyhow::anyhow!("usage: classify WEIGHTS IMAGE..."))?;
+    let (weights, images) = args.split_first().ok_or_else(|| anyhow::anyhow!("usage: classify WEIGHTS IMAGE..."))?;
     let gpu = Gpu::new(&AdapterRequest::default())?;
     let loaded = model::load(gpu, weights.as_ref(), &Default::default())?;
     let res = loaded.model.cfg.image_size;
@@ -17,9 +15,7 @@ fn main() -> anyhow::Result<()> {
     for path in images {
         let input = preprocess::load_image(path.as_ref(), res, preprocess::Resize::Eval)?;
         let (_logits, probs) = plan.forward(&input)?;
-        let best = (0..probs.len())
-            .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
-            .unwrap();
+        let best = (0..probs.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).unwrap();
         println!("{path}: {} ({:.1}%)", names[best], 100.0 * probs[best]);
     }
     Ok(())

@@ -13,14 +13,7 @@ use cvt_gpu::ops::{Act, Linear};
 
 /// y = x·Wᵀ + b with PyTorch-layout W [n, k], in f64.
 fn lin(x: &[f64], w: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
-    (0..m * n)
-        .map(|i| {
-            b[i % n]
-                + (0..k)
-                    .map(|j| x[(i / n) * k + j] * w[(i % n) * k + j])
-                    .sum::<f64>()
-        })
-        .collect()
+    (0..m * n).map(|i| b[i % n] + (0..k).map(|j| x[(i / n) * k + j] * w[(i % n) * k + j]).sum::<f64>()).collect()
 }
 
 struct Case {
@@ -35,21 +28,10 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 }
 
 /// Loss L = Σ c·y + Σ e·h with h = lin1(x), y = lin2(h), on the GPU in f32.
-fn gpu_loss(
-    case: &Case,
-    x: &[f32],
-    w1: &[f32],
-    b1: &[f32],
-    w2: &[f32],
-    b2: &[f32],
-    c: &[f32],
-    e: &[f32],
-) -> f64 {
+fn gpu_loss(case: &Case, x: &[f32], w1: &[f32], b1: &[f32], w2: &[f32], b2: &[f32], c: &[f32], e: &[f32]) -> f64 {
     let gpu = gpu();
-    let l1 =
-        Linear::with_kind(&gpu, "l1", w1, Some(b1), case.h, case.k, MatmulKind::Buffer).unwrap();
-    let l2 =
-        Linear::with_kind(&gpu, "l2", w2, Some(b2), case.n, case.h, MatmulKind::Buffer).unwrap();
+    let l1 = Linear::with_kind(&gpu, "l1", w1, Some(b1), case.h, case.k, MatmulKind::Buffer).unwrap();
+    let l2 = Linear::with_kind(&gpu, "l2", w2, Some(b2), case.n, case.h, MatmulKind::Buffer).unwrap();
     let mut g = Graph::new(gpu.clone());
     let xi = g.pinned("x", x.len());
     let h = g.pinned("h", case.m * case.h);
@@ -60,14 +42,7 @@ fn gpu_loss(
     plan.write(xi, x).unwrap();
     plan.run().unwrap();
     let (hv, yv) = (plan.read(h).unwrap(), plan.read(y).unwrap());
-    yv.iter()
-        .zip(c)
-        .map(|(a, b)| *a as f64 * *b as f64)
-        .sum::<f64>()
-        + hv.iter()
-            .zip(e)
-            .map(|(a, b)| *a as f64 * *b as f64)
-            .sum::<f64>()
+    yv.iter().zip(c).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + hv.iter().zip(e).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
 }
 
 #[test]
@@ -75,44 +50,14 @@ fn linear_backward_two_layers() {
     // Both kernel families: packed texture GEMMs / row-per-invocation norms, and
     // buffer GEMMs / workgroup-per-row norms.
     for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
-        for case in [
-            Case {
-                m: 5,
-                k: 7,
-                h: 6,
-                n: 3,
-            },
-            Case {
-                m: 33,
-                k: 64,
-                h: 20,
-                n: 10,
-            },
-            Case {
-                m: 1,
-                k: 1,
-                h: 1,
-                n: 1,
-            },
-        ] {
+        for case in [Case { m: 5, k: 7, h: 6, n: 3 }, Case { m: 33, k: 64, h: 20, n: 10 }, Case { m: 1, k: 1, h: 1, n: 1 }] {
             let Case { m, k, h, n } = case;
-            let (x, w1, b1, w2, b2) = (
-                randn(m * k, 1),
-                randn(h * k, 2),
-                randn(h, 3),
-                randn(n * h, 4),
-                randn(n, 5),
-            );
+            let (x, w1, b1, w2, b2) = (randn(m * k, 1), randn(h * k, 2), randn(h, 3), randn(n * h, 4), randn(n, 5));
             let (c, e) = (randn(m * n, 6), randn(m * h, 7));
             // GPU backward: dy = c; dh = e + dy·W2ᵀ; then through l1.
-            let l1 =
-                Linear::with_kind(&gpu, "l1", &w1, Some(&b1), h, k, MatmulKind::Buffer).unwrap();
-            let l2 =
-                Linear::with_kind(&gpu, "l2", &w2, Some(&b2), n, h, MatmulKind::Buffer).unwrap();
-            let (g1, g2) = (
-                LinearGrad::new(&gpu, "l1", &l1).unwrap(),
-                LinearGrad::new(&gpu, "l2", &l2).unwrap(),
-            );
+            let l1 = Linear::with_kind(&gpu, "l1", &w1, Some(&b1), h, k, MatmulKind::Buffer).unwrap();
+            let l2 = Linear::with_kind(&gpu, "l2", &w2, Some(&b2), n, h, MatmulKind::Buffer).unwrap();
+            let (g1, g2) = (LinearGrad::new(&gpu, "l1", &l1).unwrap(), LinearGrad::new(&gpu, "l2", &l2).unwrap());
             let mut g = Graph::new(gpu.clone());
             let xi = g.pinned("x", m * k);
             let hi = g.tensor("h", m * h);
@@ -135,14 +80,7 @@ fn linear_backward_two_layers() {
             let got_db2 = gpu.read(&g2.b, 0, np2).unwrap();
 
             // f64 reference.
-            let (xd, w1d, b1d, w2d, cd, ed) = (
-                f64s(&x),
-                f64s(&w1),
-                f64s(&b1),
-                f64s(&w2),
-                f64s(&c),
-                f64s(&e),
-            );
+            let (xd, w1d, b1d, w2d, cd, ed) = (f64s(&x), f64s(&w1), f64s(&b1), f64s(&w2), f64s(&c), f64s(&e));
             let hd = lin(&xd, &w1d, &b1d, m, h, k);
             let mut dhd = ed.clone();
             for r in 0..m {
@@ -150,76 +88,25 @@ fn linear_backward_two_layers() {
                     dhd[r * h + j] += (0..n).map(|o| cd[r * n + o] * w2d[o * h + j]).sum::<f64>();
                 }
             }
-            let dxd: Vec<f64> = (0..m * k)
-                .map(|i| {
-                    (0..h)
-                        .map(|j| dhd[(i / k) * h + j] * w1d[j * k + i % k])
-                        .sum()
-                })
-                .collect();
+            let dxd: Vec<f64> = (0..m * k).map(|i| (0..h).map(|j| dhd[(i / k) * h + j] * w1d[j * k + i % k]).sum()).collect();
             // Gradients in the stored layout [K, NP] (zero padding columns).
             let dw = |xs: &[f64], dys: &[f64], kk: usize, nn: usize, np: usize| -> Vec<f64> {
-                (0..kk * np)
-                    .map(|i| {
-                        if i % np >= nn {
-                            0.0
-                        } else {
-                            (0..m)
-                                .map(|r| xs[r * kk + i / np] * dys[r * nn + i % np])
-                                .sum()
-                        }
-                    })
-                    .collect()
+                (0..kk * np).map(|i| if i % np >= nn { 0.0 } else { (0..m).map(|r| xs[r * kk + i / np] * dys[r * nn + i % np]).sum() }).collect()
             };
-            let db = |dys: &[f64], nn: usize, np: usize| -> Vec<f64> {
-                (0..np)
-                    .map(|o| {
-                        if o >= nn {
-                            0.0
-                        } else {
-                            (0..m).map(|r| dys[r * nn + o]).sum()
-                        }
-                    })
-                    .collect()
-            };
+            let db = |dys: &[f64], nn: usize, np: usize| -> Vec<f64> { (0..np).map(|o| if o >= nn { 0.0 } else { (0..m).map(|r| dys[r * nn + o]).sum() }).collect() };
             let what = format!("m{m} k{k} h{h} n{n}");
             assert_close(&format!("{what} dx"), &got_dx, &dxd, 1e-4, 1e-4);
-            assert_close(
-                &format!("{what} dW1"),
-                &got_dw1,
-                &dw(&xd, &dhd, k, h, np1),
-                1e-4,
-                1e-4,
-            );
-            assert_close(
-                &format!("{what} db1"),
-                &got_db1,
-                &db(&dhd, h, np1),
-                1e-4,
-                1e-4,
-            );
-            assert_close(
-                &format!("{what} dW2"),
-                &got_dw2,
-                &dw(&hd, &cd, h, n, np2),
-                1e-4,
-                1e-4,
-            );
-            assert_close(
-                &format!("{what} db2"),
-                &got_db2,
-                &db(&cd, n, np2),
-                1e-4,
-                1e-4,
-            );
+            assert_close(&format!("{what} dW1"), &got_dw1, &dw(&xd, &dhd, k, h, np1), 1e-4, 1e-4);
+            assert_close(&format!("{what} db1"), &got_db1, &db(&dhd, h, np1), 1e-4, 1e-4);
+            assert_close(&format!("{what} dW2"), &got_dw2, &dw(&hd, &cd, h, n, np2), 1e-4, 1e-4);
+            assert_close(&format!("{what} db2"), &got_db2, &db(&cd, n, np2), 1e-4, 1e-4);
 
             // Finite differences of the engine's own f32 forward, on a few entries of
             // every input. L is linear in each parameter, so central differences are
             // exact up to f32 rounding of L (|L| ~ 10, eps 1e-2: ~1e-4 absolute).
             let eps = 1e-2f32;
             let fd = |which: usize, idx: usize| -> f64 {
-                let mut p: Vec<Vec<f32>> =
-                    vec![x.clone(), w1.clone(), b1.clone(), w2.clone(), b2.clone()];
+                let mut p: Vec<Vec<f32>> = vec![x.clone(), w1.clone(), b1.clone(), w2.clone(), b2.clone()];
                 p[which][idx] += eps;
                 let lp = gpu_loss(&case, &p[0], &p[1], &p[2], &p[3], &p[4], &c, &e);
                 p[which][idx] -= 2.0 * eps;
@@ -229,41 +116,27 @@ fn linear_backward_two_layers() {
             let picks = |len: usize| [0, len / 2, len - 1];
             for idx in picks(m * k) {
                 let (num, ana) = (fd(0, idx), got_dx[idx] as f64);
-                assert!(
-                    (num - ana).abs() <= 2e-3 * (1.0 + ana.abs()),
-                    "{what} dx[{idx}]: fd {num} vs {ana}"
-                );
+                assert!((num - ana).abs() <= 2e-3 * (1.0 + ana.abs()), "{what} dx[{idx}]: fd {num} vs {ana}");
             }
             for idx in picks(h * k) {
                 // PyTorch layout [h, k] -> stored [k, np1].
                 let (num, ana) = (fd(1, idx), got_dw1[(idx % k) * np1 + idx / k] as f64);
-                assert!(
-                    (num - ana).abs() <= 2e-3 * (1.0 + ana.abs()),
-                    "{what} dW1[{idx}]: fd {num} vs {ana}"
-                );
+                assert!((num - ana).abs() <= 2e-3 * (1.0 + ana.abs()), "{what} dW1[{idx}]: fd {num} vs {ana}");
             }
             for idx in picks(h) {
                 let (num, ana) = (fd(2, idx), got_db1[idx] as f64);
-                assert!(
-                    (num - ana).abs() <= 2e-3 * (1.0 + ana.abs()),
-                    "{what} db1[{idx}]: fd {num} vs {ana}"
-                );
+                assert!((num - ana).abs() <= 2e-3 * (1.0 + ana.abs()), "{what} db1[{idx}]: fd {num} vs {ana}");
             }
             for idx in picks(n * h) {
                 let (num, ana) = (fd(3, idx), got_dw2[(idx % h) * np2 + idx / h] as f64);
-                assert!(
-                    (num - ana).abs() <= 2e-3 * (1.0 + ana.abs()),
-                    "{what} dW2[{idx}]: fd {num} vs {ana}"
-                );
+                assert!((num - ana).abs() <= 2e-3 * (1.0 + ana.abs()), "{what} dW2[{idx}]: fd {num} vs {ana}");
             }
         }
     }
 }
 
 use cvt_gpu::ops::matmul::act_backward;
-use cvt_gpu::ops::rownorm::{
-    layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap,
-};
+use cvt_gpu::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
 
 fn act64(act: Act, z: f64) -> f64 {
     match act {
@@ -284,10 +157,7 @@ fn fd(p: &[f32], i: usize, eps: f32, loss: &dyn Fn(&[f32]) -> f64) -> f64 {
 }
 
 fn close(what: &str, num: f64, ana: f64, tol: f64) {
-    assert!(
-        (num - ana).abs() <= tol * (1.0 + ana.abs()),
-        "{what}: finite difference {num} vs analytic {ana}"
-    );
+    assert!((num - ana).abs() <= tol * (1.0 + ana.abs()), "{what}: finite difference {num} vs analytic {ana}");
 }
 
 /// fc1-style layer: z = x·Wᵀ + b, a = act(z), L = Σ c·a. The activation's backward
@@ -299,12 +169,7 @@ fn activation_backward_mid_graph() {
     for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
         let (m, k, n) = (6, 5, 7);
         for act in [Act::Gelu, Act::QuickGelu] {
-            let (x, w, b, c) = (
-                randn(m * k, 1),
-                randn(n * k, 2),
-                randn(n, 3),
-                randn(m * n, 4),
-            );
+            let (x, w, b, c) = (randn(m * k, 1), randn(n * k, 2), randn(n, 3), randn(m * n, 4));
             let l = Linear::with_kind(&gpu, "l", &w, Some(&b), n, k, MatmulKind::Buffer).unwrap();
             let grad = LinearGrad::new(&gpu, "l", &l).unwrap();
             let mut g = Graph::new(gpu.clone());
@@ -321,19 +186,12 @@ fn activation_backward_mid_graph() {
             let zv = plan.read(z).unwrap();
             let dz = plan.read(dy).unwrap();
             // f64: dz = c * act'(z) by central differences of the f64 activation.
-            let want: Vec<f64> = zv
-                .iter()
-                .zip(&c)
-                .map(|(&z, &c)| {
-                    c as f64 * (act64(act, z as f64 + 1e-6) - act64(act, z as f64 - 1e-6)) / 2e-6
-                })
-                .collect();
+            let want: Vec<f64> = zv.iter().zip(&c).map(|(&z, &c)| c as f64 * (act64(act, z as f64 + 1e-6) - act64(act, z as f64 - 1e-6)) / 2e-6).collect();
             assert_close(&format!("{act:?} dz"), &dz, &want, 1e-5, 1e-4);
             // Finite differences through the engine's fused forward (act in the epilogue).
             let dw = gpu.read(&grad.w, 0, k * 8).unwrap();
             let loss = |wp: &[f32]| -> f64 {
-                let l =
-                    Linear::with_kind(&gpu, "l", wp, Some(&b), n, k, MatmulKind::Buffer).unwrap();
+                let l = Linear::with_kind(&gpu, "l", wp, Some(&b), n, k, MatmulKind::Buffer).unwrap();
                 let mut g = Graph::new(gpu.clone());
                 let xi = g.pinned("x", m * k);
                 let y = g.pinned("y", m * n);
@@ -341,20 +199,10 @@ fn activation_backward_mid_graph() {
                 let plan = g.compile().unwrap();
                 plan.write(xi, &x).unwrap();
                 plan.run().unwrap();
-                plan.read(y)
-                    .unwrap()
-                    .iter()
-                    .zip(&c)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum()
+                plan.read(y).unwrap().iter().zip(&c).map(|(a, b)| *a as f64 * *b as f64).sum()
             };
             for i in [0, n * k / 2, n * k - 1] {
-                close(
-                    &format!("{act:?} dW[{i}]"),
-                    fd(&w, i, 1e-2, &loss),
-                    dw[(i % k) * 8 + i / k] as f64,
-                    5e-3,
-                );
+                close(&format!("{act:?} dW[{i}]"), fd(&w, i, 1e-2, &loss), dw[(i % k) * 8 + i / k] as f64, 5e-3);
             }
         }
     }
@@ -368,21 +216,11 @@ fn layernorm_backward_mid_graph() {
     for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
         for &(m, c, n) in &[(4, 7, 3), (3, 130, 5), (1, 1, 1)] {
             let x: Vec<f32> = randn(m * c, 1).iter().map(|v| v * 2.0 + 0.5).collect();
-            let (gm, bt, w2, cy, e) = (
-                randn(c, 2),
-                randn(c, 3),
-                randn(n * c, 4),
-                randn(m * n, 5),
-                randn(m * c, 6),
-            );
+            let (gm, bt, w2, cy, e) = (randn(c, 2), randn(c, 3), randn(n * c, 4), randn(m * n, 5), randn(m * c, 6));
             let run = |x: &[f32], gm: &[f32], bt: &[f32], backward: bool| -> (f64, Vec<Vec<f32>>) {
                 let ln = LayerNorm::new(&gpu, "ln", gm, bt).unwrap();
-                let l2 =
-                    Linear::with_kind(&gpu, "l2", &w2, None, n, c, MatmulKind::Buffer).unwrap();
-                let (lg, g2) = (
-                    LayerNormGrad::new(&gpu, "ln", c).unwrap(),
-                    LinearGrad::new(&gpu, "l2", &l2).unwrap(),
-                );
+                let l2 = Linear::with_kind(&gpu, "l2", &w2, None, n, c, MatmulKind::Buffer).unwrap();
+                let (lg, g2) = (LayerNormGrad::new(&gpu, "ln", c).unwrap(), LinearGrad::new(&gpu, "l2", &l2).unwrap());
                 let mut g = Graph::new(gpu.clone());
                 let xi = g.pinned("x", m * c);
                 let h = g.pinned("h", m * c);
@@ -393,10 +231,7 @@ fn layernorm_backward_mid_graph() {
                 let mut dx = None;
                 if backward {
                     linear_backward(&mut g, "l2", h, dy, m, &l2, &g2, Some(dh)).unwrap();
-                    dx = Some(
-                        layernorm_backward(&mut g, "ln", xi, dh, RowMap::dense(m), &ln, &lg, None)
-                            .unwrap(),
-                    );
+                    dx = Some(layernorm_backward(&mut g, "ln", xi, dh, RowMap::dense(m), &ln, &lg, None).unwrap());
                 }
                 let plan = g.compile().unwrap();
                 plan.write(xi, x).unwrap();
@@ -404,24 +239,8 @@ fn layernorm_backward_mid_graph() {
                 plan.write(dh, &e).unwrap();
                 plan.run().unwrap();
                 let (hv, yv) = (plan.read(h).unwrap(), plan.read(y).unwrap());
-                let l = yv
-                    .iter()
-                    .zip(&cy)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum::<f64>()
-                    + hv.iter()
-                        .zip(&e)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum::<f64>();
-                let grads = if backward {
-                    vec![
-                        plan.read(dx.unwrap()).unwrap(),
-                        gpu.read(&lg.gamma, 0, c).unwrap(),
-                        gpu.read(&lg.beta, 0, c).unwrap(),
-                    ]
-                } else {
-                    vec![]
-                };
+                let l = yv.iter().zip(&cy).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + hv.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+                let grads = if backward { vec![plan.read(dx.unwrap()).unwrap(), gpu.read(&lg.gamma, 0, c).unwrap(), gpu.read(&lg.beta, 0, c).unwrap()] } else { vec![] };
                 (l, grads)
             };
             let (_, gr) = run(&x, &gm, &bt, true);
@@ -431,22 +250,11 @@ fn layernorm_backward_mid_graph() {
             for r in 0..m {
                 let row: Vec<f64> = x[r * c..(r + 1) * c].iter().map(|&v| v as f64).collect();
                 let mu = row.iter().sum::<f64>() / c as f64;
-                let rstd = 1.0
-                    / (row.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / c as f64 + 1e-5).sqrt();
+                let rstd = 1.0 / (row.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / c as f64 + 1e-5).sqrt();
                 let xh: Vec<f64> = row.iter().map(|v| (v - mu) * rstd).collect();
-                let dh: Vec<f64> = (0..c)
-                    .map(|j| {
-                        e[r * c + j] as f64
-                            + (0..n)
-                                .map(|o| cy[r * n + o] as f64 * w2[o * c + j] as f64)
-                                .sum::<f64>()
-                    })
-                    .collect();
+                let dh: Vec<f64> = (0..c).map(|j| e[r * c + j] as f64 + (0..n).map(|o| cy[r * n + o] as f64 * w2[o * c + j] as f64).sum::<f64>()).collect();
                 let gg: Vec<f64> = (0..c).map(|j| dh[j] * gm[j] as f64).collect();
-                let (mg, mgx) = (
-                    gg.iter().sum::<f64>() / c as f64,
-                    gg.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / c as f64,
-                );
+                let (mg, mgx) = (gg.iter().sum::<f64>() / c as f64, gg.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / c as f64);
                 for j in 0..c {
                     want_dx[r * c + j] = rstd * (gg[j] - mg - xh[j] * mgx);
                     want_dg[j] += dh[j] * xh[j];
@@ -459,26 +267,11 @@ fn layernorm_backward_mid_graph() {
             assert_close(&format!("{what} LN dbeta"), &gr[2], &want_db, 1e-4, 1e-4);
             // Finite differences through the engine's forward.
             for i in [0, (m * c) / 2, m * c - 1] {
-                close(
-                    &format!("{what} LN dx[{i}]"),
-                    fd(&x, i, 1e-2, &|p| run(p, &gm, &bt, false).0),
-                    gr[0][i] as f64,
-                    1e-2,
-                );
+                close(&format!("{what} LN dx[{i}]"), fd(&x, i, 1e-2, &|p| run(p, &gm, &bt, false).0), gr[0][i] as f64, 1e-2);
             }
             for i in [0, c - 1] {
-                close(
-                    &format!("{what} LN dgamma[{i}]"),
-                    fd(&gm, i, 1e-2, &|p| run(&x, p, &bt, false).0),
-                    gr[1][i] as f64,
-                    1e-2,
-                );
-                close(
-                    &format!("{what} LN dbeta[{i}]"),
-                    fd(&bt, i, 1e-2, &|p| run(&x, &gm, p, false).0),
-                    gr[2][i] as f64,
-                    1e-2,
-                );
+                close(&format!("{what} LN dgamma[{i}]"), fd(&gm, i, 1e-2, &|p| run(&x, p, &bt, false).0), gr[1][i] as f64, 1e-2);
+                close(&format!("{what} LN dbeta[{i}]"), fd(&bt, i, 1e-2, &|p| run(&x, &gm, p, false).0), gr[2][i] as f64, 1e-2);
             }
         }
     }
@@ -492,27 +285,16 @@ fn softmax_cross_entropy_mid_graph() {
         let (h, w) = (randn(m * k, 1), randn(classes * k, 2));
         // Label smoothing 0.1 on labels r % classes.
         let smooth = 0.1f32;
-        let t: Vec<f32> = (0..m * classes)
-            .map(|i| {
-                smooth / classes as f32
-                    + if i % classes == (i / classes) % classes {
-                        1.0 - smooth
-                    } else {
-                        0.0
-                    }
-            })
-            .collect();
+        let t: Vec<f32> = (0..m * classes).map(|i| smooth / classes as f32 + if i % classes == (i / classes) % classes { 1.0 - smooth } else { 0.0 }).collect();
         let run = |w: &[f32], backward: bool| -> (f64, Vec<f32>, Vec<f32>) {
-            let l =
-                Linear::with_kind(&gpu, "head", w, None, classes, k, MatmulKind::Buffer).unwrap();
+            let l = Linear::with_kind(&gpu, "head", w, None, classes, k, MatmulKind::Buffer).unwrap();
             let grad = LinearGrad::new(&gpu, "head", &l).unwrap();
             let mut g = Graph::new(gpu.clone());
             let hi = g.pinned("h", m * k);
             let logits = g.pinned("logits", m * classes);
             let ti = g.pinned("t", m * classes);
             linear(&mut g, "head", hi, m, &l, Act::None, Out::Into(logits)).unwrap();
-            let (d, loss) =
-                softmax_xent(&mut g, "xent", logits, ti, m, classes, 1.0 / m as f32).unwrap();
+            let (d, loss) = softmax_xent(&mut g, "xent", logits, ti, m, classes, 1.0 / m as f32).unwrap();
             if backward {
                 linear_backward(&mut g, "head", hi, d, m, &l, &grad, None).unwrap();
             }
@@ -522,44 +304,22 @@ fn softmax_cross_entropy_mid_graph() {
             plan.run().unwrap();
             let lrows = plan.read(loss).unwrap();
             let lg = plan.read(logits).unwrap();
-            let dw = if backward {
-                gpu.read(&grad.w, 0, k * classes.div_ceil(4) * 4).unwrap()
-            } else {
-                vec![]
-            };
-            (
-                lrows.iter().map(|&v| v as f64).sum::<f64>() / m as f64,
-                lg,
-                dw,
-            )
+            let dw = if backward { gpu.read(&grad.w, 0, k * classes.div_ceil(4) * 4).unwrap() } else { vec![] };
+            (lrows.iter().map(|&v| v as f64).sum::<f64>() / m as f64, lg, dw)
         };
         let (loss, lg, dw) = run(&w, true);
         // f64 loss from the GPU logits.
         let mut want = 0f64;
         for r in 0..m {
-            let row: Vec<f64> = lg[r * classes..(r + 1) * classes]
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
+            let row: Vec<f64> = lg[r * classes..(r + 1) * classes].iter().map(|&v| v as f64).collect();
             let mx = row.iter().cloned().fold(f64::MIN, f64::max);
             let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f64>().ln();
-            want += (0..classes)
-                .map(|j| t[r * classes + j] as f64 * (lse - row[j]))
-                .sum::<f64>()
-                / m as f64;
+            want += (0..classes).map(|j| t[r * classes + j] as f64 * (lse - row[j])).sum::<f64>() / m as f64;
         }
-        assert!(
-            (loss - want).abs() < 1e-5 * (1.0 + want.abs()),
-            "xent loss {loss} vs {want}"
-        );
+        assert!((loss - want).abs() < 1e-5 * (1.0 + want.abs()), "xent loss {loss} vs {want}");
         let np = classes.div_ceil(4) * 4;
         for i in [0, classes * k / 2, classes * k - 1] {
-            close(
-                &format!("xent m{m} C{classes} dW[{i}]"),
-                fd(&w, i, 1e-2, &|p| run(p, false).0),
-                dw[(i % k) * np + i / k] as f64,
-                1e-2,
-            );
+            close(&format!("xent m{m} C{classes} dW[{i}]"), fd(&w, i, 1e-2, &|p| run(p, false).0), dw[(i % k) * np + i / k] as f64, 1e-2);
         }
     }
 }
@@ -571,107 +331,60 @@ use cvt_gpu::ops::attention::{attention_backward, attention_with, AttnShape};
 fn attention_backward_mid_graph() {
     let gpu = gpu();
     for &(batch, tq, tkv, c, heads) in &[(2, 5, 3, 8, 2), (1, 9, 9, 16, 1), (1, 1, 1, 4, 1)] {
-        let shape = AttnShape {
-            batch,
-            tq,
-            tkv,
-            c,
-            heads,
-            scale: (c as f32).powf(-0.5) * 2.0,
-        };
-        let (x, wq, k, v) = (
-            randn(batch * tq * c, 1),
-            randn(c * c, 2),
-            randn(batch * tkv * c, 3),
-            randn(batch * tkv * c, 4),
-        );
+        let shape = AttnShape { batch, tq, tkv, c, heads, scale: (c as f32).powf(-0.5) * 2.0 };
+        let (x, wq, k, v) = (randn(batch * tq * c, 1), randn(c * c, 2), randn(batch * tkv * c, 3), randn(batch * tkv * c, 4));
         let (co, e) = (randn(batch * tq * c, 5), randn(batch * tq * c, 6));
         let m = batch * tq;
-        let run =
-            |x: &[f32], wq: &[f32], k: &[f32], v: &[f32], backward: bool| -> (f64, Vec<Vec<f32>>) {
-                let lq = Linear::with_kind(&gpu, "wq", wq, None, c, c, MatmulKind::Buffer).unwrap();
-                let mut g = Graph::new(gpu.clone());
-                let (xi, ki, vi) = (
-                    g.pinned("x", x.len()),
-                    g.pinned("k", k.len()),
-                    g.pinned("v", v.len()),
-                );
-                let qi = g.pinned("q", m * c);
-                linear(&mut g, "wq", xi, m, &lq, Act::None, Out::Into(qi)).unwrap();
-                let o_tmp =
-                    attention_with(&mut g, "attn", qi, ki, vi, shape, MatmulKind::Buffer).unwrap();
-                g.pin(o_tmp);
-                let dout = g.pinned("dout", m * c);
-                let mut outs = vec![];
-                if backward {
-                    let (dq, dk, dv) =
-                        attention_backward(&mut g, "attn", (qi, ki, vi, o_tmp), dout, shape)
-                            .unwrap();
-                    outs = vec![dq, dk, dv];
-                    outs.iter().for_each(|&t| g.pin(t));
-                }
-                let plan = g.compile().unwrap();
-                plan.write(xi, x).unwrap();
-                plan.write(ki, k).unwrap();
-                plan.write(vi, v).unwrap();
-                plan.write(dout, &co).unwrap();
-                plan.run().unwrap();
-                let qv = plan.read(qi).unwrap();
-                let ov = plan.read(o_tmp).unwrap();
-                let l = ov
-                    .iter()
-                    .zip(&co)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum::<f64>()
-                    + qv.iter()
-                        .zip(&e)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum::<f64>();
-                let mut grads: Vec<Vec<f32>> =
-                    outs.iter().map(|&t| plan.read(t).unwrap()).collect();
-                if backward {
-                    grads.push(qv);
-                }
-                (l, grads)
-            };
+        let run = |x: &[f32], wq: &[f32], k: &[f32], v: &[f32], backward: bool| -> (f64, Vec<Vec<f32>>) {
+            let lq = Linear::with_kind(&gpu, "wq", wq, None, c, c, MatmulKind::Buffer).unwrap();
+            let mut g = Graph::new(gpu.clone());
+            let (xi, ki, vi) = (g.pinned("x", x.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
+            let qi = g.pinned("q", m * c);
+            linear(&mut g, "wq", xi, m, &lq, Act::None, Out::Into(qi)).unwrap();
+            let o_tmp = attention_with(&mut g, "attn", qi, ki, vi, shape, MatmulKind::Buffer).unwrap();
+            g.pin(o_tmp);
+            let dout = g.pinned("dout", m * c);
+            let mut outs = vec![];
+            if backward {
+                let (dq, dk, dv) = attention_backward(&mut g, "attn", (qi, ki, vi, o_tmp), dout, shape).unwrap();
+                outs = vec![dq, dk, dv];
+                outs.iter().for_each(|&t| g.pin(t));
+            }
+            let plan = g.compile().unwrap();
+            plan.write(xi, x).unwrap();
+            plan.write(ki, k).unwrap();
+            plan.write(vi, v).unwrap();
+            plan.write(dout, &co).unwrap();
+            plan.run().unwrap();
+            let qv = plan.read(qi).unwrap();
+            let ov = plan.read(o_tmp).unwrap();
+            let l = ov.iter().zip(&co).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + qv.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+            let mut grads: Vec<Vec<f32>> = outs.iter().map(|&t| plan.read(t).unwrap()).collect();
+            if backward {
+                grads.push(qv);
+            }
+            (l, grads)
+        };
         let (_, gr) = run(&x, &wq, &k, &v, true);
         let (dq, dk, dv, qv) = (&gr[0], &gr[1], &gr[2], &gr[3]);
         // f64 reference from the GPU's q.
         let d = c / heads;
-        let (mut wdq, mut wdk, mut wdv) = (
-            vec![0f64; m * c],
-            vec![0f64; batch * tkv * c],
-            vec![0f64; batch * tkv * c],
-        );
+        let (mut wdq, mut wdk, mut wdv) = (vec![0f64; m * c], vec![0f64; batch * tkv * c], vec![0f64; batch * tkv * c]);
         for b in 0..batch {
             for h in 0..heads {
                 for i in 0..tq {
                     let qrow = |e: usize| qv[(b * tq + i) * c + h * d + e] as f64;
-                    let s: Vec<f64> = (0..tkv)
-                        .map(|j| {
-                            (0..d)
-                                .map(|e| qrow(e) * k[(b * tkv + j) * c + h * d + e] as f64)
-                                .sum::<f64>()
-                                * shape.scale as f64
-                        })
-                        .collect();
+                    let s: Vec<f64> = (0..tkv).map(|j| (0..d).map(|e| qrow(e) * k[(b * tkv + j) * c + h * d + e] as f64).sum::<f64>() * shape.scale as f64).collect();
                     let mx = s.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
                     let p: Vec<f64> = s.iter().map(|v| (v - mx).exp() / z).collect();
                     let go = |e: usize| co[(b * tq + i) * c + h * d + e] as f64;
-                    let dp: Vec<f64> = (0..tkv)
-                        .map(|j| {
-                            (0..d)
-                                .map(|e| go(e) * v[(b * tkv + j) * c + h * d + e] as f64)
-                                .sum()
-                        })
-                        .collect();
+                    let dp: Vec<f64> = (0..tkv).map(|j| (0..d).map(|e| go(e) * v[(b * tkv + j) * c + h * d + e] as f64).sum()).collect();
                     let dd: f64 = (0..tkv).map(|j| p[j] * dp[j]).sum();
                     for j in 0..tkv {
                         let ds = p[j] * (dp[j] - dd) * shape.scale as f64;
                         for e in 0..d {
-                            wdq[(b * tq + i) * c + h * d + e] +=
-                                ds * k[(b * tkv + j) * c + h * d + e] as f64;
+                            wdq[(b * tq + i) * c + h * d + e] += ds * k[(b * tkv + j) * c + h * d + e] as f64;
                             wdk[(b * tkv + j) * c + h * d + e] += ds * qrow(e);
                             wdv[(b * tkv + j) * c + h * d + e] += p[j] * go(e);
                         }
@@ -685,18 +398,8 @@ fn attention_backward_mid_graph() {
         assert_close(&format!("{what} dv"), dv, &wdv, 1e-4, 1e-3);
         // Finite differences through the engine's forward, on k, v and x (via Wq·x).
         for i in [0, k.len() / 2, k.len() - 1] {
-            close(
-                &format!("{what} dk[{i}]"),
-                fd(&k, i, 1e-2, &|p| run(&x, &wq, p, &v, false).0),
-                dk[i] as f64,
-                1e-2,
-            );
-            close(
-                &format!("{what} dv[{i}]"),
-                fd(&v, i, 1e-2, &|p| run(&x, &wq, &k, p, false).0),
-                dv[i] as f64,
-                1e-2,
-            );
+            close(&format!("{what} dk[{i}]"), fd(&k, i, 1e-2, &|p| run(&x, &wq, p, &v, false).0), dk[i] as f64, 1e-2);
+            close(&format!("{what} dv[{i}]"), fd(&v, i, 1e-2, &|p| run(&x, &wq, &k, p, false).0), dv[i] as f64, 1e-2);
         }
     }
 }
@@ -710,46 +413,14 @@ fn conv_backward_mid_graph() {
     // Both kernel families: packed texture GEMMs / row-per-invocation norms, and
     // buffer GEMMs / workgroup-per-row norms.
     for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
-        for &(batch, h, w, cin, cout, k, s, p, cls) in &[
-            (2, 7, 6, 3, 5, 7, 4, 2, 0),
-            (1, 5, 5, 4, 3, 3, 2, 1, 1),
-            (1, 1, 1, 2, 2, 3, 2, 1, 0),
-        ] {
+        for &(batch, h, w, cin, cout, k, s, p, cls) in &[(2, 7, 6, 3, 5, 7, 4, 2, 0), (1, 5, 5, 4, 3, 3, 2, 1, 1), (1, 1, 1, 2, 2, 3, 2, 1, 0)] {
             let tokens = cls + h * w;
-            let geom = ConvGeom {
-                batch,
-                in_h: h,
-                in_w: w,
-                cin,
-                in_tokens: tokens,
-                in_tok_off: cls,
-                k,
-                stride: s,
-                pad: p,
-            };
+            let geom = ConvGeom { batch, in_h: h, in_w: w, cin, in_tokens: tokens, in_tok_off: cls, k, stride: s, pad: p };
             let (oh, ow) = geom.out_hw();
-            let (x, wt, b) = (
-                randn(batch * tokens * cin, 1),
-                randn(cout * cin * k * k, 2),
-                randn(cout, 3),
-            );
-            let (cy, e) = (
-                randn(batch * oh * ow * cout, 4),
-                randn(batch * tokens * cin, 5),
-            );
+            let (x, wt, b) = (randn(batch * tokens * cin, 1), randn(cout * cin * k * k, 2), randn(cout, 3));
+            let (cy, e) = (randn(batch * oh * ow * cout, 4), randn(batch * tokens * cin, 5));
             let run = |x: &[f32], wt: &[f32], backward: bool| -> (f64, Vec<Vec<f32>>) {
-                let l = Linear::conv_with_kind(
-                    &gpu,
-                    "conv",
-                    wt,
-                    Some(&b),
-                    cout,
-                    cin,
-                    k,
-                    k,
-                    MatmulKind::Buffer,
-                )
-                .unwrap();
+                let l = Linear::conv_with_kind(&gpu, "conv", wt, Some(&b), cout, cin, k, k, MatmulKind::Buffer).unwrap();
                 let grad = LinearGrad::new(&gpu, "conv", &l).unwrap();
                 let mut g = Graph::new(gpu.clone());
                 let xi = g.pinned("x", x.len());
@@ -766,25 +437,9 @@ fn conv_backward_mid_graph() {
                 plan.write(dx, &e).unwrap();
                 plan.run().unwrap();
                 let yv = plan.read(y).unwrap();
-                let l_val = yv
-                    .iter()
-                    .zip(&cy)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum::<f64>()
-                    + x.iter()
-                        .zip(&e)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum::<f64>();
+                let l_val = yv.iter().zip(&cy).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + x.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
                 let np = cout.div_ceil(4) * 4;
-                let grads = if backward {
-                    vec![
-                        plan.read(dx).unwrap(),
-                        gpu.read(&grad.w, 0, cin * k * k * np).unwrap(),
-                        gpu.read(&grad.b, 0, np).unwrap(),
-                    ]
-                } else {
-                    vec![]
-                };
+                let grads = if backward { vec![plan.read(dx).unwrap(), gpu.read(&grad.w, 0, cin * k * k * np).unwrap(), gpu.read(&grad.b, 0, np).unwrap()] } else { vec![] };
                 (l_val, grads)
             };
             let (_, gr) = run(&x, &wt, true);
@@ -804,15 +459,12 @@ fn conv_backward_mid_graph() {
                                     for kx in 0..k {
                                         let iy = (oy * s + ky) as isize - p as isize;
                                         let ix = (ox * s + kx) as isize - p as isize;
-                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize
-                                        {
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                                             continue;
                                         }
                                         let t = bi * tokens + cls + iy as usize * w + ix as usize;
-                                        wdx[t * cin + ci] +=
-                                            gy * wt[((o * cin + ci) * k + ky) * k + kx] as f64;
-                                        wdw[((ky * k + kx) * cin + ci) * np + o] +=
-                                            gy * x[t * cin + ci] as f64;
+                                        wdx[t * cin + ci] += gy * wt[((o * cin + ci) * k + ky) * k + kx] as f64;
+                                        wdw[((ky * k + kx) * cin + ci) * np + o] += gy * x[t * cin + ci] as f64;
                                     }
                                 }
                             }
@@ -825,22 +477,12 @@ fn conv_backward_mid_graph() {
             assert_close(&format!("conv dW {what}"), &gr[1], &wdw, 1e-4, 1e-4);
             assert_close(&format!("conv db {what}"), &gr[2], &wdb, 1e-4, 1e-4);
             for i in [0, x.len() / 2, x.len() - 1] {
-                close(
-                    &format!("conv dx[{i}]"),
-                    fd(&x, i, 1e-2, &|q| run(q, &wt, false).0),
-                    gr[0][i] as f64,
-                    5e-3,
-                );
+                close(&format!("conv dx[{i}]"), fd(&x, i, 1e-2, &|q| run(q, &wt, false).0), gr[0][i] as f64, 5e-3);
             }
             for i in [0, wt.len() / 2, wt.len() - 1] {
                 // PyTorch [cout, cin, k, k] index -> stored [(ky*k+kx)*cin+ci, np].
                 let (o, ci, ky, kx) = (i / (cin * k * k), (i / (k * k)) % cin, (i / k) % k, i % k);
-                close(
-                    &format!("conv dW[{i}]"),
-                    fd(&wt, i, 1e-2, &|q| run(&x, q, false).0),
-                    gr[1][((ky * k + kx) * cin + ci) * np + o] as f64,
-                    5e-3,
-                );
+                close(&format!("conv dW[{i}]"), fd(&wt, i, 1e-2, &|q| run(&x, q, false).0), gr[1][((ky * k + kx) * cin + ci) * np + o] as f64, 5e-3);
             }
         }
     }
@@ -854,26 +496,12 @@ use std::sync::Arc;
 #[test]
 fn adamw_matches_torch() {
     let gpu = gpu();
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("kernels-tests/reference/fixtures/optim/adamw.json");
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let vecf = |v: &serde_json::Value| {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect::<Vec<f32>>()
-    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels-tests/reference/fixtures/optim/adamw.json");
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let vecf = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<f32>>();
     let p0 = vecf(&j["p0"]);
     let grads: Vec<Vec<f32>> = j["grads"].as_array().unwrap().iter().map(vecf).collect();
-    let o = AdamW {
-        lr: j["lr"].as_f64().unwrap() as f32,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: j["weight_decay"].as_f64().unwrap() as f32,
-    };
+    let o = AdamW { lr: j["lr"].as_f64().unwrap() as f32, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: j["weight_decay"].as_f64().unwrap() as f32 };
     for (decay, key) in [(true, "decay"), (false, "no_decay")] {
         let param = Arc::new(gpu.upload("p", &p0).unwrap());
         let grad = Arc::new(gpu.upload("g", &grads[0]).unwrap());
@@ -887,27 +515,14 @@ fn adamw_matches_torch() {
             hyper.set(&gpu, &o, o.lr, step as u64 + 1, 1.0);
             plan.run().unwrap();
             let got = gpu.read(&param, 0, p0.len()).unwrap();
-            let want: Vec<f64> = j[key][step]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect();
+            let want: Vec<f64> = j[key][step].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
             // Both sides are f32; torch's and our operation order differ slightly.
-            assert_close(
-                &format!("adamw {key} step {}", step + 1),
-                &got,
-                &want,
-                1e-6,
-                1e-5,
-            );
+            assert_close(&format!("adamw {key} step {}", step + 1), &got, &want, 1e-6, 1e-5);
         }
     }
 }
 
-use cvt_gpu::ops::dwconv::{
-    conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain,
-};
+use cvt_gpu::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
 
 /// Convolutional projection with train-mode BatchNorm: forward against f64
 /// (batch statistics, running-statistics update with the unbiased variance), and
@@ -922,125 +537,57 @@ fn conv_projection_train_bn() {
         let tk = cls + hk * wk;
         let x = randn(batch * tq * c, 1);
         let convs: Vec<Vec<f32>> = (0..3).map(|i| randn(9 * c, 10 + i)).collect();
-        let gam: Vec<Vec<f32>> = (0..3)
-            .map(|i| randn(c, 20 + i).iter().map(|v| 1.0 + 0.3 * v).collect())
-            .collect();
+        let gam: Vec<Vec<f32>> = (0..3).map(|i| randn(c, 20 + i).iter().map(|v| 1.0 + 0.3 * v).collect()).collect();
         let bet: Vec<Vec<f32>> = (0..3).map(|i| randn(c, 30 + i)).collect();
         let rm: Vec<f32> = randn(c, 40);
         let rv: Vec<f32> = randn(c, 41).iter().map(|v| 0.5 + v.abs()).collect();
-        let cs: Vec<Vec<f32>> = [tq, tk, tk]
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| randn(batch * t * c, 50 + i as u64))
-            .collect();
+        let cs: Vec<Vec<f32>> = [tq, tk, tk].iter().enumerate().map(|(i, &t)| randn(batch * t * c, 50 + i as u64)).collect();
         let e = randn(x.len(), 60);
         // Runs the train forward (and backward); returns L, the maps, running stats and grads.
-        let run =
-            |x: &[f32], convs: &[Vec<f32>], gam: &[Vec<f32>], bet: &[Vec<f32>], backward: bool| {
-                let bn = |i: usize| BatchNorm {
-                    weight: &gam[i],
-                    bias: &bet[i],
-                    mean: &rm,
-                    var: &rv,
-                };
-                let p = ConvProjTrain::new(
-                    &gpu,
-                    "p",
-                    [&convs[0], &convs[1], &convs[2]],
-                    [bn(0), bn(1), bn(2)],
-                    c,
-                )
-                .unwrap();
-                let grad = ConvProjGrad::new(&gpu, "p", c).unwrap();
-                let mut g = Graph::new(gpu.clone());
-                let xi = g.pinned("x", x.len());
-                let ((q, k, v), saved) =
-                    conv_proj_train(&mut g, "proj", xi, batch, h, w, cls, &p).unwrap();
-                for t in [q, k, v] {
-                    g.pin(t);
-                }
-                let d: Vec<_> = cs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, cv)| g.pinned(format!("d{i}"), cv.len()))
-                    .collect();
-                let mut dx = None;
-                if backward {
-                    let t = conv_proj_train_backward(
-                        &mut g,
-                        "proj",
-                        xi,
-                        &saved,
-                        (d[0], d[1], d[2]),
-                        batch,
-                        h,
-                        w,
-                        cls,
-                        &p,
-                        &grad,
-                    )
-                    .unwrap();
-                    g.pin(t);
-                    dx = Some(t);
-                }
-                let plan = g.compile().unwrap();
-                plan.write(xi, x).unwrap();
-                for (i, cv) in cs.iter().enumerate() {
-                    plan.write(d[i], cv).unwrap();
-                }
-                plan.run().unwrap();
-                let maps: Vec<Vec<f32>> =
-                    [q, k, v].iter().map(|&t| plan.read(t).unwrap()).collect();
-                let l: f64 = maps
-                    .iter()
-                    .zip(&cs)
-                    .map(|(m, cv)| {
-                        m.iter()
-                            .zip(cv)
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
-                    })
-                    .sum::<f64>()
-                    + x.iter()
-                        .zip(&e)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum::<f64>();
-                let running: Vec<Vec<f32>> =
-                    p.bn.iter()
-                        .map(|b| gpu.read(&b.running, 0, 2 * c).unwrap())
-                        .collect();
-                let grads = if backward {
-                    let mut gr = vec![
-                        plan.read(dx.unwrap()).unwrap(),
-                        gpu.read(&grad.w, 0, 27 * c).unwrap(),
-                    ];
-                    gr.extend((0..3).map(|m| {
-                        [
-                            gpu.read(&grad.gamma[m], 0, c).unwrap(),
-                            gpu.read(&grad.beta[m], 0, c).unwrap(),
-                        ]
-                        .concat()
-                    }));
-                    gr
-                } else {
-                    vec![]
-                };
-                (l, maps, running, grads)
+        let run = |x: &[f32], convs: &[Vec<f32>], gam: &[Vec<f32>], bet: &[Vec<f32>], backward: bool| {
+            let bn = |i: usize| BatchNorm { weight: &gam[i], bias: &bet[i], mean: &rm, var: &rv };
+            let p = ConvProjTrain::new(&gpu, "p", [&convs[0], &convs[1], &convs[2]], [bn(0), bn(1), bn(2)], c).unwrap();
+            let grad = ConvProjGrad::new(&gpu, "p", c).unwrap();
+            let mut g = Graph::new(gpu.clone());
+            let xi = g.pinned("x", x.len());
+            let ((q, k, v), saved) = conv_proj_train(&mut g, "proj", xi, batch, h, w, cls, &p).unwrap();
+            for t in [q, k, v] {
+                g.pin(t);
+            }
+            let d: Vec<_> = cs.iter().enumerate().map(|(i, cv)| g.pinned(format!("d{i}"), cv.len())).collect();
+            let mut dx = None;
+            if backward {
+                let t = conv_proj_train_backward(&mut g, "proj", xi, &saved, (d[0], d[1], d[2]), batch, h, w, cls, &p, &grad).unwrap();
+                g.pin(t);
+                dx = Some(t);
+            }
+            let plan = g.compile().unwrap();
+            plan.write(xi, x).unwrap();
+            for (i, cv) in cs.iter().enumerate() {
+                plan.write(d[i], cv).unwrap();
+            }
+            plan.run().unwrap();
+            let maps: Vec<Vec<f32>> = [q, k, v].iter().map(|&t| plan.read(t).unwrap()).collect();
+            let l: f64 =
+                maps.iter().zip(&cs).map(|(m, cv)| m.iter().zip(cv).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()).sum::<f64>() + x.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+            let running: Vec<Vec<f32>> = p.bn.iter().map(|b| gpu.read(&b.running, 0, 2 * c).unwrap()).collect();
+            let grads = if backward {
+                let mut gr = vec![plan.read(dx.unwrap()).unwrap(), gpu.read(&grad.w, 0, 27 * c).unwrap()];
+                gr.extend((0..3).map(|m| [gpu.read(&grad.gamma[m], 0, c).unwrap(), gpu.read(&grad.beta[m], 0, c).unwrap()].concat()));
+                gr
+            } else {
+                vec![]
             };
+            (l, maps, running, grads)
+        };
         let (_, maps, running, gr) = run(&x, &convs, &gam, &bet, true);
         // f64 forward reference.
-        for (mi, (stride, oh, ow, t)) in [(1, h, w, tq), (2, hk, wk, tk), (2, hk, wk, tk)]
-            .into_iter()
-            .enumerate()
-        {
+        for (mi, (stride, oh, ow, t)) in [(1, h, w, tq), (2, hk, wk, tk), (2, hk, wk, tk)].into_iter().enumerate() {
             let pre = depthwise_ref(&x, &convs[mi], (batch, h, w, c, cls), stride);
             let n = (batch * oh * ow) as f64;
             let mut want = vec![0f64; batch * t * c];
             for ch in 0..c {
-                let vals: Vec<f64> = (0..batch)
-                    .flat_map(|bi| (0..oh * ow).map(move |i| (bi, i)))
-                    .map(|(bi, i)| pre[(bi * t + cls + i) * c + ch])
-                    .collect();
+                let vals: Vec<f64> = (0..batch).flat_map(|bi| (0..oh * ow).map(move |i| (bi, i))).map(|(bi, i)| pre[(bi * t + cls + i) * c + ch]).collect();
                 let mu = vals.iter().sum::<f64>() / n;
                 let var = vals.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / n;
                 for bi in 0..batch {
@@ -1049,18 +596,13 @@ fn conv_projection_train_bn() {
                     }
                     for i in 0..oh * ow {
                         let r = (bi * t + cls + i) * c + ch;
-                        want[r] = (pre[r] - mu) / (var + 1e-5).sqrt() * gam[mi][ch] as f64
-                            + bet[mi][ch] as f64;
+                        want[r] = (pre[r] - mu) / (var + 1e-5).sqrt() * gam[mi][ch] as f64 + bet[mi][ch] as f64;
                     }
                 }
                 let unbiased = if n > 1.0 { var * n / (n - 1.0) } else { var };
-                let (wm, wv) = (
-                    0.9 * rm[ch] as f64 + 0.1 * mu,
-                    0.9 * rv[ch] as f64 + 0.1 * unbiased,
-                );
+                let (wm, wv) = (0.9 * rm[ch] as f64 + 0.1 * mu, 0.9 * rv[ch] as f64 + 0.1 * unbiased);
                 assert!(
-                    (running[mi][ch] as f64 - wm).abs() < 1e-5
-                        && (running[mi][c + ch] as f64 - wv).abs() < 1e-4 * (1.0 + wv),
+                    (running[mi][ch] as f64 - wm).abs() < 1e-5 && (running[mi][c + ch] as f64 - wv).abs() < 1e-4 * (1.0 + wv),
                     "running stats map {mi} ch {ch}: {:?} vs ({wm}, {wv})",
                     (running[mi][ch], running[mi][c + ch])
                 );
@@ -1071,12 +613,7 @@ fn conv_projection_train_bn() {
         let what = format!("b{batch} {h}x{w} c{c} cls{cls}");
         for i in [0, x.len() / 2, x.len() - 1] {
             let num = fd(&x, i, 1e-2, &|p| run(p, &convs, &gam, &bet, false).0);
-            close(
-                &format!("{what} dx[{i}]"),
-                num,
-                gr[0][i] as f64 + e[i] as f64,
-                1e-2,
-            );
+            close(&format!("{what} dx[{i}]"), num, gr[0][i] as f64 + e[i] as f64, 1e-2);
         }
         for mi in 0..3 {
             for i in [0, 9 * c - 1] {
@@ -1086,12 +623,7 @@ fn conv_projection_train_bn() {
                     run(&x, &cv, &gam, &bet, false).0
                 });
                 // PyTorch [C, 1, 3, 3] index i = ch*9 + tap -> stored (m*9 + tap)*C + ch.
-                close(
-                    &format!("{what} dW map {mi} [{i}]"),
-                    num,
-                    gr[1][(mi * 9 + i % 9) * c + i / 9] as f64,
-                    1e-2,
-                );
+                close(&format!("{what} dW map {mi} [{i}]"), num, gr[1][(mi * 9 + i % 9) * c + i / 9] as f64, 1e-2);
             }
             for ch in [0, c - 1] {
                 let ng = fd(&gam[mi], ch, 1e-2, &|p| {
@@ -1099,23 +631,13 @@ fn conv_projection_train_bn() {
                     gv[mi] = p.to_vec();
                     run(&x, &convs, &gv, &bet, false).0
                 });
-                close(
-                    &format!("{what} dgamma map {mi} [{ch}]"),
-                    ng,
-                    gr[2 + mi][ch] as f64,
-                    1e-2,
-                );
+                close(&format!("{what} dgamma map {mi} [{ch}]"), ng, gr[2 + mi][ch] as f64, 1e-2);
                 let nb = fd(&bet[mi], ch, 1e-2, &|p| {
                     let mut bv = bet.clone();
                     bv[mi] = p.to_vec();
                     run(&x, &convs, &gam, &bv, false).0
                 });
-                close(
-                    &format!("{what} dbeta map {mi} [{ch}]"),
-                    nb,
-                    gr[2 + mi][c + ch] as f64,
-                    1e-2,
-                );
+                close(&format!("{what} dbeta map {mi} [{ch}]"), nb, gr[2 + mi][c + ch] as f64, 1e-2);
             }
         }
     }
@@ -1139,39 +661,14 @@ fn layernorm_backward_gather_scatter_and_cls_grad() {
             let rstd = 1.0 / (xr.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / n + 1e-5).sqrt();
             let xh: Vec<f64> = xr.iter().map(|v| (v - mu) * rstd).collect();
             let gg: Vec<f64> = dy.iter().zip(&gm).map(|(d, g)| d * *g as f64).collect();
-            let (mg, mgx) = (
-                gg.iter().sum::<f64>() / n,
-                gg.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / n,
-            );
-            (
-                (0..xr.len())
-                    .map(|j| rstd * (gg[j] - mg - xh[j] * mgx))
-                    .collect(),
-                xh,
-            )
+            let (mg, mgx) = (gg.iter().sum::<f64>() / n, gg.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / n);
+            ((0..xr.len()).map(|j| rstd * (gg[j] - mg - xh[j] * mgx)).collect(), xh)
         };
         // Gather: rows b*t + 0 of x -> dense [b, c] output (the final norm).
-        let gather = RowMap {
-            rows: b,
-            group: 1,
-            in_stride: t,
-            in_off: 0,
-            out_stride: 1,
-            out_off: 0,
-        };
+        let gather = RowMap { rows: b, group: 1, in_stride: t, in_off: 0, out_stride: 1, out_off: 0 };
         // Scatter: dense [b*(t-1), c] input -> rows b*t + 1 + i of the output (embedding norm).
-        let scatter = RowMap {
-            rows: b * (t - 1),
-            group: t - 1,
-            in_stride: t - 1,
-            in_off: 0,
-            out_stride: t,
-            out_off: 1,
-        };
-        for (name, map, in_len, out_len) in [
-            ("gather", gather, b * t * c, b * c),
-            ("scatter", scatter, b * (t - 1) * c, b * t * c),
-        ] {
+        let scatter = RowMap { rows: b * (t - 1), group: t - 1, in_stride: t - 1, in_off: 0, out_stride: t, out_off: 1 };
+        for (name, map, in_len, out_len) in [("gather", gather, b * t * c, b * c), ("scatter", scatter, b * (t - 1) * c, b * t * c)] {
             let xin = &x[..in_len];
             let dy = randn(out_len, 4);
             let lg = LayerNormGrad::new(&gpu, "ln", c).unwrap();
@@ -1199,27 +696,9 @@ fn layernorm_backward_gather_scatter_and_cls_grad() {
                     want_db[j] += dr[j];
                 }
             }
-            assert_close(
-                &format!("{name} dx"),
-                &plan.read(dx).unwrap(),
-                &want_dx,
-                1e-4,
-                1e-3,
-            );
-            assert_close(
-                &format!("{name} dgamma"),
-                &gpu.read(&lg.gamma, 0, c).unwrap(),
-                &want_dg,
-                1e-4,
-                1e-4,
-            );
-            assert_close(
-                &format!("{name} dbeta"),
-                &gpu.read(&lg.beta, 0, c).unwrap(),
-                &want_db,
-                1e-4,
-                1e-4,
-            );
+            assert_close(&format!("{name} dx"), &plan.read(dx).unwrap(), &want_dx, 1e-4, 1e-3);
+            assert_close(&format!("{name} dgamma"), &gpu.read(&lg.gamma, 0, c).unwrap(), &want_dg, 1e-4, 1e-4);
+            assert_close(&format!("{name} dbeta"), &gpu.read(&lg.beta, 0, c).unwrap(), &want_db, 1e-4, 1e-4);
         }
         // cls parameter gradient: Σ_b token 0.
         let out = std::sync::Arc::new(gpu.storage("dcls", (c * 4) as u64).unwrap());
@@ -1229,15 +708,7 @@ fn layernorm_backward_gather_scatter_and_cls_grad() {
         let plan = g.compile().unwrap();
         plan.write(xi, &x).unwrap();
         plan.run().unwrap();
-        let want: Vec<f64> = (0..c)
-            .map(|j| (0..b).map(|bi| x[bi * t * c + j] as f64).sum())
-            .collect();
-        assert_close(
-            "cls grad",
-            &gpu.read(&out, 0, c).unwrap(),
-            &want,
-            1e-5,
-            1e-5,
-        );
+        let want: Vec<f64> = (0..c).map(|j| (0..b).map(|bi| x[bi * t * c + j] as f64).sum()).collect();
+        assert_close("cls grad", &gpu.read(&out, 0, c).unwrap(), &want, 1e-5, 1e-5);
     }
 }

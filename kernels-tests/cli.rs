@@ -22,24 +22,12 @@ fn tmpdir(tag: &str) -> PathBuf {
 fn fails_with(args: &[&str], needle: &str) {
     let out = bin().args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| !l.contains("XDG_RUNTIME_DIR"))
-        .collect();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{args:?}: exit {:?}, stderr {stderr}",
-        out.status
-    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("XDG_RUNTIME_DIR")).collect();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: exit {:?}, stderr {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {stderr}");
     assert!(lines[0].starts_with("error: "), "{args:?}: {stderr}");
-    assert!(
-        lines[0].contains(needle),
-        "{args:?}: {:?} does not mention {needle:?}",
-        lines[0]
-    );
+    assert!(lines[0].contains(needle), "{args:?}: {:?} does not mention {needle:?}", lines[0]);
 }
 
 #[test]
@@ -55,32 +43,17 @@ fn infer_prints_json_top_k_matching_torch() {
         .arg(d.join("coffee64.png"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let exp: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();
     for (i, r) in v.as_array().unwrap().iter().enumerate() {
         let top = r["top"].as_array().unwrap();
         assert_eq!(top.len(), 3);
         let want = exp["logits_quick_gelu"][i].as_array().unwrap();
-        let argmax = (0..want.len())
-            .max_by(|&a, &b| {
-                want[a]
-                    .as_f64()
-                    .unwrap()
-                    .total_cmp(&want[b].as_f64().unwrap())
-            })
-            .unwrap();
+        let argmax = (0..want.len()).max_by(|&a, &b| want[a].as_f64().unwrap().total_cmp(&want[b].as_f64().unwrap())).unwrap();
         assert_eq!(top[0]["index"].as_u64().unwrap() as usize, argmax);
         assert_eq!(top[0]["label"], format!("class {argmax}"));
-        let p: Vec<f64> = top
-            .iter()
-            .map(|t| t["probability"].as_f64().unwrap())
-            .collect();
+        let p: Vec<f64> = top.iter().map(|t| t["probability"].as_f64().unwrap()).collect();
         assert!(p[0] >= p[1] && p[1] >= p[2] && p[0] <= 1.0 && p[2] > 0.0);
         assert!((top[0]["logit"].as_f64().unwrap() - want[argmax].as_f64().unwrap()).abs() < 1e-4);
     }
@@ -92,21 +65,9 @@ fn infer_text_output_and_labels_file() {
     let t = tmpdir("labels");
     let labels: String = (0..10).map(|i| format!("thing{i}\n")).collect();
     std::fs::write(t.join("labels.txt"), labels).unwrap();
-    let out = bin()
-        .args(["infer", "-w"])
-        .arg(d.join("hf.safetensors"))
-        .arg("--config")
-        .arg(d.join("config.json"))
-        .arg("--labels")
-        .arg(t.join("labels.txt"))
-        .arg(d.join("chelsea64.png"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        bin().args(["infer", "-w"]).arg(d.join("hf.safetensors")).arg("--config").arg(d.join("config.json")).arg("--labels").arg(t.join("labels.txt")).arg(d.join("chelsea64.png")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.lines().next().unwrap().ends_with("chelsea64.png"));
     assert_eq!(s.lines().filter(|l| l.contains("thing")).count(), 5, "{s}");
@@ -122,177 +83,49 @@ fn bad_inputs_give_one_line_errors() {
     let s = |p: &Path| p.to_str().unwrap().to_string();
 
     // Weights: missing, a directory, truncated, corrupt, unknown naming, wrong shape.
-    fails_with(
-        &["infer", "--weights", "/no/such/cvt.safetensors", &s(&img)],
-        "/no/such/cvt.safetensors",
-    );
+    fails_with(&["infer", "--weights", "/no/such/cvt.safetensors", &s(&img)], "/no/such/cvt.safetensors");
     fails_with(&["infer", "--weights", &s(&t), &s(&img)], "is a directory");
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(t.join("trunc.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    fails_with(
-        &[
-            "infer",
-            "--weights",
-            &s(&t.join("trunc.safetensors")),
-            &s(&img),
-        ],
-        "trunc.safetensors: not a valid safetensors file",
-    );
-    std::fs::write(
-        t.join("junk.safetensors"),
-        b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage",
-    )
-    .unwrap();
-    fails_with(
-        &[
-            "infer",
-            "--weights",
-            &s(&t.join("junk.safetensors")),
-            &s(&img),
-        ],
-        "junk.safetensors: not a valid safetensors file",
-    );
+    fails_with(&["infer", "--weights", &s(&t.join("trunc.safetensors")), &s(&img)], "trunc.safetensors: not a valid safetensors file");
+    std::fs::write(t.join("junk.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
+    fails_with(&["infer", "--weights", &s(&t.join("junk.safetensors")), &s(&img)], "junk.safetensors: not a valid safetensors file");
     let one = |name: &str, shape: Vec<usize>| {
         let data = vec![0u8; shape.iter().product::<usize>() * 4];
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &data).unwrap();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &data).unwrap();
         safetensors::serialize(vec![(name.to_string(), view)], &None).unwrap()
     };
-    std::fs::write(
-        t.join("other.safetensors"),
-        one("encoder.layer.0.weight", vec![4, 4]),
-    )
-    .unwrap();
-    fails_with(
-        &[
-            "infer",
-            "--weights",
-            &s(&t.join("other.safetensors")),
-            &s(&img),
-        ],
-        "unknown parameter naming",
-    );
+    std::fs::write(t.join("other.safetensors"), one("encoder.layer.0.weight", vec![4, 4])).unwrap();
+    fails_with(&["infer", "--weights", &s(&t.join("other.safetensors")), &s(&img)], "unknown parameter naming");
     // A correct checkpoint with one tensor of the wrong shape.
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let bad = vec![0u8; 17 * 4];
-    let mut views: Vec<(String, safetensors::tensor::TensorView)> = st
-        .tensors()
-        .into_iter()
-        .filter(|(n, _)| n != "stage1.patch_embed.norm.weight")
-        .collect();
-    views.push((
-        "stage1.patch_embed.norm.weight".into(),
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![17], &bad).unwrap(),
-    ));
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors().into_iter().filter(|(n, _)| n != "stage1.patch_embed.norm.weight").collect();
+    views.push(("stage1.patch_embed.norm.weight".into(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![17], &bad).unwrap()));
     safetensors::serialize_to_file(views, &None, &t.join("shape.safetensors")).unwrap();
-    fails_with(
-        &[
-            "infer",
-            "--weights",
-            &s(&t.join("shape.safetensors")),
-            "--config",
-            &s(&cfg),
-            &s(&img),
-        ],
-        "stage1.patch_embed.norm.weight is [17], expected [32]",
-    );
+    fails_with(&["infer", "--weights", &s(&t.join("shape.safetensors")), "--config", &s(&cfg), &s(&img)], "stage1.patch_embed.norm.weight is [17], expected [32]");
     // Missing tensors (checkpoint of another architecture).
-    fails_with(
-        &["infer", "--weights", &s(&w), "--config", "cvt-13", &s(&img)],
-        "missing",
-    );
+    fails_with(&["infer", "--weights", &s(&w), "--config", "cvt-13", &s(&img)], "missing");
 
     // Images: missing, zero bytes, not an image, a directory, wrong size for --no-resize.
-    fails_with(
-        &[
-            "infer",
-            "--weights",
-            &s(&w),
-            "--config",
-            &s(&cfg),
-            "/no/such.png",
-        ],
-        "/no/such.png",
-    );
+    fails_with(&["infer", "--weights", &s(&w), "--config", &s(&cfg), "/no/such.png"], "/no/such.png");
     std::fs::write(t.join("empty.png"), b"").unwrap();
-    fails_with(
-        &[
-            "infer",
-            "--weights",
-            &s(&w),
-            "--config",
-            &s(&cfg),
-            &s(&t.join("empty.png")),
-        ],
-        "empty.png: empty file",
-    );
+    fails_with(&["infer", "--weights", &s(&w), "--config", &s(&cfg), &s(&t.join("empty.png"))], "empty.png: empty file");
     std::fs::write(t.join("notes.png"), b"this is not a picture").unwrap();
-    fails_with(
-        &[
-            "infer",
-            "--weights",
-            &s(&w),
-            "--config",
-            &s(&cfg),
-            &s(&t.join("notes.png")),
-        ],
-        "notes.png",
-    );
-    fails_with(
-        &["infer", "--weights", &s(&w), "--config", &s(&cfg), &s(&t)],
-        "is a directory",
-    );
-    fails_with(
-        &[
-            "infer",
-            "--weights",
-            &s(&w),
-            "--config",
-            &s(&cfg),
-            "--no-resize",
-            "--res",
-            "32",
-            &s(&img),
-        ],
-        "--no-resize needs exactly 32x32",
-    );
+    fails_with(&["infer", "--weights", &s(&w), "--config", &s(&cfg), &s(&t.join("notes.png"))], "notes.png");
+    fails_with(&["infer", "--weights", &s(&w), "--config", &s(&cfg), &s(&t)], "is a directory");
+    fails_with(&["infer", "--weights", &s(&w), "--config", &s(&cfg), "--no-resize", "--res", "32", &s(&img)], "--no-resize needs exactly 32x32");
     // Config and flags.
     std::fs::write(t.join("bad.json"), b"{\"dims\": [16]}").unwrap();
-    fails_with(
-        &[
-            "infer",
-            "--weights",
-            &s(&w),
-            "--config",
-            &s(&t.join("bad.json")),
-            &s(&img),
-        ],
-        "invalid CvT config JSON",
-    );
-    fails_with(
-        &[
-            "infer",
-            "--weights",
-            &s(&w),
-            "--config",
-            &s(&cfg),
-            "--topk",
-            "0",
-            &s(&img),
-        ],
-        "--topk",
-    );
+    fails_with(&["infer", "--weights", &s(&w), "--config", &s(&t.join("bad.json")), &s(&img)], "invalid CvT config JSON");
+    fails_with(&["infer", "--weights", &s(&w), "--config", &s(&cfg), "--topk", "0", &s(&img)], "--topk");
     std::fs::remove_dir_all(&t).ok();
 }
 
 #[test]
 fn adapters_lists_at_least_one() {
     let out = bin().args(["adapters", "--json"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let a = &v.as_array().unwrap()[0];
     assert!(a["max_storage_buffer_binding_size"].as_u64().unwrap() > 0);

@@ -14,16 +14,7 @@ use cvt_gpu::ops::tokens::{cls_fill, mean_tokens};
 use cvt_gpu::ops::{Act, ConvGeom, Linear};
 use std::sync::Arc;
 
-fn matmul_ref(
-    a: &[f32],
-    w: &[f32],
-    b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    act: Act,
-    acc: Option<&[f32]>,
-) -> Vec<f64> {
+fn matmul_ref(a: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize, act: Act, acc: Option<&[f32]>) -> Vec<f64> {
     let mut y = vec![0f64; m * n];
     for i in 0..m {
         for o in 0..n {
@@ -52,11 +43,7 @@ fn check_matmul(kind: MatmulKind, m: usize, n: usize, k: usize, act: Act, accumu
     let mut g = Graph::new(gpu.clone());
     let x = g.pinned("x", m * k);
     let y = g.pinned("y", m * n);
-    let out = if accumulate {
-        Out::Accumulate(y)
-    } else {
-        Out::Into(y)
-    };
+    let out = if accumulate { Out::Accumulate(y) } else { Out::Into(y) };
     linear(&mut g, "mm", x, m, &l, act, out).unwrap();
     let plan = g.compile().unwrap();
     plan.write(x, &a).unwrap();
@@ -65,26 +52,12 @@ fn check_matmul(kind: MatmulKind, m: usize, n: usize, k: usize, act: Act, accumu
     let got = plan.read(y).unwrap();
     let want = matmul_ref(&a, &w, &b, m, n, k, act, accumulate.then_some(&r[..]));
     // f32 accumulation over K terms of unit-variance products: error ~ 1e-7 * sqrt(K) * |sum|.
-    assert_close(
-        &format!("{kind:?} matmul {m}x{n}x{k} {act:?} acc={accumulate}"),
-        &got,
-        &want,
-        1e-4,
-        1e-4,
-    );
+    assert_close(&format!("{kind:?} matmul {m}x{n}x{k} {act:?} acc={accumulate}"), &got, &want, 1e-4, 1e-4);
 }
 
 #[test]
 fn matmul_buffer_variant_all_epilogues() {
-    for &(m, n, k) in &[
-        (1, 1, 1),
-        (5, 3, 7),
-        (13, 9, 17),
-        (33, 70, 65),
-        (64, 64, 64),
-        (17, 1000, 12),
-        (9, 6, 4),
-    ] {
+    for &(m, n, k) in &[(1, 1, 1), (5, 3, 7), (13, 9, 17), (33, 70, 65), (64, 64, 64), (17, 1000, 12), (9, 6, 4)] {
         for act in [Act::None, Act::Gelu, Act::QuickGelu] {
             for accumulate in [false, true] {
                 check_matmul(MatmulKind::Buffer, m, n, k, act, accumulate);
@@ -96,14 +69,7 @@ fn matmul_buffer_variant_all_epilogues() {
 #[test]
 fn matmul_texture_variant_all_epilogues() {
     // The texture variant takes K % 64 == 0 (row copies of 256-byte multiples).
-    for &(m, n, k) in &[
-        (1, 1, 64),
-        (5, 3, 64),
-        (33, 70, 128),
-        (17, 1000, 64),
-        (100, 12, 192),
-        (16, 16, 64),
-    ] {
+    for &(m, n, k) in &[(1, 1, 64), (5, 3, 64), (33, 70, 128), (17, 1000, 64), (100, 12, 192), (16, 16, 64)] {
         for act in [Act::None, Act::Gelu, Act::QuickGelu] {
             for accumulate in [false, true] {
                 check_matmul(MatmulKind::Texture, m, n, k, act, accumulate);
@@ -121,16 +87,7 @@ fn matmul_texture_variant_splits_rows_over_the_texture_limit() {
 #[test]
 fn matmul_texture_variant_refuses_unaligned_k() {
     let gpu = gpu();
-    assert!(Linear::with_kind(
-        &gpu,
-        "t",
-        &randn(3 * 65, 1),
-        None,
-        3,
-        65,
-        MatmulKind::Texture
-    )
-    .is_err());
+    assert!(Linear::with_kind(&gpu, "t", &randn(3 * 65, 1), None, 3, 65, MatmulKind::Texture).is_err());
 }
 
 /// Direct convolution over an NHWC token map (with optional leading cls tokens).
@@ -147,19 +104,11 @@ fn conv_ref(x: &[f32], w: &[f32], b: &[f32], geo: &ConvGeom, cout: usize) -> Vec
                             for kx in 0..geo.k {
                                 let iy = (oy * geo.stride + ky) as isize - geo.pad as isize;
                                 let ix = (ox * geo.stride + kx) as isize - geo.pad as isize;
-                                if iy < 0
-                                    || ix < 0
-                                    || iy >= geo.in_h as isize
-                                    || ix >= geo.in_w as isize
-                                {
+                                if iy < 0 || ix < 0 || iy >= geo.in_h as isize || ix >= geo.in_w as isize {
                                     continue;
                                 }
-                                let t = bi * geo.in_tokens
-                                    + geo.in_tok_off
-                                    + iy as usize * geo.in_w
-                                    + ix as usize;
-                                s += x[t * geo.cin + ci] as f64
-                                    * w[((o * geo.cin + ci) * geo.k + ky) * geo.k + kx] as f64;
+                                let t = bi * geo.in_tokens + geo.in_tok_off + iy as usize * geo.in_w + ix as usize;
+                                s += x[t * geo.cin + ci] as f64 * w[((o * geo.cin + ci) * geo.k + ky) * geo.k + kx] as f64;
                             }
                         }
                     }
@@ -175,46 +124,24 @@ fn conv_ref(x: &[f32], w: &[f32], b: &[f32], geo: &ConvGeom, cout: usize) -> Vec
 fn conv_implicit_gemm() {
     let gpu = gpu();
     // (batch, h, w, cin, cout, k, stride, pad, cls)
-    for &(batch, h, w, cin, cout, k, s, p, cls) in &[
-        (2, 9, 7, 3, 5, 7, 4, 2, 0),
-        (1, 5, 5, 6, 8, 3, 2, 1, 1),
-        (3, 1, 1, 4, 3, 3, 2, 1, 0),
-        (1, 16, 13, 3, 16, 7, 4, 2, 0),
-        (2, 6, 6, 5, 7, 3, 1, 1, 1),
-    ] {
+    for &(batch, h, w, cin, cout, k, s, p, cls) in &[(2, 9, 7, 3, 5, 7, 4, 2, 0), (1, 5, 5, 6, 8, 3, 2, 1, 1), (3, 1, 1, 4, 3, 3, 2, 1, 0), (1, 16, 13, 3, 16, 7, 4, 2, 0), (2, 6, 6, 5, 7, 3, 1, 1, 1)]
+    {
         let tokens = cls + h * w;
-        let geo = ConvGeom {
-            batch,
-            in_h: h,
-            in_w: w,
-            cin,
-            in_tokens: tokens,
-            in_tok_off: cls,
-            k,
-            stride: s,
-            pad: p,
-        };
+        let geo = ConvGeom { batch, in_h: h, in_w: w, cin, in_tokens: tokens, in_tok_off: cls, k, stride: s, pad: p };
         let x = randn(batch * tokens * cin, 5);
         let wt = randn(cout * cin * k * k, 6);
         let b = randn(cout, 7);
         let want = conv_ref(&x, &wt, &b, &geo, cout);
         // Buffer variant: implicit GEMM; texture variant: im2col (K padded to 64) + texture GEMM.
         for kind in [MatmulKind::Buffer, MatmulKind::Texture] {
-            let l =
-                Linear::conv_with_kind(&gpu, "c", &wt, Some(&b), cout, cin, k, k, kind).unwrap();
+            let l = Linear::conv_with_kind(&gpu, "c", &wt, Some(&b), cout, cin, k, k, kind).unwrap();
             let mut g = Graph::new(gpu.clone());
             let xin = g.pinned("x", x.len());
             let y = conv2d(&mut g, "conv", xin, geo, &l).unwrap();
             let plan = g.compile().unwrap();
             plan.write(xin, &x).unwrap();
             plan.run().unwrap();
-            assert_close(
-                &format!("{kind:?} conv {geo:?}"),
-                &plan.read(y).unwrap(),
-                &want,
-                1e-4,
-                1e-4,
-            );
+            assert_close(&format!("{kind:?} conv {geo:?}"), &plan.read(y).unwrap(), &want, 1e-4, 1e-4);
         }
     }
 }
@@ -223,52 +150,23 @@ fn conv_implicit_gemm() {
 fn conv_projection_q_k_v() {
     let gpu = gpu();
     // Widths are multiples of 4 (the kernels are vec4 over channels; valid CvT widths are).
-    for &(batch, h, w, c, cls) in &[
-        (2, 5, 7, 8, 0),
-        (1, 4, 4, 4, 1),
-        (2, 1, 1, 12, 1),
-        (1, 7, 3, 20, 0),
-    ] {
+    for &(batch, h, w, c, cls) in &[(2, 5, 7, 8, 0), (1, 4, 4, 4, 1), (2, 1, 1, 12, 1), (1, 7, 3, 20, 0)] {
         let tq = cls + h * w;
         let (hk, wk) = kv_hw(h, w);
         let tk = cls + hk * wk;
         let x = randn(batch * tq * c, 8);
         let convs: Vec<Vec<f32>> = (0..3).map(|i| randn(c * 9, 10 + i)).collect();
-        let bnp: Vec<Vec<Vec<f32>>> = (0..3)
-            .map(|i| {
-                vec![
-                    randn(c, 20 + i).iter().map(|v| 1.0 + 0.2 * v).collect(),
-                    randn(c, 30 + i),
-                    randn(c, 40 + i),
-                    randn(c, 50 + i).iter().map(|v| 0.5 + v.abs()).collect(),
-                ]
-            })
-            .collect();
-        let bn = |i: usize| BatchNorm {
-            weight: &bnp[i][0],
-            bias: &bnp[i][1],
-            mean: &bnp[i][2],
-            var: &bnp[i][3],
-        };
-        let proj = ConvProj::new(
-            &gpu,
-            "p",
-            [&convs[0], &convs[1], &convs[2]],
-            [bn(0), bn(1), bn(2)],
-            c,
-        )
-        .unwrap();
+        let bnp: Vec<Vec<Vec<f32>>> =
+            (0..3).map(|i| vec![randn(c, 20 + i).iter().map(|v| 1.0 + 0.2 * v).collect(), randn(c, 30 + i), randn(c, 40 + i), randn(c, 50 + i).iter().map(|v| 0.5 + v.abs()).collect()]).collect();
+        let bn = |i: usize| BatchNorm { weight: &bnp[i][0], bias: &bnp[i][1], mean: &bnp[i][2], var: &bnp[i][3] };
+        let proj = ConvProj::new(&gpu, "p", [&convs[0], &convs[1], &convs[2]], [bn(0), bn(1), bn(2)], c).unwrap();
         let mut g = Graph::new(gpu.clone());
         let xin = g.pinned("x", x.len());
         let (q, k, v) = conv_proj(&mut g, "proj", xin, batch, h, w, cls, &proj).unwrap();
         let plan = g.compile().unwrap();
         plan.write(xin, &x).unwrap();
         plan.run().unwrap();
-        for (i, (t, stride, oh, ow, tt)) in
-            [(q, 1, h, w, tq), (k, 2, hk, wk, tk), (v, 2, hk, wk, tk)]
-                .into_iter()
-                .enumerate()
-        {
+        for (i, (t, stride, oh, ow, tt)) in [(q, 1, h, w, tq), (k, 2, hk, wk, tk), (v, 2, hk, wk, tk)].into_iter().enumerate() {
             // Reference: conv, then BatchNorm with running statistics (not folded).
             let pre = depthwise_ref(&x, &convs[i], (batch, h, w, c, cls), stride);
             let mut want = vec![0f64; batch * tt * c];
@@ -277,28 +175,14 @@ fn conv_projection_q_k_v() {
                     if cls == 1 {
                         want[(bi * tt) * c + ch] = x[(bi * tq) * c + ch] as f64;
                     }
-                    let (gm, bt, mu, var) = (
-                        bnp[i][0][ch] as f64,
-                        bnp[i][1][ch] as f64,
-                        bnp[i][2][ch] as f64,
-                        bnp[i][3][ch] as f64,
-                    );
+                    let (gm, bt, mu, var) = (bnp[i][0][ch] as f64, bnp[i][1][ch] as f64, bnp[i][2][ch] as f64, bnp[i][3][ch] as f64);
                     for pix in 0..oh * ow {
                         let r = (bi * tt + cls + pix) * c + ch;
                         want[r] = (pre[r] - mu) / (var + 1e-5).sqrt() * gm + bt;
                     }
                 }
             }
-            assert_close(
-                &format!(
-                    "conv_proj {} b{batch} {h}x{w} c{c} cls{cls}",
-                    ["q", "k", "v"][i]
-                ),
-                &plan.read(t).unwrap(),
-                &want,
-                1e-4,
-                1e-4,
-            );
+            assert_close(&format!("conv_proj {} b{batch} {h}x{w} c{c} cls{cls}", ["q", "k", "v"][i]), &plan.read(t).unwrap(), &want, 1e-4, 1e-4);
         }
     }
 }
@@ -307,22 +191,8 @@ fn conv_projection_q_k_v() {
 fn fold_bn_matches_definition() {
     let c = 3;
     let conv = randn(9 * c, 1);
-    let (w, b, m, v) = (
-        vec![1.5f32, 0.5, 2.0],
-        vec![0.1f32, -0.2, 0.3],
-        vec![0.3f32, -1.0, 2.0],
-        vec![0.25f32, 4.0, 1.0],
-    );
-    let (fw, fb) = fold_bn(
-        &conv,
-        &BatchNorm {
-            weight: &w,
-            bias: &b,
-            mean: &m,
-            var: &v,
-        },
-        c,
-    );
+    let (w, b, m, v) = (vec![1.5f32, 0.5, 2.0], vec![0.1f32, -0.2, 0.3], vec![0.3f32, -1.0, 2.0], vec![0.25f32, 4.0, 1.0]);
+    let (fw, fb) = fold_bn(&conv, &BatchNorm { weight: &w, bias: &b, mean: &m, var: &v }, c);
     for ch in 0..c {
         let s = w[ch] as f64 / (v[ch] as f64 + 1e-5).sqrt();
         assert!((fb[ch] as f64 - (b[ch] as f64 - m[ch] as f64 * s)).abs() < 1e-6);
@@ -338,24 +208,13 @@ fn attention_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Vec<f64> {
     for b in 0..s.batch {
         for h in 0..s.heads {
             for i in 0..s.tq {
-                let scores: Vec<f64> = (0..s.tkv)
-                    .map(|j| {
-                        (0..d)
-                            .map(|e| {
-                                q[(b * s.tq + i) * s.c + h * d + e] as f64
-                                    * k[(b * s.tkv + j) * s.c + h * d + e] as f64
-                            })
-                            .sum::<f64>()
-                            * s.scale as f64
-                    })
-                    .collect();
+                let scores: Vec<f64> =
+                    (0..s.tkv).map(|j| (0..d).map(|e| q[(b * s.tq + i) * s.c + h * d + e] as f64 * k[(b * s.tkv + j) * s.c + h * d + e] as f64).sum::<f64>() * s.scale as f64).collect();
                 let mx = scores.iter().cloned().fold(f64::MIN, f64::max);
                 let ex: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
                 let z: f64 = ex.iter().sum();
                 for e in 0..d {
-                    o[(b * s.tq + i) * s.c + h * d + e] = (0..s.tkv)
-                        .map(|j| ex[j] / z * v[(b * s.tkv + j) * s.c + h * d + e] as f64)
-                        .sum();
+                    o[(b * s.tq + i) * s.c + h * d + e] = (0..s.tkv).map(|j| ex[j] / z * v[(b * s.tkv + j) * s.c + h * d + e] as f64).sum();
                 }
             }
         }
@@ -365,59 +224,27 @@ fn attention_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Vec<f64> {
 
 fn check_attention(kind: MatmulKind, batch: usize, tq: usize, tkv: usize, c: usize, heads: usize) {
     let gpu = gpu();
-    let shape = AttnShape {
-        batch,
-        tq,
-        tkv,
-        c,
-        heads,
-        scale: (c as f32).powf(-0.5) * 3.0,
-    };
-    let (q, k, v) = (
-        randn(batch * tq * c, 1),
-        randn(batch * tkv * c, 2),
-        randn(batch * tkv * c, 3),
-    );
+    let shape = AttnShape { batch, tq, tkv, c, heads, scale: (c as f32).powf(-0.5) * 3.0 };
+    let (q, k, v) = (randn(batch * tq * c, 1), randn(batch * tkv * c, 2), randn(batch * tkv * c, 3));
     let mut g = Graph::new(gpu.clone());
-    let (tq_, tk_, tv_) = (
-        g.pinned("q", q.len()),
-        g.pinned("k", k.len()),
-        g.pinned("v", v.len()),
-    );
+    let (tq_, tk_, tv_) = (g.pinned("q", q.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
     let o = attention_with(&mut g, "attn", tq_, tk_, tv_, shape, kind).unwrap();
     let plan = g.compile().unwrap();
     plan.write(tq_, &q).unwrap();
     plan.write(tk_, &k).unwrap();
     plan.write(tv_, &v).unwrap();
     plan.run().unwrap();
-    assert_close(
-        &format!("{kind:?} attention {shape:?}"),
-        &plan.read(o).unwrap(),
-        &attention_ref(&q, &k, &v, &shape),
-        1e-5,
-        1e-4,
-    );
+    assert_close(&format!("{kind:?} attention {shape:?}"), &plan.read(o).unwrap(), &attention_ref(&q, &k, &v, &shape), 1e-5, 1e-4);
 }
 
 #[test]
 fn attention_rectangular_multihead() {
     // (batch, tq, tkv, c, heads): Tq != Tkv, several key tiles, partial tiles, D = 4..64.
-    for &(batch, tq, tkv, c, heads) in &[
-        (2, 7, 3, 8, 2),
-        (1, 37, 19, 64, 1),
-        (2, 65, 17, 48, 3),
-        (1, 1, 1, 4, 1),
-        (3, 50, 33, 16, 2),
-    ] {
+    for &(batch, tq, tkv, c, heads) in &[(2, 7, 3, 8, 2), (1, 37, 19, 64, 1), (2, 65, 17, 48, 3), (1, 1, 1, 4, 1), (3, 50, 33, 16, 2)] {
         check_attention(MatmulKind::Buffer, batch, tq, tkv, c, heads);
     }
     // The texture variant (C % 64 == 0); Tq == Tkv checks that q, k, v get distinct textures.
-    for &(batch, tq, tkv, c, heads) in &[
-        (2, 37, 19, 64, 1),
-        (3, 17, 17, 128, 2),
-        (1, 1, 1, 64, 1),
-        (2, 65, 50, 192, 3),
-    ] {
+    for &(batch, tq, tkv, c, heads) in &[(2, 37, 19, 64, 1), (3, 17, 17, 128, 2), (1, 1, 1, 64, 1), (2, 65, 50, 192, 3)] {
         check_attention(MatmulKind::Texture, batch, tq, tkv, c, heads);
     }
 }
@@ -442,18 +269,9 @@ fn layernorm_dense_and_gathered() {
         let plan = g.compile().unwrap();
         plan.write(xi, &x).unwrap();
         plan.run().unwrap();
-        let want: Vec<f64> = x
-            .chunks(c)
-            .flat_map(|r| layernorm_ref(&r.iter().map(|&v| v as f64).collect::<Vec<_>>(), &gm, &bt))
-            .collect();
+        let want: Vec<f64> = x.chunks(c).flat_map(|r| layernorm_ref(&r.iter().map(|&v| v as f64).collect::<Vec<_>>(), &gm, &bt)).collect();
         // eps 1e-5 with unit-ish variance: f32 rounding of mean/var gives ~1e-5 relative.
-        assert_close(
-            &format!("layernorm {rows}x{c}"),
-            &plan.read(y).unwrap(),
-            &want,
-            1e-4,
-            1e-4,
-        );
+        assert_close(&format!("layernorm {rows}x{c}"), &plan.read(y).unwrap(), &want, 1e-4, 1e-4);
     }
     // Gather: the cls token (row 0 of 4 tokens) of each of 3 images; scatter below a cls slot.
     let (b, t, c) = (3, 4, 6);
@@ -462,59 +280,16 @@ fn layernorm_dense_and_gathered() {
     let ln = LayerNorm::new(&gpu, "ln", &gm, &bt).unwrap();
     let mut g = Graph::new(gpu.clone());
     let xi = g.pinned("x", x.len());
-    let cls = layernorm(
-        &mut g,
-        "cls",
-        xi,
-        RowMap {
-            rows: b,
-            group: 1,
-            in_stride: t,
-            in_off: 0,
-            out_stride: 1,
-            out_off: 0,
-        },
-        &ln,
-        None,
-    )
-    .unwrap();
+    let cls = layernorm(&mut g, "cls", xi, RowMap { rows: b, group: 1, in_stride: t, in_off: 0, out_stride: 1, out_off: 0 }, &ln, None).unwrap();
     let out = g.pinned("scatter", b * (t + 1) * c);
-    layernorm(
-        &mut g,
-        "scatter",
-        xi,
-        RowMap {
-            rows: b * t,
-            group: t,
-            in_stride: t,
-            in_off: 0,
-            out_stride: t + 1,
-            out_off: 1,
-        },
-        &ln,
-        Some(out),
-    )
-    .unwrap();
+    layernorm(&mut g, "scatter", xi, RowMap { rows: b * t, group: t, in_stride: t, in_off: 0, out_stride: t + 1, out_off: 1 }, &ln, Some(out)).unwrap();
     let plan = g.compile().unwrap();
     plan.write(xi, &x).unwrap();
     plan.write(out, &vec![7.0; b * (t + 1) * c]).unwrap();
     plan.run().unwrap();
-    let row = |bi: usize, ti: usize| -> Vec<f64> {
-        x[(bi * t + ti) * c..(bi * t + ti + 1) * c]
-            .iter()
-            .map(|&v| v as f64)
-            .collect()
-    };
-    let want_cls: Vec<f64> = (0..b)
-        .flat_map(|bi| layernorm_ref(&row(bi, 0), &gm, &bt))
-        .collect();
-    assert_close(
-        "layernorm cls gather",
-        &plan.read(cls).unwrap(),
-        &want_cls,
-        1e-4,
-        1e-4,
-    );
+    let row = |bi: usize, ti: usize| -> Vec<f64> { x[(bi * t + ti) * c..(bi * t + ti + 1) * c].iter().map(|&v| v as f64).collect() };
+    let want_cls: Vec<f64> = (0..b).flat_map(|bi| layernorm_ref(&row(bi, 0), &gm, &bt)).collect();
+    assert_close("layernorm cls gather", &plan.read(cls).unwrap(), &want_cls, 1e-4, 1e-4);
     let mut want = vec![7.0f64; b * (t + 1) * c];
     for bi in 0..b {
         for ti in 0..t {
@@ -522,13 +297,7 @@ fn layernorm_dense_and_gathered() {
             want[(bi * (t + 1) + 1 + ti) * c..(bi * (t + 1) + 2 + ti) * c].copy_from_slice(&r);
         }
     }
-    assert_close(
-        "layernorm scatter",
-        &plan.read(out).unwrap(),
-        &want,
-        1e-4,
-        1e-4,
-    );
+    assert_close("layernorm scatter", &plan.read(out).unwrap(), &want, 1e-4, 1e-4);
 }
 
 #[test]
@@ -551,13 +320,7 @@ fn softmax_rows() {
                 e.into_iter().map(move |v| v / z)
             })
             .collect();
-        assert_close(
-            &format!("softmax {rows}x{c}"),
-            &plan.read(y).unwrap(),
-            &want,
-            1e-6,
-            1e-4,
-        );
+        assert_close(&format!("softmax {rows}x{c}"), &plan.read(y).unwrap(), &want, 1e-6, 1e-4);
     }
 }
 
@@ -575,21 +338,8 @@ fn cls_token_and_mean_pool() {
     let plan = g.compile().unwrap();
     plan.write(xi, &x).unwrap();
     plan.run().unwrap();
-    let want_mean: Vec<f64> = (0..b * c)
-        .map(|n| {
-            (0..t)
-                .map(|ti| x[((n / c) * t + ti) * c + n % c] as f64)
-                .sum::<f64>()
-                / t as f64
-        })
-        .collect();
-    assert_close(
-        "mean_tokens",
-        &plan.read(mean).unwrap(),
-        &want_mean,
-        1e-5,
-        1e-5,
-    );
+    let want_mean: Vec<f64> = (0..b * c).map(|n| (0..t).map(|ti| x[((n / c) * t + ti) * c + n % c] as f64).sum::<f64>() / t as f64).collect();
+    assert_close("mean_tokens", &plan.read(mean).unwrap(), &want_mean, 1e-5, 1e-5);
     let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     for bi in 0..b {
         for ch in 0..c {
@@ -635,12 +385,6 @@ fn activation_and_add_elementwise() {
                 }) + o as f64
             })
             .collect();
-        assert_close(
-            &format!("{act:?} + add"),
-            &plan.read(s).unwrap(),
-            &want,
-            1e-5,
-            1e-5,
-        );
+        assert_close(&format!("{act:?} + add"), &plan.read(s).unwrap(), &want, 1e-5, 1e-5);
     }
 }

@@ -25,42 +25,18 @@ struct Expected {
 }
 
 fn expected(dir: &Path) -> Expected {
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let c = &j["config"];
-    let v = |k: &str| {
-        c[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect::<Vec<_>>()
-    };
+    let v = |k: &str| c[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect::<Vec<_>>();
     let mut config = CvtConfig::cvt13();
     config.name = "fixture".into();
     config.dims = v("dims");
     config.heads = v("heads");
     config.depths = v("depths");
     config.num_classes = c["num_classes"].as_u64().unwrap() as usize;
-    let rows = |k: &str| {
-        j[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap())
-                    .collect()
-            })
-            .collect()
-    };
+    let rows = |k: &str| j[k].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect();
     Expected {
-        images: j["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| dir.join(s.as_str().unwrap()))
-            .collect(),
+        images: j["images"].as_array().unwrap().iter().map(|s| dir.join(s.as_str().unwrap())).collect(),
         size: j["size"].as_u64().unwrap() as usize,
         config,
         gelu: rows("logits_gelu"),
@@ -69,11 +45,7 @@ fn expected(dir: &Path) -> Expected {
 }
 
 fn run_logits(m: &Model, e: &Expected) -> Vec<f32> {
-    let batch: Vec<f32> = e
-        .images
-        .iter()
-        .flat_map(|p| preprocess::load_image(p, e.size, Resize::None).unwrap())
-        .collect();
+    let batch: Vec<f32> = e.images.iter().flat_map(|p| preprocess::load_image(p, e.size, Resize::None).unwrap()).collect();
     let plan = m.plan(e.images.len(), e.size, e.size).unwrap();
     plan.forward(&batch).unwrap().0
 }
@@ -90,26 +62,12 @@ fn check(what: &str, got: &[f32], want: &[Vec<f64>], tol: f64) -> f64 {
     let classes = want[0].len();
     let mut worst = 0f64;
     for (i, w) in want.iter().enumerate() {
-        let g: Vec<f64> = got[i * classes..(i + 1) * classes]
-            .iter()
-            .map(|&x| x as f64)
-            .collect();
-        let d = g
-            .iter()
-            .zip(w)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
+        let g: Vec<f64> = got[i * classes..(i + 1) * classes].iter().map(|&x| x as f64).collect();
+        let d = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         worst = worst.max(d);
-        assert!(
-            d <= tol,
-            "{what}: image {i}: max |logit - torch| = {d:.3e} > {tol:e}"
-        );
+        assert!(d <= tol, "{what}: image {i}: max |logit - torch| = {d:.3e} > {tol:e}");
         if classes >= 5 {
-            assert_eq!(
-                top5(&g),
-                top5(w),
-                "{what}: image {i}: top-5 differs from torch"
-            );
+            assert_eq!(top5(&g), top5(w), "{what}: image {i}: top-5 differs from torch");
         }
     }
     eprintln!("{what}: max |logit - torch| = {worst:.3e}");
@@ -117,15 +75,7 @@ fn check(what: &str, got: &[f32], want: &[Vec<f64>], tol: f64) -> f64 {
 }
 
 fn load(dir: &Path, file: &str, e: &Expected, act: Option<Act>) -> model::Loaded {
-    model::load(
-        gpu(),
-        &dir.join(file),
-        &LoadOptions {
-            config: Some(e.config.clone()),
-            activation: act,
-        },
-    )
-    .unwrap()
+    model::load(gpu(), &dir.join(file), &LoadOptions { config: Some(e.config.clone()), activation: act }).unwrap()
 }
 
 #[test]
@@ -133,17 +83,8 @@ fn tiny_official_naming_quick_gelu_matches_torch() {
     let dir = fixtures().join("tiny");
     let e = expected(&dir);
     let l = load(&dir, "official.safetensors", &e, None);
-    assert_eq!(
-        l.model.act,
-        Act::QuickGelu,
-        "official naming defaults to QuickGELU"
-    );
-    check(
-        "tiny official/QuickGELU",
-        &run_logits(&l.model, &e),
-        &e.quick,
-        1e-4,
-    );
+    assert_eq!(l.model.act, Act::QuickGelu, "official naming defaults to QuickGELU");
+    check("tiny official/QuickGELU", &run_logits(&l.model, &e), &e.quick, 1e-4);
 }
 
 #[test]
@@ -160,19 +101,9 @@ fn activation_override_crosses_namings() {
     let dir = fixtures().join("tiny");
     let e = expected(&dir);
     let l = load(&dir, "official.safetensors", &e, Some(Act::Gelu));
-    check(
-        "tiny official/GELU",
-        &run_logits(&l.model, &e),
-        &e.gelu,
-        1e-4,
-    );
+    check("tiny official/GELU", &run_logits(&l.model, &e), &e.gelu, 1e-4);
     let l = load(&dir, "hf.safetensors", &e, Some(Act::QuickGelu));
-    check(
-        "tiny hf/QuickGELU",
-        &run_logits(&l.model, &e),
-        &e.quick,
-        1e-4,
-    );
+    check("tiny hf/QuickGELU", &run_logits(&l.model, &e), &e.quick, 1e-4);
 }
 
 #[test]
@@ -184,16 +115,7 @@ fn batch_of_one_equals_batch_of_two() {
     e.images.truncate(1);
     let one = run_logits(&l.model, &e);
     let classes = e.config.num_classes;
-    assert_close(
-        "batch 1 vs 2",
-        &one,
-        &both[..classes]
-            .iter()
-            .map(|&x| x as f64)
-            .collect::<Vec<_>>(),
-        1e-6,
-        1e-6,
-    );
+    assert_close("batch 1 vs 2", &one, &both[..classes].iter().map(|&x| x as f64).collect::<Vec<_>>(), 1e-6, 1e-6);
 }
 
 /// Half-precision checkpoints decode exactly: logits from an F16 (BF16) file
@@ -205,10 +127,7 @@ fn f16_and_bf16_checkpoints() {
     let ck = read_checkpoint(&dir.join("official.safetensors")).unwrap();
     let tmp = std::env::temp_dir().join(format!("cvt-gpu-test-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    for (dtype, name) in [
-        (safetensors::Dtype::F16, "f16"),
-        (safetensors::Dtype::BF16, "bf16"),
-    ] {
+    for (dtype, name) in [(safetensors::Dtype::F16, "f16"), (safetensors::Dtype::BF16, "bf16")] {
         let round = |x: f32| {
             if name == "f16" {
                 half::f16::from_f32(x).to_f32()
@@ -220,59 +139,18 @@ fn f16_and_bf16_checkpoints() {
             .tensors
             .iter()
             .map(|(k, t)| {
-                let b: Vec<u8> = t
-                    .data
-                    .iter()
-                    .flat_map(|&x| {
-                        if name == "f16" {
-                            half::f16::from_f32(x).to_le_bytes()
-                        } else {
-                            half::bf16::from_f32(x).to_le_bytes()
-                        }
-                    })
-                    .collect();
+                let b: Vec<u8> = t.data.iter().flat_map(|&x| if name == "f16" { half::f16::from_f32(x).to_le_bytes() } else { half::bf16::from_f32(x).to_le_bytes() }).collect();
                 (k.clone(), b, t.shape.clone())
             })
             .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-            .iter()
-            .map(|(k, b, s)| {
-                (
-                    k.clone(),
-                    safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
-                )
-            })
-            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = bytes.iter().map(|(k, b, s)| (k.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap())).collect();
         let path = tmp.join(format!("{name}.safetensors"));
         safetensors::serialize_to_file(views, &None, &path).unwrap();
-        let from_file = model::load(
-            gpu(),
-            &path,
-            &LoadOptions {
-                config: Some(e.config.clone()),
-                activation: None,
-            },
-        )
-        .unwrap();
-        let rounded: HashMap<String, Tensor> = ck
-            .tensors
-            .iter()
-            .map(|(k, t)| {
-                (
-                    k.clone(),
-                    Tensor::new(t.shape.clone(), t.data.iter().map(|&x| round(x)).collect()),
-                )
-            })
-            .collect();
+        let from_file = model::load(gpu(), &path, &LoadOptions { config: Some(e.config.clone()), activation: None }).unwrap();
+        let rounded: HashMap<String, Tensor> = ck.tensors.iter().map(|(k, t)| (k.clone(), Tensor::new(t.shape.clone(), t.data.iter().map(|&x| round(x)).collect()))).collect();
         let direct = Model::new(gpu(), e.config.clone(), &rounded, Act::QuickGelu).unwrap();
         let (a, b) = (run_logits(&from_file.model, &e), run_logits(&direct, &e));
-        assert_close(
-            &format!("{name} checkpoint"),
-            &a,
-            &b.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-            0.0,
-            0.0,
-        );
+        assert_close(&format!("{name} checkpoint"), &a, &b.iter().map(|&x| x as f64).collect::<Vec<_>>(), 0.0, 0.0);
     }
     std::fs::remove_dir_all(&tmp).ok();
 }
@@ -284,21 +162,11 @@ fn f16_and_bf16_checkpoints() {
 fn cvt13_matches_torch_both_namings() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels-tests/reference/large/cvt13");
     if !dir.join("expected.json").exists() {
-        eprintln!(
-            "SKIPPED: {} not present (run make_fixtures.py --large)",
-            dir.display()
-        );
+        eprintln!("SKIPPED: {} not present (run make_fixtures.py --large)", dir.display());
         return;
     }
     let e = expected(&dir);
-    for (file, want, name) in [
-        (
-            "official.safetensors",
-            &e.quick,
-            "CvT-13 official/QuickGELU",
-        ),
-        ("hf.safetensors", &e.gelu, "CvT-13 hf/GELU"),
-    ] {
+    for (file, want, name) in [("official.safetensors", &e.quick, "CvT-13 official/QuickGELU"), ("hf.safetensors", &e.gelu, "CvT-13 hf/GELU")] {
         // Detected architecture (no config given): the released CvT-13 shape.
         let l = model::load(gpu(), &dir.join(file), &LoadOptions::default()).unwrap();
         assert_eq!(l.model.cfg.name, "cvt-13");
@@ -316,49 +184,21 @@ fn preprocessing_matches_torchvision_exactly() {
     let img = preprocess::decode(&dir.join("chelsea.png")).unwrap();
     let ours = preprocess::eval_transform(&img, 224);
     let tv = read_rgb(&dir.join("chelsea_eval224.rgb"), 224, 224);
-    let diff = ours
-        .as_raw()
-        .iter()
-        .zip(tv.as_raw())
-        .filter(|(a, b)| a != b)
-        .count();
-    assert_eq!(
-        diff, 0,
-        "Resize(256, bicubic) + CenterCrop(224): {diff} bytes differ from torchvision"
-    );
+    let diff = ours.as_raw().iter().zip(tv.as_raw()).filter(|(a, b)| a != b).count();
+    assert_eq!(diff, 0, "Resize(256, bicubic) + CenterCrop(224): {diff} bytes differ from torchvision");
     let ours = preprocess::eval_transform(&img, 384);
     let tv = read_rgb(&dir.join("chelsea_warp384.rgb"), 384, 384);
-    let diff = ours
-        .as_raw()
-        .iter()
-        .zip(tv.as_raw())
-        .filter(|(a, b)| a != b)
-        .count();
+    let diff = ours.as_raw().iter().zip(tv.as_raw()).filter(|(a, b)| a != b).count();
     assert_eq!(diff, 0, "384 warp: {diff} bytes differ from PIL");
     // transformers' ConvNextImageProcessor (the HF hub's preprocessing) is not
     // torchvision: it rounds some resampled pixels differently. Measured, and held
     // to at most one 8-bit intensity step (1/255/std = 0.0175) on a few pixels.
-    let hf: Vec<f32> =
-        bytemuck::pod_collect_to_vec(&std::fs::read(dir.join("chelsea_hf224.f32")).unwrap());
+    let hf: Vec<f32> = bytemuck::pod_collect_to_vec(&std::fs::read(dir.join("chelsea_hf224.f32")).unwrap());
     let ours = preprocess::normalize(&preprocess::eval_transform(&img, 224));
-    let d = ours
-        .iter()
-        .zip(&hf)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    let n = ours
-        .iter()
-        .zip(&hf)
-        .filter(|(a, b)| (*a - *b).abs() > 1e-5)
-        .count();
-    eprintln!(
-        "vs transformers ConvNextImageProcessor: max |diff| = {d:.3e}, {n} of {} values differ",
-        hf.len()
-    );
-    assert!(
-        d < 0.0176 && n < hf.len() / 100,
-        "normalised input differs from transformers by {d} in {n} values"
-    );
+    let d = ours.iter().zip(&hf).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let n = ours.iter().zip(&hf).filter(|(a, b)| (*a - *b).abs() > 1e-5).count();
+    eprintln!("vs transformers ConvNextImageProcessor: max |diff| = {d:.3e}, {n} of {} values differ", hf.len());
+    assert!(d < 0.0176 && n < hf.len() / 100, "normalised input differs from transformers by {d} in {n} values");
 }
 
 /// Every accepted container and pixel format decodes to the same RGB pixels:
@@ -367,9 +207,7 @@ fn preprocessing_matches_torchvision_exactly() {
 fn image_formats_convert_to_rgb() {
     let tmp = std::env::temp_dir().join(format!("cvt-gpu-fmt-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let rgb = image::RgbImage::from_fn(9, 7, |x, y| {
-        image::Rgb([(x * 28) as u8, (y * 36) as u8, ((x + y) * 15) as u8])
-    });
+    let rgb = image::RgbImage::from_fn(9, 7, |x, y| image::Rgb([(x * 28) as u8, (y * 36) as u8, ((x + y) * 15) as u8]));
     let gray = image::GrayImage::from_fn(9, 7, |x, y| image::Luma([(x * 20 + y) as u8]));
     let rgba = image::RgbaImage::from_fn(9, 7, |x, y| {
         let p = rgb.get_pixel(x, y).0;
@@ -390,20 +228,12 @@ fn image_formats_convert_to_rgb() {
         assert_eq!(preprocess::decode(&tmp.join(f)).unwrap(), rgb, "{f}");
     }
     let g = preprocess::decode(&tmp.join("gray.png")).unwrap();
-    assert!(
-        g.pixels()
-            .zip(gray.pixels())
-            .all(|(c, l)| c.0 == [l.0[0]; 3]),
-        "gray"
-    );
+    assert!(g.pixels().zip(gray.pixels()).all(|(c, l)| c.0 == [l.0[0]; 3]), "gray");
     // JPEG is lossy: same size, close pixels.
     let j = preprocess::decode(&tmp.join("rgb.jpg")).unwrap();
     assert_eq!(j.dimensions(), (9, 7));
     // A file named .png holding another format is detected by content.
     std::fs::copy(tmp.join("rgb.bmp"), tmp.join("actually_bmp.png")).unwrap();
-    assert_eq!(
-        preprocess::decode(&tmp.join("actually_bmp.png")).unwrap(),
-        rgb
-    );
+    assert_eq!(preprocess::decode(&tmp.join("actually_bmp.png")).unwrap(), rgb);
     std::fs::remove_dir_all(&tmp).ok();
 }

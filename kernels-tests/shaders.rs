@@ -27,91 +27,39 @@ fn variants(shader: &str) -> Vec<Vec<(&'static str, f64)>> {
 #[test]
 fn every_shader_translates_for_every_backend() {
     for (name, src) in SHADERS {
-        let module = naga::front::wgsl::parse_str(src)
-            .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(src)));
-        let info = Validator::new(ValidationFlags::all(), Capabilities::all())
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{name}.wgsl does not validate: {e:?}"));
-        assert!(
-            !module.entry_points.is_empty(),
-            "{name}.wgsl has no entry point"
-        );
+        let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(src)));
+        let info = Validator::new(ValidationFlags::all(), Capabilities::all()).validate(&module).unwrap_or_else(|e| panic!("{name}.wgsl does not validate: {e:?}"));
+        assert!(!module.entry_points.is_empty(), "{name}.wgsl has no entry point");
         for ep in &module.entry_points {
             for consts in variants(name) {
-                let pc: PipelineConstants =
-                    consts.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-                let (m, i) = naga::back::pipeline_constants::process_overrides(
-                    &module,
-                    &info,
-                    Some((ep.stage, &ep.name)),
-                    &pc,
-                )
-                .unwrap_or_else(|e| panic!("{name}::{} overrides {consts:?}: {e:?}", ep.name));
+                let pc: PipelineConstants = consts.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+                let (m, i) =
+                    naga::back::pipeline_constants::process_overrides(&module, &info, Some((ep.stage, &ep.name)), &pc).unwrap_or_else(|e| panic!("{name}::{} overrides {consts:?}: {e:?}", ep.name));
                 let ctx = format!("{name}::{} {consts:?}", ep.name);
 
                 let spv_opts = naga::back::spv::Options::default();
-                let spv_pipe = naga::back::spv::PipelineOptions {
-                    shader_stage: ep.stage,
-                    entry_point: ep.name.clone(),
-                };
-                let words = naga::back::spv::write_vec(&m, &i, &spv_opts, Some(&spv_pipe))
-                    .unwrap_or_else(|e| panic!("{ctx} SPIR-V: {e:?}"));
+                let spv_pipe = naga::back::spv::PipelineOptions { shader_stage: ep.stage, entry_point: ep.name.clone() };
+                let words = naga::back::spv::write_vec(&m, &i, &spv_opts, Some(&spv_pipe)).unwrap_or_else(|e| panic!("{ctx} SPIR-V: {e:?}"));
                 assert!(words.len() > 5, "{ctx}: empty SPIR-V");
 
-                let msl_pipe = naga::back::msl::PipelineOptions {
-                    entry_point: Some((ep.stage, ep.name.clone())),
-                    ..Default::default()
-                };
-                let (msl, _) = naga::back::msl::write_string(
-                    &m,
-                    &i,
-                    &naga::back::msl::Options::default(),
-                    &msl_pipe,
-                )
-                .unwrap_or_else(|e| panic!("{ctx} MSL: {e:?}"));
+                let msl_pipe = naga::back::msl::PipelineOptions { entry_point: Some((ep.stage, ep.name.clone())), ..Default::default() };
+                let (msl, _) = naga::back::msl::write_string(&m, &i, &naga::back::msl::Options::default(), &msl_pipe).unwrap_or_else(|e| panic!("{ctx} MSL: {e:?}"));
                 assert!(msl.contains("kernel"), "{ctx}: MSL has no kernel");
 
-                let hlsl_opts = naga::back::hlsl::Options {
-                    shader_model: naga::back::hlsl::ShaderModel::V6_0,
-                    ..Default::default()
-                };
-                let hlsl_pipe = naga::back::hlsl::PipelineOptions {
-                    entry_point: Some((ep.stage, ep.name.clone())),
-                };
+                let hlsl_opts = naga::back::hlsl::Options { shader_model: naga::back::hlsl::ShaderModel::V6_0, ..Default::default() };
+                let hlsl_pipe = naga::back::hlsl::PipelineOptions { entry_point: Some((ep.stage, ep.name.clone())) };
                 let mut hlsl = String::new();
-                naga::back::hlsl::Writer::new(&mut hlsl, &hlsl_opts, &hlsl_pipe)
-                    .write(&m, &i, None)
-                    .unwrap_or_else(|e| panic!("{ctx} HLSL: {e:?}"));
-                assert!(
-                    hlsl.contains("numthreads"),
-                    "{ctx}: HLSL has no compute entry"
-                );
+                naga::back::hlsl::Writer::new(&mut hlsl, &hlsl_opts, &hlsl_pipe).write(&m, &i, None).unwrap_or_else(|e| panic!("{ctx} HLSL: {e:?}"));
+                assert!(hlsl.contains("numthreads"), "{ctx}: HLSL has no compute entry");
 
-                let glsl_opts = naga::back::glsl::Options {
-                    version: naga::back::glsl::Version::new_gles(310),
-                    ..Default::default()
-                };
-                let glsl_pipe = naga::back::glsl::PipelineOptions {
-                    shader_stage: ep.stage,
-                    entry_point: ep.name.clone(),
-                    multiview: None,
-                };
+                let glsl_opts = naga::back::glsl::Options { version: naga::back::glsl::Version::new_gles(310), ..Default::default() };
+                let glsl_pipe = naga::back::glsl::PipelineOptions { shader_stage: ep.stage, entry_point: ep.name.clone(), multiview: None };
                 let mut glsl = String::new();
-                naga::back::glsl::Writer::new(
-                    &mut glsl,
-                    &m,
-                    &i,
-                    &glsl_opts,
-                    &glsl_pipe,
-                    naga::proc::BoundsCheckPolicies::default(),
-                )
-                .unwrap_or_else(|e| panic!("{ctx} GLSL: {e:?}"))
-                .write()
-                .unwrap_or_else(|e| panic!("{ctx} GLSL: {e:?}"));
-                assert!(
-                    glsl.contains("local_size_x"),
-                    "{ctx}: GLSL has no compute layout"
-                );
+                naga::back::glsl::Writer::new(&mut glsl, &m, &i, &glsl_opts, &glsl_pipe, naga::proc::BoundsCheckPolicies::default())
+                    .unwrap_or_else(|e| panic!("{ctx} GLSL: {e:?}"))
+                    .write()
+                    .unwrap_or_else(|e| panic!("{ctx} GLSL: {e:?}"));
+                assert!(glsl.contains("local_size_x"), "{ctx}: GLSL has no compute layout");
             }
         }
     }
@@ -120,11 +68,7 @@ fn every_shader_translates_for_every_backend() {
 #[test]
 fn every_wgsl_file_is_embedded() {
     let mut on_disk: Vec<String> =
-        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .filter(|n| n.ends_with(".wgsl"))
-            .collect();
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).filter(|n| n.ends_with(".wgsl")).collect();
     on_disk.sort();
     let mut embedded: Vec<String> = SHADERS.iter().map(|(n, _)| format!("{n}.wgsl")).collect();
     embedded.sort();

@@ -36,88 +36,38 @@ fn gradient_parity(gpu: std::sync::Arc<cvt_gpu::gpu::Gpu>, bn_eval: bool) {
     let mut model = TrainModel::new(gpu, cfg.clone(), &ck.tensors, Act::QuickGelu).unwrap();
     model.set_bn_eval(bn_eval);
     let suffix = if bn_eval { "_eval" } else { "" };
-    let exp: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join(format!("train/expected{suffix}.json"))).unwrap(),
-    )
-    .unwrap();
-    let images: Vec<f32> = ["chelsea64.png", "coffee64.png"]
-        .iter()
-        .flat_map(|f| preprocess::load_image(&tiny.join(f), 64, Resize::None).unwrap())
-        .collect();
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join(format!("train/expected{suffix}.json"))).unwrap()).unwrap();
+    let images: Vec<f32> = ["chelsea64.png", "coffee64.png"].iter().flat_map(|f| preprocess::load_image(&tiny.join(f), 64, Resize::None).unwrap()).collect();
     let classes = cfg.num_classes;
     let smooth = exp["label_smoothing"].as_f64().unwrap() as f32;
-    let labels: Vec<usize> = exp["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
-        .collect();
-    let targets: Vec<f32> = labels
-        .iter()
-        .flat_map(|&l| {
-            (0..classes)
-                .map(move |c| smooth / classes as f32 + if c == l { 1.0 - smooth } else { 0.0 })
-        })
-        .collect();
+    let labels: Vec<usize> = exp["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let targets: Vec<f32> = labels.iter().flat_map(|&l| (0..classes).map(move |c| smooth / classes as f32 + if c == l { 1.0 - smooth } else { 0.0 })).collect();
     let step = model.step_plan(2, 64, 64).unwrap();
     let (loss, logits) = step.run(&images, &targets).unwrap();
-    let want_logits: Vec<f64> = exp["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let want_logits: Vec<f64> = exp["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>()).collect();
     assert_close("train-mode logits", &logits, &want_logits, 1e-4, 1e-4);
     let want_loss = exp["loss"].as_f64().unwrap();
-    assert!(
-        (loss as f64 - want_loss).abs() < 1e-5,
-        "loss {loss} vs torch {want_loss}"
-    );
+    assert!((loss as f64 - want_loss).abs() < 1e-5, "loss {loss} vs torch {want_loss}");
 
     let grads = model.gradients().unwrap();
     let torch = read_checkpoint(&root.join(format!("train/grads{suffix}.safetensors"))).unwrap();
-    assert_eq!(
-        grads.len(),
-        torch.tensors.len(),
-        "every parameter has a gradient"
-    );
+    assert_eq!(grads.len(), torch.tensors.len(), "every parameter has a gradient");
     let mut worst = (String::new(), 0f64);
     for (name, t) in &torch.tensors {
-        let got = grads
-            .get(name)
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let got = grads.get(name).unwrap_or_else(|| panic!("no gradient for {name}"));
         let scale = t.data.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
-        let err = got
-            .iter()
-            .zip(&t.data)
-            .map(|(a, b)| (*a as f64 - *b as f64).abs())
-            .fold(0.0, f64::max);
+        let err = got.iter().zip(&t.data).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
         // Per tensor: max error within 1e-3 of the tensor's largest gradient (f32
         // sums in a different order than PyTorch's), plus an absolute 1e-6: the key
         // projection's bias has an analytically zero gradient (softmax ignores a
         // per-query constant), so both sides there are f32 rounding noise (~1e-7).
         let rel = if scale > 1e-5 { err / scale } else { 0.0 };
-        assert!(
-            err <= 1e-3 * scale + 1e-6,
-            "{name}: max |grad - torch| = {err:.3e}, largest |torch grad| = {scale:.3e}"
-        );
+        assert!(err <= 1e-3 * scale + 1e-6, "{name}: max |grad - torch| = {err:.3e}, largest |torch grad| = {scale:.3e}");
         if rel > worst.1 {
             worst = (name.clone(), rel);
         }
     }
-    eprintln!(
-        "BN {}: {} gradients match torch; worst relative error {:.2e} in {}",
-        if bn_eval { "eval" } else { "train" },
-        torch.tensors.len(),
-        worst.1,
-        worst.0
-    );
+    eprintln!("BN {}: {} gradients match torch; worst relative error {:.2e} in {}", if bn_eval { "eval" } else { "train" }, torch.tensors.len(), worst.1, worst.0);
 
     // BatchNorm running statistics after the step (momentum 0.1, unbiased
     // variance); in eval mode they must not move.
@@ -132,13 +82,7 @@ fn gradient_parity(gpu: std::sync::Arc<cvt_gpu::gpu::Gpu>, bn_eval: bool) {
     assert_eq!(running.len(), want.tensors.len());
     for (name, t) in &want.tensors {
         let got = &running[name];
-        assert_close(
-            name,
-            got,
-            &t.data.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-            1e-5,
-            1e-4,
-        );
+        assert_close(name, got, &t.data.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-5, 1e-4);
     }
 }
 
@@ -155,28 +99,12 @@ fn training_steps_reduce_the_loss() {
     // depthwise convs of a block share one [3, 9, C] parameter).
     let params = model.params();
     let blocks: usize = cfg.depths.iter().sum();
-    let n_ckpt = ck
-        .tensors
-        .keys()
-        .filter(|k| !k.contains("running_"))
-        .count();
+    let n_ckpt = ck.tensors.keys().filter(|k| !k.contains("running_")).count();
     assert_eq!(params.len(), n_ckpt - 2 * blocks);
-    let images: Vec<f32> = ["chelsea64.png", "coffee64.png"]
-        .iter()
-        .flat_map(|f| preprocess::load_image(&tiny.join(f), 64, Resize::None).unwrap())
-        .collect();
-    let targets: Vec<f32> = [3usize, 7]
-        .iter()
-        .flat_map(|&l| (0..cfg.num_classes).map(move |c| (c == l) as u8 as f32))
-        .collect();
+    let images: Vec<f32> = ["chelsea64.png", "coffee64.png"].iter().flat_map(|f| preprocess::load_image(&tiny.join(f), 64, Resize::None).unwrap()).collect();
+    let targets: Vec<f32> = [3usize, 7].iter().flat_map(|&l| (0..cfg.num_classes).map(move |c| (c == l) as u8 as f32)).collect();
     let step = model.step_plan(2, 64, 64).unwrap();
-    let mut opt = model
-        .optimizer(cvt_gpu::ops::optim::AdamW {
-            lr: 3e-3,
-            weight_decay: 0.05,
-            ..Default::default()
-        })
-        .unwrap();
+    let mut opt = model.optimizer(cvt_gpu::ops::optim::AdamW { lr: 3e-3, weight_decay: 0.05, ..Default::default() }).unwrap();
     let (first, _) = step.run(&images, &targets).unwrap();
     let mut last = first;
     for _ in 0..25 {
@@ -184,8 +112,5 @@ fn training_steps_reduce_the_loss() {
         last = step.run(&images, &targets).unwrap().0;
     }
     eprintln!("loss {first:.4} -> {last:.4} after 25 AdamW steps");
-    assert!(
-        last.is_finite() && last < 0.3 * first,
-        "loss {first} -> {last}"
-    );
+    assert!(last.is_finite() && last < 0.3 * first, "loss {first} -> {last}");
 }

@@ -188,7 +188,13 @@ fn fine_tune_reinitialises_the_head_and_bad_input_fails_cleanly() {
     let (ok, _, err) = run(bin().args(["train", "--image-folder"]).arg(d.join("three")).arg("--model").arg(&cfg).args(["--res", "16", "--epochs", "1", "--batch", "4", "--json", "--out"]).arg(&base));
     assert!(ok, "{err}");
     let ft = d.join("ft");
-    let (ok, _, err) = run(bin().args(["train", "--image-folder"]).arg(d.join("two")).arg("--weights").arg(base.join("model.safetensors")).args(["--res", "16", "--epochs", "1", "--batch", "4", "--lr", "1e-3", "--out"]).arg(&ft));
+    let (ok, _, err) = run(bin()
+        .args(["train", "--image-folder"])
+        .arg(d.join("two"))
+        .arg("--weights")
+        .arg(base.join("model.safetensors"))
+        .args(["--res", "16", "--epochs", "1", "--batch", "4", "--lr", "1e-3", "--out"])
+        .arg(&ft));
     assert!(ok, "fine-tune failed: {err}");
     assert!(err.contains("3-class head") && err.contains("re-initialised"), "head message: {err}");
     let (ok, stdout, err) = run(bin().args(["eval", "--weights"]).arg(ft.join("model.safetensors")).arg("--image-folder").arg(d.join("two")));
@@ -204,9 +210,17 @@ fn fine_tune_reinitialises_the_head_and_bad_input_fails_cleanly() {
     one_line_error("unwritable --out", run(bin().args(["train", "--image-folder"]).arg(d.join("two")).arg("--out").arg(d.join("file/sub"))), "output directory");
     // A checkpoint whose architecture does not fit the data: 3 classes vs 2.
     one_line_error("another architecture", run(bin().args(["eval", "--weights"]).arg(base.join("model.safetensors")).arg("--image-folder").arg(d.join("two"))), "3 classes");
-    one_line_error("resume from weights-only file", run(bin().args(["train", "--image-folder"]).arg(d.join("two")).arg("--resume").arg(ft.join("model.safetensors")).arg("--out").arg(&ft)), "not a cvt-gpu training checkpoint");
+    one_line_error(
+        "resume from weights-only file",
+        run(bin().args(["train", "--image-folder"]).arg(d.join("two")).arg("--resume").arg(ft.join("model.safetensors")).arg("--out").arg(&ft)),
+        "not a cvt-gpu training checkpoint",
+    );
     std::fs::write(d.join("trunc.safetensors"), &before[..100]).unwrap();
-    one_line_error("truncated checkpoint", run(bin().args(["train", "--image-folder"]).arg(d.join("two")).arg("--weights").arg(d.join("trunc.safetensors")).arg("--out").arg(d.join("y"))), "trunc.safetensors");
+    one_line_error(
+        "truncated checkpoint",
+        run(bin().args(["train", "--image-folder"]).arg(d.join("two")).arg("--weights").arg(d.join("trunc.safetensors")).arg("--out").arg(d.join("y"))),
+        "trunc.safetensors",
+    );
     assert_eq!(std::fs::read(ft.join("checkpoint.safetensors")).unwrap(), before, "the run's checkpoint is untouched");
     std::fs::remove_dir_all(&d).ok();
 }
@@ -219,7 +233,8 @@ fn fashion_mnist_learns() {
     let dir = Path::new("/usr/share/datasets/fashion-mnist");
     assert!(dir.is_dir(), "install Debian's dataset-fashion-mnist (scripts/setup.sh --datasets)");
     let d = tmp("fmnist");
-    let (ok, stdout, err) = run(bin().args(["train", "--fashion-mnist", "--train-limit", "3840", "--batch", "64", "--epochs", "1", "--warmup-steps", "10", "--eval-limit", "2000", "--json", "--out"]).arg(&d));
+    let (ok, stdout, err) =
+        run(bin().args(["train", "--fashion-mnist", "--train-limit", "3840", "--batch", "64", "--epochs", "1", "--warmup-steps", "10", "--eval-limit", "2000", "--json", "--out"]).arg(&d));
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let top1 = v["val_top1"].as_f64().unwrap();

@@ -490,3 +490,40 @@ fn act_backward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     let z = b[i];
     c4[i] = c4[i] * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
 }
+
+// pack4t: the transposed orientation with aligned start and row stride, a 4x4
+// block per invocation: four vec4 loads (four source rows, four consecutive
+// columns) transposed in registers into four texels, instead of sixteen scalar
+// loads. Invocation (x, by) writes texels (x, 4·by .. 4·by + 3).
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn pack4t(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let x = gid.x;
+    let y0 = gid.y * 4u;
+    if (x >= p.N || y0 >= p.M) {
+        return;
+    }
+    // Written out (no private arrays): lavapipe keeps arrays in scratch memory.
+    let base = (p.out_row_off + x * 4u * p.a_stride + y0) / 4u;
+    let s4 = p.a_stride / 4u;
+    let ok = y0 < p.K;
+    let c = x * 4u;
+    let r0 = select(vec4<f32>(0.0), b[base], ok && c < p.NP4);
+    let r1 = select(vec4<f32>(0.0), b[base + s4], ok && c + 1u < p.NP4);
+    let r2 = select(vec4<f32>(0.0), b[base + 2u * s4], ok && c + 2u < p.NP4);
+    let r3 = select(vec4<f32>(0.0), b[base + 3u * s4], ok && c + 3u < p.NP4);
+    let xi = i32(x);
+    let yi = i32(y0);
+    // Rows past r_real (p.K) are zero; rows past the texture (p.M) are not written.
+    if (y0 < p.M) {
+        textureStore(pack_out, vec2<i32>(xi, yi), select(vec4<f32>(0.0), vec4<f32>(r0.x, r1.x, r2.x, r3.x), y0 < p.K));
+    }
+    if (y0 + 1u < p.M) {
+        textureStore(pack_out, vec2<i32>(xi, yi + 1), select(vec4<f32>(0.0), vec4<f32>(r0.y, r1.y, r2.y, r3.y), y0 + 1u < p.K));
+    }
+    if (y0 + 2u < p.M) {
+        textureStore(pack_out, vec2<i32>(xi, yi + 2), select(vec4<f32>(0.0), vec4<f32>(r0.z, r1.z, r2.z, r3.z), y0 + 2u < p.K));
+    }
+    if (y0 + 3u < p.M) {
+        textureStore(pack_out, vec2<i32>(xi, yi + 3), select(vec4<f32>(0.0), vec4<f32>(r0.w, r1.w, r2.w, r3.w), y0 + 3u < p.K));
+    }
+}

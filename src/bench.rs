@@ -106,13 +106,7 @@ pub fn gemm(gpu: &Arc<Gpu>, m: usize, n: usize, k: usize, iters: usize) -> Resul
         plan.run()?;
         gpu.sync()
     })?;
-    Ok(GemmResult {
-        m,
-        n,
-        k,
-        median_ms: median,
-        gflops_per_s: 2.0 * (m * n * k) as f64 / median / 1e6,
-    })
+    Ok(GemmResult { m, n, k, median_ms: median, gflops_per_s: 2.0 * (m * n * k) as f64 / median / 1e6 })
 }
 
 pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
@@ -121,12 +115,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         if a.json {
             println!("{}", serde_json::to_string_pretty(&ceiling)?);
         } else {
-            println!(
-                "{}: matmul 1024x1024x1024 {:.1} ms, {:.1} GFLOP/s",
-                gpu.describe(),
-                ceiling.median_ms,
-                ceiling.gflops_per_s
-            );
+            println!("{}: matmul 1024x1024x1024 {:.1} ms, {:.1} GFLOP/s", gpu.describe(), ceiling.median_ms, ceiling.gflops_per_s);
         }
         return Ok(());
     }
@@ -136,19 +125,12 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         return train(gpu, a, &cfg, res, ceiling.gflops_per_s);
     }
     let t0 = Instant::now();
-    let model = Model::new(
-        gpu.clone(),
-        cfg.clone(),
-        &random_tensors(&cfg, 1),
-        Act::QuickGelu,
-    )?;
+    let model = Model::new(gpu.clone(), cfg.clone(), &random_tensors(&cfg, 1), Act::QuickGelu)?;
     let upload_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     let plan = model.plan(a.batch, res, res)?;
     let mut rng = Rng::new(3);
-    let img: Vec<f32> = (0..a.batch * res * res * cfg.in_chans)
-        .map(|_| rng.normal())
-        .collect();
+    let img: Vec<f32> = (0..a.batch * res * res * cfg.in_chans).map(|_| rng.normal()).collect();
     plan.forward(&img)?;
     let first_call_ms = t1.elapsed().as_secs_f64() * 1e3;
     let (median, min) = time_runs(a.iters, || {
@@ -185,37 +167,18 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!(
-            "{} @{}x{} batch {} on {}",
-            r.model, res, res, a.batch, r.adapter
-        );
-        println!(
-            "  latency   median {:.1} ms, min {:.1} ms ({} iterations)",
-            median, min, a.iters
-        );
-        println!(
-            "  throughput {:.2} img/s, {:.1} GFLOP/s ({:.2} GFLOP/image)",
-            r.img_per_s, rate, gflop
-        );
-        println!(
-            "  ceiling   {:.1} GFLOP/s (matmul 1024^3) -> {:.0}% of it",
-            ceiling.gflops_per_s,
-            100.0 * r.ratio_to_ceiling
-        );
+        println!("{} @{}x{} batch {} on {}", r.model, res, res, a.batch, r.adapter);
+        println!("  latency   median {:.1} ms, min {:.1} ms ({} iterations)", median, min, a.iters);
+        println!("  throughput {:.2} img/s, {:.1} GFLOP/s ({:.2} GFLOP/image)", r.img_per_s, rate, gflop);
+        println!("  ceiling   {:.1} GFLOP/s (matmul 1024^3) -> {:.0}% of it", ceiling.gflops_per_s, 100.0 * r.ratio_to_ceiling);
         println!(
             "  memory    weights {:.1} MiB, activations {:.1} MiB (unshared would be {:.1} MiB)",
             r.weight_bytes as f64 / 1048576.0,
             r.activation_bytes as f64 / 1048576.0,
             plan.plan.unshared_bytes as f64 / 1048576.0
         );
-        println!(
-            "  first call {:.0} ms (plan + pipelines + first run; weights upload {:.0} ms)",
-            first_call_ms, upload_ms
-        );
-        println!(
-            "  schedule  {} dispatches, {} texture copies per forward; matmul variant: {:?}",
-            dispatches, texture_copies, r.matmul_variant
-        );
+        println!("  first call {:.0} ms (plan + pipelines + first run; weights upload {:.0} ms)", first_call_ms, upload_ms);
+        println!("  schedule  {} dispatches, {} texture copies per forward; matmul variant: {:?}", dispatches, texture_copies, r.matmul_variant);
     }
     Ok(())
 }
@@ -241,21 +204,12 @@ pub struct TrainBench {
 /// Training step rate: forward + backward + AdamW on random data and weights.
 fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize, ceiling: f64) -> Result<()> {
     let t1 = Instant::now();
-    let model = crate::train::TrainModel::new(
-        gpu.clone(),
-        cfg.clone(),
-        &random_tensors(cfg, 1),
-        Act::QuickGelu,
-    )?;
+    let model = crate::train::TrainModel::new(gpu.clone(), cfg.clone(), &random_tensors(cfg, 1), Act::QuickGelu)?;
     let step = model.step_plan(a.batch, res, res)?;
     let mut opt = model.optimizer(crate::ops::optim::AdamW::default())?;
     let mut rng = Rng::new(3);
-    let img: Vec<f32> = (0..a.batch * res * res * cfg.in_chans)
-        .map(|_| rng.normal())
-        .collect();
-    let targets: Vec<f32> = (0..a.batch * cfg.num_classes)
-        .map(|i| ((i % cfg.num_classes) == (i / cfg.num_classes) % cfg.num_classes) as u8 as f32)
-        .collect();
+    let img: Vec<f32> = (0..a.batch * res * res * cfg.in_chans).map(|_| rng.normal()).collect();
+    let targets: Vec<f32> = (0..a.batch * cfg.num_classes).map(|i| ((i % cfg.num_classes) == (i / cfg.num_classes) % cfg.num_classes) as u8 as f32).collect();
     step.run(&img, &targets)?;
     opt.update(1e-4)?;
     gpu.sync()?;
@@ -290,20 +244,10 @@ fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize, ceiling: f64
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!(
-            "{} training @{}x{} batch {} on {}",
-            r.model, res, res, a.batch, r.adapter
-        );
-        println!(
-            "  step      median {:.1} ms -> {:.2} img/s",
-            median, r.img_per_s
-        );
+        println!("{} training @{}x{} batch {} on {}", r.model, res, res, a.batch, r.adapter);
+        println!("  step      median {:.1} ms -> {:.2} img/s", median, r.img_per_s);
         println!("  rate      {:.2} GFLOP/s ({:.2} GFLOP/image fwd+bwd), {:.0}% of the {:.1} GFLOP/s matmul ceiling", rate, gflop, 100.0 * r.ratio_to_ceiling, ceiling);
-        println!(
-            "  memory    activations {:.1} MiB; first step {:.0} ms",
-            r.activation_bytes as f64 / 1048576.0,
-            first_call_ms
-        );
+        println!("  memory    activations {:.1} MiB; first step {:.0} ms", r.activation_bytes as f64 / 1048576.0, first_call_ms);
     }
     Ok(())
 }
@@ -316,12 +260,7 @@ pub fn print_profile(plans: &[&crate::graph::Plan]) -> Result<()> {
     let mut total = 0.0;
     for p in plans {
         for s in p.profile()? {
-            let key = s
-                .label
-                .split('.')
-                .filter(|part| part.parse::<usize>().is_err() && *part != "blocks")
-                .collect::<Vec<_>>()
-                .join(".");
+            let key = s.label.split('.').filter(|part| part.parse::<usize>().is_err() && *part != "blocks").collect::<Vec<_>>().join(".");
             total += s.ms;
             match groups.iter_mut().find(|g| g.0 == key) {
                 Some(g) => {
@@ -334,25 +273,10 @@ pub fn print_profile(plans: &[&crate::graph::Plan]) -> Result<()> {
         }
     }
     groups.sort_by(|a, b| b.1.total_cmp(&a.1));
-    eprintln!(
-        "{:<40} {:>6} {:>10} {:>6} {:>9}",
-        "kernel (each step alone, wall clock)", "steps", "ms", "share", "GFLOP/s"
-    );
+    eprintln!("{:<40} {:>6} {:>10} {:>6} {:>9}", "kernel (each step alone, wall clock)", "steps", "ms", "share", "GFLOP/s");
     for (k, ms, fl, n) in &groups {
-        eprintln!(
-            "{:<40} {:>6} {:>10.2} {:>5.1}% {:>9.2}",
-            k,
-            n,
-            ms,
-            100.0 * ms / total,
-            fl / ms / 1e6
-        );
+        eprintln!("{:<40} {:>6} {:>10.2} {:>5.1}% {:>9.2}", k, n, ms, 100.0 * ms / total, fl / ms / 1e6);
     }
-    eprintln!(
-        "{:<40} {:>6} {:>10.2}",
-        "total",
-        groups.iter().map(|g| g.3).sum::<usize>(),
-        total
-    );
+    eprintln!("{:<40} {:>6} {:>10.2}", "total", groups.iter().map(|g| g.3).sum::<usize>(), total);
     Ok(())
 }

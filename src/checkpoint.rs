@@ -25,49 +25,30 @@ pub struct Entry<'a> {
 pub const OPTIM_PREFIX: &str = "optim.";
 
 /// Serialises `entries` and `metadata` as safetensors into `path`, atomically.
-pub fn write_safetensors(
-    path: &Path,
-    entries: &[Entry],
-    metadata: &HashMap<String, String>,
-) -> Result<()> {
+pub fn write_safetensors(path: &Path, entries: &[Entry], metadata: &HashMap<String, String>) -> Result<()> {
     let shown = path.display();
     let views: Vec<(String, safetensors::tensor::TensorView)> = entries
         .iter()
         .map(|e| {
             let bytes: &[u8] = bytemuck::cast_slice(e.data);
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, e.shape.clone(), bytes)
-                .map(|v| (e.name.clone(), v))
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, e.shape.clone(), bytes).map(|v| (e.name.clone(), v))
         })
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("{shown}: cannot serialise ({e:?})"))?;
-    let bytes = safetensors::tensor::serialize(views, &Some(metadata.clone()))
-        .map_err(|e| anyhow::anyhow!("{shown}: cannot serialise ({e:?})"))?;
+    let bytes = safetensors::tensor::serialize(views, &Some(metadata.clone())).map_err(|e| anyhow::anyhow!("{shown}: cannot serialise ({e:?})"))?;
     write_atomic(path, &bytes)
 }
 
 /// Writes `bytes` to `path` through a temporary sibling file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let shown = path.display();
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{shown}: not a file path"))?
-        .to_string_lossy();
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().with_context(|| format!("{shown}: not a file path"))?.to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp).with_context(|| {
-            format!(
-                "{}: cannot create (is the directory writable?)",
-                tmp.display()
-            )
-        })?;
-        f.write_all(bytes)
-            .with_context(|| format!("{}: write failed (disk full?)", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("{}: sync failed", tmp.display()))?;
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create (is the directory writable?)", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("{}: write failed (disk full?)", tmp.display()))?;
+        f.sync_all().with_context(|| format!("{}: sync failed", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("{shown}: cannot replace"))?;
         Ok(())
     })();

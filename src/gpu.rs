@@ -76,11 +76,7 @@ pub struct AdapterSummary {
 fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
     let info = a.get_info();
     let l = a.limits();
-    let features = a
-        .features()
-        .iter_names()
-        .map(|(n, _)| n.to_string())
-        .collect();
+    let features = a.features().iter_names().map(|(n, _)| n.to_string()).collect();
     AdapterSummary {
         index,
         min_subgroup_size: info.subgroup_min_size,
@@ -144,11 +140,7 @@ fn ordered_adapters(backend: BackendChoice, lazy_gl: bool) -> Vec<wgpu::Adapter>
 
 /// Lists every adapter the backend filter admits.
 pub fn list_adapters(backend: BackendChoice) -> Vec<AdapterSummary> {
-    ordered_adapters(backend, false)
-        .iter()
-        .enumerate()
-        .map(|(i, a)| summarize(i, a))
-        .collect()
+    ordered_adapters(backend, false).iter().enumerate().map(|(i, a)| summarize(i, a)).collect()
 }
 
 const NO_ADAPTER: &str = "no GPU adapter found: install a Vulkan, Metal, DX12 or GL driver \
@@ -190,17 +182,10 @@ impl Gpu {
             Some(sel) => {
                 if let Ok(i) = sel.parse::<usize>() {
                     let n = adapters.len();
-                    adapters.into_iter().nth(i).ok_or_else(|| {
-                        anyhow!("adapter index {i} does not exist ({n} adapters; see `cvt-gpu adapters`)")
-                    })?
+                    adapters.into_iter().nth(i).ok_or_else(|| anyhow!("adapter index {i} does not exist ({n} adapters; see `cvt-gpu adapters`)"))?
                 } else {
                     let s = sel.to_lowercase();
-                    adapters
-                        .into_iter()
-                        .find(|a| a.get_info().name.to_lowercase().contains(&s))
-                        .ok_or_else(|| {
-                            anyhow!("no adapter name contains {sel:?} (see `cvt-gpu adapters`)")
-                        })?
+                    adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&s)).ok_or_else(|| anyhow!("no adapter name contains {sel:?} (see `cvt-gpu adapters`)"))?
                 }
             }
         };
@@ -211,18 +196,11 @@ impl Gpu {
         let info = adapter.get_info();
         let limits = adapter.limits();
         // Only features the engine uses, and only when the adapter has them.
-        let wanted = wgpu::Features::TIMESTAMP_QUERY
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
-            | wgpu::Features::SHADER_F16;
+        let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES | wgpu::Features::SHADER_F16;
         let features = adapter.features() & wanted;
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("cvt-gpu"),
-            required_features: features,
-            required_limits: limits.clone(),
-            ..Default::default()
-        }))
-        .with_context(|| format!("could not open a device on adapter {:?}", info.name))?;
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor { label: Some("cvt-gpu"), required_features: features, required_limits: limits.clone(), ..Default::default() }))
+                .with_context(|| format!("could not open a device on adapter {:?}", info.name))?;
         let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
         let sink = error.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -248,10 +226,7 @@ impl Gpu {
 
     /// One line naming the adapter, for logs and reports.
     pub fn describe(&self) -> String {
-        format!(
-            "{} ({:?}, {})",
-            self.info.name, self.info.backend, self.info.driver
-        )
+        format!("{} ({:?}, {})", self.info.name, self.info.backend, self.info.driver)
     }
 
     /// Fails with the first wgpu error reported since the last check.
@@ -266,14 +241,7 @@ impl Gpu {
     /// A 16-byte zero storage buffer, for bindings a kernel mode does not read.
     pub fn placeholder(&self) -> Arc<wgpu::Buffer> {
         self.placeholder
-            .get_or_init(|| {
-                Arc::new(self.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("placeholder"),
-                    size: 16,
-                    usage: wgpu::BufferUsages::STORAGE,
-                    mapped_at_creation: false,
-                }))
-            })
+            .get_or_init(|| Arc::new(self.device.create_buffer(&wgpu::BufferDescriptor { label: Some("placeholder"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })))
             .clone()
     }
 
@@ -287,22 +255,14 @@ impl Gpu {
         if let Some(module) = m.get(name) {
             return Ok(module.clone());
         }
-        let mut src: String = SHADERS
-            .iter()
-            .find(|(n, _)| *n == name)
-            .ok_or_else(|| anyhow!("no shader named {name}"))?
-            .1
-            .into();
+        let mut src: String = SHADERS.iter().find(|(n, _)| *n == name).ok_or_else(|| anyhow!("no shader named {name}"))?.1.into();
         // Kernel development: CVT_GPU_SHADER_DIR loads the WGSL from disk instead
         // of the copy embedded at build time, so a kernel can be tuned without a rebuild.
         if let Ok(dir) = std::env::var("CVT_GPU_SHADER_DIR") {
             let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
             src = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         }
-        let desc = wgpu::ShaderModuleDescriptor {
-            label: Some(name),
-            source: wgpu::ShaderSource::Wgsl(src.into()),
-        };
+        let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
         let checks = match std::env::var("CVT_GPU_CHECKS").as_deref() {
             Ok("all") => wgpu::ShaderRuntimeChecks::checked(),
             Ok("none") => wgpu::ShaderRuntimeChecks::unchecked(),
@@ -320,34 +280,25 @@ impl Gpu {
 
     /// A compute pipeline for `shader::entry` specialised by `overrides`, compiled
     /// once per process and shared.
-    pub fn pipeline(
-        &self,
-        shader: &'static str,
-        entry: &str,
-        overrides: &[(&str, f64)],
-    ) -> Result<Arc<wgpu::ComputePipeline>> {
+    pub fn pipeline(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)]) -> Result<Arc<wgpu::ComputePipeline>> {
         let key = format!("{shader}:{entry}:{overrides:?}");
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
         let module = self.module(shader)?;
-        let p = Arc::new(
-            self.device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(&key),
-                    layout: None,
-                    module: &module,
-                    entry_point: Some(entry),
-                    compilation_options: wgpu::PipelineCompilationOptions {
-                        constants: overrides,
-                        // Every kernel writes the workgroup memory it reads; zero-fill costs time on CPUs.
-                        zero_initialize_workgroup_memory: false,
-                    },
-                    cache: None,
-                }),
-        );
-        self.check_error()
-            .with_context(|| format!("compiling {key}"))?;
+        let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&key),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: overrides,
+                // Every kernel writes the workgroup memory it reads; zero-fill costs time on CPUs.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        }));
+        self.check_error().with_context(|| format!("compiling {key}"))?;
         self.pipelines.lock().unwrap().insert(key, p.clone());
         Ok(p)
     }
@@ -356,18 +307,12 @@ impl Gpu {
     pub fn storage(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
         let size = bytes.max(16).div_ceil(16) * 16;
         if size > self.max_binding() {
-            bail!(
-                "{label}: {} MiB exceeds this adapter's storage binding limit of {} MiB; use a smaller batch or resolution",
-                size >> 20,
-                self.max_binding() >> 20
-            );
+            bail!("{label}: {} MiB exceeds this adapter's storage binding limit of {} MiB; use a smaller batch or resolution", size >> 20, self.max_binding() >> 20);
         }
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         }))
     }
@@ -383,12 +328,7 @@ impl Gpu {
     pub fn uniform(&self, label: &str, words: &[u32]) -> wgpu::Buffer {
         let mut padded = words.to_vec();
         padded.resize(words.len().div_ceil(4).max(1) * 4, 0);
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: bytemuck::cast_slice(&padded),
-                usage: wgpu::BufferUsages::UNIFORM,
-            })
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: bytemuck::cast_slice(&padded), usage: wgpu::BufferUsages::UNIFORM })
     }
 
     /// Copies `len` f32 from `buf` (at element `offset`) back to the host.
@@ -412,9 +352,7 @@ impl Gpu {
         staging.map_async(wgpu::MapMode::Read, 0..bytes.max(4), move |r| {
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| anyhow!("GPU poll failed: {e}"))?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| anyhow!("GPU poll failed: {e}"))?;
         self.check_error()?;
         rx.recv()?.map_err(|e| anyhow!("readback failed: {e}"))?;
         let out = {
@@ -427,9 +365,7 @@ impl Gpu {
 
     /// Blocks until all submitted work is done.
     pub fn sync(&self) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| anyhow!("GPU poll failed: {e}"))?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| anyhow!("GPU poll failed: {e}"))?;
         self.check_error()
     }
 }
@@ -438,18 +374,12 @@ impl Gpu {
 pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture {
     gpu.device.create_texture(&wgpu::TextureDescriptor {
         label: Some(label),
-        size: wgpu::Extent3d {
-            width,
-            height,
-            depth_or_array_layers: 1,
-        },
+        size: wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
         mip_level_count: 1,
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
         format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING
-            | wgpu::TextureUsages::COPY_DST
-            | wgpu::TextureUsages::STORAGE_BINDING,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::STORAGE_BINDING,
         view_formats: &[],
     })
 }

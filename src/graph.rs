@@ -24,13 +24,7 @@ pub struct TooLarge {
 
 impl std::fmt::Display for TooLarge {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(
-            f,
-            "tensor {} needs {} MiB, over this adapter's storage binding limit of {} MiB; use a smaller batch or resolution",
-            self.tensor,
-            self.bytes >> 20,
-            self.limit >> 20
-        )
+        write!(f, "tensor {} needs {} MiB, over this adapter's storage binding limit of {} MiB; use a smaller batch or resolution", self.tensor, self.bytes >> 20, self.limit >> 20)
     }
 }
 
@@ -94,16 +88,15 @@ enum OpRec {
         tex: TexRef,
     },
     /// Zero a tensor (gradients that several ops add into).
-    Clear { t: TensorId },
+    Clear {
+        t: TensorId,
+    },
 }
 
 impl OpRec {
     fn acts(&self) -> Vec<TensorId> {
         match self {
-            OpRec::Dispatch { bindings, .. } => bindings
-                .iter()
-                .filter_map(|r| if let Res::Act(t) = r { Some(*t) } else { None })
-                .collect(),
+            OpRec::Dispatch { bindings, .. } => bindings.iter().filter_map(|r| if let Res::Act(t) = r { Some(*t) } else { None }).collect(),
             OpRec::Copy { src, .. } => vec![*src],
             OpRec::Clear { t } => vec![*t],
         }
@@ -125,22 +118,9 @@ pub struct Step {
 }
 
 enum StepKind {
-    Dispatch {
-        pipeline: Arc<wgpu::ComputePipeline>,
-        bind_group: wgpu::BindGroup,
-        groups: [u32; 3],
-    },
-    Clear {
-        slot: usize,
-        bytes: u64,
-    },
-    Copy {
-        slot: usize,
-        offset: u64,
-        texture: usize,
-        width: u32,
-        height: u32,
-    },
+    Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bind_group: wgpu::BindGroup, groups: [u32; 3] },
+    Clear { slot: usize, bytes: u64 },
+    Copy { slot: usize, offset: u64, texture: usize, width: u32, height: u32 },
 }
 
 /// A compiled graph: buffers allocated, bind groups built, ready to run.
@@ -171,20 +151,12 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        Graph {
-            gpu,
-            tensors: vec![],
-            ops: vec![],
-        }
+        Graph { gpu, tensors: vec![], ops: vec![] }
     }
 
     /// A new intermediate tensor of `len` f32.
     pub fn tensor(&mut self, name: impl Into<String>, len: usize) -> TensorId {
-        self.tensors.push(TensorMeta {
-            name: name.into(),
-            len,
-            pinned: false,
-        });
+        self.tensors.push(TensorMeta { name: name.into(), len, pinned: false });
         TensorId(self.tensors.len() - 1)
     }
 
@@ -205,21 +177,8 @@ impl Graph {
     }
 
     /// Appends a dispatch. Bindings are in binding-index order (0, 1, ...).
-    pub fn dispatch(
-        &mut self,
-        label: impl Into<String>,
-        pipeline: Arc<wgpu::ComputePipeline>,
-        bindings: Vec<Res>,
-        groups: [u32; 3],
-        flops: f64,
-    ) {
-        self.ops.push(OpRec::Dispatch {
-            label: label.into(),
-            pipeline,
-            bindings,
-            groups,
-            flops,
-        });
+    pub fn dispatch(&mut self, label: impl Into<String>, pipeline: Arc<wgpu::ComputePipeline>, bindings: Vec<Res>, groups: [u32; 3], flops: f64) {
+        self.ops.push(OpRec::Dispatch { label: label.into(), pipeline, bindings, groups, flops });
     }
 
     /// Zeroes tensor `t` at this point of the schedule.
@@ -231,19 +190,8 @@ impl Graph {
     /// tensor, into an rgba32float texture of width x rows texels, for the next
     /// dispatch's `binding`. The copy needs 16 * width bytes per row to be a
     /// multiple of 256.
-    pub fn to_texture(
-        &mut self,
-        src: TensorId,
-        row0: usize,
-        rows: usize,
-        width: usize,
-        binding: u32,
-    ) -> TexRef {
-        let tex = TexRef {
-            width: width as u32,
-            height: rows as u32,
-            binding,
-        };
+    pub fn to_texture(&mut self, src: TensorId, row0: usize, rows: usize, width: usize, binding: u32) -> TexRef {
+        let tex = TexRef { width: width as u32, height: rows as u32, binding };
         self.ops.push(OpRec::Copy { src, row0, tex });
         tex
     }
@@ -251,11 +199,7 @@ impl Graph {
     /// A plan texture of width x rows texels for a later dispatch's `binding`,
     /// to be written by a dispatch (`Res::OutTex`) right before that one.
     pub fn tex(&mut self, width: usize, rows: usize, binding: u32) -> TexRef {
-        TexRef {
-            width: width as u32,
-            height: rows as u32,
-            binding,
-        }
+        TexRef { width: width as u32, height: rows as u32, binding }
     }
 
     /// Plans memory by liveness and creates every buffer and bind group.
@@ -296,15 +240,10 @@ impl Graph {
         for i in 0..self.ops.len() {
             for &t in &starting[i] {
                 let need = bytes(t);
-                let fit = (0..slot_size.len())
-                    .filter(|&s| slot_free[s] && slot_size[s] >= need)
-                    .min_by_key(|&s| slot_size[s]);
+                let fit = (0..slot_size.len()).filter(|&s| slot_free[s] && slot_size[s] >= need).min_by_key(|&s| slot_size[s]);
                 let s = match fit {
                     Some(s) => s,
-                    None => match (0..slot_size.len())
-                        .filter(|&s| slot_free[s])
-                        .max_by_key(|&s| slot_size[s])
-                    {
+                    None => match (0..slot_size.len()).filter(|&s| slot_free[s]).max_by_key(|&s| slot_size[s]) {
                         Some(s) => {
                             slot_size[s] = need;
                             s
@@ -325,33 +264,15 @@ impl Graph {
         }
         for t in 0..n {
             if bytes(t) > gpu.max_binding() {
-                return Err(TooLarge {
-                    tensor: self.tensors[t].name.clone(),
-                    bytes: bytes(t),
-                    limit: gpu.max_binding(),
-                }
-                .into());
+                return Err(TooLarge { tensor: self.tensors[t].name.clone(), bytes: bytes(t), limit: gpu.max_binding() }.into());
             }
         }
-        let slots: Vec<wgpu::Buffer> = slot_size
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| gpu.storage(&format!("activation slot {i}"), s))
-            .collect::<Result<_>>()?;
+        let slots: Vec<wgpu::Buffer> = slot_size.iter().enumerate().map(|(i, &s)| gpu.storage(&format!("activation slot {i}"), s)).collect::<Result<_>>()?;
         let mut tex_sizes: Vec<TexRef> = vec![];
         for op in &self.ops {
             let texs: Vec<TexRef> = match op {
                 OpRec::Copy { tex, .. } => vec![*tex],
-                OpRec::Dispatch { bindings, .. } => bindings
-                    .iter()
-                    .filter_map(|r| {
-                        if let Res::ActTex(t) | Res::OutTex(t) = r {
-                            Some(*t)
-                        } else {
-                            None
-                        }
-                    })
-                    .collect(),
+                OpRec::Dispatch { bindings, .. } => bindings.iter().filter_map(|r| if let Res::ActTex(t) | Res::OutTex(t) = r { Some(*t) } else { None }).collect(),
                 OpRec::Clear { .. } => vec![],
             };
             for t in texs {
@@ -361,24 +282,11 @@ impl Graph {
             }
         }
         let max_tex = gpu.limits.max_texture_dimension_2d;
-        if let Some(t) = tex_sizes
-            .iter()
-            .find(|t| t.width > max_tex || t.height > max_tex)
-        {
-            bail!(
-                "texture {}x{} exceeds this adapter's {max_tex} texel limit",
-                t.width,
-                t.height
-            );
+        if let Some(t) = tex_sizes.iter().find(|t| t.width > max_tex || t.height > max_tex) {
+            bail!("texture {}x{} exceeds this adapter's {max_tex} texel limit", t.width, t.height);
         }
-        let textures: Vec<wgpu::Texture> = tex_sizes
-            .iter()
-            .map(|t| crate::gpu::texture(&gpu, "activation texture", t.width, t.height))
-            .collect();
-        let views: Vec<wgpu::TextureView> = textures
-            .iter()
-            .map(|t| t.create_view(&Default::default()))
-            .collect();
+        let textures: Vec<wgpu::Texture> = tex_sizes.iter().map(|t| crate::gpu::texture(&gpu, "activation texture", t.width, t.height)).collect();
+        let views: Vec<wgpu::TextureView> = textures.iter().map(|t| t.create_view(&Default::default())).collect();
         let tex_index = |t: &TexRef| tex_sizes.iter().position(|x| x == t).unwrap();
         let mut steps = Vec::with_capacity(self.ops.len());
         for op in self.ops {
@@ -387,34 +295,15 @@ impl Graph {
                     steps.push(Step {
                         label: "copy to texture".into(),
                         flops: 0.0,
-                        kind: StepKind::Copy {
-                            slot: tensor_slot[src.0],
-                            offset: (row0 * tex.width as usize * 16) as u64,
-                            texture: tex_index(&tex),
-                            width: tex.width,
-                            height: tex.height,
-                        },
+                        kind: StepKind::Copy { slot: tensor_slot[src.0], offset: (row0 * tex.width as usize * 16) as u64, texture: tex_index(&tex), width: tex.width, height: tex.height },
                     });
                     continue;
                 }
                 OpRec::Clear { t } => {
-                    steps.push(Step {
-                        label: "clear".into(),
-                        flops: 0.0,
-                        kind: StepKind::Clear {
-                            slot: tensor_slot[t.0],
-                            bytes: bytes(t.0),
-                        },
-                    });
+                    steps.push(Step { label: "clear".into(), flops: 0.0, kind: StepKind::Clear { slot: tensor_slot[t.0], bytes: bytes(t.0) } });
                     continue;
                 }
-                OpRec::Dispatch {
-                    label,
-                    pipeline,
-                    bindings,
-                    groups,
-                    flops,
-                } => (label, pipeline, bindings, groups, flops),
+                OpRec::Dispatch { label, pipeline, bindings, groups, flops } => (label, pipeline, bindings, groups, flops),
             };
             let uniforms: Vec<Option<wgpu::Buffer>> = bindings
                 .iter()
@@ -430,36 +319,18 @@ impl Graph {
                 .map(|(i, r)| wgpu::BindGroupEntry {
                     binding: i as u32,
                     resource: match r {
-                        Res::Act(t) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: &slots[tensor_slot[t.0]],
-                            offset: 0,
-                            size: std::num::NonZeroU64::new(bytes(t.0)),
-                        }),
+                        Res::Act(t) => wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &slots[tensor_slot[t.0]], offset: 0, size: std::num::NonZeroU64::new(bytes(t.0)) }),
                         Res::Buf(b) => b.as_entire_binding(),
                         Res::Uniform(_) => uniforms[i].as_ref().unwrap().as_entire_binding(),
                         Res::Tex(v) => wgpu::BindingResource::TextureView(v),
-                        Res::ActTex(t) | Res::OutTex(t) => {
-                            wgpu::BindingResource::TextureView(&views[tex_index(t)])
-                        }
+                        Res::ActTex(t) | Res::OutTex(t) => wgpu::BindingResource::TextureView(&views[tex_index(t)]),
                         Res::Unused => unreachable!(),
                     },
                 })
                 .collect();
-            let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(&label),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            });
+            let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(&label), layout: &pipeline.get_bind_group_layout(0), entries: &entries });
             gpu.check_error().with_context(|| label.clone())?;
-            steps.push(Step {
-                label,
-                flops,
-                kind: StepKind::Dispatch {
-                    pipeline,
-                    bind_group,
-                    groups,
-                },
-            });
+            steps.push(Step { label, flops, kind: StepKind::Dispatch { pipeline, bind_group, groups } });
         }
         Ok(Plan {
             activation_bytes: slot_size.iter().sum(),
@@ -482,15 +353,9 @@ impl Plan {
     /// Uploads `data` into tensor `t` (an input).
     pub fn write(&self, t: TensorId, data: &[f32]) -> Result<()> {
         if data.len() != self.tensor_len[t.0] {
-            bail!(
-                "input has {} values, the plan expects {}",
-                data.len(),
-                self.tensor_len[t.0]
-            );
+            bail!("input has {} values, the plan expects {}", data.len(), self.tensor_len[t.0]);
         }
-        self.gpu
-            .queue
-            .write_buffer(self.buffer(t), 0, bytemuck::cast_slice(data));
+        self.gpu.queue.write_buffer(self.buffer(t), 0, bytemuck::cast_slice(data));
         Ok(())
     }
 
@@ -500,29 +365,11 @@ impl Plan {
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         let mut i = 0;
         while i < self.steps.len() {
-            if let StepKind::Copy {
-                slot,
-                offset,
-                texture,
-                width,
-                height,
-            } = &self.steps[i].kind
-            {
+            if let StepKind::Copy { slot, offset, texture, width, height } = &self.steps[i].kind {
                 enc.copy_buffer_to_texture(
-                    wgpu::TexelCopyBufferInfo {
-                        buffer: &self.slots[*slot],
-                        layout: wgpu::TexelCopyBufferLayout {
-                            offset: *offset,
-                            bytes_per_row: Some(width * 16),
-                            rows_per_image: Some(*height),
-                        },
-                    },
+                    wgpu::TexelCopyBufferInfo { buffer: &self.slots[*slot], layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: Some(width * 16), rows_per_image: Some(*height) } },
                     self.textures[*texture].as_image_copy(),
-                    wgpu::Extent3d {
-                        width: *width,
-                        height: *height,
-                        depth_or_array_layers: 1,
-                    },
+                    wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
                 );
                 i += 1;
                 continue;
@@ -533,16 +380,7 @@ impl Plan {
                 continue;
             }
             let mut pass = enc.begin_compute_pass(&Default::default());
-            while let Some(Step {
-                kind:
-                    StepKind::Dispatch {
-                        pipeline,
-                        bind_group,
-                        groups,
-                    },
-                ..
-            }) = self.steps.get(i)
-            {
+            while let Some(Step { kind: StepKind::Dispatch { pipeline, bind_group, groups }, .. }) = self.steps.get(i) {
                 pass.set_pipeline(pipeline);
                 pass.set_bind_group(0, bind_group, &[]);
                 pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
@@ -560,16 +398,8 @@ impl Plan {
 
     /// (dispatches, texture copies) recorded per run.
     pub fn counts(&self) -> (usize, usize) {
-        let copies = self
-            .steps
-            .iter()
-            .filter(|s| matches!(s.kind, StepKind::Copy { .. }))
-            .count();
-        let clears = self
-            .steps
-            .iter()
-            .filter(|s| matches!(s.kind, StepKind::Clear { .. }))
-            .count();
+        let copies = self.steps.iter().filter(|s| matches!(s.kind, StepKind::Copy { .. })).count();
+        let clears = self.steps.iter().filter(|s| matches!(s.kind, StepKind::Clear { .. })).count();
         (self.steps.len() - copies - clears, copies)
     }
 
@@ -596,36 +426,13 @@ impl Plan {
             let t = std::time::Instant::now();
             let mut enc = self.gpu.device.create_command_encoder(&Default::default());
             match &s.kind {
-                StepKind::Copy {
-                    slot,
-                    offset,
-                    texture,
-                    width,
-                    height,
-                } => enc.copy_buffer_to_texture(
-                    wgpu::TexelCopyBufferInfo {
-                        buffer: &self.slots[*slot],
-                        layout: wgpu::TexelCopyBufferLayout {
-                            offset: *offset,
-                            bytes_per_row: Some(width * 16),
-                            rows_per_image: Some(*height),
-                        },
-                    },
+                StepKind::Copy { slot, offset, texture, width, height } => enc.copy_buffer_to_texture(
+                    wgpu::TexelCopyBufferInfo { buffer: &self.slots[*slot], layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: Some(width * 16), rows_per_image: Some(*height) } },
                     self.textures[*texture].as_image_copy(),
-                    wgpu::Extent3d {
-                        width: *width,
-                        height: *height,
-                        depth_or_array_layers: 1,
-                    },
+                    wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
                 ),
-                StepKind::Clear { slot, bytes } => {
-                    enc.clear_buffer(&self.slots[*slot], 0, Some(*bytes))
-                }
-                StepKind::Dispatch {
-                    pipeline,
-                    bind_group,
-                    groups,
-                } => {
+                StepKind::Clear { slot, bytes } => enc.clear_buffer(&self.slots[*slot], 0, Some(*bytes)),
+                StepKind::Dispatch { pipeline, bind_group, groups } => {
                     let mut pass = enc.begin_compute_pass(&Default::default());
                     pass.set_pipeline(pipeline);
                     pass.set_bind_group(0, bind_group, &[]);
@@ -634,11 +441,7 @@ impl Plan {
             }
             self.gpu.queue.submit([enc.finish()]);
             self.gpu.sync()?;
-            out.push(StepTime {
-                label: s.label.clone(),
-                ms: t.elapsed().as_secs_f64() * 1e3,
-                flops: s.flops,
-            });
+            out.push(StepTime { label: s.label.clone(), ms: t.elapsed().as_secs_f64() * 1e3, flops: s.flops });
         }
         Ok(out)
     }

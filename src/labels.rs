@@ -14,16 +14,9 @@ pub fn imagenet() -> Vec<String> {
 
 /// Reads one label per line (blank trailing lines ignored).
 pub fn read_labels(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read labels file", path.display()))?;
-    let labels: Vec<String> = text
-        .lines()
-        .map(|l| l.trim().to_string())
-        .collect::<Vec<_>>();
-    let n = labels
-        .iter()
-        .rposition(|l| !l.is_empty())
-        .map_or(0, |i| i + 1);
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read labels file", path.display()))?;
+    let labels: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect::<Vec<_>>();
+    let n = labels.iter().rposition(|l| !l.is_empty()).map_or(0, |i| i + 1);
     if n == 0 {
         bail!("{}: labels file is empty", path.display());
     }
@@ -32,11 +25,7 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>> {
 
 /// Labels for a head of `classes` outputs: the explicit file, else the
 /// checkpoint's own, else ImageNet for 1000 classes, else "class N".
-pub fn for_head(
-    classes: usize,
-    file: Option<&Path>,
-    from_checkpoint: Option<Vec<String>>,
-) -> Result<Vec<String>> {
+pub fn for_head(classes: usize, file: Option<&Path>, from_checkpoint: Option<Vec<String>>) -> Result<Vec<String>> {
     let labels = match (file, from_checkpoint) {
         (Some(f), _) => read_labels(f)?,
         (None, Some(l)) => l,
@@ -44,10 +33,7 @@ pub fn for_head(
         (None, None) => (0..classes).map(|i| format!("class {i}")).collect(),
     };
     if labels.len() != classes {
-        bail!(
-            "{} labels given for a head with {classes} classes",
-            labels.len()
-        );
+        bail!("{} labels given for a head with {classes} classes", labels.len());
     }
     Ok(labels)
 }

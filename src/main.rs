@@ -26,13 +26,7 @@ struct Cli {
 #[derive(Args)]
 struct GpuArgs {
     /// GPU backend.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        env = "CVT_GPU_BACKEND",
-        default_value = "auto"
-    )]
+    #[arg(long, global = true, value_enum, env = "CVT_GPU_BACKEND", default_value = "auto")]
     backend: BackendChoice,
     /// Adapter index (from `cvt-gpu adapters`) or a substring of its name.
     #[arg(long, global = true, env = "CVT_GPU_ADAPTER")]
@@ -41,10 +35,7 @@ struct GpuArgs {
 
 impl GpuArgs {
     fn open(&self) -> Result<Arc<Gpu>> {
-        Gpu::new(&AdapterRequest {
-            backend: self.backend,
-            adapter: self.adapter.clone(),
-        })
+        Gpu::new(&AdapterRequest { backend: self.backend, adapter: self.adapter.clone() })
     }
 }
 
@@ -62,9 +53,7 @@ enum Cmd {
     )]
     Infer(InferArgs),
     /// Measure latency, throughput and GFLOP/s of a CvT forward (or the GEMM ceiling).
-    #[command(
-        after_help = "Examples:\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu bench --model cvt-w24 --res 384 --iters 2\n  cvt-gpu bench --gemm --json"
-    )]
+    #[command(after_help = "Examples:\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu bench --model cvt-w24 --res 384 --iters 2\n  cvt-gpu bench --gemm --json")]
     Bench(bench::BenchArgs),
     /// Train a CvT (from scratch, or fine-tune a checkpoint) with progress, evaluation, checkpoints and resume.
     #[command(
@@ -122,10 +111,7 @@ fn adapters(args: &GpuArgs, json: bool) -> Result<()> {
         bail!("no GPU adapter found: install a Vulkan, Metal, DX12 or GL driver (on Linux without a GPU: `apt-get install mesa-vulkan-drivers`)");
     }
     for a in list {
-        println!(
-            "[{}] {} ({}, {}, driver {} {})",
-            a.index, a.name, a.backend, a.device_type, a.driver, a.driver_info
-        );
+        println!("[{}] {} ({}, {}, driver {} {})", a.index, a.name, a.backend, a.device_type, a.driver, a.driver_info);
         println!(
             "    storage binding {} MiB, buffer {} MiB, workgroup memory {} KiB, {} invocations/workgroup, {} workgroups/dim, {} storage buffers/stage, subgroup {}..{}",
             a.max_storage_buffer_binding_size >> 20,
@@ -165,33 +151,13 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
     }
     let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
     let gpu = g.open()?;
-    let loaded = model::load(
-        gpu,
-        &a.weights,
-        &LoadOptions {
-            config,
-            activation: a.activation,
-        },
-    )?;
+    let loaded = model::load(gpu, &a.weights, &LoadOptions { config, activation: a.activation })?;
     let m = &loaded.model;
     let res = a.res.unwrap_or(m.cfg.image_size);
-    let names = labels::for_head(
-        m.cfg.num_classes,
-        a.labels.as_deref(),
-        loaded.labels.clone(),
-    )?;
-    let resize = if a.no_resize {
-        preprocess::Resize::None
-    } else {
-        preprocess::Resize::Eval
-    };
+    let names = labels::for_head(m.cfg.num_classes, a.labels.as_deref(), loaded.labels.clone())?;
+    let resize = if a.no_resize { preprocess::Resize::None } else { preprocess::Resize::Eval };
     if loaded.preprocess.channels != m.cfg.in_chans {
-        bail!(
-            "{}: the model takes {} input channels but its preprocessing gives {}",
-            a.weights.display(),
-            m.cfg.in_chans,
-            loaded.preprocess.channels
-        );
+        bail!("{}: the model takes {} input channels but its preprocessing gives {}", a.weights.display(), m.cfg.in_chans, loaded.preprocess.channels);
     }
     let mut inputs = Vec::with_capacity(a.images.len());
     for p in &a.images {
@@ -205,31 +171,15 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
     let mut tail: Option<model::ForwardPlan> = None;
     for (ci, imgs) in inputs.chunks(chunk).enumerate() {
         let n = imgs.len();
-        let plan = if n == chunk {
-            &full
-        } else {
-            tail.get_or_insert(m.plan(n, res, res)?)
-        };
+        let plan = if n == chunk { &full } else { tail.get_or_insert(m.plan(n, res, res)?) };
         let (logits, probs) = plan.forward(&imgs.concat())?;
         for i in 0..n {
             let l = &logits[i * classes..(i + 1) * classes];
             let p = &probs[i * classes..(i + 1) * classes];
             let mut order: Vec<usize> = (0..classes).collect();
             order.sort_by(|&x, &y| p[y].total_cmp(&p[x]).then(x.cmp(&y)));
-            let top = order
-                .iter()
-                .take(a.topk.min(classes))
-                .map(|&k| Prediction {
-                    index: k,
-                    label: names[k].clone(),
-                    probability: p[k],
-                    logit: l[k],
-                })
-                .collect();
-            results.push(ImageResult {
-                image: a.images[ci * chunk + i].display().to_string(),
-                top,
-            });
+            let top = order.iter().take(a.topk.min(classes)).map(|&k| Prediction { index: k, label: names[k].clone(), probability: p[k], logit: l[k] }).collect();
+            results.push(ImageResult { image: a.images[ci * chunk + i].display().to_string(), top });
         }
     }
     if a.json {
@@ -238,13 +188,7 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
         for r in &results {
             println!("{}", r.image);
             for (rank, p) in r.top.iter().enumerate() {
-                println!(
-                    "  {}. {:6.2}%  {} ({})",
-                    rank + 1,
-                    100.0 * p.probability,
-                    p.label,
-                    p.index
-                );
+                println!("  {}. {:6.2}%  {} ({})", rank + 1, 100.0 * p.probability, p.label, p.index);
             }
         }
     }

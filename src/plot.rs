@@ -26,12 +26,7 @@ fn line(img: &mut RgbImage, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb<u
 }
 
 /// One panel at x offset `ox`: series of (x, y) scaled to the panel.
-fn panel(
-    img: &mut RgbImage,
-    ox: i64,
-    series: &[(Vec<(f64, f64)>, Rgb<u8>)],
-    y_range: Option<(f64, f64)>,
-) {
+fn panel(img: &mut RgbImage, ox: i64, series: &[(Vec<(f64, f64)>, Rgb<u8>)], y_range: Option<(f64, f64)>) {
     let (pw, ph) = (W as i64 / 2 - 2 * M, H as i64 - 2 * M);
     let grey = Rgb([200, 200, 200]);
     line(img, (ox + M, M), (ox + M, M + ph), Rgb([0, 0, 0]));
@@ -41,24 +36,14 @@ fn panel(
         return;
     }
     let xmax = pts.iter().map(|p| p.0).fold(f64::MIN, f64::max).max(1e-9);
-    let (ymin, ymax) = y_range.unwrap_or_else(|| {
-        (
-            0.0,
-            pts.iter().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-9),
-        )
-    });
+    let (ymin, ymax) = y_range.unwrap_or_else(|| (0.0, pts.iter().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-9)));
     if y_range.is_some() {
         for k in 1..10 {
             let y = M + ph - ph * k / 10;
             line(img, (ox + M + 1, y), (ox + M + pw, y), grey);
         }
     }
-    let map = |(x, y): (f64, f64)| {
-        (
-            ox + M + (x / xmax * pw as f64) as i64,
-            M + ph - ((y - ymin) / (ymax - ymin) * ph as f64) as i64,
-        )
-    };
+    let map = |(x, y): (f64, f64)| (ox + M + (x / xmax * pw as f64) as i64, M + ph - ((y - ymin) / (ymax - ymin) * ph as f64) as i64);
     for (s, c) in series {
         for w in s.windows(2) {
             line(img, map(w[0]), map(w[1]), *c);
@@ -71,8 +56,7 @@ fn panel(
 }
 
 pub fn curves(metrics: &Path, out: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(metrics)
-        .with_context(|| format!("{}: cannot read", metrics.display()))?;
+    let text = std::fs::read_to_string(metrics).with_context(|| format!("{}: cannot read", metrics.display()))?;
     let (mut train, mut vloss, mut top1, mut top5) = (vec![], vec![], vec![], vec![]);
     for l in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
@@ -90,22 +74,9 @@ pub fn curves(metrics: &Path, out: &Path) -> Result<()> {
         }
     }
     let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
-    panel(
-        &mut img,
-        0,
-        &[(train, Rgb([31, 119, 180])), (vloss, Rgb([255, 127, 14]))],
-        None,
-    );
-    panel(
-        &mut img,
-        W as i64 / 2,
-        &[(top5, Rgb([127, 127, 127])), (top1, Rgb([44, 160, 44]))],
-        Some((0.0, 100.0)),
-    );
+    panel(&mut img, 0, &[(train, Rgb([31, 119, 180])), (vloss, Rgb([255, 127, 14]))], None);
+    panel(&mut img, W as i64 / 2, &[(top5, Rgb([127, 127, 127])), (top1, Rgb([44, 160, 44]))], Some((0.0, 100.0)));
     let mut bytes = vec![];
-    image::DynamicImage::ImageRgb8(img).write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )?;
+    image::DynamicImage::ImageRgb8(img).write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
     crate::checkpoint::write_atomic(out, &bytes)
 }

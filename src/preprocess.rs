@@ -35,16 +35,11 @@ pub fn decode(path: &Path) -> Result<RgbImage> {
     if meta.len() == 0 {
         bail!("{shown}: empty file, not an image");
     }
-    let reader = image::ImageReader::open(path)
-        .with_context(|| format!("{shown}: cannot read"))?
-        .with_guessed_format()
-        .with_context(|| format!("{shown}: cannot read"))?;
+    let reader = image::ImageReader::open(path).with_context(|| format!("{shown}: cannot read"))?.with_guessed_format().with_context(|| format!("{shown}: cannot read"))?;
     if reader.format().is_none() {
         bail!("{shown}: not a PNG, JPEG, WebP or BMP image");
     }
-    let img = reader
-        .decode()
-        .map_err(|e| anyhow::anyhow!("{shown}: cannot decode image ({e})"))?;
+    let img = reader.decode().map_err(|e| anyhow::anyhow!("{shown}: cannot decode image ({e})"))?;
     Ok(img.to_rgb8())
 }
 
@@ -75,9 +70,7 @@ fn coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
             let ss = 1.0 / filterscale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let mut w: Vec<f64> = (xmin..xmax)
-                .map(|x| bicubic((x as f64 - center + 0.5) * ss))
-                .collect();
+            let mut w: Vec<f64> = (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) * ss)).collect();
             let total: f64 = w.iter().sum();
             if total != 0.0 {
                 w.iter_mut().for_each(|v| *v /= total);
@@ -164,16 +157,8 @@ pub fn eval_transform(img: &RgbImage, res: usize) -> RgbImage {
     }
     let short = (res as f64 / 0.875) as usize;
     // torchvision Resize(int): shorter side to `short`, longer side int(short * long / short_in).
-    let (nw, nh) = if w <= h {
-        (short, (short as f64 * h as f64 / w as f64) as usize)
-    } else {
-        ((short as f64 * w as f64 / h as f64) as usize, short)
-    };
-    let r = if (nw, nh) == (w, h) {
-        img.clone()
-    } else {
-        resize_bicubic(img, nw, nh)
-    };
+    let (nw, nh) = if w <= h { (short, (short as f64 * h as f64 / w as f64) as usize) } else { ((short as f64 * w as f64 / h as f64) as usize, short) };
+    let r = if (nw, nh) == (w, h) { img.clone() } else { resize_bicubic(img, nw, nh) };
     let top = round_half_even((nh as f64 - res as f64) / 2.0).max(0) as u32;
     let left = round_half_even((nw as f64 - res as f64) / 2.0).max(0) as u32;
     image::imageops::crop_imm(&r, left, top, res as u32, res as u32).to_image()
@@ -181,10 +166,7 @@ pub fn eval_transform(img: &RgbImage, res: usize) -> RgbImage {
 
 /// ToTensor + Normalize into NHWC f32 (the layout the first conv reads).
 pub fn normalize(img: &RgbImage) -> Vec<f32> {
-    img.as_raw()
-        .chunks_exact(3)
-        .flat_map(|px| (0..3).map(move |c| (px[c] as f32 / 255.0 - MEAN[c]) / STD[c]))
-        .collect()
+    img.as_raw().chunks_exact(3).flat_map(|px| (0..3).map(move |c| (px[c] as f32 / 255.0 - MEAN[c]) / STD[c])).collect()
 }
 
 /// Decodes and preprocesses one image for a res x res model.
@@ -194,12 +176,7 @@ pub fn load_image(path: &Path, res: usize, resize: Resize) -> Result<Vec<f32>> {
         Resize::Eval => eval_transform(&img, res),
         Resize::None => {
             if img.width() as usize != res || img.height() as usize != res {
-                bail!(
-                    "{}: is {}x{}, but --no-resize needs exactly {res}x{res}",
-                    path.display(),
-                    img.width(),
-                    img.height()
-                );
+                bail!("{}: is {}x{}, but --no-resize needs exactly {res}x{res}", path.display(), img.width(), img.height());
             }
             img
         }
@@ -223,12 +200,7 @@ pub struct Spec {
 
 impl Spec {
     pub fn imagenet() -> Spec {
-        Spec {
-            channels: 3,
-            mean: MEAN.to_vec(),
-            std: STD.to_vec(),
-            resize: "eval".into(),
-        }
+        Spec { channels: 3, mean: MEAN.to_vec(), std: STD.to_vec(), resize: "eval".into() }
     }
 
     /// Decodes `path` and prepares it for a res x res model (`Resize::None`
@@ -238,12 +210,7 @@ impl Spec {
         let img = match resize {
             Resize::None => {
                 if img.width() as usize != res || img.height() as usize != res {
-                    bail!(
-                        "{}: is {}x{}, but --no-resize needs exactly {res}x{res}",
-                        path.display(),
-                        img.width(),
-                        img.height()
-                    );
+                    bail!("{}: is {}x{}, but --no-resize needs exactly {res}x{res}", path.display(), img.width(), img.height());
                 }
                 img
             }
@@ -265,17 +232,12 @@ impl Spec {
             rgb.chunks_exact(3)
                 .map(|p| {
                     // Pillow's L conversion: (299 R + 587 G + 114 B) / 1000, rounded.
-                    let l = ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500)
-                        / 1000) as f32;
+                    let l = ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500) / 1000) as f32;
                     (l / 255.0 - self.mean[0]) / self.std[0]
                 })
                 .collect()
         } else {
-            rgb.chunks_exact(3)
-                .flat_map(|px| {
-                    (0..3).map(move |c| (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c])
-                })
-                .collect()
+            rgb.chunks_exact(3).flat_map(|px| (0..3).map(move |c| (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c])).collect()
         }
     }
 }
@@ -303,10 +265,7 @@ mod tests {
         for (i, o) in [(451, 256), (256, 224), (7, 13), (300, 1)] {
             for (_, k) in coeffs(i, o) {
                 let s: i64 = k.iter().map(|&v| v as i64).sum();
-                assert!(
-                    (s - (1 << PRECISION_BITS)).abs() <= k.len() as i64,
-                    "{i}->{o}: {s}"
-                );
+                assert!((s - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{i}->{o}: {s}");
             }
         }
     }

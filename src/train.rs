@@ -17,16 +17,10 @@ use crate::graph::{Graph, Plan, TensorId};
 use crate::model::weights::Tensor;
 use crate::model::CvtConfig;
 use crate::ops::attention::{attention, attention_backward, AttnShape};
-use crate::ops::dwconv::{
-    conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain,
-};
-use crate::ops::matmul::{
-    act_backward, act_forward, conv2d, conv2d_backward, linear, linear_backward, LinearGrad, Out,
-};
+use crate::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
+use crate::ops::matmul::{act_backward, act_forward, conv2d, conv2d_backward, linear, linear_backward, LinearGrad, Out};
 use crate::ops::optim::{adamw_step, sumsq, AdamW, Hyper, Moments};
-use crate::ops::rownorm::{
-    layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap,
-};
+use crate::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
 use crate::ops::tokens::{add, cls_fill, cls_grad};
 use crate::ops::{Act, ConvGeom, Linear};
 
@@ -81,10 +75,7 @@ pub struct StepPlan {
 }
 
 fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a [f32]> {
-    Ok(&t
-        .get(name)
-        .with_context(|| format!("missing tensor {name}"))?
-        .data)
+    Ok(&t.get(name).with_context(|| format!("missing tensor {name}"))?.data)
 }
 
 impl TrainModel {
@@ -99,39 +90,15 @@ impl TrainModel {
     }
 
     /// From official-named tensors (as `model::weights` reads them).
-    pub fn new(
-        gpu: Arc<Gpu>,
-        cfg: CvtConfig,
-        t: &HashMap<String, Tensor>,
-        act: Act,
-    ) -> Result<TrainModel> {
+    pub fn new(gpu: Arc<Gpu>, cfg: CvtConfig, t: &HashMap<String, Tensor>, act: Act) -> Result<TrainModel> {
         cfg.validate()?;
         let lin = |name: &str, n: usize, k: usize| -> Result<Lin> {
-            let l = Linear::with_kind(
-                &gpu,
-                name,
-                get(t, &format!("{name}.weight"))?,
-                Some(get(t, &format!("{name}.bias"))?),
-                n,
-                k,
-                MatmulKind::Buffer,
-            )?;
-            Ok(Lin {
-                g: LinearGrad::new(&gpu, name, &l)?,
-                l,
-            })
+            let l = Linear::with_kind(&gpu, name, get(t, &format!("{name}.weight"))?, Some(get(t, &format!("{name}.bias"))?), n, k, MatmulKind::Buffer)?;
+            Ok(Lin { g: LinearGrad::new(&gpu, name, &l)?, l })
         };
         let ln = |name: &str| -> Result<Ln> {
-            let l = LayerNorm::new(
-                &gpu,
-                name,
-                get(t, &format!("{name}.weight"))?,
-                get(t, &format!("{name}.bias"))?,
-            )?;
-            Ok(Ln {
-                g: LayerNormGrad::new(&gpu, name, l.c)?,
-                l,
-            })
+            let l = LayerNorm::new(&gpu, name, get(t, &format!("{name}.weight"))?, get(t, &format!("{name}.bias"))?)?;
+            Ok(Ln { g: LayerNormGrad::new(&gpu, name, l.c)?, l })
         };
         let mut stages = vec![];
         let mut cin = cfg.in_chans;
@@ -139,29 +106,10 @@ impl TrainModel {
             let (c, k, hid) = (cfg.dims[s], cfg.patch_sizes[s], cfg.hidden(s));
             let p = format!("stage{s}");
             let e = format!("{p}.patch_embed.proj");
-            let el = Linear::conv_with_kind(
-                &gpu,
-                &e,
-                get(t, &format!("{e}.weight"))?,
-                Some(get(t, &format!("{e}.bias"))?),
-                c,
-                cin,
-                k,
-                k,
-                MatmulKind::Buffer,
-            )?;
-            let embed = Lin {
-                g: LinearGrad::new(&gpu, &e, &el)?,
-                l: el,
-            };
+            let el = Linear::conv_with_kind(&gpu, &e, get(t, &format!("{e}.weight"))?, Some(get(t, &format!("{e}.bias"))?), c, cin, k, k, MatmulKind::Buffer)?;
+            let embed = Lin { g: LinearGrad::new(&gpu, &e, &el)?, l: el };
             let cls = if cfg.cls_token[s] {
-                Some((
-                    Arc::new(gpu.upload(
-                        &format!("{p}.cls_token"),
-                        get(t, &format!("{p}.cls_token"))?,
-                    )?),
-                    Arc::new(gpu.storage(&format!("{p}.cls_token.grad"), (c * 4) as u64)?),
-                ))
+                Some((Arc::new(gpu.upload(&format!("{p}.cls_token"), get(t, &format!("{p}.cls_token"))?)?), Arc::new(gpu.storage(&format!("{p}.cls_token.grad"), (c * 4) as u64)?)))
             } else {
                 None
             };
@@ -181,13 +129,7 @@ impl TrainModel {
                 let pn = format!("{b}.attn.conv_proj");
                 blocks.push(Block {
                     norm1: ln(&format!("{b}.norm1"))?,
-                    proj: ConvProjTrain::new(
-                        &gpu,
-                        &pn,
-                        [conv("q")?, conv("k")?, conv("v")?],
-                        [bn("q")?, bn("k")?, bn("v")?],
-                        c,
-                    )?,
+                    proj: ConvProjTrain::new(&gpu, &pn, [conv("q")?, conv("k")?, conv("v")?], [bn("q")?, bn("k")?, bn("v")?], c)?,
                     proj_g: ConvProjGrad::new(&gpu, &pn, c)?,
                     q: lin(&format!("{b}.attn.proj_q"), c, c)?,
                     k: lin(&format!("{b}.attn.proj_k"), c, c)?,
@@ -198,25 +140,13 @@ impl TrainModel {
                     fc2: lin(&format!("{b}.mlp.fc2"), c, hid)?,
                 });
             }
-            stages.push(Stage {
-                embed,
-                embed_norm: ln(&format!("{p}.patch_embed.norm"))?,
-                cls,
-                blocks,
-            });
+            stages.push(Stage { embed, embed_norm: ln(&format!("{p}.patch_embed.norm"))?, cls, blocks });
             cin = c;
         }
         let last = cfg.dims[cfg.stages() - 1];
         let norm = ln("norm")?;
         let head = lin("head", cfg.num_classes, last)?;
-        Ok(TrainModel {
-            gpu,
-            cfg,
-            act,
-            stages,
-            norm,
-            head,
-        })
+        Ok(TrainModel { gpu, cfg, act, stages, norm, head })
     }
 
     /// Builds forward + backward for `batch` images of h x w; the loss is the mean
@@ -255,42 +185,17 @@ impl TrainModel {
             hw: (usize, usize),
         }
         let mut saved: Vec<StageSaved> = vec![];
-        let (mut x, mut h, mut w, mut cin, mut tokens, mut off) =
-            (images, height, width, cfg.in_chans, height * width, 0);
+        let (mut x, mut h, mut w, mut cin, mut tokens, mut off) = (images, height, width, cfg.in_chans, height * width, 0);
         for (s, st) in self.stages.iter().enumerate() {
             let c = cfg.dims[s];
-            let geom = ConvGeom {
-                batch,
-                in_h: h,
-                in_w: w,
-                cin,
-                in_tokens: tokens,
-                in_tok_off: off,
-                k: cfg.patch_sizes[s],
-                stride: cfg.patch_strides[s],
-                pad: cfg.patch_padding[s],
-            };
+            let geom = ConvGeom { batch, in_h: h, in_w: w, cin, in_tokens: tokens, in_tok_off: off, k: cfg.patch_sizes[s], stride: cfg.patch_strides[s], pad: cfg.patch_padding[s] };
             let (oh, ow) = grids[s];
             let e = conv2d(&mut g, &format!("stage{s}.embed"), x, geom, &st.embed.l)?;
             let cls = st.cls.is_some() as usize;
             let t = cls + oh * ow;
             let xs = g.tensor(format!("stage{s}.x"), batch * t * c);
-            let map = RowMap {
-                rows: batch * oh * ow,
-                group: oh * ow,
-                in_stride: oh * ow,
-                in_off: 0,
-                out_stride: t,
-                out_off: cls,
-            };
-            layernorm(
-                &mut g,
-                &format!("stage{s}.embed_norm"),
-                e,
-                map,
-                &st.embed_norm.l,
-                Some(xs),
-            )?;
+            let map = RowMap { rows: batch * oh * ow, group: oh * ow, in_stride: oh * ow, in_off: 0, out_stride: t, out_off: cls };
+            layernorm(&mut g, &format!("stage{s}.embed_norm"), e, map, &st.embed_norm.l, Some(xs))?;
             if let Some((cls_buf, _)) = &st.cls {
                 cls_fill(&mut g, &format!("stage{s}.cls"), cls_buf, xs, batch, t, c)?;
             }
@@ -300,187 +205,39 @@ impl TrainModel {
             let mut bs = vec![];
             for (j, b) in st.blocks.iter().enumerate() {
                 let l = format!("stage{s}.blocks.{j}");
-                let h1 = layernorm(
-                    &mut g,
-                    &format!("{l}.norm1"),
-                    cur,
-                    RowMap::dense(batch * t),
-                    &b.norm1.l,
-                    None,
-                )?;
-                let ((q0, k0, v0), proj) = conv_proj_train(
-                    &mut g,
-                    &format!("{l}.conv_proj"),
-                    h1,
-                    batch,
-                    oh,
-                    ow,
-                    cls,
-                    &b.proj,
-                )?;
-                let q = linear(
-                    &mut g,
-                    &format!("{l}.proj_q"),
-                    q0,
-                    batch * t,
-                    &b.q.l,
-                    Act::None,
-                    Out::New,
-                )?;
-                let k = linear(
-                    &mut g,
-                    &format!("{l}.proj_k"),
-                    k0,
-                    batch * tk,
-                    &b.k.l,
-                    Act::None,
-                    Out::New,
-                )?;
-                let v = linear(
-                    &mut g,
-                    &format!("{l}.proj_v"),
-                    v0,
-                    batch * tk,
-                    &b.v.l,
-                    Act::None,
-                    Out::New,
-                )?;
-                let shape = AttnShape {
-                    batch,
-                    tq: t,
-                    tkv: tk,
-                    c,
-                    heads: cfg.heads[s],
-                    scale: (c as f32).powf(-0.5),
-                };
+                let h1 = layernorm(&mut g, &format!("{l}.norm1"), cur, RowMap::dense(batch * t), &b.norm1.l, None)?;
+                let ((q0, k0, v0), proj) = conv_proj_train(&mut g, &format!("{l}.conv_proj"), h1, batch, oh, ow, cls, &b.proj)?;
+                let q = linear(&mut g, &format!("{l}.proj_q"), q0, batch * t, &b.q.l, Act::None, Out::New)?;
+                let k = linear(&mut g, &format!("{l}.proj_k"), k0, batch * tk, &b.k.l, Act::None, Out::New)?;
+                let v = linear(&mut g, &format!("{l}.proj_v"), v0, batch * tk, &b.v.l, Act::None, Out::New)?;
+                let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
                 let a = attention(&mut g, &format!("{l}.attn"), q, k, v, shape)?;
-                let po = linear(
-                    &mut g,
-                    &format!("{l}.proj"),
-                    a,
-                    batch * t,
-                    &b.o.l,
-                    Act::None,
-                    Out::New,
-                )?;
+                let po = linear(&mut g, &format!("{l}.proj"), a, batch * t, &b.o.l, Act::None, Out::New)?;
                 let x1 = add(&mut g, &format!("{l}.res1"), cur, po)?;
-                let h2 = layernorm(
-                    &mut g,
-                    &format!("{l}.norm2"),
-                    x1,
-                    RowMap::dense(batch * t),
-                    &b.norm2.l,
-                    None,
-                )?;
-                let z = linear(
-                    &mut g,
-                    &format!("{l}.fc1"),
-                    h2,
-                    batch * t,
-                    &b.fc1.l,
-                    Act::None,
-                    Out::New,
-                )?;
-                let u = act_forward(
-                    &mut g,
-                    &format!("{l}.act"),
-                    z,
-                    batch * t * cfg.hidden(s),
-                    self.act,
-                )?;
-                let f = linear(
-                    &mut g,
-                    &format!("{l}.fc2"),
-                    u,
-                    batch * t,
-                    &b.fc2.l,
-                    Act::None,
-                    Out::New,
-                )?;
+                let h2 = layernorm(&mut g, &format!("{l}.norm2"), x1, RowMap::dense(batch * t), &b.norm2.l, None)?;
+                let z = linear(&mut g, &format!("{l}.fc1"), h2, batch * t, &b.fc1.l, Act::None, Out::New)?;
+                let u = act_forward(&mut g, &format!("{l}.act"), z, batch * t * cfg.hidden(s), self.act)?;
+                let f = linear(&mut g, &format!("{l}.fc2"), u, batch * t, &b.fc2.l, Act::None, Out::New)?;
                 let x2 = add(&mut g, &format!("{l}.res2"), x1, f)?;
-                bs.push(BlockSaved {
-                    x0: cur,
-                    h1,
-                    proj,
-                    q,
-                    k,
-                    v,
-                    q0,
-                    k0,
-                    v0,
-                    a,
-                    x1,
-                    h2,
-                    z,
-                    u,
-                });
+                bs.push(BlockSaved { x0: cur, h1, proj, q, k, v, q0, k0, v0, a, x1, h2, z, u });
                 cur = x2;
             }
-            saved.push(StageSaved {
-                input: x,
-                geom,
-                e,
-                blocks: bs,
-                t,
-                tk,
-                hw: (oh, ow),
-            });
+            saved.push(StageSaved { input: x, geom, e, blocks: bs, t, tk, hw: (oh, ow) });
             (x, h, w, cin, tokens, off) = (cur, oh, ow, c, t, cls);
         }
         let c_last = cin;
-        let feat_map = RowMap {
-            rows: batch,
-            group: 1,
-            in_stride: tokens,
-            in_off: 0,
-            out_stride: 1,
-            out_off: 0,
-        };
+        let feat_map = RowMap { rows: batch, group: 1, in_stride: tokens, in_off: 0, out_stride: 1, out_off: 0 };
         anyhow::ensure!(off == 1, "training needs a cls token in the last stage");
         let feat = layernorm(&mut g, "norm", x, feat_map, &self.norm.l, None)?;
         let logits = g.pinned("logits", batch * cfg.num_classes);
-        linear(
-            &mut g,
-            "head",
-            feat,
-            batch,
-            &self.head.l,
-            Act::None,
-            Out::Into(logits),
-        )?;
-        let (dlogits, loss) = softmax_xent(
-            &mut g,
-            "xent",
-            logits,
-            targets,
-            batch,
-            cfg.num_classes,
-            1.0 / batch as f32,
-        )?;
+        linear(&mut g, "head", feat, batch, &self.head.l, Act::None, Out::Into(logits))?;
+        let (dlogits, loss) = softmax_xent(&mut g, "xent", logits, targets, batch, cfg.num_classes, 1.0 / batch as f32)?;
 
         // ---- backward ----
-        let dfeat = linear_backward(
-            &mut g,
-            "head",
-            feat,
-            dlogits,
-            batch,
-            &self.head.l,
-            &self.head.g,
-            None,
-        )?;
+        let dfeat = linear_backward(&mut g, "head", feat, dlogits, batch, &self.head.l, &self.head.g, None)?;
         let dx_last = g.tensor("d.stage_out", batch * tokens * c_last);
         g.clear(dx_last);
-        let mut dcur = layernorm_backward(
-            &mut g,
-            "norm",
-            x,
-            dfeat,
-            feat_map,
-            &self.norm.l,
-            &self.norm.g,
-            Some(dx_last),
-        )?;
+        let mut dcur = layernorm_backward(&mut g, "norm", x, dfeat, feat_map, &self.norm.l, &self.norm.g, Some(dx_last))?;
         for (s, st) in self.stages.iter().enumerate().rev() {
             let sv = &saved[s];
             let (c, t, tk) = (cfg.dims[s], sv.t, sv.tk);
@@ -490,148 +247,28 @@ impl TrainModel {
                 let bs = &sv.blocks[j];
                 let l = format!("stage{s}.blocks.{j}");
                 // x2 = x1 + fc2(act(fc1(LN2(x1))))
-                let du = linear_backward(
-                    &mut g,
-                    &format!("{l}.fc2"),
-                    bs.u,
-                    dcur,
-                    batch * t,
-                    &b.fc2.l,
-                    &b.fc2.g,
-                    None,
-                )?;
-                act_backward(
-                    &mut g,
-                    &format!("{l}.act"),
-                    bs.z,
-                    du,
-                    batch * t * cfg.hidden(s),
-                    self.act,
-                )?;
-                let dh2 = linear_backward(
-                    &mut g,
-                    &format!("{l}.fc1"),
-                    bs.h2,
-                    du,
-                    batch * t,
-                    &b.fc1.l,
-                    &b.fc1.g,
-                    None,
-                )?;
-                let dx1b = layernorm_backward(
-                    &mut g,
-                    &format!("{l}.norm2"),
-                    bs.x1,
-                    dh2,
-                    RowMap::dense(batch * t),
-                    &b.norm2.l,
-                    &b.norm2.g,
-                    None,
-                )?;
+                let du = linear_backward(&mut g, &format!("{l}.fc2"), bs.u, dcur, batch * t, &b.fc2.l, &b.fc2.g, None)?;
+                act_backward(&mut g, &format!("{l}.act"), bs.z, du, batch * t * cfg.hidden(s), self.act)?;
+                let dh2 = linear_backward(&mut g, &format!("{l}.fc1"), bs.h2, du, batch * t, &b.fc1.l, &b.fc1.g, None)?;
+                let dx1b = layernorm_backward(&mut g, &format!("{l}.norm2"), bs.x1, dh2, RowMap::dense(batch * t), &b.norm2.l, &b.norm2.g, None)?;
                 let dx1 = add(&mut g, &format!("{l}.dres2"), dcur, dx1b)?;
                 // x1 = x0 + proj(attn(q, k, v))
-                let da = linear_backward(
-                    &mut g,
-                    &format!("{l}.proj"),
-                    bs.a,
-                    dx1,
-                    batch * t,
-                    &b.o.l,
-                    &b.o.g,
-                    None,
-                )?;
-                let shape = AttnShape {
-                    batch,
-                    tq: t,
-                    tkv: tk,
-                    c,
-                    heads: cfg.heads[s],
-                    scale: (c as f32).powf(-0.5),
-                };
-                let (dq, dk, dv) = attention_backward(
-                    &mut g,
-                    &format!("{l}.attn"),
-                    (bs.q, bs.k, bs.v, bs.a),
-                    da,
-                    shape,
-                )?;
-                let dq0 = linear_backward(
-                    &mut g,
-                    &format!("{l}.proj_q"),
-                    bs.q0,
-                    dq,
-                    batch * t,
-                    &b.q.l,
-                    &b.q.g,
-                    None,
-                )?;
-                let dk0 = linear_backward(
-                    &mut g,
-                    &format!("{l}.proj_k"),
-                    bs.k0,
-                    dk,
-                    batch * tk,
-                    &b.k.l,
-                    &b.k.g,
-                    None,
-                )?;
-                let dv0 = linear_backward(
-                    &mut g,
-                    &format!("{l}.proj_v"),
-                    bs.v0,
-                    dv,
-                    batch * tk,
-                    &b.v.l,
-                    &b.v.g,
-                    None,
-                )?;
-                let dh1 = conv_proj_train_backward(
-                    &mut g,
-                    &format!("{l}.conv_proj"),
-                    bs.h1,
-                    &bs.proj,
-                    (dq0, dk0, dv0),
-                    batch,
-                    oh,
-                    ow,
-                    cls,
-                    &b.proj,
-                    &b.proj_g,
-                )?;
-                let dx0b = layernorm_backward(
-                    &mut g,
-                    &format!("{l}.norm1"),
-                    bs.x0,
-                    dh1,
-                    RowMap::dense(batch * t),
-                    &b.norm1.l,
-                    &b.norm1.g,
-                    None,
-                )?;
+                let da = linear_backward(&mut g, &format!("{l}.proj"), bs.a, dx1, batch * t, &b.o.l, &b.o.g, None)?;
+                let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
+                let (dq, dk, dv) = attention_backward(&mut g, &format!("{l}.attn"), (bs.q, bs.k, bs.v, bs.a), da, shape)?;
+                let dq0 = linear_backward(&mut g, &format!("{l}.proj_q"), bs.q0, dq, batch * t, &b.q.l, &b.q.g, None)?;
+                let dk0 = linear_backward(&mut g, &format!("{l}.proj_k"), bs.k0, dk, batch * tk, &b.k.l, &b.k.g, None)?;
+                let dv0 = linear_backward(&mut g, &format!("{l}.proj_v"), bs.v0, dv, batch * tk, &b.v.l, &b.v.g, None)?;
+                let dh1 = conv_proj_train_backward(&mut g, &format!("{l}.conv_proj"), bs.h1, &bs.proj, (dq0, dk0, dv0), batch, oh, ow, cls, &b.proj, &b.proj_g)?;
+                let dx0b = layernorm_backward(&mut g, &format!("{l}.norm1"), bs.x0, dh1, RowMap::dense(batch * t), &b.norm1.l, &b.norm1.g, None)?;
                 dcur = add(&mut g, &format!("{l}.dres1"), dx1, dx0b)?;
             }
             // Stage start: cls parameter, embedding norm, embedding conv.
             if let Some((_, cls_g)) = &st.cls {
                 cls_grad(&mut g, &format!("stage{s}.dcls"), dcur, batch, t, c, cls_g)?;
             }
-            let map = RowMap {
-                rows: batch * oh * ow,
-                group: oh * ow,
-                in_stride: oh * ow,
-                in_off: 0,
-                out_stride: t,
-                out_off: cls,
-            };
-            let de = layernorm_backward(
-                &mut g,
-                &format!("stage{s}.embed_norm"),
-                sv.e,
-                dcur,
-                map,
-                &st.embed_norm.l,
-                &st.embed_norm.g,
-                None,
-            )?;
+            let map = RowMap { rows: batch * oh * ow, group: oh * ow, in_stride: oh * ow, in_off: 0, out_stride: t, out_off: cls };
+            let de = layernorm_backward(&mut g, &format!("stage{s}.embed_norm"), sv.e, dcur, map, &st.embed_norm.l, &st.embed_norm.g, None)?;
             let dx_prev = if s > 0 {
                 let prev = g.tensor(format!("d.stage{}_out", s - 1), g.len(sv.input));
                 g.clear(prev);
@@ -639,29 +276,13 @@ impl TrainModel {
             } else {
                 None
             };
-            conv2d_backward(
-                &mut g,
-                &format!("stage{s}.embed"),
-                sv.input,
-                de,
-                sv.geom,
-                &st.embed.l,
-                &st.embed.g,
-                dx_prev,
-            )?;
+            conv2d_backward(&mut g, &format!("stage{s}.embed"), sv.input, de, sv.geom, &st.embed.l, &st.embed.g, dx_prev)?;
             if let Some(p) = dx_prev {
                 dcur = p;
             }
         }
         let plan = g.compile()?;
-        Ok(StepPlan {
-            plan,
-            batch,
-            images,
-            targets,
-            loss,
-            logits,
-        })
+        Ok(StepPlan { plan, batch, images, targets, loss, logits })
     }
 
     /// Every gradient in PyTorch's layout and official names (for parity tests and
@@ -677,9 +298,7 @@ impl TrainModel {
         flat.extend(self.running_stats()?);
         let mut out = HashMap::new();
         for (name, shape) in crate::model::weights::expected_shapes(&self.cfg) {
-            let data = flat
-                .remove(&name)
-                .with_context(|| format!("internal: no tensor {name} in the training model"))?;
+            let data = flat.remove(&name).with_context(|| format!("internal: no tensor {name} in the training model"))?;
             out.insert(name, Tensor::new(shape, data));
         }
         Ok(out)
@@ -698,35 +317,14 @@ impl TrainModel {
         };
         let lin = |out: &mut HashMap<String, Vec<f32>>, name: &str, l: &Lin| -> Result<()> {
             let np = l.l.n.div_ceil(4) * 4;
-            let w = gpu.read(
-                &pick(
-                    l.l.w.as_ref().expect("training weights are buffers"),
-                    &l.g.w,
-                ),
-                0,
-                l.l.k * np,
-            )?;
-            out.insert(
-                format!("{name}.weight"),
-                (0..l.l.n * l.l.k)
-                    .map(|i| w[(i % l.l.k) * np + i / l.l.k])
-                    .collect(),
-            );
-            out.insert(
-                format!("{name}.bias"),
-                gpu.read(&pick(&l.l.b, &l.g.b), 0, l.l.n)?,
-            );
+            let w = gpu.read(&pick(l.l.w.as_ref().expect("training weights are buffers"), &l.g.w), 0, l.l.k * np)?;
+            out.insert(format!("{name}.weight"), (0..l.l.n * l.l.k).map(|i| w[(i % l.l.k) * np + i / l.l.k]).collect());
+            out.insert(format!("{name}.bias"), gpu.read(&pick(&l.l.b, &l.g.b), 0, l.l.n)?);
             Ok(())
         };
         let ln = |out: &mut HashMap<String, Vec<f32>>, name: &str, l: &Ln| -> Result<()> {
-            out.insert(
-                format!("{name}.weight"),
-                gpu.read(&pick(&l.l.gamma, &l.g.gamma), 0, l.l.c)?,
-            );
-            out.insert(
-                format!("{name}.bias"),
-                gpu.read(&pick(&l.l.beta, &l.g.beta), 0, l.l.c)?,
-            );
+            out.insert(format!("{name}.weight"), gpu.read(&pick(&l.l.gamma, &l.g.gamma), 0, l.l.c)?);
+            out.insert(format!("{name}.bias"), gpu.read(&pick(&l.l.beta, &l.g.beta), 0, l.l.c)?);
             Ok(())
         };
         let mut cin = self.cfg.in_chans;
@@ -735,30 +333,19 @@ impl TrainModel {
             let p = format!("stage{s}");
             // Conv weight stored [(ky*k+kx)*cin+ci, NP] -> PyTorch [c, cin, k, k].
             let np = c.div_ceil(4) * 4;
-            let wst = gpu.read(
-                &pick(
-                    st.embed.l.w.as_ref().expect("training weights are buffers"),
-                    &st.embed.g.w,
-                ),
-                0,
-                k * k * cin * np,
-            )?;
+            let wst = gpu.read(&pick(st.embed.l.w.as_ref().expect("training weights are buffers"), &st.embed.g.w), 0, k * k * cin * np)?;
             let mut wt = vec![0f32; c * cin * k * k];
             for o in 0..c {
                 for ci in 0..cin {
                     for ky in 0..k {
                         for kx in 0..k {
-                            wt[((o * cin + ci) * k + ky) * k + kx] =
-                                wst[((ky * k + kx) * cin + ci) * np + o];
+                            wt[((o * cin + ci) * k + ky) * k + kx] = wst[((ky * k + kx) * cin + ci) * np + o];
                         }
                     }
                 }
             }
             out.insert(format!("{p}.patch_embed.proj.weight"), wt);
-            out.insert(
-                format!("{p}.patch_embed.proj.bias"),
-                gpu.read(&pick(&st.embed.l.b, &st.embed.g.b), 0, c)?,
-            );
+            out.insert(format!("{p}.patch_embed.proj.bias"), gpu.read(&pick(&st.embed.l.b, &st.embed.g.b), 0, c)?);
             ln(&mut out, &format!("{p}.patch_embed.norm"), &st.embed_norm)?;
             if let Some((cv, cg)) = &st.cls {
                 out.insert(format!("{p}.cls_token"), gpu.read(&pick(cv, cg), 0, c)?);
@@ -769,20 +356,9 @@ impl TrainModel {
                 ln(&mut out, &format!("{pb}.norm2"), &b.norm2)?;
                 let dw = gpu.read(&pick(&b.proj.w, &b.proj_g.w), 0, 27 * c)?;
                 for (m, x) in ["q", "k", "v"].iter().enumerate() {
-                    out.insert(
-                        format!("{pb}.attn.conv_proj_{x}.conv.weight"),
-                        (0..9 * c)
-                            .map(|i| dw[(m * 9 + i % 9) * c + i / 9])
-                            .collect(),
-                    );
-                    out.insert(
-                        format!("{pb}.attn.conv_proj_{x}.bn.weight"),
-                        gpu.read(&pick(&b.proj.bn[m].gamma, &b.proj_g.gamma[m]), 0, c)?,
-                    );
-                    out.insert(
-                        format!("{pb}.attn.conv_proj_{x}.bn.bias"),
-                        gpu.read(&pick(&b.proj.bn[m].beta, &b.proj_g.beta[m]), 0, c)?,
-                    );
+                    out.insert(format!("{pb}.attn.conv_proj_{x}.conv.weight"), (0..9 * c).map(|i| dw[(m * 9 + i % 9) * c + i / 9]).collect());
+                    out.insert(format!("{pb}.attn.conv_proj_{x}.bn.weight"), gpu.read(&pick(&b.proj.bn[m].gamma, &b.proj_g.gamma[m]), 0, c)?);
+                    out.insert(format!("{pb}.attn.conv_proj_{x}.bn.bias"), gpu.read(&pick(&b.proj.bn[m].beta, &b.proj_g.beta[m]), 0, c)?);
                 }
                 lin(&mut out, &format!("{pb}.attn.proj_q"), &b.q)?;
                 lin(&mut out, &format!("{pb}.attn.proj_k"), &b.k)?;
@@ -831,8 +407,7 @@ impl Optimizer {
     /// One update with the gradients multiplied by `grad_scale` (clipping).
     pub fn update_scaled(&mut self, lr: f32, grad_scale: f32) -> Result<()> {
         self.step += 1;
-        self.hyper
-            .set(&self.plan.gpu, &self.settings, lr, self.step, grad_scale);
+        self.hyper.set(&self.plan.gpu, &self.settings, lr, self.step, grad_scale);
         self.plan.run()
     }
 
@@ -846,16 +421,7 @@ impl Optimizer {
     /// First and second moments of every parameter (storage layout), by name.
     pub fn state(&self) -> Result<Vec<(String, Vec<f32>, Vec<f32>)>> {
         let gpu = &self.plan.gpu;
-        self.state
-            .iter()
-            .map(|(n, m)| {
-                Ok((
-                    n.clone(),
-                    gpu.read(&m.m, 0, m.len)?,
-                    gpu.read(&m.v, 0, m.len)?,
-                ))
-            })
-            .collect()
+        self.state.iter().map(|(n, m)| Ok((n.clone(), gpu.read(&m.m, 0, m.len)?, gpu.read(&m.v, 0, m.len)?))).collect()
     }
 
     /// Restores moments saved by `state` (keys `<name>.exp_avg`, `<name>.exp_avg_sq`).
@@ -864,15 +430,8 @@ impl Optimizer {
         for (n, m) in &self.state {
             for (suffix, buf) in [("exp_avg", &m.m), ("exp_avg_sq", &m.v)] {
                 let key = format!("{n}.{suffix}");
-                let v = t
-                    .get(&key)
-                    .with_context(|| format!("checkpoint has no optimizer state {key}"))?;
-                anyhow::ensure!(
-                    v.len() == m.len,
-                    "optimizer state {key} has {} values, expected {}",
-                    v.len(),
-                    m.len
-                );
+                let v = t.get(&key).with_context(|| format!("checkpoint has no optimizer state {key}"))?;
+                anyhow::ensure!(v.len() == m.len, "optimizer state {key} has {} values, expected {}", v.len(), m.len);
                 gpu.queue.write_buffer(buf, 0, bytemuck::cast_slice(v));
             }
         }
@@ -885,46 +444,16 @@ impl TrainModel {
     /// columns of linear weights stay zero: their gradients are zero).
     pub fn params(&self) -> Vec<Param> {
         let mut v = vec![];
-        let mut push = |name: String,
-                        value: &Arc<wgpu::Buffer>,
-                        grad: &Arc<wgpu::Buffer>,
-                        len: usize,
-                        decay: bool| {
-            v.push(Param {
-                name,
-                value: value.clone(),
-                grad: grad.clone(),
-                len,
-                decay,
-            })
+        let mut push = |name: String, value: &Arc<wgpu::Buffer>, grad: &Arc<wgpu::Buffer>, len: usize, decay: bool| v.push(Param { name, value: value.clone(), grad: grad.clone(), len, decay });
+        let lin = |push: &mut dyn FnMut(String, &Arc<wgpu::Buffer>, &Arc<wgpu::Buffer>, usize, bool), name: &str, l: &Lin| {
+            let np = l.l.n.div_ceil(4) * 4;
+            push(format!("{name}.weight"), l.l.w.as_ref().expect("training weights are buffers"), &l.g.w, l.l.k * np, true);
+            push(format!("{name}.bias"), &l.l.b, &l.g.b, np, false);
         };
-        let lin =
-            |push: &mut dyn FnMut(String, &Arc<wgpu::Buffer>, &Arc<wgpu::Buffer>, usize, bool),
-             name: &str,
-             l: &Lin| {
-                let np = l.l.n.div_ceil(4) * 4;
-                push(
-                    format!("{name}.weight"),
-                    l.l.w.as_ref().expect("training weights are buffers"),
-                    &l.g.w,
-                    l.l.k * np,
-                    true,
-                );
-                push(format!("{name}.bias"), &l.l.b, &l.g.b, np, false);
-            };
-        let ln =
-            |push: &mut dyn FnMut(String, &Arc<wgpu::Buffer>, &Arc<wgpu::Buffer>, usize, bool),
-             name: &str,
-             l: &Ln| {
-                push(
-                    format!("{name}.weight"),
-                    &l.l.gamma,
-                    &l.g.gamma,
-                    l.l.c,
-                    false,
-                );
-                push(format!("{name}.bias"), &l.l.beta, &l.g.beta, l.l.c, false);
-            };
+        let ln = |push: &mut dyn FnMut(String, &Arc<wgpu::Buffer>, &Arc<wgpu::Buffer>, usize, bool), name: &str, l: &Ln| {
+            push(format!("{name}.weight"), &l.l.gamma, &l.g.gamma, l.l.c, false);
+            push(format!("{name}.bias"), &l.l.beta, &l.g.beta, l.l.c, false);
+        };
         for (s, st) in self.stages.iter().enumerate() {
             let c = self.cfg.dims[s];
             let p = format!("stage{s}");
@@ -938,28 +467,10 @@ impl TrainModel {
                 ln(&mut push, &format!("{pb}.norm1"), &b.norm1);
                 ln(&mut push, &format!("{pb}.norm2"), &b.norm2);
                 // Depthwise weights decay (the official no-decay list has no 'dw'); BN does not.
-                push(
-                    format!("{pb}.attn.conv_proj.w"),
-                    &b.proj.w,
-                    &b.proj_g.w,
-                    27 * c,
-                    true,
-                );
+                push(format!("{pb}.attn.conv_proj.w"), &b.proj.w, &b.proj_g.w, 27 * c, true);
                 for (m, x) in ["q", "k", "v"].iter().enumerate() {
-                    push(
-                        format!("{pb}.attn.conv_proj_{x}.bn.weight"),
-                        &b.proj.bn[m].gamma,
-                        &b.proj_g.gamma[m],
-                        c,
-                        false,
-                    );
-                    push(
-                        format!("{pb}.attn.conv_proj_{x}.bn.bias"),
-                        &b.proj.bn[m].beta,
-                        &b.proj_g.beta[m],
-                        c,
-                        false,
-                    );
+                    push(format!("{pb}.attn.conv_proj_{x}.bn.weight"), &b.proj.bn[m].gamma, &b.proj_g.gamma[m], c, false);
+                    push(format!("{pb}.attn.conv_proj_{x}.bn.bias"), &b.proj.bn[m].beta, &b.proj_g.beta[m], c, false);
                 }
                 lin(&mut push, &format!("{pb}.attn.proj_q"), &b.q);
                 lin(&mut push, &format!("{pb}.attn.proj_k"), &b.k);
@@ -989,15 +500,7 @@ impl TrainModel {
             sumsq(&mut ng, &p.name, &p.grad, p.len, &norms, i)?;
             state.push((p.name, m));
         }
-        Ok(Optimizer {
-            plan: g.compile()?,
-            hyper,
-            settings,
-            step: 0,
-            state,
-            norm_plan: ng.compile()?,
-            norms,
-        })
+        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, state, norm_plan: ng.compile()?, norms })
     }
 
     /// BatchNorm running statistics (official names), as updated by the steps run so far.
@@ -1025,9 +528,6 @@ impl StepPlan {
         self.plan.write(self.targets, targets)?;
         self.plan.run()?;
         let losses = self.plan.read(self.loss)?;
-        Ok((
-            losses.iter().sum::<f32>() / self.batch as f32,
-            self.plan.read(self.logits)?,
-        ))
+        Ok((losses.iter().sum::<f32>() / self.batch as f32, self.plan.read(self.logits)?))
     }
 }

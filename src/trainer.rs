@@ -52,12 +52,7 @@ pub struct Data {
     pub skipped: Vec<String>,
 }
 
-fn decode_with_bar(
-    list: &folder::FileList,
-    res: usize,
-    what: &str,
-    quiet: bool,
-) -> (Dataset, Vec<String>) {
+fn decode_with_bar(list: &folder::FileList, res: usize, what: &str, quiet: bool) -> (Dataset, Vec<String>) {
     let bar = progress_bar(list.files.len() as u64, quiet);
     bar.set_message(format!("decoding {what}"));
     let (ds, failed) = folder::decode_all(list, res, &|d| bar.set_position(d as u64));
@@ -78,91 +73,41 @@ impl DataArgs {
 
     /// Opens the chosen dataset; `train` false reads only the validation split.
     pub fn open(&self, train: bool, model_res: usize, quiet: bool) -> Result<Data> {
-        let chosen = [
-            self.fashion_mnist.is_some(),
-            self.tiny_imagenet.is_some(),
-            self.image_folder.is_some(),
-        ]
-        .iter()
-        .filter(|&&b| b)
-        .count();
+        let chosen = [self.fashion_mnist.is_some(), self.tiny_imagenet.is_some(), self.image_folder.is_some()].iter().filter(|&&b| b).count();
         if chosen > 1 {
             bail!("choose one dataset: --fashion-mnist, --tiny-imagenet or --image-folder");
         }
         let res = self.res.or(self.default_res()).unwrap_or(model_res);
-        let imagenet = Spec {
-            resize: "plain".into(),
-            ..Spec::imagenet()
-        };
+        let imagenet = Spec { resize: "plain".into(), ..Spec::imagenet() };
         if let Some(dir) = &self.tiny_imagenet {
             let val_list = folder::tiny_imagenet(dir, "val")?;
-            let train_list = if train {
-                Some(folder::tiny_imagenet(dir, "train")?)
-            } else {
-                None
-            };
+            let train_list = if train { Some(folder::tiny_imagenet(dir, "train")?) } else { None };
             return Self::decode(train_list, val_list, res, imagenet, "tiny-imagenet", quiet);
         }
         if let Some(dir) = &self.image_folder {
             let train_list = folder::image_folder(dir, "train", None)?;
             let val_list = folder::image_folder(dir, "val", Some(&train_list.classes))?;
             let spec = Spec::imagenet();
-            return Self::decode(
-                train.then_some(train_list),
-                val_list,
-                res,
-                spec,
-                "image-folder",
-                quiet,
-            );
+            return Self::decode(train.then_some(train_list), val_list, res, spec, "image-folder", quiet);
         }
-        let dir = self
-            .fashion_mnist
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(FASHION_MNIST_DIR));
+        let dir = self.fashion_mnist.clone().unwrap_or_else(|| PathBuf::from(FASHION_MNIST_DIR));
         if res != 28 {
             bail!("Fashion-MNIST images are 28x28; --res {res} is not supported for it");
         }
-        let train_ds = if train {
-            Some(Arc::new(crate::data::fashion_mnist(&dir, "train")?))
-        } else {
-            None
-        };
+        let train_ds = if train { Some(Arc::new(crate::data::fashion_mnist(&dir, "train")?)) } else { None };
         let val = Arc::new(crate::data::fashion_mnist(&dir, "t10k")?);
-        let spec = Spec {
-            channels: 1,
-            mean: vec![0.2860],
-            std: vec![0.3530],
-            resize: "plain".into(),
-        };
-        Ok(Data {
-            name: "fashion-mnist",
-            train: train_ds,
-            val,
-            spec,
-            skipped: vec![],
-        })
+        let spec = Spec { channels: 1, mean: vec![0.2860], std: vec![0.3530], resize: "plain".into() };
+        Ok(Data { name: "fashion-mnist", train: train_ds, val, spec, skipped: vec![] })
     }
 
-    fn decode(
-        train: Option<folder::FileList>,
-        val: folder::FileList,
-        res: usize,
-        spec: Spec,
-        name: &'static str,
-        quiet: bool,
-    ) -> Result<Data> {
+    fn decode(train: Option<folder::FileList>, val: folder::FileList, res: usize, spec: Spec, name: &'static str, quiet: bool) -> Result<Data> {
         let mut skipped = vec![];
         let train = match train {
             Some(list) => {
                 let (ds, failed) = decode_with_bar(&list, res, "train images", quiet);
                 skipped.extend(failed);
                 if ds.is_empty() {
-                    bail!(
-                        "no training image could be decoded ({} failed; first: {})",
-                        skipped.len(),
-                        skipped.first().map(|s| s.as_str()).unwrap_or("-")
-                    );
+                    bail!("no training image could be decoded ({} failed; first: {})", skipped.len(), skipped.first().map(|s| s.as_str()).unwrap_or("-"));
                 }
                 Some(Arc::new(ds))
             }
@@ -176,13 +121,7 @@ impl DataArgs {
         for s in &skipped {
             eprintln!("warning: skipped {s}");
         }
-        Ok(Data {
-            name,
-            train,
-            val: Arc::new(val_ds),
-            spec,
-            skipped,
-        })
+        Ok(Data { name, train, val: Arc::new(val_ds), spec, skipped })
     }
 }
 
@@ -191,13 +130,7 @@ fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}").expect("valid template").progress_chars("=> "));
     bar
 }
 
@@ -302,29 +235,15 @@ pub fn learning_rate(s: &TrainState, total_steps: u64, step: u64) -> f32 {
     if step <= s.warmup_steps {
         return s.lr * step as f32 / s.warmup_steps.max(1) as f32;
     }
-    let t =
-        (step - s.warmup_steps) as f64 / (total_steps.saturating_sub(s.warmup_steps)).max(1) as f64;
-    (s.min_lr as f64
-        + 0.5 * (s.lr - s.min_lr) as f64 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos()))
-        as f32
+    let t = (step - s.warmup_steps) as f64 / (total_steps.saturating_sub(s.warmup_steps)).max(1) as f64;
+    (s.min_lr as f64 + 0.5 * (s.lr - s.min_lr) as f64 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())) as f32
 }
 
-fn metadata(
-    cfg: &CvtConfig,
-    act: Act,
-    labels: &[String],
-    spec: &Spec,
-) -> Result<HashMap<String, String>> {
+fn metadata(cfg: &CvtConfig, act: Act, labels: &[String], spec: &Spec) -> Result<HashMap<String, String>> {
     let mut m = HashMap::new();
     m.insert("format".into(), "cvt-gpu".into());
     m.insert("cvt_config".into(), serde_json::to_string(cfg)?);
-    m.insert(
-        "activation".into(),
-        serde_json::to_value(act)?
-            .as_str()
-            .unwrap_or("quick-gelu")
-            .to_string(),
-    );
+    m.insert("activation".into(), serde_json::to_value(act)?.as_str().unwrap_or("quick-gelu").to_string());
     m.insert("labels".into(), serde_json::to_string(labels)?);
     m.insert("preprocess".into(), serde_json::to_string(spec)?);
     Ok(m)
@@ -333,47 +252,22 @@ fn metadata(
 fn weight_entries(t: &HashMap<String, Tensor>) -> Vec<Entry<'_>> {
     let mut names: Vec<&String> = t.keys().collect();
     names.sort();
-    names
-        .into_iter()
-        .map(|n| Entry {
-            name: n.clone(),
-            shape: t[n].shape.clone(),
-            data: &t[n].data,
-        })
-        .collect()
+    names.into_iter().map(|n| Entry { name: n.clone(), shape: t[n].shape.clone(), data: &t[n].data }).collect()
 }
 
 /// Writes checkpoint.safetensors (weights + optimizer + state) then model.safetensors (weights).
-fn save(
-    out: &Path,
-    model: &TrainModel,
-    opt: &crate::train::Optimizer,
-    state: &TrainState,
-    meta: &HashMap<String, String>,
-) -> Result<()> {
+fn save(out: &Path, model: &TrainModel, opt: &crate::train::Optimizer, state: &TrainState, meta: &HashMap<String, String>) -> Result<()> {
     let weights = model.weights()?;
     let moments = opt.state()?;
     let mut entries = weight_entries(&weights);
     for (name, m, v) in &moments {
-        entries.push(Entry {
-            name: format!("{OPTIM_PREFIX}{name}.exp_avg"),
-            shape: vec![m.len()],
-            data: m,
-        });
-        entries.push(Entry {
-            name: format!("{OPTIM_PREFIX}{name}.exp_avg_sq"),
-            shape: vec![v.len()],
-            data: v,
-        });
+        entries.push(Entry { name: format!("{OPTIM_PREFIX}{name}.exp_avg"), shape: vec![m.len()], data: m });
+        entries.push(Entry { name: format!("{OPTIM_PREFIX}{name}.exp_avg_sq"), shape: vec![v.len()], data: v });
     }
     let mut full_meta = meta.clone();
     full_meta.insert("train_state".into(), serde_json::to_string(state)?);
     write_safetensors(&out.join("checkpoint.safetensors"), &entries, &full_meta)?;
-    write_safetensors(
-        &out.join("model.safetensors"),
-        &weight_entries(&weights),
-        meta,
-    )
+    write_safetensors(&out.join("model.safetensors"), &weight_entries(&weights), meta)
 }
 
 /// Top-1, top-5 accuracy and mean cross-entropy of a model on a dataset.
@@ -385,13 +279,7 @@ pub struct EvalResult {
     pub images: usize,
 }
 
-pub fn evaluate(
-    model: &Model,
-    ds: &Dataset,
-    spec: &Spec,
-    limit: Option<usize>,
-    quiet: bool,
-) -> Result<EvalResult> {
+pub fn evaluate(model: &Model, ds: &Dataset, spec: &Spec, limit: Option<usize>, quiet: bool) -> Result<EvalResult> {
     let res = ds.height;
     let n = limit.unwrap_or(usize::MAX).min(ds.len());
     let plan = model.plan_fitting(256.min(n.max(1)), res, ds.width)?;
@@ -405,18 +293,10 @@ pub fn evaluate(
         let mut images = Vec::with_capacity(idx.len() * res * ds.width * spec.channels);
         for &i in &idx {
             let px = ds.image(i);
-            let rgb: Vec<u8> = if ds.channels == 1 {
-                px.iter().flat_map(|&v| [v, v, v]).collect()
-            } else {
-                px.to_vec()
-            };
+            let rgb: Vec<u8> = if ds.channels == 1 { px.iter().flat_map(|&v| [v, v, v]).collect() } else { px.to_vec() };
             images.extend(spec.normalize(&rgb));
         }
-        let p = if idx.len() == plan.batch {
-            &plan
-        } else {
-            tail.get_or_insert(model.plan(idx.len(), res, ds.width)?)
-        };
+        let p = if idx.len() == plan.batch { &plan } else { tail.get_or_insert(model.plan(idx.len(), res, ds.width)?) };
         let (_, probs) = p.forward(&images)?;
         for (b, &i) in idx.iter().enumerate() {
             let pr = &probs[b * classes..(b + 1) * classes];
@@ -429,43 +309,24 @@ pub fn evaluate(
         bar.inc(idx.len() as u64);
     }
     bar.finish_and_clear();
-    Ok(EvalResult {
-        top1: c1 as f64 / n as f64,
-        top5: c5 as f64 / n as f64,
-        loss: loss / n as f64,
-        images: n,
-    })
+    Ok(EvalResult { top1: c1 as f64 / n as f64, top5: c5 as f64 / n as f64, loss: loss / n as f64, images: n })
 }
 
 /// Reads a training checkpoint: official-named weights, optimizer moments by
 /// parameter name, metadata.
-fn read_training_checkpoint(
-    path: &Path,
-) -> Result<(
-    HashMap<String, Tensor>,
-    HashMap<String, Vec<f32>>,
-    HashMap<String, String>,
-)> {
-    let path = if path.is_dir() {
-        path.join("checkpoint.safetensors")
-    } else {
-        path.to_path_buf()
-    };
+fn read_training_checkpoint(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, Vec<f32>>, HashMap<String, String>)> {
+    let path = if path.is_dir() { path.join("checkpoint.safetensors") } else { path.to_path_buf() };
     let shown = path.display();
     let ck = read_checkpoint(&path)?;
     if !ck.metadata.contains_key("train_state") {
         bail!("{shown}: not a cvt-gpu training checkpoint (no train_state); to start from its weights use --weights");
     }
     let bytes = std::fs::read(&path).with_context(|| format!("{shown}: cannot read"))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{shown}: {e:?}"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{shown}: {e:?}"))?;
     let mut moments = HashMap::new();
     for (name, view) in st.tensors() {
         if let Some(rest) = name.strip_prefix(OPTIM_PREFIX) {
-            moments.insert(
-                rest.to_string(),
-                bytemuck::pod_collect_to_vec::<u8, f32>(view.data()),
-            );
+            moments.insert(rest.to_string(), bytemuck::pod_collect_to_vec::<u8, f32>(view.data()));
         }
     }
     Ok((ck.tensors, moments, ck.metadata.into_iter().collect()))
@@ -473,17 +334,11 @@ fn read_training_checkpoint(
 
 /// Loads weights for fine-tuning: any checkpoint `infer` reads; the head is
 /// re-initialised when its class count differs from the data's.
-fn fine_tune_weights(
-    path: &Path,
-    classes: usize,
-    in_chans: usize,
-    seed: u64,
-) -> Result<(CvtConfig, HashMap<String, Tensor>, Option<Act>)> {
+fn fine_tune_weights(path: &Path, classes: usize, in_chans: usize, seed: u64) -> Result<(CvtConfig, HashMap<String, Tensor>, Option<Act>)> {
     let shown = path.display();
     let ck = read_checkpoint(path)?;
     let mut cfg = match ck.metadata.get("cvt_config") {
-        Some(j) => serde_json::from_str::<CvtConfig>(j)
-            .with_context(|| format!("{shown}: invalid cvt_config metadata"))?,
+        Some(j) => serde_json::from_str::<CvtConfig>(j).with_context(|| format!("{shown}: invalid cvt_config metadata"))?,
         None => {
             let c = CvtConfig::detect(&ck.tensors).with_context(|| format!("{shown}"))?;
             if c.name == "custom" {
@@ -493,14 +348,10 @@ fn fine_tune_weights(
         }
     };
     if cfg.in_chans != in_chans {
-        bail!(
-            "{shown}: the model takes {} input channels, the data has {in_chans}",
-            cfg.in_chans
-        );
+        bail!("{shown}: the model takes {} input channels, the data has {in_chans}", cfg.in_chans);
     }
     let mut t = ck.tensors;
-    crate::model::weights::check_against(&cfg, &t, crate::model::weights::Naming::Official)
-        .with_context(|| format!("{shown}"))?;
+    crate::model::weights::check_against(&cfg, &t, crate::model::weights::Naming::Official).with_context(|| format!("{shown}"))?;
     if cfg.num_classes != classes {
         eprintln!("note: {shown} has a {}-class head; the data has {classes} classes, so the head is re-initialised", cfg.num_classes);
         cfg.num_classes = classes;
@@ -522,21 +373,15 @@ fn fine_tune_weights(
 /// Appends one JSON line to metrics.jsonl.
 fn log_metrics(out: &Path, v: serde_json::Value) -> Result<()> {
     let p = out.join("metrics.jsonl");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&p)
-        .with_context(|| format!("{}: cannot write", p.display()))?;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).with_context(|| format!("{}: cannot write", p.display()))?;
     writeln!(f, "{v}").with_context(|| format!("{}: cannot write", p.display()))
 }
 
 pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
     // The run directory first: an unwritable --out fails before any work.
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("{}: cannot create the output directory", a.out.display()))?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output directory", a.out.display()))?;
     let probe = a.out.join(".write-test");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("{}: output directory is not writable", a.out.display()))?;
+    std::fs::write(&probe, b"").with_context(|| format!("{}: output directory is not writable", a.out.display()))?;
     std::fs::remove_file(&probe).ok();
     if a.batch < 2 {
         bail!("--batch must be at least 2 (BatchNorm needs batch statistics)");
@@ -546,10 +391,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         None => None,
     };
     let prev_state: Option<TrainState> = match &resumed {
-        Some((_, _, meta)) => Some(
-            serde_json::from_str(&meta["train_state"])
-                .context("checkpoint: invalid train_state metadata")?,
-        ),
+        Some((_, _, meta)) => Some(serde_json::from_str(&meta["train_state"]).context("checkpoint: invalid train_state metadata")?),
         None => None,
     };
     // The data: on resume it must be the same dataset and resolution.
@@ -578,10 +420,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
 
     // Model and initial weights.
     let (cfg, tensors, act) = if let Some((t, _, meta)) = &resumed {
-        let cfg: CvtConfig = serde_json::from_str(
-            meta.get("cvt_config")
-                .context("checkpoint: no cvt_config")?,
-        )?;
+        let cfg: CvtConfig = serde_json::from_str(meta.get("cvt_config").context("checkpoint: no cvt_config")?)?;
         let act = match meta.get("activation").map(|s| s.as_str()) {
             Some("gelu") => Act::Gelu,
             _ => Act::QuickGelu,
@@ -591,13 +430,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         let (cfg, t, act) = fine_tune_weights(w, classes.len(), in_chans, a.seed)?;
         (cfg, t, act.unwrap_or(a.activation))
     } else {
-        let name = a.model.clone().unwrap_or_else(|| {
-            if data.name == "fashion-mnist" {
-                "cvt-fmnist".into()
-            } else {
-                "cvt-13".into()
-            }
-        });
+        let name = a.model.clone().unwrap_or_else(|| if data.name == "fashion-mnist" { "cvt-fmnist".into() } else { "cvt-13".into() });
         let mut cfg = CvtConfig::by_name(&name)?;
         cfg.num_classes = classes.len();
         cfg.in_chans = in_chans;
@@ -606,11 +439,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         (cfg, t, a.activation)
     };
     if cfg.num_classes != classes.len() {
-        bail!(
-            "the checkpoint's model has {} classes, the data {}",
-            cfg.num_classes,
-            classes.len()
-        );
+        bail!("the checkpoint's model has {} classes, the data {}", cfg.num_classes, classes.len());
     }
     let state0 = TrainState {
         step: 0,
@@ -627,11 +456,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         label_smoothing: a.label_smoothing,
         mixup: a.mixup,
         cutmix: a.cutmix,
-        crop_scale: a.crop_scale.unwrap_or(if data.name == "fashion-mnist" {
-            0.0
-        } else {
-            0.35
-        }),
+        crop_scale: a.crop_scale.unwrap_or(if data.name == "fashion-mnist" { 0.0 } else { 0.35 }),
         flip: !a.no_flip,
         res,
         dataset: data.name.to_string(),
@@ -641,11 +466,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
     let mut state = match prev_state {
         Some(mut s) => {
             if s.dataset != data.name {
-                bail!(
-                    "the checkpoint was trained on {}, not {}",
-                    s.dataset,
-                    data.name
-                );
+                bail!("the checkpoint was trained on {}, not {}", s.dataset, data.name);
             }
             if let Some(e) = a.epochs {
                 s.epochs = s.epochs.max(e);
@@ -656,17 +477,8 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
     };
     let meta = metadata(&cfg, act, &classes, &data.spec)?;
     let model = TrainModel::new(gpu.clone(), cfg.clone(), &tensors, act)?;
-    let step_plan = model.step_plan(state.batch, res, res).map_err(|e| {
-        if e.downcast_ref::<crate::graph::TooLarge>().is_some() {
-            anyhow::anyhow!("{e:#}: lower --batch")
-        } else {
-            e
-        }
-    })?;
-    let mut opt = model.optimizer(AdamW {
-        weight_decay: state.weight_decay,
-        ..AdamW::default()
-    })?;
+    let step_plan = model.step_plan(state.batch, res, res).map_err(|e| if e.downcast_ref::<crate::graph::TooLarge>().is_some() { anyhow::anyhow!("{e:#}: lower --batch") } else { e })?;
+    let mut opt = model.optimizer(AdamW { weight_decay: state.weight_decay, ..AdamW::default() })?;
     if let Some((_, moments, _)) = &resumed {
         opt.load_state(moments)?;
         opt.step = state.step;
@@ -675,32 +487,15 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         batch: state.batch,
         seed: state.seed,
         label_smoothing: state.label_smoothing,
-        mean: [
-            data.spec.mean[0],
-            *data.spec.mean.get(1).unwrap_or(&0.0),
-            *data.spec.mean.get(2).unwrap_or(&0.0),
-        ],
-        std: [
-            data.spec.std[0],
-            *data.spec.std.get(1).unwrap_or(&1.0),
-            *data.spec.std.get(2).unwrap_or(&1.0),
-        ],
-        augment: Augment {
-            flip: state.flip,
-            min_scale: state.crop_scale,
-            mixup: state.mixup,
-            cutmix: state.cutmix,
-        },
+        mean: [data.spec.mean[0], *data.spec.mean.get(1).unwrap_or(&0.0), *data.spec.mean.get(2).unwrap_or(&0.0)],
+        std: [data.spec.std[0], *data.spec.std.get(1).unwrap_or(&1.0), *data.spec.std.get(2).unwrap_or(&1.0)],
+        augment: Augment { flip: state.flip, min_scale: state.crop_scale, mixup: state.mixup, cutmix: state.cutmix },
         drop_last: true,
         shuffle: true,
     };
     let steps_per_epoch = (train_ds.len() / state.batch) as u64;
     if steps_per_epoch == 0 {
-        bail!(
-            "{} training images, fewer than one batch of {}",
-            train_ds.len(),
-            state.batch
-        );
+        bail!("{} training images, fewer than one batch of {}", train_ds.len(), state.batch);
     }
     let total_steps = steps_per_epoch * state.epochs as u64;
 
@@ -728,12 +523,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
             gpu.describe()
         );
         if state.step > 0 {
-            eprintln!(
-                "resuming at step {} (epoch {}, batch {})",
-                state.step,
-                state.epoch + 1,
-                state.batch_in_epoch
-            );
+            eprintln!("resuming at step {} (epoch {}, batch {})", state.step, state.epoch + 1, state.batch_in_epoch);
         }
     }
     let t_run = Instant::now();
@@ -742,12 +532,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
     while state.epoch < state.epochs {
         let bar = progress_bar(steps_per_epoch, quiet);
         bar.set_position(state.batch_in_epoch as u64);
-        let batches = epoch_from(
-            train_ds.clone(),
-            loader,
-            state.epoch as u64,
-            state.batch_in_epoch,
-        );
+        let batches = epoch_from(train_ds.clone(), loader, state.epoch as u64, state.batch_in_epoch);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let t_epoch = Instant::now();
         let mut interrupted = false;
@@ -783,14 +568,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
             seen += batch.labels.len();
             loss_sum += loss as f64 * batch.labels.len() as f64;
             let ips = seen as f64 / t_epoch.elapsed().as_secs_f64();
-            bar.set_message(format!(
-                "epoch {}/{} loss {:.4} acc {:.1}% {:.1} img/s",
-                state.epoch + 1,
-                state.epochs,
-                loss_sum / seen as f64,
-                100.0 * correct as f64 / seen as f64,
-                ips
-            ));
+            bar.set_message(format!("epoch {}/{} loss {:.4} acc {:.1}% {:.1} img/s", state.epoch + 1, state.epochs, loss_sum / seen as f64, 100.0 * correct as f64 / seen as f64, ips));
             bar.inc(1);
             if state.step % 10 == 0 || state.batch_in_epoch as u64 == steps_per_epoch {
                 log_metrics(
@@ -830,8 +608,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
             "epoch_s": t_epoch.elapsed().as_secs_f64(), "img_per_s": seen as f64 / t_epoch.elapsed().as_secs_f64(), "elapsed_s": t_run.elapsed().as_secs_f64()
         });
         log_metrics(&a.out, rec.clone())?;
-        if let Err(e) = crate::plot::curves(&a.out.join("metrics.jsonl"), &a.out.join("curves.png"))
-        {
+        if let Err(e) = crate::plot::curves(&a.out.join("metrics.jsonl"), &a.out.join("curves.png")) {
             eprintln!("warning: no plot ({e:#})");
         }
         if quiet {
@@ -852,9 +629,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         }
     }
     if !quiet {
-        let acc = last_eval
-            .map(|e| format!(", val top-1 {:.2}%", 100.0 * e.top1))
-            .unwrap_or_default();
+        let acc = last_eval.map(|e| format!(", val top-1 {:.2}%", 100.0 * e.top1)).unwrap_or_default();
         eprintln!(
             "done: {} steps in {:.0} s{acc}; weights: {} (cvt-gpu infer --weights {} IMAGE)",
             state.step,
@@ -863,10 +638,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
             a.out.join("model.safetensors").display()
         );
         if !data.skipped.is_empty() {
-            eprintln!(
-                "{} images could not be decoded and were skipped",
-                data.skipped.len()
-            );
+            eprintln!("{} images could not be decoded and were skipped", data.skipped.len());
         }
     }
     Ok(())
@@ -890,40 +662,17 @@ pub struct EvalArgs {
 }
 
 pub fn eval(gpu: Arc<Gpu>, a: &EvalArgs) -> Result<()> {
-    let loaded = crate::model::load(
-        gpu,
-        &a.weights,
-        &crate::model::LoadOptions {
-            config: None,
-            activation: a.activation,
-        },
-    )?;
+    let loaded = crate::model::load(gpu, &a.weights, &crate::model::LoadOptions { config: None, activation: a.activation })?;
     let m = &loaded.model;
     let data = a.data.open(false, m.cfg.image_size, a.json)?;
     if data.val.classes.len() != m.cfg.num_classes {
-        bail!(
-            "{}: the model has {} classes, the {} validation split {}",
-            a.weights.display(),
-            m.cfg.num_classes,
-            data.name,
-            data.val.classes.len()
-        );
+        bail!("{}: the model has {} classes, the {} validation split {}", a.weights.display(), m.cfg.num_classes, data.name, data.val.classes.len());
     }
     if data.spec.channels != m.cfg.in_chans {
-        bail!(
-            "{}: the model takes {} input channels, {} has {}",
-            a.weights.display(),
-            m.cfg.in_chans,
-            data.name,
-            data.spec.channels
-        );
+        bail!("{}: the model takes {} input channels, {} has {}", a.weights.display(), m.cfg.in_chans, data.name, data.spec.channels);
     }
     // The checkpoint's own normalisation when it has one.
-    let spec = if loaded.preprocess.channels == data.spec.channels {
-        loaded.preprocess.clone()
-    } else {
-        data.spec.clone()
-    };
+    let spec = if loaded.preprocess.channels == data.spec.channels { loaded.preprocess.clone() } else { data.spec.clone() };
     let t = Instant::now();
     let r = evaluate(m, &data.val, &spec, a.limit, a.json)?;
     if a.json {
@@ -937,11 +686,7 @@ pub fn eval(gpu: Arc<Gpu>, a: &EvalArgs) -> Result<()> {
             a.weights.display(),
             data.name,
             r.images,
-            if data.skipped.is_empty() {
-                String::new()
-            } else {
-                format!(", {} skipped", data.skipped.len())
-            },
+            if data.skipped.is_empty() { String::new() } else { format!(", {} skipped", data.skipped.len()) },
             100.0 * r.top1,
             100.0 * r.top5,
             r.loss,

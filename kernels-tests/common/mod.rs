@@ -49,11 +49,7 @@ fn open_gpu() -> Arc<Gpu> {
             Ok("dx12") => cvt_gpu::gpu::BackendChoice::Dx12,
             _ => cvt_gpu::gpu::BackendChoice::Auto,
         };
-        let g = Gpu::new(&AdapterRequest {
-            backend,
-            adapter: std::env::var("CVT_GPU_ADAPTER").ok(),
-        })
-        .expect("a GPU adapter");
+        let g = Gpu::new(&AdapterRequest { backend, adapter: std::env::var("CVT_GPU_ADAPTER").ok() }).expect("a GPU adapter");
         eprintln!("testing on {}", g.describe());
         g
     }
@@ -77,13 +73,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
         }
     }
     let i = worst.0;
-    assert!(
-        worst.1 <= 0.0,
-        "{what}: element {i} = {}, want {} (|err| {:.3e})",
-        got[i],
-        want[i],
-        (got[i] as f64 - want[i]).abs()
-    );
+    assert!(worst.1 <= 0.0, "{what}: element {i} = {}, want {} (|err| {:.3e})", got[i], want[i], (got[i] as f64 - want[i]).abs());
 }
 
 pub fn gelu(x: f64) -> f64 {
@@ -130,20 +120,12 @@ pub fn layernorm_ref(x: &[f64], g: &[f32], b: &[f32]) -> Vec<f64> {
     let mean = x.iter().sum::<f64>() / c;
     let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c;
     let r = 1.0 / (var + 1e-5).sqrt();
-    x.iter()
-        .enumerate()
-        .map(|(i, v)| (v - mean) * r * g[i] as f64 + b[i] as f64)
-        .collect()
+    x.iter().enumerate().map(|(i, v)| (v - mean) * r * g[i] as f64 + b[i] as f64).collect()
 }
 
 /// Depthwise 3x3 conv (pad 1, no bias) of x [batch, cls + h*w, c] at `stride`, in
 /// f64: [batch, cls + oh*ow, c] with the cls rows left zero (callers fill them).
-pub fn depthwise_ref(
-    x: &[f32],
-    conv: &[f32],
-    (batch, h, w, c, cls): (usize, usize, usize, usize, usize),
-    stride: usize,
-) -> Vec<f64> {
+pub fn depthwise_ref(x: &[f32], conv: &[f32], (batch, h, w, c, cls): (usize, usize, usize, usize, usize), stride: usize) -> Vec<f64> {
     let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
     let (tq, t) = (cls + h * w, cls + oh * ow);
     let mut y = vec![0f64; batch * t * c];
@@ -157,9 +139,7 @@ pub fn depthwise_ref(
                             let iy = (oy * stride + ky) as isize - 1;
                             let ix = (ox * stride + kx) as isize - 1;
                             if iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize {
-                                s += x[(bi * tq + cls + iy as usize * w + ix as usize) * c + ch]
-                                    as f64
-                                    * conv[ch * 9 + ky * 3 + kx] as f64;
+                                s += x[(bi * tq + cls + iy as usize * w + ix as usize) * c + ch] as f64 * conv[ch * 9 + ky * 3 + kx] as f64;
                             }
                         }
                     }

@@ -10,20 +10,11 @@ use std::path::{Path, PathBuf};
 
 /// Image files are recognised by extension here (content is checked when decoding).
 fn is_image(p: &Path) -> bool {
-    matches!(
-        p.extension()
-            .and_then(|e| e.to_str())
-            .map(|e| e.to_ascii_lowercase())
-            .as_deref(),
-        Some("png" | "jpg" | "jpeg" | "webp" | "bmp")
-    )
+    matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("png" | "jpg" | "jpeg" | "webp" | "bmp"))
 }
 
 fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot read directory", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).with_context(|| format!("{}: cannot read directory", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     v.sort();
     Ok(v)
 }
@@ -40,34 +31,20 @@ pub struct FileList {
 pub fn image_folder(root: &Path, split: &str, classes: Option<&[String]>) -> Result<FileList> {
     let dir = root.join(split);
     if !dir.is_dir() {
-        bail!(
-            "{}: no {split}/ directory (expected {split}/<class>/<image files>)",
-            root.display()
-        );
+        bail!("{}: no {split}/ directory (expected {split}/<class>/<image files>)", root.display());
     }
-    let found: Vec<String> = sorted_dir(&dir)?
-        .into_iter()
-        .filter(|p| p.is_dir())
-        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .collect();
+    let found: Vec<String> = sorted_dir(&dir)?.into_iter().filter(|p| p.is_dir()).filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
     let classes: Vec<String> = match classes {
         Some(c) => {
             if let Some(extra) = found.iter().find(|f| !c.contains(f)) {
-                bail!(
-                    "{}: class {extra} is not among the training classes",
-                    dir.display()
-                );
+                bail!("{}: class {extra} is not among the training classes", dir.display());
             }
             c.to_vec()
         }
         None => found,
     };
     if classes.len() < 2 {
-        bail!(
-            "{}: found {} class directories, need at least 2",
-            dir.display(),
-            classes.len()
-        );
+        bail!("{}: found {} class directories, need at least 2", dir.display(), classes.len());
     }
     let mut files = vec![];
     for (ci, c) in classes.iter().enumerate() {
@@ -82,10 +59,7 @@ pub fn image_folder(root: &Path, split: &str, classes: Option<&[String]>) -> Res
         }
     }
     if files.is_empty() {
-        bail!(
-            "{}: no image files (.png, .jpg, .jpeg, .webp, .bmp) under the class directories",
-            dir.display()
-        );
+        bail!("{}: no image files (.png, .jpg, .jpeg, .webp, .bmp) under the class directories", dir.display());
     }
     Ok(FileList { files, classes })
 }
@@ -96,23 +70,13 @@ pub fn image_folder(root: &Path, split: &str, classes: Option<&[String]>) -> Res
 pub fn tiny_imagenet(root: &Path, split: &str) -> Result<FileList> {
     let wnids_path = root.join("wnids.txt");
     let wnids: Vec<String> = std::fs::read_to_string(&wnids_path)
-        .with_context(|| {
-            format!(
-                "{}: cannot read (is {} a tiny-imagenet-200 directory?)",
-                wnids_path.display(),
-                root.display()
-            )
-        })?
+        .with_context(|| format!("{}: cannot read (is {} a tiny-imagenet-200 directory?)", wnids_path.display(), root.display()))?
         .lines()
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())
         .collect();
     if wnids.len() < 2 {
-        bail!(
-            "{}: {} class ids, need at least 2",
-            wnids_path.display(),
-            wnids.len()
-        );
+        bail!("{}: {} class ids, need at least 2", wnids_path.display(), wnids.len());
     }
     // Readable names from words.txt (optional): "n01443537\tgoldfish, Carassius auratus".
     let mut names = wnids.clone();
@@ -131,10 +95,7 @@ pub fn tiny_imagenet(root: &Path, split: &str) -> Result<FileList> {
             for (ci, id) in wnids.iter().enumerate() {
                 let dir = root.join("train").join(id).join("images");
                 if !dir.is_dir() {
-                    bail!(
-                        "{}: missing (every class of wnids.txt needs train/<wnid>/images/)",
-                        dir.display()
-                    );
+                    bail!("{}: missing (every class of wnids.txt needs train/<wnid>/images/)", dir.display());
                 }
                 for f in sorted_dir(&dir)? {
                     if f.is_file() && is_image(&f) {
@@ -145,27 +106,16 @@ pub fn tiny_imagenet(root: &Path, split: &str) -> Result<FileList> {
         }
         _ => {
             let ann = root.join("val").join("val_annotations.txt");
-            let text = std::fs::read_to_string(&ann)
-                .with_context(|| format!("{}: cannot read", ann.display()))?;
+            let text = std::fs::read_to_string(&ann).with_context(|| format!("{}: cannot read", ann.display()))?;
             for (ln, line) in text.lines().enumerate() {
                 let mut parts = line.split('\t');
                 let (Some(file), Some(id)) = (parts.next(), parts.next()) else {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    bail!(
-                        "{}:{}: expected 'file<TAB>wnid<TAB>...'",
-                        ann.display(),
-                        ln + 1
-                    );
+                    bail!("{}:{}: expected 'file<TAB>wnid<TAB>...'", ann.display(), ln + 1);
                 };
-                let ci = wnids.iter().position(|x| x == id).with_context(|| {
-                    format!(
-                        "{}:{}: class {id} is not in wnids.txt",
-                        ann.display(),
-                        ln + 1
-                    )
-                })?;
+                let ci = wnids.iter().position(|x| x == id).with_context(|| format!("{}:{}: class {id} is not in wnids.txt", ann.display(), ln + 1))?;
                 files.push((root.join("val").join("images").join(file), ci as u32));
             }
         }
@@ -173,20 +123,14 @@ pub fn tiny_imagenet(root: &Path, split: &str) -> Result<FileList> {
     if files.is_empty() {
         bail!("{}: no {split} images found", root.display());
     }
-    Ok(FileList {
-        files,
-        classes: names,
-    })
+    Ok(FileList { files, classes: names })
 }
 
 /// Decodes every file (all CPU threads), resizing to res x res; returns the
 /// dataset and the files that failed (with the reason), which are left out.
 pub fn decode_all(list: &FileList, res: usize, progress: &dyn Fn(usize)) -> (Dataset, Vec<String>) {
     let n = list.files.len();
-    let threads = std::thread::available_parallelism()
-        .map(|v| v.get())
-        .unwrap_or(2)
-        .min(8);
+    let threads = std::thread::available_parallelism().map(|v| v.get()).unwrap_or(2).min(8);
     let px = res * res * 3;
     let done = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<Vec<(usize, Result<Vec<u8>>)>> = std::thread::scope(|s| {
@@ -198,13 +142,7 @@ pub fn decode_all(list: &FileList, res: usize, progress: &dyn Fn(usize)) -> (Dat
                         .step_by(threads)
                         .map(|i| {
                             let r = crate::preprocess::decode(&list.files[i].0).map(|img| {
-                                let img = if img.width() as usize == res
-                                    && img.height() as usize == res
-                                {
-                                    img
-                                } else {
-                                    crate::preprocess::resize_bicubic(&img, res, res)
-                                };
+                                let img = if img.width() as usize == res && img.height() as usize == res { img } else { crate::preprocess::resize_bicubic(&img, res, res) };
                                 img.into_raw()
                             });
                             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -223,10 +161,7 @@ pub fn decode_all(list: &FileList, res: usize, progress: &dyn Fn(usize)) -> (Dat
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("decoder thread panicked"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("decoder thread panicked")).collect()
     });
     let mut slots: Vec<Option<Result<Vec<u8>>>> = (0..n).map(|_| None).collect();
     for r in results.into_iter().flatten() {
@@ -244,15 +179,5 @@ pub fn decode_all(list: &FileList, res: usize, progress: &dyn Fn(usize)) -> (Dat
             Err(e) => failed.push(format!("{e:#}")),
         }
     }
-    (
-        Dataset {
-            images,
-            labels,
-            height: res,
-            width: res,
-            channels: 3,
-            classes: list.classes.clone(),
-        },
-        failed,
-    )
+    (Dataset { images, labels, height: res, width: res, channels: 3, classes: list.classes.clone() }, failed)
 }

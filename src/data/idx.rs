@@ -18,9 +18,7 @@ pub fn read_idx(path: &Path) -> Result<Idx> {
     let raw = std::fs::read(path).with_context(|| format!("{shown}: cannot read"))?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = vec![];
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| anyhow::anyhow!("{shown}: corrupt gzip data ({e})"))?;
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| anyhow::anyhow!("{shown}: corrupt gzip data ({e})"))?;
         out
     } else {
         raw
@@ -29,30 +27,19 @@ pub fn read_idx(path: &Path) -> Result<Idx> {
         bail!("{shown}: not an IDX file (bad magic number)");
     }
     if bytes[2] != 0x08 {
-        bail!(
-            "{shown}: IDX element type 0x{:02x} is not unsigned bytes (0x08)",
-            bytes[2]
-        );
+        bail!("{shown}: IDX element type 0x{:02x} is not unsigned bytes (0x08)", bytes[2]);
     }
     let nd = bytes[3] as usize;
     let header = 4 + 4 * nd;
     if bytes.len() < header {
         bail!("{shown}: truncated IDX header");
     }
-    let dims: Vec<usize> = (0..nd)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
-        .collect();
+    let dims: Vec<usize> = (0..nd).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
     let n: usize = dims.iter().product();
     if bytes.len() - header < n {
-        bail!(
-            "{shown}: truncated: {} data bytes for dimensions {dims:?} ({n} expected)",
-            bytes.len() - header
-        );
+        bail!("{shown}: truncated: {} data bytes for dimensions {dims:?} ({n} expected)", bytes.len() - header);
     }
-    Ok(Idx {
-        dims,
-        data: bytes[header..header + n].to_vec(),
-    })
+    Ok(Idx { dims, data: bytes[header..header + n].to_vec() })
 }
 
 impl std::fmt::Debug for Idx {

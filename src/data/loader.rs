@@ -88,17 +88,13 @@ fn augment_image(src: &[u8], h: usize, w: usize, c: usize, a: &Augment, rng: &mu
                     src[(y * w + x) * c + k] as f32 / 255.0
                 } else {
                     // Bilinear sample at the crop's pixel centre.
-                    let sy =
-                        (y0 + (y as f32 + 0.5) * ch / h as f32 - 0.5).clamp(0.0, (h - 1) as f32);
-                    let sx =
-                        (x0 + (x as f32 + 0.5) * cw / w as f32 - 0.5).clamp(0.0, (w - 1) as f32);
+                    let sy = (y0 + (y as f32 + 0.5) * ch / h as f32 - 0.5).clamp(0.0, (h - 1) as f32);
+                    let sx = (x0 + (x as f32 + 0.5) * cw / w as f32 - 0.5).clamp(0.0, (w - 1) as f32);
                     let (iy, ix) = (sy.floor() as usize, sx.floor() as usize);
                     let (fy, fx) = (sy - iy as f32, sx - ix as f32);
                     let (iy1, ix1) = ((iy + 1).min(h - 1), (ix + 1).min(w - 1));
                     let p = |yy: usize, xx: usize| src[(yy * w + xx) * c + k] as f32;
-                    ((p(iy, ix) * (1.0 - fx) + p(iy, ix1) * fx) * (1.0 - fy)
-                        + (p(iy1, ix) * (1.0 - fx) + p(iy1, ix1) * fx) * fy)
-                        / 255.0
+                    ((p(iy, ix) * (1.0 - fx) + p(iy, ix1) * fx) * (1.0 - fy) + (p(iy1, ix) * (1.0 - fx) + p(iy1, ix1) * fx) * fy) / 255.0
                 };
             }
         }
@@ -161,8 +157,7 @@ pub fn make_batch(ds: &Dataset, idx: &[usize], cfg: &LoaderConfig, rng: &mut Rng
                 let o = n - 1 - b;
                 for y in ya..yb {
                     let row = (y * w + xa) * c..(y * w + xb) * c;
-                    images[b * px + row.start..b * px + row.end]
-                        .copy_from_slice(&orig[o * px + row.start..o * px + row.end]);
+                    images[b * px + row.start..b * px + row.end].copy_from_slice(&orig[o * px + row.start..o * px + row.end]);
                 }
             }
             lam = 1.0 - ((yb - ya) * (xb - xa)) as f32 / (h * w) as f32;
@@ -177,8 +172,7 @@ pub fn make_batch(ds: &Dataset, idx: &[usize], cfg: &LoaderConfig, rng: &mut Rng
         for b in 0..n {
             let o = n - 1 - b;
             for k in 0..classes {
-                targets[b * classes + k] =
-                    lam * orig_t[b * classes + k] + (1.0 - lam) * orig_t[o * classes + k];
+                targets[b * classes + k] = lam * orig_t[b * classes + k] + (1.0 - lam) * orig_t[o * classes + k];
             }
         }
     }
@@ -186,21 +180,12 @@ pub fn make_batch(ds: &Dataset, idx: &[usize], cfg: &LoaderConfig, rng: &mut Rng
         let k = i % c;
         *v = (*v - cfg.mean[k]) / cfg.std[k];
     }
-    Batch {
-        images,
-        targets,
-        labels,
-    }
+    Batch { images, targets, labels }
 }
 
 /// The batches of one epoch from batch `start` on, produced on a worker thread
 /// ahead of the consumer.
-pub fn epoch_from(
-    ds: Arc<Dataset>,
-    cfg: LoaderConfig,
-    epoch: u64,
-    start: usize,
-) -> Receiver<Batch> {
+pub fn epoch_from(ds: Arc<Dataset>, cfg: LoaderConfig, epoch: u64, start: usize) -> Receiver<Batch> {
     let (tx, rx) = sync_channel(3);
     std::thread::spawn(move || {
         let order = epoch_order(ds.len(), cfg.seed, epoch, cfg.shuffle);

@@ -36,18 +36,7 @@ impl Dataset {
 /// Where Debian's `dataset-fashion-mnist` installs the IDX files.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
-pub const FASHION_MNIST_CLASSES: [&str; 10] = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-];
+pub const FASHION_MNIST_CLASSES: [&str; 10] = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
 
 fn find(dir: &Path, stem: &str) -> Result<std::path::PathBuf> {
     for name in [format!("{stem}.gz"), stem.to_string()] {
@@ -66,19 +55,10 @@ pub fn fashion_mnist(dir: &Path, split: &str) -> Result<Dataset> {
     let images = idx::read_idx(&images_path)?;
     let labels = idx::read_idx(&labels_path)?;
     if images.dims.len() != 3 {
-        bail!(
-            "{}: expected 3 dimensions (count, height, width), found {:?}",
-            images_path.display(),
-            images.dims
-        );
+        bail!("{}: expected 3 dimensions (count, height, width), found {:?}", images_path.display(), images.dims);
     }
     if labels.dims.len() != 1 || labels.dims[0] != images.dims[0] {
-        bail!(
-            "{}: {:?} labels for {} images",
-            labels_path.display(),
-            labels.dims,
-            images.dims[0]
-        );
+        bail!("{}: {:?} labels for {} images", labels_path.display(), labels.dims, images.dims[0]);
     }
     if let Some(bad) = labels.data.iter().find(|&&l| l >= 10) {
         bail!("{}: label {bad} out of range 0..9", labels_path.display());
@@ -89,23 +69,12 @@ pub fn fashion_mnist(dir: &Path, split: &str) -> Result<Dataset> {
         height: images.dims[1],
         width: images.dims[2],
         channels: 1,
-        classes: FASHION_MNIST_CLASSES
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        classes: FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect(),
     })
 }
 
 impl std::fmt::Debug for Dataset {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(
-            f,
-            "Dataset({} images of {}x{}x{}, {} classes)",
-            self.len(),
-            self.height,
-            self.width,
-            self.channels,
-            self.classes.len()
-        )
+        write!(f, "Dataset({} images of {}x{}x{}, {} classes)", self.len(), self.height, self.width, self.channels, self.classes.len())
     }
 }

@@ -61,13 +61,7 @@ fn default_image_size() -> usize {
 }
 
 impl CvtConfig {
-    fn released(
-        name: &str,
-        dims: [usize; 3],
-        heads: [usize; 3],
-        depths: [usize; 3],
-        image_size: usize,
-    ) -> CvtConfig {
+    fn released(name: &str, dims: [usize; 3], heads: [usize; 3], depths: [usize; 3], image_size: usize) -> CvtConfig {
         CvtConfig {
             name: name.into(),
             in_chans: 3,
@@ -95,11 +89,7 @@ impl CvtConfig {
     /// grid, then 4x4 and 2x2 (+ cls); widths 32/64/128, one block per stage.
     /// 0.36M parameters.
     pub fn cvt_fmnist() -> CvtConfig {
-        CvtConfig {
-            in_chans: 1,
-            num_classes: 10,
-            ..Self::released("cvt-fmnist", [32, 64, 128], [1, 2, 2], [1, 1, 1], 28)
-        }
+        CvtConfig { in_chans: 1, num_classes: 10, ..Self::released("cvt-fmnist", [32, 64, 128], [1, 2, 2], [1, 1, 1], 28) }
     }
     pub fn cvt_w24() -> CvtConfig {
         Self::released("cvt-w24", [192, 768, 1024], [3, 12, 16], [2, 2, 20], 384)
@@ -107,11 +97,7 @@ impl CvtConfig {
 
     /// `cvt-13`, `cvt-21`, `cvt-w24` (also `13`, `21`, `w24`), or a JSON file.
     pub fn by_name(name: &str) -> Result<CvtConfig> {
-        match name
-            .to_lowercase()
-            .trim_start_matches("cvt-")
-            .trim_start_matches("cvt")
-        {
+        match name.to_lowercase().trim_start_matches("cvt-").trim_start_matches("cvt") {
             "13" => Ok(Self::cvt13()),
             "21" => Ok(Self::cvt21()),
             "w24" => Ok(Self::cvt_w24()),
@@ -121,13 +107,8 @@ impl CvtConfig {
     }
 
     pub fn from_json_file(path: &str) -> Result<CvtConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!(
-                "{path}: not a model name (cvt-13, cvt-21, cvt-w24) and not a readable JSON config"
-            )
-        })?;
-        let cfg: CvtConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{path}: invalid CvT config JSON"))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("{path}: not a model name (cvt-13, cvt-21, cvt-w24) and not a readable JSON config"))?;
+        let cfg: CvtConfig = serde_json::from_str(&text).with_context(|| format!("{path}: invalid CvT config JSON"))?;
         cfg.validate().with_context(|| format!("{path}"))?;
         Ok(cfg)
     }
@@ -158,8 +139,7 @@ impl CvtConfig {
             }
         }
         for s in 0..n {
-            crate::ops::attention::check_heads(self.dims[s], self.heads[s])
-                .with_context(|| format!("config stage {s}"))?;
+            crate::ops::attention::check_heads(self.dims[s], self.heads[s]).with_context(|| format!("config stage {s}"))?;
             if self.patch_strides[s] == 0 || self.patch_sizes[s] == 0 {
                 bail!("config stage {s}: patch size and stride must be positive");
             }
@@ -175,11 +155,7 @@ impl CvtConfig {
         let mut out = vec![];
         let (mut h, mut w) = (h, w);
         for s in 0..self.stages() {
-            let (k, st, p) = (
-                self.patch_sizes[s],
-                self.patch_strides[s],
-                self.patch_padding[s],
-            );
+            let (k, st, p) = (self.patch_sizes[s], self.patch_strides[s], self.patch_padding[s]);
             if h + 2 * p < k || w + 2 * p < k {
                 bail!("input {h}x{w} is too small for stage {s}'s {k}x{k} token embedding");
             }
@@ -226,11 +202,7 @@ impl CvtConfig {
         let mut in_chans = 0;
         while let Some(t) = tensors.get(&format!("stage{}.patch_embed.proj.weight", dims.len())) {
             if t.shape.len() != 4 {
-                bail!(
-                    "stage{}.patch_embed.proj.weight has shape {:?}, expected 4 dimensions",
-                    dims.len(),
-                    t.shape
-                );
+                bail!("stage{}.patch_embed.proj.weight has shape {:?}, expected 4 dimensions", dims.len(), t.shape);
             }
             if dims.is_empty() {
                 in_chans = t.shape[1];
@@ -249,13 +221,8 @@ impl CvtConfig {
             }
             depths.push(d);
         }
-        let head = tensors
-            .get("head.weight")
-            .context("no head.weight (classifier) in the checkpoint")?;
-        let (strides, pads): (Vec<usize>, Vec<usize>) = patch
-            .iter()
-            .map(|&k| if k == 7 { (4, 2) } else { (2, k / 2) })
-            .unzip();
+        let head = tensors.get("head.weight").context("no head.weight (classifier) in the checkpoint")?;
+        let (strides, pads): (Vec<usize>, Vec<usize>) = patch.iter().map(|&k| if k == 7 { (4, 2) } else { (2, k / 2) }).unzip();
         let cfg = CvtConfig {
             name: match (dims.as_slice(), depths.as_slice()) {
                 ([64, 192, 384], [1, 2, 10]) => "cvt-13".into(),
@@ -266,9 +233,7 @@ impl CvtConfig {
             in_chans,
             num_classes: head.shape[0],
             heads: dims.iter().map(|d| (d / 64).max(1)).collect(),
-            cls_token: (0..dims.len())
-                .map(|s| tensors.contains_key(&format!("stage{s}.cls_token")))
-                .collect(),
+            cls_token: (0..dims.len()).map(|s| tensors.contains_key(&format!("stage{s}.cls_token"))).collect(),
             dims,
             depths,
             patch_sizes: patch,

@@ -64,20 +64,12 @@ pub struct ForwardPlan {
 }
 
 fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a [f32]> {
-    Ok(&t
-        .get(name)
-        .with_context(|| format!("missing tensor {name}"))?
-        .data)
+    Ok(&t.get(name).with_context(|| format!("missing tensor {name}"))?.data)
 }
 
 impl Model {
     /// Uploads checked, official-named tensors.
-    pub fn new(
-        gpu: Arc<Gpu>,
-        cfg: CvtConfig,
-        t: &HashMap<String, Tensor>,
-        act: Act,
-    ) -> Result<Model> {
+    pub fn new(gpu: Arc<Gpu>, cfg: CvtConfig, t: &HashMap<String, Tensor>, act: Act) -> Result<Model> {
         cfg.validate()?;
         let mut stages = vec![];
         let mut cin = cfg.in_chans;
@@ -87,43 +79,12 @@ impl Model {
             let k = cfg.patch_sizes[s];
             let hid = cfg.hidden(s);
             let p = format!("stage{s}");
-            let embed = Linear::from_conv(
-                &gpu,
-                &format!("{p}.patch_embed.proj"),
-                get(t, &format!("{p}.patch_embed.proj.weight"))?,
-                Some(get(t, &format!("{p}.patch_embed.proj.bias"))?),
-                c,
-                cin,
-                k,
-                k,
-            )?;
-            let ln = |n: &str| {
-                LayerNorm::new(
-                    &gpu,
-                    n,
-                    get(t, &format!("{n}.weight"))?,
-                    get(t, &format!("{n}.bias"))?,
-                )
-            };
-            let lin = |n: &str, out: usize, inp: usize| {
-                Linear::from_torch(
-                    &gpu,
-                    n,
-                    get(t, &format!("{n}.weight"))?,
-                    Some(get(t, &format!("{n}.bias"))?),
-                    out,
-                    inp,
-                )
-            };
+            let embed =
+                Linear::from_conv(&gpu, &format!("{p}.patch_embed.proj"), get(t, &format!("{p}.patch_embed.proj.weight"))?, Some(get(t, &format!("{p}.patch_embed.proj.bias"))?), c, cin, k, k)?;
+            let ln = |n: &str| LayerNorm::new(&gpu, n, get(t, &format!("{n}.weight"))?, get(t, &format!("{n}.bias"))?);
+            let lin = |n: &str, out: usize, inp: usize| Linear::from_torch(&gpu, n, get(t, &format!("{n}.weight"))?, Some(get(t, &format!("{n}.bias"))?), out, inp);
             let embed_norm = ln(&format!("{p}.patch_embed.norm"))?;
-            let cls = if cfg.cls_token[s] {
-                Some(Arc::new(gpu.upload(
-                    &format!("{p}.cls_token"),
-                    get(t, &format!("{p}.cls_token"))?,
-                )?))
-            } else {
-                None
-            };
+            let cls = if cfg.cls_token[s] { Some(Arc::new(gpu.upload(&format!("{p}.cls_token"), get(t, &format!("{p}.cls_token"))?)?)) } else { None };
             let mut blocks = vec![];
             for j in 0..cfg.depths[s] {
                 let b = format!("{p}.blocks.{j}");
@@ -139,13 +100,7 @@ impl Model {
                 let conv = |x: &str| get(t, &format!("{b}.attn.conv_proj_{x}.conv.weight"));
                 blocks.push(Block {
                     norm1: ln(&format!("{b}.norm1"))?,
-                    conv_proj: ConvProj::new(
-                        &gpu,
-                        &format!("{b}.attn.conv_proj"),
-                        [conv("q")?, conv("k")?, conv("v")?],
-                        [bn("q")?, bn("k")?, bn("v")?],
-                        c,
-                    )?,
+                    conv_proj: ConvProj::new(&gpu, &format!("{b}.attn.conv_proj"), [conv("q")?, conv("k")?, conv("v")?], [bn("q")?, bn("k")?, bn("v")?], c)?,
                     proj_q: lin(&format!("{b}.attn.proj_q"), c, c)?,
                     proj_k: lin(&format!("{b}.attn.proj_k"), c, c)?,
                     proj_v: lin(&format!("{b}.attn.proj_v"), c, c)?,
@@ -155,37 +110,17 @@ impl Model {
                     fc2: lin(&format!("{b}.mlp.fc2"), c, hid)?,
                 });
             }
-            stages.push(Stage {
-                embed,
-                embed_norm,
-                cls,
-                blocks,
-            });
+            stages.push(Stage { embed, embed_norm, cls, blocks });
             cin = c;
         }
         let last = cfg.dims[cfg.stages() - 1];
         let norm = LayerNorm::new(&gpu, "norm", get(t, "norm.weight")?, get(t, "norm.bias")?)?;
-        let head = Linear::from_torch(
-            &gpu,
-            "head",
-            get(t, "head.weight")?,
-            Some(get(t, "head.bias")?),
-            cfg.num_classes,
-            last,
-        )?;
+        let head = Linear::from_torch(&gpu, "head", get(t, "head.weight")?, Some(get(t, "head.bias")?), cfg.num_classes, last)?;
         for v in t.values() {
             bytes += (v.data.len() * 4) as u64;
         }
         gpu.check_error()?;
-        Ok(Model {
-            gpu,
-            cfg,
-            act,
-            stages,
-            norm,
-            head,
-            weight_bytes: bytes,
-        })
+        Ok(Model { gpu, cfg, act, stages, norm, head, weight_bytes: bytes })
     }
 
     /// Builds and compiles the forward for `batch` images of `height` x `width`.
@@ -197,42 +132,17 @@ impl Model {
         let grids = cfg.grids(height, width)?;
         let mut g = Graph::new(self.gpu.clone());
         let input = g.pinned("image", batch * height * width * cfg.in_chans);
-        let (mut x, mut h, mut w, mut cin, mut tokens, mut off) =
-            (input, height, width, cfg.in_chans, height * width, 0);
+        let (mut x, mut h, mut w, mut cin, mut tokens, mut off) = (input, height, width, cfg.in_chans, height * width, 0);
         for (s, st) in self.stages.iter().enumerate() {
             let c = cfg.dims[s];
-            let geom = ConvGeom {
-                batch,
-                in_h: h,
-                in_w: w,
-                cin,
-                in_tokens: tokens,
-                in_tok_off: off,
-                k: cfg.patch_sizes[s],
-                stride: cfg.patch_strides[s],
-                pad: cfg.patch_padding[s],
-            };
+            let geom = ConvGeom { batch, in_h: h, in_w: w, cin, in_tokens: tokens, in_tok_off: off, k: cfg.patch_sizes[s], stride: cfg.patch_strides[s], pad: cfg.patch_padding[s] };
             let (oh, ow) = grids[s];
             let e = conv2d(&mut g, &format!("stage{s}.embed"), x, geom, &st.embed)?;
             let cls = st.cls.is_some() as usize;
             let t = cls + oh * ow;
             let xs = g.tensor(format!("stage{s}.x"), batch * t * c);
-            let map = RowMap {
-                rows: batch * oh * ow,
-                group: oh * ow,
-                in_stride: oh * ow,
-                in_off: 0,
-                out_stride: t,
-                out_off: cls,
-            };
-            layernorm(
-                &mut g,
-                &format!("stage{s}.embed_norm"),
-                e,
-                map,
-                &st.embed_norm,
-                Some(xs),
-            )?;
+            let map = RowMap { rows: batch * oh * ow, group: oh * ow, in_stride: oh * ow, in_off: 0, out_stride: t, out_off: cls };
+            layernorm(&mut g, &format!("stage{s}.embed_norm"), e, map, &st.embed_norm, Some(xs))?;
             if let Some(cls_buf) = &st.cls {
                 cls_fill(&mut g, &format!("stage{s}.cls"), cls_buf, xs, batch, t, c)?;
             }
@@ -240,151 +150,35 @@ impl Model {
             let tk = cls + kh * kw;
             for (j, b) in st.blocks.iter().enumerate() {
                 let l = format!("stage{s}.blocks.{j}");
-                let hn = layernorm(
-                    &mut g,
-                    &format!("{l}.norm1"),
-                    xs,
-                    RowMap::dense(batch * t),
-                    &b.norm1,
-                    None,
-                )?;
-                let (q0, k0, v0) = conv_proj(
-                    &mut g,
-                    &format!("{l}.conv_proj"),
-                    hn,
-                    batch,
-                    oh,
-                    ow,
-                    cls,
-                    &b.conv_proj,
-                )?;
-                let q = linear(
-                    &mut g,
-                    &format!("{l}.proj_q"),
-                    q0,
-                    batch * t,
-                    &b.proj_q,
-                    Act::None,
-                    Out::New,
-                )?;
-                let k = linear(
-                    &mut g,
-                    &format!("{l}.proj_k"),
-                    k0,
-                    batch * tk,
-                    &b.proj_k,
-                    Act::None,
-                    Out::New,
-                )?;
-                let v = linear(
-                    &mut g,
-                    &format!("{l}.proj_v"),
-                    v0,
-                    batch * tk,
-                    &b.proj_v,
-                    Act::None,
-                    Out::New,
-                )?;
-                let shape = AttnShape {
-                    batch,
-                    tq: t,
-                    tkv: tk,
-                    c,
-                    heads: cfg.heads[s],
-                    scale: (c as f32).powf(-0.5),
-                };
+                let hn = layernorm(&mut g, &format!("{l}.norm1"), xs, RowMap::dense(batch * t), &b.norm1, None)?;
+                let (q0, k0, v0) = conv_proj(&mut g, &format!("{l}.conv_proj"), hn, batch, oh, ow, cls, &b.conv_proj)?;
+                let q = linear(&mut g, &format!("{l}.proj_q"), q0, batch * t, &b.proj_q, Act::None, Out::New)?;
+                let k = linear(&mut g, &format!("{l}.proj_k"), k0, batch * tk, &b.proj_k, Act::None, Out::New)?;
+                let v = linear(&mut g, &format!("{l}.proj_v"), v0, batch * tk, &b.proj_v, Act::None, Out::New)?;
+                let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
                 let a = attention(&mut g, &format!("{l}.attn"), q, k, v, shape)?;
-                linear(
-                    &mut g,
-                    &format!("{l}.proj"),
-                    a,
-                    batch * t,
-                    &b.proj,
-                    Act::None,
-                    Out::Accumulate(xs),
-                )?;
-                let h2 = layernorm(
-                    &mut g,
-                    &format!("{l}.norm2"),
-                    xs,
-                    RowMap::dense(batch * t),
-                    &b.norm2,
-                    None,
-                )?;
-                let u = linear(
-                    &mut g,
-                    &format!("{l}.fc1"),
-                    h2,
-                    batch * t,
-                    &b.fc1,
-                    self.act,
-                    Out::New,
-                )?;
-                linear(
-                    &mut g,
-                    &format!("{l}.fc2"),
-                    u,
-                    batch * t,
-                    &b.fc2,
-                    Act::None,
-                    Out::Accumulate(xs),
-                )?;
+                linear(&mut g, &format!("{l}.proj"), a, batch * t, &b.proj, Act::None, Out::Accumulate(xs))?;
+                let h2 = layernorm(&mut g, &format!("{l}.norm2"), xs, RowMap::dense(batch * t), &b.norm2, None)?;
+                let u = linear(&mut g, &format!("{l}.fc1"), h2, batch * t, &b.fc1, self.act, Out::New)?;
+                linear(&mut g, &format!("{l}.fc2"), u, batch * t, &b.fc2, Act::None, Out::Accumulate(xs))?;
             }
             (x, h, w, cin, tokens, off) = (xs, oh, ow, c, t, cls);
         }
         let c = cin;
         let feat = if off == 1 {
             // Final norm on the cls token only (spec §2.1).
-            let map = RowMap {
-                rows: batch,
-                group: 1,
-                in_stride: tokens,
-                in_off: 0,
-                out_stride: 1,
-                out_off: 0,
-            };
+            let map = RowMap { rows: batch, group: 1, in_stride: tokens, in_off: 0, out_stride: 1, out_off: 0 };
             layernorm(&mut g, "norm", x, map, &self.norm, None)?
         } else {
-            let n = layernorm(
-                &mut g,
-                "norm",
-                x,
-                RowMap::dense(batch * tokens),
-                &self.norm,
-                None,
-            )?;
+            let n = layernorm(&mut g, "norm", x, RowMap::dense(batch * tokens), &self.norm, None)?;
             mean_tokens(&mut g, "pool", n, batch, tokens, c)?
         };
         let logits = g.pinned("logits", batch * cfg.num_classes);
-        linear(
-            &mut g,
-            "head",
-            feat,
-            batch,
-            &self.head,
-            Act::None,
-            Out::Into(logits),
-        )?;
+        linear(&mut g, "head", feat, batch, &self.head, Act::None, Out::Into(logits))?;
         let probs = g.pinned("probs", batch * cfg.num_classes);
-        softmax(
-            &mut g,
-            "softmax",
-            logits,
-            batch,
-            cfg.num_classes,
-            Some(probs),
-        )?;
+        softmax(&mut g, "softmax", logits, batch, cfg.num_classes, Some(probs))?;
         let plan = g.compile()?;
-        Ok(ForwardPlan {
-            plan,
-            batch,
-            height,
-            width,
-            classes: cfg.num_classes,
-            input,
-            logits,
-            probs,
-        })
+        Ok(ForwardPlan { plan, batch, height, width, classes: cfg.num_classes, input, logits, probs })
     }
 }
 
@@ -395,9 +189,7 @@ impl Model {
         let mut b = batch.max(1);
         loop {
             match self.plan(b, height, width) {
-                Err(e) if b > 1 && e.downcast_ref::<crate::graph::TooLarge>().is_some() => {
-                    b = b.div_ceil(2)
-                }
+                Err(e) if b > 1 && e.downcast_ref::<crate::graph::TooLarge>().is_some() => b = b.div_ceil(2),
                 other => return other,
             }
         }

@@ -43,10 +43,7 @@ pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let ck = read_checkpoint(path)?;
     let shown = path.display();
     let meta_cfg = match ck.metadata.get("cvt_config") {
-        Some(j) => Some(
-            serde_json::from_str::<CvtConfig>(j)
-                .with_context(|| format!("{shown}: invalid cvt_config metadata"))?,
-        ),
+        Some(j) => Some(serde_json::from_str::<CvtConfig>(j).with_context(|| format!("{shown}: invalid cvt_config metadata"))?),
         None => None,
     };
     let cfg = match (&opts.config, meta_cfg) {
@@ -57,7 +54,8 @@ pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
             if c.name == "custom" {
                 anyhow::bail!(
                     "{shown}: not a released CvT shape (dims {:?}, depths {:?}) and no cvt_config metadata; the number of heads is not visible in the weights, so pass --config JSON",
-                    c.dims, c.depths
+                    c.dims,
+                    c.depths
                 );
             }
             if let Some(fc1) = ck.tensors.get("stage0.blocks.0.mlp.fc1.weight") {
@@ -78,22 +76,13 @@ pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         Naming::Hf => Act::Gelu,
     });
     let labels = match ck.metadata.get("labels") {
-        Some(j) => Some(
-            serde_json::from_str::<Vec<String>>(j)
-                .with_context(|| format!("{shown}: invalid labels metadata"))?,
-        ),
+        Some(j) => Some(serde_json::from_str::<Vec<String>>(j).with_context(|| format!("{shown}: invalid labels metadata"))?),
         None => None,
     };
     let preprocess = match ck.metadata.get("preprocess") {
-        Some(j) => serde_json::from_str(j)
-            .with_context(|| format!("{shown}: invalid preprocess metadata"))?,
+        Some(j) => serde_json::from_str(j).with_context(|| format!("{shown}: invalid preprocess metadata"))?,
         None => crate::preprocess::Spec::imagenet(),
     };
     let model = Model::new(gpu, cfg, &ck.tensors, act).with_context(|| format!("{shown}"))?;
-    Ok(Loaded {
-        model,
-        naming: ck.naming,
-        labels,
-        preprocess,
-    })
+    Ok(Loaded { model, naming: ck.naming, labels, preprocess })
 }

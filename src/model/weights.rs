@@ -41,39 +41,15 @@ pub struct Checkpoint {
 
 /// HF → official substitutions, applied in order to the part after the prefix.
 const HF_TO_OFFICIAL: &[(&str, &str)] = &[
-    (
-        "embedding.convolution_embeddings.projection.",
-        "patch_embed.proj.",
-    ),
-    (
-        "embedding.convolution_embeddings.normalization.",
-        "patch_embed.norm.",
-    ),
+    ("embedding.convolution_embeddings.projection.", "patch_embed.proj."),
+    ("embedding.convolution_embeddings.normalization.", "patch_embed.norm."),
     (".layers.", ".blocks."),
-    (
-        "attention.attention.convolution_projection_query.convolution_projection.convolution.",
-        "attn.conv_proj_q.conv.",
-    ),
-    (
-        "attention.attention.convolution_projection_key.convolution_projection.convolution.",
-        "attn.conv_proj_k.conv.",
-    ),
-    (
-        "attention.attention.convolution_projection_value.convolution_projection.convolution.",
-        "attn.conv_proj_v.conv.",
-    ),
-    (
-        "attention.attention.convolution_projection_query.convolution_projection.normalization.",
-        "attn.conv_proj_q.bn.",
-    ),
-    (
-        "attention.attention.convolution_projection_key.convolution_projection.normalization.",
-        "attn.conv_proj_k.bn.",
-    ),
-    (
-        "attention.attention.convolution_projection_value.convolution_projection.normalization.",
-        "attn.conv_proj_v.bn.",
-    ),
+    ("attention.attention.convolution_projection_query.convolution_projection.convolution.", "attn.conv_proj_q.conv."),
+    ("attention.attention.convolution_projection_key.convolution_projection.convolution.", "attn.conv_proj_k.conv."),
+    ("attention.attention.convolution_projection_value.convolution_projection.convolution.", "attn.conv_proj_v.conv."),
+    ("attention.attention.convolution_projection_query.convolution_projection.normalization.", "attn.conv_proj_q.bn."),
+    ("attention.attention.convolution_projection_key.convolution_projection.normalization.", "attn.conv_proj_k.bn."),
+    ("attention.attention.convolution_projection_value.convolution_projection.normalization.", "attn.conv_proj_v.bn."),
     ("attention.attention.projection_query.", "attn.proj_q."),
     ("attention.attention.projection_key.", "attn.proj_k."),
     ("attention.attention.projection_value.", "attn.proj_v."),
@@ -92,10 +68,7 @@ pub fn hf_to_official(name: &str) -> Option<String> {
     if let Some(rest) = name.strip_prefix("classifier.") {
         return Some(format!("head.{rest}"));
     }
-    let rest = name
-        .strip_prefix("cvt.")
-        .unwrap_or(name)
-        .strip_prefix("encoder.stages.")?;
+    let rest = name.strip_prefix("cvt.").unwrap_or(name).strip_prefix("encoder.stages.")?;
     let (stage, tail) = rest.split_once('.')?;
     let mut tail = format!(".{tail}");
     for (from, to) in HF_TO_OFFICIAL {
@@ -122,15 +95,11 @@ pub fn official_to_hf(name: &str) -> String {
 }
 
 fn f16_to_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(2)
-        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect()
+    b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
 }
 
 fn bf16_to_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(2)
-        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect()
+    b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
 }
 
 /// Reads a safetensors checkpoint in either naming.
@@ -141,30 +110,20 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     }
     let bytes = std::fs::read(path).with_context(|| format!("{shown}: cannot read"))?;
     if bytes.starts_with(b"PK\x03\x04") {
-        bail!(
-            "{shown}: is a PyTorch zip checkpoint (.pth/.bin); this build reads safetensors only"
-        );
+        bail!("{shown}: is a PyTorch zip checkpoint (.pth/.bin); this build reads safetensors only");
     }
     let invalid = |e: safetensors::SafeTensorError| {
         use safetensors::SafeTensorError as E;
         let why = match e {
-            E::HeaderTooSmall | E::InvalidHeaderLength | E::MetadataIncompleteBuffer => {
-                "truncated or not safetensors".to_string()
-            }
-            E::InvalidHeader | E::InvalidHeaderStart | E::InvalidHeaderDeserialization => {
-                "corrupt header".to_string()
-            }
+            E::HeaderTooSmall | E::InvalidHeaderLength | E::MetadataIncompleteBuffer => "truncated or not safetensors".to_string(),
+            E::InvalidHeader | E::InvalidHeaderStart | E::InvalidHeaderDeserialization => "corrupt header".to_string(),
             other => format!("{other:?}"),
         };
         anyhow!("{shown}: not a valid safetensors file ({why})")
     };
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(invalid)?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(invalid)?;
-    let metadata: BTreeMap<String, String> = meta
-        .metadata()
-        .clone()
-        .map(|m| m.into_iter().collect())
-        .unwrap_or_default();
+    let metadata: BTreeMap<String, String> = meta.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default();
     let mut raw: Vec<(String, Tensor)> = vec![];
     for (name, view) in st.tensors() {
         use safetensors::Dtype;
@@ -178,16 +137,12 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
             Dtype::BF16 => bf16_to_f32(view.data()),
             // BatchNorm's step counter: meaningless at inference.
             Dtype::I64 if name.ends_with("num_batches_tracked") => continue,
-            other => bail!(
-                "{shown}: tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported"
-            ),
+            other => bail!("{shown}: tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported"),
         };
         raw.push((name, Tensor::new(view.shape().to_vec(), data)));
     }
     let strip = |n: &str| n.strip_prefix("module.").unwrap_or(n).to_string();
-    let hf = raw.iter().any(|(n, _)| {
-        strip(n).starts_with("cvt.encoder.") || strip(n).starts_with("encoder.stages.")
-    });
+    let hf = raw.iter().any(|(n, _)| strip(n).starts_with("cvt.encoder.") || strip(n).starts_with("encoder.stages."));
     let official = raw.iter().any(|(n, _)| strip(n).starts_with("stage0."));
     let naming = match (official, hf) {
         (true, false) => Naming::Official,
@@ -203,17 +158,11 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
         let name = strip(&name);
         let canon = match naming {
             Naming::Official => name.clone(),
-            Naming::Hf => {
-                hf_to_official(&name).ok_or_else(|| anyhow!("{shown}: unexpected tensor {name}"))?
-            }
+            Naming::Hf => hf_to_official(&name).ok_or_else(|| anyhow!("{shown}: unexpected tensor {name}"))?,
         };
         tensors.insert(canon, t);
     }
-    Ok(Checkpoint {
-        tensors,
-        naming,
-        metadata,
-    })
+    Ok(Checkpoint { tensors, naming, metadata })
 }
 
 /// Every parameter the architecture needs, with its shape (official names).
@@ -226,10 +175,7 @@ pub fn expected_shapes(cfg: &CvtConfig) -> Vec<(String, Vec<usize>)> {
         if cfg.cls_token[s] {
             v.push((format!("stage{s}.cls_token"), vec![1, 1, c]));
         }
-        v.push((
-            format!("stage{s}.patch_embed.proj.weight"),
-            vec![c, cin, k, k],
-        ));
+        v.push((format!("stage{s}.patch_embed.proj.weight"), vec![c, cin, k, k]));
         v.push((format!("stage{s}.patch_embed.proj.bias"), vec![c]));
         v.push((format!("stage{s}.patch_embed.norm.weight"), vec![c]));
         v.push((format!("stage{s}.patch_embed.norm.bias"), vec![c]));
@@ -241,10 +187,7 @@ pub fn expected_shapes(cfg: &CvtConfig) -> Vec<(String, Vec<usize>)> {
                 v.push((format!("{p}.{n}.bias"), vec![c]));
             }
             for x in ["q", "k", "v"] {
-                v.push((
-                    format!("{p}.attn.conv_proj_{x}.conv.weight"),
-                    vec![c, 1, 3, 3],
-                ));
+                v.push((format!("{p}.attn.conv_proj_{x}.conv.weight"), vec![c, 1, 3, 3]));
                 for bn in ["weight", "bias", "running_mean", "running_var"] {
                     v.push((format!("{p}.attn.conv_proj_{x}.bn.{bn}"), vec![c]));
                 }
@@ -269,11 +212,7 @@ pub fn expected_shapes(cfg: &CvtConfig) -> Vec<(String, Vec<usize>)> {
 }
 
 /// Checks a checkpoint against the architecture; the error lists every problem.
-pub fn check_against(
-    cfg: &CvtConfig,
-    tensors: &HashMap<String, Tensor>,
-    naming: Naming,
-) -> Result<()> {
+pub fn check_against(cfg: &CvtConfig, tensors: &HashMap<String, Tensor>, naming: Naming) -> Result<()> {
     let show = |n: &str| match naming {
         Naming::Official => n.to_string(),
         Naming::Hf => official_to_hf(n),
@@ -284,21 +223,12 @@ pub fn check_against(
     for (name, shape) in &expected {
         match tensors.get(name) {
             None => missing.push(show(name)),
-            Some(t) if &t.shape != shape => wrong.push(format!(
-                "{} is {:?}, expected {:?}",
-                show(name),
-                t.shape,
-                shape
-            )),
+            Some(t) if &t.shape != shape => wrong.push(format!("{} is {:?}, expected {:?}", show(name), t.shape, shape)),
             _ => {}
         }
     }
     let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    let mut extra: Vec<String> = tensors
-        .keys()
-        .filter(|k| !known.contains(k.as_str()))
-        .map(|k| show(k))
-        .collect();
+    let mut extra: Vec<String> = tensors.keys().filter(|k| !known.contains(k.as_str())).map(|k| show(k)).collect();
     extra.sort();
     missing.sort();
     let list = |v: &[String]| {
@@ -319,21 +249,13 @@ pub fn check_against(
         problems.push(format!("unexpected: {}", list(&extra)));
     }
     if !problems.is_empty() {
-        bail!(
-            "checkpoint does not match {} ({}): {}",
-            cfg.name,
-            describe(cfg),
-            problems.join("; ")
-        );
+        bail!("checkpoint does not match {} ({}): {}", cfg.name, describe(cfg), problems.join("; "));
     }
     Ok(())
 }
 
 fn describe(cfg: &CvtConfig) -> String {
-    format!(
-        "dims {:?}, depths {:?}, {} classes",
-        cfg.dims, cfg.depths, cfg.num_classes
-    )
+    format!("dims {:?}, depths {:?}, {} classes", cfg.dims, cfg.depths, cfg.num_classes)
 }
 
 /// Fresh parameters for training from scratch, initialised as the official code
@@ -348,18 +270,10 @@ pub fn init_tensors(cfg: &CvtConfig, seed: u64) -> HashMap<String, Tensor> {
         let n: usize = shape.iter().product();
         let is_conv = name.contains("patch_embed.proj") || name.contains(".conv.");
         let data: Vec<f32> = if is_conv {
-            let fan_in: usize = if name.ends_with("weight") {
-                shape[1..].iter().product()
-            } else {
-                fan_in_of_conv(cfg, &name)
-            };
+            let fan_in: usize = if name.ends_with("weight") { shape[1..].iter().product() } else { fan_in_of_conv(cfg, &name) };
             let bound = 1.0 / (fan_in as f32).sqrt();
-            (0..n)
-                .map(|_| bound * (2.0 * rng.uniform() - 1.0))
-                .collect()
-        } else if name.ends_with("running_var")
-            || ((name.contains("norm") || name.contains(".bn.")) && name.ends_with("weight"))
-        {
+            (0..n).map(|_| bound * (2.0 * rng.uniform() - 1.0)).collect()
+        } else if name.ends_with("running_var") || ((name.contains("norm") || name.contains(".bn.")) && name.ends_with("weight")) {
             vec![1.0; n]
         } else if name.ends_with("bias") || name.ends_with("running_mean") {
             vec![0.0; n]
@@ -382,11 +296,7 @@ pub fn init_tensors(cfg: &CvtConfig, seed: u64) -> HashMap<String, Tensor> {
 /// fan_in of a conv's weight, for its bias's default init.
 fn fan_in_of_conv(cfg: &CvtConfig, bias_name: &str) -> usize {
     let w = bias_name.replace(".bias", ".weight");
-    expected_shapes(cfg)
-        .into_iter()
-        .find(|(n, _)| *n == w)
-        .map(|(_, s)| s[1..].iter().product())
-        .unwrap_or(1)
+    expected_shapes(cfg).into_iter().find(|(n, _)| *n == w).map(|(_, s)| s[1..].iter().product()).unwrap_or(1)
 }
 
 /// Deterministic random parameters for a config (official naming), non-trivial
@@ -396,29 +306,13 @@ pub fn random_tensors(cfg: &CvtConfig, seed: u64) -> HashMap<String, Tensor> {
     let mut out = HashMap::new();
     for (name, shape) in expected_shapes(cfg) {
         let n: usize = shape.iter().product();
-        let fan_in: usize = if shape.len() > 1 {
-            shape[1..].iter().product()
-        } else {
-            1
-        };
+        let fan_in: usize = if shape.len() > 1 { shape[1..].iter().product() } else { 1 };
         let data: Vec<f32> = if name.ends_with("running_var") {
             (0..n).map(|_| 0.5 + rng.uniform()).collect()
         } else if name.contains("norm") || name.contains(".bn.weight") {
-            (0..n)
-                .map(|_| {
-                    if name.ends_with("weight") {
-                        0.8 + 0.4 * rng.uniform()
-                    } else {
-                        0.1 * rng.normal()
-                    }
-                })
-                .collect()
+            (0..n).map(|_| if name.ends_with("weight") { 0.8 + 0.4 * rng.uniform() } else { 0.1 * rng.normal() }).collect()
         } else {
-            let std = if shape.len() > 1 {
-                (1.0 / fan_in as f32).sqrt()
-            } else {
-                0.05
-            };
+            let std = if shape.len() > 1 { (1.0 / fan_in as f32).sqrt() } else { 0.05 };
             (0..n).map(|_| std * rng.normal()).collect()
         };
         out.insert(name, Tensor::new(shape, data));

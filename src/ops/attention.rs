@@ -34,14 +34,7 @@ pub fn check_heads(c: usize, heads: usize) -> Result<()> {
     Ok(())
 }
 
-pub fn attention(
-    g: &mut Graph,
-    label: &str,
-    q: TensorId,
-    k: TensorId,
-    v: TensorId,
-    s: AttnShape,
-) -> Result<TensorId> {
+pub fn attention(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: TensorId, s: AttnShape) -> Result<TensorId> {
     let kind = preferred_kind(&g.gpu);
     attention_with(g, label, q, k, v, s, kind)
 }
@@ -49,174 +42,62 @@ pub fn attention(
 /// As `attention`, with the operand path given (tests run both). The texture
 /// path copies q, k, v into textures when C % 64 == 0 (256-byte rows) and packs
 /// them with a kernel otherwise.
-pub fn attention_with(
-    g: &mut Graph,
-    label: &str,
-    q: TensorId,
-    k: TensorId,
-    v: TensorId,
-    s: AttnShape,
-    kind: MatmulKind,
-) -> Result<TensorId> {
+pub fn attention_with(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: TensorId, s: AttnShape, kind: MatmulKind) -> Result<TensorId> {
     check_heads(s.c, s.heads)?;
     let d4 = s.c / s.heads / 4;
     let o = g.tensor(label.to_string(), s.batch * s.tq * s.c);
-    let params = |batch: usize, b_off: usize| {
-        vec![
-            batch as u32,
-            s.tq as u32,
-            s.tkv as u32,
-            (s.c / 4) as u32,
-            s.heads as u32,
-            s.scale.to_bits(),
-            b_off as u32,
-            0,
-        ]
-    };
+    let params = |batch: usize, b_off: usize| vec![batch as u32, s.tq as u32, s.tkv as u32, (s.c / 4) as u32, s.heads as u32, s.scale.to_bits(), b_off as u32, 0];
     // QKᵀ and PV: 2 multiply-adds per (query, key, channel).
     let flops = |batch: usize| 4.0 * (batch * s.tq * s.tkv * s.c) as f64;
     let max_tex = g.gpu.limits.max_texture_dimension_2d as usize;
     let per_chunk = max_tex / s.tq.max(s.tkv);
     if kind == MatmulKind::Texture && s.c / 4 <= max_tex && per_chunk > 0 {
-        let pipeline = g.gpu.pipeline(
-            "attention",
-            "main_tex",
-            &[("WG", WG as f64), ("D4", d4 as f64)],
-        )?;
+        let pipeline = g.gpu.pipeline("attention", "main_tex", &[("WG", WG as f64), ("D4", d4 as f64)])?;
         for b0 in (0..s.batch).step_by(per_chunk) {
             let nb = per_chunk.min(s.batch - b0);
             // Rows of 256-byte multiples are copied; other widths are packed by a kernel.
-            let tex = |g: &mut Graph,
-                       t: TensorId,
-                       rows_per: usize,
-                       binding: u32|
-             -> Result<crate::graph::TexRef> {
+            let tex = |g: &mut Graph, t: TensorId, rows_per: usize, binding: u32| -> Result<crate::graph::TexRef> {
                 if s.c % 64 == 0 {
                     Ok(g.to_texture(t, b0 * rows_per, nb * rows_per, s.c / 4, binding))
                 } else {
                     let view = View::new(Src::Act(t), s.batch * rows_per, s.c, s.c);
-                    pack(
-                        g,
-                        label,
-                        &view,
-                        (b0 * rows_per, nb * rows_per),
-                        (0, s.c),
-                        binding,
-                    )
+                    pack(g, label, &view, (b0 * rows_per, nb * rows_per), (0, s.c), binding)
                 }
             };
             let qt = tex(g, q, s.tq, 5)?;
             let kt = tex(g, k, s.tkv, 6)?;
             let vt = tex(g, v, s.tkv, 7)?;
             let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, nb as u32];
-            let bindings = vec![
-                Res::Unused,
-                Res::Unused,
-                Res::Unused,
-                Res::Act(o),
-                Res::Uniform(params(nb, b0)),
-                Res::ActTex(qt),
-                Res::ActTex(kt),
-                Res::ActTex(vt),
-            ];
+            let bindings = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(o), Res::Uniform(params(nb, b0)), Res::ActTex(qt), Res::ActTex(kt), Res::ActTex(vt)];
             g.dispatch(label, pipeline.clone(), bindings, groups, flops(nb));
         }
         return Ok(o);
     }
-    let pipeline = g
-        .gpu
-        .pipeline("attention", "main", &[("WG", WG as f64), ("D4", d4 as f64)])?;
+    let pipeline = g.gpu.pipeline("attention", "main", &[("WG", WG as f64), ("D4", d4 as f64)])?;
     let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
-    g.dispatch(
-        label,
-        pipeline,
-        vec![
-            Res::Act(q),
-            Res::Act(k),
-            Res::Act(v),
-            Res::Act(o),
-            Res::Uniform(params(s.batch, 0)),
-        ],
-        groups,
-        flops(s.batch),
-    );
+    g.dispatch(label, pipeline, vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params(s.batch, 0))], groups, flops(s.batch));
     Ok(o)
 }
 
 /// Appends the attention backward (buffer operands, probabilities recomputed):
 /// given q, k, v, the forward output o and its gradient dout, returns (dq, dk, dv).
-pub fn attention_backward(
-    g: &mut Graph,
-    label: &str,
-    (q, k, v, o): (TensorId, TensorId, TensorId, TensorId),
-    dout: TensorId,
-    s: AttnShape,
-) -> Result<(TensorId, TensorId, TensorId)> {
+pub fn attention_backward(g: &mut Graph, label: &str, (q, k, v, o): (TensorId, TensorId, TensorId, TensorId), dout: TensorId, s: AttnShape) -> Result<(TensorId, TensorId, TensorId)> {
     check_heads(s.c, s.heads)?;
     let d4 = s.c / s.heads / 4;
     let dq = g.tensor(format!("{label}.dq"), s.batch * s.tq * s.c);
     let dk = g.tensor(format!("{label}.dk"), s.batch * s.tkv * s.c);
     let dv = g.tensor(format!("{label}.dv"), s.batch * s.tkv * s.c);
     let ld = g.tensor(format!("{label}.lse_d"), s.batch * s.heads * s.tq * 2);
-    let params = vec![
-        s.batch as u32,
-        s.tq as u32,
-        s.tkv as u32,
-        (s.c / 4) as u32,
-        s.heads as u32,
-        s.scale.to_bits(),
-        0,
-        0,
-    ];
+    let params = vec![s.batch as u32, s.tq as u32, s.tkv as u32, (s.c / 4) as u32, s.heads as u32, s.scale.to_bits(), 0, 0];
     let consts = [("WG", WG as f64), ("D4", d4 as f64)];
     // Per (query, key, channel): QKᵀ recomputed twice and dO·Vᵀ once in each kernel, plus dS·K / Pᵀ·dO / dSᵀ·Q.
     let flops = 2.0 * (s.batch * s.tq * s.tkv * s.c) as f64;
     let u = || Res::Unused;
-    let bq = vec![
-        Res::Act(q),
-        Res::Act(k),
-        Res::Act(v),
-        Res::Act(o),
-        Res::Uniform(params.clone()),
-        u(),
-        u(),
-        u(),
-        Res::Act(dout),
-        Res::Act(dq),
-        Res::Act(ld),
-        u(),
-        u(),
-    ];
+    let bq = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params.clone()), u(), u(), u(), Res::Act(dout), Res::Act(dq), Res::Act(ld), u(), u()];
     let pq = g.gpu.pipeline("attention", "attn_bwd_q", &consts)?;
-    g.dispatch(
-        format!("{label}.bwd_q"),
-        pq,
-        bq,
-        [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32],
-        4.0 * flops,
-    );
-    let bkv = vec![
-        Res::Act(q),
-        Res::Act(k),
-        Res::Act(v),
-        u(),
-        Res::Uniform(params),
-        u(),
-        u(),
-        u(),
-        Res::Act(dout),
-        u(),
-        Res::Act(ld),
-        Res::Act(dk),
-        Res::Act(dv),
-    ];
+    g.dispatch(format!("{label}.bwd_q"), pq, bq, [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32], 4.0 * flops);
+    let bkv = vec![Res::Act(q), Res::Act(k), Res::Act(v), u(), Res::Uniform(params), u(), u(), u(), Res::Act(dout), u(), Res::Act(ld), Res::Act(dk), Res::Act(dv)];
     let pkv = g.gpu.pipeline("attention", "attn_bwd_kv", &consts)?;
-    g.dispatch(
-        format!("{label}.bwd_kv"),
-        pkv,
-        bkv,
-        [s.tkv.div_ceil(WG) as u32, s.heads as u32, s.batch as u32],
-        4.0 * flops,
-    );
+    g.dispatch(format!("{label}.bwd_kv"), pkv, bkv, [s.tkv.div_ceil(WG) as u32, s.heads as u32, s.batch as u32], 4.0 * flops);
     Ok((dq, dk, dv))
 }

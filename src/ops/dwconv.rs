@@ -42,13 +42,7 @@ pub fn fold_bn(conv: &[f32], bn: &BatchNorm, c: usize) -> (Vec<f32>, Vec<f32>) {
 
 impl ConvProj {
     /// From the q, k, v depthwise weights ([C, 1, 3, 3] each) and their BatchNorms.
-    pub fn new(
-        gpu: &Gpu,
-        name: &str,
-        convs: [&[f32]; 3],
-        bns: [BatchNorm; 3],
-        c: usize,
-    ) -> Result<ConvProj> {
+    pub fn new(gpu: &Gpu, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize) -> Result<ConvProj> {
         check_width(name, c)?;
         let mut w = Vec::with_capacity(27 * c);
         let mut b = Vec::with_capacity(3 * c);
@@ -57,21 +51,14 @@ impl ConvProj {
             w.extend(wi);
             b.extend(bi);
         }
-        Ok(ConvProj {
-            w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?),
-            b: Arc::new(gpu.upload(&format!("{name}.b"), &b)?),
-            c,
-        })
+        Ok(ConvProj { w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?), b: Arc::new(gpu.upload(&format!("{name}.b"), &b)?), c })
     }
 }
 
 /// The kernels work on four channels at a time (vec4): the width must be a
 /// multiple of 4, which every valid CvT width is (head widths are).
 fn check_width(name: &str, c: usize) -> Result<()> {
-    anyhow::ensure!(
-        c % 4 == 0 && c > 0,
-        "{name}: width {c} is not a multiple of 4"
-    );
+    anyhow::ensure!(c % 4 == 0 && c > 0, "{name}: width {c} is not a multiple of 4");
     Ok(())
 }
 
@@ -81,16 +68,7 @@ pub fn kv_hw(h: usize, w: usize) -> (usize, usize) {
 }
 
 /// x [batch, cls + h*w, C] → (q, k, v).
-pub fn conv_proj(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    batch: usize,
-    h: usize,
-    w: usize,
-    cls: usize,
-    p: &ConvProj,
-) -> Result<(TensorId, TensorId, TensorId)> {
+pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize, w: usize, cls: usize, p: &ConvProj) -> Result<(TensorId, TensorId, TensorId)> {
     let c = p.c;
     let (hk, wk) = kv_hw(h, w);
     let tq = cls + h * w;
@@ -100,27 +78,11 @@ pub fn conv_proj(
     let v = g.tensor(format!("{label}.v"), batch * tk * c);
     // The shader works in units of four channels (vec4).
     let total = batch * tq * c / 4;
-    let params = [batch, h, w, c / 4, cls, hk, wk, total]
-        .map(|v| v as u32)
-        .to_vec();
+    let params = [batch, h, w, c / 4, cls, hk, wk, total].map(|v| v as u32).to_vec();
     let pipeline = g.gpu.pipeline("dwconv", "main", &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, total.div_ceil(WG) as u64);
     let flops = 2.0 * 9.0 * (batch * c * (h * w + 2 * hk * wk)) as f64;
-    g.dispatch(
-        label,
-        pipeline,
-        vec![
-            Res::Act(x),
-            Res::Buf(p.w.clone()),
-            Res::Buf(p.b.clone()),
-            Res::Act(q),
-            Res::Act(k),
-            Res::Act(v),
-            Res::Uniform(params),
-        ],
-        groups,
-        flops,
-    );
+    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(p.w.clone()), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(params)], groups, flops);
     Ok((q, k, v))
 }
 
@@ -146,13 +108,7 @@ pub struct ConvProjTrain {
 
 impl ConvProjTrain {
     /// From the q, k, v depthwise weights ([C, 1, 3, 3] each) and BN tensors.
-    pub fn new(
-        gpu: &Gpu,
-        name: &str,
-        convs: [&[f32]; 3],
-        bns: [BatchNorm; 3],
-        c: usize,
-    ) -> Result<ConvProjTrain> {
+    pub fn new(gpu: &Gpu, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize) -> Result<ConvProjTrain> {
         check_width(name, c)?;
         let mut w = Vec::with_capacity(27 * c);
         for conv in convs {
@@ -169,16 +125,8 @@ impl ConvProjTrain {
                 running: Arc::new(gpu.upload(&format!("{name}.bn.running"), &running)?),
             });
         }
-        let bn: [BnParams; 3] = bn
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("three BatchNorms"))?;
-        Ok(ConvProjTrain {
-            w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?),
-            zero_bias: Arc::new(gpu.upload(&format!("{name}.zero_bias"), &vec![0.0; 3 * c])?),
-            bn,
-            c,
-            bn_eval: false,
-        })
+        let bn: [BnParams; 3] = bn.try_into().map_err(|_| anyhow::anyhow!("three BatchNorms"))?;
+        Ok(ConvProjTrain { w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?), zero_bias: Arc::new(gpu.upload(&format!("{name}.zero_bias"), &vec![0.0; 3 * c])?), bn, c, bn_eval: false })
     }
 }
 
@@ -191,10 +139,7 @@ pub struct ConvProjGrad {
 
 impl ConvProjGrad {
     pub fn new(gpu: &Gpu, name: &str, c: usize) -> Result<ConvProjGrad> {
-        let buf = |what: &str, i: usize| {
-            gpu.storage(&format!("{name}.bn{i}.{what}.grad"), (4 * c) as u64)
-                .map(Arc::new)
-        };
+        let buf = |what: &str, i: usize| gpu.storage(&format!("{name}.bn{i}.{what}.grad"), (4 * c) as u64).map(Arc::new);
         Ok(ConvProjGrad {
             w: Arc::new(gpu.storage(&format!("{name}.w.grad"), (108 * c) as u64)?),
             gamma: [buf("weight", 0)?, buf("weight", 1)?, buf("weight", 2)?],
@@ -211,41 +156,19 @@ pub struct ProjSaved {
 
 /// Params of one map; C in units of four channels, as the shader counts them.
 fn map_params(batch: usize, h: usize, w: usize, c: usize, cls: usize) -> Vec<u32> {
-    [batch, h, w, c / 4, cls, 0, 0, 0]
-        .map(|v| v as u32)
-        .to_vec()
+    [batch, h, w, c / 4, cls, 0, 0, 0].map(|v| v as u32).to_vec()
 }
 
 /// Train-mode forward: x [batch, cls + h*w, C] → (q, k, v) with batch-statistics
 /// BN; updates the running statistics.
-pub fn conv_proj_train(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    batch: usize,
-    h: usize,
-    w: usize,
-    cls: usize,
-    p: &ConvProjTrain,
-) -> Result<((TensorId, TensorId, TensorId), ProjSaved)> {
-    let raw = ConvProj {
-        w: p.w.clone(),
-        b: p.zero_bias.clone(),
-        c: p.c,
-    };
+pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize, w: usize, cls: usize, p: &ConvProjTrain) -> Result<((TensorId, TensorId, TensorId), ProjSaved)> {
+    let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c };
     let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
     let (hk, wk) = kv_hw(h, w);
-    let pipeline = g.gpu.pipeline(
-        "dwconv",
-        "bn_train",
-        &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)],
-    )?;
+    let pipeline = g.gpu.pipeline("dwconv", "bn_train", &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)])?;
     let mut post = vec![];
     let mut stats = vec![];
-    for (m, (pre, (mh, mw))) in [(pq, (h, w)), (pk, (hk, wk)), (pv, (hk, wk))]
-        .into_iter()
-        .enumerate()
-    {
+    for (m, (pre, (mh, mw))) in [(pq, (h, w)), (pk, (hk, wk)), (pv, (hk, wk))].into_iter().enumerate() {
         let out = g.tensor(format!("{label}.bn{m}"), g.len(pre));
         let st = g.tensor(format!("{label}.bn{m}.stats"), 2 * p.c);
         let u = || Res::Unused;
@@ -262,23 +185,11 @@ pub fn conv_proj_train(
             Res::Act(pre),
             Res::Act(out),
         ];
-        g.dispatch(
-            format!("{label}.bn{m}"),
-            pipeline.clone(),
-            b,
-            [(p.c / 4) as u32, 1, 1],
-            0.0,
-        );
+        g.dispatch(format!("{label}.bn{m}"), pipeline.clone(), b, [(p.c / 4) as u32, 1, 1], 0.0);
         post.push(out);
         stats.push(st);
     }
-    Ok((
-        (post[0], post[1], post[2]),
-        ProjSaved {
-            pre: [pq, pk, pv],
-            stats: [stats[0], stats[1], stats[2]],
-        },
-    ))
+    Ok(((post[0], post[1], post[2]), ProjSaved { pre: [pq, pk, pv], stats: [stats[0], stats[1], stats[2]] }))
 }
 
 /// Backward of `conv_proj_train`: from the gradients of q, k, v, writes the weight
@@ -298,17 +209,10 @@ pub fn conv_proj_train_backward(
 ) -> Result<TensorId> {
     let c = p.c;
     let (hk, wk) = kv_hw(h, w);
-    let bn_bwd = g.gpu.pipeline(
-        "dwconv",
-        "bn_backward",
-        &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)],
-    )?;
+    let bn_bwd = g.gpu.pipeline("dwconv", "bn_backward", &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)])?;
     let u = || Res::Unused;
     let mut dpre = vec![];
-    for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))]
-        .into_iter()
-        .enumerate()
-    {
+    for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {
         let out = g.tensor(format!("{label}.bn{m}.dpre"), g.len(dpost));
         let b = vec![
             u(),
@@ -329,61 +233,21 @@ pub fn conv_proj_train_backward(
             u(),
             Res::Buf(grad.beta[m].clone()),
         ];
-        g.dispatch(
-            format!("{label}.bn{m}.backward"),
-            bn_bwd.clone(),
-            b,
-            [(c / 4) as u32, 1, 1],
-            0.0,
-        );
+        g.dispatch(format!("{label}.bn{m}.backward"), bn_bwd.clone(), b, [(c / 4) as u32, 1, 1], 0.0);
         dpre.push(out);
     }
     let total = batch * (cls + h * w) * c;
-    let params = [batch, h, w, c / 4, cls, hk, wk, total / 4]
-        .map(|v| v as u32)
-        .to_vec();
-    let pw = g
-        .gpu
-        .pipeline("dwconv", "dwconv_backward_w", &[("WG", WG as f64)])?;
-    let mut b = vec![
-        Res::Act(x),
-        u(),
-        u(),
-        Res::Act(dpre[0]),
-        Res::Act(dpre[1]),
-        Res::Act(dpre[2]),
-        Res::Uniform(params.clone()),
-    ];
+    let params = [batch, h, w, c / 4, cls, hk, wk, total / 4].map(|v| v as u32).to_vec();
+    let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w", &[("WG", WG as f64)])?;
+    let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params.clone())];
     b.extend((7..14).map(|_| u()));
     b.push(Res::Buf(grad.w.clone()));
-    g.dispatch(
-        format!("{label}.dW"),
-        pw,
-        b,
-        [(27 * c / 4) as u32, 1, 1],
-        0.0,
-    );
+    g.dispatch(format!("{label}.dW"), pw, b, [(27 * c / 4) as u32, 1, 1], 0.0);
     let dx = g.tensor(format!("{label}.dx"), total);
-    let px = g
-        .gpu
-        .pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
-    let mut b = vec![
-        u(),
-        Res::Buf(p.w.clone()),
-        u(),
-        Res::Act(dpre[0]),
-        Res::Act(dpre[1]),
-        Res::Act(dpre[2]),
-        Res::Uniform(params),
-    ];
+    let px = g.gpu.pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
+    let mut b = vec![u(), Res::Buf(p.w.clone()), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params)];
     b.extend((7..15).map(|_| u()));
     b.push(Res::Act(dx));
-    g.dispatch(
-        format!("{label}.dx"),
-        px,
-        b,
-        grid1d(&g.gpu, (total / 4).div_ceil(WG) as u64),
-        0.0,
-    );
+    g.dispatch(format!("{label}.dx"), px, b, grid1d(&g.gpu, (total / 4).div_ceil(WG) as u64), 0.0);
     Ok(dx)
 }

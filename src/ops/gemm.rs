@@ -46,25 +46,13 @@ pub struct View {
 
 impl View {
     pub fn new(src: Src, rows: usize, cols: usize, stride: usize) -> View {
-        View {
-            src,
-            rows,
-            cols,
-            stride,
-            transposed: false,
-        }
+        View { src, rows, cols, stride, transposed: false }
     }
 
     /// The transpose of a row-major [rows, cols] buffer with row `stride`, as a
     /// [cols, rows] view.
     pub fn t(src: Src, rows: usize, cols: usize, stride: usize) -> View {
-        View {
-            src,
-            rows: cols,
-            cols: rows,
-            stride,
-            transposed: true,
-        }
+        View { src, rows: cols, cols: rows, stride, transposed: true }
     }
 }
 
@@ -72,55 +60,29 @@ const WG: usize = 8;
 
 /// Packs view rows [r0, r0 + rows) and columns [c0, c0 + cols) into a plan texture
 /// of ceil(cols / 4) x rows texels for `binding`; entries outside the view are zero.
-pub fn pack(
-    g: &mut Graph,
-    label: &str,
-    v: &View,
-    (r0, rows): (usize, usize),
-    (c0, cols): (usize, usize),
-    binding: u32,
-) -> Result<crate::graph::TexRef> {
+pub fn pack(g: &mut Graph, label: &str, v: &View, (r0, rows): (usize, usize), (c0, cols): (usize, usize), binding: u32) -> Result<crate::graph::TexRef> {
     let width = cols.div_ceil(4);
     let tex = g.tex(width, rows, binding);
-    let off = if v.transposed {
-        c0 * v.stride + r0
-    } else {
-        r0 * v.stride + c0
-    };
+    let off = if v.transposed { c0 * v.stride + r0 } else { r0 * v.stride + c0 };
     let r_real = v.rows.saturating_sub(r0).min(rows);
     let c_real = v.cols.saturating_sub(c0).min(cols);
     let mut p = vec![rows as u32, width as u32, r_real as u32, c_real as u32];
     p.extend([0u32; 11]);
     p.extend([off as u32, v.stride as u32, v.transposed as u32, 0, 0]);
     // Whole vec4 rows when aligned (`pack4` reads the source as vec4 through
-    // binding 1), else scalars (`pack`, binding 0).
-    let vec4 = !v.transposed && off % 4 == 0 && v.stride % 4 == 0 && c_real % 4 == 0;
-    let entry = if vec4 { "pack4" } else { "pack" };
-    let pipeline = g
-        .gpu
-        .pipeline("matmul", entry, &[("WG_X", WG as f64), ("WG_Y", WG as f64)])?;
-    let (s0, s1) = if vec4 {
-        (Res::Unused, v.src.res())
-    } else {
-        (v.src.res(), Res::Unused)
+    // binding 1); transposed and aligned, 4x4 blocks of vec4 loads transposed in
+    // registers (`pack4t`); else scalars (`pack`, binding 0).
+    let aligned = off % 4 == 0 && v.stride % 4 == 0;
+    let (entry, vec4, rows_per_inv) = match (v.transposed, aligned) {
+        (false, true) if c_real % 4 == 0 => ("pack4", true, 1),
+        (true, true) => ("pack4t", true, 4),
+        _ => ("pack", false, 1),
     };
-    let b = vec![
-        s0,
-        s1,
-        Res::Unused,
-        Res::Unused,
-        Res::Uniform(p),
-        Res::Unused,
-        Res::Unused,
-        Res::OutTex(tex),
-    ];
-    g.dispatch(
-        format!("{label}.pack"),
-        pipeline,
-        b,
-        [width.div_ceil(WG) as u32, rows.div_ceil(WG) as u32, 1],
-        0.0,
-    );
+    let pipeline = g.gpu.pipeline("matmul", entry, &[("WG_X", WG as f64), ("WG_Y", WG as f64)])?;
+    let (s0, s1) = if vec4 { (Res::Unused, v.src.res()) } else { (v.src.res(), Res::Unused) };
+    let b = vec![s0, s1, Res::Unused, Res::Unused, Res::Uniform(p), Res::Unused, Res::Unused, Res::OutTex(tex)];
+    let groups = [width.div_ceil(WG) as u32, rows.div_ceil(rows_per_inv).div_ceil(WG) as u32, 1];
+    g.dispatch(format!("{label}.pack"), pipeline, b, groups, 0.0);
     Ok(tex)
 }
 
@@ -134,39 +96,21 @@ pub struct Epilogue {
 
 impl Epilogue {
     pub fn plain() -> Epilogue {
-        Epilogue {
-            act: Act::None,
-            bias: None,
-            accumulate: false,
-        }
+        Epilogue { act: Act::None, bias: None, accumulate: false }
     }
 }
 
 /// out [a.rows, n_out] (+)= act(A·B + bias), with A = `a` [M, K] and B = `b`
 /// [K, N] (N <= n_out; columns N..n_out come out as the bias alone, zero without).
 /// `out` has row stride n_out.
-pub fn tex_gemm(
-    g: &mut Graph,
-    label: &str,
-    a: &View,
-    b: &View,
-    out: Res,
-    n_out: usize,
-    ep: Epilogue,
-) -> Result<()> {
+pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out: usize, ep: Epilogue) -> Result<()> {
     assert_eq!(a.cols, b.rows, "{label}: inner dimensions");
     let (m, k) = (a.rows, a.cols);
     let max = g.gpu.limits.max_texture_dimension_2d as usize;
     let k_chunk = (max / 4) * 4;
     let n4 = n_out.div_ceil(4);
-    anyhow::ensure!(
-        n4 <= max && k_chunk.div_ceil(4) <= max,
-        "{label}: {n_out} columns exceed the texture limit"
-    );
-    anyhow::ensure!(
-        ep.act == Act::None || k <= k_chunk,
-        "{label}: a fused activation needs K within one texture"
-    );
+    anyhow::ensure!(n4 <= max && k_chunk.div_ceil(4) <= max, "{label}: {n_out} columns exceed the texture limit");
+    anyhow::ensure!(ep.act == Act::None || k <= k_chunk, "{label}: a fused activation needs K within one texture");
     let unused = g.gpu.placeholder();
     let out_res = |o: &Res| match o {
         Res::Act(t) => Res::Act(*t),
@@ -184,13 +128,7 @@ pub fn tex_gemm(
             let pipeline = g.gpu.pipeline(
                 "matmul",
                 "main_tex",
-                &[
-                    ("ACT", ep.act.code()),
-                    ("HAS_BIAS", has_bias as u32 as f64),
-                    ("ACCUMULATE", (ep.accumulate || !first) as u32 as f64),
-                    ("WG_X", super::matmul::TWG_X as f64),
-                    ("WG_Y", 1.0),
-                ],
+                &[("ACT", ep.act.code()), ("HAS_BIAS", has_bias as u32 as f64), ("ACCUMULATE", (ep.accumulate || !first) as u32 as f64), ("WG_X", super::matmul::TWG_X as f64), ("WG_Y", 1.0)],
             )?;
             let mut p = vec![rows as u32, n_out as u32, kc as u32, n4 as u32];
             p.extend([0u32; 11]);
@@ -199,28 +137,9 @@ pub fn tex_gemm(
                 (Some(bb), true) => Res::Buf(bb.clone()),
                 _ => Res::Buf(unused.clone()),
             };
-            let groups = [
-                n4.div_ceil(super::matmul::TRN4)
-                    .div_ceil(super::matmul::TWG_X) as u32,
-                rows.div_ceil(super::matmul::TRM) as u32,
-                1,
-            ];
-            let bind = vec![
-                Res::Unused,
-                Res::Unused,
-                bias,
-                out_res(&out),
-                Res::Uniform(p),
-                Res::ActTex(at),
-                Res::ActTex(bt),
-            ];
-            g.dispatch(
-                label,
-                pipeline,
-                bind,
-                groups,
-                2.0 * (rows * b.cols * k_chunk.min(k - k0)) as f64,
-            );
+            let groups = [n4.div_ceil(super::matmul::TRN4).div_ceil(super::matmul::TWG_X) as u32, rows.div_ceil(super::matmul::TRM) as u32, 1];
+            let bind = vec![Res::Unused, Res::Unused, bias, out_res(&out), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt)];
+            g.dispatch(label, pipeline, bind, groups, 2.0 * (rows * b.cols * k_chunk.min(k - k0)) as f64);
         }
     }
     Ok(())

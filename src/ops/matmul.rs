@@ -26,9 +26,7 @@ pub(crate) const TRN4: usize = 4;
 pub(crate) const TWG_X: usize = 16;
 
 /// Activation fused into the matmul epilogue.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Act {
     None,
@@ -68,12 +66,11 @@ fn texture_capable(gpu: &Gpu, k: usize, n: usize) -> bool {
 /// The matmul variant for this adapter: `CVT_GPU_MATMUL=buffer|texture`, else a
 /// timed trial of both on a 256³ product, run once per process.
 pub fn preferred_kind(gpu: &Arc<Gpu>) -> MatmulKind {
-    *gpu.matmul_kind
-        .get_or_init(|| match std::env::var("CVT_GPU_MATMUL").as_deref() {
-            Ok("buffer") => MatmulKind::Buffer,
-            Ok("texture") => MatmulKind::Texture,
-            _ => trial(gpu).unwrap_or(MatmulKind::Buffer),
-        })
+    *gpu.matmul_kind.get_or_init(|| match std::env::var("CVT_GPU_MATMUL").as_deref() {
+        Ok("buffer") => MatmulKind::Buffer,
+        Ok("texture") => MatmulKind::Texture,
+        _ => trial(gpu).unwrap_or(MatmulKind::Buffer),
+    })
 }
 
 fn trial(gpu: &Arc<Gpu>) -> Result<MatmulKind> {
@@ -109,32 +106,13 @@ fn pad4(n: usize) -> usize {
 impl Linear {
     /// From a PyTorch Linear: weight [N, K] (y = x·Wᵀ + b), bias [N] or none,
     /// in the adapter's preferred variant.
-    pub fn from_torch(
-        gpu: &Arc<Gpu>,
-        name: &str,
-        w: &[f32],
-        b: Option<&[f32]>,
-        n: usize,
-        k: usize,
-    ) -> Result<Linear> {
-        let kind = if texture_capable(gpu, k, n) {
-            preferred_kind(gpu)
-        } else {
-            MatmulKind::Buffer
-        };
+    pub fn from_torch(gpu: &Arc<Gpu>, name: &str, w: &[f32], b: Option<&[f32]>, n: usize, k: usize) -> Result<Linear> {
+        let kind = if texture_capable(gpu, k, n) { preferred_kind(gpu) } else { MatmulKind::Buffer };
         Self::with_kind(gpu, name, w, b, n, k, kind)
     }
 
     /// As `from_torch`, in a given variant (tests run every variant).
-    pub fn with_kind(
-        gpu: &Gpu,
-        name: &str,
-        w: &[f32],
-        b: Option<&[f32]>,
-        n: usize,
-        k: usize,
-        kind: MatmulKind,
-    ) -> Result<Linear> {
+    pub fn with_kind(gpu: &Gpu, name: &str, w: &[f32], b: Option<&[f32]>, n: usize, k: usize, kind: MatmulKind) -> Result<Linear> {
         assert_eq!(w.len(), n * k, "{name}: weight size");
         if kind == MatmulKind::Texture && !texture_capable(gpu, k, n) {
             anyhow::bail!("{name}: a {k}x{n} layer cannot use the texture matmul (needs K % 64 == 0 within the texture limit)");
@@ -151,44 +129,17 @@ impl Linear {
 
     /// From a PyTorch Conv2d weight [Cout, Cin, kh, kw]: K ordered (ky, kx, ci) as
     /// the shader's im2col view reads it, in the adapter's preferred variant.
-    pub fn from_conv(
-        gpu: &Arc<Gpu>,
-        name: &str,
-        w: &[f32],
-        b: Option<&[f32]>,
-        cout: usize,
-        cin: usize,
-        kh: usize,
-        kw: usize,
-    ) -> Result<Linear> {
-        let kind = if texture_capable(gpu, (kh * kw * cin).div_ceil(64) * 64, cout) {
-            preferred_kind(gpu)
-        } else {
-            MatmulKind::Buffer
-        };
+    pub fn from_conv(gpu: &Arc<Gpu>, name: &str, w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, kh: usize, kw: usize) -> Result<Linear> {
+        let kind = if texture_capable(gpu, (kh * kw * cin).div_ceil(64) * 64, cout) { preferred_kind(gpu) } else { MatmulKind::Buffer };
         Self::conv_with_kind(gpu, name, w, b, cout, cin, kh, kw, kind)
     }
 
     /// As `from_conv`, in a given variant. The texture variant multiplies an
     /// explicit im2col matrix whose K is padded to a multiple of 64 (zero rows of B).
-    pub fn conv_with_kind(
-        gpu: &Gpu,
-        name: &str,
-        w: &[f32],
-        b: Option<&[f32]>,
-        cout: usize,
-        cin: usize,
-        kh: usize,
-        kw: usize,
-        kind: MatmulKind,
-    ) -> Result<Linear> {
+    pub fn conv_with_kind(gpu: &Gpu, name: &str, w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, kh: usize, kw: usize, kind: MatmulKind) -> Result<Linear> {
         assert_eq!(w.len(), cout * cin * kh * kw, "{name}: weight size");
         let k_real = kh * kw * cin;
-        let k = if kind == MatmulKind::Texture {
-            k_real.div_ceil(64) * 64
-        } else {
-            k_real
-        };
+        let k = if kind == MatmulKind::Texture { k_real.div_ceil(64) * 64 } else { k_real };
         let np = pad4(cout);
         let mut bt = vec![0f32; k * np];
         for o in 0..cout {
@@ -204,51 +155,26 @@ impl Linear {
         Self::from_kn(gpu, name, &bt, b, cout, k, kind)
     }
 
-    fn from_kn(
-        gpu: &Gpu,
-        name: &str,
-        bt: &[f32],
-        b: Option<&[f32]>,
-        n: usize,
-        k: usize,
-        kind: MatmulKind,
-    ) -> Result<Linear> {
+    fn from_kn(gpu: &Gpu, name: &str, bt: &[f32], b: Option<&[f32]>, n: usize, k: usize, kind: MatmulKind) -> Result<Linear> {
         let mut bias = vec![0f32; pad4(n)];
         if let Some(b) = b {
             bias[..n].copy_from_slice(b);
         }
         let (w, tex) = match kind {
-            MatmulKind::Buffer => (
-                Some(Arc::new(gpu.upload(&format!("{name}.weight"), bt)?)),
-                None,
-            ),
+            MatmulKind::Buffer => (Some(Arc::new(gpu.upload(&format!("{name}.weight"), bt)?)), None),
             MatmulKind::Texture => {
                 let w4 = (pad4(n) / 4) as u32;
                 let t = crate::gpu::texture(gpu, &format!("{name}.weight"), w4, k as u32);
                 gpu.queue.write_texture(
                     t.as_image_copy(),
                     bytemuck::cast_slice(bt),
-                    wgpu::TexelCopyBufferLayout {
-                        offset: 0,
-                        bytes_per_row: Some(w4 * 16),
-                        rows_per_image: Some(k as u32),
-                    },
-                    wgpu::Extent3d {
-                        width: w4,
-                        height: k as u32,
-                        depth_or_array_layers: 1,
-                    },
+                    wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(w4 * 16), rows_per_image: Some(k as u32) },
+                    wgpu::Extent3d { width: w4, height: k as u32, depth_or_array_layers: 1 },
                 );
                 (None, Some(Arc::new(t.create_view(&Default::default()))))
             }
         };
-        Ok(Linear {
-            w,
-            tex,
-            b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?),
-            k,
-            n,
-        })
+        Ok(Linear { w, tex, b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?), k, n })
     }
 }
 
@@ -285,49 +211,18 @@ pub enum Out {
     Accumulate(TensorId),
 }
 
-fn overrides(
-    act: Act,
-    accumulate: bool,
-    conv: bool,
-    wg: (usize, usize),
-) -> [(&'static str, f64); 5] {
-    [
-        ("A_MODE", if conv { 1.0 } else { 0.0 }),
-        ("ACT", act.code()),
-        ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }),
-        ("WG_X", wg.0 as f64),
-        ("WG_Y", wg.1 as f64),
-    ]
+fn overrides(act: Act, accumulate: bool, conv: bool, wg: (usize, usize)) -> [(&'static str, f64); 5] {
+    [("A_MODE", if conv { 1.0 } else { 0.0 }), ("ACT", act.code()), ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }), ("WG_X", wg.0 as f64), ("WG_Y", wg.1 as f64)]
 }
 
 /// The shader's `Params` (20 u32, in its field order): sizes [M, N, K, NP4], the
 /// conv view (zeros when there is none), the first output row and the A/B strides.
-fn params(
-    sizes: [usize; 4],
-    conv: Option<&ConvGeom>,
-    out_row_off: usize,
-    (a_stride, b_stride): (usize, usize),
-) -> Vec<u32> {
+fn params(sizes: [usize; 4], conv: Option<&ConvGeom>, out_row_off: usize, (a_stride, b_stride): (usize, usize)) -> Vec<u32> {
     let mut p: Vec<u32> = sizes.iter().map(|&v| v as u32).collect();
     match conv {
         Some(c) => {
             let (oh, ow) = c.out_hw();
-            p.extend(
-                [
-                    c.in_h,
-                    c.in_w,
-                    c.cin,
-                    c.in_tokens,
-                    c.in_tok_off,
-                    oh,
-                    ow,
-                    c.k,
-                    c.k,
-                    c.stride,
-                    c.pad,
-                ]
-                .map(|v| v as u32),
-            );
+            p.extend([c.in_h, c.in_w, c.cin, c.in_tokens, c.in_tok_off, oh, ow, c.k, c.k, c.stride, c.pad].map(|v| v as u32));
         }
         None => p.extend([0u32; 11]),
     }
@@ -337,144 +232,56 @@ fn params(
 
 /// Materialises the im2col matrix of x for `geom`: [M, k_out] with zero columns
 /// past kh·kw·cin.
-fn im2col(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    geom: &ConvGeom,
-    k_out: usize,
-) -> Result<TensorId> {
+fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k_out: usize) -> Result<TensorId> {
     let (oh, ow) = geom.out_hw();
     let m = geom.batch * oh * ow;
     let cols = g.tensor(format!("{label}.im2col"), m * k_out);
-    let p = params(
-        [m, k_out, geom.k * geom.k * geom.cin, 0],
-        Some(geom),
-        0,
-        (0, 0),
-    );
-    let pipeline = g.gpu.pipeline(
-        "matmul",
-        "im2col",
-        &overrides(Act::None, false, true, (64, 1)),
-    )?;
+    let p = params([m, k_out, geom.k * geom.k * geom.cin, 0], Some(geom), 0, (0, 0));
+    let pipeline = g.gpu.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
     let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
-    let (gy, gz) = if m <= max {
-        (m, 1)
-    } else {
-        (max, m.div_ceil(max))
-    };
-    g.dispatch(
-        format!("{label}.im2col"),
-        pipeline,
-        vec![
-            Res::Act(x),
-            Res::Unused,
-            Res::Unused,
-            Res::Act(cols),
-            Res::Uniform(p),
-        ],
-        [k_out.div_ceil(64) as u32, gy as u32, gz as u32],
-        0.0,
-    );
+    let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
+    g.dispatch(format!("{label}.im2col"), pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(cols), Res::Uniform(p)], [k_out.div_ceil(64) as u32, gy as u32, gz as u32], 0.0);
     Ok(cols)
 }
 
 /// `pack`: route buffer weights through the packed texture GEMM (see `packs`).
 #[allow(clippy::too_many_arguments)]
-fn dispatch(
-    g: &mut Graph,
-    label: &str,
-    a: TensorId,
-    m: usize,
-    l: &Linear,
-    act: Act,
-    out: Out,
-    conv: Option<ConvGeom>,
-    pack: bool,
-) -> Result<TensorId> {
+fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: Act, out: Out, conv: Option<ConvGeom>, pack: bool) -> Result<TensorId> {
     let np4 = pad4(l.n) / 4;
     let (accumulate, y) = match out {
         Out::New => (false, g.tensor(label.to_string(), m * l.n)),
         Out::Into(t) => (false, t),
         Out::Accumulate(t) => (true, t),
     };
-    let params = |rows: usize, row_off: usize| {
-        params(
-            [rows, l.n, l.k, np4],
-            conv.as_ref(),
-            row_off,
-            (l.k, np4 * 4),
-        )
-    };
+    let params = |rows: usize, row_off: usize| params([rows, l.n, l.k, np4], conv.as_ref(), row_off, (l.k, np4 * 4));
     let flops = |rows: usize| 2.0 * (rows * l.n * l.k) as f64;
     match (&l.w, &l.tex) {
         (Some(w), _) if pack => {
             // Buffer weights on a texture-preferring adapter: pack both operands.
             let (a_view, k) = match conv {
-                Some(geom) => (
-                    View::new(Src::Act(im2col(g, label, a, &geom, l.k)?), m, l.k, l.k),
-                    l.k,
-                ),
+                Some(geom) => (View::new(Src::Act(im2col(g, label, a, &geom, l.k)?), m, l.k, l.k), l.k),
                 None => (View::new(Src::Act(a), m, l.k, l.k), l.k),
             };
             let b_view = View::new(Src::Buf(w.clone()), k, l.n, np4 * 4);
-            let ep = Epilogue {
-                act,
-                bias: Some(l.b.clone()),
-                accumulate,
-            };
+            let ep = Epilogue { act, bias: Some(l.b.clone()), accumulate };
             tex_gemm(g, label, &a_view, &b_view, Res::Act(y), l.n, ep)?;
         }
         (Some(w), _) => {
-            let pipeline = g.gpu.pipeline(
-                "matmul",
-                "main",
-                &overrides(act, accumulate, conv.is_some(), (WG_X, WG_Y)),
-            )?;
-            let groups = [
-                np4.div_ceil(RN4).div_ceil(WG_X) as u32,
-                m.div_ceil(RM).div_ceil(WG_Y) as u32,
-                1,
-            ];
-            let b = vec![
-                Res::Act(a),
-                Res::Buf(w.clone()),
-                Res::Buf(l.b.clone()),
-                Res::Act(y),
-                Res::Uniform(params(m, 0)),
-            ];
+            let pipeline = g.gpu.pipeline("matmul", "main", &overrides(act, accumulate, conv.is_some(), (WG_X, WG_Y)))?;
+            let groups = [np4.div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
+            let b = vec![Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(params(m, 0))];
             g.dispatch(label, pipeline, b, groups, flops(m));
         }
         (None, Some(tex)) => {
-            assert!(
-                conv.is_none(),
-                "{label}: convolutions use the buffer matmul"
-            );
-            let pipeline = g.gpu.pipeline(
-                "matmul",
-                "main_tex",
-                &overrides(act, accumulate, false, (TWG_X, 1)),
-            )?;
+            assert!(conv.is_none(), "{label}: convolutions use the buffer matmul");
+            let pipeline = g.gpu.pipeline("matmul", "main_tex", &overrides(act, accumulate, false, (TWG_X, 1)))?;
             // A goes through a texture, in row chunks no taller than the texture limit.
             let chunk = g.gpu.limits.max_texture_dimension_2d as usize;
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
                 let at = g.to_texture(a, r0, rows, l.k / 4, 5);
-                let groups = [
-                    np4.div_ceil(TRN4).div_ceil(TWG_X) as u32,
-                    rows.div_ceil(TRM) as u32,
-                    1,
-                ];
-                let b = vec![
-                    Res::Unused,
-                    Res::Unused,
-                    Res::Buf(l.b.clone()),
-                    Res::Act(y),
-                    Res::Uniform(params(rows, r0)),
-                    Res::ActTex(at),
-                    Res::Tex(tex.clone()),
-                ];
+                let groups = [np4.div_ceil(TRN4).div_ceil(TWG_X) as u32, rows.div_ceil(TRM) as u32, 1];
+                let b = vec![Res::Unused, Res::Unused, Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(params(rows, r0)), Res::ActTex(at), Res::Tex(tex.clone())];
                 g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
             }
         }
@@ -484,28 +291,14 @@ fn dispatch(
 }
 
 /// y[m, n] = act(x[m, k] · W + b), or y += that with `Out::Accumulate(y)`.
-pub fn linear(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    m: usize,
-    l: &Linear,
-    act: Act,
-    out: Out,
-) -> Result<TensorId> {
+pub fn linear(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear, act: Act, out: Out) -> Result<TensorId> {
     let pack = packs(&g.gpu);
     dispatch(g, label, x, m, l, act, out, None, pack)
 }
 
 /// Dense convolution of an NHWC token map; output [batch, oh*ow, cout] tokens.
 /// Buffer variant: implicit GEMM. Texture variant: im2col, then the texture GEMM.
-pub fn conv2d(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    geom: ConvGeom,
-    l: &Linear,
-) -> Result<TensorId> {
+pub fn conv2d(g: &mut Graph, label: &str, x: TensorId, geom: ConvGeom, l: &Linear) -> Result<TensorId> {
     let k_real = geom.k * geom.k * geom.cin;
     let (oh, ow) = geom.out_hw();
     let m = geom.batch * oh * ow;
@@ -514,10 +307,7 @@ pub fn conv2d(
         let pack = packs(&g.gpu);
         return dispatch(g, label, x, m, l, Act::None, Out::New, Some(geom), pack);
     }
-    assert!(
-        l.k >= k_real && l.k % 64 == 0,
-        "{label}: padded conv weight K"
-    );
+    assert!(l.k >= k_real && l.k % 64 == 0, "{label}: padded conv weight K");
     let cols = im2col(g, label, x, &geom, l.k)?;
     dispatch(g, label, cols, m, l, Act::None, Out::New, None, false)
 }
@@ -539,10 +329,7 @@ pub struct LinearGrad {
 impl LinearGrad {
     pub fn new(gpu: &Gpu, name: &str, l: &Linear) -> Result<LinearGrad> {
         let np = pad4(l.n);
-        Ok(LinearGrad {
-            w: Arc::new(gpu.storage(&format!("{name}.weight.grad"), (l.k * np * 4) as u64)?),
-            b: Arc::new(gpu.storage(&format!("{name}.bias.grad"), (np * 4) as u64)?),
-        })
+        Ok(LinearGrad { w: Arc::new(gpu.storage(&format!("{name}.weight.grad"), (l.k * np * 4) as u64)?), b: Arc::new(gpu.storage(&format!("{name}.bias.grad"), (np * 4) as u64)?) })
     }
 }
 
@@ -561,234 +348,87 @@ fn backward_product(
     let pipeline = g.gpu.pipeline(
         "matmul",
         "main",
-        &[
-            ("A_MODE", a_mode as f64),
-            ("B_MODE", b_mode as f64),
-            ("HAS_BIAS", 0.0),
-            ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }),
-            ("WG_X", WG_X as f64),
-            ("WG_Y", WG_Y as f64),
-        ],
+        &[("A_MODE", a_mode as f64), ("B_MODE", b_mode as f64), ("HAS_BIAS", 0.0), ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }), ("WG_X", WG_X as f64), ("WG_Y", WG_Y as f64)],
     )?;
     let params = params([m, n, k, 0], None, 0, (a_stride, b_stride));
-    let groups = [
-        n.div_ceil(4).div_ceil(RN4).div_ceil(WG_X) as u32,
-        m.div_ceil(RM).div_ceil(WG_Y) as u32,
-        1,
-    ];
+    let groups = [n.div_ceil(4).div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
     // A_MODE 3 reads no A and HAS_BIAS=false reads no bias: placeholders fill the layout.
     let a_res = match a {
         Some(t) => Res::Act(t),
         None => Res::Buf(unused.clone()),
     };
-    g.dispatch(
-        label,
-        pipeline,
-        vec![a_res, b, Res::Buf(unused), out, Res::Uniform(params)],
-        groups,
-        2.0 * (m * n * k) as f64,
-    );
+    g.dispatch(label, pipeline, vec![a_res, b, Res::Buf(unused), out, Res::Uniform(params)], groups, 2.0 * (m * n * k) as f64);
     Ok(())
 }
 
 /// out[1, cols] = column sums of src [rows, cols] (a ones-vector product).
-pub fn colsum(
-    g: &mut Graph,
-    label: &str,
-    src: TensorId,
-    rows: usize,
-    cols: usize,
-    out: Res,
-) -> Result<()> {
-    backward_product(
-        g,
-        label,
-        (None, 3, 0),
-        (Res::Act(src), 2, cols),
-        out,
-        (1, cols, rows),
-        false,
-    )
+pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usize, out: Res) -> Result<()> {
+    backward_product(g, label, (None, 3, 0), (Res::Act(src), 2, cols), out, (1, cols, rows), false)
 }
 
 /// The activation's elementwise entries over `len` values: `act_forward` writes
 /// act(z) into `out`, `act_backward` scales `out` (holding dy) by act'(z).
-fn elementwise(
-    g: &mut Graph,
-    entry: &str,
-    label: &str,
-    z: TensorId,
-    out: TensorId,
-    len: usize,
-    act: Act,
-) -> Result<()> {
+fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: TensorId, len: usize, act: Act) -> Result<()> {
     // Four at a time (vec4 bindings 1 and 8) when the length allows.
     let vec4 = len % 4 == 0;
-    let (entry, n) = if vec4 {
-        (format!("{entry}4"), len / 4)
-    } else {
-        (entry.to_string(), len)
-    };
-    let pipeline = g.gpu.pipeline(
-        "matmul",
-        &entry,
-        &[("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)],
-    )?;
+    let (entry, n) = if vec4 { (format!("{entry}4"), len / 4) } else { (entry.to_string(), len) };
+    let pipeline = g.gpu.pipeline("matmul", &entry, &[("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)])?;
     let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(64) as u64);
     let p = params([n, 0, 0, 0], None, 0, (0, 0));
     let u = || Res::Unused;
-    let b = if vec4 {
-        vec![
-            u(),
-            Res::Act(z),
-            u(),
-            u(),
-            Res::Uniform(p),
-            u(),
-            u(),
-            u(),
-            Res::Act(out),
-        ]
-    } else {
-        vec![Res::Act(z), u(), u(), Res::Act(out), Res::Uniform(p)]
-    };
+    let b = if vec4 { vec![u(), Res::Act(z), u(), u(), Res::Uniform(p), u(), u(), u(), Res::Act(out)] } else { vec![Res::Act(z), u(), u(), Res::Act(out), Res::Uniform(p)] };
     g.dispatch(label, pipeline, b, groups, 0.0);
     Ok(())
 }
 
 /// u = act(z) elementwise (a new tensor of `len`).
-pub fn act_forward(
-    g: &mut Graph,
-    label: &str,
-    z: TensorId,
-    len: usize,
-    act: Act,
-) -> Result<TensorId> {
+pub fn act_forward(g: &mut Graph, label: &str, z: TensorId, len: usize, act: Act) -> Result<TensorId> {
     let u = g.tensor(label.to_string(), len);
     elementwise(g, "act_forward", label, z, u, len, act)?;
     Ok(u)
 }
 
 /// In place: dy[i] *= act'(z[i]) over `len` elements (the fused activation's backward).
-pub fn act_backward(
-    g: &mut Graph,
-    label: &str,
-    z: TensorId,
-    dy: TensorId,
-    len: usize,
-    act: Act,
-) -> Result<()> {
+pub fn act_backward(g: &mut Graph, label: &str, z: TensorId, dy: TensorId, len: usize, act: Act) -> Result<()> {
     elementwise(g, "act_backward", label, z, dy, len, act)
 }
 
 /// Appends the backward of `y = x·W + b` (x [m, K], dy [m, N]): writes dW and db
 /// into `grad` and returns dx, a new tensor or added into `dx_into`.
-pub fn linear_backward(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    dy: TensorId,
-    m: usize,
-    l: &Linear,
-    grad: &LinearGrad,
-    dx_into: Option<TensorId>,
-) -> Result<TensorId> {
-    let w = l.w.clone().ok_or_else(|| {
-        anyhow::anyhow!("{label}: backward needs the weight as a storage buffer (buffer variant)")
-    })?;
+pub fn linear_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m: usize, l: &Linear, grad: &LinearGrad, dx_into: Option<TensorId>) -> Result<TensorId> {
+    let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the weight as a storage buffer (buffer variant)"))?;
     let np = pad4(l.n);
     if packs(&g.gpu) {
         let dyv = View::new(Src::Act(dy), m, l.n, l.n);
-        tex_gemm(
-            g,
-            &format!("{label}.dW"),
-            &View::t(Src::Act(x), m, l.k, l.k),
-            &dyv,
-            Res::Buf(grad.w.clone()),
-            np,
-            Epilogue::plain(),
-        )?;
-        colsum(
-            g,
-            &format!("{label}.db"),
-            dy,
-            m,
-            l.n,
-            Res::Buf(grad.b.clone()),
-        )?;
+        tex_gemm(g, &format!("{label}.dW"), &View::t(Src::Act(x), m, l.k, l.k), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
+        colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
         let (dx, acc) = match dx_into {
             Some(t) => (t, true),
             None => (g.tensor(format!("{label}.dx"), m * l.k), false),
         };
         let wt = View::t(Src::Buf(w), l.k, l.n, np);
-        tex_gemm(
-            g,
-            &format!("{label}.dx"),
-            &dyv,
-            &wt,
-            Res::Act(dx),
-            l.k,
-            Epilogue {
-                accumulate: acc,
-                ..Epilogue::plain()
-            },
-        )?;
+        tex_gemm(g, &format!("{label}.dx"), &dyv, &wt, Res::Act(dx), l.k, Epilogue { accumulate: acc, ..Epilogue::plain() })?;
         return Ok(dx);
     }
     // dW [K, NP] = xᵀ [K, m] · dy [m, N] (columns N..NP come out zero).
-    backward_product(
-        g,
-        &format!("{label}.dW"),
-        (Some(x), 2, l.k),
-        (Res::Act(dy), 2, l.n),
-        Res::Buf(grad.w.clone()),
-        (l.k, np, m),
-        false,
-    )?;
+    backward_product(g, &format!("{label}.dW"), (Some(x), 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false)?;
     // db [1, NP] = 1ᵀ · dy.
-    backward_product(
-        g,
-        &format!("{label}.db"),
-        (None, 3, 0),
-        (Res::Act(dy), 2, l.n),
-        Res::Buf(grad.b.clone()),
-        (1, np, m),
-        false,
-    )?;
+    backward_product(g, &format!("{label}.db"), (None, 3, 0), (Res::Act(dy), 2, l.n), Res::Buf(grad.b.clone()), (1, np, m), false)?;
     // dx [m, K] = dy [m, N] · Wᵀ, W stored [K, NP]: B_MODE 1 reads row k of the
     // store as column k of Bᵀ, with b_stride = NP.
     let (dx, acc) = match dx_into {
         Some(t) => (t, true),
         None => (g.tensor(format!("{label}.dx"), m * l.k), false),
     };
-    backward_product(
-        g,
-        &format!("{label}.dx"),
-        (Some(dy), 0, l.n),
-        (Res::Buf(w), 1, np),
-        Res::Act(dx),
-        (m, l.k, l.n),
-        acc,
-    )?;
+    backward_product(g, &format!("{label}.dx"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc)?;
     Ok(dx)
 }
 
 /// Appends the backward of `conv2d` (buffer variant weights, as `Linear::conv_with_kind(.., Buffer)`):
 /// writes dW, db into `grad` and, when `dx_into` is given, adds the input gradient into it
 /// (spatial tokens only; the layout of `x`). x must still be alive (it is re-read through im2col).
-pub fn conv2d_backward(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    dy: TensorId,
-    geom: ConvGeom,
-    l: &Linear,
-    grad: &LinearGrad,
-    dx_into: Option<TensorId>,
-) -> Result<()> {
-    let w =
-        l.w.clone()
-            .ok_or_else(|| anyhow::anyhow!("{label}: backward needs the buffer variant"))?;
+pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, geom: ConvGeom, l: &Linear, grad: &LinearGrad, dx_into: Option<TensorId>) -> Result<()> {
+    let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the buffer variant"))?;
     let k_real = geom.k * geom.k * geom.cin;
     assert_eq!(l.k, k_real, "{label}: conv weight K");
     let (oh, ow) = geom.out_hw();
@@ -798,79 +438,24 @@ pub fn conv2d_backward(
     let cols = im2col(g, label, x, &geom, k_real)?;
     let dyv = View::new(Src::Act(dy), m, l.n, l.n);
     if packs(&g.gpu) {
-        tex_gemm(
-            g,
-            &format!("{label}.dW"),
-            &View::t(Src::Act(cols), m, k_real, k_real),
-            &dyv,
-            Res::Buf(grad.w.clone()),
-            np,
-            Epilogue::plain(),
-        )?;
+        tex_gemm(g, &format!("{label}.dW"), &View::t(Src::Act(cols), m, k_real, k_real), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
     } else {
-        backward_product(
-            g,
-            &format!("{label}.dW"),
-            (Some(cols), 2, k_real),
-            (Res::Act(dy), 2, l.n),
-            Res::Buf(grad.w.clone()),
-            (k_real, np, m),
-            false,
-        )?;
+        backward_product(g, &format!("{label}.dW"), (Some(cols), 2, k_real), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (k_real, np, m), false)?;
     }
-    colsum(
-        g,
-        &format!("{label}.db"),
-        dy,
-        m,
-        l.n,
-        Res::Buf(grad.b.clone()),
-    )?;
+    colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
     if let Some(dx) = dx_into {
         // dcols = dy·Wᵀ, then col2im gathers it back onto the input grid.
         let dcols = g.tensor(format!("{label}.dcols"), m * k_real);
         if packs(&g.gpu) {
-            tex_gemm(
-                g,
-                &format!("{label}.dcols"),
-                &dyv,
-                &View::t(Src::Buf(w), k_real, l.n, np),
-                Res::Act(dcols),
-                k_real,
-                Epilogue::plain(),
-            )?;
+            tex_gemm(g, &format!("{label}.dcols"), &dyv, &View::t(Src::Buf(w), k_real, l.n, np), Res::Act(dcols), k_real, Epilogue::plain())?;
         } else {
-            backward_product(
-                g,
-                &format!("{label}.dcols"),
-                (Some(dy), 0, l.n),
-                (Res::Buf(w), 1, np),
-                Res::Act(dcols),
-                (m, k_real, l.n),
-                false,
-            )?;
+            backward_product(g, &format!("{label}.dcols"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dcols), (m, k_real, l.n), false)?;
         }
         let n_in = geom.batch * geom.in_h * geom.in_w * geom.cin;
         let p = params([geom.batch, 0, k_real, 0], Some(&geom), 0, (0, 0));
-        let pipeline = g.gpu.pipeline(
-            "matmul",
-            "col2im",
-            &overrides(Act::None, true, false, (64, 1)),
-        )?;
+        let pipeline = g.gpu.pipeline("matmul", "col2im", &overrides(Act::None, true, false, (64, 1)))?;
         let groups = crate::graph::grid1d(&g.gpu, n_in.div_ceil(64) as u64);
-        g.dispatch(
-            format!("{label}.col2im"),
-            pipeline,
-            vec![
-                Res::Act(dcols),
-                Res::Unused,
-                Res::Unused,
-                Res::Act(dx),
-                Res::Uniform(p),
-            ],
-            groups,
-            0.0,
-        );
+        g.dispatch(format!("{label}.col2im"), pipeline, vec![Res::Act(dcols), Res::Unused, Res::Unused, Res::Act(dx), Res::Uniform(p)], groups, 0.0);
     }
     Ok(())
 }

@@ -16,11 +16,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(gpu: &Gpu, name: &str, gamma: &[f32], beta: &[f32]) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            gamma: Arc::new(gpu.upload(&format!("{name}.weight"), gamma)?),
-            beta: Arc::new(gpu.upload(&format!("{name}.bias"), beta)?),
-            c: gamma.len(),
-        })
+        Ok(LayerNorm { gamma: Arc::new(gpu.upload(&format!("{name}.weight"), gamma)?), beta: Arc::new(gpu.upload(&format!("{name}.bias"), beta)?), c: gamma.len() })
     }
 }
 
@@ -39,14 +35,7 @@ pub struct RowMap {
 impl RowMap {
     /// Plain contiguous rows.
     pub fn dense(rows: usize) -> RowMap {
-        RowMap {
-            rows,
-            group: rows.max(1),
-            in_stride: 0,
-            in_off: 0,
-            out_stride: 0,
-            out_off: 0,
-        }
+        RowMap { rows, group: rows.max(1), in_stride: 0, in_off: 0, out_stride: 0, out_off: 0 }
     }
 }
 
@@ -70,84 +59,29 @@ pub fn row_lanes(gpu: &Arc<Gpu>) -> usize {
 }
 
 /// The pipeline of a row kernel and its grid for `rows` rows.
-fn row_kernel(
-    g: &Graph,
-    entry: &str,
-    rows: usize,
-) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
+fn row_kernel(g: &Graph, entry: &str, rows: usize) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
     let lanes = row_lanes(&g.gpu);
-    let pipeline = g.gpu.pipeline(
-        "rownorm",
-        entry,
-        &[("WG", WG as f64), ("LANES", lanes as f64)],
-    )?;
+    let pipeline = g.gpu.pipeline("rownorm", entry, &[("WG", WG as f64), ("LANES", lanes as f64)])?;
     Ok((pipeline, grid1d(&g.gpu, rows.div_ceil(WG / lanes) as u64)))
 }
 
 fn params(m: &RowMap, c: usize) -> Vec<u32> {
-    vec![
-        m.rows as u32,
-        c as u32,
-        m.group as u32,
-        m.in_stride as u32,
-        m.in_off as u32,
-        m.out_stride as u32,
-        m.out_off as u32,
-        LN_EPS.to_bits(),
-    ]
+    vec![m.rows as u32, c as u32, m.group as u32, m.in_stride as u32, m.in_off as u32, m.out_stride as u32, m.out_off as u32, LN_EPS.to_bits()]
 }
 
 /// LayerNorm over the last axis into `out` (a new tensor of `out_len` when None).
-pub fn layernorm(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    map: RowMap,
-    ln: &LayerNorm,
-    out: Option<TensorId>,
-) -> Result<TensorId> {
+pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &LayerNorm, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), map.rows * ln.c));
     let (pipeline, groups) = row_kernel(g, "layernorm", map.rows)?;
-    g.dispatch(
-        label,
-        pipeline,
-        vec![
-            Res::Act(x),
-            Res::Buf(ln.gamma.clone()),
-            Res::Buf(ln.beta.clone()),
-            Res::Act(y),
-            Res::Uniform(params(&map, ln.c)),
-        ],
-        groups,
-        0.0,
-    );
+    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), Res::Uniform(params(&map, ln.c))], groups, 0.0);
     Ok(y)
 }
 
 /// Softmax over the last axis of x [rows, c].
-pub fn softmax(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    rows: usize,
-    c: usize,
-    out: Option<TensorId>,
-) -> Result<TensorId> {
+pub fn softmax(g: &mut Graph, label: &str, x: TensorId, rows: usize, c: usize, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), rows * c));
     let (pipeline, groups) = row_kernel(g, "softmax", rows)?;
-    g.dispatch(
-        label,
-        pipeline,
-        vec![
-            Res::Act(x),
-            Res::Unused,
-            Res::Unused,
-            Res::Act(y),
-            Res::Uniform(params(&RowMap::dense(rows), c)),
-        ],
-        groups,
-        0.0,
-    );
+    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(params(&RowMap::dense(rows), c))], groups, 0.0);
     Ok(y)
 }
 
@@ -159,125 +93,43 @@ pub struct LayerNormGrad {
 
 impl LayerNormGrad {
     pub fn new(gpu: &Gpu, name: &str, c: usize) -> Result<LayerNormGrad> {
-        Ok(LayerNormGrad {
-            gamma: Arc::new(gpu.storage(&format!("{name}.weight.grad"), (c * 4) as u64)?),
-            beta: Arc::new(gpu.storage(&format!("{name}.bias.grad"), (c * 4) as u64)?),
-        })
+        Ok(LayerNormGrad { gamma: Arc::new(gpu.storage(&format!("{name}.weight.grad"), (c * 4) as u64)?), beta: Arc::new(gpu.storage(&format!("{name}.bias.grad"), (c * 4) as u64)?) })
     }
 }
 
 /// Backward of `layernorm` with the forward's row map: dy at the output rows, dx
 /// written at the input rows (a new dense tensor for dense maps, else `dx_into`,
 /// whose other rows are left as they are). Writes dγ, dβ.
-pub fn layernorm_backward(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    dy: TensorId,
-    map: RowMap,
-    ln: &LayerNorm,
-    grad: &LayerNormGrad,
-    dx_into: Option<TensorId>,
-) -> Result<TensorId> {
+pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, map: RowMap, ln: &LayerNorm, grad: &LayerNormGrad, dx_into: Option<TensorId>) -> Result<TensorId> {
     let rows = map.rows;
     let dx = dx_into.unwrap_or_else(|| g.tensor(format!("{label}.dx"), rows * ln.c));
     let t = g.tensor(format!("{label}.dy_xhat"), rows * ln.c);
     let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows)?;
-    g.dispatch(
-        label,
-        pipeline,
-        vec![
-            Res::Act(x),
-            Res::Buf(ln.gamma.clone()),
-            Res::Act(dy),
-            Res::Act(dx),
-            Res::Uniform(params(&map, ln.c)),
-            Res::Act(t),
-        ],
-        groups,
-        0.0,
-    );
-    crate::ops::matmul::colsum(
-        g,
-        &format!("{label}.dgamma"),
-        t,
-        rows,
-        ln.c,
-        Res::Buf(grad.gamma.clone()),
-    )?;
+    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::Uniform(params(&map, ln.c)), Res::Act(t)], groups, 0.0);
+    crate::ops::matmul::colsum(g, &format!("{label}.dgamma"), t, rows, ln.c, Res::Buf(grad.gamma.clone()))?;
     if map.group == rows && map.out_stride == 0 && map.out_off == 0 {
-        crate::ops::matmul::colsum(
-            g,
-            &format!("{label}.dbeta"),
-            dy,
-            rows,
-            ln.c,
-            Res::Buf(grad.beta.clone()),
-        )?;
+        crate::ops::matmul::colsum(g, &format!("{label}.dbeta"), dy, rows, ln.c, Res::Buf(grad.beta.clone()))?;
     } else {
         // dβ sums dy over the mapped output rows only: gather them densely first
         // (t's slot is free again after dγ's sum, the planner reuses it).
         let dense = g.tensor(format!("{label}.dy_rows"), rows * ln.c);
         let pipeline = g.gpu.pipeline("tokens", "gather_rows", &[("WG", 64.0)])?;
-        let p = vec![
-            rows as u32,
-            ln.c as u32,
-            map.group as u32,
-            map.out_stride as u32,
-            map.out_off as u32,
-            0,
-            0,
-            0,
-        ];
-        g.dispatch(
-            format!("{label}.gather"),
-            pipeline,
-            vec![Res::Act(dy), Res::Act(dense), Res::Unused, Res::Uniform(p)],
-            grid1d(&g.gpu, (rows * ln.c).div_ceil(64) as u64),
-            0.0,
-        );
-        crate::ops::matmul::colsum(
-            g,
-            &format!("{label}.dbeta"),
-            dense,
-            rows,
-            ln.c,
-            Res::Buf(grad.beta.clone()),
-        )?;
+        let p = vec![rows as u32, ln.c as u32, map.group as u32, map.out_stride as u32, map.out_off as u32, 0, 0, 0];
+        g.dispatch(format!("{label}.gather"), pipeline, vec![Res::Act(dy), Res::Act(dense), Res::Unused, Res::Uniform(p)], grid1d(&g.gpu, (rows * ln.c).div_ceil(64) as u64), 0.0);
+        crate::ops::matmul::colsum(g, &format!("{label}.dbeta"), dense, rows, ln.c, Res::Buf(grad.beta.clone()))?;
     }
     Ok(dx)
 }
 
 /// Softmax cross-entropy of logits [rows, classes] against soft targets (same
 /// shape). Returns (dlogits = (softmax − t)·scale, per-row loss [rows]).
-pub fn softmax_xent(
-    g: &mut Graph,
-    label: &str,
-    logits: TensorId,
-    targets: TensorId,
-    rows: usize,
-    classes: usize,
-    scale: f32,
-) -> Result<(TensorId, TensorId)> {
+pub fn softmax_xent(g: &mut Graph, label: &str, logits: TensorId, targets: TensorId, rows: usize, classes: usize, scale: f32) -> Result<(TensorId, TensorId)> {
     let d = g.tensor(format!("{label}.dlogits"), rows * classes);
     // Pinned: the training loop reads the losses after the step.
     let loss = g.pinned(format!("{label}.loss"), rows);
     let (pipeline, groups) = row_kernel(g, "softmax_xent", rows)?;
     let mut p = params(&RowMap::dense(rows), classes);
     p[7] = scale.to_bits();
-    g.dispatch(
-        label,
-        pipeline,
-        vec![
-            Res::Act(logits),
-            Res::Act(targets),
-            Res::Unused,
-            Res::Act(d),
-            Res::Uniform(p),
-            Res::Act(loss),
-        ],
-        groups,
-        0.0,
-    );
+    g.dispatch(label, pipeline, vec![Res::Act(logits), Res::Act(targets), Res::Unused, Res::Act(d), Res::Uniform(p), Res::Act(loss)], groups, 0.0);
     Ok((d, loss))
 }

@@ -7,81 +7,26 @@ use std::sync::Arc;
 const WG: usize = 64;
 
 /// Writes `cls` [C] into token 0 of each image of y [batch, tokens, C].
-pub fn cls_fill(
-    g: &mut Graph,
-    label: &str,
-    cls: &Arc<wgpu::Buffer>,
-    y: TensorId,
-    batch: usize,
-    tokens: usize,
-    c: usize,
-) -> Result<()> {
+pub fn cls_fill(g: &mut Graph, label: &str, cls: &Arc<wgpu::Buffer>, y: TensorId, batch: usize, tokens: usize, c: usize) -> Result<()> {
     let pipeline = g.gpu.pipeline("tokens", "cls_fill", &[("WG", WG as f64)])?;
     let groups = [(batch * c).div_ceil(WG) as u32, 1, 1];
-    g.dispatch(
-        label,
-        pipeline,
-        vec![
-            Res::Buf(cls.clone()),
-            Res::Act(y),
-            Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0]),
-        ],
-        groups,
-        0.0,
-    );
+    g.dispatch(label, pipeline, vec![Res::Buf(cls.clone()), Res::Act(y), Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0])], groups, 0.0);
     Ok(())
 }
 
 /// y [batch, C] = mean over tokens of x [batch, tokens, C].
-pub fn mean_tokens(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    batch: usize,
-    tokens: usize,
-    c: usize,
-) -> Result<TensorId> {
+pub fn mean_tokens(g: &mut Graph, label: &str, x: TensorId, batch: usize, tokens: usize, c: usize) -> Result<TensorId> {
     let y = g.tensor(label.to_string(), batch * c);
-    let pipeline = g
-        .gpu
-        .pipeline("tokens", "mean_tokens", &[("WG", WG as f64)])?;
+    let pipeline = g.gpu.pipeline("tokens", "mean_tokens", &[("WG", WG as f64)])?;
     let groups = [(batch * c).div_ceil(WG) as u32, 1, 1];
-    g.dispatch(
-        label,
-        pipeline,
-        vec![
-            Res::Act(x),
-            Res::Act(y),
-            Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0]),
-        ],
-        groups,
-        (batch * tokens * c) as f64,
-    );
+    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Act(y), Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0])], groups, (batch * tokens * c) as f64);
     Ok(y)
 }
 
 /// Gradient of a cls parameter: out [C] = Σ over images of token 0 of dy [batch, tokens, C].
-pub fn cls_grad(
-    g: &mut Graph,
-    label: &str,
-    dy: TensorId,
-    batch: usize,
-    tokens: usize,
-    c: usize,
-    out: &Arc<wgpu::Buffer>,
-) -> Result<()> {
+pub fn cls_grad(g: &mut Graph, label: &str, dy: TensorId, batch: usize, tokens: usize, c: usize, out: &Arc<wgpu::Buffer>) -> Result<()> {
     let pipeline = g.gpu.pipeline("tokens", "cls_grad", &[("WG", WG as f64)])?;
-    g.dispatch(
-        label,
-        pipeline,
-        vec![
-            Res::Act(dy),
-            Res::Buf(out.clone()),
-            Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0]),
-        ],
-        [c.div_ceil(WG) as u32, 1, 1],
-        0.0,
-    );
+    g.dispatch(label, pipeline, vec![Res::Act(dy), Res::Buf(out.clone()), Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0])], [c.div_ceil(WG) as u32, 1, 1], 0.0);
     Ok(())
 }
 
@@ -91,18 +36,6 @@ pub fn add(g: &mut Graph, label: &str, a: TensorId, b: TensorId) -> Result<Tenso
     let y = g.tensor(label.to_string(), n);
     let pipeline = g.gpu.pipeline("tokens", "add", &[("WG", WG as f64)])?;
     let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(WG) as u64);
-    g.dispatch(
-        label,
-        pipeline,
-        vec![
-            Res::Act(a),
-            Res::Act(y),
-            Res::Uniform(vec![n as u32, 0, 0, 0]),
-            Res::Unused,
-            Res::Act(b),
-        ],
-        groups,
-        n as f64,
-    );
+    g.dispatch(label, pipeline, vec![Res::Act(a), Res::Act(y), Res::Uniform(vec![n as u32, 0, 0, 0]), Res::Unused, Res::Act(b)], groups, n as f64);
     Ok(y)
 }
