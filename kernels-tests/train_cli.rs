@@ -242,3 +242,22 @@ fn fashion_mnist_learns() {
     assert!(top1 > 0.6, "val top-1 {top1} after 60 steps");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// The model shipped in weights/fmnist (trained by this engine) classifies the
+/// bundled Fashion-MNIST samples correctly, as the demo shows.
+#[test]
+fn shipped_fmnist_model_classifies_samples() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let samples = [("ankle-boot", 9), ("trouser", 1), ("bag", 8), ("sneaker", 7), ("dress", 3)];
+    let mut c = bin();
+    c.args(["infer", "--json", "--weights"]).arg(root.join("weights/fmnist/model.safetensors"));
+    for (name, _) in samples {
+        c.arg(root.join(format!("weights/samples/fmnist-{name}.png")));
+    }
+    let (ok, stdout, err) = run(&mut c);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for (i, (name, want)) in samples.iter().enumerate() {
+        assert_eq!(v[i]["top"][0]["index"], *want, "{name}: {}", v[i]);
+    }
+}

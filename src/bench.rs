@@ -34,9 +34,6 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Also time every kernel on its own and print a table by kernel family.
-    #[arg(long)]
-    pub profile: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -70,12 +67,16 @@ pub struct BenchResult {
     pub ratio_to_ceiling: f64,
     pub weight_bytes: u64,
     pub activation_bytes: u64,
+    /// Weights + activation slots + plan textures: every GPU buffer the run holds.
+    pub peak_memory_bytes: u64,
     pub first_call_ms: f64,
     pub dispatches: usize,
     pub texture_copies: usize,
     pub matmul_variant: crate::gpu::MatmulKind,
     pub adapter: String,
     pub timing: &'static str,
+    pub kernel_timing: crate::graph::Timing,
+    pub kernels: Vec<KernelTime>,
 }
 
 fn time_runs(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
@@ -137,9 +138,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         plan.run()?;
         gpu.sync()
     })?;
-    if a.profile {
-        print_profile(&[&plan.plan])?;
-    }
+    let (kernels, kernel_timing) = kernel_profile(&[&plan.plan])?;
     let gflop = 2.0 * cfg.macs(res, res)? / 1e9;
     let (dispatches, texture_copies) = plan.plan.counts();
     let rate = gflop * a.batch as f64 / (median / 1e3);
@@ -157,12 +156,15 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         ratio_to_ceiling: rate / ceiling.gflops_per_s,
         weight_bytes: model.weight_bytes,
         activation_bytes: plan.plan.activation_bytes,
+        peak_memory_bytes: model.weight_bytes + plan.plan.activation_bytes + plan.plan.texture_bytes,
         first_call_ms,
         dispatches,
         texture_copies,
         matmul_variant: crate::ops::matmul::preferred_kind(&gpu),
         adapter: gpu.describe(),
         timing: "wall clock, submit to completion",
+        kernel_timing,
+        kernels,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -179,6 +181,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         );
         println!("  first call {:.0} ms (plan + pipelines + first run; weights upload {:.0} ms)", first_call_ms, upload_ms);
         println!("  schedule  {} dispatches, {} texture copies per forward; matmul variant: {:?}", dispatches, texture_copies, r.matmul_variant);
+        print_kernels(&r.kernels, r.kernel_timing, 20);
     }
     Ok(())
 }
@@ -190,15 +193,21 @@ pub struct TrainBench {
     pub batch: usize,
     pub mode: Mode,
     pub median_ms: f64,
+    pub min_ms: f64,
     pub img_per_s: f64,
     pub gflop_per_image: f64,
     pub gflops_per_s: f64,
     pub ceiling_gflops_per_s: f64,
     pub ratio_to_ceiling: f64,
+    pub weight_bytes: u64,
     pub activation_bytes: u64,
+    /// Parameters, gradients, AdamW moments, activation slots and plan textures.
+    pub peak_memory_bytes: u64,
     pub first_call_ms: f64,
     pub adapter: String,
     pub timing: &'static str,
+    pub kernel_timing: crate::graph::Timing,
+    pub kernels: Vec<KernelTime>,
 }
 
 /// Training step rate: forward + backward + AdamW on random data and weights.
@@ -206,6 +215,7 @@ fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize, ceiling: f64
     let t1 = Instant::now();
     let model = crate::train::TrainModel::new(gpu.clone(), cfg.clone(), &random_tensors(cfg, 1), Act::QuickGelu)?;
     let step = model.step_plan(a.batch, res, res)?;
+    let params: usize = model.params().iter().map(|p| p.len).sum();
     let mut opt = model.optimizer(crate::ops::optim::AdamW::default())?;
     let mut rng = Rng::new(3);
     let img: Vec<f32> = (0..a.batch * res * res * cfg.in_chans).map(|_| rng.normal()).collect();
@@ -214,14 +224,12 @@ fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize, ceiling: f64
     opt.update(1e-4)?;
     gpu.sync()?;
     let first_call_ms = t1.elapsed().as_secs_f64() * 1e3;
-    let (median, _) = time_runs(a.iters, || {
+    let (median, min) = time_runs(a.iters, || {
         step.run(&img, &targets)?;
         opt.update(1e-4)?;
         gpu.sync()
     })?;
-    if a.profile {
-        print_profile(&[&step.plan, &opt.plan])?;
-    }
+    let (kernels, kernel_timing) = kernel_profile(&[&step.plan, &opt.plan])?;
     // Forward + backward ≈ 3 × the forward's FLOPs (the convention PyTorch's FlopCounter gives).
     let gflop = 3.0 * 2.0 * cfg.macs(res, res)? / 1e9;
     let rate = gflop * a.batch as f64 / (median / 1e3);
@@ -231,15 +239,20 @@ fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize, ceiling: f64
         batch: a.batch,
         mode: Mode::Train,
         median_ms: median,
+        min_ms: min,
         img_per_s: a.batch as f64 / (median / 1e3),
         gflop_per_image: gflop,
         gflops_per_s: rate,
         ceiling_gflops_per_s: ceiling,
         ratio_to_ceiling: rate / ceiling,
+        weight_bytes: 4 * params as u64,
         activation_bytes: step.plan.activation_bytes,
+        peak_memory_bytes: 16 * params as u64 + step.plan.activation_bytes + step.plan.texture_bytes + opt.plan.activation_bytes,
         first_call_ms,
         adapter: gpu.describe(),
         timing: "wall clock per step (forward, backward, AdamW), loss read back",
+        kernel_timing,
+        kernels,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -247,36 +260,77 @@ fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize, ceiling: f64
         println!("{} training @{}x{} batch {} on {}", r.model, res, res, a.batch, r.adapter);
         println!("  step      median {:.1} ms -> {:.2} img/s", median, r.img_per_s);
         println!("  rate      {:.2} GFLOP/s ({:.2} GFLOP/image fwd+bwd), {:.0}% of the {:.1} GFLOP/s matmul ceiling", rate, gflop, 100.0 * r.ratio_to_ceiling, ceiling);
-        println!("  memory    activations {:.1} MiB; first step {:.0} ms", r.activation_bytes as f64 / 1048576.0, first_call_ms);
+        println!("  memory    activations {:.1} MiB, peak {:.1} MiB (parameters, gradients, AdamW moments, activations, textures); first step {:.0} ms", r.activation_bytes as f64 / 1048576.0, r.peak_memory_bytes as f64 / 1048576.0, first_call_ms);
+        print_kernels(&r.kernels, r.kernel_timing, 20);
     }
     Ok(())
 }
 
-/// Per-kernel wall times (each step run alone), grouped by kernel family: the
-/// label with block indices dropped, so "stage1.blocks.0.fc1" and
-/// "stage1.blocks.1.fc1" add up as "stage1.fc1".
-pub fn print_profile(plans: &[&crate::graph::Plan]) -> Result<()> {
-    let mut groups: Vec<(String, f64, f64, usize)> = vec![];
-    let mut total = 0.0;
+/// One kernel family's share of a run: the steps whose labels agree once block
+/// indices are dropped ("stage1.blocks.0.fc1" and "stage1.blocks.1.fc1" are
+/// "stage1.fc1").
+#[derive(serde::Serialize, Debug, Clone)]
+pub struct KernelTime {
+    pub name: String,
+    pub steps: usize,
+    pub ms: f64,
+    pub share: f64,
+    pub gflops_per_s: f64,
+    /// Bytes of the bound buffers per ms: a traffic estimate (each binding read or written once).
+    pub gb_per_s: f64,
+}
+
+/// Times every step of `plans` once (`Plan::profile`) and groups by kernel family, largest first.
+pub fn kernel_profile(plans: &[&crate::graph::Plan]) -> Result<(Vec<KernelTime>, crate::graph::Timing)> {
+    let mut groups: Vec<(String, f64, f64, u64, usize)> = vec![];
+    let mut timing = crate::graph::Timing::GpuTimestamps;
     for p in plans {
-        for s in p.profile()? {
-            let key = s.label.split('.').filter(|part| part.parse::<usize>().is_err() && *part != "blocks").collect::<Vec<_>>().join(".");
-            total += s.ms;
+        let (steps, t) = p.profile()?;
+        timing = t;
+        for s in steps {
+            let key = if s.label.starts_with("adamw ") {
+                "adamw (all parameters)".to_string()
+            } else {
+                s.label.split('.').filter(|part| part.parse::<usize>().is_err() && *part != "blocks").collect::<Vec<_>>().join(".")
+            };
             match groups.iter_mut().find(|g| g.0 == key) {
                 Some(g) => {
                     g.1 += s.ms;
                     g.2 += s.flops;
-                    g.3 += 1;
+                    g.3 += s.bytes;
+                    g.4 += 1;
                 }
-                None => groups.push((key, s.ms, s.flops, 1)),
+                None => groups.push((key, s.ms, s.flops, s.bytes, 1)),
             }
         }
     }
+    let total: f64 = groups.iter().map(|g| g.1).sum();
     groups.sort_by(|a, b| b.1.total_cmp(&a.1));
-    eprintln!("{:<40} {:>6} {:>10} {:>6} {:>9}", "kernel (each step alone, wall clock)", "steps", "ms", "share", "GFLOP/s");
-    for (k, ms, fl, n) in &groups {
-        eprintln!("{:<40} {:>6} {:>10.2} {:>5.1}% {:>9.2}", k, n, ms, 100.0 * ms / total, fl / ms / 1e6);
+    let out = groups
+        .into_iter()
+        .map(|(name, ms, fl, by, n)| KernelTime {
+            name,
+            steps: n,
+            ms,
+            share: ms / total.max(1e-9),
+            gflops_per_s: if ms > 0.0 { fl / ms / 1e6 } else { 0.0 },
+            gb_per_s: if ms > 0.0 { by as f64 / ms / 1e6 } else { 0.0 },
+        })
+        .collect();
+    Ok((out, timing))
+}
+
+/// The per-kernel table (largest `rows` families).
+pub fn print_kernels(k: &[KernelTime], timing: crate::graph::Timing, rows: usize) {
+    let how = match timing {
+        crate::graph::Timing::GpuTimestamps => "GPU timestamps",
+        crate::graph::Timing::WallClock => "wall clock, each step alone (no timestamp queries)",
+    };
+    println!("  kernels   ({how}; {} families, largest first)", k.len());
+    println!("    {:<36} {:>5} {:>9} {:>6} {:>8} {:>7}", "kernel", "steps", "ms", "share", "GFLOP/s", "GB/s");
+    for x in k.iter().take(rows) {
+        println!("    {:<36} {:>5} {:>9.2} {:>5.1}% {:>8.2} {:>7.2}", x.name, x.steps, x.ms, 100.0 * x.share, x.gflops_per_s, x.gb_per_s);
     }
-    eprintln!("{:<40} {:>6} {:>10.2}", "total", groups.iter().map(|g| g.3).sum::<usize>(), total);
-    Ok(())
+    let total: f64 = k.iter().map(|x| x.ms).sum();
+    println!("    {:<36} {:>5} {:>9.2}", "total", k.iter().map(|x| x.steps).sum::<usize>(), total);
 }

@@ -114,6 +114,8 @@ pub struct Graph {
 pub struct Step {
     pub label: String,
     pub flops: f64,
+    /// Bytes of the buffers the step binds (for a GB/s estimate).
+    pub bytes: u64,
     kind: StepKind,
 }
 
@@ -135,6 +137,8 @@ pub struct Plan {
     pub activation_bytes: u64,
     /// Bytes all tensors would take with no sharing, for comparison.
     pub unshared_bytes: u64,
+    /// Bytes of the plan's textures (texture-operand variants).
+    pub texture_bytes: u64,
 }
 
 /// Splits a 1-D count of workgroups into a 2-D grid within the device's
@@ -295,12 +299,13 @@ impl Graph {
                     steps.push(Step {
                         label: "copy to texture".into(),
                         flops: 0.0,
+                        bytes: 2 * (tex.width as u64 * tex.height as u64 * 16),
                         kind: StepKind::Copy { slot: tensor_slot[src.0], offset: (row0 * tex.width as usize * 16) as u64, texture: tex_index(&tex), width: tex.width, height: tex.height },
                     });
                     continue;
                 }
                 OpRec::Clear { t } => {
-                    steps.push(Step { label: "clear".into(), flops: 0.0, kind: StepKind::Clear { slot: tensor_slot[t.0], bytes: bytes(t.0) } });
+                    steps.push(Step { label: "clear".into(), flops: 0.0, bytes: bytes(t.0), kind: StepKind::Clear { slot: tensor_slot[t.0], bytes: bytes(t.0) } });
                     continue;
                 }
                 OpRec::Dispatch { label, pipeline, bindings, groups, flops } => (label, pipeline, bindings, groups, flops),
@@ -330,11 +335,21 @@ impl Graph {
                 .collect();
             let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(&label), layout: &pipeline.get_bind_group_layout(0), entries: &entries });
             gpu.check_error().with_context(|| label.clone())?;
-            steps.push(Step { label, flops, kind: StepKind::Dispatch { pipeline, bind_group, groups } });
+            let traffic = bindings
+                .iter()
+                .map(|r| match r {
+                    Res::Act(t) => bytes(t.0),
+                    Res::Buf(b) => b.size(),
+                    Res::ActTex(t) | Res::OutTex(t) => t.width as u64 * t.height as u64 * 16,
+                    _ => 0,
+                })
+                .sum();
+            steps.push(Step { label, flops, bytes: traffic, kind: StepKind::Dispatch { pipeline, bind_group, groups } });
         }
         Ok(Plan {
             activation_bytes: slot_size.iter().sum(),
             unshared_bytes: (0..n).map(bytes).sum(),
+            texture_bytes: tex_sizes.iter().map(|t| t.width as u64 * t.height as u64 * 16).sum(),
             gpu,
             steps,
             slots,
@@ -409,39 +424,103 @@ impl Plan {
     }
 }
 
-/// Wall time of one step, measured by `Plan::profile`.
+/// Time of one step, measured by `Plan::profile`.
 pub struct StepTime {
     pub label: String,
     pub ms: f64,
     pub flops: f64,
+    /// Bytes the step's bindings span (a traffic estimate for GB/s).
+    pub bytes: u64,
+}
+
+/// How `Plan::profile` timed the steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Timing {
+    /// GPU timestamps around each dispatch (its own compute pass).
+    GpuTimestamps,
+    /// Wall clock per step, each submitted alone (no timestamp queries).
+    WallClock,
 }
 
 impl Plan {
-    /// Runs every step on its own (submit, then wait) and returns its wall time.
-    /// Slower than `run` (no overlap, one submit per step) but it attributes time
-    /// to kernels on adapters without timestamp queries.
-    pub fn profile(&self) -> Result<Vec<StepTime>> {
+    fn record_step(&self, enc: &mut wgpu::CommandEncoder, s: &Step, ts: Option<(&wgpu::QuerySet, u32)>) {
+        match &s.kind {
+            StepKind::Copy { slot, offset, texture, width, height } => enc.copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &self.slots[*slot],
+                    layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: Some(width * 16), rows_per_image: Some(*height) },
+                },
+                self.textures[*texture].as_image_copy(),
+                wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
+            ),
+            StepKind::Clear { slot, bytes } => enc.clear_buffer(&self.slots[*slot], 0, Some(*bytes)),
+            StepKind::Dispatch { pipeline, bind_group, groups } => {
+                let timestamp_writes = ts.map(|(query_set, i)| wgpu::ComputePassTimestampWrites { query_set, beginning_of_pass_write_index: Some(i), end_of_pass_write_index: Some(i + 1) });
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, bind_group, &[]);
+                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            }
+        }
+    }
+
+    /// Times every step: with GPU timestamp queries where the adapter has them
+    /// (each dispatch in its own pass, one submit per chunk of steps), else by
+    /// wall clock with each step submitted alone and waited for.
+    pub fn profile(&self) -> Result<(Vec<StepTime>, Timing)> {
+        if self.gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return Ok((self.profile_timestamps()?, Timing::GpuTimestamps));
+        }
         let mut out = vec![];
         for s in &self.steps {
             let t = std::time::Instant::now();
             let mut enc = self.gpu.device.create_command_encoder(&Default::default());
-            match &s.kind {
-                StepKind::Copy { slot, offset, texture, width, height } => enc.copy_buffer_to_texture(
-                    wgpu::TexelCopyBufferInfo { buffer: &self.slots[*slot], layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: Some(width * 16), rows_per_image: Some(*height) } },
-                    self.textures[*texture].as_image_copy(),
-                    wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
-                ),
-                StepKind::Clear { slot, bytes } => enc.clear_buffer(&self.slots[*slot], 0, Some(*bytes)),
-                StepKind::Dispatch { pipeline, bind_group, groups } => {
-                    let mut pass = enc.begin_compute_pass(&Default::default());
-                    pass.set_pipeline(pipeline);
-                    pass.set_bind_group(0, bind_group, &[]);
-                    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-                }
-            }
+            self.record_step(&mut enc, s, None);
             self.gpu.queue.submit([enc.finish()]);
             self.gpu.sync()?;
-            out.push(StepTime { label: s.label.clone(), ms: t.elapsed().as_secs_f64() * 1e3, flops: s.flops });
+            out.push(StepTime { label: s.label.clone(), ms: t.elapsed().as_secs_f64() * 1e3, flops: s.flops, bytes: s.bytes });
+        }
+        Ok((out, Timing::WallClock))
+    }
+
+    fn profile_timestamps(&self) -> Result<Vec<StepTime>> {
+        // wgpu caps a query set at 4096 queries: 2 per dispatch, in chunks.
+        const CHUNK: usize = 2048;
+        let period_ns = self.gpu.queue.get_timestamp_period() as f64;
+        let mut out = vec![];
+        for chunk in self.steps.chunks(CHUNK) {
+            let n = (2 * chunk.len()) as u32;
+            let qs = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("profile"), ty: wgpu::QueryType::Timestamp, count: n });
+            let resolve = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile resolve"),
+                size: 8 * n as u64,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+            let mut used = vec![];
+            for (i, s) in chunk.iter().enumerate() {
+                let dispatch = matches!(s.kind, StepKind::Dispatch { .. });
+                self.record_step(&mut enc, s, dispatch.then_some((&qs, 2 * i as u32)));
+                used.push(dispatch);
+            }
+            // Queries of copies and clears are never written; their values are ignored.
+            enc.resolve_query_set(&qs, 0..n, &resolve, 0);
+            let staging = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile readback"),
+                size: 8 * n as u64,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            enc.copy_buffer_to_buffer(&resolve, 0, &staging, 0, 8 * n as u64);
+            self.gpu.queue.submit([enc.finish()]);
+            let raw = self.gpu.map_read(&staging, 8 * n as u64)?;
+            let ticks: Vec<u64> = bytemuck::pod_collect_to_vec::<f32, u64>(&raw);
+            for (i, s) in chunk.iter().enumerate() {
+                let ms = if used[i] { ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns / 1e6 } else { 0.0 };
+                out.push(StepTime { label: s.label.clone(), ms, flops: s.flops, bytes: s.bytes });
+            }
         }
         Ok(out)
     }

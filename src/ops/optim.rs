@@ -63,7 +63,7 @@ pub fn adamw_step(g: &mut Graph, label: &str, param: &Arc<wgpu::Buffer>, grad: &
     let pipeline = g.gpu.pipeline("optim", "adamw", &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, state.len.div_ceil(WG) as u64);
     g.dispatch(
-        label,
+        format!("adamw {label}"),
         pipeline,
         vec![
             Res::Buf(param.clone()),
