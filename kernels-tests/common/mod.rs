@@ -18,26 +18,21 @@ pub fn gpu() -> Arc<Gpu> {
 /// pick: so tests cover both families on any machine.
 pub fn gpu_buffer_variants() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| {
-        let g = open_gpu();
-        g.matmul_kind.set(cvt_gpu::gpu::MatmulKind::Buffer).ok();
-        g.row_lanes.store(64, std::sync::atomic::Ordering::Relaxed);
-        g
-    })
-    .clone()
+    GPU.get_or_init(|| forced(cvt_gpu::gpu::MatmulKind::Buffer, 64)).clone()
 }
 
 /// As `gpu_buffer_variants`, with the CPU-driver variants forced (packed texture
 /// GEMMs, a row per invocation).
 pub fn gpu_texture_variants() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| {
-        let g = open_gpu();
-        g.matmul_kind.set(cvt_gpu::gpu::MatmulKind::Texture).ok();
-        g.row_lanes.store(1, std::sync::atomic::Ordering::Relaxed);
-        g
-    })
-    .clone()
+    GPU.get_or_init(|| forced(cvt_gpu::gpu::MatmulKind::Texture, 1)).clone()
+}
+
+fn forced(kind: cvt_gpu::gpu::MatmulKind, lanes: usize) -> Arc<Gpu> {
+    let g = open_gpu();
+    g.matmul_kind.set(kind).ok();
+    g.row_lanes.store(lanes, std::sync::atomic::Ordering::Relaxed);
+    g
 }
 
 fn open_gpu() -> Arc<Gpu> {
