@@ -200,6 +200,15 @@ fn fine_tune_reinitialises_the_head_and_bad_input_fails_cleanly() {
     let (ok, stdout, err) = run(bin().args(["eval", "--weights"]).arg(ft.join("model.safetensors")).arg("--image-folder").arg(d.join("two")));
     assert!(ok && stdout.contains("top-1"), "eval: {stdout} {err}");
 
+    // The shipped 1-channel Fashion-MNIST model fine-tunes on RGB folders (seen in
+    // grayscale, with the checkpoint's own normalisation).
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/fmnist/model.safetensors");
+    let gray = d.join("gray");
+    let (ok, _, err) = run(bin().args(["train", "--image-folder"]).arg(d.join("two")).arg("--weights").arg(&shipped).args(["--res", "28", "--epochs", "1", "--batch", "4", "--out"]).arg(&gray));
+    assert!(ok && err.contains("10-class head"), "grayscale fine-tune: {err}");
+    let (ok, stdout, err) = run(bin().args(["eval", "--weights"]).arg(gray.join("model.safetensors")).arg("--image-folder").arg(d.join("two")).args(["--res", "28"]));
+    assert!(ok && stdout.contains("top-1"), "grayscale eval: {stdout} {err}");
+
     // Bad input: each one line, exit 1, nothing written lost.
     let before = std::fs::read(ft.join("checkpoint.safetensors")).unwrap();
     one_line_error("missing dataset", run(bin().args(["train", "--image-folder", "/nonexistent/data", "--out"]).arg(d.join("x"))), "/nonexistent/data");

@@ -290,6 +290,9 @@ pub fn kernel_profile(plans: &[&crate::graph::Plan]) -> Result<(Vec<KernelTime>,
         for s in steps {
             let key = if s.label.starts_with("adamw ") {
                 "adamw (all parameters)".to_string()
+            } else if s.label.ends_with(".pack") {
+                // Operand packing for the texture GEMM, per stage.
+                format!("{}.pack (GEMM operands)", s.label.split('.').next().unwrap_or(""))
             } else {
                 s.label.split('.').filter(|part| part.parse::<usize>().is_err() && *part != "blocks").collect::<Vec<_>>().join(".")
             };

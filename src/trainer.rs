@@ -334,7 +334,7 @@ fn read_training_checkpoint(path: &Path) -> Result<(HashMap<String, Tensor>, Has
 
 /// Loads weights for fine-tuning: any checkpoint `infer` reads; the head is
 /// re-initialised when its class count differs from the data's.
-fn fine_tune_weights(path: &Path, classes: usize, in_chans: usize, seed: u64) -> Result<(CvtConfig, HashMap<String, Tensor>, Option<Act>)> {
+fn fine_tune_weights(path: &Path, classes: usize, seed: u64) -> Result<(CvtConfig, HashMap<String, Tensor>, Option<Act>, Option<Spec>)> {
     let shown = path.display();
     let ck = read_checkpoint(path)?;
     let mut cfg = match ck.metadata.get("cvt_config") {
@@ -347,9 +347,6 @@ fn fine_tune_weights(path: &Path, classes: usize, in_chans: usize, seed: u64) ->
             c
         }
     };
-    if cfg.in_chans != in_chans {
-        bail!("{shown}: the model takes {} input channels, the data has {in_chans}", cfg.in_chans);
-    }
     let mut t = ck.tensors;
     crate::model::weights::check_against(&cfg, &t, crate::model::weights::Naming::Official).with_context(|| format!("{shown}"))?;
     if cfg.num_classes != classes {
@@ -367,7 +364,29 @@ fn fine_tune_weights(path: &Path, classes: usize, in_chans: usize, seed: u64) ->
             _ => None,
         },
     };
-    Ok((cfg, t, act))
+    let spec = match ck.metadata.get("preprocess") {
+        Some(j) => Some(serde_json::from_str::<Spec>(j).with_context(|| format!("{shown}: invalid preprocess metadata"))?),
+        None => None,
+    };
+    Ok((cfg, t, act, spec))
+}
+
+/// Fits the data to the model's input channels: a 1-channel model on RGB data
+/// gets it in grayscale. The checkpoint's own preprocessing (normalisation) wins
+/// when it has one for that channel count; a grayscale view of RGB data without one
+/// is normalised with mean 0.5, std 0.5.
+fn fit_channels(model_chans: usize, spec: &Spec, sets: &mut [&mut Arc<Dataset>], ck_spec: Option<Spec>, what: &str) -> Result<Spec> {
+    let ck_spec = ck_spec.filter(|s| s.channels == model_chans);
+    if model_chans == spec.channels {
+        return Ok(ck_spec.unwrap_or_else(|| spec.clone()));
+    }
+    if model_chans == 1 && spec.channels == 3 {
+        for ds in sets.iter_mut() {
+            **ds = Arc::new(ds.to_gray());
+        }
+        return Ok(ck_spec.unwrap_or(Spec { channels: 1, mean: vec![0.5], std: vec![0.5], resize: spec.resize.clone() }));
+    }
+    bail!("{what}: the model takes {model_chans} input channels, the data has {}", spec.channels)
 }
 
 /// Appends one JSON line to metrics.jsonl.
@@ -419,16 +438,17 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
     let in_chans = data.spec.channels;
 
     // Model and initial weights.
-    let (cfg, tensors, act) = if let Some((t, _, meta)) = &resumed {
+    let (cfg, tensors, act, ck_spec) = if let Some((t, _, meta)) = &resumed {
         let cfg: CvtConfig = serde_json::from_str(meta.get("cvt_config").context("checkpoint: no cvt_config")?)?;
         let act = match meta.get("activation").map(|s| s.as_str()) {
             Some("gelu") => Act::Gelu,
             _ => Act::QuickGelu,
         };
-        (cfg, t.clone(), act)
+        let spec = meta.get("preprocess").and_then(|j| serde_json::from_str::<Spec>(j).ok());
+        (cfg, t.clone(), act, spec)
     } else if let Some(w) = &a.weights {
-        let (cfg, t, act) = fine_tune_weights(w, classes.len(), in_chans, a.seed)?;
-        (cfg, t, act.unwrap_or(a.activation))
+        let (cfg, t, act, spec) = fine_tune_weights(w, classes.len(), a.seed)?;
+        (cfg, t, act.unwrap_or(a.activation), spec)
     } else {
         let name = a.model.clone().unwrap_or_else(|| if data.name == "fashion-mnist" { "cvt-fmnist".into() } else { "cvt-13".into() });
         let mut cfg = CvtConfig::by_name(&name)?;
@@ -436,8 +456,11 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         cfg.in_chans = in_chans;
         cfg.image_size = res;
         let t = init_tensors(&cfg, a.seed);
-        (cfg, t, a.activation)
+        (cfg, t, a.activation, None)
     };
+    let mut val_ds = data.val.clone();
+    let what = a.weights.as_ref().or(a.resume.as_ref()).map(|p| p.display().to_string()).unwrap_or_else(|| "--model".into());
+    let spec = fit_channels(cfg.in_chans, &data.spec, &mut [&mut train_ds, &mut val_ds], ck_spec, &what)?;
     if cfg.num_classes != classes.len() {
         bail!("the checkpoint's model has {} classes, the data {}", cfg.num_classes, classes.len());
     }
@@ -475,7 +498,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         }
         None => state0,
     };
-    let meta = metadata(&cfg, act, &classes, &data.spec)?;
+    let meta = metadata(&cfg, act, &classes, &spec)?;
     let model = TrainModel::new(gpu.clone(), cfg.clone(), &tensors, act)?;
     let step_plan = model.step_plan(state.batch, res, res).map_err(|e| if e.downcast_ref::<crate::graph::TooLarge>().is_some() { anyhow::anyhow!("{e:#}: lower --batch") } else { e })?;
     let mut opt = model.optimizer(AdamW { weight_decay: state.weight_decay, ..AdamW::default() })?;
@@ -487,8 +510,8 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         batch: state.batch,
         seed: state.seed,
         label_smoothing: state.label_smoothing,
-        mean: [data.spec.mean[0], *data.spec.mean.get(1).unwrap_or(&0.0), *data.spec.mean.get(2).unwrap_or(&0.0)],
-        std: [data.spec.std[0], *data.spec.std.get(1).unwrap_or(&1.0), *data.spec.std.get(2).unwrap_or(&1.0)],
+        mean: [spec.mean[0], *spec.mean.get(1).unwrap_or(&0.0), *spec.mean.get(2).unwrap_or(&0.0)],
+        std: [spec.std[0], *spec.std.get(1).unwrap_or(&1.0), *spec.std.get(2).unwrap_or(&1.0)],
         augment: Augment { flip: state.flip, min_scale: state.crop_scale, mixup: state.mixup, cutmix: state.cutmix },
         drop_last: true,
         shuffle: true,
@@ -513,7 +536,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
             serde_json::to_value(act)?.as_str().unwrap_or(""),
             data.name,
             train_ds.len(),
-            data.val.len(),
+            val_ds.len(),
             res,
             res,
             classes.len(),
@@ -597,7 +620,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         let train_loss = loss_sum / seen.max(1) as f64;
         let train_acc = correct as f64 / seen.max(1) as f64;
         let ev_model = Model::new(gpu.clone(), cfg.clone(), &model.weights()?, act)?;
-        let ev = evaluate(&ev_model, &data.val, &data.spec, a.eval_limit, quiet)?;
+        let ev = evaluate(&ev_model, &val_ds, &spec, a.eval_limit, quiet)?;
         last_eval = Some(ev);
         state.epoch += 1;
         state.batch_in_epoch = 0;
@@ -668,13 +691,11 @@ pub fn eval(gpu: Arc<Gpu>, a: &EvalArgs) -> Result<()> {
     if data.val.classes.len() != m.cfg.num_classes {
         bail!("{}: the model has {} classes, the {} validation split {}", a.weights.display(), m.cfg.num_classes, data.name, data.val.classes.len());
     }
-    if data.spec.channels != m.cfg.in_chans {
-        bail!("{}: the model takes {} input channels, {} has {}", a.weights.display(), m.cfg.in_chans, data.name, data.spec.channels);
-    }
-    // The checkpoint's own normalisation when it has one.
-    let spec = if loaded.preprocess.channels == data.spec.channels { loaded.preprocess.clone() } else { data.spec.clone() };
+    // The checkpoint's own normalisation when it has one; grayscale for 1-channel models.
+    let mut val = data.val.clone();
+    let spec = fit_channels(m.cfg.in_chans, &data.spec, &mut [&mut val], Some(loaded.preprocess.clone()), &a.weights.display().to_string())?;
     let t = Instant::now();
-    let r = evaluate(m, &data.val, &spec, a.limit, a.json)?;
+    let r = evaluate(m, &val, &spec, a.limit, a.json)?;
     if a.json {
         println!(
             "{}",
