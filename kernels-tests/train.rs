@@ -114,3 +114,67 @@ fn training_steps_reduce_the_loss() {
     eprintln!("loss {first:.4} -> {last:.4} after 25 AdamW steps");
     assert!(last.is_finite() && last < 0.3 * first, "loss {first} -> {last}");
 }
+
+/// Stochastic depth: scales of 1 reproduce the plain step exactly; a block whose
+/// two branches are dropped for every sample gets exactly zero gradients (and
+/// the other blocks do not); a kept branch scaled by 1/(1-p) changes the loss.
+#[test]
+fn drop_path_scales_the_residual_branches() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels-tests/reference/fixtures");
+    let tiny = root.join("tiny");
+    let cfg = CvtConfig::from_json_file(tiny.join("config.json").to_str().unwrap()).unwrap();
+    let ck = read_checkpoint(&tiny.join("official.safetensors")).unwrap();
+    let images: Vec<f32> = ["chelsea64.png", "coffee64.png"].iter().flat_map(|f| preprocess::load_image(&tiny.join(f), 64, Resize::None).unwrap()).collect();
+    let classes = cfg.num_classes;
+    let targets: Vec<f32> = (0..2 * classes).map(|i| if i % classes == (i / classes) * 3 { 1.0 } else { 0.0 }).collect();
+
+    let plain = TrainModel::new(gpu(), cfg.clone(), &ck.tensors, Act::QuickGelu).unwrap();
+    let (loss0, _) = plain.step_plan(2, 64, 64).unwrap().run(&images, &targets).unwrap();
+    let grads0 = plain.gradients().unwrap();
+
+    let mut model = TrainModel::new(gpu(), cfg.clone(), &ck.tensors, Act::QuickGelu).unwrap();
+    model.set_drop_path(&[0.1, 0.2, 0.3]);
+    let blocks: usize = cfg.depths.iter().sum();
+    // Linear rise within each stage, 0 at a stage's first block.
+    assert_eq!(model.drop_path_rates().len(), blocks);
+    assert_eq!(model.drop_path_rates()[0], 0.1);
+    assert_eq!(model.drop_path_rates()[cfg.depths[0]], 0.0);
+    let step = model.step_plan(2, 64, 64).unwrap();
+    assert_eq!(step.drop_scale_len(), 2 * blocks * 2);
+    step.write_drop_scales(&vec![1.0; step.drop_scale_len()]).unwrap();
+    let (loss1, _) = step.run(&images, &targets).unwrap();
+    assert_eq!(loss1, loss0, "all-kept scales of 1 give the plain step");
+    let grads1 = model.gradients().unwrap();
+    for (n, g) in &grads0 {
+        assert_eq!(&grads1[n], g, "{n}");
+    }
+
+    // Drop both branches of the last block (rate 0.3; a stage's first block has
+    // rate 0 and ignores its scales) for both samples.
+    let last = cfg.stages() - 1;
+    let bi = blocks - 1;
+    let mut sc = vec![1.0f32; step.drop_scale_len()];
+    for v in &mut sc[2 * bi * 2..2 * (bi + 1) * 2] {
+        *v = 0.0;
+    }
+    step.write_drop_scales(&sc).unwrap();
+    let (loss2, _) = step.run(&images, &targets).unwrap();
+    assert_ne!(loss2, loss0);
+    let grads2 = model.gradients().unwrap();
+    let dropped = format!("stage{last}.blocks.{}.", cfg.depths[last] - 1);
+    for (n, g) in &grads2 {
+        let zero = g.iter().all(|&v| v == 0.0);
+        if n.starts_with(&dropped) && !n.contains("running") {
+            assert!(zero, "{n}: a dropped block must get no gradient");
+        }
+    }
+    assert!(grads2[&format!("stage{last}.blocks.0.mlp.fc1.weight")].iter().any(|&v| v != 0.0), "the block before still learns");
+    assert!(grads2["stage0.blocks.0.mlp.fc1.weight"].iter().any(|&v| v != 0.0), "earlier blocks still learn (through the skip)");
+
+    // A kept branch scaled by 1/(1 - p) changes the loss (the scale is applied).
+    let mut sc = vec![1.0f32; step.drop_scale_len()];
+    sc[2 * bi * 2 + 2] = 1.0 / 0.7;
+    step.write_drop_scales(&sc).unwrap();
+    let (loss3, _) = step.run(&images, &targets).unwrap();
+    assert_ne!(loss3, loss0);
+}

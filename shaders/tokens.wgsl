@@ -83,3 +83,27 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 }
 
 // act_forward lives with the matmul epilogue (matmul.wgsl::act_forward).
+
+// Stochastic depth (drop path), per sample: scales[p.C + sample] is 0 for a dropped
+// residual branch and 1/(1 - rate) for a kept one (host-drawn each step).
+// add_scaled: y = src + other * scale(sample); scale_rows: y = src * scale(sample),
+// the branch's backward. p.B = elements, p.T = elements per sample, p.C = offset.
+@group(0) @binding(5) var<storage, read> scales: array<f32>;
+
+@compute @workgroup_size(WG)
+fn add_scaled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let n = gid.x + gid.y * nwg.x * WG;
+    if (n >= p.B) {
+        return;
+    }
+    y[n] = src[n] + other[n] * scales[p.C + n / p.T];
+}
+
+@compute @workgroup_size(WG)
+fn scale_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let n = gid.x + gid.y * nwg.x * WG;
+    if (n >= p.B) {
+        return;
+    }
+    y[n] = src[n] * scales[p.C + n / p.T];
+}

@@ -406,6 +406,11 @@ impl Plan {
         self.gpu.check_error()
     }
 
+    /// Elements of tensor `t`.
+    pub fn len(&self, t: TensorId) -> usize {
+        self.tensor_len[t.0]
+    }
+
     /// Reads tensor `t` back (waits for submitted work).
     pub fn read(&self, t: TensorId) -> Result<Vec<f32>> {
         self.gpu.read(self.buffer(t), 0, self.tensor_len[t.0])

@@ -21,7 +21,7 @@ use crate::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, Batch
 use crate::ops::matmul::{act_backward, act_forward, conv2d, conv2d_backward, linear, linear_backward, LinearGrad, Out};
 use crate::ops::optim::{adamw_step, sumsq, AdamW, Hyper, Moments};
 use crate::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
-use crate::ops::tokens::{add, cls_fill, cls_grad};
+use crate::ops::tokens::{add, add_scaled, cls_fill, cls_grad, scale_rows};
 use crate::ops::{Act, ConvGeom, Linear};
 
 struct Lin {
@@ -62,6 +62,8 @@ pub struct TrainModel {
     stages: Vec<Stage>,
     norm: Ln,
     head: Lin,
+    /// Drop-path rate of each block (all stages in order); 0 = off.
+    drop_path: Vec<f32>,
 }
 
 /// One compiled training step (forward + backward) for a batch shape.
@@ -72,6 +74,8 @@ pub struct StepPlan {
     targets: TensorId,
     loss: TensorId,
     logits: TensorId,
+    /// Per-step drop-path scales [block][branch (attention, MLP)][sample], when any rate > 0.
+    drop_scales: Option<TensorId>,
 }
 
 fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a [f32]> {
@@ -87,6 +91,23 @@ impl TrainModel {
                 b.proj.bn_eval = eval;
             }
         }
+    }
+
+    /// Stochastic depth as the official code: per stage, rates rising linearly from
+    /// 0 to `per_stage[s]` over the stage's blocks. Takes effect in plans built afterwards.
+    pub fn set_drop_path(&mut self, per_stage: &[f32]) {
+        self.drop_path.clear();
+        for (s, &d) in self.cfg.depths.iter().enumerate() {
+            let r = per_stage.get(s).copied().unwrap_or(0.0);
+            for j in 0..d {
+                self.drop_path.push(if d > 1 { r * j as f32 / (d - 1) as f32 } else { r });
+            }
+        }
+    }
+
+    /// Drop-path rate of every block.
+    pub fn drop_path_rates(&self) -> &[f32] {
+        &self.drop_path
     }
 
     /// From official-named tensors (as `model::weights` reads them).
@@ -146,7 +167,8 @@ impl TrainModel {
         let last = cfg.dims[cfg.stages() - 1];
         let norm = ln("norm")?;
         let head = lin("head", cfg.num_classes, last)?;
-        Ok(TrainModel { gpu, cfg, act, stages, norm, head })
+        let drop_path = vec![0.0; cfg.depths.iter().sum()];
+        Ok(TrainModel { gpu, cfg, act, stages, norm, head, drop_path })
     }
 
     /// Builds forward + backward for `batch` images of h x w; the loss is the mean
@@ -157,6 +179,20 @@ impl TrainModel {
         let mut g = Graph::new(self.gpu.clone());
         let images = g.pinned("images", batch * height * width * cfg.in_chans);
         let targets = g.pinned("targets", batch * cfg.num_classes);
+        let drop_scales = self.drop_path.iter().any(|&r| r > 0.0).then(|| g.pinned("drop_path.scales", 2 * self.drop_path.len() * batch));
+        // Block index over all stages, for the drop-path scales.
+        let block_base: Vec<usize> = cfg.depths.iter().scan(0, |acc, &d| {
+            let b = *acc;
+            *acc += d;
+            Some(b)
+        }).collect();
+        let dropped = |s: usize, j: usize| -> Option<(TensorId, usize)> {
+            let bi = block_base[s] + j;
+            match drop_scales {
+                Some(t) if self.drop_path[bi] > 0.0 => Some((t, 2 * bi * batch)),
+                _ => None,
+            }
+        };
 
         // ---- forward, keeping what the backward reads ----
         struct BlockSaved {
@@ -213,12 +249,18 @@ impl TrainModel {
                 let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
                 let a = attention(&mut g, &format!("{l}.attn"), q, k, v, shape)?;
                 let po = linear(&mut g, &format!("{l}.proj"), a, batch * t, &b.o.l, Act::None, Out::New)?;
-                let x1 = add(&mut g, &format!("{l}.res1"), cur, po)?;
+                let x1 = match dropped(s, j) {
+                    Some((sc, off)) => add_scaled(&mut g, &format!("{l}.res1"), cur, po, sc, t * c, off)?,
+                    None => add(&mut g, &format!("{l}.res1"), cur, po)?,
+                };
                 let h2 = layernorm(&mut g, &format!("{l}.norm2"), x1, RowMap::dense(batch * t), &b.norm2.l, None)?;
                 let z = linear(&mut g, &format!("{l}.fc1"), h2, batch * t, &b.fc1.l, Act::None, Out::New)?;
                 let u = act_forward(&mut g, &format!("{l}.act"), z, batch * t * cfg.hidden(s), self.act)?;
                 let f = linear(&mut g, &format!("{l}.fc2"), u, batch * t, &b.fc2.l, Act::None, Out::New)?;
-                let x2 = add(&mut g, &format!("{l}.res2"), x1, f)?;
+                let x2 = match dropped(s, j) {
+                    Some((sc, off)) => add_scaled(&mut g, &format!("{l}.res2"), x1, f, sc, t * c, off + batch)?,
+                    None => add(&mut g, &format!("{l}.res2"), x1, f)?,
+                };
                 bs.push(BlockSaved { x0: cur, h1, proj, q, k, v, q0, k0, v0, a, x1, h2, z, u });
                 cur = x2;
             }
@@ -246,14 +288,22 @@ impl TrainModel {
             for (j, b) in st.blocks.iter().enumerate().rev() {
                 let bs = &sv.blocks[j];
                 let l = format!("stage{s}.blocks.{j}");
-                // x2 = x1 + fc2(act(fc1(LN2(x1))))
-                let du = linear_backward(&mut g, &format!("{l}.fc2"), bs.u, dcur, batch * t, &b.fc2.l, &b.fc2.g, None)?;
+                // x2 = x1 + s2 ⊙ fc2(act(fc1(LN2(x1)))), s2 the per-sample drop-path scale (1 without)
+                let dbranch = match dropped(s, j) {
+                    Some((sc, off)) => scale_rows(&mut g, &format!("{l}.dpath2"), dcur, sc, t * c, off + batch)?,
+                    None => dcur,
+                };
+                let du = linear_backward(&mut g, &format!("{l}.fc2"), bs.u, dbranch, batch * t, &b.fc2.l, &b.fc2.g, None)?;
                 act_backward(&mut g, &format!("{l}.act"), bs.z, du, batch * t * cfg.hidden(s), self.act)?;
                 let dh2 = linear_backward(&mut g, &format!("{l}.fc1"), bs.h2, du, batch * t, &b.fc1.l, &b.fc1.g, None)?;
                 let dx1b = layernorm_backward(&mut g, &format!("{l}.norm2"), bs.x1, dh2, RowMap::dense(batch * t), &b.norm2.l, &b.norm2.g, None)?;
                 let dx1 = add(&mut g, &format!("{l}.dres2"), dcur, dx1b)?;
-                // x1 = x0 + proj(attn(q, k, v))
-                let da = linear_backward(&mut g, &format!("{l}.proj"), bs.a, dx1, batch * t, &b.o.l, &b.o.g, None)?;
+                // x1 = x0 + s1 ⊙ proj(attn(q, k, v))
+                let dbranch = match dropped(s, j) {
+                    Some((sc, off)) => scale_rows(&mut g, &format!("{l}.dpath1"), dx1, sc, t * c, off)?,
+                    None => dx1,
+                };
+                let da = linear_backward(&mut g, &format!("{l}.proj"), bs.a, dbranch, batch * t, &b.o.l, &b.o.g, None)?;
                 let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
                 let (dq, dk, dv) = attention_backward(&mut g, &format!("{l}.attn"), (bs.q, bs.k, bs.v, bs.a), da, shape)?;
                 let dq0 = linear_backward(&mut g, &format!("{l}.proj_q"), bs.q0, dq, batch * t, &b.q.l, &b.q.g, None)?;
@@ -282,7 +332,7 @@ impl TrainModel {
             }
         }
         let plan = g.compile()?;
-        Ok(StepPlan { plan, batch, images, targets, loss, logits })
+        Ok(StepPlan { plan, batch, images, targets, loss, logits, drop_scales })
     }
 
     /// Every gradient in PyTorch's layout and official names (for parity tests and
@@ -522,6 +572,34 @@ impl TrainModel {
 }
 
 impl StepPlan {
+    /// Number of drop-path scales a step takes (0 when drop path is off):
+    /// [block][attention, MLP][sample].
+    pub fn drop_scale_len(&self) -> usize {
+        self.drop_scales.map(|t| self.plan.len(t)).unwrap_or(0)
+    }
+
+    /// Sets this step's drop-path scales (see `drop_scale_len`); `rates` per block.
+    pub fn set_drop_path(&self, rates: &[f32], rng: &mut crate::util::Rng) -> Result<()> {
+        if let Some(t) = self.drop_scales {
+            let mut v = Vec::with_capacity(self.plan.len(t));
+            for &r in rates {
+                for _ in 0..2 * self.batch {
+                    v.push(if r > 0.0 { if rng.uniform() < r { 0.0 } else { 1.0 / (1.0 - r) } } else { 1.0 });
+                }
+            }
+            self.plan.write(t, &v)?;
+        }
+        Ok(())
+    }
+
+    /// Writes explicit drop-path scales (tests).
+    pub fn write_drop_scales(&self, v: &[f32]) -> Result<()> {
+        match self.drop_scales {
+            Some(t) => self.plan.write(t, v),
+            None => anyhow::bail!("this plan has no drop path"),
+        }
+    }
+
     /// Runs forward + backward on NHWC images and soft targets; returns (mean loss, logits).
     pub fn run(&self, images: &[f32], targets: &[f32]) -> Result<(f32, Vec<f32>)> {
         self.plan.write(self.images, images)?;

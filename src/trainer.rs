@@ -187,6 +187,11 @@ pub struct TrainArgs {
     /// No random horizontal flips.
     #[arg(long)]
     pub no_flip: bool,
+    /// Stochastic depth: one rate for the last stage (the official CvT recipes use
+    /// 0.1 there), or one per stage ("0,0.05,0.1"); within a stage the rate rises
+    /// linearly from 0 over its blocks, as the official code.
+    #[arg(long, default_value = "0")]
+    pub drop_path: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Stop (with a checkpoint, as Ctrl-C does) after this many optimizer steps in this invocation.
@@ -228,6 +233,22 @@ pub struct TrainState {
     pub dataset: String,
     #[serde(default)]
     pub train_limit: Option<usize>,
+    /// Drop-path rate per stage.
+    #[serde(default)]
+    pub drop_path: Vec<f32>,
+}
+
+/// "0.1" (the last stage) or "a,b,c" (per stage) into per-stage rates.
+fn parse_drop_path(text: &str, stages: usize) -> Result<Vec<f32>> {
+    let vals: Vec<f32> = text.split(',').map(|v| v.trim().parse::<f32>()).collect::<std::result::Result<_, _>>().with_context(|| format!("--drop-path {text}: expected a rate or one rate per stage"))?;
+    if vals.iter().any(|v| !(0.0..1.0).contains(v)) {
+        bail!("--drop-path {text}: rates must be in [0, 1)");
+    }
+    match vals.len() {
+        1 => Ok((0..stages).map(|s| if s + 1 == stages { vals[0] } else { 0.0 }).collect()),
+        n if n == stages => Ok(vals),
+        n => bail!("--drop-path {text}: {n} rates for a {stages}-stage model"),
+    }
 }
 
 /// Cosine learning rate with linear warmup, per optimizer step (1-based).
@@ -484,6 +505,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         res,
         dataset: data.name.to_string(),
         train_limit,
+        drop_path: parse_drop_path(&a.drop_path, cfg.stages())?,
     };
     // A resumed run keeps its own settings (only --epochs may be raised).
     let mut state = match prev_state {
@@ -499,7 +521,8 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         None => state0,
     };
     let meta = metadata(&cfg, act, &classes, &spec)?;
-    let model = TrainModel::new(gpu.clone(), cfg.clone(), &tensors, act)?;
+    let mut model = TrainModel::new(gpu.clone(), cfg.clone(), &tensors, act)?;
+    model.set_drop_path(&state.drop_path);
     let step_plan = model.step_plan(state.batch, res, res).map_err(|e| if e.downcast_ref::<crate::graph::TooLarge>().is_some() { anyhow::anyhow!("{e:#}: lower --batch") } else { e })?;
     let mut opt = model.optimizer(AdamW { weight_decay: state.weight_decay, ..AdamW::default() })?;
     if let Some((_, moments, _)) = &resumed {
@@ -561,6 +584,8 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         let mut interrupted = false;
         for batch in batches {
             let lr = learning_rate(&state, total_steps, state.step + 1);
+            // Drop-path masks from (seed, step): the same on resume.
+            step_plan.set_drop_path(model.drop_path_rates(), &mut crate::util::Rng::new(state.seed ^ 0xD209 ^ (state.step + 1).wrapping_mul(0x9E37_79B9)))?;
             let (loss, logits) = step_plan.run(&batch.images, &batch.targets)?;
             if !loss.is_finite() {
                 bail!(

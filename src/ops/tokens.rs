@@ -39,3 +39,25 @@ pub fn add(g: &mut Graph, label: &str, a: TensorId, b: TensorId) -> Result<Tenso
     g.dispatch(label, pipeline, vec![Res::Act(a), Res::Act(y), Res::Uniform(vec![n as u32, 0, 0, 0]), Res::Unused, Res::Act(b)], groups, n as f64);
     Ok(y)
 }
+
+/// Drop path: y = a + b ⊙ scales[offset + sample], samples of `per_sample` elements.
+pub fn add_scaled(g: &mut Graph, label: &str, a: TensorId, b: TensorId, scales: TensorId, per_sample: usize, offset: usize) -> Result<TensorId> {
+    let n = g.len(a);
+    let y = g.tensor(label.to_string(), n);
+    let pipeline = g.gpu.pipeline("tokens", "add_scaled", &[("WG", WG as f64)])?;
+    let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(WG) as u64);
+    let p = vec![n as u32, per_sample as u32, offset as u32, 0];
+    g.dispatch(label, pipeline, vec![Res::Act(a), Res::Act(y), Res::Uniform(p), Res::Unused, Res::Act(b), Res::Act(scales)], groups, n as f64);
+    Ok(y)
+}
+
+/// The backward of a dropped-path branch: y = x ⊙ scales[offset + sample].
+pub fn scale_rows(g: &mut Graph, label: &str, x: TensorId, scales: TensorId, per_sample: usize, offset: usize) -> Result<TensorId> {
+    let n = g.len(x);
+    let y = g.tensor(label.to_string(), n);
+    let pipeline = g.gpu.pipeline("tokens", "scale_rows", &[("WG", WG as f64)])?;
+    let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(WG) as u64);
+    let p = vec![n as u32, per_sample as u32, offset as u32, 0];
+    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Act(y), Res::Uniform(p), Res::Unused, Res::Unused, Res::Act(scales)], groups, 0.0);
+    Ok(y)
+}
