@@ -581,6 +581,10 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         let batches = epoch_from(train_ds.clone(), loader, state.epoch as u64, state.batch_in_epoch);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let t_epoch = Instant::now();
+        // Without a terminal (logs, nohup) the bar is hidden: a plain line every 30 s instead.
+        let plain_progress = !quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut last_line = Instant::now();
+        let first_batch = state.batch_in_epoch;
         let mut interrupted = false;
         for batch in batches {
             let lr = learning_rate(&state, total_steps, state.step + 1);
@@ -618,6 +622,23 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
             let ips = seen as f64 / t_epoch.elapsed().as_secs_f64();
             bar.set_message(format!("epoch {}/{} loss {:.4} acc {:.1}% {:.1} img/s", state.epoch + 1, state.epochs, loss_sum / seen as f64, 100.0 * correct as f64 / seen as f64, ips));
             bar.inc(1);
+            if plain_progress && last_line.elapsed().as_secs() >= 30 {
+                last_line = Instant::now();
+                let done = state.batch_in_epoch - first_batch;
+                let left = steps_per_epoch as usize - state.batch_in_epoch;
+                let eta = t_epoch.elapsed().as_secs_f64() / done.max(1) as f64 * left as f64;
+                eprintln!(
+                    "epoch {}/{} step {}/{}: loss {:.4} acc {:.1}% {:.1} img/s, epoch ETA {:.0} s",
+                    state.epoch + 1,
+                    state.epochs,
+                    state.batch_in_epoch,
+                    steps_per_epoch,
+                    loss_sum / seen as f64,
+                    100.0 * correct as f64 / seen as f64,
+                    ips,
+                    eta
+                );
+            }
             if state.step % 10 == 0 || state.batch_in_epoch as u64 == steps_per_epoch {
                 log_metrics(
                     &a.out,
