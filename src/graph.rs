@@ -380,17 +380,9 @@ impl Plan {
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         let mut i = 0;
         while i < self.steps.len() {
-            if let StepKind::Copy { slot, offset, texture, width, height } = &self.steps[i].kind {
-                enc.copy_buffer_to_texture(
-                    wgpu::TexelCopyBufferInfo { buffer: &self.slots[*slot], layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: Some(width * 16), rows_per_image: Some(*height) } },
-                    self.textures[*texture].as_image_copy(),
-                    wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
-                );
-                i += 1;
-                continue;
-            }
-            if let StepKind::Clear { slot, bytes } = &self.steps[i].kind {
-                enc.clear_buffer(&self.slots[*slot], 0, Some(*bytes));
+            // Copies and clears go between passes; runs of dispatches share one pass.
+            if !matches!(self.steps[i].kind, StepKind::Dispatch { .. }) {
+                self.record_step(&mut enc, &self.steps[i], None);
                 i += 1;
                 continue;
             }

@@ -277,10 +277,10 @@ fn weight_entries(t: &HashMap<String, Tensor>) -> Vec<Entry<'_>> {
 }
 
 /// Writes checkpoint.safetensors (weights + optimizer + state) then model.safetensors (weights).
-fn save(out: &Path, model: &TrainModel, opt: &crate::train::Optimizer, state: &TrainState, meta: &HashMap<String, String>) -> Result<()> {
-    let weights = model.weights()?;
+/// `weights`: `TrainModel::weights()` of the model as it is now.
+fn save(out: &Path, weights: &HashMap<String, Tensor>, opt: &crate::train::Optimizer, state: &TrainState, meta: &HashMap<String, String>) -> Result<()> {
     let moments = opt.state()?;
-    let mut entries = weight_entries(&weights);
+    let mut entries = weight_entries(weights);
     for (name, m, v) in &moments {
         entries.push(Entry { name: format!("{OPTIM_PREFIX}{name}.exp_avg"), shape: vec![m.len()], data: m });
         entries.push(Entry { name: format!("{OPTIM_PREFIX}{name}.exp_avg_sq"), shape: vec![v.len()], data: v });
@@ -288,7 +288,7 @@ fn save(out: &Path, model: &TrainModel, opt: &crate::train::Optimizer, state: &T
     let mut full_meta = meta.clone();
     full_meta.insert("train_state".into(), serde_json::to_string(state)?);
     write_safetensors(&out.join("checkpoint.safetensors"), &entries, &full_meta)?;
-    write_safetensors(&out.join("model.safetensors"), &weight_entries(&weights), meta)
+    write_safetensors(&out.join("model.safetensors"), &weight_entries(weights), meta)
 }
 
 /// Top-1, top-5 accuracy and mean cross-entropy of a model on a dataset.
@@ -652,7 +652,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         }
         bar.finish_and_clear();
         if interrupted {
-            save(&a.out, &model, &opt, &state, &meta)?;
+            save(&a.out, &model.weights()?, &opt, &state, &meta)?;
             eprintln!(
                 "stopped at step {} (epoch {}, batch {}); checkpoint written: continue with --resume {}",
                 state.step,
@@ -665,12 +665,14 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         // End of epoch: evaluate the exported weights with the inference engine.
         let train_loss = loss_sum / seen.max(1) as f64;
         let train_acc = correct as f64 / seen.max(1) as f64;
-        let ev_model = Model::new(gpu.clone(), cfg.clone(), &model.weights()?, act)?;
+        // One readback serves the evaluation and the checkpoint.
+        let weights = model.weights()?;
+        let ev_model = Model::new(gpu.clone(), cfg.clone(), &weights, act)?;
         let ev = evaluate(&ev_model, &val_ds, &spec, a.eval_limit, quiet)?;
         last_eval = Some(ev);
         state.epoch += 1;
         state.batch_in_epoch = 0;
-        save(&a.out, &model, &opt, &state, &meta)?;
+        save(&a.out, &weights, &opt, &state, &meta)?;
         let rec = serde_json::json!({
             "kind": "eval", "epoch": state.epoch, "step": state.step, "train_loss": train_loss, "train_acc": train_acc,
             "val_top1": ev.top1, "val_top5": ev.top5, "val_loss": ev.loss, "val_images": ev.images,
