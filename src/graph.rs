@@ -35,6 +35,7 @@ impl std::error::Error for TooLarge {}
 pub struct TensorId(usize);
 
 /// What one binding of a dispatch refers to.
+#[derive(Clone)]
 pub enum Res {
     /// An activation tensor, placed by the memory plan.
     Act(TensorId),

@@ -16,7 +16,8 @@ use crate::data::loader::{epoch_from, Augment, LoaderConfig};
 use crate::data::{folder, Dataset, FASHION_MNIST_DIR};
 use crate::gpu::Gpu;
 use crate::model::weights::{init_tensors, read_checkpoint, Tensor};
-use crate::model::{CvtConfig, Model};
+use crate::model::weights::{Checkpoint, Naming};
+use crate::model::{describe, CvtConfig, LoadOptions, Model};
 use crate::ops::optim::AdamW;
 use crate::ops::Act;
 use crate::preprocess::Spec;
@@ -333,9 +334,9 @@ pub fn evaluate(model: &Model, ds: &Dataset, spec: &Spec, limit: Option<usize>, 
     Ok(EvalResult { top1: c1 as f64 / n as f64, top5: c5 as f64 / n as f64, loss: loss / n as f64, images: n })
 }
 
-/// Reads a training checkpoint: official-named weights, optimizer moments by
-/// parameter name, metadata.
-fn read_training_checkpoint(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, Vec<f32>>, HashMap<String, String>)> {
+/// Reads a training checkpoint (a file or its run directory): the checkpoint,
+/// the optimizer moments by parameter name, and the file's path.
+fn read_training_checkpoint(path: &Path) -> Result<(Checkpoint, HashMap<String, Vec<f32>>, PathBuf)> {
     let path = if path.is_dir() { path.join("checkpoint.safetensors") } else { path.to_path_buf() };
     let shown = path.display();
     let ck = read_checkpoint(&path)?;
@@ -350,26 +351,19 @@ fn read_training_checkpoint(path: &Path) -> Result<(HashMap<String, Tensor>, Has
             moments.insert(rest.to_string(), bytemuck::pod_collect_to_vec::<u8, f32>(view.data()));
         }
     }
-    Ok((ck.tensors, moments, ck.metadata.into_iter().collect()))
+    Ok((ck, moments, path))
 }
 
-/// Loads weights for fine-tuning: any checkpoint `infer` reads; the head is
-/// re-initialised when its class count differs from the data's.
+/// Loads weights for fine-tuning: any checkpoint `infer` reads, interpreted as
+/// `model::describe` does; the head is re-initialised when its class count
+/// differs from the data's. The activation is None when the checkpoint leaves it
+/// to the default of its naming (official names: `--activation` decides).
 fn fine_tune_weights(path: &Path, classes: usize, seed: u64) -> Result<(CvtConfig, HashMap<String, Tensor>, Option<Act>, Option<Spec>)> {
     let shown = path.display();
     let ck = read_checkpoint(path)?;
-    let mut cfg = match ck.metadata.get("cvt_config") {
-        Some(j) => serde_json::from_str::<CvtConfig>(j).with_context(|| format!("{shown}: invalid cvt_config metadata"))?,
-        None => {
-            let c = CvtConfig::detect(&ck.tensors).with_context(|| format!("{shown}"))?;
-            if c.name == "custom" {
-                bail!("{shown}: not a released CvT shape and no cvt_config metadata");
-            }
-            c
-        }
-    };
+    let d = describe(&ck, path, &LoadOptions::default())?;
+    let mut cfg = d.cfg;
     let mut t = ck.tensors;
-    crate::model::weights::check_against(&cfg, &t, crate::model::weights::Naming::Official).with_context(|| format!("{shown}"))?;
     if cfg.num_classes != classes {
         eprintln!("note: {shown} has a {}-class head; the data has {classes} classes, so the head is re-initialised", cfg.num_classes);
         cfg.num_classes = classes;
@@ -377,19 +371,8 @@ fn fine_tune_weights(path: &Path, classes: usize, seed: u64) -> Result<(CvtConfi
         t.insert("head.weight".into(), fresh["head.weight"].clone());
         t.insert("head.bias".into(), fresh["head.bias"].clone());
     }
-    let act = match ck.metadata.get("activation").map(|s| s.as_str()) {
-        Some("gelu") => Some(Act::Gelu),
-        Some("quick-gelu") => Some(Act::QuickGelu),
-        _ => match ck.naming {
-            crate::model::weights::Naming::Hf => Some(Act::Gelu),
-            _ => None,
-        },
-    };
-    let spec = match ck.metadata.get("preprocess") {
-        Some(j) => Some(serde_json::from_str::<Spec>(j).with_context(|| format!("{shown}: invalid preprocess metadata"))?),
-        None => None,
-    };
-    Ok((cfg, t, act, spec))
+    let act = (d.act_explicit || ck.naming == Naming::Hf).then_some(d.act);
+    Ok((cfg, t, act, d.preprocess))
 }
 
 /// Fits the data to the model's input channels: a 1-channel model on RGB data
@@ -431,7 +414,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         None => None,
     };
     let prev_state: Option<TrainState> = match &resumed {
-        Some((_, _, meta)) => Some(serde_json::from_str(&meta["train_state"]).context("checkpoint: invalid train_state metadata")?),
+        Some((ck, _, _)) => Some(serde_json::from_str(&ck.metadata["train_state"]).context("checkpoint: invalid train_state metadata")?),
         None => None,
     };
     // The data: on resume it must be the same dataset and resolution.
@@ -459,14 +442,9 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
     let in_chans = data.spec.channels;
 
     // Model and initial weights.
-    let (cfg, tensors, act, ck_spec) = if let Some((t, _, meta)) = &resumed {
-        let cfg: CvtConfig = serde_json::from_str(meta.get("cvt_config").context("checkpoint: no cvt_config")?)?;
-        let act = match meta.get("activation").map(|s| s.as_str()) {
-            Some("gelu") => Act::Gelu,
-            _ => Act::QuickGelu,
-        };
-        let spec = meta.get("preprocess").and_then(|j| serde_json::from_str::<Spec>(j).ok());
-        (cfg, t.clone(), act, spec)
+    let (cfg, tensors, act, ck_spec) = if let Some((ck, _, path)) = &resumed {
+        let d = describe(ck, path, &LoadOptions::default())?;
+        (d.cfg, ck.tensors.clone(), d.act, d.preprocess)
     } else if let Some(w) = &a.weights {
         let (cfg, t, act, spec) = fine_tune_weights(w, classes.len(), a.seed)?;
         (cfg, t, act.unwrap_or(a.activation), spec)

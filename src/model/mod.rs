@@ -12,7 +12,7 @@ use crate::ops::Act;
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::Arc;
-use weights::{check_against, read_checkpoint, Naming};
+use weights::{check_against, read_checkpoint, Checkpoint, Naming};
 
 /// How to interpret a checkpoint.
 #[derive(Clone, Debug, Default)]
@@ -33,14 +33,25 @@ pub struct Loaded {
     pub preprocess: crate::preprocess::Spec,
 }
 
-/// Reads a checkpoint, works out its architecture and activation, checks every
-/// tensor and uploads it.
+/// What a checkpoint says about itself, with `LoadOptions` applied.
+pub struct Described {
+    pub cfg: CvtConfig,
+    pub act: Act,
+    /// Whether `act` came from the options or the metadata (not the naming's default).
+    pub act_explicit: bool,
+    pub labels: Option<Vec<String>>,
+    /// The `preprocess` metadata of checkpoints the engine trained.
+    pub preprocess: Option<crate::preprocess::Spec>,
+}
+
+/// Works out a checkpoint's architecture (options, `cvt_config` metadata, or
+/// detection from the shapes), checks every tensor against it, and reads its
+/// activation, labels and preprocessing. Shared by `load`, fine-tuning and resume.
 ///
 /// Activation default: QuickGELU for the official naming (what the official code
 /// computes), exact GELU for the Hugging Face naming (what transformers computes),
 /// unless the checkpoint's metadata or `opts` says otherwise.
-pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
-    let ck = read_checkpoint(path)?;
+pub fn describe(ck: &Checkpoint, path: &Path, opts: &LoadOptions) -> Result<Described> {
     let shown = path.display();
     let meta_cfg = match ck.metadata.get("cvt_config") {
         Some(j) => Some(serde_json::from_str::<CvtConfig>(j).with_context(|| format!("{shown}: invalid cvt_config metadata"))?),
@@ -71,7 +82,8 @@ pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         Some("quick-gelu") => Some(Act::QuickGelu),
         _ => None,
     };
-    let act = opts.activation.or(meta_act).unwrap_or(match ck.naming {
+    let explicit = opts.activation.or(meta_act);
+    let act = explicit.unwrap_or(match ck.naming {
         Naming::Official => Act::QuickGelu,
         Naming::Hf => Act::Gelu,
     });
@@ -80,9 +92,19 @@ pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         None => None,
     };
     let preprocess = match ck.metadata.get("preprocess") {
-        Some(j) => serde_json::from_str(j).with_context(|| format!("{shown}: invalid preprocess metadata"))?,
-        None => crate::preprocess::Spec::imagenet(),
+        Some(j) => Some(serde_json::from_str(j).with_context(|| format!("{shown}: invalid preprocess metadata"))?),
+        None => None,
     };
+    Ok(Described { cfg, act, act_explicit: explicit.is_some(), labels, preprocess })
+}
+
+/// Reads a checkpoint, works out its architecture and activation (`describe`),
+/// checks every tensor and uploads it.
+pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
+    let ck = read_checkpoint(path)?;
+    let shown = path.display();
+    let Described { cfg, act, labels, preprocess, .. } = describe(&ck, path, opts)?;
+    let preprocess = preprocess.unwrap_or_else(crate::preprocess::Spec::imagenet);
     let model = Model::new(gpu, cfg, &ck.tensors, act).with_context(|| format!("{shown}"))?;
     Ok(Loaded { model, naming: ck.naming, labels, preprocess })
 }

@@ -112,11 +112,6 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
     anyhow::ensure!(n4 <= max && k_chunk.div_ceil(4) <= max, "{label}: {n_out} columns exceed the texture limit");
     anyhow::ensure!(ep.act == Act::None || k <= k_chunk, "{label}: a fused activation needs K within one texture");
     let unused = g.gpu.placeholder();
-    let out_res = |o: &Res| match o {
-        Res::Act(t) => Res::Act(*t),
-        Res::Buf(b) => Res::Buf(b.clone()),
-        _ => unreachable!("GEMM output is a tensor or a buffer"),
-    };
     for r0 in (0..m).step_by(max) {
         let rows = max.min(m - r0);
         for (j, k0) in (0..k.max(1)).step_by(k_chunk).enumerate() {
@@ -138,7 +133,7 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
                 _ => Res::Buf(unused.clone()),
             };
             let groups = [n4.div_ceil(super::matmul::TRN4).div_ceil(super::matmul::TWG_X) as u32, rows.div_ceil(super::matmul::TRM) as u32, 1];
-            let bind = vec![Res::Unused, Res::Unused, bias, out_res(&out), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt)];
+            let bind = vec![Res::Unused, Res::Unused, bias, out.clone(), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt)];
             g.dispatch(label, pipeline, bind, groups, 2.0 * (rows * b.cols * k_chunk.min(k - k0)) as f64);
         }
     }
