@@ -1,4 +1,4 @@
-//! Writing checkpoints: safetensors (F32) with string metadata, written to a
+//! Writing checkpoints: safetensors (F32, plus int64 BatchNorm counters) with string metadata, written to a
 //! temporary file in the same directory, flushed to disk, then renamed over the
 //! target, so a crash or Ctrl-C at any moment leaves either the old file or the
 //! new one, never a torn one.
@@ -14,11 +14,22 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
-/// One tensor to write: name, shape and values.
+/// One tensor to write: name, shape and little-endian bytes of `dtype`.
 pub struct Entry<'a> {
     pub name: String,
     pub shape: Vec<usize>,
-    pub data: &'a [f32],
+    pub dtype: safetensors::Dtype,
+    pub bytes: std::borrow::Cow<'a, [u8]>,
+}
+
+impl<'a> Entry<'a> {
+    pub fn f32(name: String, shape: Vec<usize>, data: &'a [f32]) -> Entry<'a> {
+        Entry { name, shape, dtype: safetensors::Dtype::F32, bytes: std::borrow::Cow::Borrowed(bytemuck::cast_slice(data)) }
+    }
+    /// An int64 scalar (BatchNorm's `num_batches_tracked`, which PyTorch state dicts carry).
+    pub fn i64_scalar(name: String, value: i64) -> Entry<'static> {
+        Entry { name, shape: vec![], dtype: safetensors::Dtype::I64, bytes: std::borrow::Cow::Owned(value.to_le_bytes().to_vec()) }
+    }
 }
 
 /// Prefix of optimizer-state tensors inside a training checkpoint.
@@ -29,10 +40,7 @@ pub fn write_safetensors(path: &Path, entries: &[Entry], metadata: &HashMap<Stri
     let shown = path.display();
     let views: Vec<(String, safetensors::tensor::TensorView)> = entries
         .iter()
-        .map(|e| {
-            let bytes: &[u8] = bytemuck::cast_slice(e.data);
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, e.shape.clone(), bytes).map(|v| (e.name.clone(), v))
-        })
+        .map(|e| safetensors::tensor::TensorView::new(e.dtype, e.shape.clone(), &e.bytes).map(|v| (e.name.clone(), v)))
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("{shown}: cannot serialise ({e:?})"))?;
     let bytes = safetensors::tensor::serialize(views, &Some(metadata.clone())).map_err(|e| anyhow::anyhow!("{shown}: cannot serialise ({e:?})"))?;

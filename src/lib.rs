@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod convert;
 pub mod data;
 pub mod gpu;
 pub mod graph;

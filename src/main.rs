@@ -14,7 +14,7 @@ use std::sync::Arc;
     name = "cvt-gpu",
     version,
     about = "CvT vision transformer inference and training on any GPU (Vulkan, Metal, DX12, GL) via wgpu",
-    after_help = "Examples:\n  cvt-gpu infer --weights weights/fmnist/model.safetensors weights/samples/fmnist-ankle-boot.png\n  cvt-gpu infer --weights cvt-13.safetensors --json --topk 3 cat.png dog.jpg\n  cvt-gpu train --fashion-mnist --out runs/fmnist\n  cvt-gpu eval --weights runs/fmnist/model.safetensors --fashion-mnist\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu adapters"
+    after_help = "Examples:\n  cvt-gpu infer --weights weights/fmnist/model.safetensors weights/samples/fmnist-ankle-boot.png\n  cvt-gpu infer --weights cvt-13.safetensors --json --topk 3 cat.png dog.jpg\n  cvt-gpu train --fashion-mnist --out runs/fmnist\n  cvt-gpu eval --weights runs/fmnist/model.safetensors --fashion-mnist\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu convert CvT-13-224x224-IN-1k.pth cvt-13.safetensors\n  cvt-gpu adapters"
 )]
 struct Cli {
     #[command(flatten)]
@@ -65,11 +65,16 @@ enum Cmd {
         after_help = "Examples:\n  cvt-gpu eval --weights weights/fmnist/model.safetensors --fashion-mnist\n  cvt-gpu eval --weights runs/tin/model.safetensors --tiny-imagenet tiny-imagenet-200 --json"
     )]
     Eval(cvt_gpu::trainer::EvalArgs),
+    /// Convert a checkpoint (safetensors or PyTorch .pth/.bin, either naming) to safetensors in the official or Hugging Face naming.
+    #[command(
+        after_help = "Examples:\n  cvt-gpu convert CvT-13-224x224-IN-1k.pth cvt-13.safetensors\n  cvt-gpu convert pytorch_model.bin cvt-21.safetensors          # HF .bin -> official names\n  cvt-gpu convert runs/fmnist/model.safetensors hf-fmnist/ --naming hf\n      # writes hf-fmnist/model.safetensors + config.json: CvtForImageClassification.from_pretrained(\"hf-fmnist\")"
+    )]
+    Convert(cvt_gpu::convert::ConvertArgs),
 }
 
 #[derive(Args)]
 struct InferArgs {
-    /// Checkpoint (.safetensors, official or Hugging Face names; F32/F16/BF16).
+    /// Checkpoint: .safetensors or PyTorch .pth/.pt/.bin (detected by content); official or Hugging Face names; F32/F16/BF16.
     #[arg(long, short)]
     weights: PathBuf,
     /// Images (PNG, JPEG, WebP, BMP); they are classified as one batch.
@@ -203,6 +208,7 @@ fn run() -> Result<()> {
         Cmd::Bench(a) => bench::run(cli.gpu.open()?, a),
         Cmd::Train(a) => cvt_gpu::trainer::train(cli.gpu.open()?, a),
         Cmd::Eval(a) => cvt_gpu::trainer::eval(cli.gpu.open()?, a),
+        Cmd::Convert(a) => cvt_gpu::convert::run(a),
     }
 }
 

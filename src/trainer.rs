@@ -263,7 +263,9 @@ pub fn learning_rate(s: &TrainState, total_steps: u64, step: u64) -> f32 {
 
 fn metadata(cfg: &CvtConfig, act: Act, labels: &[String], spec: &Spec) -> Result<HashMap<String, String>> {
     let mut m = HashMap::new();
-    m.insert("format".into(), "cvt-gpu".into());
+    // "pt": PyTorch tensor layout (what transformers and safetensors tools expect here).
+    m.insert("format".into(), "pt".into());
+    m.insert("producer".into(), "cvt-gpu".into());
     m.insert("cvt_config".into(), serde_json::to_string(cfg)?);
     m.insert("activation".into(), serde_json::to_value(act)?.as_str().unwrap_or("quick-gelu").to_string());
     m.insert("labels".into(), serde_json::to_string(labels)?);
@@ -274,7 +276,7 @@ fn metadata(cfg: &CvtConfig, act: Act, labels: &[String], spec: &Spec) -> Result
 fn weight_entries(t: &HashMap<String, Tensor>) -> Vec<Entry<'_>> {
     let mut names: Vec<&String> = t.keys().collect();
     names.sort();
-    names.into_iter().map(|n| Entry { name: n.clone(), shape: t[n].shape.clone(), data: &t[n].data }).collect()
+    names.into_iter().map(|n| Entry::f32(n.clone(), t[n].shape.clone(), &t[n].data)).collect()
 }
 
 /// Writes checkpoint.safetensors (weights + optimizer + state) then model.safetensors (weights).
@@ -283,8 +285,8 @@ fn save(out: &Path, weights: &HashMap<String, Tensor>, opt: &crate::train::Optim
     let moments = opt.state()?;
     let mut entries = weight_entries(weights);
     for (name, m, v) in &moments {
-        entries.push(Entry { name: format!("{OPTIM_PREFIX}{name}.exp_avg"), shape: vec![m.len()], data: m });
-        entries.push(Entry { name: format!("{OPTIM_PREFIX}{name}.exp_avg_sq"), shape: vec![v.len()], data: v });
+        entries.push(Entry::f32(format!("{OPTIM_PREFIX}{name}.exp_avg"), vec![m.len()], m));
+        entries.push(Entry::f32(format!("{OPTIM_PREFIX}{name}.exp_avg_sq"), vec![v.len()], v));
     }
     let mut full_meta = meta.clone();
     full_meta.insert("train_state".into(), serde_json::to_string(state)?);

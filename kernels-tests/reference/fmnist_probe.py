@@ -12,6 +12,7 @@ prints test accuracy four times over the run.
 """
 import gzip
 import json
+import os
 import math
 import sys
 import time
@@ -65,7 +66,7 @@ def main():
     rest = [p for k, p in m.named_parameters() if not (p.ndim > 1 and "cls_token" not in k)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=lr)
     steps = budget // bs
-    warm = min(200, steps // 10)
+    warm = min(int(os.environ.get("WARMUP", "200")), steps // 10)
 
     def lr_at(s):
         return lr * s / warm if s < warm else lr * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
@@ -91,7 +92,7 @@ def main():
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         for group in opt.param_groups:
             group["lr"] = lr_at(s)
-        loss = torch.nn.functional.cross_entropy(m(x).logits, ytr[idx], label_smoothing=0.1)
+        loss = torch.nn.functional.cross_entropy(m(x).logits, ytr[idx], label_smoothing=float(os.environ.get("LS", "0.1")))
         opt.zero_grad()
         loss.backward()
         opt.step()

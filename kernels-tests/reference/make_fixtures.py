@@ -12,6 +12,11 @@ and the official `stage{i}.blocks.{j}...` names (spec §5.1).
 Outputs (kernels-tests/reference/fixtures/, small, committed):
   tiny/                     tiny CvT (dims 16/32/48), two real photos at 64x64, batch 2
   preprocess/               a real photo and torchvision's eval preprocessing of it
+  tiny/official.pth, tiny/pytorch_model.bin
+                            the tiny CvT written by torch.save in both namings
+  torch/                    torch.save edge cases: wrapped + `module.` + F16, views
+                            (non-contiguous, shared storage, offsets, dtypes), a
+                            pickle naming os.system, an archive missing a storage
 and with --large (kernels-tests/reference/large/, not committed, ~80 MB each):
   cvt13/                    CvT-13 at 224 on a real photo
 
@@ -234,6 +239,56 @@ def train_fixture(out_dir, tiny_dir, cfg):
         print(out_dir, mode, "loss", float(loss))
 
 
+def torch_format_fixture(tiny_dir, out_dir):
+    """PyTorch's own checkpoint format (torch.save zip), for the pure-Rust reader:
+    the tiny CvT in both namings (HF with its int64 num_batches_tracked buffers,
+    as transformers saves pytorch_model.bin), a wrapped checkpoint, tensor views,
+    and two files that must be refused."""
+    import collections
+    import pickle
+    import zipfile
+    from safetensors.torch import load_file
+    os.makedirs(out_dir, exist_ok=True)
+    official = load_file(os.path.join(tiny_dir, "official.safetensors"))
+    torch.save(collections.OrderedDict(official), os.path.join(tiny_dir, "official.pth"))
+    cfg = json.load(open(os.path.join(tiny_dir, "config.json")))
+    model = CvtForImageClassification(CvtConfig(num_labels=cfg["num_classes"], embed_dim=cfg["dims"], num_heads=cfg["heads"], depth=cfg["depths"]))
+    model.load_state_dict(load_file(os.path.join(tiny_dir, "hf.safetensors")), strict=False)
+    torch.save(model.state_dict(), os.path.join(tiny_dir, "pytorch_model.bin"))
+    # A training script's checkpoint: DataParallel names, F16, other entries beside it.
+    wrapped = {"epoch": 7, "best_acc1": 81.5, "arch": "cvt-tiny", "lr_schedule": [0.1, 0.01, None, True],
+               "state_dict": collections.OrderedDict(("module." + k, v.half() if v.is_floating_point() else v) for k, v in official.items())}
+    torch.save(wrapped, os.path.join(out_dir, "wrapped.pth"))
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5, 3, generator=g)
+    shared = torch.arange(20, dtype=torch.float32) * 0.5
+    views = collections.OrderedDict([
+        ("transposed", base.t()),                    # non-contiguous: strides (1, 3)
+        ("head", shared[2:8]),                       # offset 2 into a storage ...
+        ("tail", shared[10:20].view(2, 5)),          # ... that this one shares
+        ("every_other", shared[1::4]),               # stride 4
+        ("f16", torch.randn(4, 3, generator=g).half()),
+        ("bf16", torch.randn(3, generator=g).bfloat16()),
+        ("f64", torch.randn(2, 2, generator=g).double()),
+        ("scalar", torch.tensor(2.5)),
+        ("count", torch.tensor(5)),                  # int64: not a weight, skipped
+        ("param", torch.nn.Parameter(torch.randn(2, 3, generator=g))),
+    ])
+    torch.save(views, os.path.join(out_dir, "views.pth"))
+    save_file({k: v.detach().float().contiguous() for k, v in views.items() if v.is_floating_point()}, os.path.join(out_dir, "views.safetensors"))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch cvt-gpu-pwned",))
+    with zipfile.ZipFile(os.path.join(out_dir, "evil.pth"), "w") as z:
+        z.writestr("evil/data.pkl", pickle.dumps(collections.OrderedDict([("w", Evil())]), protocol=2))
+    with zipfile.ZipFile(os.path.join(out_dir, "views.pth")) as src, zipfile.ZipFile(os.path.join(out_dir, "missing_storage.pth"), "w") as z:
+        for item in src.infolist():
+            if not item.filename.endswith("/data/0"):
+                z.writestr(item.filename, src.read(item.filename))
+    print(out_dir, "torch.save fixtures")
+
+
 def main():
     fixtures = os.path.join(HERE, "fixtures")
     adamw_fixture(os.path.join(fixtures, "optim"))
@@ -241,6 +296,7 @@ def main():
     build(os.path.join(fixtures, "tiny"), tiny, 64, 1, 2)
     train_fixture(os.path.join(fixtures, "train"), os.path.join(fixtures, "tiny"), tiny)
     preprocess_fixture(os.path.join(fixtures, "preprocess"))
+    torch_format_fixture(os.path.join(fixtures, "tiny"), os.path.join(fixtures, "torch"))
     if "--large" in sys.argv:
         cvt13 = CvtConfig(num_labels=1000)
         build(os.path.join(HERE, "large", "cvt13"), cvt13, 224, 13, 1)

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod cvt;
+pub mod pth;
 pub mod weights;
 
 pub use config::CvtConfig;

@@ -102,16 +102,9 @@ fn bf16_to_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
 }
 
-/// Reads a safetensors checkpoint in either naming.
-pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
-    let shown = path.display();
-    if path.is_dir() {
-        bail!("{shown}: is a directory, expected a .safetensors file");
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("{shown}: cannot read"))?;
-    if bytes.starts_with(b"PK\x03\x04") {
-        bail!("{shown}: is a PyTorch zip checkpoint (.pth/.bin); this build reads safetensors only");
-    }
+/// The tensors (minus optimizer state and integer counters) and metadata of a
+/// safetensors file. Errors are bare reasons; the caller adds the path.
+fn read_safetensors(bytes: &[u8]) -> Result<(Vec<(String, Tensor)>, BTreeMap<String, String>)> {
     let invalid = |e: safetensors::SafeTensorError| {
         use safetensors::SafeTensorError as E;
         let why = match e {
@@ -119,10 +112,10 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
             E::InvalidHeader | E::InvalidHeaderStart | E::InvalidHeaderDeserialization => "corrupt header".to_string(),
             other => format!("{other:?}"),
         };
-        anyhow!("{shown}: not a valid safetensors file ({why})")
+        anyhow!("not a valid safetensors file ({why})")
     };
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(invalid)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(invalid)?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(invalid)?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(invalid)?;
     let metadata: BTreeMap<String, String> = meta.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default();
     let mut raw: Vec<(String, Tensor)> = vec![];
     for (name, view) in st.tensors() {
@@ -137,10 +130,29 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
             Dtype::BF16 => bf16_to_f32(view.data()),
             // BatchNorm's step counter: meaningless at inference.
             Dtype::I64 if name.ends_with("num_batches_tracked") => continue,
-            other => bail!("{shown}: tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported"),
+            other => bail!("tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported"),
         };
         raw.push((name, Tensor::new(view.shape().to_vec(), data)));
     }
+    Ok((raw, metadata))
+}
+
+/// Reads a checkpoint in either naming: safetensors, or a PyTorch `torch.save`
+/// zip (.pth/.pt/.bin; see `pth`), told apart by content, not by extension.
+pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
+    let shown = path.display();
+    if path.is_dir() {
+        bail!("{shown}: is a directory, expected a checkpoint file (.safetensors, or a PyTorch .pth/.pt/.bin)");
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("{shown}: cannot read"))?;
+    let (raw, metadata) = if super::pth::is_zip(&bytes) {
+        let file = super::pth::read(&bytes).map_err(|e| anyhow!("{shown}: PyTorch checkpoint: {e:#}"))?;
+        (file.tensors, BTreeMap::new())
+    } else {
+        read_safetensors(&bytes).map_err(|e| anyhow!("{shown}: {e:#}"))?
+    };
+    // BatchNorm's step counter is never a weight, whatever dtype a script cast it to.
+    let raw: Vec<(String, Tensor)> = raw.into_iter().filter(|(n, _)| !n.ends_with("num_batches_tracked")).collect();
     let strip = |n: &str| n.strip_prefix("module.").unwrap_or(n).to_string();
     let hf = raw.iter().any(|(n, _)| strip(n).starts_with("cvt.encoder.") || strip(n).starts_with("encoder.stages."));
     let official = raw.iter().any(|(n, _)| strip(n).starts_with("stage0."));
