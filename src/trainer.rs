@@ -141,6 +141,7 @@ pub struct TrainArgs {
     pub data: DataArgs,
     /// cvt-fmnist, cvt-13, cvt-21, cvt-w24 or a JSON config [default: cvt-fmnist for
     /// Fashion-MNIST, cvt-13 otherwise]. Classes and input channels follow the data.
+    /// With --weights: the checkpoint's architecture, for files that do not record it.
     #[arg(long)]
     pub model: Option<String>,
     /// MLP activation.
@@ -360,10 +361,26 @@ fn read_training_checkpoint(path: &Path) -> Result<(Checkpoint, HashMap<String, 
 /// `model::describe` does; the head is re-initialised when its class count
 /// differs from the data's. The activation is None when the checkpoint leaves it
 /// to the default of its naming (official names: `--activation` decides).
-fn fine_tune_weights(path: &Path, classes: usize, seed: u64) -> Result<(CvtConfig, HashMap<String, Tensor>, Option<Act>, Option<Spec>)> {
+/// `model`: `--model` given with `--weights`, the checkpoint's architecture when it
+/// carries none (a .pth of a non-released shape); its class and channel counts are
+/// taken from the checkpoint's tensors.
+fn fine_tune_weights(path: &Path, model: Option<&str>, classes: usize, seed: u64) -> Result<(CvtConfig, HashMap<String, Tensor>, Option<Act>, Option<Spec>)> {
     let shown = path.display();
     let ck = read_checkpoint(path)?;
-    let d = describe(&ck, path, &LoadOptions::default())?;
+    let config = match model {
+        Some(m) => {
+            let mut c = CvtConfig::by_name(m)?;
+            if let Some(h) = ck.tensors.get("head.weight") {
+                c.num_classes = h.shape[0];
+            }
+            if let Some(p) = ck.tensors.get("stage0.patch_embed.proj.weight") {
+                c.in_chans = p.shape[1];
+            }
+            Some(c)
+        }
+        None => None,
+    };
+    let d = describe(&ck, path, &LoadOptions { config, activation: None })?;
     let mut cfg = d.cfg;
     let mut t = ck.tensors;
     if cfg.num_classes != classes {
@@ -448,7 +465,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         let d = describe(ck, path, &LoadOptions::default())?;
         (d.cfg, ck.tensors.clone(), d.act, d.preprocess)
     } else if let Some(w) = &a.weights {
-        let (cfg, t, act, spec) = fine_tune_weights(w, classes.len(), a.seed)?;
+        let (cfg, t, act, spec) = fine_tune_weights(w, a.model.as_deref(), classes.len(), a.seed)?;
         (cfg, t, act.unwrap_or(a.activation), spec)
     } else {
         let name = a.model.clone().unwrap_or_else(|| if data.name == "fashion-mnist" { "cvt-fmnist".into() } else { "cvt-13".into() });
@@ -705,6 +722,9 @@ pub struct EvalArgs {
     /// MLP activation (default: the checkpoint's).
     #[arg(long, value_enum)]
     pub activation: Option<Act>,
+    /// Architecture: cvt-13, cvt-21, cvt-w24 or a JSON config (default: the checkpoint's metadata, else detected).
+    #[arg(long)]
+    pub config: Option<String>,
     /// Evaluate at most this many images.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -713,7 +733,8 @@ pub struct EvalArgs {
 }
 
 pub fn eval(gpu: Arc<Gpu>, a: &EvalArgs) -> Result<()> {
-    let loaded = crate::model::load(gpu, &a.weights, &crate::model::LoadOptions { config: None, activation: a.activation })?;
+    let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
+    let loaded = crate::model::load(gpu, &a.weights, &crate::model::LoadOptions { config, activation: a.activation })?;
     let m = &loaded.model;
     let data = a.data.open(false, m.cfg.image_size, a.json)?;
     if data.val.classes.len() != m.cfg.num_classes {
