@@ -329,77 +329,80 @@ use cvt_gpu::ops::attention::{attention_backward, attention_with, AttnShape};
 /// q = x·Wqᵀ; o = attention(q, k, v); L = Σ c·o + Σ e·q. Attention backward mid-graph.
 #[test]
 fn attention_backward_mid_graph() {
-    let gpu = gpu();
-    for &(batch, tq, tkv, c, heads) in &[(2, 5, 3, 8, 2), (1, 9, 9, 16, 1), (1, 1, 1, 4, 1)] {
-        let shape = AttnShape { batch, tq, tkv, c, heads, scale: (c as f32).powf(-0.5) * 2.0 };
-        let (x, wq, k, v) = (randn(batch * tq * c, 1), randn(c * c, 2), randn(batch * tkv * c, 3), randn(batch * tkv * c, 4));
-        let (co, e) = (randn(batch * tq * c, 5), randn(batch * tq * c, 6));
-        let m = batch * tq;
-        let run = |x: &[f32], wq: &[f32], k: &[f32], v: &[f32], backward: bool| -> (f64, Vec<Vec<f32>>) {
-            let lq = Linear::with_kind(&gpu, "wq", wq, None, c, c, MatmulKind::Buffer).unwrap();
-            let mut g = Graph::new(gpu.clone());
-            let (xi, ki, vi) = (g.pinned("x", x.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
-            let qi = g.pinned("q", m * c);
-            linear(&mut g, "wq", xi, m, &lq, Act::None, Out::Into(qi)).unwrap();
-            let o_tmp = attention_with(&mut g, "attn", qi, ki, vi, shape, MatmulKind::Buffer).unwrap();
-            g.pin(o_tmp);
-            let dout = g.pinned("dout", m * c);
-            let mut outs = vec![];
-            if backward {
-                let (dq, dk, dv) = attention_backward(&mut g, "attn", (qi, ki, vi, o_tmp), dout, shape).unwrap();
-                outs = vec![dq, dk, dv];
-                outs.iter().for_each(|&t| g.pin(t));
-            }
-            let plan = g.compile().unwrap();
-            plan.write(xi, x).unwrap();
-            plan.write(ki, k).unwrap();
-            plan.write(vi, v).unwrap();
-            plan.write(dout, &co).unwrap();
-            plan.run().unwrap();
-            let qv = plan.read(qi).unwrap();
-            let ov = plan.read(o_tmp).unwrap();
-            let l = ov.iter().zip(&co).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + qv.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
-            let mut grads: Vec<Vec<f32>> = outs.iter().map(|&t| plan.read(t).unwrap()).collect();
-            if backward {
-                grads.push(qv);
-            }
-            (l, grads)
-        };
-        let (_, gr) = run(&x, &wq, &k, &v, true);
-        let (dq, dk, dv, qv) = (&gr[0], &gr[1], &gr[2], &gr[3]);
-        // f64 reference from the GPU's q.
-        let d = c / heads;
-        let (mut wdq, mut wdk, mut wdv) = (vec![0f64; m * c], vec![0f64; batch * tkv * c], vec![0f64; batch * tkv * c]);
-        for b in 0..batch {
-            for h in 0..heads {
-                for i in 0..tq {
-                    let qrow = |e: usize| qv[(b * tq + i) * c + h * d + e] as f64;
-                    let s: Vec<f64> = (0..tkv).map(|j| (0..d).map(|e| qrow(e) * k[(b * tkv + j) * c + h * d + e] as f64).sum::<f64>() * shape.scale as f64).collect();
-                    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
-                    let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
-                    let p: Vec<f64> = s.iter().map(|v| (v - mx).exp() / z).collect();
-                    let go = |e: usize| co[(b * tq + i) * c + h * d + e] as f64;
-                    let dp: Vec<f64> = (0..tkv).map(|j| (0..d).map(|e| go(e) * v[(b * tkv + j) * c + h * d + e] as f64).sum()).collect();
-                    let dd: f64 = (0..tkv).map(|j| p[j] * dp[j]).sum();
-                    for j in 0..tkv {
-                        let ds = p[j] * (dp[j] - dd) * shape.scale as f64;
-                        for e in 0..d {
-                            wdq[(b * tq + i) * c + h * d + e] += ds * k[(b * tkv + j) * c + h * d + e] as f64;
-                            wdk[(b * tkv + j) * c + h * d + e] += ds * qrow(e);
-                            wdv[(b * tkv + j) * c + h * d + e] += p[j] * go(e);
+    // Texture variants: K, V / Q, dO read from textures (packed for c = 8, 16, 4;
+    // copied for c = 64); buffer variants: every operand from buffers.
+    for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
+        for &(batch, tq, tkv, c, heads) in &[(2, 5, 3, 8, 2), (1, 9, 9, 16, 1), (1, 1, 1, 4, 1), (3, 7, 4, 64, 1)] {
+            let shape = AttnShape { batch, tq, tkv, c, heads, scale: (c as f32).powf(-0.5) * 2.0 };
+            let (x, wq, k, v) = (randn(batch * tq * c, 1), randn(c * c, 2), randn(batch * tkv * c, 3), randn(batch * tkv * c, 4));
+            let (co, e) = (randn(batch * tq * c, 5), randn(batch * tq * c, 6));
+            let m = batch * tq;
+            let run = |x: &[f32], wq: &[f32], k: &[f32], v: &[f32], backward: bool| -> (f64, Vec<Vec<f32>>) {
+                let lq = Linear::with_kind(&gpu, "wq", wq, None, c, c, MatmulKind::Buffer).unwrap();
+                let mut g = Graph::new(gpu.clone());
+                let (xi, ki, vi) = (g.pinned("x", x.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
+                let qi = g.pinned("q", m * c);
+                linear(&mut g, "wq", xi, m, &lq, Act::None, Out::Into(qi)).unwrap();
+                let o_tmp = attention_with(&mut g, "attn", qi, ki, vi, shape, MatmulKind::Buffer).unwrap();
+                g.pin(o_tmp);
+                let dout = g.pinned("dout", m * c);
+                let mut outs = vec![];
+                if backward {
+                    let (dq, dk, dv) = attention_backward(&mut g, "attn", (qi, ki, vi, o_tmp), dout, shape).unwrap();
+                    outs = vec![dq, dk, dv];
+                    outs.iter().for_each(|&t| g.pin(t));
+                }
+                let plan = g.compile().unwrap();
+                plan.write(xi, x).unwrap();
+                plan.write(ki, k).unwrap();
+                plan.write(vi, v).unwrap();
+                plan.write(dout, &co).unwrap();
+                plan.run().unwrap();
+                let qv = plan.read(qi).unwrap();
+                let ov = plan.read(o_tmp).unwrap();
+                let l = ov.iter().zip(&co).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + qv.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+                let mut grads: Vec<Vec<f32>> = outs.iter().map(|&t| plan.read(t).unwrap()).collect();
+                if backward {
+                    grads.push(qv);
+                }
+                (l, grads)
+            };
+            let (_, gr) = run(&x, &wq, &k, &v, true);
+            let (dq, dk, dv, qv) = (&gr[0], &gr[1], &gr[2], &gr[3]);
+            // f64 reference from the GPU's q.
+            let d = c / heads;
+            let (mut wdq, mut wdk, mut wdv) = (vec![0f64; m * c], vec![0f64; batch * tkv * c], vec![0f64; batch * tkv * c]);
+            for b in 0..batch {
+                for h in 0..heads {
+                    for i in 0..tq {
+                        let qrow = |e: usize| qv[(b * tq + i) * c + h * d + e] as f64;
+                        let s: Vec<f64> = (0..tkv).map(|j| (0..d).map(|e| qrow(e) * k[(b * tkv + j) * c + h * d + e] as f64).sum::<f64>() * shape.scale as f64).collect();
+                        let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                        let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
+                        let p: Vec<f64> = s.iter().map(|v| (v - mx).exp() / z).collect();
+                        let go = |e: usize| co[(b * tq + i) * c + h * d + e] as f64;
+                        let dp: Vec<f64> = (0..tkv).map(|j| (0..d).map(|e| go(e) * v[(b * tkv + j) * c + h * d + e] as f64).sum()).collect();
+                        let dd: f64 = (0..tkv).map(|j| p[j] * dp[j]).sum();
+                        for j in 0..tkv {
+                            let ds = p[j] * (dp[j] - dd) * shape.scale as f64;
+                            for e in 0..d {
+                                wdq[(b * tq + i) * c + h * d + e] += ds * k[(b * tkv + j) * c + h * d + e] as f64;
+                                wdk[(b * tkv + j) * c + h * d + e] += ds * qrow(e);
+                                wdv[(b * tkv + j) * c + h * d + e] += p[j] * go(e);
+                            }
                         }
                     }
                 }
             }
-        }
-        let what = format!("b{batch} tq{tq} tkv{tkv} c{c} h{heads}");
-        assert_close(&format!("{what} dq"), dq, &wdq, 1e-4, 1e-3);
-        assert_close(&format!("{what} dk"), dk, &wdk, 1e-4, 1e-3);
-        assert_close(&format!("{what} dv"), dv, &wdv, 1e-4, 1e-3);
-        // Finite differences through the engine's forward, on k, v and x (via Wq·x).
-        for i in [0, k.len() / 2, k.len() - 1] {
-            close(&format!("{what} dk[{i}]"), fd(&k, i, 1e-2, &|p| run(&x, &wq, p, &v, false).0), dk[i] as f64, 1e-2);
-            close(&format!("{what} dv[{i}]"), fd(&v, i, 1e-2, &|p| run(&x, &wq, &k, p, false).0), dv[i] as f64, 1e-2);
+            let what = format!("b{batch} tq{tq} tkv{tkv} c{c} h{heads}");
+            assert_close(&format!("{what} dq"), dq, &wdq, 1e-4, 1e-3);
+            assert_close(&format!("{what} dk"), dk, &wdk, 1e-4, 1e-3);
+            assert_close(&format!("{what} dv"), dv, &wdv, 1e-4, 1e-3);
+            // Finite differences through the engine's forward, on k, v and x (via Wq·x).
+            for i in [0, k.len() / 2, k.len() - 1] {
+                close(&format!("{what} dk[{i}]"), fd(&k, i, 1e-2, &|p| run(&x, &wq, p, &v, false).0), dk[i] as f64, 1e-2);
+                close(&format!("{what} dv[{i}]"), fd(&v, i, 1e-2, &|p| run(&x, &wq, &k, p, false).0), dv[i] as f64, 1e-2);
+            }
         }
     }
 }

@@ -26,11 +26,7 @@ fn tmpdir(tag: &str) -> PathBuf {
 fn safetensors_f32(path: &Path) -> HashMap<String, Tensor> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-        .map(|(n, v)| (n, Tensor::new(v.shape().to_vec(), bytemuck::pod_collect_to_vec(v.data()))))
-        .collect()
+    st.tensors().into_iter().filter(|(_, v)| v.dtype() == safetensors::Dtype::F32).map(|(n, v)| (n, Tensor::new(v.shape().to_vec(), bytemuck::pod_collect_to_vec(v.data())))).collect()
 }
 
 fn assert_same(what: &str, got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>, round: fn(f32) -> f32) {
@@ -122,16 +118,7 @@ fn refuses_foreign_globals_and_broken_archives() {
 
 fn infer_json(weights: &Path, extra: &[&str]) -> serde_json::Value {
     let t = fixtures().join("tiny");
-    let out = bin()
-        .arg("infer")
-        .arg("--weights")
-        .arg(weights)
-        .args(extra)
-        .args(["--no-resize", "--json", "--topk", "10"])
-        .arg(t.join("chelsea64.png"))
-        .arg(t.join("coffee64.png"))
-        .output()
-        .unwrap();
+    let out = bin().arg("infer").arg("--weights").arg(weights).args(extra).args(["--no-resize", "--json", "--topk", "10"]).arg(t.join("chelsea64.png")).arg(t.join("coffee64.png")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -82,7 +82,29 @@ fn kill_and_resume_matches_uninterrupted() {
     let common = |out: &Path| {
         let mut c = bin();
         c.args(["train", "--image-folder"]).arg(d.join("data")).arg("--model").arg(&cfg);
-        c.args(["--res", "16", "--epochs", "2", "--batch", "4", "--seed", "5", "--lr", "3e-3", "--warmup-steps", "2", "--clip-grad", "1", "--mixup", "0.4", "--drop-path", "0.1,0.2,0.3", "--json", "--out"]).arg(out);
+        c.args([
+            "--res",
+            "16",
+            "--epochs",
+            "2",
+            "--batch",
+            "4",
+            "--seed",
+            "5",
+            "--lr",
+            "3e-3",
+            "--warmup-steps",
+            "2",
+            "--clip-grad",
+            "1",
+            "--mixup",
+            "0.4",
+            "--drop-path",
+            "0.1,0.2,0.3",
+            "--json",
+            "--out",
+        ])
+        .arg(out);
         c
     };
     let (ok, _, err) = run(&mut common(&d.join("full")));

@@ -267,3 +267,126 @@ fn attn_bwd_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup
         dv[kb + d] = gvv[d];
     }
 }
+
+// ---------------------------------------------------------------------------
+// Backward with texture operands: the rows every lane of a workgroup reads at the
+// same time (K and V in attn_bwd_q_tex, whose lanes are queries; Q and dO in
+// attn_bwd_kv_tex, whose lanes are keys) come from textures, as in main_tex; each
+// lane's own rows still come from buffers. Texture rows are the images of this
+// dispatch only (b_off splits the batch); buffers hold the whole batch. The
+// softmax statistics take one online pass (running max and rescaled sum), so Q·Kᵀ
+// is computed twice per pair, not three times as in attn_bwd_q.
+
+@group(0) @binding(13) var dout_tex: texture_2d<f32>;
+
+// x · (row of K or V), for attn_bwd_q_tex; x · (row of Q or dO), for
+// attn_bwd_kv_tex. Two functions so each entry point binds only its own textures.
+fn dot_kv_tex(x: ptr<function, array<vec4<f32>, D4_MAX>>, value: bool, hc: i32, row: i32) -> f32 {
+    var acc = vec4<f32>(0.0);
+    for (var d = 0u; d < D4; d++) {
+        let at = vec2<i32>(hc + i32(d), row);
+        var other: vec4<f32>;
+        if (value) {
+            other = textureLoad(v_tex, at, 0);
+        } else {
+            other = textureLoad(k_tex, at, 0);
+        }
+        acc += (*x)[d] * other;
+    }
+    return acc.x + acc.y + acc.z + acc.w;
+}
+
+fn dot_qg_tex(x: ptr<function, array<vec4<f32>, D4_MAX>>, grad: bool, hc: i32, row: i32) -> f32 {
+    var acc = vec4<f32>(0.0);
+    for (var d = 0u; d < D4; d++) {
+        let at = vec2<i32>(hc + i32(d), row);
+        var other: vec4<f32>;
+        if (grad) {
+            other = textureLoad(dout_tex, at, 0);
+        } else {
+            other = textureLoad(q_tex, at, 0);
+        }
+        acc += (*x)[d] * other;
+    }
+    return acc.x + acc.y + acc.z + acc.w;
+}
+
+@compute @workgroup_size(WG)
+fn attn_bwd_q_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let head = wid.y;
+    let bi = wid.z;
+    let qi = gid.x;
+    if (qi >= p.Tq) {
+        return;
+    }
+    let gb = p.b_off + bi;
+    let hc = i32(head * D4);
+    let qbase = (gb * p.Tq + qi) * p.C4 + head * D4;
+    var qv: array<vec4<f32>, D4_MAX>;
+    var gv: array<vec4<f32>, D4_MAX>;
+    var acc: array<vec4<f32>, D4_MAX>;
+    var dd = vec4<f32>(0.0);
+    for (var d = 0u; d < D4; d++) {
+        qv[d] = q[qbase + d] * p.scale;
+        gv[d] = dout[qbase + d];
+        dd += gv[d] * o[qbase + d];
+    }
+    let big_d = dd.x + dd.y + dd.z + dd.w;
+    var m = -3.0e38;
+    var l = 0.0;
+    for (var j = 0u; j < p.Tkv; j++) {
+        let s = dot_kv_tex(&qv, false, hc, i32(bi * p.Tkv + j));
+        let mn = max(m, s);
+        l = l * exp(m - mn) + exp(s - mn);
+        m = mn;
+    }
+    let lse = m + log(l);
+    for (var j = 0u; j < p.Tkv; j++) {
+        let row = i32(bi * p.Tkv + j);
+        let pij = exp(dot_kv_tex(&qv, false, hc, row) - lse);
+        let ds = pij * (dot_kv_tex(&gv, true, hc, row) - big_d);
+        for (var d = 0u; d < D4; d++) {
+            acc[d] += ds * textureLoad(k_tex, vec2<i32>(hc + i32(d), row), 0);
+        }
+    }
+    for (var d = 0u; d < D4; d++) {
+        dq[qbase + d] = acc[d] * p.scale;
+    }
+    lse_d[(gb * p.heads + head) * p.Tq + qi] = vec2<f32>(lse, big_d);
+}
+
+@compute @workgroup_size(WG)
+fn attn_bwd_kv_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let head = wid.y;
+    let bi = wid.z;
+    let kj = gid.x;
+    if (kj >= p.Tkv) {
+        return;
+    }
+    let gb = p.b_off + bi;
+    let hc = i32(head * D4);
+    let kb = (gb * p.Tkv + kj) * p.C4 + head * D4;
+    var kv: array<vec4<f32>, D4_MAX>;
+    var vv: array<vec4<f32>, D4_MAX>;
+    var gk: array<vec4<f32>, D4_MAX>;
+    var gvv: array<vec4<f32>, D4_MAX>;
+    for (var d = 0u; d < D4; d++) {
+        kv[d] = k[kb + d] * p.scale;
+        vv[d] = v[kb + d];
+    }
+    for (var i = 0u; i < p.Tq; i++) {
+        let row = i32(bi * p.Tq + i);
+        let ld = lse_d[(gb * p.heads + head) * p.Tq + i];
+        let pij = exp(dot_qg_tex(&kv, false, hc, row) - ld.x);
+        let ds = pij * (dot_qg_tex(&vv, true, hc, row) - ld.y);
+        for (var d = 0u; d < D4; d++) {
+            let at = vec2<i32>(hc + i32(d), row);
+            gvv[d] += pij * textureLoad(dout_tex, at, 0);
+            gk[d] += ds * textureLoad(q_tex, at, 0);
+        }
+    }
+    for (var d = 0u; d < D4; d++) {
+        dk[kb + d] = gk[d] * p.scale;
+        dv[kb + d] = gvv[d];
+    }
+}

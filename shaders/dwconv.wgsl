@@ -60,34 +60,39 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let y = i32(pix / p.W);
     let xx = i32(pix % p.W);
     let base = bi * tq + p.cls;
-    var win: array<T, 9>;
-    for (var ky = 0; ky < 3; ky++) {
-        for (var kx = 0; kx < 3; kx++) {
-            let iy = y + ky - 1;
-            let ix = xx + kx - 1;
-            var val = T(0.0);
-            if (iy >= 0 && ix >= 0 && iy < i32(p.H) && ix < i32(p.W)) {
-                val = x[(base + u32(iy) * p.W + u32(ix)) * C + c];
-            }
-            win[ky * 3 + kx] = val;
-        }
-    }
-    var sq = bias[c];
-    for (var i = 0u; i < 9u; i++) {
-        sq += w[i * C + c] * win[i];
-    }
-    q[n] = sq;
+    // The 3x3 window in nine named values, not an array: CPU drivers put private
+    // arrays in memory (lavapipe: scratch loads and stores per element).
+    let x0 = at(base, y - 1, xx - 1, c);
+    let x1 = at(base, y - 1, xx, c);
+    let x2 = at(base, y - 1, xx + 1, c);
+    let x3 = at(base, y, xx - 1, c);
+    let x4 = at(base, y, xx, c);
+    let x5 = at(base, y, xx + 1, c);
+    let x6 = at(base, y + 1, xx - 1, c);
+    let x7 = at(base, y + 1, xx, c);
+    let x8 = at(base, y + 1, xx + 1, c);
+    q[n] = bias[c] + conv9(0u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8);
     if ((y & 1) == 0 && (xx & 1) == 0) {
-        var sk = bias[C + c];
-        var sv = bias[2u * C + c];
-        for (var i = 0u; i < 9u; i++) {
-            sk += w[(9u + i) * C + c] * win[i];
-            sv += w[(18u + i) * C + c] * win[i];
-        }
         let kidx = (bi * tk + p.cls + u32(y / 2) * p.Wk + u32(xx / 2)) * C + c;
-        k[kidx] = sk;
-        v[kidx] = sv;
+        k[kidx] = bias[C + c] + conv9(9u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8);
+        v[kidx] = bias[2u * C + c] + conv9(18u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8);
     }
+}
+
+// Input pixel (iy, ix) of the map whose first spatial row is `base`, zero outside.
+fn at(base: u32, iy: i32, ix: i32, c: u32) -> T {
+    if (iy >= 0 && ix >= 0 && iy < i32(p.H) && ix < i32(p.W)) {
+        return x[(base + u32(iy) * p.W + u32(ix)) * p.C + c];
+    }
+    return T(0.0);
+}
+
+// Σ_tap w[o + tap] · x_tap: one 3x3 depthwise output (o = 0, 9, 18 for q, k, v).
+fn conv9(o: u32, c: u32, x0: T, x1: T, x2: T, x3: T, x4: T, x5: T, x6: T, x7: T, x8: T) -> T {
+    let C = p.C;
+    return w[o * C + c] * x0 + w[(o + 1u) * C + c] * x1 + w[(o + 2u) * C + c] * x2
+         + w[(o + 3u) * C + c] * x3 + w[(o + 4u) * C + c] * x4 + w[(o + 5u) * C + c] * x5
+         + w[(o + 6u) * C + c] * x6 + w[(o + 7u) * C + c] * x7 + w[(o + 8u) * C + c] * x8;
 }
 
 // ---------------------------------------------------------------------------
@@ -247,46 +252,78 @@ fn bn_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
 }
 
-// Weight gradient of the three depthwise convs: one workgroup per (map, tap, c),
-// index (m * 9 + tap) * C + c, striding over the output positions. q, k, v hold
-// the pre-BN gradients here; p.H, p.W is the input grid, p.Hk, p.Wk the k/v grid.
+// Weight gradient of the three depthwise convs: one workgroup per (map m, channel
+// group c), its invocations striding over output rows (image, oy); each output
+// position's gradient is loaded once and multiplied into all nine taps, held in
+// named accumulators (no private array), and the row loop needs no per-element
+// division. q, k, v hold the pre-BN gradients here; p.H, p.W is the input grid,
+// p.Hk, p.Wk the k/v grid; dw is [3, 9, C].
 @compute @workgroup_size(WG)
 fn dwconv_backward_w(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let idx = wid.x;
-    let c = idx % p.C;
-    let tap = (idx / p.C) % 9u;
-    let m = idx / (9u * p.C);
-    let ky = i32(tap / 3u);
-    let kx = i32(tap % 3u);
+    let c = wid.x % p.C;
+    let m = wid.x / p.C;
     let stride = select(2, 1, m == 0u);
     let oh = select(p.Hk, p.H, m == 0u);
     let ow = select(p.Wk, p.W, m == 0u);
     let tq = p.cls + p.H * p.W;
     let to = p.cls + oh * ow;
-    let total = p.B * oh * ow;
-    var acc = T(0.0);
-    for (var i = lid; i < total; i += WG) {
-        let bi = i / (oh * ow);
-        let pix = i % (oh * ow);
-        let iy = i32(pix / ow) * stride + ky - 1;
-        let ix = i32(pix % ow) * stride + kx - 1;
-        if (iy < 0 || ix < 0 || iy >= i32(p.H) || ix >= i32(p.W)) {
-            continue;
+    var a0 = T(0.0);
+    var a1 = T(0.0);
+    var a2 = T(0.0);
+    var a3 = T(0.0);
+    var a4 = T(0.0);
+    var a5 = T(0.0);
+    var a6 = T(0.0);
+    var a7 = T(0.0);
+    var a8 = T(0.0);
+    for (var r = lid; r < p.B * oh; r += WG) {
+        let bi = r / oh;
+        let oy = r % oh;
+        let base = bi * tq + p.cls;
+        let y = i32(oy) * stride;
+        var o = (bi * to + p.cls + oy * ow) * p.C + c;
+        for (var ox = 0u; ox < ow; ox++) {
+            var g: T;
+            if (m == 0u) {
+                g = q[o];
+            } else if (m == 1u) {
+                g = k[o];
+            } else {
+                g = v[o];
+            }
+            let xx = i32(ox) * stride;
+            a0 += g * at(base, y - 1, xx - 1, c);
+            a1 += g * at(base, y - 1, xx, c);
+            a2 += g * at(base, y - 1, xx + 1, c);
+            a3 += g * at(base, y, xx - 1, c);
+            a4 += g * at(base, y, xx, c);
+            a5 += g * at(base, y, xx + 1, c);
+            a6 += g * at(base, y + 1, xx - 1, c);
+            a7 += g * at(base, y + 1, xx, c);
+            a8 += g * at(base, y + 1, xx + 1, c);
+            o += p.C;
         }
-        let o = (bi * to + p.cls + pix) * p.C + c;
-        var g = T(0.0);
-        if (m == 0u) {
-            g = q[o];
-        } else if (m == 1u) {
-            g = k[o];
-        } else {
-            g = v[o];
-        }
-        acc += g * x[(bi * tq + p.cls + u32(iy) * p.W + u32(ix)) * p.C + c];
     }
-    let total_acc = reduce_sum(acc, lid);
+    let d = m * 9u * p.C + c;
+    let r0 = reduce_sum(a0, lid);
+    let r1 = reduce_sum(a1, lid);
+    let r2 = reduce_sum(a2, lid);
+    let r3 = reduce_sum(a3, lid);
+    let r4 = reduce_sum(a4, lid);
+    let r5 = reduce_sum(a5, lid);
+    let r6 = reduce_sum(a6, lid);
+    let r7 = reduce_sum(a7, lid);
+    let r8 = reduce_sum(a8, lid);
     if (lid == 0u) {
-        dw[idx] = total_acc;
+        dw[d] = r0;
+        dw[d + p.C] = r1;
+        dw[d + 2u * p.C] = r2;
+        dw[d + 3u * p.C] = r3;
+        dw[d + 4u * p.C] = r4;
+        dw[d + 5u * p.C] = r5;
+        dw[d + 6u * p.C] = r6;
+        dw[d + 7u * p.C] = r7;
+        dw[d + 8u * p.C] = r8;
     }
 }
 

@@ -260,7 +260,12 @@ fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize, ceiling: f64
         println!("{} training @{}x{} batch {} on {}", r.model, res, res, a.batch, r.adapter);
         println!("  step      median {:.1} ms -> {:.2} img/s", median, r.img_per_s);
         println!("  rate      {:.2} GFLOP/s ({:.2} GFLOP/image fwd+bwd), {:.0}% of the {:.1} GFLOP/s matmul ceiling", rate, gflop, 100.0 * r.ratio_to_ceiling, ceiling);
-        println!("  memory    activations {:.1} MiB, peak {:.1} MiB (parameters, gradients, AdamW moments, activations, textures); first step {:.0} ms", r.activation_bytes as f64 / 1048576.0, r.peak_memory_bytes as f64 / 1048576.0, first_call_ms);
+        println!(
+            "  memory    activations {:.1} MiB, peak {:.1} MiB (parameters, gradients, AdamW moments, activations, textures); first step {:.0} ms",
+            r.activation_bytes as f64 / 1048576.0,
+            r.peak_memory_bytes as f64 / 1048576.0,
+            first_call_ms
+        );
         print_kernels(&r.kernels, r.kernel_timing, 20);
     }
     Ok(())

@@ -445,10 +445,7 @@ impl Plan {
     fn record_step(&self, enc: &mut wgpu::CommandEncoder, s: &Step, ts: Option<(&wgpu::QuerySet, u32)>) {
         match &s.kind {
             StepKind::Copy { slot, offset, texture, width, height } => enc.copy_buffer_to_texture(
-                wgpu::TexelCopyBufferInfo {
-                    buffer: &self.slots[*slot],
-                    layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: Some(width * 16), rows_per_image: Some(*height) },
-                },
+                wgpu::TexelCopyBufferInfo { buffer: &self.slots[*slot], layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: Some(width * 16), rows_per_image: Some(*height) } },
                 self.textures[*texture].as_image_copy(),
                 wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
             ),

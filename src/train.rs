@@ -181,11 +181,15 @@ impl TrainModel {
         let targets = g.pinned("targets", batch * cfg.num_classes);
         let drop_scales = self.drop_path.iter().any(|&r| r > 0.0).then(|| g.pinned("drop_path.scales", 2 * self.drop_path.len() * batch));
         // Block index over all stages, for the drop-path scales.
-        let block_base: Vec<usize> = cfg.depths.iter().scan(0, |acc, &d| {
-            let b = *acc;
-            *acc += d;
-            Some(b)
-        }).collect();
+        let block_base: Vec<usize> = cfg
+            .depths
+            .iter()
+            .scan(0, |acc, &d| {
+                let b = *acc;
+                *acc += d;
+                Some(b)
+            })
+            .collect();
         let dropped = |s: usize, j: usize| -> Option<(TensorId, usize)> {
             let bi = block_base[s] + j;
             match drop_scales {
@@ -584,7 +588,15 @@ impl StepPlan {
             let mut v = Vec::with_capacity(self.plan.len(t));
             for &r in rates {
                 for _ in 0..2 * self.batch {
-                    v.push(if r > 0.0 { if rng.uniform() < r { 0.0 } else { 1.0 / (1.0 - r) } } else { 1.0 });
+                    v.push(if r > 0.0 {
+                        if rng.uniform() < r {
+                            0.0
+                        } else {
+                            1.0 / (1.0 - r)
+                        }
+                    } else {
+                        1.0
+                    });
                 }
             }
             self.plan.write(t, &v)?;

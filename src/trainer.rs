@@ -242,7 +242,8 @@ pub struct TrainState {
 
 /// "0.1" (the last stage) or "a,b,c" (per stage) into per-stage rates.
 fn parse_drop_path(text: &str, stages: usize) -> Result<Vec<f32>> {
-    let vals: Vec<f32> = text.split(',').map(|v| v.trim().parse::<f32>()).collect::<std::result::Result<_, _>>().with_context(|| format!("--drop-path {text}: expected a rate or one rate per stage"))?;
+    let vals: Vec<f32> =
+        text.split(',').map(|v| v.trim().parse::<f32>()).collect::<std::result::Result<_, _>>().with_context(|| format!("--drop-path {text}: expected a rate or one rate per stage"))?;
     if vals.iter().any(|v| !(0.0..1.0).contains(v)) {
         bail!("--drop-path {text}: rates must be in [0, 1)");
     }

@@ -29,11 +29,8 @@ impl Dataset {
     /// The same images in grayscale (Pillow's L: (299 R + 587 G + 114 B) / 1000,
     /// rounded), for 1-channel models; already-gray datasets are returned as they are.
     pub fn to_gray(&self) -> Dataset {
-        let images = if self.channels == 1 {
-            self.images.clone()
-        } else {
-            self.images.chunks_exact(3).map(|p| ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500) / 1000) as u8).collect()
-        };
+        let images =
+            if self.channels == 1 { self.images.clone() } else { self.images.chunks_exact(3).map(|p| ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500) / 1000) as u8).collect() };
         Dataset { images, labels: self.labels.clone(), height: self.height, width: self.width, channels: 1, classes: self.classes.clone() }
     }
 

@@ -146,9 +146,7 @@ fn allowed_global(module: &str, name: &str) -> Result<Global> {
         ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
         ("torch._utils", "_rebuild_parameter") => Global::RebuildParameter,
         ("torch", s) if DType::from_storage(s).is_some() => Global::Storage(DType::from_storage(s).unwrap()),
-        _ => bail!(
-            "refuses the Python global `{module}.{name}`: a PyTorch state dict needs only tensors, storages and OrderedDict, and nothing in a checkpoint is ever executed"
-        ),
+        _ => bail!("refuses the Python global `{module}.{name}`: a PyTorch state dict needs only tensors, storages and OrderedDict, and nothing in a checkpoint is ever executed"),
     })
 }
 
@@ -489,12 +487,7 @@ pub fn read(bytes: &[u8]) -> Result<TorchFile> {
     }
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| anyhow!("not a readable zip archive ({e}); truncated or corrupt?"))?;
     let names: Vec<String> = zip.file_names().map(str::to_string).collect();
-    let pkl = names
-        .iter()
-        .filter(|n| n.ends_with("data.pkl"))
-        .min_by_key(|n| n.len())
-        .cloned()
-        .ok_or_else(|| anyhow!("zip archive without data.pkl: not a torch.save checkpoint"))?;
+    let pkl = names.iter().filter(|n| n.ends_with("data.pkl")).min_by_key(|n| n.len()).cloned().ok_or_else(|| anyhow!("zip archive without data.pkl: not a torch.save checkpoint"))?;
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
     if let Some(order) = names.iter().find(|n| **n == format!("{prefix}byteorder")) {
         let mut s = String::new();

@@ -49,24 +49,13 @@ pub fn attention_with(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: T
     let params = |batch: usize, b_off: usize| vec![batch as u32, s.tq as u32, s.tkv as u32, (s.c / 4) as u32, s.heads as u32, s.scale.to_bits(), b_off as u32, 0];
     // QKᵀ and PV: 2 multiply-adds per (query, key, channel).
     let flops = |batch: usize| 4.0 * (batch * s.tq * s.tkv * s.c) as f64;
-    let max_tex = g.gpu.limits.max_texture_dimension_2d as usize;
-    let per_chunk = max_tex / s.tq.max(s.tkv);
-    if kind == MatmulKind::Texture && s.c / 4 <= max_tex && per_chunk > 0 {
+    if let Some(per_chunk) = texture_chunk(g, &s, kind) {
         let pipeline = g.gpu.pipeline("attention", "main_tex", &[("WG", WG as f64), ("D4", d4 as f64)])?;
         for b0 in (0..s.batch).step_by(per_chunk) {
             let nb = per_chunk.min(s.batch - b0);
-            // Rows of 256-byte multiples are copied; other widths are packed by a kernel.
-            let tex = |g: &mut Graph, t: TensorId, rows_per: usize, binding: u32| -> Result<crate::graph::TexRef> {
-                if s.c % 64 == 0 {
-                    Ok(g.to_texture(t, b0 * rows_per, nb * rows_per, s.c / 4, binding))
-                } else {
-                    let view = View::new(Src::Act(t), s.batch * rows_per, s.c, s.c);
-                    pack(g, label, &view, (b0 * rows_per, nb * rows_per), (0, s.c), binding)
-                }
-            };
-            let qt = tex(g, q, s.tq, 5)?;
-            let kt = tex(g, k, s.tkv, 6)?;
-            let vt = tex(g, v, s.tkv, 7)?;
+            let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
+            let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
+            let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
             let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, nb as u32];
             let bindings = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(o), Res::Uniform(params(nb, b0)), Res::ActTex(qt), Res::ActTex(kt), Res::ActTex(vt)];
             g.dispatch(label, pipeline.clone(), bindings, groups, flops(nb));
@@ -79,7 +68,27 @@ pub fn attention_with(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: T
     Ok(o)
 }
 
-/// Appends the attention backward (buffer operands, probabilities recomputed):
+/// Images per texture dispatch when the texture path applies (rows of a texture
+/// are limited by max_texture_dimension_2d), else None.
+fn texture_chunk(g: &Graph, s: &AttnShape, kind: MatmulKind) -> Option<usize> {
+    let max_tex = g.gpu.limits.max_texture_dimension_2d as usize;
+    let per_chunk = max_tex / s.tq.max(s.tkv);
+    (kind == MatmulKind::Texture && s.c / 4 <= max_tex && per_chunk > 0).then_some(per_chunk)
+}
+
+/// Images [b0, b0 + nb) of a [batch, rows_per, c] tensor as a texture bound at
+/// `binding`: rows of 256-byte multiples are copied, other widths packed by a kernel.
+fn texture_rows(g: &mut Graph, label: &str, t: TensorId, s: &AttnShape, (rows_per, b0, nb): (usize, usize, usize), binding: u32) -> Result<crate::graph::TexRef> {
+    if s.c % 64 == 0 {
+        Ok(g.to_texture(t, b0 * rows_per, nb * rows_per, s.c / 4, binding))
+    } else {
+        let view = View::new(Src::Act(t), s.batch * rows_per, s.c, s.c);
+        pack(g, label, &view, (b0 * rows_per, nb * rows_per), (0, s.c), binding)
+    }
+}
+
+/// Appends the attention backward (probabilities recomputed; texture operands on
+/// texture-preferring adapters, as the forward):
 /// given q, k, v, the forward output o and its gradient dout, returns (dq, dk, dv).
 pub fn attention_backward(g: &mut Graph, label: &str, (q, k, v, o): (TensorId, TensorId, TensorId, TensorId), dout: TensorId, s: AttnShape) -> Result<(TensorId, TensorId, TensorId)> {
     check_heads(s.c, s.heads)?;
@@ -93,6 +102,26 @@ pub fn attention_backward(g: &mut Graph, label: &str, (q, k, v, o): (TensorId, T
     // Per (query, key, channel): QKᵀ recomputed twice and dO·Vᵀ once in each kernel, plus dS·K / Pᵀ·dO / dSᵀ·Q.
     let flops = 2.0 * (s.batch * s.tq * s.tkv * s.c) as f64;
     let u = || Res::Unused;
+    if let Some(per_chunk) = texture_chunk(g, &s, preferred_kind(&g.gpu)) {
+        // K, V for the per-query pass and Q, dO for the per-key pass as textures.
+        let pq = g.gpu.pipeline("attention", "attn_bwd_q_tex", &consts)?;
+        let pkv = g.gpu.pipeline("attention", "attn_bwd_kv_tex", &consts)?;
+        for b0 in (0..s.batch).step_by(per_chunk) {
+            let nb = per_chunk.min(s.batch - b0);
+            let mut params = params.clone();
+            params[6] = b0 as u32;
+            let chunk_flops = flops * nb as f64 / s.batch as f64;
+            let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
+            let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
+            let bq = vec![Res::Act(q), u(), u(), Res::Act(o), Res::Uniform(params.clone()), u(), Res::ActTex(kt), Res::ActTex(vt), Res::Act(dout), Res::Act(dq), Res::Act(ld)];
+            g.dispatch(format!("{label}.bwd_q"), pq.clone(), bq, [s.tq.div_ceil(WG) as u32, s.heads as u32, nb as u32], 3.0 * chunk_flops);
+            let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
+            let gt = texture_rows(g, label, dout, &s, (s.tq, b0, nb), 13)?;
+            let bkv = vec![u(), Res::Act(k), Res::Act(v), u(), Res::Uniform(params), Res::ActTex(qt), u(), u(), u(), u(), Res::Act(ld), Res::Act(dk), Res::Act(dv), Res::ActTex(gt)];
+            g.dispatch(format!("{label}.bwd_kv"), pkv.clone(), bkv, [s.tkv.div_ceil(WG) as u32, s.heads as u32, nb as u32], 4.0 * chunk_flops);
+        }
+        return Ok((dq, dk, dv));
+    }
     let bq = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params.clone()), u(), u(), u(), Res::Act(dout), Res::Act(dq), Res::Act(ld), u(), u()];
     let pq = g.gpu.pipeline("attention", "attn_bwd_q", &consts)?;
     g.dispatch(format!("{label}.bwd_q"), pq, bq, [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32], 4.0 * flops);

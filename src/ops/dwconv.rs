@@ -242,7 +242,7 @@ pub fn conv_proj_train_backward(
     let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params.clone())];
     b.extend((7..14).map(|_| u()));
     b.push(Res::Buf(grad.w.clone()));
-    g.dispatch(format!("{label}.dW"), pw, b, [(27 * c / 4) as u32, 1, 1], 0.0);
+    g.dispatch(format!("{label}.dW"), pw, b, [(3 * c / 4) as u32, 1, 1], 0.0);
     let dx = g.tensor(format!("{label}.dx"), total);
     let px = g.gpu.pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
     let mut b = vec![u(), Res::Buf(p.w.clone()), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params)];
