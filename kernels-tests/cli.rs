@@ -138,3 +138,35 @@ fn help_has_examples() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("Examples:") && s.contains("--weights"), "{s}");
 }
+
+/// The kernel-variant trial runs once per adapter and build: its choice is cached
+/// on disk, keyed by adapter, driver and kernels; `--no-tune` neither reads nor
+/// writes the cache.
+#[test]
+fn tuning_is_cached_on_disk_and_no_tune_skips_it() {
+    let d = tiny();
+    let infer = |cache: &Path, no_tune: bool| {
+        let mut c = bin();
+        c.env("CVT_GPU_CACHE_DIR", cache).env_remove("CVT_GPU_MATMUL");
+        if no_tune {
+            c.arg("--no-tune");
+        }
+        let out = c.args(["infer", "--weights"]).arg(d.join("official.safetensors")).arg("--config").arg(d.join("config.json")).arg("--no-resize").arg(d.join("chelsea64.png")).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let cache = tmpdir("tune");
+    let first = infer(&cache, false);
+    let text = std::fs::read_to_string(cache.join("tuning.json")).expect("tuning.json written");
+    let table: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (key, entry) = table.as_object().unwrap().iter().next().unwrap();
+    assert!(key.contains("kernels ") && key.contains("cvt-gpu "), "{key}");
+    let choice = entry["matmul"].as_str().unwrap().to_string();
+    assert!(choice == "texture" || choice == "buffer");
+    // A second run reads the cache (same output, same file).
+    assert_eq!(infer(&cache, false), first);
+    assert_eq!(std::fs::read_to_string(cache.join("tuning.json")).unwrap(), text);
+    let none = tmpdir("notune");
+    assert_eq!(infer(&none, true), first);
+    assert!(!none.join("tuning.json").exists());
+}

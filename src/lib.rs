@@ -24,4 +24,5 @@ pub mod plot;
 pub mod preprocess;
 pub mod train;
 pub mod trainer;
+pub mod tune;
 pub mod util;

@@ -31,6 +31,9 @@ struct GpuArgs {
     /// Adapter index (from `cvt-gpu adapters`) or a substring of its name.
     #[arg(long, global = true, env = "CVT_GPU_ADAPTER")]
     adapter: Option<String>,
+    /// Skip the timed kernel-variant trial and its on-disk cache (~/.cache/cvt-gpu/tuning.json); use a fixed rule per device type.
+    #[arg(long, global = true)]
+    no_tune: bool,
 }
 
 impl GpuArgs {
@@ -202,6 +205,13 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    if cli.gpu.no_tune {
+        // Read by cvt_gpu::tune wherever a variant is chosen.
+        #[allow(unused_unsafe)]
+        unsafe {
+            std::env::set_var("CVT_GPU_NO_TUNE", "1");
+        }
+    }
     match &cli.cmd {
         Cmd::Adapters { json } => adapters(&cli.gpu, *json),
         Cmd::Infer(a) => infer(&cli.gpu, a),

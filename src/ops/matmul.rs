@@ -63,13 +63,30 @@ fn texture_capable(gpu: &Gpu, k: usize, n: usize) -> bool {
     k % 64 == 0 && k <= max && pad4(n) / 4 <= max && k / 4 <= max
 }
 
-/// The matmul variant for this adapter: `CVT_GPU_MATMUL=buffer|texture`, else a
-/// timed trial of both on a 256³ product, run once per process.
+/// The matmul variant for this adapter: `CVT_GPU_MATMUL=buffer|texture`; else,
+/// with `--no-tune`, textures on CPU drivers and buffers on GPUs; else the choice
+/// cached on disk for this adapter and build (`tune`); else a timed trial of both
+/// on a 256³ product (about 0.3 s on lavapipe), whose result is cached.
 pub fn preferred_kind(gpu: &Arc<Gpu>) -> MatmulKind {
     *gpu.matmul_kind.get_or_init(|| match std::env::var("CVT_GPU_MATMUL").as_deref() {
         Ok("buffer") => MatmulKind::Buffer,
         Ok("texture") => MatmulKind::Texture,
-        _ => trial(gpu).unwrap_or(MatmulKind::Buffer),
+        _ if crate::tune::disabled() => {
+            if gpu.info.device_type == wgpu::DeviceType::Cpu {
+                MatmulKind::Texture
+            } else {
+                MatmulKind::Buffer
+            }
+        }
+        _ => match crate::tune::lookup(gpu, "matmul").as_deref() {
+            Some("buffer") => MatmulKind::Buffer,
+            Some("texture") => MatmulKind::Texture,
+            _ => {
+                let kind = trial(gpu).unwrap_or(MatmulKind::Buffer);
+                crate::tune::store(gpu, "matmul", if kind == MatmulKind::Texture { "texture" } else { "buffer" });
+                kind
+            }
+        },
     })
 }
 
