@@ -105,6 +105,154 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 @group(0) @binding(6) var k_tex: texture_2d<f32>;
 @group(0) @binding(7) var v_tex: texture_2d<f32>;
 
+// A head's row of up to 16 vec4 (D <= 64) in named struct fields: CPU drivers keep
+// a private array in memory (lavapipe: a scratch load or store per element), while
+// struct fields stay in registers. Fields past D4 are never touched: the guards are
+// on an override constant, so each pipeline compiles only its own D4 fields.
+struct Row {
+    r0: vec4<f32>,
+    r1: vec4<f32>,
+    r2: vec4<f32>,
+    r3: vec4<f32>,
+    r4: vec4<f32>,
+    r5: vec4<f32>,
+    r6: vec4<f32>,
+    r7: vec4<f32>,
+    r8: vec4<f32>,
+    r9: vec4<f32>,
+    r10: vec4<f32>,
+    r11: vec4<f32>,
+    r12: vec4<f32>,
+    r13: vec4<f32>,
+    r14: vec4<f32>,
+    r15: vec4<f32>,
+}
+
+fn k_row(col: i32, row: i32) -> Row {
+    var r: Row;
+    r.r0 = textureLoad(k_tex, vec2<i32>(col + 0, row), 0);
+    if (D4 > 1u) { r.r1 = textureLoad(k_tex, vec2<i32>(col + 1, row), 0); }
+    if (D4 > 2u) { r.r2 = textureLoad(k_tex, vec2<i32>(col + 2, row), 0); }
+    if (D4 > 3u) { r.r3 = textureLoad(k_tex, vec2<i32>(col + 3, row), 0); }
+    if (D4 > 4u) { r.r4 = textureLoad(k_tex, vec2<i32>(col + 4, row), 0); }
+    if (D4 > 5u) { r.r5 = textureLoad(k_tex, vec2<i32>(col + 5, row), 0); }
+    if (D4 > 6u) { r.r6 = textureLoad(k_tex, vec2<i32>(col + 6, row), 0); }
+    if (D4 > 7u) { r.r7 = textureLoad(k_tex, vec2<i32>(col + 7, row), 0); }
+    if (D4 > 8u) { r.r8 = textureLoad(k_tex, vec2<i32>(col + 8, row), 0); }
+    if (D4 > 9u) { r.r9 = textureLoad(k_tex, vec2<i32>(col + 9, row), 0); }
+    if (D4 > 10u) { r.r10 = textureLoad(k_tex, vec2<i32>(col + 10, row), 0); }
+    if (D4 > 11u) { r.r11 = textureLoad(k_tex, vec2<i32>(col + 11, row), 0); }
+    if (D4 > 12u) { r.r12 = textureLoad(k_tex, vec2<i32>(col + 12, row), 0); }
+    if (D4 > 13u) { r.r13 = textureLoad(k_tex, vec2<i32>(col + 13, row), 0); }
+    if (D4 > 14u) { r.r14 = textureLoad(k_tex, vec2<i32>(col + 14, row), 0); }
+    if (D4 > 15u) { r.r15 = textureLoad(k_tex, vec2<i32>(col + 15, row), 0); }
+    return r;
+}
+
+fn v_row(col: i32, row: i32) -> Row {
+    var r: Row;
+    r.r0 = textureLoad(v_tex, vec2<i32>(col + 0, row), 0);
+    if (D4 > 1u) { r.r1 = textureLoad(v_tex, vec2<i32>(col + 1, row), 0); }
+    if (D4 > 2u) { r.r2 = textureLoad(v_tex, vec2<i32>(col + 2, row), 0); }
+    if (D4 > 3u) { r.r3 = textureLoad(v_tex, vec2<i32>(col + 3, row), 0); }
+    if (D4 > 4u) { r.r4 = textureLoad(v_tex, vec2<i32>(col + 4, row), 0); }
+    if (D4 > 5u) { r.r5 = textureLoad(v_tex, vec2<i32>(col + 5, row), 0); }
+    if (D4 > 6u) { r.r6 = textureLoad(v_tex, vec2<i32>(col + 6, row), 0); }
+    if (D4 > 7u) { r.r7 = textureLoad(v_tex, vec2<i32>(col + 7, row), 0); }
+    if (D4 > 8u) { r.r8 = textureLoad(v_tex, vec2<i32>(col + 8, row), 0); }
+    if (D4 > 9u) { r.r9 = textureLoad(v_tex, vec2<i32>(col + 9, row), 0); }
+    if (D4 > 10u) { r.r10 = textureLoad(v_tex, vec2<i32>(col + 10, row), 0); }
+    if (D4 > 11u) { r.r11 = textureLoad(v_tex, vec2<i32>(col + 11, row), 0); }
+    if (D4 > 12u) { r.r12 = textureLoad(v_tex, vec2<i32>(col + 12, row), 0); }
+    if (D4 > 13u) { r.r13 = textureLoad(v_tex, vec2<i32>(col + 13, row), 0); }
+    if (D4 > 14u) { r.r14 = textureLoad(v_tex, vec2<i32>(col + 14, row), 0); }
+    if (D4 > 15u) { r.r15 = textureLoad(v_tex, vec2<i32>(col + 15, row), 0); }
+    return r;
+}
+
+fn q_row(col: i32, row: i32, scale: f32) -> Row {
+    var r: Row;
+    r.r0 = textureLoad(q_tex, vec2<i32>(col + 0, row), 0) * scale;
+    if (D4 > 1u) { r.r1 = textureLoad(q_tex, vec2<i32>(col + 1, row), 0) * scale; }
+    if (D4 > 2u) { r.r2 = textureLoad(q_tex, vec2<i32>(col + 2, row), 0) * scale; }
+    if (D4 > 3u) { r.r3 = textureLoad(q_tex, vec2<i32>(col + 3, row), 0) * scale; }
+    if (D4 > 4u) { r.r4 = textureLoad(q_tex, vec2<i32>(col + 4, row), 0) * scale; }
+    if (D4 > 5u) { r.r5 = textureLoad(q_tex, vec2<i32>(col + 5, row), 0) * scale; }
+    if (D4 > 6u) { r.r6 = textureLoad(q_tex, vec2<i32>(col + 6, row), 0) * scale; }
+    if (D4 > 7u) { r.r7 = textureLoad(q_tex, vec2<i32>(col + 7, row), 0) * scale; }
+    if (D4 > 8u) { r.r8 = textureLoad(q_tex, vec2<i32>(col + 8, row), 0) * scale; }
+    if (D4 > 9u) { r.r9 = textureLoad(q_tex, vec2<i32>(col + 9, row), 0) * scale; }
+    if (D4 > 10u) { r.r10 = textureLoad(q_tex, vec2<i32>(col + 10, row), 0) * scale; }
+    if (D4 > 11u) { r.r11 = textureLoad(q_tex, vec2<i32>(col + 11, row), 0) * scale; }
+    if (D4 > 12u) { r.r12 = textureLoad(q_tex, vec2<i32>(col + 12, row), 0) * scale; }
+    if (D4 > 13u) { r.r13 = textureLoad(q_tex, vec2<i32>(col + 13, row), 0) * scale; }
+    if (D4 > 14u) { r.r14 = textureLoad(q_tex, vec2<i32>(col + 14, row), 0) * scale; }
+    if (D4 > 15u) { r.r15 = textureLoad(q_tex, vec2<i32>(col + 15, row), 0) * scale; }
+    return r;
+}
+
+fn row_dot(a: Row, b: Row) -> f32 {
+    var s = vec4<f32>(0.0);
+    s += a.r0 * b.r0;
+    if (D4 > 1u) { s += a.r1 * b.r1; }
+    if (D4 > 2u) { s += a.r2 * b.r2; }
+    if (D4 > 3u) { s += a.r3 * b.r3; }
+    if (D4 > 4u) { s += a.r4 * b.r4; }
+    if (D4 > 5u) { s += a.r5 * b.r5; }
+    if (D4 > 6u) { s += a.r6 * b.r6; }
+    if (D4 > 7u) { s += a.r7 * b.r7; }
+    if (D4 > 8u) { s += a.r8 * b.r8; }
+    if (D4 > 9u) { s += a.r9 * b.r9; }
+    if (D4 > 10u) { s += a.r10 * b.r10; }
+    if (D4 > 11u) { s += a.r11 * b.r11; }
+    if (D4 > 12u) { s += a.r12 * b.r12; }
+    if (D4 > 13u) { s += a.r13 * b.r13; }
+    if (D4 > 14u) { s += a.r14 * b.r14; }
+    if (D4 > 15u) { s += a.r15 * b.r15; }
+    return s.x + s.y + s.z + s.w;
+}
+
+// r * c + p * b, per field.
+fn row_axpy(r0: Row, c: f32, p: f32, b: Row) -> Row {
+    var r = r0;
+    r.r0 = r.r0 * c + p * b.r0;
+    if (D4 > 1u) { r.r1 = r.r1 * c + p * b.r1; }
+    if (D4 > 2u) { r.r2 = r.r2 * c + p * b.r2; }
+    if (D4 > 3u) { r.r3 = r.r3 * c + p * b.r3; }
+    if (D4 > 4u) { r.r4 = r.r4 * c + p * b.r4; }
+    if (D4 > 5u) { r.r5 = r.r5 * c + p * b.r5; }
+    if (D4 > 6u) { r.r6 = r.r6 * c + p * b.r6; }
+    if (D4 > 7u) { r.r7 = r.r7 * c + p * b.r7; }
+    if (D4 > 8u) { r.r8 = r.r8 * c + p * b.r8; }
+    if (D4 > 9u) { r.r9 = r.r9 * c + p * b.r9; }
+    if (D4 > 10u) { r.r10 = r.r10 * c + p * b.r10; }
+    if (D4 > 11u) { r.r11 = r.r11 * c + p * b.r11; }
+    if (D4 > 12u) { r.r12 = r.r12 * c + p * b.r12; }
+    if (D4 > 13u) { r.r13 = r.r13 * c + p * b.r13; }
+    if (D4 > 14u) { r.r14 = r.r14 * c + p * b.r14; }
+    if (D4 > 15u) { r.r15 = r.r15 * c + p * b.r15; }
+    return r;
+}
+
+fn row_store(base: u32, a: Row, inv: f32) {
+    o[base + 0u] = a.r0 * inv;
+    if (D4 > 1u) { o[base + 1u] = a.r1 * inv; }
+    if (D4 > 2u) { o[base + 2u] = a.r2 * inv; }
+    if (D4 > 3u) { o[base + 3u] = a.r3 * inv; }
+    if (D4 > 4u) { o[base + 4u] = a.r4 * inv; }
+    if (D4 > 5u) { o[base + 5u] = a.r5 * inv; }
+    if (D4 > 6u) { o[base + 6u] = a.r6 * inv; }
+    if (D4 > 7u) { o[base + 7u] = a.r7 * inv; }
+    if (D4 > 8u) { o[base + 8u] = a.r8 * inv; }
+    if (D4 > 9u) { o[base + 9u] = a.r9 * inv; }
+    if (D4 > 10u) { o[base + 10u] = a.r10 * inv; }
+    if (D4 > 11u) { o[base + 11u] = a.r11 * inv; }
+    if (D4 > 12u) { o[base + 12u] = a.r12 * inv; }
+    if (D4 > 13u) { o[base + 13u] = a.r13 * inv; }
+    if (D4 > 14u) { o[base + 14u] = a.r14 * inv; }
+    if (D4 > 15u) { o[base + 15u] = a.r15 * inv; }
+}
+
 @compute @workgroup_size(WG)
 fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let head = wid.y;
@@ -114,51 +262,23 @@ fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id
         return;
     }
     let hc = i32(head * D4);
-    let qrow = i32(bi * p.Tq + qi);
-    var qv: array<vec4<f32>, D4_MAX>;
-    var acc: array<vec4<f32>, D4_MAX>;
-    for (var d = 0u; d < D4; d++) {
-        qv[d] = textureLoad(q_tex, vec2<i32>(hc + i32(d), qrow), 0) * p.scale;
-    }
+    let qv = q_row(hc, i32(bi * p.Tq + qi), p.scale);
+    var acc: Row;
+    // Online softmax per key: the running output is rescaled by exp(m_old - m_new)
+    // at each key (a scalar per field), which keeps the scores out of an array.
     var m = -3.0e38;
     var l = 0.0;
-    for (var t0 = 0u; t0 < p.Tkv; t0 += TK) {
-        let n = min(TK, p.Tkv - t0);
-        var s: array<f32, TK>;
-        var tmax = m;
-        for (var j = 0u; j < TK; j++) {
-            var sj = -3.0e38;
-            if (j < n) {
-                let krow = i32(bi * p.Tkv + t0 + j);
-                var dotv = vec4<f32>(0.0);
-                for (var d = 0u; d < D4; d++) {
-                    dotv += qv[d] * textureLoad(k_tex, vec2<i32>(hc + i32(d), krow), 0);
-                }
-                sj = dotv.x + dotv.y + dotv.z + dotv.w;
-            }
-            s[j] = sj;
-            tmax = max(tmax, sj);
-        }
-        let corr = exp(m - tmax);
-        l *= corr;
-        for (var d = 0u; d < D4; d++) {
-            acc[d] *= corr;
-        }
-        for (var j = 0u; j < n; j++) {
-            let pj = exp(s[j] - tmax);
-            l += pj;
-            let vrow = i32(bi * p.Tkv + t0 + j);
-            for (var d = 0u; d < D4; d++) {
-                acc[d] += pj * textureLoad(v_tex, vec2<i32>(hc + i32(d), vrow), 0);
-            }
-        }
-        m = tmax;
+    for (var j = 0u; j < p.Tkv; j++) {
+        let row = i32(bi * p.Tkv + j);
+        let s = row_dot(qv, k_row(hc, row));
+        let mn = max(m, s);
+        let corr = exp(m - mn);
+        let pj = exp(s - mn);
+        l = l * corr + pj;
+        acc = row_axpy(acc, corr, pj, v_row(hc, row));
+        m = mn;
     }
-    let obase = ((p.b_off + bi) * p.Tq + qi) * p.C4 + head * D4;
-    let inv = 1.0 / l;
-    for (var d = 0u; d < D4; d++) {
-        o[obase + d] = acc[d] * inv;
-    }
+    row_store(((p.b_off + bi) * p.Tq + qi) * p.C4 + head * D4, acc, 1.0 / l);
 }
 
 // ---------------------------------------------------------------------------
@@ -279,36 +399,188 @@ fn attn_bwd_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup
 
 @group(0) @binding(13) var dout_tex: texture_2d<f32>;
 
-// x · (row of K or V), for attn_bwd_q_tex; x · (row of Q or dO), for
-// attn_bwd_kv_tex. Two functions so each entry point binds only its own textures.
-fn dot_kv_tex(x: ptr<function, array<vec4<f32>, D4_MAX>>, value: bool, hc: i32, row: i32) -> f32 {
-    var acc = vec4<f32>(0.0);
-    for (var d = 0u; d < D4; d++) {
-        let at = vec2<i32>(hc + i32(d), row);
-        var other: vec4<f32>;
-        if (value) {
-            other = textureLoad(v_tex, at, 0);
-        } else {
-            other = textureLoad(k_tex, at, 0);
-        }
-        acc += (*x)[d] * other;
-    }
-    return acc.x + acc.y + acc.z + acc.w;
+// Rows of the backward's buffers and the dO texture (see Row).
+fn q_buf(base: u32, scale: f32) -> Row {
+    var r: Row;
+    r.r0 = q[base + 0u] * scale;
+    if (D4 > 1u) { r.r1 = q[base + 1u] * scale; }
+    if (D4 > 2u) { r.r2 = q[base + 2u] * scale; }
+    if (D4 > 3u) { r.r3 = q[base + 3u] * scale; }
+    if (D4 > 4u) { r.r4 = q[base + 4u] * scale; }
+    if (D4 > 5u) { r.r5 = q[base + 5u] * scale; }
+    if (D4 > 6u) { r.r6 = q[base + 6u] * scale; }
+    if (D4 > 7u) { r.r7 = q[base + 7u] * scale; }
+    if (D4 > 8u) { r.r8 = q[base + 8u] * scale; }
+    if (D4 > 9u) { r.r9 = q[base + 9u] * scale; }
+    if (D4 > 10u) { r.r10 = q[base + 10u] * scale; }
+    if (D4 > 11u) { r.r11 = q[base + 11u] * scale; }
+    if (D4 > 12u) { r.r12 = q[base + 12u] * scale; }
+    if (D4 > 13u) { r.r13 = q[base + 13u] * scale; }
+    if (D4 > 14u) { r.r14 = q[base + 14u] * scale; }
+    if (D4 > 15u) { r.r15 = q[base + 15u] * scale; }
+    return r;
 }
 
-fn dot_qg_tex(x: ptr<function, array<vec4<f32>, D4_MAX>>, grad: bool, hc: i32, row: i32) -> f32 {
-    var acc = vec4<f32>(0.0);
-    for (var d = 0u; d < D4; d++) {
-        let at = vec2<i32>(hc + i32(d), row);
-        var other: vec4<f32>;
-        if (grad) {
-            other = textureLoad(dout_tex, at, 0);
-        } else {
-            other = textureLoad(q_tex, at, 0);
-        }
-        acc += (*x)[d] * other;
-    }
-    return acc.x + acc.y + acc.z + acc.w;
+fn k_buf(base: u32, scale: f32) -> Row {
+    var r: Row;
+    r.r0 = k[base + 0u] * scale;
+    if (D4 > 1u) { r.r1 = k[base + 1u] * scale; }
+    if (D4 > 2u) { r.r2 = k[base + 2u] * scale; }
+    if (D4 > 3u) { r.r3 = k[base + 3u] * scale; }
+    if (D4 > 4u) { r.r4 = k[base + 4u] * scale; }
+    if (D4 > 5u) { r.r5 = k[base + 5u] * scale; }
+    if (D4 > 6u) { r.r6 = k[base + 6u] * scale; }
+    if (D4 > 7u) { r.r7 = k[base + 7u] * scale; }
+    if (D4 > 8u) { r.r8 = k[base + 8u] * scale; }
+    if (D4 > 9u) { r.r9 = k[base + 9u] * scale; }
+    if (D4 > 10u) { r.r10 = k[base + 10u] * scale; }
+    if (D4 > 11u) { r.r11 = k[base + 11u] * scale; }
+    if (D4 > 12u) { r.r12 = k[base + 12u] * scale; }
+    if (D4 > 13u) { r.r13 = k[base + 13u] * scale; }
+    if (D4 > 14u) { r.r14 = k[base + 14u] * scale; }
+    if (D4 > 15u) { r.r15 = k[base + 15u] * scale; }
+    return r;
+}
+
+fn v_buf(base: u32, scale: f32) -> Row {
+    var r: Row;
+    r.r0 = v[base + 0u] * scale;
+    if (D4 > 1u) { r.r1 = v[base + 1u] * scale; }
+    if (D4 > 2u) { r.r2 = v[base + 2u] * scale; }
+    if (D4 > 3u) { r.r3 = v[base + 3u] * scale; }
+    if (D4 > 4u) { r.r4 = v[base + 4u] * scale; }
+    if (D4 > 5u) { r.r5 = v[base + 5u] * scale; }
+    if (D4 > 6u) { r.r6 = v[base + 6u] * scale; }
+    if (D4 > 7u) { r.r7 = v[base + 7u] * scale; }
+    if (D4 > 8u) { r.r8 = v[base + 8u] * scale; }
+    if (D4 > 9u) { r.r9 = v[base + 9u] * scale; }
+    if (D4 > 10u) { r.r10 = v[base + 10u] * scale; }
+    if (D4 > 11u) { r.r11 = v[base + 11u] * scale; }
+    if (D4 > 12u) { r.r12 = v[base + 12u] * scale; }
+    if (D4 > 13u) { r.r13 = v[base + 13u] * scale; }
+    if (D4 > 14u) { r.r14 = v[base + 14u] * scale; }
+    if (D4 > 15u) { r.r15 = v[base + 15u] * scale; }
+    return r;
+}
+
+fn o_buf(base: u32, scale: f32) -> Row {
+    var r: Row;
+    r.r0 = o[base + 0u] * scale;
+    if (D4 > 1u) { r.r1 = o[base + 1u] * scale; }
+    if (D4 > 2u) { r.r2 = o[base + 2u] * scale; }
+    if (D4 > 3u) { r.r3 = o[base + 3u] * scale; }
+    if (D4 > 4u) { r.r4 = o[base + 4u] * scale; }
+    if (D4 > 5u) { r.r5 = o[base + 5u] * scale; }
+    if (D4 > 6u) { r.r6 = o[base + 6u] * scale; }
+    if (D4 > 7u) { r.r7 = o[base + 7u] * scale; }
+    if (D4 > 8u) { r.r8 = o[base + 8u] * scale; }
+    if (D4 > 9u) { r.r9 = o[base + 9u] * scale; }
+    if (D4 > 10u) { r.r10 = o[base + 10u] * scale; }
+    if (D4 > 11u) { r.r11 = o[base + 11u] * scale; }
+    if (D4 > 12u) { r.r12 = o[base + 12u] * scale; }
+    if (D4 > 13u) { r.r13 = o[base + 13u] * scale; }
+    if (D4 > 14u) { r.r14 = o[base + 14u] * scale; }
+    if (D4 > 15u) { r.r15 = o[base + 15u] * scale; }
+    return r;
+}
+
+fn dout_buf(base: u32, scale: f32) -> Row {
+    var r: Row;
+    r.r0 = dout[base + 0u] * scale;
+    if (D4 > 1u) { r.r1 = dout[base + 1u] * scale; }
+    if (D4 > 2u) { r.r2 = dout[base + 2u] * scale; }
+    if (D4 > 3u) { r.r3 = dout[base + 3u] * scale; }
+    if (D4 > 4u) { r.r4 = dout[base + 4u] * scale; }
+    if (D4 > 5u) { r.r5 = dout[base + 5u] * scale; }
+    if (D4 > 6u) { r.r6 = dout[base + 6u] * scale; }
+    if (D4 > 7u) { r.r7 = dout[base + 7u] * scale; }
+    if (D4 > 8u) { r.r8 = dout[base + 8u] * scale; }
+    if (D4 > 9u) { r.r9 = dout[base + 9u] * scale; }
+    if (D4 > 10u) { r.r10 = dout[base + 10u] * scale; }
+    if (D4 > 11u) { r.r11 = dout[base + 11u] * scale; }
+    if (D4 > 12u) { r.r12 = dout[base + 12u] * scale; }
+    if (D4 > 13u) { r.r13 = dout[base + 13u] * scale; }
+    if (D4 > 14u) { r.r14 = dout[base + 14u] * scale; }
+    if (D4 > 15u) { r.r15 = dout[base + 15u] * scale; }
+    return r;
+}
+
+fn dq_store(base: u32, a: Row, scale: f32) {
+    dq[base + 0u] = a.r0 * scale;
+    if (D4 > 1u) { dq[base + 1u] = a.r1 * scale; }
+    if (D4 > 2u) { dq[base + 2u] = a.r2 * scale; }
+    if (D4 > 3u) { dq[base + 3u] = a.r3 * scale; }
+    if (D4 > 4u) { dq[base + 4u] = a.r4 * scale; }
+    if (D4 > 5u) { dq[base + 5u] = a.r5 * scale; }
+    if (D4 > 6u) { dq[base + 6u] = a.r6 * scale; }
+    if (D4 > 7u) { dq[base + 7u] = a.r7 * scale; }
+    if (D4 > 8u) { dq[base + 8u] = a.r8 * scale; }
+    if (D4 > 9u) { dq[base + 9u] = a.r9 * scale; }
+    if (D4 > 10u) { dq[base + 10u] = a.r10 * scale; }
+    if (D4 > 11u) { dq[base + 11u] = a.r11 * scale; }
+    if (D4 > 12u) { dq[base + 12u] = a.r12 * scale; }
+    if (D4 > 13u) { dq[base + 13u] = a.r13 * scale; }
+    if (D4 > 14u) { dq[base + 14u] = a.r14 * scale; }
+    if (D4 > 15u) { dq[base + 15u] = a.r15 * scale; }
+}
+
+fn dk_store(base: u32, a: Row, scale: f32) {
+    dk[base + 0u] = a.r0 * scale;
+    if (D4 > 1u) { dk[base + 1u] = a.r1 * scale; }
+    if (D4 > 2u) { dk[base + 2u] = a.r2 * scale; }
+    if (D4 > 3u) { dk[base + 3u] = a.r3 * scale; }
+    if (D4 > 4u) { dk[base + 4u] = a.r4 * scale; }
+    if (D4 > 5u) { dk[base + 5u] = a.r5 * scale; }
+    if (D4 > 6u) { dk[base + 6u] = a.r6 * scale; }
+    if (D4 > 7u) { dk[base + 7u] = a.r7 * scale; }
+    if (D4 > 8u) { dk[base + 8u] = a.r8 * scale; }
+    if (D4 > 9u) { dk[base + 9u] = a.r9 * scale; }
+    if (D4 > 10u) { dk[base + 10u] = a.r10 * scale; }
+    if (D4 > 11u) { dk[base + 11u] = a.r11 * scale; }
+    if (D4 > 12u) { dk[base + 12u] = a.r12 * scale; }
+    if (D4 > 13u) { dk[base + 13u] = a.r13 * scale; }
+    if (D4 > 14u) { dk[base + 14u] = a.r14 * scale; }
+    if (D4 > 15u) { dk[base + 15u] = a.r15 * scale; }
+}
+
+fn dv_store(base: u32, a: Row, scale: f32) {
+    dv[base + 0u] = a.r0 * scale;
+    if (D4 > 1u) { dv[base + 1u] = a.r1 * scale; }
+    if (D4 > 2u) { dv[base + 2u] = a.r2 * scale; }
+    if (D4 > 3u) { dv[base + 3u] = a.r3 * scale; }
+    if (D4 > 4u) { dv[base + 4u] = a.r4 * scale; }
+    if (D4 > 5u) { dv[base + 5u] = a.r5 * scale; }
+    if (D4 > 6u) { dv[base + 6u] = a.r6 * scale; }
+    if (D4 > 7u) { dv[base + 7u] = a.r7 * scale; }
+    if (D4 > 8u) { dv[base + 8u] = a.r8 * scale; }
+    if (D4 > 9u) { dv[base + 9u] = a.r9 * scale; }
+    if (D4 > 10u) { dv[base + 10u] = a.r10 * scale; }
+    if (D4 > 11u) { dv[base + 11u] = a.r11 * scale; }
+    if (D4 > 12u) { dv[base + 12u] = a.r12 * scale; }
+    if (D4 > 13u) { dv[base + 13u] = a.r13 * scale; }
+    if (D4 > 14u) { dv[base + 14u] = a.r14 * scale; }
+    if (D4 > 15u) { dv[base + 15u] = a.r15 * scale; }
+}
+
+fn dout_row(col: i32, row: i32) -> Row {
+    var r: Row;
+    r.r0 = textureLoad(dout_tex, vec2<i32>(col + 0, row), 0);
+    if (D4 > 1u) { r.r1 = textureLoad(dout_tex, vec2<i32>(col + 1, row), 0); }
+    if (D4 > 2u) { r.r2 = textureLoad(dout_tex, vec2<i32>(col + 2, row), 0); }
+    if (D4 > 3u) { r.r3 = textureLoad(dout_tex, vec2<i32>(col + 3, row), 0); }
+    if (D4 > 4u) { r.r4 = textureLoad(dout_tex, vec2<i32>(col + 4, row), 0); }
+    if (D4 > 5u) { r.r5 = textureLoad(dout_tex, vec2<i32>(col + 5, row), 0); }
+    if (D4 > 6u) { r.r6 = textureLoad(dout_tex, vec2<i32>(col + 6, row), 0); }
+    if (D4 > 7u) { r.r7 = textureLoad(dout_tex, vec2<i32>(col + 7, row), 0); }
+    if (D4 > 8u) { r.r8 = textureLoad(dout_tex, vec2<i32>(col + 8, row), 0); }
+    if (D4 > 9u) { r.r9 = textureLoad(dout_tex, vec2<i32>(col + 9, row), 0); }
+    if (D4 > 10u) { r.r10 = textureLoad(dout_tex, vec2<i32>(col + 10, row), 0); }
+    if (D4 > 11u) { r.r11 = textureLoad(dout_tex, vec2<i32>(col + 11, row), 0); }
+    if (D4 > 12u) { r.r12 = textureLoad(dout_tex, vec2<i32>(col + 12, row), 0); }
+    if (D4 > 13u) { r.r13 = textureLoad(dout_tex, vec2<i32>(col + 13, row), 0); }
+    if (D4 > 14u) { r.r14 = textureLoad(dout_tex, vec2<i32>(col + 14, row), 0); }
+    if (D4 > 15u) { r.r15 = textureLoad(dout_tex, vec2<i32>(col + 15, row), 0); }
+    return r;
 }
 
 @compute @workgroup_size(WG)
@@ -322,36 +594,27 @@ fn attn_bwd_q_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgr
     let gb = p.b_off + bi;
     let hc = i32(head * D4);
     let qbase = (gb * p.Tq + qi) * p.C4 + head * D4;
-    var qv: array<vec4<f32>, D4_MAX>;
-    var gv: array<vec4<f32>, D4_MAX>;
-    var acc: array<vec4<f32>, D4_MAX>;
-    var dd = vec4<f32>(0.0);
-    for (var d = 0u; d < D4; d++) {
-        qv[d] = q[qbase + d] * p.scale;
-        gv[d] = dout[qbase + d];
-        dd += gv[d] * o[qbase + d];
-    }
-    let big_d = dd.x + dd.y + dd.z + dd.w;
+    let qv = q_buf(qbase, p.scale);
+    let gv = dout_buf(qbase, 1.0);
+    let big_d = row_dot(gv, o_buf(qbase, 1.0));
     var m = -3.0e38;
     var l = 0.0;
     for (var j = 0u; j < p.Tkv; j++) {
-        let s = dot_kv_tex(&qv, false, hc, i32(bi * p.Tkv + j));
+        let s = row_dot(qv, k_row(hc, i32(bi * p.Tkv + j)));
         let mn = max(m, s);
         l = l * exp(m - mn) + exp(s - mn);
         m = mn;
     }
     let lse = m + log(l);
+    var acc: Row;
     for (var j = 0u; j < p.Tkv; j++) {
         let row = i32(bi * p.Tkv + j);
-        let pij = exp(dot_kv_tex(&qv, false, hc, row) - lse);
-        let ds = pij * (dot_kv_tex(&gv, true, hc, row) - big_d);
-        for (var d = 0u; d < D4; d++) {
-            acc[d] += ds * textureLoad(k_tex, vec2<i32>(hc + i32(d), row), 0);
-        }
+        let kr = k_row(hc, row);
+        let pij = exp(row_dot(qv, kr) - lse);
+        let ds = pij * (row_dot(gv, v_row(hc, row)) - big_d);
+        acc = row_axpy(acc, 1.0, ds, kr);
     }
-    for (var d = 0u; d < D4; d++) {
-        dq[qbase + d] = acc[d] * p.scale;
-    }
+    dq_store(qbase, acc, p.scale);
     lse_d[(gb * p.heads + head) * p.Tq + qi] = vec2<f32>(lse, big_d);
 }
 
@@ -366,27 +629,20 @@ fn attn_bwd_kv_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workg
     let gb = p.b_off + bi;
     let hc = i32(head * D4);
     let kb = (gb * p.Tkv + kj) * p.C4 + head * D4;
-    var kv: array<vec4<f32>, D4_MAX>;
-    var vv: array<vec4<f32>, D4_MAX>;
-    var gk: array<vec4<f32>, D4_MAX>;
-    var gvv: array<vec4<f32>, D4_MAX>;
-    for (var d = 0u; d < D4; d++) {
-        kv[d] = k[kb + d] * p.scale;
-        vv[d] = v[kb + d];
-    }
+    let kv = k_buf(kb, p.scale);
+    let vv = v_buf(kb, 1.0);
+    var gk: Row;
+    var gvv: Row;
     for (var i = 0u; i < p.Tq; i++) {
         let row = i32(bi * p.Tq + i);
         let ld = lse_d[(gb * p.heads + head) * p.Tq + i];
-        let pij = exp(dot_qg_tex(&kv, false, hc, row) - ld.x);
-        let ds = pij * (dot_qg_tex(&vv, true, hc, row) - ld.y);
-        for (var d = 0u; d < D4; d++) {
-            let at = vec2<i32>(hc + i32(d), row);
-            gvv[d] += pij * textureLoad(dout_tex, at, 0);
-            gk[d] += ds * textureLoad(q_tex, at, 0);
-        }
+        let qr = q_row(hc, row, 1.0);
+        let gr = dout_row(hc, row);
+        let pij = exp(row_dot(kv, qr) - ld.x);
+        let ds = pij * (row_dot(vv, gr) - ld.y);
+        gvv = row_axpy(gvv, 1.0, pij, gr);
+        gk = row_axpy(gk, 1.0, ds, qr);
     }
-    for (var d = 0u; d < D4; d++) {
-        dk[kb + d] = gk[d] * p.scale;
-        dv[kb + d] = gvv[d];
-    }
+    dk_store(kb, gk, p.scale);
+    dv_store(kb, gvv, 1.0);
 }

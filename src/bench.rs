@@ -69,6 +69,10 @@ pub struct BenchResult {
     pub activation_bytes: u64,
     /// Weights + activation slots + plan textures: every GPU buffer the run holds.
     pub peak_memory_bytes: u64,
+    /// The most activation bytes alive at one point of the forward (a lower bound for any plan).
+    pub max_live_activation_bytes: u64,
+    /// peak_memory_bytes / (weight_bytes + max_live_activation_bytes).
+    pub peak_over_weights_plus_live: f64,
     pub first_call_ms: f64,
     pub dispatches: usize,
     pub texture_copies: usize,
@@ -157,6 +161,8 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         weight_bytes: model.weight_bytes,
         activation_bytes: plan.plan.activation_bytes,
         peak_memory_bytes: model.weight_bytes + plan.plan.activation_bytes + plan.plan.texture_bytes,
+        max_live_activation_bytes: plan.plan.max_live_bytes,
+        peak_over_weights_plus_live: (model.weight_bytes + plan.plan.activation_bytes + plan.plan.texture_bytes) as f64 / (model.weight_bytes + plan.plan.max_live_bytes) as f64,
         first_call_ms,
         dispatches,
         texture_copies,
@@ -173,12 +179,16 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         println!("  latency   median {:.1} ms, min {:.1} ms ({} iterations)", median, min, a.iters);
         println!("  throughput {:.2} img/s, {:.1} GFLOP/s ({:.2} GFLOP/image)", r.img_per_s, rate, gflop);
         println!("  ceiling   {:.1} GFLOP/s (matmul 1024^3) -> {:.0}% of it", ceiling.gflops_per_s, 100.0 * r.ratio_to_ceiling);
+        let mib = |b: u64| b as f64 / 1048576.0;
         println!(
-            "  memory    weights {:.1} MiB, activations {:.1} MiB (unshared would be {:.1} MiB)",
-            r.weight_bytes as f64 / 1048576.0,
-            r.activation_bytes as f64 / 1048576.0,
-            plan.plan.unshared_bytes as f64 / 1048576.0
+            "  memory    weights {:.1} MiB, activations {:.1} MiB (largest live set {:.1} MiB; unshared would be {:.1} MiB), textures {:.1} MiB",
+            mib(r.weight_bytes),
+            mib(r.activation_bytes),
+            mib(r.max_live_activation_bytes),
+            mib(plan.plan.unshared_bytes),
+            mib(plan.plan.texture_bytes)
         );
+        println!("            peak {:.1} MiB = {:.2}x weights + largest live set", mib(r.peak_memory_bytes), r.peak_over_weights_plus_live);
         println!("  first call {:.0} ms (plan + pipelines + first run; weights upload {:.0} ms)", first_call_ms, upload_ms);
         println!("  schedule  {} dispatches, {} texture copies per forward; matmul variant: {:?}", dispatches, texture_copies, r.matmul_variant);
         print_kernels(&r.kernels, r.kernel_timing, 20);

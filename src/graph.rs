@@ -138,6 +138,10 @@ pub struct Plan {
     pub activation_bytes: u64,
     /// Bytes all tensors would take with no sharing, for comparison.
     pub unshared_bytes: u64,
+    /// The lower bound any plan must pay: the most bytes of tensors alive at once
+    /// (pinned ones always; others from first to last use). `activation_bytes` over
+    /// this is the slot plan's fragmentation overhead.
+    pub max_live_bytes: u64,
     /// Bytes of the plan's textures (texture-operand variants).
     pub texture_bytes: u64,
 }
@@ -242,7 +246,12 @@ impl Graph {
                 ending[last[t]].push(t);
             }
         }
+        let pinned_bytes: u64 = slot_size.iter().sum();
+        let (mut live, mut max_live) = (pinned_bytes, pinned_bytes);
         for i in 0..self.ops.len() {
+            live += starting[i].iter().map(|&t| bytes(t)).sum::<u64>();
+            max_live = max_live.max(live);
+            live -= ending[i].iter().map(|&t| bytes(t)).sum::<u64>();
             for &t in &starting[i] {
                 let need = bytes(t);
                 let fit = (0..slot_size.len()).filter(|&s| slot_free[s] && slot_size[s] >= need).min_by_key(|&s| slot_size[s]);
@@ -350,6 +359,7 @@ impl Graph {
         Ok(Plan {
             activation_bytes: slot_size.iter().sum(),
             unshared_bytes: (0..n).map(bytes).sum(),
+            max_live_bytes: max_live,
             texture_bytes: tex_sizes.iter().map(|t| t.width as u64 * t.height as u64 * 16).sum(),
             gpu,
             steps,
