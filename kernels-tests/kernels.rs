@@ -150,7 +150,10 @@ fn conv_implicit_gemm() {
 fn conv_projection_q_k_v() {
     let gpu = gpu();
     // Widths are multiples of 4 (the kernels are vec4 over channels; valid CvT widths are).
-    for &(batch, h, w, c, cls) in &[(2, 5, 7, 8, 0), (1, 4, 4, 4, 1), (2, 1, 1, 12, 1), (1, 7, 3, 20, 0)] {
+    // Both variants; (3, 78, 78, 4, 1) has 6085 tokens per image, so the texture
+    // variant splits the batch when the texture height limit is 16384 or less.
+    let cases = [(2, 5, 7, 8, 0), (1, 4, 4, 4, 1), (2, 1, 1, 12, 1), (1, 7, 3, 20, 0), (2, 3, 5, 64, 1), (3, 78, 78, 4, 1)];
+    for (kind, &(batch, h, w, c, cls)) in [MatmulKind::Buffer, MatmulKind::Texture].into_iter().flat_map(|k| cases.iter().map(move |c| (k, c))) {
         let tq = cls + h * w;
         let (hk, wk) = kv_hw(h, w);
         let tk = cls + hk * wk;
@@ -159,7 +162,7 @@ fn conv_projection_q_k_v() {
         let bnp: Vec<Vec<Vec<f32>>> =
             (0..3).map(|i| vec![randn(c, 20 + i).iter().map(|v| 1.0 + 0.2 * v).collect(), randn(c, 30 + i), randn(c, 40 + i), randn(c, 50 + i).iter().map(|v| 0.5 + v.abs()).collect()]).collect();
         let bn = |i: usize| BatchNorm { weight: &bnp[i][0], bias: &bnp[i][1], mean: &bnp[i][2], var: &bnp[i][3] };
-        let proj = ConvProj::new(&gpu, "p", [&convs[0], &convs[1], &convs[2]], [bn(0), bn(1), bn(2)], c).unwrap();
+        let proj = ConvProj::with_kind(&gpu, "p", [&convs[0], &convs[1], &convs[2]], [bn(0), bn(1), bn(2)], c, kind).unwrap();
         let mut g = Graph::new(gpu.clone());
         let xin = g.pinned("x", x.len());
         let (q, k, v) = conv_proj(&mut g, "proj", xin, batch, h, w, cls, &proj).unwrap();
@@ -182,7 +185,7 @@ fn conv_projection_q_k_v() {
                     }
                 }
             }
-            assert_close(&format!("conv_proj {} b{batch} {h}x{w} c{c} cls{cls}", ["q", "k", "v"][i]), &plan.read(t).unwrap(), &want, 1e-4, 1e-4);
+            assert_close(&format!("conv_proj {kind:?} {} b{batch} {h}x{w} c{c} cls{cls}", ["q", "k", "v"][i]), &plan.read(t).unwrap(), &want, 1e-4, 1e-4);
         }
     }
 }

@@ -18,7 +18,8 @@ alias T = vec4<f32>;
 
 override WG: u32 = 64u;
 
-struct Params { B: u32, H: u32, W: u32, C: u32, cls: u32, Hk: u32, Wk: u32, total: u32 }
+// b_off: first image of this dispatch (the texture variant splits the batch).
+struct Params { B: u32, H: u32, W: u32, C: u32, cls: u32, Hk: u32, Wk: u32, total: u32, b_off: u32, _p0: u32, _p1: u32, _p2: u32 }
 
 @group(0) @binding(0) var<storage, read> x: array<T>;
 @group(0) @binding(1) var<storage, read> w: array<T>;
@@ -93,6 +94,73 @@ fn conv9(o: u32, c: u32, x0: T, x1: T, x2: T, x3: T, x4: T, x5: T, x6: T, x7: T,
     return w[o * C + c] * x0 + w[(o + 1u) * C + c] * x1 + w[(o + 2u) * C + c] * x2
          + w[(o + 3u) * C + c] * x3 + w[(o + 4u) * C + c] * x4 + w[(o + 5u) * C + c] * x5
          + w[(o + 6u) * C + c] * x6 + w[(o + 7u) * C + c] * x7 + w[(o + 8u) * C + c] * x8;
+}
+
+// Texture variant of `main`, chosen with the matmul's per-adapter variant: the
+// token map and the folded weights are read as texels (on CPU drivers a texel
+// fetch is vectorised across lanes, a storage-buffer load is not). x_tex holds the
+// images [b_off, b_off + B) of this dispatch, one row per token; the outputs are
+// the whole batch's buffers.
+@group(0) @binding(17) var x_tex: texture_2d<f32>;
+@group(0) @binding(18) var w_tex: texture_2d<f32>;   // [27 rows (map * 9 + tap), C texels]
+
+fn at_tex(row0: i32, iy: i32, ix: i32, c: i32) -> T {
+    if (iy >= 0 && ix >= 0 && iy < i32(p.H) && ix < i32(p.W)) {
+        return textureLoad(x_tex, vec2<i32>(c, row0 + iy * i32(p.W) + ix), 0);
+    }
+    return T(0.0);
+}
+
+fn conv9_tex(o: i32, c: i32, x0: T, x1: T, x2: T, x3: T, x4: T, x5: T, x6: T, x7: T, x8: T) -> T {
+    return textureLoad(w_tex, vec2<i32>(c, o), 0) * x0 + textureLoad(w_tex, vec2<i32>(c, o + 1), 0) * x1
+         + textureLoad(w_tex, vec2<i32>(c, o + 2), 0) * x2 + textureLoad(w_tex, vec2<i32>(c, o + 3), 0) * x3
+         + textureLoad(w_tex, vec2<i32>(c, o + 4), 0) * x4 + textureLoad(w_tex, vec2<i32>(c, o + 5), 0) * x5
+         + textureLoad(w_tex, vec2<i32>(c, o + 6), 0) * x6 + textureLoad(w_tex, vec2<i32>(c, o + 7), 0) * x7
+         + textureLoad(w_tex, vec2<i32>(c, o + 8), 0) * x8;
+}
+
+@compute @workgroup_size(WG)
+fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let n = (wid.y * nwg.x + wid.x) * WG + lid;
+    if (n >= p.total) {
+        return;
+    }
+    let C = p.C;
+    let tq = p.cls + p.H * p.W;
+    let tk = p.cls + p.Hk * p.Wk;
+    let e = element(n);
+    let c = e.x;
+    let ci = i32(c);
+    let t = e.y;
+    let bl = e.z;
+    let bi = p.b_off + bl;
+    if (t < p.cls) {
+        let val = textureLoad(x_tex, vec2<i32>(ci, i32(bl * tq)), 0);
+        q[bi * tq * C + c] = val;
+        k[bi * tk * C + c] = val;
+        v[bi * tk * C + c] = val;
+        return;
+    }
+    let pix = t - p.cls;
+    let y = i32(pix / p.W);
+    let xx = i32(pix % p.W);
+    let row0 = i32(bl * tq + p.cls);
+    let x0 = at_tex(row0, y - 1, xx - 1, ci);
+    let x1 = at_tex(row0, y - 1, xx, ci);
+    let x2 = at_tex(row0, y - 1, xx + 1, ci);
+    let x3 = at_tex(row0, y, xx - 1, ci);
+    let x4 = at_tex(row0, y, xx, ci);
+    let x5 = at_tex(row0, y, xx + 1, ci);
+    let x6 = at_tex(row0, y + 1, xx - 1, ci);
+    let x7 = at_tex(row0, y + 1, xx, ci);
+    let x8 = at_tex(row0, y + 1, xx + 1, ci);
+    q[(bi * tq + t) * C + c] = bias[c] + conv9_tex(0, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
+    if ((y & 1) == 0 && (xx & 1) == 0) {
+        let kidx = (bi * tk + p.cls + u32(y / 2) * p.Wk + u32(xx / 2)) * C + c;
+        k[kidx] = bias[C + c] + conv9_tex(9, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
+        v[kidx] = bias[2u * C + c] + conv9_tex(18, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -384,6 +384,18 @@ pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture
     })
 }
 
+/// A texture of `height` rows of `width` rgba32float texels filled from `data` (row-major).
+pub fn texture_from(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u32) -> wgpu::TextureView {
+    let t = texture(gpu, label, width, height);
+    gpu.queue.write_texture(
+        t.as_image_copy(),
+        bytemuck::cast_slice(data),
+        wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(width * 16), rows_per_image: Some(height) },
+        wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
+    );
+    t.create_view(&Default::default())
+}
+
 /// How linear layers read their operands on this adapter (see `ops::matmul`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -2,7 +2,7 @@
 
 use crate::gpu::MatmulKind;
 use crate::graph::{Graph, Res, TensorId};
-use crate::ops::gemm::{pack, Src, View};
+use crate::ops::gemm::act_rows_texture;
 use crate::ops::matmul::preferred_kind;
 use anyhow::{bail, Result};
 
@@ -76,15 +76,9 @@ fn texture_chunk(g: &Graph, s: &AttnShape, kind: MatmulKind) -> Option<usize> {
     (kind == MatmulKind::Texture && s.c / 4 <= max_tex && per_chunk > 0).then_some(per_chunk)
 }
 
-/// Images [b0, b0 + nb) of a [batch, rows_per, c] tensor as a texture bound at
-/// `binding`: rows of 256-byte multiples are copied, other widths packed by a kernel.
+/// Images [b0, b0 + nb) of a [batch, rows_per, c] tensor as a texture bound at `binding`.
 fn texture_rows(g: &mut Graph, label: &str, t: TensorId, s: &AttnShape, (rows_per, b0, nb): (usize, usize, usize), binding: u32) -> Result<crate::graph::TexRef> {
-    if s.c % 64 == 0 {
-        Ok(g.to_texture(t, b0 * rows_per, nb * rows_per, s.c / 4, binding))
-    } else {
-        let view = View::new(Src::Act(t), s.batch * rows_per, s.c, s.c);
-        pack(g, label, &view, (b0 * rows_per, nb * rows_per), (0, s.c), binding)
-    }
+    act_rows_texture(g, label, t, s.batch * rows_per, s.c, (b0 * rows_per, nb * rows_per), binding)
 }
 
 /// Appends the attention backward (probabilities recomputed; texture operands on

@@ -1,8 +1,10 @@
 //! `shaders/dwconv.wgsl`: CvT's convolutional projection (depthwise 3x3 + folded
 //! BatchNorm) producing the q, k and v token maps in one pass.
 
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, MatmulKind};
 use crate::graph::{grid1d, Graph, Res, TensorId};
+use crate::ops::gemm::{act_rows_texture, pack, Src, View};
+use crate::ops::matmul::preferred_kind;
 use anyhow::Result;
 use std::sync::Arc;
 
@@ -23,6 +25,11 @@ pub struct ConvProj {
     pub w: Arc<wgpu::Buffer>,
     pub b: Arc<wgpu::Buffer>,
     pub c: usize,
+    /// How the kernel reads x and w (the matmul's per-adapter variant).
+    pub kind: MatmulKind,
+    /// w as a [27, C/4] texture, uploaded once (inference). None on the texture
+    /// path means w changes between runs (training) and is packed in each run.
+    pub w_tex: Option<Arc<wgpu::TextureView>>,
 }
 
 /// Folds BN into one depthwise conv: w' = w·γ/√(σ²+ε), b' = β − μ·γ/√(σ²+ε).
@@ -41,8 +48,14 @@ pub fn fold_bn(conv: &[f32], bn: &BatchNorm, c: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 impl ConvProj {
-    /// From the q, k, v depthwise weights ([C, 1, 3, 3] each) and their BatchNorms.
-    pub fn new(gpu: &Gpu, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize) -> Result<ConvProj> {
+    /// From the q, k, v depthwise weights ([C, 1, 3, 3] each) and their BatchNorms,
+    /// in the adapter's preferred variant.
+    pub fn new(gpu: &Arc<Gpu>, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize) -> Result<ConvProj> {
+        Self::with_kind(gpu, name, convs, bns, c, preferred_kind(gpu))
+    }
+
+    /// As `new`, in a given variant (tests run both).
+    pub fn with_kind(gpu: &Gpu, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize, kind: MatmulKind) -> Result<ConvProj> {
         check_width(name, c)?;
         let mut w = Vec::with_capacity(27 * c);
         let mut b = Vec::with_capacity(3 * c);
@@ -51,7 +64,8 @@ impl ConvProj {
             w.extend(wi);
             b.extend(bi);
         }
-        Ok(ConvProj { w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?), b: Arc::new(gpu.upload(&format!("{name}.b"), &b)?), c })
+        let w_tex = (kind == MatmulKind::Texture).then(|| Arc::new(crate::gpu::texture_from(gpu, &format!("{name}.w"), &w, (c / 4) as u32, 27)));
+        Ok(ConvProj { w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?), b: Arc::new(gpu.upload(&format!("{name}.b"), &b)?), c, kind, w_tex })
     }
 }
 
@@ -76,14 +90,41 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
     let q = g.tensor(format!("{label}.q"), batch * tq * c);
     let k = g.tensor(format!("{label}.k"), batch * tk * c);
     let v = g.tensor(format!("{label}.v"), batch * tk * c);
-    // The shader works in units of four channels (vec4).
+    let flops = 2.0 * 9.0 * (batch * c * (h * w + 2 * hk * wk)) as f64;
+    let max_tex = g.gpu.limits.max_texture_dimension_2d as usize;
+    let per_chunk = max_tex / tq;
+    if p.kind == MatmulKind::Texture && c / 4 <= max_tex && per_chunk > 0 {
+        let pipeline = g.gpu.pipeline("dwconv", "main_tex", &[("WG", WG as f64)])?;
+        let w_tex = match &p.w_tex {
+            Some(t) => Res::Tex(t.clone()),
+            None => Res::ActTex(pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), 18)?),
+        };
+        for b0 in (0..batch).step_by(per_chunk) {
+            let nb = per_chunk.min(batch - b0);
+            let xt = act_rows_texture(g, label, x, batch * tq, c, (b0 * tq, nb * tq), 17)?;
+            // The shader works in units of four channels (vec4).
+            let total = nb * tq * c / 4;
+            let u = || Res::Unused;
+            let mut b = vec![u(), u(), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(params([nb, h, w, c / 4, cls, hk, wk, total, b0]))];
+            b.extend((7..17).map(|_| u()));
+            b.extend([Res::ActTex(xt), w_tex.clone()]);
+            g.dispatch(label, pipeline.clone(), b, grid1d(&g.gpu, total.div_ceil(WG) as u64), flops * nb as f64 / batch as f64);
+        }
+        return Ok((q, k, v));
+    }
     let total = batch * tq * c / 4;
-    let params = [batch, h, w, c / 4, cls, hk, wk, total].map(|v| v as u32).to_vec();
     let pipeline = g.gpu.pipeline("dwconv", "main", &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, total.div_ceil(WG) as u64);
-    let flops = 2.0 * 9.0 * (batch * c * (h * w + 2 * hk * wk)) as f64;
-    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(p.w.clone()), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(params)], groups, flops);
+    let prm = params([batch, h, w, c / 4, cls, hk, wk, total, 0]);
+    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(p.w.clone()), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(prm)], groups, flops);
     Ok((q, k, v))
+}
+
+/// The shader's Params: B, H, W, C/4, cls, Hk, Wk, total, b_off (padded to 12 words).
+fn params(v: [usize; 9]) -> Vec<u32> {
+    let mut p: Vec<u32> = v.iter().map(|&x| x as u32).collect();
+    p.resize(12, 0);
+    p
 }
 
 // ---------------------------------------------------------------------------
@@ -156,13 +197,14 @@ pub struct ProjSaved {
 
 /// Params of one map; C in units of four channels, as the shader counts them.
 fn map_params(batch: usize, h: usize, w: usize, c: usize, cls: usize) -> Vec<u32> {
-    [batch, h, w, c / 4, cls, 0, 0, 0].map(|v| v as u32).to_vec()
+    params([batch, h, w, c / 4, cls, 0, 0, 0, 0])
 }
 
 /// Train-mode forward: x [batch, cls + h*w, C] → (q, k, v) with batch-statistics
 /// BN; updates the running statistics.
 pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize, w: usize, cls: usize, p: &ConvProjTrain) -> Result<((TensorId, TensorId, TensorId), ProjSaved)> {
-    let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c };
+    // The raw (unfolded) weights change every step: on the texture path they are packed each run.
+    let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c, kind: preferred_kind(&g.gpu), w_tex: None };
     let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
     let (hk, wk) = kv_hw(h, w);
     let pipeline = g.gpu.pipeline("dwconv", "bn_train", &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)])?;
@@ -237,7 +279,7 @@ pub fn conv_proj_train_backward(
         dpre.push(out);
     }
     let total = batch * (cls + h * w) * c;
-    let params = [batch, h, w, c / 4, cls, hk, wk, total / 4].map(|v| v as u32).to_vec();
+    let params = params([batch, h, w, c / 4, cls, hk, wk, total / 4, 0]);
     let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w", &[("WG", WG as f64)])?;
     let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params.clone())];
     b.extend((7..14).map(|_| u()));

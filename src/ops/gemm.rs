@@ -86,6 +86,17 @@ pub fn pack(g: &mut Graph, label: &str, v: &View, (r0, rows): (usize, usize), (c
     Ok(tex)
 }
 
+/// Rows [r0, r0 + n) of a row-major [rows, c] activation as a texture bound at
+/// `binding`: copied when rows are whole 256-byte multiples (c % 64 == 0, what
+/// buffer-to-texture copies need), else packed by a kernel.
+pub fn act_rows_texture(g: &mut Graph, label: &str, t: TensorId, rows: usize, c: usize, (r0, n): (usize, usize), binding: u32) -> Result<crate::graph::TexRef> {
+    if c % 64 == 0 {
+        Ok(g.to_texture(t, r0, n, c / 4, binding))
+    } else {
+        pack(g, label, &View::new(Src::Act(t), rows, c, c), (r0, n), (0, c), binding)
+    }
+}
+
 /// The epilogue of a texture GEMM.
 pub struct Epilogue {
     pub act: Act,

@@ -181,14 +181,7 @@ impl Linear {
             MatmulKind::Buffer => (Some(Arc::new(gpu.upload(&format!("{name}.weight"), bt)?)), None),
             MatmulKind::Texture => {
                 let w4 = (pad4(n) / 4) as u32;
-                let t = crate::gpu::texture(gpu, &format!("{name}.weight"), w4, k as u32);
-                gpu.queue.write_texture(
-                    t.as_image_copy(),
-                    bytemuck::cast_slice(bt),
-                    wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(w4 * 16), rows_per_image: Some(k as u32) },
-                    wgpu::Extent3d { width: w4, height: k as u32, depth_or_array_layers: 1 },
-                );
-                (None, Some(Arc::new(t.create_view(&Default::default()))))
+                (None, Some(Arc::new(crate::gpu::texture_from(gpu, &format!("{name}.weight"), bt, w4, k as u32))))
             }
         };
         Ok(Linear { w, tex, b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?), k, n })
