@@ -533,114 +533,118 @@ use cvt_gpu::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, Bat
 /// the engine's train-mode forward; L = Σ c·(q, k, v) + Σ e·x.
 #[test]
 fn conv_projection_train_bn() {
-    let gpu = gpu();
-    for &(batch, h, w, c, cls) in &[(2, 4, 5, 4, 1), (1, 3, 3, 8, 0)] {
-        let tq = cls + h * w;
-        let (hk, wk) = kv_hw(h, w);
-        let tk = cls + hk * wk;
-        let x = randn(batch * tq * c, 1);
-        let convs: Vec<Vec<f32>> = (0..3).map(|i| randn(9 * c, 10 + i)).collect();
-        let gam: Vec<Vec<f32>> = (0..3).map(|i| randn(c, 20 + i).iter().map(|v| 1.0 + 0.3 * v).collect()).collect();
-        let bet: Vec<Vec<f32>> = (0..3).map(|i| randn(c, 30 + i)).collect();
-        let rm: Vec<f32> = randn(c, 40);
-        let rv: Vec<f32> = randn(c, 41).iter().map(|v| 0.5 + v.abs()).collect();
-        let cs: Vec<Vec<f32>> = [tq, tk, tk].iter().enumerate().map(|(i, &t)| randn(batch * t * c, 50 + i as u64)).collect();
-        let e = randn(x.len(), 60);
-        // Runs the train forward (and backward); returns L, the maps, running stats and grads.
-        let run = |x: &[f32], convs: &[Vec<f32>], gam: &[Vec<f32>], bet: &[Vec<f32>], backward: bool| {
-            let bn = |i: usize| BatchNorm { weight: &gam[i], bias: &bet[i], mean: &rm, var: &rv };
-            let p = ConvProjTrain::new(&gpu, "p", [&convs[0], &convs[1], &convs[2]], [bn(0), bn(1), bn(2)], c).unwrap();
-            let grad = ConvProjGrad::new(&gpu, "p", c).unwrap();
-            let mut g = Graph::new(gpu.clone());
-            let xi = g.pinned("x", x.len());
-            let ((q, k, v), saved) = conv_proj_train(&mut g, "proj", xi, batch, h, w, cls, &p).unwrap();
-            for t in [q, k, v] {
-                g.pin(t);
-            }
-            let d: Vec<_> = cs.iter().enumerate().map(|(i, cv)| g.pinned(format!("d{i}"), cv.len())).collect();
-            let mut dx = None;
-            if backward {
-                let t = conv_proj_train_backward(&mut g, "proj", xi, &saved, (d[0], d[1], d[2]), batch, h, w, cls, &p, &grad).unwrap();
-                g.pin(t);
-                dx = Some(t);
-            }
-            let plan = g.compile().unwrap();
-            plan.write(xi, x).unwrap();
-            for (i, cv) in cs.iter().enumerate() {
-                plan.write(d[i], cv).unwrap();
-            }
-            plan.run().unwrap();
-            let maps: Vec<Vec<f32>> = [q, k, v].iter().map(|&t| plan.read(t).unwrap()).collect();
-            let l: f64 =
-                maps.iter().zip(&cs).map(|(m, cv)| m.iter().zip(cv).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()).sum::<f64>() + x.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
-            let running: Vec<Vec<f32>> = p.bn.iter().map(|b| gpu.read(&b.running, 0, 2 * c).unwrap()).collect();
-            let grads = if backward {
-                let mut gr = vec![plan.read(dx.unwrap()).unwrap(), gpu.read(&grad.w, 0, 27 * c).unwrap()];
-                gr.extend((0..3).map(|m| [gpu.read(&grad.gamma[m], 0, c).unwrap(), gpu.read(&grad.beta[m], 0, c).unwrap()].concat()));
-                gr
-            } else {
-                vec![]
-            };
-            (l, maps, running, grads)
-        };
-        let (_, maps, running, gr) = run(&x, &convs, &gam, &bet, true);
-        // f64 forward reference.
-        for (mi, (stride, oh, ow, t)) in [(1, h, w, tq), (2, hk, wk, tk), (2, hk, wk, tk)].into_iter().enumerate() {
-            let pre = depthwise_ref(&x, &convs[mi], (batch, h, w, c, cls), stride);
-            let n = (batch * oh * ow) as f64;
-            let mut want = vec![0f64; batch * t * c];
-            for ch in 0..c {
-                let vals: Vec<f64> = (0..batch).flat_map(|bi| (0..oh * ow).map(move |i| (bi, i))).map(|(bi, i)| pre[(bi * t + cls + i) * c + ch]).collect();
-                let mu = vals.iter().sum::<f64>() / n;
-                let var = vals.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / n;
-                for bi in 0..batch {
-                    if cls == 1 {
-                        want[bi * t * c + ch] = x[bi * tq * c + ch] as f64;
-                    }
-                    for i in 0..oh * ow {
-                        let r = (bi * t + cls + i) * c + ch;
-                        want[r] = (pre[r] - mu) / (var + 1e-5).sqrt() * gam[mi][ch] as f64 + bet[mi][ch] as f64;
-                    }
+    // Texture variants read x, the gradients and the weights as texels (c = 64: copied
+    // rows; else packed); buffer variants read buffers.
+    for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
+        for &(batch, h, w, c, cls) in &[(2, 4, 5, 4, 1), (1, 3, 3, 8, 0), (2, 3, 2, 64, 1)] {
+            let tq = cls + h * w;
+            let (hk, wk) = kv_hw(h, w);
+            let tk = cls + hk * wk;
+            let x = randn(batch * tq * c, 1);
+            let convs: Vec<Vec<f32>> = (0..3).map(|i| randn(9 * c, 10 + i)).collect();
+            let gam: Vec<Vec<f32>> = (0..3).map(|i| randn(c, 20 + i).iter().map(|v| 1.0 + 0.3 * v).collect()).collect();
+            let bet: Vec<Vec<f32>> = (0..3).map(|i| randn(c, 30 + i)).collect();
+            let rm: Vec<f32> = randn(c, 40);
+            let rv: Vec<f32> = randn(c, 41).iter().map(|v| 0.5 + v.abs()).collect();
+            let cs: Vec<Vec<f32>> = [tq, tk, tk].iter().enumerate().map(|(i, &t)| randn(batch * t * c, 50 + i as u64)).collect();
+            let e = randn(x.len(), 60);
+            // Runs the train forward (and backward); returns L, the maps, running stats and grads.
+            let run = |x: &[f32], convs: &[Vec<f32>], gam: &[Vec<f32>], bet: &[Vec<f32>], backward: bool| {
+                let bn = |i: usize| BatchNorm { weight: &gam[i], bias: &bet[i], mean: &rm, var: &rv };
+                let p = ConvProjTrain::new(&gpu, "p", [&convs[0], &convs[1], &convs[2]], [bn(0), bn(1), bn(2)], c).unwrap();
+                let grad = ConvProjGrad::new(&gpu, "p", c).unwrap();
+                let mut g = Graph::new(gpu.clone());
+                let xi = g.pinned("x", x.len());
+                let ((q, k, v), saved) = conv_proj_train(&mut g, "proj", xi, batch, h, w, cls, &p).unwrap();
+                for t in [q, k, v] {
+                    g.pin(t);
                 }
-                let unbiased = if n > 1.0 { var * n / (n - 1.0) } else { var };
-                let (wm, wv) = (0.9 * rm[ch] as f64 + 0.1 * mu, 0.9 * rv[ch] as f64 + 0.1 * unbiased);
-                assert!(
-                    (running[mi][ch] as f64 - wm).abs() < 1e-5 && (running[mi][c + ch] as f64 - wv).abs() < 1e-4 * (1.0 + wv),
-                    "running stats map {mi} ch {ch}: {:?} vs ({wm}, {wv})",
-                    (running[mi][ch], running[mi][c + ch])
-                );
+                let d: Vec<_> = cs.iter().enumerate().map(|(i, cv)| g.pinned(format!("d{i}"), cv.len())).collect();
+                let mut dx = None;
+                if backward {
+                    let t = conv_proj_train_backward(&mut g, "proj", xi, &saved, (d[0], d[1], d[2]), batch, h, w, cls, &p, &grad).unwrap();
+                    g.pin(t);
+                    dx = Some(t);
+                }
+                let plan = g.compile().unwrap();
+                plan.write(xi, x).unwrap();
+                for (i, cv) in cs.iter().enumerate() {
+                    plan.write(d[i], cv).unwrap();
+                }
+                plan.run().unwrap();
+                let maps: Vec<Vec<f32>> = [q, k, v].iter().map(|&t| plan.read(t).unwrap()).collect();
+                let l: f64 = maps.iter().zip(&cs).map(|(m, cv)| m.iter().zip(cv).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()).sum::<f64>()
+                    + x.iter().zip(&e).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+                let running: Vec<Vec<f32>> = p.bn.iter().map(|b| gpu.read(&b.running, 0, 2 * c).unwrap()).collect();
+                let grads = if backward {
+                    let mut gr = vec![plan.read(dx.unwrap()).unwrap(), gpu.read(&grad.w, 0, 27 * c).unwrap()];
+                    gr.extend((0..3).map(|m| [gpu.read(&grad.gamma[m], 0, c).unwrap(), gpu.read(&grad.beta[m], 0, c).unwrap()].concat()));
+                    gr
+                } else {
+                    vec![]
+                };
+                (l, maps, running, grads)
+            };
+            let (_, maps, running, gr) = run(&x, &convs, &gam, &bet, true);
+            // f64 forward reference.
+            for (mi, (stride, oh, ow, t)) in [(1, h, w, tq), (2, hk, wk, tk), (2, hk, wk, tk)].into_iter().enumerate() {
+                let pre = depthwise_ref(&x, &convs[mi], (batch, h, w, c, cls), stride);
+                let n = (batch * oh * ow) as f64;
+                let mut want = vec![0f64; batch * t * c];
+                for ch in 0..c {
+                    let vals: Vec<f64> = (0..batch).flat_map(|bi| (0..oh * ow).map(move |i| (bi, i))).map(|(bi, i)| pre[(bi * t + cls + i) * c + ch]).collect();
+                    let mu = vals.iter().sum::<f64>() / n;
+                    let var = vals.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / n;
+                    for bi in 0..batch {
+                        if cls == 1 {
+                            want[bi * t * c + ch] = x[bi * tq * c + ch] as f64;
+                        }
+                        for i in 0..oh * ow {
+                            let r = (bi * t + cls + i) * c + ch;
+                            want[r] = (pre[r] - mu) / (var + 1e-5).sqrt() * gam[mi][ch] as f64 + bet[mi][ch] as f64;
+                        }
+                    }
+                    let unbiased = if n > 1.0 { var * n / (n - 1.0) } else { var };
+                    let (wm, wv) = (0.9 * rm[ch] as f64 + 0.1 * mu, 0.9 * rv[ch] as f64 + 0.1 * unbiased);
+                    assert!(
+                        (running[mi][ch] as f64 - wm).abs() < 1e-5 && (running[mi][c + ch] as f64 - wv).abs() < 1e-4 * (1.0 + wv),
+                        "running stats map {mi} ch {ch}: {:?} vs ({wm}, {wv})",
+                        (running[mi][ch], running[mi][c + ch])
+                    );
+                }
+                assert_close(&format!("train BN map {mi}"), &maps[mi], &want, 1e-4, 1e-3);
             }
-            assert_close(&format!("train BN map {mi}"), &maps[mi], &want, 1e-4, 1e-3);
-        }
-        // Gradients against finite differences of the train-mode forward.
-        let what = format!("b{batch} {h}x{w} c{c} cls{cls}");
-        for i in [0, x.len() / 2, x.len() - 1] {
-            let num = fd(&x, i, 1e-2, &|p| run(p, &convs, &gam, &bet, false).0);
-            close(&format!("{what} dx[{i}]"), num, gr[0][i] as f64 + e[i] as f64, 1e-2);
-        }
-        for mi in 0..3 {
-            for i in [0, 9 * c - 1] {
-                let num = fd(&convs[mi], i, 1e-2, &|p| {
-                    let mut cv = convs.clone();
-                    cv[mi] = p.to_vec();
-                    run(&x, &cv, &gam, &bet, false).0
-                });
-                // PyTorch [C, 1, 3, 3] index i = ch*9 + tap -> stored (m*9 + tap)*C + ch.
-                close(&format!("{what} dW map {mi} [{i}]"), num, gr[1][(mi * 9 + i % 9) * c + i / 9] as f64, 1e-2);
+            // Gradients against finite differences of the train-mode forward.
+            let what = format!("b{batch} {h}x{w} c{c} cls{cls}");
+            for i in [0, x.len() / 2, x.len() - 1] {
+                let num = fd(&x, i, 1e-2, &|p| run(p, &convs, &gam, &bet, false).0);
+                close(&format!("{what} dx[{i}]"), num, gr[0][i] as f64 + e[i] as f64, 1e-2);
             }
-            for ch in [0, c - 1] {
-                let ng = fd(&gam[mi], ch, 1e-2, &|p| {
-                    let mut gv = gam.clone();
-                    gv[mi] = p.to_vec();
-                    run(&x, &convs, &gv, &bet, false).0
-                });
-                close(&format!("{what} dgamma map {mi} [{ch}]"), ng, gr[2 + mi][ch] as f64, 1e-2);
-                let nb = fd(&bet[mi], ch, 1e-2, &|p| {
-                    let mut bv = bet.clone();
-                    bv[mi] = p.to_vec();
-                    run(&x, &convs, &gam, &bv, false).0
-                });
-                close(&format!("{what} dbeta map {mi} [{ch}]"), nb, gr[2 + mi][c + ch] as f64, 1e-2);
+            for mi in 0..3 {
+                // Every tap of channel 0 (each tap has its own accumulator), and the last weight.
+                for i in (0..9).chain([9 * c - 1]) {
+                    let num = fd(&convs[mi], i, 1e-2, &|p| {
+                        let mut cv = convs.clone();
+                        cv[mi] = p.to_vec();
+                        run(&x, &cv, &gam, &bet, false).0
+                    });
+                    // PyTorch [C, 1, 3, 3] index i = ch*9 + tap -> stored (m*9 + tap)*C + ch.
+                    close(&format!("{what} dW map {mi} [{i}]"), num, gr[1][(mi * 9 + i % 9) * c + i / 9] as f64, 1e-2);
+                }
+                for ch in [0, c - 1] {
+                    let ng = fd(&gam[mi], ch, 1e-2, &|p| {
+                        let mut gv = gam.clone();
+                        gv[mi] = p.to_vec();
+                        run(&x, &convs, &gv, &bet, false).0
+                    });
+                    close(&format!("{what} dgamma map {mi} [{ch}]"), ng, gr[2 + mi][ch] as f64, 1e-2);
+                    let nb = fd(&bet[mi], ch, 1e-2, &|p| {
+                        let mut bv = bet.clone();
+                        bv[mi] = p.to_vec();
+                        run(&x, &convs, &gam, &bv, false).0
+                    });
+                    close(&format!("{what} dbeta map {mi} [{ch}]"), nb, gr[2 + mi][c + ch] as f64, 1e-2);
+                }
             }
         }
     }

@@ -444,3 +444,136 @@ fn dwconv_backward_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     }
     dx[n] = acc;
 }
+
+// Texture variant of dwconv_backward_x: the pre-BN gradients of q, k, v and the
+// raw weights w [27, C] are read as texels. The textures hold the images
+// [b_off, b_off + B) of this dispatch (rows: image * tokens + token); dx is the
+// whole batch's buffer.
+@group(0) @binding(19) var dq_tex: texture_2d<f32>;
+@group(0) @binding(20) var dk_tex: texture_2d<f32>;
+@group(0) @binding(21) var dv_tex: texture_2d<f32>;
+
+@compute @workgroup_size(WG)
+fn dwconv_backward_x_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let n = (wid.y * nwg.x + wid.x) * WG + lid;
+    if (n >= p.total) {
+        return;
+    }
+    let C = p.C;
+    let tq = p.cls + p.H * p.W;
+    let tk = p.cls + p.Hk * p.Wk;
+    let e = element(n);
+    let c = e.x;
+    let ci = i32(c);
+    let t = e.y;
+    let bl = e.z;
+    let out = ((p.b_off + bl) * tq + t) * C + c;
+    let qrow = i32(bl * tq + p.cls);
+    let krow = i32(bl * tk + p.cls);
+    if (t < p.cls) {
+        dx[out] = textureLoad(dq_tex, vec2<i32>(ci, qrow - 1), 0) + textureLoad(dk_tex, vec2<i32>(ci, krow - 1), 0)
+                + textureLoad(dv_tex, vec2<i32>(ci, krow - 1), 0);
+        return;
+    }
+    let pix = t - p.cls;
+    let iy = i32(pix / p.W);
+    let ix = i32(pix % p.W);
+    var acc = T(0.0);
+    for (var ky = 0; ky < 3; ky++) {
+        for (var kx = 0; kx < 3; kx++) {
+            let tap = ky * 3 + kx;
+            // q: oy = iy - ky + 1.
+            let qy = iy - ky + 1;
+            let qx = ix - kx + 1;
+            if (qy >= 0 && qx >= 0 && qy < i32(p.H) && qx < i32(p.W)) {
+                acc += textureLoad(dq_tex, vec2<i32>(ci, qrow + qy * i32(p.W) + qx), 0) * textureLoad(w_tex, vec2<i32>(ci, tap), 0);
+            }
+            // k, v: 2·oy = iy - ky + 1.
+            if (qy >= 0 && qx >= 0 && qy % 2 == 0 && qx % 2 == 0 && qy / 2 < i32(p.Hk) && qx / 2 < i32(p.Wk)) {
+                let at = vec2<i32>(ci, krow + (qy / 2) * i32(p.Wk) + qx / 2);
+                acc += textureLoad(dk_tex, at, 0) * textureLoad(w_tex, vec2<i32>(ci, 9 + tap), 0)
+                     + textureLoad(dv_tex, at, 0) * textureLoad(w_tex, vec2<i32>(ci, 18 + tap), 0);
+            }
+        }
+    }
+    dx[out] = acc;
+}
+
+// Texture variant of dwconv_backward_w: the token map x (binding 17) and the
+// pre-BN gradients (19-21) as texels, images [b_off, b_off + B) of this dispatch;
+// a dispatch after the first (_p0 = 1) adds to dw instead of overwriting it.
+fn at_x(row0: i32, iy: i32, ix: i32, c: i32) -> T {
+    return at_tex(row0, iy, ix, c);
+}
+
+@compute @workgroup_size(WG)
+fn dwconv_backward_w_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wid.x % p.C;
+    let ci = i32(c);
+    let m = wid.x / p.C;
+    let stride = select(2, 1, m == 0u);
+    let oh = select(p.Hk, p.H, m == 0u);
+    let ow = select(p.Wk, p.W, m == 0u);
+    let tq = p.cls + p.H * p.W;
+    let to = p.cls + oh * ow;
+    var a0 = T(0.0);
+    var a1 = T(0.0);
+    var a2 = T(0.0);
+    var a3 = T(0.0);
+    var a4 = T(0.0);
+    var a5 = T(0.0);
+    var a6 = T(0.0);
+    var a7 = T(0.0);
+    var a8 = T(0.0);
+    for (var r = lid; r < p.B * oh; r += WG) {
+        let bl = r / oh;
+        let oy = r % oh;
+        let row0 = i32(bl * tq + p.cls);
+        let y = i32(oy) * stride;
+        let grow = i32(bl * to + p.cls + oy * ow);
+        for (var ox = 0u; ox < ow; ox++) {
+            let at = vec2<i32>(ci, grow + i32(ox));
+            var g: T;
+            if (m == 0u) {
+                g = textureLoad(dq_tex, at, 0);
+            } else if (m == 1u) {
+                g = textureLoad(dk_tex, at, 0);
+            } else {
+                g = textureLoad(dv_tex, at, 0);
+            }
+            let xx = i32(ox) * stride;
+            a0 += g * at_x(row0, y - 1, xx - 1, ci);
+            a1 += g * at_x(row0, y - 1, xx, ci);
+            a2 += g * at_x(row0, y - 1, xx + 1, ci);
+            a3 += g * at_x(row0, y, xx - 1, ci);
+            a4 += g * at_x(row0, y, xx, ci);
+            a5 += g * at_x(row0, y, xx + 1, ci);
+            a6 += g * at_x(row0, y + 1, xx - 1, ci);
+            a7 += g * at_x(row0, y + 1, xx, ci);
+            a8 += g * at_x(row0, y + 1, xx + 1, ci);
+        }
+    }
+    let d = m * 9u * p.C + c;
+    let r0 = reduce_sum(a0, lid);
+    let r1 = reduce_sum(a1, lid);
+    let r2 = reduce_sum(a2, lid);
+    let r3 = reduce_sum(a3, lid);
+    let r4 = reduce_sum(a4, lid);
+    let r5 = reduce_sum(a5, lid);
+    let r6 = reduce_sum(a6, lid);
+    let r7 = reduce_sum(a7, lid);
+    let r8 = reduce_sum(a8, lid);
+    if (lid == 0u) {
+        let keep = select(T(0.0), T(1.0), p._p0 == 1u);
+        dw[d] = keep * dw[d] + r0;
+        dw[d + p.C] = keep * dw[d + p.C] + r1;
+        dw[d + 2u * p.C] = keep * dw[d + 2u * p.C] + r2;
+        dw[d + 3u * p.C] = keep * dw[d + 3u * p.C] + r3;
+        dw[d + 4u * p.C] = keep * dw[d + 4u * p.C] + r4;
+        dw[d + 5u * p.C] = keep * dw[d + 5u * p.C] + r5;
+        dw[d + 6u * p.C] = keep * dw[d + 6u * p.C] + r6;
+        dw[d + 7u * p.C] = keep * dw[d + 7u * p.C] + r7;
+        dw[d + 8u * p.C] = keep * dw[d + 8u * p.C] + r8;
+    }
+}

@@ -105,7 +105,7 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
             // The shader works in units of four channels (vec4).
             let total = nb * tq * c / 4;
             let u = || Res::Unused;
-            let mut b = vec![u(), u(), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(params([nb, h, w, c / 4, cls, hk, wk, total, b0]))];
+            let mut b = vec![u(), u(), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(params_of([nb, h, w, c / 4, cls, hk, wk, total, b0]))];
             b.extend((7..17).map(|_| u()));
             b.extend([Res::ActTex(xt), w_tex.clone()]);
             g.dispatch(label, pipeline.clone(), b, grid1d(&g.gpu, total.div_ceil(WG) as u64), flops * nb as f64 / batch as f64);
@@ -115,13 +115,13 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
     let total = batch * tq * c / 4;
     let pipeline = g.gpu.pipeline("dwconv", "main", &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, total.div_ceil(WG) as u64);
-    let prm = params([batch, h, w, c / 4, cls, hk, wk, total, 0]);
+    let prm = params_of([batch, h, w, c / 4, cls, hk, wk, total, 0]);
     g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(p.w.clone()), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(prm)], groups, flops);
     Ok((q, k, v))
 }
 
 /// The shader's Params: B, H, W, C/4, cls, Hk, Wk, total, b_off (padded to 12 words).
-fn params(v: [usize; 9]) -> Vec<u32> {
+fn params_of(v: [usize; 9]) -> Vec<u32> {
     let mut p: Vec<u32> = v.iter().map(|&x| x as u32).collect();
     p.resize(12, 0);
     p
@@ -197,7 +197,7 @@ pub struct ProjSaved {
 
 /// Params of one map; C in units of four channels, as the shader counts them.
 fn map_params(batch: usize, h: usize, w: usize, c: usize, cls: usize) -> Vec<u32> {
-    params([batch, h, w, c / 4, cls, 0, 0, 0, 0])
+    params_of([batch, h, w, c / 4, cls, 0, 0, 0, 0])
 }
 
 /// Train-mode forward: x [batch, cls + h*w, C] → (q, k, v) with batch-statistics
@@ -279,13 +279,42 @@ pub fn conv_proj_train_backward(
         dpre.push(out);
     }
     let total = batch * (cls + h * w) * c;
-    let params = params([batch, h, w, c / 4, cls, hk, wk, total / 4, 0]);
+    let params = params_of([batch, h, w, c / 4, cls, hk, wk, total / 4, 0]);
+    let dx = g.tensor(format!("{label}.dx"), total);
+    let (tq, tk) = (cls + h * w, cls + hk * wk);
+    let max_tex = g.gpu.limits.max_texture_dimension_2d as usize;
+    let per_chunk = max_tex / tq;
+    if preferred_kind(&g.gpu) == MatmulKind::Texture && c / 4 <= max_tex && per_chunk > 0 {
+        // Gradients and weights as texels (see the shader); w packed each run (it trains).
+        let px = g.gpu.pipeline("dwconv", "dwconv_backward_x_tex", &[("WG", WG as f64)])?;
+        let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w_tex", &[("WG", WG as f64)])?;
+        let wt = pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), 18)?;
+        for b0 in (0..batch).step_by(per_chunk) {
+            let nb = per_chunk.min(batch - b0);
+            let dq = act_rows_texture(g, label, dpre[0], batch * tq, c, (b0 * tq, nb * tq), 19)?;
+            let dk = act_rows_texture(g, label, dpre[1], batch * tk, c, (b0 * tk, nb * tk), 20)?;
+            let dv = act_rows_texture(g, label, dpre[2], batch * tk, c, (b0 * tk, nb * tk), 21)?;
+            let xt = act_rows_texture(g, label, x, batch * tq, c, (b0 * tq, nb * tq), 17)?;
+            // dW (the first chunk writes, later ones add: params word 9).
+            let mut prm = params_of([nb, h, w, c / 4, cls, hk, wk, 0, b0]);
+            prm[9] = (b0 > 0) as u32;
+            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::Uniform(prm)];
+            b.extend((7..14).map(|_| u()));
+            b.extend([Res::Buf(grad.w.clone()), u(), u(), Res::ActTex(xt), u(), Res::ActTex(dq.clone()), Res::ActTex(dk.clone()), Res::ActTex(dv.clone())]);
+            g.dispatch(format!("{label}.dW"), pw.clone(), b, [(3 * c / 4) as u32, 1, 1], 0.0);
+            let n4 = nb * tq * c / 4;
+            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::Uniform(params_of([nb, h, w, c / 4, cls, hk, wk, n4, b0]))];
+            b.extend((7..15).map(|_| u()));
+            b.extend([Res::Act(dx), u(), u(), Res::ActTex(wt.clone()), Res::ActTex(dq), Res::ActTex(dk), Res::ActTex(dv)]);
+            g.dispatch(format!("{label}.dx"), px.clone(), b, grid1d(&g.gpu, n4.div_ceil(WG) as u64), 0.0);
+        }
+        return Ok(dx);
+    }
     let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w", &[("WG", WG as f64)])?;
     let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params.clone())];
     b.extend((7..14).map(|_| u()));
     b.push(Res::Buf(grad.w.clone()));
     g.dispatch(format!("{label}.dW"), pw, b, [(3 * c / 4) as u32, 1, 1], 0.0);
-    let dx = g.tensor(format!("{label}.dx"), total);
     let px = g.gpu.pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
     let mut b = vec![u(), Res::Buf(p.w.clone()), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params)];
     b.extend((7..15).map(|_| u()));
