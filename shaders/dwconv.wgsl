@@ -203,6 +203,12 @@ fn map_row(bi: u32, pix: u32) -> u32 {
 var<workgroup> red: array<T, WG>;
 
 fn reduce_sum(val: T, lid: u32) -> T {
+    // WG = 1 (CPU drivers): the invocation already holds the whole sum, and no
+    // barrier is compiled (lavapipe 22.3 leaks memory on every dispatch of a
+    // shader with barriers: docs/perf.md).
+    if (WG == 1u) {
+        return val;
+    }
     red[lid] = val;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
@@ -221,29 +227,32 @@ fn flat_row(i: u32, hw: u32) -> u32 {
     return map_row(i / hw, i % hw);
 }
 
-// gamma is bound at w's slot (1), beta at bias's slot (2). One workgroup per channel.
+// Train-mode BN runs as three kernels, each with a single pass over the rows:
+// bn_mean (μ into stats[c]), bn_var (rstd into stats[C + c], and the running
+// update), bn_apply (normalise; the cls row bypasses). One kernel with the passes
+// in sequence, as before, made lavapipe 22.3 leak ~150 KB per dispatch (a
+// training run grew ~4 MB per step and slowed by a third over four epochs);
+// single-pass kernels do not (docs/perf.md). All three statically use the same
+// bindings: gamma at w's slot (1), beta at bias's slot (2), p, stats, running,
+// pre, post. One workgroup per channel group in the reductions.
+fn bn_bindings() {
+    _ = arrayLength(&w);
+    _ = arrayLength(&bias);
+    _ = arrayLength(&stats);
+    _ = arrayLength(&running);
+    _ = arrayLength(&pre);
+    _ = arrayLength(&post);
+}
+
 @compute @workgroup_size(WG)
-fn bn_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn bn_mean(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    bn_bindings();
     let c = wid.x;
     let hw = p.H * p.W;
     let total = p.B * hw;
-    let n = f32(total);
     if (BN_EVAL) {
-        let mean = running[c];
-        let rstd = inverseSqrt(running[p.C + c] + BN_EPS);
-        for (var i = lid; i < total; i += WG) {
-            let r = flat_row(i, hw) + c;
-            post[r] = (pre[r] - mean) * rstd * w[c] + bias[c];
-        }
-        if (p.cls == 1u) {
-            for (var bi = lid; bi < p.B; bi += WG) {
-                let r = bi * (1u + hw) * p.C + c;
-                post[r] = pre[r];
-            }
-        }
         if (lid == 0u) {
-            stats[c] = mean;
-            stats[p.C + c] = rstd;
+            stats[c] = running[c];
         }
         return;
     }
@@ -251,15 +260,50 @@ fn bn_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     for (var i = lid; i < total; i += WG) {
         s += pre[flat_row(i, hw) + c];
     }
-    let mean = reduce_sum(s, lid) / n;
+    let mean = reduce_sum(s, lid) / f32(total);
+    if (lid == 0u) {
+        stats[c] = mean;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn bn_var(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    bn_bindings();
+    let c = wid.x;
+    let hw = p.H * p.W;
+    let total = p.B * hw;
+    let n = f32(total);
+    if (BN_EVAL) {
+        // The statistics are the running ones, left unchanged.
+        if (lid == 0u) {
+            stats[p.C + c] = inverseSqrt(running[p.C + c] + BN_EPS);
+        }
+        return;
+    }
+    let mean = stats[c];
     var s2 = T(0.0);
     for (var i = lid; i < total; i += WG) {
         let d = pre[flat_row(i, hw) + c] - mean;
         s2 += d * d;
     }
     let ss = reduce_sum(s2, lid);
-    let var_b = ss / n;
-    let rstd = inverseSqrt(var_b + BN_EPS);
+    if (lid == 0u) {
+        let var_b = ss / n;
+        stats[p.C + c] = inverseSqrt(var_b + BN_EPS);
+        let unbiased = select(var_b, ss / (n - 1.0), n > 1.0);
+        running[c] = (1.0 - BN_MOMENTUM) * running[c] + BN_MOMENTUM * mean;
+        running[p.C + c] = (1.0 - BN_MOMENTUM) * running[p.C + c] + BN_MOMENTUM * unbiased;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    bn_bindings();
+    let c = wid.x;
+    let hw = p.H * p.W;
+    let total = p.B * hw;
+    let mean = stats[c];
+    let rstd = stats[p.C + c];
     for (var i = lid; i < total; i += WG) {
         let r = flat_row(i, hw) + c;
         post[r] = (pre[r] - mean) * rstd * w[c] + bias[c];
@@ -270,22 +314,28 @@ fn bn_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
             post[r] = pre[r];
         }
     }
-    if (lid == 0u) {
-        stats[c] = mean;
-        stats[p.C + c] = rstd;
-        let unbiased = select(var_b, ss / (n - 1.0), n > 1.0);
-        running[c] = (1.0 - BN_MOMENTUM) * running[c] + BN_MOMENTUM * mean;
-        running[p.C + c] = (1.0 - BN_MOMENTUM) * running[p.C + c] + BN_MOMENTUM * unbiased;
-    }
 }
 
-// dpre = γ·rstd·(dy − mean(dy) − ŷ·mean(dy·ŷ)); dγ = Σ dy·ŷ; dβ = Σ dy. One workgroup per channel.
+// BN backward in two single-pass kernels (see above): bn_backward_sums writes
+// dβ = Σ dy and dγ = Σ dy·x̂ per channel; bn_backward_apply reads them back for
+//   dpre = γ·rstd·(dy − dβ/n − x̂·dγ/n)   (eval mode: γ·rstd·dy).
+// Both statically use gamma (1), p, stats, pre, dpost, dpre, dgamma, dbeta.
+fn bn_backward_bindings() {
+    _ = arrayLength(&w);
+    _ = arrayLength(&stats);
+    _ = arrayLength(&pre);
+    _ = arrayLength(&dpost);
+    _ = arrayLength(&dpre);
+    _ = arrayLength(&dgamma);
+    _ = arrayLength(&dbeta);
+}
+
 @compute @workgroup_size(WG)
-fn bn_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn bn_backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    bn_backward_bindings();
     let c = wid.x;
     let hw = p.H * p.W;
     let total = p.B * hw;
-    let n = f32(total);
     let mean = stats[c];
     let rstd = stats[p.C + c];
     var a = T(0.0);
@@ -298,13 +348,29 @@ fn bn_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
     let sdy = reduce_sum(a, lid);
     let sdyx = reduce_sum(bsum, lid);
+    if (lid == 0u) {
+        dgamma[c] = sdyx;
+        dbeta[c] = sdy;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn bn_backward_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    bn_backward_bindings();
+    let c = wid.x;
+    let hw = p.H * p.W;
+    let total = p.B * hw;
+    let n = f32(total);
+    let mean = stats[c];
+    let rstd = stats[p.C + c];
+    let sdy = dbeta[c];
+    let sdyx = dgamma[c];
     for (var i = lid; i < total; i += WG) {
         let r = flat_row(i, hw) + c;
-        let xh = (pre[r] - mean) * rstd;
         if (BN_EVAL) {
-            // The statistics are constants: only the affine map is differentiated.
             dpre[r] = w[c] * rstd * dpost[r];
         } else {
+            let xh = (pre[r] - mean) * rstd;
             dpre[r] = w[c] * rstd * (dpost[r] - sdy / n - xh * sdyx / n);
         }
     }
@@ -313,10 +379,6 @@ fn bn_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             let r = bi * (1u + hw) * p.C + c;
             dpre[r] = dpost[r];
         }
-    }
-    if (lid == 0u) {
-        dgamma[c] = sdyx;
-        dbeta[c] = sdy;
     }
 }
 

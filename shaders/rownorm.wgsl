@@ -198,3 +198,81 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         aux[r] = loss;
     }
 }
+
+// ---------------------------------------------------------------------------
+// vec4 LayerNorm for the row-per-invocation path (LANES = 1) when C is a multiple
+// of 4: the same math over vec4 views of the same buffers, a quarter of the loads
+// (CPU drivers run every storage-buffer load as a loop over lanes). Bindings 6-10
+// are x, gamma, beta (dy in the backward), y (dx) and aux.
+@group(0) @binding(6) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> gamma4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> beta4: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read_write> aux4: array<vec4<f32>>;
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return v.x + v.y + v.z + v.w;
+}
+
+// row_stats over the row of C/4 vec4 at x4[b4..].
+fn row_stats4(b4: u32) -> vec2<f32> {
+    let c4 = p.C / 4u;
+    var s = vec4<f32>(0.0);
+    for (var c = 0u; c < c4; c++) {
+        s += x4[b4 + c];
+    }
+    let mean = hsum(s) / f32(p.C);
+    var s2 = vec4<f32>(0.0);
+    for (var c = 0u; c < c4; c++) {
+        let d = x4[b4 + c] - mean;
+        s2 += d * d;
+    }
+    return vec2<f32>(mean, inverseSqrt(hsum(s2) / f32(p.C) + p.eps));
+}
+
+@compute @workgroup_size(WG)
+fn layernorm4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let r = (wid.y * nwg.x + wid.x) * WG + lid;
+    if (r >= p.rows) {
+        return;
+    }
+    let ib = in_base(r) / 4u;
+    let ob = out_base(r) / 4u;
+    let st = row_stats4(ib);
+    for (var c = 0u; c < p.C / 4u; c++) {
+        y4[ob + c] = (x4[ib + c] - st.x) * st.y * gamma4[c] + beta4[c];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn layernorm_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let r = (wid.y * nwg.x + wid.x) * WG + lid;
+    if (r >= p.rows) {
+        return;
+    }
+    let c4 = p.C / 4u;
+    let base = in_base(r) / 4u;
+    let ob = out_base(r) / 4u;
+    let tb = r * c4;
+    let st = row_stats4(base);
+    let mean = st.x;
+    let rstd = st.y;
+    var sg = vec4<f32>(0.0);
+    var sgx = vec4<f32>(0.0);
+    for (var c = 0u; c < c4; c++) {
+        let xh = (x4[base + c] - mean) * rstd;
+        let g = beta4[ob + c] * gamma4[c];
+        sg += g;
+        sgx += g * xh;
+    }
+    let mg = hsum(sg) / f32(p.C);
+    let mgx = hsum(sgx) / f32(p.C);
+    for (var c = 0u; c < c4; c++) {
+        let xh = (x4[base + c] - mean) * rstd;
+        let dy = beta4[ob + c];
+        y4[base + c] = rstd * (dy * gamma4[c] - mg - xh * mgx);
+        aux4[tb + c] = dy * xh;
+    }
+}

@@ -195,6 +195,20 @@ pub struct ProjSaved {
     stats: [TensorId; 3],
 }
 
+/// Invocations per workgroup of the channel reductions (BN statistics and
+/// backward, depthwise dW): 1 on CPU drivers (a row-per-invocation adapter, see
+/// `rownorm::row_lanes`), where a workgroup's invocations are SIMD lanes, barriers
+/// are expensive, and lavapipe 22.3 leaks memory on each dispatch of a shader
+/// with barriers (measured: ~230 KB per BN dispatch, growing a training run by
+/// ~4 MB per step); 64 with a tree reduction on GPUs.
+fn reduce_wg(gpu: &Arc<Gpu>) -> usize {
+    if crate::ops::rownorm::row_lanes(gpu) == 1 {
+        1
+    } else {
+        WG
+    }
+}
+
 /// Params of one map; C in units of four channels, as the shader counts them.
 fn map_params(batch: usize, h: usize, w: usize, c: usize, cls: usize) -> Vec<u32> {
     params_of([batch, h, w, c / 4, cls, 0, 0, 0, 0])
@@ -207,7 +221,8 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
     let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c, kind: preferred_kind(&g.gpu), w_tex: None };
     let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
     let (hk, wk) = kv_hw(h, w);
-    let pipeline = g.gpu.pipeline("dwconv", "bn_train", &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)])?;
+    let consts = [("WG", reduce_wg(&g.gpu) as f64), ("BN_EVAL", p.bn_eval as u8 as f64)];
+    let passes = [("mean", g.gpu.pipeline("dwconv", "bn_mean", &consts)?), ("var", g.gpu.pipeline("dwconv", "bn_var", &consts)?), ("", g.gpu.pipeline("dwconv", "bn_apply", &consts)?)];
     let mut post = vec![];
     let mut stats = vec![];
     for (m, (pre, (mh, mw))) in [(pq, (h, w)), (pk, (hk, wk)), (pv, (hk, wk))].into_iter().enumerate() {
@@ -227,7 +242,10 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
             Res::Act(pre),
             Res::Act(out),
         ];
-        g.dispatch(format!("{label}.bn{m}"), pipeline.clone(), b, [(p.c / 4) as u32, 1, 1], 0.0);
+        for (pass, pipeline) in &passes {
+            let name = if pass.is_empty() { format!("{label}.bn{m}") } else { format!("{label}.bn{m}.{pass}") };
+            g.dispatch(name, pipeline.clone(), b.clone(), [(p.c / 4) as u32, 1, 1], 0.0);
+        }
         post.push(out);
         stats.push(st);
     }
@@ -251,7 +269,9 @@ pub fn conv_proj_train_backward(
 ) -> Result<TensorId> {
     let c = p.c;
     let (hk, wk) = kv_hw(h, w);
-    let bn_bwd = g.gpu.pipeline("dwconv", "bn_backward", &[("WG", WG as f64), ("BN_EVAL", p.bn_eval as u8 as f64)])?;
+    let consts = [("WG", reduce_wg(&g.gpu) as f64), ("BN_EVAL", p.bn_eval as u8 as f64)];
+    let bn_sums = g.gpu.pipeline("dwconv", "bn_backward_sums", &consts)?;
+    let bn_apply = g.gpu.pipeline("dwconv", "bn_backward_apply", &consts)?;
     let u = || Res::Unused;
     let mut dpre = vec![];
     for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {
@@ -275,7 +295,8 @@ pub fn conv_proj_train_backward(
             u(),
             Res::Buf(grad.beta[m].clone()),
         ];
-        g.dispatch(format!("{label}.bn{m}.backward"), bn_bwd.clone(), b, [(c / 4) as u32, 1, 1], 0.0);
+        g.dispatch(format!("{label}.bn{m}.backward.sums"), bn_sums.clone(), b.clone(), [(c / 4) as u32, 1, 1], 0.0);
+        g.dispatch(format!("{label}.bn{m}.backward"), bn_apply.clone(), b, [(c / 4) as u32, 1, 1], 0.0);
         dpre.push(out);
     }
     let total = batch * (cls + h * w) * c;
@@ -287,7 +308,7 @@ pub fn conv_proj_train_backward(
     if preferred_kind(&g.gpu) == MatmulKind::Texture && c / 4 <= max_tex && per_chunk > 0 {
         // Gradients and weights as texels (see the shader); w packed each run (it trains).
         let px = g.gpu.pipeline("dwconv", "dwconv_backward_x_tex", &[("WG", WG as f64)])?;
-        let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w_tex", &[("WG", WG as f64)])?;
+        let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w_tex", &[("WG", reduce_wg(&g.gpu) as f64)])?;
         let wt = pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), 18)?;
         for b0 in (0..batch).step_by(per_chunk) {
             let nb = per_chunk.min(batch - b0);
@@ -310,7 +331,7 @@ pub fn conv_proj_train_backward(
         }
         return Ok(dx);
     }
-    let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w", &[("WG", WG as f64)])?;
+    let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w", &[("WG", reduce_wg(&g.gpu) as f64)])?;
     let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params.clone())];
     b.extend((7..14).map(|_| u()));
     b.push(Res::Buf(grad.w.clone()));

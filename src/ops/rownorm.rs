@@ -58,6 +58,12 @@ pub fn row_lanes(gpu: &Arc<Gpu>) -> usize {
     v
 }
 
+/// Whether the LayerNorm kernels take their vec4 form: a row per invocation
+/// (LANES = 1) and a width that is a multiple of 4.
+fn vec4_rows(g: &Graph, c: usize) -> bool {
+    row_lanes(&g.gpu) == 1 && c % 4 == 0
+}
+
 /// The pipeline of a row kernel and its grid for `rows` rows.
 fn row_kernel(g: &Graph, entry: &str, rows: usize) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
     let lanes = row_lanes(&g.gpu);
@@ -72,6 +78,13 @@ fn params(m: &RowMap, c: usize) -> Vec<u32> {
 /// LayerNorm over the last axis into `out` (a new tensor of `out_len` when None).
 pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &LayerNorm, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), map.rows * ln.c));
+    if vec4_rows(g, ln.c) {
+        let (pipeline, groups) = row_kernel(g, "layernorm4", map.rows)?;
+        let u = || Res::Unused;
+        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y)];
+        g.dispatch(label, pipeline, b, groups, 0.0);
+        return Ok(y);
+    }
     let (pipeline, groups) = row_kernel(g, "layernorm", map.rows)?;
     g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), Res::Uniform(params(&map, ln.c))], groups, 0.0);
     Ok(y)
@@ -104,8 +117,15 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
     let rows = map.rows;
     let dx = dx_into.unwrap_or_else(|| g.tensor(format!("{label}.dx"), rows * ln.c));
     let t = g.tensor(format!("{label}.dy_xhat"), rows * ln.c);
-    let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows)?;
-    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::Uniform(params(&map, ln.c)), Res::Act(t)], groups, 0.0);
+    if vec4_rows(g, ln.c) {
+        let (pipeline, groups) = row_kernel(g, "layernorm_backward4", rows)?;
+        let u = || Res::Unused;
+        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::Act(t)];
+        g.dispatch(label, pipeline, b, groups, 0.0);
+    } else {
+        let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows)?;
+        g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::Uniform(params(&map, ln.c)), Res::Act(t)], groups, 0.0);
+    }
     crate::ops::matmul::colsum(g, &format!("{label}.dgamma"), t, rows, ln.c, Res::Buf(grad.gamma.clone()))?;
     if map.group == rows && map.out_stride == 0 && map.out_off == 0 {
         crate::ops::matmul::colsum(g, &format!("{label}.dbeta"), dy, rows, ln.c, Res::Buf(grad.beta.clone()))?;
