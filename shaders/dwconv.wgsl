@@ -204,8 +204,7 @@ var<workgroup> red: array<T, WG>;
 
 fn reduce_sum(val: T, lid: u32) -> T {
     // WG = 1 (CPU drivers): the invocation already holds the whole sum, and no
-    // barrier is compiled (lavapipe 22.3 leaks memory on every dispatch of a
-    // shader with barriers: docs/perf.md).
+    // barrier is compiled.
     if (WG == 1u) {
         return val;
     }
@@ -434,7 +433,12 @@ fn dwconv_backward_w(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
             o += p.C;
         }
     }
-    let d = m * 9u * p.C + c;
+    store_dw(m * 9u * p.C + c, lid, false, a0, a1, a2, a3, a4, a5, a6, a7, a8);
+}
+
+// Sums the nine tap accumulators over the workgroup and writes (or, `add`, adds)
+// them to dw[d + tap * C].
+fn store_dw(d: u32, lid: u32, add: bool, a0: T, a1: T, a2: T, a3: T, a4: T, a5: T, a6: T, a7: T, a8: T) {
     let r0 = reduce_sum(a0, lid);
     let r1 = reduce_sum(a1, lid);
     let r2 = reduce_sum(a2, lid);
@@ -445,15 +449,15 @@ fn dwconv_backward_w(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let r7 = reduce_sum(a7, lid);
     let r8 = reduce_sum(a8, lid);
     if (lid == 0u) {
-        dw[d] = r0;
-        dw[d + p.C] = r1;
-        dw[d + 2u * p.C] = r2;
-        dw[d + 3u * p.C] = r3;
-        dw[d + 4u * p.C] = r4;
-        dw[d + 5u * p.C] = r5;
-        dw[d + 6u * p.C] = r6;
-        dw[d + 7u * p.C] = r7;
-        dw[d + 8u * p.C] = r8;
+        dw[d] = select(r0, dw[d] + r0, add);
+        dw[d + p.C] = select(r1, dw[d + p.C] + r1, add);
+        dw[d + 2u * p.C] = select(r2, dw[d + 2u * p.C] + r2, add);
+        dw[d + 3u * p.C] = select(r3, dw[d + 3u * p.C] + r3, add);
+        dw[d + 4u * p.C] = select(r4, dw[d + 4u * p.C] + r4, add);
+        dw[d + 5u * p.C] = select(r5, dw[d + 5u * p.C] + r5, add);
+        dw[d + 6u * p.C] = select(r6, dw[d + 6u * p.C] + r6, add);
+        dw[d + 7u * p.C] = select(r7, dw[d + 7u * p.C] + r7, add);
+        dw[d + 8u * p.C] = select(r8, dw[d + 8u * p.C] + r8, add);
     }
 }
 
@@ -565,10 +569,6 @@ fn dwconv_backward_x_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wor
 // Texture variant of dwconv_backward_w: the token map x (binding 17) and the
 // pre-BN gradients (19-21) as texels, images [b_off, b_off + B) of this dispatch;
 // a dispatch after the first (_p0 = 1) adds to dw instead of overwriting it.
-fn at_x(row0: i32, iy: i32, ix: i32, c: i32) -> T {
-    return at_tex(row0, iy, ix, c);
-}
-
 @compute @workgroup_size(WG)
 fn dwconv_backward_w_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let c = wid.x % p.C;
@@ -605,37 +605,16 @@ fn dwconv_backward_w_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
                 g = textureLoad(dv_tex, at, 0);
             }
             let xx = i32(ox) * stride;
-            a0 += g * at_x(row0, y - 1, xx - 1, ci);
-            a1 += g * at_x(row0, y - 1, xx, ci);
-            a2 += g * at_x(row0, y - 1, xx + 1, ci);
-            a3 += g * at_x(row0, y, xx - 1, ci);
-            a4 += g * at_x(row0, y, xx, ci);
-            a5 += g * at_x(row0, y, xx + 1, ci);
-            a6 += g * at_x(row0, y + 1, xx - 1, ci);
-            a7 += g * at_x(row0, y + 1, xx, ci);
-            a8 += g * at_x(row0, y + 1, xx + 1, ci);
+            a0 += g * at_tex(row0, y - 1, xx - 1, ci);
+            a1 += g * at_tex(row0, y - 1, xx, ci);
+            a2 += g * at_tex(row0, y - 1, xx + 1, ci);
+            a3 += g * at_tex(row0, y, xx - 1, ci);
+            a4 += g * at_tex(row0, y, xx, ci);
+            a5 += g * at_tex(row0, y, xx + 1, ci);
+            a6 += g * at_tex(row0, y + 1, xx - 1, ci);
+            a7 += g * at_tex(row0, y + 1, xx, ci);
+            a8 += g * at_tex(row0, y + 1, xx + 1, ci);
         }
     }
-    let d = m * 9u * p.C + c;
-    let r0 = reduce_sum(a0, lid);
-    let r1 = reduce_sum(a1, lid);
-    let r2 = reduce_sum(a2, lid);
-    let r3 = reduce_sum(a3, lid);
-    let r4 = reduce_sum(a4, lid);
-    let r5 = reduce_sum(a5, lid);
-    let r6 = reduce_sum(a6, lid);
-    let r7 = reduce_sum(a7, lid);
-    let r8 = reduce_sum(a8, lid);
-    if (lid == 0u) {
-        let keep = select(T(0.0), T(1.0), p._p0 == 1u);
-        dw[d] = keep * dw[d] + r0;
-        dw[d + p.C] = keep * dw[d + p.C] + r1;
-        dw[d + 2u * p.C] = keep * dw[d + 2u * p.C] + r2;
-        dw[d + 3u * p.C] = keep * dw[d + 3u * p.C] + r3;
-        dw[d + 4u * p.C] = keep * dw[d + 4u * p.C] + r4;
-        dw[d + 5u * p.C] = keep * dw[d + 5u * p.C] + r5;
-        dw[d + 6u * p.C] = keep * dw[d + 6u * p.C] + r6;
-        dw[d + 7u * p.C] = keep * dw[d + 7u * p.C] + r7;
-        dw[d + 8u * p.C] = keep * dw[d + 8u * p.C] + r8;
-    }
+    store_dw(m * 9u * p.C + c, lid, p._p0 == 1u, a0, a1, a2, a3, a4, a5, a6, a7, a8);
 }

@@ -6,10 +6,9 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::checkpoint::{write_atomic, write_safetensors, Entry};
+use crate::checkpoint::{model_metadata, write_atomic, write_safetensors, Entry};
 use crate::model::weights::{official_to_hf, read_checkpoint};
 use crate::model::{describe, CvtConfig, LoadOptions};
 use crate::ops::Act;
@@ -60,18 +59,7 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         entries.push(Entry::i64_scalar(rename(&format!("{n}num_batches_tracked")), 0));
     }
     let labels = d.labels.clone().or_else(|| (d.cfg.num_classes == 1000).then(crate::labels::imagenet));
-    let mut meta = HashMap::new();
-    // "pt": the tensors are laid out as PyTorch's (transformers refuses other values).
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert("producer".to_string(), "cvt-gpu".to_string());
-    meta.insert("cvt_config".to_string(), serde_json::to_string(&d.cfg)?);
-    meta.insert("activation".to_string(), serde_json::to_value(d.act)?.as_str().unwrap_or("quick-gelu").to_string());
-    if let Some(l) = &d.labels {
-        meta.insert("labels".to_string(), serde_json::to_string(l)?);
-    }
-    if let Some(p) = &d.preprocess {
-        meta.insert("preprocess".to_string(), serde_json::to_string(p)?);
-    }
+    let meta = model_metadata(&d.cfg, d.act, d.labels.as_deref(), d.preprocess.as_ref())?;
     write_safetensors(&out, &entries, &meta)?;
 
     let mut wrote = format!("{} ({} tensors, {} naming, {})", out.display(), entries.len(), if hf { "Hugging Face" } else { "official" }, d.cfg.name);

@@ -263,18 +263,6 @@ pub fn learning_rate(s: &TrainState, total_steps: u64, step: u64) -> f32 {
     (s.min_lr as f64 + 0.5 * (s.lr - s.min_lr) as f64 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())) as f32
 }
 
-fn metadata(cfg: &CvtConfig, act: Act, labels: &[String], spec: &Spec) -> Result<HashMap<String, String>> {
-    let mut m = HashMap::new();
-    // "pt": PyTorch tensor layout (what transformers and safetensors tools expect here).
-    m.insert("format".into(), "pt".into());
-    m.insert("producer".into(), "cvt-gpu".into());
-    m.insert("cvt_config".into(), serde_json::to_string(cfg)?);
-    m.insert("activation".into(), serde_json::to_value(act)?.as_str().unwrap_or("quick-gelu").to_string());
-    m.insert("labels".into(), serde_json::to_string(labels)?);
-    m.insert("preprocess".into(), serde_json::to_string(spec)?);
-    Ok(m)
-}
-
 fn weight_entries(t: &HashMap<String, Tensor>) -> Vec<Entry<'_>> {
     let mut names: Vec<&String> = t.keys().collect();
     names.sort();
@@ -518,7 +506,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         }
         None => state0,
     };
-    let meta = metadata(&cfg, act, &classes, &spec)?;
+    let meta = crate::checkpoint::model_metadata(&cfg, act, Some(&classes), Some(&spec))?;
     let mut model = TrainModel::new(gpu.clone(), cfg.clone(), &tensors, act)?;
     model.set_drop_path(&state.drop_path);
     let step_plan = model.step_plan(state.batch, res, res).map_err(|e| if e.downcast_ref::<crate::graph::TooLarge>().is_some() { anyhow::anyhow!("{e:#}: lower --batch") } else { e })?;

@@ -197,10 +197,8 @@ pub struct ProjSaved {
 
 /// Invocations per workgroup of the channel reductions (BN statistics and
 /// backward, depthwise dW): 1 on CPU drivers (a row-per-invocation adapter, see
-/// `rownorm::row_lanes`), where a workgroup's invocations are SIMD lanes, barriers
-/// are expensive, and lavapipe 22.3 leaks memory on each dispatch of a shader
-/// with barriers (measured: ~230 KB per BN dispatch, growing a training run by
-/// ~4 MB per step); 64 with a tree reduction on GPUs.
+/// `rownorm::row_lanes`), where a workgroup's invocations are SIMD lanes and
+/// barriers are expensive; 64 with a tree reduction on GPUs.
 fn reduce_wg(gpu: &Arc<Gpu>) -> usize {
     if crate::ops::rownorm::row_lanes(gpu) == 1 {
         1
