@@ -300,18 +300,15 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     bn_bindings();
     let c = wid.x;
     let hw = p.H * p.W;
-    let total = p.B * hw;
-    let mean = stats[c];
-    let rstd = stats[p.C + c];
-    for (var i = lid; i < total; i += WG) {
-        let r = flat_row(i, hw) + c;
-        post[r] = (pre[r] - mean) * rstd * w[c] + bias[c];
-    }
-    if (p.cls == 1u) {
-        for (var bi = lid; bi < p.B; bi += WG) {
-            let r = bi * (1u + hw) * p.C + c;
-            post[r] = pre[r];
-        }
+    let scale = stats[p.C + c] * w[c];
+    let shift = bias[c] - stats[c] * scale;
+    // One loop over every row, the cls rows (bypassed) included: a second loop
+    // for them made lavapipe 22.3 leak ~140 KB per dispatch (docs/perf.md).
+    let rows = p.B * (p.cls + hw);
+    for (var i = lid; i < rows; i += WG) {
+        let r = i * p.C + c;
+        let v = pre[r];
+        post[r] = select(v * scale + shift, v, p.cls == 1u && i % (1u + hw) == 0u);
     }
 }
 
@@ -358,26 +355,24 @@ fn bn_backward_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     bn_backward_bindings();
     let c = wid.x;
     let hw = p.H * p.W;
-    let total = p.B * hw;
-    let n = f32(total);
+    let n = f32(p.B * hw);
     let mean = stats[c];
     let rstd = stats[p.C + c];
-    let sdy = dbeta[c];
-    let sdyx = dgamma[c];
-    for (var i = lid; i < total; i += WG) {
-        let r = flat_row(i, hw) + c;
-        if (BN_EVAL) {
-            dpre[r] = w[c] * rstd * dpost[r];
-        } else {
-            let xh = (pre[r] - mean) * rstd;
-            dpre[r] = w[c] * rstd * (dpost[r] - sdy / n - xh * sdyx / n);
-        }
+    // γ·rstd·(dy − dβ/n − x̂·dγ/n) with x̂ = (pre − μ)·rstd, folded to a·dy + e·pre + f.
+    let a = w[c] * rstd;
+    var e = T();
+    var f = T();
+    if (!BN_EVAL) {
+        let b = a * dgamma[c] / n;
+        e = -b * rstd;
+        f = b * rstd * mean - a * dbeta[c] / n;
     }
-    if (p.cls == 1u) {
-        for (var bi = lid; bi < p.B; bi += WG) {
-            let r = bi * (1u + hw) * p.C + c;
-            dpre[r] = dpost[r];
-        }
+    // One loop, cls rows (passed through) included: see bn_apply.
+    let rows = p.B * (p.cls + hw);
+    for (var i = lid; i < rows; i += WG) {
+        let r = i * p.C + c;
+        let dy = dpost[r];
+        dpre[r] = select(a * dy + e * pre[r] + f, dy, p.cls == 1u && i % (1u + hw) == 0u);
     }
 }
 

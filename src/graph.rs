@@ -409,6 +409,17 @@ impl Plan {
         self.gpu.check_error()
     }
 
+    /// Replays step `i` alone `n` times, one submit each, and waits (leak and
+    /// timing probes: examples/dispatch_leaks.rs).
+    pub fn run_one(&self, i: usize, n: usize) -> Result<()> {
+        for _ in 0..n {
+            let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+            self.record_step(&mut enc, &self.steps[i], None);
+            self.gpu.queue.submit([enc.finish()]);
+        }
+        self.gpu.sync()
+    }
+
     /// Elements of tensor `t`.
     pub fn len(&self, t: TensorId) -> usize {
         self.tensor_len[t.0]
