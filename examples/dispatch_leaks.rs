@@ -24,6 +24,22 @@ fn main() -> anyhow::Result<()> {
     let gpu = Gpu::new(&AdapterRequest::default())?;
     let model = cvt_gpu::train::TrainModel::new(gpu, cfg.clone(), &random_tensors(&cfg, 1), Act::QuickGelu)?;
     let step = model.step_plan(batch, res, res)?;
+    if std::env::var_os("FIRST_DISPATCH").is_some() {
+        // The first dispatch of each pipeline pays the driver's shader compile.
+        let mut t: Vec<(f64, String)> = vec![];
+        for (i, s) in step.plan.steps.iter().enumerate() {
+            let t0 = std::time::Instant::now();
+            step.plan.run_one(i, 1)?;
+            t.push((t0.elapsed().as_secs_f64() * 1e3, s.label.clone()));
+        }
+        let total: f64 = t.iter().map(|x| x.0).sum();
+        t.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for (ms, l) in t.iter().take(25) {
+            println!("{ms:9.1} ms {l}");
+        }
+        println!("first run, step by step: {total:.0} ms");
+        return Ok(());
+    }
     // Warm up: the first runs allocate the driver's pools.
     for _ in 0..3 {
         step.plan.run()?;

@@ -315,6 +315,68 @@ fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
 }
 
+// im2col4 / col2im4: the same for cin a multiple of 4 on drivers that prefer
+// texture operands, four channels per invocation: the token map (im2col) or dcols
+// (col2im) is read as a linear texture through binding 5 (a copy; texel fetches
+// are gathers where storage loads are per-lane loops), the result stored as vec4
+// through binding 8. One invocation per output vec4, flattened over the grid.
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn im2col4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    let n4 = p.N / 4u;
+    if (i >= p.M * n4) {
+        return;
+    }
+    let row = i / n4;
+    let k = (i % n4) * 4u;
+    var v = vec4<f32>(0.0);
+    if (k < p.K) {
+        let r = row_view(row);
+        let tap = k / p.cin;
+        let iy = r.iy0 + i32(tap / p.kw);
+        let ix = r.ix0 + i32(tap % p.kw);
+        if (iy >= 0 && ix >= 0 && iy < i32(p.in_h) && ix < i32(p.in_w)) {
+            v = lin(a_tex, ((r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + k % p.cin) / 4u);
+        }
+    }
+    c4[i] = v;
+}
+
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn col2im4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    let hw = p.in_h * p.in_w;
+    let c4n = p.cin / 4u;
+    if (i >= p.M * hw * c4n) {
+        return;
+    }
+    let ci = (i % c4n) * 4u;
+    let pix = (i / c4n) % hw;
+    let bi = i / (c4n * hw);
+    let iy = i32(pix / p.in_w);
+    let ix = i32(pix % p.in_w);
+    var acc = vec4<f32>(0.0);
+    for (var ky = 0u; ky < p.kh; ky++) {
+        let ty = iy + i32(p.pad) - i32(ky);
+        let oy = u32(ty) / p.stride;
+        let ok_y = ty >= 0 && ty % i32(p.stride) == 0 && oy < p.out_h;
+        for (var kx = 0u; kx < p.kw; kx++) {
+            let tx = ix + i32(p.pad) - i32(kx);
+            let ox = u32(tx) / p.stride;
+            if (ok_y && tx >= 0 && tx % i32(p.stride) == 0 && ox < p.out_w) {
+                let row = (bi * p.out_h + oy) * p.out_w + ox;
+                acc += lin(a_tex, (row * p.K + (ky * p.kw + kx) * p.cin + ci) / 4u);
+            }
+        }
+    }
+    let dst = ((bi * p.in_tokens + p.in_tok_off + pix) * p.cin + ci) / 4u;
+    if (ACCUMULATE) {
+        c4[dst] = c4[dst] + acc;
+    } else {
+        c4[dst] = acc;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Texture-operand variant. A [M, K/4] and B [K, NP4] are rgba32float textures
 // (a texel = 4 consecutive K values of A, or 4 consecutive N values of B). Chosen
@@ -333,10 +395,52 @@ fn mac(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>)
 @group(0) @binding(5) var a_tex: texture_2d<f32>;
 @group(0) @binding(6) var b_tex: texture_2d<f32>;
 
+// Where main_tex finds its operands. Packed (0): a texture of exactly the
+// operand, written by `pack`. Linear (TA 1, TB_LIN): a copy of the whole source
+// buffer in a linear texture (Graph::linear_texture; vec4 i at (i & (W-1),
+// i >> log2 W)), which a CPU driver fills with a memcpy instead of a pack pass;
+// row r of A is vec4s a_off + r*a_stride .. (units of vec4, p._p0 and p.a_stride),
+// row k of B likewise from p._p1 and p.b_stride. TA 2: A is the transpose of a
+// linear source: one vec4 holds four rows of A at one k, so four of them,
+// transposed in registers, give four rows times four k (the weight gradient Xᵀ·dY).
+// The modes are uniforms (p.in_h = TA, p.in_w = TB_LIN; main_tex has no conv
+// view), not overrides: each override value is another pipeline for the driver
+// to compile, and the branch is uniform, outside the FMA block.
+fn ta() -> u32 {
+    return p.in_h;
+}
+fn tb_lin() -> bool {
+    return p.in_w != 0u;
+}
+
+fn lin(t: texture_2d<f32>, i: u32) -> vec4<f32> {
+    let s = countTrailingZeros(textureDimensions(t).x);
+    return textureLoad(t, vec2<u32>(i & ((1u << s) - 1u), i >> s), 0);
+}
+
+fn a_row(kk: i32, r: i32) -> vec4<f32> {
+    if (ta() == 1u) {
+        return lin(a_tex, (p.out_row_off + u32(r)) * p.a_stride + p._p0 + u32(kk));
+    }
+    return textureLoad(a_tex, vec2<i32>(kk, r), 0);
+}
+
+fn b_at(c: i32, k: i32) -> vec4<f32> {
+    if (tb_lin()) {
+        return lin(b_tex, p._p1 + u32(k) * p.b_stride + u32(c));
+    }
+    return textureLoad(b_tex, vec2<i32>(c, k), 0);
+}
+
 @compute @workgroup_size(WG_X, WG_Y, 1)
-fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let col4 = gid.x * 4u;
-    let row0 = gid.y * 8u;
+fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    // The WG_X invocations of a workgroup cover 2^p.in_tok_off column blocks and
+    // the rest row blocks (ops::matmul::tex_grid): a narrow output keeps every
+    // lane busy, with one pipeline for every shape.
+    let lx = p.in_tok_off;
+    let wx = 1u << lx;
+    let col4 = (wid.x * wx + (lid & (wx - 1u))) * 4u;
+    let row0 = (wid.y * (WG_X >> lx) + (lid >> lx)) * 8u;
     if (col4 >= p.NP4 || row0 >= p.M) {
         return;
     }
@@ -361,41 +465,53 @@ fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>) {
     var a5_0 = vec4<f32>(); var a5_1 = vec4<f32>(); var a5_2 = vec4<f32>(); var a5_3 = vec4<f32>();
     var a6_0 = vec4<f32>(); var a6_1 = vec4<f32>(); var a6_2 = vec4<f32>(); var a6_3 = vec4<f32>();
     var a7_0 = vec4<f32>(); var a7_1 = vec4<f32>(); var a7_2 = vec4<f32>(); var a7_3 = vec4<f32>();
+    // TA 2: the vec4 columns of the transposed source holding rows row0..+3 and
+    // row0+4..+7 (M is a multiple of 4 there; past the end, rows clamp and are
+    // never stored).
+    let g0 = (p.out_row_off + row0) / 4u;
+    let g1 = (p.out_row_off + min(row0 + 4u, max(p.M, 4u) - 4u)) / 4u;
     for (var kk = 0; kk < i32(p.K / 4u); kk++) {
         let k = kk * 4;
-        let b00 = textureLoad(b_tex, vec2<i32>(c0, k + 0), 0);
-        let b01 = textureLoad(b_tex, vec2<i32>(c1, k + 0), 0);
-        let b02 = textureLoad(b_tex, vec2<i32>(c2, k + 0), 0);
-        let b03 = textureLoad(b_tex, vec2<i32>(c3, k + 0), 0);
-        let b10 = textureLoad(b_tex, vec2<i32>(c0, k + 1), 0);
-        let b11 = textureLoad(b_tex, vec2<i32>(c1, k + 1), 0);
-        let b12 = textureLoad(b_tex, vec2<i32>(c2, k + 1), 0);
-        let b13 = textureLoad(b_tex, vec2<i32>(c3, k + 1), 0);
-        let b20 = textureLoad(b_tex, vec2<i32>(c0, k + 2), 0);
-        let b21 = textureLoad(b_tex, vec2<i32>(c1, k + 2), 0);
-        let b22 = textureLoad(b_tex, vec2<i32>(c2, k + 2), 0);
-        let b23 = textureLoad(b_tex, vec2<i32>(c3, k + 2), 0);
-        let b30 = textureLoad(b_tex, vec2<i32>(c0, k + 3), 0);
-        let b31 = textureLoad(b_tex, vec2<i32>(c1, k + 3), 0);
-        let b32 = textureLoad(b_tex, vec2<i32>(c2, k + 3), 0);
-        let b33 = textureLoad(b_tex, vec2<i32>(c3, k + 3), 0);
-        var x: vec4<f32>;
-        x = textureLoad(a_tex, vec2<i32>(kk, r0), 0);
-        a0_0 += mac(x, b00, b10, b20, b30); a0_1 += mac(x, b01, b11, b21, b31); a0_2 += mac(x, b02, b12, b22, b32); a0_3 += mac(x, b03, b13, b23, b33);
-        x = textureLoad(a_tex, vec2<i32>(kk, r1), 0);
-        a1_0 += mac(x, b00, b10, b20, b30); a1_1 += mac(x, b01, b11, b21, b31); a1_2 += mac(x, b02, b12, b22, b32); a1_3 += mac(x, b03, b13, b23, b33);
-        x = textureLoad(a_tex, vec2<i32>(kk, r2), 0);
-        a2_0 += mac(x, b00, b10, b20, b30); a2_1 += mac(x, b01, b11, b21, b31); a2_2 += mac(x, b02, b12, b22, b32); a2_3 += mac(x, b03, b13, b23, b33);
-        x = textureLoad(a_tex, vec2<i32>(kk, r3), 0);
-        a3_0 += mac(x, b00, b10, b20, b30); a3_1 += mac(x, b01, b11, b21, b31); a3_2 += mac(x, b02, b12, b22, b32); a3_3 += mac(x, b03, b13, b23, b33);
-        x = textureLoad(a_tex, vec2<i32>(kk, r4), 0);
-        a4_0 += mac(x, b00, b10, b20, b30); a4_1 += mac(x, b01, b11, b21, b31); a4_2 += mac(x, b02, b12, b22, b32); a4_3 += mac(x, b03, b13, b23, b33);
-        x = textureLoad(a_tex, vec2<i32>(kk, r5), 0);
-        a5_0 += mac(x, b00, b10, b20, b30); a5_1 += mac(x, b01, b11, b21, b31); a5_2 += mac(x, b02, b12, b22, b32); a5_3 += mac(x, b03, b13, b23, b33);
-        x = textureLoad(a_tex, vec2<i32>(kk, r6), 0);
-        a6_0 += mac(x, b00, b10, b20, b30); a6_1 += mac(x, b01, b11, b21, b31); a6_2 += mac(x, b02, b12, b22, b32); a6_3 += mac(x, b03, b13, b23, b33);
-        x = textureLoad(a_tex, vec2<i32>(kk, r7), 0);
-        a7_0 += mac(x, b00, b10, b20, b30); a7_1 += mac(x, b01, b11, b21, b31); a7_2 += mac(x, b02, b12, b22, b32); a7_3 += mac(x, b03, b13, b23, b33);
+        let b00 = b_at(c0, k + 0);
+        let b01 = b_at(c1, k + 0);
+        let b02 = b_at(c2, k + 0);
+        let b03 = b_at(c3, k + 0);
+        let b10 = b_at(c0, k + 1);
+        let b11 = b_at(c1, k + 1);
+        let b12 = b_at(c2, k + 1);
+        let b13 = b_at(c3, k + 1);
+        let b20 = b_at(c0, k + 2);
+        let b21 = b_at(c1, k + 2);
+        let b22 = b_at(c2, k + 2);
+        let b23 = b_at(c3, k + 2);
+        let b30 = b_at(c0, k + 3);
+        let b31 = b_at(c1, k + 3);
+        let b32 = b_at(c2, k + 3);
+        let b33 = b_at(c3, k + 3);
+        var x0: vec4<f32>; var x1: vec4<f32>; var x2: vec4<f32>; var x3: vec4<f32>;
+        var x4: vec4<f32>; var x5: vec4<f32>; var x6: vec4<f32>; var x7: vec4<f32>;
+        if (ta() == 2u) {
+            let base = p._p0 + u32(k) * p.a_stride;
+            var t0 = lin(a_tex, base + g0); var t1 = lin(a_tex, base + p.a_stride + g0);
+            var t2 = lin(a_tex, base + 2u * p.a_stride + g0); var t3 = lin(a_tex, base + 3u * p.a_stride + g0);
+            x0 = vec4<f32>(t0.x, t1.x, t2.x, t3.x); x1 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+            x2 = vec4<f32>(t0.z, t1.z, t2.z, t3.z); x3 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+            t0 = lin(a_tex, base + g1); t1 = lin(a_tex, base + p.a_stride + g1);
+            t2 = lin(a_tex, base + 2u * p.a_stride + g1); t3 = lin(a_tex, base + 3u * p.a_stride + g1);
+            x4 = vec4<f32>(t0.x, t1.x, t2.x, t3.x); x5 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+            x6 = vec4<f32>(t0.z, t1.z, t2.z, t3.z); x7 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+        } else {
+            x0 = a_row(kk, r0); x1 = a_row(kk, r1); x2 = a_row(kk, r2); x3 = a_row(kk, r3);
+            x4 = a_row(kk, r4); x5 = a_row(kk, r5); x6 = a_row(kk, r6); x7 = a_row(kk, r7);
+        }
+        a0_0 += mac(x0, b00, b10, b20, b30); a0_1 += mac(x0, b01, b11, b21, b31); a0_2 += mac(x0, b02, b12, b22, b32); a0_3 += mac(x0, b03, b13, b23, b33);
+        a1_0 += mac(x1, b00, b10, b20, b30); a1_1 += mac(x1, b01, b11, b21, b31); a1_2 += mac(x1, b02, b12, b22, b32); a1_3 += mac(x1, b03, b13, b23, b33);
+        a2_0 += mac(x2, b00, b10, b20, b30); a2_1 += mac(x2, b01, b11, b21, b31); a2_2 += mac(x2, b02, b12, b22, b32); a2_3 += mac(x2, b03, b13, b23, b33);
+        a3_0 += mac(x3, b00, b10, b20, b30); a3_1 += mac(x3, b01, b11, b21, b31); a3_2 += mac(x3, b02, b12, b22, b32); a3_3 += mac(x3, b03, b13, b23, b33);
+        a4_0 += mac(x4, b00, b10, b20, b30); a4_1 += mac(x4, b01, b11, b21, b31); a4_2 += mac(x4, b02, b12, b22, b32); a4_3 += mac(x4, b03, b13, b23, b33);
+        a5_0 += mac(x5, b00, b10, b20, b30); a5_1 += mac(x5, b01, b11, b21, b31); a5_2 += mac(x5, b02, b12, b22, b32); a5_3 += mac(x5, b03, b13, b23, b33);
+        a6_0 += mac(x6, b00, b10, b20, b30); a6_1 += mac(x6, b01, b11, b21, b31); a6_2 += mac(x6, b02, b12, b22, b32); a6_3 += mac(x6, b03, b13, b23, b33);
+        a7_0 += mac(x7, b00, b10, b20, b30); a7_1 += mac(x7, b01, b11, b21, b31); a7_2 += mac(x7, b02, b12, b22, b32); a7_3 += mac(x7, b03, b13, b23, b33);
     }
     store_vec(row0 + 0u, col4, a0_0); store_vec(row0 + 0u, col4 + 1u, a0_1); store_vec(row0 + 0u, col4 + 2u, a0_2); store_vec(row0 + 0u, col4 + 3u, a0_3);
     store_vec(row0 + 1u, col4, a1_0); store_vec(row0 + 1u, col4 + 1u, a1_1); store_vec(row0 + 1u, col4 + 2u, a1_2); store_vec(row0 + 1u, col4 + 3u, a1_3);

@@ -201,30 +201,38 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 
 // ---------------------------------------------------------------------------
 // vec4 LayerNorm for the row-per-invocation path (LANES = 1) when C is a multiple
-// of 4: the same math over vec4 views of the same buffers, a quarter of the loads
-// (CPU drivers run every storage-buffer load as a loop over lanes). Bindings 6-10
-// are x, gamma, beta (dy in the backward), y (dx) and aux.
-@group(0) @binding(6) var<storage, read> x4: array<vec4<f32>>;
+// of 4: the same math over vec4 views, a quarter of the loads. Bindings 7-12 are
+// gamma, beta, y (dx), aux, and the textures of x and dy.
 @group(0) @binding(7) var<storage, read> gamma4: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read> beta4: array<vec4<f32>>;
 @group(0) @binding(9) var<storage, read_write> y4: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read_write> aux4: array<vec4<f32>>;
+// The vec4 kernels serve CPU drivers, where a storage-buffer load is a loop over
+// the SIMD lanes and a texel fetch one gather: they read x (and dy) from linear
+// textures (Graph::linear_texture: vec4 i at (i & (W-1), i >> log2 W)).
+@group(0) @binding(11) var x_t: texture_2d<f32>;
+@group(0) @binding(12) var dy_t: texture_2d<f32>;
+
+fn lin(t: texture_2d<f32>, i: u32) -> vec4<f32> {
+    let s = countTrailingZeros(textureDimensions(t).x);
+    return textureLoad(t, vec2<u32>(i & ((1u << s) - 1u), i >> s), 0);
+}
 
 fn hsum(v: vec4<f32>) -> f32 {
     return v.x + v.y + v.z + v.w;
 }
 
-// row_stats over the row of C/4 vec4 at x4[b4..].
+// row_stats over the row of C/4 vec4 at x_t[b4..].
 fn row_stats4(b4: u32) -> vec2<f32> {
     let c4 = p.C / 4u;
     var s = vec4<f32>(0.0);
     for (var c = 0u; c < c4; c++) {
-        s += x4[b4 + c];
+        s += lin(x_t, b4 + c);
     }
     let mean = hsum(s) / f32(p.C);
     var s2 = vec4<f32>(0.0);
     for (var c = 0u; c < c4; c++) {
-        let d = x4[b4 + c] - mean;
+        let d = lin(x_t, b4 + c) - mean;
         s2 += d * d;
     }
     return vec2<f32>(mean, inverseSqrt(hsum(s2) / f32(p.C) + p.eps));
@@ -241,7 +249,7 @@ fn layernorm4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let ob = out_base(r) / 4u;
     let st = row_stats4(ib);
     for (var c = 0u; c < p.C / 4u; c++) {
-        y4[ob + c] = (x4[ib + c] - st.x) * st.y * gamma4[c] + beta4[c];
+        y4[ob + c] = (lin(x_t, ib + c) - st.x) * st.y * gamma4[c] + beta4[c];
     }
 }
 
@@ -262,16 +270,16 @@ fn layernorm_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     var sg = vec4<f32>(0.0);
     var sgx = vec4<f32>(0.0);
     for (var c = 0u; c < c4; c++) {
-        let xh = (x4[base + c] - mean) * rstd;
-        let g = beta4[ob + c] * gamma4[c];
+        let xh = (lin(x_t, base + c) - mean) * rstd;
+        let g = lin(dy_t, ob + c) * gamma4[c];
         sg += g;
         sgx += g * xh;
     }
     let mg = hsum(sg) / f32(p.C);
     let mgx = hsum(sgx) / f32(p.C);
     for (var c = 0u; c < c4; c++) {
-        let xh = (x4[base + c] - mean) * rstd;
-        let dy = beta4[ob + c];
+        let xh = (lin(x_t, base + c) - mean) * rstd;
+        let dy = lin(dy_t, ob + c);
         y4[base + c] = rstd * (dy * gamma4[c] - mg - xh * mgx);
         aux4[tb + c] = dy * xh;
     }

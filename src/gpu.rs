@@ -286,6 +286,7 @@ impl Gpu {
             return Ok(p.clone());
         }
         let module = self.module(shader)?;
+        let t0 = std::time::Instant::now();
         let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
             layout: None,
@@ -299,6 +300,9 @@ impl Gpu {
             cache: None,
         }));
         self.check_error().with_context(|| format!("compiling {key}"))?;
+        if std::env::var_os("CVT_GPU_TRACE_COMPILE").is_some() {
+            eprintln!("compile {:8.1} ms {key}", t0.elapsed().as_secs_f64() * 1e3);
+        }
         self.pipelines.lock().unwrap().insert(key, p.clone());
         Ok(p)
     }

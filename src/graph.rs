@@ -82,11 +82,14 @@ enum OpRec {
         groups: [u32; 3],
         flops: f64,
     },
-    /// Rows [row0, row0 + tex.height) of a [rows, 4 * tex.width] tensor into `tex`.
+    /// Rows [row0, row0 + tex.height) of a [rows, 4 * tex.width] tensor into `tex`;
+    /// with `texels`, only that many texels in row order (a linear texture, whose
+    /// last row may be partial).
     Copy {
         src: TensorId,
         row0: usize,
         tex: TexRef,
+        texels: Option<usize>,
     },
     /// Zero a tensor (gradients that several ops add into).
     Clear {
@@ -121,9 +124,24 @@ pub struct Step {
 }
 
 enum StepKind {
-    Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bind_group: wgpu::BindGroup, groups: [u32; 3] },
-    Clear { slot: usize, bytes: u64 },
-    Copy { slot: usize, offset: u64, texture: usize, width: u32, height: u32 },
+    Dispatch {
+        pipeline: Arc<wgpu::ComputePipeline>,
+        bind_group: wgpu::BindGroup,
+        groups: [u32; 3],
+    },
+    Clear {
+        slot: usize,
+        bytes: u64,
+    },
+    /// Buffer bytes from `offset` into texture rows [y, y + height), `width` texels each.
+    Copy {
+        slot: usize,
+        offset: u64,
+        texture: usize,
+        width: u32,
+        height: u32,
+        y: u32,
+    },
 }
 
 /// A compiled graph: buffers allocated, bind groups built, ready to run.
@@ -201,7 +219,26 @@ impl Graph {
     /// multiple of 256.
     pub fn to_texture(&mut self, src: TensorId, row0: usize, rows: usize, width: usize, binding: u32) -> TexRef {
         let tex = TexRef { width: width as u32, height: rows as u32, binding };
-        self.ops.push(OpRec::Copy { src, row0, tex });
+        self.ops.push(OpRec::Copy { src, row0, tex, texels: None });
+        tex
+    }
+
+    /// The whole of tensor `t` (a multiple of 4 values) as a *linear texture* for
+    /// `binding`: texel i (values 4i..4i+4) at (i % W, i / W), W a power of two
+    /// of at least 16 texels (256 bytes, what row copies need), so kernels find it
+    /// with a mask and a shift (`textureDimensions(..).x` gives W). The copy is a
+    /// memcpy on CPU drivers, where every storage-buffer load runs as a loop over
+    /// SIMD lanes but texel fetches are vector gathers: load-heavy kernels read
+    /// their inputs this way there.
+    pub fn linear_texture(&mut self, t: TensorId, binding: u32) -> TexRef {
+        let texels = self.tensors[t.0].len.div_ceil(4);
+        let max = self.gpu.limits.max_texture_dimension_2d as usize;
+        let mut width = 16;
+        while texels.div_ceil(width) > max && width < max {
+            width *= 2;
+        }
+        let tex = TexRef { width: width as u32, height: texels.div_ceil(width).max(1) as u32, binding };
+        self.ops.push(OpRec::Copy { src: t, row0: 0, tex, texels: Some(texels) });
         tex
     }
 
@@ -305,13 +342,24 @@ impl Graph {
         let mut steps = Vec::with_capacity(self.ops.len());
         for op in self.ops {
             let (label, pipeline, bindings, groups, flops) = match op {
-                OpRec::Copy { src, row0, tex } => {
-                    steps.push(Step {
-                        label: "copy to texture".into(),
-                        flops: 0.0,
-                        bytes: 2 * (tex.width as u64 * tex.height as u64 * 16),
-                        kind: StepKind::Copy { slot: tensor_slot[src.0], offset: (row0 * tex.width as usize * 16) as u64, texture: tex_index(&tex), width: tex.width, height: tex.height },
-                    });
+                OpRec::Copy { src, row0, tex, texels } => {
+                    let (slot, texture, w) = (tensor_slot[src.0], tex_index(&tex), tex.width as usize);
+                    let offset = (row0 * w * 16) as u64;
+                    // A linear texture: its whole rows, then the partial last row
+                    // (a one-row copy needs no 256-byte row alignment).
+                    let (full, rest) = match texels {
+                        Some(n) => (n / w, n % w),
+                        None => (tex.height as usize, 0),
+                    };
+                    let parts = [(full, w, 0), (usize::from(rest > 0), rest, full)];
+                    for (rows, width, y) in parts.into_iter().filter(|p| p.0 > 0) {
+                        steps.push(Step {
+                            label: "copy to texture".into(),
+                            flops: 0.0,
+                            bytes: 2 * (rows * width * 16) as u64,
+                            kind: StepKind::Copy { slot, offset: offset + (y * w * 16) as u64, texture, width: width as u32, height: rows as u32, y: y as u32 },
+                        });
+                    }
                     continue;
                 }
                 OpRec::Clear { t } => {
@@ -465,9 +513,12 @@ pub enum Timing {
 impl Plan {
     fn record_step(&self, enc: &mut wgpu::CommandEncoder, s: &Step, ts: Option<(&wgpu::QuerySet, u32)>) {
         match &s.kind {
-            StepKind::Copy { slot, offset, texture, width, height } => enc.copy_buffer_to_texture(
-                wgpu::TexelCopyBufferInfo { buffer: &self.slots[*slot], layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: Some(width * 16), rows_per_image: Some(*height) } },
-                self.textures[*texture].as_image_copy(),
+            StepKind::Copy { slot, offset, texture, width, height, y } => enc.copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &self.slots[*slot],
+                    layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: (*height > 1).then_some(width * 16), rows_per_image: (*height > 1).then_some(*height) },
+                },
+                wgpu::TexelCopyTextureInfo { texture: &self.textures[*texture], mip_level: 0, origin: wgpu::Origin3d { x: 0, y: *y, z: 0 }, aspect: wgpu::TextureAspect::All },
                 wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
             ),
             StepKind::Clear { slot, bytes } => enc.clear_buffer(&self.slots[*slot], 0, Some(*bytes)),

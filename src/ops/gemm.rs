@@ -123,27 +123,44 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
     anyhow::ensure!(n4 <= max && k_chunk.div_ceil(4) <= max, "{label}: {n_out} columns exceed the texture limit");
     anyhow::ensure!(ep.act == Act::None || k <= k_chunk, "{label}: a fused activation needs K within one texture");
     let unused = g.gpu.placeholder();
+    // Activation operands whose rows are whole vec4s are read from a linear
+    // texture of their buffer (a copy) instead of a packed one (a pass of their
+    // own): A as is (TA 1) or transposed (TA 2), B as is. K must be a multiple of
+    // 4 there, since nothing zero-pads the reduction's end.
+    let linear = |v: &View| matches!(v.src, Src::Act(_)) && v.stride % 4 == 0 && v.rows % 4 == 0 && v.cols % 4 == 0;
+    let ta = match (linear(a), a.transposed) {
+        (true, false) => 1,
+        (true, true) => 2,
+        _ => 0,
+    };
+    let tb_lin = linear(b) && !b.transposed && b.cols == n_out;
+    let lin_tex = |g: &mut Graph, v: &View, binding| match v.src {
+        Src::Act(t) => g.linear_texture(t, binding),
+        Src::Buf(_) => unreachable!("linear views are activations"),
+    };
     for r0 in (0..m).step_by(max) {
         let rows = max.min(m - r0);
         for (j, k0) in (0..k.max(1)).step_by(k_chunk).enumerate() {
             let kc = k_chunk.min(k - k0).div_ceil(4) * 4;
-            let at = pack(g, &format!("{label}.a"), a, (r0, rows), (k0, kc), 5)?;
-            let bt = pack(g, &format!("{label}.b"), b, (k0, kc), (0, n_out), 6)?;
+            let at = if ta == 0 { pack(g, &format!("{label}.a"), a, (r0, rows), (k0, kc), 5)? } else { lin_tex(g, a, 5) };
+            let bt = if tb_lin { lin_tex(g, b, 6) } else { pack(g, &format!("{label}.b"), b, (k0, kc), (0, n_out), 6)? };
             let first = j == 0;
             let has_bias = first && ep.bias.is_some();
+            let (lx, groups) = super::matmul::tex_grid(n4, rows);
             let pipeline = g.gpu.pipeline(
                 "matmul",
                 "main_tex",
                 &[("ACT", ep.act.code()), ("HAS_BIAS", has_bias as u32 as f64), ("ACCUMULATE", (ep.accumulate || !first) as u32 as f64), ("WG_X", super::matmul::TWG_X as f64), ("WG_Y", 1.0)],
             )?;
-            let mut p = vec![rows as u32, n_out as u32, kc as u32, n4 as u32];
-            p.extend([0u32; 11]);
-            p.extend([r0 as u32, 0, 0, 0, 0]);
+            // Linear operands: row strides and this K chunk's start, in vec4s.
+            let a_off = if ta == 2 { k0 * a.stride / 4 } else { k0 / 4 };
+            let mut p = vec![rows as u32, n_out as u32, kc as u32, n4 as u32, ta, tb_lin as u32, 0, 0, lx];
+            p.extend([0u32; 6]);
+            p.extend([r0 as u32, (a.stride / 4) as u32, (b.stride / 4) as u32, a_off as u32, (k0 * b.stride / 4) as u32]);
             let bias = match (&ep.bias, has_bias) {
                 (Some(bb), true) => Res::Buf(bb.clone()),
                 _ => Res::Buf(unused.clone()),
             };
-            let groups = [n4.div_ceil(super::matmul::TRN4).div_ceil(super::matmul::TWG_X) as u32, rows.div_ceil(super::matmul::TRM) as u32, 1];
             let bind = vec![Res::Unused, Res::Unused, bias, out.clone(), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt)];
             g.dispatch(label, pipeline, bind, groups, 2.0 * (rows * b.cols * k_chunk.min(k - k0)) as f64);
         }

@@ -25,6 +25,19 @@ pub(crate) const TRM: usize = 8;
 pub(crate) const TRN4: usize = 4;
 pub(crate) const TWG_X: usize = 16;
 
+/// How the texture matmul's TWG_X invocations split between column and row blocks
+/// for `n4` vec4 output columns and `rows` rows: log2 of the invocations along
+/// columns (the shader's `p.in_tok_off`) and the grid. As many along the column
+/// blocks as there are, the rest along row blocks: a narrow output (N = 32: two
+/// column blocks) would otherwise leave 14 of 16 invocations idle, which on a CPU
+/// driver are SIMD lanes computed anyway.
+pub(crate) fn tex_grid(n4: usize, rows: usize) -> (u32, [u32; 3]) {
+    let col_blocks = n4.div_ceil(TRN4);
+    let wx = col_blocks.next_power_of_two().min(TWG_X);
+    let wy = TWG_X / wx;
+    (wx.trailing_zeros(), [col_blocks.div_ceil(wx) as u32, rows.div_ceil(TRM).div_ceil(wy) as u32, 1])
+}
+
 /// Activation fused into the matmul epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -249,6 +262,14 @@ fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k_out: usize
     let m = geom.batch * oh * ow;
     let cols = g.tensor(format!("{label}.im2col"), m * k_out);
     let p = params([m, k_out, geom.k * geom.k * geom.cin, 0], Some(geom), 0, (0, 0));
+    if packs(&g.gpu) && geom.cin % 4 == 0 && k_out % 4 == 0 {
+        let xt = g.linear_texture(x, 5);
+        let pipeline = g.gpu.pipeline("matmul", "im2col4", &overrides(Act::None, false, true, (64, 1)))?;
+        let groups = crate::graph::grid1d(&g.gpu, (m * k_out / 4).div_ceil(64) as u64);
+        let u = || Res::Unused;
+        g.dispatch(format!("{label}.im2col"), pipeline, vec![u(), u(), u(), u(), Res::Uniform(p), Res::ActTex(xt), u(), u(), Res::Act(cols)], groups, 0.0);
+        return Ok(cols);
+    }
     let pipeline = g.gpu.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
     let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
     let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
@@ -286,15 +307,17 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
         }
         (None, Some(tex)) => {
             assert!(conv.is_none(), "{label}: convolutions use the buffer matmul");
-            let pipeline = g.gpu.pipeline("matmul", "main_tex", &overrides(act, accumulate, false, (TWG_X, 1)))?;
             // A goes through a texture, in row chunks no taller than the texture limit.
             let chunk = g.gpu.limits.max_texture_dimension_2d as usize;
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
                 let at = g.to_texture(a, r0, rows, l.k / 4, 5);
-                let groups = [np4.div_ceil(TRN4).div_ceil(TWG_X) as u32, rows.div_ceil(TRM) as u32, 1];
-                let b = vec![Res::Unused, Res::Unused, Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(params(rows, r0)), Res::ActTex(at), Res::Tex(tex.clone())];
-                g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
+                let (lx, groups) = tex_grid(np4, rows);
+                let pipeline = g.gpu.pipeline("matmul", "main_tex", &overrides(act, accumulate, false, (TWG_X, 1)))?;
+                let mut pu = params(rows, r0);
+                pu[8] = lx;
+                let b = vec![Res::Unused, Res::Unused, Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone())];
+                g.dispatch(label, pipeline, b, groups, flops(rows));
             }
         }
         (None, None) => unreachable!("a Linear holds a buffer or a texture"),
@@ -465,9 +488,17 @@ pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, ge
         }
         let n_in = geom.batch * geom.in_h * geom.in_w * geom.cin;
         let p = params([geom.batch, 0, k_real, 0], Some(&geom), 0, (0, 0));
-        let pipeline = g.gpu.pipeline("matmul", "col2im", &overrides(Act::None, true, false, (64, 1)))?;
-        let groups = crate::graph::grid1d(&g.gpu, n_in.div_ceil(64) as u64);
-        g.dispatch(format!("{label}.col2im"), pipeline, vec![Res::Act(dcols), Res::Unused, Res::Unused, Res::Act(dx), Res::Uniform(p)], groups, 0.0);
+        if packs(&g.gpu) && geom.cin % 4 == 0 {
+            let dt = g.linear_texture(dcols, 5);
+            let pipeline = g.gpu.pipeline("matmul", "col2im4", &overrides(Act::None, true, false, (64, 1)))?;
+            let groups = crate::graph::grid1d(&g.gpu, (n_in / 4).div_ceil(64) as u64);
+            let u = || Res::Unused;
+            g.dispatch(format!("{label}.col2im"), pipeline, vec![u(), u(), u(), u(), Res::Uniform(p), Res::ActTex(dt), u(), u(), Res::Act(dx)], groups, 0.0);
+        } else {
+            let pipeline = g.gpu.pipeline("matmul", "col2im", &overrides(Act::None, true, false, (64, 1)))?;
+            let groups = crate::graph::grid1d(&g.gpu, n_in.div_ceil(64) as u64);
+            g.dispatch(format!("{label}.col2im"), pipeline, vec![Res::Act(dcols), Res::Unused, Res::Unused, Res::Act(dx), Res::Uniform(p)], groups, 0.0);
+        }
     }
     Ok(())
 }

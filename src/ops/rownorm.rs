@@ -59,7 +59,8 @@ pub fn row_lanes(gpu: &Arc<Gpu>) -> usize {
 }
 
 /// Whether the LayerNorm kernels take their vec4 form: a row per invocation
-/// (LANES = 1) and a width that is a multiple of 4.
+/// (LANES = 1: CPU drivers) and a width that is a multiple of 4. That form reads
+/// its inputs from linear textures (`Graph::linear_texture`).
 fn vec4_rows(g: &Graph, c: usize) -> bool {
     row_lanes(&g.gpu) == 1 && c % 4 == 0
 }
@@ -81,7 +82,8 @@ pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &Laye
     if vec4_rows(g, ln.c) {
         let (pipeline, groups) = row_kernel(g, "layernorm4", map.rows)?;
         let u = || Res::Unused;
-        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y)];
+        let xt = g.linear_texture(x, 11);
+        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), u(), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), u(), Res::ActTex(xt)];
         g.dispatch(label, pipeline, b, groups, 0.0);
         return Ok(y);
     }
@@ -120,7 +122,8 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
     if vec4_rows(g, ln.c) {
         let (pipeline, groups) = row_kernel(g, "layernorm_backward4", rows)?;
         let u = || Res::Unused;
-        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::Act(t)];
+        let (xt, dyt) = (g.linear_texture(x, 11), g.linear_texture(dy, 12));
+        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), u(), Res::Buf(ln.gamma.clone()), u(), Res::Act(dx), Res::Act(t), Res::ActTex(xt), Res::ActTex(dyt)];
         g.dispatch(label, pipeline, b, groups, 0.0);
     } else {
         let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows)?;
