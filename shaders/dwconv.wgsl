@@ -562,8 +562,32 @@ fn dwconv_backward_x_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wor
 }
 
 // Texture variant of dwconv_backward_w: the token map x (binding 17) and the
-// pre-BN gradients (19-21) as texels, images [b_off, b_off + B) of this dispatch;
-// a dispatch after the first (_p0 = 1) adds to dw instead of overwriting it.
+// pre-BN gradients (19-21) as texels, images [b_off, b_off + B) of this dispatch.
+// Each of the WG invocations keeps its own nine partial sums and stores them in
+// `part` (binding 22): no barrier, and every SIMD lane of a CPU driver busy (one
+// invocation per workgroup, as the barrier-free reduction was before, left seven
+// of eight lanes idle). dw_sum_partials then adds the WG partials into dw; a
+// dispatch after the first (_p0 = 1) adds to dw instead of overwriting it.
+@group(0) @binding(22) var<storage, read_write> part: array<T>;   // [3, C, 9, WG]
+
+@compute @workgroup_size(WG)
+fn dw_sum_partials(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // One invocation per dw entry (m, tap, c): dw is [3, 9, C].
+    let i = gid.x;
+    if (i >= 27u * p.C) {
+        return;
+    }
+    let c = i % p.C;
+    let t = (i / p.C) % 9u;
+    let m = i / (9u * p.C);
+    let base = ((m * p.C + c) * 9u + t) * WG;
+    var s = T(0.0);
+    for (var j = 0u; j < WG; j++) {
+        s += part[base + j];
+    }
+    dw[i] = select(s, dw[i] + s, p._p0 == 1u);
+}
+
 @compute @workgroup_size(WG)
 fn dwconv_backward_w_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let c = wid.x % p.C;
@@ -611,5 +635,14 @@ fn dwconv_backward_w_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
             a8 += g * at_tex(row0, y + 1, xx + 1, ci);
         }
     }
-    store_dw(m * 9u * p.C + c, lid, p._p0 == 1u, a0, a1, a2, a3, a4, a5, a6, a7, a8);
+    let o = (m * p.C + c) * 9u * WG + lid;
+    part[o] = a0;
+    part[o + WG] = a1;
+    part[o + 2u * WG] = a2;
+    part[o + 3u * WG] = a3;
+    part[o + 4u * WG] = a4;
+    part[o + 5u * WG] = a5;
+    part[o + 6u * WG] = a6;
+    part[o + 7u * WG] = a7;
+    part[o + 8u * WG] = a8;
 }

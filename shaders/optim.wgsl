@@ -12,13 +12,38 @@ override WG: u32 = 64u;
 
 struct Params { n: u32, decay: u32, _p0: u32, _p1: u32 }
 
-// hyper: [lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale]
+// T is vec4<f32> (adamw4: tensors whose length is a multiple of 4, the usual
+// case; p.n counts vec4s) or f32 (adamw); the arithmetic is the same. vec4 means
+// a quarter of the storage accesses, each a loop over SIMD lanes on CPU drivers.
+// hyper: [lr, beta1, beta2, eps | weight_decay, bc1, bc2, grad_scale], a uniform
+// buffer (one scalar load on such drivers, not a per-lane loop).
 @group(0) @binding(0) var<storage, read_write> param: array<f32>;
 @group(0) @binding(1) var<storage, read> grad: array<f32>;
 @group(0) @binding(2) var<storage, read_write> m1: array<f32>;
 @group(0) @binding(3) var<storage, read_write> m2: array<f32>;
-@group(0) @binding(4) var<storage, read> hyper: array<f32>;
+@group(0) @binding(4) var<uniform> hyper: array<vec4<f32>, 2>;
 @group(0) @binding(5) var<uniform> p: Params;
+@group(0) @binding(7) var<storage, read_write> param4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> grad4: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> m14: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read_write> m24: array<vec4<f32>>;
+
+struct Upd4 { w: vec4<f32>, m: vec4<f32>, v: vec4<f32> }
+
+// One AdamW update of four values (the scalar entry uses lane x).
+fn update(w0: vec4<f32>, g0: vec4<f32>, m0: vec4<f32>, v0: vec4<f32>) -> Upd4 {
+    let lr = hyper[0].x;
+    let b1 = hyper[0].y;
+    let b2 = hyper[0].z;
+    let g = g0 * hyper[1].w;
+    var w = w0;
+    if (p.decay != 0u) {
+        w *= 1.0 - lr * hyper[1].x;
+    }
+    let m = b1 * m0 + (1.0 - b1) * g;
+    let v = b2 * v0 + (1.0 - b2) * g * g;
+    return Upd4(w - (lr / hyper[1].y) * m / (sqrt(v) / sqrt(hyper[1].z) + hyper[0].w), m, v);
+}
 
 @compute @workgroup_size(WG)
 fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -26,19 +51,22 @@ fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     if (i >= p.n) {
         return;
     }
-    let lr = hyper[0];
-    let b1 = hyper[1];
-    let b2 = hyper[2];
-    let g = grad[i] * hyper[7];
-    var w = param[i];
-    if (p.decay != 0u) {
-        w *= 1.0 - lr * hyper[4];
+    let u = update(vec4<f32>(param[i]), vec4<f32>(grad[i]), vec4<f32>(m1[i]), vec4<f32>(m2[i]));
+    m1[i] = u.m.x;
+    m2[i] = u.v.x;
+    param[i] = u.w.x;
+}
+
+@compute @workgroup_size(WG)
+fn adamw4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= p.n) {
+        return;
     }
-    let m = b1 * m1[i] + (1.0 - b1) * g;
-    let v = b2 * m2[i] + (1.0 - b2) * g * g;
-    m1[i] = m;
-    m2[i] = v;
-    param[i] = w - (lr / hyper[5]) * m / (sqrt(v) / sqrt(hyper[6]) + hyper[3]);
+    let u = update(param4[i], grad4[i], m14[i], m24[i]);
+    m14[i] = u.m;
+    m24[i] = u.v;
+    param4[i] = u.w;
 }
 
 // sumsq: Σ grad² of one parameter tensor into norms[p.decay] (the slot index is

@@ -306,7 +306,10 @@ pub fn conv_proj_train_backward(
     if preferred_kind(&g.gpu) == MatmulKind::Texture && c / 4 <= max_tex && per_chunk > 0 {
         // Gradients and weights as texels (see the shader); w packed each run (it trains).
         let px = g.gpu.pipeline("dwconv", "dwconv_backward_x_tex", &[("WG", WG as f64)])?;
-        let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w_tex", &[("WG", reduce_wg(&g.gpu) as f64)])?;
+        let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w_tex", &[("WG", WG as f64)])?;
+        let psum = g.gpu.pipeline("dwconv", "dw_sum_partials", &[("WG", WG as f64)])?;
+        // Per-invocation partial sums of dW: [3, C/4, 9, WG] vec4.
+        let part = g.tensor(format!("{label}.dW.partials"), 3 * 9 * c * WG);
         let wt = pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), 18)?;
         for b0 in (0..batch).step_by(per_chunk) {
             let nb = per_chunk.min(batch - b0);
@@ -317,10 +320,14 @@ pub fn conv_proj_train_backward(
             // dW (the first chunk writes, later ones add: params word 9).
             let mut prm = params_of([nb, h, w, c / 4, cls, hk, wk, 0, b0]);
             prm[9] = (b0 > 0) as u32;
+            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::Uniform(prm.clone())];
+            b.extend((7..14).map(|_| u()));
+            b.extend([u(), u(), u(), Res::ActTex(xt), u(), Res::ActTex(dq.clone()), Res::ActTex(dk.clone()), Res::ActTex(dv.clone()), Res::Act(part)]);
+            g.dispatch(format!("{label}.dW"), pw.clone(), b, [(3 * c / 4) as u32, 1, 1], 0.0);
             let mut b = vec![u(), u(), u(), u(), u(), u(), Res::Uniform(prm)];
             b.extend((7..14).map(|_| u()));
-            b.extend([Res::Buf(grad.w.clone()), u(), u(), Res::ActTex(xt), u(), Res::ActTex(dq.clone()), Res::ActTex(dk.clone()), Res::ActTex(dv.clone())]);
-            g.dispatch(format!("{label}.dW"), pw.clone(), b, [(3 * c / 4) as u32, 1, 1], 0.0);
+            b.extend([Res::Buf(grad.w.clone()), u(), u(), u(), u(), u(), u(), u(), Res::Act(part)]);
+            g.dispatch(format!("{label}.dW.sum"), psum.clone(), b, grid1d(&g.gpu, (27 * c / 4).div_ceil(WG) as u64), 0.0);
             let n4 = nb * tq * c / 4;
             let mut b = vec![u(), u(), u(), u(), u(), u(), Res::Uniform(params_of([nb, h, w, c / 4, cls, hk, wk, n4, b0]))];
             b.extend((7..15).map(|_| u()));

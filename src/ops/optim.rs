@@ -32,7 +32,13 @@ pub struct Hyper {
 
 impl Hyper {
     pub fn new(gpu: &Gpu) -> Result<Hyper> {
-        Ok(Hyper { buf: Arc::new(gpu.storage("adamw hyper-parameters", 32)?) })
+        let buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("adamw hyper-parameters"),
+            size: 32,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(Hyper { buf: Arc::new(buf) })
     }
 
     /// Values for optimizer step `step` (1-based) at learning rate `lr`.
@@ -60,22 +66,21 @@ impl Moments {
 
 /// Appends the AdamW update of `param` (len elements) from `grad`.
 pub fn adamw_step(g: &mut Graph, label: &str, param: &Arc<wgpu::Buffer>, grad: &Arc<wgpu::Buffer>, state: &Moments, hyper: &Hyper, decay: bool) -> Result<()> {
-    let pipeline = g.gpu.pipeline("optim", "adamw", &[("WG", WG as f64)])?;
-    let groups = grid1d(&g.gpu, state.len.div_ceil(WG) as u64);
-    g.dispatch(
-        format!("adamw {label}"),
-        pipeline,
-        vec![
-            Res::Buf(param.clone()),
-            Res::Buf(grad.clone()),
-            Res::Buf(state.m.clone()),
-            Res::Buf(state.v.clone()),
-            Res::Buf(hyper.buf.clone()),
-            Res::Uniform(vec![state.len as u32, decay as u32, 0, 0]),
-        ],
-        groups,
-        0.0,
-    );
+    // Four values per invocation when the length allows (bindings 7-10 view the
+    // same buffers as vec4).
+    let vec4 = state.len % 4 == 0;
+    let n = if vec4 { state.len / 4 } else { state.len };
+    let pipeline = g.gpu.pipeline("optim", if vec4 { "adamw4" } else { "adamw" }, &[("WG", WG as f64)])?;
+    let groups = grid1d(&g.gpu, n.div_ceil(WG) as u64);
+    let bufs = [param, grad, &state.m, &state.v].map(|b| Res::Buf(b.clone()));
+    let u = || Res::Unused;
+    let mut b = if vec4 { vec![u(), u(), u(), u()] } else { bufs.to_vec() };
+    b.extend([Res::Buf(hyper.buf.clone()), Res::Uniform(vec![n as u32, decay as u32, 0, 0])]);
+    if vec4 {
+        b.push(u());
+        b.extend(bufs);
+    }
+    g.dispatch(format!("adamw {label}"), pipeline, b, groups, 0.0);
     Ok(())
 }
 
