@@ -597,6 +597,65 @@ fn act_forward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     c4[i] = activate4(b[i]);
 }
 
+// colsum_part / colsum_finish: column sums of a [p.M rows, p.N] matrix (p.N a
+// multiple of 4) read as a linear texture (binding 6) on drivers that prefer
+// texture operands: the bias gradient db = 1ᵀ·dY, and LayerNorm's dγ, dβ.
+// Invocation (j, c4) of the first pass sums rows j, j + P, j + 2P, ... (P = p.K
+// partial sums per column, no barrier) into part (binding 8); the second adds a
+// column's P partials and stores its four values into c (binding 3).
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn colsum_part(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    let n4 = p.N / 4u;
+    if (i >= p.K * n4) {
+        return;
+    }
+    let c = i % n4;
+    var s = vec4<f32>(0.0);
+    for (var r = i / n4; r < p.M; r += p.K) {
+        s += lin(b_tex, r * n4 + c);
+    }
+    c4[i] = s;
+}
+
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn colsum_finish(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let col = gid.x;
+    let n4 = p.N / 4u;
+    if (col >= n4) {
+        return;
+    }
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < p.K; j++) {
+        s += c4[j * n4 + col];
+    }
+    c[col * 4u] = s.x;
+    c[col * 4u + 1u] = s.y;
+    c[col * 4u + 2u] = s.z;
+    c[col * 4u + 3u] = s.w;
+}
+
+// The same two on drivers that prefer texture operands: z (and dy) read from
+// linear textures through bindings 5 and 6.
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn act_forward4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    if (i >= p.M) {
+        return;
+    }
+    c4[i] = activate4(lin(a_tex, i));
+}
+
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn act_backward4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    if (i >= p.M) {
+        return;
+    }
+    let z = lin(a_tex, i);
+    c4[i] = lin(b_tex, i) * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
+}
+
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn act_backward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG_X;

@@ -398,6 +398,20 @@ fn backward_product(
 
 /// out[1, cols] = column sums of src [rows, cols] (a ones-vector product).
 pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usize, out: Res) -> Result<()> {
+    if packs(&g.gpu) && cols % 4 == 0 {
+        // Partial sums over row strides, then their sum (see the shader).
+        const PARTS: usize = 64;
+        let part = g.tensor(format!("{label}.partials"), PARTS * cols);
+        let st = g.linear_texture(src, 6);
+        let p = params([rows, cols, PARTS, 0], None, 0, (0, 0));
+        let u = || Res::Unused;
+        let pipeline = g.gpu.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
+        let groups = crate::graph::grid1d(&g.gpu, (PARTS * cols / 4).div_ceil(64) as u64);
+        g.dispatch(format!("{label}.part"), pipeline, vec![u(), u(), u(), u(), Res::Uniform(p.clone()), u(), Res::ActTex(st), u(), Res::Act(part)], groups, 0.0);
+        let pipeline = g.gpu.pipeline("matmul", "colsum_finish", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
+        g.dispatch(label, pipeline, vec![u(), u(), u(), out, Res::Uniform(p), u(), u(), u(), Res::Act(part)], [(cols / 4).div_ceil(64) as u32, 1, 1], 0.0);
+        return Ok(());
+    }
     backward_product(g, label, (None, 3, 0), (Res::Act(src), 2, cols), out, (1, cols, rows), false)
 }
 
@@ -411,6 +425,16 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
     let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(64) as u64);
     let p = params([n, 0, 0, 0], None, 0, (0, 0));
     let u = || Res::Unused;
+    if vec4 && packs(&g.gpu) {
+        // Texel gathers instead of per-lane storage loads (see Graph::linear_texture).
+        let pipeline = g.gpu.pipeline("matmul", &format!("{entry}_tex"), &[("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)])?;
+        let zt = g.linear_texture(z, 5);
+        let mut b = vec![u(), u(), u(), u(), Res::Uniform(p), Res::ActTex(zt)];
+        b.push(if entry == "act_backward4" { Res::ActTex(g.linear_texture(out, 6)) } else { u() });
+        b.extend([u(), Res::Act(out)]);
+        g.dispatch(label, pipeline, b, groups, 0.0);
+        return Ok(());
+    }
     let b = if vec4 { vec![u(), Res::Act(z), u(), u(), Res::Uniform(p), u(), u(), u(), Res::Act(out)] } else { vec![Res::Act(z), u(), u(), Res::Act(out), Res::Uniform(p)] };
     g.dispatch(label, pipeline, b, groups, 0.0);
     Ok(())
