@@ -82,6 +82,27 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     y[n] = src[n] + other[n];
 }
 
+// add4_tex: the same four values at a time on drivers that prefer texture
+// operands, both inputs read as linear textures (texel gathers instead of
+// per-lane storage loads; Graph::linear_texture); p.B counts vec4s.
+@group(0) @binding(6) var a_tex: texture_2d<f32>;
+@group(0) @binding(7) var b_tex: texture_2d<f32>;
+@group(0) @binding(8) var<storage, read_write> y4: array<vec4<f32>>;
+
+fn lin(t: texture_2d<f32>, i: u32) -> vec4<f32> {
+    let s = countTrailingZeros(textureDimensions(t).x);
+    return textureLoad(t, vec2<u32>(i & ((1u << s) - 1u), i >> s), 0);
+}
+
+@compute @workgroup_size(WG)
+fn add4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let n = gid.x + gid.y * nwg.x * WG;
+    if (n >= p.B) {
+        return;
+    }
+    y4[n] = lin(a_tex, n) + lin(b_tex, n);
+}
+
 // act_forward lives with the matmul epilogue (matmul.wgsl::act_forward).
 
 // Stochastic depth (drop path), per sample: scales[p.C + sample] is 0 for a dropped

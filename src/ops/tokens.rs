@@ -34,6 +34,14 @@ pub fn cls_grad(g: &mut Graph, label: &str, dy: TensorId, batch: usize, tokens: 
 pub fn add(g: &mut Graph, label: &str, a: TensorId, b: TensorId) -> Result<TensorId> {
     let n = g.len(a);
     let y = g.tensor(label.to_string(), n);
+    if n % 4 == 0 && crate::ops::matmul::packs(&g.gpu) {
+        let (at, bt) = (g.linear_texture(a, 6), g.linear_texture(b, 7));
+        let pipeline = g.gpu.pipeline("tokens", "add4_tex", &[("WG", WG as f64)])?;
+        let groups = crate::graph::grid1d(&g.gpu, (n / 4).div_ceil(WG) as u64);
+        let u = || Res::Unused;
+        g.dispatch(label, pipeline, vec![u(), u(), Res::Uniform(vec![(n / 4) as u32, 0, 0, 0]), u(), u(), u(), Res::ActTex(at), Res::ActTex(bt), Res::Act(y)], groups, n as f64);
+        return Ok(y);
+    }
     let pipeline = g.gpu.pipeline("tokens", "add", &[("WG", WG as f64)])?;
     let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(WG) as u64);
     g.dispatch(label, pipeline, vec![Res::Act(a), Res::Act(y), Res::Uniform(vec![n as u32, 0, 0, 0]), Res::Unused, Res::Act(b)], groups, n as f64);
