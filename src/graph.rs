@@ -11,6 +11,7 @@
 
 use crate::gpu::Gpu;
 use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A tensor that does not fit in one storage binding on this adapter. Callers
@@ -56,14 +57,24 @@ pub enum Res {
 }
 
 /// An rgba32float texture of the plan, filled by a copy step or a packing
-/// dispatch. Textures of equal size and `binding` are one texture: each is consumed
-/// by the dispatch right after it is filled, and a dispatch reading several gives
-/// each its own binding.
+/// dispatch. Textures of equal width and `binding` share one texture as tall as
+/// the tallest of them: each is consumed by the dispatches right after it is
+/// filled, and a dispatch reading several gives each its own binding. `fill`
+/// identifies the filling, so `compile` can check that no other filling of the
+/// same texture came between a filling and its use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TexRef {
     width: u32,
     height: u32,
     binding: u32,
+    fill: u32,
+}
+
+impl TexRef {
+    /// The shared texture this one lives in.
+    fn key(&self) -> (u32, u32) {
+        (self.binding, self.width)
+    }
 }
 
 struct TensorMeta {
@@ -112,6 +123,8 @@ pub struct Graph {
     pub gpu: Arc<Gpu>,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
+    /// Texture fillings so far (`TexRef::fill`).
+    fills: u32,
 }
 
 /// One recorded step of a compiled plan.
@@ -178,7 +191,7 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        Graph { gpu, tensors: vec![], ops: vec![] }
+        Graph { gpu, tensors: vec![], ops: vec![], fills: 0 }
     }
 
     /// A new intermediate tensor of `len` f32.
@@ -218,7 +231,7 @@ impl Graph {
     /// dispatch's `binding`. The copy needs 16 * width bytes per row to be a
     /// multiple of 256.
     pub fn to_texture(&mut self, src: TensorId, row0: usize, rows: usize, width: usize, binding: u32) -> TexRef {
-        let tex = TexRef { width: width as u32, height: rows as u32, binding };
+        let tex = self.tex(width, rows, binding);
         self.ops.push(OpRec::Copy { src, row0, tex, texels: None });
         tex
     }
@@ -237,7 +250,7 @@ impl Graph {
         while texels.div_ceil(width) > max && width < max {
             width *= 2;
         }
-        let tex = TexRef { width: width as u32, height: texels.div_ceil(width).max(1) as u32, binding };
+        let tex = self.tex(width, texels.div_ceil(width).max(1), binding);
         self.ops.push(OpRec::Copy { src: t, row0: 0, tex, texels: Some(texels) });
         tex
     }
@@ -245,7 +258,8 @@ impl Graph {
     /// A plan texture of width x rows texels for a later dispatch's `binding`,
     /// to be written by a dispatch (`Res::OutTex`) right before that one.
     pub fn tex(&mut self, width: usize, rows: usize, binding: u32) -> TexRef {
-        TexRef { width: width as u32, height: rows as u32, binding }
+        self.fills += 1;
+        TexRef { width: width as u32, height: rows as u32, binding, fill: self.fills }
     }
 
     /// Plans memory by liveness and creates every buffer and bind group.
@@ -319,17 +333,65 @@ impl Graph {
             }
         }
         let slots: Vec<wgpu::Buffer> = slot_size.iter().enumerate().map(|(i, &s)| gpu.storage(&format!("activation slot {i}"), s)).collect::<Result<_>>()?;
-        let mut tex_sizes: Vec<TexRef> = vec![];
+        // Linear textures of one binding all take the widest one's width (kernels
+        // read the width from the texture), so they share a single texture.
+        let mut lin_w: HashMap<u32, u32> = HashMap::new();
+        let mut lin_texels: HashMap<u32, usize> = HashMap::new();
         for op in &self.ops {
-            let texs: Vec<TexRef> = match op {
-                OpRec::Copy { tex, .. } => vec![*tex],
-                OpRec::Dispatch { bindings, .. } => bindings.iter().filter_map(|r| if let Res::ActTex(t) | Res::OutTex(t) = r { Some(*t) } else { None }).collect(),
-                OpRec::Clear { .. } => vec![],
+            if let OpRec::Copy { tex, texels: Some(n), .. } = op {
+                let w = lin_w.entry(tex.binding).or_insert(0);
+                *w = (*w).max(tex.width);
+                lin_texels.insert(tex.fill, *n);
+            }
+        }
+        let relink = |t: &mut TexRef| {
+            if let Some(&n) = lin_texels.get(&t.fill) {
+                t.width = lin_w[&t.binding];
+                t.height = n.div_ceil(t.width as usize).max(1) as u32;
+            }
+        };
+        let mut ops = self.ops;
+        for op in &mut ops {
+            match op {
+                OpRec::Copy { tex, .. } => relink(tex),
+                OpRec::Dispatch { bindings, .. } => bindings.iter_mut().for_each(|r| {
+                    if let Res::ActTex(t) | Res::OutTex(t) = r {
+                        relink(t)
+                    }
+                }),
+                OpRec::Clear { .. } => {}
+            }
+        }
+        // One texture per (binding, width), as tall as its tallest filling; check
+        // that every use reads the latest filling of its texture.
+        let mut tex_sizes: Vec<TexRef> = vec![];
+        let mut last_fill: HashMap<(u32, u32), u32> = HashMap::new();
+        for op in &ops {
+            let (filled, used): (Vec<TexRef>, Vec<TexRef>) = match op {
+                OpRec::Copy { tex, .. } => (vec![*tex], vec![]),
+                OpRec::Dispatch { bindings, .. } => (
+                    bindings.iter().filter_map(|r| if let Res::OutTex(t) = r { Some(*t) } else { None }).collect(),
+                    bindings.iter().filter_map(|r| if let Res::ActTex(t) = r { Some(*t) } else { None }).collect(),
+                ),
+                OpRec::Clear { .. } => (vec![], vec![]),
             };
-            for t in texs {
-                if !tex_sizes.contains(&t) {
-                    tex_sizes.push(t);
+            for t in &used {
+                if last_fill.get(&t.key()) != Some(&t.fill) {
+                    bail!("internal: texture for binding {} ({} texels wide) refilled before its use", t.binding, t.width);
                 }
+            }
+            for t in filled {
+                last_fill.insert(t.key(), t.fill);
+                match tex_sizes.iter_mut().find(|x| x.key() == t.key()) {
+                    Some(x) => x.height = x.height.max(t.height),
+                    None => tex_sizes.push(t),
+                }
+            }
+        }
+        if std::env::var_os("CVT_GPU_TRACE_TEXTURES").is_some() {
+            eprintln!("plan: {} textures", tex_sizes.len());
+            for t in &tex_sizes {
+                eprintln!("texture binding {:2} {:5} x {:6} texels {:8.2} MiB", t.binding, t.width, t.height, (t.width as f64 * t.height as f64 * 16.0) / 1048576.0);
             }
         }
         let max_tex = gpu.limits.max_texture_dimension_2d;
@@ -338,9 +400,9 @@ impl Graph {
         }
         let textures: Vec<wgpu::Texture> = tex_sizes.iter().map(|t| crate::gpu::texture(&gpu, "activation texture", t.width, t.height)).collect();
         let views: Vec<wgpu::TextureView> = textures.iter().map(|t| t.create_view(&Default::default())).collect();
-        let tex_index = |t: &TexRef| tex_sizes.iter().position(|x| x == t).unwrap();
-        let mut steps = Vec::with_capacity(self.ops.len());
-        for op in self.ops {
+        let tex_index = |t: &TexRef| tex_sizes.iter().position(|x| x.key() == t.key()).unwrap();
+        let mut steps = Vec::with_capacity(ops.len());
+        for op in ops {
             let (label, pipeline, bindings, groups, flops) = match op {
                 OpRec::Copy { src, row0, tex, texels } => {
                     let (slot, texture, w) = (tensor_slot[src.0], tex_index(&tex), tex.width as usize);

@@ -307,15 +307,18 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
         }
         (None, Some(tex)) => {
             assert!(conv.is_none(), "{label}: convolutions use the buffer matmul");
-            // A goes through a texture, in row chunks no taller than the texture limit.
+            // A is read from a linear texture of the activation (main_tex's TA 1:
+            // no row-width limit, and textures of different layers share storage
+            // by width); output rows in chunks no taller than the texture limit.
             let chunk = g.gpu.limits.max_texture_dimension_2d as usize;
+            let at = g.linear_texture(a, 5);
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
-                let at = g.to_texture(a, r0, rows, l.k / 4, 5);
                 let (lx, groups) = tex_grid(np4, rows);
                 let pipeline = g.gpu.pipeline("matmul", "main_tex", &overrides(act, accumulate, false, (TWG_X, 1)))?;
                 let mut pu = params(rows, r0);
-                pu[8] = lx;
+                // TA = 1, A's row stride in vec4s, the column-block split.
+                (pu[4], pu[16], pu[8]) = (1, (l.k / 4) as u32, lx);
                 let b = vec![Res::Unused, Res::Unused, Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone())];
                 g.dispatch(label, pipeline, b, groups, flops(rows));
             }
