@@ -403,14 +403,15 @@ fn mac(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>)
 // row k of B likewise from p._p1 and p.b_stride. TA 2: A is the transpose of a
 // linear source: one vec4 holds four rows of A at one k, so four of them,
 // transposed in registers, give four rows times four k (the weight gradient Xᵀ·dY).
-// The modes are uniforms (p.in_h = TA, p.in_w = TB_LIN; main_tex has no conv
-// view), not overrides: each override value is another pipeline for the driver
-// to compile, and the branch is uniform, outside the FMA block.
+// The modes are override constants: as uniforms (a branch in the FMA loop) the
+// kernel ran 2.5x slower on lavapipe (docs/perf.md).
+override TA: u32 = 0u;
+override TB_LIN: bool = false;
 fn ta() -> u32 {
-    return p.in_h;
+    return TA;
 }
 fn tb_lin() -> bool {
-    return p.in_w != 0u;
+    return TB_LIN;
 }
 
 fn lin(t: texture_2d<f32>, i: u32) -> vec4<f32> {

@@ -150,11 +150,19 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
             let pipeline = g.gpu.pipeline(
                 "matmul",
                 "main_tex",
-                &[("ACT", ep.act.code()), ("HAS_BIAS", has_bias as u32 as f64), ("ACCUMULATE", (ep.accumulate || !first) as u32 as f64), ("WG_X", super::matmul::TWG_X as f64), ("WG_Y", 1.0)],
+                &[
+                    ("ACT", ep.act.code()),
+                    ("HAS_BIAS", has_bias as u32 as f64),
+                    ("ACCUMULATE", (ep.accumulate || !first) as u32 as f64),
+                    ("WG_X", super::matmul::TWG_X as f64),
+                    ("WG_Y", 1.0),
+                    ("TA", ta as f64),
+                    ("TB_LIN", tb_lin as u32 as f64),
+                ],
             )?;
             // Linear operands: row strides and this K chunk's start, in vec4s.
             let a_off = if ta == 2 { k0 * a.stride / 4 } else { k0 / 4 };
-            let mut p = vec![rows as u32, n_out as u32, kc as u32, n4 as u32, ta, tb_lin as u32, 0, 0, lx];
+            let mut p = vec![rows as u32, n_out as u32, kc as u32, n4 as u32, 0, 0, 0, 0, lx];
             p.extend([0u32; 6]);
             p.extend([r0 as u32, (a.stride / 4) as u32, (b.stride / 4) as u32, a_off as u32, (k0 * b.stride / 4) as u32]);
             let bias = match (&ep.bias, has_bias) {

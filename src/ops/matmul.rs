@@ -315,10 +315,12 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
                 let (lx, groups) = tex_grid(np4, rows);
-                let pipeline = g.gpu.pipeline("matmul", "main_tex", &overrides(act, accumulate, false, (TWG_X, 1)))?;
+                let mut ov = overrides(act, accumulate, false, (TWG_X, 1)).to_vec();
+                ov.push(("TA", 1.0));
+                let pipeline = g.gpu.pipeline("matmul", "main_tex", &ov)?;
                 let mut pu = params(rows, r0);
-                // TA = 1, A's row stride in vec4s, the column-block split.
-                (pu[4], pu[16], pu[8]) = (1, (l.k / 4) as u32, lx);
+                // A's row stride in vec4s, the column-block split.
+                (pu[16], pu[8]) = ((l.k / 4) as u32, lx);
                 let b = vec![Res::Unused, Res::Unused, Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone())];
                 g.dispatch(label, pipeline, b, groups, flops(rows));
             }
