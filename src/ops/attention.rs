@@ -49,10 +49,9 @@ pub fn attention_with(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: T
     let params = |batch: usize, b_off: usize| vec![batch as u32, s.tq as u32, s.tkv as u32, (s.c / 4) as u32, s.heads as u32, s.scale.to_bits(), b_off as u32, 0];
     // QKᵀ and PV: 2 multiply-adds per (query, key, channel).
     let flops = |batch: usize| 4.0 * (batch * s.tq * s.tkv * s.c) as f64;
-    if let Some(per_chunk) = texture_chunk(g, &s, kind) {
+    if let Some(chunks) = texture_chunks(g, &s, kind) {
         let pipeline = g.gpu.pipeline("attention", "main_tex", &[("WG", WG as f64), ("D4", d4 as f64)])?;
-        for b0 in (0..s.batch).step_by(per_chunk) {
-            let nb = per_chunk.min(s.batch - b0);
+        for (b0, nb) in chunks {
             let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
             let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
             let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
@@ -68,12 +67,9 @@ pub fn attention_with(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: T
     Ok(o)
 }
 
-/// Images per texture dispatch when the texture path applies (rows of a texture
-/// are limited by max_texture_dimension_2d), else None.
-fn texture_chunk(g: &Graph, s: &AttnShape, kind: MatmulKind) -> Option<usize> {
-    let max_tex = g.gpu.limits.max_texture_dimension_2d as usize;
-    let per_chunk = max_tex / s.tq.max(s.tkv);
-    (kind == MatmulKind::Texture && s.c / 4 <= max_tex && per_chunk > 0).then_some(per_chunk)
+/// Batch chunks of the texture kernels (`gemm::texture_batches`), else None.
+fn texture_chunks(g: &Graph, s: &AttnShape, kind: MatmulKind) -> Option<Vec<(usize, usize)>> {
+    crate::ops::gemm::texture_batches(g, kind == MatmulKind::Texture, s.batch, s.tq.max(s.tkv), s.c)
 }
 
 /// Images [b0, b0 + nb) of a [batch, rows_per, c] tensor as a texture bound at `binding`.
@@ -96,12 +92,11 @@ pub fn attention_backward(g: &mut Graph, label: &str, (q, k, v, o): (TensorId, T
     // Per (query, key, channel): QKᵀ recomputed twice and dO·Vᵀ once in each kernel, plus dS·K / Pᵀ·dO / dSᵀ·Q.
     let flops = 2.0 * (s.batch * s.tq * s.tkv * s.c) as f64;
     let u = || Res::Unused;
-    if let Some(per_chunk) = texture_chunk(g, &s, preferred_kind(&g.gpu)) {
+    if let Some(chunks) = texture_chunks(g, &s, preferred_kind(&g.gpu)) {
         // K, V for the per-query pass and Q, dO for the per-key pass as textures.
         let pq = g.gpu.pipeline("attention", "attn_bwd_q_tex", &consts)?;
         let pkv = g.gpu.pipeline("attention", "attn_bwd_kv_tex", &consts)?;
-        for b0 in (0..s.batch).step_by(per_chunk) {
-            let nb = per_chunk.min(s.batch - b0);
+        for (b0, nb) in chunks {
             let mut params = params.clone();
             params[6] = b0 as u32;
             let chunk_flops = flops * nb as f64 / s.batch as f64;

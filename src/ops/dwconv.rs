@@ -3,7 +3,7 @@
 
 use crate::gpu::{Gpu, MatmulKind};
 use crate::graph::{grid1d, Graph, Res, TensorId};
-use crate::ops::gemm::{act_rows_texture, pack, Src, View};
+use crate::ops::gemm::{act_rows_texture, pack, texture_batches, Src, View};
 use crate::ops::matmul::preferred_kind;
 use anyhow::Result;
 use std::sync::Arc;
@@ -91,16 +91,13 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
     let k = g.tensor(format!("{label}.k"), batch * tk * c);
     let v = g.tensor(format!("{label}.v"), batch * tk * c);
     let flops = 2.0 * 9.0 * (batch * c * (h * w + 2 * hk * wk)) as f64;
-    let max_tex = g.gpu.limits.max_texture_dimension_2d as usize;
-    let per_chunk = max_tex / tq;
-    if p.kind == MatmulKind::Texture && c / 4 <= max_tex && per_chunk > 0 {
+    if let Some(chunks) = texture_batches(g, p.kind == MatmulKind::Texture, batch, tq, c) {
         let pipeline = g.gpu.pipeline("dwconv", "main_tex", &[("WG", WG as f64)])?;
         let w_tex = match &p.w_tex {
             Some(t) => Res::Tex(t.clone()),
             None => Res::ActTex(pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), 18)?),
         };
-        for b0 in (0..batch).step_by(per_chunk) {
-            let nb = per_chunk.min(batch - b0);
+        for (b0, nb) in chunks {
             let xt = act_rows_texture(g, label, x, batch * tq, c, (b0 * tq, nb * tq), 17)?;
             // The shader works in units of four channels (vec4).
             let total = nb * tq * c / 4;
@@ -301,9 +298,7 @@ pub fn conv_proj_train_backward(
     let params = params_of([batch, h, w, c / 4, cls, hk, wk, total / 4, 0]);
     let dx = g.tensor(format!("{label}.dx"), total);
     let (tq, tk) = (cls + h * w, cls + hk * wk);
-    let max_tex = g.gpu.limits.max_texture_dimension_2d as usize;
-    let per_chunk = max_tex / tq;
-    if preferred_kind(&g.gpu) == MatmulKind::Texture && c / 4 <= max_tex && per_chunk > 0 {
+    if let Some(chunks) = texture_batches(g, preferred_kind(&g.gpu) == MatmulKind::Texture, batch, tq, c) {
         // Gradients and weights as texels (see the shader); w packed each run (it trains).
         let px = g.gpu.pipeline("dwconv", "dwconv_backward_x_tex", &[("WG", WG as f64)])?;
         let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w_tex", &[("WG", WG as f64)])?;
@@ -311,8 +306,7 @@ pub fn conv_proj_train_backward(
         // Per-invocation partial sums of dW: [3, C/4, 9, WG] vec4.
         let part = g.tensor(format!("{label}.dW.partials"), 3 * 9 * c * WG);
         let wt = pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), 18)?;
-        for b0 in (0..batch).step_by(per_chunk) {
-            let nb = per_chunk.min(batch - b0);
+        for (b0, nb) in chunks {
             let dq = act_rows_texture(g, label, dpre[0], batch * tq, c, (b0 * tq, nb * tq), 19)?;
             let dk = act_rows_texture(g, label, dpre[1], batch * tk, c, (b0 * tk, nb * tk), 20)?;
             let dv = act_rows_texture(g, label, dpre[2], batch * tk, c, (b0 * tk, nb * tk), 21)?;

@@ -97,6 +97,16 @@ pub fn act_rows_texture(g: &mut Graph, label: &str, t: TensorId, rows: usize, c:
     }
 }
 
+/// Batch chunks for kernels that read `rows_per_image` rows of `c` channels per
+/// image as texture rows (attention, depthwise conv): (first image, images) pairs
+/// whose rows fit the texture limit, or None when the texture path does not apply
+/// (a buffer-preferring adapter, or rows too wide or one image too tall).
+pub fn texture_batches(g: &Graph, texture: bool, batch: usize, rows_per_image: usize, c: usize) -> Option<Vec<(usize, usize)>> {
+    let max_tex = g.gpu.limits.max_texture_dimension_2d as usize;
+    let per = max_tex / rows_per_image.max(1);
+    (texture && c / 4 <= max_tex && per > 0).then(|| (0..batch).step_by(per).map(|b0| (b0, per.min(batch - b0))).collect())
+}
+
 /// The epilogue of a texture GEMM.
 pub struct Epilogue {
     pub act: Act,
