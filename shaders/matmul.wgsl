@@ -407,12 +407,6 @@ fn mac(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>)
 // kernel ran 2.5x slower on lavapipe (docs/perf.md).
 override TA: u32 = 0u;
 override TB_LIN: bool = false;
-fn ta() -> u32 {
-    return TA;
-}
-fn tb_lin() -> bool {
-    return TB_LIN;
-}
 
 fn lin(t: texture_2d<f32>, i: u32) -> vec4<f32> {
     let s = countTrailingZeros(textureDimensions(t).x);
@@ -420,14 +414,14 @@ fn lin(t: texture_2d<f32>, i: u32) -> vec4<f32> {
 }
 
 fn a_row(kk: i32, r: i32) -> vec4<f32> {
-    if (ta() == 1u) {
+    if (TA == 1u) {
         return lin(a_tex, (p.out_row_off + u32(r)) * p.a_stride + p._p0 + u32(kk));
     }
     return textureLoad(a_tex, vec2<i32>(kk, r), 0);
 }
 
 fn b_at(c: i32, k: i32) -> vec4<f32> {
-    if (tb_lin()) {
+    if (TB_LIN) {
         return lin(b_tex, p._p1 + u32(k) * p.b_stride + u32(c));
     }
     return textureLoad(b_tex, vec2<i32>(c, k), 0);
@@ -491,7 +485,7 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         let b33 = b_at(c3, k + 3);
         var x0: vec4<f32>; var x1: vec4<f32>; var x2: vec4<f32>; var x3: vec4<f32>;
         var x4: vec4<f32>; var x5: vec4<f32>; var x6: vec4<f32>; var x7: vec4<f32>;
-        if (ta() == 2u) {
+        if (TA == 2u) {
             let base = p._p0 + u32(k) * p.a_stride;
             var t0 = lin(a_tex, base + g0); var t1 = lin(a_tex, base + p.a_stride + g0);
             var t2 = lin(a_tex, base + 2u * p.a_stride + g0); var t3 = lin(a_tex, base + 3u * p.a_stride + g0);

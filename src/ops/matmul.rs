@@ -312,17 +312,17 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             // by width); output rows in chunks no taller than the texture limit.
             let chunk = g.gpu.limits.max_texture_dimension_2d as usize;
             let at = g.linear_texture(a, 5);
+            let mut ov = overrides(act, accumulate, false, (TWG_X, 1)).to_vec();
+            ov.push(("TA", 1.0));
+            let pipeline = g.gpu.pipeline("matmul", "main_tex", &ov)?;
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
                 let (lx, groups) = tex_grid(np4, rows);
-                let mut ov = overrides(act, accumulate, false, (TWG_X, 1)).to_vec();
-                ov.push(("TA", 1.0));
-                let pipeline = g.gpu.pipeline("matmul", "main_tex", &ov)?;
                 let mut pu = params(rows, r0);
                 // A's row stride in vec4s, the column-block split.
                 (pu[16], pu[8]) = ((l.k / 4) as u32, lx);
                 let b = vec![Res::Unused, Res::Unused, Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone())];
-                g.dispatch(label, pipeline, b, groups, flops(rows));
+                g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
             }
         }
         (None, None) => unreachable!("a Linear holds a buffer or a texture"),
@@ -426,13 +426,13 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
     // Four at a time (vec4 bindings 1 and 8) when the length allows.
     let vec4 = len % 4 == 0;
     let (entry, n) = if vec4 { (format!("{entry}4"), len / 4) } else { (entry.to_string(), len) };
-    let pipeline = g.gpu.pipeline("matmul", &entry, &[("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)])?;
+    let consts = [("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)];
     let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(64) as u64);
     let p = params([n, 0, 0, 0], None, 0, (0, 0));
     let u = || Res::Unused;
     if vec4 && packs(&g.gpu) {
         // Texel gathers instead of per-lane storage loads (see Graph::linear_texture).
-        let pipeline = g.gpu.pipeline("matmul", &format!("{entry}_tex"), &[("ACT", act.code()), ("WG_X", 64.0), ("WG_Y", 1.0)])?;
+        let pipeline = g.gpu.pipeline("matmul", &format!("{entry}_tex"), &consts)?;
         let zt = g.linear_texture(z, 5);
         let mut b = vec![u(), u(), u(), u(), Res::Uniform(p), Res::ActTex(zt)];
         b.push(if entry == "act_backward4" { Res::ActTex(g.linear_texture(out, 6)) } else { u() });
@@ -440,6 +440,7 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
         g.dispatch(label, pipeline, b, groups, 0.0);
         return Ok(());
     }
+    let pipeline = g.gpu.pipeline("matmul", &entry, &consts)?;
     let b = if vec4 { vec![u(), Res::Act(z), u(), u(), Res::Uniform(p), u(), u(), u(), Res::Act(out)] } else { vec![Res::Act(z), u(), u(), Res::Act(out), Res::Uniform(p)] };
     g.dispatch(label, pipeline, b, groups, 0.0);
     Ok(())
