@@ -1,11 +1,15 @@
 //! Per-kernel wall-clock benchmarks at CvT-13's real shapes (224x224, batch 1 by
 //! default; CVT_BENCH_BATCH=8 for batch 8). `cargo bench` prints one row per
-//! kernel: shape, median time, GFLOP/s (or GB/s for the memory-bound ones).
+//! kernel (section `forward-kernels`): shape, median time, GFLOP/s (or GB/s for
+//! the memory-bound ones).
+//! Then (section `attention-training`) the attention forward + backward of CvT-13 training at 64x64, batch 64,
+//! with the probabilities recomputed and saved (`AttnGrad`), in alternation.
 
 use cvt_gpu::gpu::{AdapterRequest, Gpu};
 use cvt_gpu::graph::Graph;
-use cvt_gpu::ops::attention::{attention, AttnShape};
+use cvt_gpu::ops::attention::{attention, attention_backward, attention_train, AttnGrad, AttnShape};
 use cvt_gpu::ops::dwconv::{conv_proj, kv_hw, BatchNorm, ConvProj};
+use cvt_gpu::ops::matmul::preferred_kind;
 use cvt_gpu::ops::matmul::{conv2d, linear, Out};
 use cvt_gpu::ops::rownorm::{layernorm, LayerNorm, RowMap};
 use cvt_gpu::ops::{Act, ConvGeom, Linear};
@@ -46,6 +50,19 @@ fn time(gpu: &Arc<Gpu>, name: &str, shape: &str, iters: usize, build: impl FnOnc
 
 fn main() {
     let gpu = Gpu::new(&AdapterRequest::default()).unwrap();
+    // `cargo bench --bench kernels -- attention-training` runs that section alone.
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let run = |section: &str| only.is_empty() || only.iter().any(|o| section.contains(o.as_str()));
+    if run("forward-kernels") {
+        forward_kernels(&gpu);
+    }
+    if run("attention-training") {
+        attention_training(&gpu);
+    }
+}
+
+fn forward_kernels(gpu: &Arc<Gpu>) {
+    let gpu = gpu.clone();
     let b: usize = std::env::var("CVT_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let iters = 3;
     println!("CvT-13 kernels at 224x224, batch {b}, on {}", gpu.describe());
@@ -99,5 +116,29 @@ fn main() {
         });
         cin = c;
         hin = hw;
+    }
+}
+
+/// Forward + backward of each stage's attention in CvT-13 training at 64x64,
+/// batch 64 (grids 16/8/4, keys and values at 8/4/2, cls in stage 2), with the
+/// probabilities recomputed or saved; three alternating rounds, since this
+/// machine's speed drifts.
+fn attention_training(gpu: &Arc<Gpu>) {
+    let b = 64;
+    println!("CvT-13 attention forward + backward, training at 64x64, batch {b}");
+    for round in 0..3 {
+        for (s, &(hw, c, heads, cls)) in [(16usize, 64usize, 1usize, 0usize), (8, 192, 3, 0), (4, 384, 6, 1)].iter().enumerate() {
+            let (t, tk) = (cls + hw * hw, cls + (hw / 2) * (hw / 2));
+            let shape = AttnShape { batch: b, tq: t, tkv: tk, c, heads, scale: (c as f32).powf(-0.5) };
+            for grad in [AttnGrad::Recompute, AttnGrad::Saved] {
+                time(gpu, &format!("r{round} s{s} {grad:?}"), &format!("{t}x{tk}, {heads} heads"), 3, |g| {
+                    let (q, k, v, dout) = (g.pinned("q", b * t * c), g.pinned("k", b * tk * c), g.pinned("v", b * tk * c), g.pinned("dout", b * t * c));
+                    let kind = preferred_kind(&g.gpu);
+                    let (o, probs) = attention_train(g, "attn", (q, k, v), shape, grad, kind).unwrap();
+                    attention_backward(g, "attn", (q, k, v, o), probs, dout, shape).unwrap();
+                    vec![q, k, v, dout]
+                });
+            }
+        }
     }
 }

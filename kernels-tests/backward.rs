@@ -327,15 +327,22 @@ fn softmax_cross_entropy_mid_graph() {
     }
 }
 
-use cvt_gpu::ops::attention::{attention_backward, attention_with, AttnShape};
+use cvt_gpu::ops::attention::{attention_backward, attention_train, AttnGrad, AttnShape};
+use cvt_gpu::ops::matmul::preferred_kind;
 
 /// q = x·Wqᵀ; o = attention(q, k, v); L = Σ c·o + Σ e·q. Attention backward mid-graph.
 #[test]
 fn attention_backward_mid_graph() {
     // Texture variants: K, V / Q, dO read from textures (packed for c = 8, 16, 4;
-    // copied for c = 64); buffer variants: every operand from buffers.
-    for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
-        for &(batch, tq, tkv, c, heads) in &[(2, 5, 3, 8, 2), (1, 9, 9, 16, 1), (1, 1, 1, 4, 1), (3, 7, 4, 64, 1)] {
+    // copied for c = 64); buffer variants: every operand from buffers. Both with the
+    // probabilities recomputed and saved by the forward (whose operand path then
+    // follows the adapter's, so both saving forwards are covered).
+    let cases = [(gpu_texture_variants(), AttnGrad::Recompute), (gpu_buffer_variants(), AttnGrad::Recompute), (gpu_texture_variants(), AttnGrad::Saved), (gpu_buffer_variants(), AttnGrad::Saved)];
+    for (gpu, grad) in cases {
+        let fwd_kind = if grad == AttnGrad::Saved { preferred_kind(&gpu) } else { MatmulKind::Buffer };
+        // The last case's images (4100 rows of 256 bytes) pass TEXTURE_CHUNK_BYTES / 2:
+        // one image per texture chunk, so P and dS are indexed across chunks.
+        for &(batch, tq, tkv, c, heads) in &[(2, 5, 3, 8, 2), (1, 9, 9, 16, 1), (1, 1, 1, 4, 1), (3, 7, 4, 64, 1), (3, 4100, 3, 64, 2)] {
             let shape = AttnShape { batch, tq, tkv, c, heads, scale: (c as f32).powf(-0.5) * 2.0 };
             let (x, wq, k, v) = (randn(batch * tq * c, 1), randn(c * c, 2), randn(batch * tkv * c, 3), randn(batch * tkv * c, 4));
             let (co, e) = (randn(batch * tq * c, 5), randn(batch * tq * c, 6));
@@ -346,12 +353,12 @@ fn attention_backward_mid_graph() {
                 let (xi, ki, vi) = (g.pinned("x", x.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
                 let qi = g.pinned("q", m * c);
                 linear(&mut g, "wq", xi, m, &lq, Act::None, Out::Into(qi)).unwrap();
-                let o_tmp = attention_with(&mut g, "attn", qi, ki, vi, shape, MatmulKind::Buffer).unwrap();
+                let (o_tmp, probs) = attention_train(&mut g, "attn", (qi, ki, vi), shape, grad, fwd_kind).unwrap();
                 g.pin(o_tmp);
                 let dout = g.pinned("dout", m * c);
                 let mut outs = vec![];
                 if backward {
-                    let (dq, dk, dv) = attention_backward(&mut g, "attn", (qi, ki, vi, o_tmp), dout, shape).unwrap();
+                    let (dq, dk, dv) = attention_backward(&mut g, "attn", (qi, ki, vi, o_tmp), probs, dout, shape).unwrap();
                     outs = vec![dq, dk, dv];
                     outs.iter().for_each(|&t| g.pin(t));
                 }
@@ -397,7 +404,7 @@ fn attention_backward_mid_graph() {
                     }
                 }
             }
-            let what = format!("b{batch} tq{tq} tkv{tkv} c{c} h{heads}");
+            let what = format!("{grad:?} b{batch} tq{tq} tkv{tkv} c{c} h{heads}");
             assert_close(&format!("{what} dq"), dq, &wdq, 1e-4, 1e-3);
             assert_close(&format!("{what} dk"), dk, &wdk, 1e-4, 1e-3);
             assert_close(&format!("{what} dv"), dv, &wdv, 1e-4, 1e-3);

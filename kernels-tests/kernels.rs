@@ -6,8 +6,9 @@ use common::*;
 
 use cvt_gpu::gpu::MatmulKind;
 use cvt_gpu::graph::Graph;
-use cvt_gpu::ops::attention::{attention_with, AttnShape};
+use cvt_gpu::ops::attention::{attention_train, attention_with, AttnGrad, AttnShape};
 use cvt_gpu::ops::dwconv::{conv_proj, fold_bn, kv_hw, BatchNorm, ConvProj};
+use cvt_gpu::ops::gemm::TEXTURE_CHUNK_BYTES;
 use cvt_gpu::ops::matmul::{conv2d, linear, Out};
 use cvt_gpu::ops::rownorm::{layernorm, softmax, LayerNorm, RowMap};
 use cvt_gpu::ops::tokens::{cls_fill, mean_tokens};
@@ -82,6 +83,10 @@ fn matmul_texture_variant_all_epilogues() {
 fn matmul_texture_variant_splits_rows_over_the_texture_limit() {
     let rows = gpu().limits.max_texture_dimension_2d as usize + 5;
     check_matmul(MatmulKind::Texture, rows, 5, 64, Act::None, true);
+    // A read in chunks of TEXTURE_CHUNK_BYTES (1024 rows of K = 512 at 2 MiB), the
+    // last one partial: each chunk's texture starts at its first row.
+    let rows = 2 * (TEXTURE_CHUNK_BYTES / 2048) + 37;
+    check_matmul(MatmulKind::Texture, rows, 7, 512, Act::QuickGelu, false);
 }
 
 #[test]
@@ -205,9 +210,11 @@ fn fold_bn_matches_definition() {
     }
 }
 
-fn attention_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Vec<f64> {
+/// The output and the probabilities P [batch, heads, tq, tkv].
+fn attention_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f64>, Vec<f64>) {
     let d = s.c / s.heads;
     let mut o = vec![0f64; s.batch * s.tq * s.c];
+    let mut probs = vec![0f64; s.batch * s.heads * s.tq * s.tkv];
     for b in 0..s.batch {
         for h in 0..s.heads {
             for i in 0..s.tq {
@@ -216,13 +223,16 @@ fn attention_ref(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Vec<f64> {
                 let mx = scores.iter().cloned().fold(f64::MIN, f64::max);
                 let ex: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
                 let z: f64 = ex.iter().sum();
+                for j in 0..s.tkv {
+                    probs[((b * s.heads + h) * s.tq + i) * s.tkv + j] = ex[j] / z;
+                }
                 for e in 0..d {
                     o[(b * s.tq + i) * s.c + h * d + e] = (0..s.tkv).map(|j| ex[j] / z * v[(b * s.tkv + j) * s.c + h * d + e] as f64).sum();
                 }
             }
         }
     }
-    o
+    (o, probs)
 }
 
 fn check_attention(kind: MatmulKind, batch: usize, tq: usize, tkv: usize, c: usize, heads: usize) {
@@ -232,12 +242,21 @@ fn check_attention(kind: MatmulKind, batch: usize, tq: usize, tkv: usize, c: usi
     let mut g = Graph::new(gpu.clone());
     let (tq_, tk_, tv_) = (g.pinned("q", q.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
     let o = attention_with(&mut g, "attn", tq_, tk_, tv_, shape, kind).unwrap();
+    g.pin(o);
+    // The training forward that also writes the probabilities (SAVE_P).
+    let (o_saving, probs) = attention_train(&mut g, "attn_p", (tq_, tk_, tv_), shape, AttnGrad::Saved, kind).unwrap();
+    let probs = probs.unwrap();
+    g.pin(o_saving);
+    g.pin(probs);
     let plan = g.compile().unwrap();
     plan.write(tq_, &q).unwrap();
     plan.write(tk_, &k).unwrap();
     plan.write(tv_, &v).unwrap();
     plan.run().unwrap();
-    assert_close(&format!("{kind:?} attention {shape:?}"), &plan.read(o).unwrap(), &attention_ref(&q, &k, &v, &shape), 1e-5, 1e-4);
+    let (want_o, want_p) = attention_ref(&q, &k, &v, &shape);
+    assert_close(&format!("{kind:?} attention {shape:?}"), &plan.read(o).unwrap(), &want_o, 1e-5, 1e-4);
+    assert_close(&format!("{kind:?} saving attention {shape:?}"), &plan.read(o_saving).unwrap(), &want_o, 1e-5, 1e-4);
+    assert_close(&format!("{kind:?} saved probabilities {shape:?}"), &plan.read(probs).unwrap(), &want_p, 1e-6, 1e-4);
 }
 
 #[test]

@@ -15,6 +15,11 @@ override WG: u32 = 64u;
 override D4: u32 = 16u;
 const D4_MAX: u32 = 16u;
 const TK: u32 = 16u;
+// 1: also write the probabilities P [B, heads, Tq, Tkv] (training with saved
+// probabilities; see attn_bwd_q_p). The scores go to `probs` as they are computed
+// and are normalised in place once the row's log-sum-exp is known, so saving P
+// costs a store and a load-store per score, not a second Q·Kᵀ.
+override SAVE_P: u32 = 0u;
 
 // b_off: first image of this dispatch (the texture variant splits the batch).
 struct Params { B: u32, Tq: u32, Tkv: u32, C4: u32, heads: u32, scale: f32, b_off: u32, _p1: u32 }
@@ -24,6 +29,21 @@ struct Params { B: u32, Tq: u32, Tkv: u32, C4: u32, heads: u32, scale: f32, b_of
 @group(0) @binding(2) var<storage, read> v: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> o: array<vec4<f32>>;
 @group(0) @binding(4) var<uniform> p: Params;
+
+@group(0) @binding(14) var<storage, read_write> probs: array<f32>;
+@group(0) @binding(15) var<storage, read_write> dscore: array<f32>;
+
+// Start of query row `qi` of head `head`, image `gb` (whole-batch index) in P and dS.
+fn prow(gb: u32, head: u32, qi: u32) -> u32 {
+    return ((gb * p.heads + head) * p.Tq + qi) * p.Tkv;
+}
+
+// Turns the stored scores of a P row into probabilities.
+fn normalise_row(pb: u32, lse: f32) {
+    for (var j = 0u; j < p.Tkv; j++) {
+        probs[pb + j] = exp(probs[pb + j] - lse);
+    }
+}
 
 var<workgroup> ks: array<vec4<f32>, 256>; // TK * D4_MAX
 var<workgroup> vs: array<vec4<f32>, 256>;
@@ -69,6 +89,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
             let sj = select(-3.0e38, dotv.x + dotv.y + dotv.z + dotv.w, j < n);
             s[j] = sj;
+            if (SAVE_P != 0u && j < n && qi < p.Tq) {
+                probs[prow(bi, head, qi) + t0 + j] = sj;
+            }
             tmax = max(tmax, sj);
         }
         let corr = exp(m - tmax);
@@ -90,6 +113,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let inv = 1.0 / l;
         for (var d = 0u; d < D4; d++) {
             o[qbase + d] = acc[d] * inv;
+        }
+        if (SAVE_P != 0u) {
+            normalise_row(prow(bi, head, qi), m + log(l));
         }
     }
 }
@@ -268,9 +294,13 @@ fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id
     // at each key (a scalar per field), which keeps the scores out of an array.
     var m = -3.0e38;
     var l = 0.0;
+    let pb = prow(p.b_off + bi, head, qi);
     for (var j = 0u; j < p.Tkv; j++) {
         let row = i32(bi * p.Tkv + j);
         let s = row_dot(qv, k_row(hc, row));
+        if (SAVE_P != 0u) {
+            probs[pb + j] = s;
+        }
         let mn = max(m, s);
         let corr = exp(m - mn);
         let pj = exp(s - mn);
@@ -279,6 +309,9 @@ fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id
         m = mn;
     }
     row_store(((p.b_off + bi) * p.Tq + qi) * p.C4 + head * D4, acc, 1.0 / l);
+    if (SAVE_P != 0u) {
+        normalise_row(pb, m + log(l));
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -643,6 +676,117 @@ fn attn_bwd_kv_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workg
         gvv = row_axpy(gvv, 1.0, pij, gr);
         gk = row_axpy(gk, 1.0, ds, qr);
     }
+    dk_store(kb, gk, p.scale);
+    dv_store(kb, gvv, 1.0);
+}
+
+// ---------------------------------------------------------------------------
+// Backward with saved probabilities (P written by the forward with SAVE_P):
+// no Q·Kᵀ is recomputed. Per (query, key) pair the per-query pass does one dot
+// (dO·V) and one multiply-add row (dS·K) and stores dS; the per-key pass does two
+// multiply-add rows (Pᵀ·dO, dSᵀ·Q), where the recomputing kernels do four and
+// four. The cost is P and dS in memory: B·heads·Tq·Tkv floats each.
+// Buffer operands (attn_bwd_q_p, attn_bwd_kv_p) or, as attn_bwd_*_tex, the rows
+// all lanes share from textures (attn_bwd_q_p_tex, attn_bwd_kv_p_tex).
+
+// dq for query `qi` of image gb (whole batch) from its row of P; stores that row of dS.
+@compute @workgroup_size(WG)
+fn attn_bwd_q_p(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let head = wid.y;
+    let gb = wid.z;
+    let qi = gid.x;
+    if (qi >= p.Tq) {
+        return;
+    }
+    let qbase = (gb * p.Tq + qi) * p.C4 + head * D4;
+    let gv = dout_buf(qbase, 1.0);
+    let big_d = row_dot(gv, o_buf(qbase, 1.0));
+    let pb = prow(gb, head, qi);
+    var acc: Row;
+    for (var j = 0u; j < p.Tkv; j++) {
+        let kb = (gb * p.Tkv + j) * p.C4 + head * D4;
+        let ds = probs[pb + j] * (row_dot(gv, v_buf(kb, 1.0)) - big_d);
+        dscore[pb + j] = ds;
+        acc = row_axpy(acc, 1.0, ds, k_buf(kb, 1.0));
+    }
+    dq_store(qbase, acc, p.scale);
+}
+
+@compute @workgroup_size(WG)
+fn attn_bwd_kv_p(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let head = wid.y;
+    let gb = wid.z;
+    let kj = gid.x;
+    if (kj >= p.Tkv) {
+        return;
+    }
+    var gk: Row;
+    var gvv: Row;
+    for (var i = 0u; i < p.Tq; i++) {
+        let qb = (gb * p.Tq + i) * p.C4 + head * D4;
+        let pi = prow(gb, head, i) + kj;
+        gvv = row_axpy(gvv, 1.0, probs[pi], dout_buf(qb, 1.0));
+        gk = row_axpy(gk, 1.0, dscore[pi], q_buf(qb, 1.0));
+    }
+    let kb = (gb * p.Tkv + kj) * p.C4 + head * D4;
+    dk_store(kb, gk, p.scale);
+    dv_store(kb, gvv, 1.0);
+}
+
+// P and dS as linear textures (Graph::linear_texture: value n at texel n / 4 of a
+// 2^k-wide texture), so the lanes' differing elements come as one gather.
+@group(0) @binding(16) var probs_tex: texture_2d<f32>;
+@group(0) @binding(17) var dscore_tex: texture_2d<f32>;
+
+fn lin1(t: texture_2d<f32>, n: u32) -> f32 {
+    let s = countTrailingZeros(textureDimensions(t).x);
+    let i = n >> 2u;
+    return textureLoad(t, vec2<u32>(i & ((1u << s) - 1u), i >> s), 0)[n & 3u];
+}
+
+@compute @workgroup_size(WG)
+fn attn_bwd_q_p_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let head = wid.y;
+    let bi = wid.z;
+    let qi = gid.x;
+    if (qi >= p.Tq) {
+        return;
+    }
+    let gb = p.b_off + bi;
+    let hc = i32(head * D4);
+    let qbase = (gb * p.Tq + qi) * p.C4 + head * D4;
+    let gv = dout_buf(qbase, 1.0);
+    let big_d = row_dot(gv, o_buf(qbase, 1.0));
+    let pb = prow(gb, head, qi);
+    var acc: Row;
+    for (var j = 0u; j < p.Tkv; j++) {
+        let row = i32(bi * p.Tkv + j);
+        let ds = lin1(probs_tex, pb + j) * (row_dot(gv, v_row(hc, row)) - big_d);
+        dscore[pb + j] = ds;
+        acc = row_axpy(acc, 1.0, ds, k_row(hc, row));
+    }
+    dq_store(qbase, acc, p.scale);
+}
+
+@compute @workgroup_size(WG)
+fn attn_bwd_kv_p_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let head = wid.y;
+    let bi = wid.z;
+    let kj = gid.x;
+    if (kj >= p.Tkv) {
+        return;
+    }
+    let gb = p.b_off + bi;
+    let hc = i32(head * D4);
+    var gk: Row;
+    var gvv: Row;
+    for (var i = 0u; i < p.Tq; i++) {
+        let row = i32(bi * p.Tq + i);
+        let pi = prow(gb, head, i) + kj;
+        gvv = row_axpy(gvv, 1.0, lin1(probs_tex, pi), dout_row(hc, row));
+        gk = row_axpy(gk, 1.0, lin1(dscore_tex, pi), q_row(hc, row, 1.0));
+    }
+    let kb = (gb * p.Tkv + kj) * p.C4 + head * D4;
     dk_store(kb, gk, p.scale);
     dv_store(kb, gvv, 1.0);
 }

@@ -98,7 +98,8 @@ enum OpRec {
     /// last row may be partial).
     Copy {
         src: TensorId,
-        row0: usize,
+        /// First texel (4 values) of `src` copied.
+        texel0: usize,
         tex: TexRef,
         texels: Option<usize>,
     },
@@ -232,7 +233,7 @@ impl Graph {
     /// multiple of 256.
     pub fn to_texture(&mut self, src: TensorId, row0: usize, rows: usize, width: usize, binding: u32) -> TexRef {
         let tex = self.tex(width, rows, binding);
-        self.ops.push(OpRec::Copy { src, row0, tex, texels: None });
+        self.ops.push(OpRec::Copy { src, texel0: row0 * width, tex, texels: None });
         tex
     }
 
@@ -245,13 +246,19 @@ impl Graph {
     /// their inputs this way there.
     pub fn linear_texture(&mut self, t: TensorId, binding: u32) -> TexRef {
         let texels = self.tensors[t.0].len.div_ceil(4);
+        self.linear_texture_range(t, 0, texels, binding)
+    }
+
+    /// Texels [texel0, texel0 + texels) of `t` as a linear texture (texel0 first),
+    /// for kernels that work through a large tensor in chunks with a small texture.
+    pub fn linear_texture_range(&mut self, t: TensorId, texel0: usize, texels: usize, binding: u32) -> TexRef {
         let max = self.gpu.limits.max_texture_dimension_2d as usize;
         let mut width = 16;
         while texels.div_ceil(width) > max && width < max {
             width *= 2;
         }
         let tex = self.tex(width, texels.div_ceil(width).max(1), binding);
-        self.ops.push(OpRec::Copy { src: t, row0: 0, tex, texels: Some(texels) });
+        self.ops.push(OpRec::Copy { src: t, texel0, tex, texels: Some(texels) });
         tex
     }
 
@@ -263,6 +270,21 @@ impl Graph {
     }
 
     /// Plans memory by liveness and creates every buffer and bind group.
+    /// `CVT_GPU_TRACE_MEMORY=1`: the slot plan's total against the live set, and
+    /// the tensors alive at the step where the most bytes are.
+    fn trace_memory(&self, tensors: &[SlotTensor], slot_size: &[u64]) {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let live_at = |i: usize| tensors.iter().enumerate().filter(move |(_, t)| t.span.is_none_or(|(a, b)| a <= i && i <= b));
+        let peak = (0..self.ops.len()).max_by_key(|&i| live_at(i).map(|(_, t)| t.bytes).sum::<u64>()).unwrap_or(0);
+        let mut live: Vec<(u64, &str)> = live_at(peak).map(|(k, t)| (t.bytes, self.tensors[k].name.as_str())).collect();
+        live.sort_by(|a, b| b.cmp(a));
+        let total: u64 = live.iter().map(|l| l.0).sum();
+        eprintln!("plan: {} slots, {:.2} MiB; most live at step {peak}: {:.2} MiB in {} tensors", slot_size.len(), mib(slot_size.iter().sum()), mib(total), live.len());
+        for (b, name) in live.iter().take(12) {
+            eprintln!("  {:8.2} MiB  {name}", mib(*b));
+        }
+    }
+
     pub fn compile(self) -> Result<Plan> {
         let gpu = self.gpu.clone();
         let n = self.tensors.len();
@@ -279,53 +301,11 @@ impl Graph {
                 last[t.0] = i;
             }
         }
-        // Slot assignment: best fit among free slots, else grow the largest free
-        // one, else open a new slot. Pinned tensors get a slot never freed.
         let bytes = |t: usize| ((self.tensors[t].len.max(1) * 4) as u64).div_ceil(16) * 16;
-        let mut slot_size: Vec<u64> = vec![];
-        let mut slot_free: Vec<bool> = vec![];
-        let mut tensor_slot = vec![usize::MAX; n];
-        let mut starting: Vec<Vec<usize>> = vec![vec![]; self.ops.len()];
-        let mut ending: Vec<Vec<usize>> = vec![vec![]; self.ops.len()];
-        for t in 0..n {
-            if self.tensors[t].pinned || first[t] == usize::MAX {
-                slot_size.push(bytes(t));
-                slot_free.push(false);
-                tensor_slot[t] = slot_size.len() - 1;
-            } else {
-                starting[first[t]].push(t);
-                ending[last[t]].push(t);
-            }
-        }
-        let pinned_bytes: u64 = slot_size.iter().sum();
-        let (mut live, mut max_live) = (pinned_bytes, pinned_bytes);
-        for i in 0..self.ops.len() {
-            live += starting[i].iter().map(|&t| bytes(t)).sum::<u64>();
-            max_live = max_live.max(live);
-            live -= ending[i].iter().map(|&t| bytes(t)).sum::<u64>();
-            for &t in &starting[i] {
-                let need = bytes(t);
-                let fit = (0..slot_size.len()).filter(|&s| slot_free[s] && slot_size[s] >= need).min_by_key(|&s| slot_size[s]);
-                let s = match fit {
-                    Some(s) => s,
-                    None => match (0..slot_size.len()).filter(|&s| slot_free[s]).max_by_key(|&s| slot_size[s]) {
-                        Some(s) => {
-                            slot_size[s] = need;
-                            s
-                        }
-                        None => {
-                            slot_size.push(need);
-                            slot_free.push(true);
-                            slot_size.len() - 1
-                        }
-                    },
-                };
-                slot_free[s] = false;
-                tensor_slot[t] = s;
-            }
-            for &t in &ending[i] {
-                slot_free[tensor_slot[t]] = true;
-            }
+        let tensors: Vec<SlotTensor> = (0..n).map(|t| SlotTensor { bytes: bytes(t), span: (first[t] != usize::MAX && !self.tensors[t].pinned).then(|| (first[t], last[t])) }).collect();
+        let SlotPlan { slot_size, tensor_slot, max_live } = plan_slots(&tensors);
+        if std::env::var_os("CVT_GPU_TRACE_MEMORY").is_some() {
+            self.trace_memory(&tensors, &slot_size);
         }
         for t in 0..n {
             if bytes(t) > gpu.max_binding() {
@@ -404,9 +384,9 @@ impl Graph {
         let mut steps = Vec::with_capacity(ops.len());
         for op in ops {
             let (label, pipeline, bindings, groups, flops) = match op {
-                OpRec::Copy { src, row0, tex, texels } => {
+                OpRec::Copy { src, texel0, tex, texels } => {
                     let (slot, texture, w) = (tensor_slot[src.0], tex_index(&tex), tex.width as usize);
-                    let offset = (row0 * w * 16) as u64;
+                    let offset = (texel0 * 16) as u64;
                     // A linear texture: its whole rows, then the partial last row
                     // (a one-row copy needs no 256-byte row alignment).
                     let (full, rest) = match texels {
@@ -478,6 +458,128 @@ impl Graph {
             tensor_slot,
             tensor_len: self.tensors.iter().map(|t| t.len).collect(),
         })
+    }
+}
+
+/// A tensor for `plan_slots`: its size, and the steps [first, last] it is used
+/// in, or None for a tensor that keeps its own buffer (pinned, or never used).
+struct SlotTensor {
+    bytes: u64,
+    span: Option<(usize, usize)>,
+}
+
+struct SlotPlan {
+    slot_size: Vec<u64>,
+    tensor_slot: Vec<usize>,
+    /// Most bytes alive at once: the bound any slot plan pays at least.
+    max_live: u64,
+}
+
+/// Activation slots by liveness, offline and greedy by size: tensors from the
+/// largest down, each into the smallest slot whose tensors' lifetimes it does not
+/// overlap, else into a new slot of its size (so a slot is as large as its first
+/// tensor). Lifetimes that meet at one step overlap: a dispatch may read one
+/// tensor while writing another. Slots stay separate buffers, rather than offsets
+/// in one arena, because a dispatch reads some tensors through read-only bindings
+/// while writing others, and WebGPU forbids one buffer in both roles.
+fn plan_slots(tensors: &[SlotTensor]) -> SlotPlan {
+    let mut slot_size: Vec<u64> = vec![];
+    let mut tensor_slot = vec![usize::MAX; tensors.len()];
+    let mut shared = vec![];
+    for (t, x) in tensors.iter().enumerate() {
+        match x.span {
+            Some(_) => shared.push(t),
+            None => {
+                slot_size.push(x.bytes);
+                tensor_slot[t] = slot_size.len() - 1;
+            }
+        }
+    }
+    let span = |t: usize| tensors[t].span.unwrap();
+    let own_bytes: u64 = slot_size.iter().sum();
+    let steps = shared.iter().map(|&t| span(t).1 + 2).max().unwrap_or(0);
+    let mut delta = vec![0i64; steps];
+    for &t in &shared {
+        delta[span(t).0] += tensors[t].bytes as i64;
+        delta[span(t).1 + 1] -= tensors[t].bytes as i64;
+    }
+    let (mut live, mut peak) = (0i64, 0i64);
+    for d in &delta {
+        live += d;
+        peak = peak.max(live);
+    }
+    shared.sort_by_key(|&t| (std::cmp::Reverse(tensors[t].bytes), span(t).0));
+    // Per shared slot: its index and the lifetimes in it, sorted by start.
+    let mut slot_spans: Vec<(usize, Vec<(usize, usize)>)> = vec![];
+    for &t in &shared {
+        let (sp, need) = (span(t), tensors[t].bytes);
+        let free = |spans: &Vec<(usize, usize)>| {
+            let k = spans.partition_point(|s| s.0 < sp.0);
+            (k == 0 || spans[k - 1].1 < sp.0) && (k == spans.len() || spans[k].0 > sp.1)
+        };
+        let fit = slot_spans.iter().enumerate().filter(|(_, (s, spans))| slot_size[*s] >= need && free(spans)).min_by_key(|(_, (s, _))| slot_size[*s]).map(|(i, _)| i);
+        let i = fit.unwrap_or_else(|| {
+            slot_size.push(need);
+            slot_spans.push((slot_size.len() - 1, vec![]));
+            slot_spans.len() - 1
+        });
+        let spans = &mut slot_spans[i].1;
+        let k = spans.partition_point(|s| s.0 < sp.0);
+        spans.insert(k, sp);
+        tensor_slot[t] = slot_spans[i].0;
+    }
+    SlotPlan { slot_size, tensor_slot, max_live: own_bytes + peak as u64 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(bytes: u64, span: Option<(usize, usize)>) -> SlotTensor {
+        SlotTensor { bytes, span }
+    }
+
+    /// No two tensors whose lifetimes overlap share a slot, and each fits its slot.
+    fn check(ts: &[SlotTensor], p: &SlotPlan) {
+        for (i, a) in ts.iter().enumerate() {
+            assert!(p.slot_size[p.tensor_slot[i]] >= a.bytes);
+            for (j, b) in ts.iter().enumerate().skip(i + 1) {
+                if p.tensor_slot[i] == p.tensor_slot[j] {
+                    let (Some(x), Some(y)) = (a.span, b.span) else { panic!("own-buffer tensor {i} or {j} shares a slot") };
+                    assert!(x.1 < y.0 || y.1 < x.0, "tensors {i} {x:?} and {j} {y:?} overlap in slot {}", p.tensor_slot[i]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chain_reuses_two_slots() {
+        // x0 -> x1 -> ... : each tensor is written at step i and read at i + 1.
+        let ts: Vec<SlotTensor> = (0..10).map(|i| t(100 + i as u64, Some((i, i + 1)))).collect();
+        let p = plan_slots(&ts);
+        check(&ts, &p);
+        assert_eq!(p.slot_size.len(), 2);
+        assert_eq!(p.max_live, 109 + 108);
+    }
+
+    #[test]
+    fn large_first_avoids_growing_slots() {
+        // A small tensor early, a large one later: the online best fit had put the
+        // small one in a slot and then grown it; here both share one slot of 1000.
+        let ts = vec![t(10, Some((0, 1))), t(1000, Some((2, 3))), t(500, Some((0, 3))), t(64, None)];
+        let p = plan_slots(&ts);
+        check(&ts, &p);
+        assert_eq!(p.slot_size.iter().sum::<u64>(), 1000 + 500 + 64);
+        assert_eq!(p.max_live, 1500 + 64);
+    }
+
+    #[test]
+    fn meeting_lifetimes_do_not_share() {
+        // One step reads a and writes b: they must not alias.
+        let ts = vec![t(16, Some((0, 1))), t(16, Some((1, 2)))];
+        let p = plan_slots(&ts);
+        check(&ts, &p);
+        assert_ne!(p.tensor_slot[0], p.tensor_slot[1]);
     }
 }
 

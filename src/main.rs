@@ -223,6 +223,13 @@ fn run() -> Result<()> {
 }
 
 fn main() {
+    // Output piped into `head` and the like: end quietly when the reader goes away,
+    // as command-line tools do, instead of panicking in println! on EPIPE (Rust
+    // ignores SIGPIPE by default).
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // Mesa's drivers warn on stderr when XDG_RUNTIME_DIR is missing (headless
     // machines, CI); a compute-only program needs no window-system directory.
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {

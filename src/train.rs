@@ -16,9 +16,9 @@ use crate::gpu::{Gpu, MatmulKind};
 use crate::graph::{Graph, Plan, TensorId};
 use crate::model::weights::Tensor;
 use crate::model::CvtConfig;
-use crate::ops::attention::{attention, attention_backward, AttnShape};
+use crate::ops::attention::{attention_backward, attention_train, attn_grad_mode, AttnShape};
 use crate::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
-use crate::ops::matmul::{act_backward, act_forward, conv2d, conv2d_backward, linear, linear_backward, LinearGrad, Out};
+use crate::ops::matmul::{act_backward, act_forward, conv2d, conv2d_backward, linear, linear_backward, preferred_kind, LinearGrad, Out};
 use crate::ops::optim::{adamw_step, sumsq, AdamW, Hyper, Moments};
 use crate::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
 use crate::ops::tokens::{add, add_scaled, cls_fill, cls_grad, scale_rows};
@@ -206,6 +206,8 @@ impl TrainModel {
             q: TensorId,
             k: TensorId,
             v: TensorId,
+            /// The attention probabilities, when kept for the backward (AttnGrad::Saved).
+            probs: Option<TensorId>,
             q0: TensorId,
             k0: TensorId,
             v0: TensorId,
@@ -251,7 +253,9 @@ impl TrainModel {
                 let k = linear(&mut g, &format!("{l}.proj_k"), k0, batch * tk, &b.k.l, Act::None, Out::New)?;
                 let v = linear(&mut g, &format!("{l}.proj_v"), v0, batch * tk, &b.v.l, Act::None, Out::New)?;
                 let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
-                let a = attention(&mut g, &format!("{l}.attn"), q, k, v, shape)?;
+                let grad = attn_grad_mode(&g, &shape)?;
+                let kind = preferred_kind(&g.gpu);
+                let (a, probs) = attention_train(&mut g, &format!("{l}.attn"), (q, k, v), shape, grad, kind)?;
                 let po = linear(&mut g, &format!("{l}.proj"), a, batch * t, &b.o.l, Act::None, Out::New)?;
                 let x1 = match dropped(s, j) {
                     Some((sc, off)) => add_scaled(&mut g, &format!("{l}.res1"), cur, po, sc, t * c, off)?,
@@ -265,7 +269,7 @@ impl TrainModel {
                     Some((sc, off)) => add_scaled(&mut g, &format!("{l}.res2"), x1, f, sc, t * c, off + batch)?,
                     None => add(&mut g, &format!("{l}.res2"), x1, f)?,
                 };
-                bs.push(BlockSaved { x0: cur, h1, proj, q, k, v, q0, k0, v0, a, x1, h2, z, u });
+                bs.push(BlockSaved { x0: cur, h1, proj, q, k, v, q0, k0, v0, a, probs, x1, h2, z, u });
                 cur = x2;
             }
             saved.push(StageSaved { input: x, geom, e, blocks: bs, t, tk, hw: (oh, ow) });
@@ -309,7 +313,7 @@ impl TrainModel {
                 };
                 let da = linear_backward(&mut g, &format!("{l}.proj"), bs.a, dbranch, batch * t, &b.o.l, &b.o.g, None)?;
                 let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
-                let (dq, dk, dv) = attention_backward(&mut g, &format!("{l}.attn"), (bs.q, bs.k, bs.v, bs.a), da, shape)?;
+                let (dq, dk, dv) = attention_backward(&mut g, &format!("{l}.attn"), (bs.q, bs.k, bs.v, bs.a), bs.probs, da, shape)?;
                 let dq0 = linear_backward(&mut g, &format!("{l}.proj_q"), bs.q0, dq, batch * t, &b.q.l, &b.q.g, None)?;
                 let dk0 = linear_backward(&mut g, &format!("{l}.proj_k"), bs.k0, dk, batch * tk, &b.k.l, &b.k.g, None)?;
                 let dv0 = linear_backward(&mut g, &format!("{l}.proj_v"), bs.v0, dv, batch * tk, &b.v.l, &b.v.g, None)?;

@@ -43,28 +43,81 @@ pub fn attention(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: Tensor
 /// path copies q, k, v into textures when C % 64 == 0 (256-byte rows) and packs
 /// them with a kernel otherwise.
 pub fn attention_with(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: TensorId, s: AttnShape, kind: MatmulKind) -> Result<TensorId> {
+    Ok(forward(g, label, (q, k, v), s, kind, false)?.0)
+}
+
+/// How the training backward gets the softmax probabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnGrad {
+    /// Recomputed from Q and K in the backward (no extra memory).
+    Recompute,
+    /// Written by the forward and kept until the backward: P and dS take
+    /// B·heads·Tq·Tkv floats each.
+    Saved,
+}
+
+/// Largest P a block may keep with `AttnGrad::Saved` under `attn_grad_mode`'s default:
+/// P lives from the forward to the backward, one per block, so at CvT-13 @224 batch 64
+/// (630 MB per stage-1 block) recomputing is the only sensible choice.
+const SAVED_P_MAX_BYTES: u64 = 32 << 20;
+
+/// The probability mode for one attention of a training graph: `CVT_GPU_ATTN_GRAD`
+/// (`saved` or `recompute`) if set, otherwise saved when P fits the adapter's
+/// storage-binding limit and `SAVED_P_MAX_BYTES`. docs/perf.md has the measurements
+/// behind the default.
+pub fn attn_grad_mode(g: &Graph, s: &AttnShape) -> Result<AttnGrad> {
+    let bytes = probs_len(s) as u64 * 4;
+    let fits = bytes <= SAVED_P_MAX_BYTES.min(g.gpu.max_binding());
+    match std::env::var("CVT_GPU_ATTN_GRAD").ok().as_deref() {
+        None | Some("") => Ok(if fits { AttnGrad::Saved } else { AttnGrad::Recompute }),
+        Some("recompute") => Ok(AttnGrad::Recompute),
+        Some("saved") if fits || bytes <= g.gpu.max_binding() => Ok(AttnGrad::Saved),
+        Some("saved") => bail!("CVT_GPU_ATTN_GRAD=saved: the probabilities of one attention ({} MiB) exceed this adapter's storage binding limit; use recompute", bytes >> 20),
+        Some(other) => bail!("CVT_GPU_ATTN_GRAD={other}: expected `saved` or `recompute`"),
+    }
+}
+
+fn probs_len(s: &AttnShape) -> usize {
+    s.batch * s.heads * s.tq * s.tkv
+}
+
+/// The training forward: the output, and with `AttnGrad::Saved` the probabilities
+/// P [batch, heads, tq, tkv] for `attention_backward`.
+pub fn attention_train(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId), s: AttnShape, grad: AttnGrad, kind: MatmulKind) -> Result<(TensorId, Option<TensorId>)> {
+    forward(g, label, (q, k, v), s, kind, grad == AttnGrad::Saved)
+}
+
+fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId), s: AttnShape, kind: MatmulKind, save: bool) -> Result<(TensorId, Option<TensorId>)> {
     check_heads(s.c, s.heads)?;
     let d4 = s.c / s.heads / 4;
     let o = g.tensor(label.to_string(), s.batch * s.tq * s.c);
+    let probs = save.then(|| g.tensor(format!("{label}.probs"), probs_len(&s)));
+    // Binding 14 is statically used by both forward entry points (WGSL counts uses
+    // under an override-constant branch): a placeholder fills it when P is not saved.
+    let p_res = probs.map_or_else(|| Res::Buf(g.gpu.placeholder()), Res::Act);
+    let consts = [("WG", WG as f64), ("D4", d4 as f64), ("SAVE_P", save as u32 as f64)];
     let params = |batch: usize, b_off: usize| vec![batch as u32, s.tq as u32, s.tkv as u32, (s.c / 4) as u32, s.heads as u32, s.scale.to_bits(), b_off as u32, 0];
     // QKᵀ and PV: 2 multiply-adds per (query, key, channel).
     let flops = |batch: usize| 4.0 * (batch * s.tq * s.tkv * s.c) as f64;
     if let Some(chunks) = texture_chunks(g, &s, kind) {
-        let pipeline = g.gpu.pipeline("attention", "main_tex", &[("WG", WG as f64), ("D4", d4 as f64)])?;
+        let pipeline = g.gpu.pipeline("attention", "main_tex", &consts)?;
         for (b0, nb) in chunks {
             let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
             let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
             let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
             let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, nb as u32];
-            let bindings = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(o), Res::Uniform(params(nb, b0)), Res::ActTex(qt), Res::ActTex(kt), Res::ActTex(vt)];
+            let u = || Res::Unused;
+            let bindings = vec![u(), u(), u(), Res::Act(o), Res::Uniform(params(nb, b0)), Res::ActTex(qt), Res::ActTex(kt), Res::ActTex(vt), u(), u(), u(), u(), u(), u(), p_res.clone()];
             g.dispatch(label, pipeline.clone(), bindings, groups, flops(nb));
         }
-        return Ok(o);
+        return Ok((o, probs));
     }
-    let pipeline = g.gpu.pipeline("attention", "main", &[("WG", WG as f64), ("D4", d4 as f64)])?;
+    let pipeline = g.gpu.pipeline("attention", "main", &consts)?;
     let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
-    g.dispatch(label, pipeline, vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params(s.batch, 0))], groups, flops(s.batch));
-    Ok(o)
+    let u = || Res::Unused;
+    let bindings = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params(s.batch, 0)), u(), u(), u(), u(), u(), u(), u(), u(), u(), p_res];
+    g.dispatch(label, pipeline, bindings, groups, flops(s.batch));
+    Ok((o, probs))
 }
 
 /// Batch chunks of the texture kernels (`gemm::texture_batches`), else None.
@@ -77,45 +130,80 @@ fn texture_rows(g: &mut Graph, label: &str, t: TensorId, s: &AttnShape, (rows_pe
     act_rows_texture(g, label, t, s.batch * rows_per, s.c, (b0 * rows_per, nb * rows_per), binding)
 }
 
-/// Appends the attention backward (probabilities recomputed; texture operands on
-/// texture-preferring adapters, as the forward):
-/// given q, k, v, the forward output o and its gradient dout, returns (dq, dk, dv).
-pub fn attention_backward(g: &mut Graph, label: &str, (q, k, v, o): (TensorId, TensorId, TensorId, TensorId), dout: TensorId, s: AttnShape) -> Result<(TensorId, TensorId, TensorId)> {
+/// Appends the attention backward (texture operands on texture-preferring
+/// adapters, as the forward): given q, k, v, the forward output o, the saved
+/// probabilities if the forward kept them (`AttnGrad::Saved`) and the output's
+/// gradient dout, returns (dq, dk, dv).
+pub fn attention_backward(
+    g: &mut Graph,
+    label: &str,
+    (q, k, v, o): (TensorId, TensorId, TensorId, TensorId),
+    probs: Option<TensorId>,
+    dout: TensorId,
+    s: AttnShape,
+) -> Result<(TensorId, TensorId, TensorId)> {
     check_heads(s.c, s.heads)?;
     let d4 = s.c / s.heads / 4;
     let dq = g.tensor(format!("{label}.dq"), s.batch * s.tq * s.c);
     let dk = g.tensor(format!("{label}.dk"), s.batch * s.tkv * s.c);
     let dv = g.tensor(format!("{label}.dv"), s.batch * s.tkv * s.c);
-    let ld = g.tensor(format!("{label}.lse_d"), s.batch * s.heads * s.tq * 2);
     let params = vec![s.batch as u32, s.tq as u32, s.tkv as u32, (s.c / 4) as u32, s.heads as u32, s.scale.to_bits(), 0, 0];
     let consts = [("WG", WG as f64), ("D4", d4 as f64)];
-    // Per (query, key, channel): QKᵀ recomputed twice and dO·Vᵀ once in each kernel, plus dS·K / Pᵀ·dO / dSᵀ·Q.
-    let flops = 2.0 * (s.batch * s.tq * s.tkv * s.c) as f64;
     let u = || Res::Unused;
+    let pair_flops = 2.0 * (s.batch * s.tq * s.tkv * s.c) as f64;
+    // Row operations per (query, key) pair, each 2·C flops over the heads: recomputing,
+    // the per-query pass does Q·Kᵀ twice, dO·Vᵀ and dS·K (4) and the per-key pass Q·Kᵀ,
+    // dO·Vᵀ, Pᵀ·dO and dSᵀ·Q (4); with saved P, dO·Vᵀ and dS·K (2), Pᵀ·dO and dSᵀ·Q (2).
+    // Recomputing, binding 10 holds (logsumexp, D) per query from the per-query pass;
+    // saved, 14 holds P and 15 the dS the per-query pass writes.
+    let (names, (fq, fkv), dscore, (r10, r14, r15)) = match probs {
+        None => {
+            let ld = g.tensor(format!("{label}.lse_d"), s.batch * s.heads * s.tq * 2);
+            (("attn_bwd_q", "attn_bwd_kv"), (4.0, 4.0), None, (Res::Act(ld), u(), u()))
+        }
+        Some(p) => {
+            let ds = g.tensor(format!("{label}.dscore"), probs_len(&s));
+            (("attn_bwd_q_p", "attn_bwd_kv_p"), (2.0, 2.0), Some(ds), (u(), Res::Act(p), Res::Act(ds)))
+        }
+    };
     if let Some(chunks) = texture_chunks(g, &s, preferred_kind(&g.gpu)) {
         // K, V for the per-query pass and Q, dO for the per-key pass as textures.
-        let pq = g.gpu.pipeline("attention", "attn_bwd_q_tex", &consts)?;
-        let pkv = g.gpu.pipeline("attention", "attn_bwd_kv_tex", &consts)?;
+        let pq = g.gpu.pipeline("attention", &format!("{}_tex", names.0), &consts)?;
+        let pkv = g.gpu.pipeline("attention", &format!("{}_tex", names.1), &consts)?;
         for (b0, nb) in chunks {
             let mut params = params.clone();
             params[6] = b0 as u32;
-            let chunk_flops = flops * nb as f64 / s.batch as f64;
+            let chunk_flops = pair_flops * nb as f64 / s.batch as f64;
             let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
             let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
-            let bq = vec![Res::Act(q), u(), u(), Res::Act(o), Res::Uniform(params.clone()), u(), Res::ActTex(kt), Res::ActTex(vt), Res::Act(dout), Res::Act(dq), Res::Act(ld)];
-            g.dispatch(format!("{label}.bwd_q"), pq.clone(), bq, [s.tq.div_ceil(WG) as u32, s.heads as u32, nb as u32], 3.0 * chunk_flops);
+            // The recomputing pass reads the query rows; the saved one reads P instead.
+            let qb = if probs.is_none() { Res::Act(q) } else { u() };
+            let mut bq =
+                vec![qb, u(), u(), Res::Act(o), Res::Uniform(params.clone()), u(), Res::ActTex(kt), Res::ActTex(vt), Res::Act(dout), Res::Act(dq), r10.clone(), u(), u(), u(), u(), r15.clone()];
+            if let Some(p) = probs {
+                bq.push(Res::ActTex(g.linear_texture(p, 16)));
+            }
+            g.dispatch(format!("{label}.bwd_q"), pq.clone(), bq, [s.tq.div_ceil(WG) as u32, s.heads as u32, nb as u32], fq * chunk_flops);
             let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
             let gt = texture_rows(g, label, dout, &s, (s.tq, b0, nb), 13)?;
-            let bkv = vec![u(), Res::Act(k), Res::Act(v), u(), Res::Uniform(params), Res::ActTex(qt), u(), u(), u(), u(), Res::Act(ld), Res::Act(dk), Res::Act(dv), Res::ActTex(gt)];
-            g.dispatch(format!("{label}.bwd_kv"), pkv.clone(), bkv, [s.tkv.div_ceil(WG) as u32, s.heads as u32, nb as u32], 4.0 * chunk_flops);
+            let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
+            let mut bkv = vec![u(), kb, vb, u(), Res::Uniform(params), Res::ActTex(qt), u(), u(), u(), u(), r10.clone(), Res::Act(dk), Res::Act(dv), Res::ActTex(gt)];
+            if let (Some(p), Some(ds)) = (probs, dscore) {
+                let (pt, dst) = (g.linear_texture(p, 16), g.linear_texture(ds, 17));
+                bkv.extend([u(), u(), Res::ActTex(pt), Res::ActTex(dst)]);
+            }
+            g.dispatch(format!("{label}.bwd_kv"), pkv.clone(), bkv, [s.tkv.div_ceil(WG) as u32, s.heads as u32, nb as u32], fkv * chunk_flops);
         }
         return Ok((dq, dk, dv));
     }
-    let bq = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params.clone()), u(), u(), u(), Res::Act(dout), Res::Act(dq), Res::Act(ld), u(), u()];
-    let pq = g.gpu.pipeline("attention", "attn_bwd_q", &consts)?;
-    g.dispatch(format!("{label}.bwd_q"), pq, bq, [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32], 4.0 * flops);
-    let bkv = vec![Res::Act(q), Res::Act(k), Res::Act(v), u(), Res::Uniform(params), u(), u(), u(), Res::Act(dout), u(), Res::Act(ld), Res::Act(dk), Res::Act(dv)];
-    let pkv = g.gpu.pipeline("attention", "attn_bwd_kv", &consts)?;
-    g.dispatch(format!("{label}.bwd_kv"), pkv, bkv, [s.tkv.div_ceil(WG) as u32, s.heads as u32, s.batch as u32], 4.0 * flops);
+    let groups = |t: usize| [t.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
+    let qb = if probs.is_none() { Res::Act(q) } else { u() };
+    let bq = vec![qb, Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params.clone()), u(), u(), u(), Res::Act(dout), Res::Act(dq), r10.clone(), u(), u(), u(), r14.clone(), r15.clone()];
+    let pq = g.gpu.pipeline("attention", names.0, &consts)?;
+    g.dispatch(format!("{label}.bwd_q"), pq, bq, groups(s.tq), fq * pair_flops);
+    let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
+    let bkv = vec![Res::Act(q), kb, vb, u(), Res::Uniform(params), u(), u(), u(), Res::Act(dout), u(), r10, Res::Act(dk), Res::Act(dv), u(), r14, r15];
+    let pkv = g.gpu.pipeline("attention", names.1, &consts)?;
+    g.dispatch(format!("{label}.bwd_kv"), pkv, bkv, groups(s.tkv), fkv * pair_flops);
     Ok((dq, dk, dv))
 }

@@ -97,14 +97,28 @@ pub fn act_rows_texture(g: &mut Graph, label: &str, t: TensorId, rows: usize, c:
     }
 }
 
+/// Most bytes of activation an inference kernel copies into one texture at a
+/// time. Activation textures are copies of live tensors, so a texture as large as
+/// the largest activation would add that much to peak memory; chunks of a few MiB
+/// keep the copies small while each dispatch still has thousands of invocations.
+pub const TEXTURE_CHUNK_BYTES: usize = 2 << 20;
+
+/// Rows per chunk of a [_, row_bytes / 4] tensor read through a texture: within
+/// TEXTURE_CHUNK_BYTES (at least 8 rows) and the adapter's texture height.
+pub fn texture_chunk_rows(row_bytes: usize, max_tex: usize) -> usize {
+    (TEXTURE_CHUNK_BYTES / row_bytes.max(1)).max(8).min(max_tex)
+}
+
 /// Batch chunks for kernels that read `rows_per_image` rows of `c` channels per
 /// image as texture rows (attention, depthwise conv): (first image, images) pairs
-/// whose rows fit the texture limit, or None when the texture path does not apply
-/// (a buffer-preferring adapter, or rows too wide or one image too tall).
+/// whose rows fit the texture limit and, beyond one image, TEXTURE_CHUNK_BYTES; or
+/// None when the texture path does not apply (a buffer-preferring adapter, or rows
+/// too wide or one image too tall).
 pub fn texture_batches(g: &Graph, texture: bool, batch: usize, rows_per_image: usize, c: usize) -> Option<Vec<(usize, usize)>> {
     let max_tex = g.gpu.limits.max_texture_dimension_2d as usize;
-    let per = max_tex / rows_per_image.max(1);
-    (texture && c / 4 <= max_tex && per > 0).then(|| (0..batch).step_by(per).map(|b0| (b0, per.min(batch - b0))).collect())
+    let image_bytes = (rows_per_image * c * 4).max(1);
+    let per = (max_tex / rows_per_image.max(1)).min((TEXTURE_CHUNK_BYTES / image_bytes).max(1));
+    (texture && c / 4 <= max_tex && max_tex >= rows_per_image).then(|| (0..batch).step_by(per).map(|b0| (b0, per.min(batch - b0))).collect())
 }
 
 /// The epilogue of a texture GEMM.

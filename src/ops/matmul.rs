@@ -7,7 +7,7 @@ use anyhow::Result;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::ops::gemm::{tex_gemm, Epilogue, Src, View};
+use crate::ops::gemm::{tex_gemm, texture_chunk_rows, Epilogue, Src, View};
 
 /// Whether buffer-held weights go through the packed texture GEMM (`ops::gemm`):
 /// on adapters whose timed trial preferred texture operands.
@@ -308,19 +308,23 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
         (None, Some(tex)) => {
             assert!(conv.is_none(), "{label}: convolutions use the buffer matmul");
             // A is read from a linear texture of the activation (main_tex's TA 1:
-            // no row-width limit, and textures of different layers share storage
-            // by width); output rows in chunks no taller than the texture limit.
-            let chunk = g.gpu.limits.max_texture_dimension_2d as usize;
-            let at = g.linear_texture(a, 5);
+            // no row-width limit, and the linear textures of all layers share one
+            // texture), in chunks of rows of at most TEXTURE_CHUNK_BYTES, so that
+            // texture stays small beside the activations.
+            let k4 = l.k / 4;
+            let chunk = texture_chunk_rows(l.k * 4, g.gpu.limits.max_texture_dimension_2d as usize);
             let mut ov = overrides(act, accumulate, false, (TWG_X, 1)).to_vec();
             ov.push(("TA", 1.0));
             let pipeline = g.gpu.pipeline("matmul", "main_tex", &ov)?;
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
+                let at = g.linear_texture_range(a, r0 * k4, rows * k4, 5);
                 let (lx, groups) = tex_grid(np4, rows);
                 let mut pu = params(rows, r0);
-                // A's row stride in vec4s, the column-block split.
-                (pu[16], pu[8]) = ((l.k / 4) as u32, lx);
+                // A's row stride in vec4s, the column-block split, and A's offset:
+                // the kernel reads row r0 + r at (r0 + r)·stride + a_off, and the
+                // chunk's texture starts at row r0 (u32 arithmetic wraps in WGSL).
+                (pu[16], pu[8], pu[18]) = (k4 as u32, lx, ((r0 * k4) as u32).wrapping_neg());
                 let b = vec![Res::Unused, Res::Unused, Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone())];
                 g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
             }
