@@ -47,9 +47,9 @@ fn gpu_loss(case: &Case, x: &[f32], w1: &[f32], b1: &[f32], w2: &[f32], b2: &[f3
 
 #[test]
 fn linear_backward_two_layers() {
-    // Both kernel families: packed texture GEMMs / row-per-invocation norms, and
-    // buffer GEMMs / workgroup-per-row norms.
-    for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
+    // Both kernel families: packed texture GEMMs / row-per-invocation norms (with
+    // 8 and 16 rows per invocation), and buffer GEMMs / workgroup-per-row norms.
+    for (gpu, tex_rows) in [(gpu_texture_variants(), 8), (gpu_texture_variants(), 16), (gpu_buffer_variants(), 8)] {
         // The last two have every dimension a multiple of 4, so the texture family
         // reads activations through linear textures (A as is and transposed, B as
         // is) instead of packing them; 12 rows of Xᵀ leave a half block of 8.
@@ -62,6 +62,7 @@ fn linear_backward_two_layers() {
             let l2 = Linear::with_kind(&gpu, "l2", &w2, Some(&b2), n, h, MatmulKind::Buffer).unwrap();
             let (g1, g2) = (LinearGrad::new(&gpu, "l1", &l1).unwrap(), LinearGrad::new(&gpu, "l2", &l2).unwrap());
             let mut g = Graph::new(gpu.clone());
+            g.tex_rows = tex_rows;
             let xi = g.pinned("x", m * k);
             let hi = g.tensor("h", m * h);
             linear(&mut g, "l1", xi, m, &l1, Act::None, Out::Into(hi)).unwrap();

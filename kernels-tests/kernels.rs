@@ -41,19 +41,24 @@ fn check_matmul(kind: MatmulKind, m: usize, n: usize, k: usize, act: Act, accumu
     let b = randn(n, 3);
     let r = randn(m * n, 4);
     let l = Linear::with_kind(&gpu, "t", &w, Some(&b), n, k, kind).unwrap();
-    let mut g = Graph::new(gpu.clone());
-    let x = g.pinned("x", m * k);
-    let y = g.pinned("y", m * n);
-    let out = if accumulate { Out::Accumulate(y) } else { Out::Into(y) };
-    linear(&mut g, "mm", x, m, &l, act, out).unwrap();
-    let plan = g.compile().unwrap();
-    plan.write(x, &a).unwrap();
-    plan.write(y, &r).unwrap();
-    plan.run().unwrap();
-    let got = plan.read(y).unwrap();
     let want = matmul_ref(&a, &w, &b, m, n, k, act, accumulate.then_some(&r[..]));
-    // f32 accumulation over K terms of unit-variance products: error ~ 1e-7 * sqrt(K) * |sum|.
-    assert_close(&format!("{kind:?} matmul {m}x{n}x{k} {act:?} acc={accumulate}"), &got, &want, 1e-4, 1e-4);
+    // The texture variant with 8 and 16 rows per invocation (Graph::tex_rows).
+    let row_blocks: &[usize] = if kind == MatmulKind::Texture { &[8, 16] } else { &[8] };
+    for &tex_rows in row_blocks {
+        let mut g = Graph::new(gpu.clone());
+        g.tex_rows = tex_rows;
+        let x = g.pinned("x", m * k);
+        let y = g.pinned("y", m * n);
+        let out = if accumulate { Out::Accumulate(y) } else { Out::Into(y) };
+        linear(&mut g, "mm", x, m, &l, act, out).unwrap();
+        let plan = g.compile().unwrap();
+        plan.write(x, &a).unwrap();
+        plan.write(y, &r).unwrap();
+        plan.run().unwrap();
+        let got = plan.read(y).unwrap();
+        // f32 accumulation over K terms of unit-variance products: error ~ 1e-7 * sqrt(K) * |sum|.
+        assert_close(&format!("{kind:?} matmul {m}x{n}x{k} {act:?} acc={accumulate} rows={tex_rows}"), &got, &want, 1e-4, 1e-4);
+    }
 }
 
 #[test]

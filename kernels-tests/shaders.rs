@@ -17,8 +17,15 @@ fn variants(shader: &str) -> Vec<Vec<(&'static str, f64)>> {
                     v.push(vec![("A_MODE", a), ("ACT", act), ("ACCUMULATE", 1.0)]);
                 }
             }
+            // main_tex's operand modes and 16-row block.
+            for ta in [1.0, 2.0] {
+                v.push(vec![("TA", ta), ("TB_LIN", 1.0), ("TRM", 16.0)]);
+            }
         }
-        "attention" => v.push(vec![("D4", 4.0), ("WG", 32.0)]),
+        "attention" => {
+            v.push(vec![("D4", 4.0), ("WG", 32.0)]);
+            v.push(vec![("D4", 16.0), ("SAVE_P", 1.0)]);
+        }
         _ => v.push(vec![("WG", 128.0)]),
     }
     v

@@ -407,6 +407,10 @@ fn mac(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>)
 // kernel ran 2.5x slower on lavapipe (docs/perf.md).
 override TA: u32 = 0u;
 override TB_LIN: bool = false;
+// Rows per invocation, 8 or 16 (Graph::tex_rows). 16 halves the B fetches per
+// multiply-add and runs the GEMM 20-40% faster on lavapipe, but its pipelines take
+// about three times as long to compile; the guards on this override compile out.
+override TRM: u32 = 8u;
 
 fn lin(t: texture_2d<f32>, i: u32) -> vec4<f32> {
     let s = countTrailingZeros(textureDimensions(t).x);
@@ -435,7 +439,7 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let lx = p.in_tok_off;
     let wx = 1u << lx;
     let col4 = (wid.x * wx + (lid & (wx - 1u))) * 4u;
-    let row0 = (wid.y * (WG_X >> lx) + (lid >> lx)) * 8u;
+    let row0 = (wid.y * (WG_X >> lx) + (lid >> lx)) * TRM;
     if (col4 >= p.NP4 || row0 >= p.M) {
         return;
     }
@@ -452,6 +456,14 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let r5 = i32(min(row0 + 5u, p.M - 1u));
     let r6 = i32(min(row0 + 6u, p.M - 1u));
     let r7 = i32(min(row0 + 7u, p.M - 1u));
+    let r8 = i32(min(row0 + 8u, p.M - 1u));
+    let r9 = i32(min(row0 + 9u, p.M - 1u));
+    let r10 = i32(min(row0 + 10u, p.M - 1u));
+    let r11 = i32(min(row0 + 11u, p.M - 1u));
+    let r12 = i32(min(row0 + 12u, p.M - 1u));
+    let r13 = i32(min(row0 + 13u, p.M - 1u));
+    let r14 = i32(min(row0 + 14u, p.M - 1u));
+    let r15 = i32(min(row0 + 15u, p.M - 1u));
     var a0_0 = vec4<f32>(); var a0_1 = vec4<f32>(); var a0_2 = vec4<f32>(); var a0_3 = vec4<f32>();
     var a1_0 = vec4<f32>(); var a1_1 = vec4<f32>(); var a1_2 = vec4<f32>(); var a1_3 = vec4<f32>();
     var a2_0 = vec4<f32>(); var a2_1 = vec4<f32>(); var a2_2 = vec4<f32>(); var a2_3 = vec4<f32>();
@@ -460,11 +472,21 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     var a5_0 = vec4<f32>(); var a5_1 = vec4<f32>(); var a5_2 = vec4<f32>(); var a5_3 = vec4<f32>();
     var a6_0 = vec4<f32>(); var a6_1 = vec4<f32>(); var a6_2 = vec4<f32>(); var a6_3 = vec4<f32>();
     var a7_0 = vec4<f32>(); var a7_1 = vec4<f32>(); var a7_2 = vec4<f32>(); var a7_3 = vec4<f32>();
-    // TA 2: the vec4 columns of the transposed source holding rows row0..+3 and
-    // row0+4..+7 (M is a multiple of 4 there; past the end, rows clamp and are
+    var a8_0 = vec4<f32>(); var a8_1 = vec4<f32>(); var a8_2 = vec4<f32>(); var a8_3 = vec4<f32>();
+    var a9_0 = vec4<f32>(); var a9_1 = vec4<f32>(); var a9_2 = vec4<f32>(); var a9_3 = vec4<f32>();
+    var a10_0 = vec4<f32>(); var a10_1 = vec4<f32>(); var a10_2 = vec4<f32>(); var a10_3 = vec4<f32>();
+    var a11_0 = vec4<f32>(); var a11_1 = vec4<f32>(); var a11_2 = vec4<f32>(); var a11_3 = vec4<f32>();
+    var a12_0 = vec4<f32>(); var a12_1 = vec4<f32>(); var a12_2 = vec4<f32>(); var a12_3 = vec4<f32>();
+    var a13_0 = vec4<f32>(); var a13_1 = vec4<f32>(); var a13_2 = vec4<f32>(); var a13_3 = vec4<f32>();
+    var a14_0 = vec4<f32>(); var a14_1 = vec4<f32>(); var a14_2 = vec4<f32>(); var a14_3 = vec4<f32>();
+    var a15_0 = vec4<f32>(); var a15_1 = vec4<f32>(); var a15_2 = vec4<f32>(); var a15_3 = vec4<f32>();
+    // TA 2: the vec4 columns of the transposed source holding rows row0..+3,
+    // row0+4..+7, ... (M is a multiple of 4 there; past the end, rows clamp and are
     // never stored).
     let g0 = (p.out_row_off + row0) / 4u;
     let g1 = (p.out_row_off + min(row0 + 4u, max(p.M, 4u) - 4u)) / 4u;
+    let g2 = (p.out_row_off + min(row0 + 8u, max(p.M, 4u) - 4u)) / 4u;
+    let g3 = (p.out_row_off + min(row0 + 12u, max(p.M, 4u) - 4u)) / 4u;
     for (var kk = 0; kk < i32(p.K / 4u); kk++) {
         let k = kk * 4;
         let b00 = b_at(c0, k + 0);
@@ -483,21 +505,73 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         let b31 = b_at(c1, k + 3);
         let b32 = b_at(c2, k + 3);
         let b33 = b_at(c3, k + 3);
-        var x0: vec4<f32>; var x1: vec4<f32>; var x2: vec4<f32>; var x3: vec4<f32>;
-        var x4: vec4<f32>; var x5: vec4<f32>; var x6: vec4<f32>; var x7: vec4<f32>;
+        var x0: vec4<f32>;
+        var x1: vec4<f32>;
+        var x2: vec4<f32>;
+        var x3: vec4<f32>;
+        var x4: vec4<f32>;
+        var x5: vec4<f32>;
+        var x6: vec4<f32>;
+        var x7: vec4<f32>;
+        var x8: vec4<f32>;
+        var x9: vec4<f32>;
+        var x10: vec4<f32>;
+        var x11: vec4<f32>;
+        var x12: vec4<f32>;
+        var x13: vec4<f32>;
+        var x14: vec4<f32>;
+        var x15: vec4<f32>;
         if (TA == 2u) {
             let base = p._p0 + u32(k) * p.a_stride;
-            var t0 = lin(a_tex, base + g0); var t1 = lin(a_tex, base + p.a_stride + g0);
-            var t2 = lin(a_tex, base + 2u * p.a_stride + g0); var t3 = lin(a_tex, base + 3u * p.a_stride + g0);
-            x0 = vec4<f32>(t0.x, t1.x, t2.x, t3.x); x1 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
-            x2 = vec4<f32>(t0.z, t1.z, t2.z, t3.z); x3 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
-            t0 = lin(a_tex, base + g1); t1 = lin(a_tex, base + p.a_stride + g1);
-            t2 = lin(a_tex, base + 2u * p.a_stride + g1); t3 = lin(a_tex, base + 3u * p.a_stride + g1);
-            x4 = vec4<f32>(t0.x, t1.x, t2.x, t3.x); x5 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
-            x6 = vec4<f32>(t0.z, t1.z, t2.z, t3.z); x7 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+            { let t0 = lin(a_tex, base + g0); let t1 = lin(a_tex, base + p.a_stride + g0);
+              let t2 = lin(a_tex, base + 2u * p.a_stride + g0); let t3 = lin(a_tex, base + 3u * p.a_stride + g0);
+              x0 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
+              x1 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+              x2 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
+              x3 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+            }
+            { let t0 = lin(a_tex, base + g1); let t1 = lin(a_tex, base + p.a_stride + g1);
+              let t2 = lin(a_tex, base + 2u * p.a_stride + g1); let t3 = lin(a_tex, base + 3u * p.a_stride + g1);
+              x4 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
+              x5 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+              x6 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
+              x7 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+            }
+            if (TRM > 8u) {
+            { let t0 = lin(a_tex, base + g2); let t1 = lin(a_tex, base + p.a_stride + g2);
+              let t2 = lin(a_tex, base + 2u * p.a_stride + g2); let t3 = lin(a_tex, base + 3u * p.a_stride + g2);
+              x8 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
+              x9 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+              x10 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
+              x11 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+            }
+            { let t0 = lin(a_tex, base + g3); let t1 = lin(a_tex, base + p.a_stride + g3);
+              let t2 = lin(a_tex, base + 2u * p.a_stride + g3); let t3 = lin(a_tex, base + 3u * p.a_stride + g3);
+              x12 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
+              x13 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+              x14 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
+              x15 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+            }
+            }
         } else {
-            x0 = a_row(kk, r0); x1 = a_row(kk, r1); x2 = a_row(kk, r2); x3 = a_row(kk, r3);
-            x4 = a_row(kk, r4); x5 = a_row(kk, r5); x6 = a_row(kk, r6); x7 = a_row(kk, r7);
+            x0 = a_row(kk, r0);
+            x1 = a_row(kk, r1);
+            x2 = a_row(kk, r2);
+            x3 = a_row(kk, r3);
+            x4 = a_row(kk, r4);
+            x5 = a_row(kk, r5);
+            x6 = a_row(kk, r6);
+            x7 = a_row(kk, r7);
+            if (TRM > 8u) {
+                x8 = a_row(kk, r8);
+                x9 = a_row(kk, r9);
+                x10 = a_row(kk, r10);
+                x11 = a_row(kk, r11);
+                x12 = a_row(kk, r12);
+                x13 = a_row(kk, r13);
+                x14 = a_row(kk, r14);
+                x15 = a_row(kk, r15);
+            }
         }
         a0_0 += mac(x0, b00, b10, b20, b30); a0_1 += mac(x0, b01, b11, b21, b31); a0_2 += mac(x0, b02, b12, b22, b32); a0_3 += mac(x0, b03, b13, b23, b33);
         a1_0 += mac(x1, b00, b10, b20, b30); a1_1 += mac(x1, b01, b11, b21, b31); a1_2 += mac(x1, b02, b12, b22, b32); a1_3 += mac(x1, b03, b13, b23, b33);
@@ -507,6 +581,16 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         a5_0 += mac(x5, b00, b10, b20, b30); a5_1 += mac(x5, b01, b11, b21, b31); a5_2 += mac(x5, b02, b12, b22, b32); a5_3 += mac(x5, b03, b13, b23, b33);
         a6_0 += mac(x6, b00, b10, b20, b30); a6_1 += mac(x6, b01, b11, b21, b31); a6_2 += mac(x6, b02, b12, b22, b32); a6_3 += mac(x6, b03, b13, b23, b33);
         a7_0 += mac(x7, b00, b10, b20, b30); a7_1 += mac(x7, b01, b11, b21, b31); a7_2 += mac(x7, b02, b12, b22, b32); a7_3 += mac(x7, b03, b13, b23, b33);
+        if (TRM > 8u) {
+            a8_0 += mac(x8, b00, b10, b20, b30); a8_1 += mac(x8, b01, b11, b21, b31); a8_2 += mac(x8, b02, b12, b22, b32); a8_3 += mac(x8, b03, b13, b23, b33);
+            a9_0 += mac(x9, b00, b10, b20, b30); a9_1 += mac(x9, b01, b11, b21, b31); a9_2 += mac(x9, b02, b12, b22, b32); a9_3 += mac(x9, b03, b13, b23, b33);
+            a10_0 += mac(x10, b00, b10, b20, b30); a10_1 += mac(x10, b01, b11, b21, b31); a10_2 += mac(x10, b02, b12, b22, b32); a10_3 += mac(x10, b03, b13, b23, b33);
+            a11_0 += mac(x11, b00, b10, b20, b30); a11_1 += mac(x11, b01, b11, b21, b31); a11_2 += mac(x11, b02, b12, b22, b32); a11_3 += mac(x11, b03, b13, b23, b33);
+            a12_0 += mac(x12, b00, b10, b20, b30); a12_1 += mac(x12, b01, b11, b21, b31); a12_2 += mac(x12, b02, b12, b22, b32); a12_3 += mac(x12, b03, b13, b23, b33);
+            a13_0 += mac(x13, b00, b10, b20, b30); a13_1 += mac(x13, b01, b11, b21, b31); a13_2 += mac(x13, b02, b12, b22, b32); a13_3 += mac(x13, b03, b13, b23, b33);
+            a14_0 += mac(x14, b00, b10, b20, b30); a14_1 += mac(x14, b01, b11, b21, b31); a14_2 += mac(x14, b02, b12, b22, b32); a14_3 += mac(x14, b03, b13, b23, b33);
+            a15_0 += mac(x15, b00, b10, b20, b30); a15_1 += mac(x15, b01, b11, b21, b31); a15_2 += mac(x15, b02, b12, b22, b32); a15_3 += mac(x15, b03, b13, b23, b33);
+        }
     }
     store_vec(row0 + 0u, col4, a0_0); store_vec(row0 + 0u, col4 + 1u, a0_1); store_vec(row0 + 0u, col4 + 2u, a0_2); store_vec(row0 + 0u, col4 + 3u, a0_3);
     store_vec(row0 + 1u, col4, a1_0); store_vec(row0 + 1u, col4 + 1u, a1_1); store_vec(row0 + 1u, col4 + 2u, a1_2); store_vec(row0 + 1u, col4 + 3u, a1_3);
@@ -516,6 +600,16 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     store_vec(row0 + 5u, col4, a5_0); store_vec(row0 + 5u, col4 + 1u, a5_1); store_vec(row0 + 5u, col4 + 2u, a5_2); store_vec(row0 + 5u, col4 + 3u, a5_3);
     store_vec(row0 + 6u, col4, a6_0); store_vec(row0 + 6u, col4 + 1u, a6_1); store_vec(row0 + 6u, col4 + 2u, a6_2); store_vec(row0 + 6u, col4 + 3u, a6_3);
     store_vec(row0 + 7u, col4, a7_0); store_vec(row0 + 7u, col4 + 1u, a7_1); store_vec(row0 + 7u, col4 + 2u, a7_2); store_vec(row0 + 7u, col4 + 3u, a7_3);
+    if (TRM > 8u) {
+        store_vec(row0 + 8u, col4, a8_0); store_vec(row0 + 8u, col4 + 1u, a8_1); store_vec(row0 + 8u, col4 + 2u, a8_2); store_vec(row0 + 8u, col4 + 3u, a8_3);
+        store_vec(row0 + 9u, col4, a9_0); store_vec(row0 + 9u, col4 + 1u, a9_1); store_vec(row0 + 9u, col4 + 2u, a9_2); store_vec(row0 + 9u, col4 + 3u, a9_3);
+        store_vec(row0 + 10u, col4, a10_0); store_vec(row0 + 10u, col4 + 1u, a10_1); store_vec(row0 + 10u, col4 + 2u, a10_2); store_vec(row0 + 10u, col4 + 3u, a10_3);
+        store_vec(row0 + 11u, col4, a11_0); store_vec(row0 + 11u, col4 + 1u, a11_1); store_vec(row0 + 11u, col4 + 2u, a11_2); store_vec(row0 + 11u, col4 + 3u, a11_3);
+        store_vec(row0 + 12u, col4, a12_0); store_vec(row0 + 12u, col4 + 1u, a12_1); store_vec(row0 + 12u, col4 + 2u, a12_2); store_vec(row0 + 12u, col4 + 3u, a12_3);
+        store_vec(row0 + 13u, col4, a13_0); store_vec(row0 + 13u, col4 + 1u, a13_1); store_vec(row0 + 13u, col4 + 2u, a13_2); store_vec(row0 + 13u, col4 + 3u, a13_3);
+        store_vec(row0 + 14u, col4, a14_0); store_vec(row0 + 14u, col4 + 1u, a14_1); store_vec(row0 + 14u, col4 + 2u, a14_2); store_vec(row0 + 14u, col4 + 3u, a14_3);
+        store_vec(row0 + 15u, col4, a15_0); store_vec(row0 + 15u, col4 + 1u, a15_1); store_vec(row0 + 15u, col4 + 2u, a15_2); store_vec(row0 + 15u, col4 + 3u, a15_3);
+    }
 }
 
 // ---------------------------------------------------------------------------

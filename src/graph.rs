@@ -122,6 +122,10 @@ impl OpRec {
 /// A model under construction: tensors and the ordered dispatches over them.
 pub struct Graph {
     pub gpu: Arc<Gpu>,
+    /// Rows per invocation of the texture GEMM (8 or 16; `matmul.wgsl`'s `TRM`).
+    /// 16 is faster per run and slower to compile: training graphs and the GEMM
+    /// ceiling take 16, inference 8 (`CVT_GPU_TEX_ROWS` overrides both).
+    pub tex_rows: usize,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
     /// Texture fillings so far (`TexRef::fill`).
@@ -192,7 +196,15 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        Graph { gpu, tensors: vec![], ops: vec![], fills: 0 }
+        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(8), tensors: vec![], ops: vec![], fills: 0 }
+    }
+
+    /// A graph that runs long enough to repay the texture GEMM's larger block
+    /// (training steps, the GEMM ceiling): `tex_rows` 16 unless overridden.
+    pub fn new_long_running(gpu: Arc<Gpu>) -> Self {
+        let mut g = Graph::new(gpu);
+        g.tex_rows = tex_rows_setting().unwrap_or(16);
+        g
     }
 
     /// A new intermediate tensor of `len` f32.
@@ -459,6 +471,11 @@ impl Graph {
             tensor_len: self.tensors.iter().map(|t| t.len).collect(),
         })
     }
+}
+
+/// `CVT_GPU_TEX_ROWS` (8 or 16), if set to one of those.
+fn tex_rows_setting() -> Option<usize> {
+    std::env::var("CVT_GPU_TEX_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| *r == 8 || *r == 16)
 }
 
 /// A tensor for `plan_slots`: its size, and the steps [first, last] it is used

@@ -20,8 +20,8 @@ const RM: usize = 8;
 const RN4: usize = 2;
 const WG_X: usize = 8;
 const WG_Y: usize = 8;
-/// The texture variant's block (`TRM`, `TRN4`) and workgroup.
-pub(crate) const TRM: usize = 8;
+/// The texture variant's block (`TRN4` vec4 columns; rows per invocation are the
+/// graph's `tex_rows`, the shader's `TRM`) and workgroup.
 pub(crate) const TRN4: usize = 4;
 pub(crate) const TWG_X: usize = 16;
 
@@ -31,11 +31,11 @@ pub(crate) const TWG_X: usize = 16;
 /// blocks as there are, the rest along row blocks: a narrow output (N = 32: two
 /// column blocks) would otherwise leave 14 of 16 invocations idle, which on a CPU
 /// driver are SIMD lanes computed anyway.
-pub(crate) fn tex_grid(n4: usize, rows: usize) -> (u32, [u32; 3]) {
+pub(crate) fn tex_grid(n4: usize, rows: usize, trm: usize) -> (u32, [u32; 3]) {
     let col_blocks = n4.div_ceil(TRN4);
     let wx = col_blocks.next_power_of_two().min(TWG_X);
     let wy = TWG_X / wx;
-    (wx.trailing_zeros(), [col_blocks.div_ceil(wx) as u32, rows.div_ceil(TRM).div_ceil(wy) as u32, 1])
+    (wx.trailing_zeros(), [col_blocks.div_ceil(wx) as u32, rows.div_ceil(trm).div_ceil(wy) as u32, 1])
 }
 
 /// Activation fused into the matmul epilogue.
@@ -314,12 +314,12 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             let k4 = l.k / 4;
             let chunk = texture_chunk_rows(l.k * 4, g.gpu.limits.max_texture_dimension_2d as usize);
             let mut ov = overrides(act, accumulate, false, (TWG_X, 1)).to_vec();
-            ov.push(("TA", 1.0));
+            ov.extend([("TA", 1.0), ("TRM", g.tex_rows as f64)]);
             let pipeline = g.gpu.pipeline("matmul", "main_tex", &ov)?;
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
                 let at = g.linear_texture_range(a, r0 * k4, rows * k4, 5);
-                let (lx, groups) = tex_grid(np4, rows);
+                let (lx, groups) = tex_grid(np4, rows, g.tex_rows);
                 let mut pu = params(rows, r0);
                 // A's row stride in vec4s, the column-block split, and A's offset:
                 // the kernel reads row r0 + r at (r0 + r)·stride + a_off, and the
