@@ -123,8 +123,9 @@ impl OpRec {
 pub struct Graph {
     pub gpu: Arc<Gpu>,
     /// Rows per invocation of the texture GEMM (8 or 16; `matmul.wgsl`'s `TRM`).
-    /// 16 is faster per run and slower to compile: training graphs and the GEMM
-    /// ceiling take 16, inference 8 (`CVT_GPU_TEX_ROWS` overrides both).
+    /// 16 is faster per run and slower to compile: training graphs, the GEMM
+    /// ceiling and inference from batch 8 take 16, smaller inference batches 8
+    /// (`CVT_GPU_TEX_ROWS` overrides both).
     pub tex_rows: usize,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
@@ -200,7 +201,8 @@ impl Graph {
     }
 
     /// A graph that runs long enough to repay the texture GEMM's larger block
-    /// (training steps, the GEMM ceiling): `tex_rows` 16 unless overridden.
+    /// (training steps, the GEMM ceiling, large inference batches): `tex_rows` 16
+    /// unless overridden.
     pub fn new_long_running(gpu: Arc<Gpu>) -> Self {
         let mut g = Graph::new(gpu);
         g.tex_rows = tex_rows_setting().unwrap_or(16);
