@@ -9,8 +9,8 @@ use cvt_gpu::graph::Graph;
 use cvt_gpu::ops::attention::{attention_train, attention_with, AttnGrad, AttnShape};
 use cvt_gpu::ops::dwconv::{conv_proj, fold_bn, kv_hw, BatchNorm, ConvProj};
 use cvt_gpu::ops::gemm::TEXTURE_CHUNK_BYTES;
-use cvt_gpu::ops::matmul::{conv2d, linear, Out};
-use cvt_gpu::ops::rownorm::{layernorm, softmax, LayerNorm, RowMap};
+use cvt_gpu::ops::matmul::{conv2d, linear, linear_residual, Out};
+use cvt_gpu::ops::rownorm::{add_layernorm, layernorm, softmax, LayerNorm, RowMap};
 use cvt_gpu::ops::tokens::{cls_fill, mean_tokens};
 use cvt_gpu::ops::{Act, ConvGeom, Linear};
 use std::sync::Arc;
@@ -42,11 +42,13 @@ fn check_matmul(kind: MatmulKind, m: usize, n: usize, k: usize, act: Act, accumu
     let r = randn(m * n, 4);
     let l = Linear::with_kind(&gpu, "t", &w, Some(&b), n, k, kind).unwrap();
     let want = matmul_ref(&a, &w, &b, m, n, k, act, accumulate.then_some(&r[..]));
-    // The texture variant with 8 and 16 rows per invocation (Graph::tex_rows).
-    let row_blocks: &[usize] = if kind == MatmulKind::Texture { &[8, 16] } else { &[8] };
-    for &tex_rows in row_blocks {
+    // The texture variant with 8 and 16 rows per invocation (Graph::tex_rows), its
+    // epilogue fused or split into separate passes (Graph::fused_epilogue).
+    let variants: &[(usize, bool)] = if kind == MatmulKind::Texture { &[(8, false), (8, true), (16, true)] } else { &[(8, true)] };
+    for &(tex_rows, fused) in variants {
         let mut g = Graph::new(gpu.clone());
         g.tex_rows = tex_rows;
+        g.fused_epilogue = fused;
         let x = g.pinned("x", m * k);
         let y = g.pinned("y", m * n);
         let out = if accumulate { Out::Accumulate(y) } else { Out::Into(y) };
@@ -57,7 +59,7 @@ fn check_matmul(kind: MatmulKind, m: usize, n: usize, k: usize, act: Act, accumu
         plan.run().unwrap();
         let got = plan.read(y).unwrap();
         // f32 accumulation over K terms of unit-variance products: error ~ 1e-7 * sqrt(K) * |sum|.
-        assert_close(&format!("{kind:?} matmul {m}x{n}x{k} {act:?} acc={accumulate} rows={tex_rows}"), &got, &want, 1e-4, 1e-4);
+        assert_close(&format!("{kind:?} matmul {m}x{n}x{k} {act:?} acc={accumulate} rows={tex_rows} fused={fused}"), &got, &want, 1e-4, 1e-4);
     }
 }
 
@@ -325,6 +327,41 @@ fn layernorm_dense_and_gathered() {
         }
     }
     assert_close("layernorm scatter", &plan.read(out).unwrap(), &want, 1e-4, 1e-4);
+}
+
+/// A block's residual branch and the LayerNorm after it (what the forward does
+/// after proj and fc2): with a split epilogue the branch output is returned and
+/// added to the stream by `add_layernorm`; fused, the GEMM adds it. Both must
+/// leave the stream as x + a·W + b and normalise that.
+#[test]
+fn residual_branch_then_layernorm() {
+    let gpu = gpu();
+    for &(m, c, kind) in &[(5, 8, MatmulKind::Texture), (37, 384, MatmulKind::Texture), (2, 6, MatmulKind::Texture), (9, 12, MatmulKind::Buffer), (3, 6, MatmulKind::Buffer)] {
+        let k = 64;
+        let (a, w, b) = (randn(m * k, 1), randn(c * k, 2), randn(c, 3));
+        let x: Vec<f32> = randn(m * c, 4).iter().map(|v| v * 2.0 + 1.0).collect();
+        let (gm, bt) = (randn(c, 5), randn(c, 6));
+        let l = Linear::with_kind(&gpu, "proj", &w, Some(&b), c, k, kind).unwrap();
+        let ln = LayerNorm::new(&gpu, "ln", &gm, &bt).unwrap();
+        let want_x = matmul_ref(&a, &w, &b, m, c, k, Act::None, Some(&x));
+        let want_h: Vec<f64> = want_x.chunks(c).flat_map(|r| layernorm_ref(r, &gm, &bt)).collect();
+        for fused in [false, true] {
+            let mut g = Graph::new(gpu.clone());
+            g.fused_epilogue = fused;
+            let (ai, xi) = (g.pinned("a", m * k), g.pinned("x", m * c));
+            let h = match linear_residual(&mut g, "proj", ai, m, &l, xi).unwrap() {
+                Some(z) => add_layernorm(&mut g, "norm", xi, z, m, &ln).unwrap(),
+                None => layernorm(&mut g, "norm", xi, RowMap::dense(m), &ln, None).unwrap(),
+            };
+            let plan = g.compile().unwrap();
+            plan.write(ai, &a).unwrap();
+            plan.write(xi, &x).unwrap();
+            plan.run().unwrap();
+            let name = format!("{kind:?} {m}x{c} fused={fused}");
+            assert_close(&format!("residual stream {name}"), &plan.read(xi).unwrap(), &want_x, 1e-4, 1e-4);
+            assert_close(&format!("layernorm of the stream {name}"), &plan.read(h).unwrap(), &want_h, 1e-4, 1e-4);
+        }
+    }
 }
 
 #[test]

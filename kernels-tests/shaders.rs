@@ -26,6 +26,11 @@ fn variants(shader: &str) -> Vec<Vec<(&'static str, f64)>> {
             v.push(vec![("D4", 4.0), ("WG", 32.0)]);
             v.push(vec![("D4", 16.0), ("SAVE_P", 1.0)]);
         }
+        "rownorm" => {
+            v.push(vec![("WG", 128.0)]);
+            // layernorm4's fused residual add.
+            v.push(vec![("LANES", 1.0), ("RESIDUAL", 1.0)]);
+        }
         _ => v.push(vec![("WG", 128.0)]),
     }
     v

@@ -384,7 +384,7 @@ fn col2im4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 // storage-buffer loads (Mesa 22.3's lavapipe runs the latter as a per-lane loop;
 // docs/perf.md), and there a bigger block pays because fetches are cheap.
 //
-// Each invocation owns 8 rows x 4 vec4 columns. The block is written out by hand
+// Each invocation owns TRM (8 or 16) rows x 4 vec4 columns. The block is written out by hand
 // rather than as loops over arrays: lavapipe does not unroll such nested loops, and
 // the array form measured 2.6x slower with 10x the compile time (docs/perf.md).
 
@@ -396,8 +396,8 @@ fn mac(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>)
 @group(0) @binding(6) var b_tex: texture_2d<f32>;
 
 // Where main_tex finds its operands. Packed (0): a texture of exactly the
-// operand, written by `pack`. Linear (TA 1, TB_LIN): a copy of the whole source
-// buffer in a linear texture (Graph::linear_texture; vec4 i at (i & (W-1),
+// operand, written by `pack`. Linear (TA 1, TB_LIN): a copy of the source buffer
+// (or of a chunk of its rows) in a linear texture (Graph::linear_texture; vec4 i at (i & (W-1),
 // i >> log2 W)), which a CPU driver fills with a memcpy instead of a pack pass;
 // row r of A is vec4s a_off + r*a_stride .. (units of vec4, p._p0 and p.a_stride),
 // row k of B likewise from p._p1 and p.b_stride. TA 2: A is the transpose of a

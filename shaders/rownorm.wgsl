@@ -222,17 +222,31 @@ fn hsum(v: vec4<f32>) -> f32 {
     return v.x + v.y + v.z + v.w;
 }
 
+// layernorm4 with RESIDUAL normalises x + z, the residual stream plus a branch
+// output (z in dy_t), and writes that sum back over x (aux4): the residual add of
+// a transformer block and the next LayerNorm in one pass, for when the GEMM's
+// epilogue does not add it (Graph::fused_epilogue). Rows are dense there.
+override RESIDUAL: bool = false;
+
+// Input vec4 i of the row kernels: x, or x + z with RESIDUAL.
+fn x4(i: u32) -> vec4<f32> {
+    if (RESIDUAL) {
+        return lin(x_t, i) + lin(dy_t, i);
+    }
+    return lin(x_t, i);
+}
+
 // row_stats over the row of C/4 vec4 at x_t[b4..].
 fn row_stats4(b4: u32) -> vec2<f32> {
     let c4 = p.C / 4u;
     var s = vec4<f32>(0.0);
     for (var c = 0u; c < c4; c++) {
-        s += lin(x_t, b4 + c);
+        s += x4(b4 + c);
     }
     let mean = hsum(s) / f32(p.C);
     var s2 = vec4<f32>(0.0);
     for (var c = 0u; c < c4; c++) {
-        let d = lin(x_t, b4 + c) - mean;
+        let d = x4(b4 + c) - mean;
         s2 += d * d;
     }
     return vec2<f32>(mean, inverseSqrt(hsum(s2) / f32(p.C) + p.eps));
@@ -249,7 +263,11 @@ fn layernorm4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let ob = out_base(r) / 4u;
     let st = row_stats4(ib);
     for (var c = 0u; c < p.C / 4u; c++) {
-        y4[ob + c] = (lin(x_t, ib + c) - st.x) * st.y * gamma4[c] + beta4[c];
+        let v = x4(ib + c);
+        y4[ob + c] = (v - st.x) * st.y * gamma4[c] + beta4[c];
+        if (RESIDUAL) {
+            aux4[ib + c] = v;
+        }
     }
 }
 

@@ -157,6 +157,7 @@ pub struct Gpu {
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// A small zero buffer for bindings an entry point declares but a mode ignores.
     placeholder: std::sync::OnceLock<Arc<wgpu::Buffer>>,
+    placeholder_texture: std::sync::OnceLock<Arc<wgpu::TextureView>>,
     /// The matmul variant, chosen on first use by a timed trial (`ops::matmul::preferred_kind`).
     pub matmul_kind: std::sync::OnceLock<MatmulKind>,
     /// Invocations per row in the row-reduction kernels (0 = not chosen yet; see
@@ -170,6 +171,7 @@ pub struct Gpu {
 impl Gpu {
     /// Opens the adapter described by `req`.
     pub fn new(req: &AdapterRequest) -> Result<Arc<Gpu>> {
+        crate::graph::check_settings()?;
         let adapters = ordered_adapters(req.backend, req.adapter.is_none());
         if adapters.is_empty() {
             if req.backend == BackendChoice::Auto {
@@ -220,6 +222,7 @@ impl Gpu {
             matmul_kind: std::sync::OnceLock::new(),
             row_lanes: std::sync::atomic::AtomicUsize::new(0),
             placeholder: std::sync::OnceLock::new(),
+            placeholder_texture: std::sync::OnceLock::new(),
             error,
         }))
     }
@@ -243,6 +246,12 @@ impl Gpu {
         self.placeholder
             .get_or_init(|| Arc::new(self.device.create_buffer(&wgpu::BufferDescriptor { label: Some("placeholder"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })))
             .clone()
+    }
+
+    /// A one-texel texture, for texture bindings a kernel mode does not read (WGSL
+    /// counts a binding used under a false override-constant branch as used).
+    pub fn placeholder_texture(&self) -> Arc<wgpu::TextureView> {
+        self.placeholder_texture.get_or_init(|| Arc::new(texture(self, "placeholder", 1, 1).create_view(&Default::default()))).clone()
     }
 
     /// Largest storage buffer one binding may cover on this device.
@@ -374,11 +383,35 @@ impl Gpu {
     }
 }
 
-/// An rgba32float texture that kernels read with `textureLoad` and copies fill.
+/// The smallest size >= `n` that is not a power of two (3 for 1 and 2), or `n`
+/// itself if that would pass the adapter's texture limit `max`.
+///
+/// Why: llvmpipe/lavapipe compiles a kernel at its first dispatch, once per
+/// combination of its textures' static state, and that state includes whether
+/// each dimension is a power of two. CvT's layer widths are powers of two in
+/// stage 0 and not in later stages, so without padding every texture GEMM JITs
+/// twice (about 1 s each on lavapipe). Kernels never read a texture's height, and
+/// read its width only for linear textures, which are always powers of two wide;
+/// so heights (and the widths of weight textures) are padded to a non-power of
+/// two: one extra row or column, never read.
+pub fn npot(n: u32, max: u32) -> u32 {
+    let mut m = n.max(3);
+    while m.is_power_of_two() {
+        m += 1;
+    }
+    if m <= max {
+        m
+    } else {
+        n
+    }
+}
+
+/// An rgba32float texture that kernels read with `textureLoad` and copies fill;
+/// at least `height` rows (see [`npot`]).
 pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture {
     gpu.device.create_texture(&wgpu::TextureDescriptor {
         label: Some(label),
-        size: wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
+        size: wgpu::Extent3d { width, height: npot(height, gpu.limits.max_texture_dimension_2d), depth_or_array_layers: 1 },
         mip_level_count: 1,
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
@@ -388,9 +421,11 @@ pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture
     })
 }
 
-/// A texture of `height` rows of `width` rgba32float texels filled from `data` (row-major).
+/// A texture whose first `height` rows of `width` rgba32float texels are `data`
+/// (row-major), read by coordinates (never as a linear texture): both dimensions
+/// padded to non-powers of two (see [`npot`]).
 pub fn texture_from(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u32) -> wgpu::TextureView {
-    let t = texture(gpu, label, width, height);
+    let t = texture(gpu, label, npot(width, gpu.limits.max_texture_dimension_2d), height);
     gpu.queue.write_texture(
         t.as_image_copy(),
         bytemuck::cast_slice(data),

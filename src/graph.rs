@@ -2,8 +2,9 @@
 //!
 //! A model is built once per (model, batch, resolution) as a list of kernel
 //! dispatches over symbolic activation tensors (`Graph`). `Graph::compile` then
-//! plans memory by liveness: walking the ops in order, a tensor takes a buffer when
-//! it is first used and returns it after its last use, so activations that are
+//! plans memory by liveness: each tensor's span of steps is known in advance, and
+//! `plan_slots` gives tensors whose spans do not overlap the same buffer (largest
+//! first, each into the smallest free slot that holds it), so activations that are
 //! never alive at the same time share memory. Buffers, uniforms and bind groups are
 //! created once; `Plan::run` only re-records the same dispatches into one command
 //! buffer (wgpu has no reusable compute bundles) and submits it, with no readback
@@ -93,9 +94,9 @@ enum OpRec {
         groups: [u32; 3],
         flops: f64,
     },
-    /// Rows [row0, row0 + tex.height) of a [rows, 4 * tex.width] tensor into `tex`;
-    /// with `texels`, only that many texels in row order (a linear texture, whose
-    /// last row may be partial).
+    /// Texels from `texel0` of a tensor into `tex`: whole rows of tex.width texels
+    /// (rows of a [rows, 4 * tex.width] tensor), or with `texels` only that many in
+    /// row order (a linear texture, whose last row may be partial).
     Copy {
         src: TensorId,
         /// First texel (4 values) of `src` copied.
@@ -127,6 +128,14 @@ pub struct Graph {
     /// ceiling and inference from batch 8 take 16, smaller inference batches 8
     /// (`CVT_GPU_TEX_ROWS` overrides both).
     pub tex_rows: usize,
+    /// Whether the texture GEMM applies a layer's activation and residual add in
+    /// its epilogue (one pipeline per combination) or leaves them to other passes
+    /// (one GEMM pipeline; the residual add joins the next LayerNorm). The texture
+    /// GEMM serves CPU drivers, which compile a kernel at its first dispatch, 1-3 s
+    /// per GEMM variant on lavapipe: split is the default there, as fast per run
+    /// as fused at CvT-13 batch 1 and 8, with the first call 2.5-8 s shorter
+    /// (docs/perf.md). The buffer GEMM always fuses. `CVT_GPU_EPILOGUE=fused|split`.
+    pub fused_epilogue: bool,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
     /// Texture fillings so far (`TexRef::fill`).
@@ -197,7 +206,7 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(8), tensors: vec![], ops: vec![], fills: 0 }
+        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(8), fused_epilogue: fused_setting().unwrap_or(false), tensors: vec![], ops: vec![], fills: 0 }
     }
 
     /// A graph that runs long enough to repay the texture GEMM's larger block
@@ -283,7 +292,6 @@ impl Graph {
         TexRef { width: width as u32, height: rows as u32, binding, fill: self.fills }
     }
 
-    /// Plans memory by liveness and creates every buffer and bind group.
     /// `CVT_GPU_TRACE_MEMORY=1`: the slot plan's total against the live set, and
     /// the tensors alive at the step where the most bytes are.
     fn trace_memory(&self, tensors: &[SlotTensor], slot_size: &[u64]) {
@@ -299,6 +307,7 @@ impl Graph {
         }
     }
 
+    /// Plans memory by liveness and creates every buffer, texture and bind group.
     pub fn compile(self) -> Result<Plan> {
         let gpu = self.gpu.clone();
         let n = self.tensors.len();
@@ -464,7 +473,7 @@ impl Graph {
             activation_bytes: slot_size.iter().sum(),
             unshared_bytes: (0..n).map(bytes).sum(),
             max_live_bytes: max_live,
-            texture_bytes: tex_sizes.iter().map(|t| t.width as u64 * t.height as u64 * 16).sum(),
+            texture_bytes: tex_sizes.iter().map(|t| t.width as u64 * crate::gpu::npot(t.height, max_tex) as u64 * 16).sum(),
             gpu,
             steps,
             slots,
@@ -476,6 +485,26 @@ impl Graph {
 }
 
 /// `CVT_GPU_TEX_ROWS` (8 or 16), if set to one of those.
+/// Rejects an invalid value of the environment settings read by `Graph::new`
+/// (which cannot fail), so a typo is an error rather than silently ignored.
+pub fn check_settings() -> Result<()> {
+    if let Ok(v) = std::env::var("CVT_GPU_TEX_ROWS") {
+        anyhow::ensure!(tex_rows_setting().is_some(), "CVT_GPU_TEX_ROWS={v}: expected 8 or 16");
+    }
+    if let Ok(v) = std::env::var("CVT_GPU_EPILOGUE") {
+        anyhow::ensure!(fused_setting().is_some(), "CVT_GPU_EPILOGUE={v}: expected `fused` or `split`");
+    }
+    Ok(())
+}
+
+fn fused_setting() -> Option<bool> {
+    match std::env::var("CVT_GPU_EPILOGUE").as_deref() {
+        Ok("fused") => Some(true),
+        Ok("split") => Some(false),
+        _ => None,
+    }
+}
+
 fn tex_rows_setting() -> Option<usize> {
     std::env::var("CVT_GPU_TEX_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| *r == 8 || *r == 16)
 }

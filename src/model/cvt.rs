@@ -15,9 +15,9 @@ use crate::gpu::Gpu;
 use crate::graph::{Graph, Plan, TensorId};
 use crate::ops::attention::{attention, AttnShape};
 use crate::ops::dwconv::{conv_proj, kv_hw, BatchNorm, ConvProj};
-use crate::ops::matmul::{conv2d, linear, Out};
-use crate::ops::rownorm::{layernorm, softmax, LayerNorm, RowMap};
-use crate::ops::tokens::{cls_fill, mean_tokens};
+use crate::ops::matmul::{conv2d, linear, linear_residual, Out};
+use crate::ops::rownorm::{add_layernorm, layernorm, softmax, LayerNorm, RowMap};
+use crate::ops::tokens::{add_into, cls_fill, mean_tokens};
 use crate::ops::{Act, ConvGeom, Linear};
 
 struct Block {
@@ -151,19 +151,29 @@ impl Model {
             }
             let (kh, kw) = kv_hw(oh, ow);
             let tk = cls + kh * kw;
+            // A branch output not yet added to the stream xs (linear_residual):
+            // the next LayerNorm adds it, or the stage's end.
+            let mut pending: Option<TensorId> = None;
+            let norm = |g: &mut Graph, label: String, pending: Option<TensorId>, ln: &LayerNorm| match pending {
+                Some(z) => add_layernorm(g, &label, xs, z, batch * t, ln),
+                None => layernorm(g, &label, xs, RowMap::dense(batch * t), ln, None),
+            };
             for (j, b) in st.blocks.iter().enumerate() {
                 let l = format!("stage{s}.blocks.{j}");
-                let hn = layernorm(&mut g, &format!("{l}.norm1"), xs, RowMap::dense(batch * t), &b.norm1, None)?;
+                let hn = norm(&mut g, format!("{l}.norm1"), pending.take(), &b.norm1)?;
                 let (q0, k0, v0) = conv_proj(&mut g, &format!("{l}.conv_proj"), hn, batch, oh, ow, cls, &b.conv_proj)?;
                 let q = linear(&mut g, &format!("{l}.proj_q"), q0, batch * t, &b.proj_q, Act::None, Out::New)?;
                 let k = linear(&mut g, &format!("{l}.proj_k"), k0, batch * tk, &b.proj_k, Act::None, Out::New)?;
                 let v = linear(&mut g, &format!("{l}.proj_v"), v0, batch * tk, &b.proj_v, Act::None, Out::New)?;
                 let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
                 let a = attention(&mut g, &format!("{l}.attn"), q, k, v, shape)?;
-                linear(&mut g, &format!("{l}.proj"), a, batch * t, &b.proj, Act::None, Out::Accumulate(xs))?;
-                let h2 = layernorm(&mut g, &format!("{l}.norm2"), xs, RowMap::dense(batch * t), &b.norm2, None)?;
+                let z = linear_residual(&mut g, &format!("{l}.proj"), a, batch * t, &b.proj, xs)?;
+                let h2 = norm(&mut g, format!("{l}.norm2"), z, &b.norm2)?;
                 let u = linear(&mut g, &format!("{l}.fc1"), h2, batch * t, &b.fc1, self.act, Out::New)?;
-                linear(&mut g, &format!("{l}.fc2"), u, batch * t, &b.fc2, Act::None, Out::Accumulate(xs))?;
+                pending = linear_residual(&mut g, &format!("{l}.fc2"), u, batch * t, &b.fc2, xs)?;
+            }
+            if let Some(z) = pending {
+                add_into(&mut g, &format!("stage{s}.residual"), xs, z, xs)?;
             }
             (x, h, w, cin, tokens, off) = (xs, oh, ow, c, t, cls);
         }

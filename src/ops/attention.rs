@@ -152,7 +152,8 @@ pub fn attention_backward(
     let u = || Res::Unused;
     let pair_flops = 2.0 * (s.batch * s.tq * s.tkv * s.c) as f64;
     // Row operations per (query, key) pair, each 2·C flops over the heads: recomputing,
-    // the per-query pass does Q·Kᵀ twice, dO·Vᵀ and dS·K (4) and the per-key pass Q·Kᵀ,
+    // the per-query pass does Q·Kᵀ twice (texture form, online softmax; the buffer
+    // form finds the max first, a third time: 5), dO·Vᵀ and dS·K (4) and the per-key pass Q·Kᵀ,
     // dO·Vᵀ, Pᵀ·dO and dSᵀ·Q (4); with saved P, dO·Vᵀ and dS·K (2), Pᵀ·dO and dSᵀ·Q (2).
     // Recomputing, binding 10 holds (logsumexp, D) per query from the per-query pass;
     // saved, 14 holds P and 15 the dS the per-query pass writes.
@@ -166,7 +167,9 @@ pub fn attention_backward(
             (("attn_bwd_q_p", "attn_bwd_kv_p"), (2.0, 2.0), Some(ds), (u(), Res::Act(p), Res::Act(ds)))
         }
     };
-    if let Some(chunks) = texture_chunks(g, &s, preferred_kind(&g.gpu)) {
+    let chunks = texture_chunks(g, &s, preferred_kind(&g.gpu));
+    let fq = if chunks.is_none() && probs.is_none() { 5.0 } else { fq };
+    if let Some(chunks) = chunks {
         // K, V for the per-query pass and Q, dO for the per-key pass as textures.
         let pq = g.gpu.pipeline("attention", &format!("{}_tex", names.0), &consts)?;
         let pkv = g.gpu.pipeline("attention", &format!("{}_tex", names.1), &consts)?;

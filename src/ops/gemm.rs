@@ -104,9 +104,11 @@ pub fn act_rows_texture(g: &mut Graph, label: &str, t: TensorId, rows: usize, c:
 pub const TEXTURE_CHUNK_BYTES: usize = 2 << 20;
 
 /// Rows per chunk of a [_, row_bytes / 4] tensor read through a texture: within
-/// TEXTURE_CHUNK_BYTES (at least 8 rows) and the adapter's texture height.
+/// TEXTURE_CHUNK_BYTES (at least 16 rows) and the adapter's texture height, and a
+/// multiple of 16, so no chunk but the last ends in a part-idle GEMM row block.
 pub fn texture_chunk_rows(row_bytes: usize, max_tex: usize) -> usize {
-    (TEXTURE_CHUNK_BYTES / row_bytes.max(1)).max(8).min(max_tex)
+    let rows = (TEXTURE_CHUNK_BYTES / row_bytes.max(1)).max(16);
+    (rows - rows % 16).min(max_tex)
 }
 
 /// Batch chunks for kernels that read `rows_per_image` rows of `c` channels per

@@ -305,6 +305,22 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             let b = vec![Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(params(m, 0))];
             g.dispatch(label, pipeline, b, groups, flops(m));
         }
+        (None, Some(_)) if splits_epilogue(g, l, act, accumulate, m) => {
+            // The plain GEMM, then the activation and the residual add as passes
+            // of their own (Graph::fused_epilogue).
+            let z = dispatch(g, &format!("{label}.gemm"), a, m, l, Act::None, Out::New, conv, pack)?;
+            let len = m * l.n;
+            let z = if act == Act::None {
+                z
+            } else {
+                let u = if accumulate { g.tensor(format!("{label}.act"), len) } else { y };
+                elementwise(g, "act_forward", &format!("{label}.act"), z, u, len, act)?;
+                u
+            };
+            if accumulate {
+                crate::ops::tokens::add_into(g, &format!("{label}.residual"), y, z, y)?;
+            }
+        }
         (None, Some(tex)) => {
             assert!(conv.is_none(), "{label}: convolutions use the buffer matmul");
             // A is read from a linear texture of the activation (main_tex's TA 1:
@@ -332,6 +348,24 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
         (None, None) => unreachable!("a Linear holds a buffer or a texture"),
     }
     Ok(y)
+}
+
+/// Whether this texture-GEMM layer leaves its activation or residual add to
+/// separate passes (see `Graph::fused_epilogue`; the vec4 passes need m·n % 4 == 0).
+fn splits_epilogue(g: &Graph, l: &Linear, act: Act, accumulate: bool, m: usize) -> bool {
+    l.w.is_none() && l.tex.is_some() && !g.fused_epilogue && (act != Act::None || accumulate) && (m * l.n) % 4 == 0
+}
+
+/// A transformer block's residual branch x·W + b, to be added to the stream `xs`:
+/// by the GEMM's epilogue (returns None), or, where the epilogue is split, returned
+/// for the caller to add in its next pass over the stream
+/// (`rownorm::add_layernorm`), which saves the pass a separate add would take.
+pub fn linear_residual(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear, xs: TensorId) -> Result<Option<TensorId>> {
+    if splits_epilogue(g, l, Act::None, true, m) {
+        return Ok(Some(linear(g, label, x, m, l, Act::None, Out::New)?));
+    }
+    linear(g, label, x, m, l, Act::None, Out::Accumulate(xs))?;
+    Ok(None)
 }
 
 /// y[m, n] = act(x[m, k] · W + b), or y += that with `Out::Accumulate(y)`.

@@ -66,9 +66,13 @@ fn vec4_rows(g: &Graph, c: usize) -> bool {
 }
 
 /// The pipeline of a row kernel and its grid for `rows` rows.
-fn row_kernel(g: &Graph, entry: &str, rows: usize) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
+fn row_kernel(g: &Graph, entry: &str, rows: usize, residual: bool) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
     let lanes = row_lanes(&g.gpu);
-    let pipeline = g.gpu.pipeline("rownorm", entry, &[("WG", WG as f64), ("LANES", lanes as f64)])?;
+    let mut consts = vec![("WG", WG as f64), ("LANES", lanes as f64)];
+    if residual {
+        consts.push(("RESIDUAL", 1.0));
+    }
+    let pipeline = g.gpu.pipeline("rownorm", entry, &consts)?;
     Ok((pipeline, grid1d(&g.gpu, rows.div_ceil(WG / lanes) as u64)))
 }
 
@@ -80,22 +84,55 @@ fn params(m: &RowMap, c: usize) -> Vec<u32> {
 pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &LayerNorm, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), map.rows * ln.c));
     if vec4_rows(g, ln.c) {
-        let (pipeline, groups) = row_kernel(g, "layernorm4", map.rows)?;
+        let (pipeline, groups) = row_kernel(g, "layernorm4", map.rows, false)?;
         let u = || Res::Unused;
         let xt = g.linear_texture(x, 11);
-        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), u(), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), u(), Res::ActTex(xt)];
+        // Bindings 10 and 12 serve RESIDUAL only; placeholders fill the layout.
+        let (ph, ph_tex) = (Res::Buf(g.gpu.placeholder()), Res::Tex(g.gpu.placeholder_texture()));
+        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), u(), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), ph, Res::ActTex(xt), ph_tex];
         g.dispatch(label, pipeline, b, groups, 0.0);
         return Ok(y);
     }
-    let (pipeline, groups) = row_kernel(g, "layernorm", map.rows)?;
+    let (pipeline, groups) = row_kernel(g, "layernorm", map.rows, false)?;
     g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), Res::Uniform(params(&map, ln.c))], groups, 0.0);
+    Ok(y)
+}
+
+/// The residual add and the LayerNorm after it in one pass: x += z in place (x and
+/// z dense [rows, C]), and returns LayerNorm(x) (a new tensor). For branch outputs
+/// the GEMM did not add (`matmul::linear_residual`).
+pub fn add_layernorm(g: &mut Graph, label: &str, x: TensorId, z: TensorId, rows: usize, ln: &LayerNorm) -> Result<TensorId> {
+    if !vec4_rows(g, ln.c) {
+        crate::ops::tokens::add_into(g, &format!("{label}.residual"), x, z, x)?;
+        return layernorm(g, label, x, RowMap::dense(rows), ln, None);
+    }
+    let y = g.tensor(label.to_string(), rows * ln.c);
+    let (pipeline, groups) = row_kernel(g, "layernorm4", rows, true)?;
+    let u = || Res::Unused;
+    let (xt, zt) = (g.linear_texture(x, 11), g.linear_texture(z, 12));
+    let b = vec![
+        u(),
+        u(),
+        u(),
+        u(),
+        Res::Uniform(params(&RowMap::dense(rows), ln.c)),
+        u(),
+        u(),
+        Res::Buf(ln.gamma.clone()),
+        Res::Buf(ln.beta.clone()),
+        Res::Act(y),
+        Res::Act(x),
+        Res::ActTex(xt),
+        Res::ActTex(zt),
+    ];
+    g.dispatch(label, pipeline, b, groups, 0.0);
     Ok(y)
 }
 
 /// Softmax over the last axis of x [rows, c].
 pub fn softmax(g: &mut Graph, label: &str, x: TensorId, rows: usize, c: usize, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), rows * c));
-    let (pipeline, groups) = row_kernel(g, "softmax", rows)?;
+    let (pipeline, groups) = row_kernel(g, "softmax", rows, false)?;
     g.dispatch(label, pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(params(&RowMap::dense(rows), c))], groups, 0.0);
     Ok(y)
 }
@@ -120,13 +157,13 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
     let dx = dx_into.unwrap_or_else(|| g.tensor(format!("{label}.dx"), rows * ln.c));
     let t = g.tensor(format!("{label}.dy_xhat"), rows * ln.c);
     if vec4_rows(g, ln.c) {
-        let (pipeline, groups) = row_kernel(g, "layernorm_backward4", rows)?;
+        let (pipeline, groups) = row_kernel(g, "layernorm_backward4", rows, false)?;
         let u = || Res::Unused;
         let (xt, dyt) = (g.linear_texture(x, 11), g.linear_texture(dy, 12));
         let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), u(), Res::Buf(ln.gamma.clone()), u(), Res::Act(dx), Res::Act(t), Res::ActTex(xt), Res::ActTex(dyt)];
         g.dispatch(label, pipeline, b, groups, 0.0);
     } else {
-        let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows)?;
+        let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows, false)?;
         g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::Uniform(params(&map, ln.c)), Res::Act(t)], groups, 0.0);
     }
     crate::ops::matmul::colsum(g, &format!("{label}.dgamma"), t, rows, ln.c, Res::Buf(grad.gamma.clone()))?;
@@ -150,7 +187,7 @@ pub fn softmax_xent(g: &mut Graph, label: &str, logits: TensorId, targets: Tenso
     let d = g.tensor(format!("{label}.dlogits"), rows * classes);
     // Pinned: the training loop reads the losses after the step.
     let loss = g.pinned(format!("{label}.loss"), rows);
-    let (pipeline, groups) = row_kernel(g, "softmax_xent", rows)?;
+    let (pipeline, groups) = row_kernel(g, "softmax_xent", rows, false)?;
     let mut p = params(&RowMap::dense(rows), classes);
     p[7] = scale.to_bits();
     g.dispatch(label, pipeline, vec![Res::Act(logits), Res::Act(targets), Res::Unused, Res::Act(d), Res::Uniform(p), Res::Act(loss)], groups, 0.0);

@@ -32,9 +32,19 @@ pub fn cls_grad(g: &mut Graph, label: &str, dy: TensorId, batch: usize, tokens: 
 
 /// y = a + b elementwise (a new tensor): the out-of-place residual add of training.
 pub fn add(g: &mut Graph, label: &str, a: TensorId, b: TensorId) -> Result<TensorId> {
+    let y = g.tensor(label.to_string(), g.len(a));
+    add_into(g, label, a, b, y)?;
+    Ok(y)
+}
+
+/// y = a + b elementwise into an existing tensor `y`. On the texture path `y` may
+/// be `a` or `b` (the kernel reads texture copies); the buffer path cannot bind
+/// one buffer both read-only and writable.
+pub fn add_into(g: &mut Graph, label: &str, a: TensorId, b: TensorId, y: TensorId) -> Result<TensorId> {
     let n = g.len(a);
-    let y = g.tensor(label.to_string(), n);
-    if n % 4 == 0 && crate::ops::matmul::packs(&g.gpu) {
+    let textures = n % 4 == 0 && crate::ops::matmul::packs(&g.gpu);
+    anyhow::ensure!(textures || (y != a && y != b), "{label}: an in-place add needs the texture path");
+    if textures {
         let (at, bt) = (g.linear_texture(a, 6), g.linear_texture(b, 7));
         let pipeline = g.gpu.pipeline("tokens", "add4_tex", &[("WG", WG as f64)])?;
         let groups = crate::graph::grid1d(&g.gpu, (n / 4).div_ceil(WG) as u64);
