@@ -9,7 +9,7 @@ use cvt_gpu::graph::Graph;
 use cvt_gpu::ops::attention::{attention_train, attention_with, AttnGrad, AttnShape};
 use cvt_gpu::ops::dwconv::{conv_proj, fold_bn, kv_hw, BatchNorm, ConvProj};
 use cvt_gpu::ops::gemm::TEXTURE_CHUNK_BYTES;
-use cvt_gpu::ops::matmul::{conv2d, linear, linear_residual, Out};
+use cvt_gpu::ops::matmul::{conv2d, linear, linear_residual, Out, WeightFormat};
 use cvt_gpu::ops::rownorm::{add_layernorm, layernorm, softmax, LayerNorm, RowMap};
 use cvt_gpu::ops::tokens::{cls_fill, mean_tokens};
 use cvt_gpu::ops::{Act, ConvGeom, Linear};
@@ -81,6 +81,32 @@ fn matmul_texture_variant_all_epilogues() {
         for act in [Act::None, Act::Gelu, Act::QuickGelu] {
             for accumulate in [false, true] {
                 check_matmul(MatmulKind::Texture, m, n, k, act, accumulate);
+            }
+        }
+    }
+}
+
+/// f16 weight storage (`WeightFormat::F16`): each variant, with every epilogue,
+/// equals the f64 product with the weights rounded to f16.
+#[test]
+fn matmul_f16_weights_both_variants() {
+    let gpu = gpu();
+    for kind in [MatmulKind::Buffer, MatmulKind::Texture] {
+        for &(m, n, k) in &[(5, 3, 64), (33, 70, 128), (9, 6, 64)] {
+            for (act, accumulate) in [(Act::None, false), (Act::QuickGelu, false), (Act::None, true)] {
+                let (a, w, b, r) = (randn(m * k, 1), randn(n * k, 2), randn(n, 3), randn(m * n, 4));
+                let l = Linear::with_kind_in(&gpu, "t", &w, Some(&b), n, k, kind, WeightFormat::F16).unwrap();
+                assert!(l.f16);
+                let wh: Vec<f32> = w.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+                let want = matmul_ref(&a, &wh, &b, m, n, k, act, accumulate.then_some(&r[..]));
+                let mut g = Graph::new(gpu.clone());
+                let (x, y) = (g.pinned("x", m * k), g.pinned("y", m * n));
+                linear(&mut g, "mm", x, m, &l, act, if accumulate { Out::Accumulate(y) } else { Out::Into(y) }).unwrap();
+                let plan = g.compile().unwrap();
+                plan.write(x, &a).unwrap();
+                plan.write(y, &r).unwrap();
+                plan.run().unwrap();
+                assert_close(&format!("{kind:?} f16 matmul {m}x{n}x{k} {act:?} acc={accumulate}"), &plan.read(y).unwrap(), &want, 1e-4, 1e-4);
             }
         }
     }

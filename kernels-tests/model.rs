@@ -75,7 +75,7 @@ fn check(what: &str, got: &[f32], want: &[Vec<f64>], tol: f64) -> f64 {
 }
 
 fn load(dir: &Path, file: &str, e: &Expected, act: Option<Act>) -> model::Loaded {
-    model::load(gpu(), &dir.join(file), &LoadOptions { config: Some(e.config.clone()), activation: act }).unwrap()
+    model::load(gpu(), &dir.join(file), &LoadOptions { config: Some(e.config.clone()), activation: act, ..Default::default() }).unwrap()
 }
 
 #[test]
@@ -146,13 +146,36 @@ fn f16_and_bf16_checkpoints() {
         let views: Vec<(String, safetensors::tensor::TensorView)> = bytes.iter().map(|(k, b, s)| (k.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap())).collect();
         let path = tmp.join(format!("{name}.safetensors"));
         safetensors::serialize_to_file(views, &None, &path).unwrap();
-        let from_file = model::load(gpu(), &path, &LoadOptions { config: Some(e.config.clone()), activation: None }).unwrap();
+        let from_file = model::load(gpu(), &path, &LoadOptions { config: Some(e.config.clone()), activation: None, ..Default::default() }).unwrap();
         let rounded: HashMap<String, Tensor> = ck.tensors.iter().map(|(k, t)| (k.clone(), Tensor::new(t.shape.clone(), t.data.iter().map(|&x| round(x)).collect()))).collect();
         let direct = Model::new(gpu(), e.config.clone(), &rounded, Act::QuickGelu).unwrap();
         let (a, b) = (run_logits(&from_file.model, &e), run_logits(&direct, &e));
         assert_close(&format!("{name} checkpoint"), &a, &b.iter().map(|&x| x as f64).collect::<Vec<_>>(), 0.0, 0.0);
     }
     std::fs::remove_dir_all(&tmp).ok();
+}
+
+/// `--f16` stores the matmul and convolution weights as f16 and changes nothing
+/// else: its logits equal (to f32 rounding of the same sums) those of f32 weights
+/// rounded to f16 in exactly those tensors, and stay close to torch's.
+#[test]
+fn f16_weights_equal_rounded_f32_weights() {
+    let dir = fixtures().join("tiny");
+    let e = expected(&dir);
+    let opts = LoadOptions { config: Some(e.config.clone()), activation: None, f16: true };
+    let half = model::load(gpu(), &dir.join("official.safetensors"), &opts).unwrap();
+    let ck = read_checkpoint(&dir.join("official.safetensors")).unwrap();
+    // The weights a Linear holds: patch embeddings, q/k/v and output projections, MLP, head.
+    let matmul_weight = |k: &str| k.ends_with(".weight") && (k.contains("patch_embed.proj") || k.contains(".attn.proj") || k.contains(".mlp.fc") || k == "head.weight");
+    let rounded: HashMap<String, Tensor> =
+        ck.tensors.iter().map(|(k, t)| (k.clone(), Tensor::new(t.shape.clone(), t.data.iter().map(|&x| if matmul_weight(k) { half::f16::from_f32(x).to_f32() } else { x }).collect()))).collect();
+    assert!(rounded.keys().filter(|k| matmul_weight(k)).count() >= 8, "the rounded set names the matmul weights");
+    let direct = Model::new(gpu(), e.config.clone(), &rounded, Act::QuickGelu).unwrap();
+    let got = run_logits(&half.model, &e);
+    assert_close("f16 weights vs f32 weights rounded to f16", &got, &run_logits(&direct, &e).iter().map(|&x| x as f64).collect::<Vec<_>>(), 1e-5, 1e-5);
+    // Against torch's f32 logits: f16 rounding of every weight (relative 2^-11).
+    check("tiny official/QuickGELU, f16 weights", &got, &e.quick, 2e-2);
+    assert!(half.model.weight_bytes < Model::new(gpu(), e.config.clone(), &ck.tensors, Act::QuickGelu).unwrap().weight_bytes);
 }
 
 /// CvT-13 at 224 with random non-trivial weights on a real photo (fixture made

@@ -17,6 +17,7 @@ fn variants(shader: &str) -> Vec<Vec<(&'static str, f64)>> {
                     v.push(vec![("A_MODE", a), ("ACT", act), ("ACCUMULATE", 1.0)]);
                 }
             }
+            v.push(vec![("B_F16", 1.0)]);
             // main_tex's operand modes and 16-row block.
             for ta in [1.0, 2.0] {
                 v.push(vec![("TA", ta), ("TB_LIN", 1.0), ("TRM", 16.0)]);

@@ -168,8 +168,15 @@ fn load_a(r: RowView, k: u32) -> f32 {
     return a[r.base + k];
 }
 
+// `main` reads binding 1 as raw words (`bw`; the other entry points see it as
+// `b`), so the same GEMM reads f32 weights or, with B_F16, weights stored as f16
+// pairs (unpack2x16float is core WGSL: no shader-f16 feature needed). Half the
+// weight memory and bandwidth; the arithmetic stays f32.
+@group(0) @binding(1) var<storage, read> bw: array<vec4<u32>>;
+override B_F16: bool = false;
+
 fn b_scalar(idx: u32) -> f32 {
-    return b[idx / 4u][idx % 4u];
+    return bitcast<f32>(bw[idx / 4u][idx % 4u]);
 }
 
 // Four consecutive output columns (vec4 column c4) of B's row k.
@@ -194,7 +201,14 @@ fn load_b(k: u32, c4: u32) -> vec4<f32> {
         }
         return v;
     }
-    return b[k * p.NP4 + c4];
+    let i = k * p.NP4 + c4;
+    if (B_F16) {
+        // Vec4 i of halves is words 2i, 2i + 1: one half of raw vec4 i / 2.
+        let w = bw[i / 2u];
+        let h = select(w.xy, w.zw, (i & 1u) == 1u);
+        return vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y));
+    }
+    return bitcast<vec4<f32>>(bw[i]);
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
@@ -732,7 +746,8 @@ fn act_forward4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     if (i >= p.M) {
         return;
     }
-    c4[i] = activate4(lin(a_tex, i));
+    // Inference reads z in chunks: texel i is vec4 out_row_off + i.
+    c4[p.out_row_off + i] = activate4(lin(a_tex, i));
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)

@@ -18,6 +18,10 @@ override LANES: u32 = 64u;
 struct Params {
     rows: u32, C: u32, group: u32, in_stride: u32,
     in_off: u32, out_stride: u32, out_off: u32, eps: f32,
+    // layernorm4 runs over rows [row0, rows) and finds input vec4 i at texel
+    // i - tex_off: inference reads a large input through a small texture in chunks
+    // of rows (ops::gemm::texture_chunk_rows).
+    row0: u32, tex_off: u32, _q0: u32, _q1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
@@ -255,15 +259,16 @@ fn row_stats4(b4: u32) -> vec2<f32> {
 @compute @workgroup_size(WG)
 fn layernorm4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
-    let r = (wid.y * nwg.x + wid.x) * WG + lid;
+    let r = p.row0 + (wid.y * nwg.x + wid.x) * WG + lid;
     if (r >= p.rows) {
         return;
     }
     let ib = in_base(r) / 4u;
+    let tb = ib - p.tex_off;
     let ob = out_base(r) / 4u;
-    let st = row_stats4(ib);
+    let st = row_stats4(tb);
     for (var c = 0u; c < p.C / 4u; c++) {
-        let v = x4(ib + c);
+        let v = x4(tb + c);
         y4[ob + c] = (v - st.x) * st.y * gamma4[c] + beta4[c];
         if (RESIDUAL) {
             aux4[ib + c] = v;

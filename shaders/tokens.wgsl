@@ -100,7 +100,8 @@ fn add4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     if (n >= p.B) {
         return;
     }
-    y4[n] = lin(a_tex, n) + lin(b_tex, n);
+    // Inputs read in chunks: texel n is vec4 p.T + n of the tensors.
+    y4[p.T + n] = lin(a_tex, n) + lin(b_tex, n);
 }
 
 // act_forward lives with the matmul epilogue (matmul.wgsl::act_forward).

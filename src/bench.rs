@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::gpu::Gpu;
 use crate::graph::Graph;
 use crate::model::{weights::random_tensors, CvtConfig, Model};
-use crate::ops::matmul::{linear, Out};
+use crate::ops::matmul::{linear, Out, WeightFormat};
 use crate::ops::{Act, Linear};
 use crate::util::Rng;
 
@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// infer: a forward; train: forward + backward + AdamW update.
     #[arg(long, value_enum, default_value = "infer")]
     pub mode: Mode,
+    /// Inference with f16 weights (f32 arithmetic); reports the largest logit
+    /// difference against f32 weights on the same input.
+    #[arg(long)]
+    pub f16: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +77,10 @@ pub struct BenchResult {
     pub max_live_activation_bytes: u64,
     /// peak_memory_bytes / (weight_bytes + max_live_activation_bytes).
     pub peak_over_weights_plus_live: f64,
+    /// Weights stored in f16 (`--f16`).
+    pub f16: bool,
+    /// With `--f16`: its logits against f32 weights on the same input.
+    pub f16_vs_f32: Option<F16Difference>,
     /// The variant trial (`tune_ms`), plan, pipeline compiles and first forward;
     /// the weight upload (`upload_ms`) is not included.
     pub first_call_ms: f64,
@@ -86,6 +94,35 @@ pub struct BenchResult {
     pub timing: &'static str,
     pub kernel_timing: crate::graph::Timing,
     pub kernels: Vec<KernelTime>,
+}
+
+/// f16 weights against f32 ones: the largest logit difference, relative to the
+/// largest f32 logit magnitude, and how often the top-1 class agrees.
+#[derive(serde::Serialize, Debug)]
+pub struct F16Difference {
+    pub max_abs_logit_diff: f64,
+    pub max_abs_logit: f64,
+    pub top1_agreement: f64,
+}
+
+fn f16_difference(
+    gpu: &Arc<Gpu>,
+    cfg: &CvtConfig,
+    tensors: &std::collections::HashMap<String, crate::model::weights::Tensor>,
+    f16_model: &Model,
+    res: usize,
+    img: &[f32],
+    logits: &[f32],
+) -> Result<F16Difference> {
+    let reference = Model::new(gpu.clone(), cfg.clone(), tensors, f16_model.act)?;
+    let (want, _) = reference.plan(logits.len() / cfg.num_classes, res, res)?.forward(img)?;
+    let top1 = |l: &[f32]| -> Vec<usize> { l.chunks(cfg.num_classes).map(|r| (0..r.len()).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap_or(0)).collect() };
+    let (a, b) = (top1(logits), top1(&want));
+    Ok(F16Difference {
+        max_abs_logit_diff: logits.iter().zip(&want).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max),
+        max_abs_logit: want.iter().map(|v| v.abs() as f64).fold(0.0, f64::max),
+        top1_agreement: a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len().max(1) as f64,
+    })
 }
 
 fn time_runs(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
@@ -142,14 +179,17 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     crate::ops::matmul::preferred_kind(&gpu);
     let tune_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t0 = Instant::now();
-    let model = Model::new(gpu.clone(), cfg.clone(), &random_tensors(&cfg, 1), Act::QuickGelu)?;
+    let tensors = random_tensors(&cfg, 1);
+    let fmt = if a.f16 { WeightFormat::F16 } else { WeightFormat::F32 };
+    let model = Model::new_in(gpu.clone(), cfg.clone(), &tensors, Act::QuickGelu, fmt)?;
     let upload_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     let plan = model.plan(a.batch, res, res)?;
     let mut rng = Rng::new(3);
     let img: Vec<f32> = (0..a.batch * res * res * cfg.in_chans).map(|_| rng.normal()).collect();
-    plan.forward(&img)?;
+    let (logits, _) = plan.forward(&img)?;
     let first_call_ms = tune_ms + t1.elapsed().as_secs_f64() * 1e3;
+    let f16_vs_f32 = if a.f16 { Some(f16_difference(&gpu, &cfg, &tensors, &model, res, &img, &logits)?) } else { None };
     let ceiling = gemm(&gpu, 1024, 1024, 1024, 3)?;
     let (median, min) = time_runs(a.iters, || {
         plan.run()?;
@@ -176,6 +216,8 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         peak_memory_bytes: model.weight_bytes + plan.plan.activation_bytes + plan.plan.texture_bytes,
         max_live_activation_bytes: plan.plan.max_live_bytes,
         peak_over_weights_plus_live: (model.weight_bytes + plan.plan.activation_bytes + plan.plan.texture_bytes) as f64 / (model.weight_bytes + plan.plan.max_live_bytes) as f64,
+        f16: a.f16,
+        f16_vs_f32,
         first_call_ms,
         tune_ms,
         upload_ms,
@@ -204,6 +246,14 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
             mib(plan.plan.texture_bytes)
         );
         println!("            peak {:.1} MiB = {:.2}x weights + largest live set", mib(r.peak_memory_bytes), r.peak_over_weights_plus_live);
+        if let Some(d) = &r.f16_vs_f32 {
+            println!(
+                "  f16       weights in f16: logits within {:.2e} of f32 weights (largest |logit| {:.2}), top-1 agrees on {:.0}%",
+                d.max_abs_logit_diff,
+                d.max_abs_logit,
+                100.0 * d.top1_agreement
+            );
+        }
         println!("  first call {:.0} ms (variant trial {:.0} ms + plan + pipelines + first run; weights upload {:.0} ms)", first_call_ms, tune_ms, upload_ms);
         println!("  schedule  {} dispatches, {} texture copies per forward; matmul variant: {:?}", dispatches, texture_copies, r.matmul_variant);
         print_kernels(&r.kernels, r.kernel_timing, 20);

@@ -41,7 +41,7 @@ pub struct ConvertArgs {
 pub fn run(a: &ConvertArgs) -> Result<()> {
     let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
     let ck = read_checkpoint(&a.input)?;
-    let d = describe(&ck, &a.input, &LoadOptions { config, activation: a.activation })?;
+    let d = describe(&ck, &a.input, &LoadOptions { config, activation: a.activation, f16: false })?;
     let out = if a.output.is_dir() || a.output.to_string_lossy().ends_with('/') { a.output.join("model.safetensors") } else { a.output.clone() };
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the output directory", dir.display()))?;

@@ -332,8 +332,13 @@ impl Gpu {
 
     /// A storage buffer holding `data`.
     pub fn upload(&self, label: &str, data: &[f32]) -> Result<wgpu::Buffer> {
-        let buf = self.storage(label, (data.len() * 4) as u64)?;
-        self.queue.write_buffer(&buf, 0, bytemuck::cast_slice(data));
+        self.upload_bytes(label, bytemuck::cast_slice(data))
+    }
+
+    /// A storage buffer holding `bytes` (a multiple of 4 long).
+    pub fn upload_bytes(&self, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+        let buf = self.storage(label, bytes.len() as u64)?;
+        self.queue.write_buffer(&buf, 0, bytes);
         Ok(buf)
     }
 
@@ -426,10 +431,32 @@ pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture
 /// padded to non-powers of two (see [`npot`]).
 pub fn texture_from(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u32) -> wgpu::TextureView {
     let t = texture(gpu, label, npot(width, gpu.limits.max_texture_dimension_2d), height);
+    fill_texture(gpu, &t, bytemuck::cast_slice(data), width, height)
+}
+
+/// As `texture_from`, stored as rgba16float (kernels read it as f32 all the same).
+pub fn texture_from_f16(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u32) -> wgpu::TextureView {
+    let max = gpu.limits.max_texture_dimension_2d;
+    let t = gpu.device.create_texture(&wgpu::TextureDescriptor {
+        label: Some(label),
+        size: wgpu::Extent3d { width: npot(width, max), height: npot(height, max), depth_or_array_layers: 1 },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba16Float,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        view_formats: &[],
+    });
+    let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+    fill_texture(gpu, &t, bytemuck::cast_slice(&h), width, height)
+}
+
+/// Writes `height` rows of `width` texels (`bytes` row-major) at the texture's origin.
+fn fill_texture(gpu: &Gpu, t: &wgpu::Texture, bytes: &[u8], width: u32, height: u32) -> wgpu::TextureView {
     gpu.queue.write_texture(
         t.as_image_copy(),
-        bytemuck::cast_slice(data),
-        wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(width * 16), rows_per_image: Some(height) },
+        bytes,
+        wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(bytes.len() as u32 / height.max(1)), rows_per_image: Some(height) },
         wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
     );
     t.create_view(&Default::default())

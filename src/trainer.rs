@@ -370,7 +370,7 @@ fn fine_tune_weights(path: &Path, model: Option<&str>, classes: usize, seed: u64
         }
         None => None,
     };
-    let d = describe(&ck, path, &LoadOptions { config, activation: None })?;
+    let d = describe(&ck, path, &LoadOptions { config, activation: None, f16: false })?;
     let mut cfg = d.cfg;
     let mut t = ck.tensors;
     if cfg.num_classes != classes {
@@ -714,6 +714,9 @@ pub struct EvalArgs {
     /// MLP activation (default: the checkpoint's).
     #[arg(long, value_enum)]
     pub activation: Option<Act>,
+    /// Store the matmul and convolution weights in f16 (see `infer --f16`).
+    #[arg(long)]
+    pub f16: bool,
     /// Architecture: cvt-13, cvt-21, cvt-w24 or a JSON config (default: the checkpoint's metadata, else detected).
     #[arg(long)]
     pub config: Option<String>,
@@ -726,7 +729,7 @@ pub struct EvalArgs {
 
 pub fn eval(gpu: Arc<Gpu>, a: &EvalArgs) -> Result<()> {
     let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
-    let loaded = crate::model::load(gpu, &a.weights, &crate::model::LoadOptions { config, activation: a.activation })?;
+    let loaded = crate::model::load(gpu, &a.weights, &crate::model::LoadOptions { config, activation: a.activation, f16: a.f16 })?;
     let m = &loaded.model;
     let data = a.data.open(false, m.cfg.image_size, a.json)?;
     if data.val.classes.len() != m.cfg.num_classes {

@@ -15,6 +15,7 @@ use crate::gpu::Gpu;
 use crate::graph::{Graph, Plan, TensorId};
 use crate::ops::attention::{attention, AttnShape};
 use crate::ops::dwconv::{conv_proj, kv_hw, BatchNorm, ConvProj};
+use crate::ops::matmul::WeightFormat;
 use crate::ops::matmul::{conv2d, linear, linear_residual, Out};
 use crate::ops::rownorm::{add_layernorm, layernorm, softmax, LayerNorm, RowMap};
 use crate::ops::tokens::{add_into, cls_fill, mean_tokens};
@@ -70,19 +71,36 @@ fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a [f32]> {
 impl Model {
     /// Uploads checked, official-named tensors.
     pub fn new(gpu: Arc<Gpu>, cfg: CvtConfig, t: &HashMap<String, Tensor>, act: Act) -> Result<Model> {
+        Self::new_in(gpu, cfg, t, act, WeightFormat::F32)
+    }
+
+    /// As `new`, with the matmul and convolution weights (all but a few per
+    /// cent of the parameters) stored in `fmt`.
+    pub fn new_in(gpu: Arc<Gpu>, cfg: CvtConfig, t: &HashMap<String, Tensor>, act: Act, fmt: WeightFormat) -> Result<Model> {
         cfg.validate()?;
         let mut stages = vec![];
         let mut cin = cfg.in_chans;
         let mut bytes = 0u64;
+        // Bytes saved by f16 storage, against the 4 per parameter counted below.
+        let saved = std::cell::Cell::new(0u64);
+        let counted = |w: &[f32], l: Linear| {
+            if l.f16 {
+                saved.set(saved.get() + 2 * w.len() as u64);
+            }
+            l
+        };
         for s in 0..cfg.stages() {
             let c = cfg.dims[s];
             let k = cfg.patch_sizes[s];
             let hid = cfg.hidden(s);
             let p = format!("stage{s}");
-            let embed =
-                Linear::from_conv(&gpu, &format!("{p}.patch_embed.proj"), get(t, &format!("{p}.patch_embed.proj.weight"))?, Some(get(t, &format!("{p}.patch_embed.proj.bias"))?), c, cin, k, k)?;
+            let ew = get(t, &format!("{p}.patch_embed.proj.weight"))?;
+            let embed = counted(ew, Linear::from_conv_in(&gpu, &format!("{p}.patch_embed.proj"), ew, Some(get(t, &format!("{p}.patch_embed.proj.bias"))?), (c, cin, k, k), fmt)?);
             let ln = |n: &str| LayerNorm::new(&gpu, n, get(t, &format!("{n}.weight"))?, get(t, &format!("{n}.bias"))?);
-            let lin = |n: &str, out: usize, inp: usize| Linear::from_torch(&gpu, n, get(t, &format!("{n}.weight"))?, Some(get(t, &format!("{n}.bias"))?), out, inp);
+            let lin = |n: &str, out: usize, inp: usize| -> Result<Linear> {
+                let w = get(t, &format!("{n}.weight"))?;
+                Ok(counted(w, Linear::from_torch_in(&gpu, n, w, Some(get(t, &format!("{n}.bias"))?), out, inp, fmt)?))
+            };
             let embed_norm = ln(&format!("{p}.patch_embed.norm"))?;
             let cls = if cfg.cls_token[s] { Some(Arc::new(gpu.upload(&format!("{p}.cls_token"), get(t, &format!("{p}.cls_token"))?)?)) } else { None };
             let mut blocks = vec![];
@@ -115,10 +133,12 @@ impl Model {
         }
         let last = cfg.dims[cfg.stages() - 1];
         let norm = LayerNorm::new(&gpu, "norm", get(t, "norm.weight")?, get(t, "norm.bias")?)?;
-        let head = Linear::from_torch(&gpu, "head", get(t, "head.weight")?, Some(get(t, "head.bias")?), cfg.num_classes, last)?;
+        let hw = get(t, "head.weight")?;
+        let head = counted(hw, Linear::from_torch_in(&gpu, "head", hw, Some(get(t, "head.bias")?), cfg.num_classes, last, fmt)?);
         for v in t.values() {
             bytes += (v.data.len() * 4) as u64;
         }
+        bytes -= saved.get();
         gpu.check_error()?;
         Ok(Model { gpu, cfg, act, stages, norm, head, weight_bytes: bytes })
     }

@@ -22,6 +22,8 @@ pub struct LoadOptions {
     pub config: Option<CvtConfig>,
     /// Activation to use instead of the naming's default.
     pub activation: Option<Act>,
+    /// Store the matmul and convolution weights in f16 (`--f16`).
+    pub f16: bool,
 }
 
 /// A loaded checkpoint: the GPU model plus what the file said about itself.
@@ -106,6 +108,7 @@ pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let shown = path.display();
     let Described { cfg, act, labels, preprocess, .. } = describe(&ck, path, opts)?;
     let preprocess = preprocess.unwrap_or_else(crate::preprocess::Spec::imagenet);
-    let model = Model::new(gpu, cfg, &ck.tensors, act).with_context(|| format!("{shown}"))?;
+    let fmt = if opts.f16 { crate::ops::matmul::WeightFormat::F16 } else { crate::ops::matmul::WeightFormat::F32 };
+    let model = Model::new_in(gpu, cfg, &ck.tensors, act, fmt).with_context(|| format!("{shown}"))?;
     Ok(Loaded { model, naming: ck.naming, labels, preprocess })
 }

@@ -67,6 +67,20 @@ pub struct Linear {
     pub b: Arc<wgpu::Buffer>,
     pub k: usize,
     pub n: usize,
+    /// The weight is stored as f16 (see `WeightFormat`); inference only.
+    pub f16: bool,
+}
+
+/// How a layer's weight is stored on the GPU. With `F16` the matmul reads halves
+/// and computes in f32: an rgba16float texture for the texture variant, f16 pairs
+/// unpacked in the shader for the buffer variant (which f16 buffer weights take
+/// even on adapters that otherwise pack buffer weights into textures, `packs`).
+/// Training weights are f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    #[default]
+    F32,
+    F16,
 }
 
 /// Whether a K x N layer can take the texture path: activation rows are copied
@@ -139,12 +153,23 @@ impl Linear {
     /// From a PyTorch Linear: weight [N, K] (y = x·Wᵀ + b), bias [N] or none,
     /// in the adapter's preferred variant.
     pub fn from_torch(gpu: &Arc<Gpu>, name: &str, w: &[f32], b: Option<&[f32]>, n: usize, k: usize) -> Result<Linear> {
+        Self::from_torch_in(gpu, name, w, b, n, k, WeightFormat::F32)
+    }
+
+    /// As `from_torch`, stored in `fmt`.
+    pub fn from_torch_in(gpu: &Arc<Gpu>, name: &str, w: &[f32], b: Option<&[f32]>, n: usize, k: usize, fmt: WeightFormat) -> Result<Linear> {
         let kind = if texture_capable(gpu, k, n) { preferred_kind(gpu) } else { MatmulKind::Buffer };
-        Self::with_kind(gpu, name, w, b, n, k, kind)
+        Self::with_kind_in(gpu, name, w, b, n, k, kind, fmt)
     }
 
     /// As `from_torch`, in a given variant (tests run every variant).
     pub fn with_kind(gpu: &Gpu, name: &str, w: &[f32], b: Option<&[f32]>, n: usize, k: usize, kind: MatmulKind) -> Result<Linear> {
+        Self::with_kind_in(gpu, name, w, b, n, k, kind, WeightFormat::F32)
+    }
+
+    /// As `with_kind`, stored in `fmt`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_kind_in(gpu: &Gpu, name: &str, w: &[f32], b: Option<&[f32]>, n: usize, k: usize, kind: MatmulKind, fmt: WeightFormat) -> Result<Linear> {
         assert_eq!(w.len(), n * k, "{name}: weight size");
         if kind == MatmulKind::Texture && !texture_capable(gpu, k, n) {
             anyhow::bail!("{name}: a {k}x{n} layer cannot use the texture matmul (needs K % 64 == 0 within the texture limit)");
@@ -156,19 +181,28 @@ impl Linear {
                 bt[i * np + o] = w[o * k + i];
             }
         }
-        Self::from_kn(gpu, name, &bt, b, n, k, kind)
+        Self::from_kn(gpu, name, &bt, b, n, k, kind, fmt)
     }
 
     /// From a PyTorch Conv2d weight [Cout, Cin, kh, kw]: K ordered (ky, kx, ci) as
     /// the shader's im2col view reads it, in the adapter's preferred variant.
     pub fn from_conv(gpu: &Arc<Gpu>, name: &str, w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, kh: usize, kw: usize) -> Result<Linear> {
+        Self::from_conv_in(gpu, name, w, b, (cout, cin, kh, kw), WeightFormat::F32)
+    }
+
+    /// As `from_conv` (shape (cout, cin, kh, kw)), stored in `fmt`.
+    pub fn from_conv_in(gpu: &Arc<Gpu>, name: &str, w: &[f32], b: Option<&[f32]>, (cout, cin, kh, kw): (usize, usize, usize, usize), fmt: WeightFormat) -> Result<Linear> {
         let kind = if texture_capable(gpu, (kh * kw * cin).div_ceil(64) * 64, cout) { preferred_kind(gpu) } else { MatmulKind::Buffer };
-        Self::conv_with_kind(gpu, name, w, b, cout, cin, kh, kw, kind)
+        Self::conv_with_kind_in(gpu, name, w, b, (cout, cin, kh, kw), kind, fmt)
     }
 
     /// As `from_conv`, in a given variant. The texture variant multiplies an
     /// explicit im2col matrix whose K is padded to a multiple of 64 (zero rows of B).
     pub fn conv_with_kind(gpu: &Gpu, name: &str, w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, kh: usize, kw: usize, kind: MatmulKind) -> Result<Linear> {
+        Self::conv_with_kind_in(gpu, name, w, b, (cout, cin, kh, kw), kind, WeightFormat::F32)
+    }
+
+    fn conv_with_kind_in(gpu: &Gpu, name: &str, w: &[f32], b: Option<&[f32]>, (cout, cin, kh, kw): (usize, usize, usize, usize), kind: MatmulKind, fmt: WeightFormat) -> Result<Linear> {
         assert_eq!(w.len(), cout * cin * kh * kw, "{name}: weight size");
         let k_real = kh * kw * cin;
         let k = if kind == MatmulKind::Texture { k_real.div_ceil(64) * 64 } else { k_real };
@@ -184,22 +218,30 @@ impl Linear {
                 }
             }
         }
-        Self::from_kn(gpu, name, &bt, b, cout, k, kind)
+        Self::from_kn(gpu, name, &bt, b, cout, k, kind, fmt)
     }
 
-    fn from_kn(gpu: &Gpu, name: &str, bt: &[f32], b: Option<&[f32]>, n: usize, k: usize, kind: MatmulKind) -> Result<Linear> {
+    #[allow(clippy::too_many_arguments)]
+    fn from_kn(gpu: &Gpu, name: &str, bt: &[f32], b: Option<&[f32]>, n: usize, k: usize, kind: MatmulKind, fmt: WeightFormat) -> Result<Linear> {
         let mut bias = vec![0f32; pad4(n)];
         if let Some(b) = b {
             bias[..n].copy_from_slice(b);
         }
+        let label = format!("{name}.weight");
+        let f16 = fmt == WeightFormat::F16;
         let (w, tex) = match kind {
-            MatmulKind::Buffer => (Some(Arc::new(gpu.upload(&format!("{name}.weight"), bt)?)), None),
+            MatmulKind::Buffer if f16 => {
+                let h: Vec<half::f16> = bt.iter().map(|&v| half::f16::from_f32(v)).collect();
+                (Some(Arc::new(gpu.upload_bytes(&label, bytemuck::cast_slice(&h))?)), None)
+            }
+            MatmulKind::Buffer => (Some(Arc::new(gpu.upload(&label, bt)?)), None),
             MatmulKind::Texture => {
                 let w4 = (pad4(n) / 4) as u32;
-                (None, Some(Arc::new(crate::gpu::texture_from(gpu, &format!("{name}.weight"), bt, w4, k as u32))))
+                let view = if f16 { crate::gpu::texture_from_f16(gpu, &label, bt, w4, k as u32) } else { crate::gpu::texture_from(gpu, &label, bt, w4, k as u32) };
+                (None, Some(Arc::new(view)))
             }
         };
-        Ok(Linear { w, tex, b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?), k, n })
+        Ok(Linear { w, tex, b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?), k, n, f16 })
     }
 }
 
@@ -289,7 +331,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
     let params = |rows: usize, row_off: usize| params([rows, l.n, l.k, np4], conv.as_ref(), row_off, (l.k, np4 * 4));
     let flops = |rows: usize| 2.0 * (rows * l.n * l.k) as f64;
     match (&l.w, &l.tex) {
-        (Some(w), _) if pack => {
+        (Some(w), _) if pack && !l.f16 => {
             // Buffer weights on a texture-preferring adapter: pack both operands.
             let (a_view, k) = match conv {
                 Some(geom) => (View::new(Src::Act(im2col(g, label, a, &geom, l.k)?), m, l.k, l.k), l.k),
@@ -300,23 +342,24 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             tex_gemm(g, label, &a_view, &b_view, Res::Act(y), l.n, ep)?;
         }
         (Some(w), _) => {
-            let pipeline = g.gpu.pipeline("matmul", "main", &overrides(act, accumulate, conv.is_some(), (WG_X, WG_Y)))?;
+            let mut ov = overrides(act, accumulate, conv.is_some(), (WG_X, WG_Y)).to_vec();
+            if l.f16 {
+                ov.push(("B_F16", 1.0));
+            }
+            let pipeline = g.gpu.pipeline("matmul", "main", &ov)?;
             let groups = [np4.div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
             let b = vec![Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(params(m, 0))];
             g.dispatch(label, pipeline, b, groups, flops(m));
         }
         (None, Some(_)) if splits_epilogue(g, l, act, accumulate, m) => {
-            // The plain GEMM, then the activation and the residual add as passes
-            // of their own (Graph::fused_epilogue).
-            let z = dispatch(g, &format!("{label}.gemm"), a, m, l, Act::None, Out::New, conv, pack)?;
-            let len = m * l.n;
-            let z = if act == Act::None {
-                z
-            } else {
-                let u = if accumulate { g.tensor(format!("{label}.act"), len) } else { y };
-                elementwise(g, "act_forward", &format!("{label}.act"), z, u, len, act)?;
-                u
-            };
+            // The plain GEMM (into y itself unless y accumulates), then the
+            // activation in place and the residual add as passes of their own
+            // (Graph::fused_epilogue). In place is safe on this path: those passes
+            // read texture copies of their inputs.
+            let z = dispatch(g, &format!("{label}.gemm"), a, m, l, Act::None, if accumulate { Out::New } else { Out::Into(y) }, conv, pack)?;
+            if act != Act::None {
+                elementwise(g, "act_forward", &format!("{label}.act"), z, z, m * l.n, act)?;
+            }
             if accumulate {
                 crate::ops::tokens::add_into(g, &format!("{label}.residual"), y, z, y)?;
             }
@@ -468,6 +511,19 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
     let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(64) as u64);
     let p = params([n, 0, 0, 0], None, 0, (0, 0));
     let u = || Res::Unused;
+    if vec4 && packs(&g.gpu) && entry == "act_forward4" {
+        // Texel gathers instead of per-lane storage loads (see Graph::linear_texture),
+        // z in chunks so its texture stays small beside the activations.
+        let pipeline = g.gpu.pipeline("matmul", "act_forward4_tex", &consts)?;
+        for (i0, m) in crate::ops::gemm::texture_ranges(g, n, 16) {
+            let zt = g.linear_texture_range(z, i0, m, 5);
+            let groups = crate::graph::grid1d(&g.gpu, m.div_ceil(64) as u64);
+            let u = || Res::Unused;
+            let b = vec![u(), u(), u(), u(), Res::Uniform(params([m, 0, 0, 0], None, i0, (0, 0))), Res::ActTex(zt), u(), u(), Res::Act(out)];
+            g.dispatch(label, pipeline.clone(), b, groups, 0.0);
+        }
+        return Ok(());
+    }
     if vec4 && packs(&g.gpu) {
         // Texel gathers instead of per-lane storage loads (see Graph::linear_texture).
         let pipeline = g.gpu.pipeline("matmul", &format!("{entry}_tex"), &consts)?;
@@ -499,6 +555,7 @@ pub fn act_backward(g: &mut Graph, label: &str, z: TensorId, dy: TensorId, len: 
 /// Appends the backward of `y = x·W + b` (x [m, K], dy [m, N]): writes dW and db
 /// into `grad` and returns dx, a new tensor or added into `dx_into`.
 pub fn linear_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m: usize, l: &Linear, grad: &LinearGrad, dx_into: Option<TensorId>) -> Result<TensorId> {
+    anyhow::ensure!(!l.f16, "{label}: backward needs f32 weights");
     let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the weight as a storage buffer (buffer variant)"))?;
     let np = pad4(l.n);
     if packs(&g.gpu) {
@@ -531,6 +588,7 @@ pub fn linear_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m:
 /// writes dW, db into `grad` and, when `dx_into` is given, adds the input gradient into it
 /// (spatial tokens only; the layout of `x`). x must still be alive (it is re-read through im2col).
 pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, geom: ConvGeom, l: &Linear, grad: &LinearGrad, dx_into: Option<TensorId>) -> Result<()> {
+    anyhow::ensure!(!l.f16, "{label}: backward needs f32 weights");
     let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the buffer variant"))?;
     let k_real = geom.k * geom.k * geom.cin;
     assert_eq!(l.k, k_real, "{label}: conv weight K");

@@ -77,20 +77,43 @@ fn row_kernel(g: &Graph, entry: &str, rows: usize, residual: bool) -> Result<(Ar
 }
 
 fn params(m: &RowMap, c: usize) -> Vec<u32> {
-    vec![m.rows as u32, c as u32, m.group as u32, m.in_stride as u32, m.in_off as u32, m.out_stride as u32, m.out_off as u32, LN_EPS.to_bits()]
+    vec![m.rows as u32, c as u32, m.group as u32, m.in_stride as u32, m.in_off as u32, m.out_stride as u32, m.out_off as u32, LN_EPS.to_bits(), 0, 0, 0, 0]
+}
+
+/// layernorm4 over `map` in chunks of rows, each reading its input rows (and, with
+/// a residual, the branch output's) from a small linear texture. Dense input rows
+/// are chunked (`texture_ranges`); gathered ones (the cls-token norm) are few and
+/// read whole.
+fn layernorm4_chunks(g: &mut Graph, label: &str, x: TensorId, z: Option<TensorId>, map: RowMap, ln: &LayerNorm, y: TensorId) -> Result<()> {
+    let c4 = ln.c / 4;
+    let dense = map.group == map.rows || map.in_stride == map.group;
+    let ranges = if dense { crate::ops::gemm::texture_ranges(g, map.rows, ln.c * 4) } else { vec![(0, map.rows)] };
+    let (pipeline, _) = row_kernel(g, "layernorm4", map.rows, z.is_some())?;
+    let u = || Res::Unused;
+    for (r0, n) in ranges {
+        // The first input row of the chunk, in vec4s (dense: the rest follow it).
+        let t0 = if dense { ((r0 / map.group) * map.in_stride + map.in_off + r0 % map.group) * c4 } else { 0 };
+        let texels = if dense { n * c4 } else { g.len(x) / 4 };
+        let xt = g.linear_texture_range(x, t0, texels, 11);
+        // Bindings 10 and 12 serve RESIDUAL only; placeholders fill the layout.
+        let (aux, zt) = match z {
+            Some(z) => (Res::Act(x), Res::ActTex(g.linear_texture_range(z, t0, texels, 12))),
+            None => (Res::Buf(g.gpu.placeholder()), Res::Tex(g.gpu.placeholder_texture())),
+        };
+        let mut p = params(&map, ln.c);
+        (p[0], p[8], p[9]) = ((r0 + n) as u32, r0 as u32, t0 as u32);
+        let groups = grid1d(&g.gpu, n.div_ceil(WG) as u64);
+        let b = vec![u(), u(), u(), u(), Res::Uniform(p), u(), u(), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), aux, Res::ActTex(xt), zt];
+        g.dispatch(label, pipeline.clone(), b, groups, 0.0);
+    }
+    Ok(())
 }
 
 /// LayerNorm over the last axis into `out` (a new tensor of `out_len` when None).
 pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &LayerNorm, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), map.rows * ln.c));
     if vec4_rows(g, ln.c) {
-        let (pipeline, groups) = row_kernel(g, "layernorm4", map.rows, false)?;
-        let u = || Res::Unused;
-        let xt = g.linear_texture(x, 11);
-        // Bindings 10 and 12 serve RESIDUAL only; placeholders fill the layout.
-        let (ph, ph_tex) = (Res::Buf(g.gpu.placeholder()), Res::Tex(g.gpu.placeholder_texture()));
-        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), u(), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), ph, Res::ActTex(xt), ph_tex];
-        g.dispatch(label, pipeline, b, groups, 0.0);
+        layernorm4_chunks(g, label, x, None, map, ln, y)?;
         return Ok(y);
     }
     let (pipeline, groups) = row_kernel(g, "layernorm", map.rows, false)?;
@@ -107,25 +130,7 @@ pub fn add_layernorm(g: &mut Graph, label: &str, x: TensorId, z: TensorId, rows:
         return layernorm(g, label, x, RowMap::dense(rows), ln, None);
     }
     let y = g.tensor(label.to_string(), rows * ln.c);
-    let (pipeline, groups) = row_kernel(g, "layernorm4", rows, true)?;
-    let u = || Res::Unused;
-    let (xt, zt) = (g.linear_texture(x, 11), g.linear_texture(z, 12));
-    let b = vec![
-        u(),
-        u(),
-        u(),
-        u(),
-        Res::Uniform(params(&RowMap::dense(rows), ln.c)),
-        u(),
-        u(),
-        Res::Buf(ln.gamma.clone()),
-        Res::Buf(ln.beta.clone()),
-        Res::Act(y),
-        Res::Act(x),
-        Res::ActTex(xt),
-        Res::ActTex(zt),
-    ];
-    g.dispatch(label, pipeline, b, groups, 0.0);
+    layernorm4_chunks(g, label, x, Some(z), RowMap::dense(rows), ln, y)?;
     Ok(y)
 }
 

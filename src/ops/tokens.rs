@@ -45,11 +45,14 @@ pub fn add_into(g: &mut Graph, label: &str, a: TensorId, b: TensorId, y: TensorI
     let textures = n % 4 == 0 && crate::ops::matmul::packs(&g.gpu);
     anyhow::ensure!(textures || (y != a && y != b), "{label}: an in-place add needs the texture path");
     if textures {
-        let (at, bt) = (g.linear_texture(a, 6), g.linear_texture(b, 7));
+        // In chunks, so the textures stay small beside the activations.
         let pipeline = g.gpu.pipeline("tokens", "add4_tex", &[("WG", WG as f64)])?;
-        let groups = crate::graph::grid1d(&g.gpu, (n / 4).div_ceil(WG) as u64);
-        let u = || Res::Unused;
-        g.dispatch(label, pipeline, vec![u(), u(), Res::Uniform(vec![(n / 4) as u32, 0, 0, 0]), u(), u(), u(), Res::ActTex(at), Res::ActTex(bt), Res::Act(y)], groups, n as f64);
+        for (i0, m) in crate::ops::gemm::texture_ranges(g, n / 4, 16) {
+            let (at, bt) = (g.linear_texture_range(a, i0, m, 6), g.linear_texture_range(b, i0, m, 7));
+            let groups = crate::graph::grid1d(&g.gpu, m.div_ceil(WG) as u64);
+            let u = || Res::Unused;
+            g.dispatch(label, pipeline.clone(), vec![u(), u(), Res::Uniform(vec![m as u32, i0 as u32, 0, 0]), u(), u(), u(), Res::ActTex(at), Res::ActTex(bt), Res::Act(y)], groups, 4.0 * m as f64);
+        }
         return Ok(y);
     }
     let pipeline = g.gpu.pipeline("tokens", "add", &[("WG", WG as f64)])?;
