@@ -111,12 +111,13 @@ pub fn texture_chunk_rows(row_bytes: usize, max_tex: usize) -> usize {
     (rows - rows % 16).min(max_tex)
 }
 
-/// (first unit, units) ranges covering `units` units of `unit_bytes` each, at
-/// most `texture_chunk_rows` units per range: how elementwise and row kernels
-/// walk a large tensor with a small linear texture.
-pub fn texture_ranges(g: &Graph, units: usize, unit_bytes: usize) -> Vec<(usize, usize)> {
-    let per = texture_chunk_rows(unit_bytes, g.gpu.limits.max_texture_dimension_2d as usize);
-    (0..units).step_by(per.max(1)).map(|u0| (u0, per.min(units - u0))).collect()
+/// (first unit, units) ranges covering `units` units of `unit_bytes` each, about
+/// TEXTURE_CHUNK_BYTES per range: how elementwise and row kernels walk a large
+/// tensor with a small linear texture.
+pub fn texture_ranges(units: usize, unit_bytes: usize) -> Vec<(usize, usize)> {
+    // No texture-height limit here: a linear texture widens to fit (Graph::linear_texture_range).
+    let per = texture_chunk_rows(unit_bytes, usize::MAX);
+    (0..units).step_by(per).map(|u0| (u0, per.min(units - u0))).collect()
 }
 
 /// Batch chunks for kernels that read `rows_per_image` rows of `c` channels per

@@ -515,7 +515,7 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
         // Texel gathers instead of per-lane storage loads (see Graph::linear_texture),
         // z in chunks so its texture stays small beside the activations.
         let pipeline = g.gpu.pipeline("matmul", "act_forward4_tex", &consts)?;
-        for (i0, m) in crate::ops::gemm::texture_ranges(g, n, 16) {
+        for (i0, m) in crate::ops::gemm::texture_ranges(n, 16) {
             let zt = g.linear_texture_range(z, i0, m, 5);
             let groups = crate::graph::grid1d(&g.gpu, m.div_ceil(64) as u64);
             let u = || Res::Unused;

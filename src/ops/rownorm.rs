@@ -87,7 +87,7 @@ fn params(m: &RowMap, c: usize) -> Vec<u32> {
 fn layernorm4_chunks(g: &mut Graph, label: &str, x: TensorId, z: Option<TensorId>, map: RowMap, ln: &LayerNorm, y: TensorId) -> Result<()> {
     let c4 = ln.c / 4;
     let dense = map.group == map.rows || map.in_stride == map.group;
-    let ranges = if dense { crate::ops::gemm::texture_ranges(g, map.rows, ln.c * 4) } else { vec![(0, map.rows)] };
+    let ranges = if dense { crate::ops::gemm::texture_ranges(map.rows, ln.c * 4) } else { vec![(0, map.rows)] };
     let (pipeline, _) = row_kernel(g, "layernorm4", map.rows, z.is_some())?;
     let u = || Res::Unused;
     for (r0, n) in ranges {

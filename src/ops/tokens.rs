@@ -47,7 +47,7 @@ pub fn add_into(g: &mut Graph, label: &str, a: TensorId, b: TensorId, y: TensorI
     if textures {
         // In chunks, so the textures stay small beside the activations.
         let pipeline = g.gpu.pipeline("tokens", "add4_tex", &[("WG", WG as f64)])?;
-        for (i0, m) in crate::ops::gemm::texture_ranges(g, n / 4, 16) {
+        for (i0, m) in crate::ops::gemm::texture_ranges(n / 4, 16) {
             let (at, bt) = (g.linear_texture_range(a, i0, m, 6), g.linear_texture_range(b, i0, m, 7));
             let groups = crate::graph::grid1d(&g.gpu, m.div_ceil(WG) as u64);
             let u = || Res::Unused;
