@@ -272,24 +272,29 @@ fn check_attention(kind: MatmulKind, batch: usize, tq: usize, tkv: usize, c: usi
     let gpu = gpu();
     let shape = AttnShape { batch, tq, tkv, c, heads, scale: (c as f32).powf(-0.5) * 3.0 };
     let (q, k, v) = (randn(batch * tq * c, 1), randn(batch * tkv * c, 2), randn(batch * tkv * c, 3));
-    let mut g = Graph::new(gpu.clone());
-    let (tq_, tk_, tv_) = (g.pinned("q", q.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
-    let o = attention_with(&mut g, "attn", tq_, tk_, tv_, shape, kind).unwrap();
-    g.pin(o);
-    // The training forward that also writes the probabilities (SAVE_P).
-    let (o_saving, probs) = attention_train(&mut g, "attn_p", (tq_, tk_, tv_), shape, AttnGrad::Saved, kind).unwrap();
-    let probs = probs.unwrap();
-    g.pin(o_saving);
-    g.pin(probs);
-    let plan = g.compile().unwrap();
-    plan.write(tq_, &q).unwrap();
-    plan.write(tk_, &k).unwrap();
-    plan.write(tv_, &v).unwrap();
-    plan.run().unwrap();
     let (want_o, want_p) = attention_ref(&q, &k, &v, &shape);
-    assert_close(&format!("{kind:?} attention {shape:?}"), &plan.read(o).unwrap(), &want_o, 1e-5, 1e-4);
-    assert_close(&format!("{kind:?} saving attention {shape:?}"), &plan.read(o_saving).unwrap(), &want_o, 1e-5, 1e-4);
-    assert_close(&format!("{kind:?} saved probabilities {shape:?}"), &plan.read(probs).unwrap(), &want_p, 1e-6, 1e-4);
+    // The texture forward with 1, 2 and 4 queries per invocation (Graph::attn_queries).
+    let qpis: &[usize] = if kind == MatmulKind::Texture { &[1, 2, 4] } else { &[2] };
+    for &qpi in qpis {
+        let mut g = Graph::new(gpu.clone());
+        g.attn_queries = qpi;
+        let (tq_, tk_, tv_) = (g.pinned("q", q.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
+        let o = attention_with(&mut g, "attn", tq_, tk_, tv_, shape, kind).unwrap();
+        g.pin(o);
+        // The training forward that also writes the probabilities (SAVE_P).
+        let (o_saving, probs) = attention_train(&mut g, "attn_p", (tq_, tk_, tv_), shape, AttnGrad::Saved, kind).unwrap();
+        let probs = probs.unwrap();
+        g.pin(o_saving);
+        g.pin(probs);
+        let plan = g.compile().unwrap();
+        plan.write(tq_, &q).unwrap();
+        plan.write(tk_, &k).unwrap();
+        plan.write(tv_, &v).unwrap();
+        plan.run().unwrap();
+        assert_close(&format!("{kind:?} attention {shape:?} qpi {qpi}"), &plan.read(o).unwrap(), &want_o, 1e-5, 1e-4);
+        assert_close(&format!("{kind:?} saving attention {shape:?} qpi {qpi}"), &plan.read(o_saving).unwrap(), &want_o, 1e-5, 1e-4);
+        assert_close(&format!("{kind:?} saved probabilities {shape:?} qpi {qpi}"), &plan.read(probs).unwrap(), &want_p, 1e-6, 1e-4);
+    }
 }
 
 #[test]

@@ -25,7 +25,8 @@ fn variants(shader: &str) -> Vec<Vec<(&'static str, f64)>> {
         }
         "attention" => {
             v.push(vec![("D4", 4.0), ("WG", 32.0)]);
-            v.push(vec![("D4", 16.0), ("SAVE_P", 1.0)]);
+            v.push(vec![("D4", 16.0), ("SAVE_P", 1.0), ("QPI", 4.0)]);
+            v.push(vec![("QPI", 1.0)]);
         }
         "rownorm" => {
             v.push(vec![("WG", 128.0)]);

@@ -279,38 +279,101 @@ fn row_store(base: u32, a: Row, inv: f32) {
     if (D4 > 15u) { o[base + 15u] = a.r15 * inv; }
 }
 
+// Queries per invocation of main_tex, 1, 2 or 4: every K and V row fetched feeds
+// QPI queries (texel fetches, not arithmetic, bound this kernel on CPU drivers).
+override QPI: u32 = 2u;
+
+// One query's online-softmax state: running max, sum and output row.
+struct QState { m: f32, l: f32, acc: Row }
+
+// Folds key score s with value row vr into the state; the running output is
+// rescaled by exp(m_old - m_new) (a scalar per field), which keeps the scores out
+// of an array.
+fn online(st0: QState, s: f32, vr: Row) -> QState {
+    var st = st0;
+    let mn = max(st.m, s);
+    let corr = exp(st.m - mn);
+    let pj = exp(s - mn);
+    st.l = st.l * corr + pj;
+    st.acc = row_axpy(st.acc, corr, pj, vr);
+    st.m = mn;
+    return st;
+}
+
+// Stores a finished query (and normalises its saved P row).
+fn finish(st: QState, bi: u32, head: u32, qi: u32) {
+    row_store(((p.b_off + bi) * p.Tq + qi) * p.C4 + head * D4, st.acc, 1.0 / st.l);
+    if (SAVE_P != 0u) {
+        normalise_row(prow(p.b_off + bi, head, qi), st.m + log(st.l));
+    }
+}
+
 @compute @workgroup_size(WG)
 fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let head = wid.y;
     let bi = wid.z;
-    let qi = gid.x;
-    if (qi >= p.Tq) {
+    let q0 = gid.x * QPI;
+    if (q0 >= p.Tq) {
         return;
     }
+    // Queries past the end clamp to the last (computed, then not stored).
+    let q1 = min(q0 + 1u, p.Tq - 1u);
+    let q2 = min(q0 + 2u, p.Tq - 1u);
+    let q3 = min(q0 + 3u, p.Tq - 1u);
     let hc = i32(head * D4);
-    let qv = q_row(hc, i32(bi * p.Tq + qi), p.scale);
-    var acc: Row;
-    // Online softmax per key: the running output is rescaled by exp(m_old - m_new)
-    // at each key (a scalar per field), which keeps the scores out of an array.
-    var m = -3.0e38;
-    var l = 0.0;
-    let pb = prow(p.b_off + bi, head, qi);
+    let qr0 = q_row(hc, i32(bi * p.Tq + q0), p.scale);
+    var qr1: Row;
+    var qr2: Row;
+    var qr3: Row;
+    if (QPI > 1u) {
+        qr1 = q_row(hc, i32(bi * p.Tq + q1), p.scale);
+    }
+    if (QPI > 2u) {
+        qr2 = q_row(hc, i32(bi * p.Tq + q2), p.scale);
+        qr3 = q_row(hc, i32(bi * p.Tq + q3), p.scale);
+    }
+    var empty: Row;
+    var st0 = QState(-3.0e38, 0.0, empty);
+    var st1 = st0;
+    var st2 = st0;
+    var st3 = st0;
     for (var j = 0u; j < p.Tkv; j++) {
         let row = i32(bi * p.Tkv + j);
-        let s = row_dot(qv, k_row(hc, row));
+        let kr = k_row(hc, row);
+        let vr = v_row(hc, row);
+        let s0 = row_dot(qr0, kr);
         if (SAVE_P != 0u) {
-            probs[pb + j] = s;
+            probs[prow(p.b_off + bi, head, q0) + j] = s0;
         }
-        let mn = max(m, s);
-        let corr = exp(m - mn);
-        let pj = exp(s - mn);
-        l = l * corr + pj;
-        acc = row_axpy(acc, corr, pj, v_row(hc, row));
-        m = mn;
+        st0 = online(st0, s0, vr);
+        if (QPI > 1u) {
+            let s1 = row_dot(qr1, kr);
+            if (SAVE_P != 0u) {
+                // A clamped query writes the last row's own score again: harmless.
+                probs[prow(p.b_off + bi, head, q1) + j] = s1;
+            }
+            st1 = online(st1, s1, vr);
+        }
+        if (QPI > 2u) {
+            let s2 = row_dot(qr2, kr);
+            let s3 = row_dot(qr3, kr);
+            if (SAVE_P != 0u) {
+                probs[prow(p.b_off + bi, head, q2) + j] = s2;
+                probs[prow(p.b_off + bi, head, q3) + j] = s3;
+            }
+            st2 = online(st2, s2, vr);
+            st3 = online(st3, s3, vr);
+        }
     }
-    row_store(((p.b_off + bi) * p.Tq + qi) * p.C4 + head * D4, acc, 1.0 / l);
-    if (SAVE_P != 0u) {
-        normalise_row(pb, m + log(l));
+    finish(st0, bi, head, q0);
+    if (QPI > 1u && q0 + 1u < p.Tq) {
+        finish(st1, bi, head, q1);
+    }
+    if (QPI > 2u && q0 + 2u < p.Tq) {
+        finish(st2, bi, head, q2);
+    }
+    if (QPI > 3u && q0 + 3u < p.Tq) {
+        finish(st3, bi, head, q3);
     }
 }
 

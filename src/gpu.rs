@@ -397,8 +397,9 @@ impl Gpu {
 /// stage 0 and not in later stages, so without padding every texture GEMM JITs
 /// twice (about 1 s each on lavapipe). Kernels never read a texture's height, and
 /// read its width only for linear textures, which are always powers of two wide;
-/// so heights (and the widths of weight textures) are padded to a non-power of
-/// two: one extra row or column, never read.
+/// so heights, and the widths of textures read by coordinates (weights,
+/// attention and depthwise image chunks), are padded to a non-power of two: one
+/// extra row or column, never read.
 pub fn npot(n: u32, max: u32) -> u32 {
     let mut m = n.max(3);
     while m.is_power_of_two() {

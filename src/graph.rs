@@ -69,12 +69,16 @@ pub struct TexRef {
     height: u32,
     binding: u32,
     fill: u32,
+    /// A linear texture (read by index, so exactly `width` wide, a power of two);
+    /// the others are read by coordinates and padded to a non-power-of-two width
+    /// (see `gpu::npot`).
+    linear: bool,
 }
 
 impl TexRef {
     /// The shared texture this one lives in.
-    fn key(&self) -> (u32, u32) {
-        (self.binding, self.width)
+    fn key(&self) -> (u32, u32, bool) {
+        (self.binding, self.width, self.linear)
     }
 }
 
@@ -136,6 +140,11 @@ pub struct Graph {
     /// as fused at CvT-13 batch 1 and 8, with the first call 2.5-8 s shorter
     /// (docs/perf.md). The buffer GEMM always fuses. `CVT_GPU_EPILOGUE=fused|split`.
     pub fused_epilogue: bool,
+    /// Queries per invocation of the texture attention forward (1, 2 or 4): each K
+    /// and V row fetched serves that many queries. 4 runs it about 1.6x faster than
+    /// 2 on lavapipe but takes 0.4-0.6 s longer to compile at first dispatch, so
+    /// long-running graphs take 4 and others 2 (docs/perf.md). `CVT_GPU_ATTN_QPI`.
+    pub attn_queries: usize,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
     /// Texture fillings so far (`TexRef::fill`).
@@ -206,7 +215,7 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(8), fused_epilogue: fused_setting().unwrap_or(false), tensors: vec![], ops: vec![], fills: 0 }
+        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(8), fused_epilogue: fused_setting().unwrap_or(false), attn_queries: qpi_setting().unwrap_or(2), tensors: vec![], ops: vec![], fills: 0 }
     }
 
     /// A graph that runs long enough to repay the texture GEMM's larger block
@@ -215,6 +224,7 @@ impl Graph {
     pub fn new_long_running(gpu: Arc<Gpu>) -> Self {
         let mut g = Graph::new(gpu);
         g.tex_rows = tex_rows_setting().unwrap_or(16);
+        g.attn_queries = qpi_setting().unwrap_or(4);
         g
     }
 
@@ -280,7 +290,7 @@ impl Graph {
         while texels.div_ceil(width) > max && width < max {
             width *= 2;
         }
-        let tex = self.tex(width, texels.div_ceil(width).max(1), binding);
+        let tex = TexRef { linear: true, ..self.tex(width, texels.div_ceil(width).max(1), binding) };
         self.ops.push(OpRec::Copy { src: t, texel0, tex, texels: Some(texels) });
         tex
     }
@@ -289,7 +299,7 @@ impl Graph {
     /// to be written by a dispatch (`Res::OutTex`) right before that one.
     pub fn tex(&mut self, width: usize, rows: usize, binding: u32) -> TexRef {
         self.fills += 1;
-        TexRef { width: width as u32, height: rows as u32, binding, fill: self.fills }
+        TexRef { width: width as u32, height: rows as u32, binding, fill: self.fills, linear: false }
     }
 
     /// `CVT_GPU_TRACE_MEMORY=1`: the slot plan's total against the live set, and
@@ -368,7 +378,7 @@ impl Graph {
         // One texture per (binding, width), as tall as its tallest filling; check
         // that every use reads the latest filling of its texture.
         let mut tex_sizes: Vec<TexRef> = vec![];
-        let mut last_fill: HashMap<(u32, u32), u32> = HashMap::new();
+        let mut last_fill: HashMap<(u32, u32, bool), u32> = HashMap::new();
         for op in &ops {
             let (filled, used): (Vec<TexRef>, Vec<TexRef>) = match op {
                 OpRec::Copy { tex, .. } => (vec![*tex], vec![]),
@@ -401,7 +411,8 @@ impl Graph {
         if let Some(t) = tex_sizes.iter().find(|t| t.width > max_tex || t.height > max_tex) {
             bail!("texture {}x{} exceeds this adapter's {max_tex} texel limit", t.width, t.height);
         }
-        let textures: Vec<wgpu::Texture> = tex_sizes.iter().map(|t| crate::gpu::texture(&gpu, "activation texture", t.width, t.height)).collect();
+        let width = |t: &TexRef| if t.linear { t.width } else { crate::gpu::npot(t.width, max_tex) };
+        let textures: Vec<wgpu::Texture> = tex_sizes.iter().map(|t| crate::gpu::texture(&gpu, "activation texture", width(t), t.height)).collect();
         let views: Vec<wgpu::TextureView> = textures.iter().map(|t| t.create_view(&Default::default())).collect();
         let tex_index = |t: &TexRef| tex_sizes.iter().position(|x| x.key() == t.key()).unwrap();
         let mut steps = Vec::with_capacity(ops.len());
@@ -473,7 +484,7 @@ impl Graph {
             activation_bytes: slot_size.iter().sum(),
             unshared_bytes: (0..n).map(bytes).sum(),
             max_live_bytes: max_live,
-            texture_bytes: tex_sizes.iter().map(|t| t.width as u64 * crate::gpu::npot(t.height, max_tex) as u64 * 16).sum(),
+            texture_bytes: tex_sizes.iter().map(|t| width(t) as u64 * crate::gpu::npot(t.height, max_tex) as u64 * 16).sum(),
             gpu,
             steps,
             slots,
@@ -491,10 +502,17 @@ pub fn check_settings() -> Result<()> {
     if let Ok(v) = std::env::var("CVT_GPU_TEX_ROWS") {
         anyhow::ensure!(tex_rows_setting().is_some(), "CVT_GPU_TEX_ROWS={v}: expected 8 or 16");
     }
+    if let Ok(v) = std::env::var("CVT_GPU_ATTN_QPI") {
+        anyhow::ensure!(qpi_setting().is_some(), "CVT_GPU_ATTN_QPI={v}: expected 1, 2 or 4");
+    }
     if let Ok(v) = std::env::var("CVT_GPU_EPILOGUE") {
         anyhow::ensure!(fused_setting().is_some(), "CVT_GPU_EPILOGUE={v}: expected `fused` or `split`");
     }
     Ok(())
+}
+
+fn qpi_setting() -> Option<usize> {
+    std::env::var("CVT_GPU_ATTN_QPI").ok().and_then(|v| v.parse().ok()).filter(|q| [1, 2, 4].contains(q))
 }
 
 fn fused_setting() -> Option<bool> {

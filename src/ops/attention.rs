@@ -100,12 +100,15 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
     // QKᵀ and PV: 2 multiply-adds per (query, key, channel).
     let flops = |batch: usize| 4.0 * (batch * s.tq * s.tkv * s.c) as f64;
     if let Some(chunks) = texture_chunks(g, &s, kind) {
+        let qpi = g.attn_queries;
+        let mut consts = consts.to_vec();
+        consts.push(("QPI", qpi as f64));
         let pipeline = g.gpu.pipeline("attention", "main_tex", &consts)?;
         for (b0, nb) in chunks {
             let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
             let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
             let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
-            let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, nb as u32];
+            let groups = [s.tq.div_ceil(WG * qpi) as u32, s.heads as u32, nb as u32];
             let u = || Res::Unused;
             let bindings = vec![u(), u(), u(), Res::Act(o), Res::Uniform(params(nb, b0)), Res::ActTex(qt), Res::ActTex(kt), Res::ActTex(vt), u(), u(), u(), u(), u(), u(), p_res.clone()];
             g.dispatch(label, pipeline.clone(), bindings, groups, flops(nb));
