@@ -92,7 +92,8 @@ fn matmul_texture_variant_all_epilogues() {
 fn matmul_f16_weights_both_variants() {
     let gpu = gpu();
     for kind in [MatmulKind::Buffer, MatmulKind::Texture] {
-        for &(m, n, k) in &[(5, 3, 64), (33, 70, 128), (9, 6, 64)] {
+        // (8, 12): m·n a multiple of 4, where the texture variant splits its epilogue.
+        for &(m, n, k) in &[(5, 3, 64), (33, 70, 128), (9, 6, 64), (8, 12, 64)] {
             for (act, accumulate) in [(Act::None, false), (Act::QuickGelu, false), (Act::None, true)] {
                 let (a, w, b, r) = (randn(m * k, 1), randn(n * k, 2), randn(n, 3), randn(m * n, 4));
                 let l = Linear::with_kind_in(&gpu, "t", &w, Some(&b), n, k, kind, WeightFormat::F16).unwrap();
@@ -120,6 +121,9 @@ fn matmul_texture_variant_splits_rows_over_the_texture_limit() {
     // last one partial: each chunk's texture starts at its first row.
     let rows = 2 * (TEXTURE_CHUNK_BYTES / 2048) + 37;
     check_matmul(MatmulKind::Texture, rows, 7, 512, Act::QuickGelu, false);
+    // The split epilogue's activation and residual passes over an output larger
+    // than one texture chunk (2100 x 256 floats: two chunks of vec4s).
+    check_matmul(MatmulKind::Texture, 2100, 256, 64, Act::QuickGelu, true);
 }
 
 #[test]
@@ -162,8 +166,10 @@ fn conv_ref(x: &[f32], w: &[f32], b: &[f32], geo: &ConvGeom, cout: usize) -> Vec
 fn conv_implicit_gemm() {
     let gpu = gpu();
     // (batch, h, w, cin, cout, k, stride, pad, cls)
-    for &(batch, h, w, cin, cout, k, s, p, cls) in &[(2, 9, 7, 3, 5, 7, 4, 2, 0), (1, 5, 5, 6, 8, 3, 2, 1, 1), (3, 1, 1, 4, 3, 3, 2, 1, 0), (1, 16, 13, 3, 16, 7, 4, 2, 0), (2, 6, 6, 5, 7, 3, 1, 1, 1)]
+    for &(batch, h, w, cin, cout, k, s, p, cls) in
+        &[(2, 9, 7, 3, 5, 7, 4, 2, 0), (1, 5, 5, 6, 8, 3, 2, 1, 1), (3, 1, 1, 4, 3, 3, 2, 1, 0), (1, 16, 13, 3, 16, 7, 4, 2, 0), (2, 6, 6, 5, 7, 3, 1, 1, 1), (3, 48, 48, 96, 8, 3, 2, 1, 1)]
     {
+        // The last case: 0.9 MB images, read by im2col two at a time (TEXTURE_CHUNK_BYTES).
         let tokens = cls + h * w;
         let geo = ConvGeom { batch, in_h: h, in_w: w, cin, in_tokens: tokens, in_tok_off: cls, k, stride: s, pad: p };
         let x = randn(batch * tokens * cin, 5);
@@ -333,6 +339,26 @@ fn layernorm_dense_and_gathered() {
         // eps 1e-5 with unit-ish variance: f32 rounding of mean/var gives ~1e-5 relative.
         assert_close(&format!("layernorm {rows}x{c}"), &plan.read(y).unwrap(), &want, 1e-4, 1e-4);
     }
+    // Rows [3, 1403) of a tensor into rows [2, 1402) of another: offsets on both
+    // sides, over two texture chunks of rows (the vec4 form reads in chunks).
+    let (rows, c) = (1400, 384);
+    let x = randn((rows + 3) * c, 7);
+    let (gm, bt) = (randn(c, 2), randn(c, 3));
+    let ln = LayerNorm::new(&gpu, "ln", &gm, &bt).unwrap();
+    let mut g = Graph::new(gpu.clone());
+    let xi = g.pinned("x", x.len());
+    let out = g.pinned("y", (rows + 2) * c);
+    layernorm(&mut g, "offset", xi, RowMap { rows, group: rows, in_stride: 0, in_off: 3, out_stride: 0, out_off: 2 }, &ln, Some(out)).unwrap();
+    let plan = g.compile().unwrap();
+    plan.write(xi, &x).unwrap();
+    plan.write(out, &vec![7.0; (rows + 2) * c]).unwrap();
+    plan.run().unwrap();
+    let mut want = vec![7.0f64; (rows + 2) * c];
+    for r in 0..rows {
+        let row: Vec<f64> = x[(r + 3) * c..(r + 4) * c].iter().map(|&v| v as f64).collect();
+        want[(r + 2) * c..(r + 3) * c].copy_from_slice(&layernorm_ref(&row, &gm, &bt));
+    }
+    assert_close("layernorm with row offsets, chunked", &plan.read(out).unwrap(), &want, 1e-4, 1e-4);
     // Gather: the cls token (row 0 of 4 tokens) of each of 3 images; scatter below a cls slot.
     let (b, t, c) = (3, 4, 6);
     let x = randn(b * t * c, 9);
@@ -367,7 +393,10 @@ fn layernorm_dense_and_gathered() {
 #[test]
 fn residual_branch_then_layernorm() {
     let gpu = gpu();
-    for &(m, c, kind) in &[(5, 8, MatmulKind::Texture), (37, 384, MatmulKind::Texture), (2, 6, MatmulKind::Texture), (9, 12, MatmulKind::Buffer), (3, 6, MatmulKind::Buffer)] {
+    // 1400 x 384: LayerNorm rows over two texture chunks.
+    for &(m, c, kind) in
+        &[(5, 8, MatmulKind::Texture), (37, 384, MatmulKind::Texture), (1400, 384, MatmulKind::Texture), (2, 6, MatmulKind::Texture), (9, 12, MatmulKind::Buffer), (3, 6, MatmulKind::Buffer)]
+    {
         let k = 64;
         let (a, w, b) = (randn(m * k, 1), randn(c * k, 2), randn(c, 3));
         let x: Vec<f32> = randn(m * c, 4).iter().map(|v| v * 2.0 + 1.0).collect();

@@ -353,7 +353,9 @@ fn im2col4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
             v = lin(a_tex, ((r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + k % p.cin) / 4u);
         }
     }
-    c4[i] = v;
+    // A chunk of images (the texture holds those images only): its rows start at
+    // output row p.out_row_off.
+    c4[p.out_row_off * n4 + i] = v;
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)

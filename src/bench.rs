@@ -157,6 +157,9 @@ pub fn gemm(gpu: &Arc<Gpu>, m: usize, n: usize, k: usize, iters: usize) -> Resul
 }
 
 pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
+    if a.f16 && (a.gemm || a.mode == Mode::Train) {
+        anyhow::bail!("--f16 applies to inference (f16 weights); training and --gemm use f32");
+    }
     if a.gemm {
         let ceiling = gemm(&gpu, 1024, 1024, 1024, 3)?;
         if a.json {

@@ -432,7 +432,7 @@ pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture
 /// padded to non-powers of two (see [`npot`]).
 pub fn texture_from(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u32) -> wgpu::TextureView {
     let t = texture(gpu, label, npot(width, gpu.limits.max_texture_dimension_2d), height);
-    fill_texture(gpu, &t, bytemuck::cast_slice(data), width, height)
+    fill_texture(gpu, &t, bytemuck::cast_slice(data), 16, width, height)
 }
 
 /// As `texture_from`, stored as rgba16float (kernels read it as f32 all the same).
@@ -448,16 +448,22 @@ pub fn texture_from_f16(gpu: &Gpu, label: &str, data: &[f32], width: u32, height
         usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
         view_formats: &[],
     });
-    let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
-    fill_texture(gpu, &t, bytemuck::cast_slice(&h), width, height)
+    fill_texture(gpu, &t, bytemuck::cast_slice(&to_f16(data)), 8, width, height)
 }
 
-/// Writes `height` rows of `width` texels (`bytes` row-major) at the texture's origin.
-fn fill_texture(gpu: &Gpu, t: &wgpu::Texture, bytes: &[u8], width: u32, height: u32) -> wgpu::TextureView {
+/// f32 values rounded to f16 (nearest even), for f16 weight storage.
+pub fn to_f16(data: &[f32]) -> Vec<half::f16> {
+    data.iter().map(|&v| half::f16::from_f32(v)).collect()
+}
+
+/// Writes `height` rows of `width` texels of `texel` bytes (`bytes`, row-major)
+/// at the texture's origin.
+fn fill_texture(gpu: &Gpu, t: &wgpu::Texture, bytes: &[u8], texel: u32, width: u32, height: u32) -> wgpu::TextureView {
+    assert_eq!(bytes.len(), (texel * width * height) as usize, "texture data size");
     gpu.queue.write_texture(
         t.as_image_copy(),
         bytes,
-        wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(bytes.len() as u32 / height.max(1)), rows_per_image: Some(height) },
+        wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(texel * width), rows_per_image: Some(height) },
         wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
     );
     t.create_view(&Default::default())

@@ -81,12 +81,12 @@ impl Model {
         let mut stages = vec![];
         let mut cin = cfg.in_chans;
         let mut bytes = 0u64;
-        // Bytes saved by f16 storage, against the 4 per parameter counted below.
-        let saved = std::cell::Cell::new(0u64);
+        // Linear layers count as stored (padding, f16), not at 4 bytes per
+        // parameter as the other tensors below: (parameters, stored bytes).
+        let linear = std::cell::Cell::new((0u64, 0u64));
         let counted = |w: &[f32], l: Linear| {
-            if l.f16 {
-                saved.set(saved.get() + 2 * w.len() as u64);
-            }
+            let (p, b) = linear.get();
+            linear.set((p + (w.len() + l.n) as u64, b + l.stored_bytes()));
             l
         };
         for s in 0..cfg.stages() {
@@ -138,7 +138,8 @@ impl Model {
         for v in t.values() {
             bytes += (v.data.len() * 4) as u64;
         }
-        bytes -= saved.get();
+        let (params, stored) = linear.get();
+        bytes = bytes - 4 * params + stored;
         gpu.check_error()?;
         Ok(Model { gpu, cfg, act, stages, norm, head, weight_bytes: bytes })
     }

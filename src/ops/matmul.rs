@@ -230,10 +230,7 @@ impl Linear {
         let label = format!("{name}.weight");
         let f16 = fmt == WeightFormat::F16;
         let (w, tex) = match kind {
-            MatmulKind::Buffer if f16 => {
-                let h: Vec<half::f16> = bt.iter().map(|&v| half::f16::from_f32(v)).collect();
-                (Some(Arc::new(gpu.upload_bytes(&label, bytemuck::cast_slice(&h))?)), None)
-            }
+            MatmulKind::Buffer if f16 => (Some(Arc::new(gpu.upload_bytes(&label, bytemuck::cast_slice(&crate::gpu::to_f16(bt)))?)), None),
             MatmulKind::Buffer => (Some(Arc::new(gpu.upload(&label, bt)?)), None),
             MatmulKind::Texture => {
                 let w4 = (pad4(n) / 4) as u32;
@@ -242,6 +239,16 @@ impl Linear {
             }
         };
         Ok(Linear { w, tex, b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?), k, n, f16 })
+    }
+
+    /// GPU bytes of the weight and bias as stored (padding and f16 included).
+    pub fn stored_bytes(&self) -> u64 {
+        let tex_bytes = |t: &wgpu::TextureView| {
+            let t = t.texture();
+            let texel = if t.format() == wgpu::TextureFormat::Rgba16Float { 8 } else { 16 };
+            t.width() as u64 * t.height() as u64 * texel
+        };
+        self.w.as_ref().map_or(0, |w| w.size()) + self.tex.as_deref().map_or(0, tex_bytes) + self.b.size()
     }
 }
 
@@ -305,11 +312,21 @@ fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k_out: usize
     let cols = g.tensor(format!("{label}.im2col"), m * k_out);
     let p = params([m, k_out, geom.k * geom.k * geom.cin, 0], Some(geom), 0, (0, 0));
     if packs(&g.gpu) && geom.cin % 4 == 0 && k_out % 4 == 0 {
-        let xt = g.linear_texture(x, 5);
+        // A few images at a time, so the input's texture stays small beside the
+        // activations (TEXTURE_CHUNK_BYTES; at least one image).
         let pipeline = g.gpu.pipeline("matmul", "im2col4", &overrides(Act::None, false, true, (64, 1)))?;
-        let groups = crate::graph::grid1d(&g.gpu, (m * k_out / 4).div_ceil(64) as u64);
-        let u = || Res::Unused;
-        g.dispatch(format!("{label}.im2col"), pipeline, vec![u(), u(), u(), u(), Res::Uniform(p), Res::ActTex(xt), u(), u(), Res::Act(cols)], groups, 0.0);
+        let image_texels = geom.in_tokens * geom.cin / 4;
+        let per = (crate::ops::gemm::TEXTURE_CHUNK_BYTES / (16 * image_texels).max(1)).max(1);
+        let hw = oh * ow;
+        for b0 in (0..geom.batch).step_by(per) {
+            let nb = per.min(geom.batch - b0);
+            let xt = g.linear_texture_range(x, b0 * image_texels, nb * image_texels, 5);
+            let mut pc = p.clone();
+            (pc[0], pc[15]) = ((nb * hw) as u32, (b0 * hw) as u32);
+            let groups = crate::graph::grid1d(&g.gpu, (nb * hw * k_out / 4).div_ceil(64) as u64);
+            let u = || Res::Unused;
+            g.dispatch(format!("{label}.im2col"), pipeline.clone(), vec![u(), u(), u(), u(), Res::Uniform(pc), Res::ActTex(xt), u(), u(), Res::Act(cols)], groups, 0.0);
+        }
         return Ok(cols);
     }
     let pipeline = g.gpu.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
@@ -396,7 +413,9 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
 /// Whether this texture-GEMM layer leaves its activation or residual add to
 /// separate passes (see `Graph::fused_epilogue`; the vec4 passes need m·n % 4 == 0).
 fn splits_epilogue(g: &Graph, l: &Linear, act: Act, accumulate: bool, m: usize) -> bool {
-    l.w.is_none() && l.tex.is_some() && !g.fused_epilogue && (act != Act::None || accumulate) && (m * l.n) % 4 == 0
+    // `packs` last: the variant trial's own dispatches (no activation, no
+    // accumulate) must not ask for the variant it is deciding.
+    l.w.is_none() && l.tex.is_some() && !g.fused_epilogue && (act != Act::None || accumulate) && (m * l.n) % 4 == 0 && packs(&g.gpu)
 }
 
 /// A transformer block's residual branch x·W + b, to be added to the stream `xs`:
