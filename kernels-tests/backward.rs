@@ -341,9 +341,10 @@ fn attention_backward_mid_graph() {
     let cases = [(gpu_texture_variants(), AttnGrad::Recompute), (gpu_buffer_variants(), AttnGrad::Recompute), (gpu_texture_variants(), AttnGrad::Saved), (gpu_buffer_variants(), AttnGrad::Saved)];
     for (gpu, grad) in cases {
         let fwd_kind = if grad == AttnGrad::Saved { preferred_kind(&gpu) } else { MatmulKind::Buffer };
-        // The last case's images (4100 rows of 256 bytes) pass TEXTURE_CHUNK_BYTES / 2:
-        // one image per texture chunk, so P and dS are indexed across chunks.
-        for &(batch, tq, tkv, c, heads) in &[(2, 5, 3, 8, 2), (1, 9, 9, 16, 1), (1, 1, 1, 4, 1), (3, 7, 4, 64, 1), (3, 4100, 3, 64, 2)] {
+        // The last case's images (4101 rows of 256 bytes) pass TEXTURE_CHUNK_BYTES / 2:
+        // one image per texture chunk, so P and dS are indexed across chunks, and an
+        // image's P (2·4101·3 floats) is not whole texels, so chunks start mid-texel.
+        for &(batch, tq, tkv, c, heads) in &[(2, 5, 3, 8, 2), (1, 9, 9, 16, 1), (1, 1, 1, 4, 1), (3, 7, 4, 64, 1), (3, 4101, 3, 64, 2)] {
             let shape = AttnShape { batch, tq, tkv, c, heads, scale: (c as f32).powf(-0.5) * 2.0 };
             let (x, wq, k, v) = (randn(batch * tq * c, 1), randn(c * c, 2), randn(batch * tkv * c, 3), randn(batch * tkv * c, 4));
             let (co, e) = (randn(batch * tq * c, 5), randn(batch * tq * c, 6));

@@ -22,7 +22,9 @@ const TK: u32 = 16u;
 override SAVE_P: u32 = 0u;
 
 // b_off: first image of this dispatch (the texture variant splits the batch).
-struct Params { B: u32, Tq: u32, Tkv: u32, C4: u32, heads: u32, scale: f32, b_off: u32, _p1: u32 }
+// p_off: in the saved-P backward on textures, the P and dS textures hold this
+// chunk's images only, starting p_off elements into their first texel.
+struct Params { B: u32, Tq: u32, Tkv: u32, C4: u32, heads: u32, scale: f32, b_off: u32, p_off: u32 }
 
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read> k: array<vec4<f32>>;
@@ -824,7 +826,7 @@ fn attn_bwd_q_p_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(work
     var acc: Row;
     for (var j = 0u; j < p.Tkv; j++) {
         let row = i32(bi * p.Tkv + j);
-        let ds = lin1(probs_tex, pb + j) * (row_dot(gv, v_row(hc, row)) - big_d);
+        let ds = lin1(probs_tex, p.p_off + prow(bi, head, qi) + j) * (row_dot(gv, v_row(hc, row)) - big_d);
         dscore[pb + j] = ds;
         acc = row_axpy(acc, 1.0, ds, k_row(hc, row));
     }
@@ -845,7 +847,8 @@ fn attn_bwd_kv_p_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wor
     var gvv: Row;
     for (var i = 0u; i < p.Tq; i++) {
         let row = i32(bi * p.Tq + i);
-        let pi = prow(gb, head, i) + kj;
+        // P and dS of this chunk's images (local image bi).
+        let pi = p.p_off + prow(bi, head, i) + kj;
         gvv = row_axpy(gvv, 1.0, lin1(probs_tex, pi), dout_row(hc, row));
         gk = row_axpy(gk, 1.0, lin1(dscore_tex, pi), q_row(hc, row, 1.0));
     }

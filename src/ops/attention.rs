@@ -52,7 +52,8 @@ pub enum AttnGrad {
     /// Recomputed from Q and K in the backward (no extra memory).
     Recompute,
     /// Written by the forward and kept until the backward: P and dS take
-    /// B·heads·Tq·Tkv floats each.
+    /// B·heads·Tq·Tkv floats each (on CPU drivers the backward also copies a
+    /// chunk of images' worth of each into a texture).
     Saved,
 }
 
@@ -71,7 +72,7 @@ pub fn attn_grad_mode(g: &Graph, s: &AttnShape) -> Result<AttnGrad> {
     match std::env::var("CVT_GPU_ATTN_GRAD").ok().as_deref() {
         None | Some("") => Ok(if fits { AttnGrad::Saved } else { AttnGrad::Recompute }),
         Some("recompute") => Ok(AttnGrad::Recompute),
-        Some("saved") if fits || bytes <= g.gpu.max_binding() => Ok(AttnGrad::Saved),
+        Some("saved") if bytes <= g.gpu.max_binding() => Ok(AttnGrad::Saved),
         Some("saved") => bail!("CVT_GPU_ATTN_GRAD=saved: the probabilities of one attention ({} MiB) exceed this adapter's storage binding limit; use recompute", bytes >> 20),
         Some(other) => bail!("CVT_GPU_ATTN_GRAD={other}: expected `saved` or `recompute`"),
     }
@@ -178,7 +179,11 @@ pub fn attention_backward(
         let pkv = g.gpu.pipeline("attention", &format!("{}_tex", names.1), &consts)?;
         for (b0, nb) in chunks {
             let mut params = params.clone();
-            params[6] = b0 as u32;
+            // P and dS of this chunk's images only, from the texel holding the
+            // chunk's first element (an image's P need not be whole texels).
+            let per_image = s.heads * s.tq * s.tkv;
+            let (t0, t1) = (b0 * per_image / 4, ((b0 + nb) * per_image).div_ceil(4));
+            (params[6], params[7]) = (b0 as u32, (b0 * per_image % 4) as u32);
             let chunk_flops = pair_flops * nb as f64 / s.batch as f64;
             let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
             let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
@@ -187,7 +192,7 @@ pub fn attention_backward(
             let mut bq =
                 vec![qb, u(), u(), Res::Act(o), Res::Uniform(params.clone()), u(), Res::ActTex(kt), Res::ActTex(vt), Res::Act(dout), Res::Act(dq), r10.clone(), u(), u(), u(), u(), r15.clone()];
             if let Some(p) = probs {
-                bq.push(Res::ActTex(g.linear_texture(p, 16)));
+                bq.push(Res::ActTex(g.linear_texture_range(p, t0, t1 - t0, 16)));
             }
             g.dispatch(format!("{label}.bwd_q"), pq.clone(), bq, [s.tq.div_ceil(WG) as u32, s.heads as u32, nb as u32], fq * chunk_flops);
             let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
@@ -195,7 +200,7 @@ pub fn attention_backward(
             let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
             let mut bkv = vec![u(), kb, vb, u(), Res::Uniform(params), Res::ActTex(qt), u(), u(), u(), u(), r10.clone(), Res::Act(dk), Res::Act(dv), Res::ActTex(gt)];
             if let (Some(p), Some(ds)) = (probs, dscore) {
-                let (pt, dst) = (g.linear_texture(p, 16), g.linear_texture(ds, 17));
+                let (pt, dst) = (g.linear_texture_range(p, t0, t1 - t0, 16), g.linear_texture_range(ds, t0, t1 - t0, 17));
                 bkv.extend([u(), u(), Res::ActTex(pt), Res::ActTex(dst)]);
             }
             g.dispatch(format!("{label}.bwd_kv"), pkv.clone(), bkv, [s.tkv.div_ceil(WG) as u32, s.heads as u32, nb as u32], fkv * chunk_flops);
