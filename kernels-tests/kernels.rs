@@ -484,31 +484,35 @@ fn gelu_reference_is_exact() {
 #[test]
 fn activation_and_add_elementwise() {
     let gpu = gpu();
-    // 1000 values take the vec4 kernels (linear textures on CPU drivers), 999 the scalar ones.
-    for (n, act) in [1000, 999].into_iter().flat_map(|n| [Act::None, Act::Gelu, Act::QuickGelu].map(|a| (n, a))) {
+    // 1000 values take the vec4 kernels (linear textures on CPU drivers), 999 the
+    // scalar ones; 600000 cross a texture chunk (TEXTURE_CHUNK_BYTES) in the vec4 ones.
+    let cases = [1000, 999].into_iter().flat_map(|n| [Act::None, Act::Gelu, Act::QuickGelu].map(|a| (n, a))).chain([(600_000, Act::QuickGelu)]);
+    for (n, act) in cases {
         let z: Vec<f32> = randn(n, 1).iter().map(|v| v * 4.0).collect();
         let o = randn(n, 2);
+        let dy = randn(n, 3);
         let mut g = Graph::new(gpu.clone());
         let zi = g.pinned("z", n);
         let oi = g.pinned("o", n);
+        let dyi = g.pinned("dy", n);
         let u = cvt_gpu::ops::matmul::act_forward(&mut g, "act", zi, n, act).unwrap();
         let s = cvt_gpu::ops::tokens::add(&mut g, "add", u, oi).unwrap();
+        cvt_gpu::ops::matmul::act_backward(&mut g, "act_b", zi, dyi, n, act).unwrap();
         let plan = g.compile().unwrap();
         plan.write(zi, &z).unwrap();
         plan.write(oi, &o).unwrap();
+        plan.write(dyi, &dy).unwrap();
         plan.run().unwrap();
-        let want: Vec<f64> = z
-            .iter()
-            .zip(&o)
-            .map(|(&z, &o)| {
-                let z = z as f64;
-                (match act {
-                    Act::None => z,
-                    Act::Gelu => gelu(z),
-                    Act::QuickGelu => quick_gelu(z),
-                }) + o as f64
-            })
-            .collect();
+        let f = |z: f64| match act {
+            Act::None => z,
+            Act::Gelu => gelu(z),
+            Act::QuickGelu => quick_gelu(z),
+        };
+        let want: Vec<f64> = z.iter().zip(&o).map(|(&z, &o)| f(z as f64) + o as f64).collect();
         assert_close(&format!("{act:?} + add, n {n}"), &plan.read(s).unwrap(), &want, 1e-5, 1e-5);
+        // act'(z) by central differences of the f64 reference (error ~1e-9 at h = 1e-4).
+        let h = 1e-4;
+        let want: Vec<f64> = z.iter().zip(&dy).map(|(&z, &d)| d as f64 * (f(z as f64 + h) - f(z as f64 - h)) / (2.0 * h)).collect();
+        assert_close(&format!("{act:?} backward, n {n}"), &plan.read(dyi).unwrap(), &want, 1e-5, 1e-5);
     }
 }

@@ -759,7 +759,7 @@ fn act_backward4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         return;
     }
     let z = lin(a_tex, i);
-    c4[i] = lin(b_tex, i) * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
+    c4[p.out_row_off + i] = lin(b_tex, i) * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)

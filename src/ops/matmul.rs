@@ -530,27 +530,18 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
     let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(64) as u64);
     let p = params([n, 0, 0, 0], None, 0, (0, 0));
     let u = || Res::Unused;
-    if vec4 && packs(&g.gpu) && entry == "act_forward4" {
+    if vec4 && packs(&g.gpu) {
         // Texel gathers instead of per-lane storage loads (see Graph::linear_texture),
-        // z in chunks so its texture stays small beside the activations.
-        let pipeline = g.gpu.pipeline("matmul", "act_forward4_tex", &consts)?;
+        // in chunks so the textures stay small beside the activations; the
+        // backward also reads dy (its output) as a texture.
+        let pipeline = g.gpu.pipeline("matmul", &format!("{entry}_tex"), &consts)?;
         for (i0, m) in crate::ops::gemm::texture_ranges(n, 16) {
             let zt = g.linear_texture_range(z, i0, m, 5);
+            let dyt = if entry == "act_backward4" { Res::ActTex(g.linear_texture_range(out, i0, m, 6)) } else { u() };
             let groups = crate::graph::grid1d(&g.gpu, m.div_ceil(64) as u64);
-            let u = || Res::Unused;
-            let b = vec![u(), u(), u(), u(), Res::Uniform(params([m, 0, 0, 0], None, i0, (0, 0))), Res::ActTex(zt), u(), u(), Res::Act(out)];
+            let b = vec![u(), u(), u(), u(), Res::Uniform(params([m, 0, 0, 0], None, i0, (0, 0))), Res::ActTex(zt), dyt, u(), Res::Act(out)];
             g.dispatch(label, pipeline.clone(), b, groups, 0.0);
         }
-        return Ok(());
-    }
-    if vec4 && packs(&g.gpu) {
-        // Texel gathers instead of per-lane storage loads (see Graph::linear_texture).
-        let pipeline = g.gpu.pipeline("matmul", &format!("{entry}_tex"), &consts)?;
-        let zt = g.linear_texture(z, 5);
-        let mut b = vec![u(), u(), u(), u(), Res::Uniform(p), Res::ActTex(zt)];
-        b.push(if entry == "act_backward4" { Res::ActTex(g.linear_texture(out, 6)) } else { u() });
-        b.extend([u(), Res::Act(out)]);
-        g.dispatch(label, pipeline, b, groups, 0.0);
         return Ok(());
     }
     let pipeline = g.gpu.pipeline("matmul", &entry, &consts)?;
