@@ -310,7 +310,8 @@ fn attention_rectangular_multihead() {
         check_attention(MatmulKind::Buffer, batch, tq, tkv, c, heads);
     }
     // The texture variant (C % 64 == 0); Tq == Tkv checks that q, k, v get distinct textures.
-    for &(batch, tq, tkv, c, heads) in &[(2, 37, 19, 64, 1), (3, 17, 17, 128, 2), (1, 1, 1, 64, 1), (2, 65, 50, 192, 3)] {
+    // Tq 37, 38, 39, 40 end a 4-query invocation with 1, 2, 3 and 4 real queries.
+    for &(batch, tq, tkv, c, heads) in &[(2, 37, 19, 64, 1), (2, 38, 7, 64, 1), (1, 39, 5, 64, 2), (1, 40, 6, 64, 1), (3, 17, 17, 128, 2), (1, 1, 1, 64, 1), (2, 65, 50, 192, 3)] {
         check_attention(MatmulKind::Texture, batch, tq, tkv, c, heads);
     }
 }
@@ -513,6 +514,9 @@ fn activation_and_add_elementwise() {
         // act'(z) by central differences of the f64 reference (error ~1e-9 at h = 1e-4).
         let h = 1e-4;
         let want: Vec<f64> = z.iter().zip(&dy).map(|(&z, &d)| d as f64 * (f(z as f64 + h) - f(z as f64 - h)) / (2.0 * h)).collect();
-        assert_close(&format!("{act:?} backward, n {n}"), &plan.read(dyi).unwrap(), &want, 1e-5, 1e-5);
+        // (Act::None leaves dy as it is: nothing to check there.)
+        if act != Act::None {
+            assert_close(&format!("{act:?} backward, n {n}"), &plan.read(dyi).unwrap(), &want, 1e-5, 1e-5);
+        }
     }
 }

@@ -334,6 +334,11 @@ fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id
         qr2 = q_row(hc, i32(bi * p.Tq + q2), p.scale);
         qr3 = q_row(hc, i32(bi * p.Tq + q3), p.scale);
     }
+    // The P rows of the four queries (a clamped query's row is the last query's).
+    let pr0 = prow(p.b_off + bi, head, q0);
+    let pr1 = prow(p.b_off + bi, head, q1);
+    let pr2 = prow(p.b_off + bi, head, q2);
+    let pr3 = prow(p.b_off + bi, head, q3);
     var empty: Row;
     var st0 = QState(-3.0e38, 0.0, empty);
     var st1 = st0;
@@ -345,14 +350,14 @@ fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id
         let vr = v_row(hc, row);
         let s0 = row_dot(qr0, kr);
         if (SAVE_P != 0u) {
-            probs[prow(p.b_off + bi, head, q0) + j] = s0;
+            probs[pr0 + j] = s0;
         }
         st0 = online(st0, s0, vr);
         if (QPI > 1u) {
             let s1 = row_dot(qr1, kr);
             if (SAVE_P != 0u) {
                 // A clamped query writes the last row's own score again: harmless.
-                probs[prow(p.b_off + bi, head, q1) + j] = s1;
+                probs[pr1 + j] = s1;
             }
             st1 = online(st1, s1, vr);
         }
@@ -360,8 +365,8 @@ fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id
             let s2 = row_dot(qr2, kr);
             let s3 = row_dot(qr3, kr);
             if (SAVE_P != 0u) {
-                probs[prow(p.b_off + bi, head, q2) + j] = s2;
-                probs[prow(p.b_off + bi, head, q3) + j] = s3;
+                probs[pr2 + j] = s2;
+                probs[pr3 + j] = s3;
             }
             st2 = online(st2, s2, vr);
             st3 = online(st3, s3, vr);

@@ -102,6 +102,7 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
     let flops = |batch: usize| 4.0 * (batch * s.tq * s.tkv * s.c) as f64;
     if let Some(chunks) = texture_chunks(g, &s, kind) {
         let qpi = g.attn_queries;
+        anyhow::ensure!([1, 2, 4].contains(&qpi), "{label}: attn_queries must be 1, 2 or 4, not {qpi}");
         let mut consts = consts.to_vec();
         consts.push(("QPI", qpi as f64));
         let pipeline = g.gpu.pipeline("attention", "main_tex", &consts)?;
@@ -191,16 +192,18 @@ pub fn attention_backward(
             let qb = if probs.is_none() { Res::Act(q) } else { u() };
             let mut bq =
                 vec![qb, u(), u(), Res::Act(o), Res::Uniform(params.clone()), u(), Res::ActTex(kt), Res::ActTex(vt), Res::Act(dout), Res::Act(dq), r10.clone(), u(), u(), u(), u(), r15.clone()];
-            if let Some(p) = probs {
-                bq.push(Res::ActTex(g.linear_texture_range(p, t0, t1 - t0, 16)));
+            let p_tex = probs.map(|p| g.linear_texture_range(p, t0, t1 - t0, 16));
+            if let Some(pt) = p_tex {
+                bq.push(Res::ActTex(pt));
             }
             g.dispatch(format!("{label}.bwd_q"), pq.clone(), bq, [s.tq.div_ceil(WG) as u32, s.heads as u32, nb as u32], fq * chunk_flops);
             let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
             let gt = texture_rows(g, label, dout, &s, (s.tq, b0, nb), 13)?;
             let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
             let mut bkv = vec![u(), kb, vb, u(), Res::Uniform(params), Res::ActTex(qt), u(), u(), u(), u(), r10.clone(), Res::Act(dk), Res::Act(dv), Res::ActTex(gt)];
-            if let (Some(p), Some(ds)) = (probs, dscore) {
-                let (pt, dst) = (g.linear_texture_range(p, t0, t1 - t0, 16), g.linear_texture_range(ds, t0, t1 - t0, 17));
+            if let (Some(pt), Some(ds)) = (p_tex, dscore) {
+                // P's texture from the per-query pass (nothing refills binding 16 in between).
+                let dst = g.linear_texture_range(ds, t0, t1 - t0, 17);
                 bkv.extend([u(), u(), Res::ActTex(pt), Res::ActTex(dst)]);
             }
             g.dispatch(format!("{label}.bwd_kv"), pkv.clone(), bkv, [s.tkv.div_ceil(WG) as u32, s.heads as u32, nb as u32], fkv * chunk_flops);
