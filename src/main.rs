@@ -52,11 +52,12 @@ enum Cmd {
     },
     /// Classify images with a CvT checkpoint and print the top-k classes.
     #[command(
-        after_help = "Examples:\n  cvt-gpu infer --weights cvt-13.safetensors cat.png\n  cvt-gpu infer --weights cvt-21-384.safetensors --res 384 a.jpg b.webp --json\n  cvt-gpu infer --weights mine.safetensors --labels classes.txt --topk 3 img.png"
+        after_help = "Examples:\n  cvt-gpu infer --weights cvt-13.safetensors cat.png\n  cvt-gpu infer --weights cvt-21-384.safetensors --res 384 a.jpg b.webp --json\n  cvt-gpu infer --weights mine.safetensors --labels classes.txt --topk 3 img.png\n  cvt-gpu infer --weights cvt-w24-384.safetensors --res 384 --f16 img.png"
     )]
     Infer(InferArgs),
     /// Measure latency, throughput and GFLOP/s of a CvT forward (or the GEMM ceiling).
-    #[command(after_help = "Examples:\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu bench --model cvt-w24 --res 384 --iters 2\n  cvt-gpu bench --gemm --json")]
+    #[command(after_help = "Examples:\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu bench --model cvt-w24 --res 384 --iters 2\n  cvt-gpu bench --gemm --json
+  cvt-gpu bench --model cvt-w24 --res 384 --f16   # half the weight memory; prints the logit difference")]
     Bench(bench::BenchArgs),
     /// Train a CvT (from scratch, or fine-tune a checkpoint) with progress, evaluation, checkpoints and resume.
     #[command(
