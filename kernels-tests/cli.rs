@@ -119,6 +119,7 @@ fn bad_inputs_give_one_line_errors() {
     std::fs::write(t.join("bad.json"), b"{\"dims\": [16]}").unwrap();
     fails_with(&["infer", "--weights", &s(&w), "--config", &s(&t.join("bad.json")), &s(&img)], "invalid CvT config JSON");
     fails_with(&["infer", "--weights", &s(&w), "--config", &s(&cfg), "--topk", "0", &s(&img)], "--topk");
+    fails_with(&["bench", "--gemm", "--f16"], "--f16 applies to inference");
     std::fs::remove_dir_all(&t).ok();
 }
 
