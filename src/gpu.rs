@@ -415,14 +415,20 @@ pub fn npot(n: u32, max: u32) -> u32 {
 /// An rgba32float texture that kernels read with `textureLoad` and copies fill;
 /// at least `height` rows (see [`npot`]).
 pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture {
+    let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::STORAGE_BINDING;
+    texture_as(gpu, label, width, height, wgpu::TextureFormat::Rgba32Float, usage)
+}
+
+/// A 2D texture of `format`, `width` wide and at least `height` rows (see [`npot`]).
+fn texture_as(gpu: &Gpu, label: &str, width: u32, height: u32, format: wgpu::TextureFormat, usage: wgpu::TextureUsages) -> wgpu::Texture {
     gpu.device.create_texture(&wgpu::TextureDescriptor {
         label: Some(label),
         size: wgpu::Extent3d { width, height: npot(height, gpu.limits.max_texture_dimension_2d), depth_or_array_layers: 1 },
         mip_level_count: 1,
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
-        format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::STORAGE_BINDING,
+        format,
+        usage,
         view_formats: &[],
     })
 }
@@ -437,17 +443,8 @@ pub fn texture_from(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u3
 
 /// As `texture_from`, stored as rgba16float (kernels read it as f32 all the same).
 pub fn texture_from_f16(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u32) -> wgpu::TextureView {
-    let max = gpu.limits.max_texture_dimension_2d;
-    let t = gpu.device.create_texture(&wgpu::TextureDescriptor {
-        label: Some(label),
-        size: wgpu::Extent3d { width: npot(width, max), height: npot(height, max), depth_or_array_layers: 1 },
-        mip_level_count: 1,
-        sample_count: 1,
-        dimension: wgpu::TextureDimension::D2,
-        format: wgpu::TextureFormat::Rgba16Float,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-        view_formats: &[],
-    });
+    let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST;
+    let t = texture_as(gpu, label, npot(width, gpu.limits.max_texture_dimension_2d), height, wgpu::TextureFormat::Rgba16Float, usage);
     fill_texture(gpu, &t, bytemuck::cast_slice(&to_f16(data)), 8, width, height)
 }
 
