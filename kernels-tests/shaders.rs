@@ -1,9 +1,10 @@
 //! Every WGSL file is parsed and validated by naga and translated to SPIR-V, MSL,
 //! HLSL and GLSL for every entry point, with its override constants resolved at
-//! the values the engine uses. This is the guard for Metal and DX12, which no
-//! machine here has.
+//! the values the engine uses, under each texture-read prelude (`texread`). This
+//! is the guard for Metal and DX12, which no machine here has.
 
 use cvt_gpu::gpu::SHADERS;
+use cvt_gpu::texread::{prelude, TexRead};
 use naga::back::PipelineConstants;
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 
@@ -40,12 +41,15 @@ fn variants(shader: &str) -> Vec<Vec<(&'static str, f64)>> {
 
 #[test]
 fn every_shader_translates_for_every_backend() {
-    for (name, src) in SHADERS {
+    let preludes = [(TexRead::Sampled, false), (TexRead::Storage, false), (TexRead::Storage, true)];
+    for ((name, body), (read, w16)) in SHADERS.iter().flat_map(|s| preludes.iter().map(move |p| (s, *p))) {
+        let src = &(prelude(read, w16) + body);
+        let name = &format!("{name} ({} reads{})", read.name(), if w16 { ", f16 weights" } else { "" });
         let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(src)));
         let info = Validator::new(ValidationFlags::all(), Capabilities::all()).validate(&module).unwrap_or_else(|e| panic!("{name}.wgsl does not validate: {e:?}"));
         assert!(!module.entry_points.is_empty(), "{name}.wgsl has no entry point");
         for ep in &module.entry_points {
-            for consts in variants(name) {
+            for consts in variants(name.split(' ').next().unwrap()) {
                 let pc: PipelineConstants = consts.iter().map(|(k, v)| (k.to_string(), *v)).collect();
                 let (m, i) =
                     naga::back::pipeline_constants::process_overrides(&module, &info, Some((ep.stage, &ep.name)), &pc).unwrap_or_else(|e| panic!("{name}::{} overrides {consts:?}: {e:?}", ep.name));
@@ -56,9 +60,13 @@ fn every_shader_translates_for_every_backend() {
                 let words = naga::back::spv::write_vec(&m, &i, &spv_opts, Some(&spv_pipe)).unwrap_or_else(|e| panic!("{ctx} SPIR-V: {e:?}"));
                 assert!(words.len() > 5, "{ctx}: empty SPIR-V");
 
-                let msl_pipe = naga::back::msl::PipelineOptions { entry_point: Some((ep.stage, ep.name.clone())), ..Default::default() };
-                let (msl, _) = naga::back::msl::write_string(&m, &i, &naga::back::msl::Options::default(), &msl_pipe).unwrap_or_else(|e| panic!("{ctx} MSL: {e:?}"));
-                assert!(msl.contains("kernel"), "{ctx}: MSL has no kernel");
+                // Storage reads never run on Metal (`texread::storage_supported`):
+                // naga's MSL writer cannot pass a storage texture to a function.
+                if read == TexRead::Sampled {
+                    let msl_pipe = naga::back::msl::PipelineOptions { entry_point: Some((ep.stage, ep.name.clone())), ..Default::default() };
+                    let (msl, _) = naga::back::msl::write_string(&m, &i, &naga::back::msl::Options::default(), &msl_pipe).unwrap_or_else(|e| panic!("{ctx} MSL: {e:?}"));
+                    assert!(msl.contains("kernel"), "{ctx}: MSL has no kernel");
+                }
 
                 let hlsl_opts = naga::back::hlsl::Options { shader_model: naga::back::hlsl::ShaderModel::V6_0, ..Default::default() };
                 let hlsl_pipe = naga::back::hlsl::PipelineOptions { entry_point: Some((ep.stage, ep.name.clone())) };

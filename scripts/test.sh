@@ -9,6 +9,10 @@ export CVT_GPU_BACKEND="${CVT_GPU_BACKEND:-vulkan}"
 # Mesa warns on stderr without a runtime directory (headless machines, CI).
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 cargo test --release
+# The kernels again with sampled texture reads: lavapipe's trial picks
+# read-only storage-texture reads (src/texread.rs), GPUs may pick sampled ones.
+echo "--- kernel, gradient and model tests with sampled texture reads"
+CVT_GPU_TEX_READ=sampled cargo test --release --test kernels --test backward --test model
 echo "--- GL backend smoke inference"
 fx=kernels-tests/reference/fixtures/tiny
 CVT_GPU_BACKEND=gl ./target/release/cvt-gpu infer --weights $fx/official.safetensors \

@@ -129,9 +129,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 // every lane of a workgroup fetches the same texel, which texture units (and
 // lavapipe's SIMD texel fetch) serve cheaply, with no workgroup memory or barrier.
 
-@group(0) @binding(5) var q_tex: texture_2d<f32>;
-@group(0) @binding(6) var k_tex: texture_2d<f32>;
-@group(0) @binding(7) var v_tex: texture_2d<f32>;
+@group(0) @binding(5) var q_tex: Tex;
+@group(0) @binding(6) var k_tex: Tex;
+@group(0) @binding(7) var v_tex: Tex;
 
 // A head's row of up to 16 vec4 (D <= 64) in named struct fields: CPU drivers keep
 // a private array in memory (lavapipe: a scratch load or store per element), while
@@ -158,64 +158,64 @@ struct Row {
 
 fn k_row(col: i32, row: i32) -> Row {
     var r: Row;
-    r.r0 = textureLoad(k_tex, vec2<i32>(col + 0, row), 0);
-    if (D4 > 1u) { r.r1 = textureLoad(k_tex, vec2<i32>(col + 1, row), 0); }
-    if (D4 > 2u) { r.r2 = textureLoad(k_tex, vec2<i32>(col + 2, row), 0); }
-    if (D4 > 3u) { r.r3 = textureLoad(k_tex, vec2<i32>(col + 3, row), 0); }
-    if (D4 > 4u) { r.r4 = textureLoad(k_tex, vec2<i32>(col + 4, row), 0); }
-    if (D4 > 5u) { r.r5 = textureLoad(k_tex, vec2<i32>(col + 5, row), 0); }
-    if (D4 > 6u) { r.r6 = textureLoad(k_tex, vec2<i32>(col + 6, row), 0); }
-    if (D4 > 7u) { r.r7 = textureLoad(k_tex, vec2<i32>(col + 7, row), 0); }
-    if (D4 > 8u) { r.r8 = textureLoad(k_tex, vec2<i32>(col + 8, row), 0); }
-    if (D4 > 9u) { r.r9 = textureLoad(k_tex, vec2<i32>(col + 9, row), 0); }
-    if (D4 > 10u) { r.r10 = textureLoad(k_tex, vec2<i32>(col + 10, row), 0); }
-    if (D4 > 11u) { r.r11 = textureLoad(k_tex, vec2<i32>(col + 11, row), 0); }
-    if (D4 > 12u) { r.r12 = textureLoad(k_tex, vec2<i32>(col + 12, row), 0); }
-    if (D4 > 13u) { r.r13 = textureLoad(k_tex, vec2<i32>(col + 13, row), 0); }
-    if (D4 > 14u) { r.r14 = textureLoad(k_tex, vec2<i32>(col + 14, row), 0); }
-    if (D4 > 15u) { r.r15 = textureLoad(k_tex, vec2<i32>(col + 15, row), 0); }
+    r.r0 = texel(k_tex, vec2<i32>(col + 0, row));
+    if (D4 > 1u) { r.r1 = texel(k_tex, vec2<i32>(col + 1, row)); }
+    if (D4 > 2u) { r.r2 = texel(k_tex, vec2<i32>(col + 2, row)); }
+    if (D4 > 3u) { r.r3 = texel(k_tex, vec2<i32>(col + 3, row)); }
+    if (D4 > 4u) { r.r4 = texel(k_tex, vec2<i32>(col + 4, row)); }
+    if (D4 > 5u) { r.r5 = texel(k_tex, vec2<i32>(col + 5, row)); }
+    if (D4 > 6u) { r.r6 = texel(k_tex, vec2<i32>(col + 6, row)); }
+    if (D4 > 7u) { r.r7 = texel(k_tex, vec2<i32>(col + 7, row)); }
+    if (D4 > 8u) { r.r8 = texel(k_tex, vec2<i32>(col + 8, row)); }
+    if (D4 > 9u) { r.r9 = texel(k_tex, vec2<i32>(col + 9, row)); }
+    if (D4 > 10u) { r.r10 = texel(k_tex, vec2<i32>(col + 10, row)); }
+    if (D4 > 11u) { r.r11 = texel(k_tex, vec2<i32>(col + 11, row)); }
+    if (D4 > 12u) { r.r12 = texel(k_tex, vec2<i32>(col + 12, row)); }
+    if (D4 > 13u) { r.r13 = texel(k_tex, vec2<i32>(col + 13, row)); }
+    if (D4 > 14u) { r.r14 = texel(k_tex, vec2<i32>(col + 14, row)); }
+    if (D4 > 15u) { r.r15 = texel(k_tex, vec2<i32>(col + 15, row)); }
     return r;
 }
 
 fn v_row(col: i32, row: i32) -> Row {
     var r: Row;
-    r.r0 = textureLoad(v_tex, vec2<i32>(col + 0, row), 0);
-    if (D4 > 1u) { r.r1 = textureLoad(v_tex, vec2<i32>(col + 1, row), 0); }
-    if (D4 > 2u) { r.r2 = textureLoad(v_tex, vec2<i32>(col + 2, row), 0); }
-    if (D4 > 3u) { r.r3 = textureLoad(v_tex, vec2<i32>(col + 3, row), 0); }
-    if (D4 > 4u) { r.r4 = textureLoad(v_tex, vec2<i32>(col + 4, row), 0); }
-    if (D4 > 5u) { r.r5 = textureLoad(v_tex, vec2<i32>(col + 5, row), 0); }
-    if (D4 > 6u) { r.r6 = textureLoad(v_tex, vec2<i32>(col + 6, row), 0); }
-    if (D4 > 7u) { r.r7 = textureLoad(v_tex, vec2<i32>(col + 7, row), 0); }
-    if (D4 > 8u) { r.r8 = textureLoad(v_tex, vec2<i32>(col + 8, row), 0); }
-    if (D4 > 9u) { r.r9 = textureLoad(v_tex, vec2<i32>(col + 9, row), 0); }
-    if (D4 > 10u) { r.r10 = textureLoad(v_tex, vec2<i32>(col + 10, row), 0); }
-    if (D4 > 11u) { r.r11 = textureLoad(v_tex, vec2<i32>(col + 11, row), 0); }
-    if (D4 > 12u) { r.r12 = textureLoad(v_tex, vec2<i32>(col + 12, row), 0); }
-    if (D4 > 13u) { r.r13 = textureLoad(v_tex, vec2<i32>(col + 13, row), 0); }
-    if (D4 > 14u) { r.r14 = textureLoad(v_tex, vec2<i32>(col + 14, row), 0); }
-    if (D4 > 15u) { r.r15 = textureLoad(v_tex, vec2<i32>(col + 15, row), 0); }
+    r.r0 = texel(v_tex, vec2<i32>(col + 0, row));
+    if (D4 > 1u) { r.r1 = texel(v_tex, vec2<i32>(col + 1, row)); }
+    if (D4 > 2u) { r.r2 = texel(v_tex, vec2<i32>(col + 2, row)); }
+    if (D4 > 3u) { r.r3 = texel(v_tex, vec2<i32>(col + 3, row)); }
+    if (D4 > 4u) { r.r4 = texel(v_tex, vec2<i32>(col + 4, row)); }
+    if (D4 > 5u) { r.r5 = texel(v_tex, vec2<i32>(col + 5, row)); }
+    if (D4 > 6u) { r.r6 = texel(v_tex, vec2<i32>(col + 6, row)); }
+    if (D4 > 7u) { r.r7 = texel(v_tex, vec2<i32>(col + 7, row)); }
+    if (D4 > 8u) { r.r8 = texel(v_tex, vec2<i32>(col + 8, row)); }
+    if (D4 > 9u) { r.r9 = texel(v_tex, vec2<i32>(col + 9, row)); }
+    if (D4 > 10u) { r.r10 = texel(v_tex, vec2<i32>(col + 10, row)); }
+    if (D4 > 11u) { r.r11 = texel(v_tex, vec2<i32>(col + 11, row)); }
+    if (D4 > 12u) { r.r12 = texel(v_tex, vec2<i32>(col + 12, row)); }
+    if (D4 > 13u) { r.r13 = texel(v_tex, vec2<i32>(col + 13, row)); }
+    if (D4 > 14u) { r.r14 = texel(v_tex, vec2<i32>(col + 14, row)); }
+    if (D4 > 15u) { r.r15 = texel(v_tex, vec2<i32>(col + 15, row)); }
     return r;
 }
 
 fn q_row(col: i32, row: i32, scale: f32) -> Row {
     var r: Row;
-    r.r0 = textureLoad(q_tex, vec2<i32>(col + 0, row), 0) * scale;
-    if (D4 > 1u) { r.r1 = textureLoad(q_tex, vec2<i32>(col + 1, row), 0) * scale; }
-    if (D4 > 2u) { r.r2 = textureLoad(q_tex, vec2<i32>(col + 2, row), 0) * scale; }
-    if (D4 > 3u) { r.r3 = textureLoad(q_tex, vec2<i32>(col + 3, row), 0) * scale; }
-    if (D4 > 4u) { r.r4 = textureLoad(q_tex, vec2<i32>(col + 4, row), 0) * scale; }
-    if (D4 > 5u) { r.r5 = textureLoad(q_tex, vec2<i32>(col + 5, row), 0) * scale; }
-    if (D4 > 6u) { r.r6 = textureLoad(q_tex, vec2<i32>(col + 6, row), 0) * scale; }
-    if (D4 > 7u) { r.r7 = textureLoad(q_tex, vec2<i32>(col + 7, row), 0) * scale; }
-    if (D4 > 8u) { r.r8 = textureLoad(q_tex, vec2<i32>(col + 8, row), 0) * scale; }
-    if (D4 > 9u) { r.r9 = textureLoad(q_tex, vec2<i32>(col + 9, row), 0) * scale; }
-    if (D4 > 10u) { r.r10 = textureLoad(q_tex, vec2<i32>(col + 10, row), 0) * scale; }
-    if (D4 > 11u) { r.r11 = textureLoad(q_tex, vec2<i32>(col + 11, row), 0) * scale; }
-    if (D4 > 12u) { r.r12 = textureLoad(q_tex, vec2<i32>(col + 12, row), 0) * scale; }
-    if (D4 > 13u) { r.r13 = textureLoad(q_tex, vec2<i32>(col + 13, row), 0) * scale; }
-    if (D4 > 14u) { r.r14 = textureLoad(q_tex, vec2<i32>(col + 14, row), 0) * scale; }
-    if (D4 > 15u) { r.r15 = textureLoad(q_tex, vec2<i32>(col + 15, row), 0) * scale; }
+    r.r0 = texel(q_tex, vec2<i32>(col + 0, row)) * scale;
+    if (D4 > 1u) { r.r1 = texel(q_tex, vec2<i32>(col + 1, row)) * scale; }
+    if (D4 > 2u) { r.r2 = texel(q_tex, vec2<i32>(col + 2, row)) * scale; }
+    if (D4 > 3u) { r.r3 = texel(q_tex, vec2<i32>(col + 3, row)) * scale; }
+    if (D4 > 4u) { r.r4 = texel(q_tex, vec2<i32>(col + 4, row)) * scale; }
+    if (D4 > 5u) { r.r5 = texel(q_tex, vec2<i32>(col + 5, row)) * scale; }
+    if (D4 > 6u) { r.r6 = texel(q_tex, vec2<i32>(col + 6, row)) * scale; }
+    if (D4 > 7u) { r.r7 = texel(q_tex, vec2<i32>(col + 7, row)) * scale; }
+    if (D4 > 8u) { r.r8 = texel(q_tex, vec2<i32>(col + 8, row)) * scale; }
+    if (D4 > 9u) { r.r9 = texel(q_tex, vec2<i32>(col + 9, row)) * scale; }
+    if (D4 > 10u) { r.r10 = texel(q_tex, vec2<i32>(col + 10, row)) * scale; }
+    if (D4 > 11u) { r.r11 = texel(q_tex, vec2<i32>(col + 11, row)) * scale; }
+    if (D4 > 12u) { r.r12 = texel(q_tex, vec2<i32>(col + 12, row)) * scale; }
+    if (D4 > 13u) { r.r13 = texel(q_tex, vec2<i32>(col + 13, row)) * scale; }
+    if (D4 > 14u) { r.r14 = texel(q_tex, vec2<i32>(col + 14, row)) * scale; }
+    if (D4 > 15u) { r.r15 = texel(q_tex, vec2<i32>(col + 15, row)) * scale; }
     return r;
 }
 
@@ -500,7 +500,7 @@ fn attn_bwd_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup
 // softmax statistics take one online pass (running max and rescaled sum), so Q·Kᵀ
 // is computed twice per pair, not three times as in attn_bwd_q.
 
-@group(0) @binding(13) var dout_tex: texture_2d<f32>;
+@group(0) @binding(13) var dout_tex: Tex;
 
 // Rows of the backward's buffers and the dO texture (see Row).
 fn q_buf(base: u32, scale: f32) -> Row {
@@ -667,22 +667,22 @@ fn dv_store(base: u32, a: Row, scale: f32) {
 
 fn dout_row(col: i32, row: i32) -> Row {
     var r: Row;
-    r.r0 = textureLoad(dout_tex, vec2<i32>(col + 0, row), 0);
-    if (D4 > 1u) { r.r1 = textureLoad(dout_tex, vec2<i32>(col + 1, row), 0); }
-    if (D4 > 2u) { r.r2 = textureLoad(dout_tex, vec2<i32>(col + 2, row), 0); }
-    if (D4 > 3u) { r.r3 = textureLoad(dout_tex, vec2<i32>(col + 3, row), 0); }
-    if (D4 > 4u) { r.r4 = textureLoad(dout_tex, vec2<i32>(col + 4, row), 0); }
-    if (D4 > 5u) { r.r5 = textureLoad(dout_tex, vec2<i32>(col + 5, row), 0); }
-    if (D4 > 6u) { r.r6 = textureLoad(dout_tex, vec2<i32>(col + 6, row), 0); }
-    if (D4 > 7u) { r.r7 = textureLoad(dout_tex, vec2<i32>(col + 7, row), 0); }
-    if (D4 > 8u) { r.r8 = textureLoad(dout_tex, vec2<i32>(col + 8, row), 0); }
-    if (D4 > 9u) { r.r9 = textureLoad(dout_tex, vec2<i32>(col + 9, row), 0); }
-    if (D4 > 10u) { r.r10 = textureLoad(dout_tex, vec2<i32>(col + 10, row), 0); }
-    if (D4 > 11u) { r.r11 = textureLoad(dout_tex, vec2<i32>(col + 11, row), 0); }
-    if (D4 > 12u) { r.r12 = textureLoad(dout_tex, vec2<i32>(col + 12, row), 0); }
-    if (D4 > 13u) { r.r13 = textureLoad(dout_tex, vec2<i32>(col + 13, row), 0); }
-    if (D4 > 14u) { r.r14 = textureLoad(dout_tex, vec2<i32>(col + 14, row), 0); }
-    if (D4 > 15u) { r.r15 = textureLoad(dout_tex, vec2<i32>(col + 15, row), 0); }
+    r.r0 = texel(dout_tex, vec2<i32>(col + 0, row));
+    if (D4 > 1u) { r.r1 = texel(dout_tex, vec2<i32>(col + 1, row)); }
+    if (D4 > 2u) { r.r2 = texel(dout_tex, vec2<i32>(col + 2, row)); }
+    if (D4 > 3u) { r.r3 = texel(dout_tex, vec2<i32>(col + 3, row)); }
+    if (D4 > 4u) { r.r4 = texel(dout_tex, vec2<i32>(col + 4, row)); }
+    if (D4 > 5u) { r.r5 = texel(dout_tex, vec2<i32>(col + 5, row)); }
+    if (D4 > 6u) { r.r6 = texel(dout_tex, vec2<i32>(col + 6, row)); }
+    if (D4 > 7u) { r.r7 = texel(dout_tex, vec2<i32>(col + 7, row)); }
+    if (D4 > 8u) { r.r8 = texel(dout_tex, vec2<i32>(col + 8, row)); }
+    if (D4 > 9u) { r.r9 = texel(dout_tex, vec2<i32>(col + 9, row)); }
+    if (D4 > 10u) { r.r10 = texel(dout_tex, vec2<i32>(col + 10, row)); }
+    if (D4 > 11u) { r.r11 = texel(dout_tex, vec2<i32>(col + 11, row)); }
+    if (D4 > 12u) { r.r12 = texel(dout_tex, vec2<i32>(col + 12, row)); }
+    if (D4 > 13u) { r.r13 = texel(dout_tex, vec2<i32>(col + 13, row)); }
+    if (D4 > 14u) { r.r14 = texel(dout_tex, vec2<i32>(col + 14, row)); }
+    if (D4 > 15u) { r.r15 = texel(dout_tex, vec2<i32>(col + 15, row)); }
     return r;
 }
 
@@ -805,13 +805,13 @@ fn attn_bwd_kv_p(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgro
 
 // P and dS as linear textures (Graph::linear_texture: value n at texel n / 4 of a
 // 2^k-wide texture), so the lanes' differing elements come as one gather.
-@group(0) @binding(16) var probs_tex: texture_2d<f32>;
-@group(0) @binding(17) var dscore_tex: texture_2d<f32>;
+@group(0) @binding(16) var probs_tex: Tex;
+@group(0) @binding(17) var dscore_tex: Tex;
 
-fn lin1(t: texture_2d<f32>, n: u32) -> f32 {
+fn lin1(t: Tex, n: u32) -> f32 {
     let s = countTrailingZeros(textureDimensions(t).x);
     let i = n >> 2u;
-    return textureLoad(t, vec2<u32>(i & ((1u << s) - 1u), i >> s), 0)[n & 3u];
+    return texel(t, vec2<i32>(vec2<u32>(i & ((1u << s) - 1u), i >> s)))[n & 3u];
 }
 
 @compute @workgroup_size(WG)

@@ -101,22 +101,22 @@ fn conv9(o: u32, c: u32, x0: T, x1: T, x2: T, x3: T, x4: T, x5: T, x6: T, x7: T,
 // fetch is vectorised across lanes, a storage-buffer load is not). x_tex holds the
 // images [b_off, b_off + B) of this dispatch, one row per token; the outputs are
 // the whole batch's buffers.
-@group(0) @binding(17) var x_tex: texture_2d<f32>;
-@group(0) @binding(18) var w_tex: texture_2d<f32>;   // [27 rows (map * 9 + tap), C texels]
+@group(0) @binding(17) var x_tex: Tex;
+@group(0) @binding(18) var w_tex: Tex;   // [27 rows (map * 9 + tap), C texels]
 
 fn at_tex(row0: i32, iy: i32, ix: i32, c: i32) -> T {
     if (iy >= 0 && ix >= 0 && iy < i32(p.H) && ix < i32(p.W)) {
-        return textureLoad(x_tex, vec2<i32>(c, row0 + iy * i32(p.W) + ix), 0);
+        return texel(x_tex, vec2<i32>(c, row0 + iy * i32(p.W) + ix));
     }
     return T(0.0);
 }
 
 fn conv9_tex(o: i32, c: i32, x0: T, x1: T, x2: T, x3: T, x4: T, x5: T, x6: T, x7: T, x8: T) -> T {
-    return textureLoad(w_tex, vec2<i32>(c, o), 0) * x0 + textureLoad(w_tex, vec2<i32>(c, o + 1), 0) * x1
-         + textureLoad(w_tex, vec2<i32>(c, o + 2), 0) * x2 + textureLoad(w_tex, vec2<i32>(c, o + 3), 0) * x3
-         + textureLoad(w_tex, vec2<i32>(c, o + 4), 0) * x4 + textureLoad(w_tex, vec2<i32>(c, o + 5), 0) * x5
-         + textureLoad(w_tex, vec2<i32>(c, o + 6), 0) * x6 + textureLoad(w_tex, vec2<i32>(c, o + 7), 0) * x7
-         + textureLoad(w_tex, vec2<i32>(c, o + 8), 0) * x8;
+    return texel(w_tex, vec2<i32>(c, o)) * x0 + texel(w_tex, vec2<i32>(c, o + 1)) * x1
+         + texel(w_tex, vec2<i32>(c, o + 2)) * x2 + texel(w_tex, vec2<i32>(c, o + 3)) * x3
+         + texel(w_tex, vec2<i32>(c, o + 4)) * x4 + texel(w_tex, vec2<i32>(c, o + 5)) * x5
+         + texel(w_tex, vec2<i32>(c, o + 6)) * x6 + texel(w_tex, vec2<i32>(c, o + 7)) * x7
+         + texel(w_tex, vec2<i32>(c, o + 8)) * x8;
 }
 
 @compute @workgroup_size(WG)
@@ -136,7 +136,7 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let bl = e.z;
     let bi = p.b_off + bl;
     if (t < p.cls) {
-        let val = textureLoad(x_tex, vec2<i32>(ci, i32(bl * tq)), 0);
+        let val = texel(x_tex, vec2<i32>(ci, i32(bl * tq)));
         q[bi * tq * C + c] = val;
         k[bi * tk * C + c] = val;
         v[bi * tk * C + c] = val;
@@ -510,9 +510,9 @@ fn dwconv_backward_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 // raw weights w [27, C] are read as texels. The textures hold the images
 // [b_off, b_off + B) of this dispatch (rows: image * tokens + token); dx is the
 // whole batch's buffer.
-@group(0) @binding(19) var dq_tex: texture_2d<f32>;
-@group(0) @binding(20) var dk_tex: texture_2d<f32>;
-@group(0) @binding(21) var dv_tex: texture_2d<f32>;
+@group(0) @binding(19) var dq_tex: Tex;
+@group(0) @binding(20) var dk_tex: Tex;
+@group(0) @binding(21) var dv_tex: Tex;
 
 @compute @workgroup_size(WG)
 fn dwconv_backward_x_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -533,8 +533,8 @@ fn dwconv_backward_x_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wor
     let qrow = i32(bl * tq + p.cls);
     let krow = i32(bl * tk + p.cls);
     if (t < p.cls) {
-        dx[out] = textureLoad(dq_tex, vec2<i32>(ci, qrow - 1), 0) + textureLoad(dk_tex, vec2<i32>(ci, krow - 1), 0)
-                + textureLoad(dv_tex, vec2<i32>(ci, krow - 1), 0);
+        dx[out] = texel(dq_tex, vec2<i32>(ci, qrow - 1)) + texel(dk_tex, vec2<i32>(ci, krow - 1))
+                + texel(dv_tex, vec2<i32>(ci, krow - 1));
         return;
     }
     let pix = t - p.cls;
@@ -548,13 +548,13 @@ fn dwconv_backward_x_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wor
             let qy = iy - ky + 1;
             let qx = ix - kx + 1;
             if (qy >= 0 && qx >= 0 && qy < i32(p.H) && qx < i32(p.W)) {
-                acc += textureLoad(dq_tex, vec2<i32>(ci, qrow + qy * i32(p.W) + qx), 0) * textureLoad(w_tex, vec2<i32>(ci, tap), 0);
+                acc += texel(dq_tex, vec2<i32>(ci, qrow + qy * i32(p.W) + qx)) * texel(w_tex, vec2<i32>(ci, tap));
             }
             // k, v: 2·oy = iy - ky + 1.
             if (qy >= 0 && qx >= 0 && qy % 2 == 0 && qx % 2 == 0 && qy / 2 < i32(p.Hk) && qx / 2 < i32(p.Wk)) {
                 let at = vec2<i32>(ci, krow + (qy / 2) * i32(p.Wk) + qx / 2);
-                acc += textureLoad(dk_tex, at, 0) * textureLoad(w_tex, vec2<i32>(ci, 9 + tap), 0)
-                     + textureLoad(dv_tex, at, 0) * textureLoad(w_tex, vec2<i32>(ci, 18 + tap), 0);
+                acc += texel(dk_tex, at) * texel(w_tex, vec2<i32>(ci, 9 + tap))
+                     + texel(dv_tex, at) * texel(w_tex, vec2<i32>(ci, 18 + tap));
             }
         }
     }
@@ -617,11 +617,11 @@ fn dwconv_backward_w_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
             let at = vec2<i32>(ci, grow + i32(ox));
             var g: T;
             if (m == 0u) {
-                g = textureLoad(dq_tex, at, 0);
+                g = texel(dq_tex, at);
             } else if (m == 1u) {
-                g = textureLoad(dk_tex, at, 0);
+                g = texel(dk_tex, at);
             } else {
-                g = textureLoad(dv_tex, at, 0);
+                g = texel(dv_tex, at);
             }
             let xx = i32(ox) * stride;
             a0 += g * at_tex(row0, y - 1, xx - 1, ci);

@@ -408,8 +408,8 @@ fn mac(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>)
     return a.x * b0 + a.y * b1 + a.z * b2 + a.w * b3;
 }
 
-@group(0) @binding(5) var a_tex: texture_2d<f32>;
-@group(0) @binding(6) var b_tex: texture_2d<f32>;
+@group(0) @binding(5) var a_tex: Tex;
+@group(0) @binding(6) var b_tex: WTex;
 
 // Where main_tex finds its operands. Packed (0): a texture of exactly the
 // operand, written by `pack`. Linear (TA 1, TB_LIN): a copy of the source buffer
@@ -428,23 +428,33 @@ override TB_LIN: bool = false;
 // about three times as long to compile; the guards on this override compile out.
 override TRM: u32 = 8u;
 
-fn lin(t: texture_2d<f32>, i: u32) -> vec4<f32> {
-    let s = countTrailingZeros(textureDimensions(t).x);
-    return textureLoad(t, vec2<u32>(i & ((1u << s) - 1u), i >> s), 0);
+fn lin_at(width: u32, i: u32) -> vec2<i32> {
+    let s = countTrailingZeros(width);
+    return vec2<i32>(vec2<u32>(i & ((1u << s) - 1u), i >> s));
+}
+
+fn lin(t: Tex, i: u32) -> vec4<f32> {
+    return texel(t, lin_at(textureDimensions(t).x, i));
+}
+
+// b_tex has a type of its own (WTex): weights may be stored as f16, and a
+// storage-texture read names its format (see gpu::prelude).
+fn b_lin(i: u32) -> vec4<f32> {
+    return wtexel(b_tex, lin_at(textureDimensions(b_tex).x, i));
 }
 
 fn a_row(kk: i32, r: i32) -> vec4<f32> {
     if (TA == 1u) {
         return lin(a_tex, (p.out_row_off + u32(r)) * p.a_stride + p._p0 + u32(kk));
     }
-    return textureLoad(a_tex, vec2<i32>(kk, r), 0);
+    return texel(a_tex, vec2<i32>(kk, r));
 }
 
 fn b_at(c: i32, k: i32) -> vec4<f32> {
     if (TB_LIN) {
-        return lin(b_tex, p._p1 + u32(k) * p.b_stride + u32(c));
+        return b_lin(p._p1 + u32(k) * p.b_stride + u32(c));
     }
-    return textureLoad(b_tex, vec2<i32>(c, k), 0);
+    return wtexel(b_tex, vec2<i32>(c, k));
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
@@ -718,7 +728,7 @@ fn colsum_part(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let c = i % n4;
     var s = vec4<f32>(0.0);
     for (var r = i / n4; r < p.M; r += p.K) {
-        s += lin(b_tex, r * n4 + c);
+        s += b_lin(r * n4 + c);
     }
     c4[i] = s;
 }
@@ -759,7 +769,7 @@ fn act_backward4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         return;
     }
     let z = lin(a_tex, i);
-    c4[p.out_row_off + i] = lin(b_tex, i) * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
+    c4[p.out_row_off + i] = b_lin(i) * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)

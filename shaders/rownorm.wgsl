@@ -214,12 +214,12 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 // The vec4 kernels serve CPU drivers, where a storage-buffer load is a loop over
 // the SIMD lanes and a texel fetch one gather: they read x (and dy) from linear
 // textures (Graph::linear_texture: vec4 i at (i & (W-1), i >> log2 W)).
-@group(0) @binding(11) var x_t: texture_2d<f32>;
-@group(0) @binding(12) var dy_t: texture_2d<f32>;
+@group(0) @binding(11) var x_t: Tex;
+@group(0) @binding(12) var dy_t: Tex;
 
-fn lin(t: texture_2d<f32>, i: u32) -> vec4<f32> {
+fn lin(t: Tex, i: u32) -> vec4<f32> {
     let s = countTrailingZeros(textureDimensions(t).x);
-    return textureLoad(t, vec2<u32>(i & ((1u << s) - 1u), i >> s), 0);
+    return texel(t, vec2<i32>(vec2<u32>(i & ((1u << s) - 1u), i >> s)));
 }
 
 fn hsum(v: vec4<f32>) -> f32 {

@@ -85,13 +85,13 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 // add4_tex: the same four values at a time on drivers that prefer texture
 // operands, both inputs read as linear textures (texel gathers instead of
 // per-lane storage loads; Graph::linear_texture); p.B counts vec4s.
-@group(0) @binding(6) var a_tex: texture_2d<f32>;
-@group(0) @binding(7) var b_tex: texture_2d<f32>;
+@group(0) @binding(6) var a_tex: Tex;
+@group(0) @binding(7) var b_tex: Tex;
 @group(0) @binding(8) var<storage, read_write> y4: array<vec4<f32>>;
 
-fn lin(t: texture_2d<f32>, i: u32) -> vec4<f32> {
+fn lin(t: Tex, i: u32) -> vec4<f32> {
     let s = countTrailingZeros(textureDimensions(t).x);
-    return textureLoad(t, vec2<u32>(i & ((1u << s) - 1u), i >> s), 0);
+    return texel(t, vec2<i32>(vec2<u32>(i & ((1u << s) - 1u), i >> s)));
 }
 
 @compute @workgroup_size(WG)

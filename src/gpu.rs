@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
+use crate::texread::TexRead;
+
 /// Every WGSL file of the engine, embedded in the binary. Tests walk this list to
 /// validate each shader with naga and translate it for every backend.
 pub const SHADERS: &[(&str, &str)] = &[
@@ -153,13 +155,16 @@ pub struct Gpu {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
-    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    /// Shader modules by (file, texture-read mode, f16 weight textures).
+    modules: Mutex<HashMap<(&'static str, TexRead, bool), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// A small zero buffer for bindings an entry point declares but a mode ignores.
     placeholder: std::sync::OnceLock<Arc<wgpu::Buffer>>,
     placeholder_texture: std::sync::OnceLock<Arc<wgpu::TextureView>>,
     /// The matmul variant, chosen on first use by a timed trial (`ops::matmul::preferred_kind`).
     pub matmul_kind: std::sync::OnceLock<MatmulKind>,
+    /// How kernels read textures (`texread`): a rule at start, then the trial's choice.
+    tex_read: Mutex<TexRead>,
     /// Invocations per row in the row-reduction kernels (0 = not chosen yet; see
     /// `ops::rownorm::row_lanes`). Tests set it to run every variant.
     pub row_lanes: std::sync::atomic::AtomicUsize,
@@ -211,6 +216,7 @@ impl Gpu {
                 *slot = Some(e.to_string());
             }
         }));
+        let tex_read = Mutex::new(crate::texread::rule(&info, &limits));
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -220,6 +226,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             matmul_kind: std::sync::OnceLock::new(),
+            tex_read,
             row_lanes: std::sync::atomic::AtomicUsize::new(0),
             placeholder: std::sync::OnceLock::new(),
             placeholder_texture: std::sync::OnceLock::new(),
@@ -259,9 +266,21 @@ impl Gpu {
         (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
     }
 
-    fn module(&self, name: &'static str) -> Result<wgpu::ShaderModule> {
+    /// How kernels read textures now (see `texread`).
+    pub fn tex_read(&self) -> TexRead {
+        *self.tex_read.lock().unwrap()
+    }
+
+    /// Sets the texture-read mode for pipelines created from now on (the trial's
+    /// choice). Pipelines made before keep theirs: every texture can be read
+    /// either way, so mixed modes stay correct.
+    pub fn set_tex_read(&self, read: TexRead) {
+        *self.tex_read.lock().unwrap() = read;
+    }
+
+    fn module(&self, name: &'static str, read: TexRead, w16: bool) -> Result<wgpu::ShaderModule> {
         let mut m = self.modules.lock().unwrap();
-        if let Some(module) = m.get(name) {
+        if let Some(module) = m.get(&(name, read, w16)) {
             return Ok(module.clone());
         }
         let mut src: String = SHADERS.iter().find(|(n, _)| *n == name).ok_or_else(|| anyhow!("no shader named {name}"))?.1.into();
@@ -271,6 +290,7 @@ impl Gpu {
             let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
             src = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         }
+        let src = crate::texread::prelude(read, w16) + &src;
         let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
         let checks = match std::env::var("CVT_GPU_CHECKS").as_deref() {
             Ok("all") => wgpu::ShaderRuntimeChecks::checked(),
@@ -283,18 +303,30 @@ impl Gpu {
         };
         // SAFETY: every loop in our kernels has a bound computed from uniforms or constants.
         let module = unsafe { self.device.create_shader_module_trusted(desc, checks) };
-        m.insert(name, module.clone());
+        m.insert((name, read, w16), module.clone());
         Ok(module)
     }
 
     /// A compute pipeline for `shader::entry` specialised by `overrides`, compiled
-    /// once per process and shared.
+    /// once per process and shared; textures read in the current mode (`tex_read`).
     pub fn pipeline(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)]) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = format!("{shader}:{entry}:{overrides:?}");
+        self.pipeline_in(shader, entry, overrides, false)
+    }
+
+    /// As `pipeline`, for a kernel whose weight texture (`WTex`) is rgba16float.
+    pub fn pipeline_w16(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)]) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.pipeline_in(shader, entry, overrides, true)
+    }
+
+    fn pipeline_in(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)], w16: bool) -> Result<Arc<wgpu::ComputePipeline>> {
+        let read = self.tex_read();
+        // Sampled reads take any format: one module serves f32 and f16 weights.
+        let w16 = w16 && read == TexRead::Storage;
+        let key = format!("{shader}:{entry}:{overrides:?}:{}{}", read.name(), if w16 { ":w16" } else { "" });
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
-        let module = self.module(shader)?;
+        let module = self.module(shader, read, w16)?;
         let t0 = std::time::Instant::now();
         let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
@@ -412,8 +444,9 @@ pub fn npot(n: u32, max: u32) -> u32 {
     }
 }
 
-/// An rgba32float texture that kernels read with `textureLoad` and copies fill;
-/// at least `height` rows (see [`npot`]).
+/// An rgba32float texture that kernels read (sampled or as a read-only storage
+/// texture, `texread`: both usages, so pipelines of either mode can bind it) and
+/// copies or `pack` fill; at least `height` rows (see [`npot`]).
 pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture {
     let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::STORAGE_BINDING;
     texture_as(gpu, label, width, height, wgpu::TextureFormat::Rgba32Float, usage)
@@ -443,7 +476,7 @@ pub fn texture_from(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u3
 
 /// As `texture_from`, stored as rgba16float (kernels read it as f32 all the same).
 pub fn texture_from_f16(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u32) -> wgpu::TextureView {
-    let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST;
+    let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::STORAGE_BINDING;
     let t = texture_as(gpu, label, npot(width, gpu.limits.max_texture_dimension_2d), height, wgpu::TextureFormat::Rgba16Float, usage);
     fill_texture(gpu, &t, bytemuck::cast_slice(&to_f16(data)), 8, width, height)
 }

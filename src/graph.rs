@@ -505,6 +505,9 @@ pub fn check_settings() -> Result<()> {
     if let Ok(v) = std::env::var("CVT_GPU_ATTN_QPI") {
         anyhow::ensure!(qpi_setting().is_some(), "CVT_GPU_ATTN_QPI={v}: expected 1, 2 or 4");
     }
+    if let Ok(v) = std::env::var("CVT_GPU_TEX_READ") {
+        anyhow::ensure!(crate::texread::setting().is_some(), "CVT_GPU_TEX_READ={v}: expected `sampled` or `storage`");
+    }
     if let Ok(v) = std::env::var("CVT_GPU_EPILOGUE") {
         anyhow::ensure!(fused_setting().is_some(), "CVT_GPU_EPILOGUE={v}: expected `fused` or `split`");
     }

@@ -22,6 +22,7 @@ pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod preprocess;
+pub mod texread;
 pub mod train;
 pub mod trainer;
 pub mod tune;

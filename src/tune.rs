@@ -15,6 +15,7 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 
 use crate::gpu::{Gpu, SHADERS};
+use crate::texread::{prelude, TexRead};
 
 /// Whether trials are disabled (`--no-tune` / `CVT_GPU_NO_TUNE`).
 pub fn disabled() -> bool {
@@ -36,6 +37,9 @@ pub fn key(gpu: &Gpu) -> String {
     for (name, src) in SHADERS {
         name.hash(&mut h);
         src.hash(&mut h);
+    }
+    for read in [TexRead::Sampled, TexRead::Storage] {
+        prelude(read, false).hash(&mut h);
     }
     let i = &gpu.info;
     format!("{} | {:?} | {} {} | cvt-gpu {} | kernels {:016x}", i.name, i.backend, i.driver, i.driver_info, env!("CARGO_PKG_VERSION"), h.finish())

@@ -3,6 +3,7 @@
 
 use crate::gpu::{Gpu, MatmulKind};
 use crate::graph::{Graph, Res, TensorId};
+use crate::texread::TexRead;
 use anyhow::Result;
 use std::sync::Arc;
 use std::time::Instant;
@@ -92,35 +93,116 @@ fn texture_capable(gpu: &Gpu, k: usize, n: usize) -> bool {
 
 /// The matmul variant for this adapter: `CVT_GPU_MATMUL=buffer|texture`; else,
 /// with `--no-tune`, textures on CPU drivers and buffers on GPUs; else the choice
-/// cached on disk for this adapter and build (`tune`); else a timed trial of both
-/// on a 256³ product (about 0.3 s on lavapipe), whose result is cached.
+/// cached on disk for this adapter and build (`tune`); else a timed trial on a
+/// 256³ product (0.5-1 s on lavapipe, most of it compiling), whose result is cached.
+/// The trial also sets how every kernel reads textures (`texread`): it times the
+/// texture GEMM both ways, unless `CVT_GPU_TEX_READ` says which.
 pub fn preferred_kind(gpu: &Arc<Gpu>) -> MatmulKind {
-    *gpu.matmul_kind.get_or_init(|| match std::env::var("CVT_GPU_MATMUL").as_deref() {
-        Ok("buffer") => MatmulKind::Buffer,
-        Ok("texture") => MatmulKind::Texture,
-        _ if crate::tune::disabled() => {
-            if gpu.info.device_type == wgpu::DeviceType::Cpu {
-                MatmulKind::Texture
-            } else {
-                MatmulKind::Buffer
-            }
+    *gpu.matmul_kind.get_or_init(|| {
+        let forced = match std::env::var("CVT_GPU_MATMUL").as_deref() {
+            Ok("buffer") => Some(MatmulKind::Buffer),
+            Ok("texture") => Some(MatmulKind::Texture),
+            _ => None,
+        };
+        if let Some(kind) = forced {
+            return kind;
         }
-        _ => match crate::tune::lookup(gpu, "matmul").as_deref() {
-            Some("buffer") => MatmulKind::Buffer,
-            Some("texture") => MatmulKind::Texture,
-            _ => {
-                let kind = trial(gpu).unwrap_or(MatmulKind::Buffer);
-                crate::tune::store(gpu, "matmul", if kind == MatmulKind::Texture { "texture" } else { "buffer" });
-                kind
+        if crate::tune::disabled() {
+            return if gpu.info.device_type == wgpu::DeviceType::Cpu { MatmulKind::Texture } else { MatmulKind::Buffer };
+        }
+        let cached_read = crate::tune::lookup(gpu, "texture_read").and_then(|r| TexRead::parse(&r));
+        let cached_kind = match crate::tune::lookup(gpu, "matmul").as_deref() {
+            Some("buffer") => Some(MatmulKind::Buffer),
+            Some("texture") => Some(MatmulKind::Texture),
+            _ => None,
+        };
+        if let (Some(kind), Some(read)) = (cached_kind, cached_read) {
+            if crate::texread::setting().is_none() {
+                gpu.set_tex_read(read);
             }
-        },
+            return kind;
+        }
+        let (kind, read) = trial(gpu).unwrap_or((MatmulKind::Buffer, gpu.tex_read()));
+        gpu.set_tex_read(read);
+        crate::tune::store(gpu, "matmul", if kind == MatmulKind::Texture { "texture" } else { "buffer" });
+        crate::tune::store(gpu, "texture_read", read.name());
+        kind
     })
 }
 
-fn trial(gpu: &Arc<Gpu>) -> Result<MatmulKind> {
+/// Best of five interleaved rounds per plan (seconds): the trials' results are
+/// cached on disk, so rounds disturbed by other load on the machine (tests run
+/// in parallel) must not decide them. A round is milliseconds; compiling is the
+/// trials' cost.
+fn best_times(gpu: &Gpu, plans: &[crate::graph::Plan]) -> Result<Vec<f64>> {
+    let mut best = vec![f64::MAX; plans.len()];
+    for _ in 0..5 {
+        for (plan, b) in plans.iter().zip(best.iter_mut()) {
+            let t = Instant::now();
+            plan.run()?;
+            gpu.sync()?;
+            *b = b.min(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(best)
+}
+
+fn trace_tune(what: &str, times: &[(String, f64)]) {
+    if std::env::var_os("CVT_GPU_TRACE_TUNE").is_some() {
+        for (name, s) in times {
+            eprintln!("{what} trial: {name} {:.2} ms", s * 1e3);
+        }
+    }
+}
+
+/// Sets the texture-read mode (`texread`) by timing a fetch-bound kernel both
+/// ways (`colsum_part` over a 4 MiB texture: 64 texel fetches per store), unless
+/// `CVT_GPU_TEX_READ` says which or only sampled reads are possible. It compiles
+/// in milliseconds, where a GEMM per mode would add about a second of JIT to the
+/// first call on lavapipe; the cost of a texel fetch is what the mode changes.
+fn read_trial(gpu: &Arc<Gpu>) -> Result<TexRead> {
+    if crate::texread::setting().is_some() || !crate::texread::storage_supported(&gpu.info, &gpu.limits) {
+        return Ok(gpu.tex_read());
+    }
+    let (rows, cols, parts) = (4096, 256, 64);
+    let mut plans = vec![];
+    let mut reads = vec![];
+    for read in [TexRead::Storage, TexRead::Sampled] {
+        gpu.set_tex_read(read);
+        let build = || -> Result<crate::graph::Plan> {
+            let mut g = Graph::new(gpu.clone());
+            let (x, y) = (g.pinned("x", rows * cols), g.pinned("y", parts * cols));
+            let pipeline = g.gpu.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
+            let xt = g.linear_texture(x, 6);
+            let u = || Res::Unused;
+            let b = vec![u(), u(), u(), u(), Res::Uniform(params([rows, cols, parts, 0], None, 0, (0, 0))), u(), Res::ActTex(xt), u(), Res::Act(y)];
+            g.dispatch("read trial", pipeline, b, crate::graph::grid1d(gpu, (parts * cols / 4).div_ceil(64) as u64), 0.0);
+            let plan = g.compile()?;
+            plan.run()?;
+            gpu.sync()?;
+            Ok(plan)
+        };
+        // A mode the driver rejects is not a candidate.
+        if let Ok(plan) = build() {
+            plans.push(plan);
+            reads.push(read);
+        }
+    }
+    anyhow::ensure!(!plans.is_empty(), "no texture-read mode runs on this adapter");
+    let times = best_times(gpu, &plans)?;
+    trace_tune("texture read", &reads.iter().zip(&times).map(|(r, t)| (r.name().to_string(), *t)).collect::<Vec<_>>());
+    Ok(reads[times.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0])
+}
+
+/// Chooses the texture-read mode (`read_trial`), then times the buffer GEMM
+/// against the texture GEMM in that mode on a 256³ product.
+fn trial(gpu: &Arc<Gpu>) -> Result<(MatmulKind, TexRead)> {
+    let read = read_trial(gpu)?;
+    gpu.set_tex_read(read);
     let n = 256;
     let w: Vec<f32> = (0..n * n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
     let mut plans = vec![];
+    let mut kinds = vec![];
     for kind in [MatmulKind::Buffer, MatmulKind::Texture] {
         let l = Linear::with_kind(gpu, "trial", &w, None, n, n, kind)?;
         let mut g = Graph::new(gpu.clone());
@@ -130,19 +212,13 @@ fn trial(gpu: &Arc<Gpu>) -> Result<MatmulKind> {
         let plan = g.compile()?;
         plan.run()?;
         gpu.sync()?;
-        plans.push((kind, plan, f64::MAX));
+        plans.push(plan);
+        kinds.push(kind);
     }
-    // Interleaved rounds, best of three per variant: the result is cached on disk,
-    // so one round disturbed by other load on the machine must not decide it.
-    for _ in 0..3 {
-        for (_, plan, best) in plans.iter_mut() {
-            let t = Instant::now();
-            plan.run()?;
-            gpu.sync()?;
-            *best = best.min(t.elapsed().as_secs_f64());
-        }
-    }
-    Ok(plans.iter().min_by(|a, b| a.2.total_cmp(&b.2)).map(|p| p.0).unwrap_or(MatmulKind::Buffer))
+    let times = best_times(gpu, &plans)?;
+    trace_tune("matmul", &kinds.iter().zip(&times).map(|(k, t)| (format!("{k:?}"), *t)).collect::<Vec<_>>());
+    let kind = kinds[times.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0];
+    Ok((kind, read))
 }
 
 fn pad4(n: usize) -> usize {
@@ -391,7 +467,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             let chunk = texture_chunk_rows(l.k * 4, g.gpu.limits.max_texture_dimension_2d as usize);
             let mut ov = overrides(act, accumulate, false, (TWG_X, 1)).to_vec();
             ov.extend([("TA", 1.0), ("TRM", g.tex_rows as f64)]);
-            let pipeline = g.gpu.pipeline("matmul", "main_tex", &ov)?;
+            let pipeline = if l.f16 { g.gpu.pipeline_w16("matmul", "main_tex", &ov)? } else { g.gpu.pipeline("matmul", "main_tex", &ov)? };
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
                 let at = g.linear_texture_range(a, r0 * k4, rows * k4, 5);

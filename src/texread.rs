@@ -1,0 +1,90 @@
+//! How kernels read textures: sampled `textureLoad` or read-only storage-texture
+//! loads. The data and the results are the same; the cost is the driver's.
+//!
+//! Mesa 22.3's llvmpipe (lavapipe) compiles a sampled fetch of an rgba32float
+//! texture as a call to a sampling function that looks up the mip level's offset
+//! and stride per lane; a storage-texture load is inlined as address arithmetic
+//! and a gather. Switching every kernel to storage reads made the 1024³ GEMM 1.5x
+//! faster there (docs/perf.md). GPUs may prefer the texture cache of sampled
+//! reads, so the mode is chosen per adapter by `ops::matmul`'s timed trial.
+//!
+//! Shaders name the texture type `Tex` (rgba32float activations and weights) and
+//! `WTex` (`matmul.wgsl`'s weight binding, which may hold f16), and read them with
+//! `texel` and `wtexel`; [`prelude`] defines those four for the chosen mode. A
+//! storage-texture type names its format, so f16 weight textures need a module of
+//! their own in storage mode (`Gpu::pipeline_w16`); sampled reads take any format.
+
+/// The two ways to read a texture (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TexRead {
+    Sampled,
+    Storage,
+}
+
+/// Texture bindings one entry point reads at most (attention's backward: q, k, v,
+/// dout, probs, dscore); storage mode needs that many storage textures per stage.
+const MAX_TEXTURES_PER_KERNEL: u32 = 6;
+
+impl TexRead {
+    pub fn name(self) -> &'static str {
+        match self {
+            TexRead::Sampled => "sampled",
+            TexRead::Storage => "storage",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TexRead> {
+        match s {
+            "sampled" => Some(TexRead::Sampled),
+            "storage" => Some(TexRead::Storage),
+            _ => None,
+        }
+    }
+}
+
+/// `CVT_GPU_TEX_READ=sampled|storage`, which overrides the trial.
+pub fn setting() -> Option<TexRead> {
+    std::env::var("CVT_GPU_TEX_READ").ok().and_then(|v| TexRead::parse(&v))
+}
+
+/// Whether the device can run every kernel with storage-texture reads. Not on
+/// Metal: naga 30's MSL writer cannot pass a storage texture to a function
+/// (`texel`), and sampled reads are Metal's fast path anyway.
+pub fn storage_supported(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> bool {
+    info.backend != wgpu::Backend::Metal && limits.max_storage_textures_per_shader_stage >= MAX_TEXTURES_PER_KERNEL
+}
+
+/// The mode before (or without) a trial: storage reads on CPU drivers, where the
+/// sampling call is the cost, sampled reads on GPUs.
+pub fn rule(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> TexRead {
+    if let Some(r) = setting().filter(|&r| r == TexRead::Sampled || storage_supported(info, limits)) {
+        return r;
+    }
+    if info.device_type == wgpu::DeviceType::Cpu && storage_supported(info, limits) {
+        TexRead::Storage
+    } else {
+        TexRead::Sampled
+    }
+}
+
+/// WGSL defining `Tex`, `WTex`, `texel` and `wtexel` for `read`, with f16 weight
+/// textures when `w16`; prepended to every shader.
+pub fn prelude(read: TexRead, w16: bool) -> String {
+    match read {
+        TexRead::Sampled => "alias Tex = texture_2d<f32>;\n\
+             alias WTex = texture_2d<f32>;\n\
+             fn texel(t: Tex, c: vec2<i32>) -> vec4<f32> { return textureLoad(t, c, 0); }\n\
+             fn wtexel(t: WTex, c: vec2<i32>) -> vec4<f32> { return textureLoad(t, c, 0); }\n"
+            .to_string(),
+        TexRead::Storage => {
+            let wfmt = if w16 { "rgba16float" } else { "rgba32float" };
+            format!(
+                "alias Tex = texture_storage_2d<rgba32float, read>;\n\
+                 alias WTex = texture_storage_2d<{wfmt}, read>;\n\
+                 fn texel(t: Tex, c: vec2<i32>) -> vec4<f32> {{ return textureLoad(t, c); }}\n\
+                 fn wtexel(t: WTex, c: vec2<i32>) -> vec4<f32> {{ return textureLoad(t, c); }}\n"
+            )
+        }
+    }
+}
