@@ -209,9 +209,11 @@ fn trial(gpu: &Arc<Gpu>) -> Result<(MatmulKind, TexRead)> {
         let x = g.pinned("x", n * n);
         // Not `linear`: it asks for the preferred kind, which this trial decides.
         dispatch(&mut g, "trial", x, n, &l, Act::None, Out::New, None, false)?;
+        let t = Instant::now();
         let plan = g.compile()?;
         plan.run()?;
         gpu.sync()?;
+        trace_tune("matmul first run", &[(format!("{kind:?}"), t.elapsed().as_secs_f64())]);
         plans.push(plan);
         kinds.push(kind);
     }
