@@ -146,9 +146,12 @@ fn help_has_examples() {
 #[test]
 fn tuning_is_cached_on_disk_and_no_tune_skips_it() {
     let d = tiny();
-    let infer = |cache: &Path, no_tune: bool| {
+    let infer_with = |cache: &Path, no_tune: bool, read: Option<&str>| {
         let mut c = bin();
-        c.env("CVT_GPU_CACHE_DIR", cache).env_remove("CVT_GPU_MATMUL");
+        c.env("CVT_GPU_CACHE_DIR", cache).env_remove("CVT_GPU_MATMUL").env_remove("CVT_GPU_TEX_READ");
+        if let Some(r) = read {
+            c.env("CVT_GPU_TEX_READ", r);
+        }
         if no_tune {
             c.arg("--no-tune");
         }
@@ -156,6 +159,7 @@ fn tuning_is_cached_on_disk_and_no_tune_skips_it() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).to_string()
     };
+    let infer = |cache: &Path, no_tune: bool| infer_with(cache, no_tune, None);
     let cache = tmpdir("tune");
     let first = infer(&cache, false);
     let text = std::fs::read_to_string(cache.join("tuning.json")).expect("tuning.json written");
@@ -164,10 +168,27 @@ fn tuning_is_cached_on_disk_and_no_tune_skips_it() {
     assert!(key.contains("kernels ") && key.contains("cvt-gpu "), "{key}");
     let choice = entry["matmul"].as_str().unwrap().to_string();
     assert!(choice == "texture" || choice == "buffer");
+    let read = entry["texture_read"].as_str().unwrap();
+    assert!(read == "storage" || read == "sampled", "{read}");
     // A second run reads the cache (same output, same file).
     assert_eq!(infer(&cache, false), first);
     assert_eq!(std::fs::read_to_string(cache.join("tuning.json")).unwrap(), text);
     let none = tmpdir("notune");
     assert_eq!(infer(&none, true), first);
     assert!(!none.join("tuning.json").exists());
+    // A forced texture-read mode is honoured (same answer) but never cached: a
+    // later run without it must still measure.
+    let forced = tmpdir("forced");
+    assert_eq!(infer_with(&forced, false, Some("sampled")), first);
+    let text = std::fs::read_to_string(forced.join("tuning.json")).unwrap_or_default();
+    assert!(!text.contains("texture_read") && !text.contains("matmul"), "{text}");
+}
+
+#[test]
+fn bad_texture_read_setting_is_one_line() {
+    let mut c = bin();
+    let out = c.env("CVT_GPU_TEX_READ", "fast").args(["bench", "--gemm"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("error: CVT_GPU_TEX_READ=fast: expected `sampled` or `storage`")), "{stderr}");
 }

@@ -48,6 +48,19 @@ fn every_shader_translates_for_every_backend() {
         let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(src)));
         let info = Validator::new(ValidationFlags::all(), Capabilities::all()).validate(&module).unwrap_or_else(|e| panic!("{name}.wgsl does not validate: {e:?}"));
         assert!(!module.entry_points.is_empty(), "{name}.wgsl has no entry point");
+        // Storage mode is allowed where the adapter has MAX_TEXTURES_PER_KERNEL
+        // storage textures per stage: no entry point may read more.
+        for (i, ep) in module.entry_points.iter().enumerate() {
+            let reads = module
+                .global_variables
+                .iter()
+                .filter(|(h, v)| {
+                    !info.get_entry_point(i)[*h].is_empty()
+                        && matches!(module.types[v.ty].inner, naga::TypeInner::Image { class: naga::ImageClass::Storage { access: naga::StorageAccess::LOAD, .. }, .. })
+                })
+                .count() as u32;
+            assert!(reads <= cvt_gpu::texread::MAX_TEXTURES_PER_KERNEL, "{name}::{} reads {reads} textures", ep.name);
+        }
         for ep in &module.entry_points {
             for consts in variants(name.split(' ').next().unwrap()) {
                 let pc: PipelineConstants = consts.iter().map(|(k, v)| (k.to_string(), *v)).collect();

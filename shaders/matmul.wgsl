@@ -438,7 +438,7 @@ fn lin(t: Tex, i: u32) -> vec4<f32> {
 }
 
 // b_tex has a type of its own (WTex): weights may be stored as f16, and a
-// storage-texture read names its format (see gpu::prelude).
+// storage-texture read names its format (see texread::prelude in the Rust source).
 fn b_lin(i: u32) -> vec4<f32> {
     return wtexel(b_tex, lin_at(textureDimensions(b_tex).x, i));
 }

@@ -90,6 +90,8 @@ pub struct BenchResult {
     pub dispatches: usize,
     pub texture_copies: usize,
     pub matmul_variant: crate::gpu::MatmulKind,
+    /// How kernels read textures on this adapter (`texread`).
+    pub texture_read: crate::texread::TexRead,
     pub adapter: String,
     pub timing: &'static str,
     pub kernel_timing: crate::graph::Timing,
@@ -227,6 +229,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         dispatches,
         texture_copies,
         matmul_variant: crate::ops::matmul::preferred_kind(&gpu),
+        texture_read: gpu.tex_read(),
         adapter: gpu.describe(),
         timing: "wall clock, submit to completion",
         kernel_timing,
@@ -258,7 +261,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
             );
         }
         println!("  first call {:.0} ms (variant trial {:.0} ms + plan + pipelines + first run; weights upload {:.0} ms)", first_call_ms, tune_ms, upload_ms);
-        println!("  schedule  {} dispatches, {} texture copies per forward; matmul variant: {:?}", dispatches, texture_copies, r.matmul_variant);
+        println!("  schedule  {} dispatches, {} texture copies per forward; matmul variant: {:?}, {} texture reads", dispatches, texture_copies, r.matmul_variant, r.texture_read.name());
         print_kernels(&r.kernels, r.kernel_timing, 20);
     }
     Ok(())

@@ -202,6 +202,7 @@ impl Gpu {
     fn from_adapter(adapter: wgpu::Adapter) -> Result<Arc<Gpu>> {
         let info = adapter.get_info();
         let limits = adapter.limits();
+        crate::texread::check_setting(&info, &limits)?;
         // Only features the engine uses, and only when the adapter has them.
         let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES | wgpu::Features::SHADER_F16;
         let features = adapter.features() & wanted;

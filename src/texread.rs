@@ -22,9 +22,11 @@ pub enum TexRead {
     Storage,
 }
 
-/// Texture bindings one entry point reads at most (attention's backward: q, k, v,
-/// dout, probs, dscore); storage mode needs that many storage textures per stage.
-const MAX_TEXTURES_PER_KERNEL: u32 = 6;
+/// Texture bindings one entry point reads at most (attention's saved-P backward:
+/// probs, dscore, dout, q; the depthwise backward: three map gradients and x or
+/// w); storage mode needs that many storage textures per stage (WebGPU's default
+/// limit is 4). `kernels-tests/shaders.rs` checks the count.
+pub const MAX_TEXTURES_PER_KERNEL: u32 = 4;
 
 impl TexRead {
     pub fn name(self) -> &'static str {
@@ -49,16 +51,26 @@ pub fn setting() -> Option<TexRead> {
 }
 
 /// Whether the device can run every kernel with storage-texture reads. Not on
-/// Metal: naga 30's MSL writer cannot pass a storage texture to a function
-/// (`texel`), and sampled reads are Metal's fast path anyway.
+/// Metal or GL: naga 30's MSL writer cannot pass a storage texture to a function
+/// (`texel`), and its GLSL writer drops the parameter's `readonly` qualifier,
+/// which GLSL compilers reject. Sampled reads are those backends' path.
 pub fn storage_supported(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> bool {
-    info.backend != wgpu::Backend::Metal && limits.max_storage_textures_per_shader_stage >= MAX_TEXTURES_PER_KERNEL
+    !matches!(info.backend, wgpu::Backend::Metal | wgpu::Backend::Gl) && limits.max_storage_textures_per_shader_stage >= MAX_TEXTURES_PER_KERNEL
 }
 
-/// The mode before (or without) a trial: storage reads on CPU drivers, where the
-/// sampling call is the cost, sampled reads on GPUs.
+/// A `CVT_GPU_TEX_READ` this adapter cannot honour, as a one-line error.
+pub fn check_setting(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> anyhow::Result<()> {
+    if setting() == Some(TexRead::Storage) && !storage_supported(info, limits) {
+        anyhow::bail!("CVT_GPU_TEX_READ=storage: {} ({:?}) cannot read storage textures in every kernel; use `sampled` or unset it", info.name, info.backend);
+    }
+    Ok(())
+}
+
+/// The mode before (or without) a trial: `CVT_GPU_TEX_READ` (checked by
+/// `check_setting`), else storage reads on CPU drivers, where the sampling call is
+/// the cost, and sampled reads on GPUs.
 pub fn rule(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> TexRead {
-    if let Some(r) = setting().filter(|&r| r == TexRead::Sampled || storage_supported(info, limits)) {
+    if let Some(r) = setting() {
         return r;
     }
     if info.device_type == wgpu::DeviceType::Cpu && storage_supported(info, limits) {

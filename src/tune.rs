@@ -38,8 +38,8 @@ pub fn key(gpu: &Gpu) -> String {
         name.hash(&mut h);
         src.hash(&mut h);
     }
-    for read in [TexRead::Sampled, TexRead::Storage] {
-        prelude(read, false).hash(&mut h);
+    for (read, w16) in [(TexRead::Sampled, false), (TexRead::Storage, false), (TexRead::Storage, true)] {
+        prelude(read, w16).hash(&mut h);
     }
     let i = &gpu.info;
     format!("{} | {:?} | {} {} | cvt-gpu {} | kernels {:016x}", i.name, i.backend, i.driver, i.driver_info, env!("CARGO_PKG_VERSION"), h.finish())
@@ -61,12 +61,21 @@ pub fn lookup(gpu: &Gpu, what: &str) -> Option<String> {
 
 /// Records a choice; a failure to write is not an error (the trial just runs again).
 pub fn store(gpu: &Gpu, what: &str, value: &str) {
+    store_all(gpu, &[(what, value)]);
+}
+
+/// Records several choices in one write, so that processes tuning at the same
+/// time cannot leave a mixed pair.
+pub fn store_all(gpu: &Gpu, choices: &[(&str, &str)]) {
     if disabled() {
         return;
     }
     let Some(path) = cache_file() else { return };
     let mut table = read_table();
-    table.entry(key(gpu)).or_default().insert(what.to_string(), value.to_string());
+    let entry = table.entry(key(gpu)).or_default();
+    for (what, value) in choices {
+        entry.insert(what.to_string(), value.to_string());
+    }
     if let (Some(dir), Ok(json)) = (path.parent(), serde_json::to_string_pretty(&table)) {
         if std::fs::create_dir_all(dir).is_ok() {
             crate::checkpoint::write_atomic(&path, json.as_bytes()).ok();

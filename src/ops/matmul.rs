@@ -91,12 +91,13 @@ fn texture_capable(gpu: &Gpu, k: usize, n: usize) -> bool {
     k % 64 == 0 && k <= max && pad4(n) / 4 <= max && k / 4 <= max
 }
 
-/// The matmul variant for this adapter: `CVT_GPU_MATMUL=buffer|texture`; else,
-/// with `--no-tune`, textures on CPU drivers and buffers on GPUs; else the choice
-/// cached on disk for this adapter and build (`tune`); else a timed trial on a
-/// 256³ product (0.5-1 s on lavapipe, most of it compiling), whose result is cached.
-/// The trial also sets how every kernel reads textures (`texread`): it times the
-/// texture GEMM both ways, unless `CVT_GPU_TEX_READ` says which.
+/// The matmul variant for this adapter, and how every kernel reads textures
+/// (`texread`, set on the Gpu as a side effect). Each is, in order: the setting
+/// (`CVT_GPU_MATMUL=buffer|texture`, `CVT_GPU_TEX_READ=sampled|storage`); with
+/// `--no-tune`, a rule (textures and storage reads on CPU drivers, buffers and
+/// sampled reads on GPUs); the choice cached on disk for this adapter and build
+/// (`tune`); else a timed trial (`trial`: about 2 s on lavapipe, most of it
+/// compiling the two GEMMs), whose results are cached. Settings are not cached.
 pub fn preferred_kind(gpu: &Arc<Gpu>) -> MatmulKind {
     *gpu.matmul_kind.get_or_init(|| {
         let forced = match std::env::var("CVT_GPU_MATMUL").as_deref() {
@@ -104,29 +105,44 @@ pub fn preferred_kind(gpu: &Arc<Gpu>) -> MatmulKind {
             Ok("texture") => Some(MatmulKind::Texture),
             _ => None,
         };
-        if let Some(kind) = forced {
-            return kind;
-        }
+        let rule = if gpu.info.device_type == wgpu::DeviceType::Cpu { MatmulKind::Texture } else { MatmulKind::Buffer };
         if crate::tune::disabled() {
-            return if gpu.info.device_type == wgpu::DeviceType::Cpu { MatmulKind::Texture } else { MatmulKind::Buffer };
+            // The read mode stays at texread::rule.
+            return forced.unwrap_or(rule);
         }
-        let cached_read = crate::tune::lookup(gpu, "texture_read").and_then(|r| TexRead::parse(&r));
-        let cached_kind = match crate::tune::lookup(gpu, "matmul").as_deref() {
+        // Settings are honoured but never cached: a later run without them must
+        // still find measured choices.
+        let forced_read = crate::texread::setting().is_some();
+        let cached_read = if forced_read { Some(gpu.tex_read()) } else { crate::tune::lookup(gpu, "texture_read").and_then(|r| TexRead::parse(&r)) };
+        let cached_kind = forced.or(match crate::tune::lookup(gpu, "matmul").as_deref() {
             Some("buffer") => Some(MatmulKind::Buffer),
             Some("texture") => Some(MatmulKind::Texture),
             _ => None,
-        };
+        });
         if let (Some(kind), Some(read)) = (cached_kind, cached_read) {
-            if crate::texread::setting().is_none() {
-                gpu.set_tex_read(read);
-            }
+            gpu.set_tex_read(read);
             return kind;
         }
-        let (kind, read) = trial(gpu).unwrap_or((MatmulKind::Buffer, gpu.tex_read()));
-        gpu.set_tex_read(read);
-        crate::tune::store(gpu, "matmul", if kind == MatmulKind::Texture { "texture" } else { "buffer" });
-        crate::tune::store(gpu, "texture_read", read.name());
-        kind
+        let start = gpu.tex_read();
+        match trial(gpu, forced) {
+            Ok((kind, read)) => {
+                gpu.set_tex_read(read);
+                let mut choices = vec![];
+                if !forced_read {
+                    choices.push(("texture_read", read.name()));
+                    if forced.is_none() {
+                        choices.push(("matmul", if kind == MatmulKind::Texture { "texture" } else { "buffer" }));
+                    }
+                }
+                crate::tune::store_all(gpu, &choices);
+                kind
+            }
+            // A trial that fails decides nothing and caches nothing.
+            Err(_) => {
+                gpu.set_tex_read(start);
+                forced.unwrap_or(rule)
+            }
+        }
     })
 }
 
@@ -194,11 +210,14 @@ fn read_trial(gpu: &Arc<Gpu>) -> Result<TexRead> {
     Ok(reads[times.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0])
 }
 
-/// Chooses the texture-read mode (`read_trial`), then times the buffer GEMM
-/// against the texture GEMM in that mode on a 256³ product.
-fn trial(gpu: &Arc<Gpu>) -> Result<(MatmulKind, TexRead)> {
+/// Chooses the texture-read mode (`read_trial`), then, unless `forced` names the
+/// kind, times the buffer GEMM against the texture GEMM in that mode on a 256³ product.
+fn trial(gpu: &Arc<Gpu>, forced: Option<MatmulKind>) -> Result<(MatmulKind, TexRead)> {
     let read = read_trial(gpu)?;
     gpu.set_tex_read(read);
+    if let Some(kind) = forced {
+        return Ok((kind, read));
+    }
     let n = 256;
     let w: Vec<f32> = (0..n * n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
     let mut plans = vec![];
@@ -213,7 +232,7 @@ fn trial(gpu: &Arc<Gpu>) -> Result<(MatmulKind, TexRead)> {
         let plan = g.compile()?;
         plan.run()?;
         gpu.sync()?;
-        trace_tune("matmul first run", &[(format!("{kind:?}"), t.elapsed().as_secs_f64())]);
+        trace_tune("matmul (first run, compile included)", &[(format!("{kind:?}"), t.elapsed().as_secs_f64())]);
         plans.push(plan);
         kinds.push(kind);
     }
