@@ -156,67 +156,39 @@ struct Row {
     r15: vec4<f32>,
 }
 
-fn k_row(col: i32, row: i32) -> Row {
+// Row `row` of texture t from texel column col: a head's D4 texels.
+fn tex_row(t: Tex, col: i32, row: i32) -> Row {
     var r: Row;
-    r.r0 = texel(k_tex, vec2<i32>(col + 0, row));
-    if (D4 > 1u) { r.r1 = texel(k_tex, vec2<i32>(col + 1, row)); }
-    if (D4 > 2u) { r.r2 = texel(k_tex, vec2<i32>(col + 2, row)); }
-    if (D4 > 3u) { r.r3 = texel(k_tex, vec2<i32>(col + 3, row)); }
-    if (D4 > 4u) { r.r4 = texel(k_tex, vec2<i32>(col + 4, row)); }
-    if (D4 > 5u) { r.r5 = texel(k_tex, vec2<i32>(col + 5, row)); }
-    if (D4 > 6u) { r.r6 = texel(k_tex, vec2<i32>(col + 6, row)); }
-    if (D4 > 7u) { r.r7 = texel(k_tex, vec2<i32>(col + 7, row)); }
-    if (D4 > 8u) { r.r8 = texel(k_tex, vec2<i32>(col + 8, row)); }
-    if (D4 > 9u) { r.r9 = texel(k_tex, vec2<i32>(col + 9, row)); }
-    if (D4 > 10u) { r.r10 = texel(k_tex, vec2<i32>(col + 10, row)); }
-    if (D4 > 11u) { r.r11 = texel(k_tex, vec2<i32>(col + 11, row)); }
-    if (D4 > 12u) { r.r12 = texel(k_tex, vec2<i32>(col + 12, row)); }
-    if (D4 > 13u) { r.r13 = texel(k_tex, vec2<i32>(col + 13, row)); }
-    if (D4 > 14u) { r.r14 = texel(k_tex, vec2<i32>(col + 14, row)); }
-    if (D4 > 15u) { r.r15 = texel(k_tex, vec2<i32>(col + 15, row)); }
+    r.r0 = texel(t, vec2<i32>(col, row));
+    if (D4 > 1u) { r.r1 = texel(t, vec2<i32>(col + 1, row)); }
+    if (D4 > 2u) { r.r2 = texel(t, vec2<i32>(col + 2, row)); }
+    if (D4 > 3u) { r.r3 = texel(t, vec2<i32>(col + 3, row)); }
+    if (D4 > 4u) { r.r4 = texel(t, vec2<i32>(col + 4, row)); }
+    if (D4 > 5u) { r.r5 = texel(t, vec2<i32>(col + 5, row)); }
+    if (D4 > 6u) { r.r6 = texel(t, vec2<i32>(col + 6, row)); }
+    if (D4 > 7u) { r.r7 = texel(t, vec2<i32>(col + 7, row)); }
+    if (D4 > 8u) { r.r8 = texel(t, vec2<i32>(col + 8, row)); }
+    if (D4 > 9u) { r.r9 = texel(t, vec2<i32>(col + 9, row)); }
+    if (D4 > 10u) { r.r10 = texel(t, vec2<i32>(col + 10, row)); }
+    if (D4 > 11u) { r.r11 = texel(t, vec2<i32>(col + 11, row)); }
+    if (D4 > 12u) { r.r12 = texel(t, vec2<i32>(col + 12, row)); }
+    if (D4 > 13u) { r.r13 = texel(t, vec2<i32>(col + 13, row)); }
+    if (D4 > 14u) { r.r14 = texel(t, vec2<i32>(col + 14, row)); }
+    if (D4 > 15u) { r.r15 = texel(t, vec2<i32>(col + 15, row)); }
     return r;
+}
+
+fn k_row(col: i32, row: i32) -> Row {
+    return tex_row(k_tex, col, row);
 }
 
 fn v_row(col: i32, row: i32) -> Row {
-    var r: Row;
-    r.r0 = texel(v_tex, vec2<i32>(col + 0, row));
-    if (D4 > 1u) { r.r1 = texel(v_tex, vec2<i32>(col + 1, row)); }
-    if (D4 > 2u) { r.r2 = texel(v_tex, vec2<i32>(col + 2, row)); }
-    if (D4 > 3u) { r.r3 = texel(v_tex, vec2<i32>(col + 3, row)); }
-    if (D4 > 4u) { r.r4 = texel(v_tex, vec2<i32>(col + 4, row)); }
-    if (D4 > 5u) { r.r5 = texel(v_tex, vec2<i32>(col + 5, row)); }
-    if (D4 > 6u) { r.r6 = texel(v_tex, vec2<i32>(col + 6, row)); }
-    if (D4 > 7u) { r.r7 = texel(v_tex, vec2<i32>(col + 7, row)); }
-    if (D4 > 8u) { r.r8 = texel(v_tex, vec2<i32>(col + 8, row)); }
-    if (D4 > 9u) { r.r9 = texel(v_tex, vec2<i32>(col + 9, row)); }
-    if (D4 > 10u) { r.r10 = texel(v_tex, vec2<i32>(col + 10, row)); }
-    if (D4 > 11u) { r.r11 = texel(v_tex, vec2<i32>(col + 11, row)); }
-    if (D4 > 12u) { r.r12 = texel(v_tex, vec2<i32>(col + 12, row)); }
-    if (D4 > 13u) { r.r13 = texel(v_tex, vec2<i32>(col + 13, row)); }
-    if (D4 > 14u) { r.r14 = texel(v_tex, vec2<i32>(col + 14, row)); }
-    if (D4 > 15u) { r.r15 = texel(v_tex, vec2<i32>(col + 15, row)); }
-    return r;
+    return tex_row(v_tex, col, row);
 }
 
 fn q_row(col: i32, row: i32, scale: f32) -> Row {
-    var r: Row;
-    r.r0 = texel(q_tex, vec2<i32>(col + 0, row)) * scale;
-    if (D4 > 1u) { r.r1 = texel(q_tex, vec2<i32>(col + 1, row)) * scale; }
-    if (D4 > 2u) { r.r2 = texel(q_tex, vec2<i32>(col + 2, row)) * scale; }
-    if (D4 > 3u) { r.r3 = texel(q_tex, vec2<i32>(col + 3, row)) * scale; }
-    if (D4 > 4u) { r.r4 = texel(q_tex, vec2<i32>(col + 4, row)) * scale; }
-    if (D4 > 5u) { r.r5 = texel(q_tex, vec2<i32>(col + 5, row)) * scale; }
-    if (D4 > 6u) { r.r6 = texel(q_tex, vec2<i32>(col + 6, row)) * scale; }
-    if (D4 > 7u) { r.r7 = texel(q_tex, vec2<i32>(col + 7, row)) * scale; }
-    if (D4 > 8u) { r.r8 = texel(q_tex, vec2<i32>(col + 8, row)) * scale; }
-    if (D4 > 9u) { r.r9 = texel(q_tex, vec2<i32>(col + 9, row)) * scale; }
-    if (D4 > 10u) { r.r10 = texel(q_tex, vec2<i32>(col + 10, row)) * scale; }
-    if (D4 > 11u) { r.r11 = texel(q_tex, vec2<i32>(col + 11, row)) * scale; }
-    if (D4 > 12u) { r.r12 = texel(q_tex, vec2<i32>(col + 12, row)) * scale; }
-    if (D4 > 13u) { r.r13 = texel(q_tex, vec2<i32>(col + 13, row)) * scale; }
-    if (D4 > 14u) { r.r14 = texel(q_tex, vec2<i32>(col + 14, row)) * scale; }
-    if (D4 > 15u) { r.r15 = texel(q_tex, vec2<i32>(col + 15, row)) * scale; }
-    return r;
+    let r = tex_row(q_tex, col, row);
+    return row_axpy(r, scale, 0.0, r);
 }
 
 fn row_dot(a: Row, b: Row) -> f32 {
@@ -666,24 +638,7 @@ fn dv_store(base: u32, a: Row, scale: f32) {
 }
 
 fn dout_row(col: i32, row: i32) -> Row {
-    var r: Row;
-    r.r0 = texel(dout_tex, vec2<i32>(col + 0, row));
-    if (D4 > 1u) { r.r1 = texel(dout_tex, vec2<i32>(col + 1, row)); }
-    if (D4 > 2u) { r.r2 = texel(dout_tex, vec2<i32>(col + 2, row)); }
-    if (D4 > 3u) { r.r3 = texel(dout_tex, vec2<i32>(col + 3, row)); }
-    if (D4 > 4u) { r.r4 = texel(dout_tex, vec2<i32>(col + 4, row)); }
-    if (D4 > 5u) { r.r5 = texel(dout_tex, vec2<i32>(col + 5, row)); }
-    if (D4 > 6u) { r.r6 = texel(dout_tex, vec2<i32>(col + 6, row)); }
-    if (D4 > 7u) { r.r7 = texel(dout_tex, vec2<i32>(col + 7, row)); }
-    if (D4 > 8u) { r.r8 = texel(dout_tex, vec2<i32>(col + 8, row)); }
-    if (D4 > 9u) { r.r9 = texel(dout_tex, vec2<i32>(col + 9, row)); }
-    if (D4 > 10u) { r.r10 = texel(dout_tex, vec2<i32>(col + 10, row)); }
-    if (D4 > 11u) { r.r11 = texel(dout_tex, vec2<i32>(col + 11, row)); }
-    if (D4 > 12u) { r.r12 = texel(dout_tex, vec2<i32>(col + 12, row)); }
-    if (D4 > 13u) { r.r13 = texel(dout_tex, vec2<i32>(col + 13, row)); }
-    if (D4 > 14u) { r.r14 = texel(dout_tex, vec2<i32>(col + 14, row)); }
-    if (D4 > 15u) { r.r15 = texel(dout_tex, vec2<i32>(col + 15, row)); }
-    return r;
+    return tex_row(dout_tex, col, row);
 }
 
 @compute @workgroup_size(WG)
