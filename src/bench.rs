@@ -185,7 +185,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     let tune_ms = t0.elapsed().as_secs_f64() * 1e3;
     let tensors = random_tensors(&cfg, 1);
     let t0 = Instant::now();
-    let fmt = if a.f16 { WeightFormat::F16 } else { WeightFormat::F32 };
+    let fmt = WeightFormat::from_flag(a.f16);
     let model = Model::new_in(gpu.clone(), cfg.clone(), &tensors, Act::QuickGelu, fmt)?;
     let upload_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();

@@ -84,6 +84,17 @@ pub enum WeightFormat {
     F16,
 }
 
+impl WeightFormat {
+    /// F16 when `--f16` was given.
+    pub fn from_flag(f16: bool) -> WeightFormat {
+        if f16 {
+            WeightFormat::F16
+        } else {
+            WeightFormat::F32
+        }
+    }
+}
+
 /// Whether a K x N layer can take the texture path: activation rows are copied
 /// into textures, which needs rows of a multiple of 256 bytes (K % 64 == 0).
 fn texture_capable(gpu: &Gpu, k: usize, n: usize) -> bool {

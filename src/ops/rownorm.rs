@@ -67,13 +67,16 @@ fn vec4_rows(g: &Graph, c: usize) -> bool {
 
 /// The pipeline of a row kernel and its grid for `rows` rows.
 fn row_kernel(g: &Graph, entry: &str, rows: usize, residual: bool) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
-    let lanes = row_lanes(&g.gpu);
-    let mut consts = vec![("WG", WG as f64), ("LANES", lanes as f64)];
+    let mut consts = vec![("WG", WG as f64), ("LANES", row_lanes(&g.gpu) as f64)];
     if residual {
         consts.push(("RESIDUAL", 1.0));
     }
-    let pipeline = g.gpu.pipeline("rownorm", entry, &consts)?;
-    Ok((pipeline, grid1d(&g.gpu, rows.div_ceil(WG / lanes) as u64)))
+    Ok((g.gpu.pipeline("rownorm", entry, &consts)?, row_grid(g, rows)))
+}
+
+/// The grid of a row kernel over `rows` rows (WG / LANES rows per workgroup).
+fn row_grid(g: &Graph, rows: usize) -> [u32; 3] {
+    grid1d(&g.gpu, rows.div_ceil(WG / row_lanes(&g.gpu)) as u64)
 }
 
 fn params(m: &RowMap, c: usize) -> Vec<u32> {
@@ -102,9 +105,8 @@ fn layernorm4_chunks(g: &mut Graph, label: &str, x: TensorId, z: Option<TensorId
         };
         let mut p = params(&map, ln.c);
         (p[0], p[8], p[9]) = ((r0 + n) as u32, r0 as u32, t0 as u32);
-        let groups = grid1d(&g.gpu, n.div_ceil(WG) as u64);
         let b = vec![u(), u(), u(), u(), Res::Uniform(p), u(), u(), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), aux, Res::ActTex(xt), zt];
-        g.dispatch(label, pipeline.clone(), b, groups, 0.0);
+        g.dispatch(label, pipeline.clone(), b, row_grid(g, n), 0.0);
     }
     Ok(())
 }
