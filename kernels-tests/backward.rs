@@ -541,6 +541,48 @@ fn adamw_matches_torch() {
     }
 }
 
+/// AdamW on a tensor large enough for the texture path (`adamw4_tex`, inputs read
+/// from linear textures in 2 MiB chunks: this one crosses a chunk boundary) and
+/// through the buffer kernel, both against the update computed on the CPU in f64.
+#[test]
+fn adamw_large_tensors_match_cpu_on_both_paths() {
+    let n = 4 * (131_072 + 1_000);
+    let p0 = randn(n, 31);
+    let grads = [randn(n, 32), randn(n, 33)];
+    let o = AdamW { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 };
+    // The reference, step by step (optim.wgsl's formula; grad scale 0.5).
+    let (mut w, mut m, mut v): (Vec<f64>, Vec<f64>, Vec<f64>) = (p0.iter().map(|&x| x as f64).collect(), vec![0.0; n], vec![0.0; n]);
+    let mut want = vec![];
+    for (step, gr) in grads.iter().enumerate() {
+        let t = step as i32 + 1;
+        let (bc1, bc2) = (1.0 - 0.9f64.powi(t), 1.0 - 0.999f64.powi(t));
+        for i in 0..n {
+            let g = gr[i] as f64 * 0.5;
+            w[i] *= 1.0 - 0.01 * 0.05;
+            m[i] = 0.9 * m[i] + 0.1 * g;
+            v[i] = 0.999 * v[i] + 0.001 * g * g;
+            w[i] -= (0.01 / bc1) * m[i] / (v[i].sqrt() / bc2.sqrt() + 1e-8);
+        }
+        want.push(w.clone());
+    }
+    for (which, gpu) in [("textures", gpu_texture_variants()), ("buffers", gpu_buffer_variants())] {
+        let param = Arc::new(gpu.upload("p", &p0).unwrap());
+        let grad = Arc::new(gpu.upload("g", &grads[0]).unwrap());
+        let state = Moments::zeros(&gpu, "p", n).unwrap();
+        let hyper = Hyper::new(&gpu).unwrap();
+        let mut g = Graph::new(gpu.clone());
+        adamw_step(&mut g, "adamw", &param, &grad, &state, &hyper, true).unwrap();
+        let plan = g.compile().unwrap();
+        for (step, gr) in grads.iter().enumerate() {
+            gpu.queue.write_buffer(&grad, 0, bytemuck::cast_slice(gr));
+            hyper.set(&gpu, &o, o.lr, step as u64 + 1, 0.5);
+            plan.run().unwrap();
+            let got = gpu.read(&param, 0, n).unwrap();
+            assert_close(&format!("adamw ({which}) step {}", step + 1), &got, &want[step], 1e-6, 1e-5);
+        }
+    }
+}
+
 use cvt_gpu::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
 
 /// Convolutional projection with train-mode BatchNorm: forward against f64

@@ -428,15 +428,6 @@ override TB_LIN: bool = false;
 // about three times as long to compile; the guards on this override compile out.
 override TRM: u32 = 8u;
 
-fn lin_at(width: u32, i: u32) -> vec2<i32> {
-    let s = countTrailingZeros(width);
-    return vec2<i32>(vec2<u32>(i & ((1u << s) - 1u), i >> s));
-}
-
-fn lin(t: Tex, i: u32) -> vec4<f32> {
-    return texel(t, lin_at(textureDimensions(t).x, i));
-}
-
 // b_tex has a type of its own (WTex): weights may be stored as f16, and a
 // storage-texture read names its format (see texread::prelude in the Rust source).
 fn b_lin(i: u32) -> vec4<f32> {

@@ -69,6 +69,28 @@ fn adamw4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     param4[i] = u.w;
 }
 
+// adamw4 for CPU drivers, where every storage-buffer load is a loop over the
+// SIMD lanes and a texel fetch one gather: the four inputs come from linear
+// textures (memcpys of the buffers, Graph::linear_texture_buf), in chunks of
+// p.n vec4s starting at vec4 p._p0 of the buffers (texel 0 of the textures).
+@group(0) @binding(11) var w_t: Tex;
+@group(0) @binding(12) var g_t: Tex;
+@group(0) @binding(13) var m_t: Tex;
+@group(0) @binding(14) var v_t: Tex;
+
+@compute @workgroup_size(WG)
+fn adamw4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= p.n) {
+        return;
+    }
+    let u = update(lin(w_t, i), lin(g_t, i), lin(m_t, i), lin(v_t, i));
+    let o = p._p0 + i;
+    m14[o] = u.m;
+    m24[o] = u.v;
+    param4[o] = u.w;
+}
+
 // sumsq: Σ grad² of one parameter tensor into norms[p.decay] (the slot index is
 // passed in the `decay` field), one workgroup striding over the tensor, for the
 // global gradient norm of clipping. The host sums the slots.

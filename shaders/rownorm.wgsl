@@ -217,10 +217,6 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 @group(0) @binding(11) var x_t: Tex;
 @group(0) @binding(12) var dy_t: Tex;
 
-fn lin(t: Tex, i: u32) -> vec4<f32> {
-    let s = countTrailingZeros(textureDimensions(t).x);
-    return texel(t, vec2<i32>(vec2<u32>(i & ((1u << s) - 1u), i >> s)));
-}
 
 fn hsum(v: vec4<f32>) -> f32 {
     return v.x + v.y + v.z + v.w;

@@ -89,10 +89,6 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 @group(0) @binding(7) var b_tex: Tex;
 @group(0) @binding(8) var<storage, read_write> y4: array<vec4<f32>>;
 
-fn lin(t: Tex, i: u32) -> vec4<f32> {
-    let s = countTrailingZeros(textureDimensions(t).x);
-    return texel(t, vec2<i32>(vec2<u32>(i & ((1u << s) - 1u), i >> s)));
-}
 
 @compute @workgroup_size(WG)
 fn add4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

@@ -102,7 +102,7 @@ enum OpRec {
     /// (rows of a [rows, 4 * tex.width] tensor), or with `texels` only that many in
     /// row order (a linear texture, whose last row may be partial).
     Copy {
-        src: TensorId,
+        src: CopySrc,
         /// First texel (4 values) of `src` copied.
         texel0: usize,
         tex: TexRef,
@@ -114,11 +114,20 @@ enum OpRec {
     },
 }
 
+/// What a texture copy reads: a plan tensor, or a buffer of the caller's
+/// (parameters, gradients and optimizer state, which outlive the plan).
+#[derive(Clone, Debug)]
+enum CopySrc {
+    Act(TensorId),
+    Buf(Arc<wgpu::Buffer>),
+}
+
 impl OpRec {
     fn acts(&self) -> Vec<TensorId> {
         match self {
             OpRec::Dispatch { bindings, .. } => bindings.iter().filter_map(|r| if let Res::Act(t) = r { Some(*t) } else { None }).collect(),
-            OpRec::Copy { src, .. } => vec![*src],
+            OpRec::Copy { src: CopySrc::Act(t), .. } => vec![*t],
+            OpRec::Copy { src: CopySrc::Buf(_), .. } => vec![],
             OpRec::Clear { t } => vec![*t],
         }
     }
@@ -170,9 +179,11 @@ enum StepKind {
         slot: usize,
         bytes: u64,
     },
-    /// Buffer bytes from `offset` into texture rows [y, y + height), `width` texels each.
+    /// Buffer bytes from `offset` into texture rows [y, y + height), `width` texels
+    /// each; the buffer is a slot, or the caller's (`buf`).
     Copy {
         slot: usize,
+        buf: Option<Arc<wgpu::Buffer>>,
         offset: u64,
         texture: usize,
         width: u32,
@@ -266,7 +277,7 @@ impl Graph {
     /// multiple of 256.
     pub fn to_texture(&mut self, src: TensorId, row0: usize, rows: usize, width: usize, binding: u32) -> TexRef {
         let tex = self.tex(width, rows, binding);
-        self.ops.push(OpRec::Copy { src, texel0: row0 * width, tex, texels: None });
+        self.ops.push(OpRec::Copy { src: CopySrc::Act(src), texel0: row0 * width, tex, texels: None });
         tex
     }
 
@@ -285,13 +296,23 @@ impl Graph {
     /// Texels [texel0, texel0 + texels) of `t` as a linear texture (texel0 first),
     /// for kernels that work through a large tensor in chunks with a small texture.
     pub fn linear_texture_range(&mut self, t: TensorId, texel0: usize, texels: usize, binding: u32) -> TexRef {
+        self.linear_copy(CopySrc::Act(t), texel0, texels, binding)
+    }
+
+    /// As `linear_texture_range`, from a buffer outside the plan (a parameter,
+    /// its gradient or optimizer state).
+    pub fn linear_texture_buf(&mut self, b: &Arc<wgpu::Buffer>, texel0: usize, texels: usize, binding: u32) -> TexRef {
+        self.linear_copy(CopySrc::Buf(b.clone()), texel0, texels, binding)
+    }
+
+    fn linear_copy(&mut self, src: CopySrc, texel0: usize, texels: usize, binding: u32) -> TexRef {
         let max = self.gpu.limits.max_texture_dimension_2d as usize;
         let mut width = 16;
         while texels.div_ceil(width) > max && width < max {
             width *= 2;
         }
         let tex = TexRef { linear: true, ..self.tex(width, texels.div_ceil(width).max(1), binding) };
-        self.ops.push(OpRec::Copy { src: t, texel0, tex, texels: Some(texels) });
+        self.ops.push(OpRec::Copy { src, texel0, tex, texels: Some(texels) });
         tex
     }
 
@@ -419,7 +440,11 @@ impl Graph {
         for op in ops {
             let (label, pipeline, bindings, groups, flops) = match op {
                 OpRec::Copy { src, texel0, tex, texels } => {
-                    let (slot, texture, w) = (tensor_slot[src.0], tex_index(&tex), tex.width as usize);
+                    let (slot, buf) = match src {
+                        CopySrc::Act(t) => (tensor_slot[t.0], None),
+                        CopySrc::Buf(b) => (0, Some(b)),
+                    };
+                    let (texture, w) = (tex_index(&tex), tex.width as usize);
                     let offset = (texel0 * 16) as u64;
                     // A linear texture: its whole rows, then the partial last row
                     // (a one-row copy needs no 256-byte row alignment).
@@ -433,7 +458,7 @@ impl Graph {
                             label: "copy to texture".into(),
                             flops: 0.0,
                             bytes: 2 * (rows * width * 16) as u64,
-                            kind: StepKind::Copy { slot, offset: offset + (y * w * 16) as u64, texture, width: width as u32, height: rows as u32, y: y as u32 },
+                            kind: StepKind::Copy { slot, buf: buf.clone(), offset: offset + (y * w * 16) as u64, texture, width: width as u32, height: rows as u32, y: y as u32 },
                         });
                     }
                     continue;
@@ -746,9 +771,12 @@ pub enum Timing {
 impl Plan {
     fn record_step(&self, enc: &mut wgpu::CommandEncoder, s: &Step, ts: Option<(&wgpu::QuerySet, u32)>) {
         match &s.kind {
-            StepKind::Copy { slot, offset, texture, width, height, y } => enc.copy_buffer_to_texture(
+            StepKind::Copy { slot, buf, offset, texture, width, height, y } => enc.copy_buffer_to_texture(
                 wgpu::TexelCopyBufferInfo {
-                    buffer: &self.slots[*slot],
+                    buffer: match buf {
+                        Some(b) => b,
+                        None => &self.slots[*slot],
+                    },
                     layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: (*height > 1).then_some(width * 16), rows_per_image: (*height > 1).then_some(*height) },
                 },
                 wgpu::TexelCopyTextureInfo { texture: &self.textures[*texture], mip_level: 0, origin: wgpu::Origin3d { x: 0, y: *y, z: 0 }, aspect: wgpu::TextureAspect::All },

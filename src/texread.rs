@@ -80,23 +80,33 @@ pub fn rule(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> TexRead {
     }
 }
 
+/// Linear textures (`Graph::linear_texture`): texel i of a buffer at
+/// (i & (W - 1), i >> log2 W), W a power of two. The same in both modes.
+const LINEAR: &str = "fn lin_at(width: u32, i: u32) -> vec2<i32> {\n\
+    let s = countTrailingZeros(width);\n\
+    return vec2<i32>(vec2<u32>(i & ((1u << s) - 1u), i >> s));\n\
+}\n\
+fn lin(t: Tex, i: u32) -> vec4<f32> { return texel(t, lin_at(textureDimensions(t).x, i)); }\n";
+
 /// WGSL defining `Tex`, `WTex`, `texel` and `wtexel` for `read`, with f16 weight
-/// textures when `w16`; prepended to every shader.
+/// textures when `w16`, and the linear-texture readers `lin_at` and `lin`;
+/// prepended to every shader.
 pub fn prelude(read: TexRead, w16: bool) -> String {
-    match read {
-        TexRead::Sampled => "alias Tex = texture_2d<f32>;\n\
+    LINEAR.to_string()
+        + &match read {
+            TexRead::Sampled => "alias Tex = texture_2d<f32>;\n\
              alias WTex = texture_2d<f32>;\n\
              fn texel(t: Tex, c: vec2<i32>) -> vec4<f32> { return textureLoad(t, c, 0); }\n\
              fn wtexel(t: WTex, c: vec2<i32>) -> vec4<f32> { return textureLoad(t, c, 0); }\n"
-            .to_string(),
-        TexRead::Storage => {
-            let wfmt = if w16 { "rgba16float" } else { "rgba32float" };
-            format!(
-                "alias Tex = texture_storage_2d<rgba32float, read>;\n\
+                .to_string(),
+            TexRead::Storage => {
+                let wfmt = if w16 { "rgba16float" } else { "rgba32float" };
+                format!(
+                    "alias Tex = texture_storage_2d<rgba32float, read>;\n\
                  alias WTex = texture_storage_2d<{wfmt}, read>;\n\
                  fn texel(t: Tex, c: vec2<i32>) -> vec4<f32> {{ return textureLoad(t, c); }}\n\
                  fn wtexel(t: WTex, c: vec2<i32>) -> vec4<f32> {{ return textureLoad(t, c); }}\n"
-            )
+                )
+            }
         }
-    }
 }

@@ -64,12 +64,31 @@ impl Moments {
     }
 }
 
+/// Tensors of at least this many vec4s read their AdamW inputs from textures on
+/// texture-preferring adapters; for smaller ones (biases, norms) four copies
+/// cost more than the loads they save.
+const TEX_MIN_VEC4: usize = 4096;
+
 /// Appends the AdamW update of `param` (len elements) from `grad`.
 pub fn adamw_step(g: &mut Graph, label: &str, param: &Arc<wgpu::Buffer>, grad: &Arc<wgpu::Buffer>, state: &Moments, hyper: &Hyper, decay: bool) -> Result<()> {
     // Four values per invocation when the length allows (bindings 7-10 view the
     // same buffers as vec4).
     let vec4 = state.len % 4 == 0;
     let n = if vec4 { state.len / 4 } else { state.len };
+    if vec4 && n >= TEX_MIN_VEC4 && crate::ops::matmul::packs(&g.gpu) {
+        // Inputs through linear textures, a chunk of at most TEXTURE_CHUNK_BYTES each.
+        let pipeline = g.gpu.pipeline("optim", "adamw4_tex", &[("WG", WG as f64)])?;
+        let u = || Res::Unused;
+        for (i0, m) in crate::ops::gemm::texture_ranges(n, 16) {
+            let mut b = vec![u(), u(), u(), u(), Res::Buf(hyper.buf.clone()), Res::Uniform(vec![m as u32, decay as u32, i0 as u32, 0]), u()];
+            b.extend([Res::Buf(param.clone()), u(), Res::Buf(state.m.clone()), Res::Buf(state.v.clone())]);
+            for (k, src) in [param, grad, &state.m, &state.v].into_iter().enumerate() {
+                b.push(Res::ActTex(g.linear_texture_buf(src, i0, m, 11 + k as u32)));
+            }
+            g.dispatch(format!("adamw {label}"), pipeline.clone(), b, grid1d(&g.gpu, m.div_ceil(WG) as u64), 0.0);
+        }
+        return Ok(());
+    }
     let pipeline = g.gpu.pipeline("optim", if vec4 { "adamw4" } else { "adamw" }, &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, n.div_ceil(WG) as u64);
     let bufs = [param, grad, &state.m, &state.v].map(|b| Res::Buf(b.clone()));
