@@ -521,24 +521,32 @@ fn adamw_matches_torch() {
     // AdamW is elementwise, so the first 12 values are a 12-value tensor's
     // result: 13 takes the scalar kernel, 12 the vec4 one.
     for (decay, key, n) in [(true, "decay", 13), (false, "no_decay", 13), (true, "decay", 12), (false, "no_decay", 12)] {
-        let (p0, grads): (Vec<f32>, Vec<Vec<f32>>) = (p0[..n].to_vec(), grads.iter().map(|g| g[..n].to_vec()).collect());
-        let param = Arc::new(gpu.upload("p", &p0).unwrap());
-        let grad = Arc::new(gpu.upload("g", &grads[0]).unwrap());
-        let state = Moments::zeros(&gpu, "p", p0.len()).unwrap();
-        let hyper = Hyper::new(&gpu).unwrap();
-        let mut g = Graph::new(gpu.clone());
-        adamw_step(&mut g, "adamw", &param, &grad, &state, &hyper, decay).unwrap();
-        let plan = g.compile().unwrap();
-        for (step, gr) in grads.iter().enumerate() {
-            gpu.queue.write_buffer(&grad, 0, bytemuck::cast_slice(gr));
-            hyper.set(&gpu, &o, o.lr, step as u64 + 1, 1.0);
-            plan.run().unwrap();
-            let got = gpu.read(&param, 0, p0.len()).unwrap();
+        let grads: Vec<Vec<f32>> = grads.iter().map(|g| g[..n].to_vec()).collect();
+        for (step, got) in run_adamw(&gpu, &p0[..n], &grads, &o, decay, 1.0).iter().enumerate() {
             let want: Vec<f64> = j[key][step].as_array().unwrap().iter().take(n).map(|x| x.as_f64().unwrap()).collect();
             // Both sides are f32; torch's and our operation order differ slightly.
-            assert_close(&format!("adamw {key} n{n} step {}", step + 1), &got, &want, 1e-6, 1e-5);
+            assert_close(&format!("adamw {key} n{n} step {}", step + 1), got, &want, 1e-6, 1e-5);
         }
     }
+}
+
+/// The parameter after each AdamW step, one step per gradient in `grads`.
+fn run_adamw(gpu: &Arc<cvt_gpu::gpu::Gpu>, p0: &[f32], grads: &[Vec<f32>], o: &AdamW, decay: bool, grad_scale: f32) -> Vec<Vec<f32>> {
+    let param = Arc::new(gpu.upload("p", p0).unwrap());
+    let grad = Arc::new(gpu.upload("g", &grads[0]).unwrap());
+    let state = Moments::zeros(gpu, "p", p0.len()).unwrap();
+    let hyper = Hyper::new(gpu).unwrap();
+    let mut g = Graph::new(gpu.clone());
+    adamw_step(&mut g, "adamw", &param, &grad, &state, &hyper, decay).unwrap();
+    let plan = g.compile().unwrap();
+    let mut out = vec![];
+    for (step, gr) in grads.iter().enumerate() {
+        gpu.queue.write_buffer(&grad, 0, bytemuck::cast_slice(gr));
+        hyper.set(gpu, o, o.lr, step as u64 + 1, grad_scale);
+        plan.run().unwrap();
+        out.push(gpu.read(&param, 0, p0.len()).unwrap());
+    }
+    out
 }
 
 /// AdamW on a tensor large enough for the texture path (`adamw4_tex`, inputs read
@@ -566,19 +574,8 @@ fn adamw_large_tensors_match_cpu_on_both_paths() {
         want.push(w.clone());
     }
     for (which, gpu) in [("textures", gpu_texture_variants()), ("buffers", gpu_buffer_variants())] {
-        let param = Arc::new(gpu.upload("p", &p0).unwrap());
-        let grad = Arc::new(gpu.upload("g", &grads[0]).unwrap());
-        let state = Moments::zeros(&gpu, "p", n).unwrap();
-        let hyper = Hyper::new(&gpu).unwrap();
-        let mut g = Graph::new(gpu.clone());
-        adamw_step(&mut g, "adamw", &param, &grad, &state, &hyper, true).unwrap();
-        let plan = g.compile().unwrap();
-        for (step, gr) in grads.iter().enumerate() {
-            gpu.queue.write_buffer(&grad, 0, bytemuck::cast_slice(gr));
-            hyper.set(&gpu, &o, o.lr, step as u64 + 1, 0.5);
-            plan.run().unwrap();
-            let got = gpu.read(&param, 0, n).unwrap();
-            assert_close(&format!("adamw ({which}) step {}", step + 1), &got, &want[step], 1e-6, 1e-5);
+        for (step, got) in run_adamw(&gpu, &p0, &grads, &o, true, 0.5).iter().enumerate() {
+            assert_close(&format!("adamw ({which}) step {}", step + 1), got, &want[step], 1e-6, 1e-5);
         }
     }
 }
