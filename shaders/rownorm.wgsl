@@ -217,7 +217,6 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 @group(0) @binding(11) var x_t: Tex;
 @group(0) @binding(12) var dy_t: Tex;
 
-
 fn hsum(v: vec4<f32>) -> f32 {
     return v.x + v.y + v.z + v.w;
 }

@@ -89,7 +89,6 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 @group(0) @binding(7) var b_tex: Tex;
 @group(0) @binding(8) var<storage, read_write> y4: array<vec4<f32>>;
 
-
 @compute @workgroup_size(WG)
 fn add4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let n = gid.x + gid.y * nwg.x * WG;

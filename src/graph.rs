@@ -122,6 +122,12 @@ enum CopySrc {
     Buf(Arc<wgpu::Buffer>),
 }
 
+/// A compiled copy's source buffer: an activation slot, or the caller's.
+enum CopyFrom {
+    Slot(usize),
+    Buf(Arc<wgpu::Buffer>),
+}
+
 impl OpRec {
     fn acts(&self) -> Vec<TensorId> {
         match self {
@@ -179,11 +185,9 @@ enum StepKind {
         slot: usize,
         bytes: u64,
     },
-    /// Buffer bytes from `offset` into texture rows [y, y + height), `width` texels
-    /// each; the buffer is a slot, or the caller's (`buf`).
+    /// Buffer bytes from `offset` into texture rows [y, y + height), `width` texels each.
     Copy {
-        slot: usize,
-        buf: Option<Arc<wgpu::Buffer>>,
+        from: CopyFrom,
         offset: u64,
         texture: usize,
         width: u32,
@@ -440,9 +444,9 @@ impl Graph {
         for op in ops {
             let (label, pipeline, bindings, groups, flops) = match op {
                 OpRec::Copy { src, texel0, tex, texels } => {
-                    let (slot, buf) = match src {
-                        CopySrc::Act(t) => (tensor_slot[t.0], None),
-                        CopySrc::Buf(b) => (0, Some(b)),
+                    let from = |src: &CopySrc| match src {
+                        CopySrc::Act(t) => CopyFrom::Slot(tensor_slot[t.0]),
+                        CopySrc::Buf(b) => CopyFrom::Buf(b.clone()),
                     };
                     let (texture, w) = (tex_index(&tex), tex.width as usize);
                     let offset = (texel0 * 16) as u64;
@@ -458,7 +462,7 @@ impl Graph {
                             label: "copy to texture".into(),
                             flops: 0.0,
                             bytes: 2 * (rows * width * 16) as u64,
-                            kind: StepKind::Copy { slot, buf: buf.clone(), offset: offset + (y * w * 16) as u64, texture, width: width as u32, height: rows as u32, y: y as u32 },
+                            kind: StepKind::Copy { from: from(&src), offset: offset + (y * w * 16) as u64, texture, width: width as u32, height: rows as u32, y: y as u32 },
                         });
                     }
                     continue;
@@ -771,11 +775,11 @@ pub enum Timing {
 impl Plan {
     fn record_step(&self, enc: &mut wgpu::CommandEncoder, s: &Step, ts: Option<(&wgpu::QuerySet, u32)>) {
         match &s.kind {
-            StepKind::Copy { slot, buf, offset, texture, width, height, y } => enc.copy_buffer_to_texture(
+            StepKind::Copy { from, offset, texture, width, height, y } => enc.copy_buffer_to_texture(
                 wgpu::TexelCopyBufferInfo {
-                    buffer: match buf {
-                        Some(b) => b,
-                        None => &self.slots[*slot],
+                    buffer: match from {
+                        CopyFrom::Slot(slot) => &self.slots[*slot],
+                        CopyFrom::Buf(b) => b,
                     },
                     layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: (*height > 1).then_some(width * 16), rows_per_image: (*height > 1).then_some(*height) },
                 },

@@ -59,15 +59,11 @@ pub fn lookup(gpu: &Gpu, what: &str) -> Option<String> {
     read_table().get(&key(gpu)).and_then(|m| m.get(what)).cloned()
 }
 
-/// Records a choice; a failure to write is not an error (the trial just runs again).
-pub fn store(gpu: &Gpu, what: &str, value: &str) {
-    store_all(gpu, &[(what, value)]);
-}
-
-/// Records several choices in one write, so that processes tuning at the same
-/// time cannot leave a mixed pair.
-pub fn store_all(gpu: &Gpu, choices: &[(&str, &str)]) {
-    if disabled() {
+/// Records choices in one write, so that processes tuning at the same time
+/// cannot leave a mixed pair; a failure to write is not an error (the trial just
+/// runs again).
+pub fn store(gpu: &Gpu, choices: &[(&str, &str)]) {
+    if disabled() || choices.is_empty() {
         return;
     }
     let Some(path) = cache_file() else { return };

@@ -136,8 +136,8 @@ pub fn preferred_kind(gpu: &Arc<Gpu>) -> MatmulKind {
         }
         let start = gpu.tex_read();
         match trial(gpu, forced) {
+            // The trial has set the read mode on the Gpu.
             Ok((kind, read)) => {
-                gpu.set_tex_read(read);
                 let mut choices = vec![];
                 if !forced_read {
                     choices.push(("texture_read", read.name()));
@@ -145,7 +145,7 @@ pub fn preferred_kind(gpu: &Arc<Gpu>) -> MatmulKind {
                         choices.push(("matmul", if kind == MatmulKind::Texture { "texture" } else { "buffer" }));
                     }
                 }
-                crate::tune::store_all(gpu, &choices);
+                crate::tune::store(gpu, &choices);
                 kind
             }
             // A trial that fails decides nothing and caches nothing.
@@ -174,6 +174,11 @@ fn best_times(gpu: &Gpu, plans: &[crate::graph::Plan]) -> Result<Vec<f64>> {
     Ok(best)
 }
 
+/// The index of the smallest time.
+fn fastest(times: &[f64]) -> usize {
+    times.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
+}
+
 fn trace_tune(what: &str, times: &[(String, f64)]) {
     if std::env::var_os("CVT_GPU_TRACE_TUNE").is_some() {
         for (name, s) in times {
@@ -182,7 +187,7 @@ fn trace_tune(what: &str, times: &[(String, f64)]) {
     }
 }
 
-/// Sets the texture-read mode (`texread`) by timing a fetch-bound kernel both
+/// Sets (and returns) the texture-read mode (`texread`), timing a fetch-bound kernel both
 /// ways (`colsum_part` over a 4 MiB texture: 64 texel fetches per store), unless
 /// `CVT_GPU_TEX_READ` says which or only sampled reads are possible. It compiles
 /// in milliseconds, where a GEMM per mode would add about a second of JIT to the
@@ -218,14 +223,15 @@ fn read_trial(gpu: &Arc<Gpu>) -> Result<TexRead> {
     anyhow::ensure!(!plans.is_empty(), "no texture-read mode runs on this adapter");
     let times = best_times(gpu, &plans)?;
     trace_tune("texture read", &reads.iter().zip(&times).map(|(r, t)| (r.name().to_string(), *t)).collect::<Vec<_>>());
-    Ok(reads[times.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0])
+    let read = reads[fastest(&times)];
+    gpu.set_tex_read(read);
+    Ok(read)
 }
 
 /// Chooses the texture-read mode (`read_trial`), then, unless `forced` names the
 /// kind, times the buffer GEMM against the texture GEMM in that mode on a 256³ product.
 fn trial(gpu: &Arc<Gpu>, forced: Option<MatmulKind>) -> Result<(MatmulKind, TexRead)> {
     let read = read_trial(gpu)?;
-    gpu.set_tex_read(read);
     if let Some(kind) = forced {
         return Ok((kind, read));
     }
@@ -249,8 +255,7 @@ fn trial(gpu: &Arc<Gpu>, forced: Option<MatmulKind>) -> Result<(MatmulKind, TexR
     }
     let times = best_times(gpu, &plans)?;
     trace_tune("matmul", &kinds.iter().zip(&times).map(|(k, t)| (format!("{k:?}"), *t)).collect::<Vec<_>>());
-    let kind = kinds[times.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0];
-    Ok((kind, read))
+    Ok((kinds[fastest(&times)], read))
 }
 
 fn pad4(n: usize) -> usize {
