@@ -140,6 +140,18 @@ fn time_runs(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f6
 
 /// Rate of the engine's matmul on an m x n x k problem (random data).
 pub fn gemm(gpu: &Arc<Gpu>, m: usize, n: usize, k: usize, iters: usize) -> Result<GemmResult> {
+    let plan = gemm_plan(gpu, m, n, k)?;
+    plan.run()?;
+    gpu.sync()?;
+    let (median, _) = time_runs(iters, || {
+        plan.run()?;
+        gpu.sync()
+    })?;
+    Ok(GemmResult { m, n, k, median_ms: median, gflops_per_s: 2.0 * (m * n * k) as f64 / median / 1e6 })
+}
+
+/// The plan `gemm` times: [m, k] random input times a random [k, n] weight, loaded.
+pub fn gemm_plan(gpu: &Arc<Gpu>, m: usize, n: usize, k: usize) -> Result<crate::graph::Plan> {
     let mut rng = Rng::new(7);
     let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
     let l = Linear::from_torch(gpu, "gemm", &w, None, n, k)?;
@@ -149,13 +161,7 @@ pub fn gemm(gpu: &Arc<Gpu>, m: usize, n: usize, k: usize, iters: usize) -> Resul
     let plan = g.compile()?;
     let data: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
     plan.write(a, &data)?;
-    plan.run()?;
-    gpu.sync()?;
-    let (median, _) = time_runs(iters, || {
-        plan.run()?;
-        gpu.sync()
-    })?;
-    Ok(GemmResult { m, n, k, median_ms: median, gflops_per_s: 2.0 * (m * n * k) as f64 / median / 1e6 })
+    Ok(plan)
 }
 
 pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {

@@ -150,6 +150,8 @@ const NO_ADAPTER: &str = "no GPU adapter found: install a Vulkan, Metal, DX12 or
 
 /// The engine's device: everything kernels need to create and run pipelines.
 pub struct Gpu {
+    /// Kept to open sibling devices (`sibling`).
+    adapter: wgpu::Adapter,
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
@@ -219,6 +221,7 @@ impl Gpu {
         }));
         let tex_read = Mutex::new(crate::texread::rule(&info, &limits));
         Ok(Arc::new(Gpu {
+            adapter,
             device,
             queue,
             info,
@@ -233,6 +236,19 @@ impl Gpu {
             placeholder_texture: std::sync::OnceLock::new(),
             error,
         }))
+    }
+
+    /// A second device on the same adapter, in the same texture-read mode. CPU
+    /// drivers compile a kernel at its first dispatch, on the thread that submits
+    /// it: work submitted to two devices from two threads compiles on two cores
+    /// (`ops::matmul::trial`). None where the backend cannot open a second device.
+    pub fn sibling(&self) -> Option<Arc<Gpu>> {
+        if self.info.backend == wgpu::Backend::Gl {
+            return None;
+        }
+        let g = Self::from_adapter(self.adapter.clone()).ok()?;
+        g.set_tex_read(self.tex_read());
+        Some(g)
     }
 
     /// One line naming the adapter, for logs and reports.

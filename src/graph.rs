@@ -156,9 +156,10 @@ pub struct Graph {
     /// (docs/perf.md). The buffer GEMM always fuses. `CVT_GPU_EPILOGUE=fused|split`.
     pub fused_epilogue: bool,
     /// Queries per invocation of the texture attention forward (1, 2 or 4): each K
-    /// and V row fetched serves that many queries. 4 runs it about 1.6x faster than
-    /// 2 on lavapipe but takes 0.4-0.6 s longer to compile at first dispatch, so
-    /// long-running graphs take 4 and others 2 (docs/perf.md). `CVT_GPU_ATTN_QPI`.
+    /// and V row fetched serves that many queries. 4 runs CvT-13's attention 1.4x
+    /// faster than 2 on lavapipe at batch 1 and takes 0.3-0.9 s longer to compile
+    /// at first dispatch, which the first call affords since the GEMM trial compiles
+    /// its rival kernel on a second core (docs/perf.md). `CVT_GPU_ATTN_QPI`.
     pub attn_queries: usize,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
@@ -230,7 +231,7 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(8), fused_epilogue: fused_setting().unwrap_or(false), attn_queries: qpi_setting().unwrap_or(2), tensors: vec![], ops: vec![], fills: 0 }
+        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(8), fused_epilogue: fused_setting().unwrap_or(false), attn_queries: qpi_setting().unwrap_or(4), tensors: vec![], ops: vec![], fills: 0 }
     }
 
     /// A graph that runs long enough to repay the texture GEMM's larger block
@@ -239,7 +240,6 @@ impl Graph {
     pub fn new_long_running(gpu: Arc<Gpu>) -> Self {
         let mut g = Graph::new(gpu);
         g.tex_rows = tex_rows_setting().unwrap_or(16);
-        g.attn_queries = qpi_setting().unwrap_or(4);
         g
     }
 

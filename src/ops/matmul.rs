@@ -161,13 +161,13 @@ pub fn preferred_kind(gpu: &Arc<Gpu>) -> MatmulKind {
 /// cached on disk, so rounds disturbed by other load on the machine (tests run
 /// in parallel) must not decide them. A round is milliseconds; compiling is the
 /// trials' cost.
-fn best_times(gpu: &Gpu, plans: &[crate::graph::Plan]) -> Result<Vec<f64>> {
+fn best_times(plans: &[crate::graph::Plan]) -> Result<Vec<f64>> {
     let mut best = vec![f64::MAX; plans.len()];
     for _ in 0..5 {
         for (plan, b) in plans.iter().zip(best.iter_mut()) {
             let t = Instant::now();
             plan.run()?;
-            gpu.sync()?;
+            plan.gpu.sync()?;
             *b = b.min(t.elapsed().as_secs_f64());
         }
     }
@@ -221,7 +221,7 @@ fn read_trial(gpu: &Arc<Gpu>) -> Result<TexRead> {
         }
     }
     anyhow::ensure!(!plans.is_empty(), "no texture-read mode runs on this adapter");
-    let times = best_times(gpu, &plans)?;
+    let times = best_times(&plans)?;
     trace_tune("texture read", &reads.iter().zip(&times).map(|(r, t)| (r.name().to_string(), *t)).collect::<Vec<_>>());
     let read = reads[fastest(&times)];
     gpu.set_tex_read(read);
@@ -237,9 +237,11 @@ fn trial(gpu: &Arc<Gpu>, forced: Option<MatmulKind>) -> Result<(MatmulKind, TexR
     }
     let n = 256;
     let w: Vec<f32> = (0..n * n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
-    let mut plans = vec![];
-    let mut kinds = vec![];
-    for kind in [MatmulKind::Buffer, MatmulKind::Texture] {
+    // The first run of each compiles its kernel. The texture GEMM's is the one the
+    // model will use on the main device; the buffer GEMM's runs on a sibling device
+    // from another thread where there is one, so a CPU driver compiles both at once
+    // (0.5-0.7 s off the first call on lavapipe; docs/perf.md).
+    let first_run = |gpu: &Arc<Gpu>, kind: MatmulKind| -> Result<crate::graph::Plan> {
         let l = Linear::with_kind(gpu, "trial", &w, None, n, n, kind)?;
         let mut g = Graph::new(gpu.clone());
         let x = g.pinned("x", n * n);
@@ -250,10 +252,19 @@ fn trial(gpu: &Arc<Gpu>, forced: Option<MatmulKind>) -> Result<(MatmulKind, TexR
         plan.run()?;
         gpu.sync()?;
         trace_tune("matmul (first run, compile included)", &[(format!("{kind:?}"), t.elapsed().as_secs_f64())]);
-        plans.push(plan);
-        kinds.push(kind);
-    }
-    let times = best_times(gpu, &plans)?;
+        Ok(plan)
+    };
+    let (buffer, texture) = match gpu.sibling() {
+        Some(side) => std::thread::scope(|s| {
+            let buffer = s.spawn(|| first_run(&side, MatmulKind::Buffer));
+            let texture = first_run(gpu, MatmulKind::Texture);
+            (buffer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the buffer GEMM trial panicked"))), texture)
+        }),
+        None => (first_run(gpu, MatmulKind::Buffer), first_run(gpu, MatmulKind::Texture)),
+    };
+    let kinds = [MatmulKind::Buffer, MatmulKind::Texture];
+    let plans = [buffer?, texture?];
+    let times = best_times(&plans)?;
     trace_tune("matmul", &kinds.iter().zip(&times).map(|(k, t)| (format!("{k:?}"), *t)).collect::<Vec<_>>());
     Ok((kinds[fastest(&times)], read))
 }

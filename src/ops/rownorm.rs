@@ -67,7 +67,7 @@ fn vec4_rows(g: &Graph, c: usize) -> bool {
 
 /// The pipeline of a row kernel and its grid for `rows` rows.
 fn row_kernel(g: &Graph, entry: &str, rows: usize, residual: bool) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
-    let mut consts = vec![("WG", WG as f64), ("LANES", row_lanes(&g.gpu) as f64)];
+    let mut consts = vec![("WG", row_wg(g) as f64), ("LANES", row_lanes(&g.gpu) as f64)];
     if residual {
         consts.push(("RESIDUAL", 1.0));
     }
@@ -76,7 +76,19 @@ fn row_kernel(g: &Graph, entry: &str, rows: usize, residual: bool) -> Result<(Ar
 
 /// The grid of a row kernel over `rows` rows (WG / LANES rows per workgroup).
 fn row_grid(g: &Graph, rows: usize) -> [u32; 3] {
-    grid1d(&g.gpu, rows.div_ceil(WG / row_lanes(&g.gpu)) as u64)
+    grid1d(&g.gpu, rows.div_ceil(row_wg(g) / row_lanes(&g.gpu)) as u64)
+}
+
+/// Workgroup size of the row kernels: 64 lanes per row, or with a row per
+/// invocation 16 rows, so that a stage-2 LayerNorm (197 rows at batch 1) spreads
+/// over a CPU driver's threads in more than four pieces (1.12x on lavapipe's
+/// LayerNorms against 64; docs/perf.md).
+fn row_wg(g: &Graph) -> usize {
+    if row_lanes(&g.gpu) == 1 {
+        16
+    } else {
+        WG
+    }
 }
 
 fn params(m: &RowMap, c: usize) -> Vec<u32> {
