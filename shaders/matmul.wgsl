@@ -106,16 +106,12 @@ fn act_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     c[i] = c[i] * activate_grad(a[i]);
 }
 
-// Epilogue for one vec4 of C: bias, activation, optional residual add; columns
-// past N and rows past M are dropped.
-fn store_vec(row: u32, c4: u32, acc: vec4<f32>) {
+// Epilogue for one vec4 of C (bias added): activation, optional residual add;
+// columns past N and rows past M are dropped.
+fn store_vec(row: u32, c4: u32, v: vec4<f32>) {
     let col = c4 * 4u;
     if (row >= p.M || col >= p.N) {
         return;
-    }
-    var v = acc;
-    if (HAS_BIAS) {
-        v += bias[c4];
     }
     let base = (p.out_row_off + row) * p.N + col;
     for (var e = 0u; e < 4u; e++) {
@@ -255,9 +251,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             }
         }
     }
-    for (var i = 0u; i < RM; i++) {
-        for (var j = 0u; j < RN4; j++) {
-            store_vec(row0 + i, col4 + j, acc[i][j]);
+    for (var j = 0u; j < RN4; j++) {
+        var bj = vec4<f32>();
+        if (HAS_BIAS && col4 + j < nc4) {
+            bj = bias[col4 + j];
+        }
+        for (var i = 0u; i < RM; i++) {
+            store_vec(row0 + i, col4 + j, acc[i][j] + bj);
         }
     }
 }
@@ -410,6 +410,10 @@ fn mac(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>)
 
 @group(0) @binding(5) var a_tex: Tex;
 @group(0) @binding(6) var b_tex: WTex;
+// The bias as a linear texture (Graph::linear_texture_buf): a CPU driver runs a
+// storage-buffer load as a loop over the SIMD lanes, and the bias loads from a
+// buffer took 14% of the GEMM time at CvT-13's batch-1 shapes (docs/perf.md).
+@group(0) @binding(9) var bias_t: Tex;
 
 // Where main_tex finds its operands. Packed (0): a texture of exactly the
 // operand, written by `pack`. Linear (TA 1, TB_LIN): a copy of the source buffer
@@ -609,23 +613,27 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
             a15_0 += mac(x15, b00, b10, b20, b30); a15_1 += mac(x15, b01, b11, b21, b31); a15_2 += mac(x15, b02, b12, b22, b32); a15_3 += mac(x15, b03, b13, b23, b33);
         }
     }
-    store_vec(row0 + 0u, col4, a0_0); store_vec(row0 + 0u, col4 + 1u, a0_1); store_vec(row0 + 0u, col4 + 2u, a0_2); store_vec(row0 + 0u, col4 + 3u, a0_3);
-    store_vec(row0 + 1u, col4, a1_0); store_vec(row0 + 1u, col4 + 1u, a1_1); store_vec(row0 + 1u, col4 + 2u, a1_2); store_vec(row0 + 1u, col4 + 3u, a1_3);
-    store_vec(row0 + 2u, col4, a2_0); store_vec(row0 + 2u, col4 + 1u, a2_1); store_vec(row0 + 2u, col4 + 2u, a2_2); store_vec(row0 + 2u, col4 + 3u, a2_3);
-    store_vec(row0 + 3u, col4, a3_0); store_vec(row0 + 3u, col4 + 1u, a3_1); store_vec(row0 + 3u, col4 + 2u, a3_2); store_vec(row0 + 3u, col4 + 3u, a3_3);
-    store_vec(row0 + 4u, col4, a4_0); store_vec(row0 + 4u, col4 + 1u, a4_1); store_vec(row0 + 4u, col4 + 2u, a4_2); store_vec(row0 + 4u, col4 + 3u, a4_3);
-    store_vec(row0 + 5u, col4, a5_0); store_vec(row0 + 5u, col4 + 1u, a5_1); store_vec(row0 + 5u, col4 + 2u, a5_2); store_vec(row0 + 5u, col4 + 3u, a5_3);
-    store_vec(row0 + 6u, col4, a6_0); store_vec(row0 + 6u, col4 + 1u, a6_1); store_vec(row0 + 6u, col4 + 2u, a6_2); store_vec(row0 + 6u, col4 + 3u, a6_3);
-    store_vec(row0 + 7u, col4, a7_0); store_vec(row0 + 7u, col4 + 1u, a7_1); store_vec(row0 + 7u, col4 + 2u, a7_2); store_vec(row0 + 7u, col4 + 3u, a7_3);
+    var bb0 = vec4<f32>(); var bb1 = vec4<f32>(); var bb2 = vec4<f32>(); var bb3 = vec4<f32>();
+    if (HAS_BIAS) {
+        bb0 = lin(bias_t, u32(c0)); bb1 = lin(bias_t, u32(c1)); bb2 = lin(bias_t, u32(c2)); bb3 = lin(bias_t, u32(c3));
+    }
+    store_vec(row0 + 0u, col4, a0_0 + bb0); store_vec(row0 + 0u, col4 + 1u, a0_1 + bb1); store_vec(row0 + 0u, col4 + 2u, a0_2 + bb2); store_vec(row0 + 0u, col4 + 3u, a0_3 + bb3);
+    store_vec(row0 + 1u, col4, a1_0 + bb0); store_vec(row0 + 1u, col4 + 1u, a1_1 + bb1); store_vec(row0 + 1u, col4 + 2u, a1_2 + bb2); store_vec(row0 + 1u, col4 + 3u, a1_3 + bb3);
+    store_vec(row0 + 2u, col4, a2_0 + bb0); store_vec(row0 + 2u, col4 + 1u, a2_1 + bb1); store_vec(row0 + 2u, col4 + 2u, a2_2 + bb2); store_vec(row0 + 2u, col4 + 3u, a2_3 + bb3);
+    store_vec(row0 + 3u, col4, a3_0 + bb0); store_vec(row0 + 3u, col4 + 1u, a3_1 + bb1); store_vec(row0 + 3u, col4 + 2u, a3_2 + bb2); store_vec(row0 + 3u, col4 + 3u, a3_3 + bb3);
+    store_vec(row0 + 4u, col4, a4_0 + bb0); store_vec(row0 + 4u, col4 + 1u, a4_1 + bb1); store_vec(row0 + 4u, col4 + 2u, a4_2 + bb2); store_vec(row0 + 4u, col4 + 3u, a4_3 + bb3);
+    store_vec(row0 + 5u, col4, a5_0 + bb0); store_vec(row0 + 5u, col4 + 1u, a5_1 + bb1); store_vec(row0 + 5u, col4 + 2u, a5_2 + bb2); store_vec(row0 + 5u, col4 + 3u, a5_3 + bb3);
+    store_vec(row0 + 6u, col4, a6_0 + bb0); store_vec(row0 + 6u, col4 + 1u, a6_1 + bb1); store_vec(row0 + 6u, col4 + 2u, a6_2 + bb2); store_vec(row0 + 6u, col4 + 3u, a6_3 + bb3);
+    store_vec(row0 + 7u, col4, a7_0 + bb0); store_vec(row0 + 7u, col4 + 1u, a7_1 + bb1); store_vec(row0 + 7u, col4 + 2u, a7_2 + bb2); store_vec(row0 + 7u, col4 + 3u, a7_3 + bb3);
     if (TRM > 8u) {
-        store_vec(row0 + 8u, col4, a8_0); store_vec(row0 + 8u, col4 + 1u, a8_1); store_vec(row0 + 8u, col4 + 2u, a8_2); store_vec(row0 + 8u, col4 + 3u, a8_3);
-        store_vec(row0 + 9u, col4, a9_0); store_vec(row0 + 9u, col4 + 1u, a9_1); store_vec(row0 + 9u, col4 + 2u, a9_2); store_vec(row0 + 9u, col4 + 3u, a9_3);
-        store_vec(row0 + 10u, col4, a10_0); store_vec(row0 + 10u, col4 + 1u, a10_1); store_vec(row0 + 10u, col4 + 2u, a10_2); store_vec(row0 + 10u, col4 + 3u, a10_3);
-        store_vec(row0 + 11u, col4, a11_0); store_vec(row0 + 11u, col4 + 1u, a11_1); store_vec(row0 + 11u, col4 + 2u, a11_2); store_vec(row0 + 11u, col4 + 3u, a11_3);
-        store_vec(row0 + 12u, col4, a12_0); store_vec(row0 + 12u, col4 + 1u, a12_1); store_vec(row0 + 12u, col4 + 2u, a12_2); store_vec(row0 + 12u, col4 + 3u, a12_3);
-        store_vec(row0 + 13u, col4, a13_0); store_vec(row0 + 13u, col4 + 1u, a13_1); store_vec(row0 + 13u, col4 + 2u, a13_2); store_vec(row0 + 13u, col4 + 3u, a13_3);
-        store_vec(row0 + 14u, col4, a14_0); store_vec(row0 + 14u, col4 + 1u, a14_1); store_vec(row0 + 14u, col4 + 2u, a14_2); store_vec(row0 + 14u, col4 + 3u, a14_3);
-        store_vec(row0 + 15u, col4, a15_0); store_vec(row0 + 15u, col4 + 1u, a15_1); store_vec(row0 + 15u, col4 + 2u, a15_2); store_vec(row0 + 15u, col4 + 3u, a15_3);
+        store_vec(row0 + 8u, col4, a8_0 + bb0); store_vec(row0 + 8u, col4 + 1u, a8_1 + bb1); store_vec(row0 + 8u, col4 + 2u, a8_2 + bb2); store_vec(row0 + 8u, col4 + 3u, a8_3 + bb3);
+        store_vec(row0 + 9u, col4, a9_0 + bb0); store_vec(row0 + 9u, col4 + 1u, a9_1 + bb1); store_vec(row0 + 9u, col4 + 2u, a9_2 + bb2); store_vec(row0 + 9u, col4 + 3u, a9_3 + bb3);
+        store_vec(row0 + 10u, col4, a10_0 + bb0); store_vec(row0 + 10u, col4 + 1u, a10_1 + bb1); store_vec(row0 + 10u, col4 + 2u, a10_2 + bb2); store_vec(row0 + 10u, col4 + 3u, a10_3 + bb3);
+        store_vec(row0 + 11u, col4, a11_0 + bb0); store_vec(row0 + 11u, col4 + 1u, a11_1 + bb1); store_vec(row0 + 11u, col4 + 2u, a11_2 + bb2); store_vec(row0 + 11u, col4 + 3u, a11_3 + bb3);
+        store_vec(row0 + 12u, col4, a12_0 + bb0); store_vec(row0 + 12u, col4 + 1u, a12_1 + bb1); store_vec(row0 + 12u, col4 + 2u, a12_2 + bb2); store_vec(row0 + 12u, col4 + 3u, a12_3 + bb3);
+        store_vec(row0 + 13u, col4, a13_0 + bb0); store_vec(row0 + 13u, col4 + 1u, a13_1 + bb1); store_vec(row0 + 13u, col4 + 2u, a13_2 + bb2); store_vec(row0 + 13u, col4 + 3u, a13_3 + bb3);
+        store_vec(row0 + 14u, col4, a14_0 + bb0); store_vec(row0 + 14u, col4 + 1u, a14_1 + bb1); store_vec(row0 + 14u, col4 + 2u, a14_2 + bb2); store_vec(row0 + 14u, col4 + 3u, a14_3 + bb3);
+        store_vec(row0 + 15u, col4, a15_0 + bb0); store_vec(row0 + 15u, col4 + 1u, a15_1 + bb1); store_vec(row0 + 15u, col4 + 2u, a15_2 + bb2); store_vec(row0 + 15u, col4 + 3u, a15_3 + bb3);
     }
 }
 

@@ -205,10 +205,8 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 
 // ---------------------------------------------------------------------------
 // vec4 LayerNorm for the row-per-invocation path (LANES = 1) when C is a multiple
-// of 4: the same math over vec4 views, a quarter of the loads. Bindings 7-12 are
-// gamma, beta, y (dx), aux, and the textures of x and dy.
-@group(0) @binding(7) var<storage, read> gamma4: array<vec4<f32>>;
-@group(0) @binding(8) var<storage, read> beta4: array<vec4<f32>>;
+// of 4: the same math over vec4 views, a quarter of the loads. Bindings 9-14 are
+// y (dx), aux, and the textures of x, dy, gamma and beta.
 @group(0) @binding(9) var<storage, read_write> y4: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read_write> aux4: array<vec4<f32>>;
 // The vec4 kernels serve CPU drivers, where a storage-buffer load is a loop over
@@ -216,6 +214,10 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 // textures (Graph::linear_texture: vec4 i at (i & (W-1), i >> log2 W)).
 @group(0) @binding(11) var x_t: Tex;
 @group(0) @binding(12) var dy_t: Tex;
+// gamma and beta as linear textures too: loaded from storage buffers (gamma4,
+// beta4, the per-lane loop) they took 55-70% of these kernels' time on lavapipe.
+@group(0) @binding(13) var gamma_t: Tex;
+@group(0) @binding(14) var beta_t: Tex;
 
 fn hsum(v: vec4<f32>) -> f32 {
     return v.x + v.y + v.z + v.w;
@@ -264,7 +266,7 @@ fn layernorm4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let st = row_stats4(tb);
     for (var c = 0u; c < p.C / 4u; c++) {
         let v = x4(tb + c);
-        y4[ob + c] = (v - st.x) * st.y * gamma4[c] + beta4[c];
+        y4[ob + c] = (v - st.x) * st.y * lin(gamma_t, c) + lin(beta_t, c);
         if (RESIDUAL) {
             aux4[ib + c] = v;
         }
@@ -289,7 +291,7 @@ fn layernorm_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     var sgx = vec4<f32>(0.0);
     for (var c = 0u; c < c4; c++) {
         let xh = (lin(x_t, base + c) - mean) * rstd;
-        let g = lin(dy_t, ob + c) * gamma4[c];
+        let g = lin(dy_t, ob + c) * lin(gamma_t, c);
         sg += g;
         sgx += g * xh;
     }
@@ -298,7 +300,7 @@ fn layernorm_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     for (var c = 0u; c < c4; c++) {
         let xh = (lin(x_t, base + c) - mean) * rstd;
         let dy = lin(dy_t, ob + c);
-        y4[base + c] = rstd * (dy * gamma4[c] - mg - xh * mgx);
+        y4[base + c] = rstd * (dy * lin(gamma_t, c) - mg - xh * mgx);
         aux4[tb + c] = dy * xh;
     }
 }

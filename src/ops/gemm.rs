@@ -157,7 +157,6 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
     let n4 = n_out.div_ceil(4);
     anyhow::ensure!(n4 <= max && k_chunk.div_ceil(4) <= max, "{label}: {n_out} columns exceed the texture limit");
     anyhow::ensure!(ep.act == Act::None || k <= k_chunk, "{label}: a fused activation needs K within one texture");
-    let unused = g.gpu.placeholder();
     // Activation operands whose rows are whole vec4s are read from a linear
     // texture of their buffer (a copy) instead of a packed one (a pass of their
     // own): A as is (TA 1) or transposed (TA 2), B as is. K must be a multiple of
@@ -201,11 +200,15 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
             let mut p = vec![rows as u32, n_out as u32, kc as u32, n4 as u32, 0, 0, 0, 0, lx];
             p.extend([0u32; 6]);
             p.extend([r0 as u32, (a.stride / 4) as u32, (b.stride / 4) as u32, a_off as u32, (k0 * b.stride / 4) as u32]);
-            let bias = match (&ep.bias, has_bias) {
-                (Some(bb), true) => Res::Buf(bb.clone()),
-                _ => Res::Buf(unused.clone()),
+            // main_tex reads the bias from a linear texture of it (binding 9).
+            let bias_t = match (&ep.bias, has_bias) {
+                (Some(bb), true) => {
+                    anyhow::ensure!(bb.size() >= 16 * n4 as u64, "{label}: bias buffer shorter than {n_out} columns");
+                    Res::ActTex(g.linear_texture_buf(bb, 0, n4, 9))
+                }
+                _ => Res::Tex(g.gpu.placeholder_texture()),
             };
-            let bind = vec![Res::Unused, Res::Unused, bias, out.clone(), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt)];
+            let bind = vec![Res::Unused, Res::Unused, Res::Unused, out.clone(), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt), Res::Unused, Res::Unused, bias_t];
             g.dispatch(label, pipeline, bind, groups, 2.0 * (rows * b.cols * k_chunk.min(k - k0)) as f64);
         }
     }

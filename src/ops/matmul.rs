@@ -525,7 +525,9 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
                 // the kernel reads row r0 + r at (r0 + r)·stride + a_off, and the
                 // chunk's texture starts at row r0 (u32 arithmetic wraps in WGSL).
                 (pu[16], pu[8], pu[18]) = (k4 as u32, lx, ((r0 * k4) as u32).wrapping_neg());
-                let b = vec![Res::Unused, Res::Unused, Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone())];
+                // The bias from a linear texture of it (binding 9; matmul.wgsl says why).
+                let bias_t = g.linear_texture_buf(&l.b, 0, np4, 9);
+                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone()), Res::Unused, Res::Unused, Res::ActTex(bias_t)];
                 g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
             }
         }

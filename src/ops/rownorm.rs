@@ -95,6 +95,12 @@ fn params(m: &RowMap, c: usize) -> Vec<u32> {
     vec![m.rows as u32, c as u32, m.group as u32, m.in_stride as u32, m.in_off as u32, m.out_stride as u32, m.out_off as u32, LN_EPS.to_bits(), 0, 0, 0, 0]
 }
 
+/// A linear texture of gamma or beta (`c` values) at `binding`, copied from its
+/// buffer at this step of every run, so that training's updates reach it.
+fn param_texture(g: &mut Graph, b: &Arc<wgpu::Buffer>, c: usize, binding: u32) -> crate::graph::TexRef {
+    g.linear_texture_buf(b, 0, c / 4, binding)
+}
+
 /// layernorm4 over `map` in chunks of rows, each reading its input rows (and, with
 /// a residual, the branch output's) from a small linear texture. Dense input rows
 /// are chunked (`texture_ranges`); gathered ones (the cls-token norm) are few and
@@ -117,7 +123,8 @@ fn layernorm4_chunks(g: &mut Graph, label: &str, x: TensorId, z: Option<TensorId
         };
         let mut p = params(&map, ln.c);
         (p[0], p[8], p[9]) = ((r0 + n) as u32, r0 as u32, t0 as u32);
-        let b = vec![u(), u(), u(), u(), Res::Uniform(p), u(), u(), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), aux, Res::ActTex(xt), zt];
+        let (gt, bt) = (param_texture(g, &ln.gamma, ln.c, 13), param_texture(g, &ln.beta, ln.c, 14));
+        let b = vec![u(), u(), u(), u(), Res::Uniform(p), u(), u(), u(), u(), Res::Act(y), aux, Res::ActTex(xt), zt, Res::ActTex(gt), Res::ActTex(bt)];
         g.dispatch(label, pipeline.clone(), b, row_grid(g, n), 0.0);
     }
     Ok(())
@@ -179,7 +186,8 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
         let (pipeline, groups) = row_kernel(g, "layernorm_backward4", rows, false)?;
         let u = || Res::Unused;
         let (xt, dyt) = (g.linear_texture(x, 11), g.linear_texture(dy, 12));
-        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), u(), Res::Buf(ln.gamma.clone()), u(), Res::Act(dx), Res::Act(t), Res::ActTex(xt), Res::ActTex(dyt)];
+        let gt = param_texture(g, &ln.gamma, ln.c, 13);
+        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), u(), u(), u(), Res::Act(dx), Res::Act(t), Res::ActTex(xt), Res::ActTex(dyt), Res::ActTex(gt)];
         g.dispatch(label, pipeline, b, groups, 0.0);
     } else {
         let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows, false)?;
