@@ -103,6 +103,9 @@ fn conv9(o: u32, c: u32, x0: T, x1: T, x2: T, x3: T, x4: T, x5: T, x6: T, x7: T,
 // the whole batch's buffers.
 @group(0) @binding(17) var x_tex: Tex;
 @group(0) @binding(18) var w_tex: Tex;   // [27 rows (map * 9 + tap), C texels]
+// The bias [3, C] as a linear texture: from a storage buffer each load is a loop
+// over the SIMD lanes on CPU drivers (see rownorm.wgsl).
+@group(0) @binding(19) var bias_t: Tex;
 
 fn at_tex(row0: i32, iy: i32, ix: i32, c: i32) -> T {
     if (iy >= 0 && ix >= 0 && iy < i32(p.H) && ix < i32(p.W)) {
@@ -155,11 +158,11 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let x6 = at_tex(row0, y + 1, xx - 1, ci);
     let x7 = at_tex(row0, y + 1, xx, ci);
     let x8 = at_tex(row0, y + 1, xx + 1, ci);
-    q[(bi * tq + t) * C + c] = bias[c] + conv9_tex(0, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
+    q[(bi * tq + t) * C + c] = lin(bias_t, c) + conv9_tex(0, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
     if ((y & 1) == 0 && (xx & 1) == 0) {
         let kidx = (bi * tk + p.cls + u32(y / 2) * p.Wk + u32(xx / 2)) * C + c;
-        k[kidx] = bias[C + c] + conv9_tex(9, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
-        v[kidx] = bias[2u * C + c] + conv9_tex(18, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
+        k[kidx] = lin(bias_t, C + c) + conv9_tex(9, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
+        v[kidx] = lin(bias_t, 2u * C + c) + conv9_tex(18, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
     }
 }
 

@@ -102,9 +102,10 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
             // The shader works in units of four channels (vec4).
             let total = nb * tq * c / 4;
             let u = || Res::Unused;
-            let mut b = vec![u(), u(), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(params_of([nb, h, w, c / 4, cls, hk, wk, total, b0]))];
+            let bias_t = g.linear_texture_buf(&p.b, 0, 3 * c / 4, 19);
+            let mut b = vec![u(), u(), u(), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(params_of([nb, h, w, c / 4, cls, hk, wk, total, b0]))];
             b.extend((7..17).map(|_| u()));
-            b.extend([Res::ActTex(xt), w_tex.clone()]);
+            b.extend([Res::ActTex(xt), w_tex.clone(), Res::ActTex(bias_t)]);
             g.dispatch(label, pipeline.clone(), b, grid1d(&g.gpu, total.div_ceil(WG) as u64), flops * nb as f64 / batch as f64);
         }
         return Ok((q, k, v));
