@@ -486,6 +486,25 @@ fn texture_as(gpu: &Gpu, label: &str, width: u32, height: u32, format: wgpu::Tex
 /// A texture whose first `height` rows of `width` rgba32float texels are `data`
 /// (row-major), read by coordinates (never as a linear texture): both dimensions
 /// padded to non-powers of two (see [`npot`]).
+/// A constant parameter vector (a bias, LayerNorm's gamma or beta) as a linear
+/// texture (`texread`'s `lin`: vec4 i at (i % W, i / W), W a power of two), made
+/// once at load. Kernels on CPU drivers read such parameters as texels: from a
+/// storage buffer each load is a loop over the SIMD lanes.
+pub fn linear_texture_from(gpu: &Gpu, label: &str, data: &[f32]) -> Arc<wgpu::TextureView> {
+    let max = gpu.limits.max_texture_dimension_2d;
+    let texels = data.len().div_ceil(4).max(1) as u32;
+    let mut width = 16;
+    while texels.div_ceil(width) > max && width < max {
+        width *= 2;
+    }
+    let height = texels.div_ceil(width);
+    let mut padded = data.to_vec();
+    padded.resize((width * height * 4) as usize, 0.0);
+    // Height padded off powers of two like the graph's textures (see `npot`).
+    let t = texture(gpu, label, width, npot(height, max));
+    Arc::new(fill_texture(gpu, &t, bytemuck::cast_slice(&padded), 16, width, height))
+}
+
 pub fn texture_from(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u32) -> wgpu::TextureView {
     let t = texture(gpu, label, npot(width, gpu.limits.max_texture_dimension_2d), height);
     fill_texture(gpu, &t, bytemuck::cast_slice(data), 16, width, height)

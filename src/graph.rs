@@ -832,12 +832,22 @@ impl Plan {
             });
             let mut enc = self.gpu.device.create_command_encoder(&Default::default());
             let mut used = vec![];
+            // Copies and clears are timed by timestamps between passes where the
+            // adapter allows them (on CPU drivers a copy is a memcpy on one core).
+            let between = self.gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
             for (i, s) in chunk.iter().enumerate() {
                 let dispatch = matches!(s.kind, StepKind::Dispatch { .. });
-                self.record_step(&mut enc, s, dispatch.then_some((&qs, 2 * i as u32)));
-                used.push(dispatch);
+                let q = 2 * i as u32;
+                if dispatch || !between {
+                    self.record_step(&mut enc, s, dispatch.then_some((&qs, q)));
+                } else {
+                    enc.write_timestamp(&qs, q);
+                    self.record_step(&mut enc, s, None);
+                    enc.write_timestamp(&qs, q + 1);
+                }
+                used.push(dispatch || between);
             }
-            // Queries of copies and clears are never written; their values are ignored.
+            // Queries of steps not timed are never written; their values are ignored.
             enc.resolve_query_set(&qs, 0..n, &resolve, 0);
             let staging = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("profile readback"),

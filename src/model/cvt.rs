@@ -96,7 +96,7 @@ impl Model {
             let p = format!("stage{s}");
             let ew = get(t, &format!("{p}.patch_embed.proj.weight"))?;
             let embed = counted(ew, Linear::from_conv_in(&gpu, &format!("{p}.patch_embed.proj"), ew, Some(get(t, &format!("{p}.patch_embed.proj.bias"))?), (c, cin, k, k), fmt)?);
-            let ln = |n: &str| LayerNorm::new(&gpu, n, get(t, &format!("{n}.weight"))?, get(t, &format!("{n}.bias"))?);
+            let ln = |n: &str| LayerNorm::frozen(&gpu, n, get(t, &format!("{n}.weight"))?, get(t, &format!("{n}.bias"))?);
             let lin = |n: &str, out: usize, inp: usize| -> Result<Linear> {
                 let w = get(t, &format!("{n}.weight"))?;
                 Ok(counted(w, Linear::from_torch_in(&gpu, n, w, Some(get(t, &format!("{n}.bias"))?), out, inp, fmt)?))
@@ -132,7 +132,7 @@ impl Model {
             cin = c;
         }
         let last = cfg.dims[cfg.stages() - 1];
-        let norm = LayerNorm::new(&gpu, "norm", get(t, "norm.weight")?, get(t, "norm.bias")?)?;
+        let norm = LayerNorm::frozen(&gpu, "norm", get(t, "norm.weight")?, get(t, "norm.bias")?)?;
         let hw = get(t, "head.weight")?;
         let head = counted(hw, Linear::from_torch_in(&gpu, "head", hw, Some(get(t, "head.bias")?), cfg.num_classes, last, fmt)?);
         for v in t.values() {

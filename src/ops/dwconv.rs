@@ -30,6 +30,8 @@ pub struct ConvProj {
     /// w as a [27, C/4] texture, uploaded once (inference). None on the texture
     /// path means w changes between runs (training) and is packed in each run.
     pub w_tex: Option<Arc<wgpu::TextureView>>,
+    /// With `w_tex`: the bias [3, C] as a linear texture made at load.
+    pub b_tex: Option<Arc<wgpu::TextureView>>,
 }
 
 /// Folds BN into one depthwise conv: w' = w·γ/√(σ²+ε), b' = β − μ·γ/√(σ²+ε).
@@ -65,7 +67,8 @@ impl ConvProj {
             b.extend(bi);
         }
         let w_tex = (kind == MatmulKind::Texture).then(|| Arc::new(crate::gpu::texture_from(gpu, &format!("{name}.w"), &w, (c / 4) as u32, 27)));
-        Ok(ConvProj { w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?), b: Arc::new(gpu.upload(&format!("{name}.b"), &b)?), c, kind, w_tex })
+        let b_tex = (kind == MatmulKind::Texture).then(|| crate::gpu::linear_texture_from(gpu, &format!("{name}.b"), &b));
+        Ok(ConvProj { w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?), b: Arc::new(gpu.upload(&format!("{name}.b"), &b)?), c, kind, w_tex, b_tex })
     }
 }
 
@@ -102,10 +105,13 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
             // The shader works in units of four channels (vec4).
             let total = nb * tq * c / 4;
             let u = || Res::Unused;
-            let bias_t = g.linear_texture_buf(&p.b, 0, 3 * c / 4, 19);
+            let bias_t = match &p.b_tex {
+                Some(t) => Res::Tex(t.clone()),
+                None => Res::ActTex(g.linear_texture_buf(&p.b, 0, 3 * c / 4, 19)),
+            };
             let mut b = vec![u(), u(), u(), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(params_of([nb, h, w, c / 4, cls, hk, wk, total, b0]))];
             b.extend((7..17).map(|_| u()));
-            b.extend([Res::ActTex(xt), w_tex.clone(), Res::ActTex(bias_t)]);
+            b.extend([Res::ActTex(xt), w_tex.clone(), bias_t]);
             g.dispatch(label, pipeline.clone(), b, grid1d(&g.gpu, total.div_ceil(WG) as u64), flops * nb as f64 / batch as f64);
         }
         return Ok((q, k, v));
@@ -214,7 +220,7 @@ fn map_params(batch: usize, h: usize, w: usize, c: usize, cls: usize) -> Vec<u32
 /// BN; updates the running statistics.
 pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize, w: usize, cls: usize, p: &ConvProjTrain) -> Result<((TensorId, TensorId, TensorId), ProjSaved)> {
     // The raw (unfolded) weights change every step: on the texture path they are packed each run.
-    let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c, kind: preferred_kind(&g.gpu), w_tex: None };
+    let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c, kind: preferred_kind(&g.gpu), w_tex: None, b_tex: None };
     let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
     let (hk, wk) = kv_hw(h, w);
     let consts = [("WG", reduce_wg(&g.gpu) as f64), ("BN_EVAL", p.bn_eval as u8 as f64)];

@@ -66,6 +66,9 @@ pub struct Linear {
     pub w: Option<Arc<wgpu::Buffer>>,
     pub tex: Option<Arc<wgpu::TextureView>>,
     pub b: Arc<wgpu::Buffer>,
+    /// With `tex` (weights fixed at load): the bias as a linear texture, which
+    /// `main_tex` reads instead of copying `b` into one at every run.
+    pub b_tex: Option<Arc<wgpu::TextureView>>,
     pub k: usize,
     pub n: usize,
     /// The weight is stored as f16 (see `WeightFormat`); inference only.
@@ -353,6 +356,7 @@ impl Linear {
         }
         let label = format!("{name}.weight");
         let f16 = fmt == WeightFormat::F16;
+        let b_tex = (kind == MatmulKind::Texture).then(|| crate::gpu::linear_texture_from(gpu, &format!("{name}.bias"), &bias));
         let (w, tex) = match kind {
             MatmulKind::Buffer if f16 => (Some(Arc::new(gpu.upload_bytes(&label, bytemuck::cast_slice(&crate::gpu::to_f16(bt)))?)), None),
             MatmulKind::Buffer => (Some(Arc::new(gpu.upload(&label, bt)?)), None),
@@ -362,7 +366,7 @@ impl Linear {
                 (None, Some(Arc::new(view)))
             }
         };
-        Ok(Linear { w, tex, b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?), k, n, f16 })
+        Ok(Linear { w, tex, b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?), b_tex, k, n, f16 })
     }
 
     /// GPU bytes of the weight and bias as stored (padding and f16 included).
@@ -525,9 +529,12 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
                 // the kernel reads row r0 + r at (r0 + r)·stride + a_off, and the
                 // chunk's texture starts at row r0 (u32 arithmetic wraps in WGSL).
                 (pu[16], pu[8], pu[18]) = (k4 as u32, lx, ((r0 * k4) as u32).wrapping_neg());
-                // The bias from a linear texture of it (binding 9; matmul.wgsl says why).
-                let bias_t = g.linear_texture_buf(&l.b, 0, np4, 9);
-                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone()), Res::Unused, Res::Unused, Res::ActTex(bias_t)];
+                // The bias as a linear texture (binding 9; matmul.wgsl says why).
+                let bias_t = match &l.b_tex {
+                    Some(t) => Res::Tex(t.clone()),
+                    None => Res::ActTex(g.linear_texture_buf(&l.b, 0, np4, 9)),
+                };
+                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone()), Res::Unused, Res::Unused, bias_t];
                 g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
             }
         }

@@ -12,11 +12,23 @@ pub struct LayerNorm {
     pub gamma: Arc<wgpu::Buffer>,
     pub beta: Arc<wgpu::Buffer>,
     pub c: usize,
+    /// For a LayerNorm that never trains (`frozen`): gamma and beta as linear
+    /// textures made at load, which the vec4 kernels read instead of copying the
+    /// buffers into textures at every run.
+    pub tex: Option<(Arc<wgpu::TextureView>, Arc<wgpu::TextureView>)>,
 }
 
 impl LayerNorm {
     pub fn new(gpu: &Gpu, name: &str, gamma: &[f32], beta: &[f32]) -> Result<LayerNorm> {
-        Ok(LayerNorm { gamma: Arc::new(gpu.upload(&format!("{name}.weight"), gamma)?), beta: Arc::new(gpu.upload(&format!("{name}.bias"), beta)?), c: gamma.len() })
+        Ok(LayerNorm { gamma: Arc::new(gpu.upload(&format!("{name}.weight"), gamma)?), beta: Arc::new(gpu.upload(&format!("{name}.bias"), beta)?), c: gamma.len(), tex: None })
+    }
+
+    /// As `new`, for inference: the parameters never change after load.
+    pub fn frozen(gpu: &Gpu, name: &str, gamma: &[f32], beta: &[f32]) -> Result<LayerNorm> {
+        let mut ln = Self::new(gpu, name, gamma, beta)?;
+        let t = |v: &[f32], what: &str| crate::gpu::linear_texture_from(gpu, &format!("{name}.{what}"), v);
+        ln.tex = Some((t(gamma, "weight"), t(beta, "bias")));
+        Ok(ln)
     }
 }
 
@@ -95,10 +107,16 @@ fn params(m: &RowMap, c: usize) -> Vec<u32> {
     vec![m.rows as u32, c as u32, m.group as u32, m.in_stride as u32, m.in_off as u32, m.out_stride as u32, m.out_off as u32, LN_EPS.to_bits(), 0, 0, 0, 0]
 }
 
-/// A linear texture of gamma or beta (`c` values) at `binding`, copied from its
-/// buffer at this step of every run, so that training's updates reach it.
-fn param_texture(g: &mut Graph, b: &Arc<wgpu::Buffer>, c: usize, binding: u32) -> crate::graph::TexRef {
-    g.linear_texture_buf(b, 0, c / 4, binding)
+/// Gamma (`beta` false, binding 13) or beta (binding 14) as a linear texture: a
+/// frozen LayerNorm's own, else a copy of the buffer made at this step of every
+/// run, so that training's updates reach it.
+fn param(g: &mut Graph, ln: &LayerNorm, beta: bool) -> Res {
+    match (&ln.tex, beta) {
+        (Some((gt, _)), false) => Res::Tex(gt.clone()),
+        (Some((_, bt)), true) => Res::Tex(bt.clone()),
+        (None, false) => Res::ActTex(g.linear_texture_buf(&ln.gamma, 0, ln.c / 4, 13)),
+        (None, true) => Res::ActTex(g.linear_texture_buf(&ln.beta, 0, ln.c / 4, 14)),
+    }
 }
 
 /// layernorm4 over `map` in chunks of rows, each reading its input rows (and, with
@@ -123,8 +141,8 @@ fn layernorm4_chunks(g: &mut Graph, label: &str, x: TensorId, z: Option<TensorId
         };
         let mut p = params(&map, ln.c);
         (p[0], p[8], p[9]) = ((r0 + n) as u32, r0 as u32, t0 as u32);
-        let (gt, bt) = (param_texture(g, &ln.gamma, ln.c, 13), param_texture(g, &ln.beta, ln.c, 14));
-        let b = vec![u(), u(), u(), u(), Res::Uniform(p), u(), u(), u(), u(), Res::Act(y), aux, Res::ActTex(xt), zt, Res::ActTex(gt), Res::ActTex(bt)];
+        let (gt, bt) = (param(g, ln, false), param(g, ln, true));
+        let b = vec![u(), u(), u(), u(), Res::Uniform(p), u(), u(), u(), u(), Res::Act(y), aux, Res::ActTex(xt), zt, gt, bt];
         g.dispatch(label, pipeline.clone(), b, row_grid(g, n), 0.0);
     }
     Ok(())
@@ -186,8 +204,8 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
         let (pipeline, groups) = row_kernel(g, "layernorm_backward4", rows, false)?;
         let u = || Res::Unused;
         let (xt, dyt) = (g.linear_texture(x, 11), g.linear_texture(dy, 12));
-        let gt = param_texture(g, &ln.gamma, ln.c, 13);
-        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), u(), u(), u(), Res::Act(dx), Res::Act(t), Res::ActTex(xt), Res::ActTex(dyt), Res::ActTex(gt)];
+        let gt = param(g, ln, false);
+        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), u(), u(), u(), Res::Act(dx), Res::Act(t), Res::ActTex(xt), Res::ActTex(dyt), gt];
         g.dispatch(label, pipeline, b, groups, 0.0);
     } else {
         let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows, false)?;
