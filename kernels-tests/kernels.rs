@@ -166,10 +166,19 @@ fn conv_ref(x: &[f32], w: &[f32], b: &[f32], geo: &ConvGeom, cout: usize) -> Vec
 fn conv_implicit_gemm() {
     let gpu = gpu();
     // (batch, h, w, cin, cout, k, stride, pad, cls)
-    for &(batch, h, w, cin, cout, k, s, p, cls) in
-        &[(2, 9, 7, 3, 5, 7, 4, 2, 0), (1, 5, 5, 6, 8, 3, 2, 1, 1), (3, 1, 1, 4, 3, 3, 2, 1, 0), (1, 16, 13, 3, 16, 7, 4, 2, 0), (2, 6, 6, 5, 7, 3, 1, 1, 1), (3, 48, 48, 96, 8, 3, 2, 1, 1)]
-    {
-        // The last case: 0.9 MB images, read by im2col two at a time (TEXTURE_CHUNK_BYTES).
+    for &(batch, h, w, cin, cout, k, s, p, cls) in &[
+        (2, 9, 7, 3, 5, 7, 4, 2, 0),
+        (1, 5, 5, 6, 8, 3, 2, 1, 1),
+        (3, 1, 1, 4, 3, 3, 2, 1, 0),
+        (1, 16, 13, 3, 16, 7, 4, 2, 0),
+        (2, 6, 6, 5, 7, 3, 1, 1, 1),
+        (2, 8, 8, 3, 4, 7, 4, 2, 0),
+        (3, 48, 48, 96, 8, 3, 2, 1, 1),
+    ] {
+        // Texture variant: im2col4 reads one texel per value where cin % 4 != 0 but
+        // whole images start on texels ((1, 16, 13, 3), (1, 5, 5, 6) with cls,
+        // (2, 8, 8, 3)), the buffer im2col otherwise. The last case: 0.9 MB images,
+        // read by im2col two at a time (TEXTURE_CHUNK_BYTES).
         let tokens = cls + h * w;
         let geo = ConvGeom { batch, in_h: h, in_w: w, cin, in_tokens: tokens, in_tok_off: cls, k, stride: s, pad: p };
         let x = randn(batch * tokens * cin, 5);

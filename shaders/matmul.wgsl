@@ -329,11 +329,12 @@ fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
 }
 
-// im2col4 / col2im4: the same for cin a multiple of 4 on drivers that prefer
-// texture operands, four channels per invocation: the token map (im2col) or dcols
-// (col2im) is read as a linear texture through binding 5 (a copy; texel fetches
-// are gathers where storage loads are per-lane loops), the result stored as vec4
-// through binding 8. One invocation per output vec4, flattened over the grid.
+// im2col4 / col2im4: the same on drivers that prefer texture operands, four
+// columns per invocation (im2col4 takes any cin, col2im4 a multiple of 4): the
+// token map (im2col) or dcols (col2im) is read as a linear texture through
+// binding 5 (a copy; texel fetches are gathers where storage loads are per-lane
+// loops), the result stored as vec4 through binding 8. One invocation per output
+// vec4, flattened over the grid.
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn im2col4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG_X;
@@ -344,13 +345,26 @@ fn im2col4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     let row = i / n4;
     let k = (i % n4) * 4u;
     var v = vec4<f32>(0.0);
-    if (k < p.K) {
-        let r = row_view(row);
+    let r = row_view(row);
+    if (k < p.K && p.cin % 4u == 0u) {
+        // Four channels of one tap: one texel.
         let tap = k / p.cin;
         let iy = r.iy0 + i32(tap / p.kw);
         let ix = r.ix0 + i32(tap % p.kw);
         if (iy >= 0 && ix >= 0 && iy < i32(p.in_h) && ix < i32(p.in_w)) {
             v = lin(a_tex, ((r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + k % p.cin) / 4u);
+        }
+    } else {
+        // Other widths (the RGB input): each value from its own texel.
+        for (var e = 0u; e < 4u; e++) {
+            let ke = k + e;
+            let tap = ke / p.cin;
+            let iy = r.iy0 + i32(tap / p.kw);
+            let ix = r.ix0 + i32(tap % p.kw);
+            if (ke < p.K && iy >= 0 && ix >= 0 && iy < i32(p.in_h) && ix < i32(p.in_w)) {
+                let idx = (r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + ke % p.cin;
+                v[e] = lin(a_tex, idx / 4u)[idx % 4u];
+            }
         }
     }
     // A chunk of images (the texture holds those images only): its rows start at

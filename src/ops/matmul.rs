@@ -439,7 +439,8 @@ fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k_out: usize
     let m = geom.batch * oh * ow;
     let cols = g.tensor(format!("{label}.im2col"), m * k_out);
     let p = params([m, k_out, geom.k * geom.k * geom.cin, 0], Some(geom), 0, (0, 0));
-    if packs(&g.gpu) && geom.cin % 4 == 0 && k_out % 4 == 0 {
+    // Images must start on whole texels of the input's linear texture.
+    if packs(&g.gpu) && (geom.in_tokens * geom.cin) % 4 == 0 && k_out % 4 == 0 {
         // A few images at a time, so the input's texture stays small beside the
         // activations (TEXTURE_CHUNK_BYTES; at least one image).
         let pipeline = g.gpu.pipeline("matmul", "im2col4", &overrides(Act::None, false, true, (64, 1)))?;
