@@ -3,9 +3,11 @@
 //! minutes on the development VM) hit both alike. Each side has its own device,
 //! whose shaders come from its own directory (`CVT_GPU_SHADER_DIR`), optionally
 //! with settings (`DIR:KEY=VAL,...`; a setting stays set for side B unless B sets
-//! it again).
+//! it again). Run both orders (A B, then B A): with training steps the second
+//! device ran 12-15% faster whatever it held (docs/perf.md); inference and GEMM
+//! A/A runs showed no such bias.
 //!
-//!     cargo run --release --example ab -- DIR_A DIR_B [ROUNDS] [gemm M N K | MODEL BATCH [RES]]
+//!     cargo run --release --example ab -- DIR_A DIR_B [ROUNDS] [gemm M N K | MODEL BATCH [RES] | train MODEL BATCH RES]
 //!     cargo run --release --example ab -- shaders /tmp/try 30 cvt-13 1
 //!     AB_KERNELS=norm cargo run --release --example ab -- shaders /tmp/try 30 cvt-13 1
 use anyhow::Result;
@@ -19,6 +21,17 @@ fn workload(gpu: &Arc<Gpu>, spec: &[String]) -> Result<(Plan, Box<dyn std::any::
     if spec.is_empty() || spec[0] == "gemm" {
         let (m, n, k) = (num(1, 1024)?, num(2, 1024)?, num(3, 1024)?);
         return Ok((cvt_gpu::bench::gemm_plan(gpu, m, n, k)?, Box::new(()), 2.0 * (m * n * k) as f64 / 1e9));
+    }
+    if spec[0] == "train" {
+        // A training step (forward, backward; no optimizer step): train MODEL BATCH RES.
+        let cfg = CvtConfig::by_name(spec.get(1).map_or("cvt-13", |s| s.as_str()))?;
+        let (batch, res) = (num(2, 64)?, num(3, 64)?);
+        let model = cvt_gpu::train::TrainModel::new(gpu.clone(), cfg.clone(), &cvt_gpu::model::weights::random_tensors(&cfg, 1), cvt_gpu::ops::Act::QuickGelu)?;
+        let step = model.step_plan(batch, res, res)?;
+        let img: Vec<f32> = (0..batch * res * res * cfg.in_chans).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let targets: Vec<f32> = (0..batch * cfg.num_classes).map(|i| (i % cfg.num_classes == 3) as u8 as f32).collect();
+        step.run(&img, &targets)?;
+        return Ok((step.plan, Box::new(model), 3.0 * 2.0 * cfg.macs(res, res)? * batch as f64 / 1e9));
     }
     let cfg = CvtConfig::by_name(&spec[0])?;
     let (batch, res) = (num(1, 1)?, num(2, cfg.image_size)?);
@@ -45,7 +58,7 @@ fn measure(plan: &Plan, kernels: &[String]) -> Result<f64> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    anyhow::ensure!(args.len() >= 2, "usage: ab DIR_A DIR_B [ROUNDS] [gemm M N K | MODEL BATCH [RES]]");
+    anyhow::ensure!(args.len() >= 2, "usage: ab DIR_A DIR_B [ROUNDS] [gemm M N K | MODEL BATCH [RES] | train MODEL BATCH RES]");
     let rounds: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(30);
     let spec = &args[args.len().min(3)..];
     let mut sides = Vec::new();
