@@ -178,7 +178,7 @@ pub fn gemm_plan(gpu: &Arc<Gpu>, m: usize, n: usize, k: usize) -> Result<crate::
     let mut rng = Rng::new(7);
     let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
     let l = Linear::from_torch(gpu, "gemm", &w, None, n, k)?;
-    let mut g = Graph::new_long_running(gpu.clone());
+    let mut g = Graph::new(gpu.clone());
     let a = g.pinned("a", m * k);
     linear(&mut g, "gemm", a, m, &l, Act::None, Out::New)?;
     let plan = g.compile()?;

@@ -143,9 +143,10 @@ impl OpRec {
 pub struct Graph {
     pub gpu: Arc<Gpu>,
     /// Rows per invocation of the texture GEMM (8 or 16; `matmul.wgsl`'s `TRM`).
-    /// 16 is faster per run and slower to compile: training graphs, the GEMM
-    /// ceiling and inference from batch 8 take 16, smaller inference batches 8
-    /// (`CVT_GPU_TEX_ROWS` overrides both).
+    /// 16 runs CvT-13 at batch 1 1.10-1.17x faster on lavapipe and compiles in
+    /// 1.4-1.8 s against 0.7 s; the cold first call stays at 3.4-3.9 s since the
+    /// GEMM trial compiles its rival on a second core and the bias moved to a
+    /// texture (docs/perf.md). 8 remains for tests and `CVT_GPU_TEX_ROWS=8`.
     pub tex_rows: usize,
     /// Whether the texture GEMM applies a layer's activation and residual add in
     /// its epilogue (one pipeline per combination) or leaves them to other passes
@@ -158,8 +159,7 @@ pub struct Graph {
     /// Queries per invocation of the texture attention forward (1, 2 or 4): each K
     /// and V row fetched serves that many queries. 4 runs CvT-13's attention 1.4x
     /// faster than 2 on lavapipe at batch 1 and takes 0.3-0.9 s longer to compile
-    /// at first dispatch, which the first call affords since the GEMM trial compiles
-    /// its rival kernel on a second core (docs/perf.md). `CVT_GPU_ATTN_QPI`.
+    /// at first dispatch (docs/perf.md). `CVT_GPU_ATTN_QPI`.
     pub attn_queries: usize,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
@@ -231,16 +231,7 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(8), fused_epilogue: fused_setting().unwrap_or(false), attn_queries: qpi_setting().unwrap_or(4), tensors: vec![], ops: vec![], fills: 0 }
-    }
-
-    /// A graph that runs long enough to repay the texture GEMM's larger block
-    /// (training steps, the GEMM ceiling, large inference batches): `tex_rows` 16
-    /// unless overridden.
-    pub fn new_long_running(gpu: Arc<Gpu>) -> Self {
-        let mut g = Graph::new(gpu);
-        g.tex_rows = tex_rows_setting().unwrap_or(16);
-        g
+        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(16), fused_epilogue: fused_setting().unwrap_or(false), attn_queries: qpi_setting().unwrap_or(4), tensors: vec![], ops: vec![], fills: 0 }
     }
 
     /// A new intermediate tensor of `len` f32.

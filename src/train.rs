@@ -176,7 +176,7 @@ impl TrainModel {
     pub fn step_plan(&self, batch: usize, height: usize, width: usize) -> Result<StepPlan> {
         let cfg = &self.cfg;
         let grids = cfg.grids(height, width)?;
-        let mut g = Graph::new_long_running(self.gpu.clone());
+        let mut g = Graph::new(self.gpu.clone());
         let images = g.pinned("images", batch * height * width * cfg.in_chans);
         let targets = g.pinned("targets", batch * cfg.num_classes);
         let drop_scales = self.drop_path.iter().any(|&r| r > 0.0).then(|| g.pinned("drop_path.scales", 2 * self.drop_path.len() * batch));

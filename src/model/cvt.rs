@@ -151,10 +151,7 @@ impl Model {
         }
         let cfg = &self.cfg;
         let grids = cfg.grids(height, width)?;
-        // From batch 8 the texture GEMM's 16-row block repays its longer compile
-        // (CvT-13 at 224, batch 8: 5-18% faster per run, docs/perf.md); a single
-        // image keeps the 8-row block for a quick first answer.
-        let mut g = if batch >= 8 { Graph::new_long_running(self.gpu.clone()) } else { Graph::new(self.gpu.clone()) };
+        let mut g = Graph::new(self.gpu.clone());
         let input = g.pinned("image", batch * height * width * cfg.in_chans);
         let (mut x, mut h, mut w, mut cin, mut tokens, mut off) = (input, height, width, cfg.in_chans, height * width, 0);
         for (s, st) in self.stages.iter().enumerate() {
