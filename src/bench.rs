@@ -128,26 +128,28 @@ fn f16_difference(
     })
 }
 
-/// Times `iters` runs of `f` as `time_runs` does, each followed by one run of the
-/// 1024³ GEMM, and returns (median ms, min ms, the GEMM's median rate in GFLOP/s):
-/// this host's speed drifts up to 2x within minutes, so the ceiling a run is
-/// compared with is measured in the same minutes, interleaved with it.
+/// Times `iters` runs of `f` (median and min ms, as `time_runs`), each followed
+/// by one run of the 1024³ GEMM timed apart, and returns the GEMM's median rate in
+/// GFLOP/s too: this host's speed drifts up to 2x within minutes, so the ceiling a
+/// run is compared with is measured in the same minutes, interleaved with it.
 fn time_with_ceiling(gpu: &Arc<Gpu>, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
     let n = 1024;
     let ceiling = gemm_plan(gpu, n, n, n)?;
     ceiling.run()?;
     gpu.sync()?;
-    let mut gemm_ms = vec![];
-    let (median, min) = time_runs(iters, || {
+    let (mut run_ms, mut gemm_ms) = (vec![], vec![]);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
         f()?;
+        run_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         ceiling.run()?;
         gpu.sync()?;
         gemm_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        Ok(())
-    })?;
+    }
+    run_ms.sort_by(f64::total_cmp);
     gemm_ms.sort_by(f64::total_cmp);
-    Ok((median, min, 2.0 * (n * n * n) as f64 / gemm_ms[gemm_ms.len() / 2] / 1e6))
+    Ok((run_ms[run_ms.len() / 2], run_ms[0], 2.0 * (n * n * n) as f64 / gemm_ms[gemm_ms.len() / 2] / 1e6))
 }
 
 fn time_runs(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
