@@ -15,6 +15,11 @@ use cvt_gpu::{gpu::Gpu, graph::Plan, model::CvtConfig};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Deterministic input values in [-1, 1).
+fn image(len: usize) -> Vec<f32> {
+    (0..len).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect()
+}
+
 /// The plan to time (with whatever must outlive it) and its GFLOP per run.
 fn workload(gpu: &Arc<Gpu>, spec: &[String]) -> Result<(Plan, Box<dyn std::any::Any>, f64)> {
     let num = |i: usize, d: usize| -> Result<usize> { Ok(spec.get(i).map(|s| s.parse()).transpose()?.unwrap_or(d)) };
@@ -28,7 +33,7 @@ fn workload(gpu: &Arc<Gpu>, spec: &[String]) -> Result<(Plan, Box<dyn std::any::
         let (batch, res) = (num(2, 64)?, num(3, 64)?);
         let model = cvt_gpu::train::TrainModel::new(gpu.clone(), cfg.clone(), &cvt_gpu::model::weights::random_tensors(&cfg, 1), cvt_gpu::ops::Act::QuickGelu)?;
         let step = model.step_plan(batch, res, res)?;
-        let img: Vec<f32> = (0..batch * res * res * cfg.in_chans).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let img = image(batch * res * res * cfg.in_chans);
         let targets: Vec<f32> = (0..batch * cfg.num_classes).map(|i| (i % cfg.num_classes == 3) as u8 as f32).collect();
         step.run(&img, &targets)?;
         return Ok((step.plan, Box::new(model), 3.0 * 2.0 * cfg.macs(res, res)? * batch as f64 / 1e9));
@@ -38,7 +43,7 @@ fn workload(gpu: &Arc<Gpu>, spec: &[String]) -> Result<(Plan, Box<dyn std::any::
     let tensors = cvt_gpu::model::weights::random_tensors(&cfg, 1);
     let model = cvt_gpu::model::Model::new_in(gpu.clone(), cfg.clone(), &tensors, cvt_gpu::ops::Act::QuickGelu, Default::default())?;
     let plan = model.plan(batch, res, res)?;
-    let img: Vec<f32> = (0..batch * res * res * cfg.in_chans).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let img = image(batch * res * res * cfg.in_chans);
     plan.forward(&img)?;
     Ok((plan.plan, Box::new(model), 2.0 * cfg.macs(res, res)? * batch as f64 / 1e9))
 }
