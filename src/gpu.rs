@@ -486,25 +486,6 @@ fn texture_as(gpu: &Gpu, label: &str, width: u32, height: u32, format: wgpu::Tex
 /// A texture whose first `height` rows of `width` rgba32float texels are `data`
 /// (row-major), read by coordinates (never as a linear texture): both dimensions
 /// padded to non-powers of two (see [`npot`]).
-/// A constant parameter vector (a bias, LayerNorm's gamma or beta) as a linear
-/// texture (`texread`'s `lin`: vec4 i at (i % W, i / W), W a power of two), made
-/// once at load. Kernels on CPU drivers read such parameters as texels: from a
-/// storage buffer each load is a loop over the SIMD lanes.
-pub fn linear_texture_from(gpu: &Gpu, label: &str, data: &[f32]) -> Arc<wgpu::TextureView> {
-    let max = gpu.limits.max_texture_dimension_2d;
-    let texels = data.len().div_ceil(4).max(1) as u32;
-    let mut width = 16;
-    while texels.div_ceil(width) > max && width < max {
-        width *= 2;
-    }
-    let height = texels.div_ceil(width);
-    let mut padded = data.to_vec();
-    padded.resize((width * height * 4) as usize, 0.0);
-    // Height padded off powers of two like the graph's textures (see `npot`).
-    let t = texture(gpu, label, width, npot(height, max));
-    Arc::new(fill_texture(gpu, &t, bytemuck::cast_slice(&padded), 16, width, height))
-}
-
 pub fn texture_from(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u32) -> wgpu::TextureView {
     let t = texture(gpu, label, npot(width, gpu.limits.max_texture_dimension_2d), height);
     fill_texture(gpu, &t, bytemuck::cast_slice(data), 16, width, height)
@@ -515,6 +496,39 @@ pub fn texture_from_f16(gpu: &Gpu, label: &str, data: &[f32], width: u32, height
     let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::STORAGE_BINDING;
     let t = texture_as(gpu, label, npot(width, gpu.limits.max_texture_dimension_2d), height, wgpu::TextureFormat::Rgba16Float, usage);
     fill_texture(gpu, &t, bytemuck::cast_slice(&to_f16(data)), 8, width, height)
+}
+
+/// Width in texels of a linear texture of `texels` texels: 16, doubled while the
+/// height would pass the device's `max` dimension (a power of two, as `lin` needs).
+pub fn linear_width(texels: usize, max: usize) -> usize {
+    let mut width = 16;
+    while texels.div_ceil(width) > max && width < max {
+        width *= 2;
+    }
+    width
+}
+
+/// A constant parameter vector (a bias, LayerNorm's gamma or beta) as a linear
+/// texture (`texread`'s `lin`: vec4 i at (i % W, i / W), W a power of two), made
+/// once at load. Kernels on CPU drivers read such parameters as texels: from a
+/// storage buffer each load is a loop over the SIMD lanes.
+pub fn linear_texture_from(gpu: &Gpu, label: &str, data: &[f32]) -> Arc<wgpu::TextureView> {
+    let max = gpu.limits.max_texture_dimension_2d;
+    let texels = data.len().div_ceil(4).max(1);
+    let width = linear_width(texels, max as usize) as u32;
+    let height = (texels as u32).div_ceil(width);
+    let mut padded = data.to_vec();
+    padded.resize((width * height * 4) as usize, 0.0);
+    // Height padded off powers of two like the graph's textures (see `npot`).
+    let t = texture(gpu, label, width, npot(height, max));
+    Arc::new(fill_texture(gpu, &t, bytemuck::cast_slice(&padded), 16, width, height))
+}
+
+/// GPU bytes of a texture as allocated (padding included).
+pub fn texture_bytes(t: &wgpu::TextureView) -> u64 {
+    let t = t.texture();
+    let texel = if t.format() == wgpu::TextureFormat::Rgba16Float { 8 } else { 16 };
+    t.width() as u64 * t.height() as u64 * texel
 }
 
 /// f32 values rounded to f16 (nearest even), for f16 weight storage.

@@ -301,11 +301,7 @@ impl Graph {
     }
 
     fn linear_copy(&mut self, src: CopySrc, texel0: usize, texels: usize, binding: u32) -> TexRef {
-        let max = self.gpu.limits.max_texture_dimension_2d as usize;
-        let mut width = 16;
-        while texels.div_ceil(width) > max && width < max {
-            width *= 2;
-        }
+        let width = crate::gpu::linear_width(texels, self.gpu.limits.max_texture_dimension_2d as usize);
         let tex = TexRef { linear: true, ..self.tex(width, texels.div_ceil(width).max(1), binding) };
         self.ops.push(OpRec::Copy { src, texel0, tex, texels: Some(texels) });
         tex

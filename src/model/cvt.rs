@@ -140,6 +140,12 @@ impl Model {
         }
         let (params, stored) = linear.get();
         bytes = bytes - 4 * params + stored;
+        // Textures of LayerNorm and conv-projection parameters, beside their buffers.
+        for st in &stages {
+            bytes += st.embed_norm.texture_bytes();
+            bytes += st.blocks.iter().map(|b| b.norm1.texture_bytes() + b.norm2.texture_bytes() + b.conv_proj.texture_bytes()).sum::<u64>();
+        }
+        bytes += norm.texture_bytes();
         gpu.check_error()?;
         Ok(Model { gpu, cfg, act, stages, norm, head, weight_bytes: bytes })
     }

@@ -27,11 +27,10 @@ pub struct ConvProj {
     pub c: usize,
     /// How the kernel reads x and w (the matmul's per-adapter variant).
     pub kind: MatmulKind,
-    /// w as a [27, C/4] texture, uploaded once (inference). None on the texture
-    /// path means w changes between runs (training) and is packed in each run.
-    pub w_tex: Option<Arc<wgpu::TextureView>>,
-    /// With `w_tex`: the bias [3, C] as a linear texture made at load.
-    pub b_tex: Option<Arc<wgpu::TextureView>>,
+    /// w as a [27, C/4] texture and b as a linear texture, uploaded once
+    /// (inference). None on the texture path means w and b change between runs
+    /// (training): w is packed and b copied into textures in each run.
+    pub tex: Option<(Arc<wgpu::TextureView>, Arc<wgpu::TextureView>)>,
 }
 
 /// Folds BN into one depthwise conv: w' = w·γ/√(σ²+ε), b' = β − μ·γ/√(σ²+ε).
@@ -66,9 +65,14 @@ impl ConvProj {
             w.extend(wi);
             b.extend(bi);
         }
-        let w_tex = (kind == MatmulKind::Texture).then(|| Arc::new(crate::gpu::texture_from(gpu, &format!("{name}.w"), &w, (c / 4) as u32, 27)));
-        let b_tex = (kind == MatmulKind::Texture).then(|| crate::gpu::linear_texture_from(gpu, &format!("{name}.b"), &b));
-        Ok(ConvProj { w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?), b: Arc::new(gpu.upload(&format!("{name}.b"), &b)?), c, kind, w_tex, b_tex })
+        let tex = (kind == MatmulKind::Texture)
+            .then(|| (Arc::new(crate::gpu::texture_from(gpu, &format!("{name}.w"), &w, (c / 4) as u32, 27)), crate::gpu::linear_texture_from(gpu, &format!("{name}.b"), &b)));
+        Ok(ConvProj { w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?), b: Arc::new(gpu.upload(&format!("{name}.b"), &b)?), c, kind, tex })
+    }
+
+    /// GPU bytes of the weight and bias textures (beside the buffers).
+    pub fn texture_bytes(&self) -> u64 {
+        self.tex.as_ref().map_or(0, |(w, b)| crate::gpu::texture_bytes(w) + crate::gpu::texture_bytes(b))
     }
 }
 
@@ -96,22 +100,19 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
     let flops = 2.0 * 9.0 * (batch * c * (h * w + 2 * hk * wk)) as f64;
     if let Some(chunks) = texture_batches(g, p.kind == MatmulKind::Texture, batch, tq, c) {
         let pipeline = g.gpu.pipeline("dwconv", "main_tex", &[("WG", WG as f64)])?;
-        let w_tex = match &p.w_tex {
-            Some(t) => Res::Tex(t.clone()),
-            None => Res::ActTex(pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), 18)?),
+        // The bias as a linear texture too (`dwconv.wgsl` binding 19).
+        let (w_tex, bias_t) = match &p.tex {
+            Some((w, b)) => (Res::Tex(w.clone()), Res::Tex(b.clone())),
+            None => (Res::ActTex(pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), 18)?), Res::ActTex(g.linear_texture_buf(&p.b, 0, 3 * c / 4, 19))),
         };
         for (b0, nb) in chunks {
             let xt = act_rows_texture(g, label, x, batch * tq, c, (b0 * tq, nb * tq), 17)?;
             // The shader works in units of four channels (vec4).
             let total = nb * tq * c / 4;
             let u = || Res::Unused;
-            let bias_t = match &p.b_tex {
-                Some(t) => Res::Tex(t.clone()),
-                None => Res::ActTex(g.linear_texture_buf(&p.b, 0, 3 * c / 4, 19)),
-            };
             let mut b = vec![u(), u(), u(), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(params_of([nb, h, w, c / 4, cls, hk, wk, total, b0]))];
             b.extend((7..17).map(|_| u()));
-            b.extend([Res::ActTex(xt), w_tex.clone(), bias_t]);
+            b.extend([Res::ActTex(xt), w_tex.clone(), bias_t.clone()]);
             g.dispatch(label, pipeline.clone(), b, grid1d(&g.gpu, total.div_ceil(WG) as u64), flops * nb as f64 / batch as f64);
         }
         return Ok((q, k, v));
@@ -220,7 +221,7 @@ fn map_params(batch: usize, h: usize, w: usize, c: usize, cls: usize) -> Vec<u32
 /// BN; updates the running statistics.
 pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize, w: usize, cls: usize, p: &ConvProjTrain) -> Result<((TensorId, TensorId, TensorId), ProjSaved)> {
     // The raw (unfolded) weights change every step: on the texture path they are packed each run.
-    let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c, kind: preferred_kind(&g.gpu), w_tex: None, b_tex: None };
+    let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c, kind: preferred_kind(&g.gpu), tex: None };
     let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
     let (hk, wk) = kv_hw(h, w);
     let consts = [("WG", reduce_wg(&g.gpu) as f64), ("BN_EVAL", p.bn_eval as u8 as f64)];

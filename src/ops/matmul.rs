@@ -64,11 +64,10 @@ impl Act {
 /// storage buffer or as a [K x NP/4] rgba32float texture, and bias [NP].
 pub struct Linear {
     pub w: Option<Arc<wgpu::Buffer>>,
-    pub tex: Option<Arc<wgpu::TextureView>>,
+    /// The texture variant's weight and, as a linear texture, its bias (`main_tex`
+    /// reads the bias as texels: CPU drivers load storage buffers per lane).
+    pub tex: Option<(Arc<wgpu::TextureView>, Arc<wgpu::TextureView>)>,
     pub b: Arc<wgpu::Buffer>,
-    /// With `tex` (weights fixed at load): the bias as a linear texture, which
-    /// `main_tex` reads instead of copying `b` into one at every run.
-    pub b_tex: Option<Arc<wgpu::TextureView>>,
     pub k: usize,
     pub n: usize,
     /// The weight is stored as f16 (see `WeightFormat`); inference only.
@@ -356,27 +355,22 @@ impl Linear {
         }
         let label = format!("{name}.weight");
         let f16 = fmt == WeightFormat::F16;
-        let b_tex = (kind == MatmulKind::Texture).then(|| crate::gpu::linear_texture_from(gpu, &format!("{name}.bias"), &bias));
         let (w, tex) = match kind {
             MatmulKind::Buffer if f16 => (Some(Arc::new(gpu.upload_bytes(&label, bytemuck::cast_slice(&crate::gpu::to_f16(bt)))?)), None),
             MatmulKind::Buffer => (Some(Arc::new(gpu.upload(&label, bt)?)), None),
             MatmulKind::Texture => {
                 let w4 = (pad4(n) / 4) as u32;
                 let view = if f16 { crate::gpu::texture_from_f16(gpu, &label, bt, w4, k as u32) } else { crate::gpu::texture_from(gpu, &label, bt, w4, k as u32) };
-                (None, Some(Arc::new(view)))
+                (None, Some((Arc::new(view), crate::gpu::linear_texture_from(gpu, &format!("{name}.bias"), &bias))))
             }
         };
-        Ok(Linear { w, tex, b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?), b_tex, k, n, f16 })
+        Ok(Linear { w, tex, b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?), k, n, f16 })
     }
 
     /// GPU bytes of the weight and bias as stored (padding and f16 included).
     pub fn stored_bytes(&self) -> u64 {
-        let tex_bytes = |t: &wgpu::TextureView| {
-            let t = t.texture();
-            let texel = if t.format() == wgpu::TextureFormat::Rgba16Float { 8 } else { 16 };
-            t.width() as u64 * t.height() as u64 * texel
-        };
-        self.w.as_ref().map_or(0, |w| w.size()) + self.tex.as_deref().map_or(0, tex_bytes) + self.b.size()
+        let tex = |(w, b): &(Arc<wgpu::TextureView>, Arc<wgpu::TextureView>)| crate::gpu::texture_bytes(w) + crate::gpu::texture_bytes(b);
+        self.w.as_ref().map_or(0, |w| w.size()) + self.tex.as_ref().map_or(0, tex) + self.b.size()
     }
 }
 
@@ -510,7 +504,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
                 crate::ops::tokens::add_into(g, &format!("{label}.residual"), y, z, y)?;
             }
         }
-        (None, Some(tex)) => {
+        (None, Some((tex, bias_t))) => {
             assert!(conv.is_none(), "{label}: convolutions use the buffer matmul");
             // A is read from a linear texture of the activation (main_tex's TA 1:
             // no row-width limit, and the linear textures of all layers share one
@@ -530,12 +524,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
                 // the kernel reads row r0 + r at (r0 + r)·stride + a_off, and the
                 // chunk's texture starts at row r0 (u32 arithmetic wraps in WGSL).
                 (pu[16], pu[8], pu[18]) = (k4 as u32, lx, ((r0 * k4) as u32).wrapping_neg());
-                // The bias as a linear texture (binding 9; matmul.wgsl says why).
-                let bias_t = match &l.b_tex {
-                    Some(t) => Res::Tex(t.clone()),
-                    None => Res::ActTex(g.linear_texture_buf(&l.b, 0, np4, 9)),
-                };
-                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone()), Res::Unused, Res::Unused, bias_t];
+                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone()), Res::Unused, Res::Unused, Res::Tex(bias_t.clone())];
                 g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
             }
         }

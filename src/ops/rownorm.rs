@@ -30,6 +30,11 @@ impl LayerNorm {
         ln.tex = Some((t(gamma, "weight"), t(beta, "bias")));
         Ok(ln)
     }
+
+    /// GPU bytes of the parameter textures (beside the buffers).
+    pub fn texture_bytes(&self) -> u64 {
+        self.tex.as_ref().map_or(0, |(g, b)| crate::gpu::texture_bytes(g) + crate::gpu::texture_bytes(b))
+    }
 }
 
 /// Row mapping: `rows` rows in groups of `group`; group g, row i reads input row
