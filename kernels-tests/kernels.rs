@@ -113,6 +113,42 @@ fn matmul_f16_weights_both_variants() {
     }
 }
 
+/// An f16 plan (`WeightFormat::Half`, `Graph::half`: f16 weights, activations
+/// and textures, f32 arithmetic), on adapters with shader-f16: each variant, with
+/// every epilogue, equals the f64 product of the f16-rounded operands, rounded to
+/// f16 once at the store. Tolerance: the output's f16 rounding (2^-11 relative)
+/// and the bias's (f32 in the buffer variant, f16 in the texture one), doubled.
+#[test]
+fn matmul_f16_plan_both_variants() {
+    let gpu = gpu();
+    if !gpu.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("SKIPPED: {} has no shader-f16", gpu.describe());
+        return;
+    }
+    let h = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    for kind in [MatmulKind::Buffer, MatmulKind::Texture] {
+        // (5, 3, 64): odd m and n; (9, 6, 192): 192 / 4 = 48 texels of 8 bytes, rows
+        // no copy can take (384 bytes), so the texture variant packs A.
+        for &(m, n, k) in &[(5, 3, 64), (33, 70, 128), (9, 6, 192), (8, 12, 64)] {
+            for (act, accumulate) in [(Act::None, false), (Act::QuickGelu, false), (Act::None, true)] {
+                let (a, w, b, r) = (h(&randn(m * k, 1)), randn(n * k, 2), h(&randn(n, 3)), h(&randn(m * n, 4)));
+                let l = Linear::with_kind_in(&gpu, "t", &w, Some(&b), n, k, kind, WeightFormat::Half).unwrap();
+                let want = matmul_ref(&a, &h(&w), &b, m, n, k, act, accumulate.then_some(&r[..]));
+                let mut g = Graph::new(gpu.clone());
+                g.half = true;
+                let (x, y) = (g.pinned("x", m * k), g.pinned("y", m * n));
+                linear(&mut g, "mm", x, m, &l, act, if accumulate { Out::Accumulate(y) } else { Out::Into(y) }).unwrap();
+                let plan = g.compile().unwrap();
+                assert!(plan.half);
+                plan.write(x, &a).unwrap();
+                plan.write(y, &r).unwrap();
+                plan.run().unwrap();
+                assert_close(&format!("{kind:?} f16 plan matmul {m}x{n}x{k} {act:?} acc={accumulate}"), &plan.read(y).unwrap(), &want, 2e-3, 2e-3);
+            }
+        }
+    }
+}
+
 #[test]
 fn matmul_texture_variant_splits_rows_over_the_texture_limit() {
     let rows = gpu().limits.max_texture_dimension_2d as usize + 5;
@@ -215,7 +251,7 @@ fn conv_projection_q_k_v() {
         let bnp: Vec<Vec<Vec<f32>>> =
             (0..3).map(|i| vec![randn(c, 20 + i).iter().map(|v| 1.0 + 0.2 * v).collect(), randn(c, 30 + i), randn(c, 40 + i), randn(c, 50 + i).iter().map(|v| 0.5 + v.abs()).collect()]).collect();
         let bn = |i: usize| BatchNorm { weight: &bnp[i][0], bias: &bnp[i][1], mean: &bnp[i][2], var: &bnp[i][3] };
-        let proj = ConvProj::with_kind(&gpu, "p", [&convs[0], &convs[1], &convs[2]], [bn(0), bn(1), bn(2)], c, kind).unwrap();
+        let proj = ConvProj::with_kind(&gpu, "p", [&convs[0], &convs[1], &convs[2]], [bn(0), bn(1), bn(2)], c, kind, false).unwrap();
         let mut g = Graph::new(gpu.clone());
         let xin = g.pinned("x", x.len());
         let (q, k, v) = conv_proj(&mut g, "proj", xin, batch, h, w, cls, &proj).unwrap();

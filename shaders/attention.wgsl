@@ -26,10 +26,10 @@ override SAVE_P: u32 = 0u;
 // chunk's images only, starting p_off elements into their first texel.
 struct Params { B: u32, Tq: u32, Tkv: u32, C4: u32, heads: u32, scale: f32, b_off: u32, p_off: u32 }
 
-@group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> v: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> o: array<vec4<f32>>;
+@group(0) @binding(0) var<storage, read> q: array<vec4<act>>;
+@group(0) @binding(1) var<storage, read> k: array<vec4<act>>;
+@group(0) @binding(2) var<storage, read> v: array<vec4<act>>;
+@group(0) @binding(3) var<storage, read_write> o: array<vec4<act>>;
 @group(0) @binding(4) var<uniform> p: Params;
 
 @group(0) @binding(14) var<storage, read_write> probs: array<f32>;
@@ -60,7 +60,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var qv: array<vec4<f32>, D4_MAX>;
     var acc: array<vec4<f32>, D4_MAX>;
     for (var d = 0u; d < D4; d++) {
-        qv[d] = q[qbase + d] * p.scale;
+        qv[d] = vec4<f32>(q[qbase + d]) * p.scale;
     }
     var m = -3.0e38;
     var l = 0.0;
@@ -75,8 +75,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             var vv = vec4<f32>(0.0);
             if (j < n) {
                 let src = (bi * p.Tkv + t0 + j) * p.C4 + head * D4 + d;
-                kv = k[src];
-                vv = v[src];
+                kv = vec4<f32>(k[src]);
+                vv = vec4<f32>(v[src]);
             }
             ks[j * D4_MAX + d] = kv;
             vs[j * D4_MAX + d] = vv;
@@ -114,7 +114,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (qi < p.Tq) {
         let inv = 1.0 / l;
         for (var d = 0u; d < D4; d++) {
-            o[qbase + d] = acc[d] * inv;
+            o[qbase + d] = vec4<act>(acc[d] * inv);
         }
         if (SAVE_P != 0u) {
             normalise_row(prow(bi, head, qi), m + log(l));
@@ -235,22 +235,22 @@ fn row_axpy(r0: Row, c: f32, p: f32, b: Row) -> Row {
 }
 
 fn row_store(base: u32, a: Row, inv: f32) {
-    o[base + 0u] = a.r0 * inv;
-    if (D4 > 1u) { o[base + 1u] = a.r1 * inv; }
-    if (D4 > 2u) { o[base + 2u] = a.r2 * inv; }
-    if (D4 > 3u) { o[base + 3u] = a.r3 * inv; }
-    if (D4 > 4u) { o[base + 4u] = a.r4 * inv; }
-    if (D4 > 5u) { o[base + 5u] = a.r5 * inv; }
-    if (D4 > 6u) { o[base + 6u] = a.r6 * inv; }
-    if (D4 > 7u) { o[base + 7u] = a.r7 * inv; }
-    if (D4 > 8u) { o[base + 8u] = a.r8 * inv; }
-    if (D4 > 9u) { o[base + 9u] = a.r9 * inv; }
-    if (D4 > 10u) { o[base + 10u] = a.r10 * inv; }
-    if (D4 > 11u) { o[base + 11u] = a.r11 * inv; }
-    if (D4 > 12u) { o[base + 12u] = a.r12 * inv; }
-    if (D4 > 13u) { o[base + 13u] = a.r13 * inv; }
-    if (D4 > 14u) { o[base + 14u] = a.r14 * inv; }
-    if (D4 > 15u) { o[base + 15u] = a.r15 * inv; }
+    o[base + 0u] = vec4<act>(a.r0 * inv);
+    if (D4 > 1u) { o[base + 1u] = vec4<act>(a.r1 * inv); }
+    if (D4 > 2u) { o[base + 2u] = vec4<act>(a.r2 * inv); }
+    if (D4 > 3u) { o[base + 3u] = vec4<act>(a.r3 * inv); }
+    if (D4 > 4u) { o[base + 4u] = vec4<act>(a.r4 * inv); }
+    if (D4 > 5u) { o[base + 5u] = vec4<act>(a.r5 * inv); }
+    if (D4 > 6u) { o[base + 6u] = vec4<act>(a.r6 * inv); }
+    if (D4 > 7u) { o[base + 7u] = vec4<act>(a.r7 * inv); }
+    if (D4 > 8u) { o[base + 8u] = vec4<act>(a.r8 * inv); }
+    if (D4 > 9u) { o[base + 9u] = vec4<act>(a.r9 * inv); }
+    if (D4 > 10u) { o[base + 10u] = vec4<act>(a.r10 * inv); }
+    if (D4 > 11u) { o[base + 11u] = vec4<act>(a.r11 * inv); }
+    if (D4 > 12u) { o[base + 12u] = vec4<act>(a.r12 * inv); }
+    if (D4 > 13u) { o[base + 13u] = vec4<act>(a.r13 * inv); }
+    if (D4 > 14u) { o[base + 14u] = vec4<act>(a.r14 * inv); }
+    if (D4 > 15u) { o[base + 15u] = vec4<act>(a.r15 * inv); }
 }
 
 // Queries per invocation of main_tex, 1, 2 or 4: every K and V row fetched feeds
@@ -375,11 +375,11 @@ fn dot_row(x: ptr<function, array<vec4<f32>, D4_MAX>>, base: u32, which: u32) ->
     for (var d = 0u; d < D4; d++) {
         var other: vec4<f32>;
         if (which == 0u) {
-            other = k[base + d];
+            other = vec4<f32>(k[base + d]);
         } else if (which == 1u) {
-            other = v[base + d];
+            other = vec4<f32>(v[base + d]);
         } else if (which == 2u) {
-            other = q[base + d];
+            other = vec4<f32>(q[base + d]);
         } else {
             other = dout[base + d];
         }
@@ -402,9 +402,9 @@ fn attn_bwd_q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_
     var acc: array<vec4<f32>, D4_MAX>;
     var dd = vec4<f32>(0.0);
     for (var d = 0u; d < D4; d++) {
-        qv[d] = q[qbase + d] * p.scale;
+        qv[d] = vec4<f32>(q[qbase + d]) * p.scale;
         gv[d] = dout[qbase + d];
-        dd += gv[d] * o[qbase + d];
+        dd += gv[d] * vec4<f32>(o[qbase + d]);
     }
     let big_d = dd.x + dd.y + dd.z + dd.w;
     var m = -3.0e38;
@@ -421,7 +421,7 @@ fn attn_bwd_q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_
         let pij = exp(dot_row(&qv, kb, 0u) - lse);
         let ds = pij * (dot_row(&gv, kb, 1u) - big_d);
         for (var d = 0u; d < D4; d++) {
-            acc[d] += ds * k[kb + d];
+            acc[d] += ds * vec4<f32>(k[kb + d]);
         }
     }
     for (var d = 0u; d < D4; d++) {
@@ -444,8 +444,8 @@ fn attn_bwd_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup
     var gk: array<vec4<f32>, D4_MAX>;
     var gvv: array<vec4<f32>, D4_MAX>;
     for (var d = 0u; d < D4; d++) {
-        kv[d] = k[kb + d] * p.scale;
-        vv[d] = v[kb + d];
+        kv[d] = vec4<f32>(k[kb + d]) * p.scale;
+        vv[d] = vec4<f32>(v[kb + d]);
     }
     for (var i = 0u; i < p.Tq; i++) {
         let qb = (bi * p.Tq + i) * p.C4 + head * D4;
@@ -454,7 +454,7 @@ fn attn_bwd_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup
         let ds = pij * (dot_row(&vv, qb, 3u) - ld.y);
         for (var d = 0u; d < D4; d++) {
             gvv[d] += pij * dout[qb + d];
-            gk[d] += ds * q[qb + d];
+            gk[d] += ds * vec4<f32>(q[qb + d]);
         }
     }
     for (var d = 0u; d < D4; d++) {
@@ -477,85 +477,85 @@ fn attn_bwd_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup
 // Rows of the backward's buffers and the dO texture (see Row).
 fn q_buf(base: u32, scale: f32) -> Row {
     var r: Row;
-    r.r0 = q[base + 0u] * scale;
-    if (D4 > 1u) { r.r1 = q[base + 1u] * scale; }
-    if (D4 > 2u) { r.r2 = q[base + 2u] * scale; }
-    if (D4 > 3u) { r.r3 = q[base + 3u] * scale; }
-    if (D4 > 4u) { r.r4 = q[base + 4u] * scale; }
-    if (D4 > 5u) { r.r5 = q[base + 5u] * scale; }
-    if (D4 > 6u) { r.r6 = q[base + 6u] * scale; }
-    if (D4 > 7u) { r.r7 = q[base + 7u] * scale; }
-    if (D4 > 8u) { r.r8 = q[base + 8u] * scale; }
-    if (D4 > 9u) { r.r9 = q[base + 9u] * scale; }
-    if (D4 > 10u) { r.r10 = q[base + 10u] * scale; }
-    if (D4 > 11u) { r.r11 = q[base + 11u] * scale; }
-    if (D4 > 12u) { r.r12 = q[base + 12u] * scale; }
-    if (D4 > 13u) { r.r13 = q[base + 13u] * scale; }
-    if (D4 > 14u) { r.r14 = q[base + 14u] * scale; }
-    if (D4 > 15u) { r.r15 = q[base + 15u] * scale; }
+    r.r0 = vec4<f32>(q[base + 0u]) * scale;
+    if (D4 > 1u) { r.r1 = vec4<f32>(q[base + 1u]) * scale; }
+    if (D4 > 2u) { r.r2 = vec4<f32>(q[base + 2u]) * scale; }
+    if (D4 > 3u) { r.r3 = vec4<f32>(q[base + 3u]) * scale; }
+    if (D4 > 4u) { r.r4 = vec4<f32>(q[base + 4u]) * scale; }
+    if (D4 > 5u) { r.r5 = vec4<f32>(q[base + 5u]) * scale; }
+    if (D4 > 6u) { r.r6 = vec4<f32>(q[base + 6u]) * scale; }
+    if (D4 > 7u) { r.r7 = vec4<f32>(q[base + 7u]) * scale; }
+    if (D4 > 8u) { r.r8 = vec4<f32>(q[base + 8u]) * scale; }
+    if (D4 > 9u) { r.r9 = vec4<f32>(q[base + 9u]) * scale; }
+    if (D4 > 10u) { r.r10 = vec4<f32>(q[base + 10u]) * scale; }
+    if (D4 > 11u) { r.r11 = vec4<f32>(q[base + 11u]) * scale; }
+    if (D4 > 12u) { r.r12 = vec4<f32>(q[base + 12u]) * scale; }
+    if (D4 > 13u) { r.r13 = vec4<f32>(q[base + 13u]) * scale; }
+    if (D4 > 14u) { r.r14 = vec4<f32>(q[base + 14u]) * scale; }
+    if (D4 > 15u) { r.r15 = vec4<f32>(q[base + 15u]) * scale; }
     return r;
 }
 
 fn k_buf(base: u32, scale: f32) -> Row {
     var r: Row;
-    r.r0 = k[base + 0u] * scale;
-    if (D4 > 1u) { r.r1 = k[base + 1u] * scale; }
-    if (D4 > 2u) { r.r2 = k[base + 2u] * scale; }
-    if (D4 > 3u) { r.r3 = k[base + 3u] * scale; }
-    if (D4 > 4u) { r.r4 = k[base + 4u] * scale; }
-    if (D4 > 5u) { r.r5 = k[base + 5u] * scale; }
-    if (D4 > 6u) { r.r6 = k[base + 6u] * scale; }
-    if (D4 > 7u) { r.r7 = k[base + 7u] * scale; }
-    if (D4 > 8u) { r.r8 = k[base + 8u] * scale; }
-    if (D4 > 9u) { r.r9 = k[base + 9u] * scale; }
-    if (D4 > 10u) { r.r10 = k[base + 10u] * scale; }
-    if (D4 > 11u) { r.r11 = k[base + 11u] * scale; }
-    if (D4 > 12u) { r.r12 = k[base + 12u] * scale; }
-    if (D4 > 13u) { r.r13 = k[base + 13u] * scale; }
-    if (D4 > 14u) { r.r14 = k[base + 14u] * scale; }
-    if (D4 > 15u) { r.r15 = k[base + 15u] * scale; }
+    r.r0 = vec4<f32>(k[base + 0u]) * scale;
+    if (D4 > 1u) { r.r1 = vec4<f32>(k[base + 1u]) * scale; }
+    if (D4 > 2u) { r.r2 = vec4<f32>(k[base + 2u]) * scale; }
+    if (D4 > 3u) { r.r3 = vec4<f32>(k[base + 3u]) * scale; }
+    if (D4 > 4u) { r.r4 = vec4<f32>(k[base + 4u]) * scale; }
+    if (D4 > 5u) { r.r5 = vec4<f32>(k[base + 5u]) * scale; }
+    if (D4 > 6u) { r.r6 = vec4<f32>(k[base + 6u]) * scale; }
+    if (D4 > 7u) { r.r7 = vec4<f32>(k[base + 7u]) * scale; }
+    if (D4 > 8u) { r.r8 = vec4<f32>(k[base + 8u]) * scale; }
+    if (D4 > 9u) { r.r9 = vec4<f32>(k[base + 9u]) * scale; }
+    if (D4 > 10u) { r.r10 = vec4<f32>(k[base + 10u]) * scale; }
+    if (D4 > 11u) { r.r11 = vec4<f32>(k[base + 11u]) * scale; }
+    if (D4 > 12u) { r.r12 = vec4<f32>(k[base + 12u]) * scale; }
+    if (D4 > 13u) { r.r13 = vec4<f32>(k[base + 13u]) * scale; }
+    if (D4 > 14u) { r.r14 = vec4<f32>(k[base + 14u]) * scale; }
+    if (D4 > 15u) { r.r15 = vec4<f32>(k[base + 15u]) * scale; }
     return r;
 }
 
 fn v_buf(base: u32, scale: f32) -> Row {
     var r: Row;
-    r.r0 = v[base + 0u] * scale;
-    if (D4 > 1u) { r.r1 = v[base + 1u] * scale; }
-    if (D4 > 2u) { r.r2 = v[base + 2u] * scale; }
-    if (D4 > 3u) { r.r3 = v[base + 3u] * scale; }
-    if (D4 > 4u) { r.r4 = v[base + 4u] * scale; }
-    if (D4 > 5u) { r.r5 = v[base + 5u] * scale; }
-    if (D4 > 6u) { r.r6 = v[base + 6u] * scale; }
-    if (D4 > 7u) { r.r7 = v[base + 7u] * scale; }
-    if (D4 > 8u) { r.r8 = v[base + 8u] * scale; }
-    if (D4 > 9u) { r.r9 = v[base + 9u] * scale; }
-    if (D4 > 10u) { r.r10 = v[base + 10u] * scale; }
-    if (D4 > 11u) { r.r11 = v[base + 11u] * scale; }
-    if (D4 > 12u) { r.r12 = v[base + 12u] * scale; }
-    if (D4 > 13u) { r.r13 = v[base + 13u] * scale; }
-    if (D4 > 14u) { r.r14 = v[base + 14u] * scale; }
-    if (D4 > 15u) { r.r15 = v[base + 15u] * scale; }
+    r.r0 = vec4<f32>(v[base + 0u]) * scale;
+    if (D4 > 1u) { r.r1 = vec4<f32>(v[base + 1u]) * scale; }
+    if (D4 > 2u) { r.r2 = vec4<f32>(v[base + 2u]) * scale; }
+    if (D4 > 3u) { r.r3 = vec4<f32>(v[base + 3u]) * scale; }
+    if (D4 > 4u) { r.r4 = vec4<f32>(v[base + 4u]) * scale; }
+    if (D4 > 5u) { r.r5 = vec4<f32>(v[base + 5u]) * scale; }
+    if (D4 > 6u) { r.r6 = vec4<f32>(v[base + 6u]) * scale; }
+    if (D4 > 7u) { r.r7 = vec4<f32>(v[base + 7u]) * scale; }
+    if (D4 > 8u) { r.r8 = vec4<f32>(v[base + 8u]) * scale; }
+    if (D4 > 9u) { r.r9 = vec4<f32>(v[base + 9u]) * scale; }
+    if (D4 > 10u) { r.r10 = vec4<f32>(v[base + 10u]) * scale; }
+    if (D4 > 11u) { r.r11 = vec4<f32>(v[base + 11u]) * scale; }
+    if (D4 > 12u) { r.r12 = vec4<f32>(v[base + 12u]) * scale; }
+    if (D4 > 13u) { r.r13 = vec4<f32>(v[base + 13u]) * scale; }
+    if (D4 > 14u) { r.r14 = vec4<f32>(v[base + 14u]) * scale; }
+    if (D4 > 15u) { r.r15 = vec4<f32>(v[base + 15u]) * scale; }
     return r;
 }
 
 fn o_buf(base: u32, scale: f32) -> Row {
     var r: Row;
-    r.r0 = o[base + 0u] * scale;
-    if (D4 > 1u) { r.r1 = o[base + 1u] * scale; }
-    if (D4 > 2u) { r.r2 = o[base + 2u] * scale; }
-    if (D4 > 3u) { r.r3 = o[base + 3u] * scale; }
-    if (D4 > 4u) { r.r4 = o[base + 4u] * scale; }
-    if (D4 > 5u) { r.r5 = o[base + 5u] * scale; }
-    if (D4 > 6u) { r.r6 = o[base + 6u] * scale; }
-    if (D4 > 7u) { r.r7 = o[base + 7u] * scale; }
-    if (D4 > 8u) { r.r8 = o[base + 8u] * scale; }
-    if (D4 > 9u) { r.r9 = o[base + 9u] * scale; }
-    if (D4 > 10u) { r.r10 = o[base + 10u] * scale; }
-    if (D4 > 11u) { r.r11 = o[base + 11u] * scale; }
-    if (D4 > 12u) { r.r12 = o[base + 12u] * scale; }
-    if (D4 > 13u) { r.r13 = o[base + 13u] * scale; }
-    if (D4 > 14u) { r.r14 = o[base + 14u] * scale; }
-    if (D4 > 15u) { r.r15 = o[base + 15u] * scale; }
+    r.r0 = vec4<f32>(o[base + 0u]) * scale;
+    if (D4 > 1u) { r.r1 = vec4<f32>(o[base + 1u]) * scale; }
+    if (D4 > 2u) { r.r2 = vec4<f32>(o[base + 2u]) * scale; }
+    if (D4 > 3u) { r.r3 = vec4<f32>(o[base + 3u]) * scale; }
+    if (D4 > 4u) { r.r4 = vec4<f32>(o[base + 4u]) * scale; }
+    if (D4 > 5u) { r.r5 = vec4<f32>(o[base + 5u]) * scale; }
+    if (D4 > 6u) { r.r6 = vec4<f32>(o[base + 6u]) * scale; }
+    if (D4 > 7u) { r.r7 = vec4<f32>(o[base + 7u]) * scale; }
+    if (D4 > 8u) { r.r8 = vec4<f32>(o[base + 8u]) * scale; }
+    if (D4 > 9u) { r.r9 = vec4<f32>(o[base + 9u]) * scale; }
+    if (D4 > 10u) { r.r10 = vec4<f32>(o[base + 10u]) * scale; }
+    if (D4 > 11u) { r.r11 = vec4<f32>(o[base + 11u]) * scale; }
+    if (D4 > 12u) { r.r12 = vec4<f32>(o[base + 12u]) * scale; }
+    if (D4 > 13u) { r.r13 = vec4<f32>(o[base + 13u]) * scale; }
+    if (D4 > 14u) { r.r14 = vec4<f32>(o[base + 14u]) * scale; }
+    if (D4 > 15u) { r.r15 = vec4<f32>(o[base + 15u]) * scale; }
     return r;
 }
 

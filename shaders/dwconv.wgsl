@@ -21,12 +21,12 @@ override WG: u32 = 64u;
 // b_off: first image of this dispatch (the texture variant splits the batch).
 struct Params { B: u32, H: u32, W: u32, C: u32, cls: u32, Hk: u32, Wk: u32, total: u32, b_off: u32, _p0: u32, _p1: u32, _p2: u32 }
 
-@group(0) @binding(0) var<storage, read> x: array<T>;
+@group(0) @binding(0) var<storage, read> x: array<vec4<act>>;
 @group(0) @binding(1) var<storage, read> w: array<T>;
 @group(0) @binding(2) var<storage, read> bias: array<T>;
-@group(0) @binding(3) var<storage, read_write> q: array<T>;
-@group(0) @binding(4) var<storage, read_write> k: array<T>;
-@group(0) @binding(5) var<storage, read_write> v: array<T>;
+@group(0) @binding(3) var<storage, read_write> q: array<vec4<act>>;
+@group(0) @binding(4) var<storage, read_write> k: array<vec4<act>>;
+@group(0) @binding(5) var<storage, read_write> v: array<vec4<act>>;
 @group(0) @binding(6) var<uniform> p: Params;
 
 // (channel, token, image) of element n of a [B, cls + H*W, C] map.
@@ -50,11 +50,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let t = e.y;
     let bi = e.z;
     if (t < p.cls) {
-        let val = x[n];
-        q[n] = val;
+        let val = vec4<f32>(x[n]);
+        q[n] = vec4<act>(val);
         let kidx = (bi * tk) * C + c;
-        k[kidx] = val;
-        v[kidx] = val;
+        k[kidx] = vec4<act>(val);
+        v[kidx] = vec4<act>(val);
         return;
     }
     let pix = t - p.cls;
@@ -72,18 +72,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let x6 = at(base, y + 1, xx - 1, c);
     let x7 = at(base, y + 1, xx, c);
     let x8 = at(base, y + 1, xx + 1, c);
-    q[n] = bias[c] + conv9(0u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8);
+    q[n] = vec4<act>(bias[c] + conv9(0u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8));
     if ((y & 1) == 0 && (xx & 1) == 0) {
         let kidx = (bi * tk + p.cls + u32(y / 2) * p.Wk + u32(xx / 2)) * C + c;
-        k[kidx] = bias[C + c] + conv9(9u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8);
-        v[kidx] = bias[2u * C + c] + conv9(18u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8);
+        k[kidx] = vec4<act>(bias[C + c] + conv9(9u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8));
+        v[kidx] = vec4<act>(bias[2u * C + c] + conv9(18u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8));
     }
 }
 
 // Input pixel (iy, ix) of the map whose first spatial row is `base`, zero outside.
 fn at(base: u32, iy: i32, ix: i32, c: u32) -> T {
     if (iy >= 0 && ix >= 0 && iy < i32(p.H) && ix < i32(p.W)) {
-        return x[(base + u32(iy) * p.W + u32(ix)) * p.C + c];
+        return vec4<f32>(x[(base + u32(iy) * p.W + u32(ix)) * p.C + c]);
     }
     return T(0.0);
 }
@@ -140,9 +140,9 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let bi = p.b_off + bl;
     if (t < p.cls) {
         let val = texel(x_tex, vec2<i32>(ci, i32(bl * tq)));
-        q[bi * tq * C + c] = val;
-        k[bi * tk * C + c] = val;
-        v[bi * tk * C + c] = val;
+        q[bi * tq * C + c] = vec4<act>(val);
+        k[bi * tk * C + c] = vec4<act>(val);
+        v[bi * tk * C + c] = vec4<act>(val);
         return;
     }
     let pix = t - p.cls;
@@ -158,11 +158,11 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let x6 = at_tex(row0, y + 1, xx - 1, ci);
     let x7 = at_tex(row0, y + 1, xx, ci);
     let x8 = at_tex(row0, y + 1, xx + 1, ci);
-    q[(bi * tq + t) * C + c] = lin(bias_t, c) + conv9_tex(0, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
+    q[(bi * tq + t) * C + c] = vec4<act>(lin(bias_t, c) + conv9_tex(0, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8));
     if ((y & 1) == 0 && (xx & 1) == 0) {
         let kidx = (bi * tk + p.cls + u32(y / 2) * p.Wk + u32(xx / 2)) * C + c;
-        k[kidx] = lin(bias_t, C + c) + conv9_tex(9, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
-        v[kidx] = lin(bias_t, 2u * C + c) + conv9_tex(18, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8);
+        k[kidx] = vec4<act>(lin(bias_t, C + c) + conv9_tex(9, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8));
+        v[kidx] = vec4<act>(lin(bias_t, 2u * C + c) + conv9_tex(18, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8));
     }
 }
 
@@ -412,11 +412,11 @@ fn dwconv_backward_w(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         for (var ox = 0u; ox < ow; ox++) {
             var g: T;
             if (m == 0u) {
-                g = q[o];
+                g = vec4<f32>(q[o]);
             } else if (m == 1u) {
-                g = k[o];
+                g = vec4<f32>(k[o]);
             } else {
-                g = v[o];
+                g = vec4<f32>(v[o]);
             }
             let xx = i32(ox) * stride;
             a0 += g * at(base, y - 1, xx - 1, c);
@@ -477,7 +477,7 @@ fn dwconv_backward_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let t = e.y;
     let bi = e.z;
     if (t < p.cls) {
-        dx[n] = q[n] + k[bi * tk * C + c] + v[bi * tk * C + c];
+        dx[n] = vec4<f32>(q[n]) + vec4<f32>(k[bi * tk * C + c]) + vec4<f32>(v[bi * tk * C + c]);
         return;
     }
     let pix = t - p.cls;
@@ -491,7 +491,7 @@ fn dwconv_backward_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
             let qy = iy - ky + 1;
             let qx = ix - kx + 1;
             if (qy >= 0 && qx >= 0 && qy < i32(p.H) && qx < i32(p.W)) {
-                acc += q[(bi * tq + p.cls + u32(qy) * p.W + u32(qx)) * C + c] * w[tap * C + c];
+                acc += vec4<f32>(q[(bi * tq + p.cls + u32(qy) * p.W + u32(qx)) * C + c]) * w[tap * C + c];
             }
             // k, v: 2·oy = iy - ky + 1.
             let ty = iy - ky + 1;
@@ -501,7 +501,7 @@ fn dwconv_backward_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
                 let ox = u32(tx / 2);
                 if (oy < p.Hk && ox < p.Wk) {
                     let o = (bi * tk + p.cls + oy * p.Wk + ox) * C + c;
-                    acc += k[o] * w[(9u + tap) * C + c] + v[o] * w[(18u + tap) * C + c];
+                    acc += vec4<f32>(k[o]) * w[(9u + tap) * C + c] + vec4<f32>(v[o]) * w[(18u + tap) * C + c];
                 }
             }
         }

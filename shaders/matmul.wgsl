@@ -47,10 +47,10 @@ struct Params {
     a_stride: u32, b_stride: u32, _p0: u32, _p1: u32,
 }
 
-@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(0) var<storage, read> a: array<act>;
 @group(0) @binding(1) var<storage, read> b: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> bias: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<act>;
 @group(0) @binding(4) var<uniform> p: Params;
 
 // erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), which is below f32
@@ -92,7 +92,7 @@ fn act_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     if (i >= p.M) {
         return;
     }
-    c[i] = activate(a[i]);
+    c[i] = act(activate(f32(a[i])));
 }
 
 // Backward of the fused activation, in place: c[i] = c[i] * act'(a[i]), with a the
@@ -103,7 +103,7 @@ fn act_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if (i >= p.M) {
         return;
     }
-    c[i] = c[i] * activate_grad(a[i]);
+    c[i] = act(f32(c[i]) * activate_grad(f32(a[i])));
 }
 
 // Epilogue for one vec4 of C (bias added): activation, optional residual add;
@@ -118,9 +118,9 @@ fn store_vec(row: u32, c4: u32, v: vec4<f32>) {
         if (col + e < p.N) {
             let y = activate(v[e]);
             if (ACCUMULATE) {
-                c[base + e] = c[base + e] + y;
+                c[base + e] = act(f32(c[base + e]) + y);
             } else {
-                c[base + e] = y;
+                c[base + e] = act(y);
             }
         }
     }
@@ -155,13 +155,13 @@ fn load_a(r: RowView, k: u32) -> f32 {
         if (iy < 0 || ix < 0 || iy >= i32(p.in_h) || ix >= i32(p.in_w)) {
             return 0.0;
         }
-        return a[(r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + ci];
+        return f32(a[(r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + ci]);
     } else if (A_MODE == 2u) {
-        return a[k * p.a_stride + r.base];
+        return f32(a[k * p.a_stride + r.base]);
     } else if (A_MODE == 3u) {
         return 1.0;
     }
-    return a[r.base + k];
+    return f32(a[r.base + k]);
 }
 
 // `main` reads binding 1 as raw words (`bw`; the other entry points see it as
@@ -277,7 +277,7 @@ fn im2col(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     if (k < p.K) {
         v = load_a(row_view(row), k);
     }
-    c[row * p.N + k] = v;
+    c[row * p.N + k] = act(v);
 }
 
 // col2im: the backward of the im2col view. Given dcols [M, K] (the gradient of
@@ -318,14 +318,14 @@ fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
                 continue;
             }
             let row = (bi * p.out_h + oy) * p.out_w + ox;
-            acc += a[row * p.K + (ky * p.kw + kx) * p.cin + ci];
+            acc += f32(a[row * p.K + (ky * p.kw + kx) * p.cin + ci]);
         }
     }
     let dst = (bi * p.in_tokens + p.in_tok_off + pix) * p.cin + ci;
     if (ACCUMULATE) {
-        c[dst] = c[dst] + acc;
+        c[dst] = act(f32(c[dst]) + acc);
     } else {
-        c[dst] = acc;
+        c[dst] = act(acc);
     }
 }
 
@@ -369,7 +369,7 @@ fn im2col4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     }
     // A chunk of images (the texture holds those images only): its rows start at
     // output row p.out_row_off.
-    c4[p.out_row_off * n4 + i] = v;
+    c4[p.out_row_off * n4 + i] = vec4<act>(v);
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
@@ -401,9 +401,9 @@ fn col2im4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     }
     let dst = ((bi * p.in_tokens + p.in_tok_off + pix) * p.cin + ci) / 4u;
     if (ACCUMULATE) {
-        c4[dst] = c4[dst] + acc;
+        c4[dst] = vec4<act>(vec4<f32>(c4[dst]) + acc);
     } else {
-        c4[dst] = acc;
+        c4[dst] = vec4<act>(acc);
     }
 }
 
@@ -664,7 +664,10 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
 // buffers themselves. Params reuse: M = texture height, N = texture width (texels),
 // K = r_real, NP4 = c_real, a_stride = stride, b_stride = 1 if transposed,
 // out_row_off = off.
-@group(0) @binding(7) var pack_out: texture_storage_2d<rgba32float, write>;
+@group(0) @binding(7) var pack_out: OTex;
+// The packed source as whole vec4s (pack4, pack4t): binding 1 seen as
+// activations, f16 in an f16 plan (whose packed weights are f16 too).
+@group(0) @binding(1) var<storage, read> a4: array<vec4<act>>;
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn pack(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -679,9 +682,9 @@ fn pack(@builtin(global_invocation_id) gid: vec3<u32>) {
             let col = x * 4u + e;
             if (col < p.NP4) {
                 if (p.b_stride != 0u) {
-                    v[e] = a[p.out_row_off + col * p.a_stride + y];
+                    v[e] = f32(a[p.out_row_off + col * p.a_stride + y]);
                 } else {
-                    v[e] = a[p.out_row_off + y * p.a_stride + col];
+                    v[e] = f32(a[p.out_row_off + y * p.a_stride + col]);
                 }
             }
         }
@@ -702,7 +705,7 @@ fn pack4(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var v = vec4<f32>(0.0);
     if (y < p.K && x * 4u < p.NP4) {
-        v = b[(p.out_row_off + y * p.a_stride) / 4u + x];
+        v = vec4<f32>(a4[(p.out_row_off + y * p.a_stride) / 4u + x]);
     }
     textureStore(pack_out, vec2<i32>(i32(x), i32(y)), v);
 }
@@ -710,7 +713,7 @@ fn pack4(@builtin(global_invocation_id) gid: vec3<u32>) {
 // act_forward4 / act_backward4: the elementwise entries four values at a time
 // when the length is a multiple of 4 (z through binding 1 as vec4, the output
 // through binding 8); p.M counts vec4s.
-@group(0) @binding(8) var<storage, read_write> c4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> c4: array<vec4<act>>;
 
 fn activate4(z: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(activate(z.x), activate(z.y), activate(z.z), activate(z.w));
@@ -722,7 +725,7 @@ fn act_forward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if (i >= p.M) {
         return;
     }
-    c4[i] = activate4(b[i]);
+    c4[i] = vec4<act>(activate4(b[i]));
 }
 
 // colsum_part / colsum_finish: column sums of a [p.M rows, p.N] matrix (p.N a
@@ -743,7 +746,7 @@ fn colsum_part(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     for (var r = i / n4; r < p.M; r += p.K) {
         s += b_lin(r * n4 + c);
     }
-    c4[i] = s;
+    c4[i] = vec4<act>(s);
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
@@ -755,12 +758,12 @@ fn colsum_finish(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var s = vec4<f32>(0.0);
     for (var j = 0u; j < p.K; j++) {
-        s += c4[j * n4 + col];
+        s += vec4<f32>(c4[j * n4 + col]);
     }
-    c[col * 4u] = s.x;
-    c[col * 4u + 1u] = s.y;
-    c[col * 4u + 2u] = s.z;
-    c[col * 4u + 3u] = s.w;
+    c[col * 4u] = act(s.x);
+    c[col * 4u + 1u] = act(s.y);
+    c[col * 4u + 2u] = act(s.z);
+    c[col * 4u + 3u] = act(s.w);
 }
 
 // The same two on drivers that prefer texture operands: z (and dy) read from
@@ -772,7 +775,7 @@ fn act_forward4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
         return;
     }
     // Inference reads z in chunks: texel i is vec4 out_row_off + i.
-    c4[p.out_row_off + i] = activate4(lin(a_tex, i));
+    c4[p.out_row_off + i] = vec4<act>(activate4(lin(a_tex, i)));
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
@@ -782,7 +785,7 @@ fn act_backward4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         return;
     }
     let z = lin(a_tex, i);
-    c4[p.out_row_off + i] = b_lin(i) * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
+    c4[p.out_row_off + i] = vec4<act>(b_lin(i) * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w)));
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
@@ -792,7 +795,7 @@ fn act_backward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
         return;
     }
     let z = b[i];
-    c4[i] = c4[i] * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
+    c4[i] = vec4<act>(vec4<f32>(c4[i]) * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w)));
 }
 
 // pack4t: the transposed orientation with aligned start and row stride, a 4x4
@@ -811,10 +814,10 @@ fn pack4t(@builtin(global_invocation_id) gid: vec3<u32>) {
     let s4 = p.a_stride / 4u;
     let ok = y0 < p.K;
     let c = x * 4u;
-    let r0 = select(vec4<f32>(0.0), b[base], ok && c < p.NP4);
-    let r1 = select(vec4<f32>(0.0), b[base + s4], ok && c + 1u < p.NP4);
-    let r2 = select(vec4<f32>(0.0), b[base + 2u * s4], ok && c + 2u < p.NP4);
-    let r3 = select(vec4<f32>(0.0), b[base + 3u * s4], ok && c + 3u < p.NP4);
+    let r0 = select(vec4<f32>(0.0), vec4<f32>(a4[base]), ok && c < p.NP4);
+    let r1 = select(vec4<f32>(0.0), vec4<f32>(a4[base + s4]), ok && c + 1u < p.NP4);
+    let r2 = select(vec4<f32>(0.0), vec4<f32>(a4[base + 2u * s4]), ok && c + 2u < p.NP4);
+    let r3 = select(vec4<f32>(0.0), vec4<f32>(a4[base + 3u * s4]), ok && c + 3u < p.NP4);
     let xi = i32(x);
     let yi = i32(y0);
     // Rows past r_real (p.K) are zero; rows past the texture (p.M) are not written.

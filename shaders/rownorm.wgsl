@@ -24,10 +24,10 @@ struct Params {
     row0: u32, tex_off: u32, _q0: u32, _q1: u32,
 }
 
-@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(0) var<storage, read> x: array<act>;
 @group(0) @binding(1) var<storage, read> gamma: array<f32>;
 @group(0) @binding(2) var<storage, read> beta: array<f32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<act>;
 @group(0) @binding(4) var<uniform> p: Params;
 
 var<workgroup> red: array<f32, WG>;
@@ -81,12 +81,12 @@ fn reduce_max(val: f32, lid: u32) -> f32 {
 fn row_stats(base: u32, lid: u32) -> vec2<f32> {
     var s = 0.0;
     for (var c = lid % LANES; c < p.C; c += LANES) {
-        s += x[base + c];
+        s += f32(x[base + c]);
     }
     let mean = reduce_sum(s, lid) / f32(p.C);
     var s2 = 0.0;
     for (var c = lid % LANES; c < p.C; c += LANES) {
-        let d = x[base + c] - mean;
+        let d = f32(x[base + c]) - mean;
         s2 += d * d;
     }
     return vec2<f32>(mean, inverseSqrt(reduce_sum(s2, lid) / f32(p.C) + p.eps));
@@ -111,7 +111,7 @@ fn layernorm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let mean = st.x;
     let rstd = st.y;
     for (var c = row.lane; c < p.C && row.valid; c += LANES) {
-        y[ob + c] = (x[ib + c] - mean) * rstd * gamma[c] + beta[c];
+        y[ob + c] = act((f32(x[ib + c]) - mean) * rstd * gamma[c] + beta[c]);
     }
 }
 
@@ -119,12 +119,12 @@ fn layernorm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 fn row_logsumexp(b: u32, lid: u32) -> f32 {
     var m = -3.0e38;
     for (var c = lid % LANES; c < p.C; c += LANES) {
-        m = max(m, x[b + c]);
+        m = max(m, f32(x[b + c]));
     }
     let mx = reduce_max(m, lid);
     var s = 0.0;
     for (var c = lid % LANES; c < p.C; c += LANES) {
-        s += exp(x[b + c] - mx);
+        s += exp(f32(x[b + c]) - mx);
     }
     return mx + log(reduce_sum(s, lid));
 }
@@ -138,7 +138,7 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     let b = r * p.C;
     let lse = row_logsumexp(b, lid);
     for (var c = row.lane; c < p.C && row.valid; c += LANES) {
-        y[b + c] = exp(x[b + c] - lse);
+        y[b + c] = act(exp(f32(x[b + c]) - lse));
     }
 }
 
@@ -164,7 +164,7 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     var sg = 0.0;
     var sgx = 0.0;
     for (var c = row.lane; c < p.C; c += LANES) {
-        let xh = (x[base + c] - mean) * rstd;
+        let xh = (f32(x[base + c]) - mean) * rstd;
         let g = beta[ob + c] * gamma[c];
         sg += g;
         sgx += g * xh;
@@ -172,9 +172,9 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let mg = reduce_sum(sg, lid) / f32(p.C);
     let mgx = reduce_sum(sgx, lid) / f32(p.C);
     for (var c = row.lane; c < p.C && row.valid; c += LANES) {
-        let xh = (x[base + c] - mean) * rstd;
+        let xh = (f32(x[base + c]) - mean) * rstd;
         let dy = beta[ob + c];
-        y[base + c] = rstd * (dy * gamma[c] - mg - xh * mgx);
+        y[base + c] = act(rstd * (dy * gamma[c] - mg - xh * mgx));
         aux[tb + c] = dy * xh;
     }
 }
@@ -194,8 +194,8 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     var l = 0.0;
     for (var c = row.lane; c < p.C && row.valid; c += LANES) {
         let t = gamma[b + c];
-        y[b + c] = (exp(x[b + c] - lse) - t) * p.eps;
-        l += t * (lse - x[b + c]);
+        y[b + c] = act((exp(f32(x[b + c]) - lse) - t) * p.eps);
+        l += t * (lse - f32(x[b + c]));
     }
     let loss = reduce_sum(l, lid);
     if (row.lane == 0u && row.valid) {
@@ -207,8 +207,8 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 // vec4 LayerNorm for the row-per-invocation path (LANES = 1) when C is a multiple
 // of 4: the same math over vec4 views, a quarter of the loads. Bindings 9-14 are
 // y (dx), aux, and the textures of x, dy, gamma and beta.
-@group(0) @binding(9) var<storage, read_write> y4: array<vec4<f32>>;
-@group(0) @binding(10) var<storage, read_write> aux4: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> y4: array<vec4<act>>;
+@group(0) @binding(10) var<storage, read_write> aux4: array<vec4<act>>;
 // The vec4 kernels serve CPU drivers, where a storage-buffer load is a loop over
 // the SIMD lanes and a texel fetch one gather: they read x (and dy) from linear
 // textures (Graph::linear_texture: vec4 i at (i & (W-1), i >> log2 W)).
@@ -266,9 +266,9 @@ fn layernorm4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let st = row_stats4(tb);
     for (var c = 0u; c < p.C / 4u; c++) {
         let v = x4(tb + c);
-        y4[ob + c] = (v - st.x) * st.y * lin(gamma_t, c) + lin(beta_t, c);
+        y4[ob + c] = vec4<act>((v - st.x) * st.y * lin(gamma_t, c) + lin(beta_t, c));
         if (RESIDUAL) {
-            aux4[ib + c] = v;
+            aux4[ib + c] = vec4<act>(v);
         }
     }
 }
@@ -300,7 +300,7 @@ fn layernorm_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     for (var c = 0u; c < c4; c++) {
         let xh = (lin(x_t, base + c) - mean) * rstd;
         let dy = lin(dy_t, ob + c);
-        y4[base + c] = rstd * (dy * lin(gamma_t, c) - mg - xh * mgx);
-        aux4[tb + c] = dy * xh;
+        y4[base + c] = vec4<act>(rstd * (dy * lin(gamma_t, c) - mg - xh * mgx));
+        aux4[tb + c] = vec4<act>(dy * xh);
     }
 }

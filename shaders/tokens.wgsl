@@ -9,8 +9,8 @@ override WG: u32 = 64u;
 
 struct Params { B: u32, T: u32, C: u32, _p: u32 }
 
-@group(0) @binding(0) var<storage, read> src: array<f32>;
-@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+@group(0) @binding(0) var<storage, read> src: array<act>;
+@group(0) @binding(1) var<storage, read_write> y: array<act>;
 @group(0) @binding(2) var<uniform> p: Params;
 
 @compute @workgroup_size(WG)
@@ -21,7 +21,7 @@ fn cls_fill(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let bi = n / p.C;
     let c = n % p.C;
-    y[bi * p.T * p.C + c] = src[c];
+    y[bi * p.T * p.C + c] = act(f32(src[c]));
 }
 
 @compute @workgroup_size(WG)
@@ -34,9 +34,9 @@ fn mean_tokens(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = n % p.C;
     var s = 0.0;
     for (var t = 0u; t < p.T; t++) {
-        s += src[(bi * p.T + t) * p.C + c];
+        s += f32(src[(bi * p.T + t) * p.C + c]);
     }
-    y[n] = s / f32(p.T);
+    y[n] = act(s / f32(p.T));
 }
 
 // gather_rows: y [rows, C] = src rows (r / group) * stride + off + r % group,
@@ -52,7 +52,7 @@ fn gather_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
     let r = n / gp.C;
     let c = n % gp.C;
-    y[n] = src[((r / gp.group) * gp.stride + gp.off + r % gp.group) * gp.C + c];
+    y[n] = act(f32(src[((r / gp.group) * gp.stride + gp.off + r % gp.group) * gp.C + c]));
 }
 
 // cls_grad: y [C] = Σ_b src[b, 0, :] over the B images of a [B, T, C] map (the
@@ -65,13 +65,13 @@ fn cls_grad(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var s = 0.0;
     for (var bi = 0u; bi < p.B; bi++) {
-        s += src[bi * p.T * p.C + c];
+        s += f32(src[bi * p.T * p.C + c]);
     }
-    y[c] = s;
+    y[c] = act(s);
 }
 
 // add: y = src + other, elementwise over p.B elements (p.B holds the count).
-@group(0) @binding(4) var<storage, read> other: array<f32>;
+@group(0) @binding(4) var<storage, read> other: array<act>;
 
 @compute @workgroup_size(WG)
 fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -79,7 +79,7 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     if (n >= p.B) {
         return;
     }
-    y[n] = src[n] + other[n];
+    y[n] = act(f32(src[n]) + f32(other[n]));
 }
 
 // add4_tex: the same four values at a time on drivers that prefer texture
@@ -87,7 +87,7 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 // per-lane storage loads; Graph::linear_texture); p.B counts vec4s.
 @group(0) @binding(6) var a_tex: Tex;
 @group(0) @binding(7) var b_tex: Tex;
-@group(0) @binding(8) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> y4: array<vec4<act>>;
 
 @compute @workgroup_size(WG)
 fn add4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -96,7 +96,7 @@ fn add4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
         return;
     }
     // Inputs read in chunks: texel n is vec4 p.T + n of the tensors.
-    y4[p.T + n] = lin(a_tex, n) + lin(b_tex, n);
+    y4[p.T + n] = vec4<act>(lin(a_tex, n) + lin(b_tex, n));
 }
 
 // act_forward lives with the matmul epilogue (matmul.wgsl::act_forward).
@@ -113,7 +113,7 @@ fn add_scaled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     if (n >= p.B) {
         return;
     }
-    y[n] = src[n] + other[n] * scales[p.C + n / p.T];
+    y[n] = act(f32(src[n]) + f32(other[n]) * scales[p.C + n / p.T]);
 }
 
 @compute @workgroup_size(WG)
@@ -122,5 +122,5 @@ fn scale_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     if (n >= p.B) {
         return;
     }
-    y[n] = src[n] * scales[p.C + n / p.T];
+    y[n] = act(f32(src[n]) * scales[p.C + n / p.T]);
 }

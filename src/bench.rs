@@ -31,8 +31,9 @@ pub struct BenchArgs {
     /// infer: a forward; train: forward + backward + AdamW update.
     #[arg(long, value_enum, default_value = "infer")]
     pub mode: Mode,
-    /// Inference with f16 weights (f32 arithmetic); reports the largest logit
-    /// difference against f32 weights on the same input.
+    /// Inference in f16: weights, and activations where the adapter has
+    /// shader-f16 (f32 arithmetic); reports the largest logit difference against
+    /// f32 on the same input.
     #[arg(long)]
     pub f16: bool,
     /// Print one JSON object.
@@ -80,7 +81,9 @@ pub struct BenchResult {
     pub peak_over_weights_plus_live: f64,
     /// Weights stored in f16 (`--f16`).
     pub f16: bool,
-    /// With `--f16`: its logits against f32 weights on the same input.
+    /// Activations and textures in f16 too (`--f16` on adapters with shader-f16).
+    pub f16_activations: bool,
+    /// With `--f16`: its logits against the f32 model on the same input.
     pub f16_vs_f32: Option<F16Difference>,
     /// The variant trial (`tune_ms`), plan, pipeline compiles and first forward;
     /// the weight upload (`upload_ms`) is not included.
@@ -99,8 +102,8 @@ pub struct BenchResult {
     pub kernels: Vec<KernelTime>,
 }
 
-/// f16 weights against f32 ones: the largest logit difference, relative to the
-/// largest f32 logit magnitude, and how often the top-1 class agrees.
+/// An f16 model against the f32 one: the largest logit difference, the largest
+/// f32 logit magnitude, and how often the top-1 class agrees.
 #[derive(serde::Serialize, Debug)]
 pub struct F16Difference {
     pub max_abs_logit_diff: f64,
@@ -191,7 +194,7 @@ pub fn gemm_plan(gpu: &Arc<Gpu>, m: usize, n: usize, k: usize) -> Result<crate::
 
 pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     if a.f16 && (a.gemm || a.mode == Mode::Train) {
-        anyhow::bail!("--f16 applies to inference (f16 weights); training and --gemm use f32");
+        anyhow::bail!("--f16 applies to inference; training and --gemm use f32");
     }
     if a.gemm {
         let ceiling = gemm(&gpu, 1024, 1024, 1024, 3)?;
@@ -215,7 +218,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     let tune_ms = t0.elapsed().as_secs_f64() * 1e3;
     let tensors = random_tensors(&cfg, 1);
     let t0 = Instant::now();
-    let fmt = WeightFormat::from_flag(a.f16);
+    let fmt = WeightFormat::from_flag(&gpu, a.f16);
     let model = Model::new_in(gpu.clone(), cfg.clone(), &tensors, Act::QuickGelu, fmt)?;
     let upload_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
@@ -251,6 +254,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         max_live_activation_bytes: plan.plan.max_live_bytes,
         peak_over_weights_plus_live: (model.weight_bytes + plan.plan.activation_bytes + plan.plan.texture_bytes) as f64 / (model.weight_bytes + plan.plan.max_live_bytes) as f64,
         f16: a.f16,
+        f16_activations: model.half,
         f16_vs_f32,
         first_call_ms,
         tune_ms,
@@ -283,7 +287,8 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         println!("            peak {:.1} MiB = {:.2}x weights + largest live set", mib(r.peak_memory_bytes), r.peak_over_weights_plus_live);
         if let Some(d) = &r.f16_vs_f32 {
             println!(
-                "  f16       weights in f16: logits within {:.2e} of f32 weights (largest |logit| {:.2}), top-1 agrees on {:.0}%",
+                "  f16       {} in f16: logits within {:.2e} of f32 (largest |logit| {:.2}), top-1 agrees on {:.0}%",
+                if r.f16_activations { "weights and activations" } else { "weights (no shader-f16 for activations)" },
                 d.max_abs_logit_diff,
                 d.max_abs_logit,
                 100.0 * d.top1_agreement

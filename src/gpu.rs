@@ -157,12 +157,13 @@ pub struct Gpu {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
-    /// Shader modules by (file, texture-read mode, f16 weight textures).
-    modules: Mutex<HashMap<(&'static str, TexRead, bool), wgpu::ShaderModule>>,
+    /// Shader modules by (file, texture-read mode, f16 weight textures, f16 plan).
+    modules: Mutex<HashMap<(&'static str, TexRead, bool, bool), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// A small zero buffer for bindings an entry point declares but a mode ignores.
     placeholder: std::sync::OnceLock<Arc<wgpu::Buffer>>,
-    placeholder_texture: std::sync::OnceLock<Arc<wgpu::TextureView>>,
+    /// One-texel textures in rgba32float and rgba16float (for f16 plans).
+    placeholder_texture: [std::sync::OnceLock<Arc<wgpu::TextureView>>; 2],
     /// The matmul variant, chosen on first use by a timed trial (`ops::matmul::preferred_kind`).
     pub matmul_kind: std::sync::OnceLock<MatmulKind>,
     /// How kernels read textures (`texread`): a rule at start, then the trial's choice.
@@ -233,7 +234,7 @@ impl Gpu {
             tex_read,
             row_lanes: std::sync::atomic::AtomicUsize::new(0),
             placeholder: std::sync::OnceLock::new(),
-            placeholder_texture: std::sync::OnceLock::new(),
+            placeholder_texture: [std::sync::OnceLock::new(), std::sync::OnceLock::new()],
             error,
         }))
     }
@@ -274,8 +275,9 @@ impl Gpu {
 
     /// A one-texel texture, for texture bindings a kernel mode does not read (WGSL
     /// counts a binding used under a false override-constant branch as used).
-    pub fn placeholder_texture(&self) -> Arc<wgpu::TextureView> {
-        self.placeholder_texture.get_or_init(|| Arc::new(texture(self, "placeholder", 1, 1).create_view(&Default::default()))).clone()
+    /// `half`: rgba16float, for f16 plans, whose storage-texture bindings name that format.
+    pub fn placeholder_texture(&self, half: bool) -> Arc<wgpu::TextureView> {
+        self.placeholder_texture[half as usize].get_or_init(|| Arc::new(texture_of(self, "placeholder", 1, 1, tex_format(half)).create_view(&Default::default()))).clone()
     }
 
     /// Largest storage buffer one binding may cover on this device.
@@ -295,9 +297,9 @@ impl Gpu {
         *self.tex_read.lock().unwrap() = read;
     }
 
-    fn module(&self, name: &'static str, read: TexRead, w16: bool) -> Result<wgpu::ShaderModule> {
+    fn module(&self, name: &'static str, read: TexRead, w16: bool, a16: bool) -> Result<wgpu::ShaderModule> {
         let mut m = self.modules.lock().unwrap();
-        if let Some(module) = m.get(&(name, read, w16)) {
+        if let Some(module) = m.get(&(name, read, w16, a16)) {
             return Ok(module.clone());
         }
         let mut src: String = SHADERS.iter().find(|(n, _)| *n == name).ok_or_else(|| anyhow!("no shader named {name}"))?.1.into();
@@ -307,7 +309,7 @@ impl Gpu {
             let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
             src = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         }
-        let src = crate::texread::prelude(read, w16) + &src;
+        let src = crate::texread::prelude(read, w16, a16) + &src;
         let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
         let checks = match std::env::var("CVT_GPU_CHECKS").as_deref() {
             Ok("all") => wgpu::ShaderRuntimeChecks::checked(),
@@ -320,30 +322,28 @@ impl Gpu {
         };
         // SAFETY: every loop in our kernels has a bound computed from uniforms or constants.
         let module = unsafe { self.device.create_shader_module_trusted(desc, checks) };
-        m.insert((name, read, w16), module.clone());
+        m.insert((name, read, w16, a16), module.clone());
         Ok(module)
     }
 
     /// A compute pipeline for `shader::entry` specialised by `overrides`, compiled
     /// once per process and shared; textures read in the current mode (`tex_read`).
     pub fn pipeline(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)]) -> Result<Arc<wgpu::ComputePipeline>> {
-        self.pipeline_in(shader, entry, overrides, false)
+        self.pipeline_in(shader, entry, overrides, false, false)
     }
 
-    /// As `pipeline`, for a kernel whose weight texture (`WTex`) is rgba16float.
-    pub fn pipeline_w16(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)]) -> Result<Arc<wgpu::ComputePipeline>> {
-        self.pipeline_in(shader, entry, overrides, true)
-    }
-
-    fn pipeline_in(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)], w16: bool) -> Result<Arc<wgpu::ComputePipeline>> {
+    /// As `pipeline`, for a kernel whose weight texture (`WTex`) is rgba16float
+    /// (`w16`) and/or of an f16 plan (`a16`: f16 activations and textures; see
+    /// `texread::prelude`).
+    pub fn pipeline_in(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)], w16: bool, a16: bool) -> Result<Arc<wgpu::ComputePipeline>> {
         let read = self.tex_read();
         // Sampled reads take any format: one module serves f32 and f16 weights.
-        let w16 = w16 && read == TexRead::Storage;
-        let key = format!("{shader}:{entry}:{overrides:?}:{}{}", read.name(), if w16 { ":w16" } else { "" });
+        let w16 = w16 && read == TexRead::Storage && !a16;
+        let key = format!("{shader}:{entry}:{overrides:?}:{}{}{}", read.name(), if w16 { ":w16" } else { "" }, if a16 { ":f16" } else { "" });
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
-        let module = self.module(shader, read, w16)?;
+        let module = self.module(shader, read, w16, a16)?;
         let t0 = std::time::Instant::now();
         let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
@@ -465,8 +465,22 @@ pub fn npot(n: u32, max: u32) -> u32 {
 /// texture, `texread`: both usages, so pipelines of either mode can bind it) and
 /// copies or `pack` fill; at least `height` rows (see [`npot`]).
 pub fn texture(gpu: &Gpu, label: &str, width: u32, height: u32) -> wgpu::Texture {
+    texture_of(gpu, label, width, height, wgpu::TextureFormat::Rgba32Float)
+}
+
+/// As `texture`, in `format` (rgba16float in f16 plans).
+pub fn texture_of(gpu: &Gpu, label: &str, width: u32, height: u32, format: wgpu::TextureFormat) -> wgpu::Texture {
     let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::STORAGE_BINDING;
-    texture_as(gpu, label, width, height, wgpu::TextureFormat::Rgba32Float, usage)
+    texture_as(gpu, label, width, height, format, usage)
+}
+
+/// The texture format of an f16 plan's textures (`half`) or of an f32 one's.
+pub fn tex_format(half: bool) -> wgpu::TextureFormat {
+    if half {
+        wgpu::TextureFormat::Rgba16Float
+    } else {
+        wgpu::TextureFormat::Rgba32Float
+    }
 }
 
 /// A 2D texture of `format`, `width` wide and at least `height` rows (see [`npot`]).
@@ -491,6 +505,15 @@ pub fn texture_from(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u3
     fill_texture(gpu, &t, bytemuck::cast_slice(data), 16, width, height)
 }
 
+/// As `texture_from`, or `texture_from_f16` when `half`.
+pub fn texture_from_in(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u32, half: bool) -> wgpu::TextureView {
+    if half {
+        texture_from_f16(gpu, label, data, width, height)
+    } else {
+        texture_from(gpu, label, data, width, height)
+    }
+}
+
 /// As `texture_from`, stored as rgba16float (kernels read it as f32 all the same).
 pub fn texture_from_f16(gpu: &Gpu, label: &str, data: &[f32], width: u32, height: u32) -> wgpu::TextureView {
     let usage = wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::STORAGE_BINDING;
@@ -498,10 +521,11 @@ pub fn texture_from_f16(gpu: &Gpu, label: &str, data: &[f32], width: u32, height
     fill_texture(gpu, &t, bytemuck::cast_slice(&to_f16(data)), 8, width, height)
 }
 
-/// Width in texels of a linear texture of `texels` texels: 16, doubled while the
-/// height would pass the device's `max` dimension (a power of two, as `lin` needs).
-pub fn linear_width(texels: usize, max: usize) -> usize {
-    let mut width = 16;
+/// Width in texels of a linear texture of `texels` texels of `texel_bytes`: 256
+/// bytes (what row copies need), doubled while the height would pass the
+/// device's `max` dimension (a power of two, as `lin` needs).
+pub fn linear_width(texels: usize, max: usize, texel_bytes: usize) -> usize {
+    let mut width = 256 / texel_bytes;
     while texels.div_ceil(width) > max && width < max {
         width *= 2;
     }
@@ -512,16 +536,19 @@ pub fn linear_width(texels: usize, max: usize) -> usize {
 /// texture (`texread`'s `lin`: vec4 i at (i % W, i / W), W a power of two), made
 /// once at load. Kernels on CPU drivers read such parameters as texels: from a
 /// storage buffer each load is a loop over the SIMD lanes.
-pub fn linear_texture_from(gpu: &Gpu, label: &str, data: &[f32]) -> Arc<wgpu::TextureView> {
+/// `half`: stored as rgba16float, for f16 plans.
+pub fn linear_texture_from(gpu: &Gpu, label: &str, data: &[f32], half: bool) -> Arc<wgpu::TextureView> {
     let max = gpu.limits.max_texture_dimension_2d;
     let texels = data.len().div_ceil(4).max(1);
-    let width = linear_width(texels, max as usize) as u32;
+    let texel = if half { 8 } else { 16 };
+    let width = linear_width(texels, max as usize, texel) as u32;
     let height = (texels as u32).div_ceil(width);
     let mut padded = data.to_vec();
     padded.resize((width * height * 4) as usize, 0.0);
     // Height padded off powers of two like the graph's textures (see `npot`).
-    let t = texture(gpu, label, width, npot(height, max));
-    Arc::new(fill_texture(gpu, &t, bytemuck::cast_slice(&padded), 16, width, height))
+    let t = texture_of(gpu, label, width, npot(height, max), tex_format(half));
+    let view = if half { fill_texture(gpu, &t, bytemuck::cast_slice(&to_f16(&padded)), 8, width, height) } else { fill_texture(gpu, &t, bytemuck::cast_slice(&padded), 16, width, height) };
+    Arc::new(view)
 }
 
 /// GPU bytes of a texture as allocated (padding included).

@@ -161,6 +161,12 @@ pub struct Graph {
     /// faster than 2 on lavapipe at batch 1 and takes 0.3-0.9 s longer to compile
     /// at first dispatch (docs/perf.md). `CVT_GPU_ATTN_QPI`.
     pub attn_queries: usize,
+    /// An f16 plan: every tensor holds f16 and every plan texture is rgba16float;
+    /// kernels compute in f32, converting at each load and store
+    /// (`texread::prelude`'s `act`). Set by `Model::plan` for `--f16` models on
+    /// adapters with shader-f16; before any op is added, since ops pick their
+    /// pipelines (`Graph::pipeline`) as they are added.
+    pub half: bool,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
     /// Texture fillings so far (`TexRef::fill`).
@@ -215,6 +221,8 @@ pub struct Plan {
     pub max_live_bytes: u64,
     /// Bytes of the plan's textures (texture-operand variants).
     pub texture_bytes: u64,
+    /// Tensors hold f16 (`Graph::half`); `write` and `read` convert.
+    pub half: bool,
 }
 
 /// Splits a 1-D count of workgroups into a 2-D grid within the device's
@@ -231,10 +239,40 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(16), fused_epilogue: fused_setting().unwrap_or(false), attn_queries: qpi_setting().unwrap_or(4), tensors: vec![], ops: vec![], fills: 0 }
+        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(16), fused_epilogue: fused_setting().unwrap_or(false), attn_queries: qpi_setting().unwrap_or(4), half: false, tensors: vec![], ops: vec![], fills: 0 }
     }
 
-    /// A new intermediate tensor of `len` f32.
+    /// The pipeline of `shader::entry` for this graph's precision (see `half`).
+    pub fn pipeline(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)]) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.gpu.pipeline_in(shader, entry, overrides, false, self.half)
+    }
+
+    /// As `pipeline`, with f16 weight textures when `w16`.
+    pub fn pipeline_w(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)], w16: bool) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.gpu.pipeline_in(shader, entry, overrides, w16, self.half)
+    }
+
+    /// Bytes of one tensor element: 4, or 2 in an f16 plan.
+    pub fn elem_bytes(&self) -> usize {
+        if self.half {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// Bytes of one texel (4 values) of the plan's textures.
+    pub fn texel_bytes(&self) -> usize {
+        4 * self.elem_bytes()
+    }
+
+    /// Whether rows of `width` texels can be copied into a texture: buffer-to-
+    /// texture copies need rows of a multiple of 256 bytes.
+    pub fn row_copy_ok(&self, width: usize) -> bool {
+        (width * self.texel_bytes()) % 256 == 0
+    }
+
+    /// A new intermediate tensor of `len` values.
     pub fn tensor(&mut self, name: impl Into<String>, len: usize) -> TensorId {
         self.tensors.push(TensorMeta { name: name.into(), len, pinned: false });
         TensorId(self.tensors.len() - 1)
@@ -266,11 +304,11 @@ impl Graph {
         self.ops.push(OpRec::Clear { t });
     }
 
-    /// Copies rows [row0, row0 + rows) of `src`, a row-major [_, 4 * width] f32
-    /// tensor, into an rgba32float texture of width x rows texels, for the next
-    /// dispatch's `binding`. The copy needs 16 * width bytes per row to be a
-    /// multiple of 256.
+    /// Copies rows [row0, row0 + rows) of `src`, a row-major [_, 4 * width]
+    /// tensor, into a texture of width x rows texels, for the next dispatch's
+    /// `binding`. The copy needs rows of a multiple of 256 bytes (`row_copy_ok`).
     pub fn to_texture(&mut self, src: TensorId, row0: usize, rows: usize, width: usize, binding: u32) -> TexRef {
+        assert!(self.row_copy_ok(width), "to_texture: rows of {width} texels are not a multiple of 256 bytes");
         let tex = self.tex(width, rows, binding);
         self.ops.push(OpRec::Copy { src: CopySrc::Act(src), texel0: row0 * width, tex, texels: None });
         tex
@@ -301,7 +339,7 @@ impl Graph {
     }
 
     fn linear_copy(&mut self, src: CopySrc, texel0: usize, texels: usize, binding: u32) -> TexRef {
-        let width = crate::gpu::linear_width(texels, self.gpu.limits.max_texture_dimension_2d as usize);
+        let width = crate::gpu::linear_width(texels, self.gpu.limits.max_texture_dimension_2d as usize, self.texel_bytes());
         let tex = TexRef { linear: true, ..self.tex(width, texels.div_ceil(width).max(1), binding) };
         self.ops.push(OpRec::Copy { src, texel0, tex, texels: Some(texels) });
         tex
@@ -346,7 +384,9 @@ impl Graph {
                 last[t.0] = i;
             }
         }
-        let bytes = |t: usize| ((self.tensors[t].len.max(1) * 4) as u64).div_ceil(16) * 16;
+        let (elem, texel) = (self.elem_bytes(), self.texel_bytes());
+        let format = if self.half { wgpu::TextureFormat::Rgba16Float } else { wgpu::TextureFormat::Rgba32Float };
+        let bytes = |t: usize| ((self.tensors[t].len.max(1) * elem) as u64).div_ceil(16) * 16;
         let tensors: Vec<SlotTensor> = (0..n).map(|t| SlotTensor { bytes: bytes(t), span: (first[t] != usize::MAX && !self.tensors[t].pinned).then(|| (first[t], last[t])) }).collect();
         let SlotPlan { slot_size, tensor_slot, max_live } = plan_slots(&tensors);
         if std::env::var_os("CVT_GPU_TRACE_MEMORY").is_some() {
@@ -416,7 +456,7 @@ impl Graph {
         if std::env::var_os("CVT_GPU_TRACE_TEXTURES").is_some() {
             eprintln!("plan: {} textures", tex_sizes.len());
             for t in &tex_sizes {
-                eprintln!("texture binding {:2} {:5} x {:6} texels {:8.2} MiB", t.binding, t.width, t.height, (t.width as f64 * t.height as f64 * 16.0) / 1048576.0);
+                eprintln!("texture binding {:2} {:5} x {:6} texels {:8.2} MiB", t.binding, t.width, t.height, (t.width as f64 * t.height as f64 * texel as f64) / 1048576.0);
             }
         }
         let max_tex = gpu.limits.max_texture_dimension_2d;
@@ -424,7 +464,7 @@ impl Graph {
             bail!("texture {}x{} exceeds this adapter's {max_tex} texel limit", t.width, t.height);
         }
         let width = |t: &TexRef| if t.linear { t.width } else { crate::gpu::npot(t.width, max_tex) };
-        let textures: Vec<wgpu::Texture> = tex_sizes.iter().map(|t| crate::gpu::texture(&gpu, "activation texture", width(t), t.height)).collect();
+        let textures: Vec<wgpu::Texture> = tex_sizes.iter().map(|t| crate::gpu::texture_of(&gpu, "activation texture", width(t), t.height, format)).collect();
         let views: Vec<wgpu::TextureView> = textures.iter().map(|t| t.create_view(&Default::default())).collect();
         let tex_index = |t: &TexRef| tex_sizes.iter().position(|x| x.key() == t.key()).unwrap();
         let mut steps = Vec::with_capacity(ops.len());
@@ -436,7 +476,7 @@ impl Graph {
                         CopySrc::Buf(b) => CopyFrom::Buf(b.clone()),
                     };
                     let (texture, w) = (tex_index(&tex), tex.width as usize);
-                    let offset = (texel0 * 16) as u64;
+                    let offset = (texel0 * texel) as u64;
                     // A linear texture: its whole rows, then the partial last row
                     // (a one-row copy needs no 256-byte row alignment).
                     let (full, rest) = match texels {
@@ -448,8 +488,8 @@ impl Graph {
                         steps.push(Step {
                             label: "copy to texture".into(),
                             flops: 0.0,
-                            bytes: 2 * (rows * width * 16) as u64,
-                            kind: StepKind::Copy { from: from(&src), offset: offset + (y * w * 16) as u64, texture, width: width as u32, height: rows as u32, y: y as u32 },
+                            bytes: 2 * (rows * width * texel) as u64,
+                            kind: StepKind::Copy { from: from(&src), offset: offset + (y * w * texel) as u64, texture, width: width as u32, height: rows as u32, y: y as u32 },
                         });
                     }
                     continue;
@@ -490,7 +530,7 @@ impl Graph {
                 .map(|r| match r {
                     Res::Act(t) => bytes(t.0),
                     Res::Buf(b) => b.size(),
-                    Res::ActTex(t) | Res::OutTex(t) => t.width as u64 * t.height as u64 * 16,
+                    Res::ActTex(t) | Res::OutTex(t) => t.width as u64 * t.height as u64 * texel as u64,
                     _ => 0,
                 })
                 .sum();
@@ -500,7 +540,8 @@ impl Graph {
             activation_bytes: slot_size.iter().sum(),
             unshared_bytes: (0..n).map(bytes).sum(),
             max_live_bytes: max_live,
-            texture_bytes: tex_sizes.iter().map(|t| width(t) as u64 * crate::gpu::npot(t.height, max_tex) as u64 * 16).sum(),
+            texture_bytes: tex_sizes.iter().map(|t| width(t) as u64 * crate::gpu::npot(t.height, max_tex) as u64 * texel as u64).sum(),
+            half: self.half,
             gpu,
             steps,
             slots,
@@ -678,7 +719,14 @@ impl Plan {
         if data.len() != self.tensor_len[t.0] {
             bail!("input has {} values, the plan expects {}", data.len(), self.tensor_len[t.0]);
         }
-        self.gpu.queue.write_buffer(self.buffer(t), 0, bytemuck::cast_slice(data));
+        if self.half {
+            // Padded to whole 4-byte words, as buffer writes need.
+            let mut h = crate::gpu::to_f16(data);
+            h.resize(h.len().div_ceil(2) * 2, half::f16::ZERO);
+            self.gpu.queue.write_buffer(self.buffer(t), 0, bytemuck::cast_slice(&h));
+        } else {
+            self.gpu.queue.write_buffer(self.buffer(t), 0, bytemuck::cast_slice(data));
+        }
         Ok(())
     }
 
@@ -724,7 +772,14 @@ impl Plan {
 
     /// Reads tensor `t` back (waits for submitted work).
     pub fn read(&self, t: TensorId) -> Result<Vec<f32>> {
-        self.gpu.read(self.buffer(t), 0, self.tensor_len[t.0])
+        let n = self.tensor_len[t.0];
+        if self.half {
+            // f16 pairs read as f32 words, then reinterpreted.
+            let words = self.gpu.read(self.buffer(t), 0, n.div_ceil(2))?;
+            let h: &[half::f16] = bytemuck::cast_slice(&words);
+            return Ok(h[..n].iter().map(|v| v.to_f32()).collect());
+        }
+        self.gpu.read(self.buffer(t), 0, n)
     }
 
     /// (dispatches, texture copies) recorded per run.
@@ -768,7 +823,7 @@ impl Plan {
                         CopyFrom::Slot(slot) => &self.slots[*slot],
                         CopyFrom::Buf(b) => b,
                     },
-                    layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: (*height > 1).then_some(width * 16), rows_per_image: (*height > 1).then_some(*height) },
+                    layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: (*height > 1).then_some(width * if self.half { 8 } else { 16 }), rows_per_image: (*height > 1).then_some(*height) },
                 },
                 wgpu::TexelCopyTextureInfo { texture: &self.textures[*texture], mip_level: 0, origin: wgpu::Origin3d { x: 0, y: *y, z: 0 }, aspect: wgpu::TextureAspect::All },
                 wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },

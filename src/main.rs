@@ -57,7 +57,7 @@ enum Cmd {
     Infer(InferArgs),
     /// Measure latency, throughput and GFLOP/s of a CvT forward (or the GEMM ceiling).
     #[command(after_help = "Examples:\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu bench --model cvt-w24 --res 384 --iters 2\n  cvt-gpu bench --gemm --json
-  cvt-gpu bench --model cvt-w24 --res 384 --f16   # half the weight memory; prints the logit difference")]
+  cvt-gpu bench --model cvt-w24 --res 384 --f16   # f16 weights and activations; prints the logit difference")]
     Bench(bench::BenchArgs),
     /// Train a CvT (from scratch, or fine-tune a checkpoint) with progress, evaluation, checkpoints and resume.
     #[command(
@@ -105,8 +105,9 @@ struct InferArgs {
     /// Largest number of images per forward pass.
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Store the matmul and convolution weights in f16 (half the weight memory;
-    /// f32 arithmetic). Top-5 and probabilities agree with f32 to about 1e-3.
+    /// Run in f16: weights, and on adapters with shader-f16 activations too (half
+    /// the weight and activation memory; f32 arithmetic). Logits agree with f32 to
+    /// a few 1e-3 (`bench --f16` measures it). CVT_GPU_F16_ACT=0: weights only.
     #[arg(long)]
     f16: bool,
     /// Print JSON (per image: index, label, probability and logit of each top-k class).

@@ -88,25 +88,28 @@ const LINEAR: &str = "fn lin_at(width: u32, i: u32) -> vec2<i32> {\n\
 }\n\
 fn lin(t: Tex, i: u32) -> vec4<f32> { return texel(t, lin_at(textureDimensions(t).x, i)); }\n";
 
-/// WGSL defining `Tex`, `WTex`, `texel` and `wtexel` for `read`, with f16 weight
-/// textures when `w16`, and the linear-texture readers `lin_at` and `lin`;
-/// prepended to every shader.
-pub fn prelude(read: TexRead, w16: bool) -> String {
-    LINEAR.to_string()
-        + &match read {
-            TexRead::Sampled => "alias Tex = texture_2d<f32>;\n\
+/// WGSL defining `Tex`, `WTex`, `OTex` (the written storage texture), `act`
+/// (the element type of activation buffers), `texel` and `wtexel` for `read`, and
+/// the linear-texture readers `lin_at` and `lin`; prepended to every shader.
+/// `w16`: f16 weight textures. `a16`: an f16 plan (`Graph::half`): activation
+/// buffers hold f16 (`enable f16`, the shader-f16 feature), and every texture the
+/// kernels read or write is rgba16float; arithmetic stays f32 (kernels convert
+/// at each load and store: `f32(x[i])`, `act(v)`, identities when `act` is f32).
+pub fn prelude(read: TexRead, w16: bool, a16: bool) -> String {
+    let (head, fmt) = if a16 { ("enable f16;\nalias act = f16;\n", "rgba16float") } else { ("alias act = f32;\n", "rgba32float") };
+    let wfmt = if w16 || a16 { "rgba16float" } else { "rgba32float" };
+    let textures = match read {
+        TexRead::Sampled => "alias Tex = texture_2d<f32>;\n\
              alias WTex = texture_2d<f32>;\n\
              fn texel(t: Tex, c: vec2<i32>) -> vec4<f32> { return textureLoad(t, c, 0); }\n\
              fn wtexel(t: WTex, c: vec2<i32>) -> vec4<f32> { return textureLoad(t, c, 0); }\n"
-                .to_string(),
-            TexRead::Storage => {
-                let wfmt = if w16 { "rgba16float" } else { "rgba32float" };
-                format!(
-                    "alias Tex = texture_storage_2d<rgba32float, read>;\n\
-                 alias WTex = texture_storage_2d<{wfmt}, read>;\n\
-                 fn texel(t: Tex, c: vec2<i32>) -> vec4<f32> {{ return textureLoad(t, c); }}\n\
-                 fn wtexel(t: WTex, c: vec2<i32>) -> vec4<f32> {{ return textureLoad(t, c); }}\n"
-                )
-            }
-        }
+            .to_string(),
+        TexRead::Storage => format!(
+            "alias Tex = texture_storage_2d<{fmt}, read>;\n\
+             alias WTex = texture_storage_2d<{wfmt}, read>;\n\
+             fn texel(t: Tex, c: vec2<i32>) -> vec4<f32> {{ return textureLoad(t, c); }}\n\
+             fn wtexel(t: WTex, c: vec2<i32>) -> vec4<f32> {{ return textureLoad(t, c); }}\n"
+        ),
+    };
+    format!("{head}alias OTex = texture_storage_2d<{fmt}, write>;\n{LINEAR}{textures}")
 }

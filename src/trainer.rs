@@ -714,7 +714,7 @@ pub struct EvalArgs {
     /// MLP activation (default: the checkpoint's).
     #[arg(long, value_enum)]
     pub activation: Option<Act>,
-    /// Store the matmul and convolution weights in f16 (see `infer --f16`).
+    /// Evaluate in f16 (see `infer --f16`).
     #[arg(long)]
     pub f16: bool,
     /// Architecture: cvt-13, cvt-21, cvt-w24 or a JSON config (default: the checkpoint's metadata, else detected).

@@ -50,6 +50,8 @@ pub struct Model {
     head: Linear,
     /// Bytes of weights uploaded.
     pub weight_bytes: u64,
+    /// Plans run in f16 (`WeightFormat::Half`, `Graph::half`).
+    pub half: bool,
 }
 
 /// The compiled forward for one input shape.
@@ -78,6 +80,7 @@ impl Model {
     /// cent of the parameters) stored in `fmt`.
     pub fn new_in(gpu: Arc<Gpu>, cfg: CvtConfig, t: &HashMap<String, Tensor>, act: Act, fmt: WeightFormat) -> Result<Model> {
         cfg.validate()?;
+        let half = fmt == WeightFormat::Half;
         let mut stages = vec![];
         let mut cin = cfg.in_chans;
         let mut bytes = 0u64;
@@ -96,13 +99,20 @@ impl Model {
             let p = format!("stage{s}");
             let ew = get(t, &format!("{p}.patch_embed.proj.weight"))?;
             let embed = counted(ew, Linear::from_conv_in(&gpu, &format!("{p}.patch_embed.proj"), ew, Some(get(t, &format!("{p}.patch_embed.proj.bias"))?), (c, cin, k, k), fmt)?);
-            let ln = |n: &str| LayerNorm::frozen(&gpu, n, get(t, &format!("{n}.weight"))?, get(t, &format!("{n}.bias"))?);
+            let ln = |n: &str| LayerNorm::frozen(&gpu, n, get(t, &format!("{n}.weight"))?, get(t, &format!("{n}.bias"))?, half);
             let lin = |n: &str, out: usize, inp: usize| -> Result<Linear> {
                 let w = get(t, &format!("{n}.weight"))?;
                 Ok(counted(w, Linear::from_torch_in(&gpu, n, w, Some(get(t, &format!("{n}.bias"))?), out, inp, fmt)?))
             };
             let embed_norm = ln(&format!("{p}.patch_embed.norm"))?;
-            let cls = if cfg.cls_token[s] { Some(Arc::new(gpu.upload(&format!("{p}.cls_token"), get(t, &format!("{p}.cls_token"))?)?)) } else { None };
+            // The cls token is copied into the activations as it is stored (f16 in an f16 plan).
+            let cls = if cfg.cls_token[s] {
+                let v = get(t, &format!("{p}.cls_token"))?;
+                let label = format!("{p}.cls_token");
+                Some(Arc::new(if half { gpu.upload_bytes(&label, bytemuck::cast_slice(&crate::gpu::to_f16(v)))? } else { gpu.upload(&label, v)? }))
+            } else {
+                None
+            };
             let mut blocks = vec![];
             for j in 0..cfg.depths[s] {
                 let b = format!("{p}.blocks.{j}");
@@ -118,7 +128,7 @@ impl Model {
                 let conv = |x: &str| get(t, &format!("{b}.attn.conv_proj_{x}.conv.weight"));
                 blocks.push(Block {
                     norm1: ln(&format!("{b}.norm1"))?,
-                    conv_proj: ConvProj::new(&gpu, &format!("{b}.attn.conv_proj"), [conv("q")?, conv("k")?, conv("v")?], [bn("q")?, bn("k")?, bn("v")?], c)?,
+                    conv_proj: ConvProj::with_kind(&gpu, &format!("{b}.attn.conv_proj"), [conv("q")?, conv("k")?, conv("v")?], [bn("q")?, bn("k")?, bn("v")?], c, crate::ops::matmul::preferred_kind(&gpu), half)?,
                     proj_q: lin(&format!("{b}.attn.proj_q"), c, c)?,
                     proj_k: lin(&format!("{b}.attn.proj_k"), c, c)?,
                     proj_v: lin(&format!("{b}.attn.proj_v"), c, c)?,
@@ -132,7 +142,7 @@ impl Model {
             cin = c;
         }
         let last = cfg.dims[cfg.stages() - 1];
-        let norm = LayerNorm::frozen(&gpu, "norm", get(t, "norm.weight")?, get(t, "norm.bias")?)?;
+        let norm = LayerNorm::frozen(&gpu, "norm", get(t, "norm.weight")?, get(t, "norm.bias")?, half)?;
         let hw = get(t, "head.weight")?;
         let head = counted(hw, Linear::from_torch_in(&gpu, "head", hw, Some(get(t, "head.bias")?), cfg.num_classes, last, fmt)?);
         for v in t.values() {
@@ -147,7 +157,7 @@ impl Model {
         }
         bytes += norm.texture_bytes();
         gpu.check_error()?;
-        Ok(Model { gpu, cfg, act, stages, norm, head, weight_bytes: bytes })
+        Ok(Model { gpu, cfg, act, stages, norm, head, weight_bytes: bytes, half })
     }
 
     /// Builds and compiles the forward for `batch` images of `height` x `width`.
@@ -158,6 +168,7 @@ impl Model {
         let cfg = &self.cfg;
         let grids = cfg.grids(height, width)?;
         let mut g = Graph::new(self.gpu.clone());
+        g.half = self.half;
         let input = g.pinned("image", batch * height * width * cfg.in_chans);
         let (mut x, mut h, mut w, mut cin, mut tokens, mut off) = (input, height, width, cfg.in_chans, height * width, 0);
         for (s, st) in self.stages.iter().enumerate() {

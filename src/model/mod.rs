@@ -108,7 +108,7 @@ pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let shown = path.display();
     let Described { cfg, act, labels, preprocess, .. } = describe(&ck, path, opts)?;
     let preprocess = preprocess.unwrap_or_else(crate::preprocess::Spec::imagenet);
-    let fmt = crate::ops::matmul::WeightFormat::from_flag(opts.f16);
+    let fmt = crate::ops::matmul::WeightFormat::from_flag(&gpu, opts.f16);
     let model = Model::new_in(gpu, cfg, &ck.tensors, act, fmt).with_context(|| format!("{shown}"))?;
     Ok(Loaded { model, naming: ck.naming, labels, preprocess })
 }

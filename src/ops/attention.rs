@@ -105,7 +105,7 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
         anyhow::ensure!([1, 2, 4].contains(&qpi), "{label}: attn_queries must be 1, 2 or 4, not {qpi}");
         let mut consts = consts.to_vec();
         consts.push(("QPI", qpi as f64));
-        let pipeline = g.gpu.pipeline("attention", "main_tex", &consts)?;
+        let pipeline = g.pipeline("attention", "main_tex", &consts)?;
         for (b0, nb) in chunks {
             let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
             let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
@@ -117,7 +117,7 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
         }
         return Ok((o, probs));
     }
-    let pipeline = g.gpu.pipeline("attention", "main", &consts)?;
+    let pipeline = g.pipeline("attention", "main", &consts)?;
     let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
     let u = || Res::Unused;
     let bindings = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params(s.batch, 0)), u(), u(), u(), u(), u(), u(), u(), u(), u(), p_res];
@@ -176,8 +176,8 @@ pub fn attention_backward(
     let fq = if chunks.is_none() && probs.is_none() { 5.0 } else { fq };
     if let Some(chunks) = chunks {
         // K, V for the per-query pass and Q, dO for the per-key pass as textures.
-        let pq = g.gpu.pipeline("attention", &format!("{}_tex", names.0), &consts)?;
-        let pkv = g.gpu.pipeline("attention", &format!("{}_tex", names.1), &consts)?;
+        let pq = g.pipeline("attention", &format!("{}_tex", names.0), &consts)?;
+        let pkv = g.pipeline("attention", &format!("{}_tex", names.1), &consts)?;
         for (b0, nb) in chunks {
             let mut params = params.clone();
             // P and dS of this chunk's images only, from the texel holding the
@@ -213,11 +213,11 @@ pub fn attention_backward(
     let groups = |t: usize| [t.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
     let qb = if probs.is_none() { Res::Act(q) } else { u() };
     let bq = vec![qb, Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params.clone()), u(), u(), u(), Res::Act(dout), Res::Act(dq), r10.clone(), u(), u(), u(), r14.clone(), r15.clone()];
-    let pq = g.gpu.pipeline("attention", names.0, &consts)?;
+    let pq = g.pipeline("attention", names.0, &consts)?;
     g.dispatch(format!("{label}.bwd_q"), pq, bq, groups(s.tq), fq * pair_flops);
     let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
     let bkv = vec![Res::Act(q), kb, vb, u(), Res::Uniform(params), u(), u(), u(), Res::Act(dout), u(), r10, Res::Act(dk), Res::Act(dv), u(), r14, r15];
-    let pkv = g.gpu.pipeline("attention", names.1, &consts)?;
+    let pkv = g.pipeline("attention", names.1, &consts)?;
     g.dispatch(format!("{label}.bwd_kv"), pkv, bkv, groups(s.tkv), fkv * pair_flops);
     Ok((dq, dk, dv))
 }

@@ -52,11 +52,12 @@ impl ConvProj {
     /// From the q, k, v depthwise weights ([C, 1, 3, 3] each) and their BatchNorms,
     /// in the adapter's preferred variant.
     pub fn new(gpu: &Arc<Gpu>, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize) -> Result<ConvProj> {
-        Self::with_kind(gpu, name, convs, bns, c, preferred_kind(gpu))
+        Self::with_kind(gpu, name, convs, bns, c, preferred_kind(gpu), false)
     }
 
-    /// As `new`, in a given variant (tests run both).
-    pub fn with_kind(gpu: &Gpu, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize, kind: MatmulKind) -> Result<ConvProj> {
+    /// As `new`, in a given variant (tests run both); `half`: the textures in
+    /// f16, for f16 plans (`Graph::half`).
+    pub fn with_kind(gpu: &Gpu, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize, kind: MatmulKind, half: bool) -> Result<ConvProj> {
         check_width(name, c)?;
         let mut w = Vec::with_capacity(27 * c);
         let mut b = Vec::with_capacity(3 * c);
@@ -66,7 +67,7 @@ impl ConvProj {
             b.extend(bi);
         }
         let tex = (kind == MatmulKind::Texture)
-            .then(|| (Arc::new(crate::gpu::texture_from(gpu, &format!("{name}.w"), &w, (c / 4) as u32, 27)), crate::gpu::linear_texture_from(gpu, &format!("{name}.b"), &b)));
+            .then(|| (Arc::new(crate::gpu::texture_from_in(gpu, &format!("{name}.w"), &w, (c / 4) as u32, 27, half)), crate::gpu::linear_texture_from(gpu, &format!("{name}.b"), &b, half)));
         Ok(ConvProj { w: Arc::new(gpu.upload(&format!("{name}.w"), &w)?), b: Arc::new(gpu.upload(&format!("{name}.b"), &b)?), c, kind, tex })
     }
 
@@ -99,7 +100,7 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
     let v = g.tensor(format!("{label}.v"), batch * tk * c);
     let flops = 2.0 * 9.0 * (batch * c * (h * w + 2 * hk * wk)) as f64;
     if let Some(chunks) = texture_batches(g, p.kind == MatmulKind::Texture, batch, tq, c) {
-        let pipeline = g.gpu.pipeline("dwconv", "main_tex", &[("WG", WG as f64)])?;
+        let pipeline = g.pipeline("dwconv", "main_tex", &[("WG", WG as f64)])?;
         // The bias as a linear texture too (`dwconv.wgsl` binding 19).
         let (w_tex, bias_t) = match &p.tex {
             Some((w, b)) => (Res::Tex(w.clone()), Res::Tex(b.clone())),
@@ -118,7 +119,7 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
         return Ok((q, k, v));
     }
     let total = batch * tq * c / 4;
-    let pipeline = g.gpu.pipeline("dwconv", "main", &[("WG", WG as f64)])?;
+    let pipeline = g.pipeline("dwconv", "main", &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, total.div_ceil(WG) as u64);
     let prm = params_of([batch, h, w, c / 4, cls, hk, wk, total, 0]);
     g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(p.w.clone()), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(prm)], groups, flops);
@@ -225,7 +226,7 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
     let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
     let (hk, wk) = kv_hw(h, w);
     let consts = [("WG", reduce_wg(&g.gpu) as f64), ("BN_EVAL", p.bn_eval as u8 as f64)];
-    let passes = [("mean", g.gpu.pipeline("dwconv", "bn_mean", &consts)?), ("var", g.gpu.pipeline("dwconv", "bn_var", &consts)?), ("", g.gpu.pipeline("dwconv", "bn_apply", &consts)?)];
+    let passes = [("mean", g.pipeline("dwconv", "bn_mean", &consts)?), ("var", g.pipeline("dwconv", "bn_var", &consts)?), ("", g.pipeline("dwconv", "bn_apply", &consts)?)];
     let mut post = vec![];
     let mut stats = vec![];
     for (m, (pre, (mh, mw))) in [(pq, (h, w)), (pk, (hk, wk)), (pv, (hk, wk))].into_iter().enumerate() {
@@ -273,8 +274,8 @@ pub fn conv_proj_train_backward(
     let c = p.c;
     let (hk, wk) = kv_hw(h, w);
     let consts = [("WG", reduce_wg(&g.gpu) as f64), ("BN_EVAL", p.bn_eval as u8 as f64)];
-    let bn_sums = g.gpu.pipeline("dwconv", "bn_backward_sums", &consts)?;
-    let bn_apply = g.gpu.pipeline("dwconv", "bn_backward_apply", &consts)?;
+    let bn_sums = g.pipeline("dwconv", "bn_backward_sums", &consts)?;
+    let bn_apply = g.pipeline("dwconv", "bn_backward_apply", &consts)?;
     let u = || Res::Unused;
     let mut dpre = vec![];
     for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {
@@ -308,9 +309,9 @@ pub fn conv_proj_train_backward(
     let (tq, tk) = (cls + h * w, cls + hk * wk);
     if let Some(chunks) = texture_batches(g, preferred_kind(&g.gpu) == MatmulKind::Texture, batch, tq, c) {
         // Gradients and weights as texels (see the shader); w packed each run (it trains).
-        let px = g.gpu.pipeline("dwconv", "dwconv_backward_x_tex", &[("WG", WG as f64)])?;
-        let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w_tex", &[("WG", WG as f64)])?;
-        let psum = g.gpu.pipeline("dwconv", "dw_sum_partials", &[("WG", WG as f64)])?;
+        let px = g.pipeline("dwconv", "dwconv_backward_x_tex", &[("WG", WG as f64)])?;
+        let pw = g.pipeline("dwconv", "dwconv_backward_w_tex", &[("WG", WG as f64)])?;
+        let psum = g.pipeline("dwconv", "dw_sum_partials", &[("WG", WG as f64)])?;
         // Per-invocation partial sums of dW: [3, C/4, 9, WG] vec4.
         let part = g.tensor(format!("{label}.dW.partials"), 3 * 9 * c * WG);
         let wt = pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), 18)?;
@@ -338,12 +339,12 @@ pub fn conv_proj_train_backward(
         }
         return Ok(dx);
     }
-    let pw = g.gpu.pipeline("dwconv", "dwconv_backward_w", &[("WG", reduce_wg(&g.gpu) as f64)])?;
+    let pw = g.pipeline("dwconv", "dwconv_backward_w", &[("WG", reduce_wg(&g.gpu) as f64)])?;
     let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params.clone())];
     b.extend((7..14).map(|_| u()));
     b.push(Res::Buf(grad.w.clone()));
     g.dispatch(format!("{label}.dW"), pw, b, [(3 * c / 4) as u32, 1, 1], 0.0);
-    let px = g.gpu.pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
+    let px = g.pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
     let mut b = vec![u(), Res::Buf(p.w.clone()), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params)];
     b.extend((7..15).map(|_| u()));
     b.push(Res::Act(dx));

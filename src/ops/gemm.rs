@@ -78,7 +78,7 @@ pub fn pack(g: &mut Graph, label: &str, v: &View, (r0, rows): (usize, usize), (c
         (true, true) => ("pack4t", true, 4),
         _ => ("pack", false, 1),
     };
-    let pipeline = g.gpu.pipeline("matmul", entry, &[("WG_X", WG as f64), ("WG_Y", WG as f64)])?;
+    let pipeline = g.pipeline("matmul", entry, &[("WG_X", WG as f64), ("WG_Y", WG as f64)])?;
     let (s0, s1) = if vec4 { (Res::Unused, v.src.res()) } else { (v.src.res(), Res::Unused) };
     let b = vec![s0, s1, Res::Unused, Res::Unused, Res::Uniform(p), Res::Unused, Res::Unused, Res::OutTex(tex)];
     let groups = [width.div_ceil(WG) as u32, rows.div_ceil(rows_per_inv).div_ceil(WG) as u32, 1];
@@ -90,7 +90,7 @@ pub fn pack(g: &mut Graph, label: &str, v: &View, (r0, rows): (usize, usize), (c
 /// `binding`: copied when rows are whole 256-byte multiples (c % 64 == 0, what
 /// buffer-to-texture copies need), else packed by a kernel.
 pub fn act_rows_texture(g: &mut Graph, label: &str, t: TensorId, rows: usize, c: usize, (r0, n): (usize, usize), binding: u32) -> Result<crate::graph::TexRef> {
-    if c % 64 == 0 {
+    if c % 4 == 0 && g.row_copy_ok(c / 4) {
         Ok(g.to_texture(t, r0, n, c / 4, binding))
     } else {
         pack(g, label, &View::new(Src::Act(t), rows, c, c), (r0, n), (0, c), binding)
@@ -181,7 +181,7 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
             let first = j == 0;
             let has_bias = first && ep.bias.is_some();
             let (lx, groups) = super::matmul::tex_grid(n4, rows, g.tex_rows);
-            let pipeline = g.gpu.pipeline(
+            let pipeline = g.pipeline(
                 "matmul",
                 "main_tex",
                 &[
@@ -206,7 +206,7 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
                     anyhow::ensure!(bb.size() >= 16 * n4 as u64, "{label}: bias buffer shorter than {n_out} columns");
                     Res::ActTex(g.linear_texture_buf(bb, 0, n4, 9))
                 }
-                _ => Res::Tex(g.gpu.placeholder_texture()),
+                _ => Res::Tex(g.gpu.placeholder_texture(g.half)),
             };
             let bind = vec![Res::Unused, Res::Unused, Res::Unused, out.clone(), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt), Res::Unused, Res::Unused, bias_t];
             g.dispatch(label, pipeline, bind, groups, 2.0 * (rows * b.cols * k_chunk.min(k - k0)) as f64);

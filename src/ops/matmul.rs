@@ -78,21 +78,27 @@ pub struct Linear {
 /// and computes in f32: an rgba16float texture for the texture variant, f16 pairs
 /// unpacked in the shader for the buffer variant (which f16 buffer weights take
 /// even on adapters that otherwise pack buffer weights into textures, `packs`).
-/// Training weights are f32.
+/// Training weights are f32. `Half` is `F16` for a model whose plans are f16
+/// too (`Graph::half`: activations in f16, every texture rgba16float, so the
+/// bias and LayerNorm textures made at load are f16 as well).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum WeightFormat {
     #[default]
     F32,
     F16,
+    Half,
 }
 
 impl WeightFormat {
-    /// F16 when `--f16` was given.
-    pub fn from_flag(f16: bool) -> WeightFormat {
-        if f16 {
-            WeightFormat::F16
-        } else {
+    /// With `--f16`: `Half` on adapters with shader-f16 (WGSL's f16 type, for
+    /// f16 activation buffers), else `F16` (weights only, which needs no feature).
+    pub fn from_flag(gpu: &Gpu, f16: bool) -> WeightFormat {
+        if !f16 {
             WeightFormat::F32
+        } else if gpu.features.contains(wgpu::Features::SHADER_F16) && std::env::var("CVT_GPU_F16_ACT").as_deref() != Ok("0") {
+            WeightFormat::Half
+        } else {
+            WeightFormat::F16
         }
     }
 }
@@ -206,7 +212,7 @@ fn read_trial(gpu: &Arc<Gpu>) -> Result<TexRead> {
         let build = || -> Result<crate::graph::Plan> {
             let mut g = Graph::new(gpu.clone());
             let (x, y) = (g.pinned("x", rows * cols), g.pinned("y", parts * cols));
-            let pipeline = g.gpu.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
+            let pipeline = g.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
             let xt = g.linear_texture(x, 6);
             let u = || Res::Unused;
             let b = vec![u(), u(), u(), u(), Res::Uniform(params([rows, cols, parts, 0], None, 0, (0, 0))), u(), Res::ActTex(xt), u(), Res::Act(y)];
@@ -354,14 +360,15 @@ impl Linear {
             bias[..n].copy_from_slice(b);
         }
         let label = format!("{name}.weight");
-        let f16 = fmt == WeightFormat::F16;
+        let f16 = fmt != WeightFormat::F32;
+        let half = fmt == WeightFormat::Half;
         let (w, tex) = match kind {
             MatmulKind::Buffer if f16 => (Some(Arc::new(gpu.upload_bytes(&label, bytemuck::cast_slice(&crate::gpu::to_f16(bt)))?)), None),
             MatmulKind::Buffer => (Some(Arc::new(gpu.upload(&label, bt)?)), None),
             MatmulKind::Texture => {
                 let w4 = (pad4(n) / 4) as u32;
                 let view = if f16 { crate::gpu::texture_from_f16(gpu, &label, bt, w4, k as u32) } else { crate::gpu::texture_from(gpu, &label, bt, w4, k as u32) };
-                (None, Some((Arc::new(view), crate::gpu::linear_texture_from(gpu, &format!("{name}.bias"), &bias))))
+                (None, Some((Arc::new(view), crate::gpu::linear_texture_from(gpu, &format!("{name}.bias"), &bias, half))))
             }
         };
         Ok(Linear { w, tex, b: Arc::new(gpu.upload(&format!("{name}.bias"), &bias)?), k, n, f16 })
@@ -437,7 +444,7 @@ fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k_out: usize
     if packs(&g.gpu) && (geom.in_tokens * geom.cin) % 4 == 0 && k_out % 4 == 0 {
         // A few images at a time, so the input's texture stays small beside the
         // activations (TEXTURE_CHUNK_BYTES; at least one image).
-        let pipeline = g.gpu.pipeline("matmul", "im2col4", &overrides(Act::None, false, true, (64, 1)))?;
+        let pipeline = g.pipeline("matmul", "im2col4", &overrides(Act::None, false, true, (64, 1)))?;
         let image_texels = geom.in_tokens * geom.cin / 4;
         let per = (crate::ops::gemm::TEXTURE_CHUNK_BYTES / (16 * image_texels).max(1)).max(1);
         let hw = oh * ow;
@@ -452,7 +459,7 @@ fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k_out: usize
         }
         return Ok(cols);
     }
-    let pipeline = g.gpu.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
+    let pipeline = g.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
     let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
     let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
     g.dispatch(format!("{label}.im2col"), pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(cols), Res::Uniform(p)], [k_out.div_ceil(64) as u32, gy as u32, gz as u32], 0.0);
@@ -486,7 +493,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             if l.f16 {
                 ov.push(("B_F16", 1.0));
             }
-            let pipeline = g.gpu.pipeline("matmul", "main", &ov)?;
+            let pipeline = g.pipeline("matmul", "main", &ov)?;
             let groups = [np4.div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
             let b = vec![Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(params(m, 0))];
             g.dispatch(label, pipeline, b, groups, flops(m));
@@ -514,7 +521,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             let chunk = texture_chunk_rows(l.k * 4, g.gpu.limits.max_texture_dimension_2d as usize);
             let mut ov = overrides(act, accumulate, false, (TWG_X, 1)).to_vec();
             ov.extend([("TA", 1.0), ("TRM", g.tex_rows as f64)]);
-            let pipeline = if l.f16 { g.gpu.pipeline_w16("matmul", "main_tex", &ov)? } else { g.gpu.pipeline("matmul", "main_tex", &ov)? };
+            let pipeline = g.pipeline_w("matmul", "main_tex", &ov, l.f16)?;
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
                 let at = g.linear_texture_range(a, r0 * k4, rows * k4, 5);
@@ -608,7 +615,7 @@ fn backward_product(
     accumulate: bool,
 ) -> Result<()> {
     let unused = g.gpu.placeholder();
-    let pipeline = g.gpu.pipeline(
+    let pipeline = g.pipeline(
         "matmul",
         "main",
         &[("A_MODE", a_mode as f64), ("B_MODE", b_mode as f64), ("HAS_BIAS", 0.0), ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }), ("WG_X", WG_X as f64), ("WG_Y", WG_Y as f64)],
@@ -633,10 +640,10 @@ pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usiz
         let st = g.linear_texture(src, 6);
         let p = params([rows, cols, PARTS, 0], None, 0, (0, 0));
         let u = || Res::Unused;
-        let pipeline = g.gpu.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
+        let pipeline = g.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
         let groups = crate::graph::grid1d(&g.gpu, (PARTS * cols / 4).div_ceil(64) as u64);
         g.dispatch(format!("{label}.part"), pipeline, vec![u(), u(), u(), u(), Res::Uniform(p.clone()), u(), Res::ActTex(st), u(), Res::Act(part)], groups, 0.0);
-        let pipeline = g.gpu.pipeline("matmul", "colsum_finish", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
+        let pipeline = g.pipeline("matmul", "colsum_finish", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
         g.dispatch(label, pipeline, vec![u(), u(), u(), out, Res::Uniform(p), u(), u(), u(), Res::Act(part)], [(cols / 4).div_ceil(64) as u32, 1, 1], 0.0);
         return Ok(());
     }
@@ -657,7 +664,7 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
         // Texel gathers instead of per-lane storage loads (see Graph::linear_texture),
         // in chunks so the textures stay small beside the activations; the
         // backward also reads dy (its output) as a texture.
-        let pipeline = g.gpu.pipeline("matmul", &format!("{entry}_tex"), &consts)?;
+        let pipeline = g.pipeline("matmul", &format!("{entry}_tex"), &consts)?;
         for (i0, m) in crate::ops::gemm::texture_ranges(n, 16) {
             let zt = g.linear_texture_range(z, i0, m, 5);
             let dyt = if entry == "act_backward4" { Res::ActTex(g.linear_texture_range(out, i0, m, 6)) } else { u() };
@@ -667,7 +674,7 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
         }
         return Ok(());
     }
-    let pipeline = g.gpu.pipeline("matmul", &entry, &consts)?;
+    let pipeline = g.pipeline("matmul", &entry, &consts)?;
     let b = if vec4 { vec![u(), Res::Act(z), u(), u(), Res::Uniform(p), u(), u(), u(), Res::Act(out)] } else { vec![Res::Act(z), u(), u(), Res::Act(out), Res::Uniform(p)] };
     g.dispatch(label, pipeline, b, groups, 0.0);
     Ok(())
@@ -749,12 +756,12 @@ pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, ge
         let p = params([geom.batch, 0, k_real, 0], Some(&geom), 0, (0, 0));
         if packs(&g.gpu) && geom.cin % 4 == 0 {
             let dt = g.linear_texture(dcols, 5);
-            let pipeline = g.gpu.pipeline("matmul", "col2im4", &overrides(Act::None, true, false, (64, 1)))?;
+            let pipeline = g.pipeline("matmul", "col2im4", &overrides(Act::None, true, false, (64, 1)))?;
             let groups = crate::graph::grid1d(&g.gpu, (n_in / 4).div_ceil(64) as u64);
             let u = || Res::Unused;
             g.dispatch(format!("{label}.col2im"), pipeline, vec![u(), u(), u(), u(), Res::Uniform(p), Res::ActTex(dt), u(), u(), Res::Act(dx)], groups, 0.0);
         } else {
-            let pipeline = g.gpu.pipeline("matmul", "col2im", &overrides(Act::None, true, false, (64, 1)))?;
+            let pipeline = g.pipeline("matmul", "col2im", &overrides(Act::None, true, false, (64, 1)))?;
             let groups = crate::graph::grid1d(&g.gpu, n_in.div_ceil(64) as u64);
             g.dispatch(format!("{label}.col2im"), pipeline, vec![Res::Act(dcols), Res::Unused, Res::Unused, Res::Act(dx), Res::Uniform(p)], groups, 0.0);
         }

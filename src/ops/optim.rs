@@ -77,7 +77,7 @@ pub fn adamw_step(g: &mut Graph, label: &str, param: &Arc<wgpu::Buffer>, grad: &
     let n = if vec4 { state.len / 4 } else { state.len };
     if vec4 && n >= TEX_MIN_VEC4 && crate::ops::matmul::packs(&g.gpu) {
         // Inputs through linear textures, a chunk of at most TEXTURE_CHUNK_BYTES each.
-        let pipeline = g.gpu.pipeline("optim", "adamw4_tex", &[("WG", WG as f64)])?;
+        let pipeline = g.pipeline("optim", "adamw4_tex", &[("WG", WG as f64)])?;
         let u = || Res::Unused;
         for (i0, m) in crate::ops::gemm::texture_ranges(n, 16) {
             let mut b = vec![u(), u(), u(), u(), Res::Buf(hyper.buf.clone()), Res::Uniform(vec![m as u32, decay as u32, i0 as u32, 0]), u()];
@@ -89,7 +89,7 @@ pub fn adamw_step(g: &mut Graph, label: &str, param: &Arc<wgpu::Buffer>, grad: &
         }
         return Ok(());
     }
-    let pipeline = g.gpu.pipeline("optim", if vec4 { "adamw4" } else { "adamw" }, &[("WG", WG as f64)])?;
+    let pipeline = g.pipeline("optim", if vec4 { "adamw4" } else { "adamw" }, &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, n.div_ceil(WG) as u64);
     let bufs = [param, grad, &state.m, &state.v].map(|b| Res::Buf(b.clone()));
     let u = || Res::Unused;
@@ -105,7 +105,7 @@ pub fn adamw_step(g: &mut Graph, label: &str, param: &Arc<wgpu::Buffer>, grad: &
 
 /// Appends Σ grad² of `grad` (len elements) into `norms[slot]`.
 pub fn sumsq(g: &mut Graph, label: &str, grad: &Arc<wgpu::Buffer>, len: usize, norms: &Arc<wgpu::Buffer>, slot: usize) -> Result<()> {
-    let pipeline = g.gpu.pipeline("optim", "sumsq", &[("WG", WG as f64)])?;
+    let pipeline = g.pipeline("optim", "sumsq", &[("WG", WG as f64)])?;
     g.dispatch(
         format!("{label}.sumsq"),
         pipeline,

@@ -23,10 +23,11 @@ impl LayerNorm {
         Ok(LayerNorm { gamma: Arc::new(gpu.upload(&format!("{name}.weight"), gamma)?), beta: Arc::new(gpu.upload(&format!("{name}.bias"), beta)?), c: gamma.len(), tex: None })
     }
 
-    /// As `new`, for inference: the parameters never change after load.
-    pub fn frozen(gpu: &Gpu, name: &str, gamma: &[f32], beta: &[f32]) -> Result<LayerNorm> {
+    /// As `new`, for inference: the parameters never change after load. `half`:
+    /// textures in f16, for f16 plans (`Graph::half`).
+    pub fn frozen(gpu: &Gpu, name: &str, gamma: &[f32], beta: &[f32], half: bool) -> Result<LayerNorm> {
         let mut ln = Self::new(gpu, name, gamma, beta)?;
-        let t = |v: &[f32], what: &str| crate::gpu::linear_texture_from(gpu, &format!("{name}.{what}"), v);
+        let t = |v: &[f32], what: &str| crate::gpu::linear_texture_from(gpu, &format!("{name}.{what}"), v, half);
         ln.tex = Some((t(gamma, "weight"), t(beta, "bias")));
         Ok(ln)
     }
@@ -88,7 +89,7 @@ fn row_kernel(g: &Graph, entry: &str, rows: usize, residual: bool) -> Result<(Ar
     if residual {
         consts.push(("RESIDUAL", 1.0));
     }
-    Ok((g.gpu.pipeline("rownorm", entry, &consts)?, row_grid(g, rows)))
+    Ok((g.pipeline("rownorm", entry, &consts)?, row_grid(g, rows)))
 }
 
 /// The grid of a row kernel over `rows` rows (WG / LANES rows per workgroup).
@@ -142,7 +143,7 @@ fn layernorm4_chunks(g: &mut Graph, label: &str, x: TensorId, z: Option<TensorId
         // Bindings 10 and 12 serve RESIDUAL only; placeholders fill the layout.
         let (aux, zt) = match z {
             Some(z) => (Res::Act(x), Res::ActTex(g.linear_texture_range(z, t0, texels, 12))),
-            None => (Res::Buf(g.gpu.placeholder()), Res::Tex(g.gpu.placeholder_texture())),
+            None => (Res::Buf(g.gpu.placeholder()), Res::Tex(g.gpu.placeholder_texture(g.half))),
         };
         let mut p = params(&map, ln.c);
         (p[0], p[8], p[9]) = ((r0 + n) as u32, r0 as u32, t0 as u32);
@@ -223,7 +224,7 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
         // dβ sums dy over the mapped output rows only: gather them densely first
         // (t's slot is free again after dγ's sum, the planner reuses it).
         let dense = g.tensor(format!("{label}.dy_rows"), rows * ln.c);
-        let pipeline = g.gpu.pipeline("tokens", "gather_rows", &[("WG", 64.0)])?;
+        let pipeline = g.pipeline("tokens", "gather_rows", &[("WG", 64.0)])?;
         let p = vec![rows as u32, ln.c as u32, map.group as u32, map.out_stride as u32, map.out_off as u32, 0, 0, 0];
         g.dispatch(format!("{label}.gather"), pipeline, vec![Res::Act(dy), Res::Act(dense), Res::Unused, Res::Uniform(p)], grid1d(&g.gpu, (rows * ln.c).div_ceil(64) as u64), 0.0);
         crate::ops::matmul::colsum(g, &format!("{label}.dbeta"), dense, rows, ln.c, Res::Buf(grad.beta.clone()))?;

@@ -8,7 +8,7 @@ const WG: usize = 64;
 
 /// Writes `cls` [C] into token 0 of each image of y [batch, tokens, C].
 pub fn cls_fill(g: &mut Graph, label: &str, cls: &Arc<wgpu::Buffer>, y: TensorId, batch: usize, tokens: usize, c: usize) -> Result<()> {
-    let pipeline = g.gpu.pipeline("tokens", "cls_fill", &[("WG", WG as f64)])?;
+    let pipeline = g.pipeline("tokens", "cls_fill", &[("WG", WG as f64)])?;
     let groups = [(batch * c).div_ceil(WG) as u32, 1, 1];
     g.dispatch(label, pipeline, vec![Res::Buf(cls.clone()), Res::Act(y), Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0])], groups, 0.0);
     Ok(())
@@ -17,7 +17,7 @@ pub fn cls_fill(g: &mut Graph, label: &str, cls: &Arc<wgpu::Buffer>, y: TensorId
 /// y [batch, C] = mean over tokens of x [batch, tokens, C].
 pub fn mean_tokens(g: &mut Graph, label: &str, x: TensorId, batch: usize, tokens: usize, c: usize) -> Result<TensorId> {
     let y = g.tensor(label.to_string(), batch * c);
-    let pipeline = g.gpu.pipeline("tokens", "mean_tokens", &[("WG", WG as f64)])?;
+    let pipeline = g.pipeline("tokens", "mean_tokens", &[("WG", WG as f64)])?;
     let groups = [(batch * c).div_ceil(WG) as u32, 1, 1];
     g.dispatch(label, pipeline, vec![Res::Act(x), Res::Act(y), Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0])], groups, (batch * tokens * c) as f64);
     Ok(y)
@@ -25,7 +25,7 @@ pub fn mean_tokens(g: &mut Graph, label: &str, x: TensorId, batch: usize, tokens
 
 /// Gradient of a cls parameter: out [C] = Σ over images of token 0 of dy [batch, tokens, C].
 pub fn cls_grad(g: &mut Graph, label: &str, dy: TensorId, batch: usize, tokens: usize, c: usize, out: &Arc<wgpu::Buffer>) -> Result<()> {
-    let pipeline = g.gpu.pipeline("tokens", "cls_grad", &[("WG", WG as f64)])?;
+    let pipeline = g.pipeline("tokens", "cls_grad", &[("WG", WG as f64)])?;
     g.dispatch(label, pipeline, vec![Res::Act(dy), Res::Buf(out.clone()), Res::Uniform(vec![batch as u32, tokens as u32, c as u32, 0])], [c.div_ceil(WG) as u32, 1, 1], 0.0);
     Ok(())
 }
@@ -46,7 +46,7 @@ pub fn add_into(g: &mut Graph, label: &str, a: TensorId, b: TensorId, y: TensorI
     anyhow::ensure!(textures || (y != a && y != b), "{label}: an in-place add needs the texture path");
     if textures {
         // In chunks, so the textures stay small beside the activations.
-        let pipeline = g.gpu.pipeline("tokens", "add4_tex", &[("WG", WG as f64)])?;
+        let pipeline = g.pipeline("tokens", "add4_tex", &[("WG", WG as f64)])?;
         for (i0, m) in crate::ops::gemm::texture_ranges(n / 4, 16) {
             let (at, bt) = (g.linear_texture_range(a, i0, m, 6), g.linear_texture_range(b, i0, m, 7));
             let groups = crate::graph::grid1d(&g.gpu, m.div_ceil(WG) as u64);
@@ -55,7 +55,7 @@ pub fn add_into(g: &mut Graph, label: &str, a: TensorId, b: TensorId, y: TensorI
         }
         return Ok(y);
     }
-    let pipeline = g.gpu.pipeline("tokens", "add", &[("WG", WG as f64)])?;
+    let pipeline = g.pipeline("tokens", "add", &[("WG", WG as f64)])?;
     let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(WG) as u64);
     g.dispatch(label, pipeline, vec![Res::Act(a), Res::Act(y), Res::Uniform(vec![n as u32, 0, 0, 0]), Res::Unused, Res::Act(b)], groups, n as f64);
     Ok(y)
@@ -65,7 +65,7 @@ pub fn add_into(g: &mut Graph, label: &str, a: TensorId, b: TensorId, y: TensorI
 pub fn add_scaled(g: &mut Graph, label: &str, a: TensorId, b: TensorId, scales: TensorId, per_sample: usize, offset: usize) -> Result<TensorId> {
     let n = g.len(a);
     let y = g.tensor(label.to_string(), n);
-    let pipeline = g.gpu.pipeline("tokens", "add_scaled", &[("WG", WG as f64)])?;
+    let pipeline = g.pipeline("tokens", "add_scaled", &[("WG", WG as f64)])?;
     let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(WG) as u64);
     let p = vec![n as u32, per_sample as u32, offset as u32, 0];
     g.dispatch(label, pipeline, vec![Res::Act(a), Res::Act(y), Res::Uniform(p), Res::Unused, Res::Act(b), Res::Act(scales)], groups, n as f64);
@@ -76,7 +76,7 @@ pub fn add_scaled(g: &mut Graph, label: &str, a: TensorId, b: TensorId, scales: 
 pub fn scale_rows(g: &mut Graph, label: &str, x: TensorId, scales: TensorId, per_sample: usize, offset: usize) -> Result<TensorId> {
     let n = g.len(x);
     let y = g.tensor(label.to_string(), n);
-    let pipeline = g.gpu.pipeline("tokens", "scale_rows", &[("WG", WG as f64)])?;
+    let pipeline = g.pipeline("tokens", "scale_rows", &[("WG", WG as f64)])?;
     let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(WG) as u64);
     let p = vec![n as u32, per_sample as u32, offset as u32, 0];
     g.dispatch(label, pipeline, vec![Res::Act(x), Res::Act(y), Res::Uniform(p), Res::Unused, Res::Unused, Res::Act(scales)], groups, 0.0);
