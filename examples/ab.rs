@@ -10,6 +10,7 @@
 //!     cargo run --release --example ab -- DIR_A DIR_B [ROUNDS] [gemm M N K | MODEL BATCH [RES] | train MODEL BATCH RES]
 //!     cargo run --release --example ab -- shaders /tmp/try 30 cvt-13 1
 //!     AB_KERNELS=norm cargo run --release --example ab -- shaders /tmp/try 30 cvt-13 1
+//!     cargo run --release --example ab -- shaders:AB_FORMAT=f32 shaders:AB_FORMAT=half 20 cvt-13 1
 use anyhow::Result;
 use cvt_gpu::{gpu::Gpu, graph::Plan, model::CvtConfig};
 use std::sync::Arc;
@@ -41,7 +42,14 @@ fn workload(gpu: &Arc<Gpu>, spec: &[String]) -> Result<(Plan, Box<dyn std::any::
     let cfg = CvtConfig::by_name(&spec[0])?;
     let (batch, res) = (num(1, 1)?, num(2, cfg.image_size)?);
     let tensors = cvt_gpu::model::weights::random_tensors(&cfg, 1);
-    let model = cvt_gpu::model::Model::new_in(gpu.clone(), cfg.clone(), &tensors, cvt_gpu::ops::Act::QuickGelu, Default::default())?;
+    // AB_FORMAT=f16|half (a side's setting): f16 weights, or an f16 plan.
+    use cvt_gpu::ops::matmul::WeightFormat;
+    let fmt = match std::env::var("AB_FORMAT").as_deref() {
+        Ok("f16") => WeightFormat::F16,
+        Ok("half") => WeightFormat::Half,
+        _ => WeightFormat::F32,
+    };
+    let model = cvt_gpu::model::Model::new_in(gpu.clone(), cfg.clone(), &tensors, cvt_gpu::ops::Act::QuickGelu, fmt)?;
     let plan = model.plan(batch, res, res)?;
     let img = image(batch * res * res * cfg.in_chans);
     plan.forward(&img)?;

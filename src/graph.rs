@@ -239,7 +239,16 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        Graph { gpu, tex_rows: tex_rows_setting().unwrap_or(16), fused_epilogue: fused_setting().unwrap_or(false), attn_queries: qpi_setting().unwrap_or(4), half: false, tensors: vec![], ops: vec![], fills: 0 }
+        Graph {
+            gpu,
+            tex_rows: tex_rows_setting().unwrap_or(16),
+            fused_epilogue: fused_setting().unwrap_or(false),
+            attn_queries: qpi_setting().unwrap_or(4),
+            half: false,
+            tensors: vec![],
+            ops: vec![],
+            fills: 0,
+        }
     }
 
     /// The pipeline of `shader::entry` for this graph's precision (see `half`).
@@ -823,7 +832,11 @@ impl Plan {
                         CopyFrom::Slot(slot) => &self.slots[*slot],
                         CopyFrom::Buf(b) => b,
                     },
-                    layout: wgpu::TexelCopyBufferLayout { offset: *offset, bytes_per_row: (*height > 1).then_some(width * if self.half { 8 } else { 16 }), rows_per_image: (*height > 1).then_some(*height) },
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset: *offset,
+                        bytes_per_row: (*height > 1).then_some(width * if self.half { 8 } else { 16 }),
+                        rows_per_image: (*height > 1).then_some(*height),
+                    },
                 },
                 wgpu::TexelCopyTextureInfo { texture: &self.textures[*texture], mip_level: 0, origin: wgpu::Origin3d { x: 0, y: *y, z: 0 }, aspect: wgpu::TextureAspect::All },
                 wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
