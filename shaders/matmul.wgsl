@@ -666,7 +666,8 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
 // out_row_off = off.
 @group(0) @binding(7) var pack_out: OTex;
 // The packed source as whole vec4s (pack4, pack4t): binding 1 seen as
-// activations, f16 in an f16 plan (whose packed weights are f16 too).
+// activations, f16 in an f16 plan. Inference packs only activations there (its
+// weights are textures made at load); training, which packs weights, is f32.
 @group(0) @binding(1) var<storage, read> a4: array<vec4<act>>;
 
 @compute @workgroup_size(WG_X, WG_Y, 1)

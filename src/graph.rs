@@ -344,6 +344,8 @@ impl Graph {
     /// As `linear_texture_range`, from a buffer outside the plan (a parameter,
     /// its gradient or optimizer state).
     pub fn linear_texture_buf(&mut self, b: &Arc<wgpu::Buffer>, texel0: usize, texels: usize, binding: u32) -> TexRef {
+        // A byte copy: an f16 plan's textures would need f16 buffers (parameters are f32).
+        assert!(!self.half, "linear_texture_buf in an f16 plan");
         self.linear_copy(CopySrc::Buf(b.clone()), texel0, texels, binding)
     }
 

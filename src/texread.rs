@@ -8,11 +8,12 @@
 //! faster there (docs/perf.md). GPUs may prefer the texture cache of sampled
 //! reads, so the mode is chosen per adapter by `ops::matmul`'s timed trial.
 //!
-//! Shaders name the texture type `Tex` (rgba32float activations and weights) and
-//! `WTex` (`matmul.wgsl`'s weight binding, which may hold f16), and read them with
-//! `texel` and `wtexel`; [`prelude`] defines those four for the chosen mode. A
-//! storage-texture type names its format, so f16 weight textures need a module of
-//! their own in storage mode (`Gpu::pipeline_w16`); sampled reads take any format.
+//! Shaders name the texture type `Tex` (rgba32float activations and weights;
+//! rgba16float in f16 plans) and `WTex` (`matmul.wgsl`'s weight binding, which may
+//! hold f16), and read them with `texel` and `wtexel`; [`prelude`] defines those
+//! four for the chosen mode. A storage-texture type names its format, so f16
+//! textures need modules of their own in storage mode (`Gpu::pipeline_in`'s `w16`
+//! and `a16`); sampled reads take any format.
 
 /// The two ways to read a texture (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]

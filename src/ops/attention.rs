@@ -40,8 +40,8 @@ pub fn attention(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: Tensor
 }
 
 /// As `attention`, with the operand path given (tests run both). The texture
-/// path copies q, k, v into textures when C % 64 == 0 (256-byte rows) and packs
-/// them with a kernel otherwise.
+/// path copies q, k, v into textures when their rows are 256-byte multiples (C %
+/// 64 == 0; C % 128 == 0 in f16 plans) and packs them with a kernel otherwise.
 pub fn attention_with(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: TensorId, s: AttnShape, kind: MatmulKind) -> Result<TensorId> {
     Ok(forward(g, label, (q, k, v), s, kind, false)?.0)
 }

@@ -87,8 +87,9 @@ pub fn pack(g: &mut Graph, label: &str, v: &View, (r0, rows): (usize, usize), (c
 }
 
 /// Rows [r0, r0 + n) of a row-major [rows, c] activation as a texture bound at
-/// `binding`: copied when rows are whole 256-byte multiples (c % 64 == 0, what
-/// buffer-to-texture copies need), else packed by a kernel.
+/// `binding`: copied when rows are whole 256-byte multiples (`Graph::row_copy_ok`:
+/// c % 64 == 0, or c % 128 == 0 in f16 plans; what buffer-to-texture copies
+/// need), else packed by a kernel.
 pub fn act_rows_texture(g: &mut Graph, label: &str, t: TensorId, rows: usize, c: usize, (r0, n): (usize, usize), binding: u32) -> Result<crate::graph::TexRef> {
     if c % 4 == 0 && g.row_copy_ok(c / 4) {
         Ok(g.to_texture(t, r0, n, c / 4, binding))
