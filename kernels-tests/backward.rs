@@ -52,8 +52,19 @@ fn linear_backward_two_layers() {
     for (gpu, tex_rows) in [(gpu_texture_variants(), 8), (gpu_texture_variants(), 16), (gpu_buffer_variants(), 8)] {
         // The last two have every dimension a multiple of 4, so the texture family
         // reads activations through linear textures (A as is and transposed, B as
-        // is) instead of packing them; 12 rows of Xᵀ leave a half block of 8.
-        for case in [Case { m: 5, k: 7, h: 6, n: 3 }, Case { m: 33, k: 64, h: 20, n: 10 }, Case { m: 1, k: 1, h: 1, n: 1 }, Case { m: 36, k: 12, h: 20, n: 8 }, Case { m: 4, k: 4, h: 4, n: 4 }] {
+        // is) instead of packing them; 12 rows of Xᵀ leave a half block of 8. The
+        // last has outputs over 128 wide (forward, dX and dW alike), where the
+        // texture GEMM fetches A once per subgroup (A_SHARE, as is and transposed),
+        // with idle lanes past the last column block and a partial row block.
+        let cases = [
+            Case { m: 5, k: 7, h: 6, n: 3 },
+            Case { m: 33, k: 64, h: 20, n: 10 },
+            Case { m: 1, k: 1, h: 1, n: 1 },
+            Case { m: 36, k: 12, h: 20, n: 8 },
+            Case { m: 4, k: 4, h: 4, n: 4 },
+            Case { m: 20, k: 136, h: 148, n: 140 },
+        ];
+        for case in cases {
             let Case { m, k, h, n } = case;
             let (x, w1, b1, w2, b2) = (randn(m * k, 1), randn(h * k, 2), randn(h, 3), randn(n * h, 4), randn(n, 5));
             let (c, e) = (randn(m * n, 6), randn(m * h, 7));
@@ -63,6 +74,7 @@ fn linear_backward_two_layers() {
             let (g1, g2) = (LinearGrad::new(&gpu, "l1", &l1).unwrap(), LinearGrad::new(&gpu, "l2", &l2).unwrap());
             let mut g = Graph::new(gpu.clone());
             g.tex_rows = tex_rows;
+            g.narrow_rows = Some(tex_rows);
             let xi = g.pinned("x", m * k);
             let hi = g.tensor("h", m * h);
             linear(&mut g, "l1", xi, m, &l1, Act::None, Out::Into(hi)).unwrap();
@@ -108,6 +120,12 @@ fn linear_backward_two_layers() {
             // Finite differences of the engine's own f32 forward, on a few entries of
             // every input. L is linear in each parameter, so central differences are
             // exact up to f32 rounding of L (|L| ~ 10, eps 1e-2: ~1e-4 absolute).
+            // Not for the wide case: its outputs (~100 each, thousands of them) put
+            // the f32 rounding of L near 0.1, past what a difference can resolve;
+            // the f64 references above check its gradients.
+            if k > 64 {
+                continue;
+            }
             let eps = 1e-2f32;
             let fd = |which: usize, idx: usize| -> f64 {
                 let mut p: Vec<Vec<f32>> = vec![x.clone(), w1.clone(), b1.clone(), w2.clone(), b2.clone()];

@@ -48,6 +48,8 @@ fn check_matmul(kind: MatmulKind, m: usize, n: usize, k: usize, act: Act, accumu
     for &(tex_rows, fused) in variants {
         let mut g = Graph::new(gpu.clone());
         g.tex_rows = tex_rows;
+        // Narrow outputs too (not the 8-row default where A is shared).
+        g.narrow_rows = Some(tex_rows);
         g.fused_epilogue = fused;
         let x = g.pinned("x", m * k);
         let y = g.pinned("y", m * n);

@@ -42,10 +42,19 @@ fn variants(shader: &str) -> Vec<Vec<(&'static str, f64)>> {
 #[test]
 fn every_shader_translates_for_every_backend() {
     // (texture reads, f16 weight textures, f16 plan).
-    let preludes = [(TexRead::Sampled, false, false), (TexRead::Storage, false, false), (TexRead::Storage, true, false), (TexRead::Sampled, false, true), (TexRead::Storage, false, true)];
-    for ((name, body), (read, w16, a16)) in SHADERS.iter().flat_map(|s| preludes.iter().map(move |p| (s, *p))) {
-        let src = &(prelude(read, w16, a16) + body);
-        let name = &format!("{name} ({} reads{}{})", read.name(), if w16 { ", f16 weights" } else { "" }, if a16 { ", f16 plan" } else { "" });
+    // (texture reads, f16 weight textures, f16 plan, subgroup operations).
+    let preludes = [
+        (TexRead::Sampled, false, false, false),
+        (TexRead::Sampled, false, false, true),
+        (TexRead::Storage, false, false, false),
+        (TexRead::Storage, false, false, true),
+        (TexRead::Storage, true, false, true),
+        (TexRead::Sampled, false, true, true),
+        (TexRead::Storage, false, true, true),
+    ];
+    for ((name, body), (read, w16, a16, sg)) in SHADERS.iter().flat_map(|s| preludes.iter().map(move |p| (s, *p))) {
+        let src = &(prelude(read, w16, a16, sg) + body);
+        let name = &format!("{name} ({} reads{}{}{})", read.name(), if w16 { ", f16 weights" } else { "" }, if a16 { ", f16 plan" } else { "" }, if sg { ", subgroups" } else { "" });
         let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(src)));
         let info = Validator::new(ValidationFlags::all(), Capabilities::all()).validate(&module).unwrap_or_else(|e| panic!("{name}.wgsl does not validate: {e:?}"));
         assert!(!module.entry_points.is_empty(), "{name}.wgsl has no entry point");
@@ -90,8 +99,9 @@ fn every_shader_translates_for_every_backend() {
                 naga::back::hlsl::Writer::new(&mut hlsl, &hlsl_opts, &hlsl_pipe).write(&m, &i, None).unwrap_or_else(|e| panic!("{ctx} HLSL: {e:?}"));
                 assert!(hlsl.contains("numthreads"), "{ctx}: HLSL has no compute entry");
 
-                // f16 plans need shader-f16, which no GL adapter offers in wgpu.
-                if a16 {
+                // f16 plans need shader-f16 and subgroups the SUBGROUP feature,
+                // which no GL adapter offers in wgpu.
+                if a16 || sg {
                     continue;
                 }
                 let glsl_opts = naga::back::glsl::Options { version: naga::back::glsl::Version::new_gles(310), ..Default::default() };

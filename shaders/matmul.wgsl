@@ -445,6 +445,8 @@ override TB_LIN: bool = false;
 // multiply-add and runs the GEMM 20-40% faster on lavapipe, but its pipelines take
 // about three times as long to compile; the guards on this override compile out.
 override TRM: u32 = 8u;
+// Fetch A once per subgroup (see main_tex); needs subgroup operations.
+override A_SHARE: bool = false;
 
 // b_tex has a type of its own (WTex): weights may be stored as f16, and a
 // storage-texture read names its format (see texread::prelude in the Rust source).
@@ -475,9 +477,21 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let wx = 1u << lx;
     let col4 = (wid.x * wx + (lid & (wx - 1u))) * 4u;
     let row0 = (wid.y * (WG_X >> lx) + (lid >> lx)) * TRM;
-    if (col4 >= p.NP4 || row0 >= p.M) {
+    // A_SHARE: the host sets it where every lane of the workgroup has the same
+    // rows (the lanes split 16 column blocks: wide outputs) and subgroups have 8
+    // lanes or more. Lane i of a subgroup then fetches rows row0 + i and
+    // row0 + 8 + i and takes the others from its neighbours by broadcast: 2 fetches
+    // a lane instead of TRM. A fetch is ~47 instructions of JIT code on lavapipe,
+    // a broadcast a few (docs/perf.md). Subgroup operations need every lane, so
+    // no lane returns early for its columns: past the last one they compute
+    // clamped columns and store nothing. (A runtime choice, a branch in the k
+    // loop, ran the GEMM 0.82x.)
+    let lane = sg_lane();
+    if (row0 >= p.M || (col4 >= p.NP4 && !A_SHARE)) {
         return;
     }
+    let ra = i32(min(row0 + lane, p.M - 1u));
+    let rb = i32(min(row0 + 8u + lane, p.M - 1u));
     // Rows and columns past the end are clamped (computed, never stored).
     let c0 = i32(min(col4, p.NP4 - 1u));
     let c1 = i32(min(col4 + 1u, p.NP4 - 1u));
@@ -556,7 +570,39 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         var x13: vec4<f32>;
         var x14: vec4<f32>;
         var x15: vec4<f32>;
-        if (TA == 2u) {
+        if (TA == 2u && A_SHARE) {
+            // Shared, transposed: the 4·TRM/4 texels (four k rows of each 4-row
+            // group) split over the subgroup's lanes, then transposed as below.
+            let base = p._p0 + u32(k) * p.a_stride;
+            let sa = lin(a_tex, base + (lane % 4u) * p.a_stride + select(g0, g1, lane % 8u >= 4u));
+            { let t0 = bc0(sa); let t1 = bc1(sa); let t2 = bc2(sa); let t3 = bc3(sa);
+              x0 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
+              x1 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+              x2 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
+              x3 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+            }
+            { let t0 = bc4(sa); let t1 = bc5(sa); let t2 = bc6(sa); let t3 = bc7(sa);
+              x4 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
+              x5 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+              x6 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
+              x7 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+            }
+            if (TRM > 8u) {
+            let sb = lin(a_tex, base + (lane % 4u) * p.a_stride + select(g2, g3, lane % 8u >= 4u));
+            { let t0 = bc0(sb); let t1 = bc1(sb); let t2 = bc2(sb); let t3 = bc3(sb);
+              x8 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
+              x9 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+              x10 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
+              x11 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+            }
+            { let t0 = bc4(sb); let t1 = bc5(sb); let t2 = bc6(sb); let t3 = bc7(sb);
+              x12 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
+              x13 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+              x14 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
+              x15 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+            }
+            }
+        } else if (TA == 2u) {
             let base = p._p0 + u32(k) * p.a_stride;
             { let t0 = lin(a_tex, base + g0); let t1 = lin(a_tex, base + p.a_stride + g0);
               let t2 = lin(a_tex, base + 2u * p.a_stride + g0); let t3 = lin(a_tex, base + 3u * p.a_stride + g0);
@@ -587,6 +633,27 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
               x14 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
               x15 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
             }
+            }
+        } else if (A_SHARE) {
+            let sa = a_row(kk, ra);
+            x0 = bc0(sa);
+            x1 = bc1(sa);
+            x2 = bc2(sa);
+            x3 = bc3(sa);
+            x4 = bc4(sa);
+            x5 = bc5(sa);
+            x6 = bc6(sa);
+            x7 = bc7(sa);
+            if (TRM > 8u) {
+                let sb = a_row(kk, rb);
+                x8 = bc0(sb);
+                x9 = bc1(sb);
+                x10 = bc2(sb);
+                x11 = bc3(sb);
+                x12 = bc4(sb);
+                x13 = bc5(sb);
+                x14 = bc6(sb);
+                x15 = bc7(sb);
             }
         } else {
             x0 = a_row(kk, r0);

@@ -159,6 +159,8 @@ pub struct Gpu {
     pub features: wgpu::Features,
     /// Shader modules by (file, texture-read mode, f16 weight textures, f16 plan).
     modules: Mutex<HashMap<(&'static str, TexRead, bool, bool), wgpu::ShaderModule>>,
+    /// The device has subgroup operations (`texread::subgroup_helpers`).
+    pub subgroups: bool,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// A small zero buffer for bindings an entry point declares but a mode ignores.
     placeholder: std::sync::OnceLock<Arc<wgpu::Buffer>>,
@@ -207,7 +209,8 @@ impl Gpu {
         let limits = adapter.limits();
         crate::texread::check_setting(&info, &limits)?;
         // Only features the engine uses, and only when the adapter has them.
-        let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES | wgpu::Features::SHADER_F16;
+        let wanted =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
         let features = adapter.features() & wanted;
         let (device, queue) =
             pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor { label: Some("cvt-gpu"), required_features: features, required_limits: limits.clone(), ..Default::default() }))
@@ -229,6 +232,7 @@ impl Gpu {
             limits,
             features,
             modules: Mutex::new(HashMap::new()),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
             pipelines: Mutex::new(HashMap::new()),
             matmul_kind: std::sync::OnceLock::new(),
             tex_read,
@@ -309,7 +313,7 @@ impl Gpu {
             let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
             src = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         }
-        let src = crate::texread::prelude(read, w16, a16) + &src;
+        let src = crate::texread::prelude(read, w16, a16, self.subgroups) + &src;
         let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
         let checks = match std::env::var("CVT_GPU_CHECKS").as_deref() {
             Ok("all") => wgpu::ShaderRuntimeChecks::checked(),

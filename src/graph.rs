@@ -167,6 +167,12 @@ pub struct Graph {
     /// adapters with shader-f16; before any op is added, since ops pick their
     /// pipelines (`Graph::pipeline`) as they are added.
     pub half: bool,
+    /// Whether the texture GEMM fetches A once per subgroup where it can
+    /// (`matmul.wgsl`'s `A_SHARE`, `ops::matmul::shares_a`). `CVT_GPU_A_SHARE=0|1`.
+    pub a_share: bool,
+    /// Rows per invocation of the texture GEMMs that do not share A (narrow
+    /// outputs); None: the rule of `ops::matmul::tex_block`. `CVT_GPU_NARROW_ROWS`.
+    pub narrow_rows: Option<usize>,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
     /// Texture fillings so far (`TexRef::fill`).
@@ -241,10 +247,12 @@ impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
         Graph {
             gpu,
-            tex_rows: tex_rows_setting().unwrap_or(16),
+            tex_rows: rows_setting("CVT_GPU_TEX_ROWS").unwrap_or(16),
             fused_epilogue: fused_setting().unwrap_or(false),
             attn_queries: qpi_setting().unwrap_or(4),
             half: false,
+            a_share: share_setting().unwrap_or(true),
+            narrow_rows: rows_setting("CVT_GPU_NARROW_ROWS"),
             tensors: vec![],
             ops: vec![],
             fills: 0,
@@ -563,12 +571,13 @@ impl Graph {
     }
 }
 
-/// `CVT_GPU_TEX_ROWS` (8 or 16), if set to one of those.
 /// Rejects an invalid value of the environment settings read by `Graph::new`
 /// (which cannot fail), so a typo is an error rather than silently ignored.
 pub fn check_settings() -> Result<()> {
-    if let Ok(v) = std::env::var("CVT_GPU_TEX_ROWS") {
-        anyhow::ensure!(tex_rows_setting().is_some(), "CVT_GPU_TEX_ROWS={v}: expected 8 or 16");
+    for key in ["CVT_GPU_TEX_ROWS", "CVT_GPU_NARROW_ROWS"] {
+        if let Ok(v) = std::env::var(key) {
+            anyhow::ensure!(rows_setting(key).is_some(), "{key}={v}: expected 8 or 16");
+        }
     }
     if let Ok(v) = std::env::var("CVT_GPU_ATTN_QPI") {
         anyhow::ensure!(qpi_setting().is_some(), "CVT_GPU_ATTN_QPI={v}: expected 1, 2 or 4");
@@ -576,10 +585,21 @@ pub fn check_settings() -> Result<()> {
     if let Ok(v) = std::env::var("CVT_GPU_TEX_READ") {
         anyhow::ensure!(crate::texread::setting().is_some(), "CVT_GPU_TEX_READ={v}: expected `sampled` or `storage`");
     }
+    if let Ok(v) = std::env::var("CVT_GPU_A_SHARE") {
+        anyhow::ensure!(share_setting().is_some(), "CVT_GPU_A_SHARE={v}: expected 0 or 1");
+    }
     if let Ok(v) = std::env::var("CVT_GPU_EPILOGUE") {
         anyhow::ensure!(fused_setting().is_some(), "CVT_GPU_EPILOGUE={v}: expected `fused` or `split`");
     }
     Ok(())
+}
+
+fn share_setting() -> Option<bool> {
+    match std::env::var("CVT_GPU_A_SHARE").as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
+    }
 }
 
 fn qpi_setting() -> Option<usize> {
@@ -594,8 +614,9 @@ fn fused_setting() -> Option<bool> {
     }
 }
 
-fn tex_rows_setting() -> Option<usize> {
-    std::env::var("CVT_GPU_TEX_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| *r == 8 || *r == 16)
+/// Rows per invocation from `key` (`CVT_GPU_TEX_ROWS`, `CVT_GPU_NARROW_ROWS`): 8 or 16.
+fn rows_setting(key: &str) -> Option<usize> {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).filter(|r| *r == 8 || *r == 16)
 }
 
 /// A tensor for `plan_slots`: its size, and the steps [first, last] it is used

@@ -96,7 +96,9 @@ fn lin(t: Tex, i: u32) -> vec4<f32> { return texel(t, lin_at(textureDimensions(t
 /// buffers hold f16 (`enable f16`, the shader-f16 feature), and every texture the
 /// kernels read or write is rgba16float; arithmetic stays f32 (kernels convert
 /// at each load and store: `f32(x[i])`, `act(v)`, identities when `act` is f32).
-pub fn prelude(read: TexRead, w16: bool, a16: bool) -> String {
+/// `sg`: the device has subgroup operations (wgpu's SUBGROUP feature); the
+/// helpers of [`subgroup_helpers`] are real, else stubs that never share.
+pub fn prelude(read: TexRead, w16: bool, a16: bool, sg: bool) -> String {
     let (head, fmt) = if a16 { ("enable f16;\nalias act = f16;\n", "rgba16float") } else { ("alias act = f32;\n", "rgba32float") };
     let wfmt = if w16 || a16 { "rgba16float" } else { "rgba32float" };
     let textures = match read {
@@ -112,5 +114,32 @@ pub fn prelude(read: TexRead, w16: bool, a16: bool) -> String {
              fn wtexel(t: WTex, c: vec2<i32>) -> vec4<f32> {{ return textureLoad(t, c); }}\n"
         ),
     };
-    format!("{head}alias OTex = texture_storage_2d<{fmt}, write>;\n{LINEAR}{textures}")
+    format!("{head}alias OTex = texture_storage_2d<{fmt}, write>;\n{LINEAR}{textures}{}", subgroup_helpers(sg))
+}
+
+/// Subgroup helpers, so that one kernel source serves devices with and without
+/// subgroup operations (a module using them anywhere needs the feature, and
+/// WGSL cannot compile them out with an override): `sg_same(x)` (x is the same on
+/// every active lane of the subgroup; always false without subgroups),
+/// `sg_lane()` and `sg_count()` (this lane's index among the active lanes, and
+/// their number: the lane id and subgroup size where all are active), and
+/// `bc0`..`bc7` (lane i's value of a vec4; WGSL wants the lane as a constant).
+/// The texture GEMM uses them to fetch A once per subgroup instead of once per
+/// lane (`matmul.wgsl`, `sa`/`sb`).
+pub fn subgroup_helpers(sg: bool) -> String {
+    let mut s = String::new();
+    if sg {
+        s += "fn sg_lane() -> u32 { return subgroupExclusiveAdd(1u); }\n\
+              fn sg_count() -> u32 { return subgroupAdd(1u); }\n\
+              fn sg_same(x: u32) -> bool { return subgroupAll(x == subgroupBroadcastFirst(x)); }\n";
+    } else {
+        s += "fn sg_lane() -> u32 { return 0u; }\n\
+              fn sg_count() -> u32 { return 1u; }\n\
+              fn sg_same(x: u32) -> bool { return false; }\n";
+    }
+    for i in 0..8 {
+        let body = if sg { format!("subgroupBroadcast(v, {i}u)") } else { "v".into() };
+        s += &format!("fn bc{i}(v: vec4<f32>) -> vec4<f32> {{ return {body}; }}\n");
+    }
+    s
 }

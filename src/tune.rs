@@ -39,7 +39,7 @@ pub fn key(gpu: &Gpu) -> String {
         src.hash(&mut h);
     }
     for (read, w16, a16) in [(TexRead::Sampled, false, false), (TexRead::Storage, false, false), (TexRead::Storage, true, false), (TexRead::Storage, false, true)] {
-        prelude(read, w16, a16).hash(&mut h);
+        prelude(read, w16, a16, true).hash(&mut h);
     }
     let i = &gpu.info;
     format!("{} | {:?} | {} {} | cvt-gpu {} | kernels {:016x}", i.name, i.backend, i.driver, i.driver_info, env!("CARGO_PKG_VERSION"), h.finish())

@@ -39,6 +39,29 @@ pub(crate) fn tex_grid(n4: usize, rows: usize, trm: usize) -> (u32, [u32; 3]) {
     (wx.trailing_zeros(), [col_blocks.div_ceil(wx) as u32, rows.div_ceil(trm).div_ceil(wy) as u32, 1])
 }
 
+/// Whether this graph's texture GEMMs may fetch A once per subgroup
+/// (`matmul.wgsl`'s `A_SHARE`): subgroup operations, subgroups of 8 lanes or more.
+fn can_share_a(g: &Graph) -> bool {
+    g.a_share && g.gpu.subgroups && g.gpu.info.subgroup_min_size >= 8
+}
+
+/// (rows per invocation, A shared) of a texture GEMM with n4 output vec4s. A is
+/// shared where the workgroup's TWG_X lanes all split column blocks (outputs
+/// over 128 wide), so every lane has the same rows whatever the driver's
+/// subgroup layout: 1024^3 1.18x, CvT-13 training 1.11x (docs/perf.md). Those
+/// take `tex_rows`; the narrow ones `narrow_rows`, by default 8 where A can be
+/// shared (they need a pipeline of their own then, and the 8-row one compiles
+/// in half the time: first call 0.7-1.5 s shorter, CvT-13's stage 0 GEMMs 1.16x
+/// faster), else `tex_rows` (one pipeline for all).
+pub(crate) fn tex_block(g: &Graph, n4: usize) -> (usize, bool) {
+    let (lx, _) = tex_grid(n4, 1, g.tex_rows);
+    if can_share_a(g) && (1usize << lx) == TWG_X {
+        (g.tex_rows, true)
+    } else {
+        (g.narrow_rows.unwrap_or(if can_share_a(g) { 8 } else { g.tex_rows }), false)
+    }
+}
+
 /// Activation fused into the matmul epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -520,12 +543,13 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             let k4 = l.k / 4;
             let chunk = texture_chunk_rows(l.k * 4, g.gpu.limits.max_texture_dimension_2d as usize);
             let mut ov = overrides(act, accumulate, false, (TWG_X, 1)).to_vec();
-            ov.extend([("TA", 1.0), ("TRM", g.tex_rows as f64)]);
+            let (trm, share) = tex_block(g, np4);
+            ov.extend([("TA", 1.0), ("TRM", trm as f64), ("A_SHARE", share as u32 as f64)]);
             let pipeline = g.pipeline_w("matmul", "main_tex", &ov, l.f16)?;
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
                 let at = g.linear_texture_range(a, r0 * k4, rows * k4, 5);
-                let (lx, groups) = tex_grid(np4, rows, g.tex_rows);
+                let (lx, groups) = tex_grid(np4, rows, trm);
                 let mut pu = params(rows, r0);
                 // A's row stride in vec4s, the column-block split, and A's offset:
                 // the kernel reads row r0 + r at (r0 + r)·stride + a_off, and the
