@@ -55,14 +55,16 @@ fn linear_backward_two_layers() {
         // is) instead of packing them; 12 rows of Xᵀ leave a half block of 8. The
         // last has outputs over 128 wide (forward, dX and dW alike), where the
         // texture GEMM fetches A once per subgroup (A_SHARE, as is and transposed),
-        // with idle lanes past the last column block and a partial row block.
+        // with idle lanes past the last column block and a partial row block;
+        // h = 376 (24 column blocks) shares across 8-lane halves of a workgroup
+        // where subgroups are runs of 8 (lavapipe).
         let cases = [
             Case { m: 5, k: 7, h: 6, n: 3 },
             Case { m: 33, k: 64, h: 20, n: 10 },
             Case { m: 1, k: 1, h: 1, n: 1 },
             Case { m: 36, k: 12, h: 20, n: 8 },
             Case { m: 4, k: 4, h: 4, n: 4 },
-            Case { m: 20, k: 136, h: 148, n: 140 },
+            Case { m: 20, k: 136, h: 376, n: 140 },
         ];
         for case in cases {
             let Case { m, k, h, n } = case;

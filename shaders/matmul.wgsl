@@ -477,9 +477,9 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let wx = 1u << lx;
     let col4 = (wid.x * wx + (lid & (wx - 1u))) * 4u;
     let row0 = (wid.y * (WG_X >> lx) + (lid >> lx)) * TRM;
-    // A_SHARE: the host sets it where every lane of the workgroup has the same
-    // rows (the lanes split 16 column blocks: wide outputs) and subgroups have 8
-    // lanes or more. Lane i of a subgroup then fetches rows row0 + i and
+    // A_SHARE: the host sets it where every lane of a subgroup has the same
+    // rows (all 16 lanes split column blocks, or 8 do and the subgroups are those
+    // runs of 8: ops::matmul::tex_block) and subgroups have 8 lanes or more. Lane i of a subgroup then fetches rows row0 + i and
     // row0 + 8 + i and takes the others from its neighbours by broadcast: 2 fetches
     // a lane instead of TRM. A fetch is ~47 instructions of JIT code on lavapipe,
     // a broadcast a few (docs/perf.md). Subgroup operations need every lane, so
@@ -716,6 +716,15 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         store_vec(row0 + 14u, col4, a14_0 + bb0); store_vec(row0 + 14u, col4 + 1u, a14_1 + bb1); store_vec(row0 + 14u, col4 + 2u, a14_2 + bb2); store_vec(row0 + 14u, col4 + 3u, a14_3 + bb3);
         store_vec(row0 + 15u, col4, a15_0 + bb0); store_vec(row0 + 15u, col4 + 1u, a15_1 + bb1); store_vec(row0 + 15u, col4 + 2u, a15_2 + bb2); store_vec(row0 + 15u, col4 + 3u, a15_3 + bb3);
     }
+}
+
+// subgroup_probe: 1 in c[lid] where this invocation's subgroup holds 8 lanes and
+// all of them have the same lid / 8, i.e. the subgroups of a 16-invocation
+// workgroup are its two runs of 8 (ops::matmul::subgroups_of_8). main_tex shares
+// A across 8-lane halves of a workgroup only where every lane says 1.
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn subgroup_probe(@builtin(local_invocation_index) lid: u32) {
+    c[lid] = act(select(0.0, 1.0, sg_same(lid >> 3u) && sg_count() == 8u));
 }
 
 // ---------------------------------------------------------------------------

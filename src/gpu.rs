@@ -161,6 +161,8 @@ pub struct Gpu {
     modules: Mutex<HashMap<(&'static str, TexRead, bool, bool), wgpu::ShaderModule>>,
     /// The device has subgroup operations (`texread::subgroup_helpers`).
     pub subgroups: bool,
+    /// Subgroups are runs of 8 consecutive invocations (`ops::matmul::subgroups_of_8`).
+    pub subgroups_of_8: std::sync::OnceLock<bool>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// A small zero buffer for bindings an entry point declares but a mode ignores.
     placeholder: std::sync::OnceLock<Arc<wgpu::Buffer>>,
@@ -233,6 +235,7 @@ impl Gpu {
             features,
             modules: Mutex::new(HashMap::new()),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroups_of_8: std::sync::OnceLock::new(),
             pipelines: Mutex::new(HashMap::new()),
             matmul_kind: std::sync::OnceLock::new(),
             tex_read,

@@ -181,8 +181,8 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
             let bt = if tb_lin { lin_tex(g, b, 6) } else { pack(g, &format!("{label}.b"), b, (k0, kc), (0, n_out), 6)? };
             let first = j == 0;
             let has_bias = first && ep.bias.is_some();
-            let (trm, share) = super::matmul::tex_block(g, n4);
-            let (lx, groups) = super::matmul::tex_grid(n4, rows, trm);
+            let blk = super::matmul::tex_block(g, n4);
+            let (lx, groups) = (blk.lx, super::matmul::tex_grid(n4, rows, &blk));
             let pipeline = g.pipeline(
                 "matmul",
                 "main_tex",
@@ -194,8 +194,8 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
                     ("WG_Y", 1.0),
                     ("TA", ta as f64),
                     ("TB_LIN", tb_lin as u32 as f64),
-                    ("TRM", trm as f64),
-                    ("A_SHARE", share as u32 as f64),
+                    ("TRM", blk.trm as f64),
+                    ("A_SHARE", blk.share as u32 as f64),
                 ],
             )?;
             // Linear operands: row strides and this K chunk's start, in vec4s.

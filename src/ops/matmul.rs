@@ -26,17 +26,12 @@ const WG_Y: usize = 8;
 pub(crate) const TRN4: usize = 4;
 pub(crate) const TWG_X: usize = 16;
 
-/// How the texture matmul's TWG_X invocations split between column and row blocks
-/// for `n4` vec4 output columns and `rows` rows: log2 of the invocations along
-/// columns (the shader's `p.in_tok_off`) and the grid. As many along the column
-/// blocks as there are, the rest along row blocks: a narrow output (N = 32: two
-/// column blocks) would otherwise leave 14 of 16 invocations idle, which on a CPU
-/// driver are SIMD lanes computed anyway.
-pub(crate) fn tex_grid(n4: usize, rows: usize, trm: usize) -> (u32, [u32; 3]) {
-    let col_blocks = n4.div_ceil(TRN4);
-    let wx = col_blocks.next_power_of_two().min(TWG_X);
-    let wy = TWG_X / wx;
-    (wx.trailing_zeros(), [col_blocks.div_ceil(wx) as u32, rows.div_ceil(trm).div_ceil(wy) as u32, 1])
+/// The grid of a texture GEMM with `n4` vec4 output columns, `rows` rows and
+/// block `b`: 2^b.lx of its TWG_X invocations along column blocks, the rest
+/// along row blocks.
+pub(crate) fn tex_grid(n4: usize, rows: usize, b: &TexBlock) -> [u32; 3] {
+    let wx = 1usize << b.lx;
+    [n4.div_ceil(TRN4).div_ceil(wx) as u32, rows.div_ceil(b.trm).div_ceil(TWG_X / wx) as u32, 1]
 }
 
 /// Whether this graph's texture GEMMs may fetch A once per subgroup
@@ -45,21 +40,62 @@ fn can_share_a(g: &Graph) -> bool {
     g.a_share && g.gpu.subgroups && g.gpu.info.subgroup_min_size >= 8
 }
 
-/// (rows per invocation, A shared) of a texture GEMM with n4 output vec4s. A is
-/// shared where the workgroup's TWG_X lanes all split column blocks (outputs
-/// over 128 wide), so every lane has the same rows whatever the driver's
-/// subgroup layout: 1024^3 1.18x, CvT-13 training 1.11x (docs/perf.md). Those
-/// take `tex_rows`; the narrow ones `narrow_rows`, by default 8 where A can be
-/// shared (they need a pipeline of their own then, and the 8-row one compiles
-/// in half the time: first call 0.7-1.5 s shorter, CvT-13's stage 0 GEMMs 1.16x
-/// faster), else `tex_rows` (one pipeline for all).
-pub(crate) fn tex_block(g: &Graph, n4: usize) -> (usize, bool) {
-    let (lx, _) = tex_grid(n4, 1, g.tex_rows);
-    if can_share_a(g) && (1usize << lx) == TWG_X {
-        (g.tex_rows, true)
+/// How a texture GEMM works: rows per invocation (the shader's `TRM`), whether
+/// A is fetched once per subgroup (`A_SHARE`), and log2 of the invocations along
+/// column blocks (`p.in_tok_off`).
+pub(crate) struct TexBlock {
+    pub trm: usize,
+    pub share: bool,
+    pub lx: u32,
+}
+
+/// The block of a texture GEMM with `n4` vec4 output columns.
+///
+/// Lanes go along the column blocks as far as there are (up to TWG_X), the rest
+/// along row blocks: a narrow output (N = 32: two column blocks) would otherwise
+/// leave 14 of 16 invocations idle, which on a CPU driver are SIMD lanes
+/// computed anyway. A is shared where all TWG_X lanes split column blocks
+/// (outputs over 128 wide), so every lane has the same rows whatever the
+/// driver's subgroup layout: 1024^3 1.18x, CvT-13 training 1.11x
+/// (docs/perf.md); or where 8 lanes do and the adapter's subgroups are runs of 8
+/// consecutive invocations (`subgroups_of_8`), when that idles fewer lanes of
+/// the last workgroup: N = 384 has 24 column blocks, which 16-lane rows cover
+/// with 8 idle lanes. Shared GEMMs take `tex_rows`; the others `narrow_rows`, by
+/// default 8 where A can be shared (they need a pipeline of their own then, and
+/// the 8-row one compiles in half the time: first call 0.7-1.5 s shorter,
+/// CvT-13's stage 0 GEMMs 1.16x faster), else `tex_rows` (one pipeline for all).
+pub(crate) fn tex_block(g: &Graph, n4: usize) -> TexBlock {
+    let cb = n4.div_ceil(TRN4);
+    let wx = cb.next_power_of_two().min(TWG_X);
+    if can_share_a(g) && wx == TWG_X {
+        let idle = |w: usize| cb.div_ceil(w) * w - cb;
+        let lx = if idle(8) < idle(16) && subgroups_of_8(&g.gpu) { 3 } else { 4 };
+        TexBlock { trm: g.tex_rows, share: true, lx }
     } else {
-        (g.narrow_rows.unwrap_or(if can_share_a(g) { 8 } else { g.tex_rows }), false)
+        TexBlock { trm: g.narrow_rows.unwrap_or(if can_share_a(g) { 8 } else { g.tex_rows }), share: false, lx: wx.trailing_zeros() }
     }
+}
+
+/// Whether the adapter's subgroups are the runs of 8 consecutive invocations of
+/// a workgroup (lavapipe's SIMD lanes), measured once by `subgroup_probe`.
+/// Vulkan does not promise any layout, so sharing across 8-lane halves of a
+/// workgroup is used only where this holds.
+pub fn subgroups_of_8(gpu: &Arc<Gpu>) -> bool {
+    *gpu.subgroups_of_8.get_or_init(|| {
+        let probe = || -> Result<bool> {
+            if !gpu.subgroups || gpu.info.subgroup_min_size != 8 || gpu.info.subgroup_max_size != 8 {
+                return Ok(false);
+            }
+            let mut g = Graph::new(gpu.clone());
+            let out = g.pinned("subgroup probe", 16);
+            let pipeline = g.pipeline("matmul", "subgroup_probe", &[("WG_X", TWG_X as f64), ("WG_Y", 1.0)])?;
+            g.dispatch("subgroup probe", pipeline, vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(out)], [1, 1, 1], 0.0);
+            let plan = g.compile()?;
+            plan.run()?;
+            Ok(plan.read(out)?.iter().all(|&v| v == 1.0))
+        };
+        probe().unwrap_or(false)
+    })
 }
 
 /// Activation fused into the matmul epilogue.
@@ -543,13 +579,13 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             let k4 = l.k / 4;
             let chunk = texture_chunk_rows(l.k * 4, g.gpu.limits.max_texture_dimension_2d as usize);
             let mut ov = overrides(act, accumulate, false, (TWG_X, 1)).to_vec();
-            let (trm, share) = tex_block(g, np4);
-            ov.extend([("TA", 1.0), ("TRM", trm as f64), ("A_SHARE", share as u32 as f64)]);
+            let blk = tex_block(g, np4);
+            ov.extend([("TA", 1.0), ("TRM", blk.trm as f64), ("A_SHARE", blk.share as u32 as f64)]);
             let pipeline = g.pipeline_w("matmul", "main_tex", &ov, l.f16)?;
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
                 let at = g.linear_texture_range(a, r0 * k4, rows * k4, 5);
-                let (lx, groups) = tex_grid(np4, rows, trm);
+                let (lx, groups) = (blk.lx, tex_grid(np4, rows, &blk));
                 let mut pu = params(rows, r0);
                 // A's row stride in vec4s, the column-block split, and A's offset:
                 // the kernel reads row r0 + r at (r0 + r)·stride + a_off, and the
