@@ -609,9 +609,10 @@ use cvt_gpu::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, Bat
 #[test]
 fn conv_projection_train_bn() {
     // Texture variants read x, the gradients and the weights as texels (c = 64: copied
-    // rows; else packed); buffer variants read buffers.
+    // rows; else packed); buffer variants read buffers. c = 72: 18 channel groups,
+    // more than one 16-lane workgroup of the CPU drivers' BatchNorm kernels (CPL).
     for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
-        for &(batch, h, w, c, cls) in &[(2, 4, 5, 4, 1), (1, 3, 3, 8, 0), (2, 3, 2, 64, 1)] {
+        for &(batch, h, w, c, cls) in &[(2, 4, 5, 4, 1), (1, 3, 3, 8, 0), (2, 3, 2, 64, 1), (1, 3, 2, 72, 1)] {
             let tq = cls + h * w;
             let (hk, wk) = kv_hw(h, w);
             let tk = cls + hk * wk;

@@ -206,9 +206,9 @@ fn map_row(bi: u32, pix: u32) -> u32 {
 var<workgroup> red: array<T, WG>;
 
 fn reduce_sum(val: T, lid: u32) -> T {
-    // WG = 1 (CPU drivers): the invocation already holds the whole sum, and no
-    // barrier is compiled.
-    if (WG == 1u) {
+    // WG = 1 or CPL (CPU drivers): the invocation already holds the whole sum,
+    // and no barrier is compiled.
+    if (WG == 1u || CPL) {
         return val;
     }
     red[lid] = val;
@@ -222,6 +222,80 @@ fn reduce_sum(val: T, lid: u32) -> T {
     let r = red[0];
     workgroupBarrier();
     return r;
+}
+
+// The BatchNorm kernels' shape. On GPUs (CPL false) a workgroup per channel
+// group, its WG invocations striding over the rows and reducing through
+// workgroup memory. On CPU drivers (CPL, "channels per lane") invocation lid of
+// workgroup wid takes channel group wid * WG + lid and walks every row itself: a
+// workgroup's invocations are SIMD lanes there, and the former shape (WG = 1, a
+// one-lane workgroup per channel group) used one lane of eight. The row loop is
+// the same in every lane, so each step loads adjacent channel groups.
+override CPL: bool = false;
+
+// (channel group, first row, row step) of this invocation in the BN kernels.
+fn bn_lane(wid: vec3<u32>, lid: u32) -> vec3<u32> {
+    if (CPL) {
+        return vec3<u32>(wid.x * WG + lid, 0u, 1u);
+    }
+    return vec3<u32>(wid.x, lid, WG);
+}
+
+// Where the CPL loops are in the map, kept by counting instead of dividing: an
+// integer division is scalarised lane by lane on a CPU driver, and two of them
+// per row (i / hw, i % hw) cost more than the load. .x: map row of spatial row i
+// (its image's cls rows skipped), .y: i's pixel within its image. The GPU shape
+// strides by WG and divides (flat_row), which GPUs do well.
+fn walk_start() -> vec2<u32> {
+    return vec2<u32>(p.cls, 0u);
+}
+
+fn walk_next(w: vec2<u32>, hw: u32) -> vec2<u32> {
+    if (w.y + 1u == hw) {
+        return vec2<u32>(w.x + 1u + p.cls, 0u);
+    }
+    return w + vec2<u32>(1u);
+}
+
+// Element offset of spatial row i (channel group 0).
+fn spatial_row(i: u32, hw: u32, w: vec2<u32>) -> u32 {
+    if (CPL) {
+        return w.x * p.C;
+    }
+    return flat_row(i, hw);
+}
+
+// Whether map row i is a cls row (passed through by the BN kernels); t counts
+// tokens within the image in the CPL loops.
+fn is_cls_row(i: u32, hw: u32, t: u32) -> bool {
+    if (CPL) {
+        return p.cls == 1u && t == 0u;
+    }
+    return p.cls == 1u && i % (1u + hw) == 0u;
+}
+
+fn next_token(t: u32, hw: u32) -> u32 {
+    return select(t + 1u, 0u, t + 1u == p.cls + hw);
+}
+
+// The CPL kernels read the map (pre) and its gradient (dpost) as linear textures
+// (Graph::linear_texture): a texel fetch is a gather on a CPU driver, a storage
+// load a loop over the lanes. Bound to a placeholder on GPUs.
+@group(0) @binding(23) var pre_t: Tex;
+@group(0) @binding(24) var dpost_t: Tex;
+
+fn pre_at(r: u32) -> T {
+    if (CPL) {
+        return lin(pre_t, r);
+    }
+    return pre[r];
+}
+
+fn dpost_at(r: u32) -> T {
+    if (CPL) {
+        return lin(dpost_t, r);
+    }
+    return dpost[r];
 }
 
 // Spatial row i of image (i / hw) in a map of cls + hw tokens per image.
@@ -244,26 +318,33 @@ fn bn_bindings() {
     _ = arrayLength(&running);
     _ = arrayLength(&pre);
     _ = arrayLength(&post);
+    _ = textureDimensions(pre_t);
 }
 
 @compute @workgroup_size(WG)
 fn bn_mean(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     bn_bindings();
-    let c = wid.x;
+    let ln = bn_lane(wid, lid);
+    let c = ln.x;
+    if (c >= p.C) {
+        return;
+    }
     let hw = p.H * p.W;
     let total = p.B * hw;
     if (BN_EVAL) {
-        if (lid == 0u) {
+        if (CPL || lid == 0u) {
             stats[c] = running[c];
         }
         return;
     }
     var s = T(0.0);
-    for (var i = lid; i < total; i += WG) {
-        s += pre[flat_row(i, hw) + c];
+    var w = walk_start();
+    for (var i = ln.y; i < total; i += ln.z) {
+        s += pre_at(spatial_row(i, hw, w) + c);
+        w = walk_next(w, hw);
     }
     let mean = reduce_sum(s, lid) / f32(total);
-    if (lid == 0u) {
+    if (CPL || lid == 0u) {
         stats[c] = mean;
     }
 }
@@ -271,25 +352,31 @@ fn bn_mean(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 @compute @workgroup_size(WG)
 fn bn_var(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     bn_bindings();
-    let c = wid.x;
+    let ln = bn_lane(wid, lid);
+    let c = ln.x;
+    if (c >= p.C) {
+        return;
+    }
     let hw = p.H * p.W;
     let total = p.B * hw;
     let n = f32(total);
     if (BN_EVAL) {
         // The statistics are the running ones, left unchanged.
-        if (lid == 0u) {
+        if (CPL || lid == 0u) {
             stats[p.C + c] = inverseSqrt(running[p.C + c] + BN_EPS);
         }
         return;
     }
     let mean = stats[c];
     var s2 = T(0.0);
-    for (var i = lid; i < total; i += WG) {
-        let d = pre[flat_row(i, hw) + c] - mean;
+    var w = walk_start();
+    for (var i = ln.y; i < total; i += ln.z) {
+        let d = pre_at(spatial_row(i, hw, w) + c) - mean;
         s2 += d * d;
+        w = walk_next(w, hw);
     }
     let ss = reduce_sum(s2, lid);
-    if (lid == 0u) {
+    if (CPL || lid == 0u) {
         let var_b = ss / n;
         stats[p.C + c] = inverseSqrt(var_b + BN_EPS);
         let unbiased = select(var_b, ss / (n - 1.0), n > 1.0);
@@ -301,17 +388,23 @@ fn bn_var(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
 @compute @workgroup_size(WG)
 fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     bn_bindings();
-    let c = wid.x;
+    let ln = bn_lane(wid, lid);
+    let c = ln.x;
+    if (c >= p.C) {
+        return;
+    }
     let hw = p.H * p.W;
     let scale = stats[p.C + c] * w[c];
     let shift = bias[c] - stats[c] * scale;
     // One loop over every row, the cls rows (bypassed) included: a second loop
     // for them made lavapipe 22.3 leak ~140 KB per dispatch (docs/perf.md).
     let rows = p.B * (p.cls + hw);
-    for (var i = lid; i < rows; i += WG) {
+    var t = 0u;
+    for (var i = ln.y; i < rows; i += ln.z) {
         let r = i * p.C + c;
-        let v = pre[r];
-        post[r] = select(v * scale + shift, v, p.cls == 1u && i % (1u + hw) == 0u);
+        let v = pre_at(r);
+        post[r] = select(v * scale + shift, v, is_cls_row(i, hw, t));
+        t = next_token(t, hw);
     }
 }
 
@@ -324,6 +417,8 @@ fn bn_backward_bindings() {
     _ = arrayLength(&stats);
     _ = arrayLength(&pre);
     _ = arrayLength(&dpost);
+    _ = textureDimensions(pre_t);
+    _ = textureDimensions(dpost_t);
     _ = arrayLength(&dpre);
     _ = arrayLength(&dgamma);
     _ = arrayLength(&dbeta);
@@ -332,22 +427,28 @@ fn bn_backward_bindings() {
 @compute @workgroup_size(WG)
 fn bn_backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     bn_backward_bindings();
-    let c = wid.x;
+    let ln = bn_lane(wid, lid);
+    let c = ln.x;
+    if (c >= p.C) {
+        return;
+    }
     let hw = p.H * p.W;
     let total = p.B * hw;
     let mean = stats[c];
     let rstd = stats[p.C + c];
     var a = T(0.0);
     var bsum = T(0.0);
-    for (var i = lid; i < total; i += WG) {
-        let r = flat_row(i, hw) + c;
-        let dy = dpost[r];
+    var w = walk_start();
+    for (var i = ln.y; i < total; i += ln.z) {
+        let r = spatial_row(i, hw, w) + c;
+        let dy = dpost_at(r);
         a += dy;
-        bsum += dy * (pre[r] - mean) * rstd;
+        bsum += dy * (pre_at(r) - mean) * rstd;
+        w = walk_next(w, hw);
     }
     let sdy = reduce_sum(a, lid);
     let sdyx = reduce_sum(bsum, lid);
-    if (lid == 0u) {
+    if (CPL || lid == 0u) {
         dgamma[c] = sdyx;
         dbeta[c] = sdy;
     }
@@ -356,7 +457,11 @@ fn bn_backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 @compute @workgroup_size(WG)
 fn bn_backward_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     bn_backward_bindings();
-    let c = wid.x;
+    let ln = bn_lane(wid, lid);
+    let c = ln.x;
+    if (c >= p.C) {
+        return;
+    }
     let hw = p.H * p.W;
     let n = f32(p.B * hw);
     let mean = stats[c];
@@ -372,10 +477,12 @@ fn bn_backward_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     }
     // One loop, cls rows (passed through) included: see bn_apply.
     let rows = p.B * (p.cls + hw);
-    for (var i = lid; i < rows; i += WG) {
+    var t = 0u;
+    for (var i = ln.y; i < rows; i += ln.z) {
         let r = i * p.C + c;
-        let dy = dpost[r];
-        dpre[r] = select(a * dy + e * pre[r] + f, dy, p.cls == 1u && i % (1u + hw) == 0u);
+        let dy = dpost_at(r);
+        dpre[r] = select(a * dy + e * pre_at(r) + f, dy, is_cls_row(i, hw, t));
+        t = next_token(t, hw);
     }
 }
 

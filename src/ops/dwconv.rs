@@ -206,11 +206,40 @@ pub struct ProjSaved {
 /// `rownorm::row_lanes`), where a workgroup's invocations are SIMD lanes and
 /// barriers are expensive; 64 with a tree reduction on GPUs.
 fn reduce_wg(gpu: &Arc<Gpu>) -> usize {
-    if crate::ops::rownorm::row_lanes(gpu) == 1 {
+    if cpu_reductions(gpu) {
         1
     } else {
         WG
     }
+}
+
+fn cpu_reductions(gpu: &Arc<Gpu>) -> bool {
+    crate::ops::rownorm::row_lanes(gpu) == 1
+}
+
+/// Lanes per workgroup of the BatchNorm kernels on CPU drivers, each its own
+/// channel group (the shader's `CPL`).
+const BN_CPL_WG: usize = 16;
+
+/// A BatchNorm kernel's texture binding of map `t`: its linear texture on CPU
+/// drivers (`CPL`), a placeholder on GPUs.
+fn bn_texture(g: &mut Graph, t: TensorId, binding: u32) -> Res {
+    if cpu_reductions(&g.gpu) {
+        Res::ActTex(g.linear_texture(t, binding))
+    } else {
+        Res::Tex(g.gpu.placeholder_texture(g.half))
+    }
+}
+
+/// The BatchNorm kernels' override constants and grid for `c4` channel groups:
+/// on CPU drivers 16 channel groups per workgroup, one per lane, each lane over
+/// every row (`CPL`; 3.6-5x faster per kernel on lavapipe than a one-lane
+/// workgroup per channel group, docs/perf.md); on GPUs a workgroup per channel
+/// group reducing over its rows.
+fn bn_shape(gpu: &Arc<Gpu>, bn_eval: bool, c4: usize) -> ([(&'static str, f64); 3], [u32; 3]) {
+    let cpl = cpu_reductions(gpu);
+    let (wg, groups) = if cpl { (BN_CPL_WG, c4.div_ceil(BN_CPL_WG)) } else { (WG, c4) };
+    ([("WG", wg as f64), ("BN_EVAL", bn_eval as u8 as f64), ("CPL", cpl as u8 as f64)], [groups as u32, 1, 1])
 }
 
 /// Params of one map; C in units of four channels, as the shader counts them.
@@ -225,7 +254,7 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
     let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c, kind: preferred_kind(&g.gpu), tex: None };
     let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
     let (hk, wk) = kv_hw(h, w);
-    let consts = [("WG", reduce_wg(&g.gpu) as f64), ("BN_EVAL", p.bn_eval as u8 as f64)];
+    let (consts, bn_groups) = bn_shape(&g.gpu, p.bn_eval, p.c / 4);
     let passes = [("mean", g.pipeline("dwconv", "bn_mean", &consts)?), ("var", g.pipeline("dwconv", "bn_var", &consts)?), ("", g.pipeline("dwconv", "bn_apply", &consts)?)];
     let mut post = vec![];
     let mut stats = vec![];
@@ -233,7 +262,8 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
         let out = g.tensor(format!("{label}.bn{m}"), g.len(pre));
         let st = g.tensor(format!("{label}.bn{m}.stats"), 2 * p.c);
         let u = || Res::Unused;
-        let b = vec![
+        let pre_t = bn_texture(g, pre, 23);
+        let mut b = vec![
             u(),
             Res::Buf(p.bn[m].gamma.clone()),
             Res::Buf(p.bn[m].beta.clone()),
@@ -246,9 +276,11 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
             Res::Act(pre),
             Res::Act(out),
         ];
+        b.extend((11..23).map(|_| u()));
+        b.push(pre_t);
         for (pass, pipeline) in &passes {
             let name = if pass.is_empty() { format!("{label}.bn{m}") } else { format!("{label}.bn{m}.{pass}") };
-            g.dispatch(name, pipeline.clone(), b.clone(), [(p.c / 4) as u32, 1, 1], 0.0);
+            g.dispatch(name, pipeline.clone(), b.clone(), bn_groups, 0.0);
         }
         post.push(out);
         stats.push(st);
@@ -273,14 +305,15 @@ pub fn conv_proj_train_backward(
 ) -> Result<TensorId> {
     let c = p.c;
     let (hk, wk) = kv_hw(h, w);
-    let consts = [("WG", reduce_wg(&g.gpu) as f64), ("BN_EVAL", p.bn_eval as u8 as f64)];
+    let (consts, bn_groups) = bn_shape(&g.gpu, p.bn_eval, c / 4);
     let bn_sums = g.pipeline("dwconv", "bn_backward_sums", &consts)?;
     let bn_apply = g.pipeline("dwconv", "bn_backward_apply", &consts)?;
     let u = || Res::Unused;
     let mut dpre = vec![];
     for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {
         let out = g.tensor(format!("{label}.bn{m}.dpre"), g.len(dpost));
-        let b = vec![
+        let (pre_t, dpost_t) = (bn_texture(g, saved.pre[m], 23), bn_texture(g, dpost, 24));
+        let mut b = vec![
             u(),
             Res::Buf(p.bn[m].gamma.clone()),
             u(),
@@ -299,8 +332,9 @@ pub fn conv_proj_train_backward(
             u(),
             Res::Buf(grad.beta[m].clone()),
         ];
-        g.dispatch(format!("{label}.bn{m}.backward.sums"), bn_sums.clone(), b.clone(), [(c / 4) as u32, 1, 1], 0.0);
-        g.dispatch(format!("{label}.bn{m}.backward"), bn_apply.clone(), b, [(c / 4) as u32, 1, 1], 0.0);
+        b.extend([u(), u(), u(), u(), u(), u(), pre_t, dpost_t]);
+        g.dispatch(format!("{label}.bn{m}.backward.sums"), bn_sums.clone(), b.clone(), bn_groups, 0.0);
+        g.dispatch(format!("{label}.bn{m}.backward"), bn_apply.clone(), b, bn_groups, 0.0);
         dpre.push(out);
     }
     let total = batch * (cls + h * w) * c;
