@@ -162,16 +162,20 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
     // texture of their buffer (a copy) instead of a packed one (a pass of their
     // own): A as is (TA 1) or transposed (TA 2), B as is. K must be a multiple of
     // 4 there, since nothing zero-pads the reduction's end.
-    let linear = |v: &View| matches!(v.src, Src::Act(_)) && v.stride % 4 == 0 && v.rows % 4 == 0 && v.cols % 4 == 0;
-    let ta = match (linear(a), a.transposed) {
+    let linear = |v: &View| v.stride % 4 == 0 && v.rows % 4 == 0 && v.cols % 4 == 0;
+    let ta = match (matches!(a.src, Src::Act(_)) && linear(a), a.transposed) {
         (true, false) => 1,
         (true, true) => 2,
         _ => 0,
     };
+    // B may also be a weight buffer (training's forward X·W, the weights AdamW
+    // updates in place): a copy of it into a linear texture instead of a pack
+    // pass, since a copy runs as a memcpy and the pack's buffer loads as loops
+    // over the lanes (fc1's W: 5.5 ms packed on lavapipe, docs/perf.md).
     let tb_lin = linear(b) && !b.transposed && b.cols == n_out;
-    let lin_tex = |g: &mut Graph, v: &View, binding| match v.src {
-        Src::Act(t) => g.linear_texture(t, binding),
-        Src::Buf(_) => unreachable!("linear views are activations"),
+    let lin_tex = |g: &mut Graph, v: &View, binding| match &v.src {
+        Src::Act(t) => g.linear_texture(*t, binding),
+        Src::Buf(bb) => g.linear_texture_buf(bb, 0, v.rows * v.stride / 4, binding),
     };
     for r0 in (0..m).step_by(max) {
         let rows = max.min(m - r0);
