@@ -745,6 +745,20 @@ fn subgroup_probe(@builtin(local_invocation_index) lid: u32) {
 // activations, f16 in an f16 plan. Inference packs only activations there (its
 // weights are textures made at load); training, which packs weights, is f32.
 @group(0) @binding(1) var<storage, read> a4: array<vec4<act>>;
+// PACK_TEX: the source read from a linear-texture copy of its buffer instead
+// (binding 10; Graph::linear_texture): on CPU drivers a storage load is a loop
+// over the SIMD lanes and a texel fetch one gather (training's transposed weight
+// packs, docs/perf.md). Both bindings are statically used: the other gets a
+// placeholder.
+override PACK_TEX: bool = false;
+@group(0) @binding(10) var pack_src: Tex;
+
+fn pack_src4(i: u32) -> vec4<f32> {
+    if (PACK_TEX) {
+        return lin(pack_src, i);
+    }
+    return vec4<f32>(a4[i]);
+}
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn pack(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -782,7 +796,7 @@ fn pack4(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var v = vec4<f32>(0.0);
     if (y < p.K && x * 4u < p.NP4) {
-        v = vec4<f32>(a4[(p.out_row_off + y * p.a_stride) / 4u + x]);
+        v = pack_src4((p.out_row_off + y * p.a_stride) / 4u + x);
     }
     textureStore(pack_out, vec2<i32>(i32(x), i32(y)), v);
 }
@@ -891,10 +905,10 @@ fn pack4t(@builtin(global_invocation_id) gid: vec3<u32>) {
     let s4 = p.a_stride / 4u;
     let ok = y0 < p.K;
     let c = x * 4u;
-    let r0 = select(vec4<f32>(0.0), vec4<f32>(a4[base]), ok && c < p.NP4);
-    let r1 = select(vec4<f32>(0.0), vec4<f32>(a4[base + s4]), ok && c + 1u < p.NP4);
-    let r2 = select(vec4<f32>(0.0), vec4<f32>(a4[base + 2u * s4]), ok && c + 2u < p.NP4);
-    let r3 = select(vec4<f32>(0.0), vec4<f32>(a4[base + 3u * s4]), ok && c + 3u < p.NP4);
+    let r0 = select(vec4<f32>(0.0), pack_src4(base), ok && c < p.NP4);
+    let r1 = select(vec4<f32>(0.0), pack_src4(base + s4), ok && c + 1u < p.NP4);
+    let r2 = select(vec4<f32>(0.0), pack_src4(base + 2u * s4), ok && c + 2u < p.NP4);
+    let r3 = select(vec4<f32>(0.0), pack_src4(base + 3u * s4), ok && c + 3u < p.NP4);
     let xi = i32(x);
     let yi = i32(y0);
     // Rows past r_real (p.K) are zero; rows past the texture (p.M) are not written.

@@ -78,9 +78,23 @@ pub fn pack(g: &mut Graph, label: &str, v: &View, (r0, rows): (usize, usize), (c
         (true, true) => ("pack4t", true, 4),
         _ => ("pack", false, 1),
     };
-    let pipeline = g.pipeline("matmul", entry, &[("WG_X", WG as f64), ("WG_Y", WG as f64)])?;
-    let (s0, s1) = if vec4 { (Res::Unused, v.src.res()) } else { (v.src.res(), Res::Unused) };
-    let b = vec![s0, s1, Res::Unused, Res::Unused, Res::Uniform(p), Res::Unused, Res::Unused, Res::OutTex(tex)];
+    // The vec4 kernels read their source from a linear-texture copy of the whole
+    // buffer (PACK_TEX): a copy is a memcpy, and texel fetches are gathers where
+    // storage loads are per-lane loops (pack4t of a 384x1536 weight: 5.6 ms from
+    // the buffer on lavapipe, docs/perf.md). Not for f16 plans' parameter buffers
+    // (f32), which no inference pack reads anyway.
+    let src_tex = vec4 && (matches!(v.src, Src::Act(_)) || !g.half);
+    let pipeline = g.pipeline("matmul", entry, &[("WG_X", WG as f64), ("WG_Y", WG as f64), ("PACK_TEX", src_tex as u32 as f64)])?;
+    let (s0, s1) = if vec4 { (Res::Unused, if src_tex { Res::Buf(g.gpu.placeholder()) } else { v.src.res() }) } else { (v.src.res(), Res::Unused) };
+    let mut b = vec![s0, s1, Res::Unused, Res::Unused, Res::Uniform(p), Res::Unused, Res::Unused, Res::OutTex(tex)];
+    if vec4 {
+        let src = match (&v.src, src_tex) {
+            (Src::Act(t), true) => Res::ActTex(g.linear_texture(*t, 10)),
+            (Src::Buf(bb), true) => Res::ActTex(g.linear_texture_buf(bb, 0, (bb.size() / 16) as usize, 10)),
+            _ => Res::Tex(g.gpu.placeholder_texture(g.half)),
+        };
+        b.extend([Res::Unused, Res::Unused, src]);
+    }
     let groups = [width.div_ceil(WG) as u32, rows.div_ceil(rows_per_inv).div_ceil(WG) as u32, 1];
     g.dispatch(format!("{label}.pack"), pipeline, b, groups, 0.0);
     Ok(tex)
