@@ -572,35 +572,20 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         var x15: vec4<f32>;
         if (TA == 2u && A_SHARE) {
             // Shared, transposed: the 4·TRM/4 texels (four k rows of each 4-row
-            // group) split over the subgroup's lanes, then transposed as below.
+            // group) split over the subgroup's lanes, then transposed as below
+            // (transpose() of the four k rows: a register renaming, no arithmetic).
             let base = p._p0 + u32(k) * p.a_stride;
             let sa = lin(a_tex, base + (lane % 4u) * p.a_stride + select(g0, g1, lane % 8u >= 4u));
-            { let t0 = bc0(sa); let t1 = bc1(sa); let t2 = bc2(sa); let t3 = bc3(sa);
-              x0 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
-              x1 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
-              x2 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
-              x3 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
-            }
-            { let t0 = bc4(sa); let t1 = bc5(sa); let t2 = bc6(sa); let t3 = bc7(sa);
-              x4 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
-              x5 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
-              x6 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
-              x7 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
-            }
+            let m0 = transpose(mat4x4<f32>(bc0(sa), bc1(sa), bc2(sa), bc3(sa)));
+            let m1 = transpose(mat4x4<f32>(bc4(sa), bc5(sa), bc6(sa), bc7(sa)));
+            x0 = m0[0]; x1 = m0[1]; x2 = m0[2]; x3 = m0[3];
+            x4 = m1[0]; x5 = m1[1]; x6 = m1[2]; x7 = m1[3];
             if (TRM > 8u) {
-            let sb = lin(a_tex, base + (lane % 4u) * p.a_stride + select(g2, g3, lane % 8u >= 4u));
-            { let t0 = bc0(sb); let t1 = bc1(sb); let t2 = bc2(sb); let t3 = bc3(sb);
-              x8 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
-              x9 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
-              x10 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
-              x11 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
-            }
-            { let t0 = bc4(sb); let t1 = bc5(sb); let t2 = bc6(sb); let t3 = bc7(sb);
-              x12 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
-              x13 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
-              x14 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
-              x15 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
-            }
+                let sb = lin(a_tex, base + (lane % 4u) * p.a_stride + select(g2, g3, lane % 8u >= 4u));
+                let m2 = transpose(mat4x4<f32>(bc0(sb), bc1(sb), bc2(sb), bc3(sb)));
+                let m3 = transpose(mat4x4<f32>(bc4(sb), bc5(sb), bc6(sb), bc7(sb)));
+                x8 = m2[0]; x9 = m2[1]; x10 = m2[2]; x11 = m2[3];
+                x12 = m3[0]; x13 = m3[1]; x14 = m3[2]; x15 = m3[3];
             }
         } else if (TA == 2u) {
             let base = p._p0 + u32(k) * p.a_stride;
@@ -635,25 +620,14 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
             }
             }
         } else if (A_SHARE) {
+            // Lane i holds rows i (sa) and 8 + i (sb); bcN(v) is lane N's v.
             let sa = a_row(kk, ra);
-            x0 = bc0(sa);
-            x1 = bc1(sa);
-            x2 = bc2(sa);
-            x3 = bc3(sa);
-            x4 = bc4(sa);
-            x5 = bc5(sa);
-            x6 = bc6(sa);
-            x7 = bc7(sa);
+            x0 = bc0(sa); x1 = bc1(sa); x2 = bc2(sa); x3 = bc3(sa);
+            x4 = bc4(sa); x5 = bc5(sa); x6 = bc6(sa); x7 = bc7(sa);
             if (TRM > 8u) {
                 let sb = a_row(kk, rb);
-                x8 = bc0(sb);
-                x9 = bc1(sb);
-                x10 = bc2(sb);
-                x11 = bc3(sb);
-                x12 = bc4(sb);
-                x13 = bc5(sb);
-                x14 = bc6(sb);
-                x15 = bc7(sb);
+                x8 = bc0(sb); x9 = bc1(sb); x10 = bc2(sb); x11 = bc3(sb);
+                x12 = bc4(sb); x13 = bc5(sb); x14 = bc6(sb); x15 = bc7(sb);
             }
         } else {
             x0 = a_row(kk, r0);
