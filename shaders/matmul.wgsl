@@ -355,15 +355,28 @@ fn im2col4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
             v = lin(a_tex, ((r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + k % p.cin) / 4u);
         }
     } else {
-        // Other widths (the RGB input): each value from its own texel.
+        // Other widths (the RGB input): each value from its own texel. The tap
+        // (ky, kx) and channel of k are found once and stepped: an integer
+        // division runs lane by lane on a CPU driver, and this took four per value.
+        var ci = k % p.cin;
+        let tap = k / p.cin;
+        var ky = tap / p.kw;
+        var kx = tap % p.kw;
         for (var e = 0u; e < 4u; e++) {
-            let ke = k + e;
-            let tap = ke / p.cin;
-            let iy = r.iy0 + i32(tap / p.kw);
-            let ix = r.ix0 + i32(tap % p.kw);
-            if (ke < p.K && iy >= 0 && ix >= 0 && iy < i32(p.in_h) && ix < i32(p.in_w)) {
-                let idx = (r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + ke % p.cin;
+            let iy = r.iy0 + i32(ky);
+            let ix = r.ix0 + i32(kx);
+            if (k + e < p.K && iy >= 0 && ix >= 0 && iy < i32(p.in_h) && ix < i32(p.in_w)) {
+                let idx = (r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + ci;
                 v[e] = lin(a_tex, idx / 4u)[idx % 4u];
+            }
+            ci += 1u;
+            if (ci == p.cin) {
+                ci = 0u;
+                kx += 1u;
+                if (kx == p.kw) {
+                    kx = 0u;
+                    ky += 1u;
+                }
             }
         }
     }
