@@ -481,6 +481,15 @@ pub fn texture_of(gpu: &Gpu, label: &str, width: u32, height: u32, format: wgpu:
     texture_as(gpu, label, width, height, format, usage)
 }
 
+/// Bytes of one texel of `tex_format(half)`.
+pub fn texel_bytes(half: bool) -> usize {
+    if half {
+        8
+    } else {
+        16
+    }
+}
+
 /// The texture format of an f16 plan's textures (`half`) or of an f32 one's.
 pub fn tex_format(half: bool) -> wgpu::TextureFormat {
     if half {
@@ -547,8 +556,7 @@ pub fn linear_width(texels: usize, max: usize, texel_bytes: usize) -> usize {
 pub fn linear_texture_from(gpu: &Gpu, label: &str, data: &[f32], half: bool) -> Arc<wgpu::TextureView> {
     let max = gpu.limits.max_texture_dimension_2d;
     let texels = data.len().div_ceil(4).max(1);
-    let texel = if half { 8 } else { 16 };
-    let width = linear_width(texels, max as usize, texel) as u32;
+    let width = linear_width(texels, max as usize, texel_bytes(half)) as u32;
     let height = (texels as u32).div_ceil(width);
     let mut padded = data.to_vec();
     padded.resize((width * height * 4) as usize, 0.0);
@@ -561,8 +569,7 @@ pub fn linear_texture_from(gpu: &Gpu, label: &str, data: &[f32], half: bool) -> 
 /// GPU bytes of a texture as allocated (padding included).
 pub fn texture_bytes(t: &wgpu::TextureView) -> u64 {
     let t = t.texture();
-    let texel = if t.format() == wgpu::TextureFormat::Rgba16Float { 8 } else { 16 };
-    t.width() as u64 * t.height() as u64 * texel
+    t.width() as u64 * t.height() as u64 * texel_bytes(t.format() == wgpu::TextureFormat::Rgba16Float) as u64
 }
 
 /// f32 values rounded to f16 (nearest even), for f16 weight storage.

@@ -168,7 +168,7 @@ pub struct Graph {
     /// pipelines (`Graph::pipeline`) as they are added.
     pub half: bool,
     /// Whether the texture GEMM fetches A once per subgroup where it can
-    /// (`matmul.wgsl`'s `A_SHARE`, `ops::matmul::shares_a`). `CVT_GPU_A_SHARE=0|1`.
+    /// (`matmul.wgsl`'s `A_SHARE`, `ops::matmul::tex_block`). `CVT_GPU_A_SHARE=0|1`.
     pub a_share: bool,
     /// Rows per invocation of the texture GEMMs that do not share A (narrow
     /// outputs); None: the rule of `ops::matmul::tex_block`. `CVT_GPU_NARROW_ROWS`.
@@ -269,18 +269,14 @@ impl Graph {
         self.gpu.pipeline_in(shader, entry, overrides, w16, self.half)
     }
 
-    /// Bytes of one tensor element: 4, or 2 in an f16 plan.
-    pub fn elem_bytes(&self) -> usize {
-        if self.half {
-            2
-        } else {
-            4
-        }
-    }
-
     /// Bytes of one texel (4 values) of the plan's textures.
     pub fn texel_bytes(&self) -> usize {
-        4 * self.elem_bytes()
+        crate::gpu::texel_bytes(self.half)
+    }
+
+    /// Bytes of one tensor element: 4, or 2 in an f16 plan.
+    pub fn elem_bytes(&self) -> usize {
+        self.texel_bytes() / 4
     }
 
     /// Whether rows of `width` texels can be copied into a texture: buffer-to-
@@ -404,7 +400,7 @@ impl Graph {
             }
         }
         let (elem, texel) = (self.elem_bytes(), self.texel_bytes());
-        let format = if self.half { wgpu::TextureFormat::Rgba16Float } else { wgpu::TextureFormat::Rgba32Float };
+        let format = crate::gpu::tex_format(self.half);
         let bytes = |t: usize| ((self.tensors[t].len.max(1) * elem) as u64).div_ceil(16) * 16;
         let tensors: Vec<SlotTensor> = (0..n).map(|t| SlotTensor { bytes: bytes(t), span: (first[t] != usize::MAX && !self.tensors[t].pinned).then(|| (first[t], last[t])) }).collect();
         let SlotPlan { slot_size, tensor_slot, max_live } = plan_slots(&tensors);
@@ -857,7 +853,7 @@ impl Plan {
                     },
                     layout: wgpu::TexelCopyBufferLayout {
                         offset: *offset,
-                        bytes_per_row: (*height > 1).then_some(width * if self.half { 8 } else { 16 }),
+                        bytes_per_row: (*height > 1).then_some(width * crate::gpu::texel_bytes(self.half) as u32),
                         rows_per_image: (*height > 1).then_some(*height),
                     },
                 },

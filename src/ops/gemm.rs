@@ -191,6 +191,7 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
         Src::Act(t) => g.linear_texture(*t, binding),
         Src::Buf(bb) => g.linear_texture_buf(bb, 0, v.rows * v.stride / 4, binding),
     };
+    let blk = super::matmul::tex_block(g, n4);
     for r0 in (0..m).step_by(max) {
         let rows = max.min(m - r0);
         for (j, k0) in (0..k.max(1)).step_by(k_chunk).enumerate() {
@@ -199,7 +200,6 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
             let bt = if tb_lin { lin_tex(g, b, 6) } else { pack(g, &format!("{label}.b"), b, (k0, kc), (0, n_out), 6)? };
             let first = j == 0;
             let has_bias = first && ep.bias.is_some();
-            let blk = super::matmul::tex_block(g, n4);
             let (lx, groups) = (blk.lx, super::matmul::tex_grid(n4, rows, &blk));
             let pipeline = g.pipeline(
                 "matmul",

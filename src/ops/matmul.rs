@@ -426,7 +426,7 @@ impl Linear {
             MatmulKind::Buffer => (Some(Arc::new(gpu.upload(&label, bt)?)), None),
             MatmulKind::Texture => {
                 let w4 = (pad4(n) / 4) as u32;
-                let view = if f16 { crate::gpu::texture_from_f16(gpu, &label, bt, w4, k as u32) } else { crate::gpu::texture_from(gpu, &label, bt, w4, k as u32) };
+                let view = crate::gpu::texture_from_in(gpu, &label, bt, w4, k as u32, f16);
                 (None, Some((Arc::new(view), crate::gpu::linear_texture_from(gpu, &format!("{name}.bias"), &bias, half))))
             }
         };
