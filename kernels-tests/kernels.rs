@@ -614,3 +614,21 @@ fn activation_and_add_elementwise() {
         }
     }
 }
+
+/// `subgroup_probe`: lavapipe runs a workgroup as 8-lane SIMD vectors over
+/// consecutive invocations, so there the probe must find runs of 8 (it enables
+/// the texture GEMM's 8-lane A sharing, N = 384). Elsewhere the answer depends on
+/// the driver and the test only runs it.
+#[test]
+fn subgroup_probe_finds_lavapipe_runs_of_8() {
+    let gpu = gpu();
+    let found = cvt_gpu::ops::matmul::subgroups_of_8(&gpu);
+    let lavapipe = gpu.info.device_type == wgpu::DeviceType::Cpu && gpu.subgroups && gpu.info.subgroup_min_size == 8 && gpu.info.subgroup_max_size == 8;
+    eprintln!("{}: subgroups are runs of 8: {found}", gpu.describe());
+    if lavapipe {
+        assert!(found, "lavapipe's subgroups are its 8-lane SIMD runs");
+    }
+    if !gpu.subgroups {
+        assert!(!found, "no subgroups, no sharing");
+    }
+}
