@@ -448,8 +448,12 @@ fn conv_backward_mid_graph() {
     // Both kernel families: packed texture GEMMs / row-per-invocation norms, and
     // buffer GEMMs / workgroup-per-row norms.
     for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
-        // cin a multiple of 4 takes the vec4 im2col/col2im on linear textures in the texture family.
-        for &(batch, h, w, cin, cout, k, s, p, cls) in &[(2, 7, 6, 3, 5, 7, 4, 2, 0), (1, 5, 5, 4, 3, 3, 2, 1, 1), (1, 1, 1, 2, 2, 3, 2, 1, 0), (2, 5, 4, 8, 4, 3, 1, 1, 0)] {
+        // cin a multiple of 4 takes the vec4 im2col/col2im on linear textures in the texture family;
+        // (2, 8, 6, 3, ..) the RGB im2col4 (whole images of whole texels) and a K of 147
+        // read by the GEMM straight from the zero-padded im2col matrix (4 rows of output).
+        for &(batch, h, w, cin, cout, k, s, p, cls) in
+            &[(2, 7, 6, 3, 5, 7, 4, 2, 0), (2, 8, 6, 3, 5, 7, 4, 2, 0), (1, 5, 5, 4, 3, 3, 2, 1, 1), (1, 1, 1, 2, 2, 3, 2, 1, 0), (2, 5, 4, 8, 4, 3, 1, 1, 0)]
+        {
             let tokens = cls + h * w;
             let geom = ConvGeom { batch, in_h: h, in_w: w, cin, in_tokens: tokens, in_tok_off: cls, k, stride: s, pad: p };
             let (oh, ow) = geom.out_hw();

@@ -632,3 +632,68 @@ fn subgroup_probe_finds_lavapipe_runs_of_8() {
         assert!(!found, "no subgroups, no sharing");
     }
 }
+
+#[test]
+fn texture_gemm_reads_zero_padded_operands_as_they_are() {
+    // A buffer of rows padded with zeros to whole vec4s (an im2col matrix of
+    // K = 147) is read by the GEMM without a pack pass: as A (K = 147, the pad
+    // column inside the last texel), and transposed as A (147 or 151 output rows:
+    // the last row group starts inside the pad, and 151 puts it in the second
+    // group of an invocation's 8 or 16 rows). B is a plain packed operand.
+    use cvt_gpu::ops::gemm::{tex_gemm, Epilogue, Src, View};
+    let gpu = gpu_texture_variants();
+    for &(rows, cols, transposed) in &[(20usize, 147usize, false), (12, 151, false), (24, 147, true), (36, 151, true), (4, 9, true)] {
+        let stride = cols.div_ceil(4) * 4;
+        let mut src = randn(rows * stride, 1);
+        for r in 0..rows {
+            src[r * stride + cols..(r + 1) * stride].iter_mut().for_each(|v| *v = 0.0);
+        }
+        // The product's A is [m, k]: the buffer itself, or its transpose.
+        let (m, k) = if transposed { (cols, rows) } else { (rows, cols) };
+        let n = 12;
+        let bvals = randn(k * n, 2);
+        let mut g = Graph::new(gpu.clone());
+        let at = g.pinned("a", src.len());
+        let bt = g.pinned("b", bvals.len());
+        let out = g.pinned("out", m * n);
+        let a = if transposed { View::t_zero_padded(Src::Act(at), rows, cols, stride) } else { View::zero_padded(Src::Act(at), rows, cols, stride) };
+        tex_gemm(&mut g, "gemm", &a, &View::new(Src::Act(bt), k, n, n), cvt_gpu::graph::Res::Act(out), n, Epilogue::plain()).unwrap();
+        let plan = g.compile().unwrap();
+        plan.write(at, &src).unwrap();
+        plan.write(bt, &bvals).unwrap();
+        plan.run().unwrap();
+        let got = plan.read(out).unwrap();
+        let a_at = |i: usize, j: usize| if transposed { src[j * stride + i] } else { src[i * stride + j] } as f64;
+        let want: Vec<f64> = (0..m * n).map(|e| (0..k).map(|j| a_at(e / n, j) * bvals[j * n + e % n] as f64).sum()).collect();
+        assert_close(&format!("zero-padded A {rows}x{cols} transposed {transposed}"), &got, &want, 1e-4, 1e-4);
+    }
+}
+
+#[test]
+fn graph_reuses_a_texture_copy_only_while_it_holds_the_same_values() {
+    use cvt_gpu::graph::Res;
+    let gpu = gpu_texture_variants();
+    let mut g = Graph::new(gpu.clone());
+    let (x, y) = (g.tensor("x", 256), g.tensor("y", 256));
+    let pipeline = g.pipeline("matmul", "act_forward4", &[("ACT", 0.0), ("WG_X", 64.0), ("WG_Y", 1.0)]).unwrap();
+    let mut touch = |g: &mut Graph, t| g.dispatch("touch", pipeline.clone(), vec![Res::Act(t)], [1, 1, 1], 0.0);
+    touch(&mut g, x);
+    let a = g.linear_texture(x, 5);
+    // Same values, another binding: the same texture.
+    assert_eq!(g.linear_texture(x, 6), a);
+    // Another range of x is another copy.
+    assert_ne!(g.linear_texture_range(x, 16, 16, 6), a);
+    // A dispatch that binds x may have written it: a new copy.
+    touch(&mut g, x);
+    let b = g.linear_texture(x, 5);
+    assert_ne!(b, a);
+    // Binding 5's texture refilled with y: x must be copied again.
+    touch(&mut g, y);
+    let _ = g.linear_texture(y, 5);
+    let c = g.linear_texture(x, 7);
+    assert_ne!(c, b);
+    assert_eq!(g.linear_texture(x, 5), c);
+    // Off: every read is its own copy.
+    g.copy_reuse = false;
+    assert_ne!(g.linear_texture(x, 7), c);
+}

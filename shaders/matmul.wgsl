@@ -543,12 +543,14 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     var a14_0 = vec4<f32>(); var a14_1 = vec4<f32>(); var a14_2 = vec4<f32>(); var a14_3 = vec4<f32>();
     var a15_0 = vec4<f32>(); var a15_1 = vec4<f32>(); var a15_2 = vec4<f32>(); var a15_3 = vec4<f32>();
     // TA 2: the vec4 columns of the transposed source holding rows row0..+3,
-    // row0+4..+7, ... (M is a multiple of 4 there; past the end, rows clamp and are
-    // never stored).
+    // row0+4..+7, ... (M is a multiple of 4 there, or the source's rows end in
+    // zeros up to one: gemm::View::zero_pad; past the end, rows clamp to the last
+    // group and are never stored).
+    let last_g = max((p.M + 3u) / 4u, 1u) * 4u - 4u;
     let g0 = (p.out_row_off + row0) / 4u;
-    let g1 = (p.out_row_off + min(row0 + 4u, max(p.M, 4u) - 4u)) / 4u;
-    let g2 = (p.out_row_off + min(row0 + 8u, max(p.M, 4u) - 4u)) / 4u;
-    let g3 = (p.out_row_off + min(row0 + 12u, max(p.M, 4u) - 4u)) / 4u;
+    let g1 = (p.out_row_off + min(row0 + 4u, last_g)) / 4u;
+    let g2 = (p.out_row_off + min(row0 + 8u, last_g)) / 4u;
+    let g3 = (p.out_row_off + min(row0 + 12u, last_g)) / 4u;
     for (var kk = 0; kk < i32(p.K / 4u); kk++) {
         let k = kk * 4;
         let b00 = b_at(c0, k + 0);

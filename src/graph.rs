@@ -32,6 +32,12 @@ impl std::fmt::Display for TooLarge {
 
 impl std::error::Error for TooLarge {}
 
+/// The plan texture a filling lands in, as `compile` will share them: linear
+/// textures of one binding are one texture whatever their widths.
+fn fill_key(t: &TexRef) -> (u32, u32, bool) {
+    (t.binding, if t.linear { 0 } else { t.width }, t.linear)
+}
+
 /// A symbolic activation tensor of a `Graph`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorId(usize);
@@ -173,10 +179,30 @@ pub struct Graph {
     /// Rows per invocation of the texture GEMMs that do not share A (narrow
     /// outputs); None: the rule of `ops::matmul::tex_block`. `CVT_GPU_NARROW_ROWS`.
     pub narrow_rows: Option<usize>,
+    /// Whether a copy of values some texture already holds reuses that texture
+    /// instead (`Graph::reused_copy`). `CVT_GPU_COPY_REUSE=0|1`.
+    pub copy_reuse: bool,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
     /// Texture fillings so far (`TexRef::fill`).
     fills: u32,
+    /// What `reused_copy` needs: the copies recorded so far, the latest filling of
+    /// each plan texture, and how often each tensor and buffer has been bound to
+    /// a dispatch (a copy is stale once its source may have been written).
+    copies: Vec<(CopyKey, TexRef, u32)>,
+    latest_fill: HashMap<(u32, u32, bool), u32>,
+    tensor_uses: Vec<u32>,
+    buf_uses: HashMap<usize, u32>,
+}
+
+/// The values a copy reads: its source (a tensor, or a buffer by address), first
+/// texel, texels, and the row width of a row copy (0 for a linear texture).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct CopyKey {
+    src: (bool, usize),
+    texel0: usize,
+    texels: usize,
+    row_width: usize,
 }
 
 /// One recorded step of a compiled plan.
@@ -253,9 +279,14 @@ impl Graph {
             half: false,
             a_share: share_setting().unwrap_or(true),
             narrow_rows: rows_setting("CVT_GPU_NARROW_ROWS"),
+            copy_reuse: std::env::var("CVT_GPU_COPY_REUSE").as_deref() != Ok("0"),
             tensors: vec![],
             ops: vec![],
             fills: 0,
+            copies: vec![],
+            latest_fill: HashMap::new(),
+            tensor_uses: vec![],
+            buf_uses: HashMap::new(),
         }
     }
 
@@ -288,6 +319,7 @@ impl Graph {
     /// A new intermediate tensor of `len` values.
     pub fn tensor(&mut self, name: impl Into<String>, len: usize) -> TensorId {
         self.tensors.push(TensorMeta { name: name.into(), len, pinned: false });
+        self.tensor_uses.push(0);
         TensorId(self.tensors.len() - 1)
     }
 
@@ -309,11 +341,21 @@ impl Graph {
 
     /// Appends a dispatch. Bindings are in binding-index order (0, 1, ...).
     pub fn dispatch(&mut self, label: impl Into<String>, pipeline: Arc<wgpu::ComputePipeline>, bindings: Vec<Res>, groups: [u32; 3], flops: f64) {
+        // Any binding may be written (Res does not say which are read-only).
+        for r in &bindings {
+            match r {
+                Res::Act(t) => self.tensor_uses[t.0] += 1,
+                Res::Buf(b) => *self.buf_uses.entry(Arc::as_ptr(b) as usize).or_insert(0) += 1,
+                Res::OutTex(t) => self.note_fill(t),
+                _ => {}
+            }
+        }
         self.ops.push(OpRec::Dispatch { label: label.into(), pipeline, bindings, groups, flops });
     }
 
     /// Zeroes tensor `t` at this point of the schedule.
     pub fn clear(&mut self, t: TensorId) {
+        self.tensor_uses[t.0] += 1;
         self.ops.push(OpRec::Clear { t });
     }
 
@@ -322,8 +364,13 @@ impl Graph {
     /// `binding`. The copy needs rows of a multiple of 256 bytes (`row_copy_ok`).
     pub fn to_texture(&mut self, src: TensorId, row0: usize, rows: usize, width: usize, binding: u32) -> TexRef {
         assert!(self.row_copy_ok(width), "to_texture: rows of {width} texels are not a multiple of 256 bytes");
+        let key = CopyKey { src: (true, src.0), texel0: row0 * width, texels: rows * width, row_width: width };
+        if let Some(t) = self.reused_copy(&key) {
+            return t;
+        }
         let tex = self.tex(width, rows, binding);
         self.ops.push(OpRec::Copy { src: CopySrc::Act(src), texel0: row0 * width, tex, texels: None });
+        self.note_copy(key, tex);
         tex
     }
 
@@ -354,10 +401,56 @@ impl Graph {
     }
 
     fn linear_copy(&mut self, src: CopySrc, texel0: usize, texels: usize, binding: u32) -> TexRef {
+        let src_key = match &src {
+            CopySrc::Act(t) => (true, t.0),
+            CopySrc::Buf(b) => (false, Arc::as_ptr(b) as usize),
+        };
+        let key = CopyKey { src: src_key, texel0, texels, row_width: 0 };
+        if let Some(t) = self.reused_copy(&key) {
+            return t;
+        }
         let width = crate::gpu::linear_width(texels, self.gpu.limits.max_texture_dimension_2d as usize, self.texel_bytes());
         let tex = TexRef { linear: true, ..self.tex(width, texels.div_ceil(width).max(1), binding) };
+        if std::env::var_os("CVT_GPU_TRACE_COPIES").is_some() {
+            if let CopySrc::Act(t) = &src {
+                let prior: Vec<String> = self
+                    .copies
+                    .iter()
+                    .filter(|(k, _, _)| k.src == key.src)
+                    .map(|(k, tx, at)| format!("[{}+{} w{} b{} uses{} fresh{}]", k.texel0, k.texels, k.row_width, tx.binding, at, self.latest_fill.get(&fill_key(tx)) == Some(&tx.fill)))
+                    .collect();
+                eprintln!("copy {} {}+{} b{} uses{} prior {}", self.tensors[t.0].name, texel0, texels, binding, self.tensor_uses[t.0], prior.join(" "));
+            }
+        }
         self.ops.push(OpRec::Copy { src, texel0, tex, texels: Some(texels) });
+        self.note_copy(key, tex);
         tex
+    }
+
+    /// The texture of an earlier copy of the same values, if it still holds them:
+    /// no other filling of that texture since, and no dispatch bound the source
+    /// since. A texture is a memcpy of its source on CPU drivers (lavapipe moves
+    /// ~12 GB/s), and the three products of a linear layer's backward and the
+    /// bias gradient read the same operands: a CvT-13 training step copied many
+    /// tensors two or three times (docs/perf.md). The texture may have been made
+    /// for another binding: a dispatch binds a TexRef at any index.
+    fn reused_copy(&self, key: &CopyKey) -> Option<TexRef> {
+        if !self.copy_reuse {
+            return None;
+        }
+        let uses = |k: &CopyKey| if k.src.0 { self.tensor_uses[k.src.1] } else { self.buf_uses.get(&k.src.1).copied().unwrap_or(0) };
+        let (_, tex, at) = self.copies.iter().rev().find(|(k, _, _)| k == key)?;
+        (*at == uses(key) && self.latest_fill.get(&fill_key(tex)) == Some(&tex.fill)).then_some(*tex)
+    }
+
+    fn note_copy(&mut self, key: CopyKey, tex: TexRef) {
+        self.note_fill(&tex);
+        let at = if key.src.0 { self.tensor_uses[key.src.1] } else { self.buf_uses.get(&key.src.1).copied().unwrap_or(0) };
+        self.copies.push((key, tex, at));
+    }
+
+    fn note_fill(&mut self, t: &TexRef) {
+        self.latest_fill.insert(fill_key(t), t.fill);
     }
 
     /// A plan texture of width x rows texels for a later dispatch's `binding`,
@@ -580,6 +673,9 @@ pub fn check_settings() -> Result<()> {
     }
     if let Ok(v) = std::env::var("CVT_GPU_TEX_READ") {
         anyhow::ensure!(crate::texread::setting().is_some(), "CVT_GPU_TEX_READ={v}: expected `sampled` or `storage`");
+    }
+    if let Ok(v) = std::env::var("CVT_GPU_COPY_REUSE") {
+        anyhow::ensure!(v == "0" || v == "1", "CVT_GPU_COPY_REUSE={v}: expected 0 or 1");
     }
     if let Ok(v) = std::env::var("CVT_GPU_A_SHARE") {
         anyhow::ensure!(share_setting().is_some(), "CVT_GPU_A_SHARE={v}: expected 0 or 1");

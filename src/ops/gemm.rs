@@ -42,17 +42,31 @@ pub struct View {
     pub cols: usize,
     pub stride: usize,
     pub transposed: bool,
+    /// Columns [cols, stride) of every row hold zeros (an im2col matrix padded to
+    /// whole vec4s), so a reader may run the reduction over whole vec4s of the
+    /// buffer as it is, with no pack pass to zero-pad it.
+    pub zero_pad: bool,
 }
 
 impl View {
     pub fn new(src: Src, rows: usize, cols: usize, stride: usize) -> View {
-        View { src, rows, cols, stride, transposed: false }
+        View { src, rows, cols, stride, transposed: false, zero_pad: false }
+    }
+
+    /// As `new`, for a buffer whose columns [cols, stride) are zeros (`zero_pad`).
+    pub fn zero_padded(src: Src, rows: usize, cols: usize, stride: usize) -> View {
+        View { zero_pad: true, ..View::new(src, rows, cols, stride) }
     }
 
     /// The transpose of a row-major [rows, cols] buffer with row `stride`, as a
     /// [cols, rows] view.
     pub fn t(src: Src, rows: usize, cols: usize, stride: usize) -> View {
-        View { src, rows: cols, cols: rows, stride, transposed: true }
+        View { src, rows: cols, cols: rows, stride, transposed: true, zero_pad: false }
+    }
+
+    /// As `t`, for a buffer whose columns [cols, stride) are zeros (`zero_pad`).
+    pub fn t_zero_padded(src: Src, rows: usize, cols: usize, stride: usize) -> View {
+        View { zero_pad: true, ..View::t(src, rows, cols, stride) }
     }
 }
 
@@ -175,9 +189,17 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
     // Activation operands whose rows are whole vec4s are read from a linear
     // texture of their buffer (a copy) instead of a packed one (a pass of their
     // own): A as is (TA 1) or transposed (TA 2), B as is. K must be a multiple of
-    // 4 there, since nothing zero-pads the reduction's end.
+    // 4 there, since nothing zero-pads the reduction's end, unless the buffer's
+    // rows already end in zeros (`View::zero_pad`, A only: its columns are K).
     let linear = |v: &View| v.stride % 4 == 0 && v.rows % 4 == 0 && v.cols % 4 == 0;
-    let ta = match (matches!(a.src, Src::Act(_)) && linear(a), a.transposed) {
+    // Transposed, the padded dimension is the view's rows (the output rows past
+    // the last are computed from the zeros and not stored).
+    let linear_a = linear(a)
+        || match a.transposed {
+            false => a.zero_pad && a.rows % 4 == 0 && a.stride == a.cols.div_ceil(4) * 4,
+            true => a.zero_pad && a.cols % 4 == 0 && a.stride == a.rows.div_ceil(4) * 4,
+        };
+    let ta = match (matches!(a.src, Src::Act(_)) && linear_a, a.transposed) {
         (true, false) => 1,
         (true, true) => 2,
         _ => 0,

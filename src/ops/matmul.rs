@@ -540,7 +540,11 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
         (Some(w), _) if pack && !l.f16 => {
             // Buffer weights on a texture-preferring adapter: pack both operands.
             let (a_view, k) = match conv {
-                Some(geom) => (View::new(Src::Act(im2col(g, label, a, &geom, l.k)?), m, l.k, l.k), l.k),
+                // The im2col matrix padded to whole vec4s (zero columns), so it is
+                // built four values at a time and read by the GEMM as it is:
+                // stage 0's K = 7·7·3 = 147 had taken a scalar im2col and a
+                // scalar pack pass (docs/perf.md).
+                Some(geom) => (View::zero_padded(Src::Act(im2col(g, label, a, &geom, pad4(l.k))?), m, l.k, pad4(l.k)), l.k),
                 None => (View::new(Src::Act(a), m, l.k, l.k), l.k),
             };
             let b_view = View::new(Src::Buf(w.clone()), k, l.n, np4 * 4);
@@ -796,11 +800,13 @@ pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, ge
     let m = geom.batch * oh * ow;
     let np = pad4(l.n);
     // im2col of x (the A of the forward), then dW = colsᵀ·dy and db = 1ᵀ·dy.
-    let cols = im2col(g, label, x, &geom, k_real)?;
     let dyv = View::new(Src::Act(dy), m, l.n, l.n);
     if packs(&g.gpu) {
-        tex_gemm(g, &format!("{label}.dW"), &View::t(Src::Act(cols), m, k_real, k_real), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
+        // Padded to whole vec4s, as in the forward: the GEMM reads it transposed as it is.
+        let cols = im2col(g, label, x, &geom, pad4(k_real))?;
+        tex_gemm(g, &format!("{label}.dW"), &View::t_zero_padded(Src::Act(cols), m, k_real, pad4(k_real)), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
     } else {
+        let cols = im2col(g, label, x, &geom, k_real)?;
         backward_product(g, &format!("{label}.dW"), (Some(cols), 2, k_real), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (k_real, np, m), false)?;
     }
     colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
