@@ -799,3 +799,85 @@ fn layernorm_backward_gather_scatter_and_cls_grad() {
         assert_close("cls grad", &gpu.read(&out, 0, c).unwrap(), &want, 1e-5, 1e-5);
     }
 }
+
+/// The MLP as training builds it: (z, u) = linear_act(x) (z = x·W1ᵀ + b1 kept, u =
+/// act(z)), y = u·W2ᵀ + b2, L = Σ c·y; the backward's dz = (dy·W2) ⊙ act'(z) comes
+/// from linear_backward_act. On texture-GEMM adapters both are fused into the GEMM
+/// epilogues (SAVE_Z, ACT_GRAD); h not a multiple of 4 takes the separate
+/// activation-gradient pass.
+#[test]
+fn mlp_fused_activation_mid_graph() {
+    use cvt_gpu::ops::matmul::{linear_act, linear_backward_act};
+    for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
+        for &(m, k, h, n) in &[(5usize, 7usize, 6usize, 3usize), (12, 8, 20, 8), (20, 136, 376, 140)] {
+            for act in [Act::Gelu, Act::QuickGelu] {
+                let (x, w1, b1, w2, b2, c) = (randn(m * k, 1), randn(h * k, 2), randn(h, 3), randn(n * h, 4), randn(n, 5), randn(m * n, 6));
+                // Scaled so the activations see z of order 1 (not saturated).
+                let w1: Vec<f32> = w1.iter().map(|v| v / (k as f32).sqrt()).collect();
+                let run = |x: &[f32], w1: &[f32], backward: bool| -> (f64, Vec<Vec<f32>>) {
+                    let l1 = Linear::with_kind(&gpu, "l1", w1, Some(&b1), h, k, MatmulKind::Buffer).unwrap();
+                    let l2 = Linear::with_kind(&gpu, "l2", &w2, Some(&b2), n, h, MatmulKind::Buffer).unwrap();
+                    let (g1, g2) = (LinearGrad::new(&gpu, "l1", &l1).unwrap(), LinearGrad::new(&gpu, "l2", &l2).unwrap());
+                    let mut g = Graph::new(gpu.clone());
+                    let xi = g.pinned("x", m * k);
+                    let (z, u) = linear_act(&mut g, "fc1", xi, m, &l1, act).unwrap();
+                    g.pin(z);
+                    g.pin(u);
+                    let y = linear(&mut g, "fc2", u, m, &l2, Act::None, Out::New).unwrap();
+                    g.pin(y);
+                    let dy = g.pinned("dy", m * n);
+                    let mut dx = None;
+                    let mut dzt = None;
+                    if backward {
+                        let dz = linear_backward_act(&mut g, "fc2", u, dy, m, &l2, &g2, (z, act)).unwrap();
+                        g.pin(dz);
+                        dzt = Some(dz);
+                        dx = Some(linear_backward(&mut g, "fc1", xi, dz, m, &l1, &g1, None).unwrap());
+                        g.pin(dx.unwrap());
+                    }
+                    let plan = g.compile().unwrap();
+                    plan.write(xi, x).unwrap();
+                    plan.write(dy, &c).unwrap();
+                    plan.run().unwrap();
+                    let loss = plan.read(y).unwrap().iter().zip(&c).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let mut out = vec![plan.read(z).unwrap(), plan.read(u).unwrap()];
+                    if backward {
+                        let (np1, np2) = (h.div_ceil(4) * 4, n.div_ceil(4) * 4);
+                        out.extend([plan.read(dzt.unwrap()).unwrap(), plan.read(dx.unwrap()).unwrap(), gpu.read(&g1.w, 0, k * np1).unwrap(), gpu.read(&g2.w, 0, h * np2).unwrap()]);
+                    }
+                    (loss, out)
+                };
+                let (_, got) = run(&x, &w1, true);
+                // f64 reference.
+                let (xd, w1d, b1d, w2d, cd) = (f64s(&x), f64s(&w1), f64s(&b1), f64s(&w2), f64s(&c));
+                let zd = lin(&xd, &w1d, &b1d, m, h, k);
+                let ud: Vec<f64> = zd.iter().map(|&z| act64(act, z)).collect();
+                let dud: Vec<f64> = (0..m * h).map(|i| (0..n).map(|o| cd[(i / h) * n + o] * w2d[o * h + i % h]).sum()).collect();
+                let dzd: Vec<f64> = (0..m * h).map(|i| dud[i] * (act64(act, zd[i] + 1e-6) - act64(act, zd[i] - 1e-6)) / 2e-6).collect();
+                let dxd: Vec<f64> = (0..m * k).map(|i| (0..h).map(|j| dzd[(i / k) * h + j] * w1d[j * k + i % k]).sum()).collect();
+                let np1 = h.div_ceil(4) * 4;
+                let dw1d: Vec<f64> = (0..k * np1).map(|i| if i % np1 >= h { 0.0 } else { (0..m).map(|r| xd[r * k + i / np1] * dzd[r * h + i % np1]).sum() }).collect();
+                let np2 = n.div_ceil(4) * 4;
+                let dw2d: Vec<f64> = (0..h * np2).map(|i| if i % np2 >= n { 0.0 } else { (0..m).map(|r| ud[r * h + i / np2] * cd[r * n + i % np2]).sum() }).collect();
+                let what = format!("{act:?} m{m} k{k} h{h} n{n}");
+                assert_close(&format!("{what} z"), &got[0], &zd, 1e-4, 1e-4);
+                assert_close(&format!("{what} u"), &got[1], &ud, 1e-4, 1e-4);
+                assert_close(&format!("{what} dz"), &got[2], &dzd, 1e-4, 1e-4);
+                assert_close(&format!("{what} dx"), &got[3], &dxd, 1e-4, 1e-4);
+                assert_close(&format!("{what} dW1"), &got[4], &dw1d, 1e-4, 1e-4);
+                assert_close(&format!("{what} dW2"), &got[5], &dw2d, 1e-4, 1e-4);
+                // Finite differences of the engine's own forward (small cases: the
+                // wide one's f32 loss is too large to resolve a difference; one
+                // activation: the f64 references above check both).
+                if k <= 8 && act == Act::QuickGelu {
+                    for i in [0, m * k / 2, m * k - 1] {
+                        close(&format!("{what} dx[{i}]"), fd(&x, i, 1e-2, &|q| run(q, &w1, false).0), got[3][i] as f64, 5e-3);
+                    }
+                    for i in [0, h * k / 2, h * k - 1] {
+                        close(&format!("{what} dW1[{i}]"), fd(&w1, i, 1e-2, &|q| run(&x, q, false).0), got[4][(i % k) * np1 + i / k] as f64, 5e-3);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -453,6 +453,48 @@ fn mac(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>)
 // The modes are override constants: as uniforms (a branch in the FMA loop) the
 // kernel ran 2.5x slower on lavapipe (docs/perf.md).
 override TA: u32 = 0u;
+
+// Training's activation, fused (ops::gemm::Epilogue). SAVE_Z: the forward also
+// stores the pre-activation z (binding 7), which the backward needs. ACT_GRAD:
+// the product is the activation's output gradient, and is stored times act'(z)
+// instead of activated, z read from a linear texture (binding 11, whole vec4
+// rows: N a multiple of 4). Either one saves a pass over the widest tensor of a
+// block (the MLP's hidden layer) and its texture copies.
+override SAVE_Z: bool = false;
+override ACT_GRAD: bool = false;
+@group(0) @binding(7) var<storage, read_write> zc: array<act>;
+@group(0) @binding(11) var z_tex: Tex;
+
+fn store_tex(row: u32, c4: u32, v: vec4<f32>) {
+    if (!SAVE_Z && !ACT_GRAD) {
+        store_vec(row, c4, v);
+        return;
+    }
+    let col = c4 * 4u;
+    if (row >= p.M || col >= p.N) {
+        return;
+    }
+    let base = (p.out_row_off + row) * p.N + col;
+    var y: vec4<f32>;
+    if (ACT_GRAD) {
+        let z = lin(z_tex, (p.out_row_off + row) * (p.N / 4u) + c4);
+        y = v * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
+    } else {
+        y = vec4<f32>(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
+    }
+    for (var e = 0u; e < 4u; e++) {
+        if (col + e < p.N) {
+            if (SAVE_Z) {
+                zc[base + e] = act(v[e]);
+            }
+            if (ACCUMULATE) {
+                c[base + e] = act(f32(c[base + e]) + y[e]);
+            } else {
+                c[base + e] = act(y[e]);
+            }
+        }
+    }
+}
 override TB_LIN: bool = false;
 // Rows per invocation, 8 or 16 (Graph::tex_rows). 16 halves the B fetches per
 // multiply-add and runs the GEMM 20-40% faster on lavapipe, but its pipelines take
@@ -687,23 +729,23 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     if (HAS_BIAS) {
         bb0 = lin(bias_t, u32(c0)); bb1 = lin(bias_t, u32(c1)); bb2 = lin(bias_t, u32(c2)); bb3 = lin(bias_t, u32(c3));
     }
-    store_vec(row0 + 0u, col4, a0_0 + bb0); store_vec(row0 + 0u, col4 + 1u, a0_1 + bb1); store_vec(row0 + 0u, col4 + 2u, a0_2 + bb2); store_vec(row0 + 0u, col4 + 3u, a0_3 + bb3);
-    store_vec(row0 + 1u, col4, a1_0 + bb0); store_vec(row0 + 1u, col4 + 1u, a1_1 + bb1); store_vec(row0 + 1u, col4 + 2u, a1_2 + bb2); store_vec(row0 + 1u, col4 + 3u, a1_3 + bb3);
-    store_vec(row0 + 2u, col4, a2_0 + bb0); store_vec(row0 + 2u, col4 + 1u, a2_1 + bb1); store_vec(row0 + 2u, col4 + 2u, a2_2 + bb2); store_vec(row0 + 2u, col4 + 3u, a2_3 + bb3);
-    store_vec(row0 + 3u, col4, a3_0 + bb0); store_vec(row0 + 3u, col4 + 1u, a3_1 + bb1); store_vec(row0 + 3u, col4 + 2u, a3_2 + bb2); store_vec(row0 + 3u, col4 + 3u, a3_3 + bb3);
-    store_vec(row0 + 4u, col4, a4_0 + bb0); store_vec(row0 + 4u, col4 + 1u, a4_1 + bb1); store_vec(row0 + 4u, col4 + 2u, a4_2 + bb2); store_vec(row0 + 4u, col4 + 3u, a4_3 + bb3);
-    store_vec(row0 + 5u, col4, a5_0 + bb0); store_vec(row0 + 5u, col4 + 1u, a5_1 + bb1); store_vec(row0 + 5u, col4 + 2u, a5_2 + bb2); store_vec(row0 + 5u, col4 + 3u, a5_3 + bb3);
-    store_vec(row0 + 6u, col4, a6_0 + bb0); store_vec(row0 + 6u, col4 + 1u, a6_1 + bb1); store_vec(row0 + 6u, col4 + 2u, a6_2 + bb2); store_vec(row0 + 6u, col4 + 3u, a6_3 + bb3);
-    store_vec(row0 + 7u, col4, a7_0 + bb0); store_vec(row0 + 7u, col4 + 1u, a7_1 + bb1); store_vec(row0 + 7u, col4 + 2u, a7_2 + bb2); store_vec(row0 + 7u, col4 + 3u, a7_3 + bb3);
+    store_tex(row0 + 0u, col4, a0_0 + bb0); store_tex(row0 + 0u, col4 + 1u, a0_1 + bb1); store_tex(row0 + 0u, col4 + 2u, a0_2 + bb2); store_tex(row0 + 0u, col4 + 3u, a0_3 + bb3);
+    store_tex(row0 + 1u, col4, a1_0 + bb0); store_tex(row0 + 1u, col4 + 1u, a1_1 + bb1); store_tex(row0 + 1u, col4 + 2u, a1_2 + bb2); store_tex(row0 + 1u, col4 + 3u, a1_3 + bb3);
+    store_tex(row0 + 2u, col4, a2_0 + bb0); store_tex(row0 + 2u, col4 + 1u, a2_1 + bb1); store_tex(row0 + 2u, col4 + 2u, a2_2 + bb2); store_tex(row0 + 2u, col4 + 3u, a2_3 + bb3);
+    store_tex(row0 + 3u, col4, a3_0 + bb0); store_tex(row0 + 3u, col4 + 1u, a3_1 + bb1); store_tex(row0 + 3u, col4 + 2u, a3_2 + bb2); store_tex(row0 + 3u, col4 + 3u, a3_3 + bb3);
+    store_tex(row0 + 4u, col4, a4_0 + bb0); store_tex(row0 + 4u, col4 + 1u, a4_1 + bb1); store_tex(row0 + 4u, col4 + 2u, a4_2 + bb2); store_tex(row0 + 4u, col4 + 3u, a4_3 + bb3);
+    store_tex(row0 + 5u, col4, a5_0 + bb0); store_tex(row0 + 5u, col4 + 1u, a5_1 + bb1); store_tex(row0 + 5u, col4 + 2u, a5_2 + bb2); store_tex(row0 + 5u, col4 + 3u, a5_3 + bb3);
+    store_tex(row0 + 6u, col4, a6_0 + bb0); store_tex(row0 + 6u, col4 + 1u, a6_1 + bb1); store_tex(row0 + 6u, col4 + 2u, a6_2 + bb2); store_tex(row0 + 6u, col4 + 3u, a6_3 + bb3);
+    store_tex(row0 + 7u, col4, a7_0 + bb0); store_tex(row0 + 7u, col4 + 1u, a7_1 + bb1); store_tex(row0 + 7u, col4 + 2u, a7_2 + bb2); store_tex(row0 + 7u, col4 + 3u, a7_3 + bb3);
     if (TRM > 8u) {
-        store_vec(row0 + 8u, col4, a8_0 + bb0); store_vec(row0 + 8u, col4 + 1u, a8_1 + bb1); store_vec(row0 + 8u, col4 + 2u, a8_2 + bb2); store_vec(row0 + 8u, col4 + 3u, a8_3 + bb3);
-        store_vec(row0 + 9u, col4, a9_0 + bb0); store_vec(row0 + 9u, col4 + 1u, a9_1 + bb1); store_vec(row0 + 9u, col4 + 2u, a9_2 + bb2); store_vec(row0 + 9u, col4 + 3u, a9_3 + bb3);
-        store_vec(row0 + 10u, col4, a10_0 + bb0); store_vec(row0 + 10u, col4 + 1u, a10_1 + bb1); store_vec(row0 + 10u, col4 + 2u, a10_2 + bb2); store_vec(row0 + 10u, col4 + 3u, a10_3 + bb3);
-        store_vec(row0 + 11u, col4, a11_0 + bb0); store_vec(row0 + 11u, col4 + 1u, a11_1 + bb1); store_vec(row0 + 11u, col4 + 2u, a11_2 + bb2); store_vec(row0 + 11u, col4 + 3u, a11_3 + bb3);
-        store_vec(row0 + 12u, col4, a12_0 + bb0); store_vec(row0 + 12u, col4 + 1u, a12_1 + bb1); store_vec(row0 + 12u, col4 + 2u, a12_2 + bb2); store_vec(row0 + 12u, col4 + 3u, a12_3 + bb3);
-        store_vec(row0 + 13u, col4, a13_0 + bb0); store_vec(row0 + 13u, col4 + 1u, a13_1 + bb1); store_vec(row0 + 13u, col4 + 2u, a13_2 + bb2); store_vec(row0 + 13u, col4 + 3u, a13_3 + bb3);
-        store_vec(row0 + 14u, col4, a14_0 + bb0); store_vec(row0 + 14u, col4 + 1u, a14_1 + bb1); store_vec(row0 + 14u, col4 + 2u, a14_2 + bb2); store_vec(row0 + 14u, col4 + 3u, a14_3 + bb3);
-        store_vec(row0 + 15u, col4, a15_0 + bb0); store_vec(row0 + 15u, col4 + 1u, a15_1 + bb1); store_vec(row0 + 15u, col4 + 2u, a15_2 + bb2); store_vec(row0 + 15u, col4 + 3u, a15_3 + bb3);
+        store_tex(row0 + 8u, col4, a8_0 + bb0); store_tex(row0 + 8u, col4 + 1u, a8_1 + bb1); store_tex(row0 + 8u, col4 + 2u, a8_2 + bb2); store_tex(row0 + 8u, col4 + 3u, a8_3 + bb3);
+        store_tex(row0 + 9u, col4, a9_0 + bb0); store_tex(row0 + 9u, col4 + 1u, a9_1 + bb1); store_tex(row0 + 9u, col4 + 2u, a9_2 + bb2); store_tex(row0 + 9u, col4 + 3u, a9_3 + bb3);
+        store_tex(row0 + 10u, col4, a10_0 + bb0); store_tex(row0 + 10u, col4 + 1u, a10_1 + bb1); store_tex(row0 + 10u, col4 + 2u, a10_2 + bb2); store_tex(row0 + 10u, col4 + 3u, a10_3 + bb3);
+        store_tex(row0 + 11u, col4, a11_0 + bb0); store_tex(row0 + 11u, col4 + 1u, a11_1 + bb1); store_tex(row0 + 11u, col4 + 2u, a11_2 + bb2); store_tex(row0 + 11u, col4 + 3u, a11_3 + bb3);
+        store_tex(row0 + 12u, col4, a12_0 + bb0); store_tex(row0 + 12u, col4 + 1u, a12_1 + bb1); store_tex(row0 + 12u, col4 + 2u, a12_2 + bb2); store_tex(row0 + 12u, col4 + 3u, a12_3 + bb3);
+        store_tex(row0 + 13u, col4, a13_0 + bb0); store_tex(row0 + 13u, col4 + 1u, a13_1 + bb1); store_tex(row0 + 13u, col4 + 2u, a13_2 + bb2); store_tex(row0 + 13u, col4 + 3u, a13_3 + bb3);
+        store_tex(row0 + 14u, col4, a14_0 + bb0); store_tex(row0 + 14u, col4 + 1u, a14_1 + bb1); store_tex(row0 + 14u, col4 + 2u, a14_2 + bb2); store_tex(row0 + 14u, col4 + 3u, a14_3 + bb3);
+        store_tex(row0 + 15u, col4, a15_0 + bb0); store_tex(row0 + 15u, col4 + 1u, a15_1 + bb1); store_tex(row0 + 15u, col4 + 2u, a15_2 + bb2); store_tex(row0 + 15u, col4 + 3u, a15_3 + bb3);
     }
 }
 

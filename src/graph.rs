@@ -182,6 +182,9 @@ pub struct Graph {
     /// Whether a copy of values some texture already holds reuses that texture
     /// instead (`Graph::reused_copy`). `CVT_GPU_COPY_REUSE=0|1`.
     pub copy_reuse: bool,
+    /// Whether training's MLP activation and its gradient are fused into the
+    /// texture GEMMs' epilogues (`ops::matmul::linear_act`). `CVT_GPU_FUSE_ACT=0|1`.
+    pub fuse_act: bool,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
     /// Texture fillings so far (`TexRef::fill`).
@@ -280,6 +283,7 @@ impl Graph {
             a_share: share_setting().unwrap_or(true),
             narrow_rows: rows_setting("CVT_GPU_NARROW_ROWS"),
             copy_reuse: std::env::var("CVT_GPU_COPY_REUSE").as_deref() != Ok("0"),
+            fuse_act: std::env::var("CVT_GPU_FUSE_ACT").as_deref() != Ok("0"),
             tensors: vec![],
             ops: vec![],
             fills: 0,
@@ -674,8 +678,10 @@ pub fn check_settings() -> Result<()> {
     if let Ok(v) = std::env::var("CVT_GPU_TEX_READ") {
         anyhow::ensure!(crate::texread::setting().is_some(), "CVT_GPU_TEX_READ={v}: expected `sampled` or `storage`");
     }
-    if let Ok(v) = std::env::var("CVT_GPU_COPY_REUSE") {
-        anyhow::ensure!(v == "0" || v == "1", "CVT_GPU_COPY_REUSE={v}: expected 0 or 1");
+    for key in ["CVT_GPU_COPY_REUSE", "CVT_GPU_FUSE_ACT"] {
+        if let Ok(v) = std::env::var(key) {
+            anyhow::ensure!(v == "0" || v == "1", "{key}={v}: expected 0 or 1");
+        }
     }
     if let Ok(v) = std::env::var("CVT_GPU_A_SHARE") {
         anyhow::ensure!(share_setting().is_some(), "CVT_GPU_A_SHARE={v}: expected 0 or 1");

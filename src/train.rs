@@ -18,7 +18,7 @@ use crate::model::weights::Tensor;
 use crate::model::CvtConfig;
 use crate::ops::attention::{attention_backward, attention_train, attn_grad_mode, AttnShape};
 use crate::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
-use crate::ops::matmul::{act_backward, act_forward, conv2d, conv2d_backward, linear, linear_backward, preferred_kind, LinearGrad, Out};
+use crate::ops::matmul::{conv2d, conv2d_backward, linear, linear_act, linear_backward, linear_backward_act, preferred_kind, LinearGrad, Out};
 use crate::ops::optim::{adamw_step, sumsq, AdamW, Hyper, Moments};
 use crate::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
 use crate::ops::tokens::{add, add_scaled, cls_fill, cls_grad, scale_rows};
@@ -262,8 +262,7 @@ impl TrainModel {
                     None => add(&mut g, &format!("{l}.res1"), cur, po)?,
                 };
                 let h2 = layernorm(&mut g, &format!("{l}.norm2"), x1, RowMap::dense(batch * t), &b.norm2.l, None)?;
-                let z = linear(&mut g, &format!("{l}.fc1"), h2, batch * t, &b.fc1.l, Act::None, Out::New)?;
-                let u = act_forward(&mut g, &format!("{l}.act"), z, batch * t * cfg.hidden(s), self.act)?;
+                let (z, u) = linear_act(&mut g, &format!("{l}.fc1"), h2, batch * t, &b.fc1.l, self.act)?;
                 let f = linear(&mut g, &format!("{l}.fc2"), u, batch * t, &b.fc2.l, Act::None, Out::New)?;
                 let x2 = match dropped(s, j) {
                     Some((sc, off)) => add_scaled(&mut g, &format!("{l}.res2"), x1, f, sc, t * c, off + batch)?,
@@ -301,8 +300,7 @@ impl TrainModel {
                     Some((sc, off)) => scale_rows(&mut g, &format!("{l}.dpath2"), dcur, sc, t * c, off + batch)?,
                     None => dcur,
                 };
-                let du = linear_backward(&mut g, &format!("{l}.fc2"), bs.u, dbranch, batch * t, &b.fc2.l, &b.fc2.g, None)?;
-                act_backward(&mut g, &format!("{l}.act"), bs.z, du, batch * t * cfg.hidden(s), self.act)?;
+                let du = linear_backward_act(&mut g, &format!("{l}.fc2"), bs.u, dbranch, batch * t, &b.fc2.l, &b.fc2.g, (bs.z, self.act))?;
                 let dh2 = linear_backward(&mut g, &format!("{l}.fc1"), bs.h2, du, batch * t, &b.fc1.l, &b.fc1.g, None)?;
                 let dx1b = layernorm_backward(&mut g, &format!("{l}.norm2"), bs.x1, dh2, RowMap::dense(batch * t), &b.norm2.l, &b.norm2.g, None)?;
                 let dx1 = add(&mut g, &format!("{l}.dres2"), dcur, dx1b)?;

@@ -167,11 +167,16 @@ pub struct Epilogue {
     pub bias: Option<Arc<wgpu::Buffer>>,
     /// Add into `out` instead of overwriting it.
     pub accumulate: bool,
+    /// Training forward: also store the pre-activation z here (`matmul.wgsl`'s SAVE_Z).
+    pub save_z: Option<TensorId>,
+    /// Training backward: the product is act(z)'s gradient; store it times
+    /// act'(z), `act` naming the activation, instead of activating it (ACT_GRAD).
+    pub act_grad_of: Option<TensorId>,
 }
 
 impl Epilogue {
     pub fn plain() -> Epilogue {
-        Epilogue { act: Act::None, bias: None, accumulate: false }
+        Epilogue { act: Act::None, bias: None, accumulate: false, save_z: None, act_grad_of: None }
     }
 }
 
@@ -186,6 +191,18 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
     let n4 = n_out.div_ceil(4);
     anyhow::ensure!(n4 <= max && k_chunk.div_ceil(4) <= max, "{label}: {n_out} columns exceed the texture limit");
     anyhow::ensure!(ep.act == Act::None || k <= k_chunk, "{label}: a fused activation needs K within one texture");
+    anyhow::ensure!(ep.act_grad_of.is_none() || n_out % 4 == 0, "{label}: a fused activation gradient needs whole vec4 rows");
+    anyhow::ensure!(ep.save_z.is_none() || !ep.accumulate, "{label}: saving the pre-activation of an accumulated product");
+    // The fused activation's extra bindings (placeholders when unused: a binding a
+    // disabled branch names is still part of the layout).
+    let z_out = match ep.save_z {
+        Some(z) => Res::Act(z),
+        None => Res::Buf(g.gpu.placeholder()),
+    };
+    let z_in = match ep.act_grad_of {
+        Some(z) => Res::ActTex(g.linear_texture(z, 11)),
+        None => Res::Tex(g.gpu.placeholder_texture(g.half)),
+    };
     // Activation operands whose rows are whole vec4s are read from a linear
     // texture of their buffer (a copy) instead of a packed one (a pass of their
     // own): A as is (TA 1) or transposed (TA 2), B as is. K must be a multiple of
@@ -236,6 +253,8 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
                     ("TB_LIN", tb_lin as u32 as f64),
                     ("TRM", blk.trm as f64),
                     ("A_SHARE", blk.share as u32 as f64),
+                    ("SAVE_Z", ep.save_z.is_some() as u32 as f64),
+                    ("ACT_GRAD", ep.act_grad_of.is_some() as u32 as f64),
                 ],
             )?;
             // Linear operands: row strides and this K chunk's start, in vec4s.
@@ -251,7 +270,7 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
                 }
                 _ => Res::Tex(g.gpu.placeholder_texture(g.half)),
             };
-            let bind = vec![Res::Unused, Res::Unused, Res::Unused, out.clone(), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt), Res::Unused, Res::Unused, bias_t];
+            let bind = vec![Res::Unused, Res::Unused, Res::Unused, out.clone(), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt), z_out.clone(), Res::Unused, bias_t, Res::Unused, z_in.clone()];
             g.dispatch(label, pipeline, bind, groups, 2.0 * (rows * b.cols * k_chunk.min(k - k0)) as f64);
         }
     }

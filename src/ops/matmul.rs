@@ -548,7 +548,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
                 None => (View::new(Src::Act(a), m, l.k, l.k), l.k),
             };
             let b_view = View::new(Src::Buf(w.clone()), k, l.n, np4 * 4);
-            let ep = Epilogue { act, bias: Some(l.b.clone()), accumulate };
+            let ep = Epilogue { act, bias: Some(l.b.clone()), accumulate, ..Epilogue::plain() };
             tex_gemm(g, label, &a_view, &b_view, Res::Act(y), l.n, ep)?;
         }
         (Some(w), _) => {
@@ -595,7 +595,8 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
                 // the kernel reads row r0 + r at (r0 + r)·stride + a_off, and the
                 // chunk's texture starts at row r0 (u32 arithmetic wraps in WGSL).
                 (pu[16], pu[8], pu[18]) = (k4 as u32, lx, ((r0 * k4) as u32).wrapping_neg());
-                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone()), Res::Unused, Res::Unused, Res::Tex(bias_t.clone())];
+                let (zp, tp) = (Res::Buf(g.gpu.placeholder()), Res::Tex(g.gpu.placeholder_texture(g.half)));
+                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone()), zp, Res::Unused, Res::Tex(bias_t.clone()), Res::Unused, tp];
                 g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
             }
         }
@@ -756,9 +757,51 @@ pub fn act_backward(g: &mut Graph, label: &str, z: TensorId, dy: TensorId, len: 
     elementwise(g, "act_backward", label, z, dy, len, act)
 }
 
+/// Training's `u = act(x·W + b)` (buffer weights): returns (z, u), z = x·W + b kept
+/// for the backward. On texture-GEMM adapters one GEMM stores both (its SAVE_Z
+/// epilogue); elsewhere the GEMM, then the activation pass.
+pub fn linear_act(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear, act: Act) -> Result<(TensorId, TensorId)> {
+    match &l.w {
+        Some(w) if packs(&g.gpu) && g.fuse_act && !l.f16 && act != Act::None => {
+            let (z, u) = (g.tensor(label.to_string(), m * l.n), g.tensor(format!("{label}.act"), m * l.n));
+            let b_view = View::new(Src::Buf(w.clone()), l.k, l.n, pad4(l.n));
+            let ep = Epilogue { act, bias: Some(l.b.clone()), save_z: Some(z), ..Epilogue::plain() };
+            tex_gemm(g, label, &View::new(Src::Act(x), m, l.k, l.k), &b_view, Res::Act(u), l.n, ep)?;
+            Ok((z, u))
+        }
+        _ => {
+            let z = linear(g, label, x, m, l, Act::None, Out::New)?;
+            Ok((z, act_forward(g, &format!("{label}.act"), z, m * l.n, act)?))
+        }
+    }
+}
+
 /// Appends the backward of `y = x·W + b` (x [m, K], dy [m, N]): writes dW and db
 /// into `grad` and returns dx, a new tensor or added into `dx_into`.
 pub fn linear_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m: usize, l: &Linear, grad: &LinearGrad, dx_into: Option<TensorId>) -> Result<TensorId> {
+    linear_backward_with(g, label, x, dy, m, l, grad, dx_into, None)
+}
+
+/// `linear_backward` of a layer whose input x is `act(z)` (the MLP's second
+/// layer): returns dz = dx ⊙ act'(z), fused into the dx product on texture-GEMM
+/// adapters (its ACT_GRAD epilogue).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_act(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m: usize, l: &Linear, grad: &LinearGrad, (z, act): (TensorId, Act)) -> Result<TensorId> {
+    linear_backward_with(g, label, x, dy, m, l, grad, None, Some((z, act)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_backward_with(
+    g: &mut Graph,
+    label: &str,
+    x: TensorId,
+    dy: TensorId,
+    m: usize,
+    l: &Linear,
+    grad: &LinearGrad,
+    dx_into: Option<TensorId>,
+    act_of: Option<(TensorId, Act)>,
+) -> Result<TensorId> {
     anyhow::ensure!(!l.f16, "{label}: backward needs f32 weights");
     let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the weight as a storage buffer (buffer variant)"))?;
     let np = pad4(l.n);
@@ -771,7 +814,15 @@ pub fn linear_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m:
             None => (g.tensor(format!("{label}.dx"), m * l.k), false),
         };
         let wt = View::t(Src::Buf(w), l.k, l.n, np);
-        tex_gemm(g, &format!("{label}.dx"), &dyv, &wt, Res::Act(dx), l.k, Epilogue { accumulate: acc, ..Epilogue::plain() })?;
+        let ep = match act_of {
+            Some((z, act)) if g.fuse_act && l.k % 4 == 0 && !acc => Epilogue { act, act_grad_of: Some(z), ..Epilogue::plain() },
+            _ => Epilogue { accumulate: acc, ..Epilogue::plain() },
+        };
+        let fused = ep.act_grad_of.is_some();
+        tex_gemm(g, &format!("{label}.dx"), &dyv, &wt, Res::Act(dx), l.k, ep)?;
+        if let (Some((z, act)), false) = (act_of, fused) {
+            act_backward(g, &format!("{label}.act"), z, dx, m * l.k, act)?;
+        }
         return Ok(dx);
     }
     // dW [K, NP] = xᵀ [K, m] · dy [m, N] (columns N..NP come out zero).
@@ -785,6 +836,9 @@ pub fn linear_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m:
         None => (g.tensor(format!("{label}.dx"), m * l.k), false),
     };
     backward_product(g, &format!("{label}.dx"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc)?;
+    if let Some((z, act)) = act_of {
+        act_backward(g, &format!("{label}.act"), z, dx, m * l.k, act)?;
+    }
     Ok(dx)
 }
 
