@@ -358,8 +358,15 @@ fn attention_backward_mid_graph() {
     // copied for c = 64); buffer variants: every operand from buffers. Both with the
     // probabilities recomputed and saved by the forward (whose operand path then
     // follows the adapter's, so both saving forwards are covered).
-    let cases = [(gpu_texture_variants(), AttnGrad::Recompute), (gpu_buffer_variants(), AttnGrad::Recompute), (gpu_texture_variants(), AttnGrad::Saved), (gpu_buffer_variants(), AttnGrad::Saved)];
-    for (gpu, grad) in cases {
+    // The texture kernels run in workgroups of 8 (CPU drivers) and, in the last case, 64 (GPUs).
+    let cases = [
+        (gpu_texture_variants(), AttnGrad::Recompute, 8),
+        (gpu_buffer_variants(), AttnGrad::Recompute, 8),
+        (gpu_texture_variants(), AttnGrad::Saved, 8),
+        (gpu_buffer_variants(), AttnGrad::Saved, 8),
+        (gpu_texture_variants(), AttnGrad::Saved, 64),
+    ];
+    for (gpu, grad, wg) in cases {
         let fwd_kind = if grad == AttnGrad::Saved { preferred_kind(&gpu) } else { MatmulKind::Buffer };
         // The last case's images (4101 rows of 256 bytes) pass TEXTURE_CHUNK_BYTES / 2:
         // one image per texture chunk, so P and dS are indexed across chunks, and an
@@ -372,6 +379,7 @@ fn attention_backward_mid_graph() {
             let run = |x: &[f32], wq: &[f32], k: &[f32], v: &[f32], backward: bool| -> (f64, Vec<Vec<f32>>) {
                 let lq = Linear::with_kind(&gpu, "wq", wq, None, c, c, MatmulKind::Buffer).unwrap();
                 let mut g = Graph::new(gpu.clone());
+                g.attn_wg = wg;
                 let (xi, ki, vi) = (g.pinned("x", x.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
                 let qi = g.pinned("q", m * c);
                 linear(&mut g, "wq", xi, m, &lq, Act::None, Out::Into(qi)).unwrap();

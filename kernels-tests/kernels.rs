@@ -349,11 +349,13 @@ fn check_attention_in(kind: MatmulKind, (batch, tq, tkv, c, heads): (usize, usiz
     let r = |v: Vec<f32>| if half { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() } else { v };
     let (q, k, v) = (r(randn(batch * tq * c, 1)), r(randn(batch * tkv * c, 2)), r(randn(batch * tkv * c, 3)));
     let (want_o, want_p) = attention_ref(&q, &k, &v, &shape);
-    // The texture forward with 1, 2 and 4 queries per invocation (Graph::attn_queries).
-    let qpis: &[usize] = if kind == MatmulKind::Texture { &[1, 2, 4] } else { &[2] };
-    for &qpi in qpis {
+    // The texture forward with 1, 2 and 4 queries per invocation (Graph::attn_queries),
+    // in workgroups of 8 (CPU drivers) and 64 (GPUs) invocations (Graph::attn_wg).
+    let variants: &[(usize, usize)] = if kind == MatmulKind::Texture { &[(1, 8), (2, 8), (4, 8), (4, 64)] } else { &[(2, 64)] };
+    for &(qpi, wg) in variants {
         let mut g = Graph::new(gpu.clone());
         g.attn_queries = qpi;
+        g.attn_wg = wg;
         g.half = half;
         let (tq_, tk_, tv_) = (g.pinned("q", q.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
         let o = attention_with(&mut g, "attn", tq_, tk_, tv_, shape, kind).unwrap();
@@ -364,7 +366,7 @@ fn check_attention_in(kind: MatmulKind, (batch, tq, tkv, c, heads): (usize, usiz
             plan.write(tk_, &k).unwrap();
             plan.write(tv_, &v).unwrap();
             plan.run().unwrap();
-            assert_close(&format!("{kind:?} f16 plan attention {shape:?} qpi {qpi}"), &plan.read(o).unwrap(), &want_o, 2e-3, 2e-3);
+            assert_close(&format!("{kind:?} f16 plan attention {shape:?} qpi {qpi} wg {wg}"), &plan.read(o).unwrap(), &want_o, 2e-3, 2e-3);
             continue;
         }
         // The training forward that also writes the probabilities (SAVE_P).
@@ -377,9 +379,9 @@ fn check_attention_in(kind: MatmulKind, (batch, tq, tkv, c, heads): (usize, usiz
         plan.write(tk_, &k).unwrap();
         plan.write(tv_, &v).unwrap();
         plan.run().unwrap();
-        assert_close(&format!("{kind:?} attention {shape:?} qpi {qpi}"), &plan.read(o).unwrap(), &want_o, 1e-5, 1e-4);
-        assert_close(&format!("{kind:?} saving attention {shape:?} qpi {qpi}"), &plan.read(o_saving).unwrap(), &want_o, 1e-5, 1e-4);
-        assert_close(&format!("{kind:?} saved probabilities {shape:?} qpi {qpi}"), &plan.read(probs).unwrap(), &want_p, 1e-6, 1e-4);
+        assert_close(&format!("{kind:?} attention {shape:?} qpi {qpi} wg {wg}"), &plan.read(o).unwrap(), &want_o, 1e-5, 1e-4);
+        assert_close(&format!("{kind:?} saving attention {shape:?} qpi {qpi} wg {wg}"), &plan.read(o_saving).unwrap(), &want_o, 1e-5, 1e-4);
+        assert_close(&format!("{kind:?} saved probabilities {shape:?} qpi {qpi} wg {wg}"), &plan.read(probs).unwrap(), &want_p, 1e-6, 1e-4);
     }
 }
 

@@ -167,6 +167,8 @@ pub struct Graph {
     /// faster than 2 on lavapipe at batch 1 and takes 0.3-0.9 s longer to compile
     /// at first dispatch (docs/perf.md). `CVT_GPU_ATTN_QPI`.
     pub attn_queries: usize,
+    /// Workgroup size of the texture attention kernels (`ops::attention::tex_wg`).
+    pub attn_wg: usize,
     /// An f16 plan: every tensor holds f16 and every plan texture is rgba16float;
     /// kernels compute in f32, converting at each load and store
     /// (`texread::prelude`'s `act`). Set by `Model::plan` for `--f16` models on
@@ -274,11 +276,13 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
+        let gpu_ref = gpu.clone();
         Graph {
             gpu,
             tex_rows: rows_setting("CVT_GPU_TEX_ROWS").unwrap_or(16),
             fused_epilogue: fused_setting().unwrap_or(false),
             attn_queries: qpi_setting().unwrap_or(4),
+            attn_wg: crate::ops::attention::tex_wg(&gpu_ref),
             half: false,
             a_share: share_setting().unwrap_or(true),
             narrow_rows: rows_setting("CVT_GPU_NARROW_ROWS"),
@@ -671,6 +675,9 @@ pub fn check_settings() -> Result<()> {
         if let Ok(v) = std::env::var(key) {
             anyhow::ensure!(rows_setting(key).is_some(), "{key}={v}: expected 8 or 16");
         }
+    }
+    if let Ok(v) = std::env::var("CVT_GPU_ATTN_WG") {
+        anyhow::ensure!(crate::ops::attention::wg_setting().is_some(), "CVT_GPU_ATTN_WG={v}: expected 8, 16, 32 or 64");
     }
     if let Ok(v) = std::env::var("CVT_GPU_ATTN_QPI") {
         anyhow::ensure!(qpi_setting().is_some(), "CVT_GPU_ATTN_QPI={v}: expected 1, 2 or 4");

@@ -8,6 +8,22 @@ use anyhow::{bail, Result};
 
 const WG: usize = 64;
 
+/// Workgroup size of the texture kernels: a workgroup serves one (image, head)
+/// and its invocations one query (or key) each, so short sequences leave most of
+/// a 64-wide workgroup idle (stage 2 of a 64x64 input: 17 queries, 5 keys). On a
+/// CPU driver, whose workgroup invocations are SIMD lanes of 8, 8 wastes at most 7
+/// lanes: CvT-13's attention GPU time 1.35-1.49x faster in training (64x64,
+/// batch 64) and 1.11x at 224, batch 1 (interleaved, docs/perf.md). GPUs keep 64
+/// (a narrower workgroup would fill a fraction of a 32- or 64-wide wave).
+/// `CVT_GPU_ATTN_WG=8|16|32|64` overrides.
+pub fn tex_wg(gpu: &crate::gpu::Gpu) -> usize {
+    wg_setting().unwrap_or(if gpu.info.device_type == wgpu::DeviceType::Cpu { 8 } else { WG })
+}
+
+pub fn wg_setting() -> Option<usize> {
+    std::env::var("CVT_GPU_ATTN_WG").ok().and_then(|v| v.parse().ok()).filter(|w| [8, 16, 32, 64].contains(w))
+}
+
 /// Shapes of one attention call: q [batch, tq, c], k and v [batch, tkv, c].
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -105,12 +121,14 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
         anyhow::ensure!([1, 2, 4].contains(&qpi), "{label}: attn_queries must be 1, 2 or 4, not {qpi}");
         let mut consts = consts.to_vec();
         consts.push(("QPI", qpi as f64));
+        let wg = g.attn_wg;
+        consts[0].1 = wg as f64;
         let pipeline = g.pipeline("attention", "main_tex", &consts)?;
         for (b0, nb) in chunks {
             let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
             let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
             let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
-            let groups = [s.tq.div_ceil(WG * qpi) as u32, s.heads as u32, nb as u32];
+            let groups = [s.tq.div_ceil(wg * qpi) as u32, s.heads as u32, nb as u32];
             let u = || Res::Unused;
             let bindings = vec![u(), u(), u(), Res::Act(o), Res::Uniform(params(nb, b0)), Res::ActTex(qt), Res::ActTex(kt), Res::ActTex(vt), u(), u(), u(), u(), u(), u(), p_res.clone()];
             g.dispatch(label, pipeline.clone(), bindings, groups, flops(nb));
@@ -176,6 +194,8 @@ pub fn attention_backward(
     let fq = if chunks.is_none() && probs.is_none() { 5.0 } else { fq };
     if let Some(chunks) = chunks {
         // K, V for the per-query pass and Q, dO for the per-key pass as textures.
+        let wg = g.attn_wg;
+        let consts = [("WG", wg as f64), ("D4", d4 as f64)];
         let pq = g.pipeline("attention", &format!("{}_tex", names.0), &consts)?;
         let pkv = g.pipeline("attention", &format!("{}_tex", names.1), &consts)?;
         for (b0, nb) in chunks {
@@ -196,7 +216,7 @@ pub fn attention_backward(
             if let Some(pt) = p_tex {
                 bq.push(Res::ActTex(pt));
             }
-            g.dispatch(format!("{label}.bwd_q"), pq.clone(), bq, [s.tq.div_ceil(WG) as u32, s.heads as u32, nb as u32], fq * chunk_flops);
+            g.dispatch(format!("{label}.bwd_q"), pq.clone(), bq, [s.tq.div_ceil(wg) as u32, s.heads as u32, nb as u32], fq * chunk_flops);
             let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
             let gt = texture_rows(g, label, dout, &s, (s.tq, b0, nb), 13)?;
             let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
@@ -206,7 +226,7 @@ pub fn attention_backward(
                 let dst = g.linear_texture_range(ds, t0, t1 - t0, 17);
                 bkv.extend([u(), u(), Res::ActTex(pt), Res::ActTex(dst)]);
             }
-            g.dispatch(format!("{label}.bwd_kv"), pkv.clone(), bkv, [s.tkv.div_ceil(WG) as u32, s.heads as u32, nb as u32], fkv * chunk_flops);
+            g.dispatch(format!("{label}.bwd_kv"), pkv.clone(), bkv, [s.tkv.div_ceil(wg) as u32, s.heads as u32, nb as u32], fkv * chunk_flops);
         }
         return Ok((dq, dk, dv));
     }
