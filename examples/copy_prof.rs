@@ -24,6 +24,21 @@ fn main() -> anyhow::Result<()> {
         plan.plan.profile()?;
         plan.plan.profile()?.0
     };
+    // `CVT_GPU_LIST=stage2.blocks.3.`: every step whose label contains that, in order, with its time.
+    if let Ok(m) = std::env::var("CVT_GPU_LIST") {
+        let mut last = String::new();
+        for (i, s) in steps.iter().enumerate() {
+            let next = steps[i..].iter().find(|t| !t.label.contains("copy")).map(|t| t.label.clone()).unwrap_or_default();
+            if next.contains(&m) || s.label.contains(&m) {
+                let l = if s.label.contains("copy") { format!("  copy ({} B)", s.bytes / 2) } else { s.label.clone() };
+                if l != last || true {
+                    println!("{:7.3} {l}", s.ms);
+                }
+                last = l;
+            }
+        }
+        return Ok(());
+    }
     // `CVT_GPU_PROF_MATCH=pack`: the steps whose labels contain that text, grouped (block indices dropped).
     if let Ok(m) = std::env::var("CVT_GPU_PROF_MATCH") {
         let mut groups: Vec<(String, f64, usize)> = vec![];
