@@ -679,6 +679,10 @@ fn dwconv_backward_x_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wor
 // of eight lanes idle). dw_sum_partials then adds the WG partials into dw; a
 // dispatch after the first (_p0 = 1) adds to dw instead of overwriting it.
 @group(0) @binding(22) var<storage, read_write> part: array<T>;   // [3, C, 9, WG]
+// dw_sum_partials reads the partials as a linear texture (a copy of `part`): its
+// WG loads per entry from the storage buffer each ran as a loop over the SIMD
+// lanes on lavapipe (the sum took 2.7 ms per stage-2 block at 64x64, batch 64).
+@group(0) @binding(25) var part_t: Tex;
 
 @compute @workgroup_size(WG)
 fn dw_sum_partials(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -693,7 +697,7 @@ fn dw_sum_partials(@builtin(global_invocation_id) gid: vec3<u32>) {
     let base = ((m * p.C + c) * 9u + t) * WG;
     var s = T(0.0);
     for (var j = 0u; j < WG; j++) {
-        s += part[base + j];
+        s += lin(part_t, base + j);
     }
     dw[i] = select(s, dw[i] + s, p._p0 == 1u);
 }

@@ -363,7 +363,8 @@ pub fn conv_proj_train_backward(
             g.dispatch(format!("{label}.dW"), pw.clone(), b, [(3 * c / 4) as u32, 1, 1], 0.0);
             let mut b = vec![u(), u(), u(), u(), u(), u(), Res::Uniform(prm)];
             b.extend((7..14).map(|_| u()));
-            b.extend([Res::Buf(grad.w.clone()), u(), u(), u(), u(), u(), u(), u(), Res::Act(part)]);
+            let part_t = g.linear_texture(part, 25);
+            b.extend([Res::Buf(grad.w.clone()), u(), u(), u(), u(), u(), u(), u(), u(), u(), u(), Res::ActTex(part_t)]);
             g.dispatch(format!("{label}.dW.sum"), psum.clone(), b, grid1d(&g.gpu, (27 * c / 4).div_ceil(WG) as u64), 0.0);
             let n4 = nb * tq * c / 4;
             let mut b = vec![u(), u(), u(), u(), u(), u(), Res::Uniform(params_of([nb, h, w, c / 4, cls, hk, wk, n4, b0]))];
