@@ -681,10 +681,14 @@ fn graph_reuses_a_texture_copy_only_while_it_holds_the_same_values() {
     let mut touch = |g: &mut Graph, t| g.dispatch("touch", pipeline.clone(), vec![Res::Act(t)], [1, 1, 1], 0.0);
     touch(&mut g, x);
     let a = g.linear_texture(x, 5);
-    // Same values, another binding: the same texture.
+    // Same values for the same binding: the same texture.
+    assert_eq!(g.linear_texture(x, 5), a);
+    // And for another binding (a dispatch binds a texture at any index; see the
+    // next test for when its own operands refill it).
     assert_eq!(g.linear_texture(x, 6), a);
     // Another range of x is another copy.
-    assert_ne!(g.linear_texture_range(x, 16, 16, 6), a);
+    assert_ne!(g.linear_texture_range(x, 16, 16, 5), a);
+    let a = g.linear_texture(x, 5);
     // A dispatch that binds x may have written it: a new copy.
     touch(&mut g, x);
     let b = g.linear_texture(x, 5);
@@ -692,10 +696,32 @@ fn graph_reuses_a_texture_copy_only_while_it_holds_the_same_values() {
     // Binding 5's texture refilled with y: x must be copied again.
     touch(&mut g, y);
     let _ = g.linear_texture(y, 5);
-    let c = g.linear_texture(x, 7);
+    let c = g.linear_texture(x, 5);
     assert_ne!(c, b);
     assert_eq!(g.linear_texture(x, 5), c);
     // Off: every read is its own copy.
     g.copy_reuse = false;
-    assert_ne!(g.linear_texture(x, 7), c);
+    assert_ne!(g.linear_texture(x, 5), c);
+}
+
+#[test]
+fn graph_copies_again_a_reused_texture_its_own_dispatch_refills() {
+    // x's copy is made for binding 7; the add reads x as its first operand
+    // (binding 6) by reusing that copy, then fills binding 7 with its second
+    // operand y: the graph must give x a texture of its own, and the sum must be
+    // x + y, not y + y.
+    let gpu = gpu_texture_variants();
+    let n = 64;
+    let (xv, yv) = (randn(n, 1), randn(n, 2));
+    let mut g = Graph::new(gpu.clone());
+    let (x, y) = (g.pinned("x", n), g.pinned("y", n));
+    let _ = g.linear_texture(x, 7);
+    let s = cvt_gpu::ops::tokens::add(&mut g, "sum", x, y).unwrap();
+    g.pin(s);
+    let plan = g.compile().unwrap();
+    plan.write(x, &xv).unwrap();
+    plan.write(y, &yv).unwrap();
+    plan.run().unwrap();
+    let want: Vec<f64> = xv.iter().zip(&yv).map(|(a, b)| *a as f64 + *b as f64).collect();
+    assert_close("x + y", &plan.read(s).unwrap(), &want, 1e-6, 1e-6);
 }

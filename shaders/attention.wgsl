@@ -641,15 +641,6 @@ fn dout_row(col: i32, row: i32) -> Row {
     return tex_row(dout_tex, col, row);
 }
 
-// The forward's output, for D = rowsum(dO ⊙ O) in the per-query passes: like dO
-// and Q a texture of this chunk's rows, since a storage-buffer load runs as a
-// loop over the SIMD lanes on CPU drivers (these two rows had been the per-query
-// pass's only buffer loads: 2·D4 of them per invocation).
-@group(0) @binding(18) var o_tex: Tex;
-
-fn o_row(col: i32, row: i32) -> Row {
-    return tex_row(o_tex, col, row);
-}
 
 @compute @workgroup_size(WG)
 fn attn_bwd_q_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -662,10 +653,13 @@ fn attn_bwd_q_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgr
     let gb = p.b_off + bi;
     let hc = i32(head * D4);
     let qbase = (gb * p.Tq + qi) * p.C4 + head * D4;
+    // dO (and Q) from textures like K and V: a storage-buffer load runs as a loop
+    // over the SIMD lanes on CPU drivers. O stays a buffer read: a kernel reads at
+    // most MAX_TEXTURES_PER_KERNEL textures (texread.rs).
     let qrow = i32(bi * p.Tq + qi);
     let qv = q_row(hc, qrow, p.scale);
     let gv = dout_row(hc, qrow);
-    let big_d = row_dot(gv, o_row(hc, qrow));
+    let big_d = row_dot(gv, o_buf(qbase, 1.0));
     var m = -3.0e38;
     var l = 0.0;
     for (var j = 0u; j < p.Tkv; j++) {
@@ -793,7 +787,7 @@ fn attn_bwd_q_p_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(work
     let qbase = (gb * p.Tq + qi) * p.C4 + head * D4;
     let qrow = i32(bi * p.Tq + qi);
     let gv = dout_row(hc, qrow);
-    let big_d = row_dot(gv, o_row(hc, qrow));
+    let big_d = row_dot(gv, o_buf(qbase, 1.0));
     let pb = prow(gb, head, qi);
     var acc: Row;
     for (var j = 0u; j < p.Tkv; j++) {

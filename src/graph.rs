@@ -128,6 +128,16 @@ enum CopySrc {
     Buf(Arc<wgpu::Buffer>),
 }
 
+impl CopySrc {
+    /// Identity for `CopyKey`: a tensor, or a buffer by address.
+    fn key(&self) -> (bool, usize) {
+        match self {
+            CopySrc::Act(t) => (true, t.0),
+            CopySrc::Buf(b) => (false, Arc::as_ptr(b) as usize),
+        }
+    }
+}
+
 /// A compiled copy's source buffer: an activation slot, or the caller's.
 enum CopyFrom {
     Slot(usize),
@@ -194,7 +204,7 @@ pub struct Graph {
     /// What `reused_copy` needs: the copies recorded so far, the latest filling of
     /// each plan texture, and how often each tensor and buffer has been bound to
     /// a dispatch (a copy is stale once its source may have been written).
-    copies: Vec<(CopyKey, TexRef, u32)>,
+    copies: Vec<(CopyKey, TexRef, u32, CopySrc)>,
     latest_fill: HashMap<(u32, u32, bool), u32>,
     tensor_uses: Vec<u32>,
     buf_uses: HashMap<usize, u32>,
@@ -348,7 +358,22 @@ impl Graph {
     }
 
     /// Appends a dispatch. Bindings are in binding-index order (0, 1, ...).
-    pub fn dispatch(&mut self, label: impl Into<String>, pipeline: Arc<wgpu::ComputePipeline>, bindings: Vec<Res>, groups: [u32; 3], flops: f64) {
+    pub fn dispatch(&mut self, label: impl Into<String>, pipeline: Arc<wgpu::ComputePipeline>, mut bindings: Vec<Res>, groups: [u32; 3], flops: f64) {
+        // A reused copy (`reused_copy`) made for another binding, which this
+        // dispatch's own operands have since refilled: copy its values again,
+        // into a texture of their own (binding numbers from 64 up are only
+        // these), right before this dispatch. Its source is unchanged: the reuse
+        // was checked when the operand was made, and nothing ran since.
+        for i in 0..bindings.len() {
+            let Res::ActTex(t) = &bindings[i] else { continue };
+            if self.latest_fill.get(&fill_key(t)) == Some(&t.fill) {
+                continue;
+            }
+            if let Some((key, _, at, src)) = self.copies.iter().find(|c| c.1 == *t).cloned() {
+                assert_eq!(at, self.uses_of(&key), "internal: a reused copy's source changed before its dispatch");
+                bindings[i] = Res::ActTex(self.copy(src, key, 64 + i as u32));
+            }
+        }
         // Any binding may be written (Res does not say which are read-only).
         for r in &bindings {
             match r {
@@ -373,22 +398,9 @@ impl Graph {
     pub fn to_texture(&mut self, src: TensorId, row0: usize, rows: usize, width: usize, binding: u32) -> TexRef {
         assert!(self.row_copy_ok(width), "to_texture: rows of {width} texels are not a multiple of 256 bytes");
         let key = CopyKey { src: (true, src.0), texel0: row0 * width, texels: rows * width, row_width: width };
-        if let Some(t) = self.reused_copy(&key) {
-            return t;
-        }
-        let tex = self.tex(width, rows, binding);
-        self.ops.push(OpRec::Copy { src: CopySrc::Act(src), texel0: row0 * width, tex, texels: None });
-        self.note_copy(key, tex);
-        tex
+        self.reused_copy(&key).unwrap_or_else(|| self.copy(CopySrc::Act(src), key, binding))
     }
 
-    /// The whole of tensor `t` (a multiple of 4 values) as a *linear texture* for
-    /// `binding`: texel i (values 4i..4i+4) at (i % W, i / W), W a power of two
-    /// of at least 16 texels (256 bytes, what row copies need), so kernels find it
-    /// with a mask and a shift (`textureDimensions(..).x` gives W). The copy is a
-    /// memcpy on CPU drivers, where every storage-buffer load runs as a loop over
-    /// SIMD lanes but texel fetches are vector gathers: load-heavy kernels read
-    /// their inputs this way there.
     pub fn linear_texture(&mut self, t: TensorId, binding: u32) -> TexRef {
         let texels = self.tensors[t.0].len.div_ceil(4);
         self.linear_texture_range(t, 0, texels, binding)
@@ -409,30 +421,33 @@ impl Graph {
     }
 
     fn linear_copy(&mut self, src: CopySrc, texel0: usize, texels: usize, binding: u32) -> TexRef {
-        let src_key = match &src {
-            CopySrc::Act(t) => (true, t.0),
-            CopySrc::Buf(b) => (false, Arc::as_ptr(b) as usize),
+        let key = CopyKey { src: src.key(), texel0, texels, row_width: 0 };
+        self.reused_copy(&key).unwrap_or_else(|| self.copy(src, key, binding))
+    }
+
+    /// Records the copy of `key`'s values into a new filling of `binding`'s
+    /// texture: rows of `row_width` texels, or a linear texture (row_width 0).
+    fn copy(&mut self, src: CopySrc, key: CopyKey, binding: u32) -> TexRef {
+        let (tex, texels) = if key.row_width > 0 {
+            (self.tex(key.row_width, key.texels / key.row_width, binding), None)
+        } else {
+            let width = crate::gpu::linear_width(key.texels, self.gpu.limits.max_texture_dimension_2d as usize, self.texel_bytes());
+            (TexRef { linear: true, ..self.tex(width, key.texels.div_ceil(width).max(1), binding) }, Some(key.texels))
         };
-        let key = CopyKey { src: src_key, texel0, texels, row_width: 0 };
-        if let Some(t) = self.reused_copy(&key) {
-            return t;
-        }
-        let width = crate::gpu::linear_width(texels, self.gpu.limits.max_texture_dimension_2d as usize, self.texel_bytes());
-        let tex = TexRef { linear: true, ..self.tex(width, texels.div_ceil(width).max(1), binding) };
-        if std::env::var_os("CVT_GPU_TRACE_COPIES").is_some() {
-            if let CopySrc::Act(t) = &src {
-                let prior: Vec<String> = self
-                    .copies
-                    .iter()
-                    .filter(|(k, _, _)| k.src == key.src)
-                    .map(|(k, tx, at)| format!("[{}+{} w{} b{} uses{} fresh{}]", k.texel0, k.texels, k.row_width, tx.binding, at, self.latest_fill.get(&fill_key(tx)) == Some(&tx.fill)))
-                    .collect();
-                eprintln!("copy {} {}+{} b{} uses{} prior {}", self.tensors[t.0].name, texel0, texels, binding, self.tensor_uses[t.0], prior.join(" "));
-            }
-        }
-        self.ops.push(OpRec::Copy { src, texel0, tex, texels: Some(texels) });
-        self.note_copy(key, tex);
+        self.ops.push(OpRec::Copy { src: src.clone(), texel0: key.texel0, tex, texels });
+        self.note_fill(&tex);
+        let at = self.uses_of(&key);
+        self.copies.push((key, tex, at, src));
         tex
+    }
+
+    /// How often `key`'s source has been bound to a dispatch so far.
+    fn uses_of(&self, key: &CopyKey) -> u32 {
+        if key.src.0 {
+            self.tensor_uses[key.src.1]
+        } else {
+            self.buf_uses.get(&key.src.1).copied().unwrap_or(0)
+        }
     }
 
     /// The texture of an earlier copy of the same values, if it still holds them:
@@ -441,20 +456,14 @@ impl Graph {
     /// ~12 GB/s), and the three products of a linear layer's backward and the
     /// bias gradient read the same operands: a CvT-13 training step copied many
     /// tensors two or three times (docs/perf.md). The texture may have been made
-    /// for another binding: a dispatch binds a TexRef at any index.
+    /// for another binding (a dispatch binds a TexRef at any index); should the
+    /// same dispatch's other operands refill it, `dispatch` copies again.
     fn reused_copy(&self, key: &CopyKey) -> Option<TexRef> {
         if !self.copy_reuse {
             return None;
         }
-        let uses = |k: &CopyKey| if k.src.0 { self.tensor_uses[k.src.1] } else { self.buf_uses.get(&k.src.1).copied().unwrap_or(0) };
-        let (_, tex, at) = self.copies.iter().rev().find(|(k, _, _)| k == key)?;
-        (*at == uses(key) && self.latest_fill.get(&fill_key(tex)) == Some(&tex.fill)).then_some(*tex)
-    }
-
-    fn note_copy(&mut self, key: CopyKey, tex: TexRef) {
-        self.note_fill(&tex);
-        let at = if key.src.0 { self.tensor_uses[key.src.1] } else { self.buf_uses.get(&key.src.1).copied().unwrap_or(0) };
-        self.copies.push((key, tex, at));
+        let (_, tex, at, _) = self.copies.iter().rev().find(|c| c.0 == *key)?;
+        (*at == self.uses_of(key) && self.latest_fill.get(&fill_key(tex)) == Some(&tex.fill)).then_some(*tex)
     }
 
     fn note_fill(&mut self, t: &TexRef) {

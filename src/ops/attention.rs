@@ -208,35 +208,15 @@ pub fn attention_backward(
             let chunk_flops = pair_flops * nb as f64 / s.batch as f64;
             let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
             let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
-            // Q and dO serve both passes; the per-query pass also reads O.
+            // Q and dO serve both passes.
             let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;
             let gt = texture_rows(g, label, dout, &s, (s.tq, b0, nb), 13)?;
-            let ot = texture_rows(g, label, o, &s, (s.tq, b0, nb), 18)?;
             // The recomputing pass reads the query rows; the saved one reads P instead.
             let qtex = if probs.is_none() { Res::ActTex(qt) } else { u() };
             let p_tex = probs.map(|p| g.linear_texture_range(p, t0, t1 - t0, 16));
             let pt = p_tex.map_or_else(u, Res::ActTex);
-            let bq = vec![
-                u(),
-                u(),
-                u(),
-                u(),
-                Res::Uniform(params.clone()),
-                qtex,
-                Res::ActTex(kt),
-                Res::ActTex(vt),
-                u(),
-                Res::Act(dq),
-                r10.clone(),
-                u(),
-                u(),
-                Res::ActTex(gt),
-                u(),
-                r15.clone(),
-                pt,
-                u(),
-                Res::ActTex(ot),
-            ];
+            let bq =
+                vec![u(), u(), u(), Res::Act(o), Res::Uniform(params.clone()), qtex, Res::ActTex(kt), Res::ActTex(vt), u(), Res::Act(dq), r10.clone(), u(), u(), Res::ActTex(gt), u(), r15.clone(), pt];
             g.dispatch(format!("{label}.bwd_q"), pq.clone(), bq, [s.tq.div_ceil(wg) as u32, s.heads as u32, nb as u32], fq * chunk_flops);
             let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
             let mut bkv = vec![u(), kb, vb, u(), Res::Uniform(params), Res::ActTex(qt), u(), u(), u(), u(), r10.clone(), Res::Act(dk), Res::Act(dv), Res::ActTex(gt)];
