@@ -193,8 +193,10 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
     anyhow::ensure!(ep.act == Act::None || k <= k_chunk, "{label}: a fused activation needs K within one texture");
     anyhow::ensure!(ep.act_grad_of.is_none() || n_out % 4 == 0, "{label}: a fused activation gradient needs whole vec4 rows");
     anyhow::ensure!(ep.save_z.is_none() || !ep.accumulate, "{label}: saving the pre-activation of an accumulated product");
-    // The fused activation's extra bindings (placeholders when unused: a binding a
-    // disabled branch names is still part of the layout).
+    // Training's fused activation: its own entry point (main_tex_act, so that
+    // main_tex compiles none of it) with two more bindings, a placeholder for the
+    // one unused (a binding a disabled branch names is still part of the layout).
+    let fused = ep.save_z.is_some() || ep.act_grad_of.is_some();
     let z_out = match ep.save_z {
         Some(z) => Res::Act(z),
         None => Res::Buf(g.gpu.placeholder()),
@@ -240,23 +242,21 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
             let first = j == 0;
             let has_bias = first && ep.bias.is_some();
             let (lx, groups) = (blk.lx, super::matmul::tex_grid(n4, rows, &blk));
-            let pipeline = g.pipeline(
-                "matmul",
-                "main_tex",
-                &[
-                    ("ACT", ep.act.code()),
-                    ("HAS_BIAS", has_bias as u32 as f64),
-                    ("ACCUMULATE", (ep.accumulate || !first) as u32 as f64),
-                    ("WG_X", super::matmul::TWG_X as f64),
-                    ("WG_Y", 1.0),
-                    ("TA", ta as f64),
-                    ("TB_LIN", tb_lin as u32 as f64),
-                    ("TRM", blk.trm as f64),
-                    ("A_SHARE", blk.share as u32 as f64),
-                    ("SAVE_Z", ep.save_z.is_some() as u32 as f64),
-                    ("ACT_GRAD", ep.act_grad_of.is_some() as u32 as f64),
-                ],
-            )?;
+            let mut consts = vec![
+                ("ACT", ep.act.code()),
+                ("HAS_BIAS", has_bias as u32 as f64),
+                ("ACCUMULATE", (ep.accumulate || !first) as u32 as f64),
+                ("WG_X", super::matmul::TWG_X as f64),
+                ("WG_Y", 1.0),
+                ("TA", ta as f64),
+                ("TB_LIN", tb_lin as u32 as f64),
+                ("TRM", blk.trm as f64),
+                ("A_SHARE", blk.share as u32 as f64),
+            ];
+            if fused {
+                consts.extend([("SAVE_Z", ep.save_z.is_some() as u32 as f64), ("ACT_GRAD", ep.act_grad_of.is_some() as u32 as f64)]);
+            }
+            let pipeline = g.pipeline("matmul", if fused { "main_tex_act" } else { "main_tex" }, &consts)?;
             // Linear operands: row strides and this K chunk's start, in vec4s.
             let a_off = if ta == 2 { k0 * a.stride / 4 } else { k0 / 4 };
             let mut p = vec![rows as u32, n_out as u32, kc as u32, n4 as u32, 0, 0, 0, 0, lx];
@@ -270,7 +270,11 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
                 }
                 _ => Res::Tex(g.gpu.placeholder_texture(g.half)),
             };
-            let bind = vec![Res::Unused, Res::Unused, Res::Unused, out.clone(), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt), z_out.clone(), Res::Unused, bias_t, Res::Unused, z_in.clone()];
+            let mut bind = vec![Res::Unused, Res::Unused, Res::Unused, out.clone(), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt), Res::Unused, Res::Unused, bias_t];
+            if fused {
+                bind[7] = z_out.clone();
+                bind.extend([Res::Unused, z_in.clone()]);
+            }
             g.dispatch(label, pipeline, bind, groups, 2.0 * (rows * b.cols * k_chunk.min(k - k0)) as f64);
         }
     }

@@ -595,8 +595,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
                 // the kernel reads row r0 + r at (r0 + r)·stride + a_off, and the
                 // chunk's texture starts at row r0 (u32 arithmetic wraps in WGSL).
                 (pu[16], pu[8], pu[18]) = (k4 as u32, lx, ((r0 * k4) as u32).wrapping_neg());
-                let (zp, tp) = (Res::Buf(g.gpu.placeholder()), Res::Tex(g.gpu.placeholder_texture(g.half)));
-                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone()), zp, Res::Unused, Res::Tex(bias_t.clone()), Res::Unused, tp];
+                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone()), Res::Unused, Res::Unused, Res::Tex(bias_t.clone())];
                 g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
             }
         }
