@@ -23,6 +23,9 @@ fn variants(shader: &str) -> Vec<Vec<(&'static str, f64)>> {
             for ta in [1.0, 2.0] {
                 v.push(vec![("TA", ta), ("TB_LIN", 1.0), ("TRM", 16.0)]);
             }
+            // main_tex_act's fused activation (the forward's and the backward's).
+            v.push(vec![("SAVE_Z", 1.0), ("ACT", 2.0), ("TRM", 16.0)]);
+            v.push(vec![("ACT_GRAD", 1.0), ("ACT", 1.0)]);
         }
         "attention" => {
             v.push(vec![("D4", 4.0), ("WG", 32.0)]);
@@ -53,11 +56,16 @@ fn every_shader_translates_for_every_backend() {
         (TexRead::Storage, false, true, true),
     ];
     for ((name, body), (read, w16, a16, sg)) in SHADERS.iter().flat_map(|s| preludes.iter().map(move |p| (s, *p))) {
-        let src = &(prelude(read, w16, a16, sg) + body);
+        let src = &(prelude(read, w16, a16, sg) + &cvt_gpu::gpu::derive_entries(body));
         let name = &format!("{name} ({} reads{}{}{})", read.name(), if w16 { ", f16 weights" } else { "" }, if a16 { ", f16 plan" } else { "" }, if sg { ", subgroups" } else { "" });
         let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(src)));
         let info = Validator::new(ValidationFlags::all(), Capabilities::all()).validate(&module).unwrap_or_else(|e| panic!("{name}.wgsl does not validate: {e:?}"));
         assert!(!module.entry_points.is_empty(), "{name}.wgsl has no entry point");
+        // Entry points made by `// derive` lines (gpu::derive_entries).
+        for line in body.lines().filter_map(|l| l.trim().strip_prefix("// derive ")) {
+            let new = line.split(' ').next().unwrap();
+            assert!(module.entry_points.iter().any(|e| e.name == new), "{name}: derived entry point {new} missing");
+        }
         // Storage mode is allowed where the adapter has MAX_TEXTURES_PER_KERNEL
         // storage textures per stage: no entry point may read more.
         for (i, ep) in module.entry_points.iter().enumerate() {

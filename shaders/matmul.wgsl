@@ -523,36 +523,15 @@ fn b_at(c: i32, k: i32) -> vec4<f32> {
     return wtexel(b_tex, vec2<i32>(c, k));
 }
 
-// One invocation's block of the texture GEMM (main_tex): TRM rows x 4 vec4
-// columns of accumulators, and where they go. A function shared by the entry
-// points that differ only in their stores: each pipeline compiles only its own
-// entry point's code, so the training epilogue (main_tex_act) adds nothing to
-// main_tex's compile (inlined into main_tex, it made creating the pipeline
-// 3-5x slower on lavapipe: docs/perf.md).
-struct Tile {
-    live: bool,
-    row0: u32,
-    col4: u32,
-    c0: i32, c1: i32, c2: i32, c3: i32,
-    a0_0: vec4<f32>, a0_1: vec4<f32>, a0_2: vec4<f32>, a0_3: vec4<f32>,
-    a1_0: vec4<f32>, a1_1: vec4<f32>, a1_2: vec4<f32>, a1_3: vec4<f32>,
-    a2_0: vec4<f32>, a2_1: vec4<f32>, a2_2: vec4<f32>, a2_3: vec4<f32>,
-    a3_0: vec4<f32>, a3_1: vec4<f32>, a3_2: vec4<f32>, a3_3: vec4<f32>,
-    a4_0: vec4<f32>, a4_1: vec4<f32>, a4_2: vec4<f32>, a4_3: vec4<f32>,
-    a5_0: vec4<f32>, a5_1: vec4<f32>, a5_2: vec4<f32>, a5_3: vec4<f32>,
-    a6_0: vec4<f32>, a6_1: vec4<f32>, a6_2: vec4<f32>, a6_3: vec4<f32>,
-    a7_0: vec4<f32>, a7_1: vec4<f32>, a7_2: vec4<f32>, a7_3: vec4<f32>,
-    a8_0: vec4<f32>, a8_1: vec4<f32>, a8_2: vec4<f32>, a8_3: vec4<f32>,
-    a9_0: vec4<f32>, a9_1: vec4<f32>, a9_2: vec4<f32>, a9_3: vec4<f32>,
-    a10_0: vec4<f32>, a10_1: vec4<f32>, a10_2: vec4<f32>, a10_3: vec4<f32>,
-    a11_0: vec4<f32>, a11_1: vec4<f32>, a11_2: vec4<f32>, a11_3: vec4<f32>,
-    a12_0: vec4<f32>, a12_1: vec4<f32>, a12_2: vec4<f32>, a12_3: vec4<f32>,
-    a13_0: vec4<f32>, a13_1: vec4<f32>, a13_2: vec4<f32>, a13_3: vec4<f32>,
-    a14_0: vec4<f32>, a14_1: vec4<f32>, a14_2: vec4<f32>, a14_3: vec4<f32>,
-    a15_0: vec4<f32>, a15_1: vec4<f32>, a15_2: vec4<f32>, a15_3: vec4<f32>,
-}
-
-fn tex_tile(wid: vec3<u32>, lid: u32) -> Tile {
+// derive main_tex_act from main_tex: store_vec( -> store_tex(
+// main_tex_act, training's fused-activation GEMM, is main_tex with store_tex as
+// its store, made from this text when the module is built (gpu::derive_entries):
+// one source, while each pipeline compiles only its own entry point. Written as
+// one entry point, main_tex's pipeline took 3-5x longer to create on lavapipe;
+// with a shared tile function (a returned struct or private variables), its JIT
+// took 20-45% longer (docs/perf.md).
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     // The WG_X invocations of a workgroup cover 2^p.in_tok_off column blocks and
     // the rest row blocks (ops::matmul::tex_grid): a narrow output keeps every
     // lane busy, with one pipeline for every shape.
@@ -570,10 +549,8 @@ fn tex_tile(wid: vec3<u32>, lid: u32) -> Tile {
     // clamped columns and store nothing. (A runtime choice, a branch in the k
     // loop, ran the GEMM 0.82x.)
     let lane = sg_lane();
-    var t: Tile;
     if (row0 >= p.M || (col4 >= p.NP4 && !A_SHARE)) {
-        t.live = false;
-        return t;
+        return;
     }
     let ra = i32(min(row0 + lane, p.M - 1u));
     let rb = i32(min(row0 + 8u + lane, p.M - 1u));
@@ -755,90 +732,27 @@ fn tex_tile(wid: vec3<u32>, lid: u32) -> Tile {
             a15_0 += mac(x15, b00, b10, b20, b30); a15_1 += mac(x15, b01, b11, b21, b31); a15_2 += mac(x15, b02, b12, b22, b32); a15_3 += mac(x15, b03, b13, b23, b33);
         }
     }
-    t.live = true;
-    t.row0 = row0;
-    t.col4 = col4;
-    t.c0 = c0;
-    t.c1 = c1;
-    t.c2 = c2;
-    t.c3 = c3;
-    t.a0_0 = a0_0; t.a0_1 = a0_1; t.a0_2 = a0_2; t.a0_3 = a0_3;
-    t.a1_0 = a1_0; t.a1_1 = a1_1; t.a1_2 = a1_2; t.a1_3 = a1_3;
-    t.a2_0 = a2_0; t.a2_1 = a2_1; t.a2_2 = a2_2; t.a2_3 = a2_3;
-    t.a3_0 = a3_0; t.a3_1 = a3_1; t.a3_2 = a3_2; t.a3_3 = a3_3;
-    t.a4_0 = a4_0; t.a4_1 = a4_1; t.a4_2 = a4_2; t.a4_3 = a4_3;
-    t.a5_0 = a5_0; t.a5_1 = a5_1; t.a5_2 = a5_2; t.a5_3 = a5_3;
-    t.a6_0 = a6_0; t.a6_1 = a6_1; t.a6_2 = a6_2; t.a6_3 = a6_3;
-    t.a7_0 = a7_0; t.a7_1 = a7_1; t.a7_2 = a7_2; t.a7_3 = a7_3;
-    t.a8_0 = a8_0; t.a8_1 = a8_1; t.a8_2 = a8_2; t.a8_3 = a8_3;
-    t.a9_0 = a9_0; t.a9_1 = a9_1; t.a9_2 = a9_2; t.a9_3 = a9_3;
-    t.a10_0 = a10_0; t.a10_1 = a10_1; t.a10_2 = a10_2; t.a10_3 = a10_3;
-    t.a11_0 = a11_0; t.a11_1 = a11_1; t.a11_2 = a11_2; t.a11_3 = a11_3;
-    t.a12_0 = a12_0; t.a12_1 = a12_1; t.a12_2 = a12_2; t.a12_3 = a12_3;
-    t.a13_0 = a13_0; t.a13_1 = a13_1; t.a13_2 = a13_2; t.a13_3 = a13_3;
-    t.a14_0 = a14_0; t.a14_1 = a14_1; t.a14_2 = a14_2; t.a14_3 = a14_3;
-    t.a15_0 = a15_0; t.a15_1 = a15_1; t.a15_2 = a15_2; t.a15_3 = a15_3;
-    return t;
-}
-
-@compute @workgroup_size(WG_X, WG_Y, 1)
-fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tex_tile(wid, lid);
-    if (!t.live) {
-        return;
-    }
     var bb0 = vec4<f32>(); var bb1 = vec4<f32>(); var bb2 = vec4<f32>(); var bb3 = vec4<f32>();
     if (HAS_BIAS) {
-        bb0 = lin(bias_t, u32(t.c0)); bb1 = lin(bias_t, u32(t.c1)); bb2 = lin(bias_t, u32(t.c2)); bb3 = lin(bias_t, u32(t.c3));
+        bb0 = lin(bias_t, u32(c0)); bb1 = lin(bias_t, u32(c1)); bb2 = lin(bias_t, u32(c2)); bb3 = lin(bias_t, u32(c3));
     }
-    store_vec(t.row0 + 0u, t.col4, t.a0_0 + bb0); store_vec(t.row0 + 0u, t.col4 + 1u, t.a0_1 + bb1); store_vec(t.row0 + 0u, t.col4 + 2u, t.a0_2 + bb2); store_vec(t.row0 + 0u, t.col4 + 3u, t.a0_3 + bb3);
-    store_vec(t.row0 + 1u, t.col4, t.a1_0 + bb0); store_vec(t.row0 + 1u, t.col4 + 1u, t.a1_1 + bb1); store_vec(t.row0 + 1u, t.col4 + 2u, t.a1_2 + bb2); store_vec(t.row0 + 1u, t.col4 + 3u, t.a1_3 + bb3);
-    store_vec(t.row0 + 2u, t.col4, t.a2_0 + bb0); store_vec(t.row0 + 2u, t.col4 + 1u, t.a2_1 + bb1); store_vec(t.row0 + 2u, t.col4 + 2u, t.a2_2 + bb2); store_vec(t.row0 + 2u, t.col4 + 3u, t.a2_3 + bb3);
-    store_vec(t.row0 + 3u, t.col4, t.a3_0 + bb0); store_vec(t.row0 + 3u, t.col4 + 1u, t.a3_1 + bb1); store_vec(t.row0 + 3u, t.col4 + 2u, t.a3_2 + bb2); store_vec(t.row0 + 3u, t.col4 + 3u, t.a3_3 + bb3);
-    store_vec(t.row0 + 4u, t.col4, t.a4_0 + bb0); store_vec(t.row0 + 4u, t.col4 + 1u, t.a4_1 + bb1); store_vec(t.row0 + 4u, t.col4 + 2u, t.a4_2 + bb2); store_vec(t.row0 + 4u, t.col4 + 3u, t.a4_3 + bb3);
-    store_vec(t.row0 + 5u, t.col4, t.a5_0 + bb0); store_vec(t.row0 + 5u, t.col4 + 1u, t.a5_1 + bb1); store_vec(t.row0 + 5u, t.col4 + 2u, t.a5_2 + bb2); store_vec(t.row0 + 5u, t.col4 + 3u, t.a5_3 + bb3);
-    store_vec(t.row0 + 6u, t.col4, t.a6_0 + bb0); store_vec(t.row0 + 6u, t.col4 + 1u, t.a6_1 + bb1); store_vec(t.row0 + 6u, t.col4 + 2u, t.a6_2 + bb2); store_vec(t.row0 + 6u, t.col4 + 3u, t.a6_3 + bb3);
-    store_vec(t.row0 + 7u, t.col4, t.a7_0 + bb0); store_vec(t.row0 + 7u, t.col4 + 1u, t.a7_1 + bb1); store_vec(t.row0 + 7u, t.col4 + 2u, t.a7_2 + bb2); store_vec(t.row0 + 7u, t.col4 + 3u, t.a7_3 + bb3);
+    store_vec(row0 + 0u, col4, a0_0 + bb0); store_vec(row0 + 0u, col4 + 1u, a0_1 + bb1); store_vec(row0 + 0u, col4 + 2u, a0_2 + bb2); store_vec(row0 + 0u, col4 + 3u, a0_3 + bb3);
+    store_vec(row0 + 1u, col4, a1_0 + bb0); store_vec(row0 + 1u, col4 + 1u, a1_1 + bb1); store_vec(row0 + 1u, col4 + 2u, a1_2 + bb2); store_vec(row0 + 1u, col4 + 3u, a1_3 + bb3);
+    store_vec(row0 + 2u, col4, a2_0 + bb0); store_vec(row0 + 2u, col4 + 1u, a2_1 + bb1); store_vec(row0 + 2u, col4 + 2u, a2_2 + bb2); store_vec(row0 + 2u, col4 + 3u, a2_3 + bb3);
+    store_vec(row0 + 3u, col4, a3_0 + bb0); store_vec(row0 + 3u, col4 + 1u, a3_1 + bb1); store_vec(row0 + 3u, col4 + 2u, a3_2 + bb2); store_vec(row0 + 3u, col4 + 3u, a3_3 + bb3);
+    store_vec(row0 + 4u, col4, a4_0 + bb0); store_vec(row0 + 4u, col4 + 1u, a4_1 + bb1); store_vec(row0 + 4u, col4 + 2u, a4_2 + bb2); store_vec(row0 + 4u, col4 + 3u, a4_3 + bb3);
+    store_vec(row0 + 5u, col4, a5_0 + bb0); store_vec(row0 + 5u, col4 + 1u, a5_1 + bb1); store_vec(row0 + 5u, col4 + 2u, a5_2 + bb2); store_vec(row0 + 5u, col4 + 3u, a5_3 + bb3);
+    store_vec(row0 + 6u, col4, a6_0 + bb0); store_vec(row0 + 6u, col4 + 1u, a6_1 + bb1); store_vec(row0 + 6u, col4 + 2u, a6_2 + bb2); store_vec(row0 + 6u, col4 + 3u, a6_3 + bb3);
+    store_vec(row0 + 7u, col4, a7_0 + bb0); store_vec(row0 + 7u, col4 + 1u, a7_1 + bb1); store_vec(row0 + 7u, col4 + 2u, a7_2 + bb2); store_vec(row0 + 7u, col4 + 3u, a7_3 + bb3);
     if (TRM > 8u) {
-        store_vec(t.row0 + 8u, t.col4, t.a8_0 + bb0); store_vec(t.row0 + 8u, t.col4 + 1u, t.a8_1 + bb1); store_vec(t.row0 + 8u, t.col4 + 2u, t.a8_2 + bb2); store_vec(t.row0 + 8u, t.col4 + 3u, t.a8_3 + bb3);
-        store_vec(t.row0 + 9u, t.col4, t.a9_0 + bb0); store_vec(t.row0 + 9u, t.col4 + 1u, t.a9_1 + bb1); store_vec(t.row0 + 9u, t.col4 + 2u, t.a9_2 + bb2); store_vec(t.row0 + 9u, t.col4 + 3u, t.a9_3 + bb3);
-        store_vec(t.row0 + 10u, t.col4, t.a10_0 + bb0); store_vec(t.row0 + 10u, t.col4 + 1u, t.a10_1 + bb1); store_vec(t.row0 + 10u, t.col4 + 2u, t.a10_2 + bb2); store_vec(t.row0 + 10u, t.col4 + 3u, t.a10_3 + bb3);
-        store_vec(t.row0 + 11u, t.col4, t.a11_0 + bb0); store_vec(t.row0 + 11u, t.col4 + 1u, t.a11_1 + bb1); store_vec(t.row0 + 11u, t.col4 + 2u, t.a11_2 + bb2); store_vec(t.row0 + 11u, t.col4 + 3u, t.a11_3 + bb3);
-        store_vec(t.row0 + 12u, t.col4, t.a12_0 + bb0); store_vec(t.row0 + 12u, t.col4 + 1u, t.a12_1 + bb1); store_vec(t.row0 + 12u, t.col4 + 2u, t.a12_2 + bb2); store_vec(t.row0 + 12u, t.col4 + 3u, t.a12_3 + bb3);
-        store_vec(t.row0 + 13u, t.col4, t.a13_0 + bb0); store_vec(t.row0 + 13u, t.col4 + 1u, t.a13_1 + bb1); store_vec(t.row0 + 13u, t.col4 + 2u, t.a13_2 + bb2); store_vec(t.row0 + 13u, t.col4 + 3u, t.a13_3 + bb3);
-        store_vec(t.row0 + 14u, t.col4, t.a14_0 + bb0); store_vec(t.row0 + 14u, t.col4 + 1u, t.a14_1 + bb1); store_vec(t.row0 + 14u, t.col4 + 2u, t.a14_2 + bb2); store_vec(t.row0 + 14u, t.col4 + 3u, t.a14_3 + bb3);
-        store_vec(t.row0 + 15u, t.col4, t.a15_0 + bb0); store_vec(t.row0 + 15u, t.col4 + 1u, t.a15_1 + bb1); store_vec(t.row0 + 15u, t.col4 + 2u, t.a15_2 + bb2); store_vec(t.row0 + 15u, t.col4 + 3u, t.a15_3 + bb3);
-    }
-}
-
-// main_tex with training's fused activation epilogue (SAVE_Z, ACT_GRAD).
-@compute @workgroup_size(WG_X, WG_Y, 1)
-fn main_tex_act(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tex_tile(wid, lid);
-    if (!t.live) {
-        return;
-    }
-    var bb0 = vec4<f32>(); var bb1 = vec4<f32>(); var bb2 = vec4<f32>(); var bb3 = vec4<f32>();
-    if (HAS_BIAS) {
-        bb0 = lin(bias_t, u32(t.c0)); bb1 = lin(bias_t, u32(t.c1)); bb2 = lin(bias_t, u32(t.c2)); bb3 = lin(bias_t, u32(t.c3));
-    }
-    store_tex(t.row0 + 0u, t.col4, t.a0_0 + bb0); store_tex(t.row0 + 0u, t.col4 + 1u, t.a0_1 + bb1); store_tex(t.row0 + 0u, t.col4 + 2u, t.a0_2 + bb2); store_tex(t.row0 + 0u, t.col4 + 3u, t.a0_3 + bb3);
-    store_tex(t.row0 + 1u, t.col4, t.a1_0 + bb0); store_tex(t.row0 + 1u, t.col4 + 1u, t.a1_1 + bb1); store_tex(t.row0 + 1u, t.col4 + 2u, t.a1_2 + bb2); store_tex(t.row0 + 1u, t.col4 + 3u, t.a1_3 + bb3);
-    store_tex(t.row0 + 2u, t.col4, t.a2_0 + bb0); store_tex(t.row0 + 2u, t.col4 + 1u, t.a2_1 + bb1); store_tex(t.row0 + 2u, t.col4 + 2u, t.a2_2 + bb2); store_tex(t.row0 + 2u, t.col4 + 3u, t.a2_3 + bb3);
-    store_tex(t.row0 + 3u, t.col4, t.a3_0 + bb0); store_tex(t.row0 + 3u, t.col4 + 1u, t.a3_1 + bb1); store_tex(t.row0 + 3u, t.col4 + 2u, t.a3_2 + bb2); store_tex(t.row0 + 3u, t.col4 + 3u, t.a3_3 + bb3);
-    store_tex(t.row0 + 4u, t.col4, t.a4_0 + bb0); store_tex(t.row0 + 4u, t.col4 + 1u, t.a4_1 + bb1); store_tex(t.row0 + 4u, t.col4 + 2u, t.a4_2 + bb2); store_tex(t.row0 + 4u, t.col4 + 3u, t.a4_3 + bb3);
-    store_tex(t.row0 + 5u, t.col4, t.a5_0 + bb0); store_tex(t.row0 + 5u, t.col4 + 1u, t.a5_1 + bb1); store_tex(t.row0 + 5u, t.col4 + 2u, t.a5_2 + bb2); store_tex(t.row0 + 5u, t.col4 + 3u, t.a5_3 + bb3);
-    store_tex(t.row0 + 6u, t.col4, t.a6_0 + bb0); store_tex(t.row0 + 6u, t.col4 + 1u, t.a6_1 + bb1); store_tex(t.row0 + 6u, t.col4 + 2u, t.a6_2 + bb2); store_tex(t.row0 + 6u, t.col4 + 3u, t.a6_3 + bb3);
-    store_tex(t.row0 + 7u, t.col4, t.a7_0 + bb0); store_tex(t.row0 + 7u, t.col4 + 1u, t.a7_1 + bb1); store_tex(t.row0 + 7u, t.col4 + 2u, t.a7_2 + bb2); store_tex(t.row0 + 7u, t.col4 + 3u, t.a7_3 + bb3);
-    if (TRM > 8u) {
-        store_tex(t.row0 + 8u, t.col4, t.a8_0 + bb0); store_tex(t.row0 + 8u, t.col4 + 1u, t.a8_1 + bb1); store_tex(t.row0 + 8u, t.col4 + 2u, t.a8_2 + bb2); store_tex(t.row0 + 8u, t.col4 + 3u, t.a8_3 + bb3);
-        store_tex(t.row0 + 9u, t.col4, t.a9_0 + bb0); store_tex(t.row0 + 9u, t.col4 + 1u, t.a9_1 + bb1); store_tex(t.row0 + 9u, t.col4 + 2u, t.a9_2 + bb2); store_tex(t.row0 + 9u, t.col4 + 3u, t.a9_3 + bb3);
-        store_tex(t.row0 + 10u, t.col4, t.a10_0 + bb0); store_tex(t.row0 + 10u, t.col4 + 1u, t.a10_1 + bb1); store_tex(t.row0 + 10u, t.col4 + 2u, t.a10_2 + bb2); store_tex(t.row0 + 10u, t.col4 + 3u, t.a10_3 + bb3);
-        store_tex(t.row0 + 11u, t.col4, t.a11_0 + bb0); store_tex(t.row0 + 11u, t.col4 + 1u, t.a11_1 + bb1); store_tex(t.row0 + 11u, t.col4 + 2u, t.a11_2 + bb2); store_tex(t.row0 + 11u, t.col4 + 3u, t.a11_3 + bb3);
-        store_tex(t.row0 + 12u, t.col4, t.a12_0 + bb0); store_tex(t.row0 + 12u, t.col4 + 1u, t.a12_1 + bb1); store_tex(t.row0 + 12u, t.col4 + 2u, t.a12_2 + bb2); store_tex(t.row0 + 12u, t.col4 + 3u, t.a12_3 + bb3);
-        store_tex(t.row0 + 13u, t.col4, t.a13_0 + bb0); store_tex(t.row0 + 13u, t.col4 + 1u, t.a13_1 + bb1); store_tex(t.row0 + 13u, t.col4 + 2u, t.a13_2 + bb2); store_tex(t.row0 + 13u, t.col4 + 3u, t.a13_3 + bb3);
-        store_tex(t.row0 + 14u, t.col4, t.a14_0 + bb0); store_tex(t.row0 + 14u, t.col4 + 1u, t.a14_1 + bb1); store_tex(t.row0 + 14u, t.col4 + 2u, t.a14_2 + bb2); store_tex(t.row0 + 14u, t.col4 + 3u, t.a14_3 + bb3);
-        store_tex(t.row0 + 15u, t.col4, t.a15_0 + bb0); store_tex(t.row0 + 15u, t.col4 + 1u, t.a15_1 + bb1); store_tex(t.row0 + 15u, t.col4 + 2u, t.a15_2 + bb2); store_tex(t.row0 + 15u, t.col4 + 3u, t.a15_3 + bb3);
+        store_vec(row0 + 8u, col4, a8_0 + bb0); store_vec(row0 + 8u, col4 + 1u, a8_1 + bb1); store_vec(row0 + 8u, col4 + 2u, a8_2 + bb2); store_vec(row0 + 8u, col4 + 3u, a8_3 + bb3);
+        store_vec(row0 + 9u, col4, a9_0 + bb0); store_vec(row0 + 9u, col4 + 1u, a9_1 + bb1); store_vec(row0 + 9u, col4 + 2u, a9_2 + bb2); store_vec(row0 + 9u, col4 + 3u, a9_3 + bb3);
+        store_vec(row0 + 10u, col4, a10_0 + bb0); store_vec(row0 + 10u, col4 + 1u, a10_1 + bb1); store_vec(row0 + 10u, col4 + 2u, a10_2 + bb2); store_vec(row0 + 10u, col4 + 3u, a10_3 + bb3);
+        store_vec(row0 + 11u, col4, a11_0 + bb0); store_vec(row0 + 11u, col4 + 1u, a11_1 + bb1); store_vec(row0 + 11u, col4 + 2u, a11_2 + bb2); store_vec(row0 + 11u, col4 + 3u, a11_3 + bb3);
+        store_vec(row0 + 12u, col4, a12_0 + bb0); store_vec(row0 + 12u, col4 + 1u, a12_1 + bb1); store_vec(row0 + 12u, col4 + 2u, a12_2 + bb2); store_vec(row0 + 12u, col4 + 3u, a12_3 + bb3);
+        store_vec(row0 + 13u, col4, a13_0 + bb0); store_vec(row0 + 13u, col4 + 1u, a13_1 + bb1); store_vec(row0 + 13u, col4 + 2u, a13_2 + bb2); store_vec(row0 + 13u, col4 + 3u, a13_3 + bb3);
+        store_vec(row0 + 14u, col4, a14_0 + bb0); store_vec(row0 + 14u, col4 + 1u, a14_1 + bb1); store_vec(row0 + 14u, col4 + 2u, a14_2 + bb2); store_vec(row0 + 14u, col4 + 3u, a14_3 + bb3);
+        store_vec(row0 + 15u, col4, a15_0 + bb0); store_vec(row0 + 15u, col4 + 1u, a15_1 + bb1); store_vec(row0 + 15u, col4 + 2u, a15_2 + bb2); store_vec(row0 + 15u, col4 + 3u, a15_3 + bb3);
     }
 }
 

@@ -14,6 +14,27 @@ use crate::texread::TexRead;
 
 /// Every WGSL file of the engine, embedded in the binary. Tests walk this list to
 /// validate each shader with naga and translate it for every backend.
+/// Entry points made from another's text: a WGSL comment line
+/// `// derive NEW from OLD: FROM -> TO` appends a copy of entry point OLD (from
+/// its `@compute` line to its closing brace) named NEW, with every FROM replaced
+/// by TO. One source for kernels that differ only in a function they call,
+/// without compiling both into one pipeline (matmul.wgsl's main_tex_act).
+pub fn derive_entries(src: &str) -> String {
+    let mut out = src.to_string();
+    for line in src.lines() {
+        let Some(rest) = line.trim().strip_prefix("// derive ") else { continue };
+        let parsed = rest.split_once(": ").and_then(|(names, subst)| Some((names.split_once(" from ")?, subst.split_once(" -> ")?)));
+        let Some(((new, old), (from, to))) = parsed else { panic!("malformed shader directive: {line}") };
+        let head = format!("fn {old}(");
+        let f = src.find(&head).unwrap_or_else(|| panic!("{line}: no entry point {old}"));
+        let start = src[..f].rfind("@compute").unwrap_or(f);
+        let end = src[f..].find("\n}\n").map(|e| f + e + 3).unwrap_or_else(|| panic!("{line}: {old} has no closing brace"));
+        out.push('\n');
+        out.push_str(&src[start..end].replacen(&head, &format!("fn {new}("), 1).replace(from, to));
+    }
+    out
+}
+
 pub const SHADERS: &[(&str, &str)] = &[
     ("matmul", include_str!("../shaders/matmul.wgsl")),
     ("attention", include_str!("../shaders/attention.wgsl")),
@@ -316,7 +337,7 @@ impl Gpu {
             let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
             src = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         }
-        let src = crate::texread::prelude(read, w16, a16, self.subgroups) + &src;
+        let src = crate::texread::prelude(read, w16, a16, self.subgroups) + &derive_entries(&src);
         let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
         let checks = match std::env::var("CVT_GPU_CHECKS").as_deref() {
             Ok("all") => wgpu::ShaderRuntimeChecks::checked(),
