@@ -286,13 +286,13 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        let gpu_ref = gpu.clone();
+        let attn_wg = crate::ops::attention::tex_wg(&gpu);
         Graph {
             gpu,
             tex_rows: rows_setting("CVT_GPU_TEX_ROWS").unwrap_or(16),
             fused_epilogue: fused_setting().unwrap_or(false),
             attn_queries: qpi_setting().unwrap_or(4),
-            attn_wg: crate::ops::attention::tex_wg(&gpu_ref),
+            attn_wg,
             half: false,
             a_share: share_setting().unwrap_or(true),
             narrow_rows: rows_setting("CVT_GPU_NARROW_ROWS"),
@@ -401,6 +401,13 @@ impl Graph {
         self.reused_copy(&key).unwrap_or_else(|| self.copy(CopySrc::Act(src), key, binding))
     }
 
+    /// The whole of tensor `t` (a multiple of 4 values) as a *linear texture* for
+    /// `binding`: texel i (values 4i..4i+4) at (i % W, i / W), W a power of two
+    /// of at least 16 texels (256 bytes, what row copies need), so kernels find it
+    /// with a mask and a shift (`textureDimensions(..).x` gives W). The copy is a
+    /// memcpy on CPU drivers, where every storage-buffer load runs as a loop over
+    /// SIMD lanes but texel fetches are vector gathers: load-heavy kernels read
+    /// their inputs this way there.
     pub fn linear_texture(&mut self, t: TensorId, binding: u32) -> TexRef {
         let texels = self.tensors[t.0].len.div_ceil(4);
         self.linear_texture_range(t, 0, texels, binding)
