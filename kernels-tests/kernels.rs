@@ -678,7 +678,7 @@ fn graph_reuses_a_texture_copy_only_while_it_holds_the_same_values() {
     let mut g = Graph::new(gpu.clone());
     let (x, y) = (g.tensor("x", 256), g.tensor("y", 256));
     let pipeline = g.pipeline("matmul", "act_forward4", &[("ACT", 0.0), ("WG_X", 64.0), ("WG_Y", 1.0)]).unwrap();
-    let mut touch = |g: &mut Graph, t| g.dispatch("touch", pipeline.clone(), vec![Res::Act(t)], [1, 1, 1], 0.0);
+    let touch = |g: &mut Graph, t| g.dispatch("touch", pipeline.clone(), vec![Res::Act(t)], [1, 1, 1], 0.0);
     touch(&mut g, x);
     let a = g.linear_texture(x, 5);
     // Same values for the same binding: the same texture.

@@ -84,6 +84,14 @@ fn activate_grad(z: f32) -> f32 {
     return 1.0;
 }
 
+fn activate4(z: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(activate(z.x), activate(z.y), activate(z.z), activate(z.w));
+}
+
+fn activate_grad4(z: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
+}
+
 // The activation alone, out of place: c[i] = act(a[i]) (training keeps the
 // pre-activation for the backward).
 @compute @workgroup_size(WG_X, WG_Y, 1)
@@ -106,6 +114,15 @@ fn act_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     c[i] = act(f32(c[i]) * activate_grad(f32(a[i])));
 }
 
+// Stores y into C[i], or adds it there (ACCUMULATE: the residual add).
+fn put(i: u32, y: f32) {
+    if (ACCUMULATE) {
+        c[i] = act(f32(c[i]) + y);
+    } else {
+        c[i] = act(y);
+    }
+}
+
 // Epilogue for one vec4 of C (bias added): activation, optional residual add;
 // columns past N and rows past M are dropped.
 fn store_vec(row: u32, c4: u32, v: vec4<f32>) {
@@ -116,12 +133,7 @@ fn store_vec(row: u32, c4: u32, v: vec4<f32>) {
     let base = (p.out_row_off + row) * p.N + col;
     for (var e = 0u; e < 4u; e++) {
         if (col + e < p.N) {
-            let y = activate(v[e]);
-            if (ACCUMULATE) {
-                c[base + e] = act(f32(c[base + e]) + y);
-            } else {
-                c[base + e] = act(y);
-            }
+            put(base + e, activate(v[e]));
         }
     }
 }
@@ -454,47 +466,6 @@ fn mac(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>)
 // kernel ran 2.5x slower on lavapipe (docs/perf.md).
 override TA: u32 = 0u;
 
-// Training's activation, fused (ops::gemm::Epilogue). SAVE_Z: the forward also
-// stores the pre-activation z (binding 7), which the backward needs. ACT_GRAD:
-// the product is the activation's output gradient, and is stored times act'(z)
-// instead of activated, z read from a linear texture (binding 11, whole vec4
-// rows: N a multiple of 4). Either one saves a pass over the widest tensor of a
-// block (the MLP's hidden layer) and its texture copies.
-override SAVE_Z: bool = false;
-override ACT_GRAD: bool = false;
-@group(0) @binding(7) var<storage, read_write> zc: array<act>;
-@group(0) @binding(11) var z_tex: Tex;
-
-fn store_tex(row: u32, c4: u32, v: vec4<f32>) {
-    if (!SAVE_Z && !ACT_GRAD) {
-        store_vec(row, c4, v);
-        return;
-    }
-    let col = c4 * 4u;
-    if (row >= p.M || col >= p.N) {
-        return;
-    }
-    let base = (p.out_row_off + row) * p.N + col;
-    var y: vec4<f32>;
-    if (ACT_GRAD) {
-        let z = lin(z_tex, (p.out_row_off + row) * (p.N / 4u) + c4);
-        y = v * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w));
-    } else {
-        y = vec4<f32>(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
-    }
-    for (var e = 0u; e < 4u; e++) {
-        if (col + e < p.N) {
-            if (SAVE_Z) {
-                zc[base + e] = act(v[e]);
-            }
-            if (ACCUMULATE) {
-                c[base + e] = act(f32(c[base + e]) + y[e]);
-            } else {
-                c[base + e] = act(y[e]);
-            }
-        }
-    }
-}
 override TB_LIN: bool = false;
 // Rows per invocation, 8 or 16 (Graph::tex_rows). 16 halves the B fetches per
 // multiply-add and runs the GEMM 20-40% faster on lavapipe, but its pipelines take
@@ -521,6 +492,40 @@ fn b_at(c: i32, k: i32) -> vec4<f32> {
         return b_lin(p._p1 + u32(k) * p.b_stride + u32(c));
     }
     return wtexel(b_tex, vec2<i32>(c, k));
+}
+
+// Training's activation, fused (ops::gemm::Epilogue). SAVE_Z: the forward also
+// stores the pre-activation z (binding 7), which the backward needs. ACT_GRAD:
+// the product is the activation's output gradient, and is stored times act'(z)
+// instead of activated, z read from a linear texture (binding 11, whole vec4
+// rows: N a multiple of 4). Either one saves a pass over the widest tensor of a
+// block (the MLP's hidden layer) and its texture copies.
+override SAVE_Z: bool = false;
+override ACT_GRAD: bool = false;
+@group(0) @binding(7) var<storage, read_write> zc: array<act>;
+@group(0) @binding(11) var z_tex: Tex;
+
+fn store_tex(row: u32, c4: u32, v: vec4<f32>) {
+    let col = c4 * 4u;
+    if (row >= p.M || col >= p.N) {
+        return;
+    }
+    let base = (p.out_row_off + row) * p.N + col;
+    var y: vec4<f32>;
+    if (ACT_GRAD) {
+        let z = lin(z_tex, (p.out_row_off + row) * (p.N / 4u) + c4);
+        y = v * activate_grad4(z);
+    } else {
+        y = activate4(v);
+    }
+    for (var e = 0u; e < 4u; e++) {
+        if (col + e < p.N) {
+            if (SAVE_Z) {
+                zc[base + e] = act(v[e]);
+            }
+            put(base + e, y[e]);
+        }
+    }
 }
 
 // derive main_tex_act from main_tex: store_vec( -> store_tex(
@@ -844,9 +849,6 @@ fn pack4(@builtin(global_invocation_id) gid: vec3<u32>) {
 // through binding 8); p.M counts vec4s.
 @group(0) @binding(8) var<storage, read_write> c4: array<vec4<act>>;
 
-fn activate4(z: vec4<f32>) -> vec4<f32> {
-    return vec4<f32>(activate(z.x), activate(z.y), activate(z.z), activate(z.w));
-}
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn act_forward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -914,7 +916,7 @@ fn act_backward4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         return;
     }
     let z = lin(a_tex, i);
-    c4[p.out_row_off + i] = vec4<act>(b_lin(i) * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w)));
+    c4[p.out_row_off + i] = vec4<act>(b_lin(i) * activate_grad4(z));
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
@@ -924,7 +926,7 @@ fn act_backward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
         return;
     }
     let z = b[i];
-    c4[i] = vec4<act>(vec4<f32>(c4[i]) * vec4<f32>(activate_grad(z.x), activate_grad(z.y), activate_grad(z.z), activate_grad(z.w)));
+    c4[i] = vec4<act>(vec4<f32>(c4[i]) * activate_grad4(z));
 }
 
 // pack4t: the transposed orientation with aligned start and row stride, a 4x4

@@ -12,8 +12,6 @@ use wgpu::util::DeviceExt;
 
 use crate::texread::TexRead;
 
-/// Every WGSL file of the engine, embedded in the binary. Tests walk this list to
-/// validate each shader with naga and translate it for every backend.
 /// Entry points made from another's text: a WGSL comment line
 /// `// derive NEW from OLD: FROM -> TO` appends a copy of entry point OLD (from
 /// its `@compute` line to its closing brace) named NEW, with every FROM replaced
@@ -35,6 +33,8 @@ pub fn derive_entries(src: &str) -> String {
     out
 }
 
+/// Every WGSL file of the engine, embedded in the binary. Tests walk this list to
+/// validate each shader with naga and translate it for every backend.
 pub const SHADERS: &[(&str, &str)] = &[
     ("matmul", include_str!("../shaders/matmul.wgsl")),
     ("attention", include_str!("../shaders/attention.wgsl")),

@@ -119,10 +119,8 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
     if let Some(chunks) = texture_chunks(g, &s, kind) {
         let qpi = g.attn_queries;
         anyhow::ensure!([1, 2, 4].contains(&qpi), "{label}: attn_queries must be 1, 2 or 4, not {qpi}");
-        let mut consts = consts.to_vec();
-        consts.push(("QPI", qpi as f64));
         let wg = g.attn_wg;
-        consts[0].1 = wg as f64;
+        let consts = [("WG", wg as f64), ("D4", d4 as f64), ("SAVE_P", save as u32 as f64), ("QPI", qpi as f64)];
         let pipeline = g.pipeline("attention", "main_tex", &consts)?;
         for (b0, nb) in chunks {
             let qt = texture_rows(g, label, q, &s, (s.tq, b0, nb), 5)?;

@@ -194,17 +194,18 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
     anyhow::ensure!(ep.act_grad_of.is_none() || n_out % 4 == 0, "{label}: a fused activation gradient needs whole vec4 rows");
     anyhow::ensure!(ep.save_z.is_none() || !ep.accumulate, "{label}: saving the pre-activation of an accumulated product");
     // Training's fused activation: its own entry point (main_tex_act, so that
-    // main_tex compiles none of it) with two more bindings, a placeholder for the
-    // one unused (a binding a disabled branch names is still part of the layout).
+    // main_tex compiles none of it) with two more bindings (7: z written, 11: z
+    // read), a placeholder for the one unused (a binding a disabled branch names
+    // is still part of the layout).
     let fused = ep.save_z.is_some() || ep.act_grad_of.is_some();
-    let z_out = match ep.save_z {
-        Some(z) => Res::Act(z),
-        None => Res::Buf(g.gpu.placeholder()),
-    };
-    let z_in = match ep.act_grad_of {
-        Some(z) => Res::ActTex(g.linear_texture(z, 11)),
-        None => Res::Tex(g.gpu.placeholder_texture(g.half)),
-    };
+    let z_bindings = fused.then(|| {
+        let z_out = ep.save_z.map_or_else(|| Res::Buf(g.gpu.placeholder()), Res::Act);
+        let z_in = match ep.act_grad_of {
+            Some(z) => Res::ActTex(g.linear_texture(z, 11)),
+            None => Res::Tex(g.gpu.placeholder_texture(g.half)),
+        };
+        (z_out, z_in)
+    });
     // Activation operands whose rows are whole vec4s are read from a linear
     // texture of their buffer (a copy) instead of a packed one (a pass of their
     // own): A as is (TA 1) or transposed (TA 2), B as is. K must be a multiple of
@@ -271,7 +272,7 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
                 _ => Res::Tex(g.gpu.placeholder_texture(g.half)),
             };
             let mut bind = vec![Res::Unused, Res::Unused, Res::Unused, out.clone(), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt), Res::Unused, Res::Unused, bias_t];
-            if fused {
+            if let Some((z_out, z_in)) = &z_bindings {
                 bind[7] = z_out.clone();
                 bind.extend([Res::Unused, z_in.clone()]);
             }

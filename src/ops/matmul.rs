@@ -804,38 +804,33 @@ fn linear_backward_with(
     anyhow::ensure!(!l.f16, "{label}: backward needs f32 weights");
     let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the weight as a storage buffer (buffer variant)"))?;
     let np = pad4(l.n);
+    let (dx, acc) = match dx_into {
+        Some(t) => (t, true),
+        None => (g.tensor(format!("{label}.dx"), m * l.k), false),
+    };
+    // Whether the dx product applies the activation's gradient (ACT_GRAD).
+    let mut fused = false;
     if packs(&g.gpu) {
         let dyv = View::new(Src::Act(dy), m, l.n, l.n);
         tex_gemm(g, &format!("{label}.dW"), &View::t(Src::Act(x), m, l.k, l.k), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
         colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
-        let (dx, acc) = match dx_into {
-            Some(t) => (t, true),
-            None => (g.tensor(format!("{label}.dx"), m * l.k), false),
-        };
         let wt = View::t(Src::Buf(w), l.k, l.n, np);
         let ep = match act_of {
             Some((z, act)) if g.fuse_act && l.k % 4 == 0 && !acc => Epilogue { act, act_grad_of: Some(z), ..Epilogue::plain() },
             _ => Epilogue { accumulate: acc, ..Epilogue::plain() },
         };
-        let fused = ep.act_grad_of.is_some();
+        fused = ep.act_grad_of.is_some();
         tex_gemm(g, &format!("{label}.dx"), &dyv, &wt, Res::Act(dx), l.k, ep)?;
-        if let (Some((z, act)), false) = (act_of, fused) {
-            act_backward(g, &format!("{label}.act"), z, dx, m * l.k, act)?;
-        }
-        return Ok(dx);
+    } else {
+        // dW [K, NP] = xᵀ [K, m] · dy [m, N] (columns N..NP come out zero).
+        backward_product(g, &format!("{label}.dW"), (Some(x), 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false)?;
+        // db [1, NP] = 1ᵀ · dy.
+        backward_product(g, &format!("{label}.db"), (None, 3, 0), (Res::Act(dy), 2, l.n), Res::Buf(grad.b.clone()), (1, np, m), false)?;
+        // dx [m, K] = dy [m, N] · Wᵀ, W stored [K, NP]: B_MODE 1 reads row k of the
+        // store as column k of Bᵀ, with b_stride = NP.
+        backward_product(g, &format!("{label}.dx"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc)?;
     }
-    // dW [K, NP] = xᵀ [K, m] · dy [m, N] (columns N..NP come out zero).
-    backward_product(g, &format!("{label}.dW"), (Some(x), 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false)?;
-    // db [1, NP] = 1ᵀ · dy.
-    backward_product(g, &format!("{label}.db"), (None, 3, 0), (Res::Act(dy), 2, l.n), Res::Buf(grad.b.clone()), (1, np, m), false)?;
-    // dx [m, K] = dy [m, N] · Wᵀ, W stored [K, NP]: B_MODE 1 reads row k of the
-    // store as column k of Bᵀ, with b_stride = NP.
-    let (dx, acc) = match dx_into {
-        Some(t) => (t, true),
-        None => (g.tensor(format!("{label}.dx"), m * l.k), false),
-    };
-    backward_product(g, &format!("{label}.dx"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc)?;
-    if let Some((z, act)) = act_of {
+    if let (Some((z, act)), false) = (act_of, fused) {
         act_backward(g, &format!("{label}.act"), z, dx, m * l.k, act)?;
     }
     Ok(dx)
