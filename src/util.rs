@@ -1,4 +1,54 @@
-//! Small shared helpers.
+//! Small shared helpers: a deterministic PRNG and bounded file reads.
+
+use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::path::Path;
+
+/// Size limits for the files the engine reads, by kind. A real file of each kind
+/// is far below its limit (CvT-W24 in f32 is 1.3 GB; a label file a few KB); the
+/// limits stop `/dev/zero`, a mistaken path or a crafted file from taking all memory.
+pub mod limits {
+    /// Checkpoints: safetensors and PyTorch archives.
+    pub const WEIGHTS: u64 = 16 << 30;
+    /// JSON configs, label files, metrics, annotation lists.
+    pub const TEXT: u64 = 64 << 20;
+    /// One image file.
+    pub const IMAGE: u64 = 256 << 20;
+    /// One IDX file as stored (gzipped or not).
+    pub const IDX: u64 = 4 << 30;
+}
+
+/// Reads a whole regular file of at most `limit` bytes. FIFOs, devices and other
+/// non-regular files are refused before anything is read (a FIFO would block
+/// forever, `/dev/zero` never ends); `what` names the kind in the error
+/// ("checkpoint", "labels file", ...). Errors name the path.
+pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).with_context(|| format!("{shown}: cannot read {what}"))?;
+    if meta.is_dir() {
+        bail!("{shown}: is a directory, expected a {what}");
+    }
+    if !meta.is_file() {
+        bail!("{shown}: not a regular file (a FIFO, socket or device), expected a {what}");
+    }
+    if meta.len() > limit {
+        bail!("{shown}: {} bytes, more than any {what} this program reads ({} bytes)", meta.len(), limit);
+    }
+    let f = std::fs::File::open(path).with_context(|| format!("{shown}: cannot read {what}"))?;
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    // take(): the file may grow between the check and the read.
+    f.take(limit + 1).read_to_end(&mut out).with_context(|| format!("{shown}: cannot read {what}"))?;
+    if out.len() as u64 > limit {
+        bail!("{shown}: more than any {what} this program reads ({limit} bytes)");
+    }
+    Ok(out)
+}
+
+/// `read_limited` as UTF-8 text.
+pub fn read_text_limited(path: &Path, limit: u64, what: &str) -> Result<String> {
+    let bytes = read_limited(path, limit, what)?;
+    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: {what} is not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to()))
+}
 
 /// A tiny deterministic PRNG (SplitMix64): reproducible weights and data for
 /// benchmarks and tests without a dependency.
