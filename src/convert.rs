@@ -36,12 +36,15 @@ pub struct ConvertArgs {
     /// MLP activation to record in the output (default: the checkpoint's, else the naming's).
     #[arg(long, value_enum)]
     pub activation: Option<Act>,
+    /// Copy weights holding NaN or infinities instead of refusing the file.
+    #[arg(long)]
+    pub allow_nonfinite: bool,
 }
 
 pub fn run(a: &ConvertArgs) -> Result<()> {
     let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
     let ck = read_checkpoint(&a.input)?;
-    let d = describe(&ck, &a.input, &LoadOptions { config, activation: a.activation, f16: false })?;
+    let d = describe(&ck, &a.input, &LoadOptions { config, activation: a.activation, f16: false, allow_nonfinite: a.allow_nonfinite })?;
     let out = if a.output.is_dir() || a.output.to_string_lossy().ends_with('/') { a.output.join("model.safetensors") } else { a.output.clone() };
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the output directory", dir.display()))?;

@@ -684,9 +684,59 @@ impl Graph {
     }
 }
 
-/// Rejects an invalid value of the environment settings read by `Graph::new`
-/// (which cannot fail), so a typo is an error rather than silently ignored.
+/// Every `CVT_GPU_*` environment setting the engine reads. A name outside this
+/// list is an error (`check_settings`), so a misspelt setting is never silently
+/// ignored.
+pub const SETTINGS: &[&str] = &[
+    "CVT_GPU_BACKEND",
+    "CVT_GPU_ADAPTER",
+    "CVT_GPU_NO_TUNE",
+    "CVT_GPU_CACHE_DIR",
+    "CVT_GPU_MATMUL",
+    "CVT_GPU_TEX_READ",
+    "CVT_GPU_TEX_ROWS",
+    "CVT_GPU_NARROW_ROWS",
+    "CVT_GPU_A_SHARE",
+    "CVT_GPU_EPILOGUE",
+    "CVT_GPU_ATTN_WG",
+    "CVT_GPU_ATTN_QPI",
+    "CVT_GPU_ATTN_GRAD",
+    "CVT_GPU_ROW_LANES",
+    "CVT_GPU_F16_ACT",
+    "CVT_GPU_COPY_REUSE",
+    "CVT_GPU_FUSE_ACT",
+    "CVT_GPU_CHECKS",
+    "CVT_GPU_SHADER_DIR",
+    "CVT_GPU_TRACE_MEMORY",
+    "CVT_GPU_TRACE_TEXTURES",
+    "CVT_GPU_TRACE_TUNE",
+    "CVT_GPU_TRACE_COMPILE",
+];
+
+/// Rejects an unknown `CVT_GPU_*` name and an invalid value of any setting, so a
+/// typo is a one-line error rather than silently ignored. Run at start by the
+/// command line and by `Gpu::new`.
 pub fn check_settings() -> Result<()> {
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CVT_GPU_") && !SETTINGS.contains(&key) {
+            let close = SETTINGS.iter().min_by_key(|k| edit_distance(k, key)).filter(|k| edit_distance(k, key) <= 3);
+            let hint = close.map(|k| format!(" (did you mean {k}?)")).unwrap_or_default();
+            bail!("{key}: unknown setting{hint}; the settings are {}", SETTINGS.join(", "));
+        }
+    }
+    let one_of = |key: &str, allowed: &[&str]| -> Result<()> {
+        if let Ok(v) = std::env::var(key) {
+            anyhow::ensure!(allowed.contains(&v.as_str()), "{key}={v}: expected {}", allowed.iter().map(|a| if a.is_empty() { "empty".to_string() } else { format!("`{a}`") }).collect::<Vec<_>>().join(", "));
+        }
+        Ok(())
+    };
+    one_of("CVT_GPU_MATMUL", &["buffer", "texture"])?;
+    one_of("CVT_GPU_ROW_LANES", &["1", "64"])?;
+    one_of("CVT_GPU_F16_ACT", &["0", "1"])?;
+    one_of("CVT_GPU_ATTN_GRAD", &["", "saved", "recompute"])?;
+    one_of("CVT_GPU_CHECKS", &["all", "none", "default"])?;
+    one_of("CVT_GPU_NO_TUNE", &["", "0", "1"])?;
     for key in ["CVT_GPU_TEX_ROWS", "CVT_GPU_NARROW_ROWS"] {
         if let Ok(v) = std::env::var(key) {
             anyhow::ensure!(rows_setting(key).is_some(), "{key}={v}: expected 8 or 16");
@@ -713,6 +763,22 @@ pub fn check_settings() -> Result<()> {
         anyhow::ensure!(fused_setting().is_some(), "CVT_GPU_EPILOGUE={v}: expected `fused` or `split`");
     }
     Ok(())
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for j in 0..b.len() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + (ca != b[j]) as usize).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 fn share_setting() -> Option<bool> {
@@ -908,7 +974,7 @@ impl Plan {
     }
 
     /// Replays step `i` alone `n` times, one submit each, and waits (leak and
-    /// timing probes: examples/dispatch_leaks.rs).
+    /// timing probes: dev/dispatch_leaks.rs).
     pub fn run_one(&self, i: usize, n: usize) -> Result<()> {
         for _ in 0..n {
             let mut enc = self.gpu.device.create_command_encoder(&Default::default());

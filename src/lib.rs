@@ -21,6 +21,7 @@ pub mod labels;
 pub mod model;
 pub mod ops;
 pub mod plot;
+pub mod rundir;
 pub mod preprocess;
 pub mod texread;
 pub mod train;

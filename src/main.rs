@@ -1,6 +1,6 @@
 //! `cvt-gpu`: a thin command line over the library.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cvt_gpu::gpu::{list_adapters, AdapterRequest, BackendChoice, Gpu};
 use cvt_gpu::model::{self, CvtConfig, LoadOptions};
@@ -110,6 +110,9 @@ struct InferArgs {
     /// a few 1e-3 (`bench --f16` measures it). CVT_GPU_F16_ACT=0: weights only.
     #[arg(long)]
     f16: bool,
+    /// Load weights holding NaN or infinities instead of refusing the file.
+    #[arg(long)]
+    allow_nonfinite: bool,
     /// Print JSON (per image: index, label, probability and logit of each top-k class).
     #[arg(long)]
     json: bool,
@@ -163,30 +166,38 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    if let Some(r) = a.res {
+        model::check_resolution(r).context("--res")?;
+    }
     let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
     let gpu = g.open()?;
-    let loaded = model::load(gpu, &a.weights, &LoadOptions { config, activation: a.activation, f16: a.f16 })?;
+    let loaded = model::load(gpu, &a.weights, &LoadOptions { config, activation: a.activation, f16: a.f16, allow_nonfinite: a.allow_nonfinite })?;
     let m = &loaded.model;
     let res = a.res.unwrap_or(m.cfg.image_size);
+    model::check_resolution(res).with_context(|| format!("{}: the model's image_size", a.weights.display()))?;
     let names = labels::for_head(m.cfg.num_classes, a.labels.as_deref(), loaded.labels.clone())?;
     let resize = if a.no_resize { preprocess::Resize::None } else { preprocess::Resize::Eval };
     if loaded.preprocess.channels != m.cfg.in_chans {
         bail!("{}: the model takes {} input channels but its preprocessing gives {}", a.weights.display(), m.cfg.in_chans, loaded.preprocess.channels);
     }
+    // The plan first (halved until it fits the adapter): an input too large for
+    // the adapter fails here, before any image is decoded or resized.
+    let full = m.plan_fitting(a.batch.min(a.images.len()), res, res)?;
+    let chunk = full.batch;
     let mut inputs = Vec::with_capacity(a.images.len());
     for p in &a.images {
         inputs.push(loaded.preprocess.load(p, res, resize)?);
     }
     let classes = m.cfg.num_classes;
     let mut results = vec![];
-    // One plan for full chunks (halved until it fits the adapter), one for the tail.
-    let full = m.plan_fitting(a.batch.min(inputs.len()), res, res)?;
-    let chunk = full.batch;
     let mut tail: Option<model::ForwardPlan> = None;
     for (ci, imgs) in inputs.chunks(chunk).enumerate() {
         let n = imgs.len();
         let plan = if n == chunk { &full } else { tail.get_or_insert(m.plan(n, res, res)?) };
         let (logits, probs) = plan.forward(&imgs.concat())?;
+        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+            bail!("{}: the model's output for {} is not finite ({}); its weights or preprocessing produce NaN or infinity", a.weights.display(), a.images[ci * chunk + i / classes].display(), logits[i]);
+        }
         for i in 0..n {
             let l = &logits[i * classes..(i + 1) * classes];
             let p = &probs[i * classes..(i + 1) * classes];
@@ -211,6 +222,7 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    cvt_gpu::graph::check_settings()?;
     if cli.gpu.no_tune {
         // Read by cvt_gpu::tune wherever a variant is chosen.
         #[allow(unused_unsafe)]

@@ -21,7 +21,11 @@ use crate::model::{describe, CvtConfig, LoadOptions, Model};
 use crate::ops::optim::AdamW;
 use crate::ops::Act;
 use crate::preprocess::Spec;
+use crate::rundir::RunDir;
 use crate::train::TrainModel;
+
+/// Where a run goes when neither --out nor --resume names a directory.
+pub const DEFAULT_OUT: &str = "runs/train";
 
 /// Which dataset, from the command line.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -79,6 +83,7 @@ impl DataArgs {
             bail!("choose one dataset: --fashion-mnist, --tiny-imagenet or --image-folder");
         }
         let res = self.res.or(self.default_res()).unwrap_or(model_res);
+        crate::model::check_resolution(res).context("--res")?;
         let imagenet = Spec { resize: "plain".into(), ..Spec::imagenet() };
         if let Some(dir) = &self.tiny_imagenet {
             let val_list = folder::tiny_imagenet(dir, "val")?;
@@ -151,12 +156,19 @@ pub struct TrainArgs {
     /// differs from the data's is re-initialised.
     #[arg(long, conflicts_with = "resume")]
     pub weights: Option<PathBuf>,
-    /// Continue an interrupted run from its checkpoint.safetensors (or its --out dir).
+    /// Continue an interrupted run from its checkpoint.safetensors (or its run
+    /// directory); the run goes on in that directory unless --out names another.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Run directory: checkpoint.safetensors, model.safetensors, metrics.jsonl, curves.png.
-    #[arg(long, default_value = "runs/train")]
-    pub out: PathBuf,
+    /// Run directory: checkpoint.safetensors, model.safetensors, metrics.jsonl,
+    /// curves.png/.svg [default: runs/train; with --resume, the resumed run's].
+    /// One run at a time: a second run on a directory in use is refused.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also checkpoint every N optimizer steps [default: every 10 minutes], so a
+    /// crash or SIGKILL loses at most that much work; epochs end with one anyway.
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<u64>,
     /// Epochs [default: 6 for Fashion-MNIST, 3 otherwise; on --resume, the run's own, which this may raise].
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -197,7 +209,7 @@ pub struct TrainArgs {
     pub drop_path: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Stop (with a checkpoint, as Ctrl-C does) after this many optimizer steps in this invocation.
+    /// Stop (with a checkpoint, as a stop signal does) after this many optimizer steps in this invocation.
     #[arg(long)]
     pub max_steps: Option<u64>,
     /// Evaluate on at most this many validation images per epoch (default: all).
@@ -313,6 +325,9 @@ pub fn evaluate(model: &Model, ds: &Dataset, spec: &Spec, limit: Option<usize>, 
         }
         let p = if idx.len() == plan.batch { &plan } else { tail.get_or_insert(model.plan(idx.len(), res, ds.width)?) };
         let (_, probs) = p.forward(&images)?;
+        if probs.iter().any(|v| !v.is_finite()) {
+            bail!("the model's output is not finite on validation images {}..{}: its weights produce NaN or infinity", idx[0], idx[idx.len() - 1]);
+        }
         for (b, &i) in idx.iter().enumerate() {
             let pr = &probs[b * classes..(b + 1) * classes];
             let label = ds.labels[i] as usize;
@@ -336,7 +351,7 @@ fn read_training_checkpoint(path: &Path) -> Result<(Checkpoint, HashMap<String, 
     if !ck.metadata.contains_key("train_state") {
         bail!("{shown}: not a cvt-gpu training checkpoint (no train_state); to start from its weights use --weights");
     }
-    let bytes = std::fs::read(&path).with_context(|| format!("{shown}: cannot read"))?;
+    let bytes = crate::util::read_limited(&path, crate::util::limits::WEIGHTS, "checkpoint")?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{shown}: {e:?}"))?;
     let mut moments = HashMap::new();
     for (name, view) in st.tensors() {
@@ -370,7 +385,7 @@ fn fine_tune_weights(path: &Path, model: Option<&str>, classes: usize, seed: u64
         }
         None => None,
     };
-    let d = describe(&ck, path, &LoadOptions { config, activation: None, f16: false })?;
+    let d = describe(&ck, path, &LoadOptions { config, activation: None, ..Default::default() })?;
     let mut cfg = d.cfg;
     let mut t = ck.tensors;
     if cfg.num_classes != classes {
@@ -409,299 +424,461 @@ fn log_metrics(out: &Path, v: serde_json::Value) -> Result<()> {
     writeln!(f, "{v}").with_context(|| format!("{}: cannot write", p.display()))
 }
 
-pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
-    // The run directory first: an unwritable --out fails before any work.
-    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output directory", a.out.display()))?;
-    let probe = a.out.join(".write-test");
-    std::fs::write(&probe, b"").with_context(|| format!("{}: output directory is not writable", a.out.display()))?;
-    std::fs::remove_file(&probe).ok();
-    if a.batch < 2 {
-        bail!("--batch must be at least 2 (BatchNorm needs batch statistics)");
+/// On resume in the same directory: drops the metrics logged after the
+/// checkpoint (steps that will be run again), so no step is logged twice.
+fn truncate_metrics(out: &Path, step: u64) -> Result<()> {
+    let p = out.join("metrics.jsonl");
+    if !p.is_file() {
+        return Ok(());
     }
-    let resumed = match &a.resume {
-        Some(p) => Some(read_training_checkpoint(p)?),
-        None => None,
-    };
-    let prev_state: Option<TrainState> = match &resumed {
-        Some((ck, _, _)) => Some(serde_json::from_str(&ck.metadata["train_state"]).context("checkpoint: invalid train_state metadata")?),
-        None => None,
-    };
-    // The data: on resume it must be the same dataset and resolution.
-    let mut data_args = a.data.clone();
-    if let Some(s) = &prev_state {
-        data_args.res.get_or_insert(s.res);
+    let text = crate::util::read_text_limited(&p, crate::util::limits::TEXT, "metrics file")?;
+    let keep = |l: &&str| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_none_or(|s| s <= step);
+    let kept: Vec<&str> = text.lines().filter(keep).collect();
+    if kept.len() == text.lines().count() {
+        return Ok(());
     }
-    let quiet = a.json;
-    let model_res_hint = match &a.model {
-        Some(m) => CvtConfig::by_name(m).map(|c| c.image_size).unwrap_or(224),
-        None => 224,
-    };
-    let data = data_args.open(true, model_res_hint, quiet)?;
-    let mut train_ds = data.train.clone().expect("training split opened");
-    let train_limit = prev_state.as_ref().map(|s| s.train_limit).unwrap_or(a.train_limit);
-    if let Some(n) = train_limit {
-        if n < train_ds.len() {
-            let px = train_ds.height * train_ds.width * train_ds.channels;
-            let d = &*train_ds;
-            train_ds = Arc::new(Dataset { images: d.images[..n * px].to_vec(), labels: d.labels[..n].to_vec(), height: d.height, width: d.width, channels: d.channels, classes: d.classes.clone() });
-        }
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
     }
-    let res = train_ds.height;
-    let classes = train_ds.classes.clone();
-    let in_chans = data.spec.channels;
+    crate::checkpoint::write_atomic(&p, body.as_bytes())
+}
 
-    // Model and initial weights.
-    let (cfg, tensors, act, ck_spec) = if let Some((ck, _, path)) = &resumed {
-        let d = describe(ck, path, &LoadOptions::default())?;
-        (d.cfg, ck.tensors.clone(), d.act, d.preprocess)
-    } else if let Some(w) = &a.weights {
-        let (cfg, t, act, spec) = fine_tune_weights(w, a.model.as_deref(), classes.len(), a.seed)?;
-        (cfg, t, act.unwrap_or(a.activation), spec)
-    } else {
-        let name = a.model.clone().unwrap_or_else(|| if data.name == "fashion-mnist" { "cvt-fmnist".into() } else { "cvt-13".into() });
-        let mut cfg = CvtConfig::by_name(&name)?;
-        cfg.num_classes = classes.len();
-        cfg.in_chans = in_chans;
-        cfg.image_size = res;
-        let t = init_tensors(&cfg, a.seed);
-        (cfg, t, a.activation, None)
+/// Range checks of the settings a run uses, each a one-line error naming the option.
+fn check_settings(s: &TrainState, a: &TrainArgs) -> Result<()> {
+    let finite_at_least = |name: &str, v: f32, min: f32| -> Result<()> {
+        anyhow::ensure!(v.is_finite() && v >= min, "{name} {v}: must be a finite number of at least {min}");
+        Ok(())
     };
-    let mut val_ds = data.val.clone();
-    let what = a.weights.as_ref().or(a.resume.as_ref()).map(|p| p.display().to_string()).unwrap_or_else(|| "--model".into());
-    let spec = fit_channels(cfg.in_chans, &data.spec, &mut [&mut train_ds, &mut val_ds], ck_spec, &what)?;
-    if cfg.num_classes != classes.len() {
-        bail!("the checkpoint's model has {} classes, the data {}", cfg.num_classes, classes.len());
-    }
-    let state0 = TrainState {
-        step: 0,
-        epoch: 0,
-        batch_in_epoch: 0,
-        seed: a.seed,
-        batch: a.batch,
-        // Fashion-MNIST's defaults: PyTorch probes of cvt-fmnist (weights/README.md)
-        // reach 90.1-90.4% after 6 epochs at 3e-3-4e-3, 89.6-89.8% after 5.
-        epochs: a.epochs.unwrap_or(if data.name == "fashion-mnist" { 6 } else { 3 }),
-        lr: a.lr.unwrap_or(if data.name == "fashion-mnist" { 4e-3 } else { 3e-3 }),
-        min_lr: a.min_lr,
-        warmup_steps: a.warmup_steps,
-        weight_decay: a.weight_decay,
-        clip_grad: a.clip_grad,
-        label_smoothing: a.label_smoothing,
-        mixup: a.mixup,
-        cutmix: a.cutmix,
-        crop_scale: a.crop_scale.unwrap_or(if data.name == "fashion-mnist" { 0.0 } else { 0.35 }),
-        flip: !a.no_flip,
-        res,
-        dataset: data.name.to_string(),
-        train_limit,
-        drop_path: parse_drop_path(&a.drop_path, cfg.stages())?,
-    };
-    // A resumed run keeps its own settings (only --epochs may be raised).
-    let mut state = match prev_state {
-        Some(mut s) => {
-            if s.dataset != data.name {
-                bail!("the checkpoint was trained on {}, not {}", s.dataset, data.name);
-            }
-            if let Some(e) = a.epochs {
-                s.epochs = s.epochs.max(e);
-            }
-            s
-        }
-        None => state0,
-    };
-    let meta = crate::checkpoint::model_metadata(&cfg, act, Some(&classes), Some(&spec))?;
-    let mut model = TrainModel::new(gpu.clone(), cfg.clone(), &tensors, act)?;
-    model.set_drop_path(&state.drop_path);
-    let step_plan = model.step_plan(state.batch, res, res).map_err(|e| if e.downcast_ref::<crate::graph::TooLarge>().is_some() { anyhow::anyhow!("{e:#}: lower --batch") } else { e })?;
-    let mut opt = model.optimizer(AdamW { weight_decay: state.weight_decay, ..AdamW::default() })?;
-    if let Some((_, moments, _)) = &resumed {
-        opt.load_state(moments)?;
-        opt.step = state.step;
-    }
-    let loader = LoaderConfig {
-        batch: state.batch,
-        seed: state.seed,
-        label_smoothing: state.label_smoothing,
-        mean: [spec.mean[0], *spec.mean.get(1).unwrap_or(&0.0), *spec.mean.get(2).unwrap_or(&0.0)],
-        std: [spec.std[0], *spec.std.get(1).unwrap_or(&1.0), *spec.std.get(2).unwrap_or(&1.0)],
-        augment: Augment { flip: state.flip, min_scale: state.crop_scale, mixup: state.mixup, cutmix: state.cutmix },
-        drop_last: true,
-        shuffle: true,
-    };
-    let steps_per_epoch = (train_ds.len() / state.batch) as u64;
-    if steps_per_epoch == 0 {
-        bail!("{} training images, fewer than one batch of {}", train_ds.len(), state.batch);
-    }
-    let total_steps = steps_per_epoch * state.epochs as u64;
+    anyhow::ensure!(s.lr.is_finite() && s.lr > 0.0, "--lr {}: the learning rate must be positive and finite", s.lr);
+    finite_at_least("--min-lr", s.min_lr, 0.0)?;
+    anyhow::ensure!(s.min_lr <= s.lr, "--min-lr {} is above --lr {}", s.min_lr, s.lr);
+    finite_at_least("--weight-decay", s.weight_decay, 0.0)?;
+    finite_at_least("--clip-grad", s.clip_grad, 0.0)?;
+    finite_at_least("--mixup", s.mixup, 0.0)?;
+    finite_at_least("--cutmix", s.cutmix, 0.0)?;
+    anyhow::ensure!((0.0..1.0).contains(&s.label_smoothing), "--label-smoothing {}: must be in [0, 1)", s.label_smoothing);
+    // 0 is the documented "off"; otherwise the smallest crop area fraction.
+    anyhow::ensure!((0.0..=1.0).contains(&s.crop_scale), "--crop-scale {}: must be in (0, 1], or 0 for no random crops", s.crop_scale);
+    anyhow::ensure!(s.epochs >= 1, "--epochs {}: must be at least 1", s.epochs);
+    anyhow::ensure!(s.batch >= 2, "--batch {}: must be at least 2 (BatchNorm needs batch statistics)", s.batch);
+    anyhow::ensure!(s.batch <= 1 << 16, "--batch {}: larger than any batch one step can hold", s.batch);
+    anyhow::ensure!(a.max_steps != Some(0), "--max-steps 0: must be at least 1");
+    anyhow::ensure!(a.save_every != Some(0), "--save-every 0: must be at least 1 step");
+    anyhow::ensure!(a.eval_limit != Some(0), "--eval-limit 0: must be at least 1");
+    anyhow::ensure!(s.train_limit != Some(0), "--train-limit 0: must be at least 1");
+    Ok(())
+}
 
+/// SIGINT, SIGTERM and SIGHUP (Ctrl-C, `timeout`, `docker stop`, Slurm, a closed
+/// ssh session) ask the run to stop at the next step boundary with a checkpoint;
+/// a second signal exits at once (the checkpoint writes are atomic, so at worst
+/// the previous checkpoint stays).
+fn stop_on_signals() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C while saving is ignored; the checkpoint write is atomic anyway.
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).ok();
+    let flag = stop.clone();
+    let handler = move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond signal: exiting now, without a new checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step (a checkpoint will be written; a second signal exits at once)");
+    };
+    if let Err(e) = ctrlc::set_handler(handler) {
+        eprintln!("warning: cannot catch stop signals ({e}); a stop loses the steps since the last checkpoint");
     }
-    if !quiet {
+    stop
+}
+
+/// Everything a run needs before its first step: data, architecture, initial
+/// weights, the settings (new or resumed) and the file metadata.
+struct Setup {
+    data: Data,
+    train_ds: Arc<Dataset>,
+    val_ds: Arc<Dataset>,
+    cfg: CvtConfig,
+    tensors: HashMap<String, Tensor>,
+    act: Act,
+    spec: Spec,
+    state: TrainState,
+    meta: HashMap<String, String>,
+    moments: Option<HashMap<String, Vec<f32>>>,
+}
+
+impl Setup {
+    fn new(a: &TrainArgs, resumed: Option<(Checkpoint, HashMap<String, Vec<f32>>, PathBuf)>, quiet: bool) -> Result<Setup> {
+        let prev_state: Option<TrainState> = match &resumed {
+            Some((ck, _, path)) => Some(serde_json::from_str(&ck.metadata["train_state"]).with_context(|| format!("{}: invalid train_state metadata", path.display()))?),
+            None => None,
+        };
+        // The data: on resume it must be the same dataset and resolution.
+        let mut data_args = a.data.clone();
+        if let Some(s) = &prev_state {
+            data_args.res.get_or_insert(s.res);
+        }
+        let model_res_hint = match &a.model {
+            Some(m) => CvtConfig::by_name(m)?.image_size,
+            None => 224,
+        };
+        let data = data_args.open(true, model_res_hint, quiet)?;
+        let mut train_ds = data.train.clone().context("the dataset has no training split")?;
+        let train_limit = prev_state.as_ref().map(|s| s.train_limit).unwrap_or(a.train_limit);
+        if let Some(n) = train_limit {
+            if n < train_ds.len() {
+                let px = train_ds.height * train_ds.width * train_ds.channels;
+                let d = &*train_ds;
+                train_ds = Arc::new(Dataset { images: d.images[..n * px].to_vec(), labels: d.labels[..n].to_vec(), height: d.height, width: d.width, channels: d.channels, classes: d.classes.clone() });
+            }
+        }
+        let res = train_ds.height;
+        let classes = train_ds.classes.clone();
+
+        // Model and initial weights.
+        let (cfg, tensors, act, ck_spec) = if let Some((ck, _, path)) = &resumed {
+            let d = describe(ck, path, &LoadOptions::default())?;
+            (d.cfg, ck.tensors.clone(), d.act, d.preprocess)
+        } else if let Some(w) = &a.weights {
+            let (cfg, t, act, spec) = fine_tune_weights(w, a.model.as_deref(), classes.len(), a.seed)?;
+            (cfg, t, act.unwrap_or(a.activation), spec)
+        } else {
+            let name = a.model.clone().unwrap_or_else(|| if data.name == "fashion-mnist" { "cvt-fmnist".into() } else { "cvt-13".into() });
+            let mut cfg = CvtConfig::by_name(&name)?;
+            cfg.num_classes = classes.len();
+            cfg.in_chans = data.spec.channels;
+            cfg.image_size = res;
+            cfg.validate().with_context(|| format!("--model {name} on {}", data.name))?;
+            let t = init_tensors(&cfg, a.seed);
+            (cfg, t, a.activation, None)
+        };
+        let mut val_ds = data.val.clone();
+        let what = a.weights.as_ref().or(a.resume.as_ref()).map(|p| p.display().to_string()).unwrap_or_else(|| "--model".into());
+        let spec = fit_channels(cfg.in_chans, &data.spec, &mut [&mut train_ds, &mut val_ds], ck_spec, &what)?;
+        if cfg.num_classes != classes.len() {
+            bail!("{what}: the model has {} classes, the data {}", cfg.num_classes, classes.len());
+        }
+        let fmnist = data.name == "fashion-mnist";
+        let state = match prev_state {
+            // A resumed run keeps its own settings (only --epochs may be raised).
+            Some(mut s) => {
+                if s.dataset != data.name {
+                    bail!("{what}: the checkpoint was trained on {}, not {}", s.dataset, data.name);
+                }
+                if let Some(e) = a.epochs {
+                    s.epochs = s.epochs.max(e);
+                }
+                s
+            }
+            None => TrainState {
+                step: 0,
+                epoch: 0,
+                batch_in_epoch: 0,
+                seed: a.seed,
+                batch: a.batch,
+                // Fashion-MNIST's defaults: PyTorch probes of cvt-fmnist (weights/README.md)
+                // reach 90.1-90.4% after 6 epochs at 3e-3-4e-3, 89.6-89.8% after 5.
+                epochs: a.epochs.unwrap_or(if fmnist { 6 } else { 3 }),
+                lr: a.lr.unwrap_or(if fmnist { 4e-3 } else { 3e-3 }),
+                min_lr: a.min_lr,
+                warmup_steps: a.warmup_steps,
+                weight_decay: a.weight_decay,
+                clip_grad: a.clip_grad,
+                label_smoothing: a.label_smoothing,
+                mixup: a.mixup,
+                cutmix: a.cutmix,
+                crop_scale: a.crop_scale.unwrap_or(if fmnist { 0.0 } else { 0.35 }),
+                flip: !a.no_flip,
+                res,
+                dataset: data.name.to_string(),
+                train_limit,
+                drop_path: parse_drop_path(&a.drop_path, cfg.stages())?,
+            },
+        };
+        check_settings(&state, a)?;
+        let meta = crate::checkpoint::model_metadata(&cfg, act, Some(&classes), Some(&spec))?;
+        Ok(Setup { data, train_ds, val_ds, cfg, tensors, act, spec, state, meta, moments: resumed.map(|(_, m, _)| m) })
+    }
+}
+
+/// How a pass over the data ended.
+enum EpochEnd {
+    Complete { loss: f64, acc: f64, images: usize, seconds: f64 },
+    /// A signal or --max-steps: checkpoint and stop.
+    Stopped,
+}
+
+/// The run in progress: GPU model, step plan, optimizer, settings and position.
+struct Run<'a> {
+    a: &'a TrainArgs,
+    gpu: Arc<Gpu>,
+    dir: &'a RunDir,
+    s: Setup,
+    model: TrainModel,
+    step_plan: crate::train::StepPlan,
+    opt: crate::train::Optimizer,
+    loader: LoaderConfig,
+    steps_per_epoch: u64,
+    total_steps: u64,
+    stop: Arc<AtomicBool>,
+    quiet: bool,
+    t_run: Instant,
+    steps_this_run: u64,
+    last_save: Instant,
+}
+
+/// Checkpoints by wall time when --save-every does not say: a crash or SIGKILL
+/// then loses at most this much work.
+const SAVE_EVERY_SECONDS: u64 = 600;
+
+impl<'a> Run<'a> {
+    fn new(gpu: Arc<Gpu>, a: &'a TrainArgs, dir: &'a RunDir, s: Setup, quiet: bool) -> Result<Run<'a>> {
+        let res = s.train_ds.height;
+        let mut model = TrainModel::new(gpu.clone(), s.cfg.clone(), &s.tensors, s.act)?;
+        model.set_drop_path(&s.state.drop_path);
+        let step_plan = model.step_plan(s.state.batch, res, res).map_err(|e| if e.downcast_ref::<crate::graph::TooLarge>().is_some() { anyhow::anyhow!("{e:#}: lower --batch") } else { e })?;
+        let mut opt = model.optimizer(AdamW { weight_decay: s.state.weight_decay, ..AdamW::default() })?;
+        if let Some(moments) = &s.moments {
+            opt.load_state(moments)?;
+            opt.step = s.state.step;
+        }
+        let spec = &s.spec;
+        let loader = LoaderConfig {
+            batch: s.state.batch,
+            seed: s.state.seed,
+            label_smoothing: s.state.label_smoothing,
+            mean: [spec.mean[0], *spec.mean.get(1).unwrap_or(&0.0), *spec.mean.get(2).unwrap_or(&0.0)],
+            std: [spec.std[0], *spec.std.get(1).unwrap_or(&1.0), *spec.std.get(2).unwrap_or(&1.0)],
+            augment: Augment { flip: s.state.flip, min_scale: s.state.crop_scale, mixup: s.state.mixup, cutmix: s.state.cutmix },
+            drop_last: true,
+            shuffle: true,
+        };
+        let steps_per_epoch = (s.train_ds.len() / s.state.batch) as u64;
+        if steps_per_epoch == 0 {
+            bail!("{} training images, fewer than one batch of {}: lower --batch", s.train_ds.len(), s.state.batch);
+        }
+        let total_steps = steps_per_epoch * s.state.epochs as u64;
+        let now = Instant::now();
+        Ok(Run { a, gpu, dir, s, model, step_plan, opt, loader, steps_per_epoch, total_steps, stop: stop_on_signals(), quiet, t_run: now, steps_this_run: 0, last_save: now })
+    }
+
+    fn checkpoint_path(&self) -> PathBuf {
+        self.dir.join("checkpoint.safetensors")
+    }
+
+    fn announce(&self) -> Result<()> {
+        if self.quiet {
+            return Ok(());
+        }
+        let (s, st) = (&self.s, &self.s.state);
         eprintln!(
             "training {} ({:.2}M parameters, {}) on {} ({} train / {} val images, {}x{}, {} classes), batch {}, {} epochs = {} steps, on {}",
-            cfg.name,
-            tensors.values().map(|t| t.data.len()).sum::<usize>() as f64 / 1e6,
-            serde_json::to_value(act)?.as_str().unwrap_or(""),
-            data.name,
-            train_ds.len(),
-            val_ds.len(),
-            res,
-            res,
-            classes.len(),
-            state.batch,
-            state.epochs,
-            total_steps,
-            gpu.describe()
+            s.cfg.name,
+            s.tensors.values().map(|t| t.data.len()).sum::<usize>() as f64 / 1e6,
+            serde_json::to_value(s.act)?.as_str().unwrap_or(""),
+            s.data.name,
+            s.train_ds.len(),
+            s.val_ds.len(),
+            st.res,
+            st.res,
+            s.cfg.num_classes,
+            st.batch,
+            st.epochs,
+            self.total_steps,
+            self.gpu.describe()
         );
-        if state.step > 0 {
-            eprintln!("resuming at step {} (epoch {}, batch {})", state.step, state.epoch + 1, state.batch_in_epoch);
+        eprintln!("run directory {}; checkpoints every {}", self.dir.path.display(), match self.a.save_every {
+            Some(n) => format!("{n} steps"),
+            None => format!("{} minutes", SAVE_EVERY_SECONDS / 60),
+        });
+        if st.step > 0 {
+            eprintln!("resuming at step {} (epoch {}, batch {})", st.step, st.epoch + 1, st.batch_in_epoch);
         }
+        Ok(())
     }
-    let t_run = Instant::now();
-    let mut steps_this_run = 0u64;
-    let mut last_eval: Option<EvalResult> = None;
-    while state.epoch < state.epochs {
-        let bar = progress_bar(steps_per_epoch, quiet);
-        bar.set_position(state.batch_in_epoch as u64);
-        let batches = epoch_from(train_ds.clone(), loader, state.epoch as u64, state.batch_in_epoch);
+
+    /// Writes checkpoint.safetensors (weights + optimizer + state) then model.safetensors (weights).
+    fn save(&mut self, weights: &HashMap<String, Tensor>) -> Result<()> {
+        save(&self.dir.path, weights, &self.opt, &self.s.state, &self.s.meta)?;
+        self.last_save = Instant::now();
+        Ok(())
+    }
+
+    fn diverged(&self, what: String) -> anyhow::Error {
+        let ck = self.checkpoint_path();
+        let last = if ck.is_file() { format!("the last good checkpoint is {}", ck.display()) } else { "no checkpoint was written yet".to_string() };
+        let hint = if self.s.state.clip_grad > 0.0 { "try a lower --lr" } else { "try a lower --lr or --clip-grad 1" };
+        anyhow::anyhow!("{what} at step {} (epoch {}): training diverged; {last} ({hint})", self.s.state.step + 1, self.s.state.epoch + 1)
+    }
+
+    /// One optimizer step on `batch`; returns the loss and the number it got right.
+    fn step(&mut self, batch: &crate::data::loader::Batch) -> Result<(f32, usize, f32)> {
+        let st = &self.s.state;
+        let lr = learning_rate(st, self.total_steps, st.step + 1);
+        // Drop-path masks from (seed, step): the same on resume.
+        self.step_plan.set_drop_path(self.model.drop_path_rates(), &mut crate::util::Rng::new(st.seed ^ 0xD209 ^ (st.step + 1).wrapping_mul(0x9E37_79B9)))?;
+        let (loss, logits) = self.step_plan.run(&batch.images, &batch.targets)?;
+        if !loss.is_finite() {
+            return Err(self.diverged(format!("loss is {loss}")));
+        }
+        let scale = if st.clip_grad > 0.0 {
+            let norm = self.opt.grad_norm()?;
+            if !norm.is_finite() {
+                return Err(self.diverged(format!("gradient norm is {norm}")));
+            }
+            (st.clip_grad / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        self.opt.update_scaled(lr, scale)?;
+        let k = self.model.cfg.num_classes;
+        let correct = batch.labels.iter().enumerate().filter(|&(b, &l)| {
+            let row = &logits[b * k..(b + 1) * k];
+            row.iter().filter(|&&v| v > row[l as usize]).count() == 0
+        });
+        Ok((loss, correct.count(), lr))
+    }
+
+    /// Runs the rest of the current epoch.
+    fn epoch(&mut self) -> Result<EpochEnd> {
+        let bar = progress_bar(self.steps_per_epoch, self.quiet);
+        bar.set_position(self.s.state.batch_in_epoch as u64);
+        let batches = epoch_from(self.s.train_ds.clone(), self.loader, self.s.state.epoch as u64, self.s.state.batch_in_epoch);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let t_epoch = Instant::now();
         // Without a terminal (logs, nohup) the bar is hidden: a plain line every 30 s instead.
-        let plain_progress = !quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let plain_progress = !self.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
         let mut last_line = Instant::now();
-        let first_batch = state.batch_in_epoch;
-        let mut interrupted = false;
+        let first_batch = self.s.state.batch_in_epoch;
         for batch in batches {
-            let lr = learning_rate(&state, total_steps, state.step + 1);
-            // Drop-path masks from (seed, step): the same on resume.
-            step_plan.set_drop_path(model.drop_path_rates(), &mut crate::util::Rng::new(state.seed ^ 0xD209 ^ (state.step + 1).wrapping_mul(0x9E37_79B9)))?;
-            let (loss, logits) = step_plan.run(&batch.images, &batch.targets)?;
-            if !loss.is_finite() {
-                bail!(
-                    "loss is {loss} at step {} (epoch {}): training diverged; the last good checkpoint is {} (try a lower --lr or --clip-grad 1)",
-                    state.step + 1,
-                    state.epoch + 1,
-                    a.out.join("checkpoint.safetensors").display()
-                );
-            }
-            let scale = if state.clip_grad > 0.0 {
-                let norm = opt.grad_norm()?;
-                if !norm.is_finite() {
-                    bail!("gradient norm is {norm} at step {}: training diverged; the last good checkpoint is kept", state.step + 1);
-                }
-                (state.clip_grad / (norm + 1e-6)).min(1.0)
-            } else {
-                1.0
-            };
-            opt.update_scaled(lr, scale)?;
-            state.step += 1;
-            state.batch_in_epoch += 1;
-            steps_this_run += 1;
-            let k = model.cfg.num_classes;
-            for (b, &l) in batch.labels.iter().enumerate() {
-                let row = &logits[b * k..(b + 1) * k];
-                correct += (row.iter().filter(|&&v| v > row[l as usize]).count() == 0) as usize;
-            }
+            let (loss, right, lr) = self.step(&batch)?;
+            let st = &mut self.s.state;
+            st.step += 1;
+            st.batch_in_epoch += 1;
+            self.steps_this_run += 1;
+            correct += right;
             seen += batch.labels.len();
             loss_sum += loss as f64 * batch.labels.len() as f64;
             let ips = seen as f64 / t_epoch.elapsed().as_secs_f64();
-            bar.set_message(format!("epoch {}/{} loss {:.4} acc {:.1}% {:.1} img/s", state.epoch + 1, state.epochs, loss_sum / seen as f64, 100.0 * correct as f64 / seen as f64, ips));
+            let (mean_loss, acc) = (loss_sum / seen as f64, 100.0 * correct as f64 / seen as f64);
+            bar.set_message(format!("epoch {}/{} loss {mean_loss:.4} acc {acc:.1}% {ips:.1} img/s", st.epoch + 1, st.epochs));
             bar.inc(1);
             if plain_progress && last_line.elapsed().as_secs() >= 30 {
                 last_line = Instant::now();
-                let done = state.batch_in_epoch - first_batch;
-                let left = steps_per_epoch as usize - state.batch_in_epoch;
+                let done = st.batch_in_epoch - first_batch;
+                let left = self.steps_per_epoch as usize - st.batch_in_epoch;
                 let eta = t_epoch.elapsed().as_secs_f64() / done.max(1) as f64 * left as f64;
-                eprintln!(
-                    "epoch {}/{} step {}/{}: loss {:.4} acc {:.1}% {:.1} img/s, epoch ETA {:.0} s",
-                    state.epoch + 1,
-                    state.epochs,
-                    state.batch_in_epoch,
-                    steps_per_epoch,
-                    loss_sum / seen as f64,
-                    100.0 * correct as f64 / seen as f64,
-                    ips,
-                    eta
-                );
+                eprintln!("epoch {}/{} step {}/{}: loss {mean_loss:.4} acc {acc:.1}% {ips:.1} img/s, epoch ETA {eta:.0} s", st.epoch + 1, st.epochs, st.batch_in_epoch, self.steps_per_epoch);
             }
-            if state.step % 10 == 0 || state.batch_in_epoch as u64 == steps_per_epoch {
-                log_metrics(
-                    &a.out,
-                    serde_json::json!({"kind": "train", "step": state.step, "epoch": state.epoch + 1, "loss": loss, "lr": lr, "img_per_s": ips, "elapsed_s": t_run.elapsed().as_secs_f64()}),
-                )?;
+            let epoch_done = st.batch_in_epoch as u64 == self.steps_per_epoch;
+            if st.step % 10 == 0 || epoch_done {
+                let rec = serde_json::json!({"kind": "train", "step": st.step, "epoch": st.epoch + 1, "loss": loss, "lr": lr, "img_per_s": ips, "elapsed_s": self.t_run.elapsed().as_secs_f64()});
+                log_metrics(&self.dir.path, rec)?;
             }
-            if stop.load(Ordering::SeqCst) || a.max_steps.is_some_and(|m| steps_this_run >= m) {
-                interrupted = true;
-                break;
+            if self.stop.load(Ordering::SeqCst) || self.a.max_steps.is_some_and(|m| self.steps_this_run >= m) {
+                bar.finish_and_clear();
+                return Ok(EpochEnd::Stopped);
+            }
+            let due = match self.a.save_every {
+                Some(n) => st.step % n == 0,
+                None => self.last_save.elapsed().as_secs() >= SAVE_EVERY_SECONDS,
+            };
+            if due && !epoch_done {
+                let w = self.model.weights()?;
+                self.save(&w)?;
             }
         }
         bar.finish_and_clear();
-        if interrupted {
-            save(&a.out, &model.weights()?, &opt, &state, &meta)?;
-            eprintln!(
-                "stopped at step {} (epoch {}, batch {}); checkpoint written: continue with --resume {}",
-                state.step,
-                state.epoch + 1,
-                state.batch_in_epoch,
-                a.out.join("checkpoint.safetensors").display()
-            );
-            return Ok(());
-        }
-        // End of epoch: evaluate the exported weights with the inference engine.
-        let train_loss = loss_sum / seen.max(1) as f64;
-        let train_acc = correct as f64 / seen.max(1) as f64;
+        let seconds = t_epoch.elapsed().as_secs_f64();
+        Ok(EpochEnd::Complete { loss: loss_sum / seen.max(1) as f64, acc: correct as f64 / seen.max(1) as f64, images: seen, seconds })
+    }
+
+    /// End of an epoch: evaluate the exported weights with the inference engine,
+    /// checkpoint, log and plot.
+    fn end_epoch(&mut self, loss: f64, acc: f64, images: usize, seconds: f64) -> Result<EvalResult> {
         // One readback serves the evaluation and the checkpoint.
-        let weights = model.weights()?;
-        let ev_model = Model::new(gpu.clone(), cfg.clone(), &weights, act)?;
-        let ev = evaluate(&ev_model, &val_ds, &spec, a.eval_limit, quiet)?;
-        last_eval = Some(ev);
-        state.epoch += 1;
-        state.batch_in_epoch = 0;
-        save(&a.out, &weights, &opt, &state, &meta)?;
+        let weights = self.model.weights()?;
+        let ev_model = Model::new(self.gpu.clone(), self.s.cfg.clone(), &weights, self.s.act)?;
+        let ev = evaluate(&ev_model, &self.s.val_ds, &self.s.spec, self.a.eval_limit, self.quiet)?;
+        let st = &mut self.s.state;
+        st.epoch += 1;
+        st.batch_in_epoch = 0;
+        self.save(&weights)?;
+        let st = &self.s.state;
+        let ips = images as f64 / seconds;
         let rec = serde_json::json!({
-            "kind": "eval", "epoch": state.epoch, "step": state.step, "train_loss": train_loss, "train_acc": train_acc,
+            "kind": "eval", "epoch": st.epoch, "step": st.step, "train_loss": loss, "train_acc": acc,
             "val_top1": ev.top1, "val_top5": ev.top5, "val_loss": ev.loss, "val_images": ev.images,
-            "epoch_s": t_epoch.elapsed().as_secs_f64(), "img_per_s": seen as f64 / t_epoch.elapsed().as_secs_f64(), "elapsed_s": t_run.elapsed().as_secs_f64()
+            "epoch_s": seconds, "img_per_s": ips, "elapsed_s": self.t_run.elapsed().as_secs_f64()
         });
-        log_metrics(&a.out, rec.clone())?;
-        if let Err(e) = crate::plot::curves(&a.out.join("metrics.jsonl"), &a.out.join("curves.png")) {
+        log_metrics(&self.dir.path, rec.clone())?;
+        if let Err(e) = crate::plot::curves(&self.dir.join("metrics.jsonl"), &self.dir.join("curves.png")) {
             eprintln!("warning: no plot ({e:#})");
         }
-        if quiet {
+        if self.quiet {
             println!("{rec}");
         } else {
             eprintln!(
-                "epoch {}/{}: train loss {:.4} acc {:.2}% | val top-1 {:.2}% top-5 {:.2}% loss {:.4} | {:.1} img/s, {:.0} s",
-                state.epoch,
-                state.epochs,
-                train_loss,
-                100.0 * train_acc,
+                "epoch {}/{}: train loss {loss:.4} acc {:.2}% | val top-1 {:.2}% top-5 {:.2}% loss {:.4} | {ips:.1} img/s, {seconds:.0} s",
+                st.epoch,
+                st.epochs,
+                100.0 * acc,
                 100.0 * ev.top1,
                 100.0 * ev.top5,
                 ev.loss,
-                seen as f64 / t_epoch.elapsed().as_secs_f64(),
-                t_epoch.elapsed().as_secs_f64()
             );
         }
+        Ok(ev)
     }
-    if !quiet {
-        let acc = last_eval.map(|e| format!(", val top-1 {:.2}%", 100.0 * e.top1)).unwrap_or_default();
-        eprintln!(
-            "done: {} steps in {:.0} s{acc}; weights: {} (cvt-gpu infer --weights {} IMAGE)",
-            state.step,
-            t_run.elapsed().as_secs_f64(),
-            a.out.join("model.safetensors").display(),
-            a.out.join("model.safetensors").display()
-        );
-        if !data.skipped.is_empty() {
-            eprintln!("{} images could not be decoded and were skipped", data.skipped.len());
+
+    fn run(mut self) -> Result<()> {
+        self.announce()?;
+        let mut last_eval: Option<EvalResult> = None;
+        while self.s.state.epoch < self.s.state.epochs {
+            match self.epoch()? {
+                EpochEnd::Stopped => {
+                    let w = self.model.weights()?;
+                    self.save(&w)?;
+                    let st = &self.s.state;
+                    eprintln!(
+                        "stopped at step {} (epoch {}, batch {}); checkpoint written to {}; continue with: cvt-gpu train --resume {}",
+                        st.step,
+                        st.epoch + 1,
+                        st.batch_in_epoch,
+                        self.checkpoint_path().display(),
+                        self.dir.path.display()
+                    );
+                    return Ok(());
+                }
+                EpochEnd::Complete { loss, acc, images, seconds } => last_eval = Some(self.end_epoch(loss, acc, images, seconds)?),
+            }
         }
+        if !self.quiet {
+            let acc = last_eval.map(|e| format!(", val top-1 {:.2}%", 100.0 * e.top1)).unwrap_or_default();
+            let weights = self.dir.join("model.safetensors");
+            eprintln!("done: {} steps in {:.0} s{acc}; weights: {} (cvt-gpu infer --weights {} IMAGE)", self.s.state.step, self.t_run.elapsed().as_secs_f64(), weights.display(), weights.display());
+            if !self.s.data.skipped.is_empty() {
+                eprintln!("{} images could not be decoded and were skipped", self.s.data.skipped.len());
+            }
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
+    let resumed = a.resume.as_deref().map(read_training_checkpoint).transpose()?;
+    // `--resume DIR` continues in DIR unless --out says otherwise.
+    let out = match (&a.out, &resumed) {
+        (Some(o), _) => o.clone(),
+        (None, Some((_, _, path))) => path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf(),
+        (None, None) => PathBuf::from(DEFAULT_OUT),
+    };
+    // The run directory first: an unwritable or busy --out fails before any work.
+    let dir = RunDir::open(&out)?;
+    let same_dir = resumed.as_ref().is_some_and(|(_, _, p)| p.parent().and_then(|d| d.canonicalize().ok()) == out.canonicalize().ok());
+    let setup = Setup::new(a, resumed, a.json)?;
+    if same_dir {
+        truncate_metrics(&dir.path, setup.state.step)?;
+    }
+    Run::new(gpu, a, &dir, setup, a.json)?.run()
 }
 
 #[derive(clap::Args, Debug)]
@@ -717,6 +894,9 @@ pub struct EvalArgs {
     /// Evaluate in f16 (see `infer --f16`).
     #[arg(long)]
     pub f16: bool,
+    /// Load weights holding NaN or infinities instead of refusing the file.
+    #[arg(long)]
+    pub allow_nonfinite: bool,
     /// Architecture: cvt-13, cvt-21, cvt-w24 or a JSON config (default: the checkpoint's metadata, else detected).
     #[arg(long)]
     pub config: Option<String>,
@@ -729,7 +909,7 @@ pub struct EvalArgs {
 
 pub fn eval(gpu: Arc<Gpu>, a: &EvalArgs) -> Result<()> {
     let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
-    let loaded = crate::model::load(gpu, &a.weights, &crate::model::LoadOptions { config, activation: a.activation, f16: a.f16 })?;
+    let loaded = crate::model::load(gpu, &a.weights, &crate::model::LoadOptions { config, activation: a.activation, f16: a.f16, allow_nonfinite: a.allow_nonfinite })?;
     let m = &loaded.model;
     let data = a.data.open(false, m.cfg.image_size, a.json)?;
     if data.val.classes.len() != m.cfg.num_classes {

@@ -121,10 +121,38 @@ impl CvtConfig {
         (self.dims[stage] as f64 * self.mlp_ratio) as usize
     }
 
+    /// Checks the architecture's consistency and sizes. The limits are far above
+    /// any real CvT (CvT-W24: 3 stages, depth 20, width 1024, 1000 classes) and
+    /// stop a config or metadata from making the engine allocate or loop without end.
     pub fn validate(&self) -> Result<()> {
+        const MAX_STAGES: usize = 6;
+        const MAX_DEPTH: usize = 64;
+        const MAX_DIM: usize = 16384;
+        const MAX_CLASSES: usize = 1 << 20;
+        const MAX_KERNEL: usize = 64;
+        const MAX_CHANNELS: usize = 64;
         let n = self.dims.len();
         if n == 0 {
             bail!("config has no stages");
+        }
+        if n > MAX_STAGES {
+            bail!("config: {n} stages, more than {MAX_STAGES}");
+        }
+        let too_big = |what: &str, v: &[usize], max: usize| -> Result<()> {
+            match v.iter().find(|&&x| x > max) {
+                Some(x) => bail!("config: {what} {x} is larger than {max}"),
+                None => Ok(()),
+            }
+        };
+        too_big("depth", &self.depths, MAX_DEPTH)?;
+        too_big("dim", &self.dims, MAX_DIM)?;
+        too_big("patch size", &self.patch_sizes, MAX_KERNEL)?;
+        too_big("patch stride", &self.patch_strides, MAX_KERNEL)?;
+        too_big("num_classes", &[self.num_classes], MAX_CLASSES)?;
+        too_big("in_chans", &[self.in_chans], MAX_CHANNELS)?;
+        crate::model::check_resolution(self.image_size).context("config: image_size")?;
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0 && self.mlp_ratio <= 64.0) {
+            bail!("config: mlp_ratio {} must be in (0, 64]", self.mlp_ratio);
         }
         for (what, len) in [
             ("heads", self.heads.len()),
@@ -142,6 +170,12 @@ impl CvtConfig {
             crate::ops::attention::check_heads(self.dims[s], self.heads[s]).with_context(|| format!("config stage {s}"))?;
             if self.patch_strides[s] == 0 || self.patch_sizes[s] == 0 {
                 bail!("config stage {s}: patch size and stride must be positive");
+            }
+            if self.patch_padding[s] >= self.patch_sizes[s] {
+                bail!("config stage {s}: padding {} must be smaller than the patch size {}", self.patch_padding[s], self.patch_sizes[s]);
+            }
+            if self.dims[s] == 0 || self.hidden(s) == 0 {
+                bail!("config stage {s}: width and MLP width must be positive");
             }
         }
         if self.num_classes == 0 || self.in_chans == 0 {

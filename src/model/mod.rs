@@ -24,6 +24,8 @@ pub struct LoadOptions {
     pub activation: Option<Act>,
     /// Store the matmul and convolution weights in f16 (`--f16`).
     pub f16: bool,
+    /// Load weights holding NaN or infinities instead of refusing them (`--allow-nonfinite`).
+    pub allow_nonfinite: bool,
 }
 
 /// A loaded checkpoint: the GPU model plus what the file said about itself.
@@ -64,7 +66,7 @@ pub fn describe(ck: &Checkpoint, path: &Path, opts: &LoadOptions) -> Result<Desc
         (Some(c), _) => c.clone(),
         (None, Some(c)) => c,
         (None, None) => {
-            let mut c = CvtConfig::detect(&ck.tensors).with_context(|| format!("{shown}"))?;
+            let c = CvtConfig::detect(&ck.tensors).with_context(|| format!("{shown}"))?;
             if c.name == "custom" {
                 anyhow::bail!(
                     "{shown}: not a released CvT shape (dims {:?}, depths {:?}) and no cvt_config metadata; the number of heads is not visible in the weights, so pass --config JSON",
@@ -72,18 +74,28 @@ pub fn describe(ck: &Checkpoint, path: &Path, opts: &LoadOptions) -> Result<Desc
                     c.depths
                 );
             }
-            if let Some(fc1) = ck.tensors.get("stage0.blocks.0.mlp.fc1.weight") {
-                c.mlp_ratio = fc1.shape[0] as f64 / c.dims[0] as f64;
+            // Named after a released model by its widths and depths: every other
+            // shape (stem kernel, cls token, MLP width) must be that model's too,
+            // or its stride and padding would be guesses.
+            let mut preset = CvtConfig::by_name(&c.name)?;
+            preset.num_classes = c.num_classes;
+            preset.in_chans = c.in_chans;
+            if let Err(e) = check_against(&preset, &ck.tensors, ck.naming) {
+                anyhow::bail!("{shown}: has {}'s widths and depths but not its shapes ({e:#}); pass --config JSON for a different architecture", c.name);
             }
             c
         }
     };
     cfg.validate().with_context(|| format!("{shown}"))?;
     check_against(&cfg, &ck.tensors, ck.naming).with_context(|| format!("{shown}"))?;
+    if !opts.allow_nonfinite {
+        check_finite(ck).with_context(|| format!("{shown}"))?;
+    }
     let meta_act = match ck.metadata.get("activation").map(|s| s.as_str()) {
         Some("gelu") => Some(Act::Gelu),
         Some("quick-gelu") => Some(Act::QuickGelu),
-        _ => None,
+        Some(other) => anyhow::bail!("{shown}: unknown activation {other:?} in the metadata (expected \"gelu\" or \"quick-gelu\")"),
+        None => None,
     };
     let explicit = opts.activation.or(meta_act);
     let act = explicit.unwrap_or(match ck.naming {
@@ -95,10 +107,57 @@ pub fn describe(ck: &Checkpoint, path: &Path, opts: &LoadOptions) -> Result<Desc
         None => None,
     };
     let preprocess = match ck.metadata.get("preprocess") {
-        Some(j) => Some(serde_json::from_str(j).with_context(|| format!("{shown}: invalid preprocess metadata"))?),
+        Some(j) => {
+            let spec: crate::preprocess::Spec = serde_json::from_str(j).with_context(|| format!("{shown}: invalid preprocess metadata"))?;
+            check_spec(&spec).with_context(|| format!("{shown}: preprocess metadata"))?;
+            Some(spec)
+        }
         None => None,
     };
+    if let Some(l) = &labels {
+        anyhow::ensure!(l.len() == cfg.num_classes, "{shown}: {} labels in the metadata for a head of {} classes", l.len(), cfg.num_classes);
+    }
     Ok(Described { cfg, act, act_explicit: explicit.is_some(), labels, preprocess })
+}
+
+/// The largest input side the engine takes: 10x the largest released model's
+/// (384), and far below what would exhaust memory before the adapter's limits
+/// are checked (one 4096x4096 RGB image is 192 MiB in f32).
+pub const MAX_RESOLUTION: usize = 4096;
+
+/// Checks an input resolution against `MAX_RESOLUTION`.
+pub fn check_resolution(res: usize) -> Result<()> {
+    anyhow::ensure!((1..=MAX_RESOLUTION).contains(&res), "resolution {res} is outside 1..={MAX_RESOLUTION}");
+    Ok(())
+}
+
+/// Refuses weights holding NaN or infinities (a damaged or diverged file would
+/// otherwise print NaN% for every class), naming the first tensor in name order.
+pub fn check_finite(ck: &Checkpoint) -> Result<()> {
+    let mut names: Vec<&String> = ck.tensors.keys().collect();
+    names.sort();
+    for n in names {
+        let bad = ck.tensors[n].data.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            let shown = match ck.naming {
+                Naming::Official => n.clone(),
+                Naming::Hf => weights::official_to_hf(n),
+            };
+            anyhow::bail!("tensor {shown} holds {bad} non-finite value(s) (NaN or infinity): the checkpoint is damaged or its training diverged (--allow-nonfinite loads it anyway)");
+        }
+    }
+    Ok(())
+}
+
+/// Checks a stored preprocessing spec: known resize, one finite mean and one
+/// positive finite std per channel (a zero std makes every input infinite).
+pub fn check_spec(s: &crate::preprocess::Spec) -> Result<()> {
+    anyhow::ensure!(s.channels == 1 || s.channels == 3, "{} channels; expected 1 or 3", s.channels);
+    anyhow::ensure!(s.mean.len() == s.channels && s.std.len() == s.channels, "{} means and {} stds for {} channels", s.mean.len(), s.std.len(), s.channels);
+    anyhow::ensure!(s.mean.iter().all(|m| m.is_finite()), "mean {:?} is not finite", s.mean);
+    anyhow::ensure!(s.std.iter().all(|v| v.is_finite() && *v > 0.0), "std {:?} must be positive and finite", s.std);
+    anyhow::ensure!(s.resize == "eval" || s.resize == "plain", "unknown resize {:?} (expected \"eval\" or \"plain\")", s.resize);
+    Ok(())
 }
 
 /// Reads a checkpoint, works out its architecture and activation (`describe`),

@@ -24,8 +24,8 @@ fn main() -> anyhow::Result<()> {
         plan.plan.profile()?;
         plan.plan.profile()?.0
     };
-    // `CVT_GPU_LIST=stage2.blocks.3.`: every step whose label contains that, in order, with its time.
-    if let Ok(m) = std::env::var("CVT_GPU_LIST") {
+    // `CVT_PROF_LIST=stage2.blocks.3.`: every step whose label contains that, in order, with its time.
+    if let Ok(m) = std::env::var("CVT_PROF_LIST") {
         let mut last = String::new();
         for (i, s) in steps.iter().enumerate() {
             let next = steps[i..].iter().find(|t| !t.label.contains("copy")).map(|t| t.label.clone()).unwrap_or_default();
@@ -39,8 +39,8 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    // `CVT_GPU_PROF_MATCH=pack`: the steps whose labels contain that text, grouped (block indices dropped).
-    if let Ok(m) = std::env::var("CVT_GPU_PROF_MATCH") {
+    // `CVT_PROF_MATCH=pack`: the steps whose labels contain that text, grouped (block indices dropped).
+    if let Ok(m) = std::env::var("CVT_PROF_MATCH") {
         let mut groups: Vec<(String, f64, usize)> = vec![];
         for s in steps.iter().filter(|s| s.label.contains(&m)) {
             let key: String = s.label.split('.').filter(|p| p.parse::<usize>().is_err() && *p != "blocks").collect::<Vec<_>>().join(".");
