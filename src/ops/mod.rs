@@ -1,5 +1,5 @@
 //! Host side of each WGSL op family: weight layout, parameters and dispatch
-//! geometry. One module per shader file; a backward pass goes beside its forward.
+//! geometry. One module per op family; a backward pass goes beside its forward.
 
 pub mod attention;
 pub mod dwconv;
