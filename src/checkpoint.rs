@@ -65,8 +65,26 @@ pub fn write_safetensors(path: &Path, entries: &[Entry], metadata: &HashMap<Stri
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary sibling file and a rename.
+/// Where a write to `path` must go: the file a symbolic link points to (so the
+/// link is written through, never replaced by a regular file), else `path`.
+pub fn write_target(path: &Path) -> Result<std::path::PathBuf> {
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link {
+        return Ok(path.to_path_buf());
+    }
+    let target = std::fs::read_link(path).with_context(|| format!("{}: cannot read the symbolic link", path.display()))?;
+    let target = if target.is_absolute() { target } else { path.parent().unwrap_or(Path::new(".")).join(target) };
+    // A chain of links resolves one step per call.
+    if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+        return std::fs::canonicalize(&target).with_context(|| format!("{}: the symbolic link leads nowhere", path.display()));
+    }
+    Ok(target)
+}
+
+/// Writes `bytes` to `path` through a temporary sibling file and a rename. A
+/// symbolic link at `path` is written through (its target is replaced).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let path = &write_target(path)?;
     let shown = path.display();
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().with_context(|| format!("{shown}: not a file path"))?.to_string_lossy();

@@ -4,9 +4,9 @@
 //! transformers' `CvtForImageClassification.from_pretrained` reads, so a model
 //! trained here can be continued in PyTorch.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{model_metadata, write_atomic, write_safetensors, Entry};
 use crate::model::weights::{official_to_hf, read_checkpoint};
@@ -25,7 +25,8 @@ pub enum OutNaming {
 pub struct ConvertArgs {
     /// Checkpoint to read: .safetensors, or PyTorch .pth/.pt/.bin (detected by content), either naming.
     pub input: PathBuf,
-    /// Output .safetensors file, or a directory (then DIR/model.safetensors, as Hugging Face expects).
+    /// Output .safetensors file, or a directory (then DIR/model.safetensors). With
+    /// --naming hf always a directory: DIR/model.safetensors and DIR/config.json.
     pub output: PathBuf,
     /// Parameter naming of the output.
     #[arg(long, value_enum, default_value = "official")]
@@ -45,10 +46,6 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
     let ck = read_checkpoint(&a.input)?;
     let d = describe(&ck, &a.input, &LoadOptions { config, activation: a.activation, f16: false, allow_nonfinite: a.allow_nonfinite })?;
-    let out = if a.output.is_dir() || a.output.to_string_lossy().ends_with('/') { a.output.join("model.safetensors") } else { a.output.clone() };
-    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the output directory", dir.display()))?;
-    }
     let hf = a.naming == OutNaming::Hf;
 
     let mut names: Vec<&String> = ck.tensors.keys().collect();
@@ -61,31 +58,81 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     for n in names.iter().filter_map(|n| n.strip_suffix("running_mean")) {
         entries.push(Entry::i64_scalar(rename(&format!("{n}num_batches_tracked")), 0));
     }
-    let labels = d.labels.clone().or_else(|| (d.cfg.num_classes == 1000).then(crate::labels::imagenet));
     let meta = model_metadata(&d.cfg, d.act, d.labels.as_deref(), d.preprocess.as_ref())?;
-    write_safetensors(&out, &entries, &meta)?;
-
-    let mut wrote = format!("{} ({} tensors, {} naming, {})", out.display(), entries.len(), if hf { "Hugging Face" } else { "official" }, d.cfg.name);
-    if hf {
-        if d.act == Act::QuickGelu {
-            eprintln!(
-                "warning: {} computes QuickGELU (x*sigmoid(1.702x)), but transformers' CvT computes exact GELU, so its outputs will differ a little from cvt-gpu's; train with --activation gelu for an exact export",
-                a.input.display()
-            );
+    let summary = format!("{} tensors, {} naming, {}", entries.len(), if hf { "Hugging Face" } else { "official" }, d.cfg.name);
+    if !hf {
+        let out = if a.output.is_dir() || a.output.to_string_lossy().ends_with('/') { a.output.join("model.safetensors") } else { a.output.clone() };
+        let made = create_parent(&out)?;
+        if let Err(e) = write_safetensors(&out, &entries, &meta) {
+            if let Some(dir) = made {
+                std::fs::remove_dir(dir).ok();
+            }
+            return Err(e);
         }
-        if let Some(i) = (0..d.cfg.stages()).find(|&i| d.cfg.depths[i] <= i) {
-            eprintln!(
-                "warning: transformers (5.x) cannot build this model: it indexes stage {i}'s drop-path list by the stage number, which needs more than {i} blocks in stage {i} (depths {:?})",
-                d.cfg.depths
-            );
-        }
-        let cfg_path = out.with_file_name("config.json");
-        let json = serde_json::to_string_pretty(&hf_config(&d.cfg, labels.as_deref()))?;
-        write_atomic(&cfg_path, json.as_bytes())?;
-        wrote += &format!(" and {}", cfg_path.display());
+        println!("wrote {} ({summary})", out.display());
+        return Ok(());
     }
-    println!("wrote {wrote}");
+    if a.output.exists() && !a.output.is_dir() {
+        bail!("{}: exists and is not a directory; --naming hf writes a model directory (model.safetensors + config.json)", a.output.display());
+    }
+    if d.act == Act::QuickGelu {
+        eprintln!(
+            "warning: {} computes QuickGELU (x*sigmoid(1.702x)), but transformers' CvT computes exact GELU, so its outputs will differ a little from cvt-gpu's; train with --activation gelu for an exact export",
+            a.input.display()
+        );
+    }
+    if let Some(i) = (0..d.cfg.stages()).find(|&i| d.cfg.depths[i] <= i) {
+        eprintln!(
+            "warning: transformers (5.x) cannot build this model: it indexes stage {i}'s drop-path list by the stage number, which needs more than {i} blocks in stage {i} (depths {:?})",
+            d.cfg.depths
+        );
+    }
+    let labels = d.labels.clone().or_else(|| (d.cfg.num_classes == 1000).then(crate::labels::imagenet));
+    let json = serde_json::to_string_pretty(&hf_config(&d.cfg, labels.as_deref()))?;
+    write_hf_dir(&a.output, &entries, &meta, json.as_bytes())?;
+    println!("wrote {}/model.safetensors and config.json ({summary}; from_pretrained(\"{}\") loads it)", a.output.display(), a.output.display());
     Ok(())
+}
+
+/// Creates `path`'s parent directory if missing; returns it when this call made it.
+fn create_parent(path: &Path) -> Result<Option<PathBuf>> {
+    let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) else { return Ok(None) };
+    if dir.is_dir() {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the output directory", dir.display()))?;
+    Ok(Some(dir.to_path_buf()))
+}
+
+/// A Hugging Face model directory: `dir/model.safetensors` and `dir/config.json`,
+/// both or neither. A new directory is written whole under a temporary name and
+/// renamed into place; into an existing directory each file is written to a
+/// temporary name first and the two are renamed only once both are complete.
+fn write_hf_dir(dir: &Path, entries: &[Entry], meta: &std::collections::HashMap<String, String>, config: &[u8]) -> Result<()> {
+    let shown = dir.display();
+    let name = dir.file_name().with_context(|| format!("{shown}: not a directory path"))?.to_string_lossy().into_owned();
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let made_parent = create_parent(dir)?;
+    let staging = parent.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        std::fs::create_dir(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
+        write_safetensors(&staging.join("model.safetensors"), entries, meta)?;
+        write_atomic(&staging.join("config.json"), config)?;
+        if !dir.exists() {
+            return std::fs::rename(&staging, dir).with_context(|| format!("{shown}: cannot create"));
+        }
+        for f in ["model.safetensors", "config.json"] {
+            std::fs::rename(staging.join(f), crate::checkpoint::write_target(&dir.join(f))?).with_context(|| format!("{}: cannot replace", dir.join(f).display()))?;
+        }
+        Ok(())
+    })();
+    std::fs::remove_dir_all(&staging).ok();
+    if result.is_err() {
+        if let Some(p) = made_parent {
+            std::fs::remove_dir(p).ok();
+        }
+    }
+    result
 }
 
 /// transformers' `CvtConfig` for this architecture (every per-stage list sized to
