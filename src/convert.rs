@@ -114,6 +114,11 @@ fn write_hf_dir(dir: &Path, entries: &[Entry], meta: &std::collections::HashMap<
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let made_parent = create_parent(dir)?;
     let staging = parent.join(format!(".{name}.tmp{}", std::process::id()));
+    for f in ["model.safetensors", "config.json"] {
+        if dir.join(f).is_dir() {
+            bail!("{}: is a directory; cannot write the model there", dir.join(f).display());
+        }
+    }
     let result = (|| -> Result<()> {
         std::fs::create_dir(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
         write_safetensors(&staging.join("model.safetensors"), entries, meta)?;

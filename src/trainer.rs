@@ -444,6 +444,35 @@ fn truncate_metrics(out: &Path, step: u64) -> Result<()> {
     crate::checkpoint::write_atomic(&p, body.as_bytes())
 }
 
+/// A new run's settings: the options, with the dataset's defaults where they say nothing.
+fn new_state(a: &TrainArgs, dataset: &str, res: usize, train_limit: Option<usize>, drop_path: Vec<f32>) -> TrainState {
+    let fmnist = dataset == "fashion-mnist";
+    TrainState {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        seed: a.seed,
+        batch: a.batch,
+        // Fashion-MNIST's defaults: PyTorch probes of cvt-fmnist (weights/README.md)
+        // reach 90.1-90.4% after 6 epochs at 3e-3-4e-3, 89.6-89.8% after 5.
+        epochs: a.epochs.unwrap_or(if fmnist { 6 } else { 3 }),
+        lr: a.lr.unwrap_or(if fmnist { 4e-3 } else { 3e-3 }),
+        min_lr: a.min_lr,
+        warmup_steps: a.warmup_steps,
+        weight_decay: a.weight_decay,
+        clip_grad: a.clip_grad,
+        label_smoothing: a.label_smoothing,
+        mixup: a.mixup,
+        cutmix: a.cutmix,
+        crop_scale: a.crop_scale.unwrap_or(if fmnist { 0.0 } else { 0.35 }),
+        flip: !a.no_flip,
+        res,
+        dataset: dataset.to_string(),
+        train_limit,
+        drop_path,
+    }
+}
+
 /// Range checks of the settings a run uses, each a one-line error naming the option.
 fn check_settings(s: &TrainState, a: &TrainArgs) -> Result<()> {
     let finite_at_least = |name: &str, v: f32, min: f32| -> Result<()> {
@@ -556,7 +585,6 @@ impl Setup {
         if cfg.num_classes != classes.len() {
             bail!("{what}: the model has {} classes, the data {}", cfg.num_classes, classes.len());
         }
-        let fmnist = data.name == "fashion-mnist";
         let state = match prev_state {
             // A resumed run keeps its own settings (only --epochs may be raised).
             Some(mut s) => {
@@ -568,30 +596,7 @@ impl Setup {
                 }
                 s
             }
-            None => TrainState {
-                step: 0,
-                epoch: 0,
-                batch_in_epoch: 0,
-                seed: a.seed,
-                batch: a.batch,
-                // Fashion-MNIST's defaults: PyTorch probes of cvt-fmnist (weights/README.md)
-                // reach 90.1-90.4% after 6 epochs at 3e-3-4e-3, 89.6-89.8% after 5.
-                epochs: a.epochs.unwrap_or(if fmnist { 6 } else { 3 }),
-                lr: a.lr.unwrap_or(if fmnist { 4e-3 } else { 3e-3 }),
-                min_lr: a.min_lr,
-                warmup_steps: a.warmup_steps,
-                weight_decay: a.weight_decay,
-                clip_grad: a.clip_grad,
-                label_smoothing: a.label_smoothing,
-                mixup: a.mixup,
-                cutmix: a.cutmix,
-                crop_scale: a.crop_scale.unwrap_or(if fmnist { 0.0 } else { 0.35 }),
-                flip: !a.no_flip,
-                res,
-                dataset: data.name.to_string(),
-                train_limit,
-                drop_path: parse_drop_path(&a.drop_path, cfg.stages())?,
-            },
+            None => new_state(a, data.name, res, train_limit, parse_drop_path(&a.drop_path, cfg.stages())?),
         };
         check_settings(&state, a)?;
         let meta = crate::checkpoint::model_metadata(&cfg, act, Some(&classes), Some(&spec))?;
@@ -864,6 +869,9 @@ impl<'a> Run<'a> {
 }
 
 pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
+    // The options' ranges before anything is read or created (a resumed run's
+    // stored settings are checked again once read).
+    check_settings(&new_state(a, "", 1, a.train_limit, vec![]), a)?;
     let resumed = a.resume.as_deref().map(read_training_checkpoint).transpose()?;
     // `--resume DIR` continues in DIR unless --out says otherwise.
     let out = match (&a.out, &resumed) {
