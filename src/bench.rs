@@ -1,7 +1,7 @@
 //! `cvt-gpu bench`: forward latency, throughput and achieved GFLOP/s against the
 //! adapter's own GEMM ceiling measured with the engine's matmul kernel.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -207,6 +207,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     }
     let cfg = CvtConfig::by_name(&a.model)?;
     let res = a.res.unwrap_or(cfg.image_size);
+    crate::model::check_resolution(res).context("--res")?;
     if a.mode == Mode::Train {
         return train(gpu, a, &cfg, res);
     }
