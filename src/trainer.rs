@@ -490,6 +490,7 @@ fn check_settings(s: &TrainState, a: &TrainArgs) -> Result<()> {
     // 0 is the documented "off"; otherwise the smallest crop area fraction.
     anyhow::ensure!((0.0..=1.0).contains(&s.crop_scale), "--crop-scale {}: must be in (0, 1], or 0 for no random crops", s.crop_scale);
     anyhow::ensure!(s.epochs >= 1, "--epochs {}: must be at least 1", s.epochs);
+    anyhow::ensure!(s.drop_path.iter().all(|r| (0.0..1.0).contains(r)), "--drop-path {:?}: rates must be in [0, 1)", s.drop_path);
     anyhow::ensure!(s.batch >= 2, "--batch {}: must be at least 2 (BatchNorm needs batch statistics)", s.batch);
     anyhow::ensure!(s.batch <= 1 << 16, "--batch {}: larger than any batch one step can hold", s.batch);
     anyhow::ensure!(a.max_steps != Some(0), "--max-steps 0: must be at least 1");
@@ -659,6 +660,9 @@ impl<'a> Run<'a> {
         let steps_per_epoch = (s.train_ds.len() / s.state.batch) as u64;
         if steps_per_epoch == 0 {
             bail!("{} training images, fewer than one batch of {}: lower --batch", s.train_ds.len(), s.state.batch);
+        }
+        if s.state.batch_in_epoch as u64 > steps_per_epoch {
+            bail!("the checkpoint stopped at batch {} of an epoch, but the data gives {steps_per_epoch} batches an epoch: not the same data set", s.state.batch_in_epoch);
         }
         let total_steps = steps_per_epoch * s.state.epochs as u64;
         let now = Instant::now();
