@@ -35,7 +35,7 @@ fn bin() -> Command {
 }
 
 fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cvt-gpu-hostile-{tag}-{}", std::process::id()));
+    let d = std::env::temp_dir().join(format!("cvt-gpu-runs-{tag}-{}", std::process::id()));
     std::fs::remove_dir_all(&d).ok();
     std::fs::create_dir_all(&d).unwrap();
     d
