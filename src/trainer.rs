@@ -107,6 +107,15 @@ impl DataArgs {
     }
 
     fn decode(train: Option<folder::FileList>, val: folder::FileList, res: usize, spec: Spec, name: &'static str, quiet: bool) -> Result<Data> {
+        // The decoded set is held in memory at --res: refuse one that cannot fit
+        // before decoding a single image.
+        let images = val.files.len() + train.as_ref().map_or(0, |t| t.files.len());
+        let bytes = (images as u128) * (res as u128) * (res as u128) * 3;
+        if let Some(mem) = crate::util::physical_memory() {
+            if bytes > mem as u128 / 2 {
+                bail!("{images} images at {res}x{res} take {:.1} GiB decoded, more than half this machine's memory ({:.1} GiB): lower --res", bytes as f64 / (1u64 << 30) as f64, mem as f64 / (1u64 << 30) as f64);
+            }
+        }
         let mut skipped = vec![];
         let train = match train {
             Some(list) => {

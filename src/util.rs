@@ -44,6 +44,18 @@ pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Bytes of physical memory, where the platform says.
+pub fn physical_memory() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        if pages > 0 && size > 0 {
+            return Some(pages as u64 * size as u64);
+        }
+    }
+    None
+}
+
 /// `read_limited` as UTF-8 text.
 pub fn read_text_limited(path: &Path, limit: u64, what: &str) -> Result<String> {
     let bytes = read_limited(path, limit, what)?;
