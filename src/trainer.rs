@@ -668,7 +668,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
             "epoch_s": t_epoch.elapsed().as_secs_f64(), "img_per_s": seen as f64 / t_epoch.elapsed().as_secs_f64(), "elapsed_s": t_run.elapsed().as_secs_f64()
         });
         log_metrics(&a.out, rec.clone())?;
-        if let Err(e) = crate::plot::curves(&a.out.join("metrics.jsonl"), &a.out.join("curves.png")) {
+        if let Err(e) = crate::plot::curves(&a.out.join("metrics.jsonl"), &a.out, &format!("{} on {}", cfg.name, state.dataset)) {
             eprintln!("warning: no plot ({e:#})");
         }
         if quiet {
