@@ -115,7 +115,8 @@ where
         .margin(12)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d(0f64..x_max, y_lo..y_hi)
+        // 2% room on the right: the last evaluation's marker sits on the last step.
+        .build_cartesian_2d(0f64..x_max * 1.02, y_lo..y_hi)
         .map_err(err)?;
     chart
         .configure_mesh()

@@ -21,6 +21,7 @@ fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// A list of (file, class index) with the class names.
+#[derive(Debug)]
 pub struct FileList {
     pub files: Vec<(PathBuf, u32)>,
     pub classes: Vec<String>,
