@@ -65,6 +65,10 @@ fn curves_of_one_point_and_of_nothing() {
     // Only an evaluation record.
     std::fs::write(&m, r#"{"kind":"eval","step":5,"val_top1":0.5,"val_top5":0.8,"val_loss":1.0}"#).unwrap();
     curves(&m, &dir, "eval only").unwrap();
+    // Corrupt values: a huge step and loss are left out, an accuracy over 100% is
+    // drawn at the edge; no hang or panic in the axis ranges.
+    std::fs::write(&m, "{\"kind\":\"train\",\"step\":1e300,\"loss\":1}\n{\"kind\":\"train\",\"step\":3,\"loss\":1e300}\n{\"kind\":\"train\",\"step\":4,\"loss\":-1}\n{\"kind\":\"eval\",\"step\":4,\"val_top1\":5,\"val_top5\":-2,\"val_loss\":0}").unwrap();
+    curves(&m, &dir, "corrupt").unwrap();
     // Nothing usable: a one-line error naming the file; the old chart stays.
     std::fs::write(&m, "garbage\n{\"kind\":\"train\"}\n").unwrap();
     let e = format!("{:#}", curves(&m, &dir, "x").unwrap_err());

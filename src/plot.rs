@@ -9,11 +9,14 @@ use crate::util::{limits, read_text_limited};
 use anyhow::{anyhow, bail, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 
 /// PNG size in pixels; the SVG uses the same coordinates.
 pub const WIDTH: u32 = 1280;
-pub const HEIGHT: u32 = 520;
+pub const HEIGHT: u32 = 540;
+/// Height of the legend strip under each panel.
+const LEGEND_H: u32 = 30;
 
 const BLUE: RGBColor = RGBColor(31, 119, 180);
 const ORANGE: RGBColor = RGBColor(255, 127, 14);
@@ -31,20 +34,26 @@ struct Series {
     train_acc: Vec<(f64, f64)>,
 }
 
-/// Parses metrics.jsonl. Lines that are not JSON records, or lack a finite step,
-/// are skipped (a run killed mid-write leaves a partial last line); a record
-/// missing one value leaves only that value out.
+/// A value a chart can hold: huge or infinite ones (a diverged run, a corrupt
+/// line) would make the axis range overflow.
+fn plottable(v: f64) -> bool {
+    v.is_finite() && v.abs() < 1e12
+}
+
+/// Parses metrics.jsonl. Lines that are not JSON records, or lack a plottable
+/// step, are skipped (a run killed mid-write leaves a partial last line); a
+/// record missing one value leaves only that value out.
 fn parse(text: &str) -> Series {
     let mut s = Series::default();
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        let Some(step) = v["step"].as_f64().filter(|x| x.is_finite() && *x >= 0.0) else {
+        let Some(step) = v["step"].as_f64().filter(|&x| plottable(x) && x >= 0.0) else {
             continue;
         };
         let push = |to: &mut Vec<(f64, f64)>, key: &str, scale: f64| {
-            if let Some(y) = v[key].as_f64().map(|y| y * scale).filter(|y| y.is_finite()) {
+            if let Some(y) = v[key].as_f64().map(|y| y * scale).filter(|&y| plottable(y)) {
                 to.push((step, y));
             }
         };
@@ -80,9 +89,11 @@ fn register_fonts() -> Result<()> {
 /// early in training), else it zooms in so late small changes stay visible.
 fn y_range(values: impl Iterator<Item = f64>, floor: f64, ceil: f64) -> (f64, f64) {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
-    if !lo.is_finite() {
+    if lo > hi {
         return (floor, ceil.min(floor + 1.0));
     }
+    // Values outside the bounds (a corrupt record) are drawn at the edge.
+    let (lo, hi) = (lo.clamp(floor, ceil), hi.clamp(floor, ceil));
     let pad = ((hi - lo) * 0.08).max(0.02 * hi.abs().max(1.0));
     let lo = if lo - floor < hi - lo { floor } else { lo - pad };
     (lo.max(floor), (hi + pad).min(ceil))
@@ -95,22 +106,15 @@ fn tick(v: &f64) -> String {
 }
 
 /// One panel: `series` as (name, colour, points, marked) with markers on the
-/// per-epoch series (and on any series of a single point, which no line shows).
-#[allow(clippy::too_many_arguments)]
-fn panel<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    caption: &str,
-    x_max: f64,
-    (y_lo, y_hi): (f64, f64),
-    y_label: &str,
-    series: &[(&str, RGBColor, &[(f64, f64)], bool)],
-    legend_at: SeriesLabelPosition,
-) -> Result<()>
+/// per-epoch series (and on any series of a single point, which no line shows),
+/// and a legend in a strip below the axis, where it can hide no data.
+fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, x_max: f64, (y_lo, y_hi): (f64, f64), y_label: &str, series: &[(&str, RGBColor, &[(f64, f64)], bool)]) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing the chart: {e}");
-    let mut chart = ChartBuilder::on(area)
+    let (plot_area, legend_area) = area.split_vertically(area.dim_in_pixel().1.saturating_sub(LEGEND_H));
+    let mut chart = ChartBuilder::on(&plot_area)
         .caption(caption, ("sans-serif", 19, FontStyle::Bold))
         .margin(12)
         .x_label_area_size(48)
@@ -134,28 +138,26 @@ where
         .y_label_formatter(&tick)
         .draw()
         .map_err(err)?;
-    let mut any = false;
-    for &(name, colour, points, marked) in series {
-        if points.is_empty() {
-            continue;
-        }
-        any = true;
-        let line = colour.stroke_width(2);
-        chart.draw_series(LineSeries::new(points.iter().copied(), line)).map_err(err)?.label(name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], line));
+    let shown: Vec<_> = series.iter().filter(|s| !s.2.is_empty()).collect();
+    for &&(_, colour, points, marked) in &shown {
+        chart.draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2))).map_err(err)?;
         if marked || points.len() == 1 {
             chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled()))).map_err(err)?;
         }
     }
-    if any {
-        chart
-            .configure_series_labels()
-            .position(legend_at)
-            .label_font(("sans-serif", 15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(190, 190, 190))
-            .margin(10)
-            .draw()
-            .map_err(err)?;
+    // Legend entries side by side, centred under the plot: swatch, gap, name.
+    let text = ("sans-serif", 15).into_font().color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center));
+    let widths = shown.iter().map(|s| legend_area.estimate_text_size(s.0, &text).map(|(w, _)| w as i32)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+    let (swatch, gap) = (28, 26);
+    let total: i32 = widths.iter().map(|w| w + swatch + 6).sum::<i32>() + gap * (widths.len() as i32 - 1).max(0);
+    let (mut x, y) = (((legend_area.dim_in_pixel().0 as i32 - total) / 2).max(0), LEGEND_H as i32 / 2 - 4);
+    for (&&(name, colour, _, marked), w) in shown.iter().zip(widths) {
+        legend_area.draw(&PathElement::new(vec![(x, y), (x + swatch, y)], colour.stroke_width(2))).map_err(err)?;
+        if marked {
+            legend_area.draw(&Circle::new((x + swatch / 2, y), 4, colour.filled())).map_err(err)?;
+        }
+        legend_area.draw_text(name, &text, (x + swatch + 6, y)).map_err(err)?;
+        x += swatch + 6 + w + gap;
     }
     Ok(())
 }
@@ -171,8 +173,8 @@ where
     let (left, right) = root.split_horizontally(WIDTH / 2);
     let all = [&s.train_loss, &s.val_loss, &s.top1, &s.top5, &s.train_acc];
     let x_max = all.iter().flat_map(|v| v.iter().map(|p| p.0)).fold(1.0, f64::max);
-    let loss = y_range(s.train_loss.iter().chain(&s.val_loss).map(|p| p.1), 0.0, f64::MAX);
-    panel(&left, "Loss", x_max, loss, "cross-entropy loss", &[("train (per logged step)", BLUE, &s.train_loss, false), ("validation (per epoch)", ORANGE, &s.val_loss, true)], SeriesLabelPosition::UpperRight)?;
+    let loss = y_range(s.train_loss.iter().chain(&s.val_loss).map(|p| p.1), 0.0, 1e12);
+    panel(&left, "Loss", x_max, loss, "cross-entropy loss", &[("train (per logged step)", BLUE, &s.train_loss, false), ("validation (per epoch)", ORANGE, &s.val_loss, true)])?;
     let acc = y_range(s.top1.iter().chain(&s.top5).chain(&s.train_acc).map(|p| p.1), 0.0, 100.0);
     panel(
         &right,
@@ -180,8 +182,7 @@ where
         x_max,
         acc,
         "accuracy (%)",
-        &[("validation top-5", GREY, &s.top5, true), ("validation top-1", GREEN, &s.top1, true), ("train (epoch mean)", PURPLE, &s.train_acc, true)],
-        SeriesLabelPosition::LowerRight,
+        &[("validation top-1", GREEN, &s.top1, true), ("validation top-5", GREY, &s.top5, true), ("train (epoch mean)", PURPLE, &s.train_acc, true)],
     )?;
     root.present().map_err(err)
 }
