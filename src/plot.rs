@@ -105,10 +105,13 @@ fn tick(v: &f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+/// A series to draw: name, colour, (step, value) points, whether to mark each point.
+type Curve<'a> = (&'a str, RGBColor, &'a [(f64, f64)], bool);
+
 /// One panel: `series` as (name, colour, points, marked) with markers on the
 /// per-epoch series (and on any series of a single point, which no line shows),
 /// and a legend in a strip below the axis, where it can hide no data.
-fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, x_max: f64, (y_lo, y_hi): (f64, f64), y_label: &str, series: &[(&str, RGBColor, &[(f64, f64)], bool)]) -> Result<()>
+fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, x_max: f64, (y_lo, y_hi): (f64, f64), y_label: &str, series: &[Curve]) -> Result<()>
 where
     DB::ErrorType: 'static,
 {

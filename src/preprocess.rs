@@ -128,7 +128,8 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// One output value of a pass: `k` weights over `len` samples read by `at(i)`.
+/// One output value of a pass: the weights `k` over the samples `at(0..k.len())`,
+/// rounded and clamped to 8 bits as Pillow does.
 fn convolve(k: &[i32], at: impl Fn(usize) -> u8) -> u8 {
     let mut ss: i64 = 1 << (PRECISION_BITS - 1);
     for (i, &w) in k.iter().enumerate() {
@@ -149,7 +150,7 @@ pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
 /// so only the window's columns are computed, on only the input rows the
 /// window's rows read, streamed through a queue of the rows in reach. Memory is
 /// the window plus one vertical kernel's rows, whatever the image's aspect.
-pub fn resize_window(img: &RgbImage, (out_w, out_h): (usize, usize), (xs, ys): (Range<usize>, Range<usize>)) -> RgbImage {
+fn resize_window(img: &RgbImage, (out_w, out_h): (usize, usize), (xs, ys): (Range<usize>, Range<usize>)) -> RgbImage {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
     let (x0, w, h) = (xs.start, xs.len(), ys.len());
@@ -175,9 +176,7 @@ pub fn resize_window(img: &RgbImage, (out_w, out_h): (usize, usize), (xs, ys): (
                 while first + rows.len() < ymin + k.len() {
                     rows.push_back(mid_row(first + rows.len()));
                 }
-                for x in 0..w * 3 {
-                    out.push(convolve(k, |i| rows[i][x]));
-                }
+                out.extend((0..w * 3).map(|x| convolve(k, |i| rows[i][x])));
             }
         }
     }
