@@ -84,7 +84,7 @@ fn register_fonts() -> Result<()> {
     Ok(())
 }
 
-/// A y range holding every value with some headroom, clamped to [floor, ceil].
+/// A y range holding every value with some headroom, within [floor, ceil].
 /// It starts at `floor` when the values come near it (loss from 0, accuracy
 /// early in training), else it zooms in so late small changes stay visible.
 fn y_range(values: impl Iterator<Item = f64>, floor: f64, ceil: f64) -> (f64, f64) {
@@ -95,8 +95,10 @@ fn y_range(values: impl Iterator<Item = f64>, floor: f64, ceil: f64) -> (f64, f6
     // Values outside the bounds (a corrupt record) are drawn at the edge.
     let (lo, hi) = (lo.clamp(floor, ceil), hi.clamp(floor, ceil));
     let pad = ((hi - lo) * 0.08).max(0.02 * hi.abs().max(1.0));
-    let lo = if lo - floor < hi - lo { floor } else { lo - pad };
-    (lo.max(floor), (hi + pad).min(ceil))
+    let lo = if lo - floor < hi - lo { floor } else { (lo - pad).max(floor) };
+    let top = (hi + pad).min(ceil);
+    // A sliver above `ceil` too: a series at 100% is not drawn on the frame.
+    (lo, top + (top - lo) * 0.02)
 }
 
 /// A tick value without trailing zeros ("95", "2.5", "0.25").
