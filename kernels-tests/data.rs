@@ -108,3 +108,111 @@ fn loader_is_seeded_complete_and_smoothed() {
     let n = epoch(ds, LoaderConfig { drop_last: true, ..cfg }, 0).into_iter().count();
     assert_eq!(n, 2);
 }
+
+/// Beta(a, a) for mixup and cutmix: finite, in [0, 1], mean 1/2 and variance
+/// 1/(4(2a+1)), down to a = 0.001 (an f32 Gamma ratio gave 0/0 = NaN there).
+/// Tolerances are 5 standard errors of 20k samples: for the mean sqrt(var/n)
+/// (<= 0.0036); for the second moment about the true mean 1/2, whose variance is
+/// (mu4 - var^2)/n with mu4 = 3/(16(2a+1)(2a+3)) for the symmetric Beta.
+#[test]
+fn beta_sampler_is_exact_for_small_alpha() {
+    let n = 20_000;
+    for a in [0.001f32, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0] {
+        let mut rng = cvt_gpu::util::Rng::new(42);
+        let xs: Vec<f64> = (0..n).map(|_| cvt_gpu::data::loader::beta(a, &mut rng)).collect();
+        assert!(xs.iter().all(|x| (0.0..=1.0).contains(x)), "a = {a}: sample outside [0, 1] or NaN");
+        let a = a as f64;
+        let var = 1.0 / (4.0 * (2.0 * a + 1.0));
+        let mu4 = 3.0 / (16.0 * (2.0 * a + 1.0) * (2.0 * a + 3.0));
+        let mean = xs.iter().sum::<f64>() / n as f64;
+        let m2 = xs.iter().map(|x| (x - 0.5).powi(2)).sum::<f64>() / n as f64;
+        let (se_mean, se_m2) = ((var / n as f64).sqrt(), ((mu4 - var * var) / n as f64).sqrt());
+        assert!((mean - 0.5).abs() < 5.0 * se_mean, "a = {a}: mean {mean}");
+        assert!((m2 - var).abs() < 5.0 * se_m2 + 1e-12, "a = {a}: variance {m2}, want {var} +- {}", 5.0 * se_m2);
+        // Small a: nearly all mass at the ends (P(min(x, 1 - x) < 1e-3) ~ 1e-3^a).
+        let ends = xs.iter().filter(|&&x| x.min(1.0 - x) < 1e-3).count() as f64 / n as f64;
+        if a <= 0.01 {
+            assert!(ends > 0.9, "a = {a}: {ends} of samples near 0 or 1");
+        }
+    }
+    // Mixup at a = 0.01 through the loader: finite images and targets.
+    let ds = toy();
+    let augment = cvt_gpu::data::loader::Augment { mixup: 0.01, ..Default::default() };
+    let cfg = LoaderConfig { batch: 4, seed: 1, label_smoothing: 0.0, mean: [0.5; 3], std: [0.25; 3], augment, drop_last: false, shuffle: true };
+    for b in epoch(ds, cfg, 0) {
+        assert!(b.images.iter().chain(&b.targets).all(|v| v.is_finite()));
+    }
+}
+
+use cvt_gpu::data::folder::{image_folder, tiny_imagenet};
+use std::os::unix::ffi::OsStrExt;
+
+fn png_at(dir: &Path, name: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    image::RgbImage::from_pixel(4, 4, image::Rgb([9, 99, 199])).save(dir.join(name)).unwrap();
+}
+
+/// A class directory whose name is not UTF-8 keeps its images; two whose lossy
+/// names collide are refused; an empty training class is an error naming it, an
+/// empty validation class a warning.
+#[test]
+fn image_folder_class_names() {
+    let root = tmp("folder");
+    std::fs::remove_dir_all(&root).ok();
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    for split in ["train", "val"] {
+        png_at(&root.join(split).join("apple"), "0.png");
+        png_at(&root.join(split).join(latin1), "0.png");
+        png_at(&root.join(split).join(latin1), "1.jpg");
+    }
+    let train = image_folder(&root, "train", None).unwrap();
+    assert_eq!(train.classes, ["apple", "caf\u{FFFD}"]);
+    assert_eq!(train.files.iter().map(|f| f.1).collect::<Vec<_>>(), [0, 1, 1]);
+    assert!(train.files.iter().all(|f| f.0.is_file()));
+    let val = image_folder(&root, "val", Some(&train.classes)).unwrap();
+    assert_eq!(val.files.len(), 3);
+    // A validation class with no images: still a list (with a warning).
+    std::fs::remove_file(root.join("val").join(latin1).join("0.png")).unwrap();
+    std::fs::remove_file(root.join("val").join(latin1).join("1.jpg")).unwrap();
+    assert_eq!(image_folder(&root, "val", Some(&train.classes)).unwrap().files.len(), 1);
+    // An empty training class.
+    std::fs::create_dir_all(root.join("train").join("zebra")).unwrap();
+    std::fs::write(root.join("train").join("zebra").join("notes.txt"), "no images").unwrap();
+    let e = format!("{:#}", image_folder(&root, "train", None).unwrap_err());
+    assert!(e.contains("zebra") && e.contains("no image files") && !e.contains('\n'), "{e}");
+    std::fs::remove_dir_all(root.join("train").join("zebra")).unwrap();
+    // Two names that read the same once made UTF-8.
+    png_at(&root.join("train").join(std::ffi::OsStr::from_bytes(b"caf\xff")), "0.png");
+    let e = format!("{:#}", image_folder(&root, "train", None).unwrap_err());
+    assert!(e.contains("both read as class 'caf\u{FFFD}'"), "{e}");
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// Tiny-ImageNet: a class with no training images is an error; the text files
+/// are read bounded (a FIFO for wnids.txt is refused, not waited on).
+#[test]
+fn tiny_imagenet_empty_class_and_text_files() {
+    let root = tmp("tiny");
+    std::fs::remove_dir_all(&root).ok();
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("wnids.txt"), "n1\nn2\n").unwrap();
+    std::fs::write(root.join("words.txt"), "n1\tone, uno\nn2\ttwo\n").unwrap();
+    png_at(&root.join("train/n1/images"), "a.JPEG");
+    std::fs::create_dir_all(root.join("train/n2/images")).unwrap();
+    let e = format!("{:#}", tiny_imagenet(&root, "train").unwrap_err());
+    assert!(e.contains("n2") && e.contains("no image files"), "{e}");
+    png_at(&root.join("train/n2/images"), "b.JPEG");
+    let t = tiny_imagenet(&root, "train").unwrap();
+    assert_eq!((t.files.len(), t.classes.clone()), (2, vec!["one".to_string(), "two".to_string()]));
+    // Validation with no image of n2: a warning, not an error.
+    png_at(&root.join("val/images"), "v.JPEG");
+    std::fs::write(root.join("val/val_annotations.txt"), "v.JPEG\tn1\t0\t0\t1\t1\n").unwrap();
+    assert_eq!(tiny_imagenet(&root, "val").unwrap().files.len(), 1);
+    std::fs::remove_file(root.join("wnids.txt")).unwrap();
+    let fifo = std::ffi::CString::new(root.join("wnids.txt").as_os_str().as_bytes()).unwrap();
+    if unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) } == 0 {
+        let e = format!("{:#}", tiny_imagenet(&root, "val").unwrap_err());
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -7,8 +7,11 @@
 //! rounding and clamping after each pass. Matching it bit for bit is what makes
 //! the engine's input equal the reference's.
 
+use crate::util::{limits, read_limited};
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
+use std::collections::VecDeque;
+use std::ops::Range;
 use std::path::Path;
 
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -25,22 +28,50 @@ pub enum Resize {
     None,
 }
 
+/// Decoding limits: a side longer than `MAX_SIDE`, or a decoder buffer or RGB
+/// result larger than `MAX_DECODED_BYTES`, is refused from the header, before
+/// the pixels are allocated (a decompression bomb is KBs on disk, GBs decoded).
+pub const MAX_SIDE: u32 = 1 << 16;
+pub const MAX_DECODED_BYTES: u64 = 512 << 20;
+
 /// Decodes an image file to 8-bit RGB (grayscale, alpha and 16-bit converted).
 pub fn decode(path: &Path) -> Result<RgbImage> {
-    let shown = path.display();
-    if path.is_dir() {
-        bail!("{shown}: is a directory, expected an image file");
-    }
-    let meta = std::fs::metadata(path).with_context(|| format!("{shown}: cannot read"))?;
-    if meta.len() == 0 {
+    let bytes = read_limited(path, limits::IMAGE, "image file")?;
+    decode_image_bytes(&bytes, &path.display().to_string())
+}
+
+/// Decodes an image held in memory (`shown` names it in errors); the format is
+/// recognised by content, whatever the file was called.
+pub fn decode_image_bytes(bytes: &[u8], shown: &str) -> Result<RgbImage> {
+    if bytes.is_empty() {
         bail!("{shown}: empty file, not an image");
     }
-    let reader = image::ImageReader::open(path).with_context(|| format!("{shown}: cannot read"))?.with_guessed_format().with_context(|| format!("{shown}: cannot read"))?;
-    if reader.format().is_none() {
-        bail!("{shown}: not a PNG, JPEG, WebP or BMP image");
+    let too_large = || format!("{shown}: image too large to decode (at most {MAX_SIDE} pixels a side and {} MiB decoded)", MAX_DECODED_BYTES >> 20);
+    let fail = |e: image::ImageError| match e {
+        image::ImageError::Limits(_) => anyhow::anyhow!("{} ({e})", too_large()),
+        _ => anyhow::anyhow!("{shown}: cannot decode image ({e})"),
+    };
+    let reader = || -> Result<image::ImageReader<std::io::Cursor<&[u8]>>> {
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().with_context(|| format!("{shown}: cannot read"))?;
+        if reader.format().is_none() {
+            bail!("{shown}: not a PNG, JPEG, WebP or BMP image");
+        }
+        let mut lim = image::Limits::default();
+        lim.max_image_width = Some(MAX_SIDE);
+        lim.max_image_height = Some(MAX_SIDE);
+        lim.max_alloc = Some(MAX_DECODED_BYTES);
+        reader.limits(lim);
+        Ok(reader)
+    };
+    // The decoder checks its own buffer; the RGB copy made below is checked here.
+    let (w, h) = reader()?.into_dimensions().map_err(fail)?;
+    if w == 0 || h == 0 {
+        bail!("{shown}: image has no pixels ({w}x{h})");
     }
-    let img = reader.decode().map_err(|e| anyhow::anyhow!("{shown}: cannot decode image ({e})"))?;
-    Ok(img.to_rgb8())
+    if w as u64 * h as u64 * 3 > MAX_DECODED_BYTES {
+        bail!("{} ({w}x{h})", too_large());
+    }
+    Ok(reader()?.decode().map_err(fail)?.to_rgb8())
 }
 
 /// Pillow's bicubic kernel (a = -0.5), support 2.
@@ -58,13 +89,15 @@ fn bicubic(x: f64) -> f64 {
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// Per output pixel: first input index and fixed-point weights (Pillow's
-/// `precompute_coeffs` + `normalize_coeffs_8bpc`).
-fn coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+/// For the output pixels `range` of a resize from `in_size` to `out_size`: first
+/// input index and fixed-point weights (Pillow's `precompute_coeffs` +
+/// `normalize_coeffs_8bpc`). Only the requested range is computed, so a crop
+/// of a huge virtual output costs what the crop costs.
+fn coeffs(in_size: usize, out_size: usize, range: Range<usize>) -> Vec<(usize, Vec<i32>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = 2.0 * filterscale;
-    (0..out_size)
+    range
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             let ss = 1.0 / filterscale;
@@ -95,48 +128,59 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// One output value of a pass: the weights `k` over the samples `at(0..k.len())`,
+/// rounded and clamped to 8 bits as Pillow does.
+fn convolve(k: &[i32], at: impl Fn(usize) -> u8) -> u8 {
+    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+    for (i, &w) in k.iter().enumerate() {
+        ss += at(i) as i64 * w as i64;
+    }
+    clip8(ss)
+}
+
 /// Pillow-exact bicubic resize of an RGB image.
 pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    resize_window(img, (out_w, out_h), (0..out_w, 0..out_h))
+}
+
+/// The window `xs` x `ys` of the Pillow-exact bicubic resize of `img` to
+/// out_w x out_h, identical to resizing everything and cropping. Pillow runs the
+/// horizontal pass (rounded to 8 bits) then the vertical one, each skipped when
+/// that size is unchanged; every output pixel depends only on its own weights,
+/// so only the window's columns are computed, on only the input rows the
+/// window's rows read, streamed through a queue of the rows in reach. Memory is
+/// the window plus one vertical kernel's rows, whatever the image's aspect.
+fn resize_window(img: &RgbImage, (out_w, out_h): (usize, usize), (xs, ys): (Range<usize>, Range<usize>)) -> RgbImage {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
-    // Horizontal pass (skipped when the width is unchanged, as Pillow does).
-    let (mid, mid_w) = if out_w != in_w {
-        let cx = coeffs(in_w, out_w);
-        let mut mid = vec![0u8; out_w * in_h * 3];
-        for y in 0..in_h {
-            for (x, (xmin, k)) in cx.iter().enumerate() {
-                for ch in 0..3 {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &w) in k.iter().enumerate() {
-                        ss += src[(y * in_w + xmin + i) * 3 + ch] as i64 * w as i64;
-                    }
-                    mid[(y * out_w + x) * 3 + ch] = clip8(ss);
+    let (x0, w, h) = (xs.start, xs.len(), ys.len());
+    let cx = (out_w != in_w).then(|| coeffs(in_w, out_w, xs.clone()));
+    let cy = (out_h != in_h).then(|| coeffs(in_h, out_h, ys.clone()));
+    // Input row `y` after the horizontal pass, window columns only.
+    let mid_row = |y: usize| -> Vec<u8> {
+        let row = &src[y * in_w * 3..(y + 1) * in_w * 3];
+        match &cx {
+            Some(cx) => cx.iter().flat_map(|(xmin, k)| (0..3).map(move |ch| convolve(k, |i| row[(xmin + i) * 3 + ch]))).collect(),
+            None => row[x0 * 3..(x0 + w) * 3].to_vec(),
+        }
+    };
+    let mut out = Vec::with_capacity(w * h * 3);
+    match &cy {
+        None => ys.for_each(|y| out.extend(mid_row(y))),
+        Some(cy) => {
+            // Each output row reads rows ymin..ymin+k.len(); both ends only grow.
+            let (mut rows, mut first) = (VecDeque::new(), 0);
+            for (ymin, k) in cy {
+                rows.drain(..ymin.saturating_sub(first).min(rows.len()));
+                first = *ymin;
+                while first + rows.len() < ymin + k.len() {
+                    rows.push_back(mid_row(first + rows.len()));
                 }
+                out.extend((0..w * 3).map(|x| convolve(k, |i| rows[i][x])));
             }
         }
-        (mid, out_w)
-    } else {
-        (src.to_vec(), in_w)
-    };
-    let out = if out_h != in_h {
-        let cy = coeffs(in_h, out_h);
-        let mut out = vec![0u8; mid_w * out_h * 3];
-        for (y, (ymin, k)) in cy.iter().enumerate() {
-            for x in 0..mid_w {
-                for ch in 0..3 {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &w) in k.iter().enumerate() {
-                        ss += mid[((ymin + i) * mid_w + x) * 3 + ch] as i64 * w as i64;
-                    }
-                    out[(y * mid_w + x) * 3 + ch] = clip8(ss);
-                }
-            }
-        }
-        out
-    } else {
-        mid
-    };
-    RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("resize buffer size")
+    }
+    RgbImage::from_raw(w as u32, h as u32, out).expect("resize buffer size")
 }
 
 /// Python's round() (half to even), which torchvision's CenterCrop uses.
@@ -150,6 +194,7 @@ fn round_half_even(x: f64) -> i64 {
 }
 
 /// The official evaluation geometry for a `res` model, as an RGB image res x res.
+/// Only the crop window of the resized image is computed (`resize_window`).
 pub fn eval_transform(img: &RgbImage, res: usize) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if res >= 384 {
@@ -157,11 +202,12 @@ pub fn eval_transform(img: &RgbImage, res: usize) -> RgbImage {
     }
     let short = (res as f64 / 0.875) as usize;
     // torchvision Resize(int): shorter side to `short`, longer side int(short * long / short_in).
+    // The f64 product cannot overflow; the cast saturates, and `short` bounds the crop.
     let (nw, nh) = if w <= h { (short, (short as f64 * h as f64 / w as f64) as usize) } else { ((short as f64 * w as f64 / h as f64) as usize, short) };
-    let r = if (nw, nh) == (w, h) { img.clone() } else { resize_bicubic(img, nw, nh) };
-    let top = round_half_even((nh as f64 - res as f64) / 2.0).max(0) as u32;
-    let left = round_half_even((nw as f64 - res as f64) / 2.0).max(0) as u32;
-    image::imageops::crop_imm(&r, left, top, res as u32, res as u32).to_image()
+    let top = (round_half_even((nh as f64 - res as f64) / 2.0).max(0) as usize).min(nh);
+    let left = (round_half_even((nw as f64 - res as f64) / 2.0).max(0) as usize).min(nw);
+    // As crop_imm: a window past the edge is cut to the image.
+    resize_window(img, (nw, nh), (left..(left + res).min(nw), top..(top + res).min(nh)))
 }
 
 /// ToTensor + Normalize into NHWC f32 (the layout the first conv reads).
@@ -263,7 +309,7 @@ mod tests {
     #[test]
     fn coefficients_sum_to_one() {
         for (i, o) in [(451, 256), (256, 224), (7, 13), (300, 1)] {
-            for (_, k) in coeffs(i, o) {
+            for (_, k) in coeffs(i, o, 0..o) {
                 let s: i64 = k.iter().map(|&v| v as i64).sum();
                 assert!((s - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{i}->{o}: {s}");
             }

@@ -828,7 +828,7 @@ impl<'a> Run<'a> {
             "epoch_s": seconds, "img_per_s": ips, "elapsed_s": self.t_run.elapsed().as_secs_f64()
         });
         log_metrics(&self.dir.path, rec.clone())?;
-        if let Err(e) = crate::plot::curves(&self.dir.join("metrics.jsonl"), &self.dir.join("curves.png")) {
+        if let Err(e) = crate::plot::curves(&self.dir.join("metrics.jsonl"), &self.dir.path, &format!("{} on {}", self.s.cfg.name, st.dataset)) {
             eprintln!("warning: no plot ({e:#})");
         }
         if self.quiet {

@@ -5,6 +5,7 @@
 //! An image that does not decode is skipped with a warning and counted.
 
 use super::Dataset;
+use crate::util::{limits, read_text_limited};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -20,47 +21,88 @@ fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// A list of (file, class index) with the class names.
+#[derive(Debug)]
 pub struct FileList {
     pub files: Vec<(PathBuf, u32)>,
     pub classes: Vec<String>,
 }
 
+/// Names for a message: the first few, then how many more.
+fn name_list(names: &[&str]) -> String {
+    let mut s = names.iter().take(8).copied().collect::<Vec<_>>().join(", ");
+    if names.len() > 8 {
+        s += &format!(" and {} more", names.len() - 8);
+    }
+    s
+}
+
+/// Classes with no file: an error for the split that defines the classes (such a
+/// class would be in the model's output but never trained), a warning otherwise
+/// (its validation accuracy is not measured).
+fn check_classes(files: &[(PathBuf, u32)], shown: &[String], train: bool, dir: &Path) -> Result<()> {
+    let mut count = vec![0usize; shown.len()];
+    for (_, c) in files {
+        count[*c as usize] += 1;
+    }
+    let empty: Vec<&str> = shown.iter().zip(&count).filter(|(_, &n)| n == 0).map(|(c, _)| c.as_str()).collect();
+    if empty.is_empty() {
+        Ok(())
+    } else if train {
+        bail!("{}: no image files (.png, .jpg, .jpeg, .webp, .bmp) for {} class(es): {} (every class needs training images)", dir.display(), empty.len(), name_list(&empty))
+    } else {
+        eprintln!("warning: {}: no validation images for {} class(es): {}", dir.display(), empty.len(), name_list(&empty));
+        Ok(())
+    }
+}
+
+/// The class directories of `dir`, sorted, as (name, path). The path is kept as
+/// the file system has it; a name that is not UTF-8 is shown and stored in its
+/// lossy form, so two names that read the same are refused (they would merge).
+fn class_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let found: Vec<(String, PathBuf)> = sorted_dir(dir)?.into_iter().filter(|p| p.is_dir()).filter_map(|p| Some((p.file_name()?.to_string_lossy().into_owned(), p))).collect();
+    let mut seen = std::collections::HashMap::new();
+    for (name, path) in &found {
+        if let Some(other) = seen.insert(name, path) {
+            bail!("{}: class directories {:?} and {:?} both read as class '{name}' (rename one to valid UTF-8)", dir.display(), other.file_name().unwrap_or_default(), path.file_name().unwrap_or_default());
+        }
+    }
+    Ok(found)
+}
+
 /// `split` of an image folder: one sub-directory per class, sorted by name (as
 /// torchvision's ImageFolder). `classes` fixes the class order (the val split
-/// must use the train split's).
+/// must use the train split's); without it the split defines the classes and
+/// every class must have images.
 pub fn image_folder(root: &Path, split: &str, classes: Option<&[String]>) -> Result<FileList> {
     let dir = root.join(split);
     if !dir.is_dir() {
         bail!("{}: no {split}/ directory (expected {split}/<class>/<image files>)", root.display());
     }
-    let found: Vec<String> = sorted_dir(&dir)?.into_iter().filter(|p| p.is_dir()).filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
+    let found = class_dirs(&dir)?;
+    let defines_classes = classes.is_none();
     let classes: Vec<String> = match classes {
         Some(c) => {
-            if let Some(extra) = found.iter().find(|f| !c.contains(f)) {
+            if let Some((extra, _)) = found.iter().find(|(f, _)| !c.contains(f)) {
                 bail!("{}: class {extra} is not among the training classes", dir.display());
             }
             c.to_vec()
         }
-        None => found,
+        None => found.iter().map(|(name, _)| name.clone()).collect(),
     };
     if classes.len() < 2 {
         bail!("{}: found {} class directories, need at least 2", dir.display(), classes.len());
     }
     let mut files = vec![];
     for (ci, c) in classes.iter().enumerate() {
-        let cdir = dir.join(c);
-        if !cdir.is_dir() {
-            continue;
-        }
-        for f in sorted_dir(&cdir)? {
-            if f.is_file() && is_image(&f) {
-                files.push((f, ci as u32));
-            }
+        // A class missing here counts as empty (checked below).
+        if let Some((_, cdir)) = found.iter().find(|(name, _)| name == c) {
+            files.extend(sorted_dir(cdir)?.into_iter().filter(|f| f.is_file() && is_image(f)).map(|f| (f, ci as u32)));
         }
     }
     if files.is_empty() {
         bail!("{}: no image files (.png, .jpg, .jpeg, .webp, .bmp) under the class directories", dir.display());
     }
+    check_classes(&files, &classes, defines_classes, &dir)?;
     Ok(FileList { files, classes })
 }
 
@@ -69,19 +111,18 @@ pub fn image_folder(root: &Path, split: &str, classes: Option<&[String]>) -> Res
 /// `val/val_annotations.txt` (file, wnid, box). Split "train" or "val".
 pub fn tiny_imagenet(root: &Path, split: &str) -> Result<FileList> {
     let wnids_path = root.join("wnids.txt");
-    let wnids: Vec<String> = std::fs::read_to_string(&wnids_path)
-        .with_context(|| format!("{}: cannot read (is {} a tiny-imagenet-200 directory?)", wnids_path.display(), root.display()))?
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
+    if !wnids_path.exists() {
+        bail!("{}: missing (is {} a tiny-imagenet-200 directory?)", wnids_path.display(), root.display());
+    }
+    let wnids: Vec<String> = read_text_limited(&wnids_path, limits::TEXT, "class id list")?.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
     if wnids.len() < 2 {
         bail!("{}: {} class ids, need at least 2", wnids_path.display(), wnids.len());
     }
     // Readable names from words.txt (optional): "n01443537\tgoldfish, Carassius auratus".
     let mut names = wnids.clone();
-    if let Ok(words) = std::fs::read_to_string(root.join("words.txt")) {
-        for line in words.lines() {
+    let words_path = root.join("words.txt");
+    if words_path.exists() {
+        for line in read_text_limited(&words_path, limits::TEXT, "class names file")?.lines() {
             if let Some((id, w)) = line.split_once('\t') {
                 if let Some(i) = wnids.iter().position(|x| x == id) {
                     names[i] = w.split(',').next().unwrap_or(w).trim().to_string();
@@ -97,16 +138,12 @@ pub fn tiny_imagenet(root: &Path, split: &str) -> Result<FileList> {
                 if !dir.is_dir() {
                     bail!("{}: missing (every class of wnids.txt needs train/<wnid>/images/)", dir.display());
                 }
-                for f in sorted_dir(&dir)? {
-                    if f.is_file() && is_image(&f) {
-                        files.push((f, ci as u32));
-                    }
-                }
+                files.extend(sorted_dir(&dir)?.into_iter().filter(|f| f.is_file() && is_image(f)).map(|f| (f, ci as u32)));
             }
         }
         _ => {
             let ann = root.join("val").join("val_annotations.txt");
-            let text = std::fs::read_to_string(&ann).with_context(|| format!("{}: cannot read", ann.display()))?;
+            let text = read_text_limited(&ann, limits::TEXT, "annotation list")?;
             for (ln, line) in text.lines().enumerate() {
                 let mut parts = line.split('\t');
                 let (Some(file), Some(id)) = (parts.next(), parts.next()) else {
@@ -123,6 +160,7 @@ pub fn tiny_imagenet(root: &Path, split: &str) -> Result<FileList> {
     if files.is_empty() {
         bail!("{}: no {split} images found", root.display());
     }
+    check_classes(&files, &wnids, split == "train", &root.join(split))?;
     Ok(FileList { files, classes: names })
 }
 

@@ -102,26 +102,42 @@ fn augment_image(src: &[u8], h: usize, w: usize, c: usize, a: &Augment, rng: &mu
     out
 }
 
-/// A Beta(a, a) sample from two Gamma(a) samples (Marsaglia-Tsang, with the
-/// a < 1 boost).
-fn beta(a: f32, rng: &mut Rng) -> f32 {
-    fn gamma(a: f32, rng: &mut Rng) -> f32 {
-        if a < 1.0 {
-            return gamma(a + 1.0, rng) * rng.uniform().max(1e-12).powf(1.0 / a);
-        }
-        let d = a - 1.0 / 3.0;
-        let c = 1.0 / (9.0 * d).sqrt();
-        loop {
-            let x = rng.normal();
-            let v = (1.0 + c * x).powi(3);
-            if v > 0.0 && rng.uniform().max(1e-12).ln() < 0.5 * x * x + d - d * v + d * v.ln() {
-                return d * v;
-            }
+/// Uniform in (0, 1] with 53 random bits: its logarithm is finite.
+fn uniform_open(rng: &mut Rng) -> f64 {
+    ((rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+}
+
+/// ln of a Gamma(a) sample (Marsaglia-Tsang; below a = 1 the boost
+/// Gamma(a) = Gamma(a + 1) U^(1/a)). In log space because for small a the
+/// sample itself underflows: at a = 0.01, U^100 is below f64's range for U < 0.0006.
+fn ln_gamma_sample(a: f64, rng: &mut Rng) -> f64 {
+    if a < 1.0 {
+        return ln_gamma_sample(a + 1.0, rng) + uniform_open(rng).ln() / a;
+    }
+    let d = a - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        // Standard normal (Box-Muller) in f64.
+        let x = (-2.0 * uniform_open(rng).ln()).sqrt() * (2.0 * std::f64::consts::PI * uniform_open(rng)).cos();
+        let v = (1.0 + c * x).powi(3);
+        if v > 0.0 && uniform_open(rng).ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+            return (d * v).ln();
         }
     }
-    let x = gamma(a, rng);
-    let y = gamma(a, rng);
-    x / (x + y)
+}
+
+/// A Beta(a, a) sample, X / (X + Y) for X, Y ~ Gamma(a), computed as
+/// 1 / (1 + exp(ln Y - ln X)): exact for small a (mostly 0 or 1, never 0/0),
+/// always in [0, 1]. An infinite a is the point mass at 1/2 (Marsaglia-Tsang
+/// would loop on inf - inf); the caller never passes a <= 0.
+pub fn beta(a: f32, rng: &mut Rng) -> f64 {
+    let a = a as f64;
+    if !a.is_finite() {
+        return 0.5;
+    }
+    // a is an f32 > 0, so ln U / a >= -37 / 1.4e-45 stays finite in f64.
+    let t = ln_gamma_sample(a, rng) - ln_gamma_sample(a, rng);
+    1.0 / (1.0 + (-t).exp())
 }
 
 /// Builds the batch of the given dataset indices; `rng` drives the augmentation.
@@ -143,7 +159,7 @@ pub fn make_batch(ds: &Dataset, idx: &[usize], cfg: &LoaderConfig, rng: &mut Rng
     let a = &cfg.augment;
     let use_cutmix = a.cutmix > 0.0 && (a.mixup <= 0.0 || rng.uniform() < 0.5);
     if n > 1 && (use_cutmix || a.mixup > 0.0) {
-        let mut lam = beta(if use_cutmix { a.cutmix } else { a.mixup }, rng);
+        let mut lam = beta(if use_cutmix { a.cutmix } else { a.mixup }, rng) as f32;
         let orig = images.clone();
         let orig_t = targets.clone();
         if use_cutmix {
