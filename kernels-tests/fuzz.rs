@@ -5,10 +5,12 @@
 //! live), more than SOFT_CAP of heap growth or more than BUDGET of time.
 //!
 //! A failing input is written to target/fuzz-failures/ and named with its target
-//! and iteration; a run is reproducible from FUZZ_SEED (default fixed), and
-//! FUZZ_SCALE multiplies the iteration counts for longer runs. Inputs that once
-//! failed live in kernels-tests/fuzz-regressions/<target>-*.bin and are replayed
-//! first.
+//! and iteration; a run is reproducible from FUZZ_SEED (default fixed).
+//! FUZZ_SCALE multiplies the iteration counts for longer runs, FUZZ_ONLY=<target>
+//! runs one target, and FUZZ_SAVE=<target>:<iteration> saves that input before
+//! running it (for one that aborts the process: the abort message names it).
+//! Inputs that once failed live in kernels-tests/fuzz-regressions/<target>-*.bin
+//! and are replayed first.
 
 mod craft;
 
@@ -19,7 +21,6 @@ use cvt_gpu::util::Rng;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 /// Heap growth one input may cause: the largest seed is under 1 MB.
@@ -36,8 +37,15 @@ struct Target {
     name: &'static str,
     iters: usize,
     seeds: Vec<(Vec<u8>, Option<Wrap>)>,
+    /// Fragments of the format the mutator inserts, often many times over.
+    tokens: &'static [&'static [u8]],
     run: Run,
 }
+
+/// Pickle opcodes that nest, share and build (tuples, lists, dicts, the memo, calls).
+const PICKLE: &[&[u8]] = &[b"(", b")", b"t", b"\x85", b"\x86", b"]", b"a", b"e", b"l", b"}", b"s", b"u", b"d", b"q\x00", b"h\x00", b"\x94", b"2", b"0", b"R", b"Q", b"b", b"N", b"K\x00", b"\x8a\x08\xff\xff\xff\xff\xff\xff\xff\x7f"];
+const ZIP: &[&[u8]] = &[b"PK\x01\x02", b"PK\x03\x04", b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07", b"\xff\xff\xff\xff"];
+const JSON: &[&[u8]] = &[b"[", b"]", b"{", b"}", b",", b"0", b"-1", b"1e309", b"18446744073709551616", b"null", b"\"dtype\":\"F16\"", b"\"shape\":[", b"\"data_offsets\":["];
 
 fn fixture(rel: &str) -> Vec<u8> {
     std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels-tests/reference/fixtures").join(rel)).unwrap()
@@ -131,12 +139,12 @@ fn targets() -> Vec<Target> {
     idx_seeds.extend(idx_raw.iter().flat_map(|b| [(b.clone(), None), (b.clone(), Some(gz.clone()))]));
     let json = |c: CvtConfig| serde_json::to_vec(&c).unwrap();
     vec![
-        Target { name: "safetensors", iters: 40000, seeds: plain(vec![fixture("tiny/official.safetensors"), fixture("tiny/hf.safetensors"), safetensors_seed()]), run: run_checkpoint },
-        Target { name: "torch-archive", iters: 40000, seeds: plain([torch_files.to_vec(), small_torch].concat()), run: run_torch },
-        Target { name: "pickle", iters: 30000, seeds: pickles, run: run_torch },
-        Target { name: "idx", iters: 300000, seeds: idx_seeds, run: run_idx },
-        Target { name: "config", iters: 300000, seeds: plain(vec![fixture("tiny/config.json"), json(CvtConfig::cvt13()), json(CvtConfig::cvt_w24()), json(CvtConfig::cvt_fmnist())]), run: run_config },
-        Target { name: "labels", iters: 30000, seeds: plain(vec![b"cat\ndog\r\nbird \n\n".to_vec(), "\u{e9}t\u{e9}\nx\n".into(), include_bytes!("../src/imagenet_classes.txt").to_vec()]), run: run_labels },
+        Target { name: "safetensors", iters: 40000, seeds: plain(vec![fixture("tiny/official.safetensors"), fixture("tiny/hf.safetensors"), safetensors_seed()]), tokens: JSON, run: run_checkpoint },
+        Target { name: "torch-archive", iters: 40000, seeds: plain([torch_files.to_vec(), small_torch].concat()), tokens: ZIP, run: run_torch },
+        Target { name: "pickle", iters: 30000, seeds: pickles, tokens: PICKLE, run: run_torch },
+        Target { name: "idx", iters: 300000, seeds: idx_seeds, tokens: &[], run: run_idx },
+        Target { name: "config", iters: 300000, seeds: plain(vec![fixture("tiny/config.json"), json(CvtConfig::cvt13()), json(CvtConfig::cvt_w24()), json(CvtConfig::cvt_fmnist())]), tokens: JSON, run: run_config },
+        Target { name: "labels", iters: 30000, seeds: plain(vec![b"cat\ndog\r\nbird \n\n".to_vec(), "\u{e9}t\u{e9}\nx\n".into(), include_bytes!("../src/imagenet_classes.txt").to_vec()]), tokens: &[b"\n", b"\r", b"\xff", b"\xc3"], run: run_labels },
     ]
 }
 
@@ -162,13 +170,14 @@ fn offset(rng: &mut Rng, len: usize) -> usize {
 
 /// One to four stacked mutations: bit flips, byte changes, inserts, deletes,
 /// duplicated chunks, interesting integers, chunks spliced in from `donors`,
-/// truncation.
-fn mutate(rng: &mut Rng, v: &mut Vec<u8>, donors: &[&[u8]]) {
+/// truncation, a token (or a chunk) repeated up to 16K times, and (for pickles)
+/// an integer opcode replaced by a LONG1 holding an interesting value.
+fn mutate(rng: &mut Rng, v: &mut Vec<u8>, donors: &[&[u8]], tokens: &[&[u8]]) {
     for _ in 0..1 + below(rng, 4) {
         let at = offset(rng, v.len());
         let long = below(rng, 4) == 0;
         let n = 1 + below(rng, if long { 256 } else { 16 });
-        match below(rng, 9) {
+        match below(rng, 11) {
             0 if at < v.len() => v[at] ^= 1 << below(rng, 8),
             1 if at < v.len() => v[at] = rng.next_u64() as u8,
             2 if at < v.len() => v[at] = v[at].wrapping_add(below(rng, 33) as u8).wrapping_sub(16),
@@ -200,6 +209,22 @@ fn mutate(rng: &mut Rng, v: &mut Vec<u8>, donors: &[&[u8]]) {
                 v.splice(at..end, chunk.iter().copied());
             }
             8 => v.truncate(at),
+            10 if tokens == PICKLE => {
+                // BININT1, BININT2, BININT: shapes, strides, offsets, memo-free ints.
+                if let Some(i) = v[at..].iter().position(|b| b"KMJ".contains(b)).map(|i| at + i) {
+                    let end = (i + [2, 3, 5][b"KMJ".iter().position(|&b| b == v[i]).unwrap()]).min(v.len());
+                    let x = INTERESTING[below(rng, INTERESTING.len())].wrapping_add(below(rng, 3) as u64).wrapping_sub(1);
+                    v.splice(i..end, [0x8a, 8].into_iter().chain(x.to_le_bytes()));
+                }
+            }
+            9 => {
+                let token = match tokens {
+                    [] => v[at.min(v.len())..(at + 1 + below(rng, 8)).min(v.len())].to_vec(),
+                    t => t[below(rng, t.len())].to_vec(),
+                };
+                let times = 1 << below(rng, 15);
+                v.splice(at..at, token.iter().copied().cycle().take(token.len() * times).collect::<Vec<_>>());
+            }
             _ => {}
         }
     }
@@ -245,7 +270,7 @@ fn check(run: Run, input: &[u8], stats: &mut Stats) -> Result<(), String> {
     Ok(())
 }
 
-fn fuzz_target(t: &Target, seed: u64, scale: f64) -> (Stats, Vec<String>) {
+fn fuzz_target(t: &Target, seed: u64, scale: f64, save: Option<usize>) -> (Stats, Vec<String>) {
     let mut stats = Stats { iters: 0, accepted: 0, errors: 0, took: Duration::ZERO, slowest: Duration::ZERO, peak: 0 };
     let mut failed = vec![];
     let mut fail = |what: String, input: &[u8], tag: String| {
@@ -271,14 +296,19 @@ fn fuzz_target(t: &Target, seed: u64, scale: f64) -> (Stats, Vec<String>) {
     let mut rng = Rng::new(seed ^ t.name.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)));
     let iters = ((t.iters as f64 * scale) as usize).max(1);
     for i in 0..iters {
-        let pick = below(&mut rng, corpus.len());
+        // Half the time an original seed, so the real fixtures stay in play.
+        let from = if below(&mut rng, 2) == 0 { t.seeds.len() } else { corpus.len() };
+        let pick = below(&mut rng, from);
         let (mut input, origin) = (corpus[pick].0.clone(), corpus[pick].1);
-        mutate(&mut rng, &mut input, &donors);
+        mutate(&mut rng, &mut input, &donors, t.tokens);
         let file = match &t.seeds[origin].1 {
             Some(wrap) => wrap(&input),
             None => input.clone(),
         };
-        craft::CURRENT.store(i, Relaxed);
+        craft::set_current(t.name, i);
+        if save == Some(i) {
+            fail("saved on request".into(), &file, format!("seed{seed}-iter{i}"));
+        }
         let before = stats.accepted;
         if let Err(what) = check(t.run, &file, &mut stats) {
             fail(what, &file, format!("seed{seed}-iter{i}"));
@@ -298,14 +328,17 @@ fn fuzz_all_readers() {
     // A panic's message comes with the input's number.
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        eprintln!("fuzz input #{} panicked:", craft::CURRENT.load(Relaxed));
+        eprintln!("a fuzz input panicked (the list at the end names it):");
         default(info)
     }));
+    let only = std::env::var("FUZZ_ONLY").ok();
+    let save = std::env::var("FUZZ_SAVE").ok();
+    let save = save.as_deref().and_then(|s| s.split_once(':'));
     let mut failed = vec![];
     let all = Instant::now();
     println!("fuzz seed {seed}, scale {scale}");
-    for t in targets() {
-        let (s, f) = fuzz_target(&t, seed, scale);
+    for t in targets().iter().filter(|t| only.as_deref().is_none_or(|o| o == t.name)) {
+        let (s, f) = fuzz_target(t, seed, scale, save.filter(|s| s.0 == t.name).and_then(|s| s.1.parse().ok()));
         println!(
             "{:14} {:6} inputs {:8.0}/s  accepted {:6}  errors {:6}  slowest {:7.2?}  peak heap {:4} MiB  ({:.1?})",
             t.name,

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,16 @@ pub const HARD_CAP: usize = 1 << 30;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
-/// What was running when the cap was hit, for the abort message.
-pub static CURRENT: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// What is running (a name and an input number), for the abort message.
+static NAME: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+static NAME_LEN: AtomicUsize = AtomicUsize::new(0);
+static INPUT: AtomicUsize = AtomicUsize::new(0);
+
+pub fn set_current(name: &'static str, input: usize) {
+    NAME.store(name.as_ptr().cast_mut(), Relaxed);
+    NAME_LEN.store(name.len(), Relaxed);
+    INPUT.store(input, Relaxed);
+}
 
 struct Counting;
 
@@ -46,8 +54,13 @@ fn over_cap(size: usize) {
     };
     put(b"\nallocation of ");
     put(digits(size as u64, &mut [0; 20]));
-    put(b" bytes refused (live heap over 1 GiB) in input #");
-    put(digits(CURRENT.load(Relaxed) as u64, &mut [0; 20]));
+    put(b" bytes refused (live heap over 1 GiB) in ");
+    let name = NAME.load(Relaxed);
+    if !name.is_null() {
+        put(unsafe { std::slice::from_raw_parts(name, NAME_LEN.load(Relaxed)) });
+    }
+    put(b" input #");
+    put(digits(INPUT.load(Relaxed) as u64, &mut [0; 20]));
     put(b"\n");
     unsafe { libc::write(2, buf.as_ptr().cast(), n) };
 }
