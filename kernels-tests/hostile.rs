@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Runs `f` under the allocator's eye: it must fail within `mem` bytes of heap
-/// growth and a second, with an error containing `needle`.
+/// growth and a second, with an error containing `needle`. (Each test holds
+/// `craft::serial()` throughout, so no other test allocates meanwhile.)
 fn refused<T>(what: &str, mem: usize, needle: &str, f: impl FnOnce() -> anyhow::Result<T>) {
-    let _g = craft::serial();
     let (res, peak, took) = craft::measure(f);
     let err = match res {
         Ok(_) => panic!("{what}: accepted"),
@@ -38,6 +38,7 @@ fn checkpoint(bytes: &[u8]) -> anyhow::Result<()> {
 
 #[test]
 fn pickle_nested_a_million_deep() {
+    let _g = craft::serial();
     // Built bottom-up (TUPLE1 around TUPLE1 ...): stopped by the depth limit.
     let mut p = b"\x80\x02)".to_vec();
     p.extend(std::iter::repeat_n(0x85, 1_000_000));
@@ -58,6 +59,7 @@ fn pickle_nested_a_million_deep() {
 
 #[test]
 fn memo_doubling() {
+    let _g = craft::serial();
     // Each round puts the top in the memo, gets it back and pairs the copies:
     // deep copies would hold 2^40 tuples after 40 rounds.
     let mut p = b"\x80\x02)".to_vec();
@@ -76,6 +78,7 @@ fn memo_doubling() {
 
 #[test]
 fn zip_entries_declaring_huge_sizes() {
+    let _g = craft::serial();
     let pkl = pk::state_dict(&[("stage0.w", pk::tensor(0, 0, &[2], &[1]))]);
     let entries = vec![("archive/data.pkl".to_string(), pkl), ("archive/data/0".to_string(), craft::f32s(&[1.0, 2.0]))];
     assert!(checkpoint(&zip_stored(&entries, None)).is_ok(), "the honest archive must read");
@@ -87,6 +90,7 @@ fn zip_entries_declaring_huge_sizes() {
 
 #[test]
 fn zip_claiming_more_entries_than_bytes() {
+    let _g = craft::serial();
     let mut bytes = torch_zip(&pk::state_dict(&[]), &[]);
     let n = bytes.len();
     // End of central directory: entry counts at 8 and 10, directory size at 12.
@@ -98,6 +102,7 @@ fn zip_claiming_more_entries_than_bytes() {
 
 #[test]
 fn views_beyond_their_storage() {
+    let _g = craft::serial();
     let data = craft::f32s(&[1.0, 2.0, 3.0, 4.0]);
     let view = |shape: &[i64], stride: &[i64]| pth(&pk::state_dict(&[("stage0.w", pk::tensor(0, 0, shape, stride))]), &[data.clone()]);
     let ok = view(&[2, 2], &[1, 2]);
@@ -124,6 +129,7 @@ fn views_beyond_their_storage() {
 
 #[test]
 fn legacy_torch_file() {
+    let _g = craft::serial();
     // What torch.save wrote before 1.6: the magic number as a pickled LONG1,
     // the protocol version, then more pickles.
     let bytes = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03.\x80\x02}q\x00.";
@@ -132,6 +138,7 @@ fn legacy_torch_file() {
 
 #[test]
 fn duplicate_names_after_mapping() {
+    let _g = craft::serial();
     let st = |names: &[&str]| {
         let data = craft::f32s(&[1.0]);
         let views: Vec<(String, safetensors::tensor::TensorView)> = names.iter().map(|n| (n.to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &data).unwrap())).collect();
@@ -146,6 +153,7 @@ fn duplicate_names_after_mapping() {
 
 #[test]
 fn idx_sizes_that_wrap_or_lie() {
+    let _g = craft::serial();
     // 2^16 to the 4th is 2^64: wrapped to 0, the header declared an empty array.
     let bytes = idx(&[1 << 16; 4], &[]);
     refused("IDX size product wraps to 0", MIB, "declare more than", || parse_idx(&bytes));
@@ -160,6 +168,7 @@ fn idx_sizes_that_wrap_or_lie() {
 
 #[test]
 fn idx_gzip_bomb() {
+    let _g = craft::serial();
     use std::io::Write;
     // 1 GiB of zeros behind a header declaring 10 images of 28x28, compressed
     // as a stream (about 1 MB): inflating stops one byte past the 7840 declared.
@@ -197,6 +206,7 @@ fn within_a_second<T: Send + 'static>(what: &str, f: impl FnOnce() -> anyhow::Re
 
 #[test]
 fn devices_and_fifos_are_refused_at_once() {
+    let _g = craft::serial();
     let fifo = tmpdir().join("fifo");
     let _ = std::fs::remove_file(&fifo);
     assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());

@@ -54,13 +54,14 @@ fn over_cap(size: usize) {
     };
     put(b"\nallocation of ");
     put(digits(size as u64, &mut [0; 20]));
-    put(b" bytes refused (live heap over 1 GiB) in ");
+    put(b" bytes refused (live heap over 1 GiB)");
     let name = NAME.load(Relaxed);
     if !name.is_null() {
+        put(b" in ");
         put(unsafe { std::slice::from_raw_parts(name, NAME_LEN.load(Relaxed)) });
+        put(b" input #");
+        put(digits(INPUT.load(Relaxed) as u64, &mut [0; 20]));
     }
-    put(b" input #");
-    put(digits(INPUT.load(Relaxed) as u64, &mut [0; 20]));
     put(b"\n");
     unsafe { libc::write(2, buf.as_ptr().cast(), n) };
 }
