@@ -43,7 +43,32 @@ struct Target {
 }
 
 /// Pickle opcodes that nest, share and build (tuples, lists, dicts, the memo, calls).
-const PICKLE: &[&[u8]] = &[b"(", b")", b"t", b"\x85", b"\x86", b"]", b"a", b"e", b"l", b"}", b"s", b"u", b"d", b"q\x00", b"h\x00", b"\x94", b"2", b"0", b"R", b"Q", b"b", b"N", b"K\x00", b"\x8a\x08\xff\xff\xff\xff\xff\xff\xff\x7f"];
+const PICKLE: &[&[u8]] = &[
+    b"(",
+    b")",
+    b"t",
+    b"\x85",
+    b"\x86",
+    b"]",
+    b"a",
+    b"e",
+    b"l",
+    b"}",
+    b"s",
+    b"u",
+    b"d",
+    b"q\x00",
+    b"h\x00",
+    b"\x94",
+    b"2",
+    b"0",
+    b"R",
+    b"Q",
+    b"b",
+    b"N",
+    b"K\x00",
+    b"\x8a\x08\xff\xff\xff\xff\xff\xff\xff\x7f",
+];
 const ZIP: &[&[u8]] = &[b"PK\x01\x02", b"PK\x03\x04", b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07", b"\xff\xff\xff\xff"];
 const JSON: &[&[u8]] = &[b"[", b"]", b"{", b"}", b",", b"0", b"-1", b"1e309", b"18446744073709551616", b"null", b"\"dtype\":\"F16\"", b"\"shape\":[", b"\"data_offsets\":["];
 
@@ -133,18 +158,31 @@ fn targets() -> Vec<Target> {
     let mut pickles: Vec<(Vec<u8>, Option<Wrap>)> = torch_files.iter().map(|f| pickle_in(zip_entries(f))).collect();
     pickles.extend(small_torch.iter().map(|f| pickle_in(zip_entries(f))));
     let mut rng = Rng::new(7);
-    let idx_raw: Vec<Vec<u8>> = [&[5u32][..], &[2, 3, 4], &[3, 6, 6], &[1, 1, 1, 1]].iter().map(|d| idx(d, &(0..d.iter().product::<u32>()).map(|_| rng.next_u64() as u8 % 10).collect::<Vec<_>>())).collect();
+    let idx_raw: Vec<Vec<u8>> =
+        [&[5u32][..], &[2, 3, 4], &[3, 6, 6], &[1, 1, 1, 1]].iter().map(|d| idx(d, &(0..d.iter().product::<u32>()).map(|_| rng.next_u64() as u8 % 10).collect::<Vec<_>>())).collect();
     let gz: Wrap = Rc::new(|b: &[u8]| gzip(b));
     let mut idx_seeds = plain(idx_raw.iter().map(|b| gzip(b)).collect());
     idx_seeds.extend(idx_raw.iter().flat_map(|b| [(b.clone(), None), (b.clone(), Some(gz.clone()))]));
     let json = |c: CvtConfig| serde_json::to_vec(&c).unwrap();
     vec![
-        Target { name: "safetensors", iters: 40000, seeds: plain(vec![fixture("tiny/official.safetensors"), fixture("tiny/hf.safetensors"), safetensors_seed()]), tokens: JSON, run: run_checkpoint },
-        Target { name: "torch-archive", iters: 40000, seeds: plain([torch_files.to_vec(), small_torch].concat()), tokens: ZIP, run: run_torch },
-        Target { name: "pickle", iters: 30000, seeds: pickles, tokens: PICKLE, run: run_torch },
+        Target { name: "safetensors", iters: 60000, seeds: plain(vec![fixture("tiny/official.safetensors"), fixture("tiny/hf.safetensors"), safetensors_seed()]), tokens: JSON, run: run_checkpoint },
+        Target { name: "torch-archive", iters: 60000, seeds: plain([torch_files.to_vec(), small_torch].concat()), tokens: ZIP, run: run_torch },
+        Target { name: "pickle", iters: 45000, seeds: pickles, tokens: PICKLE, run: run_torch },
         Target { name: "idx", iters: 300000, seeds: idx_seeds, tokens: &[], run: run_idx },
-        Target { name: "config", iters: 300000, seeds: plain(vec![fixture("tiny/config.json"), json(CvtConfig::cvt13()), json(CvtConfig::cvt_w24()), json(CvtConfig::cvt_fmnist())]), tokens: JSON, run: run_config },
-        Target { name: "labels", iters: 30000, seeds: plain(vec![b"cat\ndog\r\nbird \n\n".to_vec(), "\u{e9}t\u{e9}\nx\n".into(), include_bytes!("../src/imagenet_classes.txt").to_vec()]), tokens: &[b"\n", b"\r", b"\xff", b"\xc3"], run: run_labels },
+        Target {
+            name: "config",
+            iters: 300000,
+            seeds: plain(vec![fixture("tiny/config.json"), json(CvtConfig::cvt13()), json(CvtConfig::cvt_w24()), json(CvtConfig::cvt_fmnist())]),
+            tokens: JSON,
+            run: run_config,
+        },
+        Target {
+            name: "labels",
+            iters: 30000,
+            seeds: plain(vec![b"cat\ndog\r\nbird \n\n".to_vec(), "\u{e9}t\u{e9}\nx\n".into(), include_bytes!("../src/imagenet_classes.txt").to_vec()]),
+            tokens: &[b"\n", b"\r", b"\xff", b"\xc3"],
+            run: run_labels,
+        },
     ]
 }
 

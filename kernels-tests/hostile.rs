@@ -141,7 +141,8 @@ fn duplicate_names_after_mapping() {
     let _g = craft::serial();
     let st = |names: &[&str]| {
         let data = craft::f32s(&[1.0]);
-        let views: Vec<(String, safetensors::tensor::TensorView)> = names.iter().map(|n| (n.to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &data).unwrap())).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> =
+            names.iter().map(|n| (n.to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &data).unwrap())).collect();
         safetensors::tensor::serialize(views, &None).unwrap()
     };
     let bytes = st(&["stage0.x", "head.bias", "module.head.bias"]);
