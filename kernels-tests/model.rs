@@ -198,7 +198,7 @@ fn f16_plan_matches_torch_both_variants() {
             return;
         }
         let kind = cvt_gpu::ops::matmul::preferred_kind(&gpu);
-        let opts = LoadOptions { config: Some(e.config.clone()), activation: None, f16: true };
+        let opts = LoadOptions { config: Some(e.config.clone()), activation: None, f16: true, ..Default::default() };
         let l = model::load(gpu.clone(), &dir.join("official.safetensors"), &opts).unwrap();
         assert!(l.model.half, "--f16 on a shader-f16 adapter plans in f16");
         check(&format!("tiny official/QuickGELU, f16 plan, {kind:?}"), &run_logits(&l.model, &e), &e.quick, 1e-2);

@@ -2,7 +2,7 @@
 //! WordNet-id order, the standard class index of the released checkpoints), or a
 //! user's file with one label per line.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use std::path::Path;
 
 const IMAGENET: &str = include_str!("imagenet_classes.txt");
@@ -14,11 +14,16 @@ pub fn imagenet() -> Vec<String> {
 
 /// Reads one label per line (blank trailing lines ignored).
 pub fn read_labels(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read labels file", path.display()))?;
+    let text = crate::util::read_text_limited(path, crate::util::limits::TEXT, "labels file")?;
+    parse_labels(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// `read_labels` of a file's text. Errors are bare reasons.
+pub fn parse_labels(text: &str) -> Result<Vec<String>> {
     let labels: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect::<Vec<_>>();
     let n = labels.iter().rposition(|l| !l.is_empty()).map_or(0, |i| i + 1);
     if n == 0 {
-        bail!("{}: labels file is empty", path.display());
+        bail!("labels file is empty");
     }
     Ok(labels[..n].to_vec())
 }

@@ -107,7 +107,8 @@ impl CvtConfig {
     }
 
     pub fn from_json_file(path: &str) -> Result<CvtConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{path}: not a model name (cvt-13, cvt-21, cvt-w24) and not a readable JSON config"))?;
+        let text = crate::util::read_text_limited(std::path::Path::new(path), crate::util::limits::TEXT, "JSON config")
+            .map_err(|e| anyhow::anyhow!("{path}: not a model name (cvt-13, cvt-21, cvt-w24) and not a readable JSON config ({})", e.root_cause()))?;
         let cfg: CvtConfig = serde_json::from_str(&text).with_context(|| format!("{path}: invalid CvT config JSON"))?;
         cfg.validate().with_context(|| format!("{path}"))?;
         Ok(cfg)

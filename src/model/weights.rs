@@ -2,7 +2,7 @@
 //! Face), F32/F16/BF16, mapped to one internal (official) naming, and checked
 //! against the architecture so a missing, extra or mis-shaped tensor is named.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -144,12 +144,19 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     if path.is_dir() {
         bail!("{shown}: is a directory, expected a checkpoint file (.safetensors, or a PyTorch .pth/.pt/.bin)");
     }
-    let bytes = std::fs::read(path).with_context(|| format!("{shown}: cannot read"))?;
-    let (raw, metadata) = if super::pth::is_zip(&bytes) {
-        let file = super::pth::read(&bytes).map_err(|e| anyhow!("{shown}: PyTorch checkpoint: {e:#}"))?;
+    let bytes = crate::util::read_limited(path, crate::util::limits::WEIGHTS, "checkpoint")?;
+    read_checkpoint_bytes(&bytes, &shown.to_string())
+}
+
+/// `read_checkpoint` of a file's contents; `shown` names it in errors.
+pub fn read_checkpoint_bytes(bytes: &[u8], shown: &str) -> Result<Checkpoint> {
+    let (raw, metadata) = if super::pth::is_zip(bytes) {
+        let file = super::pth::read(bytes).map_err(|e| anyhow!("{shown}: PyTorch checkpoint: {e:#}"))?;
         (file.tensors, BTreeMap::new())
+    } else if super::pth::is_legacy(bytes) {
+        bail!("{shown}: a legacy (before PyTorch 1.6) PyTorch checkpoint; re-save it with a current torch.save (or convert it to safetensors with a current torch)");
     } else {
-        read_safetensors(&bytes).map_err(|e| anyhow!("{shown}: {e:#}"))?
+        read_safetensors(bytes).map_err(|e| anyhow!("{shown}: {e:#}"))?
     };
     // BatchNorm's step counter is never a weight, whatever dtype a script cast it to.
     let raw: Vec<(String, Tensor)> = raw.into_iter().filter(|(n, _)| !n.ends_with("num_batches_tracked")).collect();
@@ -166,12 +173,18 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
         ),
     };
     let mut tensors = HashMap::new();
+    // Canonical name -> the name in the file, to name both sides of a clash.
+    let mut origin: HashMap<String, String> = HashMap::new();
     for (name, t) in raw {
-        let name = strip(&name);
+        let short = strip(&name);
         let canon = match naming {
-            Naming::Official => name.clone(),
-            Naming::Hf => hf_to_official(&name).ok_or_else(|| anyhow!("{shown}: unexpected tensor {name}"))?,
+            Naming::Official => short,
+            Naming::Hf => hf_to_official(&short).ok_or_else(|| anyhow!("{shown}: unexpected tensor {short}"))?,
         };
+        if let Some(other) = origin.insert(canon.clone(), name.clone()) {
+            let (a, b) = if other < name { (other, name) } else { (name, other) };
+            bail!("{shown}: holds both {a} and {b}, which are the same parameter {canon}");
+        }
         tensors.insert(canon, t);
     }
     Ok(Checkpoint { tensors, naming, metadata })
