@@ -299,6 +299,8 @@ fn convert_hf_export_is_a_whole_directory_or_nothing() {
     assert!(ok, "{err}");
     assert!(out.join("model.safetensors").is_file() && out.join("config.json").is_file());
     assert!(!d.join("config.json").exists());
+    one_line_error("a file name as the HF directory", run(bin().arg("convert").arg(&w).arg(d.join("m.safetensors")).args(["--naming", "hf"])), "model directory");
+    assert!(!d.join("m.safetensors").exists());
     // A failed export into an existing directory changes nothing there.
     let before = std::fs::read(out.join("model.safetensors")).unwrap();
     std::fs::remove_file(out.join("config.json")).unwrap();

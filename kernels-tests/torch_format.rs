@@ -161,7 +161,7 @@ fn convert_gives_identical_logits_and_a_transformers_config() {
     // The export says what it computes: HF naming defaults to GELU, but the metadata
     // keeps this checkpoint's QuickGELU when it came from official names...
     let q = dir.join("q");
-    let warn = convert(&[off.as_os_str(), q.join("model.safetensors").as_os_str(), "--naming".as_ref(), "hf".as_ref()]);
+    let warn = convert(&[off.as_os_str(), q.as_os_str(), "--naming".as_ref(), "hf".as_ref()]);
     assert!(warn.contains("QuickGELU") && warn.contains("exact GELU"), "{warn}");
     assert_eq!(infer_json(&q.join("model.safetensors"), &[]), from_pth, "hf export of a QuickGELU model keeps its activation");
 }

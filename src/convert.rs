@@ -72,6 +72,9 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         println!("wrote {} ({summary})", out.display());
         return Ok(());
     }
+    if a.output.extension().is_some_and(|e| e == "safetensors") {
+        bail!("{}: --naming hf writes a model directory (model.safetensors + config.json, as from_pretrained reads); name the directory instead", a.output.display());
+    }
     if a.output.exists() && !a.output.is_dir() {
         bail!("{}: exists and is not a directory; --naming hf writes a model directory (model.safetensors + config.json)", a.output.display());
     }
