@@ -384,11 +384,12 @@ fn fine_tune_weights(path: &Path, model: Option<&str>, classes: usize, seed: u64
     let config = match model {
         Some(m) => {
             let mut c = CvtConfig::by_name(m)?;
-            if let Some(h) = ck.tensors.get("head.weight") {
-                c.num_classes = h.shape[0];
+            // Shapes of any other rank are named by `describe`'s check below.
+            if let Some(&n) = ck.tensors.get("head.weight").and_then(|h| h.shape.first()) {
+                c.num_classes = n;
             }
-            if let Some(p) = ck.tensors.get("stage0.patch_embed.proj.weight") {
-                c.in_chans = p.shape[1];
+            if let Some(&n) = ck.tensors.get("stage0.patch_embed.proj.weight").and_then(|p| p.shape.get(1)) {
+                c.in_chans = n;
             }
             Some(c)
         }

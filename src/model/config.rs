@@ -266,7 +266,10 @@ impl CvtConfig {
                 _ => "custom".into(),
             },
             in_chans,
-            num_classes: head.shape[0],
+            num_classes: match head.shape.as_slice() {
+                [n, _] => *n,
+                s => bail!("head.weight has shape {s:?}, expected [classes, width]"),
+            },
             heads: dims.iter().map(|d| (d / 64).max(1)).collect(),
             cls_token: (0..dims.len()).map(|s| tensors.contains_key(&format!("stage{s}.cls_token"))).collect(),
             dims,
