@@ -152,6 +152,25 @@ fn pickle_in(archive: Vec<(String, Vec<u8>)>) -> (Vec<u8>, Option<Wrap>) {
     (pkl, Some(wrap))
 }
 
+fn run_image(b: &[u8]) -> anyhow::Result<()> {
+    let img = cvt_gpu::preprocess::decode_image_bytes(b, "fuzz")?;
+    // What `infer` does next: the evaluation resize and crop.
+    cvt_gpu::preprocess::eval_transform(&img, 32);
+    Ok(())
+}
+
+/// Small images in every format the engine decodes.
+fn image_seeds() -> Vec<Vec<u8>> {
+    let img = image::RgbImage::from_fn(13, 9, |x, y| image::Rgb([(x * 19) as u8, (y * 27) as u8, ((x + y) * 7) as u8]));
+    let mut out = vec![fixture("tiny/chelsea64.png"), std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/samples/fmnist-bag.png")).unwrap()];
+    for f in [image::ImageFormat::Png, image::ImageFormat::Jpeg, image::ImageFormat::WebP, image::ImageFormat::Bmp] {
+        let mut v = std::io::Cursor::new(vec![]);
+        img.write_to(&mut v, f).unwrap();
+        out.push(v.into_inner());
+    }
+    out
+}
+
 fn targets() -> Vec<Target> {
     let torch_files = ["tiny/official.pth", "tiny/pytorch_model.bin", "torch/wrapped.pth", "torch/views.pth"].map(fixture);
     let small_torch: Vec<Vec<u8>> = pickle_seeds().iter().map(|(p, d)| craft::torch_zip(p, d)).collect();
@@ -183,6 +202,7 @@ fn targets() -> Vec<Target> {
             tokens: &[b"\n", b"\r", b"\xff", b"\xc3"],
             run: run_labels,
         },
+        Target { name: "image", iters: 100000, seeds: plain(image_seeds()), tokens: &[b"IHDR", b"IDAT", b"\xff\xd8", b"\xff\xc0", b"VP8 ", b"BM"], run: run_image },
     ]
 }
 
