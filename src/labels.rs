@@ -38,7 +38,8 @@ pub fn for_head(classes: usize, file: Option<&Path>, from_checkpoint: Option<Vec
         (None, None) => (0..classes).map(|i| format!("class {i}")).collect(),
     };
     if labels.len() != classes {
-        bail!("{} labels given for a head with {classes} classes", labels.len());
+        let from = file.map(|f| format!("{}: ", f.display())).unwrap_or_else(|| "the checkpoint's metadata: ".into());
+        bail!("{from}{} labels for a head with {classes} classes", labels.len());
     }
     Ok(labels)
 }
