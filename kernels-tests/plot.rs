@@ -19,7 +19,13 @@ fn metrics() -> String {
         lines.push(format!(r#"{{"kind":"train","step":{step},"epoch":{},"loss":{},"lr":0.001}}"#, 1 + (step - 1) / 50, 2.3 / (1.0 + step as f64 / 30.0)));
         if step % 50 == 0 {
             let e = step / 50;
-            lines.push(format!(r#"{{"kind":"eval","epoch":{e},"step":{step},"train_loss":1.0,"train_acc":{},"val_top1":{},"val_top5":{},"val_loss":{}}}"#, 0.5 + 0.1 * e as f64, 0.6 + 0.1 * e as f64, 0.9 + 0.02 * e as f64, 1.2 / e as f64));
+            lines.push(format!(
+                r#"{{"kind":"eval","epoch":{e},"step":{step},"train_loss":1.0,"train_acc":{},"val_top1":{},"val_top5":{},"val_loss":{}}}"#,
+                0.5 + 0.1 * e as f64,
+                0.6 + 0.1 * e as f64,
+                0.9 + 0.02 * e as f64,
+                1.2 / e as f64
+            ));
         }
     }
     lines.push("not json".into());

@@ -727,7 +727,11 @@ pub fn check_settings() -> Result<()> {
     }
     let one_of = |key: &str, allowed: &[&str]| -> Result<()> {
         if let Ok(v) = std::env::var(key) {
-            anyhow::ensure!(allowed.contains(&v.as_str()), "{key}={v}: expected {}", allowed.iter().map(|a| if a.is_empty() { "empty".to_string() } else { format!("`{a}`") }).collect::<Vec<_>>().join(", "));
+            anyhow::ensure!(
+                allowed.contains(&v.as_str()),
+                "{key}={v}: expected {}",
+                allowed.iter().map(|a| if a.is_empty() { "empty".to_string() } else { format!("`{a}`") }).collect::<Vec<_>>().join(", ")
+            );
         }
         Ok(())
     };

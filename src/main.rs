@@ -196,7 +196,12 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
         let plan = if n == chunk { &full } else { tail.get_or_insert(m.plan(n, res, res)?) };
         let (logits, probs) = plan.forward(&imgs.concat())?;
         if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
-            bail!("{}: the model's output for {} is not finite ({}); its weights or preprocessing produce NaN or infinity", a.weights.display(), a.images[ci * chunk + i / classes].display(), logits[i]);
+            bail!(
+                "{}: the model's output for {} is not finite ({}); its weights or preprocessing produce NaN or infinity",
+                a.weights.display(),
+                a.images[ci * chunk + i / classes].display(),
+                logits[i]
+            );
         }
         for i in 0..n {
             let l = &logits[i * classes..(i + 1) * classes];

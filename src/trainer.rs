@@ -113,7 +113,11 @@ impl DataArgs {
         let bytes = (images as u128) * (res as u128) * (res as u128) * 3;
         if let Some(mem) = crate::util::physical_memory() {
             if bytes > mem as u128 / 2 {
-                bail!("{images} images at {res}x{res} take {:.1} GiB decoded, more than half this machine's memory ({:.1} GiB): lower --res", bytes as f64 / (1u64 << 30) as f64, mem as f64 / (1u64 << 30) as f64);
+                bail!(
+                    "{images} images at {res}x{res} take {:.1} GiB decoded, more than half this machine's memory ({:.1} GiB): lower --res",
+                    bytes as f64 / (1u64 << 30) as f64,
+                    mem as f64 / (1u64 << 30) as f64
+                );
             }
         }
         let mut skipped = vec![];
@@ -567,7 +571,8 @@ impl Setup {
             if n < train_ds.len() {
                 let px = train_ds.height * train_ds.width * train_ds.channels;
                 let d = &*train_ds;
-                train_ds = Arc::new(Dataset { images: d.images[..n * px].to_vec(), labels: d.labels[..n].to_vec(), height: d.height, width: d.width, channels: d.channels, classes: d.classes.clone() });
+                train_ds =
+                    Arc::new(Dataset { images: d.images[..n * px].to_vec(), labels: d.labels[..n].to_vec(), height: d.height, width: d.width, channels: d.channels, classes: d.classes.clone() });
             }
         }
         let res = train_ds.height;
@@ -617,7 +622,12 @@ impl Setup {
 
 /// How a pass over the data ended.
 enum EpochEnd {
-    Complete { loss: f64, acc: f64, images: usize, seconds: f64 },
+    Complete {
+        loss: f64,
+        acc: f64,
+        images: usize,
+        seconds: f64,
+    },
     /// A signal or --max-steps: checkpoint and stop.
     Stopped,
 }
@@ -704,10 +714,14 @@ impl<'a> Run<'a> {
             self.total_steps,
             self.gpu.describe()
         );
-        eprintln!("run directory {}; checkpoints every {}", self.dir.path.display(), match self.a.save_every {
-            Some(n) => format!("{n} steps"),
-            None => format!("{} minutes", SAVE_EVERY_SECONDS / 60),
-        });
+        eprintln!(
+            "run directory {}; checkpoints every {}",
+            self.dir.path.display(),
+            match self.a.save_every {
+                Some(n) => format!("{n} steps"),
+                None => format!("{} minutes", SAVE_EVERY_SECONDS / 60),
+            }
+        );
         if st.step > 0 {
             eprintln!("resuming at step {} (epoch {}, batch {})", st.step, st.epoch + 1, st.batch_in_epoch);
         }

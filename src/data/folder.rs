@@ -63,7 +63,12 @@ fn class_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut seen = std::collections::HashMap::new();
     for (name, path) in &found {
         if let Some(other) = seen.insert(name, path) {
-            bail!("{}: class directories {:?} and {:?} both read as class '{name}' (rename one to valid UTF-8)", dir.display(), other.file_name().unwrap_or_default(), path.file_name().unwrap_or_default());
+            bail!(
+                "{}: class directories {:?} and {:?} both read as class '{name}' (rename one to valid UTF-8)",
+                dir.display(),
+                other.file_name().unwrap_or_default(),
+                path.file_name().unwrap_or_default()
+            );
         }
     }
     Ok(found)
