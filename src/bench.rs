@@ -196,6 +196,8 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     if a.f16 && (a.gemm || a.mode == Mode::Train) {
         anyhow::bail!("--f16 applies to inference; training and --gemm use f32");
     }
+    anyhow::ensure!(a.iters >= 1, "--iters {}: must be at least 1", a.iters);
+    anyhow::ensure!((1..=1 << 16).contains(&a.batch), "--batch {}: must be in 1..=65536", a.batch);
     if a.gemm {
         let ceiling = gemm(&gpu, 1024, 1024, 1024, 3)?;
         if a.json {
