@@ -33,6 +33,10 @@ pub enum Resize {
 /// the pixels are allocated (a decompression bomb is KBs on disk, GBs decoded).
 pub const MAX_SIDE: u32 = 1 << 16;
 pub const MAX_DECODED_BYTES: u64 = 512 << 20;
+/// Above this decoded size (RGBA8), a file must be at least 1/`MAX_RATIO` of it:
+/// real photos compress 2-20x, flat synthetic images a few hundred times.
+const BOMB_FREE_BYTES: u64 = 64 << 20;
+const MAX_RATIO: u64 = 1024;
 
 /// Decodes an image file to 8-bit RGB (grayscale, alpha and 16-bit converted).
 pub fn decode(path: &Path) -> Result<RgbImage> {
@@ -70,6 +74,13 @@ pub fn decode_image_bytes(bytes: &[u8], shown: &str) -> Result<RgbImage> {
     }
     if w as u64 * h as u64 * 3 > MAX_DECODED_BYTES {
         bail!("{} ({w}x{h})", too_large());
+    }
+    // A decompression bomb within those limits: a file of a few hundred bytes
+    // (a repetitive lossless WebP) that decodes to hundreds of MiB. Large
+    // images must come from files of a plausible size.
+    let decoded = w as u64 * h as u64 * 4;
+    if decoded > BOMB_FREE_BYTES && decoded > bytes.len() as u64 * MAX_RATIO {
+        bail!("{shown}: {w}x{h} pixels from a {}-byte file: more than {MAX_RATIO}x compression, refused as a decompression bomb", bytes.len());
     }
     Ok(reader()?.decode().map_err(fail)?.to_rgb8())
 }
