@@ -26,10 +26,10 @@ pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
     let shown = path.display();
     let meta = std::fs::metadata(path).with_context(|| format!("{shown}: cannot read {what}"))?;
     if meta.is_dir() {
-        bail!("{shown}: is a directory, expected a {what}");
+        bail!("{shown}: is a directory, expected {} {what}", article(what));
     }
     if !meta.is_file() {
-        bail!("{shown}: not a regular file (a FIFO, socket or device), expected a {what}");
+        bail!("{shown}: not a regular file (a FIFO, socket or device), expected {} {what}", article(what));
     }
     if meta.len() > limit {
         bail!("{shown}: {} bytes, more than any {what} this program reads ({} bytes)", meta.len(), limit);
@@ -54,6 +54,14 @@ pub fn physical_memory() -> Option<u64> {
         }
     }
     None
+}
+
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
 }
 
 /// `read_limited` as UTF-8 text.
