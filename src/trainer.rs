@@ -503,7 +503,7 @@ fn check_settings(s: &TrainState, a: &TrainArgs) -> Result<()> {
     anyhow::ensure!((0.0..1.0).contains(&s.label_smoothing), "--label-smoothing {}: must be in [0, 1)", s.label_smoothing);
     // 0 is the documented "off"; otherwise the smallest crop area fraction.
     anyhow::ensure!((0.0..=1.0).contains(&s.crop_scale), "--crop-scale {}: must be in (0, 1], or 0 for no random crops", s.crop_scale);
-    anyhow::ensure!(s.epochs >= 1, "--epochs {}: must be at least 1", s.epochs);
+    anyhow::ensure!((1..=1_000_000).contains(&s.epochs), "--epochs {}: must be in 1..=1000000", s.epochs);
     anyhow::ensure!(s.drop_path.iter().all(|r| (0.0..1.0).contains(r)), "--drop-path {:?}: rates must be in [0, 1)", s.drop_path);
     anyhow::ensure!(s.batch >= 2, "--batch {}: must be at least 2 (BatchNorm needs batch statistics)", s.batch);
     anyhow::ensure!(s.batch <= 1 << 16, "--batch {}: larger than any batch one step can hold", s.batch);
