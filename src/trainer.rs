@@ -15,7 +15,7 @@ use crate::checkpoint::{write_safetensors, Entry, OPTIM_PREFIX};
 use crate::data::loader::{epoch_from, Augment, LoaderConfig};
 use crate::data::{folder, Dataset, FASHION_MNIST_DIR};
 use crate::gpu::Gpu;
-use crate::model::weights::{init_tensors, read_checkpoint, Tensor};
+use crate::model::weights::{init_tensors, read_checkpoint, read_checkpoint_bytes, Tensor};
 use crate::model::weights::{Checkpoint, Naming};
 use crate::model::{describe, CvtConfig, LoadOptions, Model};
 use crate::ops::optim::AdamW;
@@ -360,11 +360,12 @@ pub fn evaluate(model: &Model, ds: &Dataset, spec: &Spec, limit: Option<usize>, 
 fn read_training_checkpoint(path: &Path) -> Result<(Checkpoint, HashMap<String, Vec<f32>>, PathBuf)> {
     let path = if path.is_dir() { path.join("checkpoint.safetensors") } else { path.to_path_buf() };
     let shown = path.display();
-    let ck = read_checkpoint(&path)?;
+    // One read serves the weights and the optimizer moments.
+    let bytes = crate::util::read_limited(&path, crate::util::limits::WEIGHTS, "checkpoint")?;
+    let ck = read_checkpoint_bytes(&bytes, &shown.to_string())?;
     if !ck.metadata.contains_key("train_state") {
         bail!("{shown}: not a cvt-gpu training checkpoint (no train_state); to start from its weights use --weights");
     }
-    let bytes = crate::util::read_limited(&path, crate::util::limits::WEIGHTS, "checkpoint")?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{shown}: {e:?}"))?;
     let mut moments = HashMap::new();
     for (name, view) in st.tensors() {
