@@ -489,7 +489,7 @@ fn new_state(a: &TrainArgs, dataset: &str, res: usize, train_limit: Option<usize
 }
 
 /// Range checks of the settings a run uses, each a one-line error naming the option.
-fn check_settings(s: &TrainState, a: &TrainArgs) -> Result<()> {
+fn check_ranges(s: &TrainState, a: &TrainArgs) -> Result<()> {
     let finite_at_least = |name: &str, v: f32, min: f32| -> Result<()> {
         anyhow::ensure!(v.is_finite() && v >= min, "{name} {v}: must be a finite number of at least {min}");
         Ok(())
@@ -551,7 +551,7 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(a: &TrainArgs, resumed: Option<(Checkpoint, HashMap<String, Vec<f32>>, PathBuf)>, quiet: bool) -> Result<Setup> {
+    fn new(a: &TrainArgs, resumed: Option<(Checkpoint, HashMap<String, Vec<f32>>, PathBuf)>) -> Result<Setup> {
         let prev_state: Option<TrainState> = match &resumed {
             Some((ck, _, path)) => Some(serde_json::from_str(&ck.metadata["train_state"]).with_context(|| format!("{}: invalid train_state metadata", path.display()))?),
             None => None,
@@ -565,7 +565,7 @@ impl Setup {
             Some(m) => CvtConfig::by_name(m)?.image_size,
             None => 224,
         };
-        let data = data_args.open(true, model_res_hint, quiet)?;
+        let data = data_args.open(true, model_res_hint, a.json)?;
         let mut train_ds = data.train.clone().context("the dataset has no training split")?;
         let train_limit = prev_state.as_ref().map(|s| s.train_limit).unwrap_or(a.train_limit);
         if let Some(n) = train_limit {
@@ -615,7 +615,7 @@ impl Setup {
             }
             None => new_state(a, data.name, res, train_limit, parse_drop_path(&a.drop_path, cfg.stages())?),
         };
-        check_settings(&state, a)?;
+        check_ranges(&state, a)?;
         let meta = crate::checkpoint::model_metadata(&cfg, act, Some(&classes), Some(&spec))?;
         Ok(Setup { data, train_ds, val_ds, cfg, tensors, act, spec, state, meta, moments: resumed.map(|(_, m, _)| m) })
     }
@@ -646,7 +646,6 @@ struct Run<'a> {
     steps_per_epoch: u64,
     total_steps: u64,
     stop: Arc<AtomicBool>,
-    quiet: bool,
     t_run: Instant,
     steps_this_run: u64,
     last_save: Instant,
@@ -657,7 +656,7 @@ struct Run<'a> {
 const SAVE_EVERY_SECONDS: u64 = 600;
 
 impl<'a> Run<'a> {
-    fn new(gpu: Arc<Gpu>, a: &'a TrainArgs, dir: &'a RunDir, s: Setup, quiet: bool) -> Result<Run<'a>> {
+    fn new(gpu: Arc<Gpu>, a: &'a TrainArgs, dir: &'a RunDir, s: Setup) -> Result<Run<'a>> {
         let res = s.train_ds.height;
         let mut model = TrainModel::new(gpu.clone(), s.cfg.clone(), &s.tensors, s.act)?;
         model.set_drop_path(&s.state.drop_path);
@@ -687,7 +686,12 @@ impl<'a> Run<'a> {
         }
         let total_steps = steps_per_epoch * s.state.epochs as u64;
         let now = Instant::now();
-        Ok(Run { a, gpu, dir, s, model, step_plan, opt, loader, steps_per_epoch, total_steps, stop: stop_on_signals(), quiet, t_run: now, steps_this_run: 0, last_save: now })
+        Ok(Run { a, gpu, dir, s, model, step_plan, opt, loader, steps_per_epoch, total_steps, stop: stop_on_signals(), t_run: now, steps_this_run: 0, last_save: now })
+    }
+
+    /// `--json`: no progress, one JSON line per epoch.
+    fn quiet(&self) -> bool {
+        self.a.json
     }
 
     fn checkpoint_path(&self) -> PathBuf {
@@ -695,7 +699,7 @@ impl<'a> Run<'a> {
     }
 
     fn announce(&self) -> Result<()> {
-        if self.quiet {
+        if self.quiet() {
             return Ok(());
         }
         let (s, st) = (&self.s, &self.s.state);
@@ -773,13 +777,13 @@ impl<'a> Run<'a> {
 
     /// Runs the rest of the current epoch.
     fn epoch(&mut self) -> Result<EpochEnd> {
-        let bar = progress_bar(self.steps_per_epoch, self.quiet);
+        let bar = progress_bar(self.steps_per_epoch, self.quiet());
         bar.set_position(self.s.state.batch_in_epoch as u64);
         let batches = epoch_from(self.s.train_ds.clone(), self.loader, self.s.state.epoch as u64, self.s.state.batch_in_epoch);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let t_epoch = Instant::now();
         // Without a terminal (logs, nohup) the bar is hidden: a plain line every 30 s instead.
-        let plain_progress = !self.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let plain_progress = !self.quiet() && !std::io::IsTerminal::is_terminal(&std::io::stderr());
         let mut last_line = Instant::now();
         let first_batch = self.s.state.batch_in_epoch;
         for batch in batches {
@@ -831,7 +835,7 @@ impl<'a> Run<'a> {
         // One readback serves the evaluation and the checkpoint.
         let weights = self.model.weights()?;
         let ev_model = Model::new(self.gpu.clone(), self.s.cfg.clone(), &weights, self.s.act)?;
-        let ev = evaluate(&ev_model, &self.s.val_ds, &self.s.spec, self.a.eval_limit, self.quiet)?;
+        let ev = evaluate(&ev_model, &self.s.val_ds, &self.s.spec, self.a.eval_limit, self.quiet())?;
         let st = &mut self.s.state;
         st.epoch += 1;
         st.batch_in_epoch = 0;
@@ -847,7 +851,7 @@ impl<'a> Run<'a> {
         if let Err(e) = crate::plot::curves(&self.dir.join("metrics.jsonl"), &self.dir.path, &format!("{} on {}", self.s.cfg.name, st.dataset)) {
             eprintln!("warning: no plot ({e:#})");
         }
-        if self.quiet {
+        if self.quiet() {
             println!("{rec}");
         } else {
             eprintln!(
@@ -885,7 +889,7 @@ impl<'a> Run<'a> {
                 EpochEnd::Complete { loss, acc, images, seconds } => last_eval = Some(self.end_epoch(loss, acc, images, seconds)?),
             }
         }
-        if !self.quiet {
+        if !self.quiet() {
             let acc = last_eval.map(|e| format!(", val top-1 {:.2}%", 100.0 * e.top1)).unwrap_or_default();
             let weights = self.dir.join("model.safetensors");
             eprintln!("done: {} steps in {:.0} s{acc}; weights: {} (cvt-gpu infer --weights {} IMAGE)", self.s.state.step, self.t_run.elapsed().as_secs_f64(), weights.display(), weights.display());
@@ -900,7 +904,7 @@ impl<'a> Run<'a> {
 pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
     // The options' ranges before anything is read or created (a resumed run's
     // stored settings are checked again once read).
-    check_settings(&new_state(a, "", 1, a.train_limit, vec![]), a)?;
+    check_ranges(&new_state(a, "", 1, a.train_limit, vec![]), a)?;
     let resumed = a.resume.as_deref().map(read_training_checkpoint).transpose()?;
     // `--resume DIR` continues in DIR unless --out says otherwise.
     let out = match (&a.out, &resumed) {
@@ -911,11 +915,11 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
     // The run directory first: an unwritable or busy --out fails before any work.
     let dir = RunDir::open(&out)?;
     let same_dir = resumed.as_ref().is_some_and(|(_, _, p)| p.parent().and_then(|d| d.canonicalize().ok()) == out.canonicalize().ok());
-    let setup = Setup::new(a, resumed, a.json)?;
+    let setup = Setup::new(a, resumed)?;
     if same_dir {
         truncate_metrics(&dir.path, setup.state.step)?;
     }
-    Run::new(gpu, a, &dir, setup, a.json)?.run()
+    Run::new(gpu, a, &dir, setup)?.run()
 }
 
 #[derive(clap::Args, Debug)]
