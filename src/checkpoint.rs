@@ -81,14 +81,27 @@ pub fn write_target(path: &Path) -> Result<std::path::PathBuf> {
     Ok(target)
 }
 
+/// The temporary sibling a write to `path` goes through before its rename:
+/// `.NAME.tmpPID` in the same directory (so the rename stays on one file system).
+/// `is_temporary` recognises these names, so a run can remove what killed writes
+/// left behind.
+pub fn temporary_sibling(path: &Path) -> Result<std::path::PathBuf> {
+    let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?.to_string_lossy();
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok(dir.join(format!(".{name}.tmp{}", std::process::id())))
+}
+
+/// Whether a file name is one `temporary_sibling` makes.
+pub fn is_temporary(name: &str) -> bool {
+    name.starts_with('.') && name.rsplit_once(".tmp").is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Writes `bytes` to `path` through a temporary sibling file and a rename. A
 /// symbolic link at `path` is written through (its target is replaced).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let path = &write_target(path)?;
     let shown = path.display();
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().with_context(|| format!("{shown}: not a file path"))?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = temporary_sibling(path)?;
     let result = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create (is the directory writable?)", tmp.display()))?;
         f.write_all(bytes).with_context(|| format!("{}: write failed (disk full?)", tmp.display()))?;

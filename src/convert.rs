@@ -113,10 +113,8 @@ fn create_parent(path: &Path) -> Result<Option<PathBuf>> {
 /// temporary name first and the two are renamed only once both are complete.
 fn write_hf_dir(dir: &Path, entries: &[Entry], meta: &std::collections::HashMap<String, String>, config: &[u8]) -> Result<()> {
     let shown = dir.display();
-    let name = dir.file_name().with_context(|| format!("{shown}: not a directory path"))?.to_string_lossy().into_owned();
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging = crate::checkpoint::temporary_sibling(dir)?;
     let made_parent = create_parent(dir)?;
-    let staging = parent.join(format!(".{name}.tmp{}", std::process::id()));
     for f in ["model.safetensors", "config.json"] {
         if dir.join(f).is_dir() {
             bail!("{}: is a directory; cannot write the model there", dir.join(f).display());

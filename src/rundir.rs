@@ -3,7 +3,7 @@
 //! `RunDir::open` takes an advisory lock on `DIR/.lock` (holding the PID), so a
 //! second `train` on the same directory is refused instead of interleaving its
 //! checkpoints and metrics with the first; removes the temporary files that killed
-//! atomic writes left behind (`.NAME.tmpPID`, see `checkpoint::write_atomic`); and,
+//! atomic writes left behind (`checkpoint::temporary_sibling`); and,
 //! when the run fails before writing anything, removes the directory again if it
 //! created it, so a failed command leaves no empty run directory.
 //!
@@ -84,14 +84,9 @@ impl Drop for RunDir {
     }
 }
 
-/// Whether `name` is a temporary file of `write_atomic`: `.NAME.tmpPID`.
-pub fn is_temporary(name: &str) -> bool {
-    name.starts_with('.') && name.rsplit_once(".tmp").is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
-}
-
 /// Removes `write_atomic`'s leftovers in `dir` (the caller holds the directory's
 /// lock, so no live write of this run is among them); returns how many.
 fn remove_stale_temporaries(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries.filter_map(|e| e.ok()).filter(|e| e.file_name().to_str().is_some_and(is_temporary) && e.path().is_file()).filter(|e| std::fs::remove_file(e.path()).is_ok()).count()
+    entries.filter_map(|e| e.ok()).filter(|e| e.file_name().to_str().is_some_and(crate::checkpoint::is_temporary) && e.path().is_file()).filter(|e| std::fs::remove_file(e.path()).is_ok()).count()
 }
