@@ -737,7 +737,9 @@ pub fn check_settings() -> Result<()> {
     };
     one_of("CVT_GPU_MATMUL", &["buffer", "texture"])?;
     one_of("CVT_GPU_ROW_LANES", &["1", "64"])?;
-    one_of("CVT_GPU_F16_ACT", &["0", "1"])?;
+    for key in ["CVT_GPU_F16_ACT", "CVT_GPU_COPY_REUSE", "CVT_GPU_FUSE_ACT"] {
+        one_of(key, &["0", "1"])?;
+    }
     one_of("CVT_GPU_ATTN_GRAD", &["", "saved", "recompute"])?;
     one_of("CVT_GPU_CHECKS", &["all", "none", "default"])?;
     one_of("CVT_GPU_NO_TUNE", &["", "0", "1"])?;
@@ -754,11 +756,6 @@ pub fn check_settings() -> Result<()> {
     }
     if let Ok(v) = std::env::var("CVT_GPU_TEX_READ") {
         anyhow::ensure!(crate::texread::setting().is_some(), "CVT_GPU_TEX_READ={v}: expected `sampled` or `storage`");
-    }
-    for key in ["CVT_GPU_COPY_REUSE", "CVT_GPU_FUSE_ACT"] {
-        if let Ok(v) = std::env::var(key) {
-            anyhow::ensure!(v == "0" || v == "1", "{key}={v}: expected 0 or 1");
-        }
     }
     if let Ok(v) = std::env::var("CVT_GPU_A_SHARE") {
         anyhow::ensure!(share_setting().is_some(), "CVT_GPU_A_SHARE={v}: expected 0 or 1");

@@ -173,8 +173,8 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
     let gpu = g.open()?;
     let loaded = model::load(gpu, &a.weights, &LoadOptions { config, activation: a.activation, f16: a.f16, allow_nonfinite: a.allow_nonfinite })?;
     let m = &loaded.model;
+    // --res was checked above; image_size by the config's validation.
     let res = a.res.unwrap_or(m.cfg.image_size);
-    model::check_resolution(res).with_context(|| format!("{}: the model's image_size", a.weights.display()))?;
     let names = labels::for_head(m.cfg.num_classes, a.labels.as_deref(), loaded.labels.clone())?;
     let resize = if a.no_resize { preprocess::Resize::None } else { preprocess::Resize::Eval };
     if loaded.preprocess.channels != m.cfg.in_chans {
