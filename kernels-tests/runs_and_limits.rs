@@ -8,12 +8,15 @@
 //! Every command runs under an address-space cap (`CAP`), so an input that makes
 //! the program allocate without bound fails the test instead of the machine.
 
+mod cli_common;
+
+use cli_common::{one_line_error, run};
 use cvt_gpu::model::weights::{init_tensors, Checkpoint, Naming};
 use cvt_gpu::model::{describe, CvtConfig, LoadOptions};
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Address space per command: lavapipe's JIT and the tiny models here need
@@ -39,21 +42,6 @@ fn tmp(tag: &str) -> PathBuf {
     std::fs::remove_dir_all(&d).ok();
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let t = Instant::now();
-    let out: Output = cmd.output().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(120), "a command took {:?}", t.elapsed());
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn one_line_error(what: &str, (ok, _, err): (bool, String, String), needle: &str) {
-    assert!(!ok, "{what}: should fail");
-    assert!(!err.contains("panicked") && !err.contains("memory allocation"), "{what}: crashed: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "{what}: want one error line, got: {err}");
-    assert!(lines[0].contains(needle), "{what}: error should mention {needle:?}: {}", lines[0]);
 }
 
 /// A tiny CvT for 16x16 RGB images.

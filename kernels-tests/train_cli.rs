@@ -4,6 +4,9 @@
 //! fine-tuning re-initialises a head, bad input gives one-line errors, and a
 //! short Fashion-MNIST run learns.
 
+mod cli_common;
+
+use cli_common::{one_line_error, run};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,23 +58,10 @@ fn image_folder(dir: &Path, classes: &[&str], per_class: usize) {
     }
 }
 
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 fn tensors(path: &Path) -> HashMap<String, Vec<u8>> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors().into_iter().map(|(n, v)| (n, v.data().to_vec())).collect()
-}
-
-fn one_line_error(what: &str, (ok, _, err): (bool, String, String), needle: &str) {
-    assert!(!ok, "{what}: should fail");
-    assert!(!err.contains("panicked"), "{what}: panicked: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "{what}: want one error line, got: {err}");
-    assert!(lines[0].contains(needle), "{what}: error should mention {needle:?}: {}", lines[0]);
 }
 
 #[test]
