@@ -134,9 +134,31 @@ fn adapters_lists_at_least_one() {
     let out = bin().args(["adapters", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let a = &v.as_array().unwrap()[0];
+    let a = &v["adapters"].as_array().unwrap()[0];
     assert!(a["max_storage_buffer_binding_size"].as_u64().unwrap() > 0);
     assert!(!a["name"].as_str().unwrap().is_empty());
+    // The resolved kernel profile of the adapter a command would open, each
+    // choice with its source; `--kernels` forces the set.
+    let p = &v["selected"]["profile"];
+    assert!(["gpu", "cpu"].contains(&p["kernels"].as_str().unwrap()), "{p}");
+    assert!(p["gemm"]["tile"].as_array().unwrap().len() == 3, "{p}");
+    let out = bin().args(["--kernels", "gpu", "adapters", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["selected"]["profile"]["kernels"], "gpu");
+    assert_eq!(v["selected"]["profile"]["sources"]["kernels"], "setting");
+    assert_eq!(v["selected"]["profile"]["row_lanes"], 64);
+}
+
+/// A bad kernel set, and an unknown setting, are one-line errors.
+#[test]
+fn bad_kernel_settings_are_one_line() {
+    for (key, value, want) in [("CVT_GPU_KERNELS", "gpux", "error: CVT_GPU_KERNELS=gpux: expected `auto`, `gpu`, `cpu`"), ("CVT_GPU_KERNAL", "gpu", "error: CVT_GPU_KERNAL: unknown setting (did you mean CVT_GPU_KERNELS?)")] {
+        let out = bin().env(key, value).args(["adapters"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{stderr}");
+        assert!(stderr.starts_with(want), "{stderr}");
+    }
 }
 
 #[test]
@@ -154,7 +176,7 @@ fn tuning_is_cached_on_disk_and_no_tune_skips_it() {
     let d = tiny();
     let infer_with = |cache: &Path, no_tune: bool, read: Option<&str>| {
         let mut c = bin();
-        c.env("CVT_GPU_CACHE_DIR", cache).env_remove("CVT_GPU_MATMUL").env_remove("CVT_GPU_TEX_READ");
+        c.env("CVT_GPU_CACHE_DIR", cache).env_remove("CVT_GPU_KERNELS").env_remove("CVT_GPU_TEX_READ");
         if let Some(r) = read {
             c.env("CVT_GPU_TEX_READ", r);
         }
@@ -172,8 +194,8 @@ fn tuning_is_cached_on_disk_and_no_tune_skips_it() {
     let table: serde_json::Value = serde_json::from_str(&text).unwrap();
     let (key, entry) = table.as_object().unwrap().iter().next().unwrap();
     assert!(key.contains("kernels ") && key.contains("cvt-gpu "), "{key}");
-    let choice = entry["matmul"].as_str().unwrap().to_string();
-    assert!(choice == "texture" || choice == "buffer");
+    let choice = entry["kernels"].as_str().unwrap().to_string();
+    assert!(choice == "cpu" || choice == "gpu");
     let read = entry["texture_read"].as_str().unwrap();
     assert!(read == "storage" || read == "sampled", "{read}");
     // A second run reads the cache (same output, same file).
@@ -187,7 +209,7 @@ fn tuning_is_cached_on_disk_and_no_tune_skips_it() {
     let forced = tmpdir("forced");
     assert_eq!(infer_with(&forced, false, Some("sampled")), first);
     let text = std::fs::read_to_string(forced.join("tuning.json")).unwrap_or_default();
-    assert!(!text.contains("texture_read") && !text.contains("matmul"), "{text}");
+    assert!(!text.contains("texture_read") && !text.contains("\"kernels\""), "{text}");
 }
 
 #[test]
@@ -196,5 +218,5 @@ fn bad_texture_read_setting_is_one_line() {
     let out = c.env("CVT_GPU_TEX_READ", "fast").args(["bench", "--gemm"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.lines().any(|l| l.starts_with("error: CVT_GPU_TEX_READ=fast: expected `sampled` or `storage`")), "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("error: CVT_GPU_TEX_READ=fast: expected `sampled`, `storage`")), "{stderr}");
 }

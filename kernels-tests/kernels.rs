@@ -35,7 +35,15 @@ fn matmul_ref(a: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize, act
 }
 
 fn check_matmul(kind: MatmulKind, m: usize, n: usize, k: usize, act: Act, accumulate: bool) {
-    let gpu = gpu();
+    // Buffer weights: on the adapter's own choice (on CPU drivers the packed
+    // texture GEMM) and in the GPU kernel set (`main_tiled`, split-K).
+    let gpus = if kind == MatmulKind::Buffer { vec![gpu(), gpu_buffer_variants()] } else { vec![gpu()] };
+    for gpu in gpus {
+        check_matmul_on(gpu, kind, m, n, k, act, accumulate);
+    }
+}
+
+fn check_matmul_on(gpu: std::sync::Arc<cvt_gpu::gpu::Gpu>, kind: MatmulKind, m: usize, n: usize, k: usize, act: Act, accumulate: bool) {
     let a = randn(m * k, 1);
     let w = randn(n * k, 2);
     let b = randn(n, 3);
@@ -47,10 +55,10 @@ fn check_matmul(kind: MatmulKind, m: usize, n: usize, k: usize, act: Act, accumu
     let variants: &[(usize, bool)] = if kind == MatmulKind::Texture { &[(8, false), (8, true), (16, true)] } else { &[(8, true)] };
     for &(tex_rows, fused) in variants {
         let mut g = Graph::new(gpu.clone());
-        g.tex_rows = tex_rows;
+        g.profile.tex_rows = tex_rows;
         // Narrow outputs too (not the 8-row default where A is shared).
-        g.narrow_rows = Some(tex_rows);
-        g.fused_epilogue = fused;
+        g.profile.narrow_rows = Some(tex_rows);
+        g.profile.fused_epilogue = fused;
         let x = g.pinned("x", m * k);
         let y = g.pinned("y", m * n);
         let out = if accumulate { Out::Accumulate(y) } else { Out::Into(y) };
@@ -67,7 +75,9 @@ fn check_matmul(kind: MatmulKind, m: usize, n: usize, k: usize, act: Act, accumu
 
 #[test]
 fn matmul_buffer_variant_all_epilogues() {
-    for &(m, n, k) in &[(1, 1, 1), (5, 3, 7), (13, 9, 17), (33, 70, 65), (64, 64, 64), (17, 1000, 12), (9, 6, 4)] {
+    // The last three span several 64x64 tiles of the GPU set's GEMM, ragged in
+    // every dimension, and split K (up to 15 splits of 64 or 80).
+    for &(m, n, k) in &[(1, 1, 1), (5, 3, 7), (13, 9, 17), (33, 70, 65), (64, 64, 64), (17, 1000, 12), (9, 6, 4), (130, 70, 300), (67, 129, 1000), (300, 10, 2001)] {
         for act in [Act::None, Act::Gelu, Act::QuickGelu] {
             for accumulate in [false, true] {
                 check_matmul(MatmulKind::Buffer, m, n, k, act, accumulate);
@@ -226,7 +236,9 @@ fn conv_implicit_gemm() {
         let b = randn(cout, 7);
         let want = conv_ref(&x, &wt, &b, &geo, cout);
         // Buffer variant: implicit GEMM; texture variant: im2col (K padded to 64) + texture GEMM.
-        for kind in [MatmulKind::Buffer, MatmulKind::Texture] {
+        // And the GPU kernel set's implicit GEMM (`main_tiled`, A_MODE 1; the
+        // last case splits K = 864 ten ways).
+        for (gpu, kind) in [(gpu.clone(), MatmulKind::Buffer), (gpu.clone(), MatmulKind::Texture), (gpu_buffer_variants(), MatmulKind::Buffer)] {
             let l = Linear::conv_with_kind(&gpu, "c", &wt, Some(&b), cout, cin, k, k, kind).unwrap();
             let mut g = Graph::new(gpu.clone());
             let xin = g.pinned("x", x.len());
@@ -354,8 +366,8 @@ fn check_attention_in(kind: MatmulKind, (batch, tq, tkv, c, heads): (usize, usiz
     let variants: &[(usize, usize)] = if kind == MatmulKind::Texture { &[(1, 8), (2, 8), (4, 8), (4, 64)] } else { &[(2, 64)] };
     for &(qpi, wg) in variants {
         let mut g = Graph::new(gpu.clone());
-        g.attn_queries = qpi;
-        g.attn_wg = wg;
+        g.profile.attn_queries = qpi;
+        g.profile.attn_wg = wg;
         g.half = half;
         let (tq_, tk_, tv_) = (g.pinned("q", q.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
         let o = attention_with(&mut g, "attn", tq_, tk_, tv_, shape, kind).unwrap();
@@ -504,7 +516,7 @@ fn residual_branch_then_layernorm() {
         let want_h: Vec<f64> = want_x.chunks(c).flat_map(|r| layernorm_ref(r, &gm, &bt)).collect();
         for fused in [false, true] {
             let mut g = Graph::new(gpu.clone());
-            g.fused_epilogue = fused;
+            g.profile.fused_epilogue = fused;
             let (ai, xi) = (g.pinned("a", m * k), g.pinned("x", m * c));
             let h = match linear_residual(&mut g, "proj", ai, m, &l, xi).unwrap() {
                 Some(z) => add_layernorm(&mut g, "norm", xi, z, m, &ln).unwrap(),
@@ -624,7 +636,7 @@ fn activation_and_add_elementwise() {
 #[test]
 fn subgroup_probe_finds_lavapipe_runs_of_8() {
     let gpu = gpu();
-    let found = cvt_gpu::ops::matmul::subgroups_of_8(&gpu);
+    let found = gpu.profile().subgroups_of_8;
     let lavapipe = gpu.info.device_type == wgpu::DeviceType::Cpu && gpu.subgroups && gpu.info.subgroup_min_size == 8 && gpu.info.subgroup_max_size == 8;
     eprintln!("{}: subgroups are runs of 8: {found}", gpu.describe());
     if lavapipe {
@@ -700,7 +712,7 @@ fn graph_reuses_a_texture_copy_only_while_it_holds_the_same_values() {
     assert_ne!(c, b);
     assert_eq!(g.linear_texture(x, 5), c);
     // Off: every read is its own copy.
-    g.copy_reuse = false;
+    g.profile.copy_reuse = false;
     assert_ne!(g.linear_texture(x, 5), c);
 }
 

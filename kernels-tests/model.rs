@@ -197,7 +197,7 @@ fn f16_plan_matches_torch_both_variants() {
             eprintln!("SKIPPED: {} has no shader-f16", gpu.describe());
             return;
         }
-        let kind = cvt_gpu::ops::matmul::preferred_kind(&gpu);
+        let kind = gpu.profile().matmul();
         let opts = LoadOptions { config: Some(e.config.clone()), activation: None, f16: true, ..Default::default() };
         let l = model::load(gpu.clone(), &dir.join("official.safetensors"), &opts).unwrap();
         assert!(l.model.half, "--f16 on a shader-f16 adapter plans in f16");
@@ -205,7 +205,10 @@ fn f16_plan_matches_torch_both_variants() {
         let full = Model::new(gpu.clone(), e.config.clone(), &ck.tensors, Act::QuickGelu).unwrap();
         let (a, b) = (l.model.plan(2, e.size, e.size).unwrap(), full.plan(2, e.size, e.size).unwrap());
         let ratio = a.plan.unshared_bytes as f64 / b.plan.unshared_bytes as f64;
-        assert!((0.49..0.52).contains(&ratio), "f16 tensors take half the bytes: {ratio}");
+        // The GPU set's f32 plan also holds split-K partial products, which f16
+        // plans do not split (f16 partial sums would lose precision).
+        let want = if kind == cvt_gpu::gpu::MatmulKind::Texture { 0.49..0.52 } else { 0.2..0.52 };
+        assert!(want.contains(&ratio), "f16 tensors take half the bytes: {ratio}");
     }
 }
 

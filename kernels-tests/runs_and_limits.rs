@@ -273,7 +273,7 @@ fn cli_refuses_nonfinite_weights_and_unknown_settings() {
     assert!(!d.join("o.safetensors").exists());
     one_line_error("NaN weights allowed: NaN logits", run(bin().args(["infer", "--allow-nonfinite", "--weights"]).arg(&nan).arg(&img)), "not finite");
     one_line_error("misspelt setting", run(bin().env("CVT_GPU_TEXREAD", "storage").args(["infer", "--weights"]).arg(&w).arg(&img)), "CVT_GPU_TEX_READ");
-    one_line_error("bad value", run(bin().env("CVT_GPU_MATMUL", "gpu").args(["infer", "--weights"]).arg(&w).arg(&img)), "CVT_GPU_MATMUL=gpu");
+    one_line_error("bad value", run(bin().env("CVT_GPU_KERNELS", "gpux").args(["infer", "--weights"]).arg(&w).arg(&img)), "CVT_GPU_KERNELS=gpux");
     std::fs::remove_dir_all(&d).ok();
 }
 

@@ -13,6 +13,11 @@ cargo test --release
 # read-only storage-texture reads (src/texread.rs), GPUs may pick sampled ones.
 echo "--- kernel, gradient and model tests with sampled texture reads"
 CVT_GPU_TEX_READ=sampled cargo test --release --test kernels --test backward --test model
+# The GPU kernel set as every device's default (--kernels gpu): tiled GEMMs
+# with split-K, two-stage column sums, a workgroup per row; whole models against
+# PyTorch and the training step's 167 gradients included.
+echo "--- kernel, gradient, model and training-step tests with the GPU kernel set"
+CVT_GPU_KERNELS=gpu cargo test --release --test kernels --test backward --test model --test train
 echo "--- GL backend smoke inference"
 fx=kernels-tests/reference/fixtures/tiny
 # --no-tune: the start-up rule's texture-read mode, which no trial corrects.

@@ -44,7 +44,14 @@ struct Params {
     kw: u32, stride: u32, pad: u32,
     // First output row of this dispatch (the texture variant splits tall A).
     out_row_off: u32,
-    a_stride: u32, b_stride: u32, _p0: u32, _p1: u32,
+    a_stride: u32, b_stride: u32,
+    // Texture GEMM: the first vec4 of A's and of B's linear texture (`main_tex`).
+    a_off: u32, b_off: u32,
+    // Split-K (`main_tiled` with SPLIT, `splitk_sum`): K per split (a multiple of
+    // TBK) and the number of splits.
+    k_chunk: u32, splits: u32,
+    // The texture GEMM: log2 of its invocations along column blocks.
+    col_lanes_log2: u32, _pad: u32,
 }
 
 @group(0) @binding(0) var<storage, read> a: array<act>;
@@ -274,6 +281,287 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
+// main_tiled: the GEMM of the GPU kernel set (`profile::KernelSet::Gpu`), same
+// operand modes, bindings and epilogue as `main`, shaped for GPUs with many
+// compute units and fast workgroup memory:
+// - a TBM x TBN = 64 x 64 output tile per workgroup of 256 invocations (16 x 16),
+//   each owning 4 rows x one vec4 column (16 accumulators);
+// - K in steps of TBK = 16: the A and B tiles are staged in workgroup memory,
+//   k-major, rows padded by one vec4 (stride 17) so the staging stores do not
+//   all hit one bank; 8.5 KiB in all, far under NVIDIA's 48 KiB;
+// - the next K step's operands are loaded into registers while the current one
+//   is multiplied (one barrier pair per step);
+// - global loads coalesced in every mode: 16 consecutive invocations read 16
+//   consecutive scalars of one row (A modes 0, 1, B mode 1), 64 consecutive rows
+//   of one k (A mode 2, the transposed activation of dW), or one vec4 each
+//   (B modes 0, 2);
+// - the implicit im2col (A_MODE 1) has no division per element: each invocation
+//   keeps its 4 rows' views and one (ky, kx, ci) position, stepped by TBK;
+// - split-K: workgroup z multiplies K range [z·k_chunk, (z+1)·k_chunk); with
+//   SPLIT it stores raw partial products at z·M·N + row·N + col and `splitk_sum`
+//   adds the splits in a fixed order (deterministic) and applies the epilogue.
+// Every barrier is in uniform control flow: the step count depends only on the
+// uniforms and the workgroup id.
+const TBM: u32 = 64u;
+const TBN: u32 = 64u;
+const TBK: u32 = 16u;
+// A tile row stride in vec4 (TBM / 4 + 1 padding).
+const TS: u32 = 17u;
+override SPLIT: bool = false;
+var<workgroup> As: array<vec4<f32>, 272>;
+var<workgroup> Bs: array<vec4<f32>, 272>;
+
+// The A_MODE 1 column position of k: tap row, tap column, input channel.
+struct ConvK { ky: u32, kx: u32, ci: u32 }
+
+fn conv_k_at(k: u32) -> ConvK {
+    let tap = k / p.cin;
+    return ConvK(tap / p.kw, tap % p.kw, k % p.cin);
+}
+
+// Moves a ConvK forward by n columns (no division: n is TBK, and the loop runs
+// at most TBK / cin + 1 times).
+fn conv_k_step(c: ConvK, n: u32) -> ConvK {
+    var r = c;
+    r.ci += n;
+    while (r.ci >= p.cin) {
+        r.ci -= p.cin;
+        r.kx += 1u;
+        if (r.kx == p.kw) {
+            r.kx = 0u;
+            r.ky += 1u;
+        }
+    }
+    return r;
+}
+
+fn conv_a(r: RowView, c: ConvK) -> f32 {
+    let iy = r.iy0 + i32(c.ky);
+    let ix = r.ix0 + i32(c.kx);
+    if (iy < 0 || ix < 0 || iy >= i32(p.in_h) || ix >= i32(p.in_w)) {
+        return 0.0;
+    }
+    return f32(a[(r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + c.ci]);
+}
+
+// This invocation's four A values of the K step at k0 (zero past M and K).
+fn tile_a(k0: u32, k_end: u32, row0: u32, lid: u32, rv: array<RowView, 4>, ck: ConvK) -> vec4<f32> {
+    var ar: vec4<f32>;
+    for (var e = 0u; e < 4u; e++) {
+        var v = 0.0;
+        if (A_MODE == 2u) {
+            let k = k0 + lid / 64u + 4u * e;
+            let r = row0 + lid % 64u;
+            if (k < k_end && r < p.M) {
+                v = f32(a[k * p.a_stride + r]);
+            }
+        } else {
+            let k = k0 + lid % 16u;
+            if (k < k_end && row0 + lid / 16u + 16u * e < p.M) {
+                if (A_MODE == 1u) {
+                    v = conv_a(rv[e], ck);
+                } else if (A_MODE == 3u) {
+                    v = 1.0;
+                } else {
+                    v = f32(a[rv[e].base + k]);
+                }
+            }
+        }
+        ar[e] = v;
+    }
+    return ar;
+}
+
+// This invocation's B values of the K step at k0: four columns n of one k
+// (B_MODE 1, Bᵀ read along k) or one vec4 of a B row.
+fn tile_b(k0: u32, k_end: u32, col40: u32, lid: u32) -> vec4<f32> {
+    var br = vec4<f32>(0.0);
+    if (B_MODE == 1u) {
+        let k = k0 + lid % 16u;
+        for (var e = 0u; e < 4u; e++) {
+            let n = col40 * 4u + lid / 16u + 16u * e;
+            if (k < k_end && n < p.N) {
+                br[e] = b_scalar(n * p.b_stride + k);
+            }
+        }
+    } else {
+        let k = k0 + lid / 16u;
+        let c4 = col40 + lid % 16u;
+        if (k < k_end && c4 < (p.N + 3u) / 4u) {
+            br = load_b(k, c4);
+        }
+    }
+    return br;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn main_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row0 = wid.y * TBM;
+    let col40 = wid.x * (TBN / 4u);
+    let nc4 = (p.N + 3u) / 4u;
+    // This workgroup's K range (split-K along z).
+    let k_begin = wid.z * p.k_chunk;
+    let k_end = min(p.K, k_begin + p.k_chunk);
+    var steps = 0u;
+    if (k_end > k_begin) {
+        steps = (k_end - k_begin + TBK - 1u) / TBK;
+    }
+    // Staging roles. Row-wise modes: k = lid % 16, rows lid / 16 + 16 e.
+    // A_MODE 2: row lid % 64, k = lid / 64 + 4 e.
+    let sk = lid % 16u;
+    let sr = lid / 16u;
+    let tr = lid % 64u;
+    let tk = lid / 64u;
+    var rv: array<RowView, 4>;
+    for (var e = 0u; e < 4u; e++) {
+        rv[e] = row_view(min(row0 + sr + 16u * e, p.M - 1u));
+    }
+    var ck = ConvK(0u, 0u, 0u);
+    if (A_MODE == 1u) {
+        ck = conv_k_at(k_begin + sk);
+    }
+    var k0 = k_begin;
+    var ar = tile_a(k0, k_end, row0, lid, rv, ck);
+    var br = tile_b(k0, k_end, col40, lid);
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    var acc: array<vec4<f32>, 4>;
+    for (var s = 0u; s < steps; s++) {
+        // Stage this step's operands.
+        for (var e = 0u; e < 4u; e++) {
+            if (A_MODE == 2u) {
+                let kk = tk + 4u * e;
+                As[kk * TS + tr / 4u][tr % 4u] = ar[e];
+            } else {
+                let r = sr + 16u * e;
+                As[sk * TS + r / 4u][r % 4u] = ar[e];
+            }
+        }
+        if (B_MODE == 1u) {
+            for (var e = 0u; e < 4u; e++) {
+                let n = sr + 16u * e;
+                Bs[sk * TS + n / 4u][n % 4u] = br[e];
+            }
+        } else {
+            Bs[(lid / 16u) * TS + lid % 16u] = br;
+        }
+        workgroupBarrier();
+        // Prefetch the next step into registers while this one is multiplied.
+        if (s + 1u < steps) {
+            k0 += TBK;
+            if (A_MODE == 1u) {
+                ck = conv_k_step(ck, TBK);
+            }
+            ar = tile_a(k0, k_end, row0, lid, rv, ck);
+            br = tile_b(k0, k_end, col40, lid);
+        }
+        for (var kk = 0u; kk < TBK; kk++) {
+            let av = As[kk * TS + ty];
+            let bv = Bs[kk * TS + tx];
+            acc[0] += av.x * bv;
+            acc[1] += av.y * bv;
+            acc[2] += av.z * bv;
+            acc[3] += av.w * bv;
+        }
+        workgroupBarrier();
+    }
+    let c4 = col40 + tx;
+    if (c4 >= nc4) {
+        return;
+    }
+    if (SPLIT) {
+        // Raw partial products; splitk_sum applies the epilogue.
+        let col = c4 * 4u;
+        for (var i = 0u; i < 4u; i++) {
+            let row = row0 + ty * 4u + i;
+            if (row < p.M) {
+                let base = wid.z * p.M * p.N + row * p.N + col;
+                for (var e = 0u; e < 4u; e++) {
+                    if (col + e < p.N) {
+                        c[base + e] = act(acc[i][e]);
+                    }
+                }
+            }
+        }
+        return;
+    }
+    var bj = vec4<f32>();
+    if (HAS_BIAS) {
+        bj = bias[c4];
+    }
+    for (var i = 0u; i < 4u; i++) {
+        store_vec(row0 + ty * 4u + i, c4, acc[i] + bj);
+    }
+}
+
+// The second stage of a split-K GEMM: C[i] = epilogue(Σ_z part[z·M·N + i]) for
+// the M·N outputs, the splits added in order (deterministic), partials read
+// through binding 0.
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn splitk_sum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    let mn = p.M * p.N;
+    if (i >= mn) {
+        return;
+    }
+    var s = 0.0;
+    for (var z = 0u; z < p.splits; z++) {
+        s += f32(a[z * mn + i]);
+    }
+    let col = i % p.N;
+    if (HAS_BIAS) {
+        s += bias[col / 4u][col % 4u];
+    }
+    put(p.out_row_off * p.N + i, activate(s));
+}
+
+// colsum_rows / colsum_tree: column sums of a [p.M rows, p.N] matrix in the GPU
+// kernel set (bias gradients, LayerNorm's dγ, dβ), in two stages so that a tall
+// matrix fills the GPU: invocation (j, col) of the first adds rows j, j + P,
+// j + 2P, ... of a column (P = p.splits; consecutive invocations read
+// consecutive columns), the second gives each column a workgroup that adds its
+// P partials by a tree in workgroup memory. The order is fixed: deterministic.
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn colsum_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG_X;
+    if (i >= p.splits * p.N) {
+        return;
+    }
+    let col = i % p.N;
+    var s = 0.0;
+    for (var r = i / p.N; r < p.M; r += p.splits) {
+        s += f32(a[r * p.N + col]);
+    }
+    c[i] = act(s);
+}
+
+const TREE: u32 = 64u;
+var<workgroup> tree: array<f32, TREE>;
+
+@compute @workgroup_size(64, 1, 1)
+fn colsum_tree(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    // The column is uniform across the workgroup, so the early return is too.
+    let col = wid.x + wid.y * nwg.x;
+    if (col >= p.N) {
+        return;
+    }
+    var s = 0.0;
+    for (var j = lid; j < p.splits; j += TREE) {
+        s += f32(a[j * p.N + col]);
+    }
+    tree[lid] = s;
+    workgroupBarrier();
+    for (var h = TREE / 2u; h > 0u; h /= 2u) {
+        if (lid < h) {
+            tree[lid] += tree[lid + h];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        c[col] = act(tree[0]);
+    }
+}
+
 // im2col: materialises the A_MODE 1 view as a dense [M, K_out] matrix (zero
 // columns past K), for the texture variant, which reads A through a texture.
 // One invocation per element of the output.
@@ -458,8 +746,8 @@ fn mac(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>)
 // operand, written by `pack`. Linear (TA 1, TB_LIN): a copy of the source buffer
 // (or of a chunk of its rows) in a linear texture (Graph::linear_texture; vec4 i at (i & (W-1),
 // i >> log2 W)), which a CPU driver fills with a memcpy instead of a pack pass;
-// row r of A is vec4s a_off + r*a_stride .. (units of vec4, p._p0 and p.a_stride),
-// row k of B likewise from p._p1 and p.b_stride. TA 2: A is the transpose of a
+// row r of A is vec4s a_off + r*a_stride .. (units of vec4, p.a_off and p.a_stride),
+// row k of B likewise from p.b_off and p.b_stride. TA 2: A is the transpose of a
 // linear source: one vec4 holds four rows of A at one k, so four of them,
 // transposed in registers, give four rows times four k (the weight gradient Xᵀ·dY).
 // The modes are override constants: as uniforms (a branch in the FMA loop) the
@@ -482,14 +770,14 @@ fn b_lin(i: u32) -> vec4<f32> {
 
 fn a_row(kk: i32, r: i32) -> vec4<f32> {
     if (TA == 1u) {
-        return lin(a_tex, (p.out_row_off + u32(r)) * p.a_stride + p._p0 + u32(kk));
+        return lin(a_tex, (p.out_row_off + u32(r)) * p.a_stride + p.a_off + u32(kk));
     }
     return texel(a_tex, vec2<i32>(kk, r));
 }
 
 fn b_at(c: i32, k: i32) -> vec4<f32> {
     if (TB_LIN) {
-        return b_lin(p._p1 + u32(k) * p.b_stride + u32(c));
+        return b_lin(p.b_off + u32(k) * p.b_stride + u32(c));
     }
     return wtexel(b_tex, vec2<i32>(c, k));
 }
@@ -537,10 +825,10 @@ fn store_tex(row: u32, c4: u32, v: vec4<f32>) {
 // took 20-45% longer (docs/perf.md).
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    // The WG_X invocations of a workgroup cover 2^p.in_tok_off column blocks and
+    // The WG_X invocations of a workgroup cover 2^p.col_lanes_log2 column blocks and
     // the rest row blocks (ops::matmul::tex_grid): a narrow output keeps every
     // lane busy, with one pipeline for every shape.
-    let lx = p.in_tok_off;
+    let lx = p.col_lanes_log2;
     let wx = 1u << lx;
     let col4 = (wid.x * wx + (lid & (wx - 1u))) * 4u;
     let row0 = (wid.y * (WG_X >> lx) + (lid >> lx)) * TRM;
@@ -643,7 +931,7 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
             // Shared, transposed: the 4·TRM/4 texels (four k rows of each 4-row
             // group) split over the subgroup's lanes, then transposed as below
             // (transpose() of the four k rows: a register renaming, no arithmetic).
-            let base = p._p0 + u32(k) * p.a_stride;
+            let base = p.a_off + u32(k) * p.a_stride;
             let sa = lin(a_tex, base + (lane % 4u) * p.a_stride + select(g0, g1, lane % 8u >= 4u));
             let m0 = transpose(mat4x4<f32>(bc0(sa), bc1(sa), bc2(sa), bc3(sa)));
             let m1 = transpose(mat4x4<f32>(bc4(sa), bc5(sa), bc6(sa), bc7(sa)));
@@ -657,7 +945,7 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
                 x12 = m3[0]; x13 = m3[1]; x14 = m3[2]; x15 = m3[3];
             }
         } else if (TA == 2u) {
-            let base = p._p0 + u32(k) * p.a_stride;
+            let base = p.a_off + u32(k) * p.a_stride;
             { let t0 = lin(a_tex, base + g0); let t1 = lin(a_tex, base + p.a_stride + g0);
               let t2 = lin(a_tex, base + 2u * p.a_stride + g0); let t3 = lin(a_tex, base + 3u * p.a_stride + g0);
               x0 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
@@ -780,9 +1068,15 @@ fn subgroup_probe(@builtin(local_invocation_index) lid: u32) {
 // to the texture's multiple of 4 and its N to whole texels. This is how training
 // (and layers whose K is not a multiple of 64) use the texture GEMM: dX = dY·Wᵀ
 // packs W transposed, dW = Xᵀ·dY packs X transposed, with no copies of the
-// buffers themselves. Params reuse: M = texture height, N = texture width (texels),
-// K = r_real, NP4 = c_real, a_stride = stride, b_stride = 1 if transposed,
-// out_row_off = off.
+// buffers themselves. Their parameters are `PackParams` (`pk`, binding 4 seen
+// with another type; `ops::gemm::PackParams` on the host).
+struct PackParams {
+    // The texture's size in texels, the logical matrix's real rows and columns.
+    height: u32, width: u32, rows_real: u32, cols_real: u32,
+    // The source view: first element, row stride, 1 if transposed.
+    off: u32, stride: u32, transposed: u32, _pad: u32,
+}
+@group(0) @binding(4) var<uniform> pk: PackParams;
 @group(0) @binding(7) var pack_out: OTex;
 // The packed source as whole vec4s (pack4, pack4t): binding 1 seen as
 // activations, f16 in an f16 plan. Inference packs only activations there (its
@@ -807,18 +1101,18 @@ fn pack_src4(i: u32) -> vec4<f32> {
 fn pack(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x = gid.x;
     let y = gid.y;
-    if (x >= p.N || y >= p.M) {
+    if (x >= pk.width || y >= pk.height) {
         return;
     }
     var v = vec4<f32>(0.0);
-    if (y < p.K) {
+    if (y < pk.rows_real) {
         for (var e = 0u; e < 4u; e++) {
             let col = x * 4u + e;
-            if (col < p.NP4) {
-                if (p.b_stride != 0u) {
-                    v[e] = f32(a[p.out_row_off + col * p.a_stride + y]);
+            if (col < pk.cols_real) {
+                if (pk.transposed != 0u) {
+                    v[e] = f32(a[pk.off + col * pk.stride + y]);
                 } else {
-                    v[e] = f32(a[p.out_row_off + y * p.a_stride + col]);
+                    v[e] = f32(a[pk.off + y * pk.stride + col]);
                 }
             }
         }
@@ -834,12 +1128,12 @@ fn pack(@builtin(global_invocation_id) gid: vec3<u32>) {
 fn pack4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x = gid.x;
     let y = gid.y;
-    if (x >= p.N || y >= p.M) {
+    if (x >= pk.width || y >= pk.height) {
         return;
     }
     var v = vec4<f32>(0.0);
-    if (y < p.K && x * 4u < p.NP4) {
-        v = pack_src4((p.out_row_off + y * p.a_stride) / 4u + x);
+    if (y < pk.rows_real && x * 4u < pk.cols_real) {
+        v = pack_src4((pk.off + y * pk.stride) / 4u + x);
     }
     textureStore(pack_out, vec2<i32>(i32(x), i32(y)), v);
 }
@@ -937,31 +1231,31 @@ fn act_backward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 fn pack4t(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x = gid.x;
     let y0 = gid.y * 4u;
-    if (x >= p.N || y0 >= p.M) {
+    if (x >= pk.width || y0 >= pk.height) {
         return;
     }
     // Written out (no private arrays): lavapipe keeps arrays in scratch memory.
-    let base = (p.out_row_off + x * 4u * p.a_stride + y0) / 4u;
-    let s4 = p.a_stride / 4u;
-    let ok = y0 < p.K;
+    let base = (pk.off + x * 4u * pk.stride + y0) / 4u;
+    let s4 = pk.stride / 4u;
+    let ok = y0 < pk.rows_real;
     let c = x * 4u;
-    let r0 = select(vec4<f32>(0.0), pack_src4(base), ok && c < p.NP4);
-    let r1 = select(vec4<f32>(0.0), pack_src4(base + s4), ok && c + 1u < p.NP4);
-    let r2 = select(vec4<f32>(0.0), pack_src4(base + 2u * s4), ok && c + 2u < p.NP4);
-    let r3 = select(vec4<f32>(0.0), pack_src4(base + 3u * s4), ok && c + 3u < p.NP4);
+    let r0 = select(vec4<f32>(0.0), pack_src4(base), ok && c < pk.cols_real);
+    let r1 = select(vec4<f32>(0.0), pack_src4(base + s4), ok && c + 1u < pk.cols_real);
+    let r2 = select(vec4<f32>(0.0), pack_src4(base + 2u * s4), ok && c + 2u < pk.cols_real);
+    let r3 = select(vec4<f32>(0.0), pack_src4(base + 3u * s4), ok && c + 3u < pk.cols_real);
     let xi = i32(x);
     let yi = i32(y0);
-    // Rows past r_real (p.K) are zero; rows past the texture (p.M) are not written.
-    if (y0 < p.M) {
-        textureStore(pack_out, vec2<i32>(xi, yi), select(vec4<f32>(0.0), vec4<f32>(r0.x, r1.x, r2.x, r3.x), y0 < p.K));
+    // Rows past r_real (pk.rows_real) are zero; rows past the texture (pk.height) are not written.
+    if (y0 < pk.height) {
+        textureStore(pack_out, vec2<i32>(xi, yi), select(vec4<f32>(0.0), vec4<f32>(r0.x, r1.x, r2.x, r3.x), y0 < pk.rows_real));
     }
-    if (y0 + 1u < p.M) {
-        textureStore(pack_out, vec2<i32>(xi, yi + 1), select(vec4<f32>(0.0), vec4<f32>(r0.y, r1.y, r2.y, r3.y), y0 + 1u < p.K));
+    if (y0 + 1u < pk.height) {
+        textureStore(pack_out, vec2<i32>(xi, yi + 1), select(vec4<f32>(0.0), vec4<f32>(r0.y, r1.y, r2.y, r3.y), y0 + 1u < pk.rows_real));
     }
-    if (y0 + 2u < p.M) {
-        textureStore(pack_out, vec2<i32>(xi, yi + 2), select(vec4<f32>(0.0), vec4<f32>(r0.z, r1.z, r2.z, r3.z), y0 + 2u < p.K));
+    if (y0 + 2u < pk.height) {
+        textureStore(pack_out, vec2<i32>(xi, yi + 2), select(vec4<f32>(0.0), vec4<f32>(r0.z, r1.z, r2.z, r3.z), y0 + 2u < pk.rows_real));
     }
-    if (y0 + 3u < p.M) {
-        textureStore(pack_out, vec2<i32>(xi, yi + 3), select(vec4<f32>(0.0), vec4<f32>(r0.w, r1.w, r2.w, r3.w), y0 + 3u < p.K));
+    if (y0 + 3u < pk.height) {
+        textureStore(pack_out, vec2<i32>(xi, yi + 3), select(vec4<f32>(0.0), vec4<f32>(r0.w, r1.w, r2.w, r3.w), y0 + 3u < pk.rows_real));
     }
 }

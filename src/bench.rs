@@ -39,6 +39,83 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Build the plan and list every dispatch without running it: label,
+    /// workgroups (x, y, z), workgroup size, FLOPs and bytes bound; and the
+    /// heavy dispatches (1% or more of the FLOPs or bytes) that launch fewer than
+    /// 132 workgroups (one per SM of an H100) or workgroups under 64 invocations.
+    #[arg(long)]
+    pub plan_only: bool,
+}
+
+/// What `--plan-only` prints.
+#[derive(serde::Serialize)]
+struct PlanReport {
+    model: String,
+    mode: Mode,
+    res: usize,
+    batch: usize,
+    kernels: &'static str,
+    adapter: String,
+    total_flops: f64,
+    total_bytes: u64,
+    dispatches: Vec<crate::graph::Launch>,
+    /// Dispatches with at least 1% of the FLOPs or bytes and fewer than
+    /// `MIN_FILL_GROUPS` workgroups or workgroups of fewer than 64 invocations.
+    underfilled: Vec<crate::graph::Launch>,
+}
+
+/// Workgroups a heavy dispatch should launch at least: one per SM of an H100.
+pub const MIN_FILL_GROUPS: u64 = 132;
+
+fn plan_only(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize) -> Result<()> {
+    let tensors = random_tensors(cfg, 1);
+    let launches = if a.mode == Mode::Train {
+        let model = crate::train::TrainModel::new(gpu.clone(), cfg.clone(), &tensors, Act::QuickGelu)?;
+        let step = model.step_plan(a.batch, res, res)?;
+        let opt = model.optimizer(crate::ops::optim::AdamW::default())?;
+        let mut l = step.plan.launches();
+        l.extend(opt.plan.launches());
+        l
+    } else {
+        let model = Model::new_in(gpu.clone(), cfg.clone(), &tensors, Act::QuickGelu, WeightFormat::from_flag(&gpu, a.f16))?;
+        model.plan(a.batch, res, res)?.plan.launches()
+    };
+    let total_flops: f64 = launches.iter().map(|l| l.flops).sum();
+    let total_bytes: u64 = launches.iter().map(|l| l.bytes).sum();
+    let heavy = |l: &crate::graph::Launch| l.flops >= 0.01 * total_flops || l.bytes as f64 >= 0.01 * total_bytes as f64;
+    let underfilled: Vec<_> = launches.iter().filter(|l| heavy(l) && (l.groups() < MIN_FILL_GROUPS || l.invocations() < 64)).cloned().collect();
+    let r = PlanReport {
+        model: cfg.name.clone(),
+        mode: a.mode,
+        res,
+        batch: a.batch,
+        kernels: gpu.profile().kernels.name(),
+        adapter: gpu.describe(),
+        total_flops,
+        total_bytes,
+        dispatches: launches,
+        underfilled,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("{} {:?} @{}x{} batch {}: {} dispatches, {:.1} GFLOP, {:.2} GB bound; {} kernel set on {}", r.model, r.mode, res, res, a.batch, r.dispatches.len(), total_flops / 1e9, total_bytes as f64 / 1e9, r.kernels, r.adapter);
+    let mut heaviest: Vec<&crate::graph::Launch> = r.dispatches.iter().collect();
+    heaviest.sort_by(|x, y| y.flops.total_cmp(&x.flops).then(y.bytes.cmp(&x.bytes)));
+    println!("  {:<44} {:>18} {:>12} {:>9} {:>9}", "heaviest dispatches", "workgroups", "size", "GFLOP", "MB");
+    for l in heaviest.iter().take(10) {
+        println!("  {:<44} {:>18} {:>12} {:>9.2} {:>9.1}", l.label, format!("{:?}", l.workgroups), format!("{:?}", l.workgroup_size), l.flops / 1e9, l.bytes as f64 / 1e6);
+    }
+    if r.underfilled.is_empty() {
+        println!("  every dispatch with 1% or more of the FLOPs or bytes launches at least {MIN_FILL_GROUPS} workgroups of 64 or more invocations");
+    } else {
+        println!("  {} heavy dispatches launch fewer than {MIN_FILL_GROUPS} workgroups or workgroups under 64 invocations:", r.underfilled.len());
+        for l in &r.underfilled {
+            println!("    {:<42} {:>18} {:>12} {:>9.2} {:>9.1}", l.label, format!("{:?}", l.workgroups), format!("{:?}", l.workgroup_size), l.flops / 1e9, l.bytes as f64 / 1e6);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -210,6 +287,9 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     let cfg = CvtConfig::by_name(&a.model)?;
     let res = a.res.unwrap_or(cfg.image_size);
     crate::model::check_resolution(res).context("--res")?;
+    if a.plan_only {
+        return plan_only(gpu, a, &cfg, res);
+    }
     if a.mode == Mode::Train {
         return train(gpu, a, &cfg, res);
     }
@@ -217,7 +297,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     // kernel: the adapter's variant trial (skipped when cached), then the plan,
     // its pipelines (CPU drivers compile at first dispatch) and the first forward.
     let t0 = Instant::now();
-    crate::ops::matmul::preferred_kind(&gpu);
+    gpu.profile().matmul();
     let tune_ms = t0.elapsed().as_secs_f64() * 1e3;
     let tensors = random_tensors(&cfg, 1);
     let t0 = Instant::now();
@@ -264,8 +344,8 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         upload_ms,
         dispatches,
         texture_copies,
-        matmul_variant: crate::ops::matmul::preferred_kind(&gpu),
-        texture_read: gpu.tex_read(),
+        matmul_variant: gpu.profile().matmul(),
+        texture_read: gpu.profile().texture_read,
         adapter: gpu.describe(),
         timing: "wall clock, submit to completion",
         kernel_timing,

@@ -33,6 +33,40 @@ pub fn derive_entries(src: &str) -> String {
     out
 }
 
+/// The workgroup size of `entry` in WGSL `src` with `overrides`: its
+/// `@workgroup_size(...)` attribute, each dimension a literal, an override
+/// constant (the value given, else its default) or a module constant.
+pub fn workgroup_size(src: &str, entry: &str, overrides: &[(&str, f64)]) -> [u32; 3] {
+    let Some(f) = src.find(&format!("fn {entry}(")) else { return [1, 1, 1] };
+    let Some(a) = src[..f].rfind("@workgroup_size(") else { return [1, 1, 1] };
+    let args = &src[a + "@workgroup_size(".len()..];
+    let args = &args[..args.find(')').unwrap_or(0)];
+    let value = |tok: &str| -> u32 {
+        let tok = tok.trim();
+        if let Ok(v) = tok.trim_end_matches('u').parse::<u32>() {
+            return v;
+        }
+        if let Some((_, v)) = overrides.iter().find(|(n, _)| *n == tok) {
+            return *v as u32;
+        }
+        // `override NAME: u32 = 8u;` or `const NAME: u32 = 8u;`
+        for kw in ["override", "const"] {
+            if let Some(i) = src.find(&format!("{kw} {tok}: u32 = ")) {
+                let rest = &src[i + format!("{kw} {tok}: u32 = ").len()..];
+                if let Ok(v) = rest[..rest.find(';').unwrap_or(0)].trim_end_matches('u').parse::<u32>() {
+                    return v;
+                }
+            }
+        }
+        1
+    };
+    let mut out = [1u32; 3];
+    for (o, tok) in out.iter_mut().zip(args.split(',')) {
+        *o = value(tok);
+    }
+    out
+}
+
 /// Every WGSL file of the engine, embedded in the binary. Tests walk this list to
 /// validate each shader with naga and translate it for every backend.
 pub const SHADERS: &[(&str, &str)] = &[
@@ -182,20 +216,16 @@ pub struct Gpu {
     modules: Mutex<HashMap<(&'static str, TexRead, bool, bool), wgpu::ShaderModule>>,
     /// The device has subgroup operations (`texread::subgroup_helpers`).
     pub subgroups: bool,
-    /// Subgroups are runs of 8 consecutive invocations (`ops::matmul::subgroups_of_8`).
-    pub subgroups_of_8: std::sync::OnceLock<bool>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// Each pipeline's workgroup size (by address), for launch reports.
+    workgroup_sizes: Mutex<HashMap<usize, [u32; 3]>>,
     /// A small zero buffer for bindings an entry point declares but a mode ignores.
     placeholder: std::sync::OnceLock<Arc<wgpu::Buffer>>,
     /// One-texel textures in rgba32float and rgba16float (for f16 plans).
     placeholder_texture: [std::sync::OnceLock<Arc<wgpu::TextureView>>; 2],
-    /// The matmul variant, chosen on first use by a timed trial (`ops::matmul::preferred_kind`).
-    pub matmul_kind: std::sync::OnceLock<MatmulKind>,
-    /// How kernels read textures (`texread`): a rule at start, then the trial's choice.
-    tex_read: Mutex<TexRead>,
-    /// Invocations per row in the row-reduction kernels (0 = not chosen yet; see
-    /// `ops::rownorm::row_lanes`). Tests set it to run every variant.
-    pub row_lanes: std::sync::atomic::AtomicUsize,
+    /// The kernel profile, resolved on first use (`profile::resolve`) or set
+    /// (`set_profile`).
+    profile: std::sync::OnceLock<Arc<crate::profile::Profile>>,
     /// Uncaptured wgpu errors land here (instead of wgpu's default panic) and are
     /// turned into `Err` at the next synchronisation point.
     error: Arc<Mutex<Option<String>>>,
@@ -204,7 +234,7 @@ pub struct Gpu {
 impl Gpu {
     /// Opens the adapter described by `req`.
     pub fn new(req: &AdapterRequest) -> Result<Arc<Gpu>> {
-        crate::graph::check_settings()?;
+        crate::profile::settings::check()?;
         let adapters = ordered_adapters(req.backend, req.adapter.is_none());
         if adapters.is_empty() {
             if req.backend == BackendChoice::Auto {
@@ -246,7 +276,6 @@ impl Gpu {
                 *slot = Some(e.to_string());
             }
         }));
-        let tex_read = Mutex::new(crate::texread::rule(&info, &limits));
         Ok(Arc::new(Gpu {
             adapter,
             device,
@@ -256,18 +285,17 @@ impl Gpu {
             features,
             modules: Mutex::new(HashMap::new()),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
-            subgroups_of_8: std::sync::OnceLock::new(),
             pipelines: Mutex::new(HashMap::new()),
-            matmul_kind: std::sync::OnceLock::new(),
-            tex_read,
-            row_lanes: std::sync::atomic::AtomicUsize::new(0),
+            workgroup_sizes: Mutex::new(HashMap::new()),
+            profile: std::sync::OnceLock::new(),
             placeholder: std::sync::OnceLock::new(),
             placeholder_texture: [std::sync::OnceLock::new(), std::sync::OnceLock::new()],
             error,
         }))
     }
 
-    /// A second device on the same adapter, in the same texture-read mode. CPU
+    /// A second device on the same adapter (with no profile of its own: the
+    /// trials that use it give their graphs one). CPU
     /// drivers compile a kernel at its first dispatch, on the thread that submits
     /// it: work submitted to two devices from two threads compiles on two cores
     /// (`ops::matmul::trial`). None where the backend cannot open a second device.
@@ -275,9 +303,7 @@ impl Gpu {
         if self.info.backend == wgpu::Backend::Gl {
             return None;
         }
-        let g = Self::from_adapter(self.adapter.clone()).ok()?;
-        g.set_tex_read(self.tex_read());
-        Some(g)
+        Self::from_adapter(self.adapter.clone()).ok()
     }
 
     /// One line naming the adapter, for logs and reports.
@@ -313,16 +339,16 @@ impl Gpu {
         (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
     }
 
-    /// How kernels read textures now (see `texread`).
-    pub fn tex_read(&self) -> TexRead {
-        *self.tex_read.lock().unwrap()
+    /// This device's kernel profile, resolved on first use (trials run then,
+    /// unless settings or the cache decide; `profile::resolve`).
+    pub fn profile(self: &Arc<Self>) -> Arc<crate::profile::Profile> {
+        self.profile.get_or_init(|| Arc::new(crate::profile::resolve(self))).clone()
     }
 
-    /// Sets the texture-read mode for pipelines created from now on (the trial's
-    /// choice). Pipelines made before keep theirs: every texture can be read
-    /// either way, so mixed modes stay correct.
-    pub fn set_tex_read(&self, read: TexRead) {
-        *self.tex_read.lock().unwrap() = read;
+    /// Sets the profile before first use (tests force a kernel set this way);
+    /// false if one was already resolved.
+    pub fn set_profile(&self, profile: crate::profile::Profile) -> bool {
+        self.profile.set(Arc::new(profile)).is_ok()
     }
 
     fn module(&self, name: &'static str, read: TexRead, w16: bool, a16: bool) -> Result<wgpu::ShaderModule> {
@@ -333,16 +359,17 @@ impl Gpu {
         let mut src: String = SHADERS.iter().find(|(n, _)| *n == name).ok_or_else(|| anyhow!("no shader named {name}"))?.1.into();
         // Kernel development: CVT_GPU_SHADER_DIR loads the WGSL from disk instead
         // of the copy embedded at build time, so a kernel can be tuned without a rebuild.
-        if let Ok(dir) = std::env::var("CVT_GPU_SHADER_DIR") {
+        let settings = crate::profile::settings::get();
+        if let Some(dir) = &settings.shader_dir {
             let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
             src = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         }
         let src = crate::texread::prelude(read, w16, a16, self.subgroups) + &derive_entries(&src);
         let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
-        let checks = match std::env::var("CVT_GPU_CHECKS").as_deref() {
-            Ok("all") => wgpu::ShaderRuntimeChecks::checked(),
-            Ok("none") => wgpu::ShaderRuntimeChecks::unchecked(),
-            _ => {
+        let checks = match settings.checks {
+            crate::profile::settings::Checks::All => wgpu::ShaderRuntimeChecks::checked(),
+            crate::profile::settings::Checks::None => wgpu::ShaderRuntimeChecks::unchecked(),
+            crate::profile::settings::Checks::Default => {
                 let mut c = wgpu::ShaderRuntimeChecks::checked();
                 c.force_loop_bounding = false;
                 c
@@ -355,16 +382,15 @@ impl Gpu {
     }
 
     /// A compute pipeline for `shader::entry` specialised by `overrides`, compiled
-    /// once per process and shared; textures read in the current mode (`tex_read`).
-    pub fn pipeline(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)]) -> Result<Arc<wgpu::ComputePipeline>> {
-        self.pipeline_in(shader, entry, overrides, false, false)
+    /// once per process and shared; textures read in mode `read`.
+    pub fn pipeline(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)], read: TexRead) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.pipeline_in(shader, entry, overrides, read, false, false)
     }
 
     /// As `pipeline`, for a kernel whose weight texture (`WTex`) is rgba16float
     /// (`w16`) and/or of an f16 plan (`a16`: f16 activations and textures; see
     /// `texread::prelude`).
-    pub fn pipeline_in(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)], w16: bool, a16: bool) -> Result<Arc<wgpu::ComputePipeline>> {
-        let read = self.tex_read();
+    pub fn pipeline_in(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)], read: TexRead, w16: bool, a16: bool) -> Result<Arc<wgpu::ComputePipeline>> {
         // Sampled reads take any format: one module serves f32 and f16 weights.
         let w16 = w16 && read == TexRead::Storage && !a16;
         let key = format!("{shader}:{entry}:{overrides:?}:{}{}{}", read.name(), if w16 { ":w16" } else { "" }, if a16 { ":f16" } else { "" });
@@ -386,11 +412,18 @@ impl Gpu {
             cache: None,
         }));
         self.check_error().with_context(|| format!("compiling {key}"))?;
-        if std::env::var_os("CVT_GPU_TRACE_COMPILE").is_some() {
+        if crate::profile::settings::get().trace_compile {
             eprintln!("compile {:8.1} ms {key}", t0.elapsed().as_secs_f64() * 1e3);
         }
+        let src: &str = SHADERS.iter().find(|(n, _)| *n == shader).map_or("", |(_, s)| s);
+        self.workgroup_sizes.lock().unwrap().insert(Arc::as_ptr(&p) as usize, workgroup_size(&derive_entries(src), entry, overrides));
         self.pipelines.lock().unwrap().insert(key, p.clone());
         Ok(p)
+    }
+
+    /// The workgroup size of a pipeline made by `pipeline_in` ([1, 1, 1] if unknown).
+    pub fn workgroup_size_of(&self, p: &Arc<wgpu::ComputePipeline>) -> [u32; 3] {
+        self.workgroup_sizes.lock().unwrap().get(&(Arc::as_ptr(p) as usize)).copied().unwrap_or([1, 1, 1])
     }
 
     /// A storage buffer of `bytes` (rounded up to 16), checked against the device limits.

@@ -81,6 +81,13 @@ pub struct TexRef {
     linear: bool,
 }
 
+impl Res {
+    /// A typed parameter struct (`#[repr(C)]`, mirroring the shader's) as a uniform.
+    pub fn uniform<T: bytemuck::Pod>(params: &T) -> Res {
+        Res::Uniform(bytemuck::cast_slice(std::slice::from_ref(params)).to_vec())
+    }
+}
+
 impl TexRef {
     /// The shared texture this one lives in.
     fn key(&self) -> (u32, u32, bool) {
@@ -158,45 +165,15 @@ impl OpRec {
 /// A model under construction: tensors and the ordered dispatches over them.
 pub struct Graph {
     pub gpu: Arc<Gpu>,
-    /// Rows per invocation of the texture GEMM (8 or 16; `matmul.wgsl`'s `TRM`).
-    /// 16 runs CvT-13 at batch 1 1.10-1.17x faster on lavapipe and compiles in
-    /// 1.4-1.8 s against 0.7 s; the cold first call stays at 3.4-3.9 s since the
-    /// GEMM trial compiles its rival on a second core and the bias moved to a
-    /// texture (docs/perf.md). 8 remains for tests and `CVT_GPU_TEX_ROWS=8`.
-    pub tex_rows: usize,
-    /// Whether the texture GEMM applies a layer's activation and residual add in
-    /// its epilogue (one pipeline per combination) or leaves them to other passes
-    /// (one GEMM pipeline; the residual add joins the next LayerNorm). The texture
-    /// GEMM serves CPU drivers, which compile a kernel at its first dispatch, 1-3 s
-    /// per GEMM variant on lavapipe: split is the default there, as fast per run
-    /// as fused at CvT-13 batch 1 and 8, with the first call 2.5-8 s shorter
-    /// (docs/perf.md). The buffer GEMM always fuses. `CVT_GPU_EPILOGUE=fused|split`.
-    pub fused_epilogue: bool,
-    /// Queries per invocation of the texture attention forward (1, 2 or 4): each K
-    /// and V row fetched serves that many queries. 4 runs CvT-13's attention 1.4x
-    /// faster than 2 on lavapipe at batch 1 and takes 0.3-0.9 s longer to compile
-    /// at first dispatch (docs/perf.md). `CVT_GPU_ATTN_QPI`.
-    pub attn_queries: usize,
-    /// Workgroup size of the texture attention kernels (`ops::attention::tex_wg`).
-    pub attn_wg: usize,
+    /// The kernel choices this graph's ops follow: the device's resolved profile
+    /// (`Gpu::profile`) unless given (`with_profile`), so tests can pick variants.
+    pub profile: crate::profile::Profile,
     /// An f16 plan: every tensor holds f16 and every plan texture is rgba16float;
     /// kernels compute in f32, converting at each load and store
     /// (`texread::prelude`'s `act`). Set by `Model::plan` for `--f16` models on
     /// adapters with shader-f16; before any op is added, since ops pick their
     /// pipelines (`Graph::pipeline`) as they are added.
     pub half: bool,
-    /// Whether the texture GEMM fetches A once per subgroup where it can
-    /// (`matmul.wgsl`'s `A_SHARE`, `ops::matmul::tex_block`). `CVT_GPU_A_SHARE=0|1`.
-    pub a_share: bool,
-    /// Rows per invocation of the texture GEMMs that do not share A (narrow
-    /// outputs); None: the rule of `ops::matmul::tex_block`. `CVT_GPU_NARROW_ROWS`.
-    pub narrow_rows: Option<usize>,
-    /// Whether a copy of values some texture already holds reuses that texture
-    /// instead (`Graph::reused_copy`). `CVT_GPU_COPY_REUSE=0|1`.
-    pub copy_reuse: bool,
-    /// Whether training's MLP activation and its gradient are fused into the
-    /// texture GEMMs' epilogues (`ops::matmul::linear_act`). `CVT_GPU_FUSE_ACT=0|1`.
-    pub fuse_act: bool,
     tensors: Vec<TensorMeta>,
     ops: Vec<OpRec>,
     /// Texture fillings so far (`TexRef::fill`).
@@ -286,18 +263,16 @@ pub fn grid1d(gpu: &Gpu, groups: u64) -> [u32; 3] {
 
 impl Graph {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        let attn_wg = crate::ops::attention::tex_wg(&gpu);
+        let profile = (*gpu.profile()).clone();
+        Self::with_profile(gpu, profile)
+    }
+
+    /// A graph whose ops follow `profile` instead of the device's.
+    pub fn with_profile(gpu: Arc<Gpu>, profile: crate::profile::Profile) -> Self {
         Graph {
             gpu,
-            tex_rows: rows_setting("CVT_GPU_TEX_ROWS").unwrap_or(16),
-            fused_epilogue: fused_setting().unwrap_or(false),
-            attn_queries: qpi_setting().unwrap_or(4),
-            attn_wg,
+            profile,
             half: false,
-            a_share: share_setting().unwrap_or(true),
-            narrow_rows: rows_setting("CVT_GPU_NARROW_ROWS"),
-            copy_reuse: std::env::var("CVT_GPU_COPY_REUSE").as_deref() != Ok("0"),
-            fuse_act: std::env::var("CVT_GPU_FUSE_ACT").as_deref() != Ok("0"),
             tensors: vec![],
             ops: vec![],
             fills: 0,
@@ -310,12 +285,12 @@ impl Graph {
 
     /// The pipeline of `shader::entry` for this graph's precision (see `half`).
     pub fn pipeline(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)]) -> Result<Arc<wgpu::ComputePipeline>> {
-        self.gpu.pipeline_in(shader, entry, overrides, false, self.half)
+        self.gpu.pipeline_in(shader, entry, overrides, self.profile.texture_read, false, self.half)
     }
 
     /// As `pipeline`, with f16 weight textures when `w16`.
     pub fn pipeline_w(&self, shader: &'static str, entry: &str, overrides: &[(&str, f64)], w16: bool) -> Result<Arc<wgpu::ComputePipeline>> {
-        self.gpu.pipeline_in(shader, entry, overrides, w16, self.half)
+        self.gpu.pipeline_in(shader, entry, overrides, self.profile.texture_read, w16, self.half)
     }
 
     /// Bytes of one texel (4 values) of the plan's textures.
@@ -466,7 +441,7 @@ impl Graph {
     /// for another binding (a dispatch binds a TexRef at any index); should the
     /// same dispatch's other operands refill it, `dispatch` copies again.
     fn reused_copy(&self, key: &CopyKey) -> Option<TexRef> {
-        if !self.copy_reuse {
+        if !self.profile.copy_reuse {
             return None;
         }
         let (_, tex, at, _) = self.copies.iter().rev().find(|c| c.0 == *key)?;
@@ -521,7 +496,7 @@ impl Graph {
         let bytes = |t: usize| ((self.tensors[t].len.max(1) * elem) as u64).div_ceil(16) * 16;
         let tensors: Vec<SlotTensor> = (0..n).map(|t| SlotTensor { bytes: bytes(t), span: (first[t] != usize::MAX && !self.tensors[t].pinned).then(|| (first[t], last[t])) }).collect();
         let SlotPlan { slot_size, tensor_slot, max_live } = plan_slots(&tensors);
-        if std::env::var_os("CVT_GPU_TRACE_MEMORY").is_some() {
+        if crate::profile::settings::get().trace_memory {
             self.trace_memory(&tensors, &slot_size);
         }
         for t in 0..n {
@@ -585,7 +560,7 @@ impl Graph {
                 }
             }
         }
-        if std::env::var_os("CVT_GPU_TRACE_TEXTURES").is_some() {
+        if crate::profile::settings::get().trace_textures {
             eprintln!("plan: {} textures", tex_sizes.len());
             for t in &tex_sizes {
                 eprintln!("texture binding {:2} {:5} x {:6} texels {:8.2} MiB", t.binding, t.width, t.height, (t.width as f64 * t.height as f64 * texel as f64) / 1048576.0);
@@ -682,129 +657,6 @@ impl Graph {
             tensor_len: self.tensors.iter().map(|t| t.len).collect(),
         })
     }
-}
-
-/// Every `CVT_GPU_*` environment setting the engine reads. A name outside this
-/// list is an error (`check_settings`), so a misspelt setting is never silently
-/// ignored.
-pub const SETTINGS: &[&str] = &[
-    "CVT_GPU_BACKEND",
-    "CVT_GPU_ADAPTER",
-    "CVT_GPU_NO_TUNE",
-    "CVT_GPU_CACHE_DIR",
-    "CVT_GPU_MATMUL",
-    "CVT_GPU_TEX_READ",
-    "CVT_GPU_TEX_ROWS",
-    "CVT_GPU_NARROW_ROWS",
-    "CVT_GPU_A_SHARE",
-    "CVT_GPU_EPILOGUE",
-    "CVT_GPU_ATTN_WG",
-    "CVT_GPU_ATTN_QPI",
-    "CVT_GPU_ATTN_GRAD",
-    "CVT_GPU_ROW_LANES",
-    "CVT_GPU_F16_ACT",
-    "CVT_GPU_COPY_REUSE",
-    "CVT_GPU_FUSE_ACT",
-    "CVT_GPU_CHECKS",
-    "CVT_GPU_SHADER_DIR",
-    "CVT_GPU_TRACE_MEMORY",
-    "CVT_GPU_TRACE_TEXTURES",
-    "CVT_GPU_TRACE_TUNE",
-    "CVT_GPU_TRACE_COMPILE",
-];
-
-/// Rejects an unknown `CVT_GPU_*` name and an invalid value of any setting, so a
-/// typo is a one-line error rather than silently ignored. Run at start by the
-/// command line and by `Gpu::new`.
-pub fn check_settings() -> Result<()> {
-    for (key, _) in std::env::vars_os() {
-        let Some(key) = key.to_str() else { continue };
-        if key.starts_with("CVT_GPU_") && !SETTINGS.contains(&key) {
-            let close = SETTINGS.iter().min_by_key(|k| edit_distance(k, key)).filter(|k| edit_distance(k, key) <= 3);
-            let hint = close.map(|k| format!(" (did you mean {k}?)")).unwrap_or_default();
-            bail!("{key}: unknown setting{hint}; the settings are {}", SETTINGS.join(", "));
-        }
-    }
-    let one_of = |key: &str, allowed: &[&str]| -> Result<()> {
-        if let Ok(v) = std::env::var(key) {
-            anyhow::ensure!(
-                allowed.contains(&v.as_str()),
-                "{key}={v}: expected {}",
-                allowed.iter().map(|a| if a.is_empty() { "empty".to_string() } else { format!("`{a}`") }).collect::<Vec<_>>().join(", ")
-            );
-        }
-        Ok(())
-    };
-    one_of("CVT_GPU_MATMUL", &["buffer", "texture"])?;
-    one_of("CVT_GPU_ROW_LANES", &["1", "64"])?;
-    for key in ["CVT_GPU_F16_ACT", "CVT_GPU_COPY_REUSE", "CVT_GPU_FUSE_ACT"] {
-        one_of(key, &["0", "1"])?;
-    }
-    one_of("CVT_GPU_ATTN_GRAD", &["", "saved", "recompute"])?;
-    one_of("CVT_GPU_CHECKS", &["all", "none", "default"])?;
-    one_of("CVT_GPU_NO_TUNE", &["", "0", "1"])?;
-    for key in ["CVT_GPU_TEX_ROWS", "CVT_GPU_NARROW_ROWS"] {
-        if let Ok(v) = std::env::var(key) {
-            anyhow::ensure!(rows_setting(key).is_some(), "{key}={v}: expected 8 or 16");
-        }
-    }
-    if let Ok(v) = std::env::var("CVT_GPU_ATTN_WG") {
-        anyhow::ensure!(crate::ops::attention::wg_setting().is_some(), "CVT_GPU_ATTN_WG={v}: expected 8, 16, 32 or 64");
-    }
-    if let Ok(v) = std::env::var("CVT_GPU_ATTN_QPI") {
-        anyhow::ensure!(qpi_setting().is_some(), "CVT_GPU_ATTN_QPI={v}: expected 1, 2 or 4");
-    }
-    if let Ok(v) = std::env::var("CVT_GPU_TEX_READ") {
-        anyhow::ensure!(crate::texread::setting().is_some(), "CVT_GPU_TEX_READ={v}: expected `sampled` or `storage`");
-    }
-    if let Ok(v) = std::env::var("CVT_GPU_A_SHARE") {
-        anyhow::ensure!(share_setting().is_some(), "CVT_GPU_A_SHARE={v}: expected 0 or 1");
-    }
-    if let Ok(v) = std::env::var("CVT_GPU_EPILOGUE") {
-        anyhow::ensure!(fused_setting().is_some(), "CVT_GPU_EPILOGUE={v}: expected `fused` or `split`");
-    }
-    Ok(())
-}
-
-/// Levenshtein distance, for "did you mean" hints.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for j in 0..b.len() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + (ca != b[j]) as usize).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
-fn share_setting() -> Option<bool> {
-    match std::env::var("CVT_GPU_A_SHARE").as_deref() {
-        Ok("1") => Some(true),
-        Ok("0") => Some(false),
-        _ => None,
-    }
-}
-
-fn qpi_setting() -> Option<usize> {
-    std::env::var("CVT_GPU_ATTN_QPI").ok().and_then(|v| v.parse().ok()).filter(|q| [1, 2, 4].contains(q))
-}
-
-fn fused_setting() -> Option<bool> {
-    match std::env::var("CVT_GPU_EPILOGUE").as_deref() {
-        Ok("fused") => Some(true),
-        Ok("split") => Some(false),
-        _ => None,
-    }
-}
-
-/// Rows per invocation from `key` (`CVT_GPU_TEX_ROWS`, `CVT_GPU_NARROW_ROWS`): 8 or 16.
-fn rows_setting(key: &str) -> Option<usize> {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).filter(|r| *r == 8 || *r == 16)
 }
 
 /// A tensor for `plan_slots`: its size, and the steps [first, last] it is used
@@ -950,6 +802,15 @@ impl Plan {
         Ok(())
     }
 
+    /// Every dispatch with its launch shape, in order.
+    pub fn launches(&self) -> Vec<Launch> {
+        let launch = |s: &Step| match &s.kind {
+            StepKind::Dispatch { pipeline, groups, .. } => Some(Launch { label: s.label.clone(), workgroups: *groups, workgroup_size: self.gpu.workgroup_size_of(pipeline), flops: s.flops, bytes: s.bytes }),
+            _ => None,
+        };
+        self.steps.iter().filter_map(launch).collect()
+    }
+
     /// Records every step into one command buffer — dispatches in compute passes,
     /// texture copies between them — and submits it.
     pub fn run(&self) -> Result<()> {
@@ -1022,6 +883,27 @@ pub struct StepTime {
     pub flops: f64,
     /// Bytes the step's bindings span (a traffic estimate for GB/s).
     pub bytes: u64,
+}
+
+/// One dispatch of a plan as launched: for launch-shape reports (`bench --plan-only`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Launch {
+    pub label: String,
+    pub workgroups: [u32; 3],
+    pub workgroup_size: [u32; 3],
+    pub flops: f64,
+    /// Bytes of the buffers the dispatch binds: an upper estimate of its traffic.
+    pub bytes: u64,
+}
+
+impl Launch {
+    pub fn groups(&self) -> u64 {
+        self.workgroups.iter().map(|&v| v as u64).product()
+    }
+
+    pub fn invocations(&self) -> u64 {
+        self.workgroup_size.iter().map(|&v| v as u64).product()
+    }
 }
 
 /// How `Plan::profile` timed the steps.

@@ -26,5 +26,5 @@ pub mod rundir;
 pub mod texread;
 pub mod train;
 pub mod trainer;
-pub mod tune;
+pub mod profile;
 pub mod util;

@@ -34,6 +34,9 @@ struct GpuArgs {
     /// Skip the timed kernel-variant trial and its on-disk cache (~/.cache/cvt-gpu/tuning.json); use a fixed rule per device type.
     #[arg(long, global = true)]
     no_tune: bool,
+    /// Kernel set: `gpu` (workgroup-tiled kernels for GPUs), `cpu` (texture kernels for CPU drivers such as lavapipe), or `auto` (the adapter's profile: env CVT_GPU_KERNELS, cache, trial, rule).
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    kernels: cvt_gpu::profile::KernelChoice,
 }
 
 impl GpuArgs {
@@ -121,7 +124,12 @@ struct InferArgs {
 fn adapters(args: &GpuArgs, json: bool) -> Result<()> {
     let list = list_adapters(args.backend);
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        // The adapter a command would open, with its resolved kernel profile.
+        let profile = match args.open() {
+            Ok(gpu) => serde_json::json!({ "adapter": gpu.describe(), "profile": &*gpu.profile() }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "adapters": list, "selected": profile }))?);
         return Ok(());
     }
     if list.is_empty() {
@@ -142,6 +150,9 @@ fn adapters(args: &GpuArgs, json: bool) -> Result<()> {
         );
         println!("    features: {}", a.features.join(" "));
     }
+    let gpu = args.open()?;
+    let p = gpu.profile();
+    println!("kernel profile of {}: {} kernel set, {} texture reads, GEMM tile {:?} x {} invocations, row lanes {} (`adapters --json` has every choice and its source)", gpu.describe(), p.kernels.name(), p.texture_read.name(), p.gemm.tile, p.gemm.invocations, p.row_lanes);
     Ok(())
 }
 
@@ -227,12 +238,21 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
-    cvt_gpu::graph::check_settings()?;
-    if cli.gpu.no_tune {
-        // Read by cvt_gpu::tune wherever a variant is chosen.
-        #[allow(unused_unsafe)]
-        unsafe {
+    cvt_gpu::profile::settings::check()?;
+    // The options join the environment's settings, which the profile reads
+    // (`profile::settings`), before any device is opened.
+    let kernels = match cli.gpu.kernels {
+        cvt_gpu::profile::KernelChoice::Auto => None,
+        cvt_gpu::profile::KernelChoice::Gpu => Some("gpu"),
+        cvt_gpu::profile::KernelChoice::Cpu => Some("cpu"),
+    };
+    #[allow(unused_unsafe)]
+    unsafe {
+        if cli.gpu.no_tune {
             std::env::set_var("CVT_GPU_NO_TUNE", "1");
+        }
+        if let Some(k) = kernels {
+            std::env::set_var("CVT_GPU_KERNELS", k);
         }
     }
     match &cli.cmd {

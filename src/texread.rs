@@ -46,11 +46,6 @@ impl TexRead {
     }
 }
 
-/// `CVT_GPU_TEX_READ=sampled|storage`, which overrides the trial.
-pub fn setting() -> Option<TexRead> {
-    std::env::var("CVT_GPU_TEX_READ").ok().and_then(|v| TexRead::parse(&v))
-}
-
 /// Whether the device can run every kernel with storage-texture reads. Not on
 /// Metal or GL: naga 30's MSL writer cannot pass a storage texture to a function
 /// (`texel`), and its GLSL writer drops the parameter's `readonly` qualifier,
@@ -61,25 +56,12 @@ pub fn storage_supported(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> boo
 
 /// A `CVT_GPU_TEX_READ` this adapter cannot honour, as a one-line error.
 pub fn check_setting(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> anyhow::Result<()> {
-    if setting() == Some(TexRead::Storage) && !storage_supported(info, limits) {
+    if crate::profile::settings::get().tex_read == Some(TexRead::Storage) && !storage_supported(info, limits) {
         anyhow::bail!("CVT_GPU_TEX_READ=storage: {} ({:?}) cannot read storage textures in every kernel; use `sampled` or unset it", info.name, info.backend);
     }
     Ok(())
 }
 
-/// The mode before (or without) a trial: `CVT_GPU_TEX_READ` (checked by
-/// `check_setting`), else storage reads on CPU drivers, where the sampling call is
-/// the cost, and sampled reads on GPUs.
-pub fn rule(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> TexRead {
-    if let Some(r) = setting() {
-        return r;
-    }
-    if info.device_type == wgpu::DeviceType::Cpu && storage_supported(info, limits) {
-        TexRead::Storage
-    } else {
-        TexRead::Sampled
-    }
-}
 
 /// Linear textures (`Graph::linear_texture`): texel i of a buffer at
 /// (i & (W - 1), i >> log2 W), W a power of two. The same in both modes.

@@ -18,7 +18,7 @@ use crate::model::weights::Tensor;
 use crate::model::CvtConfig;
 use crate::ops::attention::{attention_backward, attention_train, attn_grad_mode, AttnShape};
 use crate::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
-use crate::ops::matmul::{conv2d, conv2d_backward, linear, linear_act, linear_backward, linear_backward_act, preferred_kind, LinearGrad, Out};
+use crate::ops::matmul::{conv2d, conv2d_backward, linear, linear_act, linear_backward, linear_backward_act, LinearGrad, Out};
 use crate::ops::optim::{adamw_step, sumsq, AdamW, Hyper, Moments};
 use crate::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
 use crate::ops::tokens::{add, add_scaled, cls_fill, cls_grad, scale_rows};
@@ -254,7 +254,7 @@ impl TrainModel {
                 let v = linear(&mut g, &format!("{l}.proj_v"), v0, batch * tk, &b.v.l, Act::None, Out::New)?;
                 let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
                 let grad = attn_grad_mode(&g, &shape)?;
-                let kind = preferred_kind(&g.gpu);
+                let kind = g.profile.matmul();
                 let (a, probs) = attention_train(&mut g, &format!("{l}.attn"), (q, k, v), shape, grad, kind)?;
                 let po = linear(&mut g, &format!("{l}.proj"), a, batch * t, &b.o.l, Act::None, Out::New)?;
                 let x1 = match dropped(s, j) {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use cvt_gpu::gpu::{AdapterRequest, Gpu};
+use cvt_gpu::profile::{KernelSet, Profile};
 use cvt_gpu::util::Rng;
 use std::sync::{Arc, OnceLock};
 
@@ -13,25 +14,30 @@ pub fn gpu() -> Arc<Gpu> {
     GPU.get_or_init(open_gpu).clone()
 }
 
-/// The same adapter with the GPU-style variants forced (buffer-operand matmuls,
-/// a workgroup per row in the row reductions), whatever the timed trial would
-/// pick: so tests cover both families on any machine.
+/// The same adapter with the GPU kernel set forced (tiled buffer GEMMs with
+/// split-K, a workgroup per row in the row reductions), whatever the profile
+/// would pick: so tests cover both sets on any machine.
 pub fn gpu_buffer_variants() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| forced(cvt_gpu::gpu::MatmulKind::Buffer, 64)).clone()
+    GPU.get_or_init(|| forced(KernelSet::Gpu)).clone()
 }
 
-/// As `gpu_buffer_variants`, with the CPU-driver variants forced (packed texture
-/// GEMMs, a row per invocation).
+/// As `gpu_buffer_variants`, with the CPU-driver kernel set forced (packed
+/// texture GEMMs, a row per invocation).
 pub fn gpu_texture_variants() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| forced(cvt_gpu::gpu::MatmulKind::Texture, 1)).clone()
+    GPU.get_or_init(|| forced(KernelSet::Cpu)).clone()
 }
 
-fn forced(kind: cvt_gpu::gpu::MatmulKind, lanes: usize) -> Arc<Gpu> {
+/// A device whose profile is the adapter's own (settings included) with the
+/// kernel set, and the row reductions' lanes that go with it, replaced.
+fn forced(set: KernelSet) -> Arc<Gpu> {
+    let own = gpu().profile();
     let g = open_gpu();
-    g.matmul_kind.set(kind).ok();
-    g.row_lanes.store(lanes, std::sync::atomic::Ordering::Relaxed);
+    let mut p = (*own).clone();
+    p.kernels = set;
+    p.row_lanes = Profile::for_set(&g, set, own.texture_read).row_lanes;
+    assert!(g.set_profile(p));
     g
 }
 

@@ -134,7 +134,7 @@ impl Model {
                         [conv("q")?, conv("k")?, conv("v")?],
                         [bn("q")?, bn("k")?, bn("v")?],
                         c,
-                        crate::ops::matmul::preferred_kind(&gpu),
+                        gpu.profile().matmul(),
                         half,
                     )?,
                     proj_q: lin(&format!("{b}.attn.proj_q"), c, c)?,

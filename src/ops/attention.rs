@@ -3,7 +3,6 @@
 use crate::gpu::MatmulKind;
 use crate::graph::{Graph, Res, TensorId};
 use crate::ops::gemm::act_rows_texture;
-use crate::ops::matmul::preferred_kind;
 use anyhow::{bail, Result};
 
 const WG: usize = 64;
@@ -16,12 +15,8 @@ const WG: usize = 64;
 /// batch 64) and 1.11x at 224, batch 1 (interleaved, docs/perf.md). GPUs keep 64
 /// (a narrower workgroup would fill a fraction of a 32- or 64-wide wave).
 /// `CVT_GPU_ATTN_WG=8|16|32|64` overrides.
-pub fn tex_wg(gpu: &crate::gpu::Gpu) -> usize {
-    wg_setting().unwrap_or(if gpu.info.device_type == wgpu::DeviceType::Cpu { 8 } else { WG })
-}
-
-pub fn wg_setting() -> Option<usize> {
-    std::env::var("CVT_GPU_ATTN_WG").ok().and_then(|v| v.parse().ok()).filter(|w| [8, 16, 32, 64].contains(w))
+pub fn tex_wg(g: &Graph) -> usize {
+    g.profile.attn_wg
 }
 
 /// Shapes of one attention call: q [batch, tq, c], k and v [batch, tkv, c].
@@ -51,7 +46,7 @@ pub fn check_heads(c: usize, heads: usize) -> Result<()> {
 }
 
 pub fn attention(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: TensorId, s: AttnShape) -> Result<TensorId> {
-    let kind = preferred_kind(&g.gpu);
+    let kind = g.profile.matmul();
     attention_with(g, label, q, k, v, s, kind)
 }
 
@@ -85,12 +80,11 @@ const SAVED_P_MAX_BYTES: u64 = 32 << 20;
 pub fn attn_grad_mode(g: &Graph, s: &AttnShape) -> Result<AttnGrad> {
     let bytes = probs_len(s) as u64 * 4;
     let fits = bytes <= SAVED_P_MAX_BYTES.min(g.gpu.max_binding());
-    match std::env::var("CVT_GPU_ATTN_GRAD").ok().as_deref() {
-        None | Some("") => Ok(if fits { AttnGrad::Saved } else { AttnGrad::Recompute }),
-        Some("recompute") => Ok(AttnGrad::Recompute),
-        Some("saved") if bytes <= g.gpu.max_binding() => Ok(AttnGrad::Saved),
-        Some("saved") => bail!("CVT_GPU_ATTN_GRAD=saved: the probabilities of one attention ({} MiB) exceed this adapter's storage binding limit; use recompute", bytes >> 20),
-        Some(other) => bail!("CVT_GPU_ATTN_GRAD={other}: expected `saved` or `recompute`"),
+    match g.profile.attn_saved {
+        None => Ok(if fits { AttnGrad::Saved } else { AttnGrad::Recompute }),
+        Some(false) => Ok(AttnGrad::Recompute),
+        Some(true) if bytes <= g.gpu.max_binding() => Ok(AttnGrad::Saved),
+        Some(true) => bail!("CVT_GPU_ATTN_GRAD=saved: the probabilities of one attention ({} MiB) exceed this adapter's storage binding limit; use recompute", bytes >> 20),
     }
 }
 
@@ -117,9 +111,9 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
     // QKᵀ and PV: 2 multiply-adds per (query, key, channel).
     let flops = |batch: usize| 4.0 * (batch * s.tq * s.tkv * s.c) as f64;
     if let Some(chunks) = texture_chunks(g, &s, kind) {
-        let qpi = g.attn_queries;
+        let qpi = g.profile.attn_queries;
         anyhow::ensure!([1, 2, 4].contains(&qpi), "{label}: attn_queries must be 1, 2 or 4, not {qpi}");
-        let wg = g.attn_wg;
+        let wg = g.profile.attn_wg;
         let consts = [("WG", wg as f64), ("D4", d4 as f64), ("SAVE_P", save as u32 as f64), ("QPI", qpi as f64)];
         let pipeline = g.pipeline("attention", "main_tex", &consts)?;
         for (b0, nb) in chunks {
@@ -188,11 +182,11 @@ pub fn attention_backward(
             (("attn_bwd_q_p", "attn_bwd_kv_p"), (2.0, 2.0), Some(ds), (u(), Res::Act(p), Res::Act(ds)))
         }
     };
-    let chunks = texture_chunks(g, &s, preferred_kind(&g.gpu));
+    let chunks = texture_chunks(g, &s, g.profile.matmul());
     let fq = if chunks.is_none() && probs.is_none() { 5.0 } else { fq };
     if let Some(chunks) = chunks {
         // K, V for the per-query pass and Q, dO for the per-key pass as textures.
-        let wg = g.attn_wg;
+        let wg = g.profile.attn_wg;
         let consts = [("WG", wg as f64), ("D4", d4 as f64)];
         let pq = g.pipeline("attention", &format!("{}_tex", names.0), &consts)?;
         let pkv = g.pipeline("attention", &format!("{}_tex", names.1), &consts)?;

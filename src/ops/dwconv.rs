@@ -4,7 +4,6 @@
 use crate::gpu::{Gpu, MatmulKind};
 use crate::graph::{grid1d, Graph, Res, TensorId};
 use crate::ops::gemm::{act_rows_texture, pack, texture_batches, Src, View};
-use crate::ops::matmul::preferred_kind;
 use anyhow::Result;
 use std::sync::Arc;
 
@@ -52,7 +51,7 @@ impl ConvProj {
     /// From the q, k, v depthwise weights ([C, 1, 3, 3] each) and their BatchNorms,
     /// in the adapter's preferred variant.
     pub fn new(gpu: &Arc<Gpu>, name: &str, convs: [&[f32]; 3], bns: [BatchNorm; 3], c: usize) -> Result<ConvProj> {
-        Self::with_kind(gpu, name, convs, bns, c, preferred_kind(gpu), false)
+        Self::with_kind(gpu, name, convs, bns, c, gpu.profile().matmul(), false)
     }
 
     /// As `new`, in a given variant (tests run both); `half`: the textures in
@@ -205,16 +204,16 @@ pub struct ProjSaved {
 /// backward, depthwise dW): 1 on CPU drivers (a row-per-invocation adapter, see
 /// `rownorm::row_lanes`), where a workgroup's invocations are SIMD lanes and
 /// barriers are expensive; 64 with a tree reduction on GPUs.
-fn reduce_wg(gpu: &Arc<Gpu>) -> usize {
-    if cpu_reductions(gpu) {
+fn reduce_wg(g: &Graph) -> usize {
+    if cpu_reductions(g) {
         1
     } else {
         WG
     }
 }
 
-fn cpu_reductions(gpu: &Arc<Gpu>) -> bool {
-    crate::ops::rownorm::row_lanes(gpu) == 1
+fn cpu_reductions(g: &Graph) -> bool {
+    crate::ops::rownorm::row_lanes(g) == 1
 }
 
 /// Lanes per workgroup of the BatchNorm kernels on CPU drivers, each its own
@@ -224,7 +223,7 @@ const BN_CPL_WG: usize = 16;
 /// A BatchNorm kernel's texture binding of map `t`: its linear texture on CPU
 /// drivers (`CPL`), a placeholder on GPUs.
 fn bn_texture(g: &mut Graph, t: TensorId, binding: u32) -> Res {
-    if cpu_reductions(&g.gpu) {
+    if cpu_reductions(g) {
         Res::ActTex(g.linear_texture(t, binding))
     } else {
         Res::Tex(g.gpu.placeholder_texture(g.half))
@@ -236,8 +235,8 @@ fn bn_texture(g: &mut Graph, t: TensorId, binding: u32) -> Res {
 /// every row (`CPL`; 3.6-5x faster per kernel on lavapipe than a one-lane
 /// workgroup per channel group, docs/perf.md); on GPUs a workgroup per channel
 /// group reducing over its rows.
-fn bn_shape(gpu: &Arc<Gpu>, bn_eval: bool, c4: usize) -> ([(&'static str, f64); 3], [u32; 3]) {
-    let cpl = cpu_reductions(gpu);
+fn bn_shape(g: &Graph, bn_eval: bool, c4: usize) -> ([(&'static str, f64); 3], [u32; 3]) {
+    let cpl = cpu_reductions(g);
     let (wg, groups) = if cpl { (BN_CPL_WG, c4.div_ceil(BN_CPL_WG)) } else { (WG, c4) };
     ([("WG", wg as f64), ("BN_EVAL", bn_eval as u8 as f64), ("CPL", cpl as u8 as f64)], [groups as u32, 1, 1])
 }
@@ -251,10 +250,10 @@ fn map_params(batch: usize, h: usize, w: usize, c: usize, cls: usize) -> Vec<u32
 /// BN; updates the running statistics.
 pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize, w: usize, cls: usize, p: &ConvProjTrain) -> Result<((TensorId, TensorId, TensorId), ProjSaved)> {
     // The raw (unfolded) weights change every step: on the texture path they are packed each run.
-    let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c, kind: preferred_kind(&g.gpu), tex: None };
+    let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c, kind: g.profile.matmul(), tex: None };
     let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
     let (hk, wk) = kv_hw(h, w);
-    let (consts, bn_groups) = bn_shape(&g.gpu, p.bn_eval, p.c / 4);
+    let (consts, bn_groups) = bn_shape(g, p.bn_eval, p.c / 4);
     let passes = [("mean", g.pipeline("dwconv", "bn_mean", &consts)?), ("var", g.pipeline("dwconv", "bn_var", &consts)?), ("", g.pipeline("dwconv", "bn_apply", &consts)?)];
     let mut post = vec![];
     let mut stats = vec![];
@@ -305,7 +304,7 @@ pub fn conv_proj_train_backward(
 ) -> Result<TensorId> {
     let c = p.c;
     let (hk, wk) = kv_hw(h, w);
-    let (consts, bn_groups) = bn_shape(&g.gpu, p.bn_eval, c / 4);
+    let (consts, bn_groups) = bn_shape(g, p.bn_eval, c / 4);
     let bn_sums = g.pipeline("dwconv", "bn_backward_sums", &consts)?;
     let bn_apply = g.pipeline("dwconv", "bn_backward_apply", &consts)?;
     let u = || Res::Unused;
@@ -341,7 +340,7 @@ pub fn conv_proj_train_backward(
     let params = params_of([batch, h, w, c / 4, cls, hk, wk, total / 4, 0]);
     let dx = g.tensor(format!("{label}.dx"), total);
     let (tq, tk) = (cls + h * w, cls + hk * wk);
-    if let Some(chunks) = texture_batches(g, preferred_kind(&g.gpu) == MatmulKind::Texture, batch, tq, c) {
+    if let Some(chunks) = texture_batches(g, g.profile.matmul() == MatmulKind::Texture, batch, tq, c) {
         // Gradients and weights as texels (see the shader); w packed each run (it trains).
         let px = g.pipeline("dwconv", "dwconv_backward_x_tex", &[("WG", WG as f64)])?;
         let pw = g.pipeline("dwconv", "dwconv_backward_w_tex", &[("WG", WG as f64)])?;
@@ -374,7 +373,7 @@ pub fn conv_proj_train_backward(
         }
         return Ok(dx);
     }
-    let pw = g.pipeline("dwconv", "dwconv_backward_w", &[("WG", reduce_wg(&g.gpu) as f64)])?;
+    let pw = g.pipeline("dwconv", "dwconv_backward_w", &[("WG", reduce_wg(g) as f64)])?;
     let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params.clone())];
     b.extend((7..14).map(|_| u()));
     b.push(Res::Buf(grad.w.clone()));

@@ -13,9 +13,28 @@
 //! (`out_row_off`), the reduction into K chunks that accumulate.
 
 use crate::graph::{Graph, Res, TensorId};
+use crate::ops::matmul::MatmulParams;
 use crate::ops::Act;
 use anyhow::Result;
 use std::sync::Arc;
+
+
+/// `matmul.wgsl`'s `PackParams` (the pack kernels' uniform), field by field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PackParams {
+    /// The texture's height and width in texels.
+    pub height: u32,
+    pub width: u32,
+    /// The logical matrix's real rows and columns (zeros beyond).
+    pub rows_real: u32,
+    pub cols_real: u32,
+    /// The source view: first element, row stride, 1 if transposed.
+    pub off: u32,
+    pub stride: u32,
+    pub transposed: u32,
+    pub _pad: u32,
+}
 
 /// Where a view's values live.
 #[derive(Clone)]
@@ -80,9 +99,8 @@ pub fn pack(g: &mut Graph, label: &str, v: &View, (r0, rows): (usize, usize), (c
     let off = if v.transposed { c0 * v.stride + r0 } else { r0 * v.stride + c0 };
     let r_real = v.rows.saturating_sub(r0).min(rows);
     let c_real = v.cols.saturating_sub(c0).min(cols);
-    let mut p = vec![rows as u32, width as u32, r_real as u32, c_real as u32];
-    p.extend([0u32; 11]);
-    p.extend([off as u32, v.stride as u32, v.transposed as u32, 0, 0]);
+    let w = |v: usize| v as u32;
+    let p = PackParams { height: w(rows), width: w(width), rows_real: w(r_real), cols_real: w(c_real), off: w(off), stride: w(v.stride), transposed: v.transposed as u32, _pad: 0 };
     // Whole vec4 rows when aligned (`pack4` reads the source as vec4 through
     // binding 1); transposed and aligned, 4x4 blocks of vec4 loads transposed in
     // registers (`pack4t`); else scalars (`pack`, binding 0).
@@ -100,7 +118,7 @@ pub fn pack(g: &mut Graph, label: &str, v: &View, (r0, rows): (usize, usize), (c
     let src_tex = vec4 && (matches!(v.src, Src::Act(_)) || !g.half);
     let pipeline = g.pipeline("matmul", entry, &[("WG_X", WG as f64), ("WG_Y", WG as f64), ("PACK_TEX", src_tex as u32 as f64)])?;
     let (s0, s1) = if vec4 { (Res::Unused, if src_tex { Res::Buf(g.gpu.placeholder()) } else { v.src.res() }) } else { (v.src.res(), Res::Unused) };
-    let mut b = vec![s0, s1, Res::Unused, Res::Unused, Res::Uniform(p), Res::Unused, Res::Unused, Res::OutTex(tex)];
+    let mut b = vec![s0, s1, Res::Unused, Res::Unused, Res::uniform(&p), Res::Unused, Res::Unused, Res::OutTex(tex)];
     if vec4 {
         let src = match (&v.src, src_tex) {
             (Src::Act(t), true) => Res::ActTex(g.linear_texture(*t, 10)),
@@ -260,9 +278,9 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
             let pipeline = g.pipeline("matmul", if fused { "main_tex_act" } else { "main_tex" }, &consts)?;
             // Linear operands: row strides and this K chunk's start, in vec4s.
             let a_off = if ta == 2 { k0 * a.stride / 4 } else { k0 / 4 };
-            let mut p = vec![rows as u32, n_out as u32, kc as u32, n4 as u32, 0, 0, 0, 0, lx];
-            p.extend([0u32; 6]);
-            p.extend([r0 as u32, (a.stride / 4) as u32, (b.stride / 4) as u32, a_off as u32, (k0 * b.stride / 4) as u32]);
+            let w = |v: usize| v as u32;
+            let (a_stride, b_stride, b_off) = (w(a.stride / 4), w(b.stride / 4), w(k0 * b.stride / 4));
+            let p = MatmulParams { m: w(rows), n: w(n_out), k: w(kc), np4: w(n4), out_row_off: w(r0), a_stride, b_stride, a_off: w(a_off), b_off, col_lanes_log2: lx, splits: 1, ..Default::default() };
             // main_tex reads the bias from a linear texture of it (binding 9).
             let bias_t = match (&ep.bias, has_bias) {
                 (Some(bb), true) => {
@@ -271,7 +289,7 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
                 }
                 _ => Res::Tex(g.gpu.placeholder_texture(g.half)),
             };
-            let mut bind = vec![Res::Unused, Res::Unused, Res::Unused, out.clone(), Res::Uniform(p), Res::ActTex(at), Res::ActTex(bt), Res::Unused, Res::Unused, bias_t];
+            let mut bind = vec![Res::Unused, Res::Unused, Res::Unused, out.clone(), Res::uniform(&p), Res::ActTex(at), Res::ActTex(bt), Res::Unused, Res::Unused, bias_t];
             if let Some((z_out, z_in)) = &z_bindings {
                 bind[7] = z_out.clone();
                 bind.extend([Res::Unused, z_in.clone()]);

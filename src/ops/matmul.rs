@@ -3,17 +3,15 @@
 
 use crate::gpu::{Gpu, MatmulKind};
 use crate::graph::{Graph, Res, TensorId};
-use crate::texread::TexRead;
 use anyhow::Result;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::ops::gemm::{tex_gemm, texture_chunk_rows, Epilogue, Src, View};
 
 /// Whether buffer-held weights go through the packed texture GEMM (`ops::gemm`):
-/// on adapters whose timed trial preferred texture operands.
-pub fn packs(gpu: &Arc<Gpu>) -> bool {
-    preferred_kind(gpu) == MatmulKind::Texture
+/// in the CPU kernel set.
+pub fn packs(g: &Graph) -> bool {
+    g.profile.kernels == crate::profile::KernelSet::Cpu
 }
 
 /// Rows and vec4 columns per invocation (`RM`, `RN4` in the shader).
@@ -24,7 +22,7 @@ const WG_Y: usize = 8;
 /// The texture variant's block (`TRN4` vec4 columns; rows per invocation are the
 /// graph's `tex_rows`, the shader's `TRM`) and workgroup.
 pub(crate) const TRN4: usize = 4;
-pub(crate) const TWG_X: usize = 16;
+pub const TWG_X: usize = 16;
 
 /// The grid of a texture GEMM with `n4` vec4 output columns, `rows` rows and
 /// block `b`: 2^b.lx of its TWG_X invocations along column blocks, the rest
@@ -37,7 +35,7 @@ pub(crate) fn tex_grid(n4: usize, rows: usize, b: &TexBlock) -> [u32; 3] {
 /// Whether this graph's texture GEMMs may fetch A once per subgroup
 /// (`matmul.wgsl`'s `A_SHARE`): subgroup operations, subgroups of 8 lanes or more.
 fn can_share_a(g: &Graph) -> bool {
-    g.a_share && g.gpu.subgroups && g.gpu.info.subgroup_min_size >= 8
+    g.profile.a_share && g.gpu.subgroups && g.gpu.info.subgroup_min_size >= 8
 }
 
 /// How a texture GEMM works: rows per invocation (the shader's `TRM`), whether
@@ -69,33 +67,11 @@ pub(crate) fn tex_block(g: &Graph, n4: usize) -> TexBlock {
     let wx = cb.next_power_of_two().min(TWG_X);
     if can_share_a(g) && wx == TWG_X {
         let idle = |w: usize| cb.div_ceil(w) * w - cb;
-        let lx = if idle(8) < idle(16) && subgroups_of_8(&g.gpu) { 3 } else { 4 };
-        TexBlock { trm: g.tex_rows, share: true, lx }
+        let lx = if idle(8) < idle(16) && g.profile.subgroups_of_8 { 3 } else { 4 };
+        TexBlock { trm: g.profile.tex_rows, share: true, lx }
     } else {
-        TexBlock { trm: g.narrow_rows.unwrap_or(if can_share_a(g) { 8 } else { g.tex_rows }), share: false, lx: wx.trailing_zeros() }
+        TexBlock { trm: g.profile.narrow_rows.unwrap_or(if can_share_a(g) { 8 } else { g.profile.tex_rows }), share: false, lx: wx.trailing_zeros() }
     }
-}
-
-/// Whether the adapter's subgroups are the runs of 8 consecutive invocations of
-/// a workgroup (lavapipe's SIMD lanes), measured once by `subgroup_probe`.
-/// Vulkan does not promise any layout, so sharing across 8-lane halves of a
-/// workgroup is used only where this holds.
-pub fn subgroups_of_8(gpu: &Arc<Gpu>) -> bool {
-    *gpu.subgroups_of_8.get_or_init(|| {
-        let probe = || -> Result<bool> {
-            if !gpu.subgroups || gpu.info.subgroup_min_size != 8 || gpu.info.subgroup_max_size != 8 {
-                return Ok(false);
-            }
-            let mut g = Graph::new(gpu.clone());
-            let out = g.pinned("subgroup probe", 16);
-            let pipeline = g.pipeline("matmul", "subgroup_probe", &[("WG_X", TWG_X as f64), ("WG_Y", 1.0)])?;
-            g.dispatch("subgroup probe", pipeline, vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(out)], [1, 1, 1], 0.0);
-            let plan = g.compile()?;
-            plan.run()?;
-            Ok(plan.read(out)?.iter().all(|&v| v == 1.0))
-        };
-        probe().unwrap_or(false)
-    })
 }
 
 /// Activation fused into the matmul epilogue.
@@ -151,10 +127,10 @@ pub enum WeightFormat {
 impl WeightFormat {
     /// With `--f16`: `Half` on adapters with shader-f16 (WGSL's f16 type, for
     /// f16 activation buffers), else `F16` (weights only, which needs no feature).
-    pub fn from_flag(gpu: &Gpu, f16: bool) -> WeightFormat {
+    pub fn from_flag(gpu: &Arc<Gpu>, f16: bool) -> WeightFormat {
         if !f16 {
             WeightFormat::F32
-        } else if gpu.features.contains(wgpu::Features::SHADER_F16) && std::env::var("CVT_GPU_F16_ACT").as_deref() != Ok("0") {
+        } else if gpu.features.contains(wgpu::Features::SHADER_F16) && gpu.profile().f16_act {
             WeightFormat::Half
         } else {
             WeightFormat::F16
@@ -167,173 +143,6 @@ impl WeightFormat {
 fn texture_capable(gpu: &Gpu, k: usize, n: usize) -> bool {
     let max = gpu.limits.max_texture_dimension_2d as usize;
     k % 64 == 0 && k <= max && pad4(n) / 4 <= max && k / 4 <= max
-}
-
-/// The matmul variant for this adapter, and how every kernel reads textures
-/// (`texread`, set on the Gpu as a side effect). Each is, in order: the setting
-/// (`CVT_GPU_MATMUL=buffer|texture`, `CVT_GPU_TEX_READ=sampled|storage`); with
-/// `--no-tune`, a rule (textures and storage reads on CPU drivers, buffers and
-/// sampled reads on GPUs); the choice cached on disk for this adapter and build
-/// (`tune`); else a timed trial (`trial`: about 2 s on lavapipe, most of it
-/// compiling the two GEMMs), whose results are cached. Settings are not cached.
-pub fn preferred_kind(gpu: &Arc<Gpu>) -> MatmulKind {
-    *gpu.matmul_kind.get_or_init(|| {
-        let forced = match std::env::var("CVT_GPU_MATMUL").as_deref() {
-            Ok("buffer") => Some(MatmulKind::Buffer),
-            Ok("texture") => Some(MatmulKind::Texture),
-            _ => None,
-        };
-        let rule = if gpu.info.device_type == wgpu::DeviceType::Cpu { MatmulKind::Texture } else { MatmulKind::Buffer };
-        if crate::tune::disabled() {
-            // The read mode stays at texread::rule.
-            return forced.unwrap_or(rule);
-        }
-        // Settings are honoured but never cached: a later run without them must
-        // still find measured choices.
-        let forced_read = crate::texread::setting().is_some();
-        let cached_read = if forced_read { Some(gpu.tex_read()) } else { crate::tune::lookup(gpu, "texture_read").and_then(|r| TexRead::parse(&r)) };
-        let cached_kind = forced.or(match crate::tune::lookup(gpu, "matmul").as_deref() {
-            Some("buffer") => Some(MatmulKind::Buffer),
-            Some("texture") => Some(MatmulKind::Texture),
-            _ => None,
-        });
-        if let (Some(kind), Some(read)) = (cached_kind, cached_read) {
-            gpu.set_tex_read(read);
-            return kind;
-        }
-        let start = gpu.tex_read();
-        match trial(gpu, forced) {
-            // The trial has set the read mode on the Gpu.
-            Ok((kind, read)) => {
-                let mut choices = vec![];
-                if !forced_read {
-                    choices.push(("texture_read", read.name()));
-                    if forced.is_none() {
-                        choices.push(("matmul", if kind == MatmulKind::Texture { "texture" } else { "buffer" }));
-                    }
-                }
-                crate::tune::store(gpu, &choices);
-                kind
-            }
-            // A trial that fails decides nothing and caches nothing.
-            Err(_) => {
-                gpu.set_tex_read(start);
-                forced.unwrap_or(rule)
-            }
-        }
-    })
-}
-
-/// Best of five interleaved rounds per plan (seconds): the trials' results are
-/// cached on disk, so rounds disturbed by other load on the machine (tests run
-/// in parallel) must not decide them. A round is milliseconds; compiling is the
-/// trials' cost.
-fn best_times(plans: &[crate::graph::Plan]) -> Result<Vec<f64>> {
-    let mut best = vec![f64::MAX; plans.len()];
-    for _ in 0..5 {
-        for (plan, b) in plans.iter().zip(best.iter_mut()) {
-            let t = Instant::now();
-            plan.run()?;
-            plan.gpu.sync()?;
-            *b = b.min(t.elapsed().as_secs_f64());
-        }
-    }
-    Ok(best)
-}
-
-/// The index of the smallest time.
-fn fastest(times: &[f64]) -> usize {
-    times.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
-}
-
-fn trace_tune(what: &str, times: &[(String, f64)]) {
-    if std::env::var_os("CVT_GPU_TRACE_TUNE").is_some() {
-        for (name, s) in times {
-            eprintln!("{what} trial: {name} {:.2} ms", s * 1e3);
-        }
-    }
-}
-
-/// Sets (and returns) the texture-read mode (`texread`), timing a fetch-bound kernel both
-/// ways (`colsum_part` over a 4 MiB texture: 64 texel fetches per store), unless
-/// `CVT_GPU_TEX_READ` says which or only sampled reads are possible. It compiles
-/// in milliseconds, where a GEMM per mode would add about a second of JIT to the
-/// first call on lavapipe; the cost of a texel fetch is what the mode changes.
-fn read_trial(gpu: &Arc<Gpu>) -> Result<TexRead> {
-    if crate::texread::setting().is_some() || !crate::texread::storage_supported(&gpu.info, &gpu.limits) {
-        return Ok(gpu.tex_read());
-    }
-    let (rows, cols, parts) = (4096, 256, 64);
-    let mut plans = vec![];
-    let mut reads = vec![];
-    for read in [TexRead::Storage, TexRead::Sampled] {
-        gpu.set_tex_read(read);
-        let build = || -> Result<crate::graph::Plan> {
-            let mut g = Graph::new(gpu.clone());
-            let (x, y) = (g.pinned("x", rows * cols), g.pinned("y", parts * cols));
-            let pipeline = g.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
-            let xt = g.linear_texture(x, 6);
-            let u = || Res::Unused;
-            let b = vec![u(), u(), u(), u(), Res::Uniform(params([rows, cols, parts, 0], None, 0, (0, 0))), u(), Res::ActTex(xt), u(), Res::Act(y)];
-            g.dispatch("read trial", pipeline, b, crate::graph::grid1d(gpu, (parts * cols / 4).div_ceil(64) as u64), 0.0);
-            let plan = g.compile()?;
-            plan.run()?;
-            gpu.sync()?;
-            Ok(plan)
-        };
-        // A mode the driver rejects is not a candidate.
-        if let Ok(plan) = build() {
-            plans.push(plan);
-            reads.push(read);
-        }
-    }
-    anyhow::ensure!(!plans.is_empty(), "no texture-read mode runs on this adapter");
-    let times = best_times(&plans)?;
-    trace_tune("texture read", &reads.iter().zip(&times).map(|(r, t)| (r.name().to_string(), *t)).collect::<Vec<_>>());
-    let read = reads[fastest(&times)];
-    gpu.set_tex_read(read);
-    Ok(read)
-}
-
-/// Chooses the texture-read mode (`read_trial`), then, unless `forced` names the
-/// kind, times the buffer GEMM against the texture GEMM in that mode on a 256³ product.
-fn trial(gpu: &Arc<Gpu>, forced: Option<MatmulKind>) -> Result<(MatmulKind, TexRead)> {
-    let read = read_trial(gpu)?;
-    if let Some(kind) = forced {
-        return Ok((kind, read));
-    }
-    let n = 256;
-    let w: Vec<f32> = (0..n * n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
-    // The first run of each compiles its kernel. The texture GEMM's is the one the
-    // model will use on the main device; the buffer GEMM's runs on a sibling device
-    // from another thread where there is one, so a CPU driver compiles both at once
-    // (0.5-0.7 s off the first call on lavapipe; docs/perf.md).
-    let first_run = |gpu: &Arc<Gpu>, kind: MatmulKind| -> Result<crate::graph::Plan> {
-        let l = Linear::with_kind(gpu, "trial", &w, None, n, n, kind)?;
-        let mut g = Graph::new(gpu.clone());
-        let x = g.pinned("x", n * n);
-        // Not `linear`: it asks for the preferred kind, which this trial decides.
-        dispatch(&mut g, "trial", x, n, &l, Act::None, Out::New, None, false)?;
-        let t = Instant::now();
-        let plan = g.compile()?;
-        plan.run()?;
-        gpu.sync()?;
-        trace_tune("matmul (first run, compile included)", &[(format!("{kind:?}"), t.elapsed().as_secs_f64())]);
-        Ok(plan)
-    };
-    let (buffer, texture) = match gpu.sibling() {
-        Some(side) => std::thread::scope(|s| {
-            let buffer = s.spawn(|| first_run(&side, MatmulKind::Buffer));
-            let texture = first_run(gpu, MatmulKind::Texture);
-            (buffer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the buffer GEMM trial panicked"))), texture)
-        }),
-        None => (first_run(gpu, MatmulKind::Buffer), first_run(gpu, MatmulKind::Texture)),
-    };
-    let kinds = [MatmulKind::Buffer, MatmulKind::Texture];
-    let plans = [buffer?, texture?];
-    let times = best_times(&plans)?;
-    trace_tune("matmul", &kinds.iter().zip(&times).map(|(k, t)| (format!("{k:?}"), *t)).collect::<Vec<_>>());
-    Ok((kinds[fastest(&times)], read))
 }
 
 fn pad4(n: usize) -> usize {
@@ -349,7 +158,7 @@ impl Linear {
 
     /// As `from_torch`, stored in `fmt`.
     pub fn from_torch_in(gpu: &Arc<Gpu>, name: &str, w: &[f32], b: Option<&[f32]>, n: usize, k: usize, fmt: WeightFormat) -> Result<Linear> {
-        let kind = if texture_capable(gpu, k, n) { preferred_kind(gpu) } else { MatmulKind::Buffer };
+        let kind = if texture_capable(gpu, k, n) { gpu.profile().matmul() } else { MatmulKind::Buffer };
         Self::with_kind_in(gpu, name, w, b, n, k, kind, fmt)
     }
 
@@ -383,7 +192,7 @@ impl Linear {
 
     /// As `from_conv` (shape (cout, cin, kh, kw)), stored in `fmt`.
     pub fn from_conv_in(gpu: &Arc<Gpu>, name: &str, w: &[f32], b: Option<&[f32]>, (cout, cin, kh, kw): (usize, usize, usize, usize), fmt: WeightFormat) -> Result<Linear> {
-        let kind = if texture_capable(gpu, (kh * kw * cin).div_ceil(64) * 64, cout) { preferred_kind(gpu) } else { MatmulKind::Buffer };
+        let kind = if texture_capable(gpu, (kh * kw * cin).div_ceil(64) * 64, cout) { gpu.profile().matmul() } else { MatmulKind::Buffer };
         Self::conv_with_kind_in(gpu, name, w, b, (cout, cin, kh, kw), kind, fmt)
     }
 
@@ -477,19 +286,108 @@ fn overrides(act: Act, accumulate: bool, conv: bool, wg: (usize, usize)) -> [(&'
     [("A_MODE", if conv { 1.0 } else { 0.0 }), ("ACT", act.code()), ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }), ("WG_X", wg.0 as f64), ("WG_Y", wg.1 as f64)]
 }
 
-/// The shader's `Params` (20 u32, in its field order): sizes [M, N, K, NP4], the
-/// conv view (zeros when there is none), the first output row and the A/B strides.
-fn params(sizes: [usize; 4], conv: Option<&ConvGeom>, out_row_off: usize, (a_stride, b_stride): (usize, usize)) -> Vec<u32> {
-    let mut p: Vec<u32> = sizes.iter().map(|&v| v as u32).collect();
-    match conv {
-        Some(c) => {
-            let (oh, ow) = c.out_hw();
-            p.extend([c.in_h, c.in_w, c.cin, c.in_tokens, c.in_tok_off, oh, ow, c.k, c.k, c.stride, c.pad].map(|v| v as u32));
-        }
-        None => p.extend([0u32; 11]),
+/// `matmul.wgsl`'s `Params`, field by field (checked against the shader by
+/// `kernels-tests/shaders.rs` through naga): sizes, the conv view of A_MODE 1,
+/// the first output row, strides and offsets, the split-K layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MatmulParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub np4: u32,
+    pub in_h: u32,
+    pub in_w: u32,
+    pub cin: u32,
+    pub in_tokens: u32,
+    pub in_tok_off: u32,
+    pub out_h: u32,
+    pub out_w: u32,
+    pub kh: u32,
+    pub kw: u32,
+    pub stride: u32,
+    pub pad: u32,
+    pub out_row_off: u32,
+    pub a_stride: u32,
+    pub b_stride: u32,
+    pub a_off: u32,
+    pub b_off: u32,
+    pub k_chunk: u32,
+    pub splits: u32,
+    /// log2 of the texture GEMM's invocations along column blocks (`tex_block`).
+    pub col_lanes_log2: u32,
+    pub _pad: u32,
+}
+
+/// Params with sizes [M, N, K, NP4], the conv view (zeros when there is none),
+/// the first output row and the A/B strides.
+fn params(sizes: [usize; 4], conv: Option<&ConvGeom>, out_row_off: usize, (a_stride, b_stride): (usize, usize)) -> MatmulParams {
+    let [m, n, k, np4] = sizes.map(|v| v as u32);
+    let mut p = MatmulParams { m, n, k, np4, out_row_off: out_row_off as u32, a_stride: a_stride as u32, b_stride: b_stride as u32, splits: 1, ..Default::default() };
+    if let Some(c) = conv {
+        let (oh, ow) = c.out_hw();
+        [p.in_h, p.in_w, p.cin, p.in_tokens, p.in_tok_off, p.out_h, p.out_w, p.kh, p.kw, p.stride, p.pad] = [c.in_h, c.in_w, c.cin, c.in_tokens, c.in_tok_off, oh, ow, c.k, c.k, c.stride, c.pad].map(|v| v as u32);
     }
-    p.extend([out_row_off as u32, a_stride as u32, b_stride as u32, 0, 0]);
     p
+}
+
+/// The GPU set's GEMM tile (`main_tiled`: TBM x TBN outputs, K steps of TBK).
+const TBM: usize = 64;
+const TBN: usize = 64;
+const TBK: usize = 16;
+/// Split-K gives each split at least this much of K (4 K steps), so the
+/// partial products' traffic stays small beside the operands'.
+const MIN_K_PER_SPLIT: usize = 4 * TBK;
+/// Workgroups a GEMM or reduction of the GPU set should launch at least: two
+/// per compute unit of a large GPU (132 SMs on an H100), so no unit idles
+/// while the last wave runs.
+pub const MIN_GROUPS: usize = 264;
+
+/// How a tiled GEMM of `m` x `n` over `k` is launched: output tiles, and the
+/// K splits that bring the workgroups up to `min_groups` where the tiles alone
+/// would leave a large GPU idle (the weight gradients: dW is K_in x N, a few
+/// tiles, over K = every token of the batch). Returns (tiles x, tiles y, splits,
+/// k_chunk).
+pub fn tiled_shape(m: usize, n: usize, k: usize, min_groups: usize) -> (usize, usize, usize, usize) {
+    let (gx, gy) = (n.div_ceil(4).div_ceil(TBN / 4), m.div_ceil(TBM));
+    let tiles = gx * gy;
+    let want = min_groups.div_ceil(tiles.max(1)).min(k / MIN_K_PER_SPLIT).max(1);
+    let chunk = k.div_ceil(want).div_ceil(TBK) * TBK;
+    (gx, gy, k.div_ceil(chunk.max(1)).max(1), chunk.max(TBK))
+}
+
+/// C (+)= epilogue(A·B) with `main_tiled` (the GPU kernel set), split along K
+/// where the output tiles alone give fewer than the profile's workgroup target:
+/// each split writes its partial product to a tensor of its own and
+/// `splitk_sum` adds them in order and applies the epilogue. Not in f16 plans:
+/// partial sums stored in f16 lose more than the output's own rounding (partials
+/// can be far larger than their sum). `ov` are the
+/// operand modes and epilogue constants; `ops` the bindings a, b, bias, c.
+fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, b, bias, c]: [Res; 4], mut p: MatmulParams, (m, n, k): (usize, usize, usize)) -> Result<()> {
+    let (gx, gy, splits, chunk) = tiled_shape(m, n, k, if g.half { 1 } else { g.profile.gemm.min_workgroups });
+    let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
+    anyhow::ensure!(gx <= max && gy <= max, "{label}: a {m}x{n} GEMM needs {gx}x{gy} workgroups, over this adapter's {max} per dimension; use a smaller batch");
+    (p.k_chunk, p.splits) = (chunk as u32, splits as u32);
+    let flops = 2.0 * (m * n * k) as f64;
+    if splits == 1 {
+        let pipeline = g.pipeline("matmul", "main_tiled", ov)?;
+        g.dispatch(label, pipeline, vec![a, b, bias, c, Res::uniform(&p)], [gx as u32, gy as u32, 1], flops);
+        return Ok(());
+    }
+    // The product without epilogue, then the ordered sum with it.
+    let keep = |name: &str| !matches!(name, "HAS_BIAS" | "ACT" | "ACCUMULATE");
+    let mut part_ov: Vec<(&'static str, f64)> = ov.iter().copied().filter(|(name, _)| keep(name)).collect();
+    part_ov.extend([("SPLIT", 1.0), ("HAS_BIAS", 0.0)]);
+    let part = g.tensor(format!("{label}.splitk"), splits * m * n);
+    let pipeline = g.pipeline("matmul", "main_tiled", &part_ov)?;
+    let unused = Res::Buf(g.gpu.placeholder());
+    g.dispatch(format!("{label}.splitk"), pipeline, vec![a, b, unused, Res::Act(part), Res::uniform(&p)], [gx as u32, gy as u32, splits as u32], flops);
+    let mut sum_ov: Vec<(&'static str, f64)> = ov.iter().copied().filter(|(name, _)| !keep(name)).collect();
+    sum_ov.extend([("WG_X", 64.0), ("WG_Y", 1.0)]);
+    let pipeline = g.pipeline("matmul", "splitk_sum", &sum_ov)?;
+    let groups = crate::graph::grid1d(&g.gpu, (m * n).div_ceil(64) as u64);
+    g.dispatch(label, pipeline, vec![Res::Act(part), Res::Unused, bias, c, Res::uniform(&p)], groups, 0.0);
+    Ok(())
 }
 
 /// Materialises the im2col matrix of x for `geom`: [M, k_out] with zero columns
@@ -500,7 +398,7 @@ fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k_out: usize
     let cols = g.tensor(format!("{label}.im2col"), m * k_out);
     let p = params([m, k_out, geom.k * geom.k * geom.cin, 0], Some(geom), 0, (0, 0));
     // Images must start on whole texels of the input's linear texture.
-    if packs(&g.gpu) && (geom.in_tokens * geom.cin) % 4 == 0 && k_out % 4 == 0 {
+    if packs(g) && (geom.in_tokens * geom.cin) % 4 == 0 && k_out % 4 == 0 {
         // A few images at a time, so the input's texture stays small beside the
         // activations (TEXTURE_CHUNK_BYTES; at least one image).
         let pipeline = g.pipeline("matmul", "im2col4", &overrides(Act::None, false, true, (64, 1)))?;
@@ -511,17 +409,17 @@ fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k_out: usize
             let nb = per.min(geom.batch - b0);
             let xt = g.linear_texture_range(x, b0 * image_texels, nb * image_texels, 5);
             let mut pc = p.clone();
-            (pc[0], pc[15]) = ((nb * hw) as u32, (b0 * hw) as u32);
+            (pc.m, pc.out_row_off) = ((nb * hw) as u32, (b0 * hw) as u32);
             let groups = crate::graph::grid1d(&g.gpu, (nb * hw * k_out / 4).div_ceil(64) as u64);
             let u = || Res::Unused;
-            g.dispatch(format!("{label}.im2col"), pipeline.clone(), vec![u(), u(), u(), u(), Res::Uniform(pc), Res::ActTex(xt), u(), u(), Res::Act(cols)], groups, 0.0);
+            g.dispatch(format!("{label}.im2col"), pipeline.clone(), vec![u(), u(), u(), u(), Res::uniform(&pc), Res::ActTex(xt), u(), u(), Res::Act(cols)], groups, 0.0);
         }
         return Ok(cols);
     }
     let pipeline = g.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
     let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
     let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
-    g.dispatch(format!("{label}.im2col"), pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(cols), Res::Uniform(p)], [k_out.div_ceil(64) as u32, gy as u32, gz as u32], 0.0);
+    g.dispatch(format!("{label}.im2col"), pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(cols), Res::uniform(&p)], [k_out.div_ceil(64) as u32, gy as u32, gz as u32], 0.0);
     Ok(cols)
 }
 
@@ -556,9 +454,15 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             if l.f16 {
                 ov.push(("B_F16", 1.0));
             }
+            if !pack {
+                // The GPU kernel set.
+                ov.retain(|(name, _)| !name.starts_with("WG_"));
+                tiled(g, label, &ov, [Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y)], params(m, 0), (m, l.n, l.k))?;
+                return Ok(y);
+            }
             let pipeline = g.pipeline("matmul", "main", &ov)?;
             let groups = [np4.div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
-            let b = vec![Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y), Res::Uniform(params(m, 0))];
+            let b = vec![Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y), Res::uniform(&params(m, 0))];
             g.dispatch(label, pipeline, b, groups, flops(m));
         }
         (None, Some(_)) if splits_epilogue(g, l, act, accumulate, m) => {
@@ -594,8 +498,8 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
                 // A's row stride in vec4s, the column-block split, and A's offset:
                 // the kernel reads row r0 + r at (r0 + r)·stride + a_off, and the
                 // chunk's texture starts at row r0 (u32 arithmetic wraps in WGSL).
-                (pu[16], pu[8], pu[18]) = (k4 as u32, lx, ((r0 * k4) as u32).wrapping_neg());
-                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(pu), Res::ActTex(at), Res::Tex(tex.clone()), Res::Unused, Res::Unused, Res::Tex(bias_t.clone())];
+                (pu.a_stride, pu.col_lanes_log2, pu.a_off) = (k4 as u32, lx, ((r0 * k4) as u32).wrapping_neg());
+                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::uniform(&pu), Res::ActTex(at), Res::Tex(tex.clone()), Res::Unused, Res::Unused, Res::Tex(bias_t.clone())];
                 g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
             }
         }
@@ -609,7 +513,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
 fn splits_epilogue(g: &Graph, l: &Linear, act: Act, accumulate: bool, m: usize) -> bool {
     // `packs` last: the variant trial's own dispatches (no activation, no
     // accumulate) must not ask for the variant it is deciding.
-    l.w.is_none() && l.tex.is_some() && !g.fused_epilogue && (act != Act::None || accumulate) && (m * l.n) % 4 == 0 && packs(&g.gpu)
+    l.w.is_none() && l.tex.is_some() && !g.profile.fused_epilogue && (act != Act::None || accumulate) && (m * l.n) % 4 == 0 && packs(g)
 }
 
 /// A transformer block's residual branch x·W + b, to be added to the stream `xs`:
@@ -626,7 +530,7 @@ pub fn linear_residual(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Li
 
 /// y[m, n] = act(x[m, k] · W + b), or y += that with `Out::Accumulate(y)`.
 pub fn linear(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear, act: Act, out: Out) -> Result<TensorId> {
-    let pack = packs(&g.gpu);
+    let pack = packs(g);
     dispatch(g, label, x, m, l, act, out, None, pack)
 }
 
@@ -638,7 +542,7 @@ pub fn conv2d(g: &mut Graph, label: &str, x: TensorId, geom: ConvGeom, l: &Linea
     let m = geom.batch * oh * ow;
     if l.tex.is_none() {
         assert_eq!(l.k, k_real, "{label}: conv weight K");
-        let pack = packs(&g.gpu);
+        let pack = packs(g);
         return dispatch(g, label, x, m, l, Act::None, Out::New, Some(geom), pack);
     }
     assert!(l.k >= k_real && l.k % 64 == 0, "{label}: padded conv weight K");
@@ -667,37 +571,27 @@ impl LinearGrad {
     }
 }
 
-/// One backward product C[m, n] (+)= A·B in the given operand modes.
+/// One backward product C[m, n] (+)= A·B in the given operand modes (the GPU
+/// kernel set's tiled GEMM; split along K where its tiles are few: dW).
 #[allow(clippy::too_many_arguments)]
 fn backward_product(
     g: &mut Graph,
     label: &str,
-    (a, a_mode, a_stride): (Option<TensorId>, u32, usize),
+    (a, a_mode, a_stride): (TensorId, u32, usize),
     (b, b_mode, b_stride): (Res, u32, usize),
     out: Res,
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) -> Result<()> {
-    let unused = g.gpu.placeholder();
-    let pipeline = g.pipeline(
-        "matmul",
-        "main",
-        &[("A_MODE", a_mode as f64), ("B_MODE", b_mode as f64), ("HAS_BIAS", 0.0), ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }), ("WG_X", WG_X as f64), ("WG_Y", WG_Y as f64)],
-    )?;
-    let params = params([m, n, k, 0], None, 0, (a_stride, b_stride));
-    let groups = [n.div_ceil(4).div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
-    // A_MODE 3 reads no A and HAS_BIAS=false reads no bias: placeholders fill the layout.
-    let a_res = match a {
-        Some(t) => Res::Act(t),
-        None => Res::Buf(unused.clone()),
-    };
-    g.dispatch(label, pipeline, vec![a_res, b, Res::Buf(unused), out, Res::Uniform(params)], groups, 2.0 * (m * n * k) as f64);
-    Ok(())
+    let ov = [("A_MODE", a_mode as f64), ("B_MODE", b_mode as f64), ("HAS_BIAS", 0.0), ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 })];
+    // HAS_BIAS=false reads no bias: a placeholder fills the layout.
+    let unused = Res::Buf(g.gpu.placeholder());
+    tiled(g, label, &ov, [Res::Act(a), b, unused, out], params([m, n, k, 0], None, 0, (a_stride, b_stride)), (m, n, k))
 }
 
 /// out[1, cols] = column sums of src [rows, cols] (a ones-vector product).
 pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usize, out: Res) -> Result<()> {
-    if packs(&g.gpu) && cols % 4 == 0 {
+    if packs(g) && cols % 4 == 0 {
         // Partial sums over row strides, then their sum (see the shader).
         const PARTS: usize = 64;
         let part = g.tensor(format!("{label}.partials"), PARTS * cols);
@@ -706,12 +600,25 @@ pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usiz
         let u = || Res::Unused;
         let pipeline = g.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
         let groups = crate::graph::grid1d(&g.gpu, (PARTS * cols / 4).div_ceil(64) as u64);
-        g.dispatch(format!("{label}.part"), pipeline, vec![u(), u(), u(), u(), Res::Uniform(p.clone()), u(), Res::ActTex(st), u(), Res::Act(part)], groups, 0.0);
+        g.dispatch(format!("{label}.part"), pipeline, vec![u(), u(), u(), u(), Res::uniform(&p), u(), Res::ActTex(st), u(), Res::Act(part)], groups, 0.0);
         let pipeline = g.pipeline("matmul", "colsum_finish", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
-        g.dispatch(label, pipeline, vec![u(), u(), u(), out, Res::Uniform(p), u(), u(), u(), Res::Act(part)], [(cols / 4).div_ceil(64) as u32, 1, 1], 0.0);
+        g.dispatch(label, pipeline, vec![u(), u(), u(), out, Res::uniform(&p), u(), u(), u(), Res::Act(part)], [(cols / 4).div_ceil(64) as u32, 1, 1], 0.0);
         return Ok(());
     }
-    backward_product(g, label, (None, 3, 0), (Res::Act(src), 2, cols), out, (1, cols, rows), false)
+    // Partial sums over row strides: P = enough partials per column for
+    // MIN_GROUPS workgroups of 64 (consecutive invocations read consecutive
+    // columns of a row); then a workgroup per column adds its P partials by a
+    // tree in workgroup memory. Fixed order: deterministic.
+    let parts = (MIN_GROUPS * 64).div_ceil(cols).clamp(1, rows.div_ceil(4).max(1));
+    let part = g.tensor(format!("{label}.partials"), parts * cols);
+    let p = params([rows, cols, 0, 0], None, 0, (0, 0));
+    let p1 = MatmulParams { splits: parts as u32, ..p };
+    let pipeline = g.pipeline("matmul", "colsum_rows", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
+    let groups = crate::graph::grid1d(&g.gpu, (parts * cols).div_ceil(64) as u64);
+    g.dispatch(format!("{label}.part"), pipeline, vec![Res::Act(src), Res::Unused, Res::Unused, Res::Act(part), Res::uniform(&p1)], groups, 0.0);
+    let pipeline = g.pipeline("matmul", "colsum_tree", &[])?;
+    g.dispatch(label, pipeline, vec![Res::Act(part), Res::Unused, Res::Unused, out, Res::uniform(&p1)], crate::graph::grid1d(&g.gpu, cols as u64), 0.0);
+    Ok(())
 }
 
 /// The activation's elementwise entries over `len` values: `act_forward` writes
@@ -724,7 +631,7 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
     let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(64) as u64);
     let p = params([n, 0, 0, 0], None, 0, (0, 0));
     let u = || Res::Unused;
-    if vec4 && packs(&g.gpu) {
+    if vec4 && packs(g) {
         // Texel gathers instead of per-lane storage loads (see Graph::linear_texture),
         // in chunks so the textures stay small beside the activations; the
         // backward also reads dy (its output) as a texture.
@@ -733,13 +640,13 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
             let zt = g.linear_texture_range(z, i0, m, 5);
             let dyt = if entry == "act_backward4" { Res::ActTex(g.linear_texture_range(out, i0, m, 6)) } else { u() };
             let groups = crate::graph::grid1d(&g.gpu, m.div_ceil(64) as u64);
-            let b = vec![u(), u(), u(), u(), Res::Uniform(params([m, 0, 0, 0], None, i0, (0, 0))), Res::ActTex(zt), dyt, u(), Res::Act(out)];
+            let b = vec![u(), u(), u(), u(), Res::uniform(&params([m, 0, 0, 0], None, i0, (0, 0))), Res::ActTex(zt), dyt, u(), Res::Act(out)];
             g.dispatch(label, pipeline.clone(), b, groups, 0.0);
         }
         return Ok(());
     }
     let pipeline = g.pipeline("matmul", &entry, &consts)?;
-    let b = if vec4 { vec![u(), Res::Act(z), u(), u(), Res::Uniform(p), u(), u(), u(), Res::Act(out)] } else { vec![Res::Act(z), u(), u(), Res::Act(out), Res::Uniform(p)] };
+    let b = if vec4 { vec![u(), Res::Act(z), u(), u(), Res::uniform(&p), u(), u(), u(), Res::Act(out)] } else { vec![Res::Act(z), u(), u(), Res::Act(out), Res::uniform(&p)] };
     g.dispatch(label, pipeline, b, groups, 0.0);
     Ok(())
 }
@@ -761,7 +668,7 @@ pub fn act_backward(g: &mut Graph, label: &str, z: TensorId, dy: TensorId, len: 
 /// epilogue); elsewhere the GEMM, then the activation pass.
 pub fn linear_act(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear, act: Act) -> Result<(TensorId, TensorId)> {
     match &l.w {
-        Some(w) if packs(&g.gpu) && g.fuse_act && !l.f16 && act != Act::None => {
+        Some(w) if packs(g) && g.profile.fuse_act && !l.f16 && act != Act::None => {
             let (z, u) = (g.tensor(label.to_string(), m * l.n), g.tensor(format!("{label}.act"), m * l.n));
             let b_view = View::new(Src::Buf(w.clone()), l.k, l.n, pad4(l.n));
             let ep = Epilogue { act, bias: Some(l.b.clone()), save_z: Some(z), ..Epilogue::plain() };
@@ -810,25 +717,25 @@ fn linear_backward_with(
     };
     // Whether the dx product applies the activation's gradient (ACT_GRAD).
     let mut fused = false;
-    if packs(&g.gpu) {
+    if packs(g) {
         let dyv = View::new(Src::Act(dy), m, l.n, l.n);
         tex_gemm(g, &format!("{label}.dW"), &View::t(Src::Act(x), m, l.k, l.k), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
         colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
         let wt = View::t(Src::Buf(w), l.k, l.n, np);
         let ep = match act_of {
-            Some((z, act)) if g.fuse_act && l.k % 4 == 0 && !acc => Epilogue { act, act_grad_of: Some(z), ..Epilogue::plain() },
+            Some((z, act)) if g.profile.fuse_act && l.k % 4 == 0 && !acc => Epilogue { act, act_grad_of: Some(z), ..Epilogue::plain() },
             _ => Epilogue { accumulate: acc, ..Epilogue::plain() },
         };
         fused = ep.act_grad_of.is_some();
         tex_gemm(g, &format!("{label}.dx"), &dyv, &wt, Res::Act(dx), l.k, ep)?;
     } else {
         // dW [K, NP] = xᵀ [K, m] · dy [m, N] (columns N..NP come out zero).
-        backward_product(g, &format!("{label}.dW"), (Some(x), 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false)?;
-        // db [1, NP] = 1ᵀ · dy.
-        backward_product(g, &format!("{label}.db"), (None, 3, 0), (Res::Act(dy), 2, l.n), Res::Buf(grad.b.clone()), (1, np, m), false)?;
+        backward_product(g, &format!("{label}.dW"), (x, 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false)?;
+        // db = column sums of dy (the padding columns of grad.b stay zero).
+        colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
         // dx [m, K] = dy [m, N] · Wᵀ, W stored [K, NP]: B_MODE 1 reads row k of the
         // store as column k of Bᵀ, with b_stride = NP.
-        backward_product(g, &format!("{label}.dx"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc)?;
+        backward_product(g, &format!("{label}.dx"), (dy, 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc)?;
     }
     if let (Some((z, act)), false) = (act_of, fused) {
         act_backward(g, &format!("{label}.act"), z, dx, m * l.k, act)?;
@@ -849,35 +756,35 @@ pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, ge
     let np = pad4(l.n);
     // im2col of x (the A of the forward), then dW = colsᵀ·dy and db = 1ᵀ·dy.
     let dyv = View::new(Src::Act(dy), m, l.n, l.n);
-    if packs(&g.gpu) {
+    if packs(g) {
         // Padded to whole vec4s, as in the forward: the GEMM reads it transposed as it is.
         let cols = im2col(g, label, x, &geom, pad4(k_real))?;
         tex_gemm(g, &format!("{label}.dW"), &View::t_zero_padded(Src::Act(cols), m, k_real, pad4(k_real)), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
     } else {
         let cols = im2col(g, label, x, &geom, k_real)?;
-        backward_product(g, &format!("{label}.dW"), (Some(cols), 2, k_real), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (k_real, np, m), false)?;
+        backward_product(g, &format!("{label}.dW"), (cols, 2, k_real), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (k_real, np, m), false)?;
     }
     colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
     if let Some(dx) = dx_into {
         // dcols = dy·Wᵀ, then col2im gathers it back onto the input grid.
         let dcols = g.tensor(format!("{label}.dcols"), m * k_real);
-        if packs(&g.gpu) {
+        if packs(g) {
             tex_gemm(g, &format!("{label}.dcols"), &dyv, &View::t(Src::Buf(w), k_real, l.n, np), Res::Act(dcols), k_real, Epilogue::plain())?;
         } else {
-            backward_product(g, &format!("{label}.dcols"), (Some(dy), 0, l.n), (Res::Buf(w), 1, np), Res::Act(dcols), (m, k_real, l.n), false)?;
+            backward_product(g, &format!("{label}.dcols"), (dy, 0, l.n), (Res::Buf(w), 1, np), Res::Act(dcols), (m, k_real, l.n), false)?;
         }
         let n_in = geom.batch * geom.in_h * geom.in_w * geom.cin;
         let p = params([geom.batch, 0, k_real, 0], Some(&geom), 0, (0, 0));
-        if packs(&g.gpu) && geom.cin % 4 == 0 {
+        if packs(g) && geom.cin % 4 == 0 {
             let dt = g.linear_texture(dcols, 5);
             let pipeline = g.pipeline("matmul", "col2im4", &overrides(Act::None, true, false, (64, 1)))?;
             let groups = crate::graph::grid1d(&g.gpu, (n_in / 4).div_ceil(64) as u64);
             let u = || Res::Unused;
-            g.dispatch(format!("{label}.col2im"), pipeline, vec![u(), u(), u(), u(), Res::Uniform(p), Res::ActTex(dt), u(), u(), Res::Act(dx)], groups, 0.0);
+            g.dispatch(format!("{label}.col2im"), pipeline, vec![u(), u(), u(), u(), Res::uniform(&p), Res::ActTex(dt), u(), u(), Res::Act(dx)], groups, 0.0);
         } else {
             let pipeline = g.pipeline("matmul", "col2im", &overrides(Act::None, true, false, (64, 1)))?;
             let groups = crate::graph::grid1d(&g.gpu, n_in.div_ceil(64) as u64);
-            g.dispatch(format!("{label}.col2im"), pipeline, vec![Res::Act(dcols), Res::Unused, Res::Unused, Res::Act(dx), Res::Uniform(p)], groups, 0.0);
+            g.dispatch(format!("{label}.col2im"), pipeline, vec![Res::Act(dcols), Res::Unused, Res::Unused, Res::Act(dx), Res::uniform(&p)], groups, 0.0);
         }
     }
     Ok(())

@@ -75,7 +75,7 @@ pub fn adamw_step(g: &mut Graph, label: &str, param: &Arc<wgpu::Buffer>, grad: &
     // same buffers as vec4).
     let vec4 = state.len % 4 == 0;
     let n = if vec4 { state.len / 4 } else { state.len };
-    if vec4 && n >= TEX_MIN_VEC4 && crate::ops::matmul::packs(&g.gpu) {
+    if vec4 && n >= TEX_MIN_VEC4 && crate::ops::matmul::packs(g) {
         // Inputs through linear textures, a chunk of at most TEXTURE_CHUNK_BYTES each.
         let pipeline = g.pipeline("optim", "adamw4_tex", &[("WG", WG as f64)])?;
         let u = || Res::Unused;

@@ -57,35 +57,23 @@ impl RowMap {
     }
 }
 
-/// Invocations per row for this adapter: `CVT_GPU_ROW_LANES=1|64`, else 1 where
-/// the timed matmul trial chose texture operands (a CPU driver: lanes are SIMD,
-/// barriers are expensive), else a workgroup of 64 per row.
-pub fn row_lanes(gpu: &Arc<Gpu>) -> usize {
-    use std::sync::atomic::Ordering;
-    let v = gpu.row_lanes.load(Ordering::Relaxed);
-    if v != 0 {
-        return v;
-    }
-    let v = match std::env::var("CVT_GPU_ROW_LANES").as_deref() {
-        Ok("1") => 1,
-        Ok("64") => 64,
-        _ if crate::ops::matmul::preferred_kind(gpu) == crate::gpu::MatmulKind::Texture => 1,
-        _ => WG,
-    };
-    gpu.row_lanes.store(v, Ordering::Relaxed);
-    v
+/// Invocations per row: the profile's `row_lanes` (1 in the CPU kernel set,
+/// where lanes are SIMD and barriers are expensive; a workgroup of 64 per row in
+/// the GPU set).
+pub fn row_lanes(g: &Graph) -> usize {
+    g.profile.row_lanes
 }
 
 /// Whether the LayerNorm kernels take their vec4 form: a row per invocation
 /// (LANES = 1: CPU drivers) and a width that is a multiple of 4. That form reads
 /// its inputs from linear textures (`Graph::linear_texture`).
 fn vec4_rows(g: &Graph, c: usize) -> bool {
-    row_lanes(&g.gpu) == 1 && c % 4 == 0
+    row_lanes(g) == 1 && c % 4 == 0
 }
 
 /// The pipeline of a row kernel and its grid for `rows` rows.
 fn row_kernel(g: &Graph, entry: &str, rows: usize, residual: bool) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
-    let mut consts = vec![("WG", row_wg(g) as f64), ("LANES", row_lanes(&g.gpu) as f64)];
+    let mut consts = vec![("WG", row_wg(g) as f64), ("LANES", row_lanes(g) as f64)];
     if residual {
         consts.push(("RESIDUAL", 1.0));
     }
@@ -94,7 +82,7 @@ fn row_kernel(g: &Graph, entry: &str, rows: usize, residual: bool) -> Result<(Ar
 
 /// The grid of a row kernel over `rows` rows (WG / LANES rows per workgroup).
 fn row_grid(g: &Graph, rows: usize) -> [u32; 3] {
-    grid1d(&g.gpu, rows.div_ceil(row_wg(g) / row_lanes(&g.gpu)) as u64)
+    grid1d(&g.gpu, rows.div_ceil(row_wg(g) / row_lanes(g)) as u64)
 }
 
 /// Workgroup size of the row kernels: 64 lanes per row, or with a row per
@@ -102,7 +90,7 @@ fn row_grid(g: &Graph, rows: usize) -> [u32; 3] {
 /// over a CPU driver's threads in more than four pieces (1.12x on lavapipe's
 /// LayerNorms against 64; docs/perf.md).
 fn row_wg(g: &Graph) -> usize {
-    if row_lanes(&g.gpu) == 1 {
+    if row_lanes(g) == 1 {
         16
     } else {
         WG

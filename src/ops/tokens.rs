@@ -42,7 +42,7 @@ pub fn add(g: &mut Graph, label: &str, a: TensorId, b: TensorId) -> Result<Tenso
 /// one buffer both read-only and writable.
 pub fn add_into(g: &mut Graph, label: &str, a: TensorId, b: TensorId, y: TensorId) -> Result<TensorId> {
     let n = g.len(a);
-    let textures = n % 4 == 0 && crate::ops::matmul::packs(&g.gpu);
+    let textures = n % 4 == 0 && crate::ops::matmul::packs(g);
     anyhow::ensure!(textures || (y != a && y != b), "{label}: an in-place add needs the texture path");
     if textures {
         // In chunks, so the textures stay small beside the activations.

@@ -17,15 +17,15 @@ use std::path::PathBuf;
 use crate::gpu::{Gpu, SHADERS};
 use crate::texread::{prelude, TexRead};
 
-/// Whether trials are disabled (`--no-tune` / `CVT_GPU_NO_TUNE`).
-pub fn disabled() -> bool {
-    std::env::var("CVT_GPU_NO_TUNE").is_ok_and(|v| !v.is_empty() && v != "0")
+/// Whether trials and the cache are disabled (`--no-tune` / `CVT_GPU_NO_TUNE`).
+fn disabled() -> bool {
+    super::settings::get().no_tune
 }
 
 /// The cache file, if a cache directory can be named.
 pub fn cache_file() -> Option<PathBuf> {
-    let dir = std::env::var_os("CVT_GPU_CACHE_DIR")
-        .map(PathBuf::from)
+    let dir = super::settings::get()
+        .cache_dir
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("cvt-gpu")))
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/cvt-gpu")))?;
     Some(dir.join("tuning.json"))
