@@ -16,16 +16,19 @@ fn tiny_cvt_gradients_match_torch() {
     gradient_parity(gpu_texture_variants(), false);
 }
 
-/// The same with the GPU-style kernels (buffer operands, workgroup row reductions).
+/// The same with the GPU kernel set (tiled GEMMs with split-K, two-stage column
+/// sums and BatchNorm statistics, workgroup row reductions).
 #[test]
 fn tiny_cvt_gradients_match_torch_buffer_variants() {
     gradient_parity(gpu_buffer_variants(), false);
 }
 
-/// BatchNorm in eval mode (running statistics, frozen) while training the rest.
+/// BatchNorm in eval mode (running statistics, frozen) while training the rest,
+/// in both kernel sets.
 #[test]
 fn tiny_cvt_gradients_match_torch_bn_eval() {
     gradient_parity(gpu_texture_variants(), true);
+    gradient_parity(gpu_buffer_variants(), true);
 }
 
 fn gradient_parity(gpu: std::sync::Arc<cvt_gpu::gpu::Gpu>, bn_eval: bool) {

@@ -19,7 +19,10 @@ alias T = vec4<f32>;
 override WG: u32 = 64u;
 
 // b_off: first image of this dispatch (the texture variant splits the batch).
-struct Params { B: u32, H: u32, W: u32, C: u32, cls: u32, Hk: u32, Wk: u32, total: u32, b_off: u32, _p0: u32, _p1: u32, _p2: u32 }
+// b_off: first image of this dispatch; accumulate: dw_sum_partials adds into dw
+// (every dispatch after the first); parts: partial sums per channel group
+// (bn_part, bn_finish).
+struct Params { B: u32, H: u32, W: u32, C: u32, cls: u32, Hk: u32, Wk: u32, total: u32, b_off: u32, accumulate: u32, parts: u32, _pad: u32 }
 
 @group(0) @binding(0) var<storage, read> x: array<vec4<act>>;
 @group(0) @binding(1) var<storage, read> w: array<T>;
@@ -199,16 +202,13 @@ fn map_row(bi: u32, pix: u32) -> u32 {
     return (bi * (p.cls + p.H * p.W) + p.cls + pix) * p.C;
 }
 
-// The reductions below run one workgroup per channel (or per weight), its WG
-// invocations striding over the spatial rows and combining through workgroup
-// memory: a channel's rows number B*H*W (50k for a batch of 64 at 28x28), far too
-// many for one invocation.
+// A workgroup's sum of one value per invocation, by a tree in workgroup memory
+// (bn_finish, dwconv_backward_w). WG = 1 (CPU drivers' one-lane workgroups): the
+// invocation already holds the whole sum, and no barrier is compiled.
 var<workgroup> red: array<T, WG>;
 
 fn reduce_sum(val: T, lid: u32) -> T {
-    // WG = 1 or CPL (CPU drivers): the invocation already holds the whole sum,
-    // and no barrier is compiled.
-    if (WG == 1u || CPL) {
+    if (WG == 1u) {
         return val;
     }
     red[lid] = val;
@@ -224,28 +224,20 @@ fn reduce_sum(val: T, lid: u32) -> T {
     return r;
 }
 
-// The BatchNorm kernels' shape. On GPUs (CPL false) a workgroup per channel
-// group, its WG invocations striding over the rows and reducing through
-// workgroup memory. On CPU drivers (CPL, "channels per lane") invocation lid of
+// The CPU set's BatchNorm kernels ("channels per lane"): invocation lid of
 // workgroup wid takes channel group wid * WG + lid and walks every row itself: a
-// workgroup's invocations are SIMD lanes there, and the former shape (WG = 1, a
+// workgroup's invocations are SIMD lanes on a CPU driver, and the former shape (a
 // one-lane workgroup per channel group) used one lane of eight. The row loop is
-// the same in every lane, so each step loads adjacent channel groups.
-override CPL: bool = false;
-
-// (channel group, first row, row step) of this invocation in the BN kernels.
-fn bn_lane(wid: vec3<u32>, lid: u32) -> vec3<u32> {
-    if (CPL) {
-        return vec3<u32>(wid.x * WG + lid, 0u, 1u);
-    }
-    return vec3<u32>(wid.x, lid, WG);
+// the same in every lane, so each step loads adjacent channel groups. No barrier.
+// The GPU set's are bn_part, bn_finish and the element-wise passes below.
+fn bn_channel(wid: vec3<u32>, lid: u32) -> u32 {
+    return wid.x * WG + lid;
 }
 
-// Where the CPL loops are in the map, kept by counting instead of dividing: an
-// integer division is scalarised lane by lane on a CPU driver, and two of them
-// per row (i / hw, i % hw) cost more than the load. .x: map row of spatial row i
-// (its image's cls rows skipped), .y: i's pixel within its image. The GPU shape
-// strides by WG and divides (flat_row), which GPUs do well.
+// Where the CPU set's loops are in the map, kept by counting instead of
+// dividing: an integer division is scalarised lane by lane on a CPU driver, and
+// two of them per row (i / hw, i % hw) cost more than the load. .x: map row of
+// spatial row i (its image's cls rows skipped), .y: i's pixel within its image.
 fn walk_start() -> vec2<u32> {
     return vec2<u32>(p.cls, 0u);
 }
@@ -257,50 +249,65 @@ fn walk_next(w: vec2<u32>, hw: u32) -> vec2<u32> {
     return w + vec2<u32>(1u);
 }
 
-// Element offset of spatial row i (channel group 0).
-fn spatial_row(i: u32, hw: u32, w: vec2<u32>) -> u32 {
-    if (CPL) {
-        return w.x * p.C;
-    }
-    return flat_row(i, hw);
+// Element offset of the spatial row at walk position w (channel group 0).
+fn spatial_row(w: vec2<u32>) -> u32 {
+    return w.x * p.C;
 }
 
-// Whether map row i is a cls row (passed through by the BN kernels); t counts
-// tokens within the image in the CPL loops.
-fn is_cls_row(i: u32, hw: u32, t: u32) -> bool {
-    if (CPL) {
-        return p.cls == 1u && t == 0u;
-    }
-    return p.cls == 1u && i % (1u + hw) == 0u;
+// Whether the token counted by t (within its image) is a cls row (passed
+// through by the BN kernels).
+fn is_cls_row(t: u32) -> bool {
+    return p.cls == 1u && t == 0u;
 }
 
 fn next_token(t: u32, hw: u32) -> u32 {
     return select(t + 1u, 0u, t + 1u == p.cls + hw);
 }
 
-// The CPL kernels read the map (pre) and its gradient (dpost) as linear textures
-// (Graph::linear_texture): a texel fetch is a gather on a CPU driver, a storage
-// load a loop over the lanes. Bound to a placeholder on GPUs.
+// The CPU set's BN kernels read the map (pre) and its gradient (dpost) as
+// linear textures (Graph::linear_texture): a texel fetch is a gather on a CPU
+// driver, a storage load a loop over the lanes.
 @group(0) @binding(23) var pre_t: Tex;
 @group(0) @binding(24) var dpost_t: Tex;
 
 fn pre_at(r: u32) -> T {
-    if (CPL) {
-        return lin(pre_t, r);
-    }
-    return pre[r];
+    return lin(pre_t, r);
 }
 
 fn dpost_at(r: u32) -> T {
-    if (CPL) {
-        return lin(dpost_t, r);
-    }
-    return dpost[r];
+    return lin(dpost_t, r);
 }
 
 // Spatial row i of image (i / hw) in a map of cls + hw tokens per image.
 fn flat_row(i: u32, hw: u32) -> u32 {
     return map_row(i / hw, i % hw);
+}
+
+// The end of the variance pass, shared by both sets: rstd from the sum of
+// squared deviations s2 over n rows, and the running statistics' update
+// (unbiased variance, momentum 0.1, as PyTorch).
+fn bn_var_finish(c: u32, mean: T, s2: T, n: f32) {
+    let var_b = s2 / n;
+    stats[p.C + c] = inverseSqrt(var_b + BN_EPS);
+    let unbiased = select(var_b, s2 / (n - 1.0), n > 1.0);
+    running[c] = (1.0 - BN_MOMENTUM) * running[c] + BN_MOMENTUM * mean;
+    running[p.C + c] = (1.0 - BN_MOMENTUM) * running[p.C + c] + BN_MOMENTUM * unbiased;
+}
+
+// The BN backward as dpre = a·dy + e·pre + f per channel group c over n rows:
+// γ·rstd·(dy − dβ/n − x̂·dγ/n) with x̂ = (pre − μ)·rstd (eval mode: γ·rstd·dy).
+fn bn_backward_coefficients(c: u32, n: f32) -> array<T, 3> {
+    let mean = stats[c];
+    let rstd = stats[p.C + c];
+    let a = w[c] * rstd;
+    var e = T();
+    var f = T();
+    if (!BN_EVAL) {
+        let b = a * dgamma[c] / n;
+        e = -b * rstd;
+        f = b * rstd * mean - a * dbeta[c] / n;
+    }
+    return array<T, 3>(a, e, f);
 }
 
 // Train-mode BN runs as three kernels, each with a single pass over the rows:
@@ -310,7 +317,7 @@ fn flat_row(i: u32, hw: u32) -> u32 {
 // training run grew ~4 MB per step and slowed by a third over four epochs);
 // single-pass kernels do not (docs/perf.md). All three statically use the same
 // bindings: gamma at w's slot (1), beta at bias's slot (2), p, stats, running,
-// pre, post. One workgroup per channel group in the reductions.
+// pre, post. The CPU set's kernels (see bn_channel).
 fn bn_bindings() {
     _ = arrayLength(&w);
     _ = arrayLength(&bias);
@@ -324,72 +331,54 @@ fn bn_bindings() {
 @compute @workgroup_size(WG)
 fn bn_mean(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     bn_bindings();
-    let ln = bn_lane(wid, lid);
-    let c = ln.x;
+    let c = bn_channel(wid, lid);
     if (c >= p.C) {
         return;
     }
     let hw = p.H * p.W;
     let total = p.B * hw;
     if (BN_EVAL) {
-        if (CPL || lid == 0u) {
-            stats[c] = running[c];
-        }
+        stats[c] = running[c];
         return;
     }
     var s = T(0.0);
     var w = walk_start();
-    for (var i = ln.y; i < total; i += ln.z) {
-        s += pre_at(spatial_row(i, hw, w) + c);
+    for (var i = 0u; i < total; i++) {
+        s += pre_at(spatial_row(w) + c);
         w = walk_next(w, hw);
     }
-    let mean = reduce_sum(s, lid) / f32(total);
-    if (CPL || lid == 0u) {
-        stats[c] = mean;
-    }
+    stats[c] = s / f32(total);
 }
 
 @compute @workgroup_size(WG)
 fn bn_var(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     bn_bindings();
-    let ln = bn_lane(wid, lid);
-    let c = ln.x;
+    let c = bn_channel(wid, lid);
     if (c >= p.C) {
         return;
     }
     let hw = p.H * p.W;
     let total = p.B * hw;
-    let n = f32(total);
     if (BN_EVAL) {
         // The statistics are the running ones, left unchanged.
-        if (CPL || lid == 0u) {
-            stats[p.C + c] = inverseSqrt(running[p.C + c] + BN_EPS);
-        }
+        stats[p.C + c] = inverseSqrt(running[p.C + c] + BN_EPS);
         return;
     }
     let mean = stats[c];
     var s2 = T(0.0);
     var w = walk_start();
-    for (var i = ln.y; i < total; i += ln.z) {
-        let d = pre_at(spatial_row(i, hw, w) + c) - mean;
+    for (var i = 0u; i < total; i++) {
+        let d = pre_at(spatial_row(w) + c) - mean;
         s2 += d * d;
         w = walk_next(w, hw);
     }
-    let ss = reduce_sum(s2, lid);
-    if (CPL || lid == 0u) {
-        let var_b = ss / n;
-        stats[p.C + c] = inverseSqrt(var_b + BN_EPS);
-        let unbiased = select(var_b, ss / (n - 1.0), n > 1.0);
-        running[c] = (1.0 - BN_MOMENTUM) * running[c] + BN_MOMENTUM * mean;
-        running[p.C + c] = (1.0 - BN_MOMENTUM) * running[p.C + c] + BN_MOMENTUM * unbiased;
-    }
+    bn_var_finish(c, mean, s2, f32(total));
 }
 
 @compute @workgroup_size(WG)
 fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     bn_bindings();
-    let ln = bn_lane(wid, lid);
-    let c = ln.x;
+    let c = bn_channel(wid, lid);
     if (c >= p.C) {
         return;
     }
@@ -400,10 +389,10 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     // for them made lavapipe 22.3 leak ~140 KB per dispatch (docs/perf.md).
     let rows = p.B * (p.cls + hw);
     var t = 0u;
-    for (var i = ln.y; i < rows; i += ln.z) {
+    for (var i = 0u; i < rows; i++) {
         let r = i * p.C + c;
         let v = pre_at(r);
-        post[r] = select(v * scale + shift, v, is_cls_row(i, hw, t));
+        post[r] = select(v * scale + shift, v, is_cls_row(t));
         t = next_token(t, hw);
     }
 }
@@ -427,8 +416,7 @@ fn bn_backward_bindings() {
 @compute @workgroup_size(WG)
 fn bn_backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     bn_backward_bindings();
-    let ln = bn_lane(wid, lid);
-    let c = ln.x;
+    let c = bn_channel(wid, lid);
     if (c >= p.C) {
         return;
     }
@@ -439,51 +427,167 @@ fn bn_backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     var a = T(0.0);
     var bsum = T(0.0);
     var w = walk_start();
-    for (var i = ln.y; i < total; i += ln.z) {
-        let r = spatial_row(i, hw, w) + c;
+    for (var i = 0u; i < total; i++) {
+        let r = spatial_row(w) + c;
         let dy = dpost_at(r);
         a += dy;
         bsum += dy * (pre_at(r) - mean) * rstd;
         w = walk_next(w, hw);
     }
-    let sdy = reduce_sum(a, lid);
-    let sdyx = reduce_sum(bsum, lid);
-    if (CPL || lid == 0u) {
-        dgamma[c] = sdyx;
-        dbeta[c] = sdy;
-    }
+    dgamma[c] = bsum;
+    dbeta[c] = a;
 }
 
 @compute @workgroup_size(WG)
 fn bn_backward_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     bn_backward_bindings();
-    let ln = bn_lane(wid, lid);
-    let c = ln.x;
+    let c = bn_channel(wid, lid);
     if (c >= p.C) {
         return;
     }
     let hw = p.H * p.W;
-    let n = f32(p.B * hw);
-    let mean = stats[c];
-    let rstd = stats[p.C + c];
-    // γ·rstd·(dy − dβ/n − x̂·dγ/n) with x̂ = (pre − μ)·rstd, folded to a·dy + e·pre + f.
-    let a = w[c] * rstd;
-    var e = T();
-    var f = T();
-    if (!BN_EVAL) {
-        let b = a * dgamma[c] / n;
-        e = -b * rstd;
-        f = b * rstd * mean - a * dbeta[c] / n;
-    }
+    let k = bn_backward_coefficients(c, f32(p.B * hw));
     // One loop, cls rows (passed through) included: see bn_apply.
     let rows = p.B * (p.cls + hw);
     var t = 0u;
-    for (var i = ln.y; i < rows; i += ln.z) {
+    for (var i = 0u; i < rows; i++) {
         let r = i * p.C + c;
         let dy = dpost_at(r);
-        dpre[r] = select(a * dy + e * pre_at(r) + f, dy, is_cls_row(i, hw, t));
+        dpre[r] = select(k[0] * dy + k[1] * pre_at(r) + k[2], dy, is_cls_row(t));
         t = next_token(t, hw);
     }
+}
+
+// The GPU set's BatchNorm. Statistics and backward sums in two stages over the
+// rows, so a map fills a large GPU whatever its channel count (stage 0 has 16
+// channel groups, whose rows one workgroup each had walked):
+// - bn_part: invocation (j, c) of p.parts x C partials adds spatial rows j,
+//   j + parts, ... of channel group c (consecutive invocations: consecutive
+//   channel groups of a row);
+// - bn_finish: a workgroup per channel group adds its partials by a tree in
+//   workgroup memory, in a fixed order;
+// STAT picks the sums: 0 Σx (the mean), 1 Σ(x − μ)² (the variance and the
+// running update), 2 Σdy and Σdy·x̂ (dβ, dγ). Eval-mode statistics skip
+// bn_part. The apply passes (bn_apply_el, bn_backward_apply_el) run one
+// invocation per vec4 of the map.
+override STAT: u32 = 0u;
+@group(0) @binding(26) var<storage, read_write> sums: array<T>;
+
+@compute @workgroup_size(WG)
+fn bn_part(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= p.parts * p.C) {
+        return;
+    }
+    let c = i % p.C;
+    let hw = p.H * p.W;
+    let total = p.B * hw;
+    var mean = T();
+    var rstd = T();
+    if (STAT != 0u) {
+        mean = stats[c];
+    }
+    if (STAT == 2u) {
+        rstd = stats[p.C + c];
+    }
+    var s = T();
+    var s2 = T();
+    for (var r = i / p.C; r < total; r += p.parts) {
+        let e = flat_row(r, hw) + c;
+        if (STAT == 0u) {
+            s += pre[e];
+        } else if (STAT == 1u) {
+            let d = pre[e] - mean;
+            s += d * d;
+        } else {
+            let dy = dpost[e];
+            s += dy;
+            s2 += dy * (pre[e] - mean) * rstd;
+        }
+    }
+    sums[i] = s;
+    if (STAT == 2u) {
+        sums[p.parts * p.C + i] = s2;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn bn_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    // A workgroup per channel group: c is uniform, and so is this return.
+    let c = wid.x;
+    if (c >= p.C) {
+        return;
+    }
+    let n = f32(p.B * p.H * p.W);
+    if (BN_EVAL && STAT != 2u) {
+        if (lid == 0u) {
+            if (STAT == 0u) {
+                stats[c] = running[c];
+            } else {
+                stats[p.C + c] = inverseSqrt(running[p.C + c] + BN_EPS);
+            }
+        }
+        return;
+    }
+    var s = T();
+    var s2 = T();
+    for (var j = lid; j < p.parts; j += WG) {
+        s += sums[j * p.C + c];
+        if (STAT == 2u) {
+            s2 += sums[(p.parts + j) * p.C + c];
+        }
+    }
+    let total = reduce_sum(s, lid);
+    var total2 = T();
+    if (STAT == 2u) {
+        total2 = reduce_sum(s2, lid);
+    }
+    if (lid == 0u) {
+        if (STAT == 0u) {
+            stats[c] = total / n;
+        } else if (STAT == 1u) {
+            bn_var_finish(c, stats[c], total, n);
+        } else {
+            dgamma[c] = total2;
+            dbeta[c] = total;
+        }
+    }
+}
+
+// Element i (a vec4) of a map of B·(cls + hw) rows: its channel group and
+// whether its row is a cls row (passed through).
+fn el_channel(i: u32) -> u32 {
+    return i % p.C;
+}
+
+fn el_is_cls(i: u32, hw: u32) -> bool {
+    return p.cls == 1u && (i / p.C) % (1u + hw) == 0u;
+}
+
+@compute @workgroup_size(WG)
+fn bn_apply_el(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    let hw = p.H * p.W;
+    if (i >= p.B * (p.cls + hw) * p.C) {
+        return;
+    }
+    let c = el_channel(i);
+    let scale = stats[p.C + c] * w[c];
+    let shift = bias[c] - stats[c] * scale;
+    let v = pre[i];
+    post[i] = select(v * scale + shift, v, el_is_cls(i, hw));
+}
+
+@compute @workgroup_size(WG)
+fn bn_backward_apply_el(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    let hw = p.H * p.W;
+    if (i >= p.B * (p.cls + hw) * p.C) {
+        return;
+    }
+    let k = bn_backward_coefficients(el_channel(i), f32(p.B * hw));
+    let dy = dpost[i];
+    dpre[i] = select(k[0] * dy + k[1] * pre[i] + k[2], dy, el_is_cls(i, hw));
 }
 
 // Weight gradient of the three depthwise convs: one workgroup per (map m, channel
@@ -677,7 +781,7 @@ fn dwconv_backward_x_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wor
 // `part` (binding 22): no barrier, and every SIMD lane of a CPU driver busy (one
 // invocation per workgroup, as the barrier-free reduction was before, left seven
 // of eight lanes idle). dw_sum_partials then adds the WG partials into dw; a
-// dispatch after the first (_p0 = 1) adds to dw instead of overwriting it.
+// dispatch after the first (p.accumulate = 1) adds to dw instead of overwriting it.
 @group(0) @binding(22) var<storage, read_write> part: array<T>;   // [3, C, 9, WG]
 // dw_sum_partials reads the partials as a linear texture (a copy of `part`): its
 // WG loads per entry from the storage buffer each ran as a loop over the SIMD
@@ -699,7 +803,7 @@ fn dw_sum_partials(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var j = 0u; j < WG; j++) {
         s += lin(part_t, base + j);
     }
-    dw[i] = select(s, dw[i] + s, p._p0 == 1u);
+    dw[i] = select(s, dw[i] + s, p.accumulate == 1u);
 }
 
 @compute @workgroup_size(WG)

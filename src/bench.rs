@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// Measure only the GEMM ceiling (best matmul rate at 1024x1024x1024).
     #[arg(long)]
     pub gemm: bool,
+    /// With --gemm: the product's shape instead of 1024³, as M,N,K (e.g. CvT-13's
+    /// stage-2 MLP at 224, batch 64: 12608,1536,384).
+    #[arg(long, value_name = "M,N,K", requires = "gemm")]
+    pub shape: Option<String>,
     /// infer: a forward; train: forward + backward + AdamW update.
     #[arg(long, value_enum, default_value = "infer")]
     pub mode: Mode,
@@ -132,6 +136,12 @@ pub struct GemmResult {
     pub k: usize,
     pub median_ms: f64,
     pub gflops_per_s: f64,
+    /// The kernel set that ran it.
+    pub kernels: &'static str,
+    /// Median GPU time of the product by timestamp queries, where the adapter has
+    /// them (no submission or readback), and the rate it gives.
+    pub gpu_ms: Option<f64>,
+    pub gpu_gflops_per_s: Option<f64>,
 }
 
 #[derive(serde::Serialize, Debug)]
@@ -252,7 +262,19 @@ pub fn gemm(gpu: &Arc<Gpu>, m: usize, n: usize, k: usize, iters: usize) -> Resul
         plan.run()?;
         gpu.sync()
     })?;
-    Ok(GemmResult { m, n, k, median_ms: median, gflops_per_s: 2.0 * (m * n * k) as f64 / median / 1e6 })
+    let flop = 2.0 * (m * n * k) as f64;
+    let mut gpu_ms = None;
+    if gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+        let mut t = vec![];
+        for _ in 0..iters.max(3) {
+            let (steps, _) = plan.profile()?;
+            t.push(steps.iter().map(|s| s.ms).sum::<f64>());
+        }
+        t.sort_by(f64::total_cmp);
+        gpu_ms = Some(t[t.len() / 2]);
+    }
+    let kernels = gpu.profile().kernels.name();
+    Ok(GemmResult { m, n, k, median_ms: median, gflops_per_s: flop / median / 1e6, kernels, gpu_ms, gpu_gflops_per_s: gpu_ms.map(|ms| flop / ms / 1e6) })
 }
 
 /// The plan `gemm` times: [m, k] random input times a random [k, n] weight, loaded.
@@ -276,11 +298,20 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     anyhow::ensure!(a.iters >= 1, "--iters {}: must be at least 1", a.iters);
     anyhow::ensure!((1..=1 << 16).contains(&a.batch), "--batch {}: must be in 1..=65536", a.batch);
     if a.gemm {
-        let ceiling = gemm(&gpu, 1024, 1024, 1024, 3)?;
+        let (m, n, k) = match &a.shape {
+            None => (1024, 1024, 1024),
+            Some(s) => {
+                let v: Vec<usize> = s.split(',').map(|x| x.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|_| anyhow::anyhow!("--shape {s}: expected M,N,K (three positive integers)"))?;
+                anyhow::ensure!(v.len() == 3 && v.iter().all(|&x| (1..=1 << 20).contains(&x)), "--shape {s}: expected M,N,K, each in 1..=1048576");
+                (v[0], v[1], v[2])
+            }
+        };
+        let r = gemm(&gpu, m, n, k, a.iters.max(3))?;
         if a.json {
-            println!("{}", serde_json::to_string_pretty(&ceiling)?);
+            println!("{}", serde_json::to_string_pretty(&r)?);
         } else {
-            println!("{}: matmul 1024x1024x1024 {:.1} ms, {:.1} GFLOP/s", gpu.describe(), ceiling.median_ms, ceiling.gflops_per_s);
+            let gpu_time = r.gpu_ms.map_or(String::new(), |ms| format!("; GPU time {ms:.3} ms, {:.1} GFLOP/s", r.gpu_gflops_per_s.unwrap_or(0.0)));
+            println!("{}: matmul {m}x{n}x{k} ({} kernels) {:.1} ms wall clock, {:.1} GFLOP/s{gpu_time}", gpu.describe(), r.kernels, r.median_ms, r.gflops_per_s);
         }
         return Ok(());
     }

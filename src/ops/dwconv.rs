@@ -110,7 +110,7 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
             // The shader works in units of four channels (vec4).
             let total = nb * tq * c / 4;
             let u = || Res::Unused;
-            let mut b = vec![u(), u(), u(), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(params_of([nb, h, w, c / 4, cls, hk, wk, total, b0]))];
+            let mut b = vec![u(), u(), u(), Res::Act(q), Res::Act(k), Res::Act(v), Res::uniform(&params_of([nb, h, w, c / 4, cls, hk, wk, total, b0]))];
             b.extend((7..17).map(|_| u()));
             b.extend([Res::ActTex(xt), w_tex.clone(), bias_t.clone()]);
             g.dispatch(label, pipeline.clone(), b, grid1d(&g.gpu, total.div_ceil(WG) as u64), flops * nb as f64 / batch as f64);
@@ -121,15 +121,46 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
     let pipeline = g.pipeline("dwconv", "main", &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, total.div_ceil(WG) as u64);
     let prm = params_of([batch, h, w, c / 4, cls, hk, wk, total, 0]);
-    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(p.w.clone()), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::Uniform(prm)], groups, flops);
+    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(p.w.clone()), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::uniform(&prm)], groups, flops);
     Ok((q, k, v))
 }
 
-/// The shader's Params: B, H, W, C/4, cls, Hk, Wk, total, b_off (padded to 12 words).
-fn params_of(v: [usize; 9]) -> Vec<u32> {
-    let mut p: Vec<u32> = v.iter().map(|&x| x as u32).collect();
-    p.resize(12, 0);
-    p
+/// `dwconv.wgsl`'s `Params`, field by field; channels in units of four (vec4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DwParams {
+    pub batch: u32,
+    pub h: u32,
+    pub w: u32,
+    pub c4: u32,
+    pub cls: u32,
+    pub hk: u32,
+    pub wk: u32,
+    /// Elements (vec4) of the dispatch's output, where the kernel has one per invocation.
+    pub total: u32,
+    /// First image of this dispatch.
+    pub b_off: u32,
+    /// `dw_sum_partials` adds into dw (every dispatch after the first).
+    pub accumulate: u32,
+    /// Partial sums per channel group (`bn_part`, `bn_finish`).
+    pub parts: u32,
+    pub _pad: u32,
+}
+
+/// Params from [batch, h, w, c/4, cls, hk, wk, total, b_off].
+fn params_of(v: [usize; 9]) -> DwParams {
+    let [batch, h, w, c4, cls, hk, wk, total, b_off] = v.map(|x| x as u32);
+    DwParams { batch, h, w, c4, cls, hk, wk, total, b_off, ..Default::default() }
+}
+
+/// A binding list from (binding, resource) pairs, unused bindings between.
+fn bindings(pairs: Vec<(usize, Res)>) -> Vec<Res> {
+    let n = pairs.iter().map(|(i, _)| i + 1).max().unwrap_or(0);
+    let mut b: Vec<Res> = (0..n).map(|_| Res::Unused).collect();
+    for (i, r) in pairs {
+        b[i] = r;
+    }
+    b
 }
 
 // ---------------------------------------------------------------------------
@@ -216,34 +247,82 @@ fn cpu_reductions(g: &Graph) -> bool {
     crate::ops::rownorm::row_lanes(g) == 1
 }
 
-/// Lanes per workgroup of the BatchNorm kernels on CPU drivers, each its own
-/// channel group (the shader's `CPL`).
+/// Lanes per workgroup of the CPU set's BatchNorm kernels, each its own channel
+/// group (3.6-5x faster per kernel on lavapipe than a one-lane workgroup per
+/// channel group, docs/perf.md).
 const BN_CPL_WG: usize = 16;
 
-/// A BatchNorm kernel's texture binding of map `t`: its linear texture on CPU
-/// drivers (`CPL`), a placeholder on GPUs.
-fn bn_texture(g: &mut Graph, t: TensorId, binding: u32) -> Res {
-    if cpu_reductions(g) {
-        Res::ActTex(g.linear_texture(t, binding))
-    } else {
-        Res::Tex(g.gpu.placeholder_texture(g.half))
-    }
-}
-
-/// The BatchNorm kernels' override constants and grid for `c4` channel groups:
-/// on CPU drivers 16 channel groups per workgroup, one per lane, each lane over
-/// every row (`CPL`; 3.6-5x faster per kernel on lavapipe than a one-lane
-/// workgroup per channel group, docs/perf.md); on GPUs a workgroup per channel
-/// group reducing over its rows.
-fn bn_shape(g: &Graph, bn_eval: bool, c4: usize) -> ([(&'static str, f64); 3], [u32; 3]) {
-    let cpl = cpu_reductions(g);
-    let (wg, groups) = if cpl { (BN_CPL_WG, c4.div_ceil(BN_CPL_WG)) } else { (WG, c4) };
-    ([("WG", wg as f64), ("BN_EVAL", bn_eval as u8 as f64), ("CPL", cpl as u8 as f64)], [groups as u32, 1, 1])
+/// The CPU set's BatchNorm kernels' override constants and grid for `c4`
+/// channel groups: BN_CPL_WG channel groups per workgroup, one per lane, each
+/// lane over every row.
+fn bn_shape(bn_eval: bool, c4: usize) -> ([(&'static str, f64); 2], [u32; 3]) {
+    ([("WG", BN_CPL_WG as f64), ("BN_EVAL", bn_eval as u8 as f64)], [c4.div_ceil(BN_CPL_WG) as u32, 1, 1])
 }
 
 /// Params of one map; C in units of four channels, as the shader counts them.
-fn map_params(batch: usize, h: usize, w: usize, c: usize, cls: usize) -> Vec<u32> {
+fn map_params(batch: usize, h: usize, w: usize, c: usize, cls: usize) -> DwParams {
     params_of([batch, h, w, c / 4, cls, 0, 0, 0, 0])
+}
+
+/// The GPU set's partial sums per channel group: enough for the profile's
+/// workgroup target, at least 4 rows each.
+fn bn_parts(g: &Graph, rows: usize, c4: usize) -> usize {
+    (g.profile.gemm.min_workgroups * WG).div_ceil(c4.max(1)).clamp(1, rows.div_ceil(4).max(1))
+}
+
+/// Where a BatchNorm pass reads and writes (the shader's bindings by name).
+struct BnIo {
+    gamma: Res,
+    beta: Res,
+    stats: Res,
+    running: Res,
+    pre: TensorId,
+    post: Res,
+    dpost: Res,
+    dpre: Res,
+    dgamma: Res,
+    dbeta: Res,
+}
+
+/// The GPU set's BatchNorm passes over one map: the statistics (`stat` 0 and 1:
+/// mean, variance and running update; 2: the backward's dβ, dγ) by `bn_part`
+/// (skipped for eval-mode statistics) and `bn_finish`, then `apply`
+/// (`bn_apply_el` or `bn_backward_apply_el`) over every vec4 of the map.
+#[allow(clippy::too_many_arguments)]
+fn bn_gpu(g: &mut Graph, label: &str, io: &BnIo, prm: DwParams, rows: usize, bn_eval: bool, stats: &[u32], apply: &str) -> Result<()> {
+    let c4 = prm.c4 as usize;
+    let parts = bn_parts(g, (prm.batch * prm.h * prm.w) as usize, c4);
+    let prm = DwParams { parts: parts as u32, ..prm };
+    let sums = g.tensor(format!("{label}.sums"), 2 * parts * c4 * 4);
+    let pre = Res::Act(io.pre);
+    for &stat in stats {
+        let consts = [("WG", WG as f64), ("BN_EVAL", bn_eval as u8 as f64), ("STAT", stat as f64)];
+        let name = ["mean", "var", "sums"][stat as usize];
+        if !(bn_eval && stat != 2) {
+            let pipeline = g.pipeline("dwconv", "bn_part", &consts)?;
+            let b = bindings(vec![(6, Res::uniform(&prm)), (7, io.stats.clone()), (9, pre.clone()), (11, io.dpost.clone()), (26, Res::Act(sums))]);
+            g.dispatch(format!("{label}.{name}.part"), pipeline, b, grid1d(&g.gpu, (parts * c4).div_ceil(WG) as u64), 0.0);
+        }
+        let pipeline = g.pipeline("dwconv", "bn_finish", &consts)?;
+        let b = bindings(vec![
+            (6, Res::uniform(&prm)),
+            (7, io.stats.clone()),
+            (8, io.running.clone()),
+            (13, io.dgamma.clone()),
+            (16, io.dbeta.clone()),
+            (26, Res::Act(sums)),
+        ]);
+        g.dispatch(format!("{label}.{name}"), pipeline, b, grid1d(&g.gpu, c4 as u64), 0.0);
+    }
+    let pipeline = g.pipeline("dwconv", apply, &[("WG", WG as f64), ("BN_EVAL", bn_eval as u8 as f64)])?;
+    let u = Res::uniform(&prm);
+    let b = if apply == "bn_apply_el" {
+        bindings(vec![(1, io.gamma.clone()), (2, io.beta.clone()), (6, u), (7, io.stats.clone()), (9, pre), (10, io.post.clone())])
+    } else {
+        bindings(vec![(1, io.gamma.clone()), (6, u), (7, io.stats.clone()), (9, pre), (11, io.dpost.clone()), (12, io.dpre.clone()), (13, io.dgamma.clone()), (16, io.dbeta.clone())])
+    };
+    g.dispatch(label, pipeline, b, grid1d(&g.gpu, (rows * c4).div_ceil(WG) as u64), 0.0);
+    Ok(())
 }
 
 /// Train-mode forward: x [batch, cls + h*w, C] → (q, k, v) with batch-statistics
@@ -253,15 +332,35 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
     let raw = ConvProj { w: p.w.clone(), b: p.zero_bias.clone(), c: p.c, kind: g.profile.matmul(), tex: None };
     let (pq, pk, pv) = conv_proj(g, &format!("{label}.raw"), x, batch, h, w, cls, &raw)?;
     let (hk, wk) = kv_hw(h, w);
-    let (consts, bn_groups) = bn_shape(g, p.bn_eval, p.c / 4);
-    let passes = [("mean", g.pipeline("dwconv", "bn_mean", &consts)?), ("var", g.pipeline("dwconv", "bn_var", &consts)?), ("", g.pipeline("dwconv", "bn_apply", &consts)?)];
     let mut post = vec![];
     let mut stats = vec![];
+    let gpu_set = !cpu_reductions(g);
+    let (consts, bn_groups) = bn_shape(p.bn_eval, p.c / 4);
+    let passes = if gpu_set { vec![] } else { vec![("mean", g.pipeline("dwconv", "bn_mean", &consts)?), ("var", g.pipeline("dwconv", "bn_var", &consts)?), ("", g.pipeline("dwconv", "bn_apply", &consts)?)] };
     for (m, (pre, (mh, mw))) in [(pq, (h, w)), (pk, (hk, wk)), (pv, (hk, wk))].into_iter().enumerate() {
         let out = g.tensor(format!("{label}.bn{m}"), g.len(pre));
         let st = g.tensor(format!("{label}.bn{m}.stats"), 2 * p.c);
+        post.push(out);
+        stats.push(st);
+        if gpu_set {
+            let none = || Res::Buf(g.gpu.placeholder());
+            let io = BnIo {
+                gamma: Res::Buf(p.bn[m].gamma.clone()),
+                beta: Res::Buf(p.bn[m].beta.clone()),
+                stats: Res::Act(st),
+                running: Res::Buf(p.bn[m].running.clone()),
+                pre,
+                post: Res::Act(out),
+                dpost: none(),
+                dpre: none(),
+                dgamma: none(),
+                dbeta: none(),
+            };
+            bn_gpu(g, &format!("{label}.bn{m}"), &io, map_params(batch, mh, mw, p.c, cls), batch * (cls + mh * mw), p.bn_eval, &[0, 1], "bn_apply_el")?;
+            continue;
+        }
+        let pre_t = Res::ActTex(g.linear_texture(pre, 23));
         let u = || Res::Unused;
-        let pre_t = bn_texture(g, pre, 23);
         let mut b = vec![
             u(),
             Res::Buf(p.bn[m].gamma.clone()),
@@ -269,7 +368,7 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
             u(),
             u(),
             u(),
-            Res::Uniform(map_params(batch, mh, mw, p.c, cls)),
+            Res::uniform(&map_params(batch, mh, mw, p.c, cls)),
             Res::Act(st),
             Res::Buf(p.bn[m].running.clone()),
             Res::Act(pre),
@@ -281,8 +380,6 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
             let name = if pass.is_empty() { format!("{label}.bn{m}") } else { format!("{label}.bn{m}.{pass}") };
             g.dispatch(name, pipeline.clone(), b.clone(), bn_groups, 0.0);
         }
-        post.push(out);
-        stats.push(st);
     }
     Ok(((post[0], post[1], post[2]), ProjSaved { pre: [pq, pk, pv], stats: [stats[0], stats[1], stats[2]] }))
 }
@@ -304,14 +401,33 @@ pub fn conv_proj_train_backward(
 ) -> Result<TensorId> {
     let c = p.c;
     let (hk, wk) = kv_hw(h, w);
-    let (consts, bn_groups) = bn_shape(g, p.bn_eval, c / 4);
-    let bn_sums = g.pipeline("dwconv", "bn_backward_sums", &consts)?;
-    let bn_apply = g.pipeline("dwconv", "bn_backward_apply", &consts)?;
+    let gpu_set = !cpu_reductions(g);
+    let (consts, bn_groups) = bn_shape(p.bn_eval, c / 4);
     let u = || Res::Unused;
     let mut dpre = vec![];
     for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {
         let out = g.tensor(format!("{label}.bn{m}.dpre"), g.len(dpost));
-        let (pre_t, dpost_t) = (bn_texture(g, saved.pre[m], 23), bn_texture(g, dpost, 24));
+        dpre.push(out);
+        if gpu_set {
+            let none = || Res::Buf(g.gpu.placeholder());
+            let io = BnIo {
+                gamma: Res::Buf(p.bn[m].gamma.clone()),
+                beta: none(),
+                stats: Res::Act(saved.stats[m]),
+                running: none(),
+                pre: saved.pre[m],
+                post: none(),
+                dpost: Res::Act(dpost),
+                dpre: Res::Act(out),
+                dgamma: Res::Buf(grad.gamma[m].clone()),
+                dbeta: Res::Buf(grad.beta[m].clone()),
+            };
+            bn_gpu(g, &format!("{label}.bn{m}.backward"), &io, map_params(batch, mh, mw, c, cls), batch * (cls + mh * mw), p.bn_eval, &[2], "bn_backward_apply_el")?;
+            continue;
+        }
+        let bn_sums = g.pipeline("dwconv", "bn_backward_sums", &consts)?;
+        let bn_apply = g.pipeline("dwconv", "bn_backward_apply", &consts)?;
+        let (pre_t, dpost_t) = (Res::ActTex(g.linear_texture(saved.pre[m], 23)), Res::ActTex(g.linear_texture(dpost, 24)));
         let mut b = vec![
             u(),
             Res::Buf(p.bn[m].gamma.clone()),
@@ -319,7 +435,7 @@ pub fn conv_proj_train_backward(
             u(),
             u(),
             u(),
-            Res::Uniform(map_params(batch, mh, mw, c, cls)),
+            Res::uniform(&map_params(batch, mh, mw, c, cls)),
             Res::Act(saved.stats[m]),
             u(),
             Res::Act(saved.pre[m]),
@@ -332,9 +448,8 @@ pub fn conv_proj_train_backward(
             Res::Buf(grad.beta[m].clone()),
         ];
         b.extend([u(), u(), u(), u(), u(), u(), pre_t, dpost_t]);
-        g.dispatch(format!("{label}.bn{m}.backward.sums"), bn_sums.clone(), b.clone(), bn_groups, 0.0);
-        g.dispatch(format!("{label}.bn{m}.backward"), bn_apply.clone(), b, bn_groups, 0.0);
-        dpre.push(out);
+        g.dispatch(format!("{label}.bn{m}.backward.sums"), bn_sums, b.clone(), bn_groups, 0.0);
+        g.dispatch(format!("{label}.bn{m}.backward"), bn_apply, b, bn_groups, 0.0);
     }
     let total = batch * (cls + h * w) * c;
     let params = params_of([batch, h, w, c / 4, cls, hk, wk, total / 4, 0]);
@@ -355,18 +470,18 @@ pub fn conv_proj_train_backward(
             let xt = act_rows_texture(g, label, x, batch * tq, c, (b0 * tq, nb * tq), 17)?;
             // dW (the first chunk writes, later ones add: params word 9).
             let mut prm = params_of([nb, h, w, c / 4, cls, hk, wk, 0, b0]);
-            prm[9] = (b0 > 0) as u32;
-            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::Uniform(prm.clone())];
+            prm.accumulate = (b0 > 0) as u32;
+            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::uniform(&prm)];
             b.extend((7..14).map(|_| u()));
             b.extend([u(), u(), u(), Res::ActTex(xt), u(), Res::ActTex(dq.clone()), Res::ActTex(dk.clone()), Res::ActTex(dv.clone()), Res::Act(part)]);
             g.dispatch(format!("{label}.dW"), pw.clone(), b, [(3 * c / 4) as u32, 1, 1], 0.0);
-            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::Uniform(prm)];
+            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::uniform(&prm)];
             b.extend((7..14).map(|_| u()));
             let part_t = g.linear_texture(part, 25);
             b.extend([Res::Buf(grad.w.clone()), u(), u(), u(), u(), u(), u(), u(), u(), u(), u(), Res::ActTex(part_t)]);
             g.dispatch(format!("{label}.dW.sum"), psum.clone(), b, grid1d(&g.gpu, (27 * c / 4).div_ceil(WG) as u64), 0.0);
             let n4 = nb * tq * c / 4;
-            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::Uniform(params_of([nb, h, w, c / 4, cls, hk, wk, n4, b0]))];
+            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::uniform(&params_of([nb, h, w, c / 4, cls, hk, wk, n4, b0]))];
             b.extend((7..15).map(|_| u()));
             b.extend([Res::Act(dx), u(), u(), Res::ActTex(wt.clone()), Res::ActTex(dq), Res::ActTex(dk), Res::ActTex(dv)]);
             g.dispatch(format!("{label}.dx"), px.clone(), b, grid1d(&g.gpu, n4.div_ceil(WG) as u64), 0.0);
@@ -374,12 +489,12 @@ pub fn conv_proj_train_backward(
         return Ok(dx);
     }
     let pw = g.pipeline("dwconv", "dwconv_backward_w", &[("WG", reduce_wg(g) as f64)])?;
-    let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params.clone())];
+    let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::uniform(&params)];
     b.extend((7..14).map(|_| u()));
     b.push(Res::Buf(grad.w.clone()));
     g.dispatch(format!("{label}.dW"), pw, b, [(3 * c / 4) as u32, 1, 1], 0.0);
     let px = g.pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
-    let mut b = vec![u(), Res::Buf(p.w.clone()), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::Uniform(params)];
+    let mut b = vec![u(), Res::Buf(p.w.clone()), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::uniform(&params)];
     b.extend((7..15).map(|_| u()));
     b.push(Res::Act(dx));
     g.dispatch(format!("{label}.dx"), px, b, grid1d(&g.gpu, (total / 4).div_ceil(WG) as u64), 0.0);
