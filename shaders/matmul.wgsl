@@ -1055,7 +1055,11 @@ fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
 // A across 8-lane halves of a workgroup only where every lane says 1.
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn subgroup_probe(@builtin(local_invocation_index) lid: u32) {
-    c[lid] = act(select(0.0, 1.0, sg_same(lid >> 3u) && sg_count() == 8u));
+    // Both subgroup operations in every invocation (no short-circuit `&&`
+    // between them, which would run the second under a varying condition).
+    let same = sg_same(lid >> 3u);
+    let n = sg_count();
+    c[lid] = act(select(0.0, 1.0, same && n == 8u));
 }
 
 // ---------------------------------------------------------------------------
