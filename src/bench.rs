@@ -513,11 +513,16 @@ pub struct KernelTime {
     pub gflops_per_s: f64,
     /// Bytes of the bound buffers per ms: a traffic estimate (each binding read or written once).
     pub gb_per_s: f64,
+    /// Fewest and most workgroups one of the family's dispatches launches, and
+    /// the invocations per workgroup of its first.
+    pub workgroups: [u64; 2],
+    pub workgroup_size: u64,
 }
 
 /// Times every step of `plans` once (`Plan::profile`) and groups by kernel family, largest first.
 pub fn kernel_profile(plans: &[&crate::graph::Plan]) -> Result<(Vec<KernelTime>, crate::graph::Timing)> {
-    let mut groups: Vec<(String, f64, f64, u64, usize)> = vec![];
+    // (family, ms, flops, bytes, steps, [fewest, most] workgroups, invocations).
+    let mut groups: Vec<(String, f64, f64, u64, usize, [u64; 2], u64)> = vec![];
     let mut timing = crate::graph::Timing::GpuTimestamps;
     for p in plans {
         let (steps, t) = p.profile()?;
@@ -537,8 +542,12 @@ pub fn kernel_profile(plans: &[&crate::graph::Plan]) -> Result<(Vec<KernelTime>,
                     g.2 += s.flops;
                     g.3 += s.bytes;
                     g.4 += 1;
+                    if s.workgroups > 0 {
+                        g.5 = if g.5[1] == 0 { [s.workgroups; 2] } else { [g.5[0].min(s.workgroups), g.5[1].max(s.workgroups)] };
+                        g.6 = if g.6 == 0 { s.invocations } else { g.6 };
+                    }
                 }
-                None => groups.push((key, s.ms, s.flops, s.bytes, 1)),
+                None => groups.push((key, s.ms, s.flops, s.bytes, 1, [s.workgroups; 2], s.invocations)),
             }
         }
     }
@@ -546,13 +555,15 @@ pub fn kernel_profile(plans: &[&crate::graph::Plan]) -> Result<(Vec<KernelTime>,
     groups.sort_by(|a, b| b.1.total_cmp(&a.1));
     let out = groups
         .into_iter()
-        .map(|(name, ms, fl, by, n)| KernelTime {
+        .map(|(name, ms, fl, by, n, workgroups, workgroup_size)| KernelTime {
             name,
             steps: n,
             ms,
             share: ms / total.max(1e-9),
             gflops_per_s: if ms > 0.0 { fl / ms / 1e6 } else { 0.0 },
             gb_per_s: if ms > 0.0 { by as f64 / ms / 1e6 } else { 0.0 },
+            workgroups,
+            workgroup_size,
         })
         .collect();
     Ok((out, timing))
@@ -565,9 +576,14 @@ pub fn print_kernels(k: &[KernelTime], timing: crate::graph::Timing, rows: usize
         crate::graph::Timing::WallClock => "wall clock, each step alone (no timestamp queries)",
     };
     println!("  kernels   ({how}; {} families, largest first)", k.len());
-    println!("    {:<36} {:>5} {:>9} {:>6} {:>8} {:>7}", "kernel", "steps", "ms", "share", "GFLOP/s", "GB/s");
+    println!("    {:<36} {:>5} {:>9} {:>6} {:>8} {:>7} {:>16}", "kernel", "steps", "ms", "share", "GFLOP/s", "GB/s", "workgroups");
     for x in k.iter().take(rows) {
-        println!("    {:<36} {:>5} {:>9.2} {:>5.1}% {:>8.2} {:>7.2}", x.name, x.steps, x.ms, 100.0 * x.share, x.gflops_per_s, x.gb_per_s);
+        let wg = match x.workgroups {
+            [0, 0] => "-".to_string(),
+            [a, b] if a == b => format!("{a} x {}", x.workgroup_size),
+            [a, b] => format!("{a}-{b} x {}", x.workgroup_size),
+        };
+        println!("    {:<36} {:>5} {:>9.2} {:>5.1}% {:>8.2} {:>7.2} {:>16}", x.name, x.steps, x.ms, 100.0 * x.share, x.gflops_per_s, x.gb_per_s, wg);
     }
     let total: f64 = k.iter().map(|x| x.ms).sum();
     println!("    {:<36} {:>5} {:>9.2}", "total", k.iter().map(|x| x.steps).sum::<usize>(), total);

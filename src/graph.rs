@@ -802,6 +802,14 @@ impl Plan {
         Ok(())
     }
 
+    /// A step's workgroups and invocations per workgroup (0, 0 for copies and clears).
+    fn launch_of(&self, s: &Step) -> (u64, u64) {
+        match &s.kind {
+            StepKind::Dispatch { pipeline, groups, .. } => (groups.iter().map(|&g| g as u64).product(), self.gpu.workgroup_size_of(pipeline).iter().map(|&v| v as u64).product()),
+            _ => (0, 0),
+        }
+    }
+
     /// Every dispatch with its launch shape, in order.
     pub fn launches(&self) -> Vec<Launch> {
         let launch = |s: &Step| match &s.kind {
@@ -883,6 +891,9 @@ pub struct StepTime {
     pub flops: f64,
     /// Bytes the step's bindings span (a traffic estimate for GB/s).
     pub bytes: u64,
+    /// Workgroups launched and invocations per workgroup (0 for copies and clears).
+    pub workgroups: u64,
+    pub invocations: u64,
 }
 
 /// One dispatch of a plan as launched: for launch-shape reports (`bench --plan-only`).
@@ -959,7 +970,8 @@ impl Plan {
             self.record_step(&mut enc, s, None);
             self.gpu.queue.submit([enc.finish()]);
             self.gpu.sync()?;
-            out.push(StepTime { label: s.label.clone(), ms: t.elapsed().as_secs_f64() * 1e3, flops: s.flops, bytes: s.bytes });
+            let (workgroups, invocations) = self.launch_of(s);
+            out.push(StepTime { label: s.label.clone(), ms: t.elapsed().as_secs_f64() * 1e3, flops: s.flops, bytes: s.bytes, workgroups, invocations });
         }
         Ok((out, Timing::WallClock))
     }
@@ -1009,7 +1021,8 @@ impl Plan {
             let ticks: Vec<u64> = bytemuck::pod_collect_to_vec::<f32, u64>(&raw);
             for (i, s) in chunk.iter().enumerate() {
                 let ms = if used[i] { ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns / 1e6 } else { 0.0 };
-                out.push(StepTime { label: s.label.clone(), ms, flops: s.flops, bytes: s.bytes });
+                let (workgroups, invocations) = self.launch_of(s);
+                out.push(StepTime { label: s.label.clone(), ms, flops: s.flops, bytes: s.bytes, workgroups, invocations });
             }
         }
         Ok(out)
