@@ -389,12 +389,12 @@ fn attention_backward_mid_graph() {
                 let (xi, ki, vi) = (g.pinned("x", x.len()), g.pinned("k", k.len()), g.pinned("v", v.len()));
                 let qi = g.pinned("q", m * c);
                 linear(&mut g, "wq", xi, m, &lq, Act::None, Out::Into(qi)).unwrap();
-                let (o_tmp, probs) = attention_train(&mut g, "attn", (qi, ki, vi), shape, grad, fwd_kind).unwrap();
+                let (o_tmp, saved) = attention_train(&mut g, "attn", (qi, ki, vi), shape, grad, fwd_kind).unwrap();
                 g.pin(o_tmp);
                 let dout = g.pinned("dout", m * c);
                 let mut outs = vec![];
                 if backward {
-                    let (dq, dk, dv) = attention_backward(&mut g, "attn", (qi, ki, vi, o_tmp), probs, dout, shape).unwrap();
+                    let (dq, dk, dv) = attention_backward(&mut g, "attn", (qi, ki, vi, o_tmp), saved, dout, shape).unwrap();
                     outs = vec![dq, dk, dv];
                     outs.iter().for_each(|&t| g.pin(t));
                 }

@@ -382,8 +382,8 @@ fn check_attention_in(kind: MatmulKind, (batch, tq, tkv, c, heads): (usize, usiz
             continue;
         }
         // The training forward that also writes the probabilities (SAVE_P).
-        let (o_saving, probs) = attention_train(&mut g, "attn_p", (tq_, tk_, tv_), shape, AttnGrad::Saved, kind).unwrap();
-        let probs = probs.unwrap();
+        let (o_saving, saved) = attention_train(&mut g, "attn_p", (tq_, tk_, tv_), shape, AttnGrad::Saved, kind).unwrap();
+        let probs = saved.probs.unwrap();
         g.pin(o_saving);
         g.pin(probs);
         let plan = g.compile().unwrap();

@@ -23,6 +23,17 @@ fn tiny_cvt_gradients_match_torch_buffer_variants() {
     gradient_parity(gpu_buffer_variants(), false);
 }
 
+/// Attention probabilities recomputed in the backward (the default for large
+/// maps) instead of saved, in both kernel sets: the GPU set's backward reads the
+/// forward's log-sum-exp.
+#[test]
+fn tiny_cvt_gradients_match_torch_recomputed_attention() {
+    use cvt_gpu::profile::KernelSet;
+    for set in [KernelSet::Gpu, KernelSet::Cpu] {
+        gradient_parity(forced_with(set, |p| p.attn_saved = Some(false)), false);
+    }
+}
+
 /// BatchNorm in eval mode (running statistics, frozen) while training the rest,
 /// in both kernel sets.
 #[test]

@@ -20,6 +20,10 @@ const TK: u32 = 16u;
 // and are normalised in place once the row's log-sum-exp is known, so saving P
 // costs a store and a load-store per score, not a second Q·Kᵀ.
 override SAVE_P: u32 = 0u;
+// The GPU set's training forward with recomputed probabilities: also write each
+// query's log-sum-exp (binding 10, .x), so the backward recomputes the scores
+// once per pass instead of finding the softmax statistics again.
+override SAVE_LSE: bool = false;
 
 // b_off: first image of this dispatch (the texture variant splits the batch).
 // p_off: in the saved-P backward on textures, the P and dS textures hold this
@@ -33,6 +37,9 @@ struct Params { B: u32, Tq: u32, Tkv: u32, C4: u32, heads: u32, scale: f32, b_of
 @group(0) @binding(4) var<uniform> p: Params;
 
 @group(0) @binding(14) var<storage, read_write> probs: array<f32>;
+// Per query (log-sum-exp, D = dO·O): the forward's SAVE_LSE writes .x, the
+// backward's per-query pass .y.
+@group(0) @binding(10) var<storage, read_write> lse_d: array<vec2<f32>>;
 @group(0) @binding(15) var<storage, read_write> dscore: array<f32>;
 
 // Start of query row `qi` of head `head`, image `gb` (whole-batch index) in P and dS.
@@ -118,6 +125,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         if (SAVE_P != 0u) {
             normalise_row(prow(bi, head, qi), m + log(l));
+        }
+        if (SAVE_LSE) {
+            lse_d[(bi * p.heads + head) * p.Tq + qi] = vec2<f32>(m + log(l), 0.0);
         }
     }
 }
@@ -357,46 +367,36 @@ fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id
 }
 
 // ---------------------------------------------------------------------------
-// Backward (buffer operands), recomputing the probabilities instead of storing the
-// Tq x Tkv matrix. With S = Q·Kᵀ·scale, P = softmax(S), O = P·V, per head:
+// Backward of the GPU kernel set, recomputing the probabilities instead of
+// storing the Tq x Tkv matrix, as FlashAttention-2 does. With S = Q·Kᵀ·scale,
+// P = softmax(S) = exp(S − lse), O = P·V, per head:
 //   D_i = dO_i · O_i,   dS = P ⊙ (dO·Vᵀ − D),
 //   dQ = dS·K·scale,    dK = dSᵀ·Q·scale,    dV = Pᵀ·dO.
-// attn_bwd_q: one invocation per query; writes dQ and (logsumexp, D) per query.
-// attn_bwd_kv: one invocation per key; reads those and writes dK and dV.
+// The forward kept lse (SAVE_LSE), so each pass computes each score once.
+// attn_bwd_q: query-parallel, a workgroup of WG queries of one head, keys and
+// values in tiles of TK staged in workgroup memory; D in its prologue; writes dQ
+// and (lse, D) per query. attn_bwd_kv: key-parallel, a workgroup of WG keys,
+// queries, dO and (lse, D) in tiles of TK; writes dK and dV. No atomics: each
+// output row has one writer.
 
 @group(0) @binding(8) var<storage, read> dout: array<vec4<f32>>;
 @group(0) @binding(9) var<storage, read_write> dq: array<vec4<f32>>;
-@group(0) @binding(10) var<storage, read_write> lse_d: array<vec2<f32>>;
 @group(0) @binding(11) var<storage, read_write> dk: array<vec4<f32>>;
 @group(0) @binding(12) var<storage, read_write> dv: array<vec4<f32>>;
 
-fn dot_row(x: ptr<function, array<vec4<f32>, D4_MAX>>, base: u32, which: u32) -> f32 {
-    var acc = vec4<f32>(0.0);
-    for (var d = 0u; d < D4; d++) {
-        var other: vec4<f32>;
-        if (which == 0u) {
-            other = vec4<f32>(k[base + d]);
-        } else if (which == 1u) {
-            other = vec4<f32>(v[base + d]);
-        } else if (which == 2u) {
-            other = vec4<f32>(q[base + d]);
-        } else {
-            other = dout[base + d];
-        }
-        acc += (*x)[d] * other;
-    }
-    return acc.x + acc.y + acc.z + acc.w;
-}
+// A tile's per-query (lse, D) in attn_bwd_kv.
+var<workgroup> lds: array<vec2<f32>, TK>;
 
 @compute @workgroup_size(WG)
-fn attn_bwd_q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+fn attn_bwd_q(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let head = wid.y;
     let bi = wid.z;
-    let qi = gid.x;
-    if (qi >= p.Tq) {
-        return;
-    }
-    let qbase = (bi * p.Tq + qi) * p.C4 + head * D4;
+    let qi = wid.x * WG + lid;
+    // Queries past the end compute a clamped row (every lane takes part in the
+    // tile loads and barriers) and store nothing.
+    let qrow = min(qi, p.Tq - 1u);
+    let qbase = (bi * p.Tq + qrow) * p.C4 + head * D4;
+    let row = (bi * p.heads + head) * p.Tq + qrow;
     var qv: array<vec4<f32>, D4_MAX>;
     var gv: array<vec4<f32>, D4_MAX>;
     var acc: array<vec4<f32>, D4_MAX>;
@@ -407,38 +407,53 @@ fn attn_bwd_q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_
         dd += gv[d] * vec4<f32>(o[qbase + d]);
     }
     let big_d = dd.x + dd.y + dd.z + dd.w;
-    var m = -3.0e38;
-    for (var j = 0u; j < p.Tkv; j++) {
-        m = max(m, dot_row(&qv, (bi * p.Tkv + j) * p.C4 + head * D4, 0u));
-    }
-    var l = 0.0;
-    for (var j = 0u; j < p.Tkv; j++) {
-        l += exp(dot_row(&qv, (bi * p.Tkv + j) * p.C4 + head * D4, 0u) - m);
-    }
-    let lse = m + log(l);
-    for (var j = 0u; j < p.Tkv; j++) {
-        let kb = (bi * p.Tkv + j) * p.C4 + head * D4;
-        let pij = exp(dot_row(&qv, kb, 0u) - lse);
-        let ds = pij * (dot_row(&gv, kb, 1u) - big_d);
-        for (var d = 0u; d < D4; d++) {
-            acc[d] += ds * vec4<f32>(k[kb + d]);
+    let lse = lse_d[row].x;
+    for (var t0 = 0u; t0 < p.Tkv; t0 += TK) {
+        let n = min(TK, p.Tkv - t0);
+        for (var i = lid; i < TK * D4; i += WG) {
+            let j = i / D4;
+            let d = i % D4;
+            var kv = vec4<f32>(0.0);
+            var vv = vec4<f32>(0.0);
+            if (j < n) {
+                let src = (bi * p.Tkv + t0 + j) * p.C4 + head * D4 + d;
+                kv = vec4<f32>(k[src]);
+                vv = vec4<f32>(v[src]);
+            }
+            ks[j * D4_MAX + d] = kv;
+            vs[j * D4_MAX + d] = vv;
         }
+        workgroupBarrier();
+        for (var j = 0u; j < n; j++) {
+            var sv = vec4<f32>(0.0);
+            var pv = vec4<f32>(0.0);
+            for (var d = 0u; d < D4; d++) {
+                sv += qv[d] * ks[j * D4_MAX + d];
+                pv += gv[d] * vs[j * D4_MAX + d];
+            }
+            let pij = exp(sv.x + sv.y + sv.z + sv.w - lse);
+            let ds = pij * (pv.x + pv.y + pv.z + pv.w - big_d);
+            for (var d = 0u; d < D4; d++) {
+                acc[d] += ds * ks[j * D4_MAX + d];
+            }
+        }
+        workgroupBarrier();
     }
-    for (var d = 0u; d < D4; d++) {
-        dq[qbase + d] = acc[d] * p.scale;
+    if (qi < p.Tq) {
+        for (var d = 0u; d < D4; d++) {
+            dq[qbase + d] = acc[d] * p.scale;
+        }
+        lse_d[row] = vec2<f32>(lse, big_d);
     }
-    lse_d[(bi * p.heads + head) * p.Tq + qi] = vec2<f32>(lse, big_d);
 }
 
 @compute @workgroup_size(WG)
-fn attn_bwd_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+fn attn_bwd_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let head = wid.y;
     let bi = wid.z;
-    let kj = gid.x;
-    if (kj >= p.Tkv) {
-        return;
-    }
-    let kb = (bi * p.Tkv + kj) * p.C4 + head * D4;
+    let kj = wid.x * WG + lid;
+    let krow = min(kj, p.Tkv - 1u);
+    let kb = (bi * p.Tkv + krow) * p.C4 + head * D4;
     var kv: array<vec4<f32>, D4_MAX>;
     var vv: array<vec4<f32>, D4_MAX>;
     var gk: array<vec4<f32>, D4_MAX>;
@@ -447,19 +462,48 @@ fn attn_bwd_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup
         kv[d] = vec4<f32>(k[kb + d]) * p.scale;
         vv[d] = vec4<f32>(v[kb + d]);
     }
-    for (var i = 0u; i < p.Tq; i++) {
-        let qb = (bi * p.Tq + i) * p.C4 + head * D4;
-        let ld = lse_d[(bi * p.heads + head) * p.Tq + i];
-        let pij = exp(dot_row(&kv, qb, 2u) - ld.x);
-        let ds = pij * (dot_row(&vv, qb, 3u) - ld.y);
-        for (var d = 0u; d < D4; d++) {
-            gvv[d] += pij * dout[qb + d];
-            gk[d] += ds * vec4<f32>(q[qb + d]);
+    // Query tiles: Q rows in ks, dO rows in vs, (lse, D) in lds.
+    for (var t0 = 0u; t0 < p.Tq; t0 += TK) {
+        let n = min(TK, p.Tq - t0);
+        for (var i = lid; i < TK * D4; i += WG) {
+            let j = i / D4;
+            let d = i % D4;
+            var qq = vec4<f32>(0.0);
+            var gg = vec4<f32>(0.0);
+            if (j < n) {
+                let src = (bi * p.Tq + t0 + j) * p.C4 + head * D4 + d;
+                qq = vec4<f32>(q[src]);
+                gg = dout[src];
+            }
+            ks[j * D4_MAX + d] = qq;
+            vs[j * D4_MAX + d] = gg;
         }
+        for (var j = lid; j < TK; j += WG) {
+            lds[j] = select(vec2<f32>(0.0), lse_d[(bi * p.heads + head) * p.Tq + t0 + min(j, n - 1u)], j < n);
+        }
+        workgroupBarrier();
+        for (var j = 0u; j < n; j++) {
+            var sv = vec4<f32>(0.0);
+            var pv = vec4<f32>(0.0);
+            for (var d = 0u; d < D4; d++) {
+                sv += kv[d] * ks[j * D4_MAX + d];
+                pv += vv[d] * vs[j * D4_MAX + d];
+            }
+            let ld = lds[j];
+            let pij = exp(sv.x + sv.y + sv.z + sv.w - ld.x);
+            let ds = pij * (pv.x + pv.y + pv.z + pv.w - ld.y);
+            for (var d = 0u; d < D4; d++) {
+                gvv[d] += pij * vs[j * D4_MAX + d];
+                gk[d] += ds * ks[j * D4_MAX + d];
+            }
+        }
+        workgroupBarrier();
     }
-    for (var d = 0u; d < D4; d++) {
-        dk[kb + d] = gk[d] * p.scale;
-        dv[kb + d] = gvv[d];
+    if (kj < p.Tkv) {
+        for (var d = 0u; d < D4; d++) {
+            dk[kb + d] = gk[d] * p.scale;
+            dv[kb + d] = gvv[d];
+        }
     }
 }
 

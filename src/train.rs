@@ -207,7 +207,7 @@ impl TrainModel {
             k: TensorId,
             v: TensorId,
             /// The attention probabilities, when kept for the backward (AttnGrad::Saved).
-            probs: Option<TensorId>,
+            attn: crate::ops::attention::AttnSaved,
             q0: TensorId,
             k0: TensorId,
             v0: TensorId,
@@ -255,7 +255,7 @@ impl TrainModel {
                 let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
                 let grad = attn_grad_mode(&g, &shape)?;
                 let kind = g.profile.matmul();
-                let (a, probs) = attention_train(&mut g, &format!("{l}.attn"), (q, k, v), shape, grad, kind)?;
+                let (a, attn) = attention_train(&mut g, &format!("{l}.attn"), (q, k, v), shape, grad, kind)?;
                 let po = linear(&mut g, &format!("{l}.proj"), a, batch * t, &b.o.l, Act::None, Out::New)?;
                 let x1 = match dropped(s, j) {
                     Some((sc, off)) => add_scaled(&mut g, &format!("{l}.res1"), cur, po, sc, t * c, off)?,
@@ -268,7 +268,7 @@ impl TrainModel {
                     Some((sc, off)) => add_scaled(&mut g, &format!("{l}.res2"), x1, f, sc, t * c, off + batch)?,
                     None => add(&mut g, &format!("{l}.res2"), x1, f)?,
                 };
-                bs.push(BlockSaved { x0: cur, h1, proj, q, k, v, q0, k0, v0, a, probs, x1, h2, z, u });
+                bs.push(BlockSaved { x0: cur, h1, proj, q, k, v, q0, k0, v0, a, attn, x1, h2, z, u });
                 cur = x2;
             }
             saved.push(StageSaved { input: x, geom, e, blocks: bs, t, tk, hw: (oh, ow) });
@@ -311,7 +311,7 @@ impl TrainModel {
                 };
                 let da = linear_backward(&mut g, &format!("{l}.proj"), bs.a, dbranch, batch * t, &b.o.l, &b.o.g, None)?;
                 let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
-                let (dq, dk, dv) = attention_backward(&mut g, &format!("{l}.attn"), (bs.q, bs.k, bs.v, bs.a), bs.probs, da, shape)?;
+                let (dq, dk, dv) = attention_backward(&mut g, &format!("{l}.attn"), (bs.q, bs.k, bs.v, bs.a), bs.attn, da, shape)?;
                 let dq0 = linear_backward(&mut g, &format!("{l}.proj_q"), bs.q0, dq, batch * t, &b.q.l, &b.q.g, None)?;
                 let dk0 = linear_backward(&mut g, &format!("{l}.proj_k"), bs.k0, dk, batch * tk, &b.k.l, &b.k.g, None)?;
                 let dv0 = linear_backward(&mut g, &format!("{l}.proj_v"), bs.v0, dv, batch * tk, &b.v.l, &b.v.g, None)?;

@@ -32,11 +32,17 @@ pub fn gpu_texture_variants() -> Arc<Gpu> {
 /// A device whose profile is the adapter's own (settings included) with the
 /// kernel set, and the row reductions' lanes that go with it, replaced.
 fn forced(set: KernelSet) -> Arc<Gpu> {
+    forced_with(set, |_| {})
+}
+
+/// A device with kernel set `set` and the profile further edited by `edit`.
+pub fn forced_with(set: KernelSet, edit: impl FnOnce(&mut Profile)) -> Arc<Gpu> {
     let own = gpu().profile();
     let g = open_gpu();
     let mut p = (*own).clone();
     p.kernels = set;
     p.row_lanes = Profile::for_set(&g, set, own.texture_read).row_lanes;
+    edit(&mut p);
     assert!(g.set_profile(p));
     g
 }

@@ -54,7 +54,7 @@ pub fn attention(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: Tensor
 /// path copies q, k, v into textures when their rows are 256-byte multiples (C %
 /// 64 == 0; C % 128 == 0 in f16 plans) and packs them with a kernel otherwise.
 pub fn attention_with(g: &mut Graph, label: &str, q: TensorId, k: TensorId, v: TensorId, s: AttnShape, kind: MatmulKind) -> Result<TensorId> {
-    Ok(forward(g, label, (q, k, v), s, kind, false)?.0)
+    Ok(forward(g, label, (q, k, v), s, kind, None)?.0)
 }
 
 /// How the training backward gets the softmax probabilities.
@@ -92,16 +92,27 @@ fn probs_len(s: &AttnShape) -> usize {
     s.batch * s.heads * s.tq * s.tkv
 }
 
-/// The training forward: the output, and with `AttnGrad::Saved` the probabilities
-/// P [batch, heads, tq, tkv] for `attention_backward`.
-pub fn attention_train(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId), s: AttnShape, grad: AttnGrad, kind: MatmulKind) -> Result<(TensorId, Option<TensorId>)> {
-    forward(g, label, (q, k, v), s, kind, grad == AttnGrad::Saved)
+/// What the training forward keeps for `attention_backward`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttnSaved {
+    /// With `AttnGrad::Saved`: the probabilities P [batch, heads, tq, tkv].
+    pub probs: Option<TensorId>,
+    /// Recomputing in the GPU kernel set: (log-sum-exp, D) per query
+    /// [batch, heads, tq] (the forward writes the first).
+    pub lse: Option<TensorId>,
 }
 
-fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId), s: AttnShape, kind: MatmulKind, save: bool) -> Result<(TensorId, Option<TensorId>)> {
+/// The training forward: the output, and what the backward needs (`AttnSaved`).
+pub fn attention_train(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId), s: AttnShape, grad: AttnGrad, kind: MatmulKind) -> Result<(TensorId, AttnSaved)> {
+    forward(g, label, (q, k, v), s, kind, Some(grad))
+}
+
+/// `grad`: None for inference, else how the training backward gets P.
+fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId), s: AttnShape, kind: MatmulKind, grad: Option<AttnGrad>) -> Result<(TensorId, AttnSaved)> {
     check_heads(s.c, s.heads)?;
     let d4 = s.c / s.heads / 4;
     let o = g.tensor(label.to_string(), s.batch * s.tq * s.c);
+    let save = grad == Some(AttnGrad::Saved);
     let probs = save.then(|| g.tensor(format!("{label}.probs"), probs_len(&s)));
     // Binding 14 is statically used by both forward entry points (WGSL counts uses
     // under an override-constant branch): a placeholder fills it when P is not saved.
@@ -125,14 +136,19 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
             let bindings = vec![u(), u(), u(), Res::Act(o), Res::Uniform(params(nb, b0)), Res::ActTex(qt), Res::ActTex(kt), Res::ActTex(vt), u(), u(), u(), u(), u(), u(), p_res.clone()];
             g.dispatch(label, pipeline.clone(), bindings, groups, flops(nb));
         }
-        return Ok((o, probs));
+        return Ok((o, AttnSaved { probs, lse: None }));
     }
+    // Recomputing: the log-sum-exp per query for the backward (binding 10; a
+    // placeholder otherwise, as for binding 14).
+    let lse = (grad == Some(AttnGrad::Recompute)).then(|| g.tensor(format!("{label}.lse_d"), s.batch * s.heads * s.tq * 2));
+    let lse_res = lse.map_or_else(|| Res::Buf(g.gpu.placeholder()), Res::Act);
+    let consts = [consts[0], consts[1], consts[2], ("SAVE_LSE", lse.is_some() as u32 as f64)];
     let pipeline = g.pipeline("attention", "main", &consts)?;
     let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
     let u = || Res::Unused;
-    let bindings = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params(s.batch, 0)), u(), u(), u(), u(), u(), u(), u(), u(), u(), p_res];
+    let bindings = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params(s.batch, 0)), u(), u(), u(), u(), u(), lse_res, u(), u(), u(), p_res];
     g.dispatch(label, pipeline, bindings, groups, flops(s.batch));
-    Ok((o, probs))
+    Ok((o, AttnSaved { probs, lse }))
 }
 
 /// Batch chunks of the texture kernels (`gemm::texture_batches`), else None.
@@ -146,17 +162,17 @@ fn texture_rows(g: &mut Graph, label: &str, t: TensorId, s: &AttnShape, (rows_pe
 }
 
 /// Appends the attention backward (texture operands on texture-preferring
-/// adapters, as the forward): given q, k, v, the forward output o, the saved
-/// probabilities if the forward kept them (`AttnGrad::Saved`) and the output's
-/// gradient dout, returns (dq, dk, dv).
+/// adapters, as the forward): given q, k, v, the forward output o, what the
+/// forward kept (`AttnSaved`) and the output's gradient dout, returns (dq, dk, dv).
 pub fn attention_backward(
     g: &mut Graph,
     label: &str,
     (q, k, v, o): (TensorId, TensorId, TensorId, TensorId),
-    probs: Option<TensorId>,
+    saved: AttnSaved,
     dout: TensorId,
     s: AttnShape,
 ) -> Result<(TensorId, TensorId, TensorId)> {
+    let probs = saved.probs;
     check_heads(s.c, s.heads)?;
     let d4 = s.c / s.heads / 4;
     let dq = g.tensor(format!("{label}.dq"), s.batch * s.tq * s.c);
@@ -167,14 +183,21 @@ pub fn attention_backward(
     let u = || Res::Unused;
     let pair_flops = 2.0 * (s.batch * s.tq * s.tkv * s.c) as f64;
     // Row operations per (query, key) pair, each 2·C flops over the heads: recomputing,
-    // the per-query pass does Q·Kᵀ twice (texture form, online softmax; the buffer
-    // form finds the max first, a third time: 5), dO·Vᵀ and dS·K (4) and the per-key pass Q·Kᵀ,
+    // the per-query pass does Q·Kᵀ twice (texture form, online softmax; the GPU
+    // set reads the forward's log-sum-exp: once, 3), dO·Vᵀ and dS·K (4) and the per-key pass Q·Kᵀ,
     // dO·Vᵀ, Pᵀ·dO and dSᵀ·Q (4); with saved P, dO·Vᵀ and dS·K (2), Pᵀ·dO and dSᵀ·Q (2).
     // Recomputing, binding 10 holds (logsumexp, D) per query from the per-query pass;
     // saved, 14 holds P and 15 the dS the per-query pass writes.
+    let chunks = texture_chunks(g, &s, g.profile.matmul());
     let (names, (fq, fkv), dscore, (r10, r14, r15)) = match probs {
         None => {
-            let ld = g.tensor(format!("{label}.lse_d"), s.batch * s.heads * s.tq * 2);
+            // The GPU set's kernels read the forward's log-sum-exp; the texture
+            // kernels find it themselves.
+            let ld = match (saved.lse, &chunks) {
+                (Some(ld), None) => ld,
+                (None, None) => anyhow::bail!("{label}: the recomputing backward needs the forward's log-sum-exp (attention_train in the same kernel set)"),
+                (_, Some(_)) => g.tensor(format!("{label}.lse_d"), s.batch * s.heads * s.tq * 2),
+            };
             (("attn_bwd_q", "attn_bwd_kv"), (4.0, 4.0), None, (Res::Act(ld), u(), u()))
         }
         Some(p) => {
@@ -182,8 +205,8 @@ pub fn attention_backward(
             (("attn_bwd_q_p", "attn_bwd_kv_p"), (2.0, 2.0), Some(ds), (u(), Res::Act(p), Res::Act(ds)))
         }
     };
-    let chunks = texture_chunks(g, &s, g.profile.matmul());
-    let fq = if chunks.is_none() && probs.is_none() { 5.0 } else { fq };
+    // The GPU set's per-query pass with the saved log-sum-exp: Q·Kᵀ, dO·Vᵀ, dS·K.
+    let fq = if chunks.is_none() && probs.is_none() { 3.0 } else { fq };
     if let Some(chunks) = chunks {
         // K, V for the per-query pass and Q, dO for the per-key pass as textures.
         let wg = g.profile.attn_wg;
