@@ -134,3 +134,31 @@ fn every_wgsl_file_is_embedded() {
     embedded.sort();
     assert_eq!(on_disk, embedded);
 }
+
+/// Every typed parameter struct (`ops::params`) mirrors its WGSL struct: the
+/// same fields in the same order with the same names (case aside), each at 4·i
+/// bytes, and the same size, read from the shader through naga.
+#[test]
+fn parameter_structs_match_their_shaders() {
+    for (shader, name, fields, size) in cvt_gpu::ops::params::all() {
+        let body = SHADERS.iter().find(|(n, _)| *n == shader).unwrap().1;
+        let src = prelude(TexRead::Sampled, false, false, false) + &cvt_gpu::gpu::derive_entries(body);
+        let module = naga::front::wgsl::parse_str(&src).unwrap();
+        let (members, span) = module
+            .types
+            .iter()
+            .find_map(|(_, t)| match &t.inner {
+                naga::TypeInner::Struct { members, span } if t.name.as_deref() == Some(name) => Some((members.clone(), *span)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{shader}.wgsl has no struct {name}"));
+        let wgsl: Vec<String> = members.iter().map(|m| m.name.clone().unwrap_or_default()).collect();
+        assert_eq!(wgsl.len(), fields.len(), "{shader}.wgsl {name}: fields {wgsl:?}, Rust has {fields:?}");
+        for (i, (m, f)) in members.iter().zip(fields.iter()).enumerate() {
+            let w = m.name.clone().unwrap_or_default();
+            assert!(w.eq_ignore_ascii_case(f), "{shader}.wgsl {name} field {i}: {w} in WGSL, {f} in Rust");
+            assert_eq!(m.offset as usize, 4 * i, "{shader}.wgsl {name}.{w}: offset");
+        }
+        assert_eq!(span as usize, size, "{shader}.wgsl {name}: size");
+    }
+}

@@ -21,7 +21,9 @@ struct Params {
     // layernorm4 runs over rows [row0, rows) and finds input vec4 i at texel
     // i - tex_off: inference reads a large input through a small texture in chunks
     // of rows (ops::gemm::texture_chunk_rows).
-    row0: u32, tex_off: u32, _q0: u32, _q1: u32,
+    row0: u32, tex_off: u32,
+    // softmax_xent: the gradient's scale (1 / batch for a mean loss).
+    scale: f32, _pad: u32,
 }
 
 @group(0) @binding(0) var<storage, read> x: array<act>;
@@ -190,11 +192,10 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let r = row.r;
     let b = r * p.C;
     let lse = row_logsumexp(b, lid);
-    // p.eps carries the gradient scale (1 / batch for a mean loss).
     var l = 0.0;
     for (var c = row.lane; c < p.C && row.valid; c += LANES) {
         let t = gamma[b + c];
-        y[b + c] = act((exp(f32(x[b + c]) - lse) - t) * p.eps);
+        y[b + c] = act((exp(f32(x[b + c]) - lse) - t) * p.scale);
         l += t * (lse - f32(x[b + c]));
     }
     let loss = reduce_sum(l, lid);

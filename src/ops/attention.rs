@@ -19,6 +19,32 @@ pub fn tex_wg(g: &Graph) -> usize {
     g.profile.attn_wg
 }
 
+crate::kernel_params! {
+/// `attention.wgsl`'s `Params`, field by field.
+pub struct AttnParams for "attention" "Params" {
+    /// Images of the dispatch, queries and keys per image, channels / 4, heads.
+    pub b: u32,
+    pub tq: u32,
+    pub tkv: u32,
+    pub c4: u32,
+    pub heads: u32,
+    /// The score scale (the stage width^-0.5, as the official code).
+    pub scale: f32,
+    /// First image of this dispatch (the texture kernels split the batch).
+    pub b_off: u32,
+    /// The saved-P backward on textures: elements into its first texel where the
+    /// chunk's P and dS start.
+    pub p_off: u32,
+}
+}
+
+impl AttnParams {
+    fn of(s: &AttnShape, batch: usize, b_off: usize) -> AttnParams {
+        let u = |v: usize| v as u32;
+        AttnParams { b: u(batch), tq: u(s.tq), tkv: u(s.tkv), c4: u(s.c / 4), heads: u(s.heads), scale: s.scale, b_off: u(b_off), p_off: 0 }
+    }
+}
+
 /// Shapes of one attention call: q [batch, tq, c], k and v [batch, tkv, c].
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -118,7 +144,7 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
     // under an override-constant branch): a placeholder fills it when P is not saved.
     let p_res = probs.map_or_else(|| Res::Buf(g.gpu.placeholder()), Res::Act);
     let consts = [("WG", WG as f64), ("D4", d4 as f64), ("SAVE_P", save as u32 as f64)];
-    let params = |batch: usize, b_off: usize| vec![batch as u32, s.tq as u32, s.tkv as u32, (s.c / 4) as u32, s.heads as u32, s.scale.to_bits(), b_off as u32, 0];
+    let params = |batch: usize, b_off: usize| Res::uniform(&AttnParams::of(&s, batch, b_off));
     // QKᵀ and PV: 2 multiply-adds per (query, key, channel).
     let flops = |batch: usize| 4.0 * (batch * s.tq * s.tkv * s.c) as f64;
     if let Some(chunks) = texture_chunks(g, &s, kind) {
@@ -133,7 +159,7 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
             let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
             let groups = [s.tq.div_ceil(wg * qpi) as u32, s.heads as u32, nb as u32];
             let u = || Res::Unused;
-            let bindings = vec![u(), u(), u(), Res::Act(o), Res::Uniform(params(nb, b0)), Res::ActTex(qt), Res::ActTex(kt), Res::ActTex(vt), u(), u(), u(), u(), u(), u(), p_res.clone()];
+            let bindings = vec![u(), u(), u(), Res::Act(o), params(nb, b0), Res::ActTex(qt), Res::ActTex(kt), Res::ActTex(vt), u(), u(), u(), u(), u(), u(), p_res.clone()];
             g.dispatch(label, pipeline.clone(), bindings, groups, flops(nb));
         }
         return Ok((o, AttnSaved { probs, lse: None }));
@@ -146,7 +172,7 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
     let pipeline = g.pipeline("attention", "main", &consts)?;
     let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
     let u = || Res::Unused;
-    let bindings = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params(s.batch, 0)), u(), u(), u(), u(), u(), lse_res, u(), u(), u(), p_res];
+    let bindings = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), params(s.batch, 0), u(), u(), u(), u(), u(), lse_res, u(), u(), u(), p_res];
     g.dispatch(label, pipeline, bindings, groups, flops(s.batch));
     Ok((o, AttnSaved { probs, lse }))
 }
@@ -178,7 +204,7 @@ pub fn attention_backward(
     let dq = g.tensor(format!("{label}.dq"), s.batch * s.tq * s.c);
     let dk = g.tensor(format!("{label}.dk"), s.batch * s.tkv * s.c);
     let dv = g.tensor(format!("{label}.dv"), s.batch * s.tkv * s.c);
-    let params = vec![s.batch as u32, s.tq as u32, s.tkv as u32, (s.c / 4) as u32, s.heads as u32, s.scale.to_bits(), 0, 0];
+    let params = AttnParams::of(&s, s.batch, 0);
     let consts = [("WG", WG as f64), ("D4", d4 as f64)];
     let u = || Res::Unused;
     let pair_flops = 2.0 * (s.batch * s.tq * s.tkv * s.c) as f64;
@@ -214,12 +240,12 @@ pub fn attention_backward(
         let pq = g.pipeline("attention", &format!("{}_tex", names.0), &consts)?;
         let pkv = g.pipeline("attention", &format!("{}_tex", names.1), &consts)?;
         for (b0, nb) in chunks {
-            let mut params = params.clone();
+            let mut params = params;
             // P and dS of this chunk's images only, from the texel holding the
             // chunk's first element (an image's P need not be whole texels).
             let per_image = s.heads * s.tq * s.tkv;
             let (t0, t1) = (b0 * per_image / 4, ((b0 + nb) * per_image).div_ceil(4));
-            (params[6], params[7]) = (b0 as u32, (b0 * per_image % 4) as u32);
+            (params.b_off, params.p_off) = (b0 as u32, (b0 * per_image % 4) as u32);
             let chunk_flops = pair_flops * nb as f64 / s.batch as f64;
             let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
             let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
@@ -231,10 +257,10 @@ pub fn attention_backward(
             let p_tex = probs.map(|p| g.linear_texture_range(p, t0, t1 - t0, 16));
             let pt = p_tex.map_or_else(u, Res::ActTex);
             let bq =
-                vec![u(), u(), u(), Res::Act(o), Res::Uniform(params.clone()), qtex, Res::ActTex(kt), Res::ActTex(vt), u(), Res::Act(dq), r10.clone(), u(), u(), Res::ActTex(gt), u(), r15.clone(), pt];
+                vec![u(), u(), u(), Res::Act(o), Res::uniform(&params), qtex, Res::ActTex(kt), Res::ActTex(vt), u(), Res::Act(dq), r10.clone(), u(), u(), Res::ActTex(gt), u(), r15.clone(), pt];
             g.dispatch(format!("{label}.bwd_q"), pq.clone(), bq, [s.tq.div_ceil(wg) as u32, s.heads as u32, nb as u32], fq * chunk_flops);
             let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
-            let mut bkv = vec![u(), kb, vb, u(), Res::Uniform(params), Res::ActTex(qt), u(), u(), u(), u(), r10.clone(), Res::Act(dk), Res::Act(dv), Res::ActTex(gt)];
+            let mut bkv = vec![u(), kb, vb, u(), Res::uniform(&params), Res::ActTex(qt), u(), u(), u(), u(), r10.clone(), Res::Act(dk), Res::Act(dv), Res::ActTex(gt)];
             if let (Some(pt), Some(ds)) = (p_tex, dscore) {
                 // P's texture from the per-query pass (nothing refills binding 16 in between).
                 let dst = g.linear_texture_range(ds, t0, t1 - t0, 17);
@@ -246,11 +272,11 @@ pub fn attention_backward(
     }
     let groups = |t: usize| [t.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
     let qb = if probs.is_none() { Res::Act(q) } else { u() };
-    let bq = vec![qb, Res::Act(k), Res::Act(v), Res::Act(o), Res::Uniform(params.clone()), u(), u(), u(), Res::Act(dout), Res::Act(dq), r10.clone(), u(), u(), u(), r14.clone(), r15.clone()];
+    let bq = vec![qb, Res::Act(k), Res::Act(v), Res::Act(o), Res::uniform(&params), u(), u(), u(), Res::Act(dout), Res::Act(dq), r10.clone(), u(), u(), u(), r14.clone(), r15.clone()];
     let pq = g.pipeline("attention", names.0, &consts)?;
     g.dispatch(format!("{label}.bwd_q"), pq, bq, groups(s.tq), fq * pair_flops);
     let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
-    let bkv = vec![Res::Act(q), kb, vb, u(), Res::Uniform(params), u(), u(), u(), Res::Act(dout), u(), r10, Res::Act(dk), Res::Act(dv), u(), r14, r15];
+    let bkv = vec![Res::Act(q), kb, vb, u(), Res::uniform(&params), u(), u(), u(), Res::Act(dout), u(), r10, Res::Act(dk), Res::Act(dv), u(), r14, r15];
     let pkv = g.pipeline("attention", names.1, &consts)?;
     g.dispatch(format!("{label}.bwd_kv"), pkv, bkv, groups(s.tkv), fkv * pair_flops);
     Ok((dq, dk, dv))

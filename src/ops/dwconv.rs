@@ -125,14 +125,15 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
     Ok((q, k, v))
 }
 
-/// `dwconv.wgsl`'s `Params`, field by field; channels in units of four (vec4).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct DwParams {
-    pub batch: u32,
+crate::kernel_params! {
+/// `dwconv.wgsl`'s `Params`, field by field.
+pub struct DwParams for "dwconv" "Params" {
+    /// Images, the map's grid, channel groups (channels / 4: the kernels work on
+    /// vec4), cls tokens per image (0 or 1), the k/v grid.
+    pub b: u32,
     pub h: u32,
     pub w: u32,
-    pub c4: u32,
+    pub c: u32,
     pub cls: u32,
     pub hk: u32,
     pub wk: u32,
@@ -146,11 +147,12 @@ pub struct DwParams {
     pub parts: u32,
     pub _pad: u32,
 }
+}
 
 /// Params from [batch, h, w, c/4, cls, hk, wk, total, b_off].
 fn params_of(v: [usize; 9]) -> DwParams {
-    let [batch, h, w, c4, cls, hk, wk, total, b_off] = v.map(|x| x as u32);
-    DwParams { batch, h, w, c4, cls, hk, wk, total, b_off, ..Default::default() }
+    let [b, h, w, c, cls, hk, wk, total, b_off] = v.map(|x| x as u32);
+    DwParams { b, h, w, c, cls, hk, wk, total, b_off, ..Default::default() }
 }
 
 /// A binding list from (binding, resource) pairs, unused bindings between.
@@ -290,8 +292,8 @@ struct BnIo {
 /// (`bn_apply_el` or `bn_backward_apply_el`) over every vec4 of the map.
 #[allow(clippy::too_many_arguments)]
 fn bn_gpu(g: &mut Graph, label: &str, io: &BnIo, prm: DwParams, rows: usize, bn_eval: bool, stats: &[u32], apply: &str) -> Result<()> {
-    let c4 = prm.c4 as usize;
-    let parts = bn_parts(g, (prm.batch * prm.h * prm.w) as usize, c4);
+    let c4 = prm.c as usize;
+    let parts = bn_parts(g, (prm.b * prm.h * prm.w) as usize, c4);
     let prm = DwParams { parts: parts as u32, ..prm };
     let sums = g.tensor(format!("{label}.sums"), 2 * parts * c4 * 4);
     let pre = Res::Act(io.pre);

@@ -19,10 +19,9 @@ use anyhow::Result;
 use std::sync::Arc;
 
 
+crate::kernel_params! {
 /// `matmul.wgsl`'s `PackParams` (the pack kernels' uniform), field by field.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct PackParams {
+pub struct PackParams for "matmul" "PackParams" {
     /// The texture's height and width in texels.
     pub height: u32,
     pub width: u32,
@@ -34,6 +33,7 @@ pub struct PackParams {
     pub stride: u32,
     pub transposed: u32,
     pub _pad: u32,
+}
 }
 
 /// Where a view's values live.

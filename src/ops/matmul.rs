@@ -286,12 +286,11 @@ fn overrides(act: Act, accumulate: bool, conv: bool, wg: (usize, usize)) -> [(&'
     [("A_MODE", if conv { 1.0 } else { 0.0 }), ("ACT", act.code()), ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }), ("WG_X", wg.0 as f64), ("WG_Y", wg.1 as f64)]
 }
 
-/// `matmul.wgsl`'s `Params`, field by field (checked against the shader by
-/// `kernels-tests/shaders.rs` through naga): sizes, the conv view of A_MODE 1,
-/// the first output row, strides and offsets, the split-K layout.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct MatmulParams {
+crate::kernel_params! {
+/// `matmul.wgsl`'s `Params`, field by field (checked against the shader,
+/// `ops::params`): sizes, the conv view of A_MODE 1, the first output row,
+/// strides and offsets, the split-K layout.
+pub struct MatmulParams for "matmul" "Params" {
     pub m: u32,
     pub n: u32,
     pub k: u32,
@@ -317,6 +316,7 @@ pub struct MatmulParams {
     /// log2 of the texture GEMM's invocations along column blocks (`tex_block`).
     pub col_lanes_log2: u32,
     pub _pad: u32,
+}
 }
 
 /// Params with sizes [M, N, K, NP4], the conv view (zeros when there is none),

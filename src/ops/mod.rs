@@ -6,6 +6,7 @@ pub mod dwconv;
 pub mod gemm;
 pub mod matmul;
 pub mod optim;
+pub mod params;
 pub mod rownorm;
 pub mod tokens;
 

@@ -97,8 +97,34 @@ fn row_wg(g: &Graph) -> usize {
     }
 }
 
-fn params(m: &RowMap, c: usize) -> Vec<u32> {
-    vec![m.rows as u32, c as u32, m.group as u32, m.in_stride as u32, m.in_off as u32, m.out_stride as u32, m.out_off as u32, LN_EPS.to_bits(), 0, 0, 0, 0]
+crate::kernel_params! {
+/// `rownorm.wgsl`'s `Params`, field by field.
+pub struct RowParams for "rownorm" "Params" {
+    /// Rows, row width, and the row map (`RowMap`): rows come in groups of
+    /// `group`, read from in_stride·(r / group) + in_off + r % group and written
+    /// likewise with the out_ fields.
+    pub rows: u32,
+    pub c: u32,
+    pub group: u32,
+    pub in_stride: u32,
+    pub in_off: u32,
+    pub out_stride: u32,
+    pub out_off: u32,
+    /// LayerNorm's ε.
+    pub eps: f32,
+    /// layernorm4 in chunks: first row, and the texel of the chunk's texture
+    /// where the input's vec4 0 would be.
+    pub row0: u32,
+    pub tex_off: u32,
+    /// softmax_xent: the gradient's scale (1 / batch for a mean loss).
+    pub scale: f32,
+    pub _pad: u32,
+}
+}
+
+fn params(m: &RowMap, c: usize) -> RowParams {
+    let u = |v: usize| v as u32;
+    RowParams { rows: u(m.rows), c: u(c), group: u(m.group), in_stride: u(m.in_stride), in_off: u(m.in_off), out_stride: u(m.out_stride), out_off: u(m.out_off), eps: LN_EPS, ..Default::default() }
 }
 
 /// Gamma (`beta` false, binding 13) or beta (binding 14) as a linear texture: a
@@ -134,9 +160,9 @@ fn layernorm4_chunks(g: &mut Graph, label: &str, x: TensorId, z: Option<TensorId
             None => (Res::Buf(g.gpu.placeholder()), Res::Tex(g.gpu.placeholder_texture(g.half))),
         };
         let mut p = params(&map, ln.c);
-        (p[0], p[8], p[9]) = ((r0 + n) as u32, r0 as u32, t0 as u32);
+        (p.rows, p.row0, p.tex_off) = ((r0 + n) as u32, r0 as u32, t0 as u32);
         let (gt, bt) = (param(g, ln, false), param(g, ln, true));
-        let b = vec![u(), u(), u(), u(), Res::Uniform(p), u(), u(), u(), u(), Res::Act(y), aux, Res::ActTex(xt), zt, gt, bt];
+        let b = vec![u(), u(), u(), u(), Res::uniform(&p), u(), u(), u(), u(), Res::Act(y), aux, Res::ActTex(xt), zt, gt, bt];
         g.dispatch(label, pipeline.clone(), b, row_grid(g, n), 0.0);
     }
     Ok(())
@@ -150,7 +176,7 @@ pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &Laye
         return Ok(y);
     }
     let (pipeline, groups) = row_kernel(g, "layernorm", map.rows, false)?;
-    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), Res::Uniform(params(&map, ln.c))], groups, 0.0);
+    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), Res::uniform(&params(&map, ln.c))], groups, 0.0);
     Ok(y)
 }
 
@@ -171,7 +197,7 @@ pub fn add_layernorm(g: &mut Graph, label: &str, x: TensorId, z: TensorId, rows:
 pub fn softmax(g: &mut Graph, label: &str, x: TensorId, rows: usize, c: usize, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), rows * c));
     let (pipeline, groups) = row_kernel(g, "softmax", rows, false)?;
-    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(y), Res::Uniform(params(&RowMap::dense(rows), c))], groups, 0.0);
+    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(y), Res::uniform(&params(&RowMap::dense(rows), c))], groups, 0.0);
     Ok(y)
 }
 
@@ -199,11 +225,11 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
         let u = || Res::Unused;
         let (xt, dyt) = (g.linear_texture(x, 11), g.linear_texture(dy, 12));
         let gt = param(g, ln, false);
-        let b = vec![u(), u(), u(), u(), Res::Uniform(params(&map, ln.c)), u(), u(), u(), u(), Res::Act(dx), Res::Act(t), Res::ActTex(xt), Res::ActTex(dyt), gt];
+        let b = vec![u(), u(), u(), u(), Res::uniform(&params(&map, ln.c)), u(), u(), u(), u(), Res::Act(dx), Res::Act(t), Res::ActTex(xt), Res::ActTex(dyt), gt];
         g.dispatch(label, pipeline, b, groups, 0.0);
     } else {
         let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows, false)?;
-        g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::Uniform(params(&map, ln.c)), Res::Act(t)], groups, 0.0);
+        g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::uniform(&params(&map, ln.c)), Res::Act(t)], groups, 0.0);
     }
     crate::ops::matmul::colsum(g, &format!("{label}.dgamma"), t, rows, ln.c, Res::Buf(grad.gamma.clone()))?;
     if map.group == rows && map.out_stride == 0 && map.out_off == 0 {
@@ -228,7 +254,7 @@ pub fn softmax_xent(g: &mut Graph, label: &str, logits: TensorId, targets: Tenso
     let loss = g.pinned(format!("{label}.loss"), rows);
     let (pipeline, groups) = row_kernel(g, "softmax_xent", rows, false)?;
     let mut p = params(&RowMap::dense(rows), classes);
-    p[7] = scale.to_bits();
-    g.dispatch(label, pipeline, vec![Res::Act(logits), Res::Act(targets), Res::Unused, Res::Act(d), Res::Uniform(p), Res::Act(loss)], groups, 0.0);
+    p.scale = scale;
+    g.dispatch(label, pipeline, vec![Res::Act(logits), Res::Act(targets), Res::Unused, Res::Act(d), Res::uniform(&p), Res::Act(loss)], groups, 0.0);
     Ok((d, loss))
 }
