@@ -141,7 +141,7 @@ fn adapters_lists_at_least_one() {
     // choice with its source; `--kernels` forces the set.
     let p = &v["selected"]["profile"];
     assert!(["gpu", "cpu"].contains(&p["kernels"].as_str().unwrap()), "{p}");
-    assert!(p["gemm"]["tile"].as_array().unwrap().len() == 3, "{p}");
+    assert!(p["gemm"]["tiles"].as_array().unwrap().len() == 2, "{p}");
     let out = bin().args(["--kernels", "gpu", "adapters", "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["selected"]["profile"]["kernels"], "gpu");

@@ -52,9 +52,20 @@ fn check_matmul_on(gpu: std::sync::Arc<cvt_gpu::gpu::Gpu>, kind: MatmulKind, m: 
     let want = matmul_ref(&a, &w, &b, m, n, k, act, accumulate.then_some(&r[..]));
     // The texture variant with 8 and 16 rows per invocation (Graph::tex_rows), its
     // epilogue fused or split into separate passes (Graph::fused_epilogue).
-    let variants: &[(usize, bool)] = if kind == MatmulKind::Texture { &[(8, false), (8, true), (16, true)] } else { &[(8, true)] };
-    for &(tex_rows, fused) in variants {
+    // The GPU set at its workgroup target and at targets of 1 and 2, which pick
+    // the 128-row tile (8 rows per invocation) wherever there are 2 row tiles.
+    let variants: &[(usize, bool, usize)] = if kind == MatmulKind::Texture {
+        &[(8, false, 0), (8, true, 0), (16, true, 0)]
+    } else if gpu.profile().kernels == cvt_gpu::profile::KernelSet::Gpu {
+        &[(8, true, 0), (8, true, 1), (8, true, 2)]
+    } else {
+        &[(8, true, 0)]
+    };
+    for &(tex_rows, fused, min_groups) in variants {
         let mut g = Graph::new(gpu.clone());
+        if min_groups > 0 {
+            g.profile.gemm.min_workgroups = min_groups;
+        }
         g.profile.tex_rows = tex_rows;
         // Narrow outputs too (not the 8-row default where A is shared).
         g.profile.narrow_rows = Some(tex_rows);
@@ -69,7 +80,7 @@ fn check_matmul_on(gpu: std::sync::Arc<cvt_gpu::gpu::Gpu>, kind: MatmulKind, m: 
         plan.run().unwrap();
         let got = plan.read(y).unwrap();
         // f32 accumulation over K terms of unit-variance products: error ~ 1e-7 * sqrt(K) * |sum|.
-        assert_close(&format!("{kind:?} matmul {m}x{n}x{k} {act:?} acc={accumulate} rows={tex_rows} fused={fused}"), &got, &want, 1e-4, 1e-4);
+        assert_close(&format!("{kind:?} matmul {m}x{n}x{k} {act:?} acc={accumulate} rows={tex_rows} fused={fused} min_groups={min_groups}"), &got, &want, 1e-4, 1e-4);
     }
 }
 
@@ -238,9 +249,13 @@ fn conv_implicit_gemm() {
         // Buffer variant: implicit GEMM; texture variant: im2col (K padded to 64) + texture GEMM.
         // And the GPU kernel set's implicit GEMM (`main_tiled`, A_MODE 1; the
         // last case splits K = 864 ten ways).
-        for (gpu, kind) in [(gpu.clone(), MatmulKind::Buffer), (gpu.clone(), MatmulKind::Texture), (gpu_buffer_variants(), MatmulKind::Buffer)] {
+        // With a workgroup target of 1 too: the 128-row tile.
+        for (gpu, kind, min_groups) in [(gpu.clone(), MatmulKind::Buffer, 0), (gpu.clone(), MatmulKind::Texture, 0), (gpu_buffer_variants(), MatmulKind::Buffer, 0), (gpu_buffer_variants(), MatmulKind::Buffer, 1)] {
             let l = Linear::conv_with_kind(&gpu, "c", &wt, Some(&b), cout, cin, k, k, kind).unwrap();
             let mut g = Graph::new(gpu.clone());
+            if min_groups > 0 {
+                g.profile.gemm.min_workgroups = min_groups;
+            }
             let xin = g.pinned("x", x.len());
             let y = conv2d(&mut g, "conv", xin, geo, &l).unwrap();
             let plan = g.compile().unwrap();

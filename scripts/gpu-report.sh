@@ -113,7 +113,7 @@ rep = {"adapter": name, "adapter_info": info, "profile": prof, "peak_fp32_gflops
 print(f"# cvt-gpu GPU report\n")
 print(f"- adapter: **{name}**; device type {info.get('device_type', '?')}, driver {info.get('driver', '?')} {info.get('driver_info', '')}")
 print(f"- features: {' '.join(info.get('features', []))}")
-print(f"- kernel profile: {prof.get('kernels', '?')} kernel set, {prof.get('texture_read', '?')} texture reads, GEMM tile {prof.get('gemm', {}).get('tile')}, sources {prof.get('sources')}")
+print(f"- kernel profile: {prof.get('kernels', '?')} kernel set, {prof.get('texture_read', '?')} texture reads, GEMM tiles {prof.get('gemm', {}).get('tiles')}, sources {prof.get('sources')}")
 print(f"- FP32 peak used for shares: {peak if peak else 'unknown (set PEAK_GFLOPS)'} GFLOP/s\n")
 print("| GEMM (M×N×K) | kernels | wall ms | GPU ms | GFLOP/s | share of FP32 peak |\n|---|---|---|---|---|---|")
 ceiling = None

@@ -284,11 +284,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
 // main_tiled: the GEMM of the GPU kernel set (`profile::KernelSet::Gpu`), same
 // operand modes, bindings and epilogue as `main`, shaped for GPUs with many
 // compute units and fast workgroup memory:
-// - a TBM x TBN = 64 x 64 output tile per workgroup of 256 invocations (16 x 16),
-//   each owning 4 rows x one vec4 column (16 accumulators);
+// - a TBM x TBN output tile per workgroup of 256 invocations (16 x 16), each
+//   owning TM rows x one vec4 column: TM = 4 (64 x 64 tiles, 16 accumulators)
+//   or TM = 8 (128 x 64, 32 accumulators, twice the multiply-adds per value
+//   staged), chosen per shape by the host (`ops::matmul::tiled_shape`);
 // - K in steps of TBK = 16: the A and B tiles are staged in workgroup memory,
-//   k-major, rows padded by one vec4 (stride 17) so the staging stores do not
-//   all hit one bank; 8.5 KiB in all, far under NVIDIA's 48 KiB;
+//   k-major, rows padded by one vec4 (so the staging stores do not all hit one
+//   bank); at most 12.7 KiB, far under NVIDIA's 48 KiB;
 // - the next K step's operands are loaded into registers while the current one
 //   is multiplied (one barrier pair per step);
 // - global loads coalesced in every mode: 16 consecutive invocations read 16
@@ -296,20 +298,24 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
 //   of one k (A mode 2, the transposed activation of dW), or one vec4 each
 //   (B modes 0, 2);
 // - the implicit im2col (A_MODE 1) has no division per element: each invocation
-//   keeps its 4 rows' views and one (ky, kx, ci) position, stepped by TBK;
+//   keeps its rows' views and one (ky, kx, ci) position, stepped by TBK;
 // - split-K: workgroup z multiplies K range [z·k_chunk, (z+1)·k_chunk); with
 //   SPLIT it stores raw partial products at z·M·N + row·N + col and `splitk_sum`
 //   adds the splits in a fixed order (deterministic) and applies the epilogue.
 // Every barrier is in uniform control flow: the step count depends only on the
-// uniforms and the workgroup id.
-const TBM: u32 = 64u;
+// uniforms and the workgroup id (kernels-tests/uniformity.rs checks).
+override TM: u32 = 4u;
+const TM_MAX: u32 = 8u;
 const TBN: u32 = 64u;
 const TBK: u32 = 16u;
-// A tile row stride in vec4 (TBM / 4 + 1 padding).
-const TS: u32 = 17u;
 override SPLIT: bool = false;
-var<workgroup> As: array<vec4<f32>, 272>;
+// Tiles sized for TM_MAX; the A tile's row stride in vec4 is TBM / 4 + 1.
+var<workgroup> As: array<vec4<f32>, 528>;
 var<workgroup> Bs: array<vec4<f32>, 272>;
+
+fn tbm() -> u32 {
+    return 16u * TM;
+}
 
 // The A_MODE 1 column position of k: tap row, tap column, input channel.
 struct ConvK { ky: u32, kx: u32, ci: u32 }
@@ -344,27 +350,33 @@ fn conv_a(r: RowView, c: ConvK) -> f32 {
     return f32(a[(r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + c.ci]);
 }
 
-// This invocation's four A values of the K step at k0 (zero past M and K).
-fn tile_a(k0: u32, k_end: u32, row0: u32, lid: u32, rv: array<RowView, 4>, ck: ConvK) -> vec4<f32> {
-    var ar: vec4<f32>;
-    for (var e = 0u; e < 4u; e++) {
+// Where staged value e (< TM) of this invocation goes in the A tile: (k, row)
+// within the step. Row-wise modes: k = lid % 16, rows lid / 16 + 16 e; A_MODE 2
+// (rows contiguous in memory): rows lid % 64 + 64 (e / 4), k = lid / 64 + 4 (e % 4).
+fn a_slot(lid: u32, e: u32) -> vec2<u32> {
+    if (A_MODE == 2u) {
+        return vec2<u32>(lid / 64u + 4u * (e % 4u), lid % 64u + 64u * (e / 4u));
+    }
+    return vec2<u32>(lid % 16u, lid / 16u + 16u * e);
+}
+
+// This invocation's TM values of A for the K step at k0 (zero past M and K).
+fn tile_a(k0: u32, k_end: u32, row0: u32, lid: u32, rv: array<RowView, TM_MAX>, ck: ConvK) -> array<f32, TM_MAX> {
+    var ar: array<f32, TM_MAX>;
+    for (var e = 0u; e < TM; e++) {
+        let s = a_slot(lid, e);
+        let k = k0 + s.x;
+        let r = row0 + s.y;
         var v = 0.0;
-        if (A_MODE == 2u) {
-            let k = k0 + lid / 64u + 4u * e;
-            let r = row0 + lid % 64u;
-            if (k < k_end && r < p.M) {
+        if (k < k_end && r < p.M) {
+            if (A_MODE == 2u) {
                 v = f32(a[k * p.a_stride + r]);
-            }
-        } else {
-            let k = k0 + lid % 16u;
-            if (k < k_end && row0 + lid / 16u + 16u * e < p.M) {
-                if (A_MODE == 1u) {
-                    v = conv_a(rv[e], ck);
-                } else if (A_MODE == 3u) {
-                    v = 1.0;
-                } else {
-                    v = f32(a[rv[e].base + k]);
-                }
+            } else if (A_MODE == 1u) {
+                v = conv_a(rv[e], ck);
+            } else if (A_MODE == 3u) {
+                v = 1.0;
+            } else {
+                v = f32(a[rv[e].base + k]);
             }
         }
         ar[e] = v;
@@ -396,9 +408,10 @@ fn tile_b(k0: u32, k_end: u32, col40: u32, lid: u32) -> vec4<f32> {
 
 @compute @workgroup_size(256, 1, 1)
 fn main_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row0 = wid.y * TBM;
+    let row0 = wid.y * tbm();
     let col40 = wid.x * (TBN / 4u);
     let nc4 = (p.N + 3u) / 4u;
+    let ts = tbm() / 4u + 1u;
     // This workgroup's K range (split-K along z).
     let k_begin = wid.z * p.k_chunk;
     let k_end = min(p.K, k_begin + p.k_chunk);
@@ -406,44 +419,34 @@ fn main_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     if (k_end > k_begin) {
         steps = (k_end - k_begin + TBK - 1u) / TBK;
     }
-    // Staging roles. Row-wise modes: k = lid % 16, rows lid / 16 + 16 e.
-    // A_MODE 2: row lid % 64, k = lid / 64 + 4 e.
-    let sk = lid % 16u;
-    let sr = lid / 16u;
-    let tr = lid % 64u;
-    let tk = lid / 64u;
-    var rv: array<RowView, 4>;
-    for (var e = 0u; e < 4u; e++) {
-        rv[e] = row_view(min(row0 + sr + 16u * e, p.M - 1u));
+    // The row views of the rows this invocation stages (row-wise modes).
+    var rv: array<RowView, TM_MAX>;
+    for (var e = 0u; e < TM; e++) {
+        rv[e] = row_view(min(row0 + a_slot(lid, e).y, p.M - 1u));
     }
     var ck = ConvK(0u, 0u, 0u);
     if (A_MODE == 1u) {
-        ck = conv_k_at(k_begin + sk);
+        ck = conv_k_at(k_begin + lid % 16u);
     }
     var k0 = k_begin;
     var ar = tile_a(k0, k_end, row0, lid, rv, ck);
     var br = tile_b(k0, k_end, col40, lid);
     let tx = lid % 16u;
     let ty = lid / 16u;
-    var acc: array<vec4<f32>, 4>;
+    var acc: array<vec4<f32>, TM_MAX>;
     for (var s = 0u; s < steps; s++) {
         // Stage this step's operands.
-        for (var e = 0u; e < 4u; e++) {
-            if (A_MODE == 2u) {
-                let kk = tk + 4u * e;
-                As[kk * TS + tr / 4u][tr % 4u] = ar[e];
-            } else {
-                let r = sr + 16u * e;
-                As[sk * TS + r / 4u][r % 4u] = ar[e];
-            }
+        for (var e = 0u; e < TM; e++) {
+            let sl = a_slot(lid, e);
+            As[sl.x * ts + sl.y / 4u][sl.y % 4u] = ar[e];
         }
         if (B_MODE == 1u) {
             for (var e = 0u; e < 4u; e++) {
-                let n = sr + 16u * e;
-                Bs[sk * TS + n / 4u][n % 4u] = br[e];
+                let n = lid / 16u + 16u * e;
+                Bs[(lid % 16u) * 17u + n / 4u][n % 4u] = br[e];
             }
         } else {
-            Bs[(lid / 16u) * TS + lid % 16u] = br;
+            Bs[(lid / 16u) * 17u + lid % 16u] = br;
         }
         workgroupBarrier();
         // Prefetch the next step into registers while this one is multiplied.
@@ -456,12 +459,14 @@ fn main_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
             br = tile_b(k0, k_end, col40, lid);
         }
         for (var kk = 0u; kk < TBK; kk++) {
-            let av = As[kk * TS + ty];
-            let bv = Bs[kk * TS + tx];
-            acc[0] += av.x * bv;
-            acc[1] += av.y * bv;
-            acc[2] += av.z * bv;
-            acc[3] += av.w * bv;
+            let bv = Bs[kk * 17u + tx];
+            for (var q = 0u; q < TM / 4u; q++) {
+                let av = As[kk * ts + ty * (TM / 4u) + q];
+                acc[4u * q] += av.x * bv;
+                acc[4u * q + 1u] += av.y * bv;
+                acc[4u * q + 2u] += av.z * bv;
+                acc[4u * q + 3u] += av.w * bv;
+            }
         }
         workgroupBarrier();
     }
@@ -469,11 +474,12 @@ fn main_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     if (c4 >= nc4) {
         return;
     }
+    let rbase = row0 + ty * TM;
     if (SPLIT) {
         // Raw partial products; splitk_sum applies the epilogue.
         let col = c4 * 4u;
-        for (var i = 0u; i < 4u; i++) {
-            let row = row0 + ty * 4u + i;
+        for (var i = 0u; i < TM; i++) {
+            let row = rbase + i;
             if (row < p.M) {
                 let base = wid.z * p.M * p.N + row * p.N + col;
                 for (var e = 0u; e < 4u; e++) {
@@ -489,8 +495,8 @@ fn main_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     if (HAS_BIAS) {
         bj = bias[c4];
     }
-    for (var i = 0u; i < 4u; i++) {
-        store_vec(row0 + ty * 4u + i, c4, acc[i] + bj);
+    for (var i = 0u; i < TM; i++) {
+        store_vec(rbase + i, c4, acc[i] + bj);
     }
 }
 

@@ -83,6 +83,21 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
     assert!(worst.1 <= 0.0, "{what}: element {i} = {}, want {} (|err| {:.3e})", got[i], want[i], (got[i] as f64 - want[i]).abs());
 }
 
+/// As `assert_close` for sums of `k` products, whose f32 rounding scales with
+/// the terms, not the result: where terms cancel (a result far smaller than
+/// `abs_sum`, the sum of the terms' magnitudes) the error may exceed a tolerance
+/// relative to the result. Adds the usual probabilistic bound for a sum in f32,
+/// 4·√k·u·abs_sum (u = 2^-24), to 1e-4 + 1e-4·|want|.
+pub fn assert_close_sum(what: &str, got: &[f32], want: &[f64], abs_sum: &[f64], k: usize) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let u = f32::EPSILON as f64 / 2.0;
+    for (i, ((&g, &w), &a)) in got.iter().zip(want).zip(abs_sum).enumerate() {
+        let tol = 1e-4 + 1e-4 * w.abs() + 4.0 * (k as f64).sqrt() * u * a;
+        let err = (g as f64 - w).abs();
+        assert!(err <= tol, "{what}: element {i} = {g}, want {w} (|err| {err:.3e}, tolerance {tol:.3e})");
+    }
+}
+
 pub fn gelu(x: f64) -> f64 {
     0.5 * x * (1.0 + libm_erf(x / std::f64::consts::SQRT_2))
 }

@@ -331,8 +331,8 @@ fn params(sizes: [usize; 4], conv: Option<&ConvGeom>, out_row_off: usize, (a_str
     p
 }
 
-/// The GPU set's GEMM tile (`main_tiled`: TBM x TBN outputs, K steps of TBK).
-const TBM: usize = 64;
+/// The GPU set's GEMM tiles (`main_tiled`): TM rows per invocation, 16·TM x TBN
+/// outputs per workgroup, K steps of TBK.
 const TBN: usize = 64;
 const TBK: usize = 16;
 /// Split-K gives each split at least this much of K (4 K steps), so the
@@ -343,17 +343,29 @@ const MIN_K_PER_SPLIT: usize = 4 * TBK;
 /// while the last wave runs.
 pub const MIN_GROUPS: usize = 264;
 
-/// How a tiled GEMM of `m` x `n` over `k` is launched: output tiles, and the
-/// K splits that bring the workgroups up to `min_groups` where the tiles alone
+/// How a tiled GEMM of `m` x `n` over `k` is launched (`TiledShape`): the
+/// 128-row tile (8 rows per invocation: twice the multiply-adds per staged value)
+/// where it still gives `min_groups` workgroups, else the 64-row tile; then K
+/// splits that bring the workgroups up to `min_groups` where the tiles alone
 /// would leave a large GPU idle (the weight gradients: dW is K_in x N, a few
-/// tiles, over K = every token of the batch). Returns (tiles x, tiles y, splits,
-/// k_chunk).
-pub fn tiled_shape(m: usize, n: usize, k: usize, min_groups: usize) -> (usize, usize, usize, usize) {
-    let (gx, gy) = (n.div_ceil(4).div_ceil(TBN / 4), m.div_ceil(TBM));
-    let tiles = gx * gy;
-    let want = min_groups.div_ceil(tiles.max(1)).min(k / MIN_K_PER_SPLIT).max(1);
-    let chunk = k.div_ceil(want).div_ceil(TBK) * TBK;
-    (gx, gy, k.div_ceil(chunk.max(1)).max(1), chunk.max(TBK))
+/// tiles, over K = every token of the batch).
+pub fn tiled_shape(m: usize, n: usize, k: usize, min_groups: usize) -> TiledShape {
+    let gx = n.div_ceil(4).div_ceil(TBN / 4);
+    let tm = if gx * m.div_ceil(128) >= min_groups { 8 } else { 4 };
+    let gy = m.div_ceil(16 * tm);
+    let want = min_groups.div_ceil(gx * gy).min(k / MIN_K_PER_SPLIT).max(1);
+    let chunk = (k.div_ceil(want).div_ceil(TBK) * TBK).max(TBK);
+    TiledShape { groups: [gx, gy], tm, splits: k.div_ceil(chunk).max(1), k_chunk: chunk }
+}
+
+/// A tiled GEMM's launch: output tiles (x along N, y along M), rows per
+/// invocation (the shader's TM), K splits and K per split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TiledShape {
+    pub groups: [usize; 2],
+    pub tm: usize,
+    pub splits: usize,
+    pub k_chunk: usize,
 }
 
 /// C (+)= epilogue(A·B) with `main_tiled` (the GPU kernel set), split along K
@@ -364,10 +376,14 @@ pub fn tiled_shape(m: usize, n: usize, k: usize, min_groups: usize) -> (usize, u
 /// can be far larger than their sum). `ov` are the
 /// operand modes and epilogue constants; `ops` the bindings a, b, bias, c.
 fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, b, bias, c]: [Res; 4], mut p: MatmulParams, (m, n, k): (usize, usize, usize)) -> Result<()> {
-    let (gx, gy, splits, chunk) = tiled_shape(m, n, k, if g.half { 1 } else { g.profile.gemm.min_workgroups });
+    let shape = tiled_shape(m, n, k, if g.half { 1 } else { g.profile.gemm.min_workgroups });
+    let ([gx, gy], splits) = (shape.groups, shape.splits);
     let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
     anyhow::ensure!(gx <= max && gy <= max, "{label}: a {m}x{n} GEMM needs {gx}x{gy} workgroups, over this adapter's {max} per dimension; use a smaller batch");
-    (p.k_chunk, p.splits) = (chunk as u32, splits as u32);
+    (p.k_chunk, p.splits) = (shape.k_chunk as u32, splits as u32);
+    let mut ov = ov.to_vec();
+    ov.push(("TM", shape.tm as f64));
+    let ov = &ov[..];
     let flops = 2.0 * (m * n * k) as f64;
     if splits == 1 {
         let pipeline = g.pipeline("matmul", "main_tiled", ov)?;

@@ -71,11 +71,12 @@ pub enum KernelChoice {
 /// The GPU set's GEMM launch (`ops::matmul::tiled`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct GemmTiles {
-    /// Output tile rows and columns, K step (the shader's TBM, TBN, TBK).
-    pub tile: [usize; 3],
-    /// Invocations per workgroup, and outputs per invocation (rows x columns).
+    /// Output tiles (rows, columns, K step): 128 x 64 where a GEMM still fills
+    /// `min_workgroups` with it (8 x 4 outputs per invocation), else 64 x 64
+    /// (4 x 4); `ops::matmul::tiled_shape` picks per shape.
+    pub tiles: [[usize; 3]; 2],
+    /// Invocations per workgroup.
     pub invocations: usize,
-    pub block: [usize; 2],
     /// Split K (and size the column sums' first stage) until a GEMM launches at
     /// least this many workgroups: two per compute unit of a large GPU (132 SMs
     /// on an H100). wgpu does not report compute units, so this is a rule.
@@ -157,7 +158,7 @@ impl Profile {
             copy_reuse: true,
             fuse_act: true,
             f16_act: true,
-            gemm: GemmTiles { tile: [64, 64, 16], invocations: 256, block: [4, 4], min_workgroups: crate::ops::matmul::MIN_GROUPS },
+            gemm: GemmTiles { tiles: [[128, 64, 16], [64, 64, 16]], invocations: 256, min_workgroups: crate::ops::matmul::MIN_GROUPS },
             sources: BTreeMap::new(),
         }
     }
