@@ -369,8 +369,9 @@ impl<'a> Analysis<'a> {
         const_bool(self.module, self.fun, e)
     }
 
-    /// Whether the function's result varies (no violations recorded).
-    fn run_quiet(&mut self) -> bool {
+    /// The variation of every expression and local: locals become varying as
+    /// stores are found, so the walk repeats until nothing changes.
+    fn settle(&mut self) {
         loop {
             let before = self.varying_locals.len();
             self.expressions();
@@ -380,22 +381,18 @@ impl<'a> Analysis<'a> {
             }
         }
         self.expressions();
+    }
+
+    /// Whether the function's result varies (no violations recorded).
+    fn run_quiet(&mut self) -> bool {
+        self.settle();
         self.returns_varying = false;
         self.block(&self.fun.body, false, false);
         self.returns_varying
     }
 
     fn run(&mut self) -> Vec<String> {
-        // Locals become varying as stores are found; repeat until stable.
-        loop {
-            let before = self.varying_locals.len();
-            self.expressions();
-            self.block(&self.fun.body, false, false);
-            if self.varying_locals.len() == before {
-                break;
-            }
-        }
-        self.expressions();
+        self.settle();
         self.block(&self.fun.body, false, true);
         std::mem::take(&mut self.violations)
     }

@@ -56,6 +56,35 @@ fn normalise_row(pb: u32, lse: f32) {
 
 var<workgroup> ks: array<vec4<f32>, 256>; // TK * D4_MAX
 var<workgroup> vs: array<vec4<f32>, 256>;
+// The output's gradient (the backward; a placeholder in the forward, which
+// shares stage_tile).
+@group(0) @binding(8) var<storage, read> dout: array<vec4<f32>>;
+
+// Stages rows t0 .. t0 + n of one head into the tiles, a workgroup's WG
+// invocations together: K and V rows (which 0: the forward, the dQ pass) or Q and
+// dO rows (which 1: the dK/dV pass) into ks and vs. Rows past n are zero, so no
+// stale value (or NaN from uninitialised memory) can reach the sums.
+fn stage_tile(which: u32, bi: u32, head: u32, t0: u32, n: u32, lid: u32) {
+    let rows = select(p.Tkv, p.Tq, which == 1u);
+    for (var i = lid; i < TK * D4; i += WG) {
+        let j = i / D4;
+        let d = i % D4;
+        var a0 = vec4<f32>(0.0);
+        var a1 = vec4<f32>(0.0);
+        if (j < n) {
+            let src = (bi * rows + t0 + j) * p.C4 + head * D4 + d;
+            if (which == 0u) {
+                a0 = vec4<f32>(k[src]);
+                a1 = vec4<f32>(v[src]);
+            } else {
+                a0 = vec4<f32>(q[src]);
+                a1 = dout[src];
+            }
+        }
+        ks[j * D4_MAX + d] = a0;
+        vs[j * D4_MAX + d] = a1;
+    }
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -73,21 +102,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var l = 0.0;
     for (var t0 = 0u; t0 < p.Tkv; t0 += TK) {
         let n = min(TK, p.Tkv - t0);
-        // Cooperative load; rows past the end are zero so no stale value (or NaN
-        // from uninitialised memory) can reach the sums.
-        for (var i = lid; i < TK * D4; i += WG) {
-            let j = i / D4;
-            let d = i % D4;
-            var kv = vec4<f32>(0.0);
-            var vv = vec4<f32>(0.0);
-            if (j < n) {
-                let src = (bi * p.Tkv + t0 + j) * p.C4 + head * D4 + d;
-                kv = vec4<f32>(k[src]);
-                vv = vec4<f32>(v[src]);
-            }
-            ks[j * D4_MAX + d] = kv;
-            vs[j * D4_MAX + d] = vv;
-        }
+        stage_tile(0u, bi, head, t0, n, lid);
         workgroupBarrier();
         var s: array<f32, TK>;
         var tmax = m;
@@ -379,7 +394,6 @@ fn main_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id
 // queries, dO and (lse, D) in tiles of TK; writes dK and dV. No atomics: each
 // output row has one writer.
 
-@group(0) @binding(8) var<storage, read> dout: array<vec4<f32>>;
 @group(0) @binding(9) var<storage, read_write> dq: array<vec4<f32>>;
 @group(0) @binding(11) var<storage, read_write> dk: array<vec4<f32>>;
 @group(0) @binding(12) var<storage, read_write> dv: array<vec4<f32>>;
@@ -410,19 +424,7 @@ fn attn_bwd_q(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let lse = lse_d[row].x;
     for (var t0 = 0u; t0 < p.Tkv; t0 += TK) {
         let n = min(TK, p.Tkv - t0);
-        for (var i = lid; i < TK * D4; i += WG) {
-            let j = i / D4;
-            let d = i % D4;
-            var kv = vec4<f32>(0.0);
-            var vv = vec4<f32>(0.0);
-            if (j < n) {
-                let src = (bi * p.Tkv + t0 + j) * p.C4 + head * D4 + d;
-                kv = vec4<f32>(k[src]);
-                vv = vec4<f32>(v[src]);
-            }
-            ks[j * D4_MAX + d] = kv;
-            vs[j * D4_MAX + d] = vv;
-        }
+        stage_tile(0u, bi, head, t0, n, lid);
         workgroupBarrier();
         for (var j = 0u; j < n; j++) {
             var sv = vec4<f32>(0.0);
@@ -465,19 +467,7 @@ fn attn_bwd_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     // Query tiles: Q rows in ks, dO rows in vs, (lse, D) in lds.
     for (var t0 = 0u; t0 < p.Tq; t0 += TK) {
         let n = min(TK, p.Tq - t0);
-        for (var i = lid; i < TK * D4; i += WG) {
-            let j = i / D4;
-            let d = i % D4;
-            var qq = vec4<f32>(0.0);
-            var gg = vec4<f32>(0.0);
-            if (j < n) {
-                let src = (bi * p.Tq + t0 + j) * p.C4 + head * D4 + d;
-                qq = vec4<f32>(q[src]);
-                gg = dout[src];
-            }
-            ks[j * D4_MAX + d] = qq;
-            vs[j * D4_MAX + d] = gg;
-        }
+        stage_tile(1u, bi, head, t0, n, lid);
         for (var j = lid; j < TK; j += WG) {
             lds[j] = select(vec2<f32>(0.0), lse_d[(bi * p.heads + head) * p.Tq + t0 + min(j, n - 1u)], j < n);
         }

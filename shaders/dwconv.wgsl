@@ -554,8 +554,14 @@ fn bn_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     }
 }
 
-// Element i (a vec4) of a map of B·(cls + hw) rows: its channel group and
-// whether its row is a cls row (passed through).
+// The element (vec4) of a map of B·(cls + hw) rows this invocation takes, or
+// none (past the end).
+fn el_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    let i = gid.x + gid.y * nwg.x * WG;
+    return select(0xffffffffu, i, i < p.B * (p.cls + p.H * p.W) * p.C);
+}
+
+// Element i's channel group, and whether its row is a cls row (passed through).
 fn el_channel(i: u32) -> u32 {
     return i % p.C;
 }
@@ -566,11 +572,11 @@ fn el_is_cls(i: u32, hw: u32) -> bool {
 
 @compute @workgroup_size(WG)
 fn bn_apply_el(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * WG;
-    let hw = p.H * p.W;
-    if (i >= p.B * (p.cls + hw) * p.C) {
+    let i = el_index(gid, nwg);
+    if (i == 0xffffffffu) {
         return;
     }
+    let hw = p.H * p.W;
     let c = el_channel(i);
     let scale = stats[p.C + c] * w[c];
     let shift = bias[c] - stats[c] * scale;
@@ -580,11 +586,11 @@ fn bn_apply_el(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 
 @compute @workgroup_size(WG)
 fn bn_backward_apply_el(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * WG;
-    let hw = p.H * p.W;
-    if (i >= p.B * (p.cls + hw) * p.C) {
+    let i = el_index(gid, nwg);
+    if (i == 0xffffffffu) {
         return;
     }
+    let hw = p.H * p.W;
     let k = bn_backward_coefficients(el_channel(i), f32(p.B * hw));
     let dy = dpost[i];
     dpre[i] = select(k[0] * dy + k[1] * pre[i] + k[2], dy, el_is_cls(i, hw));

@@ -172,7 +172,10 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
     let pipeline = g.pipeline("attention", "main", &consts)?;
     let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
     let u = || Res::Unused;
-    let bindings = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), params(s.batch, 0), u(), u(), u(), u(), u(), lse_res, u(), u(), u(), p_res];
+    // Binding 8 (dO) is statically used through stage_tile, which the backward
+    // shares, and never read here: q fills it (a read-only binding, as at 0; the
+    // placeholder is bound read-write at 10 and 14).
+    let bindings = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), params(s.batch, 0), u(), u(), u(), Res::Act(q), u(), lse_res, u(), u(), u(), p_res];
     g.dispatch(label, pipeline, bindings, groups, flops(s.batch));
     Ok((o, AttnSaved { probs, lse }))
 }
