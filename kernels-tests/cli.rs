@@ -152,7 +152,9 @@ fn adapters_lists_at_least_one() {
 /// A bad kernel set, and an unknown setting, are one-line errors.
 #[test]
 fn bad_kernel_settings_are_one_line() {
-    for (key, value, want) in [("CVT_GPU_KERNELS", "gpux", "error: CVT_GPU_KERNELS=gpux: expected `auto`, `gpu`, `cpu`"), ("CVT_GPU_KERNAL", "gpu", "error: CVT_GPU_KERNAL: unknown setting (did you mean CVT_GPU_KERNELS?)")] {
+    for (key, value, want) in
+        [("CVT_GPU_KERNELS", "gpux", "error: CVT_GPU_KERNELS=gpux: expected `auto`, `gpu`, `cpu`"), ("CVT_GPU_KERNAL", "gpu", "error: CVT_GPU_KERNAL: unknown setting (did you mean CVT_GPU_KERNELS?)")]
+    {
         let out = bin().env(key, value).args(["adapters"]).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");

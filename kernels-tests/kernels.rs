@@ -250,7 +250,9 @@ fn conv_implicit_gemm() {
         // And the GPU kernel set's implicit GEMM (`main_tiled`, A_MODE 1; the
         // last case splits K = 864 ten ways).
         // With a workgroup target of 1 too: the 128-row tile.
-        for (gpu, kind, min_groups) in [(gpu.clone(), MatmulKind::Buffer, 0), (gpu.clone(), MatmulKind::Texture, 0), (gpu_buffer_variants(), MatmulKind::Buffer, 0), (gpu_buffer_variants(), MatmulKind::Buffer, 1)] {
+        for (gpu, kind, min_groups) in
+            [(gpu.clone(), MatmulKind::Buffer, 0), (gpu.clone(), MatmulKind::Texture, 0), (gpu_buffer_variants(), MatmulKind::Buffer, 0), (gpu_buffer_variants(), MatmulKind::Buffer, 1)]
+        {
             let l = Linear::conv_with_kind(&gpu, "c", &wt, Some(&b), cout, cin, k, k, kind).unwrap();
             let mut g = Graph::new(gpu.clone());
             if min_groups > 0 {

@@ -141,10 +141,13 @@ fn constant_locals(module: &Module, fun: &Function) -> Locals {
             }
         }
         stores(module, fun, &known, &fun.body, &mut all);
-        let next: Locals = all.into_iter().filter_map(|(l, vals)| match vals.first() {
-            Some(Some(v)) if vals.iter().all(|x| x == &Some(*v)) => Some((l, *v)),
-            _ => None,
-        }).collect();
+        let next: Locals = all
+            .into_iter()
+            .filter_map(|(l, vals)| match vals.first() {
+                Some(Some(v)) if vals.iter().all(|x| x == &Some(*v)) => Some((l, *v)),
+                _ => None,
+            })
+            .collect();
         if next == known {
             break;
         }
@@ -341,7 +344,11 @@ impl<'a> Analysis<'a> {
                     let callee = &self.module.functions[*function];
                     if synchronises(self.module, callee, &callee.body) {
                         if flow && record {
-                            self.violations.push(format!("{}: call to {} (which synchronises) in varying control flow", self.fun.name.as_deref().unwrap_or("?"), callee.name.as_deref().unwrap_or("?")));
+                            self.violations.push(format!(
+                                "{}: call to {} (which synchronises) in varying control flow",
+                                self.fun.name.as_deref().unwrap_or("?"),
+                                callee.name.as_deref().unwrap_or("?")
+                            ));
                         }
                         if record {
                             let args = arguments.iter().map(|a| self.varying[a.index()]).collect();

@@ -104,7 +104,19 @@ fn plan_only(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize) -> Resul
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!("{} {:?} @{}x{} batch {}: {} dispatches, {:.1} GFLOP, {:.2} GB bound; {} kernel set on {}", r.model, r.mode, res, res, a.batch, r.dispatches.len(), total_flops / 1e9, total_bytes as f64 / 1e9, r.kernels, r.adapter);
+    println!(
+        "{} {:?} @{}x{} batch {}: {} dispatches, {:.1} GFLOP, {:.2} GB bound; {} kernel set on {}",
+        r.model,
+        r.mode,
+        res,
+        res,
+        a.batch,
+        r.dispatches.len(),
+        total_flops / 1e9,
+        total_bytes as f64 / 1e9,
+        r.kernels,
+        r.adapter
+    );
     let mut heaviest: Vec<&crate::graph::Launch> = r.dispatches.iter().collect();
     heaviest.sort_by(|x, y| y.flops.total_cmp(&x.flops).then(y.bytes.cmp(&x.bytes)));
     println!("  {:<44} {:>18} {:>12} {:>9} {:>9}", "heaviest dispatches", "workgroups", "size", "GFLOP", "MB");
@@ -301,7 +313,8 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         let (m, n, k) = match &a.shape {
             None => (1024, 1024, 1024),
             Some(s) => {
-                let v: Vec<usize> = s.split(',').map(|x| x.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|_| anyhow::anyhow!("--shape {s}: expected M,N,K (three positive integers)"))?;
+                let v: Vec<usize> =
+                    s.split(',').map(|x| x.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|_| anyhow::anyhow!("--shape {s}: expected M,N,K (three positive integers)"))?;
                 anyhow::ensure!(v.len() == 3 && v.iter().all(|&x| (1..=1 << 20).contains(&x)), "--shape {s}: expected M,N,K, each in 1..=1048576");
                 (v[0], v[1], v[2])
             }

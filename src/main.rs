@@ -152,7 +152,15 @@ fn adapters(args: &GpuArgs, json: bool) -> Result<()> {
     }
     let gpu = args.open()?;
     let p = gpu.profile();
-    println!("kernel profile of {}: {} kernel set, {} texture reads, GEMM tiles {:?} x {} invocations, row lanes {} (`adapters --json` has every choice and its source)", gpu.describe(), p.kernels.name(), p.texture_read.name(), p.gemm.tiles, p.gemm.invocations, p.row_lanes);
+    println!(
+        "kernel profile of {}: {} kernel set, {} texture reads, GEMM tiles {:?} x {} invocations, row lanes {} (`adapters --json` has every choice and its source)",
+        gpu.describe(),
+        p.kernels.name(),
+        p.texture_read.name(),
+        p.gemm.tiles,
+        p.gemm.invocations,
+        p.row_lanes
+    );
     Ok(())
 }
 

@@ -62,7 +62,6 @@ pub fn check_setting(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> anyhow:
     Ok(())
 }
 
-
 /// Linear textures (`Graph::linear_texture`): texel i of a buffer at
 /// (i & (W - 1), i >> log2 W), W a power of two. The same in both modes.
 const LINEAR: &str = "fn lin_at(width: u32, i: u32) -> vec2<i32> {\n\

@@ -128,15 +128,7 @@ impl Model {
                 let conv = |x: &str| get(t, &format!("{b}.attn.conv_proj_{x}.conv.weight"));
                 blocks.push(Block {
                     norm1: ln(&format!("{b}.norm1"))?,
-                    conv_proj: ConvProj::with_kind(
-                        &gpu,
-                        &format!("{b}.attn.conv_proj"),
-                        [conv("q")?, conv("k")?, conv("v")?],
-                        [bn("q")?, bn("k")?, bn("v")?],
-                        c,
-                        gpu.profile().matmul(),
-                        half,
-                    )?,
+                    conv_proj: ConvProj::with_kind(&gpu, &format!("{b}.attn.conv_proj"), [conv("q")?, conv("k")?, conv("v")?], [bn("q")?, bn("k")?, bn("v")?], c, gpu.profile().matmul(), half)?,
                     proj_q: lin(&format!("{b}.attn.proj_q"), c, c)?,
                     proj_k: lin(&format!("{b}.attn.proj_k"), c, c)?,
                     proj_v: lin(&format!("{b}.attn.proj_v"), c, c)?,

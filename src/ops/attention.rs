@@ -259,8 +259,7 @@ pub fn attention_backward(
             let qtex = if probs.is_none() { Res::ActTex(qt) } else { u() };
             let p_tex = probs.map(|p| g.linear_texture_range(p, t0, t1 - t0, 16));
             let pt = p_tex.map_or_else(u, Res::ActTex);
-            let bq =
-                vec![u(), u(), u(), Res::Act(o), Res::uniform(&params), qtex, Res::ActTex(kt), Res::ActTex(vt), u(), Res::Act(dq), r10.clone(), u(), u(), Res::ActTex(gt), u(), r15.clone(), pt];
+            let bq = vec![u(), u(), u(), Res::Act(o), Res::uniform(&params), qtex, Res::ActTex(kt), Res::ActTex(vt), u(), Res::Act(dq), r10.clone(), u(), u(), Res::ActTex(gt), u(), r15.clone(), pt];
             g.dispatch(format!("{label}.bwd_q"), pq.clone(), bq, [s.tq.div_ceil(wg) as u32, s.heads as u32, nb as u32], fq * chunk_flops);
             let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
             let mut bkv = vec![u(), kb, vb, u(), Res::uniform(&params), Res::ActTex(qt), u(), u(), u(), u(), r10.clone(), Res::Act(dk), Res::Act(dv), Res::ActTex(gt)];

@@ -306,14 +306,7 @@ fn bn_gpu(g: &mut Graph, label: &str, io: &BnIo, prm: DwParams, rows: usize, bn_
             g.dispatch(format!("{label}.{name}.part"), pipeline, b, grid1d(&g.gpu, (parts * c4).div_ceil(WG) as u64), 0.0);
         }
         let pipeline = g.pipeline("dwconv", "bn_finish", &consts)?;
-        let b = bindings(vec![
-            (6, Res::uniform(&prm)),
-            (7, io.stats.clone()),
-            (8, io.running.clone()),
-            (13, io.dgamma.clone()),
-            (16, io.dbeta.clone()),
-            (26, Res::Act(sums)),
-        ]);
+        let b = bindings(vec![(6, Res::uniform(&prm)), (7, io.stats.clone()), (8, io.running.clone()), (13, io.dgamma.clone()), (16, io.dbeta.clone()), (26, Res::Act(sums))]);
         g.dispatch(format!("{label}.{name}"), pipeline, b, grid1d(&g.gpu, c4 as u64), 0.0);
     }
     let pipeline = g.pipeline("dwconv", apply, &[("WG", WG as f64), ("BN_EVAL", bn_eval as u8 as f64)])?;
@@ -338,7 +331,8 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
     let mut stats = vec![];
     let gpu_set = !cpu_reductions(g);
     let (consts, bn_groups) = bn_shape(p.bn_eval, p.c / 4);
-    let passes = if gpu_set { vec![] } else { vec![("mean", g.pipeline("dwconv", "bn_mean", &consts)?), ("var", g.pipeline("dwconv", "bn_var", &consts)?), ("", g.pipeline("dwconv", "bn_apply", &consts)?)] };
+    let passes =
+        if gpu_set { vec![] } else { vec![("mean", g.pipeline("dwconv", "bn_mean", &consts)?), ("var", g.pipeline("dwconv", "bn_var", &consts)?), ("", g.pipeline("dwconv", "bn_apply", &consts)?)] };
     for (m, (pre, (mh, mw))) in [(pq, (h, w)), (pk, (hk, wk)), (pv, (hk, wk))].into_iter().enumerate() {
         let out = g.tensor(format!("{label}.bn{m}"), g.len(pre));
         let st = g.tensor(format!("{label}.bn{m}.stats"), 2 * p.c);

@@ -18,7 +18,6 @@ use crate::ops::Act;
 use anyhow::Result;
 use std::sync::Arc;
 
-
 crate::kernel_params! {
 /// `matmul.wgsl`'s `PackParams` (the pack kernels' uniform), field by field.
 pub struct PackParams for "matmul" "PackParams" {

@@ -39,11 +39,5 @@ pub fn all() -> Vec<(&'static str, &'static str, &'static [&'static str], usize)
     fn entry<T: KernelParams>() -> (&'static str, &'static str, &'static [&'static str], usize) {
         (T::SHADER, T::WGSL_STRUCT, T::FIELDS, std::mem::size_of::<T>())
     }
-    vec![
-        entry::<super::matmul::MatmulParams>(),
-        entry::<super::gemm::PackParams>(),
-        entry::<super::dwconv::DwParams>(),
-        entry::<super::attention::AttnParams>(),
-        entry::<super::rownorm::RowParams>(),
-    ]
+    vec![entry::<super::matmul::MatmulParams>(), entry::<super::gemm::PackParams>(), entry::<super::dwconv::DwParams>(), entry::<super::attention::AttnParams>(), entry::<super::rownorm::RowParams>()]
 }

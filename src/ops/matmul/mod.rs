@@ -1,5 +1,25 @@
 //! `shaders/matmul.wgsl`: linear layers and dense convolutions (implicit GEMM)
 //! with fused bias, activation and residual add.
+//!
+//! One module per job, one GEMM per kernel set: this one holds the weight
+//! layouts (`Linear`), the parameters and `dispatch`, which picks the kernel for
+//! a layer from the graph's profile; `tiled` is the GPU set's GEMM (tiles,
+//! split-K) and its column sums; `texture` the CPU set's block and grid rules
+//! (the texture GEMM itself is `ops::gemm`); `conv` the dense convolutions
+//! (im2col, col2im) and their backward; `backward` the linear layers' backward.
+
+mod backward;
+mod conv;
+mod texture;
+mod tiled;
+
+pub use backward::{linear_backward, linear_backward_act, LinearGrad};
+use conv::im2col;
+pub use conv::{conv2d, conv2d_backward};
+pub use texture::TWG_X;
+pub(crate) use texture::{tex_block, tex_grid};
+use tiled::{backward_product, tiled};
+pub use tiled::{colsum, tiled_shape, TiledShape, MIN_GROUPS};
 
 use crate::gpu::{Gpu, MatmulKind};
 use crate::graph::{Graph, Res, TensorId};
@@ -19,61 +39,6 @@ const RM: usize = 8;
 const RN4: usize = 2;
 const WG_X: usize = 8;
 const WG_Y: usize = 8;
-/// The texture variant's block (`TRN4` vec4 columns; rows per invocation are the
-/// graph's `tex_rows`, the shader's `TRM`) and workgroup.
-pub(crate) const TRN4: usize = 4;
-pub const TWG_X: usize = 16;
-
-/// The grid of a texture GEMM with `n4` vec4 output columns, `rows` rows and
-/// block `b`: 2^b.lx of its TWG_X invocations along column blocks, the rest
-/// along row blocks.
-pub(crate) fn tex_grid(n4: usize, rows: usize, b: &TexBlock) -> [u32; 3] {
-    let wx = 1usize << b.lx;
-    [n4.div_ceil(TRN4).div_ceil(wx) as u32, rows.div_ceil(b.trm).div_ceil(TWG_X / wx) as u32, 1]
-}
-
-/// Whether this graph's texture GEMMs may fetch A once per subgroup
-/// (`matmul.wgsl`'s `A_SHARE`): subgroup operations, subgroups of 8 lanes or more.
-fn can_share_a(g: &Graph) -> bool {
-    g.profile.a_share && g.gpu.subgroups && g.gpu.info.subgroup_min_size >= 8
-}
-
-/// How a texture GEMM works: rows per invocation (the shader's `TRM`), whether
-/// A is fetched once per subgroup (`A_SHARE`), and log2 of the invocations along
-/// column blocks (`p.in_tok_off`).
-pub(crate) struct TexBlock {
-    pub trm: usize,
-    pub share: bool,
-    pub lx: u32,
-}
-
-/// The block of a texture GEMM with `n4` vec4 output columns.
-///
-/// Lanes go along the column blocks as far as there are (up to TWG_X), the rest
-/// along row blocks: a narrow output (N = 32: two column blocks) would otherwise
-/// leave 14 of 16 invocations idle, which on a CPU driver are SIMD lanes
-/// computed anyway. A is shared where all TWG_X lanes split column blocks
-/// (outputs over 128 wide), so every lane has the same rows whatever the
-/// driver's subgroup layout: 1024^3 1.18x, CvT-13 training 1.11x
-/// (docs/perf.md); or where 8 lanes do and the adapter's subgroups are runs of 8
-/// consecutive invocations (`subgroups_of_8`), when that idles fewer lanes of
-/// the last workgroup: N = 384 has 24 column blocks, which 16-lane rows cover
-/// with 8 idle lanes. Shared GEMMs take `tex_rows`; the others `narrow_rows`, by
-/// default 8 where A can be shared (they need a pipeline of their own then, and
-/// the 8-row one compiles in half the time: first call 0.7-1.5 s shorter,
-/// CvT-13's stage 0 GEMMs 1.16x faster), else `tex_rows` (one pipeline for all).
-pub(crate) fn tex_block(g: &Graph, n4: usize) -> TexBlock {
-    let cb = n4.div_ceil(TRN4);
-    let wx = cb.next_power_of_two().min(TWG_X);
-    if can_share_a(g) && wx == TWG_X {
-        let idle = |w: usize| cb.div_ceil(w) * w - cb;
-        let lx = if idle(8) < idle(16) && g.profile.subgroups_of_8 { 3 } else { 4 };
-        TexBlock { trm: g.profile.tex_rows, share: true, lx }
-    } else {
-        TexBlock { trm: g.profile.narrow_rows.unwrap_or(if can_share_a(g) { 8 } else { g.profile.tex_rows }), share: false, lx: wx.trailing_zeros() }
-    }
-}
-
 /// Activation fused into the matmul epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -326,117 +291,10 @@ fn params(sizes: [usize; 4], conv: Option<&ConvGeom>, out_row_off: usize, (a_str
     let mut p = MatmulParams { m, n, k, np4, out_row_off: out_row_off as u32, a_stride: a_stride as u32, b_stride: b_stride as u32, splits: 1, ..Default::default() };
     if let Some(c) = conv {
         let (oh, ow) = c.out_hw();
-        [p.in_h, p.in_w, p.cin, p.in_tokens, p.in_tok_off, p.out_h, p.out_w, p.kh, p.kw, p.stride, p.pad] = [c.in_h, c.in_w, c.cin, c.in_tokens, c.in_tok_off, oh, ow, c.k, c.k, c.stride, c.pad].map(|v| v as u32);
+        [p.in_h, p.in_w, p.cin, p.in_tokens, p.in_tok_off, p.out_h, p.out_w, p.kh, p.kw, p.stride, p.pad] =
+            [c.in_h, c.in_w, c.cin, c.in_tokens, c.in_tok_off, oh, ow, c.k, c.k, c.stride, c.pad].map(|v| v as u32);
     }
     p
-}
-
-/// The GPU set's GEMM tiles (`main_tiled`): TM rows per invocation, 16·TM x TBN
-/// outputs per workgroup, K steps of TBK.
-const TBN: usize = 64;
-const TBK: usize = 16;
-/// Split-K gives each split at least this much of K (4 K steps), so the
-/// partial products' traffic stays small beside the operands'.
-const MIN_K_PER_SPLIT: usize = 4 * TBK;
-/// Workgroups a GEMM or reduction of the GPU set should launch at least: two
-/// per compute unit of a large GPU (132 SMs on an H100), so no unit idles
-/// while the last wave runs.
-pub const MIN_GROUPS: usize = 264;
-
-/// How a tiled GEMM of `m` x `n` over `k` is launched (`TiledShape`): the
-/// 128-row tile (8 rows per invocation: twice the multiply-adds per staged value)
-/// where it still gives `min_groups` workgroups, else the 64-row tile; then K
-/// splits that bring the workgroups up to `min_groups` where the tiles alone
-/// would leave a large GPU idle (the weight gradients: dW is K_in x N, a few
-/// tiles, over K = every token of the batch).
-pub fn tiled_shape(m: usize, n: usize, k: usize, min_groups: usize) -> TiledShape {
-    let gx = n.div_ceil(4).div_ceil(TBN / 4);
-    let tm = if gx * m.div_ceil(128) >= min_groups { 8 } else { 4 };
-    let gy = m.div_ceil(16 * tm);
-    let want = min_groups.div_ceil(gx * gy).min(k / MIN_K_PER_SPLIT).max(1);
-    let chunk = (k.div_ceil(want).div_ceil(TBK) * TBK).max(TBK);
-    TiledShape { groups: [gx, gy], tm, splits: k.div_ceil(chunk).max(1), k_chunk: chunk }
-}
-
-/// A tiled GEMM's launch: output tiles (x along N, y along M), rows per
-/// invocation (the shader's TM), K splits and K per split.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TiledShape {
-    pub groups: [usize; 2],
-    pub tm: usize,
-    pub splits: usize,
-    pub k_chunk: usize,
-}
-
-/// C (+)= epilogue(A·B) with `main_tiled` (the GPU kernel set), split along K
-/// where the output tiles alone give fewer than the profile's workgroup target:
-/// each split writes its partial product to a tensor of its own and
-/// `splitk_sum` adds them in order and applies the epilogue. Not in f16 plans:
-/// partial sums stored in f16 lose more than the output's own rounding (partials
-/// can be far larger than their sum). `ov` are the
-/// operand modes and epilogue constants; `ops` the bindings a, b, bias, c.
-fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, b, bias, c]: [Res; 4], mut p: MatmulParams, (m, n, k): (usize, usize, usize)) -> Result<()> {
-    let shape = tiled_shape(m, n, k, if g.half { 1 } else { g.profile.gemm.min_workgroups });
-    let ([gx, gy], splits) = (shape.groups, shape.splits);
-    let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
-    anyhow::ensure!(gx <= max && gy <= max, "{label}: a {m}x{n} GEMM needs {gx}x{gy} workgroups, over this adapter's {max} per dimension; use a smaller batch");
-    (p.k_chunk, p.splits) = (shape.k_chunk as u32, splits as u32);
-    let mut ov = ov.to_vec();
-    ov.push(("TM", shape.tm as f64));
-    let ov = &ov[..];
-    let flops = 2.0 * (m * n * k) as f64;
-    if splits == 1 {
-        let pipeline = g.pipeline("matmul", "main_tiled", ov)?;
-        g.dispatch(label, pipeline, vec![a, b, bias, c, Res::uniform(&p)], [gx as u32, gy as u32, 1], flops);
-        return Ok(());
-    }
-    // The product without epilogue, then the ordered sum with it.
-    let keep = |name: &str| !matches!(name, "HAS_BIAS" | "ACT" | "ACCUMULATE");
-    let mut part_ov: Vec<(&'static str, f64)> = ov.iter().copied().filter(|(name, _)| keep(name)).collect();
-    part_ov.extend([("SPLIT", 1.0), ("HAS_BIAS", 0.0)]);
-    let part = g.tensor(format!("{label}.splitk"), splits * m * n);
-    let pipeline = g.pipeline("matmul", "main_tiled", &part_ov)?;
-    let unused = Res::Buf(g.gpu.placeholder());
-    g.dispatch(format!("{label}.splitk"), pipeline, vec![a, b, unused, Res::Act(part), Res::uniform(&p)], [gx as u32, gy as u32, splits as u32], flops);
-    let mut sum_ov: Vec<(&'static str, f64)> = ov.iter().copied().filter(|(name, _)| !keep(name)).collect();
-    sum_ov.extend([("WG_X", 64.0), ("WG_Y", 1.0)]);
-    let pipeline = g.pipeline("matmul", "splitk_sum", &sum_ov)?;
-    let groups = crate::graph::grid1d(&g.gpu, (m * n).div_ceil(64) as u64);
-    g.dispatch(label, pipeline, vec![Res::Act(part), Res::Unused, bias, c, Res::uniform(&p)], groups, 0.0);
-    Ok(())
-}
-
-/// Materialises the im2col matrix of x for `geom`: [M, k_out] with zero columns
-/// past kh·kw·cin.
-fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k_out: usize) -> Result<TensorId> {
-    let (oh, ow) = geom.out_hw();
-    let m = geom.batch * oh * ow;
-    let cols = g.tensor(format!("{label}.im2col"), m * k_out);
-    let p = params([m, k_out, geom.k * geom.k * geom.cin, 0], Some(geom), 0, (0, 0));
-    // Images must start on whole texels of the input's linear texture.
-    if packs(g) && (geom.in_tokens * geom.cin) % 4 == 0 && k_out % 4 == 0 {
-        // A few images at a time, so the input's texture stays small beside the
-        // activations (TEXTURE_CHUNK_BYTES; at least one image).
-        let pipeline = g.pipeline("matmul", "im2col4", &overrides(Act::None, false, true, (64, 1)))?;
-        let image_texels = geom.in_tokens * geom.cin / 4;
-        let per = (crate::ops::gemm::TEXTURE_CHUNK_BYTES / (16 * image_texels).max(1)).max(1);
-        let hw = oh * ow;
-        for b0 in (0..geom.batch).step_by(per) {
-            let nb = per.min(geom.batch - b0);
-            let xt = g.linear_texture_range(x, b0 * image_texels, nb * image_texels, 5);
-            let mut pc = p.clone();
-            (pc.m, pc.out_row_off) = ((nb * hw) as u32, (b0 * hw) as u32);
-            let groups = crate::graph::grid1d(&g.gpu, (nb * hw * k_out / 4).div_ceil(64) as u64);
-            let u = || Res::Unused;
-            g.dispatch(format!("{label}.im2col"), pipeline.clone(), vec![u(), u(), u(), u(), Res::uniform(&pc), Res::ActTex(xt), u(), u(), Res::Act(cols)], groups, 0.0);
-        }
-        return Ok(cols);
-    }
-    let pipeline = g.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
-    let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
-    let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
-    g.dispatch(format!("{label}.im2col"), pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(cols), Res::uniform(&p)], [k_out.div_ceil(64) as u32, gy as u32, gz as u32], 0.0);
-    Ok(cols)
 }
 
 /// `pack`: route buffer weights through the packed texture GEMM (see `packs`).
@@ -550,93 +408,6 @@ pub fn linear(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear, act
     dispatch(g, label, x, m, l, act, out, None, pack)
 }
 
-/// Dense convolution of an NHWC token map; output [batch, oh*ow, cout] tokens.
-/// Buffer variant: implicit GEMM. Texture variant: im2col, then the texture GEMM.
-pub fn conv2d(g: &mut Graph, label: &str, x: TensorId, geom: ConvGeom, l: &Linear) -> Result<TensorId> {
-    let k_real = geom.k * geom.k * geom.cin;
-    let (oh, ow) = geom.out_hw();
-    let m = geom.batch * oh * ow;
-    if l.tex.is_none() {
-        assert_eq!(l.k, k_real, "{label}: conv weight K");
-        let pack = packs(g);
-        return dispatch(g, label, x, m, l, Act::None, Out::New, Some(geom), pack);
-    }
-    assert!(l.k >= k_real && l.k % 64 == 0, "{label}: padded conv weight K");
-    let cols = im2col(g, label, x, &geom, l.k)?;
-    dispatch(g, label, cols, m, l, Act::None, Out::New, None, false)
-}
-
-// ---------------------------------------------------------------------------
-// Backward. For y = x·W + b (x [M, K], W stored [K, NP], dy [M, N]):
-//   dx = dy·Wᵀ        (B_MODE 1: the stored weight read transposed)
-//   dW = xᵀ·dy        (A_MODE 2, B_MODE 2), written in W's own [K, NP] layout so
-//                      the optimizer updates weights and gradients elementwise
-//   db = 1ᵀ·dy        (A_MODE 3, B_MODE 2)
-// The activation's derivative is applied to dy before this (it is not fused).
-
-/// Gradient buffers of a `Linear`, in its storage layout: w [K, NP], b [NP].
-pub struct LinearGrad {
-    pub w: Arc<wgpu::Buffer>,
-    pub b: Arc<wgpu::Buffer>,
-}
-
-impl LinearGrad {
-    pub fn new(gpu: &Gpu, name: &str, l: &Linear) -> Result<LinearGrad> {
-        let np = pad4(l.n);
-        Ok(LinearGrad { w: Arc::new(gpu.storage(&format!("{name}.weight.grad"), (l.k * np * 4) as u64)?), b: Arc::new(gpu.storage(&format!("{name}.bias.grad"), (np * 4) as u64)?) })
-    }
-}
-
-/// One backward product C[m, n] (+)= A·B in the given operand modes (the GPU
-/// kernel set's tiled GEMM; split along K where its tiles are few: dW).
-#[allow(clippy::too_many_arguments)]
-fn backward_product(
-    g: &mut Graph,
-    label: &str,
-    (a, a_mode, a_stride): (TensorId, u32, usize),
-    (b, b_mode, b_stride): (Res, u32, usize),
-    out: Res,
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-) -> Result<()> {
-    let ov = [("A_MODE", a_mode as f64), ("B_MODE", b_mode as f64), ("HAS_BIAS", 0.0), ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 })];
-    // HAS_BIAS=false reads no bias: a placeholder fills the layout.
-    let unused = Res::Buf(g.gpu.placeholder());
-    tiled(g, label, &ov, [Res::Act(a), b, unused, out], params([m, n, k, 0], None, 0, (a_stride, b_stride)), (m, n, k))
-}
-
-/// out[1, cols] = column sums of src [rows, cols] (a ones-vector product).
-pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usize, out: Res) -> Result<()> {
-    if packs(g) && cols % 4 == 0 {
-        // Partial sums over row strides, then their sum (see the shader).
-        const PARTS: usize = 64;
-        let part = g.tensor(format!("{label}.partials"), PARTS * cols);
-        let st = g.linear_texture(src, 6);
-        let p = params([rows, cols, PARTS, 0], None, 0, (0, 0));
-        let u = || Res::Unused;
-        let pipeline = g.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
-        let groups = crate::graph::grid1d(&g.gpu, (PARTS * cols / 4).div_ceil(64) as u64);
-        g.dispatch(format!("{label}.part"), pipeline, vec![u(), u(), u(), u(), Res::uniform(&p), u(), Res::ActTex(st), u(), Res::Act(part)], groups, 0.0);
-        let pipeline = g.pipeline("matmul", "colsum_finish", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
-        g.dispatch(label, pipeline, vec![u(), u(), u(), out, Res::uniform(&p), u(), u(), u(), Res::Act(part)], [(cols / 4).div_ceil(64) as u32, 1, 1], 0.0);
-        return Ok(());
-    }
-    // Partial sums over row strides: P = enough partials per column for
-    // MIN_GROUPS workgroups of 64 (consecutive invocations read consecutive
-    // columns of a row); then a workgroup per column adds its P partials by a
-    // tree in workgroup memory. Fixed order: deterministic.
-    let parts = (MIN_GROUPS * 64).div_ceil(cols).clamp(1, rows.div_ceil(4).max(1));
-    let part = g.tensor(format!("{label}.partials"), parts * cols);
-    let p = params([rows, cols, 0, 0], None, 0, (0, 0));
-    let p1 = MatmulParams { splits: parts as u32, ..p };
-    let pipeline = g.pipeline("matmul", "colsum_rows", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
-    let groups = crate::graph::grid1d(&g.gpu, (parts * cols).div_ceil(64) as u64);
-    g.dispatch(format!("{label}.part"), pipeline, vec![Res::Act(src), Res::Unused, Res::Unused, Res::Act(part), Res::uniform(&p1)], groups, 0.0);
-    let pipeline = g.pipeline("matmul", "colsum_tree", &[])?;
-    g.dispatch(label, pipeline, vec![Res::Act(part), Res::Unused, Res::Unused, out, Res::uniform(&p1)], crate::graph::grid1d(&g.gpu, cols as u64), 0.0);
-    Ok(())
-}
-
 /// The activation's elementwise entries over `len` values: `act_forward` writes
 /// act(z) into `out`, `act_backward` scales `out` (holding dy) by act'(z).
 fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: TensorId, len: usize, act: Act) -> Result<()> {
@@ -696,112 +467,4 @@ pub fn linear_act(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear,
             Ok((z, act_forward(g, &format!("{label}.act"), z, m * l.n, act)?))
         }
     }
-}
-
-/// Appends the backward of `y = x·W + b` (x [m, K], dy [m, N]): writes dW and db
-/// into `grad` and returns dx, a new tensor or added into `dx_into`.
-pub fn linear_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m: usize, l: &Linear, grad: &LinearGrad, dx_into: Option<TensorId>) -> Result<TensorId> {
-    linear_backward_with(g, label, x, dy, m, l, grad, dx_into, None)
-}
-
-/// `linear_backward` of a layer whose input x is `act(z)` (the MLP's second
-/// layer): returns dz = dx ⊙ act'(z), fused into the dx product on texture-GEMM
-/// adapters (its ACT_GRAD epilogue).
-#[allow(clippy::too_many_arguments)]
-pub fn linear_backward_act(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, m: usize, l: &Linear, grad: &LinearGrad, (z, act): (TensorId, Act)) -> Result<TensorId> {
-    linear_backward_with(g, label, x, dy, m, l, grad, None, Some((z, act)))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn linear_backward_with(
-    g: &mut Graph,
-    label: &str,
-    x: TensorId,
-    dy: TensorId,
-    m: usize,
-    l: &Linear,
-    grad: &LinearGrad,
-    dx_into: Option<TensorId>,
-    act_of: Option<(TensorId, Act)>,
-) -> Result<TensorId> {
-    anyhow::ensure!(!l.f16, "{label}: backward needs f32 weights");
-    let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the weight as a storage buffer (buffer variant)"))?;
-    let np = pad4(l.n);
-    let (dx, acc) = match dx_into {
-        Some(t) => (t, true),
-        None => (g.tensor(format!("{label}.dx"), m * l.k), false),
-    };
-    // Whether the dx product applies the activation's gradient (ACT_GRAD).
-    let mut fused = false;
-    if packs(g) {
-        let dyv = View::new(Src::Act(dy), m, l.n, l.n);
-        tex_gemm(g, &format!("{label}.dW"), &View::t(Src::Act(x), m, l.k, l.k), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
-        colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
-        let wt = View::t(Src::Buf(w), l.k, l.n, np);
-        let ep = match act_of {
-            Some((z, act)) if g.profile.fuse_act && l.k % 4 == 0 && !acc => Epilogue { act, act_grad_of: Some(z), ..Epilogue::plain() },
-            _ => Epilogue { accumulate: acc, ..Epilogue::plain() },
-        };
-        fused = ep.act_grad_of.is_some();
-        tex_gemm(g, &format!("{label}.dx"), &dyv, &wt, Res::Act(dx), l.k, ep)?;
-    } else {
-        // dW [K, NP] = xᵀ [K, m] · dy [m, N] (columns N..NP come out zero).
-        backward_product(g, &format!("{label}.dW"), (x, 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false)?;
-        // db = column sums of dy (the padding columns of grad.b stay zero).
-        colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
-        // dx [m, K] = dy [m, N] · Wᵀ, W stored [K, NP]: B_MODE 1 reads row k of the
-        // store as column k of Bᵀ, with b_stride = NP.
-        backward_product(g, &format!("{label}.dx"), (dy, 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc)?;
-    }
-    if let (Some((z, act)), false) = (act_of, fused) {
-        act_backward(g, &format!("{label}.act"), z, dx, m * l.k, act)?;
-    }
-    Ok(dx)
-}
-
-/// Appends the backward of `conv2d` (buffer variant weights, as `Linear::conv_with_kind(.., Buffer)`):
-/// writes dW, db into `grad` and, when `dx_into` is given, adds the input gradient into it
-/// (spatial tokens only; the layout of `x`). x must still be alive (it is re-read through im2col).
-pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, geom: ConvGeom, l: &Linear, grad: &LinearGrad, dx_into: Option<TensorId>) -> Result<()> {
-    anyhow::ensure!(!l.f16, "{label}: backward needs f32 weights");
-    let w = l.w.clone().ok_or_else(|| anyhow::anyhow!("{label}: backward needs the buffer variant"))?;
-    let k_real = geom.k * geom.k * geom.cin;
-    assert_eq!(l.k, k_real, "{label}: conv weight K");
-    let (oh, ow) = geom.out_hw();
-    let m = geom.batch * oh * ow;
-    let np = pad4(l.n);
-    // im2col of x (the A of the forward), then dW = colsᵀ·dy and db = 1ᵀ·dy.
-    let dyv = View::new(Src::Act(dy), m, l.n, l.n);
-    if packs(g) {
-        // Padded to whole vec4s, as in the forward: the GEMM reads it transposed as it is.
-        let cols = im2col(g, label, x, &geom, pad4(k_real))?;
-        tex_gemm(g, &format!("{label}.dW"), &View::t_zero_padded(Src::Act(cols), m, k_real, pad4(k_real)), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
-    } else {
-        let cols = im2col(g, label, x, &geom, k_real)?;
-        backward_product(g, &format!("{label}.dW"), (cols, 2, k_real), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (k_real, np, m), false)?;
-    }
-    colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
-    if let Some(dx) = dx_into {
-        // dcols = dy·Wᵀ, then col2im gathers it back onto the input grid.
-        let dcols = g.tensor(format!("{label}.dcols"), m * k_real);
-        if packs(g) {
-            tex_gemm(g, &format!("{label}.dcols"), &dyv, &View::t(Src::Buf(w), k_real, l.n, np), Res::Act(dcols), k_real, Epilogue::plain())?;
-        } else {
-            backward_product(g, &format!("{label}.dcols"), (dy, 0, l.n), (Res::Buf(w), 1, np), Res::Act(dcols), (m, k_real, l.n), false)?;
-        }
-        let n_in = geom.batch * geom.in_h * geom.in_w * geom.cin;
-        let p = params([geom.batch, 0, k_real, 0], Some(&geom), 0, (0, 0));
-        if packs(g) && geom.cin % 4 == 0 {
-            let dt = g.linear_texture(dcols, 5);
-            let pipeline = g.pipeline("matmul", "col2im4", &overrides(Act::None, true, false, (64, 1)))?;
-            let groups = crate::graph::grid1d(&g.gpu, (n_in / 4).div_ceil(64) as u64);
-            let u = || Res::Unused;
-            g.dispatch(format!("{label}.col2im"), pipeline, vec![u(), u(), u(), u(), Res::uniform(&p), Res::ActTex(dt), u(), u(), Res::Act(dx)], groups, 0.0);
-        } else {
-            let pipeline = g.pipeline("matmul", "col2im", &overrides(Act::None, true, false, (64, 1)))?;
-            let groups = crate::graph::grid1d(&g.gpu, n_in.div_ceil(64) as u64);
-            g.dispatch(format!("{label}.col2im"), pipeline, vec![Res::Act(dcols), Res::Unused, Res::Unused, Res::Act(dx), Res::uniform(&p)], groups, 0.0);
-        }
-    }
-    Ok(())
 }
