@@ -61,10 +61,11 @@ fn every_shader_translates_for_every_backend() {
         let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(src)));
         let info = Validator::new(ValidationFlags::all(), Capabilities::all()).validate(&module).unwrap_or_else(|e| panic!("{name}.wgsl does not validate: {e:?}"));
         assert!(!module.entry_points.is_empty(), "{name}.wgsl has no entry point");
-        // Entry points made by `// derive` lines (gpu::derive_entries).
+        // Functions and entry points made by `// derive` lines (gpu::derive_entries).
         for line in body.lines().filter_map(|l| l.trim().strip_prefix("// derive ")) {
             let new = line.split(' ').next().unwrap();
-            assert!(module.entry_points.iter().any(|e| e.name == new), "{name}: derived entry point {new} missing");
+            let found = module.entry_points.iter().any(|e| e.name == new) || module.functions.iter().any(|(_, f)| f.name.as_deref() == Some(new));
+            assert!(found, "{name}: derived function {new} missing");
         }
         // Storage mode is allowed where the adapter has MAX_TEXTURES_PER_KERNEL
         // storage textures per stage: no entry point may read more.

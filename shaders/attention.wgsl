@@ -509,6 +509,10 @@ fn attn_bwd_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 @group(0) @binding(13) var dout_tex: Tex;
 
 // Rows of the backward's buffers and the dO texture (see Row).
+// derive k_buf from q_buf: q[ -> k[
+// derive v_buf from q_buf: q[ -> v[
+// derive o_buf from q_buf: q[ -> o[
+// derive dout_buf from q_buf: q[ -> dout[
 fn q_buf(base: u32, scale: f32) -> Row {
     var r: Row;
     r.r0 = vec4<f32>(q[base + 0u]) * scale;
@@ -530,90 +534,8 @@ fn q_buf(base: u32, scale: f32) -> Row {
     return r;
 }
 
-fn k_buf(base: u32, scale: f32) -> Row {
-    var r: Row;
-    r.r0 = vec4<f32>(k[base + 0u]) * scale;
-    if (D4 > 1u) { r.r1 = vec4<f32>(k[base + 1u]) * scale; }
-    if (D4 > 2u) { r.r2 = vec4<f32>(k[base + 2u]) * scale; }
-    if (D4 > 3u) { r.r3 = vec4<f32>(k[base + 3u]) * scale; }
-    if (D4 > 4u) { r.r4 = vec4<f32>(k[base + 4u]) * scale; }
-    if (D4 > 5u) { r.r5 = vec4<f32>(k[base + 5u]) * scale; }
-    if (D4 > 6u) { r.r6 = vec4<f32>(k[base + 6u]) * scale; }
-    if (D4 > 7u) { r.r7 = vec4<f32>(k[base + 7u]) * scale; }
-    if (D4 > 8u) { r.r8 = vec4<f32>(k[base + 8u]) * scale; }
-    if (D4 > 9u) { r.r9 = vec4<f32>(k[base + 9u]) * scale; }
-    if (D4 > 10u) { r.r10 = vec4<f32>(k[base + 10u]) * scale; }
-    if (D4 > 11u) { r.r11 = vec4<f32>(k[base + 11u]) * scale; }
-    if (D4 > 12u) { r.r12 = vec4<f32>(k[base + 12u]) * scale; }
-    if (D4 > 13u) { r.r13 = vec4<f32>(k[base + 13u]) * scale; }
-    if (D4 > 14u) { r.r14 = vec4<f32>(k[base + 14u]) * scale; }
-    if (D4 > 15u) { r.r15 = vec4<f32>(k[base + 15u]) * scale; }
-    return r;
-}
-
-fn v_buf(base: u32, scale: f32) -> Row {
-    var r: Row;
-    r.r0 = vec4<f32>(v[base + 0u]) * scale;
-    if (D4 > 1u) { r.r1 = vec4<f32>(v[base + 1u]) * scale; }
-    if (D4 > 2u) { r.r2 = vec4<f32>(v[base + 2u]) * scale; }
-    if (D4 > 3u) { r.r3 = vec4<f32>(v[base + 3u]) * scale; }
-    if (D4 > 4u) { r.r4 = vec4<f32>(v[base + 4u]) * scale; }
-    if (D4 > 5u) { r.r5 = vec4<f32>(v[base + 5u]) * scale; }
-    if (D4 > 6u) { r.r6 = vec4<f32>(v[base + 6u]) * scale; }
-    if (D4 > 7u) { r.r7 = vec4<f32>(v[base + 7u]) * scale; }
-    if (D4 > 8u) { r.r8 = vec4<f32>(v[base + 8u]) * scale; }
-    if (D4 > 9u) { r.r9 = vec4<f32>(v[base + 9u]) * scale; }
-    if (D4 > 10u) { r.r10 = vec4<f32>(v[base + 10u]) * scale; }
-    if (D4 > 11u) { r.r11 = vec4<f32>(v[base + 11u]) * scale; }
-    if (D4 > 12u) { r.r12 = vec4<f32>(v[base + 12u]) * scale; }
-    if (D4 > 13u) { r.r13 = vec4<f32>(v[base + 13u]) * scale; }
-    if (D4 > 14u) { r.r14 = vec4<f32>(v[base + 14u]) * scale; }
-    if (D4 > 15u) { r.r15 = vec4<f32>(v[base + 15u]) * scale; }
-    return r;
-}
-
-fn o_buf(base: u32, scale: f32) -> Row {
-    var r: Row;
-    r.r0 = vec4<f32>(o[base + 0u]) * scale;
-    if (D4 > 1u) { r.r1 = vec4<f32>(o[base + 1u]) * scale; }
-    if (D4 > 2u) { r.r2 = vec4<f32>(o[base + 2u]) * scale; }
-    if (D4 > 3u) { r.r3 = vec4<f32>(o[base + 3u]) * scale; }
-    if (D4 > 4u) { r.r4 = vec4<f32>(o[base + 4u]) * scale; }
-    if (D4 > 5u) { r.r5 = vec4<f32>(o[base + 5u]) * scale; }
-    if (D4 > 6u) { r.r6 = vec4<f32>(o[base + 6u]) * scale; }
-    if (D4 > 7u) { r.r7 = vec4<f32>(o[base + 7u]) * scale; }
-    if (D4 > 8u) { r.r8 = vec4<f32>(o[base + 8u]) * scale; }
-    if (D4 > 9u) { r.r9 = vec4<f32>(o[base + 9u]) * scale; }
-    if (D4 > 10u) { r.r10 = vec4<f32>(o[base + 10u]) * scale; }
-    if (D4 > 11u) { r.r11 = vec4<f32>(o[base + 11u]) * scale; }
-    if (D4 > 12u) { r.r12 = vec4<f32>(o[base + 12u]) * scale; }
-    if (D4 > 13u) { r.r13 = vec4<f32>(o[base + 13u]) * scale; }
-    if (D4 > 14u) { r.r14 = vec4<f32>(o[base + 14u]) * scale; }
-    if (D4 > 15u) { r.r15 = vec4<f32>(o[base + 15u]) * scale; }
-    return r;
-}
-
-fn dout_buf(base: u32, scale: f32) -> Row {
-    var r: Row;
-    r.r0 = dout[base + 0u] * scale;
-    if (D4 > 1u) { r.r1 = dout[base + 1u] * scale; }
-    if (D4 > 2u) { r.r2 = dout[base + 2u] * scale; }
-    if (D4 > 3u) { r.r3 = dout[base + 3u] * scale; }
-    if (D4 > 4u) { r.r4 = dout[base + 4u] * scale; }
-    if (D4 > 5u) { r.r5 = dout[base + 5u] * scale; }
-    if (D4 > 6u) { r.r6 = dout[base + 6u] * scale; }
-    if (D4 > 7u) { r.r7 = dout[base + 7u] * scale; }
-    if (D4 > 8u) { r.r8 = dout[base + 8u] * scale; }
-    if (D4 > 9u) { r.r9 = dout[base + 9u] * scale; }
-    if (D4 > 10u) { r.r10 = dout[base + 10u] * scale; }
-    if (D4 > 11u) { r.r11 = dout[base + 11u] * scale; }
-    if (D4 > 12u) { r.r12 = dout[base + 12u] * scale; }
-    if (D4 > 13u) { r.r13 = dout[base + 13u] * scale; }
-    if (D4 > 14u) { r.r14 = dout[base + 14u] * scale; }
-    if (D4 > 15u) { r.r15 = dout[base + 15u] * scale; }
-    return r;
-}
-
+// derive dk_store from dq_store: dq[ -> dk[
+// derive dv_store from dq_store: dq[ -> dv[
 fn dq_store(base: u32, a: Row, scale: f32) {
     dq[base + 0u] = a.r0 * scale;
     if (D4 > 1u) { dq[base + 1u] = a.r1 * scale; }
@@ -631,44 +553,6 @@ fn dq_store(base: u32, a: Row, scale: f32) {
     if (D4 > 13u) { dq[base + 13u] = a.r13 * scale; }
     if (D4 > 14u) { dq[base + 14u] = a.r14 * scale; }
     if (D4 > 15u) { dq[base + 15u] = a.r15 * scale; }
-}
-
-fn dk_store(base: u32, a: Row, scale: f32) {
-    dk[base + 0u] = a.r0 * scale;
-    if (D4 > 1u) { dk[base + 1u] = a.r1 * scale; }
-    if (D4 > 2u) { dk[base + 2u] = a.r2 * scale; }
-    if (D4 > 3u) { dk[base + 3u] = a.r3 * scale; }
-    if (D4 > 4u) { dk[base + 4u] = a.r4 * scale; }
-    if (D4 > 5u) { dk[base + 5u] = a.r5 * scale; }
-    if (D4 > 6u) { dk[base + 6u] = a.r6 * scale; }
-    if (D4 > 7u) { dk[base + 7u] = a.r7 * scale; }
-    if (D4 > 8u) { dk[base + 8u] = a.r8 * scale; }
-    if (D4 > 9u) { dk[base + 9u] = a.r9 * scale; }
-    if (D4 > 10u) { dk[base + 10u] = a.r10 * scale; }
-    if (D4 > 11u) { dk[base + 11u] = a.r11 * scale; }
-    if (D4 > 12u) { dk[base + 12u] = a.r12 * scale; }
-    if (D4 > 13u) { dk[base + 13u] = a.r13 * scale; }
-    if (D4 > 14u) { dk[base + 14u] = a.r14 * scale; }
-    if (D4 > 15u) { dk[base + 15u] = a.r15 * scale; }
-}
-
-fn dv_store(base: u32, a: Row, scale: f32) {
-    dv[base + 0u] = a.r0 * scale;
-    if (D4 > 1u) { dv[base + 1u] = a.r1 * scale; }
-    if (D4 > 2u) { dv[base + 2u] = a.r2 * scale; }
-    if (D4 > 3u) { dv[base + 3u] = a.r3 * scale; }
-    if (D4 > 4u) { dv[base + 4u] = a.r4 * scale; }
-    if (D4 > 5u) { dv[base + 5u] = a.r5 * scale; }
-    if (D4 > 6u) { dv[base + 6u] = a.r6 * scale; }
-    if (D4 > 7u) { dv[base + 7u] = a.r7 * scale; }
-    if (D4 > 8u) { dv[base + 8u] = a.r8 * scale; }
-    if (D4 > 9u) { dv[base + 9u] = a.r9 * scale; }
-    if (D4 > 10u) { dv[base + 10u] = a.r10 * scale; }
-    if (D4 > 11u) { dv[base + 11u] = a.r11 * scale; }
-    if (D4 > 12u) { dv[base + 12u] = a.r12 * scale; }
-    if (D4 > 13u) { dv[base + 13u] = a.r13 * scale; }
-    if (D4 > 14u) { dv[base + 14u] = a.r14 * scale; }
-    if (D4 > 15u) { dv[base + 15u] = a.r15 * scale; }
 }
 
 fn dout_row(col: i32, row: i32) -> Row {

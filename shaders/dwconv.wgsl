@@ -38,6 +38,13 @@ fn element(n: u32) -> vec3<u32> {
     return vec3<u32>(n % p.C, (n / p.C) % tq, n / (p.C * tq));
 }
 
+// One source for both variants: `main` reads the token map, folded weights and
+// bias from buffers (the GPU set); main_tex, derived below, from textures (the
+// CPU set: a texel fetch is vectorised across lanes on CPU drivers, a storage
+// load is not), where the map's texture holds the images [b_off, b_off + B) of
+// this dispatch only, one row per token. The outputs are the whole batch's
+// buffers in both.
+// derive main_tex from main: cls_value( -> cls_value_tex( ; tap( -> tap_tex( ; bias_of( -> bias_tex( ; conv9( -> conv9_tex(
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -51,44 +58,54 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let e = element(n);
     let c = e.x;
     let t = e.y;
-    let bi = e.z;
+    // Image bl of this dispatch, image bi of the batch.
+    let bl = e.z;
+    let bi = p.b_off + bl;
     if (t < p.cls) {
-        let val = vec4<f32>(x[n]);
-        q[n] = vec4<act>(val);
-        let kidx = (bi * tk) * C + c;
-        k[kidx] = vec4<act>(val);
-        v[kidx] = vec4<act>(val);
+        let val = cls_value(bl * tq, c);
+        q[bi * tq * C + c] = vec4<act>(val);
+        k[bi * tk * C + c] = vec4<act>(val);
+        v[bi * tk * C + c] = vec4<act>(val);
         return;
     }
     let pix = t - p.cls;
     let y = i32(pix / p.W);
     let xx = i32(pix % p.W);
-    let base = bi * tq + p.cls;
+    let row0 = bl * tq + p.cls;
     // The 3x3 window in nine named values, not an array: CPU drivers put private
     // arrays in memory (lavapipe: scratch loads and stores per element).
-    let x0 = at(base, y - 1, xx - 1, c);
-    let x1 = at(base, y - 1, xx, c);
-    let x2 = at(base, y - 1, xx + 1, c);
-    let x3 = at(base, y, xx - 1, c);
-    let x4 = at(base, y, xx, c);
-    let x5 = at(base, y, xx + 1, c);
-    let x6 = at(base, y + 1, xx - 1, c);
-    let x7 = at(base, y + 1, xx, c);
-    let x8 = at(base, y + 1, xx + 1, c);
-    q[n] = vec4<act>(bias[c] + conv9(0u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8));
+    let x0 = tap(row0, y - 1, xx - 1, c);
+    let x1 = tap(row0, y - 1, xx, c);
+    let x2 = tap(row0, y - 1, xx + 1, c);
+    let x3 = tap(row0, y, xx - 1, c);
+    let x4 = tap(row0, y, xx, c);
+    let x5 = tap(row0, y, xx + 1, c);
+    let x6 = tap(row0, y + 1, xx - 1, c);
+    let x7 = tap(row0, y + 1, xx, c);
+    let x8 = tap(row0, y + 1, xx + 1, c);
+    q[(bi * tq + t) * C + c] = vec4<act>(bias_of(c) + conv9(0u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8));
     if ((y & 1) == 0 && (xx & 1) == 0) {
         let kidx = (bi * tk + p.cls + u32(y / 2) * p.Wk + u32(xx / 2)) * C + c;
-        k[kidx] = vec4<act>(bias[C + c] + conv9(9u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8));
-        v[kidx] = vec4<act>(bias[2u * C + c] + conv9(18u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8));
+        k[kidx] = vec4<act>(bias_of(C + c) + conv9(9u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8));
+        v[kidx] = vec4<act>(bias_of(2u * C + c) + conv9(18u, c, x0, x1, x2, x3, x4, x5, x6, x7, x8));
     }
 }
 
-// Input pixel (iy, ix) of the map whose first spatial row is `base`, zero outside.
-fn at(base: u32, iy: i32, ix: i32, c: u32) -> T {
+// The map's value at row `row` (a cls token), channel group c.
+fn cls_value(row: u32, c: u32) -> T {
+    return vec4<f32>(x[row * p.C + c]);
+}
+
+// Input pixel (iy, ix) of the map whose first spatial row is `row0`, zero outside.
+fn tap(row0: u32, iy: i32, ix: i32, c: u32) -> T {
     if (iy >= 0 && ix >= 0 && iy < i32(p.H) && ix < i32(p.W)) {
-        return vec4<f32>(x[(base + u32(iy) * p.W + u32(ix)) * p.C + c]);
+        return vec4<f32>(x[(row0 + u32(iy) * p.W + u32(ix)) * p.C + c]);
     }
     return T(0.0);
+}
+
+fn bias_of(i: u32) -> T {
+    return bias[i];
 }
 
 // Σ_tap w[o + tap] · x_tap: one 3x3 depthwise output (o = 0, 9, 18 for q, k, v).
@@ -99,74 +116,36 @@ fn conv9(o: u32, c: u32, x0: T, x1: T, x2: T, x3: T, x4: T, x5: T, x6: T, x7: T,
          + w[(o + 6u) * C + c] * x6 + w[(o + 7u) * C + c] * x7 + w[(o + 8u) * C + c] * x8;
 }
 
-// Texture variant of `main`, chosen with the matmul's per-adapter variant: the
-// token map and the folded weights are read as texels (on CPU drivers a texel
-// fetch is vectorised across lanes, a storage-buffer load is not). x_tex holds the
-// images [b_off, b_off + B) of this dispatch, one row per token; the outputs are
-// the whole batch's buffers.
+// main_tex's operands: the token map, the folded weights as [27 rows (map * 9 +
+// tap), C texels] and the bias [3, C] as a linear texture (from a storage buffer
+// each load is a loop over the SIMD lanes on CPU drivers, see rownorm.wgsl).
 @group(0) @binding(17) var x_tex: Tex;
-@group(0) @binding(18) var w_tex: Tex;   // [27 rows (map * 9 + tap), C texels]
-// The bias [3, C] as a linear texture: from a storage buffer each load is a loop
-// over the SIMD lanes on CPU drivers (see rownorm.wgsl).
+@group(0) @binding(18) var w_tex: Tex;
 @group(0) @binding(19) var bias_t: Tex;
 
-fn at_tex(row0: i32, iy: i32, ix: i32, c: i32) -> T {
+fn cls_value_tex(row: u32, c: u32) -> T {
+    return texel(x_tex, vec2<i32>(i32(c), i32(row)));
+}
+
+fn tap_tex(row0: u32, iy: i32, ix: i32, c: u32) -> T {
     if (iy >= 0 && ix >= 0 && iy < i32(p.H) && ix < i32(p.W)) {
-        return texel(x_tex, vec2<i32>(c, row0 + iy * i32(p.W) + ix));
+        return texel(x_tex, vec2<i32>(i32(c), i32(row0) + iy * i32(p.W) + ix));
     }
     return T(0.0);
 }
 
-fn conv9_tex(o: i32, c: i32, x0: T, x1: T, x2: T, x3: T, x4: T, x5: T, x6: T, x7: T, x8: T) -> T {
-    return texel(w_tex, vec2<i32>(c, o)) * x0 + texel(w_tex, vec2<i32>(c, o + 1)) * x1
-         + texel(w_tex, vec2<i32>(c, o + 2)) * x2 + texel(w_tex, vec2<i32>(c, o + 3)) * x3
-         + texel(w_tex, vec2<i32>(c, o + 4)) * x4 + texel(w_tex, vec2<i32>(c, o + 5)) * x5
-         + texel(w_tex, vec2<i32>(c, o + 6)) * x6 + texel(w_tex, vec2<i32>(c, o + 7)) * x7
-         + texel(w_tex, vec2<i32>(c, o + 8)) * x8;
+fn bias_tex(i: u32) -> T {
+    return lin(bias_t, i);
 }
 
-@compute @workgroup_size(WG)
-fn main_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-            @builtin(local_invocation_index) lid: u32) {
-    let n = (wid.y * nwg.x + wid.x) * WG + lid;
-    if (n >= p.total) {
-        return;
-    }
-    let C = p.C;
-    let tq = p.cls + p.H * p.W;
-    let tk = p.cls + p.Hk * p.Wk;
-    let e = element(n);
-    let c = e.x;
+fn conv9_tex(o: u32, c: u32, x0: T, x1: T, x2: T, x3: T, x4: T, x5: T, x6: T, x7: T, x8: T) -> T {
     let ci = i32(c);
-    let t = e.y;
-    let bl = e.z;
-    let bi = p.b_off + bl;
-    if (t < p.cls) {
-        let val = texel(x_tex, vec2<i32>(ci, i32(bl * tq)));
-        q[bi * tq * C + c] = vec4<act>(val);
-        k[bi * tk * C + c] = vec4<act>(val);
-        v[bi * tk * C + c] = vec4<act>(val);
-        return;
-    }
-    let pix = t - p.cls;
-    let y = i32(pix / p.W);
-    let xx = i32(pix % p.W);
-    let row0 = i32(bl * tq + p.cls);
-    let x0 = at_tex(row0, y - 1, xx - 1, ci);
-    let x1 = at_tex(row0, y - 1, xx, ci);
-    let x2 = at_tex(row0, y - 1, xx + 1, ci);
-    let x3 = at_tex(row0, y, xx - 1, ci);
-    let x4 = at_tex(row0, y, xx, ci);
-    let x5 = at_tex(row0, y, xx + 1, ci);
-    let x6 = at_tex(row0, y + 1, xx - 1, ci);
-    let x7 = at_tex(row0, y + 1, xx, ci);
-    let x8 = at_tex(row0, y + 1, xx + 1, ci);
-    q[(bi * tq + t) * C + c] = vec4<act>(lin(bias_t, c) + conv9_tex(0, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8));
-    if ((y & 1) == 0 && (xx & 1) == 0) {
-        let kidx = (bi * tk + p.cls + u32(y / 2) * p.Wk + u32(xx / 2)) * C + c;
-        k[kidx] = vec4<act>(lin(bias_t, C + c) + conv9_tex(9, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8));
-        v[kidx] = vec4<act>(lin(bias_t, 2u * C + c) + conv9_tex(18, ci, x0, x1, x2, x3, x4, x5, x6, x7, x8));
-    }
+    let oi = i32(o);
+    return texel(w_tex, vec2<i32>(ci, oi)) * x0 + texel(w_tex, vec2<i32>(ci, oi + 1)) * x1
+         + texel(w_tex, vec2<i32>(ci, oi + 2)) * x2 + texel(w_tex, vec2<i32>(ci, oi + 3)) * x3
+         + texel(w_tex, vec2<i32>(ci, oi + 4)) * x4 + texel(w_tex, vec2<i32>(ci, oi + 5)) * x5
+         + texel(w_tex, vec2<i32>(ci, oi + 6)) * x6 + texel(w_tex, vec2<i32>(ci, oi + 7)) * x7
+         + texel(w_tex, vec2<i32>(ci, oi + 8)) * x8;
 }
 
 // ---------------------------------------------------------------------------
@@ -636,15 +615,15 @@ fn dwconv_backward_w(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
                 g = vec4<f32>(v[o]);
             }
             let xx = i32(ox) * stride;
-            a0 += g * at(base, y - 1, xx - 1, c);
-            a1 += g * at(base, y - 1, xx, c);
-            a2 += g * at(base, y - 1, xx + 1, c);
-            a3 += g * at(base, y, xx - 1, c);
-            a4 += g * at(base, y, xx, c);
-            a5 += g * at(base, y, xx + 1, c);
-            a6 += g * at(base, y + 1, xx - 1, c);
-            a7 += g * at(base, y + 1, xx, c);
-            a8 += g * at(base, y + 1, xx + 1, c);
+            a0 += g * tap(base, y - 1, xx - 1, c);
+            a1 += g * tap(base, y - 1, xx, c);
+            a2 += g * tap(base, y - 1, xx + 1, c);
+            a3 += g * tap(base, y, xx - 1, c);
+            a4 += g * tap(base, y, xx, c);
+            a5 += g * tap(base, y, xx + 1, c);
+            a6 += g * tap(base, y + 1, xx - 1, c);
+            a7 += g * tap(base, y + 1, xx, c);
+            a8 += g * tap(base, y + 1, xx + 1, c);
             o += p.C;
         }
     }
@@ -834,7 +813,7 @@ fn dwconv_backward_w_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
     for (var r = lid; r < p.B * oh; r += WG) {
         let bl = r / oh;
         let oy = r % oh;
-        let row0 = i32(bl * tq + p.cls);
+        let row0 = bl * tq + p.cls;
         let y = i32(oy) * stride;
         let grow = i32(bl * to + p.cls + oy * ow);
         for (var ox = 0u; ox < ow; ox++) {
@@ -848,15 +827,15 @@ fn dwconv_backward_w_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
                 g = texel(dv_tex, at);
             }
             let xx = i32(ox) * stride;
-            a0 += g * at_tex(row0, y - 1, xx - 1, ci);
-            a1 += g * at_tex(row0, y - 1, xx, ci);
-            a2 += g * at_tex(row0, y - 1, xx + 1, ci);
-            a3 += g * at_tex(row0, y, xx - 1, ci);
-            a4 += g * at_tex(row0, y, xx, ci);
-            a5 += g * at_tex(row0, y, xx + 1, ci);
-            a6 += g * at_tex(row0, y + 1, xx - 1, ci);
-            a7 += g * at_tex(row0, y + 1, xx, ci);
-            a8 += g * at_tex(row0, y + 1, xx + 1, ci);
+            a0 += g * tap_tex(row0, y - 1, xx - 1, c);
+            a1 += g * tap_tex(row0, y - 1, xx, c);
+            a2 += g * tap_tex(row0, y - 1, xx + 1, c);
+            a3 += g * tap_tex(row0, y, xx - 1, c);
+            a4 += g * tap_tex(row0, y, xx, c);
+            a5 += g * tap_tex(row0, y, xx + 1, c);
+            a6 += g * tap_tex(row0, y + 1, xx - 1, c);
+            a7 += g * tap_tex(row0, y + 1, xx, c);
+            a8 += g * tap_tex(row0, y + 1, xx + 1, c);
         }
     }
     let o = (m * p.C + c) * 9u * WG + lid;

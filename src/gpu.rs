@@ -12,23 +12,36 @@ use wgpu::util::DeviceExt;
 
 use crate::texread::TexRead;
 
-/// Entry points made from another's text: a WGSL comment line
-/// `// derive NEW from OLD: FROM -> TO` appends a copy of entry point OLD (from
-/// its `@compute` line to its closing brace) named NEW, with every FROM replaced
-/// by TO. One source for kernels that differ only in a function they call,
-/// without compiling both into one pipeline (matmul.wgsl's main_tex_act).
+/// Functions and entry points made from another's text: a WGSL comment line
+/// `// derive NEW from OLD: FROM -> TO` (several substitutions separated by
+/// ` ; `) appends a copy of function OLD (from its `@compute` line, for an entry
+/// point, to its closing brace) named NEW, with every FROM replaced by TO. One
+/// source for kernels that differ only in a function they call, without
+/// compiling both into one pipeline (matmul.wgsl's main_tex_act, dwconv.wgsl's
+/// main_tex), and for helpers that differ only in the binding they read
+/// (attention.wgsl's row loaders).
 pub fn derive_entries(src: &str) -> String {
     let mut out = src.to_string();
     for line in src.lines() {
         let Some(rest) = line.trim().strip_prefix("// derive ") else { continue };
-        let parsed = rest.split_once(": ").and_then(|(names, subst)| Some((names.split_once(" from ")?, subst.split_once(" -> ")?)));
-        let Some(((new, old), (from, to))) = parsed else { panic!("malformed shader directive: {line}") };
+        let parsed = rest.split_once(": ").and_then(|(names, subst)| {
+            let pairs: Option<Vec<(&str, &str)>> = subst.split(" ; ").map(|p| p.split_once(" -> ")).collect();
+            Some((names.split_once(" from ")?, pairs?))
+        });
+        let Some(((new, old), pairs)) = parsed else { panic!("malformed shader directive: {line}") };
         let head = format!("fn {old}(");
-        let f = src.find(&head).unwrap_or_else(|| panic!("{line}: no entry point {old}"));
-        let start = src[..f].rfind("@compute").unwrap_or(f);
+        let f = src.find(&head).unwrap_or_else(|| panic!("{line}: no function {old}"));
+        // The function's line, and the attribute line above it for an entry point.
+        let fn_line = src[..f].rfind('\n').map_or(0, |i| i + 1);
+        let above = src[..fn_line.saturating_sub(1)].rfind('\n').map_or(0, |i| i + 1);
+        let start = if src[above..fn_line].trim_start().starts_with("@compute") { above } else { fn_line };
         let end = src[f..].find("\n}\n").map(|e| f + e + 3).unwrap_or_else(|| panic!("{line}: {old} has no closing brace"));
+        let mut text = src[start..end].replacen(&head, &format!("fn {new}("), 1);
+        for (from, to) in pairs {
+            text = text.replace(from, to);
+        }
         out.push('\n');
-        out.push_str(&src[start..end].replacen(&head, &format!("fn {new}("), 1).replace(from, to));
+        out.push_str(&text);
     }
     out
 }
