@@ -14,7 +14,11 @@ override WG: u32 = 64u;
 // Head width in vec4s; the private arrays are sized for the largest (D = 64).
 override D4: u32 = 16u;
 const D4_MAX: u32 = 16u;
-const TK: u32 = 16u;
+// Keys (or, in the dK/dV pass, queries) per tile staged in workgroup memory:
+// 32 rows of up to 64 channels, 8 KiB per operand.
+const TK: u32 = 32u;
+const LOG2E: f32 = 1.4426950408889634;
+const LN2: f32 = 0.6931471805599453;
 // 1: also write the probabilities P [B, heads, Tq, Tkv] (training with saved
 // probabilities; see attn_bwd_q_p). The scores go to `probs` as they are computed
 // and are normalised in place once the row's log-sum-exp is known, so saving P
@@ -54,8 +58,8 @@ fn normalise_row(pb: u32, lse: f32) {
     }
 }
 
-var<workgroup> ks: array<vec4<f32>, 256>; // TK * D4_MAX
-var<workgroup> vs: array<vec4<f32>, 256>;
+var<workgroup> ks: array<vec4<f32>, 512>; // TK * D4_MAX
+var<workgroup> vs: array<vec4<f32>, 512>;
 // The output's gradient (the backward; a placeholder in the forward, which
 // shares stage_tile).
 @group(0) @binding(8) var<storage, read> dout: array<vec4<f32>>;
@@ -95,8 +99,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let qbase = (bi * p.Tq + qrow) * p.C4 + head * D4;
     var qv: array<vec4<f32>, D4_MAX>;
     var acc: array<vec4<f32>, D4_MAX>;
+    // Scores in base 2 (the scale times log2 e folded into q): the online softmax
+    // runs on exp2, one instruction on GPUs where exp is two.
     for (var d = 0u; d < D4; d++) {
-        qv[d] = vec4<f32>(q[qbase + d]) * p.scale;
+        qv[d] = vec4<f32>(q[qbase + d]) * (p.scale * LOG2E);
     }
     var m = -3.0e38;
     var l = 0.0;
@@ -106,25 +112,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
         var s: array<f32, TK>;
         var tmax = m;
-        for (var j = 0u; j < TK; j++) {
+        for (var j = 0u; j < n; j++) {
             var dotv = vec4<f32>(0.0);
             for (var d = 0u; d < D4; d++) {
                 dotv += qv[d] * ks[j * D4_MAX + d];
             }
-            let sj = select(-3.0e38, dotv.x + dotv.y + dotv.z + dotv.w, j < n);
+            let sj = dotv.x + dotv.y + dotv.z + dotv.w;
             s[j] = sj;
-            if (SAVE_P != 0u && j < n && qi < p.Tq) {
-                probs[prow(bi, head, qi) + t0 + j] = sj;
+            if (SAVE_P != 0u && qi < p.Tq) {
+                // Natural-log scores, normalised in place at the end.
+                probs[prow(bi, head, qi) + t0 + j] = sj * LN2;
             }
             tmax = max(tmax, sj);
         }
-        let corr = exp(m - tmax);
+        let corr = exp2(m - tmax);
         l *= corr;
         for (var d = 0u; d < D4; d++) {
             acc[d] *= corr;
         }
-        for (var j = 0u; j < TK; j++) {
-            let pj = exp(s[j] - tmax);
+        for (var j = 0u; j < n; j++) {
+            let pj = exp2(s[j] - tmax);
             l += pj;
             for (var d = 0u; d < D4; d++) {
                 acc[d] += pj * vs[j * D4_MAX + d];
@@ -138,11 +145,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var d = 0u; d < D4; d++) {
             o[qbase + d] = vec4<act>(acc[d] * inv);
         }
+        // The natural log-sum-exp.
+        let lse = (m + log2(l)) * LN2;
         if (SAVE_P != 0u) {
-            normalise_row(prow(bi, head, qi), m + log(l));
+            normalise_row(prow(bi, head, qi), lse);
         }
         if (SAVE_LSE) {
-            lse_d[(bi * p.heads + head) * p.Tq + qi] = vec2<f32>(m + log(l), 0.0);
+            lse_d[(bi * p.heads + head) * p.Tq + qi] = vec2<f32>(lse, 0.0);
         }
     }
 }
