@@ -406,6 +406,38 @@ fn tile_b(k0: u32, k_end: u32, col40: u32, lid: u32) -> vec4<f32> {
     return br;
 }
 
+// The GPU set's stores (main_tiled, splitk_sum): the epilogue of `main`, and
+// training's fused activation (the same overrides as main_tex_act's): SAVE_Z
+// also keeps the pre-activation z (binding 7), ACT_GRAD stores the product times
+// act'(z), z read from binding 12 (fc2's dx, which becomes the gradient of fc1's
+// pre-activation). Each saves a pass over the MLP's hidden layer, the widest
+// tensor of a block.
+@group(0) @binding(12) var<storage, read> zb: array<act>;
+
+fn store_el(i: u32, y: f32) {
+    if (SAVE_Z) {
+        zc[i] = act(y);
+    }
+    if (ACT_GRAD) {
+        put(i, y * activate_grad(f32(zb[i])));
+    } else {
+        put(i, activate(y));
+    }
+}
+
+fn store_vec_tiled(row: u32, c4: u32, v: vec4<f32>) {
+    let col = c4 * 4u;
+    if (row >= p.M || col >= p.N) {
+        return;
+    }
+    let base = (p.out_row_off + row) * p.N + col;
+    for (var e = 0u; e < 4u; e++) {
+        if (col + e < p.N) {
+            store_el(base + e, v[e]);
+        }
+    }
+}
+
 @compute @workgroup_size(256, 1, 1)
 fn main_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row0 = wid.y * tbm();
@@ -496,7 +528,7 @@ fn main_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         bj = bias[c4];
     }
     for (var i = 0u; i < TM; i++) {
-        store_vec(rbase + i, c4, acc[i] + bj);
+        store_vec_tiled(rbase + i, c4, acc[i] + bj);
     }
 }
 
@@ -518,7 +550,7 @@ fn splitk_sum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     if (HAS_BIAS) {
         s += bias[col / 4u][col % 4u];
     }
-    put(p.out_row_off * p.N + i, activate(s));
+    store_el(p.out_row_off * p.N + i, s);
 }
 
 // colsum_rows / colsum_tree: column sums of a [p.M rows, p.N] matrix in the GPU

@@ -56,7 +56,7 @@ fn linear_backward_with(
         None => (g.tensor(format!("{label}.dx"), m * l.k), false),
     };
     // Whether the dx product applies the activation's gradient (ACT_GRAD).
-    let mut fused = false;
+    let fused;
     if packs(g) {
         let dyv = View::new(Src::Act(dy), m, l.n, l.n);
         tex_gemm(g, &format!("{label}.dW"), &View::t(Src::Act(x), m, l.k, l.k), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
@@ -70,12 +70,15 @@ fn linear_backward_with(
         tex_gemm(g, &format!("{label}.dx"), &dyv, &wt, Res::Act(dx), l.k, ep)?;
     } else {
         // dW [K, NP] = xᵀ [K, m] · dy [m, N] (columns N..NP come out zero).
-        backward_product(g, &format!("{label}.dW"), (x, 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false)?;
+        backward_product(g, &format!("{label}.dW"), (x, 2, l.k), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (l.k, np, m), false, None)?;
         // db = column sums of dy (the padding columns of grad.b stay zero).
         colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
         // dx [m, K] = dy [m, N] · Wᵀ, W stored [K, NP]: B_MODE 1 reads row k of the
         // store as column k of Bᵀ, with b_stride = NP.
-        backward_product(g, &format!("{label}.dx"), (dy, 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc)?;
+        // fc2's dx times act'(z) in the same store where the activation is fused.
+        let grad_of = act_of.filter(|_| g.profile.fuse_act && !acc);
+        fused = grad_of.is_some();
+        backward_product(g, &format!("{label}.dx"), (dy, 0, l.n), (Res::Buf(w), 1, np), Res::Act(dx), (m, l.k, l.n), acc, grad_of)?;
     }
     if let (Some((z, act)), false) = (act_of, fused) {
         act_backward(g, &format!("{label}.act"), z, dx, m * l.k, act)?;

@@ -71,7 +71,7 @@ pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, ge
         tex_gemm(g, &format!("{label}.dW"), &View::t_zero_padded(Src::Act(cols), m, k_real, pad4(k_real)), &dyv, Res::Buf(grad.w.clone()), np, Epilogue::plain())?;
     } else {
         let cols = im2col(g, label, x, &geom, k_real)?;
-        backward_product(g, &format!("{label}.dW"), (cols, 2, k_real), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (k_real, np, m), false)?;
+        backward_product(g, &format!("{label}.dW"), (cols, 2, k_real), (Res::Act(dy), 2, l.n), Res::Buf(grad.w.clone()), (k_real, np, m), false, None)?;
     }
     colsum(g, &format!("{label}.db"), dy, m, l.n, Res::Buf(grad.b.clone()))?;
     if let Some(dx) = dx_into {
@@ -80,7 +80,7 @@ pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, ge
         if packs(g) {
             tex_gemm(g, &format!("{label}.dcols"), &dyv, &View::t(Src::Buf(w), k_real, l.n, np), Res::Act(dcols), k_real, Epilogue::plain())?;
         } else {
-            backward_product(g, &format!("{label}.dcols"), (dy, 0, l.n), (Res::Buf(w), 1, np), Res::Act(dcols), (m, k_real, l.n), false)?;
+            backward_product(g, &format!("{label}.dcols"), (dy, 0, l.n), (Res::Buf(w), 1, np), Res::Act(dcols), (m, k_real, l.n), false, None)?;
         }
         let n_in = geom.batch * geom.in_h * geom.in_w * geom.cin;
         let p = params([geom.batch, 0, k_real, 0], Some(&geom), 0, (0, 0));

@@ -18,7 +18,7 @@ use conv::im2col;
 pub use conv::{conv2d, conv2d_backward};
 pub use texture::TWG_X;
 pub(crate) use texture::{tex_block, tex_grid};
-use tiled::{backward_product, tiled};
+use tiled::{backward_product, tiled, TiledZ};
 pub use tiled::{colsum, tiled_shape, TiledShape, MIN_GROUPS};
 
 use crate::gpu::{Gpu, MatmulKind};
@@ -331,7 +331,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             if !pack {
                 // The GPU kernel set.
                 ov.retain(|(name, _)| !name.starts_with("WG_"));
-                tiled(g, label, &ov, [Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y)], params(m, 0), (m, l.n, l.k))?;
+                tiled(g, label, &ov, [Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y)], TiledZ::None, params(m, 0), (m, l.n, l.k))?;
                 return Ok(y);
             }
             let pipeline = g.pipeline("matmul", "main", &ov)?;
@@ -460,6 +460,15 @@ pub fn linear_act(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear,
             let b_view = View::new(Src::Buf(w.clone()), l.k, l.n, pad4(l.n));
             let ep = Epilogue { act, bias: Some(l.b.clone()), save_z: Some(z), ..Epilogue::plain() };
             tex_gemm(g, label, &View::new(Src::Act(x), m, l.k, l.k), &b_view, Res::Act(u), l.n, ep)?;
+            Ok((z, u))
+        }
+        // The GPU set: the tiled GEMM stores z and act(z) (SAVE_Z).
+        Some(w) if !packs(g) && g.profile.fuse_act && !l.f16 && act != Act::None => {
+            let (z, u) = (g.tensor(label.to_string(), m * l.n), g.tensor(format!("{label}.act"), m * l.n));
+            let mut ov = overrides(act, false, false, (0, 0)).to_vec();
+            ov.retain(|(name, _)| !name.starts_with("WG_"));
+            let p = params([m, l.n, l.k, pad4(l.n) / 4], None, 0, (l.k, pad4(l.n)));
+            tiled(g, label, &ov, [Res::Act(x), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(u)], TiledZ::Save(z), p, (m, l.n, l.k))?;
             Ok((z, u))
         }
         _ => {

@@ -47,7 +47,17 @@ pub struct TiledShape {
 /// partial sums stored in f16 lose more than the output's own rounding (partials
 /// can be far larger than their sum). `ov` are the
 /// operand modes and epilogue constants; `ops` the bindings a, b, bias, c.
-pub(super) fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, b, bias, c]: [Res; 4], mut p: MatmulParams, (m, n, k): (usize, usize, usize)) -> Result<()> {
+/// What a tiled GEMM does with the activation's pre-activation z (training's
+/// fused MLP activation): nothing, keep it (`SAVE_Z`: fc1 stores z and act(z)),
+/// or multiply the product by act'(z) (`ACT_GRAD`: fc2's dx).
+#[derive(Clone, Copy)]
+pub(super) enum TiledZ {
+    None,
+    Save(TensorId),
+    Grad(TensorId),
+}
+
+pub(super) fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, b, bias, c]: [Res; 4], z: TiledZ, mut p: MatmulParams, (m, n, k): (usize, usize, usize)) -> Result<()> {
     let shape = tiled_shape(m, n, k, if g.half { 1 } else { g.profile.gemm.min_workgroups });
     let ([gx, gy], splits) = (shape.groups, shape.splits);
     let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
@@ -55,31 +65,54 @@ pub(super) fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, 
     (p.k_chunk, p.splits) = (shape.k_chunk as u32, splits as u32);
     let mut ov = ov.to_vec();
     ov.push(("TM", shape.tm as f64));
+    // z's bindings, which the stores use statically: z written at 7 (else the
+    // placeholder, bound nowhere else read-write... or read-only: unused biases
+    // take an operand instead), z read at 12 (else an operand).
+    let (save, grad) = (matches!(z, TiledZ::Save(_)), matches!(z, TiledZ::Grad(_)));
+    ov.extend([("SAVE_Z", save as u32 as f64), ("ACT_GRAD", grad as u32 as f64)]);
+    let zc = match z {
+        TiledZ::Save(t) => Res::Act(t),
+        _ => Res::Buf(g.gpu.placeholder()),
+    };
+    let zb = |other: &Res| match z {
+        TiledZ::Grad(t) => Res::Act(t),
+        _ => other.clone(),
+    };
+    let with_z = |mut v: Vec<Res>, zb: Res| {
+        v.extend([Res::Unused, Res::Unused, zc.clone(), Res::Unused, Res::Unused, Res::Unused, Res::Unused, zb]);
+        v
+    };
     let ov = &ov[..];
     let flops = 2.0 * (m * n * k) as f64;
     if splits == 1 {
         let pipeline = g.pipeline("matmul", "main_tiled", ov)?;
-        g.dispatch(label, pipeline, vec![a, b, bias, c, Res::uniform(&p)], [gx as u32, gy as u32, 1], flops);
+        let zb = zb(&a);
+        g.dispatch(label, pipeline, with_z(vec![a, b, bias, c, Res::uniform(&p)], zb), [gx as u32, gy as u32, 1], flops);
         return Ok(());
     }
     // The product without epilogue, then the ordered sum with it.
-    let keep = |name: &str| !matches!(name, "HAS_BIAS" | "ACT" | "ACCUMULATE");
-    let mut part_ov: Vec<(&'static str, f64)> = ov.iter().copied().filter(|(name, _)| keep(name)).collect();
+    let epilogue = |name: &str| matches!(name, "HAS_BIAS" | "ACT" | "ACCUMULATE" | "SAVE_Z" | "ACT_GRAD");
+    let mut part_ov: Vec<(&'static str, f64)> = ov.iter().copied().filter(|(name, _)| !epilogue(name)).collect();
     part_ov.extend([("SPLIT", 1.0), ("HAS_BIAS", 0.0)]);
     let part = g.tensor(format!("{label}.splitk"), splits * m * n);
     let pipeline = g.pipeline("matmul", "main_tiled", &part_ov)?;
-    let unused = Res::Buf(g.gpu.placeholder());
-    g.dispatch(format!("{label}.splitk"), pipeline, vec![a, b, unused, Res::Act(part), Res::uniform(&p)], [gx as u32, gy as u32, splits as u32], flops);
-    let mut sum_ov: Vec<(&'static str, f64)> = ov.iter().copied().filter(|(name, _)| !keep(name)).collect();
+    let zb_part = a.clone();
+    let plain_zc = Res::Buf(g.gpu.placeholder());
+    let mut v = vec![a, b.clone(), b.clone(), Res::Act(part), Res::uniform(&p)];
+    v.extend([Res::Unused, Res::Unused, plain_zc, Res::Unused, Res::Unused, Res::Unused, Res::Unused, zb_part]);
+    g.dispatch(format!("{label}.splitk"), pipeline, v, [gx as u32, gy as u32, splits as u32], flops);
+    let mut sum_ov: Vec<(&'static str, f64)> = ov.iter().copied().filter(|(name, _)| epilogue(name)).collect();
     sum_ov.extend([("WG_X", 64.0), ("WG_Y", 1.0)]);
     let pipeline = g.pipeline("matmul", "splitk_sum", &sum_ov)?;
     let groups = crate::graph::grid1d(&g.gpu, (m * n).div_ceil(64) as u64);
-    g.dispatch(label, pipeline, vec![Res::Act(part), Res::Unused, bias, c, Res::uniform(&p)], groups, 0.0);
+    let zb = zb(&Res::Act(part));
+    g.dispatch(label, pipeline, with_z(vec![Res::Act(part), Res::Unused, bias, c, Res::uniform(&p)], zb), groups, 0.0);
     Ok(())
 }
 
 /// One backward product C[m, n] (+)= A·B in the given operand modes (the GPU
-/// kernel set's tiled GEMM; split along K where its tiles are few: dW).
+/// kernel set's tiled GEMM; split along K where its tiles are few: dW), with
+/// `grad_of` the product times act'(z) (fc2's dx, `TiledZ::Grad`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward_product(
     g: &mut Graph,
@@ -89,11 +122,14 @@ pub(super) fn backward_product(
     out: Res,
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
+    grad_of: Option<(TensorId, Act)>,
 ) -> Result<()> {
-    let ov = [("A_MODE", a_mode as f64), ("B_MODE", b_mode as f64), ("HAS_BIAS", 0.0), ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 })];
-    // HAS_BIAS=false reads no bias: a placeholder fills the layout.
-    let unused = Res::Buf(g.gpu.placeholder());
-    tiled(g, label, &ov, [Res::Act(a), b, unused, out], params([m, n, k, 0], None, 0, (a_stride, b_stride)), (m, n, k))
+    let act = grad_of.map_or(Act::None, |(_, act)| act);
+    let ov = [("A_MODE", a_mode as f64), ("B_MODE", b_mode as f64), ("HAS_BIAS", 0.0), ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }), ("ACT", act.code())];
+    let z = grad_of.map_or(TiledZ::None, |(z, _)| TiledZ::Grad(z));
+    // HAS_BIAS=false reads no bias: the B operand fills its binding (read-only, as at 1).
+    let bias = b.clone();
+    tiled(g, label, &ov, [Res::Act(a), b, bias, out], z, params([m, n, k, 0], None, 0, (a_stride, b_stride)), (m, n, k))
 }
 
 /// out[1, cols] = column sums of src [rows, cols] (a ones-vector product).
