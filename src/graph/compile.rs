@@ -180,11 +180,14 @@ impl Graph {
                 .collect();
             let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(&label), layout: &pipeline.get_bind_group_layout(0), entries: &entries });
             gpu.check_error().with_context(|| label.clone())?;
+            // Each tensor or buffer counted once, however many bindings it fills
+            // (kernels bind an operand again where a binding is declared but unused).
+            let mut seen = std::collections::HashSet::new();
             let traffic = bindings
                 .iter()
                 .map(|r| match r {
-                    Res::Act(t) => bytes(t.0),
-                    Res::Buf(b) => b.size(),
+                    Res::Act(t) if seen.insert((0, t.0)) => bytes(t.0),
+                    Res::Buf(b) if seen.insert((1, Arc::as_ptr(b) as usize)) => b.size(),
                     Res::ActTex(t) | Res::OutTex(t) => t.width as u64 * t.height as u64 * texel as u64,
                     _ => 0,
                 })
