@@ -163,3 +163,20 @@ fn parameter_structs_match_their_shaders() {
         assert_eq!(span as usize, size, "{shader}.wgsl {name}: size");
     }
 }
+
+/// Every binding table (`ops::params::kernel_bindings!`) names the WGSL
+/// variables at its bindings, and covers every binding the shader declares.
+#[test]
+fn binding_tables_match_their_shaders() {
+    for (shader, table) in cvt_gpu::ops::params::all_bindings() {
+        let body = SHADERS.iter().find(|(n, _)| *n == shader).unwrap().1;
+        let src = prelude(TexRead::Sampled, false, false, false) + &cvt_gpu::gpu::derive_entries(body);
+        let module = naga::front::wgsl::parse_str(&src).unwrap();
+        for (_, var) in module.global_variables.iter() {
+            let (Some(binding), Some(name)) = (&var.binding, &var.name) else { continue };
+            let entry = table.iter().find(|(i, _)| *i == binding.binding as usize);
+            let names = entry.map(|(_, n)| n.split('|').collect::<Vec<_>>()).unwrap_or_default();
+            assert!(names.contains(&name.as_str()), "{shader}.wgsl: `{name}` at binding {} is not in the table ({entry:?})", binding.binding);
+        }
+    }
+}

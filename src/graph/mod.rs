@@ -93,6 +93,19 @@ pub struct TexRef {
     linear: bool,
 }
 
+/// A dispatch's binding list from (binding, resource) pairs, `Res::Unused`
+/// between: bindings by name (`ops::params::mm::A`, ...) rather than by position.
+pub fn bind(pairs: impl IntoIterator<Item = (usize, Res)>) -> Vec<Res> {
+    let mut b: Vec<Res> = vec![];
+    for (i, r) in pairs {
+        if b.len() <= i {
+            b.resize(i + 1, Res::Unused);
+        }
+        b[i] = r;
+    }
+    b
+}
+
 impl Res {
     /// A typed parameter struct (`#[repr(C)]`, mirroring the shader's) as a uniform.
     pub fn uniform<T: bytemuck::Pod>(params: &T) -> Res {

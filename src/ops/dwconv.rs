@@ -155,16 +155,6 @@ fn params_of(v: [usize; 9]) -> DwParams {
     DwParams { b, h, w, c, cls, hk, wk, total, b_off, ..Default::default() }
 }
 
-/// A binding list from (binding, resource) pairs, unused bindings between.
-fn bindings(pairs: Vec<(usize, Res)>) -> Vec<Res> {
-    let n = pairs.iter().map(|(i, _)| i + 1).max().unwrap_or(0);
-    let mut b: Vec<Res> = (0..n).map(|_| Res::Unused).collect();
-    for (i, r) in pairs {
-        b[i] = r;
-    }
-    b
-}
-
 // ---------------------------------------------------------------------------
 // Training: train-mode BatchNorm (batch statistics) instead of the folded form.
 
@@ -302,19 +292,19 @@ fn bn_gpu(g: &mut Graph, label: &str, io: &BnIo, prm: DwParams, rows: usize, bn_
         let name = ["mean", "var", "sums"][stat as usize];
         if !(bn_eval && stat != 2) {
             let pipeline = g.pipeline("dwconv", "bn_part", &consts)?;
-            let b = bindings(vec![(6, Res::uniform(&prm)), (7, io.stats.clone()), (9, pre.clone()), (11, io.dpost.clone()), (26, Res::Act(sums))]);
+            let b = crate::graph::bind(vec![(6, Res::uniform(&prm)), (7, io.stats.clone()), (9, pre.clone()), (11, io.dpost.clone()), (26, Res::Act(sums))]);
             g.dispatch(format!("{label}.{name}.part"), pipeline, b, grid1d(&g.gpu, (parts * c4).div_ceil(WG) as u64), 0.0);
         }
         let pipeline = g.pipeline("dwconv", "bn_finish", &consts)?;
-        let b = bindings(vec![(6, Res::uniform(&prm)), (7, io.stats.clone()), (8, io.running.clone()), (13, io.dgamma.clone()), (16, io.dbeta.clone()), (26, Res::Act(sums))]);
+        let b = crate::graph::bind(vec![(6, Res::uniform(&prm)), (7, io.stats.clone()), (8, io.running.clone()), (13, io.dgamma.clone()), (16, io.dbeta.clone()), (26, Res::Act(sums))]);
         g.dispatch(format!("{label}.{name}"), pipeline, b, grid1d(&g.gpu, c4 as u64), 0.0);
     }
     let pipeline = g.pipeline("dwconv", apply, &[("WG", WG as f64), ("BN_EVAL", bn_eval as u8 as f64)])?;
     let u = Res::uniform(&prm);
     let b = if apply == "bn_apply_el" {
-        bindings(vec![(1, io.gamma.clone()), (2, io.beta.clone()), (6, u), (7, io.stats.clone()), (9, pre), (10, io.post.clone())])
+        crate::graph::bind(vec![(1, io.gamma.clone()), (2, io.beta.clone()), (6, u), (7, io.stats.clone()), (9, pre), (10, io.post.clone())])
     } else {
-        bindings(vec![(1, io.gamma.clone()), (6, u), (7, io.stats.clone()), (9, pre), (11, io.dpost.clone()), (12, io.dpre.clone()), (13, io.dgamma.clone()), (16, io.dbeta.clone())])
+        crate::graph::bind(vec![(1, io.gamma.clone()), (6, u), (7, io.stats.clone()), (9, pre), (11, io.dpost.clone()), (12, io.dpre.clone()), (13, io.dgamma.clone()), (16, io.dbeta.clone())])
     };
     g.dispatch(label, pipeline, b, grid1d(&g.gpu, (rows * c4).div_ceil(WG) as u64), 0.0);
     Ok(())

@@ -12,8 +12,9 @@
 //! Operands taller than the texture limit are split: output rows into row chunks
 //! (`out_row_off`), the reduction into K chunks that accumulate.
 
-use crate::graph::{Graph, Res, TensorId};
+use crate::graph::{bind, Graph, Res, TensorId};
 use crate::ops::matmul::MatmulParams;
+use crate::ops::params::mm;
 use crate::ops::Act;
 use anyhow::Result;
 use std::sync::Arc;
@@ -117,15 +118,16 @@ pub fn pack(g: &mut Graph, label: &str, v: &View, (r0, rows): (usize, usize), (c
     let src_tex = vec4 && (matches!(v.src, Src::Act(_)) || !g.half);
     let pipeline = g.pipeline("matmul", entry, &[("WG_X", WG as f64), ("WG_Y", WG as f64), ("PACK_TEX", src_tex as u32 as f64)])?;
     let (s0, s1) = if vec4 { (Res::Unused, if src_tex { Res::Buf(g.gpu.placeholder()) } else { v.src.res() }) } else { (v.src.res(), Res::Unused) };
-    let mut b = vec![s0, s1, Res::Unused, Res::Unused, Res::uniform(&p), Res::Unused, Res::Unused, Res::OutTex(tex)];
+    let mut pairs = vec![(mm::A, s0), (mm::B, s1), (mm::PARAMS, Res::uniform(&p)), (mm::ZC, Res::OutTex(tex))];
     if vec4 {
         let src = match (&v.src, src_tex) {
-            (Src::Act(t), true) => Res::ActTex(g.linear_texture(*t, 10)),
-            (Src::Buf(bb), true) => Res::ActTex(g.linear_texture_buf(bb, 0, (bb.size() / 16) as usize, 10)),
+            (Src::Act(t), true) => Res::ActTex(g.linear_texture(*t, mm::PACK_SRC as u32)),
+            (Src::Buf(bb), true) => Res::ActTex(g.linear_texture_buf(bb, 0, (bb.size() / 16) as usize, mm::PACK_SRC as u32)),
             _ => Res::Tex(g.gpu.placeholder_texture(g.half)),
         };
-        b.extend([Res::Unused, Res::Unused, src]);
+        pairs.push((mm::PACK_SRC, src));
     }
+    let b = bind(pairs);
     let groups = [width.div_ceil(WG) as u32, rows.div_ceil(rows_per_inv).div_ceil(WG) as u32, 1];
     g.dispatch(format!("{label}.pack"), pipeline, b, groups, 0.0);
     Ok(tex)
@@ -288,12 +290,11 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
                 }
                 _ => Res::Tex(g.gpu.placeholder_texture(g.half)),
             };
-            let mut bind = vec![Res::Unused, Res::Unused, Res::Unused, out.clone(), Res::uniform(&p), Res::ActTex(at), Res::ActTex(bt), Res::Unused, Res::Unused, bias_t];
+            let mut pairs = vec![(mm::C, out.clone()), (mm::PARAMS, Res::uniform(&p)), (mm::A_TEX, Res::ActTex(at)), (mm::B_TEX, Res::ActTex(bt)), (mm::BIAS_TEX, bias_t)];
             if let Some((z_out, z_in)) = &z_bindings {
-                bind[7] = z_out.clone();
-                bind.extend([Res::Unused, z_in.clone()]);
+                pairs.extend([(mm::ZC, z_out.clone()), (mm::Z_TEX, z_in.clone())]);
             }
-            g.dispatch(label, pipeline, bind, groups, 2.0 * (rows * b.cols * k_chunk.min(k - k0)) as f64);
+            g.dispatch(label, pipeline, bind(pairs), groups, 2.0 * (rows * b.cols * k_chunk.min(k - k0)) as f64);
         }
     }
     Ok(())

@@ -41,3 +41,51 @@ pub fn all() -> Vec<(&'static str, &'static str, &'static [&'static str], usize)
     }
     vec![entry::<super::matmul::MatmulParams>(), entry::<super::gemm::PackParams>(), entry::<super::dwconv::DwParams>(), entry::<super::attention::AttnParams>(), entry::<super::rownorm::RowParams>()]
 }
+
+/// Declares a kernel family's bindings by name: a module of `usize` constants
+/// (`mm::A`, `mm::C`, ...) and `ALL`, each binding with the WGSL variable names
+/// that may sit there (entry points of one file view a binding as different
+/// types), which `kernels-tests/shaders.rs` checks against the shader through
+/// naga. Dispatches list their resources with `crate::graph::bind`.
+#[macro_export]
+macro_rules! kernel_bindings {
+    ($(#[$m:meta])* $vis:vis mod $name:ident for $shader:literal { $($(#[$fm:meta])* $c:ident = $i:literal $names:literal),* $(,)? }) => {
+        $(#[$m])*
+        $vis mod $name {
+            pub const SHADER: &str = $shader;
+            $($(#[$fm])* pub const $c: usize = $i;)*
+            /// (binding, WGSL names separated by `|`).
+            pub const ALL: &[(usize, &str)] = &[$(($i, $names)),*];
+        }
+    };
+}
+
+crate::kernel_bindings! {
+    /// `matmul.wgsl`'s bindings.
+    pub mod mm for "matmul" {
+        /// A (GEMM), the source of im2col, col2im, column sums, z of the activations.
+        A = 0 "a",
+        /// B (a weight or the output gradient; `bw` as raw words, `a4` as vec4 sources).
+        B = 1 "b|bw|a4",
+        BIAS = 2 "bias",
+        /// The output.
+        C = 3 "c",
+        PARAMS = 4 "p|pk",
+        A_TEX = 5 "a_tex",
+        B_TEX = 6 "b_tex",
+        /// The saved pre-activation (SAVE_Z), or a pack's output texture.
+        ZC = 7 "zc|pack_out",
+        /// A vec4 view of an output.
+        C4 = 8 "c4",
+        BIAS_TEX = 9 "bias_t",
+        PACK_SRC = 10 "pack_src",
+        Z_TEX = 11 "z_tex",
+        /// The pre-activation read by ACT_GRAD in the GPU set.
+        ZB = 12 "zb",
+    }
+}
+
+/// Every declared binding table: (shader, [(binding, names)]).
+pub fn all_bindings() -> Vec<(&'static str, &'static [(usize, &'static str)])> {
+    vec![(mm::SHADER, mm::ALL)]
+}

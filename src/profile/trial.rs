@@ -10,6 +10,7 @@ use super::{KernelSet, Profile};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, Plan, Res};
 use crate::ops::matmul::{Act, Linear, Out};
+use crate::ops::params::mm;
 use crate::texread::TexRead;
 use anyhow::Result;
 use std::sync::Arc;
@@ -68,9 +69,8 @@ fn read_trial(gpu: &Arc<Gpu>, set: KernelSet, start: TexRead, trace_on: bool) ->
             let (x, y) = (g.pinned("x", rows * cols), g.pinned("y", parts * cols));
             let pipeline = g.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
             let xt = g.linear_texture(x, 6);
-            let u = || Res::Unused;
             let p = crate::ops::matmul::MatmulParams { m: rows as u32, n: cols as u32, k: parts as u32, splits: 1, ..Default::default() };
-            let b = vec![u(), u(), u(), u(), Res::uniform(&p), u(), Res::ActTex(xt), u(), Res::Act(y)];
+            let b = crate::graph::bind([(mm::PARAMS, Res::uniform(&p)), (mm::B_TEX, Res::ActTex(xt)), (mm::C4, Res::Act(y))]);
             g.dispatch("read trial", pipeline, b, crate::graph::grid1d(gpu, (parts * cols / 4).div_ceil(64) as u64), 0.0);
             let plan = g.compile()?;
             plan.run()?;
@@ -148,7 +148,7 @@ pub(super) fn subgroups_of_8(gpu: &Arc<Gpu>, profile: &Profile) -> bool {
         let mut g = Graph::with_profile(gpu.clone(), profile.clone());
         let out = g.pinned("subgroup probe", 16);
         let pipeline = g.pipeline("matmul", "subgroup_probe", &[("WG_X", crate::ops::matmul::TWG_X as f64), ("WG_Y", 1.0)])?;
-        g.dispatch("subgroup probe", pipeline, vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(out)], [1, 1, 1], 0.0);
+        g.dispatch("subgroup probe", pipeline, crate::graph::bind([(mm::C, Res::Act(out))]), [1, 1, 1], 0.0);
         let plan = g.compile()?;
         plan.run()?;
         Ok(plan.read(out)?.iter().all(|&v| v == 1.0))

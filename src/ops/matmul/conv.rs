@@ -24,15 +24,14 @@ pub(super) fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k
             let mut pc = p.clone();
             (pc.m, pc.out_row_off) = ((nb * hw) as u32, (b0 * hw) as u32);
             let groups = crate::graph::grid1d(&g.gpu, (nb * hw * k_out / 4).div_ceil(64) as u64);
-            let u = || Res::Unused;
-            g.dispatch(format!("{label}.im2col"), pipeline.clone(), vec![u(), u(), u(), u(), Res::uniform(&pc), Res::ActTex(xt), u(), u(), Res::Act(cols)], groups, 0.0);
+            g.dispatch(format!("{label}.im2col"), pipeline.clone(), bind([(mm::PARAMS, Res::uniform(&pc)), (mm::A_TEX, Res::ActTex(xt)), (mm::C4, Res::Act(cols))]), groups, 0.0);
         }
         return Ok(cols);
     }
     let pipeline = g.pipeline("matmul", "im2col", &overrides(Act::None, false, true, (64, 1)))?;
     let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
     let (gy, gz) = if m <= max { (m, 1) } else { (max, m.div_ceil(max)) };
-    g.dispatch(format!("{label}.im2col"), pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(cols), Res::uniform(&p)], [k_out.div_ceil(64) as u32, gy as u32, gz as u32], 0.0);
+    g.dispatch(format!("{label}.im2col"), pipeline, bind([(mm::A, Res::Act(x)), (mm::C, Res::Act(cols)), (mm::PARAMS, Res::uniform(&p))]), [k_out.div_ceil(64) as u32, gy as u32, gz as u32], 0.0);
     Ok(cols)
 }
 
@@ -88,12 +87,11 @@ pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, ge
             let dt = g.linear_texture(dcols, 5);
             let pipeline = g.pipeline("matmul", "col2im4", &overrides(Act::None, true, false, (64, 1)))?;
             let groups = crate::graph::grid1d(&g.gpu, (n_in / 4).div_ceil(64) as u64);
-            let u = || Res::Unused;
-            g.dispatch(format!("{label}.col2im"), pipeline, vec![u(), u(), u(), u(), Res::uniform(&p), Res::ActTex(dt), u(), u(), Res::Act(dx)], groups, 0.0);
+            g.dispatch(format!("{label}.col2im"), pipeline, bind([(mm::PARAMS, Res::uniform(&p)), (mm::A_TEX, Res::ActTex(dt)), (mm::C4, Res::Act(dx))]), groups, 0.0);
         } else {
             let pipeline = g.pipeline("matmul", "col2im", &overrides(Act::None, true, false, (64, 1)))?;
             let groups = crate::graph::grid1d(&g.gpu, n_in.div_ceil(64) as u64);
-            g.dispatch(format!("{label}.col2im"), pipeline, vec![Res::Act(dcols), Res::Unused, Res::Unused, Res::Act(dx), Res::uniform(&p)], groups, 0.0);
+            g.dispatch(format!("{label}.col2im"), pipeline, bind([(mm::A, Res::Act(dcols)), (mm::C, Res::Act(dx)), (mm::PARAMS, Res::uniform(&p))]), groups, 0.0);
         }
     }
     Ok(())

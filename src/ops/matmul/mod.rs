@@ -22,7 +22,8 @@ use tiled::{backward_product, tiled, TiledZ};
 pub use tiled::{colsum, tiled_shape, TiledShape, MIN_GROUPS};
 
 use crate::gpu::{Gpu, MatmulKind};
-use crate::graph::{Graph, Res, TensorId};
+use crate::graph::{bind, Graph, Res, TensorId};
+use crate::ops::params::mm;
 use anyhow::Result;
 use std::sync::Arc;
 
@@ -336,7 +337,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             }
             let pipeline = g.pipeline("matmul", "main", &ov)?;
             let groups = [np4.div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
-            let b = vec![Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y), Res::uniform(&params(m, 0))];
+            let b = bind([(mm::A, Res::Act(a)), (mm::B, Res::Buf(w.clone())), (mm::BIAS, Res::Buf(l.b.clone())), (mm::C, Res::Act(y)), (mm::PARAMS, Res::uniform(&params(m, 0)))]);
             g.dispatch(label, pipeline, b, groups, flops(m));
         }
         (None, Some(_)) if splits_epilogue(g, l, act, accumulate, m) => {
@@ -373,7 +374,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
                 // the kernel reads row r0 + r at (r0 + r)·stride + a_off, and the
                 // chunk's texture starts at row r0 (u32 arithmetic wraps in WGSL).
                 (pu.a_stride, pu.col_lanes_log2, pu.a_off) = (k4 as u32, lx, ((r0 * k4) as u32).wrapping_neg());
-                let b = vec![Res::Unused, Res::Unused, Res::Unused, Res::Act(y), Res::uniform(&pu), Res::ActTex(at), Res::Tex(tex.clone()), Res::Unused, Res::Unused, Res::Tex(bias_t.clone())];
+                let b = bind([(mm::C, Res::Act(y)), (mm::PARAMS, Res::uniform(&pu)), (mm::A_TEX, Res::ActTex(at)), (mm::B_TEX, Res::Tex(tex.clone())), (mm::BIAS_TEX, Res::Tex(bias_t.clone()))]);
                 g.dispatch(label, pipeline.clone(), b, groups, flops(rows));
             }
         }
@@ -427,13 +428,14 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
             let zt = g.linear_texture_range(z, i0, m, 5);
             let dyt = if entry == "act_backward4" { Res::ActTex(g.linear_texture_range(out, i0, m, 6)) } else { u() };
             let groups = crate::graph::grid1d(&g.gpu, m.div_ceil(64) as u64);
-            let b = vec![u(), u(), u(), u(), Res::uniform(&params([m, 0, 0, 0], None, i0, (0, 0))), Res::ActTex(zt), dyt, u(), Res::Act(out)];
+            let b = bind([(mm::PARAMS, Res::uniform(&params([m, 0, 0, 0], None, i0, (0, 0)))), (mm::A_TEX, Res::ActTex(zt)), (mm::B_TEX, dyt), (mm::C4, Res::Act(out))]);
             g.dispatch(label, pipeline.clone(), b, groups, 0.0);
         }
         return Ok(());
     }
     let pipeline = g.pipeline("matmul", &entry, &consts)?;
-    let b = if vec4 { vec![u(), Res::Act(z), u(), u(), Res::uniform(&p), u(), u(), u(), Res::Act(out)] } else { vec![Res::Act(z), u(), u(), Res::Act(out), Res::uniform(&p)] };
+    let b =
+        if vec4 { bind([(mm::B, Res::Act(z)), (mm::PARAMS, Res::uniform(&p)), (mm::C4, Res::Act(out))]) } else { bind([(mm::A, Res::Act(z)), (mm::C, Res::Act(out)), (mm::PARAMS, Res::uniform(&p))]) };
     g.dispatch(label, pipeline, b, groups, 0.0);
     Ok(())
 }

@@ -78,16 +78,16 @@ pub(super) fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, 
         TiledZ::Grad(t) => Res::Act(t),
         _ => other.clone(),
     };
-    let with_z = |mut v: Vec<Res>, zb: Res| {
-        v.extend([Res::Unused, Res::Unused, zc.clone(), Res::Unused, Res::Unused, Res::Unused, Res::Unused, zb]);
-        v
+    let with_z = |mut v: Vec<(usize, Res)>, zb: Res| {
+        v.extend([(mm::ZC, zc.clone()), (mm::ZB, zb)]);
+        bind(v)
     };
     let ov = &ov[..];
     let flops = 2.0 * (m * n * k) as f64;
     if splits == 1 {
         let pipeline = g.pipeline("matmul", "main_tiled", ov)?;
         let zb = zb(&a);
-        g.dispatch(label, pipeline, with_z(vec![a, b, bias, c, Res::uniform(&p)], zb), [gx as u32, gy as u32, 1], flops);
+        g.dispatch(label, pipeline, with_z(vec![(mm::A, a), (mm::B, b), (mm::BIAS, bias), (mm::C, c), (mm::PARAMS, Res::uniform(&p))], zb), [gx as u32, gy as u32, 1], flops);
         return Ok(());
     }
     // The product without epilogue, then the ordered sum with it.
@@ -98,15 +98,14 @@ pub(super) fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, 
     let pipeline = g.pipeline("matmul", "main_tiled", &part_ov)?;
     let zb_part = a.clone();
     let plain_zc = Res::Buf(g.gpu.placeholder());
-    let mut v = vec![a, b.clone(), b.clone(), Res::Act(part), Res::uniform(&p)];
-    v.extend([Res::Unused, Res::Unused, plain_zc, Res::Unused, Res::Unused, Res::Unused, Res::Unused, zb_part]);
+    let v = bind([(mm::A, a), (mm::B, b.clone()), (mm::BIAS, b.clone()), (mm::C, Res::Act(part)), (mm::PARAMS, Res::uniform(&p)), (mm::ZC, plain_zc), (mm::ZB, zb_part)]);
     g.dispatch(format!("{label}.splitk"), pipeline, v, [gx as u32, gy as u32, splits as u32], flops);
     let mut sum_ov: Vec<(&'static str, f64)> = ov.iter().copied().filter(|(name, _)| epilogue(name)).collect();
     sum_ov.extend([("WG_X", 64.0), ("WG_Y", 1.0)]);
     let pipeline = g.pipeline("matmul", "splitk_sum", &sum_ov)?;
     let groups = crate::graph::grid1d(&g.gpu, (m * n).div_ceil(64) as u64);
     let zb = zb(&Res::Act(part));
-    g.dispatch(label, pipeline, with_z(vec![Res::Act(part), Res::Unused, bias, c, Res::uniform(&p)], zb), groups, 0.0);
+    g.dispatch(label, pipeline, with_z(vec![(mm::A, Res::Act(part)), (mm::BIAS, bias), (mm::C, c), (mm::PARAMS, Res::uniform(&p))], zb), groups, 0.0);
     Ok(())
 }
 
@@ -140,12 +139,11 @@ pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usiz
         let part = g.tensor(format!("{label}.partials"), PARTS * cols);
         let st = g.linear_texture(src, 6);
         let p = params([rows, cols, PARTS, 0], None, 0, (0, 0));
-        let u = || Res::Unused;
         let pipeline = g.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
         let groups = crate::graph::grid1d(&g.gpu, (PARTS * cols / 4).div_ceil(64) as u64);
-        g.dispatch(format!("{label}.part"), pipeline, vec![u(), u(), u(), u(), Res::uniform(&p), u(), Res::ActTex(st), u(), Res::Act(part)], groups, 0.0);
+        g.dispatch(format!("{label}.part"), pipeline, bind([(mm::PARAMS, Res::uniform(&p)), (mm::B_TEX, Res::ActTex(st)), (mm::C4, Res::Act(part))]), groups, 0.0);
         let pipeline = g.pipeline("matmul", "colsum_finish", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
-        g.dispatch(label, pipeline, vec![u(), u(), u(), out, Res::uniform(&p), u(), u(), u(), Res::Act(part)], [(cols / 4).div_ceil(64) as u32, 1, 1], 0.0);
+        g.dispatch(label, pipeline, bind([(mm::C, out), (mm::PARAMS, Res::uniform(&p)), (mm::C4, Res::Act(part))]), [(cols / 4).div_ceil(64) as u32, 1, 1], 0.0);
         return Ok(());
     }
     // Partial sums over row strides: P = enough partials per column for
@@ -158,8 +156,8 @@ pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usiz
     let p1 = MatmulParams { splits: parts as u32, ..p };
     let pipeline = g.pipeline("matmul", "colsum_rows", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
     let groups = crate::graph::grid1d(&g.gpu, (parts * cols).div_ceil(64) as u64);
-    g.dispatch(format!("{label}.part"), pipeline, vec![Res::Act(src), Res::Unused, Res::Unused, Res::Act(part), Res::uniform(&p1)], groups, 0.0);
+    g.dispatch(format!("{label}.part"), pipeline, bind([(mm::A, Res::Act(src)), (mm::C, Res::Act(part)), (mm::PARAMS, Res::uniform(&p1))]), groups, 0.0);
     let pipeline = g.pipeline("matmul", "colsum_tree", &[])?;
-    g.dispatch(label, pipeline, vec![Res::Act(part), Res::Unused, Res::Unused, out, Res::uniform(&p1)], crate::graph::grid1d(&g.gpu, cols as u64), 0.0);
+    g.dispatch(label, pipeline, bind([(mm::A, Res::Act(part)), (mm::C, out), (mm::PARAMS, Res::uniform(&p1))]), crate::graph::grid1d(&g.gpu, cols as u64), 0.0);
     Ok(())
 }
