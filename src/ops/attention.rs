@@ -1,8 +1,9 @@
 //! `shaders/attention.wgsl`: fused multi-head attention with online softmax.
 
 use crate::gpu::MatmulKind;
-use crate::graph::{Graph, Res, TensorId};
+use crate::graph::{bind, Graph, Res, TensorId};
 use crate::ops::gemm::act_rows_texture;
+use crate::ops::params::at;
 use anyhow::{bail, Result};
 
 const WG: usize = 64;
@@ -158,8 +159,8 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
             let kt = texture_rows(g, label, k, &s, (s.tkv, b0, nb), 6)?;
             let vt = texture_rows(g, label, v, &s, (s.tkv, b0, nb), 7)?;
             let groups = [s.tq.div_ceil(wg * qpi) as u32, s.heads as u32, nb as u32];
-            let u = || Res::Unused;
-            let bindings = vec![u(), u(), u(), Res::Act(o), params(nb, b0), Res::ActTex(qt), Res::ActTex(kt), Res::ActTex(vt), u(), u(), u(), u(), u(), u(), p_res.clone()];
+            let bindings =
+                bind([(at::O, Res::Act(o)), (at::PARAMS, params(nb, b0)), (at::Q_TEX, Res::ActTex(qt)), (at::K_TEX, Res::ActTex(kt)), (at::V_TEX, Res::ActTex(vt)), (at::PROBS, p_res.clone())]);
             g.dispatch(label, pipeline.clone(), bindings, groups, flops(nb));
         }
         return Ok((o, AttnSaved { probs, lse: None }));
@@ -171,11 +172,19 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
     let consts = [consts[0], consts[1], consts[2], ("SAVE_LSE", lse.is_some() as u32 as f64)];
     let pipeline = g.pipeline("attention", "main", &consts)?;
     let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
-    let u = || Res::Unused;
     // Binding 8 (dO) is statically used through stage_tile, which the backward
     // shares, and never read here: q fills it (a read-only binding, as at 0; the
     // placeholder is bound read-write at 10 and 14).
-    let bindings = vec![Res::Act(q), Res::Act(k), Res::Act(v), Res::Act(o), params(s.batch, 0), u(), u(), u(), Res::Act(q), u(), lse_res, u(), u(), u(), p_res];
+    let bindings = bind([
+        (at::Q, Res::Act(q)),
+        (at::K, Res::Act(k)),
+        (at::V, Res::Act(v)),
+        (at::O, Res::Act(o)),
+        (at::PARAMS, params(s.batch, 0)),
+        (at::DOUT, Res::Act(q)),
+        (at::LSE, lse_res),
+        (at::PROBS, p_res),
+    ]);
     g.dispatch(label, pipeline, bindings, groups, flops(s.batch));
     Ok((o, AttnSaved { probs, lse }))
 }
@@ -259,26 +268,68 @@ pub fn attention_backward(
             let qtex = if probs.is_none() { Res::ActTex(qt) } else { u() };
             let p_tex = probs.map(|p| g.linear_texture_range(p, t0, t1 - t0, 16));
             let pt = p_tex.map_or_else(u, Res::ActTex);
-            let bq = vec![u(), u(), u(), Res::Act(o), Res::uniform(&params), qtex, Res::ActTex(kt), Res::ActTex(vt), u(), Res::Act(dq), r10.clone(), u(), u(), Res::ActTex(gt), u(), r15.clone(), pt];
+            let bq = bind([
+                (at::O, Res::Act(o)),
+                (at::PARAMS, Res::uniform(&params)),
+                (at::Q_TEX, qtex),
+                (at::K_TEX, Res::ActTex(kt)),
+                (at::V_TEX, Res::ActTex(vt)),
+                (at::DQ, Res::Act(dq)),
+                (at::LSE, r10.clone()),
+                (at::DOUT_TEX, Res::ActTex(gt)),
+                (at::DSCORE, r15.clone()),
+                (at::PROBS_TEX, pt),
+            ]);
             g.dispatch(format!("{label}.bwd_q"), pq.clone(), bq, [s.tq.div_ceil(wg) as u32, s.heads as u32, nb as u32], fq * chunk_flops);
             let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
-            let mut bkv = vec![u(), kb, vb, u(), Res::uniform(&params), Res::ActTex(qt), u(), u(), u(), u(), r10.clone(), Res::Act(dk), Res::Act(dv), Res::ActTex(gt)];
+            let mut bkv = vec![
+                (at::K, kb),
+                (at::V, vb),
+                (at::PARAMS, Res::uniform(&params)),
+                (at::Q_TEX, Res::ActTex(qt)),
+                (at::LSE, r10.clone()),
+                (at::DK, Res::Act(dk)),
+                (at::DV, Res::Act(dv)),
+                (at::DOUT_TEX, Res::ActTex(gt)),
+            ];
             if let (Some(pt), Some(ds)) = (p_tex, dscore) {
                 // P's texture from the per-query pass (nothing refills binding 16 in between).
                 let dst = g.linear_texture_range(ds, t0, t1 - t0, 17);
-                bkv.extend([u(), u(), Res::ActTex(pt), Res::ActTex(dst)]);
+                bkv.extend([(at::PROBS_TEX, Res::ActTex(pt)), (at::DSCORE_TEX, Res::ActTex(dst))]);
             }
-            g.dispatch(format!("{label}.bwd_kv"), pkv.clone(), bkv, [s.tkv.div_ceil(wg) as u32, s.heads as u32, nb as u32], fkv * chunk_flops);
+            g.dispatch(format!("{label}.bwd_kv"), pkv.clone(), bind(bkv), [s.tkv.div_ceil(wg) as u32, s.heads as u32, nb as u32], fkv * chunk_flops);
         }
         return Ok((dq, dk, dv));
     }
     let groups = |t: usize| [t.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
     let qb = if probs.is_none() { Res::Act(q) } else { u() };
-    let bq = vec![qb, Res::Act(k), Res::Act(v), Res::Act(o), Res::uniform(&params), u(), u(), u(), Res::Act(dout), Res::Act(dq), r10.clone(), u(), u(), u(), r14.clone(), r15.clone()];
+    let bq = bind([
+        (at::Q, qb),
+        (at::K, Res::Act(k)),
+        (at::V, Res::Act(v)),
+        (at::O, Res::Act(o)),
+        (at::PARAMS, Res::uniform(&params)),
+        (at::DOUT, Res::Act(dout)),
+        (at::DQ, Res::Act(dq)),
+        (at::LSE, r10.clone()),
+        (at::PROBS, r14.clone()),
+        (at::DSCORE, r15.clone()),
+    ]);
     let pq = g.pipeline("attention", names.0, &consts)?;
     g.dispatch(format!("{label}.bwd_q"), pq, bq, groups(s.tq), fq * pair_flops);
     let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
-    let bkv = vec![Res::Act(q), kb, vb, u(), Res::uniform(&params), u(), u(), u(), Res::Act(dout), u(), r10, Res::Act(dk), Res::Act(dv), u(), r14, r15];
+    let bkv = bind([
+        (at::Q, Res::Act(q)),
+        (at::K, kb),
+        (at::V, vb),
+        (at::PARAMS, Res::uniform(&params)),
+        (at::DOUT, Res::Act(dout)),
+        (at::LSE, r10),
+        (at::DK, Res::Act(dk)),
+        (at::DV, Res::Act(dv)),
+        (at::PROBS, r14),
+        (at::DSCORE, r15),
+    ]);
     let pkv = g.pipeline("attention", names.1, &consts)?;
     g.dispatch(format!("{label}.bwd_kv"), pkv, bkv, groups(s.tkv), fkv * pair_flops);
     Ok((dq, dk, dv))

@@ -85,7 +85,32 @@ crate::kernel_bindings! {
     }
 }
 
+crate::kernel_bindings! {
+    /// `attention.wgsl`'s bindings.
+    pub mod at for "attention" {
+        Q = 0 "q",
+        K = 1 "k",
+        V = 2 "v",
+        O = 3 "o",
+        PARAMS = 4 "p",
+        Q_TEX = 5 "q_tex",
+        K_TEX = 6 "k_tex",
+        V_TEX = 7 "v_tex",
+        DOUT = 8 "dout",
+        DQ = 9 "dq",
+        /// (log-sum-exp, D) per query.
+        LSE = 10 "lse_d",
+        DK = 11 "dk",
+        DV = 12 "dv",
+        DOUT_TEX = 13 "dout_tex",
+        PROBS = 14 "probs",
+        DSCORE = 15 "dscore",
+        PROBS_TEX = 16 "probs_tex",
+        DSCORE_TEX = 17 "dscore_tex",
+    }
+}
+
 /// Every declared binding table: (shader, [(binding, names)]).
 pub fn all_bindings() -> Vec<(&'static str, &'static [(usize, &'static str)])> {
-    vec![(mm::SHADER, mm::ALL)]
+    vec![(mm::SHADER, mm::ALL), (at::SHADER, at::ALL)]
 }
