@@ -37,6 +37,8 @@ if [[ -z "$bin" ]]; then
   bin=target/release/cvt-gpu
 fi
 [[ -x "$bin" ]] || { echo "error: $bin: not an executable cvt-gpu binary" >&2; exit 1; }
+# The binary refuses unknown CVT_GPU_* variables: this one is the script's own.
+unset CVT_GPU_BIN
 
 # One measurement: NAME then the cvt-gpu arguments; JSON to $out/NAME.json, or the
 # error line to $out/NAME.err.
@@ -54,7 +56,12 @@ measure() {
 
 rm -f "$out"/*.json "$out"/*.err
 echo "measuring (figures in $out):" >&2
-"$bin" adapters --json >"$out/adapters.json" 2>"$out/adapters.err" && rm -f "$out/adapters.err"
+if "$bin" adapters --json >"$out/adapters.json" 2>"$out/adapters.err"; then
+  rm -f "$out/adapters.err"
+else
+  rm -f "$out/adapters.json"
+  echo "  adapters: $(grep -m1 '^error' "$out/adapters.err" || tail -1 "$out/adapters.err")" >&2
+fi
 measure gemm-1024 bench --gemm --iters 10
 measure gemm-stage0-qkv bench --gemm --shape 200704,64,64 --iters 5
 measure gemm-stage2-fc1 bench --gemm --shape 12608,1536,384 --iters 5
@@ -93,7 +100,10 @@ import json, os, sys
 out, peak_arg = sys.argv[1], sys.argv[2]
 def load(name):
     p = os.path.join(out, name + ".json")
-    return json.load(open(p)) if os.path.exists(p) else None
+    try:
+        return json.load(open(p))
+    except (OSError, ValueError):
+        return None
 def why(name):
     p = os.path.join(out, name + ".err")
     if not os.path.exists(p):

@@ -34,3 +34,15 @@ assert abs(top["logit"] - want[top["index"]]) < 1e-4, (top, want[top["index"]])
 print("GL smoke: top-1", top["index"], "logit", top["logit"], "torch", want[top["index"]])
 PY
 echo "GL smoke inference: ok"
+echo "--- GPU report (quick) from the built binary"
+CVT_GPU_BIN=target/release/cvt-gpu GPU_REPORT_DIR=target/gpu-report-smoke bash scripts/gpu-report.sh --quick > target/gpu-report-smoke.md
+if command -v python3 >/dev/null; then python3 - <<'PY'
+import json
+r = json.load(open("target/gpu-report-smoke/report.json"))
+assert r["gemm"]["gemm-1024"]["gflops_per_s"] > 0, r["gemm"]
+assert r["inference"]["cvt13-224-b1"]["img_per_s"] > 0, r["inference"]
+assert r["profile"]["kernels"] in ("gpu", "cpu"), r["profile"]
+print("GPU report smoke:", r["adapter"], r["profile"]["kernels"], "kernel set,", round(r["gemm"]["gemm-1024"]["gflops_per_s"], 1), "GFLOP/s at 1024^3")
+PY
+else grep -q "cvt-13 | inference" target/gpu-report-smoke.md; fi
+echo "GPU report: ok"
