@@ -2,8 +2,9 @@
 //! BatchNorm) producing the q, k and v token maps in one pass.
 
 use crate::gpu::{Gpu, MatmulKind};
-use crate::graph::{grid1d, Graph, Res, TensorId};
+use crate::graph::{bind, grid1d, Graph, Res, TensorId};
 use crate::ops::gemm::{act_rows_texture, pack, texture_batches, Src, View};
+use crate::ops::params::dw;
 use anyhow::Result;
 use std::sync::Arc;
 
@@ -109,10 +110,16 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
             let xt = act_rows_texture(g, label, x, batch * tq, c, (b0 * tq, nb * tq), 17)?;
             // The shader works in units of four channels (vec4).
             let total = nb * tq * c / 4;
-            let u = || Res::Unused;
-            let mut b = vec![u(), u(), u(), Res::Act(q), Res::Act(k), Res::Act(v), Res::uniform(&params_of([nb, h, w, c / 4, cls, hk, wk, total, b0]))];
-            b.extend((7..17).map(|_| u()));
-            b.extend([Res::ActTex(xt), w_tex.clone(), bias_t.clone()]);
+            let prm = params_of([nb, h, w, c / 4, cls, hk, wk, total, b0]);
+            let b = bind([
+                (dw::Q, Res::Act(q)),
+                (dw::K, Res::Act(k)),
+                (dw::V, Res::Act(v)),
+                (dw::PARAMS, Res::uniform(&prm)),
+                (dw::X_TEX, Res::ActTex(xt)),
+                (dw::W_TEX, w_tex.clone()),
+                (dw::BIAS_TEX, bias_t.clone()),
+            ]);
             g.dispatch(label, pipeline.clone(), b, grid1d(&g.gpu, total.div_ceil(WG) as u64), flops * nb as f64 / batch as f64);
         }
         return Ok((q, k, v));
@@ -121,7 +128,16 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
     let pipeline = g.pipeline("dwconv", "main", &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, total.div_ceil(WG) as u64);
     let prm = params_of([batch, h, w, c / 4, cls, hk, wk, total, 0]);
-    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(p.w.clone()), Res::Buf(p.b.clone()), Res::Act(q), Res::Act(k), Res::Act(v), Res::uniform(&prm)], groups, flops);
+    let b = bind([
+        (dw::X, Res::Act(x)),
+        (dw::W, Res::Buf(p.w.clone())),
+        (dw::BIAS, Res::Buf(p.b.clone())),
+        (dw::Q, Res::Act(q)),
+        (dw::K, Res::Act(k)),
+        (dw::V, Res::Act(v)),
+        (dw::PARAMS, Res::uniform(&prm)),
+    ]);
+    g.dispatch(label, pipeline, b, groups, flops);
     Ok((q, k, v))
 }
 
@@ -292,19 +308,35 @@ fn bn_gpu(g: &mut Graph, label: &str, io: &BnIo, prm: DwParams, rows: usize, bn_
         let name = ["mean", "var", "sums"][stat as usize];
         if !(bn_eval && stat != 2) {
             let pipeline = g.pipeline("dwconv", "bn_part", &consts)?;
-            let b = crate::graph::bind(vec![(6, Res::uniform(&prm)), (7, io.stats.clone()), (9, pre.clone()), (11, io.dpost.clone()), (26, Res::Act(sums))]);
+            let b = bind([(dw::PARAMS, Res::uniform(&prm)), (dw::STATS, io.stats.clone()), (dw::PRE, pre.clone()), (dw::DPOST, io.dpost.clone()), (dw::SUMS, Res::Act(sums))]);
             g.dispatch(format!("{label}.{name}.part"), pipeline, b, grid1d(&g.gpu, (parts * c4).div_ceil(WG) as u64), 0.0);
         }
         let pipeline = g.pipeline("dwconv", "bn_finish", &consts)?;
-        let b = crate::graph::bind(vec![(6, Res::uniform(&prm)), (7, io.stats.clone()), (8, io.running.clone()), (13, io.dgamma.clone()), (16, io.dbeta.clone()), (26, Res::Act(sums))]);
+        let b = bind([
+            (dw::PARAMS, Res::uniform(&prm)),
+            (dw::STATS, io.stats.clone()),
+            (dw::RUNNING, io.running.clone()),
+            (dw::DGAMMA, io.dgamma.clone()),
+            (dw::DBETA, io.dbeta.clone()),
+            (dw::SUMS, Res::Act(sums)),
+        ]);
         g.dispatch(format!("{label}.{name}"), pipeline, b, grid1d(&g.gpu, c4 as u64), 0.0);
     }
     let pipeline = g.pipeline("dwconv", apply, &[("WG", WG as f64), ("BN_EVAL", bn_eval as u8 as f64)])?;
     let u = Res::uniform(&prm);
     let b = if apply == "bn_apply_el" {
-        crate::graph::bind(vec![(1, io.gamma.clone()), (2, io.beta.clone()), (6, u), (7, io.stats.clone()), (9, pre), (10, io.post.clone())])
+        bind([(dw::W, io.gamma.clone()), (dw::BIAS, io.beta.clone()), (dw::PARAMS, u), (dw::STATS, io.stats.clone()), (dw::PRE, pre), (dw::POST, io.post.clone())])
     } else {
-        crate::graph::bind(vec![(1, io.gamma.clone()), (6, u), (7, io.stats.clone()), (9, pre), (11, io.dpost.clone()), (12, io.dpre.clone()), (13, io.dgamma.clone()), (16, io.dbeta.clone())])
+        bind([
+            (dw::W, io.gamma.clone()),
+            (dw::PARAMS, u),
+            (dw::STATS, io.stats.clone()),
+            (dw::PRE, pre),
+            (dw::DPOST, io.dpost.clone()),
+            (dw::DPRE, io.dpre.clone()),
+            (dw::DGAMMA, io.dgamma.clone()),
+            (dw::DBETA, io.dbeta.clone()),
+        ])
     };
     g.dispatch(label, pipeline, b, grid1d(&g.gpu, (rows * c4).div_ceil(WG) as u64), 0.0);
     Ok(())
@@ -346,22 +378,16 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
             continue;
         }
         let pre_t = Res::ActTex(g.linear_texture(pre, 23));
-        let u = || Res::Unused;
-        let mut b = vec![
-            u(),
-            Res::Buf(p.bn[m].gamma.clone()),
-            Res::Buf(p.bn[m].beta.clone()),
-            u(),
-            u(),
-            u(),
-            Res::uniform(&map_params(batch, mh, mw, p.c, cls)),
-            Res::Act(st),
-            Res::Buf(p.bn[m].running.clone()),
-            Res::Act(pre),
-            Res::Act(out),
-        ];
-        b.extend((11..23).map(|_| u()));
-        b.push(pre_t);
+        let b = bind([
+            (dw::W, Res::Buf(p.bn[m].gamma.clone())),
+            (dw::BIAS, Res::Buf(p.bn[m].beta.clone())),
+            (dw::PARAMS, Res::uniform(&map_params(batch, mh, mw, p.c, cls))),
+            (dw::STATS, Res::Act(st)),
+            (dw::RUNNING, Res::Buf(p.bn[m].running.clone())),
+            (dw::PRE, Res::Act(pre)),
+            (dw::POST, Res::Act(out)),
+            (dw::PRE_TEX, pre_t),
+        ]);
         for (pass, pipeline) in &passes {
             let name = if pass.is_empty() { format!("{label}.bn{m}") } else { format!("{label}.bn{m}.{pass}") };
             g.dispatch(name, pipeline.clone(), b.clone(), bn_groups, 0.0);
@@ -389,7 +415,6 @@ pub fn conv_proj_train_backward(
     let (hk, wk) = kv_hw(h, w);
     let gpu_set = !cpu_reductions(g);
     let (consts, bn_groups) = bn_shape(p.bn_eval, c / 4);
-    let u = || Res::Unused;
     let mut dpre = vec![];
     for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {
         let out = g.tensor(format!("{label}.bn{m}.dpre"), g.len(dpost));
@@ -414,26 +439,18 @@ pub fn conv_proj_train_backward(
         let bn_sums = g.pipeline("dwconv", "bn_backward_sums", &consts)?;
         let bn_apply = g.pipeline("dwconv", "bn_backward_apply", &consts)?;
         let (pre_t, dpost_t) = (Res::ActTex(g.linear_texture(saved.pre[m], 23)), Res::ActTex(g.linear_texture(dpost, 24)));
-        let mut b = vec![
-            u(),
-            Res::Buf(p.bn[m].gamma.clone()),
-            u(),
-            u(),
-            u(),
-            u(),
-            Res::uniform(&map_params(batch, mh, mw, c, cls)),
-            Res::Act(saved.stats[m]),
-            u(),
-            Res::Act(saved.pre[m]),
-            u(),
-            Res::Act(dpost),
-            Res::Act(out),
-            Res::Buf(grad.gamma[m].clone()),
-            u(),
-            u(),
-            Res::Buf(grad.beta[m].clone()),
-        ];
-        b.extend([u(), u(), u(), u(), u(), u(), pre_t, dpost_t]);
+        let b = bind([
+            (dw::W, Res::Buf(p.bn[m].gamma.clone())),
+            (dw::PARAMS, Res::uniform(&map_params(batch, mh, mw, c, cls))),
+            (dw::STATS, Res::Act(saved.stats[m])),
+            (dw::PRE, Res::Act(saved.pre[m])),
+            (dw::DPOST, Res::Act(dpost)),
+            (dw::DPRE, Res::Act(out)),
+            (dw::DGAMMA, Res::Buf(grad.gamma[m].clone())),
+            (dw::DBETA, Res::Buf(grad.beta[m].clone())),
+            (dw::PRE_TEX, pre_t),
+            (dw::DPOST_TEX, dpost_t),
+        ]);
         g.dispatch(format!("{label}.bn{m}.backward.sums"), bn_sums, b.clone(), bn_groups, 0.0);
         g.dispatch(format!("{label}.bn{m}.backward"), bn_apply, b, bn_groups, 0.0);
     }
@@ -457,32 +474,37 @@ pub fn conv_proj_train_backward(
             // dW (the first chunk writes, later ones add: params word 9).
             let mut prm = params_of([nb, h, w, c / 4, cls, hk, wk, 0, b0]);
             prm.accumulate = (b0 > 0) as u32;
-            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::uniform(&prm)];
-            b.extend((7..14).map(|_| u()));
-            b.extend([u(), u(), u(), Res::ActTex(xt), u(), Res::ActTex(dq.clone()), Res::ActTex(dk.clone()), Res::ActTex(dv.clone()), Res::Act(part)]);
+            let b = bind([
+                (dw::PARAMS, Res::uniform(&prm)),
+                (dw::X_TEX, Res::ActTex(xt)),
+                (dw::DQ_TEX, Res::ActTex(dq.clone())),
+                (dw::DK_TEX, Res::ActTex(dk.clone())),
+                (dw::DV_TEX, Res::ActTex(dv.clone())),
+                (dw::PART, Res::Act(part)),
+            ]);
             g.dispatch(format!("{label}.dW"), pw.clone(), b, [(3 * c / 4) as u32, 1, 1], 0.0);
-            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::uniform(&prm)];
-            b.extend((7..14).map(|_| u()));
-            let part_t = g.linear_texture(part, 25);
-            b.extend([Res::Buf(grad.w.clone()), u(), u(), u(), u(), u(), u(), u(), u(), u(), u(), Res::ActTex(part_t)]);
+            let part_t = g.linear_texture(part, dw::PART_TEX as u32);
+            let b = bind([(dw::PARAMS, Res::uniform(&prm)), (dw::DW, Res::Buf(grad.w.clone())), (dw::PART_TEX, Res::ActTex(part_t))]);
             g.dispatch(format!("{label}.dW.sum"), psum.clone(), b, grid1d(&g.gpu, (27 * c / 4).div_ceil(WG) as u64), 0.0);
             let n4 = nb * tq * c / 4;
-            let mut b = vec![u(), u(), u(), u(), u(), u(), Res::uniform(&params_of([nb, h, w, c / 4, cls, hk, wk, n4, b0]))];
-            b.extend((7..15).map(|_| u()));
-            b.extend([Res::Act(dx), u(), u(), Res::ActTex(wt.clone()), Res::ActTex(dq), Res::ActTex(dk), Res::ActTex(dv)]);
+            let prm = params_of([nb, h, w, c / 4, cls, hk, wk, n4, b0]);
+            let b = bind([
+                (dw::PARAMS, Res::uniform(&prm)),
+                (dw::DX, Res::Act(dx)),
+                (dw::W_TEX, Res::ActTex(wt.clone())),
+                (dw::DQ_TEX, Res::ActTex(dq)),
+                (dw::DK_TEX, Res::ActTex(dk)),
+                (dw::DV_TEX, Res::ActTex(dv)),
+            ]);
             g.dispatch(format!("{label}.dx"), px.clone(), b, grid1d(&g.gpu, n4.div_ceil(WG) as u64), 0.0);
         }
         return Ok(dx);
     }
     let pw = g.pipeline("dwconv", "dwconv_backward_w", &[("WG", reduce_wg(g) as f64)])?;
-    let mut b = vec![Res::Act(x), u(), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::uniform(&params)];
-    b.extend((7..14).map(|_| u()));
-    b.push(Res::Buf(grad.w.clone()));
+    let b = bind([(dw::X, Res::Act(x)), (dw::Q, Res::Act(dpre[0])), (dw::K, Res::Act(dpre[1])), (dw::V, Res::Act(dpre[2])), (dw::PARAMS, Res::uniform(&params)), (dw::DW, Res::Buf(grad.w.clone()))]);
     g.dispatch(format!("{label}.dW"), pw, b, [(3 * c / 4) as u32, 1, 1], 0.0);
     let px = g.pipeline("dwconv", "dwconv_backward_x", &[("WG", WG as f64)])?;
-    let mut b = vec![u(), Res::Buf(p.w.clone()), u(), Res::Act(dpre[0]), Res::Act(dpre[1]), Res::Act(dpre[2]), Res::uniform(&params)];
-    b.extend((7..15).map(|_| u()));
-    b.push(Res::Act(dx));
+    let b = bind([(dw::W, Res::Buf(p.w.clone())), (dw::Q, Res::Act(dpre[0])), (dw::K, Res::Act(dpre[1])), (dw::V, Res::Act(dpre[2])), (dw::PARAMS, Res::uniform(&params)), (dw::DX, Res::Act(dx))]);
     g.dispatch(format!("{label}.dx"), px, b, grid1d(&g.gpu, (total / 4).div_ceil(WG) as u64), 0.0);
     Ok(dx)
 }

@@ -110,7 +110,44 @@ crate::kernel_bindings! {
     }
 }
 
+crate::kernel_bindings! {
+    /// `dwconv.wgsl`'s bindings.
+    pub mod dw for "dwconv" {
+        X = 0 "x",
+        /// The folded weights, or a BatchNorm's γ.
+        W = 1 "w",
+        /// The folded bias, or a BatchNorm's β.
+        BIAS = 2 "bias",
+        Q = 3 "q",
+        K = 4 "k",
+        V = 5 "v",
+        PARAMS = 6 "p",
+        STATS = 7 "stats",
+        RUNNING = 8 "running",
+        PRE = 9 "pre",
+        POST = 10 "post",
+        DPOST = 11 "dpost",
+        DPRE = 12 "dpre",
+        DGAMMA = 13 "dgamma",
+        DW = 14 "dw",
+        DX = 15 "dx",
+        DBETA = 16 "dbeta",
+        X_TEX = 17 "x_tex",
+        W_TEX = 18 "w_tex",
+        /// The forward's bias texture; the backward's dq texture.
+        BIAS_TEX = 19 "bias_t|dq_tex",
+        DQ_TEX = 19 "bias_t|dq_tex",
+        DK_TEX = 20 "dk_tex",
+        DV_TEX = 21 "dv_tex",
+        PART = 22 "part",
+        PRE_TEX = 23 "pre_t",
+        DPOST_TEX = 24 "dpost_t",
+        PART_TEX = 25 "part_t",
+        SUMS = 26 "sums",
+    }
+}
+
 /// Every declared binding table: (shader, [(binding, names)]).
 pub fn all_bindings() -> Vec<(&'static str, &'static [(usize, &'static str)])> {
-    vec![(mm::SHADER, mm::ALL), (at::SHADER, at::ALL)]
+    vec![(mm::SHADER, mm::ALL), (at::SHADER, at::ALL), (dw::SHADER, dw::ALL)]
 }
