@@ -30,6 +30,10 @@ struct Params {
 @group(0) @binding(1) var<storage, read> gamma: array<f32>;
 @group(0) @binding(2) var<storage, read> beta: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<act>;
+// Bindings 1 and 2 as the backward and the loss see them: softmax_xent's soft
+// targets, layernorm_backward's incoming gradient (f32: training).
+@group(0) @binding(1) var<storage, read> targets: array<f32>;
+@group(0) @binding(2) var<storage, read> dy_in: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
 var<workgroup> red: array<f32, WG>;
@@ -167,7 +171,7 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     var sgx = 0.0;
     for (var c = row.lane; c < p.C; c += LANES) {
         let xh = (f32(x[base + c]) - mean) * rstd;
-        let g = beta[ob + c] * gamma[c];
+        let g = dy_in[ob + c] * gamma[c];
         sg += g;
         sgx += g * xh;
     }
@@ -175,7 +179,7 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let mgx = reduce_sum(sgx, lid) / f32(p.C);
     for (var c = row.lane; c < p.C && row.valid; c += LANES) {
         let xh = (f32(x[base + c]) - mean) * rstd;
-        let dy = beta[ob + c];
+        let dy = dy_in[ob + c];
         y[base + c] = act(rstd * (dy * gamma[c] - mg - xh * mgx));
         aux[tb + c] = dy * xh;
     }
@@ -194,7 +198,7 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let lse = row_logsumexp(b, lid);
     var l = 0.0;
     for (var c = row.lane; c < p.C && row.valid; c += LANES) {
-        let t = gamma[b + c];
+        let t = targets[b + c];
         y[b + c] = act((exp(f32(x[b + c]) - lse) - t) * p.scale);
         l += t * (lse - f32(x[b + c]));
     }

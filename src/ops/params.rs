@@ -147,7 +147,32 @@ crate::kernel_bindings! {
     }
 }
 
+crate::kernel_bindings! {
+    /// `rownorm.wgsl`'s bindings.
+    pub mod rn for "rownorm" {
+        X = 0 "x",
+        GAMMA = 1 "gamma|targets",
+        /// softmax_xent's soft targets.
+        TARGETS = 1 "gamma|targets",
+        BETA = 2 "beta|dy_in",
+        /// layernorm_backward's incoming gradient.
+        DY = 2 "beta|dy_in",
+        Y = 3 "y",
+        PARAMS = 4 "p",
+        /// The backward's dy·x̂ rows, softmax_xent's per-row loss.
+        AUX = 5 "aux",
+        Y4 = 9 "y4",
+        /// layernorm4's residual sum written back, layernorm_backward4's dy·x̂.
+        AUX4 = 10 "aux4",
+        X_TEX = 11 "x_t",
+        /// dy, or layernorm4's residual branch z.
+        DY_TEX = 12 "dy_t",
+        GAMMA_TEX = 13 "gamma_t",
+        BETA_TEX = 14 "beta_t",
+    }
+}
+
 /// Every declared binding table: (shader, [(binding, names)]).
 pub fn all_bindings() -> Vec<(&'static str, &'static [(usize, &'static str)])> {
-    vec![(mm::SHADER, mm::ALL), (at::SHADER, at::ALL), (dw::SHADER, dw::ALL)]
+    vec![(mm::SHADER, mm::ALL), (at::SHADER, at::ALL), (dw::SHADER, dw::ALL), (rn::SHADER, rn::ALL)]
 }

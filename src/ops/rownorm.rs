@@ -1,7 +1,8 @@
 //! `shaders/rownorm.wgsl`: LayerNorm (with row gather/scatter) and softmax.
 
 use crate::gpu::Gpu;
-use crate::graph::{grid1d, Graph, Res, TensorId};
+use crate::graph::{bind, grid1d, Graph, Res, TensorId};
+use crate::ops::params::rn;
 use anyhow::Result;
 use std::sync::Arc;
 
@@ -148,21 +149,20 @@ fn layernorm4_chunks(g: &mut Graph, label: &str, x: TensorId, z: Option<TensorId
     let dense = map.group == map.rows || map.in_stride == map.group;
     let ranges = if dense { crate::ops::gemm::texture_ranges(map.rows, ln.c * 4) } else { vec![(0, map.rows)] };
     let (pipeline, _) = row_kernel(g, "layernorm4", map.rows, z.is_some())?;
-    let u = || Res::Unused;
     for (r0, n) in ranges {
         // The first input row of the chunk, in vec4s (dense: the rest follow it).
         let t0 = if dense { ((r0 / map.group) * map.in_stride + map.in_off + r0 % map.group) * c4 } else { 0 };
         let texels = if dense { n * c4 } else { g.len(x) / 4 };
-        let xt = g.linear_texture_range(x, t0, texels, 11);
+        let xt = g.linear_texture_range(x, t0, texels, rn::X_TEX as u32);
         // Bindings 10 and 12 serve RESIDUAL only; placeholders fill the layout.
         let (aux, zt) = match z {
-            Some(z) => (Res::Act(x), Res::ActTex(g.linear_texture_range(z, t0, texels, 12))),
+            Some(z) => (Res::Act(x), Res::ActTex(g.linear_texture_range(z, t0, texels, rn::DY_TEX as u32))),
             None => (Res::Buf(g.gpu.placeholder()), Res::Tex(g.gpu.placeholder_texture(g.half))),
         };
         let mut p = params(&map, ln.c);
         (p.rows, p.row0, p.tex_off) = ((r0 + n) as u32, r0 as u32, t0 as u32);
         let (gt, bt) = (param(g, ln, false), param(g, ln, true));
-        let b = vec![u(), u(), u(), u(), Res::uniform(&p), u(), u(), u(), u(), Res::Act(y), aux, Res::ActTex(xt), zt, gt, bt];
+        let b = bind([(rn::PARAMS, Res::uniform(&p)), (rn::Y4, Res::Act(y)), (rn::AUX4, aux), (rn::X_TEX, Res::ActTex(xt)), (rn::DY_TEX, zt), (rn::GAMMA_TEX, gt), (rn::BETA_TEX, bt)]);
         g.dispatch(label, pipeline.clone(), b, row_grid(g, n), 0.0);
     }
     Ok(())
@@ -176,7 +176,8 @@ pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &Laye
         return Ok(y);
     }
     let (pipeline, groups) = row_kernel(g, "layernorm", map.rows, false)?;
-    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Buf(ln.beta.clone()), Res::Act(y), Res::uniform(&params(&map, ln.c))], groups, 0.0);
+    let b = bind([(rn::X, Res::Act(x)), (rn::GAMMA, Res::Buf(ln.gamma.clone())), (rn::BETA, Res::Buf(ln.beta.clone())), (rn::Y, Res::Act(y)), (rn::PARAMS, Res::uniform(&params(&map, ln.c)))]);
+    g.dispatch(label, pipeline, b, groups, 0.0);
     Ok(y)
 }
 
@@ -197,7 +198,7 @@ pub fn add_layernorm(g: &mut Graph, label: &str, x: TensorId, z: TensorId, rows:
 pub fn softmax(g: &mut Graph, label: &str, x: TensorId, rows: usize, c: usize, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), rows * c));
     let (pipeline, groups) = row_kernel(g, "softmax", rows, false)?;
-    g.dispatch(label, pipeline, vec![Res::Act(x), Res::Unused, Res::Unused, Res::Act(y), Res::uniform(&params(&RowMap::dense(rows), c))], groups, 0.0);
+    g.dispatch(label, pipeline, bind([(rn::X, Res::Act(x)), (rn::Y, Res::Act(y)), (rn::PARAMS, Res::uniform(&params(&RowMap::dense(rows), c)))]), groups, 0.0);
     Ok(y)
 }
 
@@ -222,14 +223,22 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
     let t = g.tensor(format!("{label}.dy_xhat"), rows * ln.c);
     if vec4_rows(g, ln.c) {
         let (pipeline, groups) = row_kernel(g, "layernorm_backward4", rows, false)?;
-        let u = || Res::Unused;
-        let (xt, dyt) = (g.linear_texture(x, 11), g.linear_texture(dy, 12));
+        let (xt, dyt) = (g.linear_texture(x, rn::X_TEX as u32), g.linear_texture(dy, rn::DY_TEX as u32));
         let gt = param(g, ln, false);
-        let b = vec![u(), u(), u(), u(), Res::uniform(&params(&map, ln.c)), u(), u(), u(), u(), Res::Act(dx), Res::Act(t), Res::ActTex(xt), Res::ActTex(dyt), gt];
+        let b =
+            bind([(rn::PARAMS, Res::uniform(&params(&map, ln.c))), (rn::Y4, Res::Act(dx)), (rn::AUX4, Res::Act(t)), (rn::X_TEX, Res::ActTex(xt)), (rn::DY_TEX, Res::ActTex(dyt)), (rn::GAMMA_TEX, gt)]);
         g.dispatch(label, pipeline, b, groups, 0.0);
     } else {
         let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows, false)?;
-        g.dispatch(label, pipeline, vec![Res::Act(x), Res::Buf(ln.gamma.clone()), Res::Act(dy), Res::Act(dx), Res::uniform(&params(&map, ln.c)), Res::Act(t)], groups, 0.0);
+        let b = bind([
+            (rn::X, Res::Act(x)),
+            (rn::GAMMA, Res::Buf(ln.gamma.clone())),
+            (rn::DY, Res::Act(dy)),
+            (rn::Y, Res::Act(dx)),
+            (rn::PARAMS, Res::uniform(&params(&map, ln.c))),
+            (rn::AUX, Res::Act(t)),
+        ]);
+        g.dispatch(label, pipeline, b, groups, 0.0);
     }
     crate::ops::matmul::colsum(g, &format!("{label}.dgamma"), t, rows, ln.c, Res::Buf(grad.gamma.clone()))?;
     if map.group == rows && map.out_stride == 0 && map.out_off == 0 {
@@ -255,6 +264,7 @@ pub fn softmax_xent(g: &mut Graph, label: &str, logits: TensorId, targets: Tenso
     let (pipeline, groups) = row_kernel(g, "softmax_xent", rows, false)?;
     let mut p = params(&RowMap::dense(rows), classes);
     p.scale = scale;
-    g.dispatch(label, pipeline, vec![Res::Act(logits), Res::Act(targets), Res::Unused, Res::Act(d), Res::uniform(&p), Res::Act(loss)], groups, 0.0);
+    let b = bind([(rn::X, Res::Act(logits)), (rn::TARGETS, Res::Act(targets)), (rn::Y, Res::Act(d)), (rn::PARAMS, Res::uniform(&p)), (rn::AUX, Res::Act(loss))]);
+    g.dispatch(label, pipeline, b, groups, 0.0);
     Ok((d, loss))
 }
