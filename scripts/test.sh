@@ -18,21 +18,23 @@ CVT_GPU_TEX_READ=sampled cargo test --release --test kernels --test backward --t
 # PyTorch and the training step's 167 gradients included.
 echo "--- kernel, gradient, model and training-step tests with the GPU kernel set"
 CVT_GPU_KERNELS=gpu cargo test --release --test kernels --test backward --test model --test train
-echo "--- GL backend smoke inference"
+echo "--- GL backend smoke inference, both kernel sets"
 fx=kernels-tests/reference/fixtures/tiny
-# --no-tune: the start-up rule's texture-read mode, which no trial corrects.
-CVT_GPU_BACKEND=gl CVT_GPU_NO_TUNE=1 ./target/release/cvt-gpu infer --weights $fx/official.safetensors \
-  --config $fx/config.json --no-resize --json $fx/chelsea64.png > target/gl-smoke.json
-python3 - <<'PY' 2>/dev/null || grep -q '"index": 5' target/gl-smoke.json
-import json
+for set in cpu gpu; do
+  # --no-tune: the start-up rule's texture-read mode, which no trial corrects.
+  CVT_GPU_BACKEND=gl CVT_GPU_NO_TUNE=1 ./target/release/cvt-gpu --kernels $set infer --weights $fx/official.safetensors \
+    --config $fx/config.json --no-resize --json $fx/chelsea64.png > target/gl-smoke.json
+  python3 - $set <<'PY' 2>/dev/null || grep -q '"index": 5' target/gl-smoke.json
+import json, sys
 r = json.load(open("target/gl-smoke.json"))
 e = json.load(open("kernels-tests/reference/fixtures/tiny/expected.json"))
 want = e["logits_quick_gelu"][0]
 top = r[0]["top"][0]
 assert top["index"] == max(range(len(want)), key=lambda i: want[i]), top
 assert abs(top["logit"] - want[top["index"]]) < 1e-4, (top, want[top["index"]])
-print("GL smoke: top-1", top["index"], "logit", top["logit"], "torch", want[top["index"]])
+print("GL smoke,", sys.argv[1], "kernel set: top-1", top["index"], "logit", top["logit"], "torch", want[top["index"]])
 PY
+done
 echo "GL smoke inference: ok"
 echo "--- GPU report (quick) from the built binary"
 CVT_GPU_BIN=target/release/cvt-gpu GPU_REPORT_DIR=target/gpu-report-smoke bash scripts/gpu-report.sh --quick > target/gpu-report-smoke.md
