@@ -14,7 +14,7 @@ use std::sync::Arc;
     name = "cvt-gpu",
     version,
     about = "CvT vision transformer inference and training on any GPU (Vulkan, Metal, DX12, GL) via wgpu",
-    after_help = "Examples:\n  cvt-gpu infer --weights weights/fmnist/model.safetensors weights/samples/fmnist-ankle-boot.png\n  cvt-gpu infer --weights cvt-13.safetensors --json --topk 3 cat.png dog.jpg\n  cvt-gpu train --fashion-mnist --out runs/fmnist\n  cvt-gpu eval --weights runs/fmnist/model.safetensors --fashion-mnist\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu convert CvT-13-224x224-IN-1k.pth cvt-13.safetensors\n  cvt-gpu adapters"
+    after_help = "Examples:\n  cvt-gpu infer --weights weights/fmnist/model.safetensors weights/samples/fmnist-ankle-boot.png\n  cvt-gpu infer --weights cvt-13.safetensors --json --topk 3 cat.png dog.jpg\n  cvt-gpu train --fashion-mnist --out runs/fmnist\n  cvt-gpu eval --weights runs/fmnist/model.safetensors --fashion-mnist\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu convert CvT-13-224x224-IN-1k.pth cvt-13.safetensors\n  cvt-gpu adapters --json                 # adapters and the resolved kernel profile\n  cvt-gpu --kernels gpu infer --weights cvt-13.safetensors cat.png   # force the GPU kernel set"
 )]
 struct Cli {
     #[command(flatten)]
@@ -60,7 +60,9 @@ enum Cmd {
     Infer(InferArgs),
     /// Measure latency, throughput and GFLOP/s of a CvT forward (or the GEMM ceiling).
     #[command(after_help = "Examples:\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu bench --model cvt-w24 --res 384 --iters 2\n  cvt-gpu bench --gemm --json
-  cvt-gpu bench --model cvt-w24 --res 384 --f16   # f16 weights and activations; prints the logit difference")]
+  cvt-gpu bench --model cvt-w24 --res 384 --f16   # f16 weights and activations; prints the logit difference
+  cvt-gpu bench --gemm --shape 12608,1536,384      # any GEMM, GPU-timestamp time beside the wall clock
+  cvt-gpu --kernels gpu bench --model cvt-13 --mode train --res 64 --batch 64 --plan-only   # every dispatch's launch shape, not run")]
     Bench(bench::BenchArgs),
     /// Train a CvT (from scratch, or fine-tune a checkpoint) with progress, evaluation, checkpoints and resume.
     #[command(
