@@ -194,7 +194,7 @@ impl Profile {
         self.f16_act = s.f16_act.unwrap_or(self.f16_act);
     }
 
-    /// The texture GEMM's rows for outputs that do not share A.
+    /// The weight layout and GEMM family of this profile's kernel set.
     pub fn matmul(&self) -> MatmulKind {
         self.kernels.matmul()
     }
