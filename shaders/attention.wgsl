@@ -454,7 +454,8 @@ fn attn_bwd_q(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         for (var d = 0u; d < D4; d++) {
             dq[qbase + d] = acc[d] * p.scale;
         }
-        lse_d[row] = vec2<f32>(lse, big_d);
+        // Only D: lanes past the last query read this row's lse (clamped).
+        lse_d[row].y = big_d;
     }
 }
 

@@ -17,7 +17,6 @@
 //           output pixel (b, oy, ox); column k is tap (ky, kx) and input channel ci,
 //           k = (ky * kw + kx) * cin + ci, matching how the host lays out conv weights.
 // A_MODE 2: A is the transpose of a row-major [K, a_stride] matrix (backward: Xᵀ).
-// A_MODE 3: A is all ones (backward: column sums, the bias gradient).
 //
 // B_MODE 0: B is a weight, [K, NP] rows of b_stride = NP scalars (vec4 loads).
 // B_MODE 1: B is the transpose of a weight stored [N, b_stride] (backward: dY·Wᵀ).
@@ -177,8 +176,6 @@ fn load_a(r: RowView, k: u32) -> f32 {
         return f32(a[(r.base + u32(iy) * p.in_w + u32(ix)) * p.cin + ci]);
     } else if (A_MODE == 2u) {
         return f32(a[k * p.a_stride + r.base]);
-    } else if (A_MODE == 3u) {
-        return 1.0;
     }
     return f32(a[r.base + k]);
 }
@@ -194,19 +191,10 @@ fn b_scalar(idx: u32) -> f32 {
     return bitcast<f32>(bw[idx / 4u][idx % 4u]);
 }
 
-// Four consecutive output columns (vec4 column c4) of B's row k.
+// Four consecutive output columns (vec4 column c4) of B's row k (B modes 0 and
+// 2; main_tiled reads B_MODE 1 along k itself, `tile_b`).
 fn load_b(k: u32, c4: u32) -> vec4<f32> {
-    if (B_MODE == 1u) {
-        // Column n of Bᵀ is row n of the stored weight; rows past N read zero.
-        var v = vec4<f32>(0.0);
-        for (var e = 0u; e < 4u; e++) {
-            let n = c4 * 4u + e;
-            if (n < p.N) {
-                v[e] = b_scalar(n * p.b_stride + k);
-            }
-        }
-        return v;
-    } else if (B_MODE == 2u) {
+    if (B_MODE == 2u) {
         var v = vec4<f32>(0.0);
         for (var e = 0u; e < 4u; e++) {
             let n = c4 * 4u + e;
@@ -290,13 +278,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
 //   staged), chosen per shape by the host (`ops::matmul::tiled_shape`);
 // - K in steps of TBK = 16: the A and B tiles are staged in workgroup memory,
 //   k-major, rows padded by one vec4 (so the staging stores do not all hit one
-//   bank); at most 12.7 KiB, far under NVIDIA's 48 KiB;
+//   bank); at most 12.5 KiB, far under NVIDIA's 48 KiB;
 // - the next K step's operands are loaded into registers while the current one
 //   is multiplied (one barrier pair per step);
 // - global loads coalesced in every mode: 16 consecutive invocations read 16
 //   consecutive scalars of one row (A modes 0, 1, B mode 1), 64 consecutive rows
-//   of one k (A mode 2, the transposed activation of dW), or one vec4 each
-//   (B modes 0, 2);
+//   of one k (A mode 2, the transposed activation of dW), one vec4 each (B mode
+//   0) or four consecutive scalars each (B mode 2);
 // - the implicit im2col (A_MODE 1) has no division per element: each invocation
 //   keeps its rows' views and one (ky, kx, ci) position, stepped by TBK;
 // - split-K: workgroup z multiplies K range [z·k_chunk, (z+1)·k_chunk); with
@@ -373,8 +361,6 @@ fn tile_a(k0: u32, k_end: u32, row0: u32, lid: u32, rv: array<RowView, TM_MAX>, 
                 v = f32(a[k * p.a_stride + r]);
             } else if (A_MODE == 1u) {
                 v = conv_a(rv[e], ck);
-            } else if (A_MODE == 3u) {
-                v = 1.0;
             } else {
                 v = f32(a[rv[e].base + k]);
             }

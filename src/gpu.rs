@@ -311,7 +311,7 @@ impl Gpu {
     /// trials that use it give their graphs one). CPU
     /// drivers compile a kernel at its first dispatch, on the thread that submits
     /// it: work submitted to two devices from two threads compiles on two cores
-    /// (`ops::matmul::trial`). None where the backend cannot open a second device.
+    /// (`profile::trial`). None where the backend cannot open a second device.
     pub fn sibling(&self) -> Option<Arc<Gpu>> {
         if self.info.backend == wgpu::Backend::Gl {
             return None;

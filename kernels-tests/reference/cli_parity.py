@@ -44,7 +44,9 @@ for name, img in photos(224):
 x = pixel_values(images)
 
 model = CvtForImageClassification(CvtConfig(num_labels=1000)).eval()
-model.load_state_dict(load_file(os.path.join(a.dir, "hf.safetensors")), strict=False)
+missing, unexpected = model.load_state_dict(load_file(os.path.join(a.dir, "hf.safetensors")), strict=False)
+# Only BatchNorm's batch counters may be absent (they do not affect eval).
+assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
 with torch.no_grad():
     gelu = model(pixel_values=x).logits
     for m in model.modules():

@@ -8,18 +8,6 @@ use anyhow::{bail, Result};
 
 const WG: usize = 64;
 
-/// Workgroup size of the texture kernels: a workgroup serves one (image, head)
-/// and its invocations one query (or key) each, so short sequences leave most of
-/// a 64-wide workgroup idle (stage 2 of a 64x64 input: 17 queries, 5 keys). On a
-/// CPU driver, whose workgroup invocations are SIMD lanes of 8, 8 wastes at most 7
-/// lanes: CvT-13's attention GPU time 1.35-1.49x faster in training (64x64,
-/// batch 64) and 1.11x at 224, batch 1 (interleaved, docs/perf.md). GPUs keep 64
-/// (a narrower workgroup would fill a fraction of a 32- or 64-wide wave).
-/// `CVT_GPU_ATTN_WG=8|16|32|64` overrides.
-pub fn tex_wg(g: &Graph) -> usize {
-    g.profile.attn_wg
-}
-
 crate::kernel_params! {
 /// `attention.wgsl`'s `Params`, field by field.
 pub struct AttnParams for "attention" "Params" {

@@ -351,7 +351,7 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
     let (hk, wk) = kv_hw(h, w);
     let mut post = vec![];
     let mut stats = vec![];
-    let gpu_set = !cpu_reductions(g);
+    let gpu_set = g.profile.kernels == crate::profile::KernelSet::Gpu;
     let (consts, bn_groups) = bn_shape(p.bn_eval, p.c / 4);
     let passes =
         if gpu_set { vec![] } else { vec![("mean", g.pipeline("dwconv", "bn_mean", &consts)?), ("var", g.pipeline("dwconv", "bn_var", &consts)?), ("", g.pipeline("dwconv", "bn_apply", &consts)?)] };
@@ -413,7 +413,7 @@ pub fn conv_proj_train_backward(
 ) -> Result<TensorId> {
     let c = p.c;
     let (hk, wk) = kv_hw(h, w);
-    let gpu_set = !cpu_reductions(g);
+    let gpu_set = g.profile.kernels == crate::profile::KernelSet::Gpu;
     let (consts, bn_groups) = bn_shape(p.bn_eval, c / 4);
     let mut dpre = vec![];
     for (m, (dpost, (mh, mw))) in [(d.0, (h, w)), (d.1, (hk, wk)), (d.2, (hk, wk))].into_iter().enumerate() {

@@ -71,7 +71,8 @@ pub enum KernelChoice {
 /// The GPU set's GEMM launch (`ops::matmul::tiled`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct GemmTiles {
-    /// Output tiles (rows, columns, K step): 128 x 64 where a GEMM still fills
+    /// The shader's tiles (matmul.wgsl's TM, TBN and TBK; reported, not tuned here)
+    /// as (rows, columns, K step): 128 x 64 where a GEMM still fills
     /// `min_workgroups` with it (8 x 4 outputs per invocation), else 64 x 64
     /// (4 x 4); `ops::matmul::tiled_shape` picks per shape.
     pub tiles: [[usize; 3]; 2],
@@ -121,15 +122,20 @@ pub struct Profile {
     /// Queries per invocation of the texture attention (1, 2 or 4; 4 runs
     /// CvT-13's attention 1.4x faster than 2 on lavapipe).
     pub attn_queries: usize,
-    /// Workgroup size of the texture attention kernels: 8 on CPU drivers, where
-    /// short sequences left most of 64 lanes idle; 64 on GPUs.
+    /// Workgroup size of the texture attention kernels: a workgroup serves one
+    /// (image, head), an invocation one query or key, so short sequences leave most
+    /// of 64 lanes idle (stage 2 at 64×64: 17 queries, 5 keys). 8 on CPU drivers,
+    /// whose lanes are SIMD runs of 8 (CvT-13's attention 1.35-1.49x faster in
+    /// training at 64×64, batch 64, and 1.11x at 224, batch 1); 64 on GPUs, where
+    /// less would fill a fraction of a 32- or 64-wide wave. `CVT_GPU_ATTN_WG`.
     pub attn_wg: usize,
     /// Training's attention backward: saved probabilities (true), recomputed
     /// (false), or None: saved while P fits `attention::SAVED_P_MAX_BYTES`.
     pub attn_saved: Option<bool>,
     /// Whether a texture copy of values some texture already holds reuses it.
     pub copy_reuse: bool,
-    /// Whether training's MLP activation is fused into the texture GEMMs.
+    /// Whether training's MLP activation and its gradient are fused into the GEMMs'
+    /// stores (fc1 keeps z, fc2's dx takes act'(z)), in either kernel set.
     pub fuse_act: bool,
     /// Whether `--f16` also stores activations in f16 where the adapter has shader-f16.
     pub f16_act: bool,

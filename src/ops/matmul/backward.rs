@@ -5,7 +5,10 @@
 //! - dW = xᵀ·dy (A_MODE 2, B_MODE 2), written in W's own [K, NP] layout so the
 //!   optimizer updates weights and gradients elementwise;
 //! - db: column sums of dy.
-//! The activation's derivative is applied to dy before this (it is not fused).
+//!
+//! A layer whose input was act(z) (the MLP's second) returns dz = dx ⊙ act'(z),
+//! fused into the dx product where the profile fuses activations
+//! (`linear_backward_act`).
 
 use super::*;
 

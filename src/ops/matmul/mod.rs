@@ -289,7 +289,8 @@ pub struct MatmulParams for "matmul" "Params" {
 /// the first output row and the A/B strides.
 fn params(sizes: [usize; 4], conv: Option<&ConvGeom>, out_row_off: usize, (a_stride, b_stride): (usize, usize)) -> MatmulParams {
     let [m, n, k, np4] = sizes.map(|v| v as u32);
-    let mut p = MatmulParams { m, n, k, np4, out_row_off: out_row_off as u32, a_stride: a_stride as u32, b_stride: b_stride as u32, splits: 1, ..Default::default() };
+    // One split of all of K unless `tiled` splits it.
+    let mut p = MatmulParams { m, n, k, np4, out_row_off: out_row_off as u32, a_stride: a_stride as u32, b_stride: b_stride as u32, k_chunk: k, splits: 1, ..Default::default() };
     if let Some(c) = conv {
         let (oh, ow) = c.out_hw();
         [p.in_h, p.in_w, p.cin, p.in_tokens, p.in_tok_off, p.out_h, p.out_w, p.kh, p.kw, p.stride, p.pad] =
@@ -343,7 +344,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
         (None, Some(_)) if splits_epilogue(g, l, act, accumulate, m) => {
             // The plain GEMM (into y itself unless y accumulates), then the
             // activation in place and the residual add as passes of their own
-            // (Graph::fused_epilogue). In place is safe on this path: those passes
+            // (the profile's `fused_epilogue`). In place is safe on this path: those passes
             // read texture copies of their inputs.
             let z = dispatch(g, &format!("{label}.gemm"), a, m, l, Act::None, if accumulate { Out::New } else { Out::Into(y) }, conv, pack)?;
             if act != Act::None {
@@ -384,7 +385,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
 }
 
 /// Whether this texture-GEMM layer leaves its activation or residual add to
-/// separate passes (see `Graph::fused_epilogue`; the vec4 passes need m·n % 4 == 0).
+/// separate passes (the profile's `fused_epilogue`; the vec4 passes need m·n % 4 == 0).
 fn splits_epilogue(g: &Graph, l: &Linear, act: Act, accumulate: bool, m: usize) -> bool {
     // `packs` last: the variant trial's own dispatches (no activation, no
     // accumulate) must not ask for the variant it is deciding.
@@ -453,8 +454,8 @@ pub fn act_backward(g: &mut Graph, label: &str, z: TensorId, dy: TensorId, len: 
 }
 
 /// Training's `u = act(x·W + b)` (buffer weights): returns (z, u), z = x·W + b kept
-/// for the backward. On texture-GEMM adapters one GEMM stores both (its SAVE_Z
-/// epilogue); elsewhere the GEMM, then the activation pass.
+/// for the backward. Where the profile fuses activations one GEMM stores both (its
+/// SAVE_Z store, in either kernel set); otherwise the GEMM, then the activation pass.
 pub fn linear_act(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear, act: Act) -> Result<(TensorId, TensorId)> {
     match &l.w {
         Some(w) if packs(g) && g.profile.fuse_act && !l.f16 && act != Act::None => {

@@ -25,7 +25,7 @@ fn can_share_a(g: &Graph) -> bool {
 
 /// How a texture GEMM works: rows per invocation (the shader's `TRM`), whether
 /// A is fetched once per subgroup (`A_SHARE`), and log2 of the invocations along
-/// column blocks (`p.in_tok_off`).
+/// column blocks (`p.col_lanes_log2`).
 pub(crate) struct TexBlock {
     pub trm: usize,
     pub share: bool,

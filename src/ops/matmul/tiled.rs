@@ -21,11 +21,12 @@ pub const MIN_GROUPS: usize = 264;
 /// splits that bring the workgroups up to `min_groups` where the tiles alone
 /// would leave a large GPU idle (the weight gradients: dW is K_in x N, a few
 /// tiles, over K = every token of the batch).
-pub fn tiled_shape(m: usize, n: usize, k: usize, min_groups: usize) -> TiledShape {
+/// `split`: false keeps K whole (f16 plans, whose partial sums would be f16).
+pub fn tiled_shape(m: usize, n: usize, k: usize, min_groups: usize, split: bool) -> TiledShape {
     let gx = n.div_ceil(4).div_ceil(TBN / 4);
     let tm = if gx * m.div_ceil(128) >= min_groups { 8 } else { 4 };
     let gy = m.div_ceil(16 * tm);
-    let want = min_groups.div_ceil(gx * gy).min(k / MIN_K_PER_SPLIT).max(1);
+    let want = if split { min_groups.div_ceil(gx * gy).min(k / MIN_K_PER_SPLIT).max(1) } else { 1 };
     let chunk = (k.div_ceil(want).div_ceil(TBK) * TBK).max(TBK);
     TiledShape { groups: [gx, gy], tm, splits: k.div_ceil(chunk).max(1), k_chunk: chunk }
 }
@@ -40,13 +41,6 @@ pub struct TiledShape {
     pub k_chunk: usize,
 }
 
-/// C (+)= epilogue(A·B) with `main_tiled` (the GPU kernel set), split along K
-/// where the output tiles alone give fewer than the profile's workgroup target:
-/// each split writes its partial product to a tensor of its own and
-/// `splitk_sum` adds them in order and applies the epilogue. Not in f16 plans:
-/// partial sums stored in f16 lose more than the output's own rounding (partials
-/// can be far larger than their sum). `ov` are the
-/// operand modes and epilogue constants; `ops` the bindings a, b, bias, c.
 /// What a tiled GEMM does with the activation's pre-activation z (training's
 /// fused MLP activation): nothing, keep it (`SAVE_Z`: fc1 stores z and act(z)),
 /// or multiply the product by act'(z) (`ACT_GRAD`: fc2's dx).
@@ -57,8 +51,15 @@ pub(super) enum TiledZ {
     Grad(TensorId),
 }
 
+/// C (+)= epilogue(A·B) with `main_tiled` (the GPU kernel set), split along K
+/// where the output tiles alone give fewer than the profile's workgroup target:
+/// each split writes its partial product to a tensor of its own and
+/// `splitk_sum` adds them in order and applies the epilogue. Not in f16 plans:
+/// partial sums stored in f16 lose more than the output's own rounding (partials
+/// can be far larger than their sum). `ov` are the
+/// operand modes and epilogue constants; `ops` the bindings a, b, bias, c.
 pub(super) fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, b, bias, c]: [Res; 4], z: TiledZ, mut p: MatmulParams, (m, n, k): (usize, usize, usize)) -> Result<()> {
-    let shape = tiled_shape(m, n, k, if g.half { 1 } else { g.profile.gemm.min_workgroups });
+    let shape = tiled_shape(m, n, k, g.profile.gemm.min_workgroups, !g.half);
     let ([gx, gy], splits) = (shape.groups, shape.splits);
     let max = g.gpu.limits.max_compute_workgroups_per_dimension as usize;
     anyhow::ensure!(gx <= max && gy <= max, "{label}: a {m}x{n} GEMM needs {gx}x{gy} workgroups, over this adapter's {max} per dimension; use a smaller batch");
@@ -150,7 +151,7 @@ pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usiz
     // MIN_GROUPS workgroups of 64 (consecutive invocations read consecutive
     // columns of a row); then a workgroup per column adds its P partials by a
     // tree in workgroup memory. Fixed order: deterministic.
-    let parts = (MIN_GROUPS * 64).div_ceil(cols).clamp(1, rows.div_ceil(4).max(1));
+    let parts = (g.profile.gemm.min_workgroups * 64).div_ceil(cols).clamp(1, rows.div_ceil(4).max(1));
     let part = g.tensor(format!("{label}.partials"), parts * cols);
     let p = params([rows, cols, 0, 0], None, 0, (0, 0));
     let p1 = MatmulParams { splits: parts as u32, ..p };
