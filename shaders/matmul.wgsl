@@ -411,18 +411,7 @@ fn store_el(i: u32, y: f32) {
     }
 }
 
-fn store_vec_tiled(row: u32, c4: u32, v: vec4<f32>) {
-    let col = c4 * 4u;
-    if (row >= p.M || col >= p.N) {
-        return;
-    }
-    let base = (p.out_row_off + row) * p.N + col;
-    for (var e = 0u; e < 4u; e++) {
-        if (col + e < p.N) {
-            store_el(base + e, v[e]);
-        }
-    }
-}
+// derive store_vec_tiled from store_vec: put(base + e, activate(v[e])) -> store_el(base + e, v[e])
 
 @compute @workgroup_size(256, 1, 1)
 fn main_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
