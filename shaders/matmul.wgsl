@@ -413,6 +413,37 @@ fn store_el(i: u32, y: f32) {
 
 // derive store_vec_tiled from store_vec: put(base + e, activate(v[e])) -> store_el(base + e, v[e])
 
+// main_tiled4: main_tiled for a dense A (A_MODE 0) whose rows are whole vec4s
+// (K and the row stride multiples of 4), reading A through a vec4 view of binding
+// 0: one load per four values. Four consecutive invocations read 64 consecutive
+// bytes of one row; staged value e of an invocation is row lid / 4 + 64 (e / 4),
+// k = 4 (lid % 4) + e % 4.
+// derive main_tiled4 from main_tiled: a_slot( -> a_slot4( ; tile_a( -> tile_a4(
+@group(0) @binding(0) var<storage, read> a4v: array<vec4<act>>;
+
+fn a_slot4(lid: u32, e: u32) -> vec2<u32> {
+    return vec2<u32>(4u * (lid % 4u) + e % 4u, lid / 4u + 64u * (e / 4u));
+}
+
+fn tile_a4(k0: u32, k_end: u32, row0: u32, lid: u32, rv: array<RowView, TM_MAX>, ck: ConvK) -> array<f32, TM_MAX> {
+    var ar: array<f32, TM_MAX>;
+    for (var h = 0u; h < TM / 4u; h++) {
+        let s = a_slot4(lid, 4u * h);
+        let k = k0 + s.x;
+        var v = vec4<f32>(0.0);
+        // K ends on a whole vec4 and k_chunk is a multiple of TBK: a vec4 is all
+        // in the K range or all out.
+        if (k < k_end && row0 + s.y < p.M) {
+            v = vec4<f32>(a4v[(rv[4u * h].base + k) / 4u]);
+        }
+        ar[4u * h] = v.x;
+        ar[4u * h + 1u] = v.y;
+        ar[4u * h + 2u] = v.z;
+        ar[4u * h + 3u] = v.w;
+    }
+    return ar;
+}
+
 @compute @workgroup_size(256, 1, 1)
 fn main_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row0 = wid.y * tbm();

@@ -63,8 +63,9 @@ macro_rules! kernel_bindings {
 crate::kernel_bindings! {
     /// `matmul.wgsl`'s bindings.
     pub mod mm for "matmul" {
-        /// A (GEMM), the source of im2col, col2im, column sums, z of the activations.
-        A = 0 "a",
+        /// A (GEMM; `a4v` its vec4 view in main_tiled4), the source of im2col,
+        /// col2im, column sums, z of the activations.
+        A = 0 "a|a4v",
         /// B (a weight or the output gradient; `bw` as raw words, `a4` as vec4 sources).
         B = 1 "b|bw|a4",
         BIAS = 2 "bias",

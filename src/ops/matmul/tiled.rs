@@ -85,8 +85,11 @@ pub(super) fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, 
     };
     let ov = &ov[..];
     let flops = 2.0 * (m * n * k) as f64;
+    // A dense A of whole-vec4 rows is read four values per load (main_tiled4).
+    let a_mode = ov.iter().find(|(name, _)| *name == "A_MODE").map_or(0.0, |o| o.1);
+    let entry = if a_mode == 0.0 && k % 4 == 0 && p.a_stride % 4 == 0 { "main_tiled4" } else { "main_tiled" };
     if splits == 1 {
-        let pipeline = g.pipeline("matmul", "main_tiled", ov)?;
+        let pipeline = g.pipeline("matmul", entry, ov)?;
         let zb = zb(&a);
         g.dispatch(label, pipeline, with_z(vec![(mm::A, a), (mm::B, b), (mm::BIAS, bias), (mm::C, c), (mm::PARAMS, Res::uniform(&p))], zb), [gx as u32, gy as u32, 1], flops);
         return Ok(());
@@ -96,7 +99,7 @@ pub(super) fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, 
     let mut part_ov: Vec<(&'static str, f64)> = ov.iter().copied().filter(|(name, _)| !epilogue(name)).collect();
     part_ov.extend([("SPLIT", 1.0), ("HAS_BIAS", 0.0)]);
     let part = g.tensor(format!("{label}.splitk"), splits * m * n);
-    let pipeline = g.pipeline("matmul", "main_tiled", &part_ov)?;
+    let pipeline = g.pipeline("matmul", entry, &part_ov)?;
     let zb_part = a.clone();
     let plain_zc = Res::Buf(g.gpu.placeholder());
     let v = bind([(mm::A, a), (mm::B, b.clone()), (mm::BIAS, b.clone()), (mm::C, Res::Act(part)), (mm::PARAMS, Res::uniform(&p)), (mm::ZC, plain_zc), (mm::ZB, zb_part)]);
