@@ -448,6 +448,32 @@ fn attention_texture_variant_splits_the_batch_over_the_texture_limit() {
     check_attention(MatmulKind::Texture, 3, t, 5, 64, 1);
 }
 
+/// The GPU kernel set's row kernels (a workgroup per row) with and without
+/// subgroup reductions, and the adapter's own set.
+fn row_variants() -> Vec<(String, std::sync::Arc<cvt_gpu::gpu::Gpu>, bool)> {
+    vec![("own".into(), gpu(), true), ("gpu set, subgroups".into(), gpu_buffer_variants(), true), ("gpu set, tree".into(), gpu_buffer_variants(), false)]
+}
+
+#[test]
+fn layernorm_rows_every_reduction() {
+    for (what, gpu, sg) in row_variants() {
+        for &(rows, c) in &[(5, 7), (3, 130), (1, 1), (8, 384), (2, 1000)] {
+            let x: Vec<f32> = randn(rows * c, 1).iter().map(|v| v * 3.0 + 5.0).collect();
+            let (gm, bt) = (randn(c, 2), randn(c, 3));
+            let ln = LayerNorm::new(&gpu, "ln", &gm, &bt).unwrap();
+            let mut g = Graph::new(gpu.clone());
+            g.profile.row_subgroups = sg;
+            let xi = g.pinned("x", x.len());
+            let y = layernorm(&mut g, "ln", xi, RowMap::dense(rows), &ln, None).unwrap();
+            let plan = g.compile().unwrap();
+            plan.write(xi, &x).unwrap();
+            plan.run().unwrap();
+            let want: Vec<f64> = x.chunks(c).flat_map(|r| layernorm_ref(&r.iter().map(|&v| v as f64).collect::<Vec<_>>(), &gm, &bt)).collect();
+            assert_close(&format!("{what} layernorm {rows}x{c}"), &plan.read(y).unwrap(), &want, 1e-4, 1e-4);
+        }
+    }
+}
+
 #[test]
 fn layernorm_dense_and_gathered() {
     let gpu = gpu();
@@ -552,25 +578,27 @@ fn residual_branch_then_layernorm() {
 
 #[test]
 fn softmax_rows() {
-    let gpu = gpu();
-    for &(rows, c) in &[(3, 1000), (2, 1), (5, 67)] {
-        let x: Vec<f32> = randn(rows * c, 4).iter().map(|v| v * 10.0).collect();
-        let mut g = Graph::new(gpu.clone());
-        let xi = g.pinned("x", x.len());
-        let y = softmax(&mut g, "sm", xi, rows, c, None).unwrap();
-        let plan = g.compile().unwrap();
-        plan.write(xi, &x).unwrap();
-        plan.run().unwrap();
-        let want: Vec<f64> = x
-            .chunks(c)
-            .flat_map(|r| {
-                let m = r.iter().cloned().fold(f32::MIN, f32::max) as f64;
-                let e: Vec<f64> = r.iter().map(|&v| (v as f64 - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                e.into_iter().map(move |v| v / z)
-            })
-            .collect();
-        assert_close(&format!("softmax {rows}x{c}"), &plan.read(y).unwrap(), &want, 1e-6, 1e-4);
+    for (what, gpu, sg) in row_variants() {
+        for &(rows, c) in &[(3, 1000), (2, 1), (5, 67)] {
+            let x: Vec<f32> = randn(rows * c, 4).iter().map(|v| v * 10.0).collect();
+            let mut g = Graph::new(gpu.clone());
+            g.profile.row_subgroups = sg;
+            let xi = g.pinned("x", x.len());
+            let y = softmax(&mut g, "sm", xi, rows, c, None).unwrap();
+            let plan = g.compile().unwrap();
+            plan.write(xi, &x).unwrap();
+            plan.run().unwrap();
+            let want: Vec<f64> = x
+                .chunks(c)
+                .flat_map(|r| {
+                    let m = r.iter().cloned().fold(f32::MIN, f32::max) as f64;
+                    let e: Vec<f64> = r.iter().map(|&v| (v as f64 - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    e.into_iter().map(move |v| v / z)
+                })
+                .collect();
+            assert_close(&format!("{what} softmax {rows}x{c}"), &plan.read(y).unwrap(), &want, 1e-6, 1e-4);
+        }
     }
 }
 

@@ -470,6 +470,7 @@ fn override_sets(shader: &str) -> Vec<Vec<(&'static str, f64)>> {
         "rownorm" => {
             v.push(vec![("LANES", 1.0), ("WG", 16.0)]);
             v.push(vec![("LANES", 64.0), ("WG", 64.0)]);
+            v.push(vec![("LANES", 64.0), ("WG", 64.0), ("SG_REDUCE", 1.0)]);
         }
         "attention" => {
             v.push(vec![("WG", 8.0), ("QPI", 4.0)]);

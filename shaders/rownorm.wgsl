@@ -47,9 +47,32 @@ fn row_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Row {
     return Row(min(rr, p.rows - 1u), lid % LANES, rr < p.rows);
 }
 
+// SG_REDUCE (the host sets it where the adapter has subgroup operations and a
+// workgroup is one row, LANES == WG): each subgroup reduces its lanes, its first
+// active lane stores the result, and every lane combines the WG slots in order
+// (the others hold the identity): two barriers instead of a tree's 2 + log2(WG),
+// for any subgroup size or layout. Without it, the tree in workgroup memory.
+override SG_REDUCE: bool = false;
+
+fn subgroup_reduce(val: f32, lid: u32, is_max: bool) -> f32 {
+    let s = select(sg_sum(val), sg_max(val), is_max);
+    let none = select(0.0, -3.0e38, is_max);
+    red[lid] = select(none, s, sg_lane() == 0u);
+    workgroupBarrier();
+    var t = none;
+    for (var i = 0u; i < WG; i++) {
+        t = select(t + red[i], max(t, red[i]), is_max);
+    }
+    workgroupBarrier();
+    return t;
+}
+
 fn reduce_sum(val: f32, lid: u32) -> f32 {
     if (LANES == 1u) {
         return val;
+    }
+    if (SG_REDUCE) {
+        return subgroup_reduce(val, lid, false);
     }
     let lane = lid % LANES;
     red[lid] = val;
@@ -68,6 +91,9 @@ fn reduce_sum(val: f32, lid: u32) -> f32 {
 fn reduce_max(val: f32, lid: u32) -> f32 {
     if (LANES == 1u) {
         return val;
+    }
+    if (SG_REDUCE) {
+        return subgroup_reduce(val, lid, true);
     }
     let lane = lid % LANES;
     red[lid] = val;

@@ -103,7 +103,8 @@ pub fn prelude(read: TexRead, w16: bool, a16: bool, sg: bool) -> String {
 /// WGSL cannot compile them out with an override): `sg_same(x)` (x is the same on
 /// every active lane of the subgroup; always false without subgroups),
 /// `sg_lane()` and `sg_count()` (this lane's index among the active lanes, and
-/// their number: the lane id and subgroup size where all are active), and
+/// their number: the lane id and subgroup size where all are active),
+/// `sg_sum(x)` and `sg_max(x)` (over the active lanes), and
 /// `bc0`..`bc7` (lane i's value of a vec4; WGSL wants the lane as a constant).
 /// The texture GEMM uses them to fetch A once per subgroup instead of once per
 /// lane (`matmul.wgsl`, `sa`/`sb`).
@@ -112,10 +113,14 @@ pub fn subgroup_helpers(sg: bool) -> String {
     if sg {
         s += "fn sg_lane() -> u32 { return subgroupExclusiveAdd(1u); }\n\
               fn sg_count() -> u32 { return subgroupAdd(1u); }\n\
+              fn sg_sum(x: f32) -> f32 { return subgroupAdd(x); }\n\
+              fn sg_max(x: f32) -> f32 { return subgroupMax(x); }\n\
               fn sg_same(x: u32) -> bool { return subgroupAll(x == subgroupBroadcastFirst(x)); }\n";
     } else {
         s += "fn sg_lane() -> u32 { return 0u; }\n\
               fn sg_count() -> u32 { return 1u; }\n\
+              fn sg_sum(x: f32) -> f32 { return x; }\n\
+              fn sg_max(x: f32) -> f32 { return x; }\n\
               fn sg_same(x: u32) -> bool { return false; }\n";
     }
     for i in 0..8 {

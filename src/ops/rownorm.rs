@@ -75,6 +75,10 @@ fn vec4_rows(g: &Graph, c: usize) -> bool {
 /// The pipeline of a row kernel and its grid for `rows` rows.
 fn row_kernel(g: &Graph, entry: &str, rows: usize, residual: bool) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
     let mut consts = vec![("WG", row_wg(g) as f64), ("LANES", row_lanes(g) as f64)];
+    // Subgroup reductions where the adapter has them and a workgroup is one row.
+    if g.profile.row_subgroups && g.gpu.subgroups && row_lanes(g) == row_wg(g) {
+        consts.push(("SG_REDUCE", 1.0));
+    }
     if residual {
         consts.push(("RESIDUAL", 1.0));
     }

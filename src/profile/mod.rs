@@ -132,6 +132,10 @@ pub struct Profile {
     /// Training's attention backward: saved probabilities (true), recomputed
     /// (false), or None: saved while P fits `attention::SAVED_P_MAX_BYTES`.
     pub attn_saved: Option<bool>,
+    /// Whether the row reductions with a workgroup per row (the GPU set's
+    /// LayerNorm and softmax) reduce through subgroup operations where the adapter
+    /// has them (`rownorm.wgsl`'s SG_REDUCE), instead of a tree in workgroup memory.
+    pub row_subgroups: bool,
     /// Whether a texture copy of values some texture already holds reuses it.
     pub copy_reuse: bool,
     /// Whether training's MLP activation and its gradient are fused into the GEMMs'
@@ -161,6 +165,7 @@ impl Profile {
             attn_queries: 4,
             attn_wg: if gpu.info.device_type == wgpu::DeviceType::Cpu { 8 } else { 64 },
             attn_saved: None,
+            row_subgroups: true,
             copy_reuse: true,
             fuse_act: true,
             f16_act: true,
