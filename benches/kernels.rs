@@ -9,7 +9,6 @@ use cvt_gpu::gpu::{AdapterRequest, Gpu};
 use cvt_gpu::graph::Graph;
 use cvt_gpu::ops::attention::{attention, attention_backward, attention_train, AttnGrad, AttnShape};
 use cvt_gpu::ops::dwconv::{conv_proj, kv_hw, BatchNorm, ConvProj};
-use cvt_gpu::ops::matmul::preferred_kind;
 use cvt_gpu::ops::matmul::{conv2d, linear, Out};
 use cvt_gpu::ops::rownorm::{layernorm, LayerNorm, RowMap};
 use cvt_gpu::ops::{Act, ConvGeom, Linear};
@@ -133,9 +132,9 @@ fn attention_training(gpu: &Arc<Gpu>) {
             for grad in [AttnGrad::Recompute, AttnGrad::Saved] {
                 time(gpu, &format!("r{round} s{s} {grad:?}"), &format!("{t}x{tk}, {heads} heads"), 3, |g| {
                     let (q, k, v, dout) = (g.pinned("q", b * t * c), g.pinned("k", b * tk * c), g.pinned("v", b * tk * c), g.pinned("dout", b * t * c));
-                    let kind = preferred_kind(&g.gpu);
-                    let (o, probs) = attention_train(g, "attn", (q, k, v), shape, grad, kind).unwrap();
-                    attention_backward(g, "attn", (q, k, v, o), probs, dout, shape).unwrap();
+                    let kind = g.profile.matmul();
+                    let (o, saved) = attention_train(g, "attn", (q, k, v), shape, grad, kind).unwrap();
+                    attention_backward(g, "attn", (q, k, v, o), saved, dout, shape).unwrap();
                     vec![q, k, v, dout]
                 });
             }
