@@ -1203,20 +1203,20 @@ fn act_forward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 
 // colsum_part / colsum_finish: column sums of a [p.M rows, p.N] matrix (p.N a
 // multiple of 4) read as a linear texture (binding 6) on drivers that prefer
-// texture operands: the bias gradient db = 1ᵀ·dY, and LayerNorm's dγ, dβ.
-// Invocation (j, c4) of the first pass sums rows j, j + P, j + 2P, ... (P = p.K
+// texture operands (the CPU set): the bias gradient db, and LayerNorm's dγ, dβ.
+// Invocation (j, c4) of the first pass sums rows j, j + P, j + 2P, ... (P = p.splits
 // partial sums per column, no barrier) into part (binding 8); the second adds a
 // column's P partials and stores its four values into c (binding 3).
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn colsum_part(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG_X;
     let n4 = p.N / 4u;
-    if (i >= p.K * n4) {
+    if (i >= p.splits * n4) {
         return;
     }
     let c = i % n4;
     var s = vec4<f32>(0.0);
-    for (var r = i / n4; r < p.M; r += p.K) {
+    for (var r = i / n4; r < p.M; r += p.splits) {
         s += b_lin(r * n4 + c);
     }
     c4[i] = vec4<act>(s);
@@ -1230,7 +1230,7 @@ fn colsum_finish(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     var s = vec4<f32>(0.0);
-    for (var j = 0u; j < p.K; j++) {
+    for (var j = 0u; j < p.splits; j++) {
         s += vec4<f32>(c4[j * n4 + col]);
     }
     c[col * 4u] = act(s.x);

@@ -254,7 +254,7 @@ pub fn attention_backward(
             let gt = texture_rows(g, label, dout, &s, (s.tq, b0, nb), 13)?;
             // The recomputing pass reads the query rows; the saved one reads P instead.
             let qtex = if probs.is_none() { Res::ActTex(qt) } else { u() };
-            let p_tex = probs.map(|p| g.linear_texture_range(p, t0, t1 - t0, 16));
+            let p_tex = probs.map(|p| g.linear_texture_range(p, t0, t1 - t0, at::PROBS_TEX as u32));
             let pt = p_tex.map_or_else(u, Res::ActTex);
             let bq = bind([
                 (at::O, Res::Act(o)),
@@ -282,7 +282,7 @@ pub fn attention_backward(
             ];
             if let (Some(pt), Some(ds)) = (p_tex, dscore) {
                 // P's texture from the per-query pass (nothing refills binding 16 in between).
-                let dst = g.linear_texture_range(ds, t0, t1 - t0, 17);
+                let dst = g.linear_texture_range(ds, t0, t1 - t0, at::DSCORE_TEX as u32);
                 bkv.extend([(at::PROBS_TEX, Res::ActTex(pt)), (at::DSCORE_TEX, Res::ActTex(dst))]);
             }
             g.dispatch(format!("{label}.bwd_kv"), pkv.clone(), bind(bkv), [s.tkv.div_ceil(wg) as u32, s.heads as u32, nb as u32], fkv * chunk_flops);

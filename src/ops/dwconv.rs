@@ -104,10 +104,10 @@ pub fn conv_proj(g: &mut Graph, label: &str, x: TensorId, batch: usize, h: usize
         // The bias as a linear texture too (`dwconv.wgsl` binding 19).
         let (w_tex, bias_t) = match &p.tex {
             Some((w, b)) => (Res::Tex(w.clone()), Res::Tex(b.clone())),
-            None => (Res::ActTex(pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), 18)?), Res::ActTex(g.linear_texture_buf(&p.b, 0, 3 * c / 4, 19))),
+            None => (Res::ActTex(pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), dw::W_TEX as u32)?), Res::ActTex(g.linear_texture_buf(&p.b, 0, 3 * c / 4, 19))),
         };
         for (b0, nb) in chunks {
-            let xt = act_rows_texture(g, label, x, batch * tq, c, (b0 * tq, nb * tq), 17)?;
+            let xt = act_rows_texture(g, label, x, batch * tq, c, (b0 * tq, nb * tq), dw::X_TEX as u32)?;
             // The shader works in units of four channels (vec4).
             let total = nb * tq * c / 4;
             let prm = params_of([nb, h, w, c / 4, cls, hk, wk, total, b0]);
@@ -377,7 +377,7 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
             bn_gpu(g, &format!("{label}.bn{m}"), &io, map_params(batch, mh, mw, p.c, cls), batch * (cls + mh * mw), p.bn_eval, &[0, 1], "bn_apply_el")?;
             continue;
         }
-        let pre_t = Res::ActTex(g.linear_texture(pre, 23));
+        let pre_t = Res::ActTex(g.linear_texture(pre, dw::PRE_TEX as u32));
         let b = bind([
             (dw::W, Res::Buf(p.bn[m].gamma.clone())),
             (dw::BIAS, Res::Buf(p.bn[m].beta.clone())),
@@ -438,7 +438,7 @@ pub fn conv_proj_train_backward(
         }
         let bn_sums = g.pipeline("dwconv", "bn_backward_sums", &consts)?;
         let bn_apply = g.pipeline("dwconv", "bn_backward_apply", &consts)?;
-        let (pre_t, dpost_t) = (Res::ActTex(g.linear_texture(saved.pre[m], 23)), Res::ActTex(g.linear_texture(dpost, 24)));
+        let (pre_t, dpost_t) = (Res::ActTex(g.linear_texture(saved.pre[m], dw::PRE_TEX as u32)), Res::ActTex(g.linear_texture(dpost, dw::DPOST_TEX as u32)));
         let b = bind([
             (dw::W, Res::Buf(p.bn[m].gamma.clone())),
             (dw::PARAMS, Res::uniform(&map_params(batch, mh, mw, c, cls))),
@@ -465,12 +465,12 @@ pub fn conv_proj_train_backward(
         let psum = g.pipeline("dwconv", "dw_sum_partials", &[("WG", WG as f64)])?;
         // Per-invocation partial sums of dW: [3, C/4, 9, WG] vec4.
         let part = g.tensor(format!("{label}.dW.partials"), 3 * 9 * c * WG);
-        let wt = pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), 18)?;
+        let wt = pack(g, label, &View::new(Src::Buf(p.w.clone()), 27, c, c), (0, 27), (0, c), dw::W_TEX as u32)?;
         for (b0, nb) in chunks {
-            let dq = act_rows_texture(g, label, dpre[0], batch * tq, c, (b0 * tq, nb * tq), 19)?;
-            let dk = act_rows_texture(g, label, dpre[1], batch * tk, c, (b0 * tk, nb * tk), 20)?;
-            let dv = act_rows_texture(g, label, dpre[2], batch * tk, c, (b0 * tk, nb * tk), 21)?;
-            let xt = act_rows_texture(g, label, x, batch * tq, c, (b0 * tq, nb * tq), 17)?;
+            let dq = act_rows_texture(g, label, dpre[0], batch * tq, c, (b0 * tq, nb * tq), dw::DQ_TEX as u32)?;
+            let dk = act_rows_texture(g, label, dpre[1], batch * tk, c, (b0 * tk, nb * tk), dw::DK_TEX as u32)?;
+            let dv = act_rows_texture(g, label, dpre[2], batch * tk, c, (b0 * tk, nb * tk), dw::DV_TEX as u32)?;
+            let xt = act_rows_texture(g, label, x, batch * tq, c, (b0 * tq, nb * tq), dw::X_TEX as u32)?;
             // dW (the first chunk writes, later ones add: params word 9).
             let mut prm = params_of([nb, h, w, c / 4, cls, hk, wk, 0, b0]);
             prm.accumulate = (b0 > 0) as u32;

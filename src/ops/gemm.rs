@@ -220,7 +220,7 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
     let z_bindings = fused.then(|| {
         let z_out = ep.save_z.map_or_else(|| Res::Buf(g.gpu.placeholder()), Res::Act);
         let z_in = match ep.act_grad_of {
-            Some(z) => Res::ActTex(g.linear_texture(z, 11)),
+            Some(z) => Res::ActTex(g.linear_texture(z, mm::Z_TEX as u32)),
             None => Res::Tex(g.gpu.placeholder_texture(g.half)),
         };
         (z_out, z_in)
@@ -257,8 +257,8 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
         let rows = max.min(m - r0);
         for (j, k0) in (0..k.max(1)).step_by(k_chunk).enumerate() {
             let kc = k_chunk.min(k - k0).div_ceil(4) * 4;
-            let at = if ta == 0 { pack(g, &format!("{label}.a"), a, (r0, rows), (k0, kc), 5)? } else { lin_tex(g, a, 5) };
-            let bt = if tb_lin { lin_tex(g, b, 6) } else { pack(g, &format!("{label}.b"), b, (k0, kc), (0, n_out), 6)? };
+            let at = if ta == 0 { pack(g, &format!("{label}.a"), a, (r0, rows), (k0, kc), mm::A_TEX as u32)? } else { lin_tex(g, a, mm::A_TEX as u32) };
+            let bt = if tb_lin { lin_tex(g, b, mm::B_TEX as u32) } else { pack(g, &format!("{label}.b"), b, (k0, kc), (0, n_out), mm::B_TEX as u32)? };
             let first = j == 0;
             let has_bias = first && ep.bias.is_some();
             let (lx, groups) = (blk.lx, super::matmul::tex_grid(n4, rows, &blk));
@@ -286,7 +286,7 @@ pub fn tex_gemm(g: &mut Graph, label: &str, a: &View, b: &View, out: Res, n_out:
             let bias_t = match (&ep.bias, has_bias) {
                 (Some(bb), true) => {
                     anyhow::ensure!(bb.size() >= 16 * n4 as u64, "{label}: bias buffer shorter than {n_out} columns");
-                    Res::ActTex(g.linear_texture_buf(bb, 0, n4, 9))
+                    Res::ActTex(g.linear_texture_buf(bb, 0, n4, mm::BIAS_TEX as u32))
                 }
                 _ => Res::Tex(g.gpu.placeholder_texture(g.half)),
             };

@@ -139,8 +139,8 @@ fn param(g: &mut Graph, ln: &LayerNorm, beta: bool) -> Res {
     match (&ln.tex, beta) {
         (Some((gt, _)), false) => Res::Tex(gt.clone()),
         (Some((_, bt)), true) => Res::Tex(bt.clone()),
-        (None, false) => Res::ActTex(g.linear_texture_buf(&ln.gamma, 0, ln.c / 4, 13)),
-        (None, true) => Res::ActTex(g.linear_texture_buf(&ln.beta, 0, ln.c / 4, 14)),
+        (None, false) => Res::ActTex(g.linear_texture_buf(&ln.gamma, 0, ln.c / 4, rn::GAMMA_TEX as u32)),
+        (None, true) => Res::ActTex(g.linear_texture_buf(&ln.beta, 0, ln.c / 4, rn::BETA_TEX as u32)),
     }
 }
 

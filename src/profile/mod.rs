@@ -237,34 +237,25 @@ pub fn resolve(gpu: &Arc<Gpu>) -> Profile {
         }
         cached
     };
-    let cache = |what: &str| if s.no_tune { None } else { cache::lookup(gpu, what) };
-    let kernels = pick("kernels", s.kernels.map(|k| k.name().to_string()), cache("kernels")).and_then(|k| KernelSet::parse(&k));
-    let read = pick("texture_read", s.tex_read.map(|r| r.name().to_string()), cache("texture_read")).and_then(|r| TexRead::parse(&r));
+    // (`cache::lookup` finds nothing with --no-tune.)
+    let kernels = pick("kernels", s.kernels.map(|k| k.name().to_string()), cache::lookup(gpu, "kernels")).and_then(|k| KernelSet::parse(&k));
+    let read = pick("texture_read", s.tex_read.map(|r| r.name().to_string()), cache::lookup(gpu, "texture_read")).and_then(|r| TexRead::parse(&r));
     let (kernels, read) = match (kernels, read) {
         (Some(k), Some(r)) => (k, r),
-        _ if s.no_tune => {
-            sources.entry("kernels").or_insert(Source::Rule);
-            sources.entry("texture_read").or_insert(Source::Rule);
-            (kernels.unwrap_or(rule_set), read.unwrap_or(rule_read))
+        // What settings and cache leave open: measured (a trial that fails
+        // decides nothing), else the rule.
+        _ => {
+            let measured = if s.no_tune { None } else { trial::run(gpu, kernels, read, rule_read, s.trace_tune).ok() };
+            let source = if measured.is_some() { Source::Trial } else { Source::Rule };
+            sources.entry("kernels").or_insert(source);
+            sources.entry("texture_read").or_insert(source);
+            // Cached only when nothing was forced: a kernel set measured in a
+            // forced read mode (or the reverse) is not the adapter's choice.
+            if let (Some((k, r)), None, None) = (measured, s.kernels, s.tex_read) {
+                cache::store(gpu, &[("texture_read", r.name()), ("kernels", k.name())]);
+            }
+            measured.unwrap_or((kernels.unwrap_or(rule_set), read.unwrap_or(rule_read)))
         }
-        _ => match trial::run(gpu, kernels, read, rule_read, s.trace_tune) {
-            Ok((k, r)) => {
-                // Cached only when nothing was forced: a kernel set measured in a
-                // forced read mode (or the reverse) is not the adapter's choice.
-                sources.entry("texture_read").or_insert(Source::Trial);
-                sources.entry("kernels").or_insert(Source::Trial);
-                if s.kernels.is_none() && s.tex_read.is_none() {
-                    cache::store(gpu, &[("texture_read", r.name()), ("kernels", k.name())]);
-                }
-                (k, r)
-            }
-            // A trial that fails decides nothing and caches nothing.
-            Err(_) => {
-                sources.entry("kernels").or_insert(Source::Rule);
-                sources.entry("texture_read").or_insert(Source::Rule);
-                (kernels.unwrap_or(rule_set), read.unwrap_or(rule_read))
-            }
-        },
     };
     let mut p = Profile::for_set(gpu, kernels, read);
     p.sources = sources;

@@ -68,8 +68,8 @@ fn read_trial(gpu: &Arc<Gpu>, set: KernelSet, start: TexRead, trace_on: bool) ->
             let mut g = Graph::with_profile(gpu.clone(), Profile::for_set(gpu, set, read));
             let (x, y) = (g.pinned("x", rows * cols), g.pinned("y", parts * cols));
             let pipeline = g.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
-            let xt = g.linear_texture(x, 6);
-            let p = crate::ops::matmul::MatmulParams { m: rows as u32, n: cols as u32, k: parts as u32, splits: 1, ..Default::default() };
+            let xt = g.linear_texture(x, mm::B_TEX as u32);
+            let p = crate::ops::matmul::MatmulParams { m: rows as u32, n: cols as u32, splits: parts as u32, ..Default::default() };
             let b = crate::graph::bind([(mm::PARAMS, Res::uniform(&p)), (mm::B_TEX, Res::ActTex(xt)), (mm::C4, Res::Act(y))]);
             g.dispatch("read trial", pipeline, b, crate::graph::grid1d(gpu, (parts * cols / 4).div_ceil(64) as u64), 0.0);
             let plan = g.compile()?;

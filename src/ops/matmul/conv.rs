@@ -20,7 +20,7 @@ pub(super) fn im2col(g: &mut Graph, label: &str, x: TensorId, geom: &ConvGeom, k
         let hw = oh * ow;
         for b0 in (0..geom.batch).step_by(per) {
             let nb = per.min(geom.batch - b0);
-            let xt = g.linear_texture_range(x, b0 * image_texels, nb * image_texels, 5);
+            let xt = g.linear_texture_range(x, b0 * image_texels, nb * image_texels, mm::A_TEX as u32);
             let mut pc = p.clone();
             (pc.m, pc.out_row_off) = ((nb * hw) as u32, (b0 * hw) as u32);
             let groups = crate::graph::grid1d(&g.gpu, (nb * hw * k_out / 4).div_ceil(64) as u64);
@@ -84,7 +84,7 @@ pub fn conv2d_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId, ge
         let n_in = geom.batch * geom.in_h * geom.in_w * geom.cin;
         let p = params([geom.batch, 0, k_real, 0], Some(&geom), 0, (0, 0));
         if packs(g) && geom.cin % 4 == 0 {
-            let dt = g.linear_texture(dcols, 5);
+            let dt = g.linear_texture(dcols, mm::A_TEX as u32);
             let pipeline = g.pipeline("matmul", "col2im4", &overrides(Act::None, true, false, (64, 1)))?;
             let groups = crate::graph::grid1d(&g.gpu, (n_in / 4).div_ceil(64) as u64);
             g.dispatch(format!("{label}.col2im"), pipeline, bind([(mm::PARAMS, Res::uniform(&p)), (mm::A_TEX, Res::ActTex(dt)), (mm::C4, Res::Act(dx))]), groups, 0.0);

@@ -252,6 +252,11 @@ fn overrides(act: Act, accumulate: bool, conv: bool, wg: (usize, usize)) -> [(&'
     [("A_MODE", if conv { 1.0 } else { 0.0 }), ("ACT", act.code()), ("ACCUMULATE", if accumulate { 1.0 } else { 0.0 }), ("WG_X", wg.0 as f64), ("WG_Y", wg.1 as f64)]
 }
 
+/// `overrides` for `main_tiled`, whose workgroup size is fixed.
+fn tiled_overrides(act: Act, accumulate: bool, conv: bool) -> Vec<(&'static str, f64)> {
+    overrides(act, accumulate, conv, (0, 0)).into_iter().filter(|(name, _)| !name.starts_with("WG_")).collect()
+}
+
 crate::kernel_params! {
 /// `matmul.wgsl`'s `Params`, field by field (checked against the shader,
 /// `ops::params`): sizes, the conv view of A_MODE 1, the first output row,
@@ -326,16 +331,14 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             tex_gemm(g, label, &a_view, &b_view, Res::Act(y), l.n, ep)?;
         }
         (Some(w), _) => {
-            let mut ov = overrides(act, accumulate, conv.is_some(), (WG_X, WG_Y)).to_vec();
-            if l.f16 {
-                ov.push(("B_F16", 1.0));
-            }
+            let f16 = [("B_F16", l.f16 as u32 as f64)];
             if !pack {
                 // The GPU kernel set.
-                ov.retain(|(name, _)| !name.starts_with("WG_"));
+                let ov = [tiled_overrides(act, accumulate, conv.is_some()), f16.to_vec()].concat();
                 tiled(g, label, &ov, [Res::Act(a), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(y)], TiledZ::None, params(m, 0), (m, l.n, l.k))?;
                 return Ok(y);
             }
+            let ov = [overrides(act, accumulate, conv.is_some(), (WG_X, WG_Y)).as_slice(), &f16].concat();
             let pipeline = g.pipeline("matmul", "main", &ov)?;
             let groups = [np4.div_ceil(RN4).div_ceil(WG_X) as u32, m.div_ceil(RM).div_ceil(WG_Y) as u32, 1];
             let b = bind([(mm::A, Res::Act(a)), (mm::B, Res::Buf(w.clone())), (mm::BIAS, Res::Buf(l.b.clone())), (mm::C, Res::Act(y)), (mm::PARAMS, Res::uniform(&params(m, 0)))]);
@@ -368,7 +371,7 @@ fn dispatch(g: &mut Graph, label: &str, a: TensorId, m: usize, l: &Linear, act: 
             let pipeline = g.pipeline_w("matmul", "main_tex", &ov, l.f16)?;
             for r0 in (0..m).step_by(chunk) {
                 let rows = chunk.min(m - r0);
-                let at = g.linear_texture_range(a, r0 * k4, rows * k4, 5);
+                let at = g.linear_texture_range(a, r0 * k4, rows * k4, mm::A_TEX as u32);
                 let (lx, groups) = (blk.lx, tex_grid(np4, rows, &blk));
                 let mut pu = params(rows, r0);
                 // A's row stride in vec4s, the column-block split, and A's offset:
@@ -426,8 +429,8 @@ fn elementwise(g: &mut Graph, entry: &str, label: &str, z: TensorId, out: Tensor
         // backward also reads dy (its output) as a texture.
         let pipeline = g.pipeline("matmul", &format!("{entry}_tex"), &consts)?;
         for (i0, m) in crate::ops::gemm::texture_ranges(n, 16) {
-            let zt = g.linear_texture_range(z, i0, m, 5);
-            let dyt = if entry == "act_backward4" { Res::ActTex(g.linear_texture_range(out, i0, m, 6)) } else { u() };
+            let zt = g.linear_texture_range(z, i0, m, mm::A_TEX as u32);
+            let dyt = if entry == "act_backward4" { Res::ActTex(g.linear_texture_range(out, i0, m, mm::B_TEX as u32)) } else { u() };
             let groups = crate::graph::grid1d(&g.gpu, m.div_ceil(64) as u64);
             let b = bind([(mm::PARAMS, Res::uniform(&params([m, 0, 0, 0], None, i0, (0, 0)))), (mm::A_TEX, Res::ActTex(zt)), (mm::B_TEX, dyt), (mm::C4, Res::Act(out))]);
             g.dispatch(label, pipeline.clone(), b, groups, 0.0);
@@ -458,20 +461,16 @@ pub fn act_backward(g: &mut Graph, label: &str, z: TensorId, dy: TensorId, len: 
 /// SAVE_Z store, in either kernel set); otherwise the GEMM, then the activation pass.
 pub fn linear_act(g: &mut Graph, label: &str, x: TensorId, m: usize, l: &Linear, act: Act) -> Result<(TensorId, TensorId)> {
     match &l.w {
-        Some(w) if packs(g) && g.profile.fuse_act && !l.f16 && act != Act::None => {
+        Some(w) if g.profile.fuse_act && !l.f16 && act != Act::None => {
             let (z, u) = (g.tensor(label.to_string(), m * l.n), g.tensor(format!("{label}.act"), m * l.n));
-            let b_view = View::new(Src::Buf(w.clone()), l.k, l.n, pad4(l.n));
-            let ep = Epilogue { act, bias: Some(l.b.clone()), save_z: Some(z), ..Epilogue::plain() };
-            tex_gemm(g, label, &View::new(Src::Act(x), m, l.k, l.k), &b_view, Res::Act(u), l.n, ep)?;
-            Ok((z, u))
-        }
-        // The GPU set: the tiled GEMM stores z and act(z) (SAVE_Z).
-        Some(w) if !packs(g) && g.profile.fuse_act && !l.f16 && act != Act::None => {
-            let (z, u) = (g.tensor(label.to_string(), m * l.n), g.tensor(format!("{label}.act"), m * l.n));
-            let mut ov = overrides(act, false, false, (0, 0)).to_vec();
-            ov.retain(|(name, _)| !name.starts_with("WG_"));
-            let p = params([m, l.n, l.k, pad4(l.n) / 4], None, 0, (l.k, pad4(l.n)));
-            tiled(g, label, &ov, [Res::Act(x), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(u)], TiledZ::Save(z), p, (m, l.n, l.k))?;
+            if packs(g) {
+                let b_view = View::new(Src::Buf(w.clone()), l.k, l.n, pad4(l.n));
+                let ep = Epilogue { act, bias: Some(l.b.clone()), save_z: Some(z), ..Epilogue::plain() };
+                tex_gemm(g, label, &View::new(Src::Act(x), m, l.k, l.k), &b_view, Res::Act(u), l.n, ep)?;
+            } else {
+                let p = params([m, l.n, l.k, pad4(l.n) / 4], None, 0, (l.k, pad4(l.n)));
+                tiled(g, label, &tiled_overrides(act, false, false), [Res::Act(x), Res::Buf(w.clone()), Res::Buf(l.b.clone()), Res::Act(u)], TiledZ::Save(z), p, (m, l.n, l.k))?;
+            }
             Ok((z, u))
         }
         _ => {

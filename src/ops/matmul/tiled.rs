@@ -66,23 +66,8 @@ pub(super) fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, 
     (p.k_chunk, p.splits) = (shape.k_chunk as u32, splits as u32);
     let mut ov = ov.to_vec();
     ov.push(("TM", shape.tm as f64));
-    // z's bindings, which the stores use statically: z written at 7 (else the
-    // placeholder, bound nowhere else read-write... or read-only: unused biases
-    // take an operand instead), z read at 12 (else an operand).
     let (save, grad) = (matches!(z, TiledZ::Save(_)), matches!(z, TiledZ::Grad(_)));
     ov.extend([("SAVE_Z", save as u32 as f64), ("ACT_GRAD", grad as u32 as f64)]);
-    let zc = match z {
-        TiledZ::Save(t) => Res::Act(t),
-        _ => Res::Buf(g.gpu.placeholder()),
-    };
-    let zb = |other: &Res| match z {
-        TiledZ::Grad(t) => Res::Act(t),
-        _ => other.clone(),
-    };
-    let with_z = |mut v: Vec<(usize, Res)>, zb: Res| {
-        v.extend([(mm::ZC, zc.clone()), (mm::ZB, zb)]);
-        bind(v)
-    };
     let ov = &ov[..];
     let flops = 2.0 * (m * n * k) as f64;
     // A dense A of whole-vec4 rows is read four values per load (main_tiled4).
@@ -90,8 +75,8 @@ pub(super) fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, 
     let entry = if a_mode == 0.0 && k % 4 == 0 && p.a_stride % 4 == 0 { "main_tiled4" } else { "main_tiled" };
     if splits == 1 {
         let pipeline = g.pipeline("matmul", entry, ov)?;
-        let zb = zb(&a);
-        g.dispatch(label, pipeline, with_z(vec![(mm::A, a), (mm::B, b), (mm::BIAS, bias), (mm::C, c), (mm::PARAMS, Res::uniform(&p))], zb), [gx as u32, gy as u32, 1], flops);
+        let zs = z_bindings(g, z, &a);
+        g.dispatch(label, pipeline, bind([(mm::A, a), (mm::B, b), (mm::BIAS, bias), (mm::C, c), (mm::PARAMS, Res::uniform(&p))].into_iter().chain(zs)), [gx as u32, gy as u32, 1], flops);
         return Ok(());
     }
     // The product without epilogue, then the ordered sum with it.
@@ -100,17 +85,32 @@ pub(super) fn tiled(g: &mut Graph, label: &str, ov: &[(&'static str, f64)], [a, 
     part_ov.extend([("SPLIT", 1.0), ("HAS_BIAS", 0.0)]);
     let part = g.tensor(format!("{label}.splitk"), splits * m * n);
     let pipeline = g.pipeline("matmul", entry, &part_ov)?;
-    let zb_part = a.clone();
-    let plain_zc = Res::Buf(g.gpu.placeholder());
-    let v = bind([(mm::A, a), (mm::B, b.clone()), (mm::BIAS, b.clone()), (mm::C, Res::Act(part)), (mm::PARAMS, Res::uniform(&p)), (mm::ZC, plain_zc), (mm::ZB, zb_part)]);
+    let zs = z_bindings(g, TiledZ::None, &a);
+    // The unused bias takes an operand (read-only, as at binding 1).
+    let v = bind([(mm::A, a), (mm::B, b.clone()), (mm::BIAS, b), (mm::C, Res::Act(part)), (mm::PARAMS, Res::uniform(&p))].into_iter().chain(zs));
     g.dispatch(format!("{label}.splitk"), pipeline, v, [gx as u32, gy as u32, splits as u32], flops);
     let mut sum_ov: Vec<(&'static str, f64)> = ov.iter().copied().filter(|(name, _)| epilogue(name)).collect();
     sum_ov.extend([("WG_X", 64.0), ("WG_Y", 1.0)]);
     let pipeline = g.pipeline("matmul", "splitk_sum", &sum_ov)?;
     let groups = crate::graph::grid1d(&g.gpu, (m * n).div_ceil(64) as u64);
-    let zb = zb(&Res::Act(part));
-    g.dispatch(label, pipeline, with_z(vec![(mm::A, Res::Act(part)), (mm::BIAS, bias), (mm::C, c), (mm::PARAMS, Res::uniform(&p))], zb), groups, 0.0);
+    let zs = z_bindings(g, z, &Res::Act(part));
+    g.dispatch(label, pipeline, bind([(mm::A, Res::Act(part)), (mm::BIAS, bias), (mm::C, c), (mm::PARAMS, Res::uniform(&p))].into_iter().chain(zs)), groups, 0.0);
     Ok(())
+}
+
+/// The bindings of z, which the tiled GEMM's stores use statically: z written at
+/// ZC (else the placeholder, which no tiled dispatch binds read-only), z read at
+/// ZB (else `other`, a read-only operand of the same dispatch).
+fn z_bindings(g: &Graph, z: TiledZ, other: &Res) -> [(usize, Res); 2] {
+    let zc = match z {
+        TiledZ::Save(t) => Res::Act(t),
+        _ => Res::Buf(g.gpu.placeholder()),
+    };
+    let zb = match z {
+        TiledZ::Grad(t) => Res::Act(t),
+        _ => other.clone(),
+    };
+    [(mm::ZC, zc), (mm::ZB, zb)]
 }
 
 /// One backward product C[m, n] (+)= A·B in the given operand modes (the GPU
@@ -135,14 +135,15 @@ pub(super) fn backward_product(
     tiled(g, label, &ov, [Res::Act(a), b, bias, out], z, params([m, n, k, 0], None, 0, (a_stride, b_stride)), (m, n, k))
 }
 
-/// out[1, cols] = column sums of src [rows, cols] (a ones-vector product).
+/// out[1, cols] = column sums of src [rows, cols], in two stages: partial sums
+/// over row strides, then their sum per column, in a fixed order.
 pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usize, out: Res) -> Result<()> {
     if packs(g) && cols % 4 == 0 {
         // Partial sums over row strides, then their sum (see the shader).
         const PARTS: usize = 64;
         let part = g.tensor(format!("{label}.partials"), PARTS * cols);
-        let st = g.linear_texture(src, 6);
-        let p = params([rows, cols, PARTS, 0], None, 0, (0, 0));
+        let st = g.linear_texture(src, mm::B_TEX as u32);
+        let p = MatmulParams { splits: PARTS as u32, ..params([rows, cols, 0, 0], None, 0, (0, 0)) };
         let pipeline = g.pipeline("matmul", "colsum_part", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
         let groups = crate::graph::grid1d(&g.gpu, (PARTS * cols / 4).div_ceil(64) as u64);
         g.dispatch(format!("{label}.part"), pipeline, bind([(mm::PARAMS, Res::uniform(&p)), (mm::B_TEX, Res::ActTex(st)), (mm::C4, Res::Act(part))]), groups, 0.0);
@@ -156,12 +157,11 @@ pub fn colsum(g: &mut Graph, label: &str, src: TensorId, rows: usize, cols: usiz
     // tree in workgroup memory. Fixed order: deterministic.
     let parts = (g.profile.gemm.min_workgroups * 64).div_ceil(cols).clamp(1, rows.div_ceil(4).max(1));
     let part = g.tensor(format!("{label}.partials"), parts * cols);
-    let p = params([rows, cols, 0, 0], None, 0, (0, 0));
-    let p1 = MatmulParams { splits: parts as u32, ..p };
+    let p = MatmulParams { splits: parts as u32, ..params([rows, cols, 0, 0], None, 0, (0, 0)) };
     let pipeline = g.pipeline("matmul", "colsum_rows", &[("WG_X", 64.0), ("WG_Y", 1.0)])?;
     let groups = crate::graph::grid1d(&g.gpu, (parts * cols).div_ceil(64) as u64);
-    g.dispatch(format!("{label}.part"), pipeline, bind([(mm::A, Res::Act(src)), (mm::C, Res::Act(part)), (mm::PARAMS, Res::uniform(&p1))]), groups, 0.0);
+    g.dispatch(format!("{label}.part"), pipeline, bind([(mm::A, Res::Act(src)), (mm::C, Res::Act(part)), (mm::PARAMS, Res::uniform(&p))]), groups, 0.0);
     let pipeline = g.pipeline("matmul", "colsum_tree", &[])?;
-    g.dispatch(label, pipeline, bind([(mm::A, Res::Act(part)), (mm::C, out), (mm::PARAMS, Res::uniform(&p1))]), crate::graph::grid1d(&g.gpu, cols as u64), 0.0);
+    g.dispatch(label, pipeline, bind([(mm::A, Res::Act(part)), (mm::C, out), (mm::PARAMS, Res::uniform(&p))]), crate::graph::grid1d(&g.gpu, cols as u64), 0.0);
     Ok(())
 }
