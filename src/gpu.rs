@@ -226,7 +226,8 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
     /// Shader modules by (file, texture-read mode, f16 weight textures, f16 plan).
-    modules: Mutex<HashMap<(&'static str, TexRead, bool, bool), wgpu::ShaderModule>>,
+    /// (The WGSL text each was made from, for `workgroup_size`.)
+    modules: Mutex<HashMap<(&'static str, TexRead, bool, bool), (wgpu::ShaderModule, Arc<str>)>>,
     /// The device has subgroup operations (`texread::subgroup_helpers`).
     pub subgroups: bool,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
@@ -364,7 +365,7 @@ impl Gpu {
         self.profile.set(Arc::new(profile)).is_ok()
     }
 
-    fn module(&self, name: &'static str, read: TexRead, w16: bool, a16: bool) -> Result<wgpu::ShaderModule> {
+    fn module(&self, name: &'static str, read: TexRead, w16: bool, a16: bool) -> Result<(wgpu::ShaderModule, Arc<str>)> {
         let mut m = self.modules.lock().unwrap();
         if let Some(module) = m.get(&(name, read, w16, a16)) {
             return Ok(module.clone());
@@ -377,8 +378,8 @@ impl Gpu {
             let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
             src = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         }
-        let src = crate::texread::prelude(read, w16, a16, self.subgroups) + &derive_entries(&src);
-        let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.into()) };
+        let src: Arc<str> = (crate::texread::prelude(read, w16, a16, self.subgroups) + &derive_entries(&src)).into();
+        let desc = wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(src.as_ref().into()) };
         let checks = match settings.checks {
             crate::profile::settings::Checks::All => wgpu::ShaderRuntimeChecks::checked(),
             crate::profile::settings::Checks::None => wgpu::ShaderRuntimeChecks::unchecked(),
@@ -390,8 +391,8 @@ impl Gpu {
         };
         // SAFETY: every loop in our kernels has a bound computed from uniforms or constants.
         let module = unsafe { self.device.create_shader_module_trusted(desc, checks) };
-        m.insert((name, read, w16, a16), module.clone());
-        Ok(module)
+        m.insert((name, read, w16, a16), (module.clone(), src.clone()));
+        Ok((module, src))
     }
 
     /// A compute pipeline for `shader::entry` specialised by `overrides`, compiled
@@ -410,7 +411,7 @@ impl Gpu {
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
-        let module = self.module(shader, read, w16, a16)?;
+        let (module, src) = self.module(shader, read, w16, a16)?;
         let t0 = std::time::Instant::now();
         let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
@@ -428,8 +429,7 @@ impl Gpu {
         if crate::profile::settings::get().trace_compile {
             eprintln!("compile {:8.1} ms {key}", t0.elapsed().as_secs_f64() * 1e3);
         }
-        let src: &str = SHADERS.iter().find(|(n, _)| *n == shader).map_or("", |(_, s)| s);
-        self.workgroup_sizes.lock().unwrap().insert(Arc::as_ptr(&p) as usize, workgroup_size(&derive_entries(src), entry, overrides));
+        self.workgroup_sizes.lock().unwrap().insert(Arc::as_ptr(&p) as usize, workgroup_size(&src, entry, overrides));
         self.pipelines.lock().unwrap().insert(key, p.clone());
         Ok(p)
     }
