@@ -120,15 +120,17 @@ fn plan_only(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize) -> Resul
     let mut heaviest: Vec<&crate::graph::Launch> = r.dispatches.iter().collect();
     heaviest.sort_by(|x, y| y.flops.total_cmp(&x.flops).then(y.bytes.cmp(&x.bytes)));
     println!("  {:<44} {:>18} {:>12} {:>9} {:>9}", "heaviest dispatches", "workgroups", "size", "GFLOP", "MB");
+    let row =
+        |l: &crate::graph::Launch| format!("{:<44} {:>18} {:>12} {:>9.2} {:>9.1}", l.label, format!("{:?}", l.workgroups), format!("{:?}", l.workgroup_size), l.flops / 1e9, l.bytes as f64 / 1e6);
     for l in heaviest.iter().take(10) {
-        println!("  {:<44} {:>18} {:>12} {:>9.2} {:>9.1}", l.label, format!("{:?}", l.workgroups), format!("{:?}", l.workgroup_size), l.flops / 1e9, l.bytes as f64 / 1e6);
+        println!("  {}", row(l));
     }
     if r.underfilled.is_empty() {
         println!("  every dispatch with 1% or more of the FLOPs or bytes launches at least {MIN_FILL_GROUPS} workgroups of 64 or more invocations");
     } else {
         println!("  {} heavy dispatches launch fewer than {MIN_FILL_GROUPS} workgroups or workgroups under 64 invocations:", r.underfilled.len());
         for l in &r.underfilled {
-            println!("    {:<42} {:>18} {:>12} {:>9.2} {:>9.1}", l.label, format!("{:?}", l.workgroups), format!("{:?}", l.workgroup_size), l.flops / 1e9, l.bytes as f64 / 1e6);
+            println!("  {}", row(l));
         }
     }
     Ok(())
@@ -533,9 +535,21 @@ pub struct KernelTime {
 }
 
 /// Times every step of `plans` once (`Plan::profile`) and groups by kernel family, largest first.
+/// One kernel family's totals in `kernel_profile`.
+#[derive(Default)]
+struct Family {
+    name: String,
+    ms: f64,
+    flops: f64,
+    bytes: u64,
+    steps: usize,
+    /// Fewest and most workgroups of its dispatches, and the first's invocations.
+    workgroups: Option<[u64; 2]>,
+    invocations: u64,
+}
+
 pub fn kernel_profile(plans: &[&crate::graph::Plan]) -> Result<(Vec<KernelTime>, crate::graph::Timing)> {
-    // (family, ms, flops, bytes, steps, [fewest, most] workgroups, invocations).
-    let mut groups: Vec<(String, f64, f64, u64, usize, [u64; 2], u64)> = vec![];
+    let mut families: Vec<Family> = vec![];
     let mut timing = crate::graph::Timing::GpuTimestamps;
     for p in plans {
         let (steps, t) = p.profile()?;
@@ -549,34 +563,36 @@ pub fn kernel_profile(plans: &[&crate::graph::Plan]) -> Result<(Vec<KernelTime>,
             } else {
                 s.label.split('.').filter(|part| part.parse::<usize>().is_err() && *part != "blocks").collect::<Vec<_>>().join(".")
             };
-            match groups.iter_mut().find(|g| g.0 == key) {
-                Some(g) => {
-                    g.1 += s.ms;
-                    g.2 += s.flops;
-                    g.3 += s.bytes;
-                    g.4 += 1;
-                    if s.workgroups > 0 {
-                        g.5 = if g.5[1] == 0 { [s.workgroups; 2] } else { [g.5[0].min(s.workgroups), g.5[1].max(s.workgroups)] };
-                        g.6 = if g.6 == 0 { s.invocations } else { g.6 };
-                    }
+            let i = families.iter().position(|f| f.name == key).unwrap_or_else(|| {
+                families.push(Family { name: key, ..Default::default() });
+                families.len() - 1
+            });
+            let f = &mut families[i];
+            f.ms += s.ms;
+            f.flops += s.flops;
+            f.bytes += s.bytes;
+            f.steps += 1;
+            if s.workgroups > 0 {
+                f.workgroups = Some(f.workgroups.map_or([s.workgroups; 2], |[lo, hi]| [lo.min(s.workgroups), hi.max(s.workgroups)]));
+                if f.invocations == 0 {
+                    f.invocations = s.invocations;
                 }
-                None => groups.push((key, s.ms, s.flops, s.bytes, 1, [s.workgroups; 2], s.invocations)),
             }
         }
     }
-    let total: f64 = groups.iter().map(|g| g.1).sum();
-    groups.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let out = groups
+    let total: f64 = families.iter().map(|f| f.ms).sum();
+    families.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    let out = families
         .into_iter()
-        .map(|(name, ms, fl, by, n, workgroups, workgroup_size)| KernelTime {
-            name,
-            steps: n,
-            ms,
-            share: ms / total.max(1e-9),
-            gflops_per_s: if ms > 0.0 { fl / ms / 1e6 } else { 0.0 },
-            gb_per_s: if ms > 0.0 { by as f64 / ms / 1e6 } else { 0.0 },
-            workgroups,
-            workgroup_size,
+        .map(|f| KernelTime {
+            share: f.ms / total.max(1e-9),
+            gflops_per_s: if f.ms > 0.0 { f.flops / f.ms / 1e6 } else { 0.0 },
+            gb_per_s: if f.ms > 0.0 { f.bytes as f64 / f.ms / 1e6 } else { 0.0 },
+            workgroups: f.workgroups.unwrap_or([0, 0]),
+            workgroup_size: f.invocations,
+            name: f.name,
+            steps: f.steps,
+            ms: f.ms,
         })
         .collect();
     Ok((out, timing))
