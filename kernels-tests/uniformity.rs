@@ -41,6 +41,8 @@ struct Analysis<'a> {
     /// Whether the function returns values that vary (a varying value, or a
     /// return taken in varying flow).
     returns_varying: bool,
+    /// Locals that hold one constant wherever they are read (`constant_locals`).
+    constant_locals: Locals,
 }
 
 /// A value known when the pipeline is created: literals, and constants and
@@ -167,39 +169,50 @@ fn root_local(fun: &Function, mut p: Handle<naga::Expression>) -> Option<Handle<
     }
 }
 
-fn const_bool(module: &Module, fun: &Function, e: Handle<naga::Expression>) -> Option<bool> {
-    match const_eval(module, &fun.expressions, &constant_locals(module, fun), e) {
+fn const_bool(module: &Module, fun: &Function, locals: &Locals, e: Handle<naga::Expression>) -> Option<bool> {
+    match const_eval(module, &fun.expressions, locals, e) {
         Some(Val::Bool(b)) => Some(b),
         _ => None,
     }
 }
 
-/// Whether a block of `fun` (or a function it calls) synchronises, in branches
-/// that can run with the resolved override constants.
-fn synchronises(module: &Module, fun: &Function, block: &Block) -> bool {
-    block.iter().any(|s| match s {
-        S::ControlBarrier(_) | S::MemoryBarrier(_) | S::WorkGroupUniformLoad { .. } | S::SubgroupBallot { .. } | S::SubgroupCollectiveOperation { .. } | S::SubgroupGather { .. } => true,
-        S::Block(b) => synchronises(module, fun, b),
-        S::If { condition, accept, reject } => match const_bool(module, fun, *condition) {
-            Some(true) => synchronises(module, fun, accept),
-            Some(false) => synchronises(module, fun, reject),
-            None => synchronises(module, fun, accept) || synchronises(module, fun, reject),
-        },
-        S::Switch { cases, .. } => cases.iter().any(|c| synchronises(module, fun, &c.body)),
-        S::Loop { body, continuing, .. } => synchronises(module, fun, body) || synchronises(module, fun, continuing),
-        S::Call { function, .. } => {
-            let f = &module.functions[*function];
-            synchronises(module, f, &f.body)
-        }
-        _ => false,
-    })
+/// Whether function `fun` (or one it calls) synchronises, in branches that can
+/// run with the resolved override constants.
+fn synchronises(module: &Module, fun: &Function) -> bool {
+    fn block(module: &Module, fun: &Function, locals: &Locals, b: &Block) -> bool {
+        let inner = |b: &Block| block(module, fun, locals, b);
+        b.iter().any(|s| match s {
+            S::ControlBarrier(_) | S::MemoryBarrier(_) | S::WorkGroupUniformLoad { .. } | S::SubgroupBallot { .. } | S::SubgroupCollectiveOperation { .. } | S::SubgroupGather { .. } => true,
+            S::Block(b) => inner(b),
+            S::If { condition, accept, reject } => match const_bool(module, fun, locals, *condition) {
+                Some(true) => inner(accept),
+                Some(false) => inner(reject),
+                None => inner(accept) || inner(reject),
+            },
+            S::Switch { cases, .. } => cases.iter().any(|c| inner(&c.body)),
+            S::Loop { body, continuing, .. } => inner(body) || inner(continuing),
+            S::Call { function, .. } => synchronises(module, &module.functions[*function]),
+            _ => false,
+        })
+    }
+    block(module, fun, &constant_locals(module, fun), &fun.body)
 }
 
 impl<'a> Analysis<'a> {
     fn new(module: &'a Module, fun: &'a Function, args: Vec<bool>) -> Self {
         let mut call_args = vec![];
         collect_calls(&fun.body, &mut call_args);
-        Analysis { module, fun, args, varying: vec![false; fun.expressions.len()], varying_locals: HashSet::new(), violations: vec![], call_args, returns_varying: false }
+        Analysis {
+            module,
+            fun,
+            args,
+            varying: vec![false; fun.expressions.len()],
+            varying_locals: HashSet::new(),
+            violations: vec![],
+            call_args,
+            returns_varying: false,
+            constant_locals: constant_locals(module, fun),
+        }
     }
 
     /// Expression variation, to a fixed point (handles need not be in order).
@@ -342,7 +355,7 @@ impl<'a> Analysis<'a> {
                 }
                 S::Call { function, arguments, .. } => {
                     let callee = &self.module.functions[*function];
-                    if synchronises(self.module, callee, &callee.body) {
+                    if synchronises(self.module, callee) {
                         if flow && record {
                             self.violations.push(format!(
                                 "{}: call to {} (which synchronises) in varying control flow",
@@ -373,7 +386,7 @@ impl<'a> Analysis<'a> {
 
     /// A boolean known at pipeline creation (once overrides are resolved).
     fn constant_bool(&self, e: Handle<naga::Expression>) -> Option<bool> {
-        const_bool(self.module, self.fun, e)
+        const_bool(self.module, self.fun, &self.constant_locals, e)
     }
 
     /// The variation of every expression and local: locals become varying as
