@@ -147,6 +147,10 @@ fn adapters_lists_at_least_one() {
     assert_eq!(v["selected"]["profile"]["kernels"], "gpu");
     assert_eq!(v["selected"]["profile"]["sources"]["kernels"], "setting");
     assert_eq!(v["selected"]["profile"]["row_lanes"], 64);
+    // The option takes the place of the environment's setting, `auto` included.
+    let out = bin().env("CVT_GPU_KERNELS", "gpu").args(["--kernels", "auto", "adapters", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(v["selected"]["profile"]["sources"]["kernels"], "setting", "{v}");
 }
 
 /// A bad kernel set, and an unknown setting, are one-line errors.

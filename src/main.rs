@@ -34,9 +34,9 @@ struct GpuArgs {
     /// Skip the timed kernel-variant trial and its on-disk cache (~/.cache/cvt-gpu/tuning.json); use a fixed rule per device type.
     #[arg(long, global = true)]
     no_tune: bool,
-    /// Kernel set: `gpu` (workgroup-tiled kernels for GPUs), `cpu` (texture kernels for CPU drivers such as lavapipe), or `auto` (the adapter's profile: env CVT_GPU_KERNELS, cache, trial, rule).
-    #[arg(long, global = true, value_enum, default_value = "auto")]
-    kernels: cvt_gpu::profile::KernelChoice,
+    /// Kernel set: `gpu` (workgroup-tiled kernels for GPUs), `cpu` (texture kernels for CPU drivers such as lavapipe), or `auto` (the adapter's profile: cache, trial, rule). Without it, env CVT_GPU_KERNELS, else auto.
+    #[arg(long, global = true, value_enum)]
+    kernels: Option<cvt_gpu::profile::KernelChoice>,
 }
 
 impl GpuArgs {
@@ -249,22 +249,15 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     cvt_gpu::profile::settings::check()?;
-    // The options join the environment's settings, which the profile reads
+    // The options take the place of their settings, which the profile reads
     // (`profile::settings`), before any device is opened.
-    let kernels = match cli.gpu.kernels {
-        cvt_gpu::profile::KernelChoice::Auto => None,
-        cvt_gpu::profile::KernelChoice::Gpu => Some("gpu"),
-        cvt_gpu::profile::KernelChoice::Cpu => Some("cpu"),
-    };
-    #[allow(unused_unsafe)]
-    unsafe {
-        if cli.gpu.no_tune {
-            std::env::set_var("CVT_GPU_NO_TUNE", "1");
-        }
-        if let Some(k) = kernels {
-            std::env::set_var("CVT_GPU_KERNELS", k);
-        }
-    }
+    use cvt_gpu::profile::{KernelChoice, KernelSet};
+    let kernels = cli.gpu.kernels.map(|k| match k {
+        KernelChoice::Auto => None,
+        KernelChoice::Gpu => Some(KernelSet::Gpu),
+        KernelChoice::Cpu => Some(KernelSet::Cpu),
+    });
+    cvt_gpu::profile::settings::set_options(cvt_gpu::profile::settings::Options { kernels, no_tune: cli.gpu.no_tune });
     match &cli.cmd {
         Cmd::Adapters { json } => adapters(&cli.gpu, *json),
         Cmd::Infer(a) => infer(&cli.gpu, a),

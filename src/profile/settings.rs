@@ -78,9 +78,33 @@ pub struct Settings {
     pub trace_compile: bool,
 }
 
-/// The settings now; invalid values (which `check` reports at start) read as unset.
+/// Command-line options that take the place of their settings (`set_options`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// `--kernels`: None where not given (the environment's setting stands);
+    /// Some(None) for `auto`.
+    pub kernels: Option<Option<KernelSet>>,
+    /// `--no-tune`.
+    pub no_tune: bool,
+}
+
+static OPTIONS: std::sync::OnceLock<Options> = std::sync::OnceLock::new();
+
+/// Sets the command line's options once, before any device is opened: they
+/// override the environment's `CVT_GPU_KERNELS` and `CVT_GPU_NO_TUNE`.
+pub fn set_options(o: Options) {
+    OPTIONS.set(o).ok();
+}
+
+/// The settings now, the command line's options applied; invalid values (which
+/// `check` reports at start) read as unset.
 pub fn get() -> Settings {
-    Settings::from_env().unwrap_or_default()
+    let mut s = Settings::from_env().unwrap_or_default();
+    if let Some(o) = OPTIONS.get() {
+        s.kernels = o.kernels.unwrap_or(s.kernels);
+        s.no_tune |= o.no_tune;
+    }
+    s
 }
 
 /// Rejects an unknown `CVT_GPU_*` name and an invalid value of any setting.
