@@ -10,6 +10,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 cargo build --release --quiet
-./target/release/cvt-gpu adapters | head -1
+./target/release/cvt-gpu adapters
 ./target/release/cvt-gpu infer --topk 3 --weights weights/fmnist/model.safetensors weights/samples/fmnist-*.png
 ./target/release/cvt-gpu bench --model cvt-13 --batch 1 --iters 1

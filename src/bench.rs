@@ -424,7 +424,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
             );
         }
         println!("  first call {:.0} ms (variant trial {:.0} ms + plan + pipelines + first run; weights upload {:.0} ms)", first_call_ms, tune_ms, upload_ms);
-        println!("  schedule  {} dispatches, {} texture copies per forward; matmul variant: {:?}, {} texture reads", dispatches, texture_copies, r.matmul_variant, r.texture_read.name());
+        println!("  schedule  {} dispatches, {} texture copies per forward; {} kernel set, {} texture reads", dispatches, texture_copies, gpu.profile().kernels.name(), r.texture_read.name());
         print_kernels(&r.kernels, r.kernel_timing, 20);
     }
     Ok(())
