@@ -249,8 +249,8 @@ fn activation_backward_mid_graph() {
 #[test]
 fn layernorm_backward_mid_graph() {
     // Both kernel families: packed texture GEMMs / row-per-invocation norms, and
-    // buffer GEMMs / workgroup-per-row norms.
-    for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
+    // buffer GEMMs / workgroup-per-row norms, with the row in registers and streamed.
+    for (gpu, regs) in [(gpu_texture_variants(), true), (gpu_buffer_variants(), true), (gpu_buffer_variants(), false)] {
         for &(m, c, n) in &[(4, 7, 3), (3, 130, 5), (1, 1, 1)] {
             let x: Vec<f32> = randn(m * c, 1).iter().map(|v| v * 2.0 + 0.5).collect();
             let (gm, bt, w2, cy, e) = (randn(c, 2), randn(c, 3), randn(n * c, 4), randn(m * n, 5), randn(m * c, 6));
@@ -259,6 +259,7 @@ fn layernorm_backward_mid_graph() {
                 let l2 = Linear::with_kind(&gpu, "l2", &w2, None, n, c, MatmulKind::Buffer).unwrap();
                 let (lg, g2) = (LayerNormGrad::new(&gpu, "ln", c).unwrap(), LinearGrad::new(&gpu, "l2", &l2).unwrap());
                 let mut g = Graph::new(gpu.clone());
+                g.profile.row_registers = regs;
                 let xi = g.pinned("x", m * c);
                 let h = g.pinned("h", m * c);
                 let y = g.pinned("y", m * n);
@@ -386,7 +387,8 @@ fn attention_backward_mid_graph() {
         // The last case's images (4101 rows of 256 bytes) pass TEXTURE_CHUNK_BYTES / 2:
         // one image per texture chunk, so P and dS are indexed across chunks, and an
         // image's P (2·4101·3 floats) is not whole texels, so chunks start mid-texel.
-        for &(batch, tq, tkv, c, heads) in &[(2, 5, 3, 8, 2), (1, 9, 9, 16, 1), (1, 1, 1, 4, 1), (3, 7, 4, 64, 1), (3, 4101, 3, 64, 2)] {
+        // (1, 50, 40, ..): whole tiles of 64 queries and of 64 keys in the GPU set.
+        for &(batch, tq, tkv, c, heads) in &[(2, 5, 3, 8, 2), (1, 9, 9, 16, 1), (1, 1, 1, 4, 1), (3, 7, 4, 64, 1), (3, 4101, 3, 64, 2), (1, 50, 40, 64, 1)] {
             let shape = AttnShape { batch, tq, tkv, c, heads, scale: (c as f32).powf(-0.5) * 2.0 };
             let (x, wq, k, v) = (randn(batch * tq * c, 1), randn(c * c, 2), randn(batch * tkv * c, 3), randn(batch * tkv * c, 4));
             let (co, e) = (randn(batch * tq * c, 5), randn(batch * tq * c, 6));
@@ -627,6 +629,38 @@ fn adamw_large_tensors_match_cpu_on_both_paths() {
     }
 }
 
+/// Σ grad² for clipping's global norm: each tensor's partial sums (one workgroup
+/// for a bias, up to 64 for a large weight) in consecutive slots after another
+/// tensor's, against f64.
+#[test]
+fn sumsq_partials_match_f64() {
+    use cvt_gpu::ops::optim::{sumsq, sumsq_slots};
+    let gpu = gpu();
+    let lens = [1usize, 63, 1025, 70_001, 4_000_003];
+    let total: usize = lens.iter().map(|&n| sumsq_slots(n)).sum();
+    assert!(sumsq_slots(4_000_003) == 64 && sumsq_slots(1) == 1, "slots {total}");
+    let norms = Arc::new(gpu.storage("norms", (total * 4) as u64).unwrap());
+    let mut g = Graph::new(gpu.clone());
+    let mut want = vec![];
+    let mut slot = 0;
+    for (i, &n) in lens.iter().enumerate() {
+        let v = randn(n, 70 + i as u64);
+        want.push(v.iter().map(|&x| x as f64 * x as f64).sum::<f64>());
+        let buf = Arc::new(gpu.upload("grad", &v).unwrap());
+        sumsq(&mut g, &format!("t{i}"), &buf, n, &norms, slot).unwrap();
+        slot += sumsq_slots(n);
+    }
+    g.compile().unwrap().run().unwrap();
+    let got = gpu.read(&norms, 0, total).unwrap();
+    let mut slot = 0;
+    for (i, &n) in lens.iter().enumerate() {
+        let k = sumsq_slots(n);
+        let s: f64 = got[slot..slot + k].iter().map(|&x| x as f64).sum();
+        close(&format!("sumsq of {n}"), s, want[i], 1e-5);
+        slot += k;
+    }
+}
+
 use cvt_gpu::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
 
 /// Convolutional projection with train-mode BatchNorm: forward against f64
@@ -638,8 +672,9 @@ fn conv_projection_train_bn() {
     // Texture variants read x, the gradients and the weights as texels (c = 64: copied
     // rows; else packed); buffer variants read buffers. c = 72: 18 channel groups,
     // more than one 16-lane workgroup of the CPU drivers' BatchNorm kernels (CPL).
+    // 3x7x9: 189 rows over 48 partials of 3 or 4 rows in the GPU set's statistics.
     for gpu in [gpu_texture_variants(), gpu_buffer_variants()] {
-        for &(batch, h, w, c, cls) in &[(2, 4, 5, 4, 1), (1, 3, 3, 8, 0), (2, 3, 2, 64, 1), (1, 3, 2, 72, 1)] {
+        for &(batch, h, w, c, cls) in &[(2, 4, 5, 4, 1), (1, 3, 3, 8, 0), (2, 3, 2, 64, 1), (1, 3, 2, 72, 1), (3, 7, 9, 8, 1)] {
             let tq = cls + h * w;
             let (hk, wk) = kv_hw(h, w);
             let tk = cls + hk * wk;

@@ -430,8 +430,9 @@ fn attention_f16_plan() {
 
 #[test]
 fn attention_rectangular_multihead() {
-    // (batch, tq, tkv, c, heads): Tq != Tkv, several key tiles, partial tiles, D = 4..64.
-    for &(batch, tq, tkv, c, heads) in &[(2, 7, 3, 8, 2), (1, 37, 19, 64, 1), (2, 65, 17, 48, 3), (1, 1, 1, 4, 1), (3, 50, 33, 16, 2)] {
+    // (batch, tq, tkv, c, heads): Tq != Tkv, several key tiles, partial tiles, D = 4..64;
+    // 33 to 64 keys take one whole tile of 64 (64 exactly, and 65 three of 32).
+    for &(batch, tq, tkv, c, heads) in &[(2, 7, 3, 8, 2), (1, 37, 19, 64, 1), (2, 65, 17, 48, 3), (1, 1, 1, 4, 1), (3, 50, 33, 16, 2), (1, 70, 64, 128, 2), (1, 9, 65, 64, 1)] {
         check_attention(MatmulKind::Buffer, batch, tq, tkv, c, heads);
     }
     // The texture variant (C % 64 == 0); Tq == Tkv checks that q, k, v get distinct textures.
@@ -450,19 +451,29 @@ fn attention_texture_variant_splits_the_batch_over_the_texture_limit() {
 
 /// The GPU kernel set's row kernels (a workgroup per row) with and without
 /// subgroup reductions, and the adapter's own set.
-fn row_variants() -> Vec<(String, std::sync::Arc<cvt_gpu::gpu::Gpu>, bool)> {
-    vec![("own".into(), gpu(), true), ("gpu set, subgroups".into(), gpu_buffer_variants(), true), ("gpu set, tree".into(), gpu_buffer_variants(), false)]
+/// (name, device, subgroup reductions, row in registers): the default set, and the
+/// GPU set's workgroup-per-row kernels with each reduction and each way of holding
+/// the row.
+fn row_variants() -> Vec<(String, std::sync::Arc<cvt_gpu::gpu::Gpu>, bool, bool)> {
+    let b = gpu_buffer_variants;
+    vec![
+        ("own".into(), gpu(), true, true),
+        ("gpu set, subgroups, registers".into(), b(), true, true),
+        ("gpu set, tree, registers".into(), b(), false, true),
+        ("gpu set, subgroups, streamed".into(), b(), true, false),
+    ]
 }
 
 #[test]
 fn layernorm_rows_every_reduction() {
-    for (what, gpu, sg) in row_variants() {
-        for &(rows, c) in &[(5, 7), (3, 130), (1, 1), (8, 384), (2, 1000)] {
+    for (what, gpu, sg, regs) in row_variants() {
+        // 1100: wider than a lane's registers hold (16 × 64), streamed either way.
+        for &(rows, c) in &[(5, 7), (3, 130), (1, 1), (8, 384), (2, 1000), (2, 1100)] {
             let x: Vec<f32> = randn(rows * c, 1).iter().map(|v| v * 3.0 + 5.0).collect();
             let (gm, bt) = (randn(c, 2), randn(c, 3));
             let ln = LayerNorm::new(&gpu, "ln", &gm, &bt).unwrap();
             let mut g = Graph::new(gpu.clone());
-            g.profile.row_subgroups = sg;
+            (g.profile.row_subgroups, g.profile.row_registers) = (sg, regs);
             let xi = g.pinned("x", x.len());
             let y = layernorm(&mut g, "ln", xi, RowMap::dense(rows), &ln, None).unwrap();
             let plan = g.compile().unwrap();
@@ -566,11 +577,11 @@ fn residual_branch_then_layernorm() {
 
 #[test]
 fn softmax_rows() {
-    for (what, gpu, sg) in row_variants() {
-        for &(rows, c) in &[(3, 1000), (2, 1), (5, 67)] {
+    for (what, gpu, sg, regs) in row_variants() {
+        for &(rows, c) in &[(3, 1000), (2, 1), (5, 67), (2, 1030)] {
             let x: Vec<f32> = randn(rows * c, 4).iter().map(|v| v * 10.0).collect();
             let mut g = Graph::new(gpu.clone());
-            g.profile.row_subgroups = sg;
+            (g.profile.row_subgroups, g.profile.row_registers) = (sg, regs);
             let xi = g.pinned("x", x.len());
             let y = softmax(&mut g, "sm", xi, rows, c, None).unwrap();
             let plan = g.compile().unwrap();

@@ -14,9 +14,13 @@ override WG: u32 = 64u;
 // Head width in vec4s; the private arrays are sized for the largest (D = 64).
 override D4: u32 = 16u;
 const D4_MAX: u32 = 16u;
-// Keys (or, in the dK/dV pass, queries) per tile staged in workgroup memory:
-// 32 rows of up to 64 channels, 8 KiB per operand.
-const TK: u32 = 32u;
+// Keys (or, in the dK/dV pass, queries) per tile staged in workgroup memory, TK
+// rows of D4 vec4s per operand: 32 (8 KiB per operand at D = 64), or 64 where a
+// whole sequence of 33-64 rows then fits one tile (CvT's stage 2: 50 keys at 224):
+// one round of loads and barriers, and one rescale of the running output, instead
+// of two. The host picks it (`ops::attention::key_tile`).
+override TK: u32 = 32u;
+const TK_MAX: u32 = 64u;
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
 // 1: also write the probabilities P [B, heads, Tq, Tkv] (training with saved
@@ -58,8 +62,8 @@ fn normalise_row(pb: u32, lse: f32) {
     }
 }
 
-var<workgroup> ks: array<vec4<f32>, 512>; // TK * D4_MAX
-var<workgroup> vs: array<vec4<f32>, 512>;
+var<workgroup> ks: array<vec4<f32>, TK * D4>;
+var<workgroup> vs: array<vec4<f32>, TK * D4>;
 // The output's gradient (the backward; a placeholder in the forward, which
 // shares stage_tile).
 @group(0) @binding(8) var<storage, read> dout: array<vec4<f32>>;
@@ -85,8 +89,8 @@ fn stage_tile(which: u32, bi: u32, head: u32, t0: u32, n: u32, lid: u32) {
                 a1 = dout[src];
             }
         }
-        ks[j * D4_MAX + d] = a0;
-        vs[j * D4_MAX + d] = a1;
+        ks[j * D4 + d] = a0;
+        vs[j * D4 + d] = a1;
     }
 }
 
@@ -110,12 +114,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let n = min(TK, p.Tkv - t0);
         stage_tile(0u, bi, head, t0, n, lid);
         workgroupBarrier();
-        var s: array<f32, TK>;
+        var s: array<f32, TK_MAX>;
         var tmax = m;
         for (var j = 0u; j < n; j++) {
             var dotv = vec4<f32>(0.0);
             for (var d = 0u; d < D4; d++) {
-                dotv += qv[d] * ks[j * D4_MAX + d];
+                dotv += qv[d] * ks[j * D4 + d];
             }
             let sj = dotv.x + dotv.y + dotv.z + dotv.w;
             s[j] = sj;
@@ -134,7 +138,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let pj = exp2(s[j] - tmax);
             l += pj;
             for (var d = 0u; d < D4; d++) {
-                acc[d] += pj * vs[j * D4_MAX + d];
+                acc[d] += pj * vs[j * D4 + d];
             }
         }
         m = tmax;
@@ -439,13 +443,13 @@ fn attn_bwd_q(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
             var sv = vec4<f32>(0.0);
             var pv = vec4<f32>(0.0);
             for (var d = 0u; d < D4; d++) {
-                sv += qv[d] * ks[j * D4_MAX + d];
-                pv += gv[d] * vs[j * D4_MAX + d];
+                sv += qv[d] * ks[j * D4 + d];
+                pv += gv[d] * vs[j * D4 + d];
             }
             let pij = exp(sv.x + sv.y + sv.z + sv.w - lse);
             let ds = pij * (pv.x + pv.y + pv.z + pv.w - big_d);
             for (var d = 0u; d < D4; d++) {
-                acc[d] += ds * ks[j * D4_MAX + d];
+                acc[d] += ds * ks[j * D4 + d];
             }
         }
         workgroupBarrier();
@@ -486,15 +490,15 @@ fn attn_bwd_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             var sv = vec4<f32>(0.0);
             var pv = vec4<f32>(0.0);
             for (var d = 0u; d < D4; d++) {
-                sv += kv[d] * ks[j * D4_MAX + d];
-                pv += vv[d] * vs[j * D4_MAX + d];
+                sv += kv[d] * ks[j * D4 + d];
+                pv += vv[d] * vs[j * D4 + d];
             }
             let ld = lds[j];
             let pij = exp(sv.x + sv.y + sv.z + sv.w - ld.x);
             let ds = pij * (pv.x + pv.y + pv.z + pv.w - ld.y);
             for (var d = 0u; d < D4; d++) {
-                gvv[d] += pij * vs[j * D4_MAX + d];
-                gk[d] += ds * ks[j * D4_MAX + d];
+                gvv[d] += pij * vs[j * D4 + d];
+                gk[d] += ds * ks[j * D4 + d];
             }
         }
         workgroupBarrier();

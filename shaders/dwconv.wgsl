@@ -444,13 +444,23 @@ fn bn_backward_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
 //   j + parts, ... of channel group c (consecutive invocations: consecutive
 //   channel groups of a row);
 // - bn_finish: a workgroup per channel group adds its partials by a tree in
-//   workgroup memory, in a fixed order;
-// STAT picks the sums: 0 Σx (the mean), 1 Σ(x − μ)² (the variance and the
-// running update), 2 Σdy and Σdy·x̂ (dβ, dγ). Eval-mode statistics skip
-// bn_part. The apply passes (bn_apply_el, bn_backward_apply_el) run one
-// invocation per vec4 of the map.
+//   workgroup memory, in a fixed order.
+// STAT picks the sums: 0 the mean and variance (and the running update) in one
+// read of the map, 1 Σdy and Σdy·x̂ (dβ, dγ). Eval-mode statistics skip bn_part.
+// The apply passes (bn_apply_el, bn_backward_apply_el) run one invocation per
+// vec4 of the map.
+// STAT 0: each partial j keeps its own mean m_j and M2_j = Σ(x − m_j)², from sums
+// shifted by its first value K (Σ(x − K), Σ(x − K)²: no cancellation while K is
+// near the data, as one of them is); bn_finish combines them by Chan et al.'s
+// formula, μ = Σ n_j·m_j / n, M2 = Σ M2_j + n_j·(m_j − μ)², as stable as a
+// two-pass mean then variance, with one read of the map instead of two.
 override STAT: u32 = 0u;
 @group(0) @binding(26) var<storage, read_write> sums: array<T>;
+
+// Rows of partial j: j, j + parts, ... below `total`.
+fn part_rows(j: u32, total: u32) -> u32 {
+    return select(0u, (total - j + p.parts - 1u) / p.parts, j < total);
+}
 
 @compute @workgroup_size(WG)
 fn bn_part(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -461,33 +471,38 @@ fn bn_part(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     let c = i % p.C;
     let hw = p.H * p.W;
     let total = p.B * hw;
-    var mean = T();
+    let j = i / p.C;
+    // STAT 0: the shift K; 1: the mean, for x̂.
+    var shift = T();
     var rstd = T();
-    if (STAT != 0u) {
-        mean = stats[c];
-    }
-    if (STAT == 2u) {
+    if (STAT == 0u && j < total) {
+        shift = pre[flat_row(j, hw) + c];
+    } else if (STAT == 1u) {
+        shift = stats[c];
         rstd = stats[p.C + c];
     }
     var s = T();
     var s2 = T();
-    for (var r = i / p.C; r < total; r += p.parts) {
+    for (var r = j; r < total; r += p.parts) {
         let e = flat_row(r, hw) + c;
+        let d = pre[e] - shift;
         if (STAT == 0u) {
-            s += pre[e];
-        } else if (STAT == 1u) {
-            let d = pre[e] - mean;
-            s += d * d;
+            s += d;
+            s2 += d * d;
         } else {
             let dy = dpost[e];
             s += dy;
-            s2 += dy * (pre[e] - mean) * rstd;
+            s2 += dy * d * rstd;
         }
     }
-    sums[i] = s;
-    if (STAT == 2u) {
-        sums[p.parts * p.C + i] = s2;
+    if (STAT == 0u) {
+        // (m_j, M2_j); a partial with no rows holds (0, 0) and counts 0.
+        let nj = max(f32(part_rows(j, total)), 1.0);
+        s2 -= s * s / nj;
+        s = shift + s / nj;
     }
+    sums[i] = s;
+    sums[p.parts * p.C + i] = s2;
 }
 
 @compute @workgroup_size(WG)
@@ -497,38 +512,43 @@ fn bn_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     if (c >= p.C) {
         return;
     }
-    let n = f32(p.B * p.H * p.W);
-    if (BN_EVAL && STAT != 2u) {
+    let total = p.B * p.H * p.W;
+    let n = f32(total);
+    if (BN_EVAL && STAT == 0u) {
         if (lid == 0u) {
-            if (STAT == 0u) {
-                stats[c] = running[c];
-            } else {
-                stats[p.C + c] = inverseSqrt(running[p.C + c] + BN_EPS);
-            }
+            stats[c] = running[c];
+            stats[p.C + c] = inverseSqrt(running[p.C + c] + BN_EPS);
         }
         return;
     }
+    // STAT 0: Σ n_j·m_j first (μ), then Σ M2_j + n_j·(m_j − μ)²; STAT 1: the two sums.
     var s = T();
     var s2 = T();
     for (var j = lid; j < p.parts; j += WG) {
-        s += sums[j * p.C + c];
-        if (STAT == 2u) {
+        let a = sums[j * p.C + c];
+        if (STAT == 0u) {
+            s += f32(part_rows(j, total)) * a;
+        } else {
+            s += a;
             s2 += sums[(p.parts + j) * p.C + c];
         }
     }
-    let total = reduce_sum(s, lid);
-    var total2 = T();
-    if (STAT == 2u) {
-        total2 = reduce_sum(s2, lid);
+    let sum = reduce_sum(s, lid);
+    let mean = sum / n;
+    if (STAT == 0u) {
+        for (var j = lid; j < p.parts; j += WG) {
+            let d = sums[j * p.C + c] - mean;
+            s2 += sums[(p.parts + j) * p.C + c] + f32(part_rows(j, total)) * d * d;
+        }
     }
+    let sum2 = reduce_sum(s2, lid);
     if (lid == 0u) {
         if (STAT == 0u) {
-            stats[c] = total / n;
-        } else if (STAT == 1u) {
-            bn_var_finish(c, stats[c], total, n);
+            stats[c] = mean;
+            bn_var_finish(c, mean, sum2, n);
         } else {
-            dgamma[c] = total2;
-            dbeta[c] = total;
+            dgamma[c] = sum2;
+            dbeta[c] = sum;
         }
     }
 }
@@ -604,16 +624,9 @@ fn dwconv_backward_w(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         let oy = r % oh;
         let base = bi * tq + p.cls;
         let y = i32(oy) * stride;
-        var o = (bi * to + p.cls + oy * ow) * p.C + c;
+        let grow = bi * to + p.cls + oy * ow;
         for (var ox = 0u; ox < ow; ox++) {
-            var g: T;
-            if (m == 0u) {
-                g = vec4<f32>(q[o]);
-            } else if (m == 1u) {
-                g = vec4<f32>(k[o]);
-            } else {
-                g = vec4<f32>(v[o]);
-            }
+            let g = dgrad(m, grow + ox, c);
             let xx = i32(ox) * stride;
             a0 += g * tap(base, y - 1, xx - 1, c);
             a1 += g * tap(base, y - 1, xx, c);
@@ -624,9 +637,24 @@ fn dwconv_backward_w(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
             a6 += g * tap(base, y + 1, xx - 1, c);
             a7 += g * tap(base, y + 1, xx, c);
             a8 += g * tap(base, y + 1, xx + 1, c);
-            o += p.C;
         }
     }
+    store_taps(m, c, lid, a0, a1, a2, a3, a4, a5, a6, a7, a8);
+}
+
+// Row `row` of map m's gradient (q, k or v), channel group c.
+fn dgrad(m: u32, row: u32, c: u32) -> T {
+    let o = row * p.C + c;
+    if (m == 0u) {
+        return vec4<f32>(q[o]);
+    } else if (m == 1u) {
+        return vec4<f32>(k[o]);
+    }
+    return vec4<f32>(v[o]);
+}
+
+// The workgroup's sums of the tap accumulators into dw.
+fn store_taps(m: u32, c: u32, lid: u32, a0: T, a1: T, a2: T, a3: T, a4: T, a5: T, a6: T, a7: T, a8: T) {
     store_dw(m * 9u * p.C + c, lid, false, a0, a1, a2, a3, a4, a5, a6, a7, a8);
 }
 
@@ -791,53 +819,21 @@ fn dw_sum_partials(@builtin(global_invocation_id) gid: vec3<u32>) {
     dw[i] = select(s, dw[i] + s, p.accumulate == 1u);
 }
 
-@compute @workgroup_size(WG)
-fn dwconv_backward_w_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let c = wid.x % p.C;
-    let ci = i32(c);
-    let m = wid.x / p.C;
-    let stride = select(2, 1, m == 0u);
-    let oh = select(p.Hk, p.H, m == 0u);
-    let ow = select(p.Wk, p.W, m == 0u);
-    let tq = p.cls + p.H * p.W;
-    let to = p.cls + oh * ow;
-    var a0 = T(0.0);
-    var a1 = T(0.0);
-    var a2 = T(0.0);
-    var a3 = T(0.0);
-    var a4 = T(0.0);
-    var a5 = T(0.0);
-    var a6 = T(0.0);
-    var a7 = T(0.0);
-    var a8 = T(0.0);
-    for (var r = lid; r < p.B * oh; r += WG) {
-        let bl = r / oh;
-        let oy = r % oh;
-        let row0 = bl * tq + p.cls;
-        let y = i32(oy) * stride;
-        let grow = i32(bl * to + p.cls + oy * ow);
-        for (var ox = 0u; ox < ow; ox++) {
-            let at = vec2<i32>(ci, grow + i32(ox));
-            var g: T;
-            if (m == 0u) {
-                g = texel(dq_tex, at);
-            } else if (m == 1u) {
-                g = texel(dk_tex, at);
-            } else {
-                g = texel(dv_tex, at);
-            }
-            let xx = i32(ox) * stride;
-            a0 += g * tap_tex(row0, y - 1, xx - 1, c);
-            a1 += g * tap_tex(row0, y - 1, xx, c);
-            a2 += g * tap_tex(row0, y - 1, xx + 1, c);
-            a3 += g * tap_tex(row0, y, xx - 1, c);
-            a4 += g * tap_tex(row0, y, xx, c);
-            a5 += g * tap_tex(row0, y, xx + 1, c);
-            a6 += g * tap_tex(row0, y + 1, xx - 1, c);
-            a7 += g * tap_tex(row0, y + 1, xx, c);
-            a8 += g * tap_tex(row0, y + 1, xx + 1, c);
-        }
+// derive dwconv_backward_w_tex from dwconv_backward_w: dgrad( -> dgrad_tex( ; tap( -> tap_tex( ; store_taps( -> store_taps_part(
+
+fn dgrad_tex(m: u32, row: u32, c: u32) -> T {
+    let at = vec2<i32>(i32(c), i32(row));
+    if (m == 0u) {
+        return texel(dq_tex, at);
+    } else if (m == 1u) {
+        return texel(dk_tex, at);
     }
+    return texel(dv_tex, at);
+}
+
+// Each invocation's accumulators into `part` [3, C, 9, WG] (no barrier: CPU
+// drivers), added up by dw_sum_partials.
+fn store_taps_part(m: u32, c: u32, lid: u32, a0: T, a1: T, a2: T, a3: T, a4: T, a5: T, a6: T, a7: T, a8: T) {
     let o = (m * p.C + c) * 9u * WG + lid;
     part[o] = a0;
     part[o + WG] = a1;

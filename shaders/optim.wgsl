@@ -10,7 +10,10 @@
 
 override WG: u32 = 64u;
 
-struct Params { n: u32, decay: u32, _p0: u32, _p1: u32 }
+// n: values (vec4s in the vec4 entries) of this dispatch; decay: 1 where weight
+// decay applies; chunk_off: adamw4_tex's first vec4 of its chunk; slot: sumsq's
+// first output slot.
+struct Params { n: u32, decay: u32, chunk_off: u32, slot: u32 }
 
 // T is vec4<f32> (adamw4: tensors whose length is a multiple of 4, the usual
 // case; p.n counts vec4s) or f32 (adamw); the arithmetic is the same. vec4 means
@@ -72,7 +75,7 @@ fn adamw4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 // adamw4 for CPU drivers, where every storage-buffer load is a loop over the
 // SIMD lanes and a texel fetch one gather: the four inputs come from linear
 // textures (memcpys of the buffers, Graph::linear_texture_buf), in chunks of
-// p.n vec4s starting at vec4 p._p0 of the buffers (texel 0 of the textures).
+// p.n vec4s starting at vec4 p.chunk_off of the buffers (texel 0 of the textures).
 @group(0) @binding(11) var w_t: Tex;
 @group(0) @binding(12) var g_t: Tex;
 @group(0) @binding(13) var m_t: Tex;
@@ -85,22 +88,24 @@ fn adamw4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         return;
     }
     let u = update(lin(w_t, i), lin(g_t, i), lin(m_t, i), lin(v_t, i));
-    let o = p._p0 + i;
+    let o = p.chunk_off + i;
     m14[o] = u.m;
     m24[o] = u.v;
     param4[o] = u.w;
 }
 
-// sumsq: Σ grad² of one parameter tensor into norms[p.decay] (the slot index is
-// passed in the `decay` field), one workgroup striding over the tensor, for the
-// global gradient norm of clipping. The host sums the slots.
+// sumsq: Σ grad² of one parameter tensor, for the global gradient norm of
+// clipping: workgroup j strides over the tensor from element j·WG and writes its
+// sum into norms[p.slot + j] (as many workgroups as the host gives the tensor:
+// a large tensor fills the GPU, a bias takes one). The host adds the slots in
+// order.
 @group(0) @binding(6) var<storage, read_write> norms: array<f32>;
 var<workgroup> red: array<f32, WG>;
 
 @compute @workgroup_size(WG)
-fn sumsq(@builtin(local_invocation_index) lid: u32) {
+fn sumsq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     var s = 0.0;
-    for (var i = lid; i < p.n; i += WG) {
+    for (var i = wid.x * WG + lid; i < p.n; i += nwg.x * WG) {
         let g = grad[i];
         s += g * g;
     }
@@ -113,6 +118,6 @@ fn sumsq(@builtin(local_invocation_index) lid: u32) {
         workgroupBarrier();
     }
     if (lid == 0u) {
-        norms[p.decay] = red[0];
+        norms[p.slot + wid.x] = red[0];
     }
 }

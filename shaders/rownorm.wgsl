@@ -109,16 +109,60 @@ fn reduce_max(val: f32, lid: u32) -> f32 {
     return r;
 }
 
-// (mean, 1/sqrt(var + eps)) of the row of C values at x[base..], two-pass.
+// PER > 0 (the host sets it where a row of C values is at most MAX_PER per lane):
+// each lane keeps its values of the row, c = lane + i*LANES for i < PER, in
+// registers (`rx`, and `rd` for the backward's dy), so the row is read from memory
+// once instead of once per pass. PER = 0 streams every pass from memory. Loops
+// over a lane's values run `for i < row_trips()` and break at c >= C: with PER
+// set the bound is a constant the driver unrolls, so `rx[i]` stays in registers.
+const MAX_PER: u32 = 16u;
+override PER: u32 = 0u;
+var<private> rx: array<f32, MAX_PER>;
+var<private> rd: array<f32, MAX_PER>;
+
+fn row_trips() -> u32 {
+    return select(0xffffffffu, PER, PER > 0u);
+}
+
+// Value i of this lane's part of the row at x[base..] (c = lane + i*LANES):
+// from registers where `load_row` filled them.
+fn xv(base: u32, c: u32, i: u32) -> f32 {
+    if (PER > 0u) {
+        return rx[i];
+    }
+    return f32(x[base + c]);
+}
+
+// With PER: this lane's part of the row at x[base..] into `rx`.
+fn load_row(base: u32, lane: u32) {
+    if (PER > 0u) {
+        for (var i = 0u; i < PER; i++) {
+            let c = lane + i * LANES;
+            rx[i] = select(0.0, f32(x[base + min(c, p.C - 1u)]), c < p.C);
+        }
+    }
+}
+
+// (mean, 1/sqrt(var + eps)) of the row of C values at x[base..], two-pass
+// (after `load_row`).
 fn row_stats(base: u32, lid: u32) -> vec2<f32> {
+    let lane = lid % LANES;
     var s = 0.0;
-    for (var c = lid % LANES; c < p.C; c += LANES) {
-        s += f32(x[base + c]);
+    for (var i = 0u; i < row_trips(); i++) {
+        let c = lane + i * LANES;
+        if (c >= p.C) {
+            break;
+        }
+        s += xv(base, c, i);
     }
     let mean = reduce_sum(s, lid) / f32(p.C);
     var s2 = 0.0;
-    for (var c = lid % LANES; c < p.C; c += LANES) {
-        let d = f32(x[base + c]) - mean;
+    for (var i = 0u; i < row_trips(); i++) {
+        let c = lane + i * LANES;
+        if (c >= p.C) {
+            break;
+        }
+        let d = xv(base, c, i) - mean;
         s2 += d * d;
     }
     return vec2<f32>(mean, inverseSqrt(reduce_sum(s2, lid) / f32(p.C) + p.eps));
@@ -139,24 +183,39 @@ fn layernorm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let r = row.r;
     let ib = in_base(r);
     let ob = out_base(r);
+    load_row(ib, row.lane);
     let st = row_stats(ib, lid);
     let mean = st.x;
     let rstd = st.y;
-    for (var c = row.lane; c < p.C && row.valid; c += LANES) {
-        y[ob + c] = act((f32(x[ib + c]) - mean) * rstd * gamma[c] + beta[c]);
+    for (var i = 0u; i < row_trips() && row.valid; i++) {
+        let c = row.lane + i * LANES;
+        if (c >= p.C) {
+            break;
+        }
+        y[ob + c] = act((xv(ib, c, i) - mean) * rstd * gamma[c] + beta[c]);
     }
 }
 
-// log Σ exp over row r of x (max-shifted), shared by softmax and its cross-entropy.
+// log Σ exp over row r of x (max-shifted), shared by softmax and its cross-entropy
+// (after `load_row`).
 fn row_logsumexp(b: u32, lid: u32) -> f32 {
+    let lane = lid % LANES;
     var m = -3.0e38;
-    for (var c = lid % LANES; c < p.C; c += LANES) {
-        m = max(m, f32(x[b + c]));
+    for (var i = 0u; i < row_trips(); i++) {
+        let c = lane + i * LANES;
+        if (c >= p.C) {
+            break;
+        }
+        m = max(m, xv(b, c, i));
     }
     let mx = reduce_max(m, lid);
     var s = 0.0;
-    for (var c = lid % LANES; c < p.C; c += LANES) {
-        s += exp(f32(x[b + c]) - mx);
+    for (var i = 0u; i < row_trips(); i++) {
+        let c = lane + i * LANES;
+        if (c >= p.C) {
+            break;
+        }
+        s += exp(xv(b, c, i) - mx);
     }
     return mx + log(reduce_sum(s, lid));
 }
@@ -168,9 +227,14 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     let row = row_of(wid, nwg, lid);
     let r = row.r;
     let b = r * p.C;
+    load_row(b, row.lane);
     let lse = row_logsumexp(b, lid);
-    for (var c = row.lane; c < p.C && row.valid; c += LANES) {
-        y[b + c] = act(exp(f32(x[b + c]) - lse));
+    for (var i = 0u; i < row_trips() && row.valid; i++) {
+        let c = row.lane + i * LANES;
+        if (c >= p.C) {
+            break;
+        }
+        y[b + c] = act(exp(xv(b, c, i) - lse));
     }
 }
 
@@ -190,22 +254,38 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let base = in_base(r);
     let ob = out_base(r);
     let tb = r * p.C;
+    load_row(base, row.lane);
     let st = row_stats(base, lid);
     let mean = st.x;
     let rstd = st.y;
     var sg = 0.0;
     var sgx = 0.0;
-    for (var c = row.lane; c < p.C; c += LANES) {
-        let xh = (f32(x[base + c]) - mean) * rstd;
-        let g = dy_in[ob + c] * gamma[c];
+    for (var i = 0u; i < row_trips(); i++) {
+        let c = row.lane + i * LANES;
+        if (c >= p.C) {
+            break;
+        }
+        let xh = (xv(base, c, i) - mean) * rstd;
+        let dy = dy_in[ob + c];
+        if (PER > 0u) {
+            rd[i] = dy;
+        }
+        let g = dy * gamma[c];
         sg += g;
         sgx += g * xh;
     }
     let mg = reduce_sum(sg, lid) / f32(p.C);
     let mgx = reduce_sum(sgx, lid) / f32(p.C);
-    for (var c = row.lane; c < p.C && row.valid; c += LANES) {
-        let xh = (f32(x[base + c]) - mean) * rstd;
-        let dy = dy_in[ob + c];
+    for (var i = 0u; i < row_trips() && row.valid; i++) {
+        let c = row.lane + i * LANES;
+        if (c >= p.C) {
+            break;
+        }
+        let xh = (xv(base, c, i) - mean) * rstd;
+        var dy = rd[min(i, MAX_PER - 1u)];
+        if (PER == 0u) {
+            dy = dy_in[ob + c];
+        }
         y[base + c] = act(rstd * (dy * gamma[c] - mg - xh * mgx));
         aux[tb + c] = dy * xh;
     }
@@ -221,12 +301,18 @@ fn softmax_xent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let row = row_of(wid, nwg, lid);
     let r = row.r;
     let b = r * p.C;
+    load_row(b, row.lane);
     let lse = row_logsumexp(b, lid);
     var l = 0.0;
-    for (var c = row.lane; c < p.C && row.valid; c += LANES) {
+    for (var i = 0u; i < row_trips() && row.valid; i++) {
+        let c = row.lane + i * LANES;
+        if (c >= p.C) {
+            break;
+        }
         let t = targets[b + c];
-        y[b + c] = act((exp(f32(x[b + c]) - lse) - t) * p.scale);
-        l += t * (lse - f32(x[b + c]));
+        let xc = xv(b, c, i);
+        y[b + c] = act((exp(xc - lse) - t) * p.scale);
+        l += t * (lse - xc);
     }
     let loss = reduce_sum(l, lid);
     if (row.lane == 0u && row.valid) {

@@ -7,7 +7,11 @@
 
 override WG: u32 = 64u;
 
-struct Params { B: u32, T: u32, C: u32, _p: u32 }
+// B, T, C: the map's shape (cls_fill, mean_tokens, cls_grad). n: elements (vec4s
+// in add4_tex) of an element-wise pass; chunk_off: add4_tex's first vec4 of its
+// chunk; per_sample, scale_off: drop path's elements per sample and the index of
+// the dispatch's first sample in `scales`.
+struct Params { B: u32, T: u32, C: u32, n: u32, chunk_off: u32, per_sample: u32, scale_off: u32, _pad: u32 }
 
 @group(0) @binding(0) var<storage, read> src: array<act>;
 @group(0) @binding(1) var<storage, read_write> y: array<act>;
@@ -70,13 +74,13 @@ fn cls_grad(@builtin(global_invocation_id) gid: vec3<u32>) {
     y[c] = act(s);
 }
 
-// add: y = src + other, elementwise over p.B elements (p.B holds the count).
+// add: y = src + other, elementwise over p.n elements.
 @group(0) @binding(4) var<storage, read> other: array<act>;
 
 @compute @workgroup_size(WG)
 fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let n = gid.x + gid.y * nwg.x * WG;
-    if (n >= p.B) {
+    if (n >= p.n) {
         return;
     }
     y[n] = act(f32(src[n]) + f32(other[n]));
@@ -84,7 +88,7 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 
 // add4_tex: the same four values at a time on drivers that prefer texture
 // operands, both inputs read as linear textures (texel gathers instead of
-// per-lane storage loads; Graph::linear_texture); p.B counts vec4s.
+// per-lane storage loads; Graph::linear_texture); p.n counts vec4s.
 @group(0) @binding(6) var a_tex: Tex;
 @group(0) @binding(7) var b_tex: Tex;
 @group(0) @binding(8) var<storage, read_write> y4: array<vec4<act>>;
@@ -92,35 +96,35 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(WG)
 fn add4_tex(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let n = gid.x + gid.y * nwg.x * WG;
-    if (n >= p.B) {
+    if (n >= p.n) {
         return;
     }
-    // Inputs read in chunks: texel n is vec4 p.T + n of the tensors.
-    y4[p.T + n] = vec4<act>(lin(a_tex, n) + lin(b_tex, n));
+    // Inputs read in chunks: texel n is vec4 p.chunk_off + n of the tensors.
+    y4[p.chunk_off + n] = vec4<act>(lin(a_tex, n) + lin(b_tex, n));
 }
 
 // act_forward lives with the matmul epilogue (matmul.wgsl::act_forward).
 
-// Stochastic depth (drop path), per sample: scales[p.C + sample] is 0 for a dropped
-// residual branch and 1/(1 - rate) for a kept one (host-drawn each step).
+// Stochastic depth (drop path), per sample: scales[p.scale_off + sample] is 0 for a
+// dropped residual branch and 1/(1 - rate) for a kept one (host-drawn each step).
 // add_scaled: y = src + other * scale(sample); scale_rows: y = src * scale(sample),
-// the branch's backward. p.B = elements, p.T = elements per sample, p.C = offset.
+// the branch's backward, over p.n elements of p.per_sample per sample.
 @group(0) @binding(5) var<storage, read> scales: array<f32>;
 
 @compute @workgroup_size(WG)
 fn add_scaled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let n = gid.x + gid.y * nwg.x * WG;
-    if (n >= p.B) {
+    if (n >= p.n) {
         return;
     }
-    y[n] = act(f32(src[n]) + f32(other[n]) * scales[p.C + n / p.T]);
+    y[n] = act(f32(src[n]) + f32(other[n]) * scales[p.scale_off + n / p.per_sample]);
 }
 
 @compute @workgroup_size(WG)
 fn scale_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let n = gid.x + gid.y * nwg.x * WG;
-    if (n >= p.B) {
+    if (n >= p.n) {
         return;
     }
-    y[n] = act(f32(src[n]) * scales[p.C + n / p.T]);
+    y[n] = act(f32(src[n]) * scales[p.scale_off + n / p.per_sample]);
 }

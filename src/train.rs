@@ -19,7 +19,7 @@ use crate::model::CvtConfig;
 use crate::ops::attention::{attention_backward, attention_train, attn_grad_mode, AttnShape};
 use crate::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
 use crate::ops::matmul::{conv2d, conv2d_backward, linear, linear_act, linear_backward, linear_backward_act, LinearGrad, Out};
-use crate::ops::optim::{adamw_step, sumsq, AdamW, Hyper, Moments};
+use crate::ops::optim::{adamw_step, sumsq, sumsq_slots, AdamW, Hyper, Moments};
 use crate::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
 use crate::ops::tokens::{add, add_scaled, cls_fill, cls_grad, scale_rows};
 use crate::ops::{Act, ConvGeom, Linear};
@@ -452,6 +452,8 @@ pub struct Optimizer {
     /// Σ grad² per parameter, for clipping: its plan and output buffer.
     norm_plan: Plan,
     norms: Arc<wgpu::Buffer>,
+    /// Partial sums in `norms` (`optim::sumsq_slots` per parameter).
+    norm_slots: usize,
 }
 
 impl Optimizer {
@@ -470,7 +472,7 @@ impl Optimizer {
     /// The global L2 norm of all gradients (waits for the GPU).
     pub fn grad_norm(&self) -> Result<f32> {
         self.norm_plan.run()?;
-        let v = self.norm_plan.gpu.read(&self.norms, 0, self.state.len())?;
+        let v = self.norm_plan.gpu.read(&self.norms, 0, self.norm_slots)?;
         Ok(v.iter().map(|&x| x as f64).sum::<f64>().sqrt() as f32)
     }
 
@@ -548,15 +550,18 @@ impl TrainModel {
         let mut g = Graph::new(gpu.clone());
         let mut state = vec![];
         let params = self.params();
-        let norms = Arc::new(gpu.storage("gradient norms", (params.len().max(1) * 4) as u64)?);
+        let norm_slots: usize = params.iter().map(|p| sumsq_slots(p.len)).sum();
+        let norms = Arc::new(gpu.storage("gradient norms", (norm_slots.max(1) * 4) as u64)?);
         let mut ng = Graph::new(gpu.clone());
-        for (i, p) in params.into_iter().enumerate() {
+        let mut slot = 0;
+        for p in params {
             let m = Moments::zeros(gpu, &p.name, p.len)?;
             adamw_step(&mut g, &p.name, &p.value, &p.grad, &m, &hyper, p.decay)?;
-            sumsq(&mut ng, &p.name, &p.grad, p.len, &norms, i)?;
+            sumsq(&mut ng, &p.name, &p.grad, p.len, &norms, slot)?;
+            slot += sumsq_slots(p.len);
             state.push((p.name, m));
         }
-        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, state, norm_plan: ng.compile()?, norms })
+        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, state, norm_plan: ng.compile()?, norms, norm_slots })
     }
 
     /// BatchNorm running statistics (official names), as updated by the steps run so far.

@@ -46,6 +46,21 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
+/// Rows per tile that the GPU set's attention kernels stage in workgroup memory
+/// (`attention.wgsl`'s TK) when walking a sequence of `rows` keys (or queries, in
+/// the dK/dV pass): 32, or the profile's `attn_tile_max` (64) where the whole
+/// sequence then fits one tile (CvT's stage 2: 50 keys at 224) and the adapter's
+/// workgroup memory holds two such tiles.
+fn key_tile(g: &Graph, rows: usize, d4: usize) -> usize {
+    let big = g.profile.attn_tile_max.clamp(32, 64);
+    let bytes = 2 * big * d4 * 16 + big * 8;
+    if rows > 32 && rows <= big && bytes <= g.gpu.limits.max_compute_workgroup_storage_size as usize {
+        big
+    } else {
+        32
+    }
+}
+
 /// Largest head width the kernel's register arrays hold.
 pub const MAX_HEAD_DIM: usize = 64;
 
@@ -157,7 +172,7 @@ fn forward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId)
     // placeholder otherwise, as for binding 14).
     let lse = (grad == Some(AttnGrad::Recompute)).then(|| g.tensor(format!("{label}.lse_d"), s.batch * s.heads * s.tq * 2));
     let lse_res = lse.map_or_else(|| Res::Buf(g.gpu.placeholder()), Res::Act);
-    let consts = [consts[0], consts[1], consts[2], ("SAVE_LSE", lse.is_some() as u32 as f64)];
+    let consts = [consts[0], consts[1], consts[2], ("SAVE_LSE", lse.is_some() as u32 as f64), ("TK", key_tile(g, s.tkv, d4) as f64)];
     let pipeline = g.pipeline("attention", "main", &consts)?;
     let groups = [s.tq.div_ceil(WG) as u32, s.heads as u32, s.batch as u32];
     // Binding 8 (dO) is statically used through stage_tile, which the backward
@@ -303,7 +318,8 @@ pub fn attention_backward(
         (at::PROBS, r14.clone()),
         (at::DSCORE, r15.clone()),
     ]);
-    let pq = g.pipeline("attention", names.0, &consts)?;
+    // The per-query pass walks the keys, the per-key pass the queries.
+    let pq = g.pipeline("attention", names.0, &[consts[0], consts[1], ("TK", key_tile(g, s.tkv, d4) as f64)])?;
     g.dispatch(format!("{label}.bwd_q"), pq, bq, groups(s.tq), fq * pair_flops);
     let (kb, vb) = if probs.is_none() { (Res::Act(k), Res::Act(v)) } else { (u(), u()) };
     let bkv = bind([
@@ -318,7 +334,7 @@ pub fn attention_backward(
         (at::PROBS, r14),
         (at::DSCORE, r15),
     ]);
-    let pkv = g.pipeline("attention", names.1, &consts)?;
+    let pkv = g.pipeline("attention", names.1, &[consts[0], consts[1], ("TK", key_tile(g, s.tq, d4) as f64)])?;
     g.dispatch(format!("{label}.bwd_kv"), pkv, bkv, groups(s.tkv), fkv * pair_flops);
     Ok((dq, dk, dv))
 }

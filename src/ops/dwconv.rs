@@ -292,21 +292,23 @@ struct BnIo {
     dbeta: Res,
 }
 
-/// The GPU set's BatchNorm passes over one map: the statistics (`stat` 0 and 1:
-/// mean, variance and running update; 2: the backward's dβ, dγ) by `bn_part`
-/// (skipped for eval-mode statistics) and `bn_finish`, then `apply`
-/// (`bn_apply_el` or `bn_backward_apply_el`) over every vec4 of the map.
+/// The GPU set's BatchNorm passes over one map: sums by `bn_part` and `bn_finish`
+/// (the forward: mean, variance and running update, from one read of the map,
+/// none for eval-mode statistics; the backward: dβ, dγ), then the apply pass
+/// (`bn_apply_el`, `bn_backward_apply_el`) over every vec4 of the map.
 #[allow(clippy::too_many_arguments)]
-fn bn_gpu(g: &mut Graph, label: &str, io: &BnIo, prm: DwParams, rows: usize, bn_eval: bool, stats: &[u32], apply: &str) -> Result<()> {
+fn bn_gpu(g: &mut Graph, label: &str, io: &BnIo, prm: DwParams, rows: usize, bn_eval: bool, backward: bool) -> Result<()> {
+    let (stat, apply) = if backward { (1u32, "bn_backward_apply_el") } else { (0, "bn_apply_el") };
     let c4 = prm.c as usize;
     let parts = bn_parts(g, (prm.b * prm.h * prm.w) as usize, c4);
     let prm = DwParams { parts: parts as u32, ..prm };
     let sums = g.tensor(format!("{label}.sums"), 2 * parts * c4 * 4);
     let pre = Res::Act(io.pre);
-    for &stat in stats {
+    {
         let consts = [("WG", WG as f64), ("BN_EVAL", bn_eval as u8 as f64), ("STAT", stat as f64)];
-        let name = ["mean", "var", "sums"][stat as usize];
-        if !(bn_eval && stat != 2) {
+        let name = ["stats", "sums"][stat as usize];
+        // Eval-mode statistics are the running ones: nothing to sum.
+        if !(bn_eval && stat == 0) {
             let pipeline = g.pipeline("dwconv", "bn_part", &consts)?;
             let b = bind([(dw::PARAMS, Res::uniform(&prm)), (dw::STATS, io.stats.clone()), (dw::PRE, pre.clone()), (dw::DPOST, io.dpost.clone()), (dw::SUMS, Res::Act(sums))]);
             g.dispatch(format!("{label}.{name}.part"), pipeline, b, grid1d(&g.gpu, (parts * c4).div_ceil(WG) as u64), 0.0);
@@ -324,7 +326,7 @@ fn bn_gpu(g: &mut Graph, label: &str, io: &BnIo, prm: DwParams, rows: usize, bn_
     }
     let pipeline = g.pipeline("dwconv", apply, &[("WG", WG as f64), ("BN_EVAL", bn_eval as u8 as f64)])?;
     let u = Res::uniform(&prm);
-    let b = if apply == "bn_apply_el" {
+    let b = if !backward {
         bind([(dw::W, io.gamma.clone()), (dw::BIAS, io.beta.clone()), (dw::PARAMS, u), (dw::STATS, io.stats.clone()), (dw::PRE, pre), (dw::POST, io.post.clone())])
     } else {
         bind([
@@ -374,7 +376,7 @@ pub fn conv_proj_train(g: &mut Graph, label: &str, x: TensorId, batch: usize, h:
                 dgamma: none(),
                 dbeta: none(),
             };
-            bn_gpu(g, &format!("{label}.bn{m}"), &io, map_params(batch, mh, mw, p.c, cls), batch * (cls + mh * mw), p.bn_eval, &[0, 1], "bn_apply_el")?;
+            bn_gpu(g, &format!("{label}.bn{m}"), &io, map_params(batch, mh, mw, p.c, cls), batch * (cls + mh * mw), p.bn_eval, false)?;
             continue;
         }
         let pre_t = Res::ActTex(g.linear_texture(pre, dw::PRE_TEX as u32));
@@ -433,7 +435,7 @@ pub fn conv_proj_train_backward(
                 dgamma: Res::Buf(grad.gamma[m].clone()),
                 dbeta: Res::Buf(grad.beta[m].clone()),
             };
-            bn_gpu(g, &format!("{label}.bn{m}.backward"), &io, map_params(batch, mh, mw, c, cls), batch * (cls + mh * mw), p.bn_eval, &[2], "bn_backward_apply_el")?;
+            bn_gpu(g, &format!("{label}.bn{m}.backward"), &io, map_params(batch, mh, mw, c, cls), batch * (cls + mh * mw), p.bn_eval, true)?;
             continue;
         }
         let bn_sums = g.pipeline("dwconv", "bn_backward_sums", &consts)?;

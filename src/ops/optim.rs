@@ -3,11 +3,26 @@
 //! corrections, clipping scale) are rewritten into a small buffer before a step.
 
 use crate::gpu::Gpu;
-use crate::graph::{grid1d, Graph, Res};
+use crate::graph::{bind, grid1d, Graph, Res};
+use crate::ops::params::op;
 use anyhow::Result;
 use std::sync::Arc;
 
 const WG: usize = 64;
+
+crate::kernel_params! {
+/// `optim.wgsl`'s `Params`, field by field.
+pub struct OptimParams for "optim" "Params" {
+    /// Values (vec4s in the vec4 entries) of the dispatch.
+    pub n: u32,
+    /// 1 where weight decay applies.
+    pub decay: u32,
+    /// adamw4_tex: the first vec4 of its chunk.
+    pub chunk_off: u32,
+    /// sumsq: the first output slot.
+    pub slot: u32,
+}
+}
 
 /// AdamW settings (torch.optim.AdamW's defaults but for the learning rate).
 #[derive(Clone, Copy, Debug)]
@@ -75,43 +90,42 @@ pub fn adamw_step(g: &mut Graph, label: &str, param: &Arc<wgpu::Buffer>, grad: &
     // same buffers as vec4).
     let vec4 = state.len % 4 == 0;
     let n = if vec4 { state.len / 4 } else { state.len };
+    let buf = |b: &Arc<wgpu::Buffer>| Res::Buf(b.clone());
+    let prm = |n: usize, chunk_off: usize| Res::uniform(&OptimParams { n: n as u32, decay: decay as u32, chunk_off: chunk_off as u32, slot: 0 });
     if vec4 && n >= TEX_MIN_VEC4 && crate::ops::matmul::packs(g) {
         // Inputs through linear textures, a chunk of at most TEXTURE_CHUNK_BYTES each.
         let pipeline = g.pipeline("optim", "adamw4_tex", &[("WG", WG as f64)])?;
-        let u = || Res::Unused;
         for (i0, m) in crate::ops::gemm::texture_ranges(n, 16) {
-            let mut b = vec![u(), u(), u(), u(), Res::Buf(hyper.buf.clone()), Res::Uniform(vec![m as u32, decay as u32, i0 as u32, 0]), u()];
-            b.extend([Res::Buf(param.clone()), u(), Res::Buf(state.m.clone()), Res::Buf(state.v.clone())]);
-            for (k, src) in [param, grad, &state.m, &state.v].into_iter().enumerate() {
-                b.push(Res::ActTex(g.linear_texture_buf(src, i0, m, 11 + k as u32)));
+            let mut b = vec![(op::HYPER, buf(&hyper.buf)), (op::PARAMS, prm(m, i0)), (op::PARAM4, buf(param)), (op::M14, buf(&state.m)), (op::M24, buf(&state.v))];
+            for (slot, src) in [(op::W_TEX, param), (op::G_TEX, grad), (op::M_TEX, &state.m), (op::V_TEX, &state.v)] {
+                b.push((slot, Res::ActTex(g.linear_texture_buf(src, i0, m, slot as u32))));
             }
-            g.dispatch(format!("adamw {label}"), pipeline.clone(), b, grid1d(&g.gpu, m.div_ceil(WG) as u64), 0.0);
+            g.dispatch(format!("adamw {label}"), pipeline.clone(), bind(b), grid1d(&g.gpu, m.div_ceil(WG) as u64), 0.0);
         }
         return Ok(());
     }
     let pipeline = g.pipeline("optim", if vec4 { "adamw4" } else { "adamw" }, &[("WG", WG as f64)])?;
     let groups = grid1d(&g.gpu, n.div_ceil(WG) as u64);
-    let bufs = [param, grad, &state.m, &state.v].map(|b| Res::Buf(b.clone()));
-    let u = || Res::Unused;
-    let mut b = if vec4 { vec![u(), u(), u(), u()] } else { bufs.to_vec() };
-    b.extend([Res::Buf(hyper.buf.clone()), Res::Uniform(vec![n as u32, decay as u32, 0, 0])]);
-    if vec4 {
-        b.push(u());
-        b.extend(bufs);
-    }
-    g.dispatch(format!("adamw {label}"), pipeline, b, groups, 0.0);
+    let slots = if vec4 { [op::PARAM4, op::GRAD4, op::M14, op::M24] } else { [op::PARAM, op::GRAD, op::M1, op::M2] };
+    let mut b: Vec<(usize, Res)> = slots.into_iter().zip([param, grad, &state.m, &state.v].map(buf)).collect();
+    b.extend([(op::HYPER, buf(&hyper.buf)), (op::PARAMS, prm(n, 0))]);
+    g.dispatch(format!("adamw {label}"), pipeline, bind(b), groups, 0.0);
     Ok(())
 }
 
-/// Appends Σ grad² of `grad` (len elements) into `norms[slot]`.
+/// Output slots `sumsq` takes for a tensor of `len` values: a workgroup per 16
+/// values per invocation, at most 64 (so a large tensor fills a GPU, and the host
+/// adds few partials).
+pub fn sumsq_slots(len: usize) -> usize {
+    len.div_ceil(WG * 16).clamp(1, 64)
+}
+
+/// Appends Σ grad² of `grad` (len elements) as `sumsq_slots(len)` partial sums
+/// into `norms[slot..]`.
 pub fn sumsq(g: &mut Graph, label: &str, grad: &Arc<wgpu::Buffer>, len: usize, norms: &Arc<wgpu::Buffer>, slot: usize) -> Result<()> {
     let pipeline = g.pipeline("optim", "sumsq", &[("WG", WG as f64)])?;
-    g.dispatch(
-        format!("{label}.sumsq"),
-        pipeline,
-        vec![Res::Unused, Res::Buf(grad.clone()), Res::Unused, Res::Unused, Res::Unused, Res::Uniform(vec![len as u32, slot as u32, 0, 0]), Res::Buf(norms.clone())],
-        [1, 1, 1],
-        0.0,
-    );
+    let p = OptimParams { n: len as u32, slot: slot as u32, ..Default::default() };
+    let b = bind([(op::GRAD, Res::Buf(grad.clone())), (op::PARAMS, Res::uniform(&p)), (op::NORMS, Res::Buf(norms.clone()))]);
+    g.dispatch(format!("{label}.sumsq"), pipeline, b, [sumsq_slots(len) as u32, 1, 1], 0.0);
     Ok(())
 }

@@ -39,7 +39,16 @@ pub fn all() -> Vec<(&'static str, &'static str, &'static [&'static str], usize)
     fn entry<T: KernelParams>() -> (&'static str, &'static str, &'static [&'static str], usize) {
         (T::SHADER, T::WGSL_STRUCT, T::FIELDS, std::mem::size_of::<T>())
     }
-    vec![entry::<super::matmul::MatmulParams>(), entry::<super::gemm::PackParams>(), entry::<super::dwconv::DwParams>(), entry::<super::attention::AttnParams>(), entry::<super::rownorm::RowParams>()]
+    vec![
+        entry::<super::matmul::MatmulParams>(),
+        entry::<super::gemm::PackParams>(),
+        entry::<super::dwconv::DwParams>(),
+        entry::<super::attention::AttnParams>(),
+        entry::<super::rownorm::RowParams>(),
+        entry::<super::tokens::TokParams>(),
+        entry::<super::tokens::GatherParams>(),
+        entry::<super::optim::OptimParams>(),
+    ]
 }
 
 /// Declares a kernel family's bindings by name: a module of `usize` constants
@@ -173,7 +182,48 @@ crate::kernel_bindings! {
     }
 }
 
+crate::kernel_bindings! {
+    /// `tokens.wgsl`'s bindings.
+    pub mod tk for "tokens" {
+        SRC = 0 "src",
+        Y = 1 "y",
+        PARAMS = 2 "p",
+        GATHER_PARAMS = 3 "gp",
+        /// The second operand of the adds.
+        OTHER = 4 "other",
+        /// Drop path's per-sample scales.
+        SCALES = 5 "scales",
+        A_TEX = 6 "a_tex",
+        B_TEX = 7 "b_tex",
+        Y4 = 8 "y4",
+    }
+}
+
+crate::kernel_bindings! {
+    /// `optim.wgsl`'s bindings.
+    pub mod op for "optim" {
+        PARAM = 0 "param",
+        GRAD = 1 "grad",
+        M1 = 2 "m1",
+        M2 = 3 "m2",
+        /// The per-step hyper-parameters (`optim::Hyper`).
+        HYPER = 4 "hyper",
+        PARAMS = 5 "p",
+        /// sumsq's partial sums.
+        NORMS = 6 "norms",
+        PARAM4 = 7 "param4",
+        GRAD4 = 8 "grad4",
+        M14 = 9 "m14",
+        M24 = 10 "m24",
+        /// adamw4_tex's inputs as linear textures: the parameter, gradient and moments.
+        W_TEX = 11 "w_t",
+        G_TEX = 12 "g_t",
+        M_TEX = 13 "m_t",
+        V_TEX = 14 "v_t",
+    }
+}
+
 /// Every declared binding table: (shader, [(binding, names)]).
 pub fn all_bindings() -> Vec<(&'static str, &'static [(usize, &'static str)])> {
-    vec![(mm::SHADER, mm::ALL), (at::SHADER, at::ALL), (dw::SHADER, dw::ALL), (rn::SHADER, rn::ALL)]
+    vec![(mm::SHADER, mm::ALL), (at::SHADER, at::ALL), (dw::SHADER, dw::ALL), (rn::SHADER, rn::ALL), (tk::SHADER, tk::ALL), (op::SHADER, op::ALL)]
 }

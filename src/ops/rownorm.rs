@@ -73,8 +73,12 @@ fn vec4_rows(g: &Graph, c: usize) -> bool {
 }
 
 /// The pipeline of a row kernel and its grid for `rows` rows.
-fn row_kernel(g: &Graph, entry: &str, rows: usize, residual: bool) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
+/// `c`: the row width, which sets how many values each lane keeps in registers.
+fn row_kernel(g: &Graph, entry: &str, rows: usize, c: usize, residual: bool) -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3])> {
     let mut consts = vec![("WG", row_wg(g) as f64), ("LANES", row_lanes(g) as f64)];
+    if let Some(per) = row_registers(g, c) {
+        consts.push(("PER", per as f64));
+    }
     // Subgroup reductions where the adapter has them and a workgroup is one row.
     if g.profile.row_subgroups && g.gpu.subgroups && row_lanes(g) == row_wg(g) {
         consts.push(("SG_REDUCE", 1.0));
@@ -83,6 +87,19 @@ fn row_kernel(g: &Graph, entry: &str, rows: usize, residual: bool) -> Result<(Ar
         consts.push(("RESIDUAL", 1.0));
     }
     Ok((g.pipeline("rownorm", entry, &consts)?, row_grid(g, rows)))
+}
+
+/// Values per lane that the workgroup-per-row kernels keep in registers
+/// (`rownorm.wgsl`'s PER): the row read from memory once instead of once per pass
+/// (three passes in LayerNorm, four in its backward). Only where lanes share a row:
+/// with a row per invocation (CPU drivers) a row of 384 would spill. None for rows
+/// wider than MAX_PER (16) values per lane, which stream from memory.
+pub const MAX_PER: usize = 16;
+
+fn row_registers(g: &Graph, c: usize) -> Option<usize> {
+    let lanes = row_lanes(g);
+    let per = c.div_ceil(lanes);
+    (g.profile.row_registers && lanes > 1 && per <= MAX_PER).then_some(per)
 }
 
 /// The grid of a row kernel over `rows` rows (WG / LANES rows per workgroup).
@@ -152,7 +169,7 @@ fn layernorm4_chunks(g: &mut Graph, label: &str, x: TensorId, z: Option<TensorId
     let c4 = ln.c / 4;
     let dense = map.group == map.rows || map.in_stride == map.group;
     let ranges = if dense { crate::ops::gemm::texture_ranges(map.rows, ln.c * 4) } else { vec![(0, map.rows)] };
-    let (pipeline, _) = row_kernel(g, "layernorm4", map.rows, z.is_some())?;
+    let (pipeline, _) = row_kernel(g, "layernorm4", map.rows, ln.c, z.is_some())?;
     for (r0, n) in ranges {
         // The first input row of the chunk, in vec4s (dense: the rest follow it).
         let t0 = if dense { ((r0 / map.group) * map.in_stride + map.in_off + r0 % map.group) * c4 } else { 0 };
@@ -179,7 +196,7 @@ pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &Laye
         layernorm4_chunks(g, label, x, None, map, ln, y)?;
         return Ok(y);
     }
-    let (pipeline, groups) = row_kernel(g, "layernorm", map.rows, false)?;
+    let (pipeline, groups) = row_kernel(g, "layernorm", map.rows, ln.c, false)?;
     let b = bind([(rn::X, Res::Act(x)), (rn::GAMMA, Res::Buf(ln.gamma.clone())), (rn::BETA, Res::Buf(ln.beta.clone())), (rn::Y, Res::Act(y)), (rn::PARAMS, Res::uniform(&params(&map, ln.c)))]);
     g.dispatch(label, pipeline, b, groups, 0.0);
     Ok(y)
@@ -201,7 +218,7 @@ pub fn add_layernorm(g: &mut Graph, label: &str, x: TensorId, z: TensorId, rows:
 /// Softmax over the last axis of x [rows, c].
 pub fn softmax(g: &mut Graph, label: &str, x: TensorId, rows: usize, c: usize, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), rows * c));
-    let (pipeline, groups) = row_kernel(g, "softmax", rows, false)?;
+    let (pipeline, groups) = row_kernel(g, "softmax", rows, c, false)?;
     g.dispatch(label, pipeline, bind([(rn::X, Res::Act(x)), (rn::Y, Res::Act(y)), (rn::PARAMS, Res::uniform(&params(&RowMap::dense(rows), c)))]), groups, 0.0);
     Ok(y)
 }
@@ -226,14 +243,14 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
     let dx = dx_into.unwrap_or_else(|| g.tensor(format!("{label}.dx"), rows * ln.c));
     let t = g.tensor(format!("{label}.dy_xhat"), rows * ln.c);
     if vec4_rows(g, ln.c) {
-        let (pipeline, groups) = row_kernel(g, "layernorm_backward4", rows, false)?;
+        let (pipeline, groups) = row_kernel(g, "layernorm_backward4", rows, ln.c, false)?;
         let (xt, dyt) = (g.linear_texture(x, rn::X_TEX as u32), g.linear_texture(dy, rn::DY_TEX as u32));
         let gt = param(g, ln, false);
         let b =
             bind([(rn::PARAMS, Res::uniform(&params(&map, ln.c))), (rn::Y4, Res::Act(dx)), (rn::AUX4, Res::Act(t)), (rn::X_TEX, Res::ActTex(xt)), (rn::DY_TEX, Res::ActTex(dyt)), (rn::GAMMA_TEX, gt)]);
         g.dispatch(label, pipeline, b, groups, 0.0);
     } else {
-        let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows, false)?;
+        let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows, ln.c, false)?;
         let b = bind([
             (rn::X, Res::Act(x)),
             (rn::GAMMA, Res::Buf(ln.gamma.clone())),
@@ -251,9 +268,7 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
         // dβ sums dy over the mapped output rows only: gather them densely first
         // (t's slot is free again after dγ's sum, the planner reuses it).
         let dense = g.tensor(format!("{label}.dy_rows"), rows * ln.c);
-        let pipeline = g.pipeline("tokens", "gather_rows", &[("WG", 64.0)])?;
-        let p = vec![rows as u32, ln.c as u32, map.group as u32, map.out_stride as u32, map.out_off as u32, 0, 0, 0];
-        g.dispatch(format!("{label}.gather"), pipeline, vec![Res::Act(dy), Res::Act(dense), Res::Unused, Res::Uniform(p)], grid1d(&g.gpu, (rows * ln.c).div_ceil(64) as u64), 0.0);
+        crate::ops::tokens::gather_rows(g, &format!("{label}.gather"), dy, dense, ln.c, (rows, map.group, map.out_stride, map.out_off))?;
         crate::ops::matmul::colsum(g, &format!("{label}.dbeta"), dense, rows, ln.c, Res::Buf(grad.beta.clone()))?;
     }
     Ok(dx)
@@ -265,7 +280,7 @@ pub fn softmax_xent(g: &mut Graph, label: &str, logits: TensorId, targets: Tenso
     let d = g.tensor(format!("{label}.dlogits"), rows * classes);
     // Pinned: the training loop reads the losses after the step.
     let loss = g.pinned(format!("{label}.loss"), rows);
-    let (pipeline, groups) = row_kernel(g, "softmax_xent", rows, false)?;
+    let (pipeline, groups) = row_kernel(g, "softmax_xent", rows, classes, false)?;
     let mut p = params(&RowMap::dense(rows), classes);
     p.scale = scale;
     let b = bind([(rn::X, Res::Act(logits)), (rn::TARGETS, Res::Act(targets)), (rn::Y, Res::Act(d)), (rn::PARAMS, Res::uniform(&p)), (rn::AUX, Res::Act(loss))]);

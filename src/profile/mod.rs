@@ -132,10 +132,17 @@ pub struct Profile {
     /// Training's attention backward: saved probabilities (true), recomputed
     /// (false), or None: saved while P fits `attention::SAVED_P_MAX_BYTES`.
     pub attn_saved: Option<bool>,
+    /// Largest key tile of the GPU set's attention (32 or 64): a sequence of up to
+    /// this many keys is staged whole, in one tile (`ops::attention::key_tile`).
+    pub attn_tile_max: usize,
     /// Whether the row reductions with a workgroup per row (the GPU set's
     /// LayerNorm and softmax) reduce through subgroup operations where the adapter
     /// has them (`rownorm.wgsl`'s SG_REDUCE), instead of a tree in workgroup memory.
     pub row_subgroups: bool,
+    /// Whether those row reductions keep each lane's values of the row in
+    /// registers (`rownorm.wgsl`'s PER) where a row is at most 16 values per lane,
+    /// reading it from memory once instead of once per pass.
+    pub row_registers: bool,
     /// Whether a texture copy of values some texture already holds reuses it.
     pub copy_reuse: bool,
     /// Whether training's MLP activation and its gradient are fused into the GEMMs'
@@ -165,7 +172,9 @@ impl Profile {
             attn_queries: 4,
             attn_wg: if gpu.info.device_type == wgpu::DeviceType::Cpu { 8 } else { 64 },
             attn_saved: None,
+            attn_tile_max: 64,
             row_subgroups: true,
+            row_registers: true,
             copy_reuse: true,
             fuse_act: true,
             f16_act: true,
