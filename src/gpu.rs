@@ -89,6 +89,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("rownorm", include_str!("../shaders/rownorm.wgsl")),
     ("tokens", include_str!("../shaders/tokens.wgsl")),
     ("optim", include_str!("../shaders/optim.wgsl")),
+    ("gpsa", include_str!("../shaders/gpsa.wgsl")),
 ];
 
 /// Which wgpu backend to use.

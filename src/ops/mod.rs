@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod dwconv;
 pub mod gemm;
+pub mod gpsa;
 pub mod matmul;
 pub mod optim;
 pub mod params;

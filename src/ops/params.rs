@@ -48,6 +48,7 @@ pub fn all() -> Vec<(&'static str, &'static str, &'static [&'static str], usize)
         entry::<super::tokens::TokParams>(),
         entry::<super::tokens::GatherParams>(),
         entry::<super::optim::OptimParams>(),
+        entry::<super::gpsa::GpsaParams>(),
     ]
 }
 
@@ -223,7 +224,33 @@ crate::kernel_bindings! {
     }
 }
 
+crate::kernel_bindings! {
+    /// `gpsa.wgsl`'s bindings.
+    pub mod gp for "gpsa" {
+        /// V (pos_mix, pos_dq), or dO where pos_mix computes dV.
+        V = 0 "v",
+        /// Yc (the content attention's output), or its dV in the backward mix.
+        Y = 1 "y",
+        O = 2 "o",
+        PARAMS = 3 "p",
+        QPOS = 4 "qpos",
+        /// pos_proj.weight [H, 3], pos_proj.bias [H], gating_param [H].
+        WPOS = 5 "wpos",
+        BPOS = 6 "bpos",
+        GATING = 7 "gating",
+        /// Yp = Qpos·V, kept by the training forward.
+        YP = 8 "yp",
+        DOUT = 9 "dout",
+        DQPOS = 10 "dqpos",
+        DWPOS = 11 "dwpos",
+        DBPOS = 12 "dbpos",
+        DGATE = 13 "dgate",
+        /// Per-row and per-part partial sums of the backward's reductions.
+        PART = 14 "part",
+    }
+}
+
 /// Every declared binding table: (shader, [(binding, names)]).
 pub fn all_bindings() -> Vec<(&'static str, &'static [(usize, &'static str)])> {
-    vec![(mm::SHADER, mm::ALL), (at::SHADER, at::ALL), (dw::SHADER, dw::ALL), (rn::SHADER, rn::ALL), (tk::SHADER, tk::ALL), (op::SHADER, op::ALL)]
+    vec![(mm::SHADER, mm::ALL), (at::SHADER, at::ALL), (dw::SHADER, dw::ALL), (rn::SHADER, rn::ALL), (tk::SHADER, tk::ALL), (op::SHADER, op::ALL), (gp::SHADER, gp::ALL)]
 }
