@@ -12,7 +12,7 @@
 //!     AB_KERNELS=norm cargo run --release --example ab -- shaders /tmp/try 30 cvt-13 1
 //!     cargo run --release --example ab -- shaders:AB_FORMAT=f32 shaders:AB_FORMAT=half 20 cvt-13 1
 use anyhow::Result;
-use cvt_gpu::{gpu::Gpu, graph::Plan, model::CvtConfig};
+use cvt_gpu::{gpu::Gpu, graph::Plan, models::cvt::CvtConfig};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,7 +32,7 @@ fn workload(gpu: &Arc<Gpu>, spec: &[String]) -> Result<(Plan, Box<dyn std::any::
         // A training step (forward, backward; no optimizer step): train MODEL BATCH RES.
         let cfg = CvtConfig::by_name(spec.get(1).map_or("cvt-13", |s| s.as_str()))?;
         let (batch, res) = (num(2, 64)?, num(3, 64)?);
-        let model = cvt_gpu::train::TrainModel::new(gpu.clone(), cfg.clone(), &cvt_gpu::model::weights::random_tensors(&cfg, 1), cvt_gpu::ops::Act::QuickGelu)?;
+        let model = cvt_gpu::models::cvt::train::TrainModel::new(gpu.clone(), cfg.clone(), &cvt_gpu::models::cvt::weights::random_tensors(&cfg, 1), cvt_gpu::ops::Act::QuickGelu)?;
         let step = model.step_plan(batch, res, res)?;
         let img = image(batch * res * res * cfg.in_chans);
         let targets: Vec<f32> = (0..batch * cfg.num_classes).map(|i| (i % cfg.num_classes == 3) as u8 as f32).collect();
@@ -41,7 +41,7 @@ fn workload(gpu: &Arc<Gpu>, spec: &[String]) -> Result<(Plan, Box<dyn std::any::
     }
     let cfg = CvtConfig::by_name(&spec[0])?;
     let (batch, res) = (num(1, 1)?, num(2, cfg.image_size)?);
-    let tensors = cvt_gpu::model::weights::random_tensors(&cfg, 1);
+    let tensors = cvt_gpu::models::cvt::weights::random_tensors(&cfg, 1);
     // AB_FORMAT=f16|half (a side's setting): f16 weights, or an f16 plan.
     use cvt_gpu::ops::matmul::WeightFormat;
     let fmt = match std::env::var("AB_FORMAT").as_deref() {
@@ -49,7 +49,7 @@ fn workload(gpu: &Arc<Gpu>, spec: &[String]) -> Result<(Plan, Box<dyn std::any::
         Ok("half") => WeightFormat::Half,
         _ => WeightFormat::F32,
     };
-    let model = cvt_gpu::model::Model::new_in(gpu.clone(), cfg.clone(), &tensors, cvt_gpu::ops::Act::QuickGelu, fmt)?;
+    let model = cvt_gpu::models::cvt::Model::new_in(gpu.clone(), cfg.clone(), &tensors, cvt_gpu::ops::Act::QuickGelu, fmt)?;
     let plan = model.plan(batch, res, res)?;
     let img = image(batch * res * res * cfg.in_chans);
     plan.forward(&img)?;

@@ -5,11 +5,11 @@
 //!     cargo run --release --example copy_prof [train]
 fn main() -> anyhow::Result<()> {
     let gpu = cvt_gpu::gpu::Gpu::new(&cvt_gpu::gpu::AdapterRequest::default())?;
-    let cfg = cvt_gpu::model::CvtConfig::by_name("cvt-13")?;
-    let tensors = cvt_gpu::model::weights::random_tensors(&cfg, 1);
+    let cfg = cvt_gpu::models::cvt::CvtConfig::by_name("cvt-13")?;
+    let tensors = cvt_gpu::models::cvt::weights::random_tensors(&cfg, 1);
     let train = std::env::args().nth(1).as_deref() == Some("train");
     let steps = if train {
-        let model = cvt_gpu::train::TrainModel::new(gpu.clone(), cfg.clone(), &tensors, cvt_gpu::ops::Act::QuickGelu)?;
+        let model = cvt_gpu::models::cvt::train::TrainModel::new(gpu.clone(), cfg.clone(), &tensors, cvt_gpu::ops::Act::QuickGelu)?;
         let step = model.step_plan(64, 64, 64)?;
         let img = vec![0.1f32; 64 * 3 * 64 * 64];
         let targets: Vec<f32> = (0..64 * cfg.num_classes).map(|i| (i % cfg.num_classes == 0) as u8 as f32).collect();
@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
         step.plan.profile()?;
         step.plan.profile()?.0
     } else {
-        let model = cvt_gpu::model::Model::new_in(gpu.clone(), cfg.clone(), &tensors, cvt_gpu::ops::Act::QuickGelu, Default::default())?;
+        let model = cvt_gpu::models::cvt::Model::new_in(gpu.clone(), cfg.clone(), &tensors, cvt_gpu::ops::Act::QuickGelu, Default::default())?;
         let plan = model.plan(1, 224, 224)?;
         plan.forward(&vec![0.1f32; 3 * 224 * 224])?;
         // The first profiled run warms the timestamp path; the second is reported.

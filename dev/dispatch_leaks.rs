@@ -5,7 +5,7 @@
 //!
 //!     cargo run --release --example dispatch_leaks -- [N] [LABEL-FILTER] [MODEL] [BATCH] [RES]
 use cvt_gpu::gpu::{AdapterRequest, Gpu};
-use cvt_gpu::model::{weights::random_tensors, CvtConfig};
+use cvt_gpu::models::cvt::{weights::random_tensors, CvtConfig};
 use cvt_gpu::ops::Act;
 
 fn rss_kb() -> i64 {
@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
     let batch: usize = arg(3, "128").parse()?;
     let res: usize = arg(4, &cfg.image_size.to_string()).parse()?;
     let gpu = Gpu::new(&AdapterRequest::default())?;
-    let model = cvt_gpu::train::TrainModel::new(gpu, cfg.clone(), &random_tensors(&cfg, 1), Act::QuickGelu)?;
+    let model = cvt_gpu::models::cvt::train::TrainModel::new(gpu, cfg.clone(), &random_tensors(&cfg, 1), Act::QuickGelu)?;
     let step = model.step_plan(batch, res, res)?;
     if std::env::var_os("FIRST_DISPATCH").is_some() {
         // The first dispatch of each pipeline pays the driver's shader compile.

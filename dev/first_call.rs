@@ -4,7 +4,7 @@
 //!
 //!     MESA_SHADER_CACHE_DISABLE=true cargo run --release --example first_call -- cvt-13 1
 use cvt_gpu::gpu::{AdapterRequest, Gpu};
-use cvt_gpu::model::{config::CvtConfig, cvt::Model};
+use cvt_gpu::models::cvt::{config::CvtConfig, infer::Model};
 use cvt_gpu::ops::matmul::Act;
 
 fn main() -> anyhow::Result<()> {
@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
     let batch: usize = args.get(1).map(|b| b.parse()).transpose()?.unwrap_or(1);
     let gpu = Gpu::new(&AdapterRequest::default())?;
     let cfg = CvtConfig::by_name(name)?;
-    let model = Model::new(gpu.clone(), cfg.clone(), &cvt_gpu::model::weights::random_tensors(&cfg, 1), Act::QuickGelu)?;
+    let model = Model::new(gpu.clone(), cfg.clone(), &cvt_gpu::models::cvt::weights::random_tensors(&cfg, 1), Act::QuickGelu)?;
     let t = std::time::Instant::now();
     let plan = model.plan(batch, cfg.image_size, cfg.image_size)?;
     let plan_ms = t.elapsed().as_secs_f64() * 1e3;

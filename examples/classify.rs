@@ -2,7 +2,8 @@
 //!
 //!     cargo run --release --example classify -- cvt-13.safetensors cat.png
 use cvt_gpu::gpu::{AdapterRequest, Gpu};
-use cvt_gpu::{labels, model, preprocess};
+use cvt_gpu::models::cvt as model;
+use cvt_gpu::{labels, preprocess};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

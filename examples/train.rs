@@ -5,10 +5,10 @@
 //!     cargo run --release --example train -- [/usr/share/datasets/fashion-mnist]
 use cvt_gpu::data::loader::{epoch_from, Augment, LoaderConfig};
 use cvt_gpu::gpu::{AdapterRequest, Gpu};
-use cvt_gpu::model::weights::init_tensors;
-use cvt_gpu::model::{CvtConfig, Model};
+use cvt_gpu::models::cvt::train::TrainModel;
+use cvt_gpu::models::cvt::weights::init_tensors;
+use cvt_gpu::models::cvt::{CvtConfig, Model};
 use cvt_gpu::ops::{optim::AdamW, Act};
-use cvt_gpu::train::TrainModel;
 use std::sync::Arc;
 
 fn main() -> anyhow::Result<()> {

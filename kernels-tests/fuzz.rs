@@ -15,8 +15,9 @@
 mod craft;
 
 use craft::{gzip, idx, pk, zip_entries, zip_stored};
-use cvt_gpu::model::config::CvtConfig;
-use cvt_gpu::model::{pth, weights::read_checkpoint_bytes};
+use cvt_gpu::models::cvt::config::CvtConfig;
+use cvt_gpu::models::cvt::weights::read_checkpoint_bytes;
+use cvt_gpu::models::pth;
 use cvt_gpu::util::Rng;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@ mod craft;
 
 use craft::{gzip, idx, pk, torch_zip, zip_stored};
 use cvt_gpu::data::idx::{parse_idx, read_idx};
-use cvt_gpu::model::weights::{read_checkpoint, read_checkpoint_bytes};
+use cvt_gpu::models::cvt::weights::{read_checkpoint, read_checkpoint_bytes};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -223,7 +223,7 @@ fn devices_and_fifos_are_refused_at_once() {
         let q = p.clone();
         let e = within_a_second("IDX", move || read_idx(&q));
         assert!(e.contains("not a regular file"), "{e}");
-        let e = within_a_second("config", move || cvt_gpu::model::config::CvtConfig::by_name(&p.display().to_string()));
+        let e = within_a_second("config", move || cvt_gpu::models::cvt::config::CvtConfig::by_name(&p.display().to_string()));
         assert!(e.contains("not a regular file"), "{e}");
     }
 }

@@ -5,8 +5,8 @@
 mod common;
 use common::*;
 
-use cvt_gpu::model::weights::{read_checkpoint, Tensor};
-use cvt_gpu::model::{self, CvtConfig, LoadOptions, Model};
+use cvt_gpu::models::cvt::weights::{read_checkpoint, Tensor};
+use cvt_gpu::models::cvt::{self as model, CvtConfig, LoadOptions, Model};
 use cvt_gpu::ops::matmul::WeightFormat;
 use cvt_gpu::ops::Act;
 use cvt_gpu::preprocess::{self, Resize};

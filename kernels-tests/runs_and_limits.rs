@@ -11,8 +11,8 @@
 mod cli_common;
 
 use cli_common::{one_line_error, run};
-use cvt_gpu::model::weights::{init_tensors, Checkpoint, Naming};
-use cvt_gpu::model::{describe, CvtConfig, LoadOptions};
+use cvt_gpu::models::cvt::weights::{init_tensors, Checkpoint, Naming};
+use cvt_gpu::models::cvt::{describe, CvtConfig, LoadOptions};
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -220,7 +220,7 @@ fn no_silent_guesses_about_weights_and_metadata() {
     let mut c13 = CvtConfig::cvt13();
     c13.num_classes = 10;
     let ck = checkpoint(&c13, |ck| {
-        ck.tensors.insert("stage0.patch_embed.proj.weight".into(), cvt_gpu::model::weights::Tensor::new(vec![64, 3, 5, 5], vec![0.0; 64 * 75]));
+        ck.tensors.insert("stage0.patch_embed.proj.weight".into(), cvt_gpu::models::cvt::weights::Tensor::new(vec![64, 3, 5, 5], vec![0.0; 64 * 75]));
     });
     let e = err(&ck);
     assert!(e.contains("cvt-13") && e.contains("[64, 3, 5, 5]") && e.contains("--config"), "{e}");

@@ -3,8 +3,8 @@
 //! (kernels-tests/reference/make_fixtures.py) and is compared tensor by tensor
 //! with a safetensors file of the same values.
 
-use cvt_gpu::model::pth;
-use cvt_gpu::model::weights::{read_checkpoint, Naming, Tensor};
+use cvt_gpu::models::cvt::weights::{read_checkpoint, Naming, Tensor};
+use cvt_gpu::models::pth;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,11 +4,11 @@
 mod common;
 use common::*;
 
-use cvt_gpu::model::weights::read_checkpoint;
-use cvt_gpu::model::CvtConfig;
+use cvt_gpu::models::cvt::train::TrainModel;
+use cvt_gpu::models::cvt::weights::read_checkpoint;
+use cvt_gpu::models::cvt::CvtConfig;
 use cvt_gpu::ops::Act;
 use cvt_gpu::preprocess::{self, Resize};
-use cvt_gpu::train::TrainModel;
 use std::path::Path;
 
 #[test]

@@ -128,3 +128,43 @@ fn scale_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     }
     y[n] = act(f32(src[n]) * scales[p.scale_off + n / p.per_sample]);
 }
+
+// add_pos: y [B, T, C] = src + other[t, c], a per-token table (ConViT's position
+// embedding) added to every image; p.n = B·T·C elements, p.per_sample = T·C.
+@compute @workgroup_size(WG)
+fn add_pos(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let n = gid.x + gid.y * nwg.x * WG;
+    if (n >= p.n) {
+        return;
+    }
+    y[n] = act(f32(src[n]) + f32(other[n % p.per_sample]));
+}
+
+// batch_sum: y [T·C] = Σ_b src[b, :], the gradient of add_pos's table; an
+// invocation per element, p.per_sample elements per image, p.B images.
+@compute @workgroup_size(WG)
+fn batch_sum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let n = gid.x + gid.y * nwg.x * WG;
+    if (n >= p.per_sample) {
+        return;
+    }
+    var s = 0.0;
+    for (var b = 0u; b < p.B; b++) {
+        s += f32(src[b * p.per_sample + n]);
+    }
+    y[n] = act(s);
+}
+
+// scatter_rows: the inverse of gather_rows, src [rows, C] densely into rows
+// (r / group) * stride + off + r % group of y (ConViT's patch tokens below the
+// class token's row).
+@compute @workgroup_size(WG)
+fn scatter_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let n = gid.x + gid.y * nwg.x * WG;
+    if (n >= gp.rows * gp.C) {
+        return;
+    }
+    let r = n / gp.C;
+    let c = n % gp.C;
+    y[((r / gp.group) * gp.stride + gp.off + r % gp.group) * gp.C + c] = src[n];
+}

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::gpu::Gpu;
 use crate::graph::Graph;
-use crate::model::{weights::random_tensors, CvtConfig, Model};
+use crate::models::cvt::{weights::random_tensors, CvtConfig, Model};
 use crate::ops::matmul::{linear, Out, WeightFormat};
 use crate::ops::{Act, Linear};
 use crate::util::Rng;
@@ -74,7 +74,7 @@ pub const MIN_FILL_GROUPS: u64 = 132;
 fn plan_only(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize) -> Result<()> {
     let tensors = random_tensors(cfg, 1);
     let launches = if a.mode == Mode::Train {
-        let model = crate::train::TrainModel::new(gpu.clone(), cfg.clone(), &tensors, Act::QuickGelu)?;
+        let model = crate::models::cvt::train::TrainModel::new(gpu.clone(), cfg.clone(), &tensors, Act::QuickGelu)?;
         let step = model.step_plan(a.batch, res, res)?;
         let opt = model.optimizer(crate::ops::optim::AdamW::default())?;
         let mut l = step.plan.launches();
@@ -215,7 +215,7 @@ pub struct F16Difference {
 fn f16_difference(
     gpu: &Arc<Gpu>,
     cfg: &CvtConfig,
-    tensors: &std::collections::HashMap<String, crate::model::weights::Tensor>,
+    tensors: &std::collections::HashMap<String, crate::models::cvt::weights::Tensor>,
     f16_model: &Model,
     res: usize,
     img: &[f32],
@@ -332,7 +332,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     }
     let cfg = CvtConfig::by_name(&a.model)?;
     let res = a.res.unwrap_or(cfg.image_size);
-    crate::model::check_resolution(res).context("--res")?;
+    crate::models::cvt::check_resolution(res).context("--res")?;
     if a.plan_only {
         return plan_only(gpu, a, &cfg, res);
     }
@@ -458,7 +458,7 @@ pub struct TrainBench {
 /// Training step rate: forward + backward + AdamW on random data and weights.
 fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize) -> Result<()> {
     let t1 = Instant::now();
-    let model = crate::train::TrainModel::new(gpu.clone(), cfg.clone(), &random_tensors(cfg, 1), Act::QuickGelu)?;
+    let model = crate::models::cvt::train::TrainModel::new(gpu.clone(), cfg.clone(), &random_tensors(cfg, 1), Act::QuickGelu)?;
     let step = model.step_plan(a.batch, res, res)?;
     let params: usize = model.params().iter().map(|p| p.len).sum();
     let mut opt = model.optimizer(crate::ops::optim::AdamW::default())?;

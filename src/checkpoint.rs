@@ -35,7 +35,7 @@ impl<'a> Entry<'a> {
 /// The metadata of a model file the engine writes (`train`'s model.safetensors,
 /// `convert`): "format" = "pt" (PyTorch tensor layout; transformers refuses other
 /// values), config, activation, and labels and preprocessing when known.
-pub fn model_metadata(cfg: &crate::model::CvtConfig, act: crate::ops::Act, labels: Option<&[String]>, spec: Option<&crate::preprocess::Spec>) -> Result<HashMap<String, String>> {
+pub fn model_metadata(cfg: &crate::models::cvt::CvtConfig, act: crate::ops::Act, labels: Option<&[String]>, spec: Option<&crate::preprocess::Spec>) -> Result<HashMap<String, String>> {
     let mut m = HashMap::new();
     m.insert("format".into(), "pt".into());
     m.insert("producer".into(), "cvt-gpu".into());

@@ -9,8 +9,8 @@ use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{model_metadata, write_atomic, write_safetensors, Entry};
-use crate::model::weights::{official_to_hf, read_checkpoint};
-use crate::model::{describe, CvtConfig, LoadOptions};
+use crate::models::cvt::weights::{official_to_hf, read_checkpoint};
+use crate::models::cvt::{describe, CvtConfig, LoadOptions};
 use crate::ops::Act;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

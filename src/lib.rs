@@ -1,8 +1,8 @@
-//! cvt-gpu: the CvT vision transformer on any GPU wgpu reaches, with hand-written
+//! cvt-gpu: vision transformers with convolutional inductive biases (CvT, ConViT) on any GPU wgpu reaches, with hand-written
 //! WGSL kernels and no ML framework.
 //!
 //! ```no_run
-//! use cvt_gpu::{gpu::{Gpu, AdapterRequest}, model, preprocess};
+//! use cvt_gpu::{gpu::{Gpu, AdapterRequest}, models::cvt as model, preprocess};
 //! let gpu = Gpu::new(&AdapterRequest::default())?;
 //! let loaded = model::load(gpu, "cvt13.safetensors".as_ref(), &Default::default())?;
 //! let img = preprocess::load_image("cat.png".as_ref(), 224, preprocess::Resize::Eval)?;
@@ -18,13 +18,12 @@ pub mod data;
 pub mod gpu;
 pub mod graph;
 pub mod labels;
-pub mod model;
+pub mod models;
 pub mod ops;
 pub mod plot;
 pub mod preprocess;
 pub mod profile;
 pub mod rundir;
 pub mod texread;
-pub mod train;
 pub mod trainer;
 pub mod util;

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cvt_gpu::gpu::{list_adapters, AdapterRequest, BackendChoice, Gpu};
-use cvt_gpu::model::{self, CvtConfig, LoadOptions};
+use cvt_gpu::models::cvt::{self as model, CvtConfig, LoadOptions};
 use cvt_gpu::ops::Act;
 use cvt_gpu::{bench, labels, preprocess};
 use std::path::PathBuf;

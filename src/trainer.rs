@@ -15,14 +15,14 @@ use crate::checkpoint::{write_safetensors, Entry, OPTIM_PREFIX};
 use crate::data::loader::{epoch_from, Augment, LoaderConfig};
 use crate::data::{folder, Dataset, FASHION_MNIST_DIR};
 use crate::gpu::Gpu;
-use crate::model::weights::{init_tensors, read_checkpoint, read_checkpoint_bytes, Tensor};
-use crate::model::weights::{Checkpoint, Naming};
-use crate::model::{describe, CvtConfig, LoadOptions, Model};
+use crate::models::cvt::train::TrainModel;
+use crate::models::cvt::weights::{init_tensors, read_checkpoint, read_checkpoint_bytes, Tensor};
+use crate::models::cvt::weights::{Checkpoint, Naming};
+use crate::models::cvt::{describe, CvtConfig, LoadOptions, Model};
 use crate::ops::optim::AdamW;
 use crate::ops::Act;
 use crate::preprocess::Spec;
 use crate::rundir::RunDir;
-use crate::train::TrainModel;
 
 /// Where a run goes when neither --out nor --resume names a directory.
 pub const DEFAULT_OUT: &str = "runs/train";
@@ -83,7 +83,7 @@ impl DataArgs {
             bail!("choose one dataset: --fashion-mnist, --tiny-imagenet or --image-folder");
         }
         let res = self.res.or(self.default_res()).unwrap_or(model_res);
-        crate::model::check_resolution(res).context("--res")?;
+        crate::models::cvt::check_resolution(res).context("--res")?;
         let imagenet = Spec { resize: "plain".into(), ..Spec::imagenet() };
         if let Some(dir) = &self.tiny_imagenet {
             let val_list = folder::tiny_imagenet(dir, "val")?;
@@ -297,7 +297,7 @@ fn weight_entries(t: &HashMap<String, Tensor>) -> Vec<Entry<'_>> {
 
 /// Writes checkpoint.safetensors (weights + optimizer + state) then model.safetensors (weights).
 /// `weights`: `TrainModel::weights()` of the model as it is now.
-fn save(out: &Path, weights: &HashMap<String, Tensor>, opt: &crate::train::Optimizer, state: &TrainState, meta: &HashMap<String, String>) -> Result<()> {
+fn save(out: &Path, weights: &HashMap<String, Tensor>, opt: &crate::models::cvt::train::Optimizer, state: &TrainState, meta: &HashMap<String, String>) -> Result<()> {
     let moments = opt.state()?;
     let mut entries = weight_entries(weights);
     for (name, m, v) in &moments {
@@ -640,8 +640,8 @@ struct Run<'a> {
     dir: &'a RunDir,
     s: Setup,
     model: TrainModel,
-    step_plan: crate::train::StepPlan,
-    opt: crate::train::Optimizer,
+    step_plan: crate::models::cvt::train::StepPlan,
+    opt: crate::models::cvt::train::Optimizer,
     loader: LoaderConfig,
     steps_per_epoch: u64,
     total_steps: u64,
@@ -951,7 +951,7 @@ pub struct EvalArgs {
 pub fn eval(gpu: Arc<Gpu>, a: &EvalArgs) -> Result<()> {
     anyhow::ensure!(a.limit != Some(0), "--limit 0: must be at least 1 image");
     let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
-    let loaded = crate::model::load(gpu, &a.weights, &crate::model::LoadOptions { config, activation: a.activation, f16: a.f16, allow_nonfinite: a.allow_nonfinite })?;
+    let loaded = crate::models::cvt::load(gpu, &a.weights, &crate::models::cvt::LoadOptions { config, activation: a.activation, f16: a.f16, allow_nonfinite: a.allow_nonfinite })?;
     let m = &loaded.model;
     let data = a.data.open(false, m.cfg.image_size, a.json)?;
     if data.val.classes.len() != m.cfg.num_classes {

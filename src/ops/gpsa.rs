@@ -182,7 +182,16 @@ fn gate_parts(rows: usize) -> usize {
 
 /// Backward of `gpsa_train`: from dO, returns (dq, dk, dv) and writes the
 /// gradients of pos_proj and the gate into `grad`.
-pub fn gpsa_backward(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId), saved: GpsaSaved, dout: TensorId, s: GpsaShape, p: &Gpsa, grad: &GpsaGrad) -> Result<(TensorId, TensorId, TensorId)> {
+pub fn gpsa_backward(
+    g: &mut Graph,
+    label: &str,
+    (q, k, v): (TensorId, TensorId, TensorId),
+    saved: GpsaSaved,
+    dout: TensorId,
+    s: GpsaShape,
+    p: &Gpsa,
+    grad: &GpsaGrad,
+) -> Result<(TensorId, TensorId, TensorId)> {
     check(&s, p)?;
     let rows = s.batch * s.n;
     let parts = gate_parts(rows);

@@ -13,6 +13,8 @@ pub struct LayerNorm {
     pub gamma: Arc<wgpu::Buffer>,
     pub beta: Arc<wgpu::Buffer>,
     pub c: usize,
+    /// ε (CvT's 1e-5, `LN_EPS`; ConViT's 1e-6: `with_eps`).
+    pub eps: f32,
     /// For a LayerNorm that never trains (`frozen`): gamma and beta as linear
     /// textures made at load, which the vec4 kernels read instead of copying the
     /// buffers into textures at every run.
@@ -21,7 +23,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(gpu: &Gpu, name: &str, gamma: &[f32], beta: &[f32]) -> Result<LayerNorm> {
-        Ok(LayerNorm { gamma: Arc::new(gpu.upload(&format!("{name}.weight"), gamma)?), beta: Arc::new(gpu.upload(&format!("{name}.bias"), beta)?), c: gamma.len(), tex: None })
+        Ok(LayerNorm { gamma: Arc::new(gpu.upload(&format!("{name}.weight"), gamma)?), beta: Arc::new(gpu.upload(&format!("{name}.bias"), beta)?), c: gamma.len(), eps: LN_EPS, tex: None })
     }
 
     /// As `new`, for inference: the parameters never change after load. `half`:
@@ -31,6 +33,11 @@ impl LayerNorm {
         let t = |v: &[f32], what: &str| crate::gpu::linear_texture_from(gpu, &format!("{name}.{what}"), v, half);
         ln.tex = Some((t(gamma, "weight"), t(beta, "bias")));
         Ok(ln)
+    }
+
+    /// The same LayerNorm with ε = `eps`.
+    pub fn with_eps(self, eps: f32) -> LayerNorm {
+        LayerNorm { eps, ..self }
     }
 
     /// GPU bytes of the parameter textures (beside the buffers).
@@ -144,9 +151,10 @@ pub struct RowParams for "rownorm" "Params" {
 }
 }
 
-fn params(m: &RowMap, c: usize) -> RowParams {
+/// Params of a row kernel over `m`'s rows of `c`, with LayerNorm's ε `eps`.
+fn params(m: &RowMap, c: usize, eps: f32) -> RowParams {
     let u = |v: usize| v as u32;
-    RowParams { rows: u(m.rows), c: u(c), group: u(m.group), in_stride: u(m.in_stride), in_off: u(m.in_off), out_stride: u(m.out_stride), out_off: u(m.out_off), eps: LN_EPS, ..Default::default() }
+    RowParams { rows: u(m.rows), c: u(c), group: u(m.group), in_stride: u(m.in_stride), in_off: u(m.in_off), out_stride: u(m.out_stride), out_off: u(m.out_off), eps, ..Default::default() }
 }
 
 /// Gamma (`beta` false, binding 13) or beta (binding 14) as a linear texture: a
@@ -180,7 +188,7 @@ fn layernorm4_chunks(g: &mut Graph, label: &str, x: TensorId, z: Option<TensorId
             Some(z) => (Res::Act(x), Res::ActTex(g.linear_texture_range(z, t0, texels, rn::DY_TEX as u32))),
             None => (Res::Buf(g.gpu.placeholder()), Res::Tex(g.gpu.placeholder_texture(g.half))),
         };
-        let mut p = params(&map, ln.c);
+        let mut p = params(&map, ln.c, ln.eps);
         (p.rows, p.row0, p.tex_off) = ((r0 + n) as u32, r0 as u32, t0 as u32);
         let (gt, bt) = (param(g, ln, false), param(g, ln, true));
         let b = bind([(rn::PARAMS, Res::uniform(&p)), (rn::Y4, Res::Act(y)), (rn::AUX4, aux), (rn::X_TEX, Res::ActTex(xt)), (rn::DY_TEX, zt), (rn::GAMMA_TEX, gt), (rn::BETA_TEX, bt)]);
@@ -197,7 +205,7 @@ pub fn layernorm(g: &mut Graph, label: &str, x: TensorId, map: RowMap, ln: &Laye
         return Ok(y);
     }
     let (pipeline, groups) = row_kernel(g, "layernorm", map.rows, ln.c, false)?;
-    let b = bind([(rn::X, Res::Act(x)), (rn::GAMMA, Res::Buf(ln.gamma.clone())), (rn::BETA, Res::Buf(ln.beta.clone())), (rn::Y, Res::Act(y)), (rn::PARAMS, Res::uniform(&params(&map, ln.c)))]);
+    let b = bind([(rn::X, Res::Act(x)), (rn::GAMMA, Res::Buf(ln.gamma.clone())), (rn::BETA, Res::Buf(ln.beta.clone())), (rn::Y, Res::Act(y)), (rn::PARAMS, Res::uniform(&params(&map, ln.c, ln.eps)))]);
     g.dispatch(label, pipeline, b, groups, 0.0);
     Ok(y)
 }
@@ -219,7 +227,7 @@ pub fn add_layernorm(g: &mut Graph, label: &str, x: TensorId, z: TensorId, rows:
 pub fn softmax(g: &mut Graph, label: &str, x: TensorId, rows: usize, c: usize, out: Option<TensorId>) -> Result<TensorId> {
     let y = out.unwrap_or_else(|| g.tensor(label.to_string(), rows * c));
     let (pipeline, groups) = row_kernel(g, "softmax", rows, c, false)?;
-    g.dispatch(label, pipeline, bind([(rn::X, Res::Act(x)), (rn::Y, Res::Act(y)), (rn::PARAMS, Res::uniform(&params(&RowMap::dense(rows), c)))]), groups, 0.0);
+    g.dispatch(label, pipeline, bind([(rn::X, Res::Act(x)), (rn::Y, Res::Act(y)), (rn::PARAMS, Res::uniform(&params(&RowMap::dense(rows), c, 0.0)))]), groups, 0.0);
     Ok(y)
 }
 
@@ -246,8 +254,14 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
         let (pipeline, groups) = row_kernel(g, "layernorm_backward4", rows, ln.c, false)?;
         let (xt, dyt) = (g.linear_texture(x, rn::X_TEX as u32), g.linear_texture(dy, rn::DY_TEX as u32));
         let gt = param(g, ln, false);
-        let b =
-            bind([(rn::PARAMS, Res::uniform(&params(&map, ln.c))), (rn::Y4, Res::Act(dx)), (rn::AUX4, Res::Act(t)), (rn::X_TEX, Res::ActTex(xt)), (rn::DY_TEX, Res::ActTex(dyt)), (rn::GAMMA_TEX, gt)]);
+        let b = bind([
+            (rn::PARAMS, Res::uniform(&params(&map, ln.c, ln.eps))),
+            (rn::Y4, Res::Act(dx)),
+            (rn::AUX4, Res::Act(t)),
+            (rn::X_TEX, Res::ActTex(xt)),
+            (rn::DY_TEX, Res::ActTex(dyt)),
+            (rn::GAMMA_TEX, gt),
+        ]);
         g.dispatch(label, pipeline, b, groups, 0.0);
     } else {
         let (pipeline, groups) = row_kernel(g, "layernorm_backward", rows, ln.c, false)?;
@@ -256,7 +270,7 @@ pub fn layernorm_backward(g: &mut Graph, label: &str, x: TensorId, dy: TensorId,
             (rn::GAMMA, Res::Buf(ln.gamma.clone())),
             (rn::DY, Res::Act(dy)),
             (rn::Y, Res::Act(dx)),
-            (rn::PARAMS, Res::uniform(&params(&map, ln.c))),
+            (rn::PARAMS, Res::uniform(&params(&map, ln.c, ln.eps))),
             (rn::AUX, Res::Act(t)),
         ]);
         g.dispatch(label, pipeline, b, groups, 0.0);
@@ -281,7 +295,7 @@ pub fn softmax_xent(g: &mut Graph, label: &str, logits: TensorId, targets: Tenso
     // Pinned: the training loop reads the losses after the step.
     let loss = g.pinned(format!("{label}.loss"), rows);
     let (pipeline, groups) = row_kernel(g, "softmax_xent", rows, classes, false)?;
-    let mut p = params(&RowMap::dense(rows), classes);
+    let mut p = params(&RowMap::dense(rows), classes, 0.0);
     p.scale = scale;
     let b = bind([(rn::X, Res::Act(logits)), (rn::TARGETS, Res::Act(targets)), (rn::Y, Res::Act(d)), (rn::PARAMS, Res::uniform(&p)), (rn::AUX, Res::Act(loss))]);
     g.dispatch(label, pipeline, b, groups, 0.0);

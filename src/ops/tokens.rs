@@ -126,6 +126,36 @@ pub fn scale_rows(g: &mut Graph, label: &str, x: TensorId, scales: TensorId, per
     Ok(y)
 }
 
+/// y [batch, T·C] = x + table [T·C] for every image (ConViT's position embedding).
+pub fn add_pos(g: &mut Graph, label: &str, x: TensorId, table: &Arc<wgpu::Buffer>, per_image: usize) -> Result<TensorId> {
+    let n = g.len(x);
+    let y = g.tensor(label.to_string(), n);
+    let pipeline = g.pipeline("tokens", "add_pos", &[("WG", WG as f64)])?;
+    let p = TokParams { per_sample: per_image as u32, ..el_params(n) };
+    let groups = crate::graph::grid1d(&g.gpu, n.div_ceil(WG) as u64);
+    g.dispatch(label, pipeline, bind([(tk::SRC, Res::Act(x)), (tk::Y, Res::Act(y)), (tk::PARAMS, Res::uniform(&p)), (tk::OTHER, Res::Buf(table.clone()))]), groups, n as f64);
+    Ok(y)
+}
+
+/// out [per_image] = Σ over the batch of dy [batch, per_image]: `add_pos`'s table gradient.
+pub fn batch_sum(g: &mut Graph, label: &str, dy: TensorId, batch: usize, per_image: usize, out: &Arc<wgpu::Buffer>) -> Result<()> {
+    let pipeline = g.pipeline("tokens", "batch_sum", &[("WG", WG as f64)])?;
+    let p = TokParams { b: batch as u32, per_sample: per_image as u32, ..Default::default() };
+    let groups = crate::graph::grid1d(&g.gpu, per_image.div_ceil(WG) as u64);
+    g.dispatch(label, pipeline, bind([(tk::SRC, Res::Act(dy)), (tk::Y, Res::Buf(out.clone())), (tk::PARAMS, Res::uniform(&p))]), groups, (batch * per_image) as f64);
+    Ok(())
+}
+
+/// The inverse of `gather_rows`: src [rows, C] densely into the mapped rows of y.
+pub fn scatter_rows(g: &mut Graph, label: &str, src: TensorId, y: TensorId, c: usize, (rows, group, stride, off): (usize, usize, usize, usize)) -> Result<()> {
+    let pipeline = g.pipeline("tokens", "scatter_rows", &[("WG", WG as f64)])?;
+    let u = |v: usize| v as u32;
+    let p = GatherParams { rows: u(rows), c: u(c), group: u(group), stride: u(stride), off: u(off), ..Default::default() };
+    let groups = crate::graph::grid1d(&g.gpu, (rows * c).div_ceil(WG) as u64);
+    g.dispatch(label, pipeline, bind([(tk::SRC, Res::Act(src)), (tk::Y, Res::Act(y)), (tk::GATHER_PARAMS, Res::uniform(&p))]), groups, 0.0);
+    Ok(())
+}
+
 /// y [rows, C] = the rows of src that `map` reads or writes ((r / group)·stride + off
 /// + r % group), densely.
 pub fn gather_rows(g: &mut Graph, label: &str, src: TensorId, y: TensorId, c: usize, (rows, group, stride, off): (usize, usize, usize, usize)) -> Result<()> {

@@ -116,6 +116,32 @@ fn pad4(n: usize) -> usize {
 }
 
 impl Linear {
+    /// A buffer in this layer's weight layout ([k, n padded to 4]: the weight of
+    /// a buffer-kind layer, or its gradient) read back in PyTorch's [n, k].
+    pub fn read_torch(&self, gpu: &Gpu, buf: &wgpu::Buffer) -> Result<Vec<f32>> {
+        let np = self.n.div_ceil(4) * 4;
+        let w = gpu.read(buf, 0, self.k * np)?;
+        Ok((0..self.n * self.k).map(|i| w[(i % self.k) * np + i / self.k]).collect())
+    }
+
+    /// As `read_torch` for a convolution's weight (rows (ky·kw + kx)·cin + ci):
+    /// PyTorch's [n, cin, kh, kw].
+    pub fn read_torch_conv(&self, gpu: &Gpu, buf: &wgpu::Buffer, cin: usize, (kh, kw): (usize, usize)) -> Result<Vec<f32>> {
+        let np = self.n.div_ceil(4) * 4;
+        let wst = gpu.read(buf, 0, kh * kw * cin * np)?;
+        let mut wt = vec![0f32; self.n * cin * kh * kw];
+        for o in 0..self.n {
+            for ci in 0..cin {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        wt[((o * cin + ci) * kh + ky) * kw + kx] = wst[((ky * kw + kx) * cin + ci) * np + o];
+                    }
+                }
+            }
+        }
+        Ok(wt)
+    }
+
     /// From a PyTorch Linear: weight [N, K] (y = x·Wᵀ + b), bias [N] or none,
     /// in the adapter's preferred variant.
     pub fn from_torch(gpu: &Arc<Gpu>, name: &str, w: &[f32], b: Option<&[f32]>, n: usize, k: usize) -> Result<Linear> {

@@ -61,9 +61,9 @@ pub struct ForwardPlan {
     pub height: usize,
     pub width: usize,
     pub classes: usize,
-    input: TensorId,
-    logits: TensorId,
-    probs: TensorId,
+    pub(crate) input: TensorId,
+    pub(crate) logits: TensorId,
+    pub(crate) probs: TensorId,
 }
 
 fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a [f32]> {

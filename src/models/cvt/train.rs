@@ -13,13 +13,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::gpu::{Gpu, MatmulKind};
-use crate::graph::{Graph, Plan, TensorId};
-use crate::model::weights::Tensor;
-use crate::model::CvtConfig;
+use crate::graph::{Graph, TensorId};
+use crate::models::cvt::weights::Tensor;
+use crate::models::cvt::CvtConfig;
+pub use crate::models::step::{Optimizer, Param, StepPlan};
 use crate::ops::attention::{attention_backward, attention_train, attn_grad_mode, AttnShape};
 use crate::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
 use crate::ops::matmul::{conv2d, conv2d_backward, linear, linear_act, linear_backward, linear_backward_act, LinearGrad, Out};
-use crate::ops::optim::{adamw_step, sumsq, sumsq_slots, AdamW, Hyper, Moments};
+use crate::ops::optim::AdamW;
 use crate::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
 use crate::ops::tokens::{add, add_scaled, cls_fill, cls_grad, scale_rows};
 use crate::ops::{Act, ConvGeom, Linear};
@@ -64,18 +65,6 @@ pub struct TrainModel {
     head: Lin,
     /// Drop-path rate of each block (all stages in order); 0 = off.
     drop_path: Vec<f32>,
-}
-
-/// One compiled training step (forward + backward) for a batch shape.
-pub struct StepPlan {
-    pub plan: Plan,
-    pub batch: usize,
-    images: TensorId,
-    targets: TensorId,
-    loss: TensorId,
-    logits: TensorId,
-    /// Per-step drop-path scales [block][branch (attention, MLP)][sample], when any rate > 0.
-    drop_scales: Option<TensorId>,
 }
 
 fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a [f32]> {
@@ -353,7 +342,7 @@ impl TrainModel {
         let mut flat = self.read_tensors(false)?;
         flat.extend(self.running_stats()?);
         let mut out = HashMap::new();
-        for (name, shape) in crate::model::weights::expected_shapes(&self.cfg) {
+        for (name, shape) in crate::models::cvt::weights::expected_shapes(&self.cfg) {
             let data = flat.remove(&name).with_context(|| format!("internal: no tensor {name} in the training model"))?;
             out.insert(name, Tensor::new(shape, data));
         }
@@ -372,9 +361,7 @@ impl TrainModel {
             }
         };
         let lin = |out: &mut HashMap<String, Vec<f32>>, name: &str, l: &Lin| -> Result<()> {
-            let np = l.l.n.div_ceil(4) * 4;
-            let w = gpu.read(&pick(l.l.w.as_ref().expect("training weights are buffers"), &l.g.w), 0, l.l.k * np)?;
-            out.insert(format!("{name}.weight"), (0..l.l.n * l.l.k).map(|i| w[(i % l.l.k) * np + i / l.l.k]).collect());
+            out.insert(format!("{name}.weight"), l.l.read_torch(gpu, &pick(l.l.w.as_ref().expect("training weights are buffers"), &l.g.w))?);
             out.insert(format!("{name}.bias"), gpu.read(&pick(&l.l.b, &l.g.b), 0, l.l.n)?);
             Ok(())
         };
@@ -387,19 +374,7 @@ impl TrainModel {
         for (s, st) in self.stages.iter().enumerate() {
             let (c, k) = (self.cfg.dims[s], self.cfg.patch_sizes[s]);
             let p = format!("stage{s}");
-            // Conv weight stored [(ky*k+kx)*cin+ci, NP] -> PyTorch [c, cin, k, k].
-            let np = c.div_ceil(4) * 4;
-            let wst = gpu.read(&pick(st.embed.l.w.as_ref().expect("training weights are buffers"), &st.embed.g.w), 0, k * k * cin * np)?;
-            let mut wt = vec![0f32; c * cin * k * k];
-            for o in 0..c {
-                for ci in 0..cin {
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            wt[((o * cin + ci) * k + ky) * k + kx] = wst[((ky * k + kx) * cin + ci) * np + o];
-                        }
-                    }
-                }
-            }
+            let wt = st.embed.l.read_torch_conv(gpu, &pick(st.embed.l.w.as_ref().expect("training weights are buffers"), &st.embed.g.w), cin, (k, k))?;
             out.insert(format!("{p}.patch_embed.proj.weight"), wt);
             out.insert(format!("{p}.patch_embed.proj.bias"), gpu.read(&pick(&st.embed.l.b, &st.embed.g.b), 0, c)?);
             ln(&mut out, &format!("{p}.patch_embed.norm"), &st.embed_norm)?;
@@ -428,72 +403,6 @@ impl TrainModel {
         ln(&mut out, "norm", &self.norm)?;
         lin(&mut out, "head", &self.head)?;
         Ok(out)
-    }
-}
-
-/// A parameter tensor as the optimizer sees it.
-pub struct Param {
-    pub name: String,
-    pub value: Arc<wgpu::Buffer>,
-    pub grad: Arc<wgpu::Buffer>,
-    pub len: usize,
-    /// Weight decay applies (not to norms, biases and the cls token, as the official recipe).
-    pub decay: bool,
-}
-
-/// AdamW over every parameter, recorded once and replayed each step.
-pub struct Optimizer {
-    pub plan: Plan,
-    pub hyper: Hyper,
-    pub settings: AdamW,
-    pub step: u64,
-    /// (parameter name, moments), in `TrainModel::params` order.
-    state: Vec<(String, Moments)>,
-    /// Σ grad² per parameter, for clipping: its plan and output buffer.
-    norm_plan: Plan,
-    norms: Arc<wgpu::Buffer>,
-    /// Partial sums in `norms` (`optim::sumsq_slots` per parameter).
-    norm_slots: usize,
-}
-
-impl Optimizer {
-    /// One update at learning rate `lr` (gradients of the last `StepPlan::run`).
-    pub fn update(&mut self, lr: f32) -> Result<()> {
-        self.update_scaled(lr, 1.0)
-    }
-
-    /// One update with the gradients multiplied by `grad_scale` (clipping).
-    pub fn update_scaled(&mut self, lr: f32, grad_scale: f32) -> Result<()> {
-        self.step += 1;
-        self.hyper.set(&self.plan.gpu, &self.settings, lr, self.step, grad_scale);
-        self.plan.run()
-    }
-
-    /// The global L2 norm of all gradients (waits for the GPU).
-    pub fn grad_norm(&self) -> Result<f32> {
-        self.norm_plan.run()?;
-        let v = self.norm_plan.gpu.read(&self.norms, 0, self.norm_slots)?;
-        Ok(v.iter().map(|&x| x as f64).sum::<f64>().sqrt() as f32)
-    }
-
-    /// First and second moments of every parameter (storage layout), by name.
-    pub fn state(&self) -> Result<Vec<(String, Vec<f32>, Vec<f32>)>> {
-        let gpu = &self.plan.gpu;
-        self.state.iter().map(|(n, m)| Ok((n.clone(), gpu.read(&m.m, 0, m.len)?, gpu.read(&m.v, 0, m.len)?))).collect()
-    }
-
-    /// Restores moments saved by `state` (keys `<name>.exp_avg`, `<name>.exp_avg_sq`).
-    pub fn load_state(&mut self, t: &HashMap<String, Vec<f32>>) -> Result<()> {
-        let gpu = &self.plan.gpu;
-        for (n, m) in &self.state {
-            for (suffix, buf) in [("exp_avg", &m.m), ("exp_avg_sq", &m.v)] {
-                let key = format!("{n}.{suffix}");
-                let v = t.get(&key).with_context(|| format!("checkpoint has no optimizer state {key}"))?;
-                anyhow::ensure!(v.len() == m.len, "optimizer state {key} has {} values, expected {}", v.len(), m.len);
-                gpu.queue.write_buffer(buf, 0, bytemuck::cast_slice(v));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -545,23 +454,7 @@ impl TrainModel {
 
     /// AdamW over every parameter.
     pub fn optimizer(&self, settings: AdamW) -> Result<Optimizer> {
-        let gpu = &self.gpu;
-        let hyper = Hyper::new(gpu)?;
-        let mut g = Graph::new(gpu.clone());
-        let mut state = vec![];
-        let params = self.params();
-        let norm_slots: usize = params.iter().map(|p| sumsq_slots(p.len)).sum();
-        let norms = Arc::new(gpu.storage("gradient norms", (norm_slots.max(1) * 4) as u64)?);
-        let mut ng = Graph::new(gpu.clone());
-        let mut slot = 0;
-        for p in params {
-            let m = Moments::zeros(gpu, &p.name, p.len)?;
-            adamw_step(&mut g, &p.name, &p.value, &p.grad, &m, &hyper, p.decay)?;
-            sumsq(&mut ng, &p.name, &p.grad, p.len, &norms, slot)?;
-            slot += sumsq_slots(p.len);
-            state.push((p.name, m));
-        }
-        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, state, norm_plan: ng.compile()?, norms, norm_slots })
+        Optimizer::new(&self.gpu, self.params(), settings)
     }
 
     /// BatchNorm running statistics (official names), as updated by the steps run so far.
@@ -579,52 +472,5 @@ impl TrainModel {
             }
         }
         Ok(out)
-    }
-}
-
-impl StepPlan {
-    /// Number of drop-path scales a step takes (0 when drop path is off):
-    /// [block][attention, MLP][sample].
-    pub fn drop_scale_len(&self) -> usize {
-        self.drop_scales.map(|t| self.plan.len(t)).unwrap_or(0)
-    }
-
-    /// Sets this step's drop-path scales (see `drop_scale_len`); `rates` per block.
-    pub fn set_drop_path(&self, rates: &[f32], rng: &mut crate::util::Rng) -> Result<()> {
-        if let Some(t) = self.drop_scales {
-            let mut v = Vec::with_capacity(self.plan.len(t));
-            for &r in rates {
-                for _ in 0..2 * self.batch {
-                    v.push(if r > 0.0 {
-                        if rng.uniform() < r {
-                            0.0
-                        } else {
-                            1.0 / (1.0 - r)
-                        }
-                    } else {
-                        1.0
-                    });
-                }
-            }
-            self.plan.write(t, &v)?;
-        }
-        Ok(())
-    }
-
-    /// Writes explicit drop-path scales (tests).
-    pub fn write_drop_scales(&self, v: &[f32]) -> Result<()> {
-        match self.drop_scales {
-            Some(t) => self.plan.write(t, v),
-            None => anyhow::bail!("this plan has no drop path"),
-        }
-    }
-
-    /// Runs forward + backward on NHWC images and soft targets; returns (mean loss, logits).
-    pub fn run(&self, images: &[f32], targets: &[f32]) -> Result<(f32, Vec<f32>)> {
-        self.plan.write(self.images, images)?;
-        self.plan.write(self.targets, targets)?;
-        self.plan.run()?;
-        let losses = self.plan.read(self.loss)?;
-        Ok((losses.iter().sum::<f32>() / self.batch as f32, self.plan.read(self.logits)?))
     }
 }

@@ -1,12 +1,12 @@
 //! The CvT model: configuration, checkpoints and the forward schedule.
 
 pub mod config;
-pub mod cvt;
-pub mod pth;
+pub mod infer;
+pub mod train;
 pub mod weights;
 
 pub use config::CvtConfig;
-pub use cvt::{ForwardPlan, Model};
+pub use infer::{ForwardPlan, Model};
 
 use crate::gpu::Gpu;
 use crate::ops::Act;

@@ -151,7 +151,7 @@ impl CvtConfig {
         too_big("patch stride", &self.patch_strides, MAX_KERNEL)?;
         too_big("num_classes", &[self.num_classes], MAX_CLASSES)?;
         too_big("in_chans", &[self.in_chans], MAX_CHANNELS)?;
-        crate::model::check_resolution(self.image_size).context("config: image_size")?;
+        crate::models::cvt::check_resolution(self.image_size).context("config: image_size")?;
         if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0 && self.mlp_ratio <= 64.0) {
             bail!("config: mlp_ratio {} must be in (0, 64]", self.mlp_ratio);
         }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::rc::Rc;
 
-use super::weights::Tensor;
+use super::tensors::Tensor;
 
 /// Element type of a torch storage.
 #[derive(Clone, Copy, Debug, PartialEq)]
