@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     // The trained weights in the inference engine: top-1 on the test set.
-    let eval = Model::new(gpu, cfg, &model.weights()?, Act::QuickGelu)?;
+    let eval = cvt_gpu::models::Net::Cvt(Model::new(gpu, cfg, &model.weights()?, Act::QuickGelu)?);
     let spec = cvt_gpu::preprocess::Spec { channels: 1, mean: vec![0.2860], std: vec![0.3530], resize: "plain".into() };
     let r = cvt_gpu::trainer::evaluate(&eval, &test, &spec, None, true)?;
     println!("one epoch: test top-1 {:.2}%", 100.0 * r.top1);

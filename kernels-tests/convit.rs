@@ -145,3 +145,31 @@ fn convit_ti_matches_timm_on_real_photos() {
         }
     }
 }
+
+/// A ConViT checkpoint with a tensor missing or mis-shaped: `infer` ends with one
+/// line naming the file and the tensor, exit code 1.
+#[test]
+fn broken_convit_checkpoints_are_one_line_errors() {
+    use cvt_gpu::checkpoint::{write_safetensors, Entry};
+    let t = load(&fixtures().join("model.safetensors"));
+    let dir = std::env::temp_dir().join(format!("cvt-gpu-convit-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases: [(&str, &dyn Fn(&mut HashMap<String, Tensor>), &str); 2] = [
+        ("missing", &|t| drop(t.remove("blocks.0.attn.v.weight")), "missing tensor blocks.0.attn.v.weight"),
+        ("misshaped", &|t| drop(t.insert("blocks.1.attn.qk.weight".into(), Tensor::new(vec![48, 20], vec![0.0; 960]))), "blocks.1.attn.qk.weight has shape [48, 20]"),
+    ];
+    for (tag, edit, needle) in cases {
+        let mut t = t.clone();
+        edit(&mut t);
+        let path = dir.join(format!("{tag}.safetensors"));
+        let entries: Vec<Entry> = t.iter().map(|(n, x)| Entry::f32(n.clone(), x.shape.clone(), &x.data)).collect();
+        write_safetensors(&path, &entries, &Default::default()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvt-gpu")).args(["infer", "--weights"]).arg(&path).arg(fixtures().join("chelsea32.png")).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(out.status.code(), Some(1), "{tag}: {err}");
+        assert!(!err.contains("panicked") && lines.len() == 1, "{tag}: {err}");
+        assert!(lines[0].contains(needle) && lines[0].contains(&path.display().to_string()), "{tag}: {} should name the file and say {needle:?}", lines[0]);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

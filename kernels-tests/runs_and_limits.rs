@@ -198,7 +198,12 @@ fn oversized_inputs_and_models_fail_in_seconds() {
         one_line_error(&json, run(bin().args(["infer", "--weights"]).arg(&w).arg("--config").arg(&p).arg(&img)), needle);
         // The same in a checkpoint's metadata.
         let cfg: CvtConfig = serde_json::from_str(&json).unwrap();
-        let ck = Checkpoint { tensors: Default::default(), naming: Naming::Official, metadata: BTreeMap::from([("cvt_config".to_string(), serde_json::to_string(&cfg).unwrap())]) };
+        let ck = Checkpoint {
+            tensors: Default::default(),
+            family: cvt_gpu::models::Family::Cvt,
+            naming: Naming::Official,
+            metadata: BTreeMap::from([("cvt_config".to_string(), serde_json::to_string(&cfg).unwrap())]),
+        };
         let e = describe(&ck, Path::new("crafted.safetensors"), &LoadOptions::default()).err().expect("crafted metadata accepted");
         assert!(format!("{e:#}").contains(needle) && format!("{e:#}").contains("crafted.safetensors"), "{e:#}");
     }
@@ -207,7 +212,7 @@ fn oversized_inputs_and_models_fail_in_seconds() {
 
 /// A checkpoint of `cfg`'s shapes with some tensors changed, and metadata.
 fn checkpoint(cfg: &CvtConfig, edit: impl FnOnce(&mut Checkpoint)) -> Checkpoint {
-    let mut ck = Checkpoint { tensors: init_tensors(cfg, 1), naming: Naming::Official, metadata: BTreeMap::new() };
+    let mut ck = Checkpoint { tensors: init_tensors(cfg, 1), family: cvt_gpu::models::Family::Cvt, naming: Naming::Official, metadata: BTreeMap::new() };
     edit(&mut ck);
     ck
 }

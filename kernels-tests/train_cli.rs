@@ -282,3 +282,73 @@ fn shipped_fmnist_model_classifies_samples() {
         assert_eq!(v[i]["top"][0]["index"], *want, "{name}: {}", v[i]);
     }
 }
+
+/// A tiny ConViT for 16x16 RGB images: a 4x4 grid of 4x4 patches, 2 heads of 4,
+/// one GPSA block then one plain block.
+fn tiny_convit(dir: &Path) -> PathBuf {
+    let p = dir.join("convit.json");
+    std::fs::write(&p, r#"{"name":"convit-tiny-test","num_classes":2,"image_size":16,"patch_size":4,"heads":2,"head_dim":4,"depth":2,"local_layers":1}"#).unwrap();
+    p
+}
+
+/// ConViT through the same trainer: a kill-and-resume run equals an
+/// uninterrupted one (weights and optimizer state), drop path on; the model it
+/// writes evaluates, classifies through `infer`, and converts to timm's names;
+/// a ConViT-only mistake is one line.
+#[test]
+fn convit_trains_resumes_exactly_and_is_served() {
+    let d = tmp("convit");
+    image_folder(&d.join("data"), &["a", "b"], 12);
+    let cfg = tiny_convit(&d);
+    let common = |out: &Path| {
+        let mut c = bin();
+        c.args(["train", "--image-folder"]).arg(d.join("data")).arg("--model").arg(&cfg);
+        c.args(["--res", "16", "--epochs", "2", "--batch", "4", "--seed", "9", "--lr", "3e-3", "--warmup-steps", "2", "--drop-path", "0.2", "--json", "--out"]).arg(out);
+        c
+    };
+    let (ok, _, err) = run(&mut common(&d.join("full")));
+    assert!(ok, "uninterrupted run failed: {err}");
+    let (ok, _, err) = run(common(&d.join("split")).args(["--max-steps", "5"]));
+    assert!(ok && err.contains("stopped at step 5"), "first part: {err}");
+    let mut c = bin();
+    c.args(["train", "--image-folder"]).arg(d.join("data")).args(["--json", "--out"]).arg(d.join("split")).arg("--resume").arg(d.join("split"));
+    let (ok, _, err) = run(&mut c);
+    assert!(ok, "resumed part: {err}");
+    for f in ["model.safetensors", "checkpoint.safetensors"] {
+        let (a, b) = (tensors(&d.join("full").join(f)), tensors(&d.join("split").join(f)));
+        assert_eq!(a.len(), b.len());
+        for (name, v) in &a {
+            assert!(b[name] == *v, "{f}: {name} differs between the uninterrupted and the resumed run");
+        }
+    }
+    let model = d.join("full/model.safetensors");
+    assert!(tensors(&model).contains_key("blocks.0.attn.gating_param"), "timm names");
+    let (ok, out, err) = run(bin().args(["eval", "--image-folder"]).arg(d.join("data")).arg("--weights").arg(&model).arg("--json"));
+    assert!(ok, "eval: {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["top1"].as_f64().unwrap() >= 0.0 && v["images"].as_u64().unwrap() == 12, "{out}");
+    let img = d.join("data/val/a/0.png");
+    let (ok, out, err) = run(bin().args(["infer", "--json", "--weights"]).arg(&model).arg(&img));
+    assert!(ok, "infer: {err}");
+    assert!(out.contains("\"label\": \"a\"") || out.contains("\"label\": \"b\""), "labels from the checkpoint: {out}");
+    let conv = d.join("converted.safetensors");
+    let (ok, _, err) = run(bin().arg("convert").arg(&model).arg(&conv));
+    assert!(ok, "convert: {err}");
+    assert_eq!(tensors(&conv).len(), tensors(&model).len());
+    one_line_error("infer at another size", run(bin().args(["infer", "--res", "32", "--weights"]).arg(&model).arg(&img)), "takes 16x16 inputs only");
+    // Fine-tuning timm's tiny fixture (10 classes, 32x32) on the 2-class folder:
+    // a new head, the rest loaded; then a ConViT checkpoint against a CvT --model.
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels-tests/reference/fixtures/convit_tiny/model.safetensors");
+    let (ok, _, err) =
+        run(bin().args(["train", "--image-folder"]).arg(d.join("data")).arg("--weights").arg(&fixture).args(["--res", "32", "--epochs", "1", "--batch", "4", "--out"]).arg(d.join("ft")));
+    assert!(ok && err.contains("head is re-initialised"), "fine-tune: {err}");
+    let ft = tensors(&d.join("ft/model.safetensors"));
+    assert_eq!(ft["head.weight"].len(), 2 * 24 * 4, "a 2-class head");
+    one_line_error(
+        "a ConViT checkpoint as a CvT",
+        run(bin().args(["train", "--image-folder"]).arg(d.join("data")).arg("--weights").arg(&fixture).args(["--model", "cvt-13", "--res", "32", "--out"]).arg(d.join("ft2"))),
+        "a ConViT checkpoint, but --model names CvT",
+    );
+    one_line_error("convert to HF names", run(bin().arg("convert").arg(&model).arg(d.join("hf")).args(["--naming", "hf"])), "ConViT");
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -44,7 +44,10 @@ fn mean_tokens(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 // gather_rows: y [rows, C] = src rows (r / group) * stride + off + r % group,
-// the dense copy of a mapped set of rows (used by the LayerNorm backward).
+// the dense copy of a mapped set of rows (used by the LayerNorm backward); with
+// SCATTER the inverse, src [rows, C] densely into those rows of y (ConViT's
+// patch tokens below the class token's row).
+override SCATTER: bool = false;
 struct GatherParams { rows: u32, C: u32, group: u32, stride: u32, off: u32, _p0: u32, _p1: u32, _p2: u32 }
 @group(0) @binding(3) var<uniform> gp: GatherParams;
 
@@ -55,8 +58,12 @@ fn gather_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         return;
     }
     let r = n / gp.C;
-    let c = n % gp.C;
-    y[n] = act(f32(src[((r / gp.group) * gp.stride + gp.off + r % gp.group) * gp.C + c]));
+    let mapped = ((r / gp.group) * gp.stride + gp.off + r % gp.group) * gp.C + n % gp.C;
+    if (SCATTER) {
+        y[mapped] = src[n];
+    } else {
+        y[n] = src[mapped];
+    }
 }
 
 // cls_grad: y [C] = Σ_b src[b, 0, :] over the B images of a [B, T, C] map (the
@@ -153,18 +160,4 @@ fn batch_sum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         s += f32(src[b * p.per_sample + n]);
     }
     y[n] = act(s);
-}
-
-// scatter_rows: the inverse of gather_rows, src [rows, C] densely into rows
-// (r / group) * stride + off + r % group of y (ConViT's patch tokens below the
-// class token's row).
-@compute @workgroup_size(WG)
-fn scatter_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let n = gid.x + gid.y * nwg.x * WG;
-    if (n >= gp.rows * gp.C) {
-        return;
-    }
-    let r = n / gp.C;
-    let c = n % gp.C;
-    y[((r / gp.group) * gp.stride + gp.off + r % gp.group) * gp.C + c] = src[n];
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::gpu::Gpu;
 use crate::graph::Graph;
-use crate::models::cvt::{weights::random_tensors, CvtConfig, Model};
+use crate::models::{Arch, Net, TrainNet};
 use crate::ops::matmul::{linear, Out, WeightFormat};
 use crate::ops::{Act, Linear};
 use crate::util::Rng;
@@ -71,17 +71,17 @@ struct PlanReport {
 /// Workgroups a heavy dispatch should launch at least: one per SM of an H100.
 pub const MIN_FILL_GROUPS: u64 = 132;
 
-fn plan_only(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize) -> Result<()> {
-    let tensors = random_tensors(cfg, 1);
+fn plan_only(gpu: Arc<Gpu>, a: &BenchArgs, arch: &Arch, res: usize) -> Result<()> {
+    let tensors = arch.random_tensors(1);
     let launches = if a.mode == Mode::Train {
-        let model = crate::models::cvt::train::TrainModel::new(gpu.clone(), cfg.clone(), &tensors, Act::QuickGelu)?;
-        let step = model.step_plan(a.batch, res, res)?;
+        let model = TrainNet::new(gpu.clone(), arch, &tensors, Act::QuickGelu)?;
+        let step = model.step_plan(a.batch, res)?;
         let opt = model.optimizer(crate::ops::optim::AdamW::default())?;
         let mut l = step.plan.launches();
         l.extend(opt.plan.launches());
         l
     } else {
-        let model = Model::new_in(gpu.clone(), cfg.clone(), &tensors, Act::QuickGelu, WeightFormat::from_flag(&gpu, a.f16))?;
+        let model = Net::new(gpu.clone(), arch, &tensors, Act::QuickGelu, WeightFormat::from_flag(&gpu, a.f16))?;
         model.plan(a.batch, res, res)?.plan.launches()
     };
     let total_flops: f64 = launches.iter().map(|l| l.flops).sum();
@@ -89,7 +89,7 @@ fn plan_only(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize) -> Resul
     let heavy = |l: &crate::graph::Launch| l.flops >= 0.01 * total_flops || l.bytes as f64 >= 0.01 * total_bytes as f64;
     let underfilled: Vec<_> = launches.iter().filter(|l| heavy(l) && (l.groups() < MIN_FILL_GROUPS || l.invocations() < 64)).cloned().collect();
     let r = PlanReport {
-        model: cfg.name.clone(),
+        model: arch.name().to_string(),
         mode: a.mode,
         res,
         batch: a.batch,
@@ -212,18 +212,11 @@ pub struct F16Difference {
     pub top1_agreement: f64,
 }
 
-fn f16_difference(
-    gpu: &Arc<Gpu>,
-    cfg: &CvtConfig,
-    tensors: &std::collections::HashMap<String, crate::models::cvt::weights::Tensor>,
-    f16_model: &Model,
-    res: usize,
-    img: &[f32],
-    logits: &[f32],
-) -> Result<F16Difference> {
-    let reference = Model::new(gpu.clone(), cfg.clone(), tensors, f16_model.act)?;
-    let (want, _) = reference.plan(logits.len() / cfg.num_classes, res, res)?.forward(img)?;
-    let top1 = |l: &[f32]| -> Vec<usize> { l.chunks(cfg.num_classes).map(|r| (0..r.len()).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap_or(0)).collect() };
+fn f16_difference(gpu: &Arc<Gpu>, arch: &Arch, tensors: &std::collections::HashMap<String, crate::models::Tensor>, res: usize, img: &[f32], logits: &[f32]) -> Result<F16Difference> {
+    let k = arch.num_classes();
+    let reference = Net::new(gpu.clone(), arch, tensors, Act::QuickGelu, WeightFormat::F32)?;
+    let (want, _) = reference.plan(logits.len() / k, res, res)?.forward(img)?;
+    let top1 = |l: &[f32]| -> Vec<usize> { l.chunks(k).map(|r| (0..r.len()).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap_or(0)).collect() };
     let (a, b) = (top1(logits), top1(&want));
     Ok(F16Difference {
         max_abs_logit_diff: logits.iter().zip(&want).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max),
@@ -330,14 +323,17 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let cfg = CvtConfig::by_name(&a.model)?;
-    let res = a.res.unwrap_or(cfg.image_size);
+    let arch = Arch::by_name(&a.model)?;
+    let res = a.res.unwrap_or(arch.image_size());
     crate::models::cvt::check_resolution(res).context("--res")?;
+    if arch.fixed_size() && res != arch.image_size() {
+        anyhow::bail!("--res {res}: {} takes {}x{} inputs only (its position embedding fixes the grid)", arch.name(), arch.image_size(), arch.image_size());
+    }
     if a.plan_only {
-        return plan_only(gpu, a, &cfg, res);
+        return plan_only(gpu, a, &arch, res);
     }
     if a.mode == Mode::Train {
-        return train(gpu, a, &cfg, res);
+        return train(gpu, a, &arch, res);
     }
     // The first call as a user meets it, before anything else has compiled a
     // kernel: the adapter's variant trial (skipped when cached), then the plan,
@@ -345,28 +341,28 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     let t0 = Instant::now();
     gpu.profile().matmul();
     let tune_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let tensors = random_tensors(&cfg, 1);
+    let tensors = arch.random_tensors(1);
     let t0 = Instant::now();
     let fmt = WeightFormat::from_flag(&gpu, a.f16);
-    let model = Model::new_in(gpu.clone(), cfg.clone(), &tensors, Act::QuickGelu, fmt)?;
+    let model = Net::new(gpu.clone(), &arch, &tensors, Act::QuickGelu, fmt)?;
     let upload_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     let plan = model.plan(a.batch, res, res)?;
     let mut rng = Rng::new(3);
-    let img: Vec<f32> = (0..a.batch * res * res * cfg.in_chans).map(|_| rng.normal()).collect();
+    let img: Vec<f32> = (0..a.batch * res * res * arch.in_chans()).map(|_| rng.normal()).collect();
     let (logits, _) = plan.forward(&img)?;
     let first_call_ms = tune_ms + t1.elapsed().as_secs_f64() * 1e3;
-    let f16_vs_f32 = if a.f16 { Some(f16_difference(&gpu, &cfg, &tensors, &model, res, &img, &logits)?) } else { None };
+    let f16_vs_f32 = if a.f16 { Some(f16_difference(&gpu, &arch, &tensors, res, &img, &logits)?) } else { None };
     let (median, min, ceiling) = time_with_ceiling(&gpu, a.iters, || {
         plan.run()?;
         gpu.sync()
     })?;
     let (kernels, kernel_timing) = kernel_profile(&[&plan.plan])?;
-    let gflop = 2.0 * cfg.macs(res, res)? / 1e9;
+    let gflop = arch.gflop(res)?;
     let (dispatches, texture_copies) = plan.plan.counts();
     let rate = gflop * a.batch as f64 / (median / 1e3);
     let r = BenchResult {
-        model: cfg.name.clone(),
+        model: arch.name().to_string(),
         res,
         batch: a.batch,
         mode: Mode::Infer,
@@ -377,13 +373,13 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
         gflops_per_s: rate,
         ceiling_gflops_per_s: ceiling,
         ratio_to_ceiling: rate / ceiling,
-        weight_bytes: model.weight_bytes,
+        weight_bytes: model.weight_bytes(),
         activation_bytes: plan.plan.activation_bytes,
-        peak_memory_bytes: model.weight_bytes + plan.plan.activation_bytes + plan.plan.texture_bytes,
+        peak_memory_bytes: model.weight_bytes() + plan.plan.activation_bytes + plan.plan.texture_bytes,
         max_live_activation_bytes: plan.plan.max_live_bytes,
-        peak_over_weights_plus_live: (model.weight_bytes + plan.plan.activation_bytes + plan.plan.texture_bytes) as f64 / (model.weight_bytes + plan.plan.max_live_bytes) as f64,
+        peak_over_weights_plus_live: (model.weight_bytes() + plan.plan.activation_bytes + plan.plan.texture_bytes) as f64 / (model.weight_bytes() + plan.plan.max_live_bytes) as f64,
         f16: a.f16,
-        f16_activations: model.half,
+        f16_activations: model.half(),
         f16_vs_f32,
         first_call_ms,
         tune_ms,
@@ -456,15 +452,16 @@ pub struct TrainBench {
 }
 
 /// Training step rate: forward + backward + AdamW on random data and weights.
-fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize) -> Result<()> {
+fn train(gpu: Arc<Gpu>, a: &BenchArgs, arch: &Arch, res: usize) -> Result<()> {
     let t1 = Instant::now();
-    let model = crate::models::cvt::train::TrainModel::new(gpu.clone(), cfg.clone(), &random_tensors(cfg, 1), Act::QuickGelu)?;
-    let step = model.step_plan(a.batch, res, res)?;
+    let model = TrainNet::new(gpu.clone(), arch, &arch.random_tensors(1), Act::QuickGelu)?;
+    let step = model.step_plan(a.batch, res)?;
     let params: usize = model.params().iter().map(|p| p.len).sum();
     let mut opt = model.optimizer(crate::ops::optim::AdamW::default())?;
     let mut rng = Rng::new(3);
-    let img: Vec<f32> = (0..a.batch * res * res * cfg.in_chans).map(|_| rng.normal()).collect();
-    let targets: Vec<f32> = (0..a.batch * cfg.num_classes).map(|i| ((i % cfg.num_classes) == (i / cfg.num_classes) % cfg.num_classes) as u8 as f32).collect();
+    let img: Vec<f32> = (0..a.batch * res * res * arch.in_chans()).map(|_| rng.normal()).collect();
+    let k = arch.num_classes();
+    let targets: Vec<f32> = (0..a.batch * k).map(|i| ((i % k) == (i / k) % k) as u8 as f32).collect();
     step.run(&img, &targets)?;
     opt.update(1e-4)?;
     gpu.sync()?;
@@ -476,10 +473,10 @@ fn train(gpu: Arc<Gpu>, a: &BenchArgs, cfg: &CvtConfig, res: usize) -> Result<()
     })?;
     let (kernels, kernel_timing) = kernel_profile(&[&step.plan, &opt.plan])?;
     // Forward + backward ≈ 3 × the forward's FLOPs (the convention PyTorch's FlopCounter gives).
-    let gflop = 3.0 * 2.0 * cfg.macs(res, res)? / 1e9;
+    let gflop = 3.0 * arch.gflop(res)?;
     let rate = gflop * a.batch as f64 / (median / 1e3);
     let r = TrainBench {
-        model: cfg.name.clone(),
+        model: arch.name().to_string(),
         res,
         batch: a.batch,
         mode: Mode::Train,

@@ -35,12 +35,16 @@ impl<'a> Entry<'a> {
 /// The metadata of a model file the engine writes (`train`'s model.safetensors,
 /// `convert`): "format" = "pt" (PyTorch tensor layout; transformers refuses other
 /// values), config, activation, and labels and preprocessing when known.
-pub fn model_metadata(cfg: &crate::models::cvt::CvtConfig, act: crate::ops::Act, labels: Option<&[String]>, spec: Option<&crate::preprocess::Spec>) -> Result<HashMap<String, String>> {
+pub fn model_metadata(arch: &crate::models::Arch, act: crate::ops::Act, labels: Option<&[String]>, spec: Option<&crate::preprocess::Spec>) -> Result<HashMap<String, String>> {
     let mut m = HashMap::new();
     m.insert("format".into(), "pt".into());
     m.insert("producer".into(), "cvt-gpu".into());
-    m.insert("cvt_config".into(), serde_json::to_string(cfg)?);
-    m.insert("activation".into(), serde_json::to_value(act)?.as_str().unwrap_or("quick-gelu").to_string());
+    let (key, cfg) = arch.metadata()?;
+    m.insert(key.into(), cfg);
+    // ConViT's MLP is always exact GELU: only CvT records its activation.
+    if arch.family() == crate::models::Family::Cvt {
+        m.insert("activation".into(), serde_json::to_value(act)?.as_str().unwrap_or("quick-gelu").to_string());
+    }
     if let Some(l) = labels {
         m.insert("labels".into(), serde_json::to_string(l)?);
     }

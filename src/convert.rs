@@ -1,6 +1,6 @@
 //! `cvt-gpu convert`: any checkpoint the engine reads (safetensors or a PyTorch
 //! `torch.save` file, either naming) to safetensors in the official or the
-//! Hugging Face naming. With `--naming hf` it also writes the `config.json` that
+//! Hugging Face naming (CvT), or in the official names timm keeps (ConViT). With `--naming hf` it also writes the `config.json` that
 //! transformers' `CvtForImageClassification.from_pretrained` reads, so a model
 //! trained here can be continued in PyTorch.
 
@@ -43,8 +43,16 @@ pub struct ConvertArgs {
 }
 
 pub fn run(a: &ConvertArgs) -> Result<()> {
-    let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
+    let arch = a.config.as_deref().map(crate::models::Arch::by_name).transpose()?;
     let ck = read_checkpoint(&a.input)?;
+    if ck.family == crate::models::Family::Convit {
+        return convit(a, &ck, arch);
+    }
+    let config = match arch {
+        Some(crate::models::Arch::Cvt(c)) => Some(c),
+        Some(crate::models::Arch::Convit(c)) => bail!("{}: a CvT checkpoint, but --config names ConViT {}", a.input.display(), c.name),
+        None => None,
+    };
     let d = describe(&ck, &a.input, &LoadOptions { config, activation: a.activation, f16: false, allow_nonfinite: a.allow_nonfinite })?;
     let hf = a.naming == OutNaming::Hf;
 
@@ -58,17 +66,10 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     for n in names.iter().filter_map(|n| n.strip_suffix("running_mean")) {
         entries.push(Entry::i64_scalar(rename(&format!("{n}num_batches_tracked")), 0));
     }
-    let meta = model_metadata(&d.cfg, d.act, d.labels.as_deref(), d.preprocess.as_ref())?;
+    let meta = model_metadata(&crate::models::Arch::Cvt(d.cfg.clone()), d.act, d.labels.as_deref(), d.preprocess.as_ref())?;
     let summary = format!("{} tensors, {} naming, {}", entries.len(), if hf { "Hugging Face" } else { "official" }, d.cfg.name);
     if !hf {
-        let out = if a.output.is_dir() || a.output.to_string_lossy().ends_with('/') { a.output.join("model.safetensors") } else { a.output.clone() };
-        let made = create_parent(&out)?;
-        if let Err(e) = write_safetensors(&out, &entries, &meta) {
-            if let Some(dir) = made {
-                std::fs::remove_dir(dir).ok();
-            }
-            return Err(e);
-        }
+        let out = write_file(&a.output, &entries, &meta)?;
         println!("wrote {} ({summary})", out.display());
         return Ok(());
     }
@@ -95,6 +96,41 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     write_hf_dir(&a.output, &entries, &meta, json.as_bytes())?;
     println!("wrote {}/model.safetensors and config.json ({summary}; from_pretrained(\"{}\") loads it)", a.output.display(), a.output.display());
     Ok(())
+}
+
+/// A ConViT checkpoint (official `.pth`, possibly under `model`, or timm
+/// safetensors) to safetensors in its official names, which timm uses unchanged.
+fn convit(a: &ConvertArgs, ck: &crate::models::cvt::weights::Checkpoint, arch: Option<crate::models::Arch>) -> Result<()> {
+    if a.naming == OutNaming::Hf {
+        bail!("{}: a ConViT checkpoint; --naming hf is CvT's Hugging Face layout (ConViT's official names are timm's: leave --naming out)", a.input.display());
+    }
+    let want = match arch {
+        Some(crate::models::Arch::Convit(c)) => Some(c),
+        Some(crate::models::Arch::Cvt(c)) => bail!("{}: a ConViT checkpoint, but --config names CvT {}", a.input.display(), c.name),
+        None => None,
+    };
+    let cfg = crate::models::describe_convit(ck, &a.input, want.as_ref(), a.allow_nonfinite)?;
+    let (labels, spec) = crate::models::cvt::labels_and_preprocess(ck, &a.input, cfg.num_classes)?;
+    // In the state dict's order, as timm saves it.
+    let entries: Vec<Entry> = cfg.expected_shapes().iter().map(|(n, _)| Entry::f32(n.clone(), ck.tensors[n].shape.clone(), &ck.tensors[n].data)).collect();
+    let meta = model_metadata(&crate::models::Arch::Convit(cfg.clone()), Act::Gelu, labels.as_deref(), spec.as_ref())?;
+    let out = write_file(&a.output, &entries, &meta)?;
+    println!("wrote {} ({} tensors, official/timm names, {})", out.display(), entries.len(), cfg.name);
+    Ok(())
+}
+
+/// One safetensors file at `output` (a directory: DIR/model.safetensors), its
+/// parent made if missing and removed again if the write fails; returns its path.
+fn write_file(output: &Path, entries: &[Entry], meta: &std::collections::HashMap<String, String>) -> Result<PathBuf> {
+    let out = if output.is_dir() || output.to_string_lossy().ends_with('/') { output.join("model.safetensors") } else { output.to_path_buf() };
+    let made = create_parent(&out)?;
+    if let Err(e) = write_safetensors(&out, entries, meta) {
+        if let Some(dir) = made {
+            std::fs::remove_dir(dir).ok();
+        }
+        return Err(e);
+    }
+    Ok(out)
 }
 
 /// Creates `path`'s parent directory if missing; returns it when this call made it.

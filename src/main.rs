@@ -3,7 +3,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cvt_gpu::gpu::{list_adapters, AdapterRequest, BackendChoice, Gpu};
-use cvt_gpu::models::cvt::{self as model, CvtConfig, LoadOptions};
+use cvt_gpu::models::cvt::{self as model, LoadOptions};
+use cvt_gpu::models::Arch;
 use cvt_gpu::ops::Act;
 use cvt_gpu::{bench, labels, preprocess};
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 #[command(
     name = "cvt-gpu",
     version,
-    about = "CvT vision transformer inference and training on any GPU (Vulkan, Metal, DX12, GL) via wgpu",
+    about = "CvT and ConViT vision transformers: inference and training on any GPU (Vulkan, Metal, DX12, GL) via wgpu",
     after_help = "Examples:\n  cvt-gpu infer --weights weights/fmnist/model.safetensors weights/samples/fmnist-ankle-boot.png\n  cvt-gpu infer --weights cvt-13.safetensors --json --topk 3 cat.png dog.jpg\n  cvt-gpu train --fashion-mnist --out runs/fmnist\n  cvt-gpu eval --weights runs/fmnist/model.safetensors --fashion-mnist\n  cvt-gpu bench --model cvt-13 --batch 8\n  cvt-gpu convert CvT-13-224x224-IN-1k.pth cvt-13.safetensors\n  cvt-gpu adapters --json                 # adapters and the resolved kernel profile\n  cvt-gpu --kernels gpu infer --weights cvt-13.safetensors cat.png   # force the GPU kernel set"
 )]
 struct Cli {
@@ -53,9 +54,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Classify images with a CvT checkpoint and print the top-k classes.
+    /// Classify images with a CvT or ConViT checkpoint and print the top-k classes.
     #[command(
-        after_help = "Examples:\n  cvt-gpu infer --weights cvt-13.safetensors cat.png\n  cvt-gpu infer --weights cvt-21-384.safetensors --res 384 a.jpg b.webp --json\n  cvt-gpu infer --weights mine.safetensors --labels classes.txt --topk 3 img.png\n  cvt-gpu infer --weights cvt-w24-384.safetensors --res 384 --f16 img.png"
+        after_help = "Examples:\n  cvt-gpu infer --weights cvt-13.safetensors cat.png\n  cvt-gpu infer --weights cvt-21-384.safetensors --res 384 a.jpg b.webp --json\n  cvt-gpu infer --weights mine.safetensors --labels classes.txt --topk 3 img.png\n  cvt-gpu infer --weights cvt-w24-384.safetensors --res 384 --f16 img.png\n  cvt-gpu infer --weights convit_tiny.safetensors cat.png          # ConViT (timm or official .pth), detected from its names"
     )]
     Infer(InferArgs),
     /// Measure latency, throughput and GFLOP/s of a CvT forward (or the GEMM ceiling).
@@ -64,9 +65,9 @@ enum Cmd {
   cvt-gpu bench --gemm --shape 12608,1536,384      # any GEMM, GPU-timestamp time beside the wall clock
   cvt-gpu --kernels gpu bench --model cvt-13 --mode train --res 64 --batch 64 --plan-only   # every dispatch's launch shape, not run")]
     Bench(bench::BenchArgs),
-    /// Train a CvT (from scratch, or fine-tune a checkpoint) with progress, evaluation, checkpoints and resume.
+    /// Train a CvT or ConViT (from scratch, or fine-tune a checkpoint) with progress, evaluation, checkpoints and resume.
     #[command(
-        after_help = "Examples:\n  cvt-gpu train                                   # Fashion-MNIST, cvt-fmnist, 15 epochs -> runs/train\n  cvt-gpu train --fashion-mnist --epochs 5 --out runs/fmnist\n  cvt-gpu train --tiny-imagenet tiny-imagenet-200 --model cvt-13 --batch 64 --epochs 30 --mixup 0.8 --cutmix 1.0\n  cvt-gpu train --image-folder flowers --weights cvt-13.safetensors --res 224 --lr 1e-4 --epochs 5\n  cvt-gpu train --fashion-mnist --resume runs/fmnist      # continue in runs/fmnist after a stop or a crash\n\nThe run directory holds checkpoint.safetensors (weights + optimizer state; --resume),\nmodel.safetensors (weights with config, labels and preprocessing; for infer/eval),\nmetrics.jsonl (loss, learning rate, img/s per step; evaluation per epoch) and curves.png/.svg.\nCtrl-C, SIGTERM and SIGHUP stop after the current step with a checkpoint (a second one exits at once);\ncheckpoints are also written every 10 minutes (--save-every N: every N steps). One run per directory."
+        after_help = "Examples:\n  cvt-gpu train                                   # Fashion-MNIST, cvt-fmnist, 15 epochs -> runs/train\n  cvt-gpu train --fashion-mnist --epochs 5 --out runs/fmnist\n  cvt-gpu train --model convit-fmnist --fashion-mnist --out runs/convit   # ConViT, 8 epochs: 88.1% in 16.5 min on lavapipe\n  cvt-gpu train --tiny-imagenet tiny-imagenet-200 --model cvt-13 --batch 64 --epochs 30 --mixup 0.8 --cutmix 1.0\n  cvt-gpu train --image-folder flowers --weights cvt-13.safetensors --res 224 --lr 1e-4 --epochs 5\n  cvt-gpu train --fashion-mnist --resume runs/fmnist      # continue in runs/fmnist after a stop or a crash\n\nThe run directory holds checkpoint.safetensors (weights + optimizer state; --resume),\nmodel.safetensors (weights with config, labels and preprocessing; for infer/eval),\nmetrics.jsonl (loss, learning rate, img/s per step; evaluation per epoch) and curves.png/.svg.\nCtrl-C, SIGTERM and SIGHUP stop after the current step with a checkpoint (a second one exits at once);\ncheckpoints are also written every 10 minutes (--save-every N: every N steps). One run per directory."
     )]
     Train(cvt_gpu::trainer::TrainArgs),
     /// Top-1/top-5 accuracy of a checkpoint on a dataset's validation split.
@@ -83,7 +84,7 @@ enum Cmd {
 
 #[derive(Args)]
 struct InferArgs {
-    /// Checkpoint: .safetensors or PyTorch .pth/.pt/.bin (detected by content); official or Hugging Face names; F32/F16/BF16.
+    /// Checkpoint: .safetensors or PyTorch .pth/.pt/.bin (detected by content); CvT (official or Hugging Face names) or ConViT (official = timm names); F32/F16/BF16.
     #[arg(long, short)]
     weights: PathBuf,
     /// Images (PNG, JPEG, WebP, BMP); they are classified as one batch.
@@ -104,7 +105,7 @@ struct InferArgs {
     /// MLP activation (default: QuickGELU for official names, GELU for Hugging Face names).
     #[arg(long, value_enum)]
     activation: Option<Act>,
-    /// Architecture: cvt-13, cvt-21, cvt-w24 or a JSON config (default: detected from the weights).
+    /// Architecture: cvt-13, cvt-21, cvt-w24, convit-ti, convit-s, convit-b or a JSON config (default: detected from the weights).
     #[arg(long)]
     config: Option<String>,
     /// Largest number of images per forward pass.
@@ -190,16 +191,20 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
     if let Some(r) = a.res {
         model::check_resolution(r).context("--res")?;
     }
-    let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
+    let arch = a.config.as_deref().map(Arch::by_name).transpose()?;
     let gpu = g.open()?;
-    let loaded = model::load(gpu, &a.weights, &LoadOptions { config, activation: a.activation, f16: a.f16, allow_nonfinite: a.allow_nonfinite })?;
+    let loaded = cvt_gpu::models::load(gpu, &a.weights, arch, &LoadOptions { config: None, activation: a.activation, f16: a.f16, allow_nonfinite: a.allow_nonfinite })?;
     let m = &loaded.model;
+    let arch = m.arch();
     // --res was checked above; image_size by the config's validation.
-    let res = a.res.unwrap_or(m.cfg.image_size);
-    let names = labels::for_head(m.cfg.num_classes, a.labels.as_deref(), loaded.labels.clone())?;
+    let res = a.res.unwrap_or(arch.image_size());
+    if arch.fixed_size() && res != arch.image_size() {
+        bail!("--res {res}: {} takes {}x{} inputs only (its position embedding fixes the grid)", arch.name(), arch.image_size(), arch.image_size());
+    }
+    let names = labels::for_head(arch.num_classes(), a.labels.as_deref(), loaded.labels.clone())?;
     let resize = if a.no_resize { preprocess::Resize::None } else { preprocess::Resize::Eval };
-    if loaded.preprocess.channels != m.cfg.in_chans {
-        bail!("{}: the model takes {} input channels but its preprocessing gives {}", a.weights.display(), m.cfg.in_chans, loaded.preprocess.channels);
+    if loaded.preprocess.channels != arch.in_chans() {
+        bail!("{}: the model takes {} input channels but its preprocessing gives {}", a.weights.display(), arch.in_chans(), loaded.preprocess.channels);
     }
     // The plan first (halved until it fits the adapter): an input too large for
     // the adapter fails here, before any image is decoded or resized.
@@ -209,7 +214,7 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
     for p in &a.images {
         inputs.push(loaded.preprocess.load(p, res, resize)?);
     }
-    let classes = m.cfg.num_classes;
+    let classes = arch.num_classes();
     let mut results = vec![];
     let mut tail: Option<model::ForwardPlan> = None;
     for (ci, imgs) in inputs.chunks(chunk).enumerate() {

@@ -15,10 +15,10 @@ use crate::checkpoint::{write_safetensors, Entry, OPTIM_PREFIX};
 use crate::data::loader::{epoch_from, Augment, LoaderConfig};
 use crate::data::{folder, Dataset, FASHION_MNIST_DIR};
 use crate::gpu::Gpu;
-use crate::models::cvt::train::TrainModel;
-use crate::models::cvt::weights::{init_tensors, read_checkpoint, read_checkpoint_bytes, Tensor};
+use crate::models::cvt::weights::{read_checkpoint, read_checkpoint_bytes, Tensor};
 use crate::models::cvt::weights::{Checkpoint, Naming};
-use crate::models::cvt::{describe, CvtConfig, LoadOptions, Model};
+use crate::models::cvt::{describe, LoadOptions};
+use crate::models::{Arch, Net, TrainNet};
 use crate::ops::optim::AdamW;
 use crate::ops::Act;
 use crate::preprocess::Spec;
@@ -157,12 +157,13 @@ fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: DataArgs,
-    /// cvt-fmnist, cvt-13, cvt-21, cvt-w24 or a JSON config [default: cvt-fmnist for
-    /// Fashion-MNIST, cvt-13 otherwise]. Classes and input channels follow the data.
+    /// cvt-fmnist, cvt-13, cvt-21, cvt-w24, convit-fmnist, convit-ti, convit-s,
+    /// convit-b or a JSON config [default: cvt-fmnist for Fashion-MNIST, cvt-13
+    /// otherwise]. Classes, input channels and (ConViT) the input size follow the data.
     /// With --weights: the checkpoint's architecture, for files that do not record it.
     #[arg(long)]
     pub model: Option<String>,
-    /// MLP activation.
+    /// CvT's MLP activation (ConViT's is always exact GELU).
     #[arg(long, value_enum, default_value = "quick-gelu")]
     pub activation: Act,
     /// Start from this checkpoint (any `infer` accepts); a head whose class count
@@ -215,9 +216,10 @@ pub struct TrainArgs {
     /// No random horizontal flips.
     #[arg(long)]
     pub no_flip: bool,
-    /// Stochastic depth: one rate for the last stage (the official CvT recipes use
+    /// Stochastic depth. CvT: one rate for the last stage (the official recipes use
     /// 0.1 there), or one per stage ("0,0.05,0.1"); within a stage the rate rises
-    /// linearly from 0 over its blocks, as the official code.
+    /// linearly from 0 over its blocks, as the official code. ConViT: one rate,
+    /// rising linearly from 0 over all blocks (the DeiT/ConViT recipe's 0.1).
     #[arg(long, default_value = "0")]
     pub drop_path: String,
     #[arg(long, default_value_t = 0)]
@@ -276,6 +278,7 @@ fn parse_drop_path(text: &str, stages: usize) -> Result<Vec<f32>> {
     match vals.len() {
         1 => Ok((0..stages).map(|s| if s + 1 == stages { vals[0] } else { 0.0 }).collect()),
         n if n == stages => Ok(vals),
+        n if stages == 1 => bail!("--drop-path {text}: {n} rates; this model takes one"),
         n => bail!("--drop-path {text}: {n} rates for a {stages}-stage model"),
     }
 }
@@ -297,7 +300,7 @@ fn weight_entries(t: &HashMap<String, Tensor>) -> Vec<Entry<'_>> {
 
 /// Writes checkpoint.safetensors (weights + optimizer + state) then model.safetensors (weights).
 /// `weights`: `TrainModel::weights()` of the model as it is now.
-fn save(out: &Path, weights: &HashMap<String, Tensor>, opt: &crate::models::cvt::train::Optimizer, state: &TrainState, meta: &HashMap<String, String>) -> Result<()> {
+fn save(out: &Path, weights: &HashMap<String, Tensor>, opt: &crate::models::step::Optimizer, state: &TrainState, meta: &HashMap<String, String>) -> Result<()> {
     let moments = opt.state()?;
     let mut entries = weight_entries(weights);
     for (name, m, v) in &moments {
@@ -319,11 +322,11 @@ pub struct EvalResult {
     pub images: usize,
 }
 
-pub fn evaluate(model: &Model, ds: &Dataset, spec: &Spec, limit: Option<usize>, quiet: bool) -> Result<EvalResult> {
+pub fn evaluate(model: &Net, ds: &Dataset, spec: &Spec, limit: Option<usize>, quiet: bool) -> Result<EvalResult> {
     let res = ds.height;
     let n = limit.unwrap_or(usize::MAX).min(ds.len());
     let plan = model.plan_fitting(256.min(n.max(1)), res, ds.width)?;
-    let classes = model.cfg.num_classes;
+    let classes = model.arch().num_classes();
     let bar = progress_bar(n as u64, quiet);
     bar.set_message("evaluating");
     let (mut c1, mut c5, mut loss) = (0usize, 0usize, 0f64);
@@ -383,35 +386,65 @@ fn read_training_checkpoint(path: &Path) -> Result<(Checkpoint, HashMap<String, 
 /// `model`: `--model` given with `--weights`, the checkpoint's architecture when it
 /// carries none (a .pth of a non-released shape); its class and channel counts are
 /// taken from the checkpoint's tensors.
-fn fine_tune_weights(path: &Path, model: Option<&str>, classes: usize, seed: u64) -> Result<(CvtConfig, HashMap<String, Tensor>, Option<Act>, Option<Spec>)> {
+fn fine_tune_weights(path: &Path, model: Option<&str>, classes: usize, seed: u64) -> Result<(Arch, HashMap<String, Tensor>, Option<Act>, Option<Spec>)> {
     let shown = path.display();
     let ck = read_checkpoint(path)?;
-    let config = match model {
+    let arch = match model {
         Some(m) => {
-            let mut c = CvtConfig::by_name(m)?;
-            // Shapes of any other rank are named by `describe`'s check below.
-            if let Some(&n) = ck.tensors.get("head.weight").and_then(|h| h.shape.first()) {
-                c.num_classes = n;
+            let mut arch = Arch::by_name(m)?;
+            // Shapes of any other rank are named by the description's check below.
+            let head = ck.tensors.get("head.weight").and_then(|h| h.shape.first()).copied();
+            let first_conv = if ck.family == crate::models::Family::Cvt { "stage0.patch_embed.proj.weight" } else { "patch_embed.proj.weight" };
+            let chans = ck.tensors.get(first_conv).and_then(|p| p.shape.get(1)).copied();
+            match &mut arch {
+                Arch::Cvt(c) => (c.num_classes, c.in_chans) = (head.unwrap_or(c.num_classes), chans.unwrap_or(c.in_chans)),
+                Arch::Convit(c) => (c.num_classes, c.in_chans) = (head.unwrap_or(c.num_classes), chans.unwrap_or(c.in_chans)),
             }
-            if let Some(&n) = ck.tensors.get("stage0.patch_embed.proj.weight").and_then(|p| p.shape.get(1)) {
-                c.in_chans = n;
-            }
-            Some(c)
+            Some(arch)
         }
         None => None,
     };
-    let d = describe(&ck, path, &LoadOptions { config, activation: None, ..Default::default() })?;
-    let mut cfg = d.cfg;
+    let (mut arch, act, spec) = describe_any(&ck, path, arch)?;
     let mut t = ck.tensors;
-    if cfg.num_classes != classes {
-        eprintln!("note: {shown} has a {}-class head; the data has {classes} classes, so the head is re-initialised", cfg.num_classes);
-        cfg.num_classes = classes;
-        let fresh = init_tensors(&cfg, seed);
+    if arch.num_classes() != classes {
+        eprintln!("note: {shown} has a {}-class head; the data has {classes} classes, so the head is re-initialised", arch.num_classes());
+        match &mut arch {
+            Arch::Cvt(c) => c.num_classes = classes,
+            Arch::Convit(c) => c.num_classes = classes,
+        }
+        let fresh = arch.init_tensors(seed);
         t.insert("head.weight".into(), fresh["head.weight"].clone());
         t.insert("head.bias".into(), fresh["head.bias"].clone());
     }
-    let act = (d.act_explicit || ck.naming == Naming::Hf).then_some(d.act);
-    Ok((cfg, t, act, d.preprocess))
+    Ok((arch, t, act, spec))
+}
+
+/// A checkpoint's architecture in either family (`arch` if given), checked
+/// against its tensors, with its activation (CvT: None where the naming's default
+/// applies and official names leave `--activation` to decide) and preprocessing.
+fn describe_any(ck: &Checkpoint, path: &Path, arch: Option<Arch>) -> Result<(Arch, Option<Act>, Option<Spec>)> {
+    match ck.family {
+        crate::models::Family::Cvt => {
+            let config = match arch {
+                Some(Arch::Cvt(c)) => Some(c),
+                Some(Arch::Convit(c)) => bail!("{}: a CvT checkpoint, but --model names ConViT {}", path.display(), c.name),
+                None => None,
+            };
+            let d = describe(ck, path, &LoadOptions { config, activation: None, ..Default::default() })?;
+            let act = (d.act_explicit || ck.naming == Naming::Hf).then_some(d.act);
+            Ok((Arch::Cvt(d.cfg), act, d.preprocess))
+        }
+        crate::models::Family::Convit => {
+            let want = match arch {
+                Some(Arch::Convit(c)) => Some(c),
+                Some(Arch::Cvt(c)) => bail!("{}: a ConViT checkpoint, but --model names CvT {}", path.display(), c.name),
+                None => None,
+            };
+            let cfg = crate::models::describe_convit(ck, path, want.as_ref(), false)?;
+            let (_, spec) = crate::models::cvt::labels_and_preprocess(ck, path, cfg.num_classes)?;
+            Ok((Arch::Convit(cfg), Some(Act::Gelu), spec))
+        }
+    }
 }
 
 /// Fits the data to the model's input channels: a 1-channel model on RGB data
@@ -460,8 +493,11 @@ fn truncate_metrics(out: &Path, step: u64) -> Result<()> {
 }
 
 /// A new run's settings: the options, with the dataset's defaults where they say nothing.
-fn new_state(a: &TrainArgs, dataset: &str, res: usize, train_limit: Option<usize>, drop_path: Vec<f32>) -> TrainState {
+/// `family`: the model's, whose Fashion-MNIST default epochs differ (each fits
+/// the 20 minutes of lavapipe here: 15 of cvt-fmnist, 8 of convit-fmnist).
+fn new_state(a: &TrainArgs, dataset: &str, res: usize, train_limit: Option<usize>, drop_path: Vec<f32>, family: crate::models::Family) -> TrainState {
     let fmnist = dataset == "fashion-mnist";
+    let fmnist_epochs = if family == crate::models::Family::Convit { 8 } else { 15 };
     TrainState {
         step: 0,
         epoch: 0,
@@ -469,8 +505,9 @@ fn new_state(a: &TrainArgs, dataset: &str, res: usize, train_limit: Option<usize
         seed: a.seed,
         batch: a.batch,
         // Fashion-MNIST's default: 15 epochs of cvt-fmnist at 4e-3 reach 91.7% in
-        // under 20 minutes on lavapipe (weights/README.md; 6 epochs: 90.2%).
-        epochs: a.epochs.unwrap_or(if fmnist { 15 } else { 3 }),
+        // under 20 minutes on lavapipe (weights/README.md; 6 epochs: 90.2%); 8 of
+        // convit-fmnist reach 88.1% in 16.5 minutes (docs/perf.md).
+        epochs: a.epochs.unwrap_or(if fmnist { fmnist_epochs } else { 3 }),
         lr: a.lr.unwrap_or(if fmnist { 4e-3 } else { 3e-3 }),
         min_lr: a.min_lr,
         warmup_steps: a.warmup_steps,
@@ -541,7 +578,7 @@ struct Setup {
     data: Data,
     train_ds: Arc<Dataset>,
     val_ds: Arc<Dataset>,
-    cfg: CvtConfig,
+    arch: Arch,
     tensors: HashMap<String, Tensor>,
     act: Act,
     spec: Spec,
@@ -562,7 +599,7 @@ impl Setup {
             data_args.res.get_or_insert(s.res);
         }
         let model_res_hint = match &a.model {
-            Some(m) => CvtConfig::by_name(m)?.image_size,
+            Some(m) => Arch::by_name(m)?.image_size(),
             None => 224,
         };
         let data = data_args.open(true, model_res_hint, a.json)?;
@@ -580,27 +617,29 @@ impl Setup {
         let classes = train_ds.classes.clone();
 
         // Model and initial weights.
-        let (cfg, tensors, act, ck_spec) = if let Some((ck, _, path)) = &resumed {
-            let d = describe(ck, path, &LoadOptions::default())?;
-            (d.cfg, ck.tensors.clone(), d.act, d.preprocess)
+        let (arch, tensors, act, ck_spec) = if let Some((ck, _, path)) = &resumed {
+            let (arch, act, spec) = describe_any(ck, path, None)?;
+            (arch, ck.tensors.clone(), act.unwrap_or(a.activation), spec)
         } else if let Some(w) = &a.weights {
-            let (cfg, t, act, spec) = fine_tune_weights(w, a.model.as_deref(), classes.len(), a.seed)?;
-            (cfg, t, act.unwrap_or(a.activation), spec)
+            let (arch, t, act, spec) = fine_tune_weights(w, a.model.as_deref(), classes.len(), a.seed)?;
+            (arch, t, act.unwrap_or(a.activation), spec)
         } else {
             let name = a.model.clone().unwrap_or_else(|| if data.name == "fashion-mnist" { "cvt-fmnist".into() } else { "cvt-13".into() });
-            let mut cfg = CvtConfig::by_name(&name)?;
-            cfg.num_classes = classes.len();
-            cfg.in_chans = data.spec.channels;
-            cfg.image_size = res;
-            cfg.validate().with_context(|| format!("--model {name} on {}", data.name))?;
-            let t = init_tensors(&cfg, a.seed);
-            (cfg, t, a.activation, None)
+            let mut arch = Arch::by_name(&name)?;
+            arch.fit_data(classes.len(), data.spec.channels, res).with_context(|| format!("--model {name} on {}", data.name))?;
+            let t = arch.init_tensors(a.seed);
+            (arch, t, a.activation, None)
         };
+        // ConViT's MLP is exact GELU whatever --activation says (CvT's choice).
+        let act = if arch.family() == crate::models::Family::Convit { Act::Gelu } else { act };
         let mut val_ds = data.val.clone();
         let what = a.weights.as_ref().or(a.resume.as_ref()).map(|p| p.display().to_string()).unwrap_or_else(|| "--model".into());
-        let spec = fit_channels(cfg.in_chans, &data.spec, &mut [&mut train_ds, &mut val_ds], ck_spec, &what)?;
-        if cfg.num_classes != classes.len() {
-            bail!("{what}: the model has {} classes, the data {}", cfg.num_classes, classes.len());
+        let spec = fit_channels(arch.in_chans(), &data.spec, &mut [&mut train_ds, &mut val_ds], ck_spec, &what)?;
+        if arch.num_classes() != classes.len() {
+            bail!("{what}: the model has {} classes, the data {}", arch.num_classes(), classes.len());
+        }
+        if arch.fixed_size() && arch.image_size() != res {
+            bail!("{what}: {} takes {}x{} inputs, the data is {res}x{res} (--res {})", arch.name(), arch.image_size(), arch.image_size(), arch.image_size());
         }
         let state = match prev_state {
             // A resumed run keeps its own settings (only --epochs may be raised).
@@ -613,11 +652,11 @@ impl Setup {
                 }
                 s
             }
-            None => new_state(a, data.name, res, train_limit, parse_drop_path(&a.drop_path, cfg.stages())?),
+            None => new_state(a, data.name, res, train_limit, parse_drop_path(&a.drop_path, arch.drop_path_groups())?, arch.family()),
         };
         check_ranges(&state, a)?;
-        let meta = crate::checkpoint::model_metadata(&cfg, act, Some(&classes), Some(&spec))?;
-        Ok(Setup { data, train_ds, val_ds, cfg, tensors, act, spec, state, meta, moments: resumed.map(|(_, m, _)| m) })
+        let meta = crate::checkpoint::model_metadata(&arch, act, Some(&classes), Some(&spec))?;
+        Ok(Setup { data, train_ds, val_ds, arch, tensors, act, spec, state, meta, moments: resumed.map(|(_, m, _)| m) })
     }
 }
 
@@ -639,9 +678,9 @@ struct Run<'a> {
     gpu: Arc<Gpu>,
     dir: &'a RunDir,
     s: Setup,
-    model: TrainModel,
-    step_plan: crate::models::cvt::train::StepPlan,
-    opt: crate::models::cvt::train::Optimizer,
+    model: TrainNet,
+    step_plan: crate::models::step::StepPlan,
+    opt: crate::models::step::Optimizer,
     loader: LoaderConfig,
     steps_per_epoch: u64,
     total_steps: u64,
@@ -658,9 +697,9 @@ const SAVE_EVERY_SECONDS: u64 = 600;
 impl<'a> Run<'a> {
     fn new(gpu: Arc<Gpu>, a: &'a TrainArgs, dir: &'a RunDir, s: Setup) -> Result<Run<'a>> {
         let res = s.train_ds.height;
-        let mut model = TrainModel::new(gpu.clone(), s.cfg.clone(), &s.tensors, s.act)?;
+        let mut model = TrainNet::new(gpu.clone(), &s.arch, &s.tensors, s.act)?;
         model.set_drop_path(&s.state.drop_path);
-        let step_plan = model.step_plan(s.state.batch, res, res).map_err(|e| if e.downcast_ref::<crate::graph::TooLarge>().is_some() { anyhow::anyhow!("{e:#}: lower --batch") } else { e })?;
+        let step_plan = model.step_plan(s.state.batch, res).map_err(|e| if e.downcast_ref::<crate::graph::TooLarge>().is_some() { anyhow::anyhow!("{e:#}: lower --batch") } else { e })?;
         let mut opt = model.optimizer(AdamW { weight_decay: s.state.weight_decay, ..AdamW::default() })?;
         if let Some(moments) = &s.moments {
             opt.load_state(moments)?;
@@ -705,7 +744,7 @@ impl<'a> Run<'a> {
         let (s, st) = (&self.s, &self.s.state);
         eprintln!(
             "training {} ({:.2}M parameters, {}) on {} ({} train / {} val images, {}x{}, {} classes), batch {}, {} epochs = {} steps, on {}",
-            s.cfg.name,
+            s.arch.name(),
             s.tensors.values().map(|t| t.data.len()).sum::<usize>() as f64 / 1e6,
             serde_json::to_value(s.act)?.as_str().unwrap_or(""),
             s.data.name,
@@ -713,7 +752,7 @@ impl<'a> Run<'a> {
             s.val_ds.len(),
             st.res,
             st.res,
-            s.cfg.num_classes,
+            s.arch.num_classes(),
             st.batch,
             st.epochs,
             self.total_steps,
@@ -767,7 +806,7 @@ impl<'a> Run<'a> {
             1.0
         };
         self.opt.update_scaled(lr, scale)?;
-        let k = self.model.cfg.num_classes;
+        let k = self.s.arch.num_classes();
         let correct = batch.labels.iter().enumerate().filter(|&(b, &l)| {
             let row = &logits[b * k..(b + 1) * k];
             row.iter().filter(|&&v| v > row[l as usize]).count() == 0
@@ -834,7 +873,7 @@ impl<'a> Run<'a> {
     fn end_epoch(&mut self, loss: f64, acc: f64, images: usize, seconds: f64) -> Result<EvalResult> {
         // One readback serves the evaluation and the checkpoint.
         let weights = self.model.weights()?;
-        let ev_model = Model::new(self.gpu.clone(), self.s.cfg.clone(), &weights, self.s.act)?;
+        let ev_model = Net::new(self.gpu.clone(), &self.s.arch, &weights, self.s.act, Default::default())?;
         let ev = evaluate(&ev_model, &self.s.val_ds, &self.s.spec, self.a.eval_limit, self.quiet())?;
         let st = &mut self.s.state;
         st.epoch += 1;
@@ -848,7 +887,7 @@ impl<'a> Run<'a> {
             "epoch_s": seconds, "img_per_s": ips, "elapsed_s": self.t_run.elapsed().as_secs_f64()
         });
         log_metrics(&self.dir.path, rec.clone())?;
-        if let Err(e) = crate::plot::curves(&self.dir.join("metrics.jsonl"), &self.dir.path, &format!("{} on {}", self.s.cfg.name, st.dataset)) {
+        if let Err(e) = crate::plot::curves(&self.dir.join("metrics.jsonl"), &self.dir.path, &format!("{} on {}", self.s.arch.name(), st.dataset)) {
             eprintln!("warning: no plot ({e:#})");
         }
         if self.quiet() {
@@ -904,7 +943,7 @@ impl<'a> Run<'a> {
 pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
     // The options' ranges before anything is read or created (a resumed run's
     // stored settings are checked again once read).
-    check_ranges(&new_state(a, "", 1, a.train_limit, vec![]), a)?;
+    check_ranges(&new_state(a, "", 1, a.train_limit, vec![], crate::models::Family::Cvt), a)?;
     let resumed = a.resume.as_deref().map(read_training_checkpoint).transpose()?;
     // `--resume DIR` continues in DIR unless --out says otherwise.
     let out = match (&a.out, &resumed) {
@@ -950,16 +989,17 @@ pub struct EvalArgs {
 
 pub fn eval(gpu: Arc<Gpu>, a: &EvalArgs) -> Result<()> {
     anyhow::ensure!(a.limit != Some(0), "--limit 0: must be at least 1 image");
-    let config = a.config.as_deref().map(CvtConfig::by_name).transpose()?;
-    let loaded = crate::models::cvt::load(gpu, &a.weights, &crate::models::cvt::LoadOptions { config, activation: a.activation, f16: a.f16, allow_nonfinite: a.allow_nonfinite })?;
+    let arch = a.config.as_deref().map(Arch::by_name).transpose()?;
+    let loaded = crate::models::load(gpu, &a.weights, arch, &crate::models::cvt::LoadOptions { config: None, activation: a.activation, f16: a.f16, allow_nonfinite: a.allow_nonfinite })?;
     let m = &loaded.model;
-    let data = a.data.open(false, m.cfg.image_size, a.json)?;
-    if data.val.classes.len() != m.cfg.num_classes {
-        bail!("{}: the model has {} classes, the {} validation split {}", a.weights.display(), m.cfg.num_classes, data.name, data.val.classes.len());
+    let arch = m.arch();
+    let data = a.data.open(false, arch.image_size(), a.json)?;
+    if data.val.classes.len() != arch.num_classes() {
+        bail!("{}: the model has {} classes, the {} validation split {}", a.weights.display(), arch.num_classes(), data.name, data.val.classes.len());
     }
     // The checkpoint's own normalisation when it has one; grayscale for 1-channel models.
     let mut val = data.val.clone();
-    let spec = fit_channels(m.cfg.in_chans, &data.spec, &mut [&mut val], Some(loaded.preprocess.clone()), &a.weights.display().to_string())?;
+    let spec = fit_channels(arch.in_chans(), &data.spec, &mut [&mut val], Some(loaded.preprocess.clone()), &a.weights.display().to_string())?;
     let t = Instant::now();
     let r = evaluate(m, &val, &spec, a.limit, a.json)?;
     if a.json {

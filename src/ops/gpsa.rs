@@ -43,6 +43,9 @@ pub struct Gpsa {
     pub pos_b: Arc<wgpu::Buffer>,
     pub gate: Arc<wgpu::Buffer>,
     pub heads: usize,
+    /// Inference (`frozen`): Qpos [H, n, n] computed once at load for n patches,
+    /// which the forward reads instead of computing it at every run.
+    pub qpos: Option<(usize, Arc<wgpu::Buffer>)>,
 }
 
 impl Gpsa {
@@ -50,7 +53,37 @@ impl Gpsa {
         let heads = gate.len();
         ensure!(pos_w.len() == 3 * heads && pos_b.len() == heads, "{name}: pos_proj.weight must be [{heads}, 3] and pos_proj.bias [{heads}]");
         let up = |what: &str, v: &[f32]| -> Result<Arc<wgpu::Buffer>> { Ok(Arc::new(gpu.upload(&format!("{name}.{what}"), v)?)) };
-        Ok(Gpsa { pos_w: up("pos_proj.weight", pos_w)?, pos_b: up("pos_proj.bias", pos_b)?, gate: up("gating_param", gate)?, heads })
+        Ok(Gpsa { pos_w: up("pos_proj.weight", pos_w)?, pos_b: up("pos_proj.bias", pos_b)?, gate: up("gating_param", gate)?, heads, qpos: None })
+    }
+
+    /// As `new` for a layer that never trains, over a grid of `n` patches: its
+    /// positional attention depends on no input, so it is computed here once
+    /// (in f64, as `gpsa.wgsl`'s pos_softmax would in f32) like BatchNorm is
+    /// folded into CvT's convolutions at load.
+    pub fn frozen(gpu: &Gpu, name: &str, pos_w: &[f32], pos_b: &[f32], gate: &[f32], n: usize) -> Result<Gpsa> {
+        let mut g = Self::new(gpu, name, pos_w, pos_b, gate)?;
+        let gs = (n as f64).sqrt().round() as usize;
+        ensure!(gs * gs == n, "{name}: GPSA needs a square grid of patches, not {n}");
+        let mut q = vec![0f32; g.heads * n * n];
+        for h in 0..g.heads {
+            let w = &pos_w[3 * h..3 * h + 3];
+            for i in 0..n {
+                let scores: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let dx = (j % gs) as f64 - (i % gs) as f64;
+                        let dy = (j / gs) as f64 - (i / gs) as f64;
+                        w[0] as f64 * dx + w[1] as f64 * dy + w[2] as f64 * (dx * dx + dy * dy) + pos_b[h] as f64
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                for (j, s) in scores.iter().enumerate() {
+                    q[(h * n + i) * n + j] = ((s - m).exp() / z) as f32;
+                }
+            }
+        }
+        g.qpos = Some((n, Arc::new(gpu.upload(&format!("{name}.qpos"), &q)?)));
+        Ok(g)
     }
 }
 
@@ -129,7 +162,7 @@ pub fn pos_attention(g: &mut Graph, label: &str, p: &Gpsa, s: &GpsaShape) -> Res
 
 /// `out` = (1 − g)·y + g·Qpos·v per head, and Yp = Qpos·v into `yp` where given;
 /// `backward`: `out` = y + g·Qposᵀ·v (dV from the content dV and dO).
-fn mix(g: &mut Graph, label: &str, (v, y, qpos): (TensorId, TensorId, TensorId), p: &Gpsa, s: &GpsaShape, yp: Option<TensorId>, backward: bool) -> Result<TensorId> {
+fn mix(g: &mut Graph, label: &str, (v, y, qpos): (TensorId, TensorId, Res), p: &Gpsa, s: &GpsaShape, yp: Option<TensorId>, backward: bool) -> Result<TensorId> {
     let out = g.tensor(label.to_string(), s.batch * s.n * s.c);
     let consts = [("WG", MIX_ROWS as f64), ("D4", s.d4() as f64), ("BACKWARD", backward as u8 as f64), ("SAVE_YP", yp.is_some() as u8 as f64)];
     let entry = if tiled(g) { "pos_mix" } else { "pos_mix_rows" };
@@ -140,7 +173,7 @@ fn mix(g: &mut Graph, label: &str, (v, y, qpos): (TensorId, TensorId, TensorId),
         (gp::Y, Res::Act(y)),
         (gp::O, Res::Act(out)),
         (gp::PARAMS, Res::uniform(&s.params(0)?)),
-        (gp::QPOS, Res::Act(qpos)),
+        (gp::QPOS, qpos),
         (gp::GATING, Res::Buf(p.gate.clone())),
         (gp::YP, yp_res),
     ]);
@@ -159,7 +192,10 @@ fn check(s: &GpsaShape, p: &Gpsa) -> Result<()> {
 /// Inference: GPSA of q, k, v [batch, n, c] (after the qk and v projections).
 pub fn gpsa(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, TensorId), s: GpsaShape, p: &Gpsa, kind: MatmulKind) -> Result<TensorId> {
     check(&s, p)?;
-    let qpos = pos_attention(g, label, p, &s)?;
+    let qpos = match &p.qpos {
+        Some((n, buf)) if *n == s.n => Res::Buf(buf.clone()),
+        _ => Res::Act(pos_attention(g, label, p, &s)?),
+    };
     let yc = attention_with(g, &format!("{label}.content"), q, k, v, s.attn(), kind)?;
     mix(g, label, (v, yc, qpos), p, &s, None, false)
 }
@@ -170,7 +206,7 @@ pub fn gpsa_train(g: &mut Graph, label: &str, (q, k, v): (TensorId, TensorId, Te
     let qpos = pos_attention(g, label, p, &s)?;
     let (yc, attn) = attention_train(g, &format!("{label}.content"), (q, k, v), s.attn(), grad, kind)?;
     let yp = g.tensor(format!("{label}.yp"), s.batch * s.n * s.c);
-    let o = mix(g, label, (v, yc, qpos), p, &s, Some(yp), false)?;
+    let o = mix(g, label, (v, yc, Res::Act(qpos)), p, &s, Some(yp), false)?;
     Ok((o, GpsaSaved { qpos, yc, attn, yp }))
 }
 
@@ -230,6 +266,6 @@ pub fn gpsa_backward(
     let b = bind([(gp::O, Res::Act(dyc)), (gp::PARAMS, prm), (gp::GATING, Res::Buf(p.gate.clone())), (gp::DOUT, Res::Act(dout))]);
     g.dispatch(format!("{label}.dyc"), pipeline, b, grid1d(&g.gpu, (rows * s.c / 4).div_ceil(WG) as u64), 0.0);
     let (dq, dk, dvc) = attention_backward(g, &format!("{label}.content"), (q, k, v, saved.yc), saved.attn, dyc, s.attn())?;
-    let dv = mix(g, &format!("{label}.dv"), (dout, dvc, saved.qpos), p, &s, None, true)?;
+    let dv = mix(g, &format!("{label}.dv"), (dout, dvc, Res::Act(saved.qpos)), p, &s, None, true)?;
     Ok((dq, dk, dv))
 }

@@ -147,19 +147,18 @@ pub fn batch_sum(g: &mut Graph, label: &str, dy: TensorId, batch: usize, per_ima
 }
 
 /// The inverse of `gather_rows`: src [rows, C] densely into the mapped rows of y.
-pub fn scatter_rows(g: &mut Graph, label: &str, src: TensorId, y: TensorId, c: usize, (rows, group, stride, off): (usize, usize, usize, usize)) -> Result<()> {
-    let pipeline = g.pipeline("tokens", "scatter_rows", &[("WG", WG as f64)])?;
-    let u = |v: usize| v as u32;
-    let p = GatherParams { rows: u(rows), c: u(c), group: u(group), stride: u(stride), off: u(off), ..Default::default() };
-    let groups = crate::graph::grid1d(&g.gpu, (rows * c).div_ceil(WG) as u64);
-    g.dispatch(label, pipeline, bind([(tk::SRC, Res::Act(src)), (tk::Y, Res::Act(y)), (tk::GATHER_PARAMS, Res::uniform(&p))]), groups, 0.0);
-    Ok(())
+pub fn scatter_rows(g: &mut Graph, label: &str, src: TensorId, y: TensorId, c: usize, map: (usize, usize, usize, usize)) -> Result<()> {
+    mapped_rows(g, label, src, y, c, map, true)
 }
 
 /// y [rows, C] = the rows of src that `map` reads or writes ((r / group)·stride + off
 /// + r % group), densely.
-pub fn gather_rows(g: &mut Graph, label: &str, src: TensorId, y: TensorId, c: usize, (rows, group, stride, off): (usize, usize, usize, usize)) -> Result<()> {
-    let pipeline = g.pipeline("tokens", "gather_rows", &[("WG", WG as f64)])?;
+pub fn gather_rows(g: &mut Graph, label: &str, src: TensorId, y: TensorId, c: usize, map: (usize, usize, usize, usize)) -> Result<()> {
+    mapped_rows(g, label, src, y, c, map, false)
+}
+
+fn mapped_rows(g: &mut Graph, label: &str, src: TensorId, y: TensorId, c: usize, (rows, group, stride, off): (usize, usize, usize, usize), scatter: bool) -> Result<()> {
+    let pipeline = g.pipeline("tokens", "gather_rows", &[("WG", WG as f64), ("SCATTER", scatter as u8 as f64)])?;
     let u = |v: usize| v as u32;
     let p = GatherParams { rows: u(rows), c: u(c), group: u(group), stride: u(stride), off: u(off), ..Default::default() };
     let groups = crate::graph::grid1d(&g.gpu, (rows * c).div_ceil(WG) as u64);

@@ -170,7 +170,8 @@ impl Convit {
             let v = if parts == 3 { mk(&format!("{b}.attn.v"), part(2), None, c, c)? } else { mk(&format!("{b}.attn.v"), get(t, &format!("{b}.attn.v.weight"))?, None, c, c)? };
             let pos = if local {
                 let name = format!("{b}.attn");
-                let g = Gpsa::new(&gpu, &name, get(t, &format!("{name}.pos_proj.weight"))?, get(t, &format!("{name}.pos_proj.bias"))?, get(t, &format!("{name}.gating_param"))?)?;
+                let (w, pb, gate) = (get(t, &format!("{name}.pos_proj.weight"))?, get(t, &format!("{name}.pos_proj.bias"))?, get(t, &format!("{name}.gating_param"))?);
+                let g = if training { Gpsa::new(&gpu, &name, w, pb, gate)? } else { Gpsa::frozen(&gpu, &name, w, pb, gate, cfg.patches())? };
                 let gg = if training { Some(GpsaGrad::new(&gpu, &name, h)?) } else { None };
                 Some((g, gg))
             } else {
@@ -205,6 +206,11 @@ impl Convit {
         };
         gpu.check_error()?;
         Ok(model)
+    }
+
+    /// Whether its plans run in f16 (`Graph::half`).
+    pub fn half(&self) -> bool {
+        self.half
     }
 
     /// Stochastic depth as timm: block i's rate linspace(0, rate, depth)[i].

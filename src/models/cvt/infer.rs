@@ -10,16 +10,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::config::CvtConfig;
+use super::forward::{forward, BlockRef, Layers, Mode, Proj};
 use super::weights::Tensor;
 use crate::gpu::Gpu;
 use crate::graph::{Graph, Plan, TensorId};
-use crate::ops::attention::{attention, AttnShape};
-use crate::ops::dwconv::{conv_proj, kv_hw, BatchNorm, ConvProj};
+use crate::ops::dwconv::{BatchNorm, ConvProj};
 use crate::ops::matmul::WeightFormat;
-use crate::ops::matmul::{conv2d, linear, linear_residual, Out};
-use crate::ops::rownorm::{add_layernorm, layernorm, softmax, LayerNorm, RowMap};
-use crate::ops::tokens::{add_into, cls_fill, mean_tokens};
-use crate::ops::{Act, ConvGeom, Linear};
+use crate::ops::rownorm::{softmax, LayerNorm};
+use crate::ops::{Act, Linear};
 
 struct Block {
     norm1: LayerNorm,
@@ -166,81 +164,14 @@ impl Model {
             bail!("batch must be at least 1");
         }
         let cfg = &self.cfg;
-        let grids = cfg.grids(height, width)?;
         let mut g = Graph::new(self.gpu.clone());
         g.half = self.half;
         let input = g.pinned("image", batch * height * width * cfg.in_chans);
-        let (mut x, mut h, mut w, mut cin, mut tokens, mut off) = (input, height, width, cfg.in_chans, height * width, 0);
-        for (s, st) in self.stages.iter().enumerate() {
-            let c = cfg.dims[s];
-            let geom = ConvGeom { batch, in_h: h, in_w: w, cin, in_tokens: tokens, in_tok_off: off, k: cfg.patch_sizes[s], stride: cfg.patch_strides[s], pad: cfg.patch_padding[s] };
-            let (oh, ow) = grids[s];
-            let e = conv2d(&mut g, &format!("stage{s}.embed"), x, geom, &st.embed)?;
-            let cls = st.cls.is_some() as usize;
-            let t = cls + oh * ow;
-            let xs = g.tensor(format!("stage{s}.x"), batch * t * c);
-            let map = RowMap { rows: batch * oh * ow, group: oh * ow, in_stride: oh * ow, in_off: 0, out_stride: t, out_off: cls };
-            layernorm(&mut g, &format!("stage{s}.embed_norm"), e, map, &st.embed_norm, Some(xs))?;
-            if let Some(cls_buf) = &st.cls {
-                cls_fill(&mut g, &format!("stage{s}.cls"), cls_buf, xs, batch, t, c)?;
-            }
-            let (kh, kw) = kv_hw(oh, ow);
-            let tk = cls + kh * kw;
-            // A branch output not yet added to the stream xs (linear_residual):
-            // the next LayerNorm adds it, or the stage's end.
-            let mut pending: Option<TensorId> = None;
-            let norm = |g: &mut Graph, label: String, pending: Option<TensorId>, ln: &LayerNorm| match pending {
-                Some(z) => add_layernorm(g, &label, xs, z, batch * t, ln),
-                None => layernorm(g, &label, xs, RowMap::dense(batch * t), ln, None),
-            };
-            for (j, b) in st.blocks.iter().enumerate() {
-                let l = format!("stage{s}.blocks.{j}");
-                let hn = norm(&mut g, format!("{l}.norm1"), pending.take(), &b.norm1)?;
-                let (q0, k0, v0) = conv_proj(&mut g, &format!("{l}.conv_proj"), hn, batch, oh, ow, cls, &b.conv_proj)?;
-                let q = linear(&mut g, &format!("{l}.proj_q"), q0, batch * t, &b.proj_q, Act::None, Out::New)?;
-                let k = linear(&mut g, &format!("{l}.proj_k"), k0, batch * tk, &b.proj_k, Act::None, Out::New)?;
-                let v = linear(&mut g, &format!("{l}.proj_v"), v0, batch * tk, &b.proj_v, Act::None, Out::New)?;
-                let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
-                let a = attention(&mut g, &format!("{l}.attn"), q, k, v, shape)?;
-                let z = linear_residual(&mut g, &format!("{l}.proj"), a, batch * t, &b.proj, xs)?;
-                let h2 = norm(&mut g, format!("{l}.norm2"), z, &b.norm2)?;
-                let u = linear(&mut g, &format!("{l}.fc1"), h2, batch * t, &b.fc1, self.act, Out::New)?;
-                pending = linear_residual(&mut g, &format!("{l}.fc2"), u, batch * t, &b.fc2, xs)?;
-            }
-            if let Some(z) = pending {
-                add_into(&mut g, &format!("stage{s}.residual"), xs, z, xs)?;
-            }
-            (x, h, w, cin, tokens, off) = (xs, oh, ow, c, t, cls);
-        }
-        let c = cin;
-        let feat = if off == 1 {
-            // Final norm on the cls token only (spec §2.1).
-            let map = RowMap { rows: batch, group: 1, in_stride: tokens, in_off: 0, out_stride: 1, out_off: 0 };
-            layernorm(&mut g, "norm", x, map, &self.norm, None)?
-        } else {
-            let n = layernorm(&mut g, "norm", x, RowMap::dense(batch * tokens), &self.norm, None)?;
-            mean_tokens(&mut g, "pool", n, batch, tokens, c)?
-        };
-        let logits = g.pinned("logits", batch * cfg.num_classes);
-        linear(&mut g, "head", feat, batch, &self.head, Act::None, Out::Into(logits))?;
+        let (logits, _) = forward(self, cfg, self.act, &mut g, input, batch, (height, width), Mode::Infer)?;
         let probs = g.pinned("probs", batch * cfg.num_classes);
         softmax(&mut g, "softmax", logits, batch, cfg.num_classes, Some(probs))?;
         let plan = g.compile()?;
         Ok(ForwardPlan { plan, batch, height, width, classes: cfg.num_classes, input, logits, probs })
-    }
-}
-
-impl Model {
-    /// Like `plan`, but halves the batch until every tensor fits the adapter's
-    /// storage-binding limit; returns the plan and the batch it holds.
-    pub fn plan_fitting(&self, batch: usize, height: usize, width: usize) -> Result<ForwardPlan> {
-        let mut b = batch.max(1);
-        loop {
-            match self.plan(b, height, width) {
-                Err(e) if b > 1 && e.downcast_ref::<crate::graph::TooLarge>().is_some() => b = b.div_ceil(2),
-                other => return other,
-            }
-        }
     }
 }
 
@@ -256,5 +187,27 @@ impl ForwardPlan {
     /// Runs without reading back (for timing); `sync` waits for completion.
     pub fn run(&self) -> Result<()> {
         self.plan.run()
+    }
+}
+
+impl Layers for Model {
+    fn embed(&self, s: usize) -> &Linear {
+        &self.stages[s].embed
+    }
+    fn embed_norm(&self, s: usize) -> &LayerNorm {
+        &self.stages[s].embed_norm
+    }
+    fn cls(&self, s: usize) -> Option<&Arc<wgpu::Buffer>> {
+        self.stages[s].cls.as_ref()
+    }
+    fn block(&self, s: usize, j: usize) -> BlockRef<'_> {
+        let b = &self.stages[s].blocks[j];
+        BlockRef { norm1: &b.norm1, proj: Proj::Folded(&b.conv_proj), q: &b.proj_q, k: &b.proj_k, v: &b.proj_v, o: &b.proj, norm2: &b.norm2, fc1: &b.fc1, fc2: &b.fc2 }
+    }
+    fn norm(&self) -> &LayerNorm {
+        &self.norm
+    }
+    fn head(&self) -> &Linear {
+        &self.head
     }
 }

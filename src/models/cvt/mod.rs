@@ -1,6 +1,7 @@
 //! The CvT model: configuration, checkpoints and the forward schedule.
 
 pub mod config;
+pub mod forward;
 pub mod infer;
 pub mod train;
 pub mod weights;
@@ -58,6 +59,7 @@ pub struct Described {
 /// unless the checkpoint's metadata or `opts` says otherwise.
 pub fn describe(ck: &Checkpoint, path: &Path, opts: &LoadOptions) -> Result<Described> {
     let shown = path.display();
+    anyhow::ensure!(ck.family == crate::models::Family::Cvt, "{shown}: a {} checkpoint, not a CvT one", ck.family.name());
     let meta_cfg = match ck.metadata.get("cvt_config") {
         Some(j) => Some(serde_json::from_str::<CvtConfig>(j).with_context(|| format!("{shown}: invalid cvt_config metadata"))?),
         None => None,
@@ -102,6 +104,14 @@ pub fn describe(ck: &Checkpoint, path: &Path, opts: &LoadOptions) -> Result<Desc
         Naming::Official => Act::QuickGelu,
         Naming::Hf => Act::Gelu,
     });
+    let (labels, preprocess) = labels_and_preprocess(ck, path, cfg.num_classes)?;
+    Ok(Described { cfg, act, act_explicit: explicit.is_some(), labels, preprocess })
+}
+
+/// A checkpoint's `labels` and `preprocess` metadata (the engine's own
+/// checkpoints), checked: one label per class, a usable normalisation.
+pub fn labels_and_preprocess(ck: &Checkpoint, path: &Path, num_classes: usize) -> Result<(Option<Vec<String>>, Option<crate::preprocess::Spec>)> {
+    let shown = path.display();
     let labels = match ck.metadata.get("labels") {
         Some(j) => Some(serde_json::from_str::<Vec<String>>(j).with_context(|| format!("{shown}: invalid labels metadata"))?),
         None => None,
@@ -115,9 +125,9 @@ pub fn describe(ck: &Checkpoint, path: &Path, opts: &LoadOptions) -> Result<Desc
         None => None,
     };
     if let Some(l) = &labels {
-        anyhow::ensure!(l.len() == cfg.num_classes, "{shown}: {} labels in the metadata for a head of {} classes", l.len(), cfg.num_classes);
+        anyhow::ensure!(l.len() == num_classes, "{shown}: {} labels in the metadata for a head of {} classes", l.len(), num_classes);
     }
-    Ok(Described { cfg, act, act_explicit: explicit.is_some(), labels, preprocess })
+    Ok((labels, preprocess))
 }
 
 /// The largest input side the engine takes: 10x the largest released model's

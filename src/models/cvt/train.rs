@@ -12,18 +12,19 @@ use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::forward::{BlockRef, Layers, Mode, Proj, Saved};
 use crate::gpu::{Gpu, MatmulKind};
 use crate::graph::{Graph, TensorId};
 use crate::models::cvt::weights::Tensor;
 use crate::models::cvt::CvtConfig;
 pub use crate::models::step::{Optimizer, Param, StepPlan};
-use crate::ops::attention::{attention_backward, attention_train, attn_grad_mode, AttnShape};
-use crate::ops::dwconv::{conv_proj_train, conv_proj_train_backward, kv_hw, BatchNorm, ConvProjGrad, ConvProjTrain};
-use crate::ops::matmul::{conv2d, conv2d_backward, linear, linear_act, linear_backward, linear_backward_act, LinearGrad, Out};
+use crate::ops::attention::{attention_backward, AttnShape};
+use crate::ops::dwconv::{conv_proj_train_backward, BatchNorm, ConvProjGrad, ConvProjTrain};
+use crate::ops::matmul::{conv2d_backward, linear_backward, linear_backward_act, LinearGrad};
 use crate::ops::optim::AdamW;
-use crate::ops::rownorm::{layernorm, layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
-use crate::ops::tokens::{add, add_scaled, cls_fill, cls_grad, scale_rows};
-use crate::ops::{Act, ConvGeom, Linear};
+use crate::ops::rownorm::{layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
+use crate::ops::tokens::{add, cls_grad, scale_rows};
+use crate::ops::{Act, Linear};
 
 struct Lin {
     l: Linear,
@@ -164,7 +165,6 @@ impl TrainModel {
     /// cross-entropy against soft targets [batch, classes].
     pub fn step_plan(&self, batch: usize, height: usize, width: usize) -> Result<StepPlan> {
         let cfg = &self.cfg;
-        let grids = cfg.grids(height, width)?;
         let mut g = Graph::new(self.gpu.clone());
         let images = g.pinned("images", batch * height * width * cfg.in_chans);
         let targets = g.pinned("targets", batch * cfg.num_classes);
@@ -187,88 +187,10 @@ impl TrainModel {
             }
         };
 
-        // ---- forward, keeping what the backward reads ----
-        struct BlockSaved {
-            x0: TensorId,
-            h1: TensorId,
-            proj: crate::ops::dwconv::ProjSaved,
-            q: TensorId,
-            k: TensorId,
-            v: TensorId,
-            /// The attention probabilities, when kept for the backward (AttnGrad::Saved).
-            attn: crate::ops::attention::AttnSaved,
-            q0: TensorId,
-            k0: TensorId,
-            v0: TensorId,
-            a: TensorId,
-            x1: TensorId,
-            h2: TensorId,
-            z: TensorId,
-            u: TensorId,
-        }
-        struct StageSaved {
-            input: TensorId,
-            geom: ConvGeom,
-            e: TensorId,
-            blocks: Vec<BlockSaved>,
-            t: usize,
-            tk: usize,
-            hw: (usize, usize),
-        }
-        let mut saved: Vec<StageSaved> = vec![];
-        let (mut x, mut h, mut w, mut cin, mut tokens, mut off) = (images, height, width, cfg.in_chans, height * width, 0);
-        for (s, st) in self.stages.iter().enumerate() {
-            let c = cfg.dims[s];
-            let geom = ConvGeom { batch, in_h: h, in_w: w, cin, in_tokens: tokens, in_tok_off: off, k: cfg.patch_sizes[s], stride: cfg.patch_strides[s], pad: cfg.patch_padding[s] };
-            let (oh, ow) = grids[s];
-            let e = conv2d(&mut g, &format!("stage{s}.embed"), x, geom, &st.embed.l)?;
-            let cls = st.cls.is_some() as usize;
-            let t = cls + oh * ow;
-            let xs = g.tensor(format!("stage{s}.x"), batch * t * c);
-            let map = RowMap { rows: batch * oh * ow, group: oh * ow, in_stride: oh * ow, in_off: 0, out_stride: t, out_off: cls };
-            layernorm(&mut g, &format!("stage{s}.embed_norm"), e, map, &st.embed_norm.l, Some(xs))?;
-            if let Some((cls_buf, _)) = &st.cls {
-                cls_fill(&mut g, &format!("stage{s}.cls"), cls_buf, xs, batch, t, c)?;
-            }
-            let (kh, kw) = kv_hw(oh, ow);
-            let tk = cls + kh * kw;
-            let mut cur = xs;
-            let mut bs = vec![];
-            for (j, b) in st.blocks.iter().enumerate() {
-                let l = format!("stage{s}.blocks.{j}");
-                let h1 = layernorm(&mut g, &format!("{l}.norm1"), cur, RowMap::dense(batch * t), &b.norm1.l, None)?;
-                let ((q0, k0, v0), proj) = conv_proj_train(&mut g, &format!("{l}.conv_proj"), h1, batch, oh, ow, cls, &b.proj)?;
-                let q = linear(&mut g, &format!("{l}.proj_q"), q0, batch * t, &b.q.l, Act::None, Out::New)?;
-                let k = linear(&mut g, &format!("{l}.proj_k"), k0, batch * tk, &b.k.l, Act::None, Out::New)?;
-                let v = linear(&mut g, &format!("{l}.proj_v"), v0, batch * tk, &b.v.l, Act::None, Out::New)?;
-                let shape = AttnShape { batch, tq: t, tkv: tk, c, heads: cfg.heads[s], scale: (c as f32).powf(-0.5) };
-                let grad = attn_grad_mode(&g, &shape)?;
-                let kind = g.profile.matmul();
-                let (a, attn) = attention_train(&mut g, &format!("{l}.attn"), (q, k, v), shape, grad, kind)?;
-                let po = linear(&mut g, &format!("{l}.proj"), a, batch * t, &b.o.l, Act::None, Out::New)?;
-                let x1 = match dropped(s, j) {
-                    Some((sc, off)) => add_scaled(&mut g, &format!("{l}.res1"), cur, po, sc, t * c, off)?,
-                    None => add(&mut g, &format!("{l}.res1"), cur, po)?,
-                };
-                let h2 = layernorm(&mut g, &format!("{l}.norm2"), x1, RowMap::dense(batch * t), &b.norm2.l, None)?;
-                let (z, u) = linear_act(&mut g, &format!("{l}.fc1"), h2, batch * t, &b.fc1.l, self.act)?;
-                let f = linear(&mut g, &format!("{l}.fc2"), u, batch * t, &b.fc2.l, Act::None, Out::New)?;
-                let x2 = match dropped(s, j) {
-                    Some((sc, off)) => add_scaled(&mut g, &format!("{l}.res2"), x1, f, sc, t * c, off + batch)?,
-                    None => add(&mut g, &format!("{l}.res2"), x1, f)?,
-                };
-                bs.push(BlockSaved { x0: cur, h1, proj, q, k, v, q0, k0, v0, a, attn, x1, h2, z, u });
-                cur = x2;
-            }
-            saved.push(StageSaved { input: x, geom, e, blocks: bs, t, tk, hw: (oh, ow) });
-            (x, h, w, cin, tokens, off) = (cur, oh, ow, c, t, cls);
-        }
-        let c_last = cin;
-        let feat_map = RowMap { rows: batch, group: 1, in_stride: tokens, in_off: 0, out_stride: 1, out_off: 0 };
-        anyhow::ensure!(off == 1, "training needs a cls token in the last stage");
-        let feat = layernorm(&mut g, "norm", x, feat_map, &self.norm.l, None)?;
-        let logits = g.pinned("logits", batch * cfg.num_classes);
-        linear(&mut g, "head", feat, batch, &self.head.l, Act::None, Out::Into(logits))?;
+        // ---- forward (training mode), keeping what the backward reads ----
+        let mode = Mode::Train { drop: drop_scales, rates: &self.drop_path };
+        let (logits, saved) = super::forward::forward(self, cfg, self.act, &mut g, images, batch, (height, width), mode)?;
+        let Saved { stages: saved, x, tokens, c: c_last, feat, feat_map } = saved.expect("the training forward keeps its tensors");
         let (dlogits, loss) = softmax_xent(&mut g, "xent", logits, targets, batch, cfg.num_classes, 1.0 / batch as f32)?;
 
         // ---- backward ----
@@ -472,5 +394,27 @@ impl TrainModel {
             }
         }
         Ok(out)
+    }
+}
+
+impl Layers for TrainModel {
+    fn embed(&self, s: usize) -> &Linear {
+        &self.stages[s].embed.l
+    }
+    fn embed_norm(&self, s: usize) -> &LayerNorm {
+        &self.stages[s].embed_norm.l
+    }
+    fn cls(&self, s: usize) -> Option<&Arc<wgpu::Buffer>> {
+        self.stages[s].cls.as_ref().map(|(v, _)| v)
+    }
+    fn block(&self, s: usize, j: usize) -> BlockRef<'_> {
+        let b = &self.stages[s].blocks[j];
+        BlockRef { norm1: &b.norm1.l, proj: Proj::Train(&b.proj), q: &b.q.l, k: &b.k.l, v: &b.v.l, o: &b.o.l, norm2: &b.norm2.l, fc1: &b.fc1.l, fc2: &b.fc2.l }
+    }
+    fn norm(&self) -> &LayerNorm {
+        &self.norm.l
+    }
+    fn head(&self) -> &Linear {
+        &self.head.l
     }
 }

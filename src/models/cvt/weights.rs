@@ -23,6 +23,10 @@ pub enum Naming {
 /// A checkpoint read from disk, canonicalised to official names.
 pub struct Checkpoint {
     pub tensors: HashMap<String, Tensor>,
+    /// Which model family its names are (`models::Family`).
+    pub family: crate::models::Family,
+    /// CvT: official or Hugging Face names. ConViT's official names are timm's:
+    /// `Official`.
     pub naming: Naming,
     pub metadata: BTreeMap<String, String>,
 }
@@ -95,8 +99,14 @@ pub fn read_checkpoint_bytes(bytes: &[u8], shown: &str) -> Result<Checkpoint> {
     canonical(raw, metadata, shown)
 }
 
-/// A CvT checkpoint's tensors under official names, its naming told by its names.
+/// A checkpoint's tensors under official names: its family (ConViT or CvT) and,
+/// for CvT, its naming told by its names.
 pub fn canonical(raw: Vec<(String, Tensor)>, metadata: BTreeMap<String, String>, shown: &str) -> Result<Checkpoint> {
+    let names: Vec<&str> = raw.iter().map(|(n, _)| n.as_str()).collect();
+    if crate::models::convit::is_convit(&names) {
+        let tensors = crate::models::convit::canonical(raw, shown)?;
+        return Ok(Checkpoint { tensors, family: crate::models::Family::Convit, naming: Naming::Official, metadata });
+    }
     let strip = |n: &str| n.strip_prefix("module.").unwrap_or(n).to_string();
     let hf = raw.iter().any(|(n, _)| strip(n).starts_with("cvt.encoder.") || strip(n).starts_with("encoder.stages."));
     let official = raw.iter().any(|(n, _)| strip(n).starts_with("stage0."));
@@ -105,7 +115,7 @@ pub fn canonical(raw: Vec<(String, Tensor)>, metadata: BTreeMap<String, String>,
         (false, true) => Naming::Hf,
         (true, true) => bail!("{shown}: mixes official (stage0.*) and Hugging Face (cvt.encoder.*) names"),
         (false, false) => bail!(
-            "{shown}: unknown parameter naming (expected official `stage0.*` or Hugging Face `cvt.encoder.stages.*` names; first name: {})",
+            "{shown}: unknown parameter naming (expected CvT's official `stage0.*` or Hugging Face `cvt.encoder.stages.*` names, or ConViT's `blocks.*.attn.gating_param`; first name: {})",
             raw.first().map(|(n, _)| n.as_str()).unwrap_or("<no tensors>")
         ),
     };
@@ -124,7 +134,7 @@ pub fn canonical(raw: Vec<(String, Tensor)>, metadata: BTreeMap<String, String>,
         }
         tensors.insert(canon, t);
     }
-    Ok(Checkpoint { tensors, naming, metadata })
+    Ok(Checkpoint { tensors, family: crate::models::Family::Cvt, naming, metadata })
 }
 
 /// Every parameter the architecture needs, with its shape (official names).
