@@ -352,3 +352,54 @@ fn convit_trains_resumes_exactly_and_is_served() {
     one_line_error("convert to HF names", run(bin().arg("convert").arg(&model).arg(d.join("hf")).args(["--naming", "hf"])), "ConViT");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// Gradient accumulation: ConViT has no BatchNorm, so 2 micro-batches of 4 with
+/// their gradients added are the batch of 8 (the same images in the same steps,
+/// no augmentation), up to f32 summation order; both log optimizer steps.
+#[test]
+fn accumulated_micro_batches_equal_the_whole_batch() {
+    let d = tmp("accum");
+    image_folder(&d.join("data"), &["a", "b"], 12);
+    let cfg = tiny_convit(&d);
+    let common = |out: &Path, batch: &str| {
+        let mut c = bin();
+        c.args(["train", "--image-folder"]).arg(d.join("data")).arg("--model").arg(&cfg);
+        c.args(["--res", "16", "--epochs", "2", "--batch", batch, "--seed", "3", "--lr", "3e-3", "--warmup-steps", "1", "--no-flip", "--crop-scale", "0", "--clip-grad", "1", "--json", "--out"])
+            .arg(out);
+        c
+    };
+    let (ok, _, err) = run(&mut common(&d.join("whole"), "8"));
+    assert!(ok, "batch 8: {err}");
+    let (ok, _, err) = run(common(&d.join("accum"), "4").args(["--accum-steps", "2"]));
+    assert!(ok, "accumulated: {err}");
+    let read = |p: &Path| -> HashMap<String, Vec<f32>> { tensors(p).into_iter().map(|(n, b)| (n, bytemuck::pod_collect_to_vec::<u8, f32>(&b))).collect() };
+    let (a, b) = (read(&d.join("whole/model.safetensors")), read(&d.join("accum/model.safetensors")));
+    assert_eq!(a.len(), b.len());
+    for (name, x) in &a {
+        let scale = x.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1e-6);
+        let diff = x.iter().zip(&b[name]).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        // Plus 1e-6 absolute: pos_proj.bias has an analytically zero gradient, so
+        // it holds only AdamW-normalised rounding noise (~1e-6) on both sides.
+        assert!(diff <= 1e-4 * scale + 1e-6, "{name}: max |whole - accumulated| = {diff:e} against max |w| = {scale:e}");
+    }
+    let steps = |p: &Path| {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"eval\""))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(steps(&d.join("whole")), vec![3, 6], "24 images, 8 a step: 3 steps an epoch");
+    assert_eq!(steps(&d.join("whole")), steps(&d.join("accum")), "both count optimizer steps");
+    // Stopped after 4 of 6 steps (mid-epoch 2) and resumed: bit-identical to the
+    // uninterrupted accumulated run; a different --accum-steps on resume is refused.
+    let (ok, _, err) = run(common(&d.join("split"), "4").args(["--accum-steps", "2", "--max-steps", "4"]));
+    assert!(ok && err.contains("stopped at step 4"), "first part: {err}");
+    let resume = |extra: &[&str]| run(bin().args(["train", "--image-folder"]).arg(d.join("data")).args(["--json", "--out"]).arg(d.join("split")).arg("--resume").arg(d.join("split")).args(extra));
+    one_line_error("resume with another accumulation", resume(&["--accum-steps", "3"]), "not --accum-steps 3");
+    let (ok, _, err) = resume(&[]);
+    assert!(ok, "resumed: {err}");
+    assert!(tensors(&d.join("accum/model.safetensors")) == tensors(&d.join("split/model.safetensors")), "resumed accumulation differs");
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -121,3 +121,21 @@ fn sumsq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
         norms[p.slot + wid.x] = red[0];
     }
 }
+
+// accumulate: gradient accumulation over micro-batches, acc = grad (FIRST, the
+// first micro-batch of a step) or acc + grad, over p.n values of one parameter;
+// the accumulator is bound in m1's slot.
+override FIRST: bool = false;
+
+@compute @workgroup_size(WG)
+fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= p.n) {
+        return;
+    }
+    if (FIRST) {
+        m1[i] = grad[i];
+    } else {
+        m1[i] = m1[i] + grad[i];
+    }
+}

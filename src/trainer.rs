@@ -186,8 +186,15 @@ pub struct TrainArgs {
     /// Epochs [default: 15 for Fashion-MNIST, 3 otherwise; on --resume, the run's own, which this may raise].
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Images per micro-batch (per forward and backward).
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
+    /// Gradient accumulation: N micro-batches of --batch images, their gradients
+    /// added, then one optimizer step (a batch of N × --batch; BatchNorm's statistics
+    /// stay per micro-batch, as in PyTorch). Steps, the schedule and the logs count
+    /// optimizer steps [default: 1; on --resume, the run's own].
+    #[arg(long)]
+    pub accum_steps: Option<usize>,
     /// Peak learning rate (after warmup; cosine decay to --min-lr) [default: 4e-3 for
     /// Fashion-MNIST, 3e-3 otherwise].
     #[arg(long)]
@@ -266,6 +273,13 @@ pub struct TrainState {
     /// Drop-path rate per stage.
     #[serde(default)]
     pub drop_path: Vec<f32>,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub accum_steps: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// "0.1" (the last stage) or "a,b,c" (per stage) into per-stage rates.
@@ -522,6 +536,7 @@ fn new_state(a: &TrainArgs, dataset: &str, res: usize, train_limit: Option<usize
         dataset: dataset.to_string(),
         train_limit,
         drop_path,
+        accum_steps: a.accum_steps.unwrap_or(1),
     }
 }
 
@@ -545,6 +560,7 @@ fn check_ranges(s: &TrainState, a: &TrainArgs) -> Result<()> {
     anyhow::ensure!(s.drop_path.iter().all(|r| (0.0..1.0).contains(r)), "--drop-path {:?}: rates must be in [0, 1)", s.drop_path);
     anyhow::ensure!(s.batch >= 2, "--batch {}: must be at least 2 (BatchNorm needs batch statistics)", s.batch);
     anyhow::ensure!(s.batch <= 1 << 16, "--batch {}: larger than any batch one step can hold", s.batch);
+    anyhow::ensure!((1..=4096).contains(&s.accum_steps), "--accum-steps {}: must be in 1..=4096", s.accum_steps);
     anyhow::ensure!(a.max_steps != Some(0), "--max-steps 0: must be at least 1");
     anyhow::ensure!(a.save_every != Some(0), "--save-every 0: must be at least 1 step");
     anyhow::ensure!(a.eval_limit != Some(0), "--eval-limit 0: must be at least 1");
@@ -650,6 +666,9 @@ impl Setup {
                 if let Some(e) = a.epochs {
                     s.epochs = s.epochs.max(e);
                 }
+                if let Some(n) = a.accum_steps.filter(|&n| n != s.accum_steps) {
+                    bail!("{what}: the run takes {} micro-batches a step, not --accum-steps {n} (a resumed run keeps its batch)", s.accum_steps);
+                }
                 s
             }
             None => new_state(a, data.name, res, train_limit, parse_drop_path(&a.drop_path, arch.drop_path_groups())?, arch.family()),
@@ -700,7 +719,7 @@ impl<'a> Run<'a> {
         let mut model = TrainNet::new(gpu.clone(), &s.arch, &s.tensors, s.act)?;
         model.set_drop_path(&s.state.drop_path);
         let step_plan = model.step_plan(s.state.batch, res).map_err(|e| if e.downcast_ref::<crate::graph::TooLarge>().is_some() { anyhow::anyhow!("{e:#}: lower --batch") } else { e })?;
-        let mut opt = model.optimizer(AdamW { weight_decay: s.state.weight_decay, ..AdamW::default() })?;
+        let mut opt = model.optimizer_with(AdamW { weight_decay: s.state.weight_decay, ..AdamW::default() }, s.state.accum_steps > 1)?;
         if let Some(moments) = &s.moments {
             opt.load_state(moments)?;
             opt.step = s.state.step;
@@ -716,9 +735,10 @@ impl<'a> Run<'a> {
             drop_last: true,
             shuffle: true,
         };
-        let steps_per_epoch = (s.train_ds.len() / s.state.batch) as u64;
+        let global = s.state.batch * s.state.accum_steps;
+        let steps_per_epoch = (s.train_ds.len() / global) as u64;
         if steps_per_epoch == 0 {
-            bail!("{} training images, fewer than one batch of {}: lower --batch", s.train_ds.len(), s.state.batch);
+            bail!("{} training images, fewer than one step's {global} (--batch {} x --accum-steps {}): lower --batch or --accum-steps", s.train_ds.len(), s.state.batch, s.state.accum_steps);
         }
         if s.state.batch_in_epoch as u64 > steps_per_epoch {
             bail!("the checkpoint stopped at batch {} of an epoch, but the data gives {steps_per_epoch} batches an epoch: not the same data set", s.state.batch_in_epoch);
@@ -753,7 +773,7 @@ impl<'a> Run<'a> {
             st.res,
             st.res,
             s.arch.num_classes(),
-            st.batch,
+            if st.accum_steps > 1 { format!("{} ({} micro-batches of {} a step)", st.batch * st.accum_steps, st.accum_steps, st.batch) } else { st.batch.to_string() },
             st.epochs,
             self.total_steps,
             self.gpu.describe()
@@ -786,18 +806,41 @@ impl<'a> Run<'a> {
         anyhow::anyhow!("{what} at step {} (epoch {}): training diverged; {last} ({hint})", self.s.state.step + 1, self.s.state.epoch + 1)
     }
 
-    /// One optimizer step on `batch`; returns the loss and the number it got right.
-    fn step(&mut self, batch: &crate::data::loader::Batch) -> Result<(f32, usize, f32)> {
+    /// One optimizer step on `micro` (its micro-batches, gradients added);
+    /// returns the mean loss and the number it got right.
+    fn step(&mut self, micro: &[crate::data::loader::Batch]) -> Result<(f32, usize, f32)> {
         let st = &self.s.state;
         let lr = learning_rate(st, self.total_steps, st.step + 1);
-        // Drop-path masks from (seed, step): the same on resume.
-        self.step_plan.set_drop_path(self.model.drop_path_rates(), &mut crate::util::Rng::new(st.seed ^ 0xD209 ^ (st.step + 1).wrapping_mul(0x9E37_79B9)))?;
-        let (loss, logits) = self.step_plan.run(&batch.images, &batch.targets)?;
-        if !loss.is_finite() {
-            return Err(self.diverged(format!("loss is {loss}")));
+        let n = micro.len();
+        let k = self.s.arch.num_classes();
+        let (mut loss_sum, mut correct) = (0f32, 0usize);
+        for (j, batch) in micro.iter().enumerate() {
+            // Drop-path masks from (seed, step, micro-batch): the same on resume.
+            let key = st.seed ^ 0xD209 ^ (st.step + 1).wrapping_mul(0x9E37_79B9) ^ (j as u64).wrapping_mul(0xA076_1D64_78BD_642F);
+            self.step_plan.set_drop_path(self.model.drop_path_rates(), &mut crate::util::Rng::new(key))?;
+            let (loss, logits) = self.step_plan.run(&batch.images, &batch.targets)?;
+            if !loss.is_finite() {
+                return Err(self.diverged(format!("loss is {loss}")));
+            }
+            if n > 1 {
+                self.opt.accumulate(j == 0)?;
+            }
+            loss_sum += loss;
+            correct += batch
+                .labels
+                .iter()
+                .enumerate()
+                .filter(|&(b, &l)| {
+                    let row = &logits[b * k..(b + 1) * k];
+                    row.iter().filter(|&&v| v > row[l as usize]).count() == 0
+                })
+                .count();
         }
+        // The step's gradient is the mean of the micro-batches' (each a mean over
+        // its images): the sum the accumulators hold, times 1/n.
+        let mean = 1.0 / n as f32;
         let scale = if st.clip_grad > 0.0 {
-            let norm = self.opt.grad_norm()?;
+            let norm = self.opt.grad_norm()? * mean;
             if !norm.is_finite() {
                 return Err(self.diverged(format!("gradient norm is {norm}")));
             }
@@ -805,35 +848,38 @@ impl<'a> Run<'a> {
         } else {
             1.0
         };
-        self.opt.update_scaled(lr, scale)?;
-        let k = self.s.arch.num_classes();
-        let correct = batch.labels.iter().enumerate().filter(|&(b, &l)| {
-            let row = &logits[b * k..(b + 1) * k];
-            row.iter().filter(|&&v| v > row[l as usize]).count() == 0
-        });
-        Ok((loss, correct.count(), lr))
+        self.opt.update_scaled(lr, scale * mean)?;
+        Ok((loss_sum * mean, correct, lr))
     }
 
-    /// Runs the rest of the current epoch.
     fn epoch(&mut self) -> Result<EpochEnd> {
         let bar = progress_bar(self.steps_per_epoch, self.quiet());
         bar.set_position(self.s.state.batch_in_epoch as u64);
-        let batches = epoch_from(self.s.train_ds.clone(), self.loader, self.s.state.epoch as u64, self.s.state.batch_in_epoch);
+        // Micro-batch i of the epoch is chunk i of its order whatever the
+        // accumulation: step s takes micro-batches s·n .. s·n + n.
+        let n = self.s.state.accum_steps;
+        let batches = epoch_from(self.s.train_ds.clone(), self.loader, self.s.state.epoch as u64, self.s.state.batch_in_epoch * n);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let t_epoch = Instant::now();
         // Without a terminal (logs, nohup) the bar is hidden: a plain line every 30 s instead.
         let plain_progress = !self.quiet() && !std::io::IsTerminal::is_terminal(&std::io::stderr());
         let mut last_line = Instant::now();
         let first_batch = self.s.state.batch_in_epoch;
-        for batch in batches {
-            let (loss, right, lr) = self.step(&batch)?;
+        let mut batches = batches.into_iter();
+        while (self.s.state.batch_in_epoch as u64) < self.steps_per_epoch {
+            let micro: Vec<_> = batches.by_ref().take(n).collect();
+            if micro.len() < n {
+                break;
+            }
+            let images: usize = micro.iter().map(|b| b.labels.len()).sum();
+            let (loss, right, lr) = self.step(&micro)?;
             let st = &mut self.s.state;
             st.step += 1;
             st.batch_in_epoch += 1;
             self.steps_this_run += 1;
             correct += right;
-            seen += batch.labels.len();
-            loss_sum += loss as f64 * batch.labels.len() as f64;
+            seen += images;
+            loss_sum += loss as f64 * images as f64;
             let ips = seen as f64 / t_epoch.elapsed().as_secs_f64();
             let (mean_loss, acc) = (loss_sum / seen as f64, 100.0 * correct as f64 / seen as f64);
             bar.set_message(format!("epoch {}/{} loss {mean_loss:.4} acc {acc:.1}% {ips:.1} img/s", st.epoch + 1, st.epochs));

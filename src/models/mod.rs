@@ -341,10 +341,17 @@ impl TrainNet {
     }
 
     pub fn optimizer(&self, settings: crate::ops::optim::AdamW) -> Result<step::Optimizer> {
-        match self {
-            TrainNet::Cvt(m) => m.optimizer(settings),
-            TrainNet::Convit(m) => m.optimizer(settings),
-        }
+        self.optimizer_with(settings, false)
+    }
+
+    /// AdamW over every parameter; `accumulate`: through gradient accumulators
+    /// (`Optimizer::with_accumulation`).
+    pub fn optimizer_with(&self, settings: crate::ops::optim::AdamW, accumulate: bool) -> Result<step::Optimizer> {
+        let gpu = match self {
+            TrainNet::Cvt(m) => &m.gpu,
+            TrainNet::Convit(m) => &m.gpu,
+        };
+        step::Optimizer::with_accumulation(gpu, self.params(), settings, accumulate)
     }
 
     /// Every parameter (and CvT's BatchNorm statistics) in the checkpoint's names.

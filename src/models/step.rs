@@ -45,12 +45,35 @@ pub struct Optimizer {
     norms: Arc<wgpu::Buffer>,
     /// Partial sums in `norms` (`optim::sumsq_slots` per parameter).
     norm_slots: usize,
+    /// Gradient accumulation (`with_accumulation`): the plans that copy
+    /// (a step's first micro-batch) or add every gradient into its accumulator,
+    /// which AdamW and the clipping norm then read.
+    accum: Option<(Plan, Plan)>,
 }
 
 impl Optimizer {
     /// AdamW over `params`, recorded once and replayed each step, with the
     /// clipping norm's plan.
     pub fn new(gpu: &Arc<Gpu>, params: Vec<Param>, settings: AdamW) -> Result<Optimizer> {
+        Self::with_accumulation(gpu, params, settings, false)
+    }
+
+    /// As `new`; with `accumulate`, every parameter gets an accumulator that
+    /// `accumulate` fills from the gradients of each micro-batch, and the update
+    /// and the clipping norm read it instead of the last gradient.
+    pub fn with_accumulation(gpu: &Arc<Gpu>, mut params: Vec<Param>, settings: AdamW, accumulate: bool) -> Result<Optimizer> {
+        let accum = if accumulate {
+            let (mut first, mut add) = (Graph::new(gpu.clone()), Graph::new(gpu.clone()));
+            for p in params.iter_mut() {
+                let acc = Arc::new(gpu.storage(&format!("{}.grad_sum", p.name), (p.len * 4) as u64)?);
+                crate::ops::optim::accumulate(&mut first, &p.name, &p.grad, &acc, p.len, true)?;
+                crate::ops::optim::accumulate(&mut add, &p.name, &p.grad, &acc, p.len, false)?;
+                p.grad = acc;
+            }
+            Some((first.compile()?, add.compile()?))
+        } else {
+            None
+        };
         let hyper = Hyper::new(gpu)?;
         let mut g = Graph::new(gpu.clone());
         let mut state = vec![];
@@ -65,7 +88,22 @@ impl Optimizer {
             slot += sumsq_slots(p.len);
             state.push((p.name, m));
         }
-        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, state, norm_plan: ng.compile()?, norms, norm_slots })
+        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, state, norm_plan: ng.compile()?, norms, norm_slots, accum })
+    }
+
+    /// Adds the gradients of the last `StepPlan::run` into the accumulators
+    /// (`first`: they start the step's sum). An error without accumulation.
+    pub fn accumulate(&self, first: bool) -> Result<()> {
+        match &self.accum {
+            Some((f, a)) => {
+                if first {
+                    f.run()
+                } else {
+                    a.run()
+                }
+            }
+            None => anyhow::bail!("internal: this optimizer does not accumulate gradients"),
+        }
     }
 
     /// One update at learning rate `lr` (gradients of the last `StepPlan::run`).

@@ -129,3 +129,13 @@ pub fn sumsq(g: &mut Graph, label: &str, grad: &Arc<wgpu::Buffer>, len: usize, n
     g.dispatch(format!("{label}.sumsq"), pipeline, b, [sumsq_slots(len) as u32, 1, 1], 0.0);
     Ok(())
 }
+
+/// Appends the accumulation of `grad` (len values) into `acc`: acc = grad when
+/// `first` (a step's first micro-batch), else acc += grad.
+pub fn accumulate(g: &mut Graph, label: &str, grad: &Arc<wgpu::Buffer>, acc: &Arc<wgpu::Buffer>, len: usize, first: bool) -> Result<()> {
+    let pipeline = g.pipeline("optim", "accumulate", &[("WG", WG as f64), ("FIRST", first as u8 as f64)])?;
+    let p = OptimParams { n: len as u32, ..Default::default() };
+    let b = bind([(op::GRAD, Res::Buf(grad.clone())), (op::M1, Res::Buf(acc.clone())), (op::PARAMS, Res::uniform(&p))]);
+    g.dispatch(format!("{label}.accumulate"), pipeline, b, grid1d(&g.gpu, len.div_ceil(WG) as u64), len as f64);
+    Ok(())
+}
