@@ -30,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         augment: Augment { flip: true, min_scale: 0.0, mixup: 0.0, cutmix: 0.0 },
         drop_last: true,
         shuffle: true,
+        shard: cvt_gpu::data::loader::Shard::ALL,
     };
     for (i, b) in epoch_from(train.clone(), loader, 0, 0).into_iter().enumerate() {
         let (loss, _logits) = step.run(&b.images, &b.targets)?;

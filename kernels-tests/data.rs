@@ -66,7 +66,7 @@ fn real_fashion_mnist_when_installed() {
     }
 }
 
-use cvt_gpu::data::loader::{epoch, epoch_order, LoaderConfig};
+use cvt_gpu::data::loader::{epoch, epoch_from, epoch_order, LoaderConfig, Shard};
 use cvt_gpu::data::Dataset;
 use std::sync::Arc;
 
@@ -85,7 +85,7 @@ fn toy() -> Arc<Dataset> {
 #[test]
 fn loader_is_seeded_complete_and_smoothed() {
     let ds = toy();
-    let cfg = LoaderConfig { batch: 4, seed: 9, label_smoothing: 0.3, mean: [0.5; 3], std: [0.25; 3], augment: Default::default(), drop_last: false, shuffle: true };
+    let cfg = LoaderConfig { batch: 4, seed: 9, label_smoothing: 0.3, mean: [0.5; 3], std: [0.25; 3], augment: Default::default(), drop_last: false, shuffle: true, shard: Shard::ALL };
     // Same seed and epoch: same order; another epoch: another order; every index once.
     assert_eq!(epoch_order(10, 9, 0, true), epoch_order(10, 9, 0, true));
     assert_ne!(epoch_order(10, 9, 0, true), epoch_order(10, 9, 1, true));
@@ -138,7 +138,7 @@ fn beta_sampler_is_exact_for_small_alpha() {
     // Mixup at a = 0.01 through the loader: finite images and targets.
     let ds = toy();
     let augment = cvt_gpu::data::loader::Augment { mixup: 0.01, ..Default::default() };
-    let cfg = LoaderConfig { batch: 4, seed: 1, label_smoothing: 0.0, mean: [0.5; 3], std: [0.25; 3], augment, drop_last: false, shuffle: true };
+    let cfg = LoaderConfig { batch: 4, seed: 1, label_smoothing: 0.0, mean: [0.5; 3], std: [0.25; 3], augment, drop_last: false, shuffle: true, shard: Shard::ALL };
     for b in epoch(ds, cfg, 0) {
         assert!(b.images.iter().chain(&b.targets).all(|v| v.is_finite()));
     }
@@ -215,4 +215,32 @@ fn tiny_imagenet_empty_class_and_text_files() {
         assert!(e.contains("not a regular file"), "{e}");
     }
     std::fs::remove_dir_all(&root).ok();
+}
+
+/// Data parallelism's split of an epoch: step s of K ranks accumulating n
+/// micro-batches each sees exactly the images, augmentations and targets one
+/// process accumulating K·n micro-batches sees at step s (rank r holding the r-th
+/// run of n), and a start mid-epoch (resume) gives the rest of each rank's share.
+#[test]
+fn shards_of_a_step_are_the_single_process_step() {
+    use cvt_gpu::data::loader::Augment;
+    let ds = toy();
+    let augment = Augment { flip: true, min_scale: 0.5, mixup: 0.4, cutmix: 0.0 };
+    let cfg = LoaderConfig { batch: 2, seed: 5, label_smoothing: 0.1, mean: [0.5; 3], std: [0.25; 3], augment, drop_last: true, shuffle: true, shard: Shard::ALL };
+    let (ranks, accum) = (2, 2);
+    let single: Vec<_> = epoch(ds.clone(), LoaderConfig { shard: Shard { rank: 0, ranks: 1, accum: ranks * accum }, ..cfg }, 3).into_iter().collect();
+    let per_rank: Vec<Vec<_>> = (0..ranks).map(|rank| epoch(ds.clone(), LoaderConfig { shard: Shard { rank, ranks, accum }, ..cfg }, 3).into_iter().collect()).collect();
+    assert!(single.len() >= 4, "the toy set gives {} micro-batches", single.len());
+    for (i, b) in single.iter().enumerate() {
+        let step_micro = i % (ranks * accum);
+        let (rank, j) = (step_micro / accum, step_micro % accum);
+        let mine = &per_rank[rank][(i / (ranks * accum)) * accum + j];
+        assert!(b.images == mine.images && b.targets == mine.targets && b.labels == mine.labels, "micro-batch {i}: rank {rank}'s copy differs");
+    }
+    assert_eq!(per_rank.iter().map(|r| r.len()).sum::<usize>(), single.len());
+    // Resumed at step 1: each rank's share from there.
+    let s0 = Shard { rank: 0, ranks, accum };
+    let rest: Vec<_> = epoch_from(ds.clone(), LoaderConfig { shard: s0, ..cfg }, 3, s0.start_of(1)).into_iter().collect();
+    assert_eq!(rest.len() + accum, per_rank[0].len(), "resume mid-epoch");
+    assert!(rest[0].images == per_rank[0][accum].images, "resume mid-epoch");
 }

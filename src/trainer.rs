@@ -734,6 +734,7 @@ impl<'a> Run<'a> {
             augment: Augment { flip: s.state.flip, min_scale: s.state.crop_scale, mixup: s.state.mixup, cutmix: s.state.cutmix },
             drop_last: true,
             shuffle: true,
+            shard: crate::data::loader::Shard { rank: 0, ranks: 1, accum: s.state.accum_steps },
         };
         let global = s.state.batch * s.state.accum_steps;
         let steps_per_epoch = (s.train_ds.len() / global) as u64;
@@ -858,7 +859,7 @@ impl<'a> Run<'a> {
         // Micro-batch i of the epoch is chunk i of its order whatever the
         // accumulation: step s takes micro-batches s·n .. s·n + n.
         let n = self.s.state.accum_steps;
-        let batches = epoch_from(self.s.train_ds.clone(), self.loader, self.s.state.epoch as u64, self.s.state.batch_in_epoch * n);
+        let batches = epoch_from(self.s.train_ds.clone(), self.loader, self.s.state.epoch as u64, self.loader.shard.start_of(self.s.state.batch_in_epoch));
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let t_epoch = Instant::now();
         // Without a terminal (logs, nohup) the bar is hidden: a plain line every 30 s instead.

@@ -43,6 +43,38 @@ pub struct LoaderConfig {
     /// Drop the last partial batch (training) or keep it (evaluation).
     pub drop_last: bool,
     pub shuffle: bool,
+    /// Which micro-batches this process takes (data parallelism; `Shard::ALL`
+    /// in one process).
+    pub shard: Shard,
+}
+
+/// A process's share of an epoch's micro-batches (`batch` images each). An
+/// optimizer step takes `ranks` × `accum` consecutive micro-batches, in the
+/// epoch's one order whatever the split; rank r takes the r-th run of `accum`
+/// of them. So step s sees the same images, augmented the same way (every
+/// random choice is keyed by the micro-batch's index in the epoch), whether one
+/// process accumulates `ranks` × `accum` micro-batches or `ranks` processes
+/// `accum` each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub ranks: usize,
+    pub accum: usize,
+}
+
+impl Shard {
+    /// Every micro-batch: one process, no accumulation.
+    pub const ALL: Shard = Shard { rank: 0, ranks: 1, accum: 1 };
+
+    /// Whether micro-batch `bi` of the epoch is this process's.
+    pub fn owns(&self, bi: usize) -> bool {
+        (bi / self.accum.max(1)) % self.ranks.max(1) == self.rank
+    }
+
+    /// Micro-batches of the epoch before optimizer step `step` (all ranks').
+    pub fn start_of(&self, step: usize) -> usize {
+        step * self.ranks.max(1) * self.accum.max(1)
+    }
 }
 
 /// The order of epoch `epoch`: a Fisher-Yates shuffle seeded by (seed, epoch).
@@ -199,8 +231,9 @@ pub fn make_batch(ds: &Dataset, idx: &[usize], cfg: &LoaderConfig, rng: &mut Rng
     Batch { images, targets, labels }
 }
 
-/// The batches of one epoch from batch `start` on, produced on a worker thread
-/// ahead of the consumer.
+/// The batches of one epoch from micro-batch `start` on (counted over all ranks),
+/// this process's share (`cfg.shard`), produced on a worker thread ahead of the
+/// consumer.
 pub fn epoch_from(ds: Arc<Dataset>, cfg: LoaderConfig, epoch: u64, start: usize) -> Receiver<Batch> {
     let (tx, rx) = sync_channel(3);
     std::thread::spawn(move || {
@@ -208,6 +241,9 @@ pub fn epoch_from(ds: Arc<Dataset>, cfg: LoaderConfig, epoch: u64, start: usize)
         for (bi, chunk) in order.chunks(cfg.batch).enumerate().skip(start) {
             if cfg.drop_last && chunk.len() < cfg.batch {
                 break;
+            }
+            if !cfg.shard.owns(bi) {
+                continue;
             }
             let mut rng = Rng::new(cfg.seed ^ 0x5EED ^ (epoch << 32) ^ bi as u64);
             if tx.send(make_batch(&ds, chunk, &cfg, &mut rng)).is_err() {

@@ -283,6 +283,7 @@ pub fn load(gpu: Arc<Gpu>, path: &Path, arch: Option<Arch>, opts: &cvt::LoadOpti
                 Some(Arch::Cvt(c)) => bail!("{shown}: a ConViT checkpoint, but --config names CvT {}", c.name),
                 None => None,
             };
+            anyhow::ensure!(opts.activation.is_none(), "{shown}: a ConViT checkpoint, whose MLP is exact GELU: --activation applies to CvT");
             let cfg = describe_convit(&ck, path, want.as_ref(), opts.allow_nonfinite)?;
             let (labels, preprocess) = cvt::labels_and_preprocess(&ck, path, cfg.num_classes)?;
             let fmt = WeightFormat::from_flag(&gpu, opts.f16);

@@ -153,6 +153,8 @@ fn tiled(g: &Graph) -> bool {
 
 /// Appends Qpos [heads, n, n] = softmax over keys of pos_proj(r): once per layer.
 pub fn pos_attention(g: &mut Graph, label: &str, p: &Gpsa, s: &GpsaShape) -> Result<TensorId> {
+    // Qpos is f32 (pos_softmax writes array<f32>): f16 plans take it frozen at load.
+    ensure!(!g.half, "{label}: an f16 plan needs the layer's positional attention computed at load (Gpsa::frozen)");
     let qpos = g.tensor(format!("{label}.qpos"), s.heads * s.n * s.n);
     let pipeline = g.pipeline("gpsa", "pos_softmax", &[("WG", WG as f64)])?;
     let b = bind([(gp::PARAMS, Res::uniform(&s.params(0)?)), (gp::QPOS, Res::Act(qpos)), (gp::WPOS, Res::Buf(p.pos_w.clone())), (gp::BPOS, Res::Buf(p.pos_b.clone()))]);
@@ -165,7 +167,12 @@ pub fn pos_attention(g: &mut Graph, label: &str, p: &Gpsa, s: &GpsaShape) -> Res
 fn mix(g: &mut Graph, label: &str, (v, y, qpos): (TensorId, TensorId, Res), p: &Gpsa, s: &GpsaShape, yp: Option<TensorId>, backward: bool) -> Result<TensorId> {
     let out = g.tensor(label.to_string(), s.batch * s.n * s.c);
     let consts = [("WG", MIX_ROWS as f64), ("D4", s.d4() as f64), ("BACKWARD", backward as u8 as f64), ("SAVE_YP", yp.is_some() as u8 as f64)];
-    let entry = if tiled(g) { "pos_mix" } else { "pos_mix_rows" };
+    // The tiled form's tiles: V [32 rows, D4 vec4s] and the weights [64, 33]
+    // (16.3 KiB at head width 64, over WebGPU's guaranteed 16 KiB): the row form
+    // where the adapter has less.
+    let tile_bytes = 32 * s.d4() * 16 + MIX_ROWS * 33 * 4;
+    let fits = tile_bytes <= g.gpu.limits.max_compute_workgroup_storage_size as usize;
+    let entry = if tiled(g) && fits { "pos_mix" } else { "pos_mix_rows" };
     let pipeline = g.pipeline("gpsa", entry, &consts)?;
     let yp_res = yp.map_or_else(|| Res::Buf(g.gpu.placeholder()), Res::Act);
     let b = bind([

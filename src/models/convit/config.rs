@@ -106,7 +106,10 @@ impl ConvitConfig {
 
     /// Whether `name` names a ConViT preset.
     pub fn is_preset(name: &str) -> bool {
-        name.to_lowercase().starts_with("convit")
+        matches!(
+            name.to_lowercase().as_str(),
+            "convit-ti" | "convit-tiny" | "convit_tiny" | "convit-s" | "convit-small" | "convit_small" | "convit-b" | "convit-base" | "convit_base" | "convit-fmnist"
+        )
     }
 
     pub fn dim(&self) -> usize {
@@ -126,8 +129,11 @@ impl ConvitConfig {
         self.mlp_ratio * self.dim()
     }
 
-    /// Multiply-adds of one image's forward (spec §1.3: attention included, the
-    /// positional term once per layer, not per image).
+    /// Multiply-adds of one image's forward as the engine computes it: spec §1.3's
+    /// count with the split form's GPSA (Q·Kᵀ, softmax(S)·V and Qpos·V: 3·N²·C a
+    /// layer, against the reference's 2·N²·C + 3·H·N² with pos_proj per image; the
+    /// positional softmax, once per layer, not counted). ConViT-Ti: 1.32 G against
+    /// the reference's 1.25 G.
     pub fn macs(&self) -> f64 {
         let (n, c, p) = (self.patches() as f64, self.dim() as f64, self.patch_size as f64);
         let (g, l) = (self.local_layers as f64, self.depth as f64);
@@ -149,6 +155,7 @@ impl ConvitConfig {
             crate::ops::attention::MAX_HEAD_DIM
         );
         ensure!((1..=64).contains(&self.depth), "depth {} outside 1..=64", self.depth);
+        ensure!(self.local_layers >= 1, "local_layers 0: a ConViT has at least one GPSA block (without, it is a plain ViT, which checkpoints could not tell from)");
         ensure!(self.local_layers <= self.depth, "local_layers {} exceeds depth {}", self.local_layers, self.depth);
         ensure!(
             self.local_layers < self.depth,

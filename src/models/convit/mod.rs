@@ -65,7 +65,7 @@ pub fn init_tensors(cfg: &ConvitConfig, seed: u64) -> HashMap<String, Tensor> {
             (0..n).map(|i| if i / c == i % c { 1.0 } else { 0.0 }).collect()
         } else if name.ends_with("pos_proj.weight") {
             local_init(cfg, tn(n))
-        } else if (name.contains("norm") && name.ends_with("weight")) || name.ends_with("norm.weight") {
+        } else if name.contains("norm") && name.ends_with("weight") {
             vec![1.0; n]
         } else if name.ends_with("bias") {
             vec![0.0; n]
@@ -101,7 +101,7 @@ pub fn random_tensors(cfg: &ConvitConfig, seed: u64) -> HashMap<String, Tensor> 
     let mut t = init_tensors(cfg, seed);
     let mut rng = crate::util::Rng::new(seed ^ 0xab);
     for (name, x) in t.iter_mut() {
-        if name.ends_with("gating_param") || name.contains("pos_proj") || name.contains("norm") || name.ends_with("v.weight") {
+        if name.ends_with("gating_param") || name.contains("pos_proj") || name.contains("norm") || name.ends_with("attn.v.weight") {
             x.data.iter_mut().for_each(|v| *v += 0.2 * rng.normal());
         }
     }
