@@ -6,7 +6,7 @@
 
 mod cli_common;
 
-use cli_common::{one_line_error, run};
+use cli_common::{image_folder, one_line_error, run, synth, tensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,40 +28,6 @@ fn tiny_config(dir: &Path, in_chans: usize) -> PathBuf {
     let j = format!(r#"{{"name":"tiny","in_chans":{in_chans},"num_classes":2,"dims":[8,16,24],"heads":[1,2,2],"depths":[1,1,1],"image_size":16}}"#);
     std::fs::write(&p, j).unwrap();
     p
-}
-
-/// A class-dependent synthetic image: class c has a bright square in a class-specific corner.
-fn synth(class: usize, i: usize, size: u32) -> image::RgbImage {
-    image::RgbImage::from_fn(size, size, |x, y| {
-        let (cx, cy) = ((class % 2) as u32 * size / 2, (class / 2 % 2) as u32 * size / 2);
-        let inside = x >= cx && x < cx + size / 2 && y >= cy && y < cy + size / 2;
-        let n = ((x * 31 + y * 17 + i as u32 * 13) % 40) as u8;
-        if inside {
-            image::Rgb([200 + n / 2, 180 + n, 60 + (class as u8) * 40])
-        } else {
-            image::Rgb([20 + n, 30, 40 + n])
-        }
-    })
-}
-
-/// DIR/train/<class>/*.png and DIR/val/<class>/*.png.
-fn image_folder(dir: &Path, classes: &[&str], per_class: usize) {
-    for split in ["train", "val"] {
-        for (ci, c) in classes.iter().enumerate() {
-            let d = dir.join(split).join(c);
-            std::fs::create_dir_all(&d).unwrap();
-            let n = if split == "train" { per_class } else { per_class / 2 };
-            for i in 0..n {
-                synth(ci, i + if split == "val" { 1000 } else { 0 }, 16).save(d.join(format!("{i}.png"))).unwrap();
-            }
-        }
-    }
-}
-
-fn tensors(path: &Path) -> HashMap<String, Vec<u8>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors().into_iter().map(|(n, v)| (n, v.data().to_vec())).collect()
 }
 
 #[test]

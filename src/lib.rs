@@ -15,6 +15,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod convert;
 pub mod data;
+pub mod dist;
 pub mod gpu;
 pub mod graph;
 pub mod labels;

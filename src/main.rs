@@ -251,6 +251,24 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
     Ok(())
 }
 
+/// `train`, in one process or as one of an MPI job's (`--features mpi`, then
+/// `mpirun -n K cvt-gpu train ...`): each process opens the adapter `--adapter`
+/// names, else its rank on this machine modulo the adapters there. An error on
+/// any process ends the whole job, naming the rank.
+fn train(g: &GpuArgs, a: &cvt_gpu::trainer::TrainArgs) -> Result<()> {
+    let world = cvt_gpu::dist::World::init()?;
+    if world.size == 1 {
+        return cvt_gpu::trainer::train(g.open()?, a, &world);
+    }
+    let adapters = list_adapters(g.backend).len().max(1);
+    let adapter = g.adapter.clone().or_else(|| Some((world.local_rank % adapters).to_string()));
+    let result = Gpu::new(&AdapterRequest { backend: g.backend, adapter }).and_then(|gpu| cvt_gpu::trainer::train(gpu, a, &world));
+    if let Err(e) = result {
+        world.abort(&format!("{e:#}").replace('\n', " "));
+    }
+    Ok(())
+}
+
 fn run() -> Result<()> {
     let cli = Cli::parse();
     cvt_gpu::profile::settings::check()?;
@@ -267,7 +285,7 @@ fn run() -> Result<()> {
         Cmd::Adapters { json } => adapters(&cli.gpu, *json),
         Cmd::Infer(a) => infer(&cli.gpu, a),
         Cmd::Bench(a) => bench::run(cli.gpu.open()?, a),
-        Cmd::Train(a) => cvt_gpu::trainer::train(cli.gpu.open()?, a),
+        Cmd::Train(a) => train(&cli.gpu, a),
         Cmd::Eval(a) => cvt_gpu::trainer::eval(cli.gpu.open()?, a),
         Cmd::Convert(a) => cvt_gpu::convert::run(a),
     }

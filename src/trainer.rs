@@ -273,9 +273,12 @@ pub struct TrainState {
     /// Drop-path rate per stage.
     #[serde(default)]
     pub drop_path: Vec<f32>,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step, per process.
     #[serde(default = "one")]
     pub accum_steps: usize,
+    /// Processes of the run (data parallelism).
+    #[serde(default = "one")]
+    pub ranks: usize,
 }
 
 fn one() -> usize {
@@ -337,18 +340,24 @@ pub struct EvalResult {
 }
 
 pub fn evaluate(model: &Net, ds: &Dataset, spec: &Spec, limit: Option<usize>, quiet: bool) -> Result<EvalResult> {
+    evaluate_shared(model, ds, spec, limit, quiet, &crate::dist::World::single())
+}
+
+/// `evaluate` with the images shared among the run's processes (image i on
+/// process i mod K) and the counts summed.
+pub fn evaluate_shared(model: &Net, ds: &Dataset, spec: &Spec, limit: Option<usize>, quiet: bool, world: &crate::dist::World) -> Result<EvalResult> {
     let res = ds.height;
     let n = limit.unwrap_or(usize::MAX).min(ds.len());
-    let plan = model.plan_fitting(256.min(n.max(1)), res, ds.width)?;
+    let mine: Vec<usize> = (0..n).filter(|i| i % world.size == world.rank).collect();
+    let plan = model.plan_fitting(256.min(mine.len().max(1)), res, ds.width)?;
     let classes = model.arch().num_classes();
-    let bar = progress_bar(n as u64, quiet);
+    let bar = progress_bar(mine.len() as u64, quiet);
     bar.set_message("evaluating");
     let (mut c1, mut c5, mut loss) = (0usize, 0usize, 0f64);
     let mut tail = None;
-    for start in (0..n).step_by(plan.batch) {
-        let idx: Vec<usize> = (start..(start + plan.batch).min(n)).collect();
+    for idx in mine.chunks(plan.batch) {
         let mut images = Vec::with_capacity(idx.len() * res * ds.width * spec.channels);
-        for &i in &idx {
+        for &i in idx {
             let px = ds.image(i);
             let rgb: Vec<u8> = if ds.channels == 1 { px.iter().flat_map(|&v| [v, v, v]).collect() } else { px.to_vec() };
             images.extend(spec.normalize(&rgb));
@@ -369,7 +378,9 @@ pub fn evaluate(model: &Net, ds: &Dataset, spec: &Spec, limit: Option<usize>, qu
         bar.inc(idx.len() as u64);
     }
     bar.finish_and_clear();
-    Ok(EvalResult { top1: c1 as f64 / n as f64, top5: c5 as f64 / n as f64, loss: loss / n as f64, images: n })
+    let mut sums = [c1 as f64, c5 as f64, loss];
+    world.sum_f64(&mut sums);
+    Ok(EvalResult { top1: sums[0] / n as f64, top5: sums[1] / n as f64, loss: sums[2] / n as f64, images: n })
 }
 
 /// Reads a training checkpoint (a file or its run directory): the checkpoint,
@@ -537,6 +548,7 @@ fn new_state(a: &TrainArgs, dataset: &str, res: usize, train_limit: Option<usize
         train_limit,
         drop_path,
         accum_steps: a.accum_steps.unwrap_or(1),
+        ranks: 1,
     }
 }
 
@@ -694,6 +706,8 @@ enum EpochEnd {
 /// The run in progress: GPU model, step plan, optimizer, settings and position.
 struct Run<'a> {
     a: &'a TrainArgs,
+    /// The run's processes (data parallelism; one in the default build).
+    world: &'a crate::dist::World,
     gpu: Arc<Gpu>,
     dir: &'a RunDir,
     s: Setup,
@@ -707,6 +721,8 @@ struct Run<'a> {
     t_run: Instant,
     steps_this_run: u64,
     last_save: Instant,
+    /// Seconds spent summing gradients over the processes this run.
+    allreduce_s: f64,
 }
 
 /// Checkpoints by wall time when --save-every does not say: a crash or SIGKILL
@@ -714,14 +730,33 @@ struct Run<'a> {
 const SAVE_EVERY_SECONDS: u64 = 600;
 
 impl<'a> Run<'a> {
-    fn new(gpu: Arc<Gpu>, a: &'a TrainArgs, dir: &'a RunDir, s: Setup) -> Result<Run<'a>> {
+    fn new(gpu: Arc<Gpu>, a: &'a TrainArgs, world: &'a crate::dist::World, dir: &'a RunDir, mut s: Setup) -> Result<Run<'a>> {
+        // A run resumed on another number of processes goes on from the same
+        // micro-batch of its epoch, where that is a step boundary now.
+        let st = &mut s.state;
+        if st.ranks != world.size {
+            let done = st.batch_in_epoch * st.ranks * st.accum_steps;
+            let per_step = world.size * st.accum_steps;
+            anyhow::ensure!(
+                done % per_step == 0,
+                "the checkpoint stopped after {done} micro-batches of its epoch, not a whole number of steps of {per_step} on {} processes; resume on {} processes",
+                world.size,
+                st.ranks
+            );
+            (st.batch_in_epoch, st.ranks) = (done / per_step, world.size);
+        }
         let res = s.train_ds.height;
-        let mut model = TrainNet::new(gpu.clone(), &s.arch, &s.tensors, s.act)?;
+        // Rank 0's parameters (fresh, resumed or fine-tuned) on every process.
+        let tensors = if world.size > 1 { broadcast_tensors(world, &s.tensors)? } else { s.tensors.clone() };
+        let mut model = TrainNet::new(gpu.clone(), &s.arch, &tensors, s.act)?;
         model.set_drop_path(&s.state.drop_path);
         let step_plan = model.step_plan(s.state.batch, res).map_err(|e| if e.downcast_ref::<crate::graph::TooLarge>().is_some() { anyhow::anyhow!("{e:#}: lower --batch") } else { e })?;
-        let mut opt = model.optimizer_with(AdamW { weight_decay: s.state.weight_decay, ..AdamW::default() }, s.state.accum_steps > 1)?;
+        // Gradients go through accumulators wherever more than one micro-batch
+        // (of this process, or of all) makes a step.
+        let mut opt = model.optimizer_with(AdamW { weight_decay: s.state.weight_decay, ..AdamW::default() }, s.state.accum_steps * world.size > 1)?;
         if let Some(moments) = &s.moments {
-            opt.load_state(moments)?;
+            let moments = if world.size > 1 { broadcast_moments(world, moments)? } else { moments.clone() };
+            opt.load_state(&moments)?;
             opt.step = s.state.step;
         }
         let spec = &s.spec;
@@ -734,24 +769,39 @@ impl<'a> Run<'a> {
             augment: Augment { flip: s.state.flip, min_scale: s.state.crop_scale, mixup: s.state.mixup, cutmix: s.state.cutmix },
             drop_last: true,
             shuffle: true,
-            shard: crate::data::loader::Shard { rank: 0, ranks: 1, accum: s.state.accum_steps },
+            shard: crate::data::loader::Shard { rank: world.rank, ranks: world.size, accum: s.state.accum_steps },
         };
-        let global = s.state.batch * s.state.accum_steps;
+        let global = s.state.batch * s.state.accum_steps * world.size;
         let steps_per_epoch = (s.train_ds.len() / global) as u64;
         if steps_per_epoch == 0 {
-            bail!("{} training images, fewer than one step's {global} (--batch {} x --accum-steps {}): lower --batch or --accum-steps", s.train_ds.len(), s.state.batch, s.state.accum_steps);
+            bail!(
+                "{} training images, fewer than one step's {global} (--batch {} x --accum-steps {} x {} processes): lower --batch or --accum-steps",
+                s.train_ds.len(),
+                s.state.batch,
+                s.state.accum_steps,
+                world.size
+            );
         }
         if s.state.batch_in_epoch as u64 > steps_per_epoch {
             bail!("the checkpoint stopped at batch {} of an epoch, but the data gives {steps_per_epoch} batches an epoch: not the same data set", s.state.batch_in_epoch);
         }
         let total_steps = steps_per_epoch * s.state.epochs as u64;
         let now = Instant::now();
-        Ok(Run { a, gpu, dir, s, model, step_plan, opt, loader, steps_per_epoch, total_steps, stop: stop_on_signals(), t_run: now, steps_this_run: 0, last_save: now })
+        Ok(Run { a, world, gpu, dir, s, model, step_plan, opt, loader, steps_per_epoch, total_steps, stop: stop_on_signals(), t_run: now, steps_this_run: 0, last_save: now, allreduce_s: 0.0 })
     }
 
     /// `--json`: no progress, one JSON line per epoch.
+    /// `--json`, or not rank 0 (which alone prints, logs and writes).
     fn quiet(&self) -> bool {
-        self.a.json
+        self.a.json || !self.world.is_root()
+    }
+
+    /// Appends to metrics.jsonl (rank 0).
+    fn log(&self, v: serde_json::Value) -> Result<()> {
+        if self.world.is_root() {
+            log_metrics(&self.dir.path, v)?;
+        }
+        Ok(())
     }
 
     fn checkpoint_path(&self) -> PathBuf {
@@ -774,7 +824,11 @@ impl<'a> Run<'a> {
             st.res,
             st.res,
             s.arch.num_classes(),
-            if st.accum_steps > 1 { format!("{} ({} micro-batches of {} a step)", st.batch * st.accum_steps, st.accum_steps, st.batch) } else { st.batch.to_string() },
+            match (st.accum_steps, self.world.size) {
+                (1, 1) => st.batch.to_string(),
+                (n, 1) => format!("{} ({n} micro-batches of {} a step)", st.batch * n, st.batch),
+                (n, k) => format!("{} ({k} processes x {n} micro-batches of {} a step)", st.batch * n * k, st.batch),
+            },
             st.epochs,
             self.total_steps,
             self.gpu.describe()
@@ -795,7 +849,9 @@ impl<'a> Run<'a> {
 
     /// Writes checkpoint.safetensors (weights + optimizer + state) then model.safetensors (weights).
     fn save(&mut self, weights: &HashMap<String, Tensor>) -> Result<()> {
-        save(&self.dir.path, weights, &self.opt, &self.s.state, &self.s.meta)?;
+        if self.world.is_root() {
+            save(&self.dir.path, weights, &self.opt, &self.s.state, &self.s.meta)?;
+        }
         self.last_save = Instant::now();
         Ok(())
     }
@@ -815,15 +871,20 @@ impl<'a> Run<'a> {
         let n = micro.len();
         let k = self.s.arch.num_classes();
         let (mut loss_sum, mut correct) = (0f32, 0usize);
+        let world = self.world;
+        let accumulating = n * world.size > 1;
+        let mut bad = None;
         for (j, batch) in micro.iter().enumerate() {
-            // Drop-path masks from (seed, step, micro-batch): the same on resume.
-            let key = st.seed ^ 0xD209 ^ (st.step + 1).wrapping_mul(0x9E37_79B9) ^ (j as u64).wrapping_mul(0xA076_1D64_78BD_642F);
+            // Drop-path masks from (seed, step, micro-batch of the whole step): the
+            // same on resume, and whichever process runs the micro-batch.
+            let jg = world.rank * n + j;
+            let key = st.seed ^ 0xD209 ^ (st.step + 1).wrapping_mul(0x9E37_79B9) ^ (jg as u64).wrapping_mul(0xA076_1D64_78BD_642F);
             self.step_plan.set_drop_path(self.model.drop_path_rates(), &mut crate::util::Rng::new(key))?;
             let (loss, logits) = self.step_plan.run(&batch.images, &batch.targets)?;
             if !loss.is_finite() {
-                return Err(self.diverged(format!("loss is {loss}")));
+                bad = Some(loss);
             }
-            if n > 1 {
+            if accumulating {
                 self.opt.accumulate(j == 0)?;
             }
             loss_sum += loss;
@@ -837,9 +898,20 @@ impl<'a> Run<'a> {
                 })
                 .count();
         }
+        // Every process takes the same decisions: a non-finite loss anywhere
+        // stops them all.
+        if world.any(bad.is_some()) {
+            return Err(self.diverged(format!("loss is {}", bad.map_or("not finite on another process".to_string(), |l| l.to_string()))));
+        }
+        if world.size > 1 {
+            self.allreduce_gradients()?;
+        }
         // The step's gradient is the mean of the micro-batches' (each a mean over
-        // its images): the sum the accumulators hold, times 1/n.
-        let mean = 1.0 / n as f32;
+        // its images): the sum the accumulators hold (over all processes), times
+        // 1/(n·K).
+        let parts = n * world.size;
+        let mean = 1.0 / parts as f32;
+        let st = &self.s.state;
         let scale = if st.clip_grad > 0.0 {
             let norm = self.opt.grad_norm()? * mean;
             if !norm.is_finite() {
@@ -850,7 +922,50 @@ impl<'a> Run<'a> {
             1.0
         };
         self.opt.update_scaled(lr, scale * mean)?;
-        Ok((loss_sum * mean, correct, lr))
+        let mut totals = [loss_sum as f64, correct as f64];
+        world.sum_f64(&mut totals);
+        Ok(((totals[0] / parts as f64) as f32, totals[1] as usize, lr))
+    }
+
+    /// The gradient exchange of a data-parallel run, for its log: bytes and
+    /// buckets per step, and the all-reduce time per step so far.
+    fn exchange_report(&self) -> Option<String> {
+        if self.world.size == 1 || self.steps_this_run == 0 {
+            return None;
+        }
+        let lens: Vec<usize> = self.opt.gradient_buffers().iter().map(|(_, n)| *n).collect();
+        let bytes: usize = lens.iter().sum::<usize>() * 4;
+        let buckets = crate::dist::buckets(&lens, crate::dist::BUCKET_BYTES).len();
+        let per_step = 1e3 * self.allreduce_s / self.steps_this_run as f64;
+        Some(format!(
+            "gradient all-reduce over {} processes: {:.1} MB a step in {buckets} buckets, {per_step:.1} ms a step ({:.1}% of the run), not overlapped with the backward",
+            self.world.size,
+            bytes as f64 / 1e6,
+            100.0 * self.allreduce_s / self.t_run.elapsed().as_secs_f64()
+        ))
+    }
+
+    /// Sums every gradient accumulator over the processes, in buckets of about
+    /// `dist::BUCKET_BYTES`, the last parameters (the head's, the last blocks')
+    /// first. Timed into `allreduce_s`.
+    fn allreduce_gradients(&mut self) -> Result<()> {
+        let t = Instant::now();
+        let grads = self.opt.gradient_buffers();
+        let lens: Vec<usize> = grads.iter().map(|(_, n)| *n).collect();
+        for bucket in crate::dist::buckets(&lens, crate::dist::BUCKET_BYTES) {
+            let mut flat = Vec::with_capacity(bucket.iter().map(|&i| lens[i]).sum());
+            for &i in &bucket {
+                flat.extend(self.gpu.read(&grads[i].0, 0, lens[i])?);
+            }
+            self.world.sum_f32(&mut flat);
+            let mut off = 0;
+            for &i in &bucket {
+                self.gpu.queue.write_buffer(&grads[i].0, 0, bytemuck::cast_slice(&flat[off..off + lens[i]]));
+                off += lens[i];
+            }
+        }
+        self.allreduce_s += t.elapsed().as_secs_f64();
+        Ok(())
     }
 
     fn epoch(&mut self) -> Result<EpochEnd> {
@@ -895,9 +1010,13 @@ impl<'a> Run<'a> {
             let epoch_done = st.batch_in_epoch as u64 == self.steps_per_epoch;
             if st.step % 10 == 0 || epoch_done {
                 let rec = serde_json::json!({"kind": "train", "step": st.step, "epoch": st.epoch + 1, "loss": loss, "lr": lr, "img_per_s": ips, "elapsed_s": self.t_run.elapsed().as_secs_f64()});
-                log_metrics(&self.dir.path, rec)?;
+                if self.world.is_root() {
+                    log_metrics(&self.dir.path, rec)?;
+                }
             }
-            if self.stop.load(Ordering::SeqCst) || self.a.max_steps.is_some_and(|m| self.steps_this_run >= m) {
+            // A signal to any process stops them all at the same step.
+            let stop = self.world.any(self.stop.load(Ordering::SeqCst));
+            if stop || self.a.max_steps.is_some_and(|m| self.steps_this_run >= m) {
                 bar.finish_and_clear();
                 return Ok(EpochEnd::Stopped);
             }
@@ -905,7 +1024,8 @@ impl<'a> Run<'a> {
                 Some(n) => st.step % n == 0,
                 None => self.last_save.elapsed().as_secs() >= SAVE_EVERY_SECONDS,
             };
-            if due && !epoch_done {
+            // Rank 0 alone writes: its clock decides (no collective in `save`).
+            if due && !epoch_done && self.world.is_root() {
                 let w = self.model.weights()?;
                 self.save(&w)?;
             }
@@ -921,7 +1041,7 @@ impl<'a> Run<'a> {
         // One readback serves the evaluation and the checkpoint.
         let weights = self.model.weights()?;
         let ev_model = Net::new(self.gpu.clone(), &self.s.arch, &weights, self.s.act, Default::default())?;
-        let ev = evaluate(&ev_model, &self.s.val_ds, &self.s.spec, self.a.eval_limit, self.quiet())?;
+        let ev = evaluate_shared(&ev_model, &self.s.val_ds, &self.s.spec, self.a.eval_limit, self.quiet(), self.world)?;
         let st = &mut self.s.state;
         st.epoch += 1;
         st.batch_in_epoch = 0;
@@ -933,11 +1053,14 @@ impl<'a> Run<'a> {
             "val_top1": ev.top1, "val_top5": ev.top5, "val_loss": ev.loss, "val_images": ev.images,
             "epoch_s": seconds, "img_per_s": ips, "elapsed_s": self.t_run.elapsed().as_secs_f64()
         });
-        log_metrics(&self.dir.path, rec.clone())?;
-        if let Err(e) = crate::plot::curves(&self.dir.join("metrics.jsonl"), &self.dir.path, &format!("{} on {}", self.s.arch.name(), st.dataset)) {
+        self.log(rec.clone())?;
+        let root = self.world.is_root();
+        if let Some(Err(e)) = root.then(|| crate::plot::curves(&self.dir.join("metrics.jsonl"), &self.dir.path, &format!("{} on {}", self.s.arch.name(), st.dataset))) {
             eprintln!("warning: no plot ({e:#})");
         }
-        if self.quiet() {
+        if !root {
+            // Rank 0 reports.
+        } else if self.a.json {
             println!("{rec}");
         } else {
             eprintln!(
@@ -962,6 +1085,12 @@ impl<'a> Run<'a> {
                     let w = self.model.weights()?;
                     self.save(&w)?;
                     let st = &self.s.state;
+                    if !self.world.is_root() {
+                        return Ok(());
+                    }
+                    if let Some(r) = self.exchange_report() {
+                        eprintln!("{r}");
+                    }
                     eprintln!(
                         "stopped at step {} (epoch {}, batch {}); checkpoint written to {}; continue with: cvt-gpu train --resume {}",
                         st.step,
@@ -979,6 +1108,9 @@ impl<'a> Run<'a> {
             let acc = last_eval.map(|e| format!(", val top-1 {:.2}%", 100.0 * e.top1)).unwrap_or_default();
             let weights = self.dir.join("model.safetensors");
             eprintln!("done: {} steps in {:.0} s{acc}; weights: {} (cvt-gpu infer --weights {} IMAGE)", self.s.state.step, self.t_run.elapsed().as_secs_f64(), weights.display(), weights.display());
+            if let Some(r) = self.exchange_report() {
+                eprintln!("{r}");
+            }
             if !self.s.data.skipped.is_empty() {
                 eprintln!("{} images could not be decoded and were skipped", self.s.data.skipped.len());
             }
@@ -987,7 +1119,7 @@ impl<'a> Run<'a> {
     }
 }
 
-pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
+pub fn train(gpu: Arc<Gpu>, a: &TrainArgs, world: &crate::dist::World) -> Result<()> {
     // The options' ranges before anything is read or created (a resumed run's
     // stored settings are checked again once read).
     check_ranges(&new_state(a, "", 1, a.train_limit, vec![], crate::models::Family::Cvt), a)?;
@@ -999,13 +1131,70 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs) -> Result<()> {
         (None, None) => PathBuf::from(DEFAULT_OUT),
     };
     // The run directory first: an unwritable or busy --out fails before any work.
-    let dir = RunDir::open(&out)?;
+    // Rank 0 alone writes there; the other processes hold a scratch directory.
+    let scratch = std::env::temp_dir().join(format!("cvt-gpu-rank{}-{}", world.rank, std::process::id()));
+    let dir = RunDir::open(if world.is_root() { &out } else { &scratch })?;
     let same_dir = resumed.as_ref().is_some_and(|(_, _, p)| p.parent().and_then(|d| d.canonicalize().ok()) == out.canonicalize().ok());
     let setup = Setup::new(a, resumed)?;
-    if same_dir {
+    if world.size > 1 {
+        // Every process must run the same model on the same data with the same
+        // settings and binary: rank 0's description against each one's.
+        let mine = format!(
+            "{:?} {} {}x{} {} train images {} val, {:?}, cvt-gpu {}",
+            setup.arch,
+            setup.data.name,
+            setup.state.res,
+            setup.state.res,
+            setup.train_ds.len(),
+            setup.val_ds.len(),
+            setup.state,
+            env!("CARGO_PKG_VERSION")
+        );
+        let mut root = mine.clone().into_bytes();
+        world.broadcast(&mut root);
+        let differs = world.any(root != mine.as_bytes());
+        anyhow::ensure!(!differs, "the processes disagree on the run (model, data, settings or cvt-gpu version): rank {} has {mine}", world.rank);
+    }
+    if same_dir && world.is_root() {
         truncate_metrics(&dir.path, setup.state.step)?;
     }
-    Run::new(gpu, a, &dir, setup)?.run()
+    let r = Run::new(gpu, a, world, &dir, setup)?.run();
+    if !world.is_root() {
+        std::fs::remove_dir_all(&scratch).ok();
+    }
+    r
+}
+
+/// Rank 0's tensors on every process (the run's starting parameters), bit for bit.
+fn broadcast_tensors(world: &crate::dist::World, t: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    let flat: HashMap<String, Vec<f32>> = t.iter().map(|(n, x)| (n.clone(), x.data.clone())).collect();
+    let shapes: HashMap<String, Vec<usize>> = t.iter().map(|(n, x)| (n.clone(), x.shape.clone())).collect();
+    let mut meta = if world.is_root() { serde_json::to_vec(&shapes)? } else { vec![] };
+    world.broadcast(&mut meta);
+    let shapes: HashMap<String, Vec<usize>> = serde_json::from_slice(&meta).context("the parameter shapes rank 0 sent")?;
+    let data = broadcast_moments(world, &flat)?;
+    shapes.into_iter().map(|(n, s)| Ok((n.clone(), Tensor::new(s, data.get(&n).cloned().context("a parameter rank 0 did not send")?)))).collect()
+}
+
+/// Rank 0's named f32 vectors on every process, bit for bit (names as JSON, the
+/// values as raw little-endian bytes in name order).
+fn broadcast_moments(world: &crate::dist::World, m: &HashMap<String, Vec<f32>>) -> Result<HashMap<String, Vec<f32>>> {
+    let mut names: Vec<(String, usize)> = m.iter().map(|(n, v)| (n.clone(), v.len())).collect();
+    names.sort();
+    let mut head = if world.is_root() { serde_json::to_vec(&names)? } else { vec![] };
+    world.broadcast(&mut head);
+    let names: Vec<(String, usize)> = serde_json::from_slice(&head).context("the names rank 0 sent")?;
+    let mut bytes: Vec<u8> = if world.is_root() { names.iter().flat_map(|(n, _)| bytemuck::cast_slice::<f32, u8>(&m[n]).to_vec()).collect() } else { vec![] };
+    world.broadcast(&mut bytes);
+    let all: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+    let mut off = 0;
+    let mut out = HashMap::new();
+    for (n, len) in names {
+        anyhow::ensure!(off + len <= all.len(), "rank 0 sent fewer values than it named");
+        out.insert(n, all[off..off + len].to_vec());
+        off += len;
+    }
+    Ok(out)
 }
 
 #[derive(clap::Args, Debug)]

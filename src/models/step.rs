@@ -49,6 +49,8 @@ pub struct Optimizer {
     /// (a step's first micro-batch) or add every gradient into its accumulator,
     /// which AdamW and the clipping norm then read.
     accum: Option<(Plan, Plan)>,
+    /// What the update reads as each parameter's gradient, and its length.
+    grads: Vec<(Arc<wgpu::Buffer>, usize)>,
 }
 
 impl Optimizer {
@@ -81,6 +83,7 @@ impl Optimizer {
         let norms = Arc::new(gpu.storage("gradient norms", (norm_slots.max(1) * 4) as u64)?);
         let mut ng = Graph::new(gpu.clone());
         let mut slot = 0;
+        let grads = params.iter().map(|p| (p.grad.clone(), p.len)).collect();
         for p in params {
             let m = Moments::zeros(gpu, &p.name, p.len)?;
             adamw_step(&mut g, &p.name, &p.value, &p.grad, &m, &hyper, p.decay)?;
@@ -88,7 +91,13 @@ impl Optimizer {
             slot += sumsq_slots(p.len);
             state.push((p.name, m));
         }
-        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, state, norm_plan: ng.compile()?, norms, norm_slots, accum })
+        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, state, norm_plan: ng.compile()?, norms, norm_slots, accum, grads })
+    }
+
+    /// The buffers the update reads as gradients (the accumulators, with
+    /// accumulation), with their lengths, in parameter order.
+    pub fn gradient_buffers(&self) -> Vec<(Arc<wgpu::Buffer>, usize)> {
+        self.grads.clone()
     }
 
     /// Adds the gradients of the last `StepPlan::run` into the accumulators
