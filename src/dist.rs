@@ -133,3 +133,28 @@ pub fn buckets(lens: &[usize], bucket_bytes: usize) -> Vec<Vec<usize>> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Buckets: every parameter once, from the last; each within the size
+    /// unless a parameter alone is larger; one process's collectives are no-ops.
+    #[test]
+    fn buckets_cover_every_parameter_from_the_last() {
+        let lens = [10, 3_000_000, 5, 7, 1_500_000, 1_500_000, 2];
+        let b = buckets(&lens, BUCKET_BYTES);
+        let flat: Vec<usize> = b.iter().flatten().copied().collect();
+        assert_eq!(flat, (0..lens.len()).rev().collect::<Vec<_>>());
+        for bucket in &b {
+            let bytes: usize = bucket.iter().map(|&i| lens[i] * 4).sum();
+            assert!(bytes <= BUCKET_BYTES || bucket.len() == 1, "{bucket:?}: {bytes} bytes");
+        }
+        assert_eq!(b, vec![vec![6, 5], vec![4, 3, 2], vec![1], vec![0]]);
+        let w = World::single();
+        let mut v = [1.5f32, -2.0];
+        w.sum_f32(&mut v);
+        assert_eq!(v, [1.5, -2.0]);
+        assert!(w.any(true) && !w.any(false));
+    }
+}
