@@ -14,7 +14,7 @@ use super::forward::{forward, BlockRef, Layers, Mode, Proj};
 use super::weights::Tensor;
 use crate::gpu::Gpu;
 use crate::graph::{Graph, Plan, TensorId};
-use crate::ops::dwconv::{BatchNorm, ConvProj};
+use crate::ops::dwconv::ConvProj;
 use crate::ops::matmul::WeightFormat;
 use crate::ops::rownorm::{softmax, LayerNorm};
 use crate::ops::{Act, Linear};
@@ -114,19 +114,10 @@ impl Model {
             let mut blocks = vec![];
             for j in 0..cfg.depths[s] {
                 let b = format!("{p}.blocks.{j}");
-                let bn = |x: &str| -> Result<BatchNorm> {
-                    let n = format!("{b}.attn.conv_proj_{x}.bn");
-                    Ok(BatchNorm {
-                        weight: get(t, &format!("{n}.weight"))?,
-                        bias: get(t, &format!("{n}.bias"))?,
-                        mean: get(t, &format!("{n}.running_mean"))?,
-                        var: get(t, &format!("{n}.running_var"))?,
-                    })
-                };
-                let conv = |x: &str| get(t, &format!("{b}.attn.conv_proj_{x}.conv.weight"));
+                let (convs, bns) = super::conv_projections(t, &b)?;
                 blocks.push(Block {
                     norm1: ln(&format!("{b}.norm1"))?,
-                    conv_proj: ConvProj::with_kind(&gpu, &format!("{b}.attn.conv_proj"), [conv("q")?, conv("k")?, conv("v")?], [bn("q")?, bn("k")?, bn("v")?], c, gpu.profile().matmul(), half)?,
+                    conv_proj: ConvProj::with_kind(&gpu, &format!("{b}.attn.conv_proj"), convs, bns, c, gpu.profile().matmul(), half)?,
                     proj_q: lin(&format!("{b}.attn.proj_q"), c, c)?,
                     proj_k: lin(&format!("{b}.attn.proj_k"), c, c)?,
                     proj_v: lin(&format!("{b}.attn.proj_v"), c, c)?,

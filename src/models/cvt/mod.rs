@@ -130,6 +130,18 @@ pub fn labels_and_preprocess(ck: &Checkpoint, path: &Path, num_classes: usize) -
     Ok((labels, preprocess))
 }
 
+/// Block `b`'s (`stage{s}.blocks.{j}`) three convolutional projections as a
+/// checkpoint holds them: the q, k and v depthwise weights and BatchNorms.
+pub(crate) fn conv_projections<'a>(t: &'a std::collections::HashMap<String, weights::Tensor>, b: &str) -> Result<([&'a [f32]; 3], [crate::ops::dwconv::BatchNorm<'a>; 3])> {
+    let get = |name: String| -> Result<&'a [f32]> { Ok(&t.get(&name).with_context(|| format!("missing tensor {name}"))?.data) };
+    let bn = |x: &str| -> Result<crate::ops::dwconv::BatchNorm<'a>> {
+        let n = format!("{b}.attn.conv_proj_{x}.bn");
+        Ok(crate::ops::dwconv::BatchNorm { weight: get(format!("{n}.weight"))?, bias: get(format!("{n}.bias"))?, mean: get(format!("{n}.running_mean"))?, var: get(format!("{n}.running_var"))? })
+    };
+    let conv = |x: &str| get(format!("{b}.attn.conv_proj_{x}.conv.weight"));
+    Ok(([conv("q")?, conv("k")?, conv("v")?], [bn("q")?, bn("k")?, bn("v")?]))
+}
+
 /// The largest input side the engine takes: 10x the largest released model's
 /// (384), and far below what would exhaust memory before the adapter's limits
 /// are checked (one 4096x4096 RGB image is 192 MiB in f32).

@@ -19,7 +19,7 @@ use crate::models::cvt::weights::Tensor;
 use crate::models::cvt::CvtConfig;
 pub use crate::models::step::{Optimizer, Param, StepPlan};
 use crate::ops::attention::{attention_backward, AttnShape};
-use crate::ops::dwconv::{conv_proj_train_backward, BatchNorm, ConvProjGrad, ConvProjTrain};
+use crate::ops::dwconv::{conv_proj_train_backward, ConvProjGrad, ConvProjTrain};
 use crate::ops::matmul::{conv2d_backward, linear_backward, linear_backward_act, LinearGrad};
 use crate::ops::optim::AdamW;
 use crate::ops::rownorm::{layernorm_backward, softmax_xent, LayerNorm, LayerNormGrad, RowMap};
@@ -127,20 +127,11 @@ impl TrainModel {
             let mut blocks = vec![];
             for j in 0..cfg.depths[s] {
                 let b = format!("{p}.blocks.{j}");
-                let bn = |x: &str| -> Result<BatchNorm> {
-                    let n = format!("{b}.attn.conv_proj_{x}.bn");
-                    Ok(BatchNorm {
-                        weight: get(t, &format!("{n}.weight"))?,
-                        bias: get(t, &format!("{n}.bias"))?,
-                        mean: get(t, &format!("{n}.running_mean"))?,
-                        var: get(t, &format!("{n}.running_var"))?,
-                    })
-                };
-                let conv = |x: &str| get(t, &format!("{b}.attn.conv_proj_{x}.conv.weight"));
+                let (convs, bns) = super::conv_projections(t, &b)?;
                 let pn = format!("{b}.attn.conv_proj");
                 blocks.push(Block {
                     norm1: ln(&format!("{b}.norm1"))?,
-                    proj: ConvProjTrain::new(&gpu, &pn, [conv("q")?, conv("k")?, conv("v")?], [bn("q")?, bn("k")?, bn("v")?], c)?,
+                    proj: ConvProjTrain::new(&gpu, &pn, convs, bns, c)?,
                     proj_g: ConvProjGrad::new(&gpu, &pn, c)?,
                     q: lin(&format!("{b}.attn.proj_q"), c, c)?,
                     k: lin(&format!("{b}.attn.proj_k"), c, c)?,
