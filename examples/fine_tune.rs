@@ -18,5 +18,5 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [weights, folder, out] = args.as_slice() else { anyhow::bail!("usage: fine_tune WEIGHTS FOLDER OUT_DIR") };
     let cli = Cli::try_parse_from(["fine_tune", "--weights", weights, "--image-folder", folder, "--out", out, "--epochs", "2", "--lr", "1e-4", "--batch", "16"])?;
-    cvt_gpu::trainer::train(Gpu::new(&AdapterRequest::default())?, &cli.train)
+    cvt_gpu::trainer::train(Gpu::new(&AdapterRequest::default())?, &cli.train, &cvt_gpu::dist::World::single())
 }
