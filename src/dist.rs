@@ -16,6 +16,20 @@ pub struct World {
     comm: Option<(mpi::environment::Universe, mpi::topology::SimpleCommunicator)>,
 }
 
+/// An error every process reached together (after a collective decision: the
+/// run's description differs, the loss diverged): each prints it and exits,
+/// without aborting the job, so every rank's line is shown.
+#[derive(Debug)]
+pub struct OnEveryRank(pub String);
+
+impl std::fmt::Display for OnEveryRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for OnEveryRank {}
+
 /// Gradient buckets of about this many bytes are all-reduced at a time: large
 /// enough to amortise a collective's latency, small enough that the host copies
 /// of one bucket stay small (4-25 MiB were the fastest all-reduces measured for
@@ -102,7 +116,9 @@ impl World {
     /// Ends the whole job with a message naming this rank (MPI_Abort): the other
     /// processes stop too, within the MPI library's bounded time, never hang.
     pub fn abort(&self, msg: &str) -> ! {
-        eprintln!("error: rank {} of {}: {msg}", self.rank, self.size);
+        // One write: the ranks share stderr, and a line written in pieces interleaves.
+        let line = format!("error: rank {} of {}: {msg}\n", self.rank, self.size);
+        std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes()).ok();
         #[cfg(feature = "mpi")]
         if let Some((_, c)) = &self.comm {
             use mpi::topology::Communicator;

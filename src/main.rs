@@ -263,10 +263,18 @@ fn train(g: &GpuArgs, a: &cvt_gpu::trainer::TrainArgs) -> Result<()> {
     let adapters = list_adapters(g.backend).len().max(1);
     let adapter = g.adapter.clone().or_else(|| Some((world.local_rank % adapters).to_string()));
     let result = Gpu::new(&AdapterRequest { backend: g.backend, adapter }).and_then(|gpu| cvt_gpu::trainer::train(gpu, a, &world));
-    if let Err(e) = result {
-        world.abort(&format!("{e:#}").replace('\n', " "));
+    match result {
+        // Every process stops at the same point: each says why, none aborts.
+        Err(e) if e.downcast_ref::<cvt_gpu::dist::OnEveryRank>().is_some() => {
+            // One write: the ranks share stderr, and a line written in pieces interleaves.
+            let line = format!("error: rank {} of {}: {}\n", world.rank, world.size, format!("{e:#}").replace('\n', " "));
+            std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes()).ok();
+            drop(world);
+            std::process::exit(1)
+        }
+        Err(e) => world.abort(&format!("{e:#}").replace('\n', " ")),
+        Ok(()) => Ok(()),
     }
-    Ok(())
 }
 
 fn run() -> Result<()> {

@@ -901,7 +901,8 @@ impl<'a> Run<'a> {
         // Every process takes the same decisions: a non-finite loss anywhere
         // stops them all.
         if world.any(bad.is_some()) {
-            return Err(self.diverged(format!("loss is {}", bad.map_or("not finite on another process".to_string(), |l| l.to_string()))));
+            let e = self.diverged(format!("loss is {}", bad.map_or("not finite on another process".to_string(), |l| l.to_string())));
+            return Err(if world.size > 1 { crate::dist::OnEveryRank(format!("{e:#}")).into() } else { e });
         }
         if world.size > 1 {
             self.allreduce_gradients()?;
@@ -1153,7 +1154,10 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs, world: &crate::dist::World) -> Result
         let mut root = mine.clone().into_bytes();
         world.broadcast(&mut root);
         let differs = world.any(root != mine.as_bytes());
-        anyhow::ensure!(!differs, "the processes disagree on the run (model, data, settings or cvt-gpu version): rank {} has {mine}", world.rank);
+        if differs {
+            let msg = format!("the processes disagree on the run (model, data, settings or cvt-gpu version): rank {} has {mine}", world.rank);
+            return Err(crate::dist::OnEveryRank(msg).into());
+        }
     }
     if same_dir && world.is_root() {
         truncate_metrics(&dir.path, setup.state.step)?;
