@@ -326,9 +326,7 @@ pub fn run(gpu: Arc<Gpu>, a: &BenchArgs) -> Result<()> {
     let arch = Arch::by_name(&a.model)?;
     let res = a.res.unwrap_or(arch.image_size());
     crate::models::cvt::check_resolution(res).context("--res")?;
-    if arch.fixed_size() && res != arch.image_size() {
-        anyhow::bail!("--res {res}: {} takes {}x{} inputs only (its position embedding fixes the grid)", arch.name(), arch.image_size(), arch.image_size());
-    }
+    arch.check_res(res)?;
     if a.plan_only {
         return plan_only(gpu, a, &arch, res);
     }

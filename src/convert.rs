@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{model_metadata, write_atomic, write_safetensors, Entry};
 use crate::models::cvt::weights::{official_to_hf, read_checkpoint};
-use crate::models::cvt::{describe, CvtConfig, LoadOptions};
+use crate::models::cvt::{CvtConfig, LoadOptions};
 use crate::ops::Act;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -45,15 +45,12 @@ pub struct ConvertArgs {
 pub fn run(a: &ConvertArgs) -> Result<()> {
     let arch = a.config.as_deref().map(crate::models::Arch::by_name).transpose()?;
     let ck = read_checkpoint(&a.input)?;
-    if ck.family == crate::models::Family::Convit {
-        return convit(a, &ck, arch);
-    }
-    let config = match arch {
-        Some(crate::models::Arch::Cvt(c)) => Some(c),
-        Some(crate::models::Arch::Convit(c)) => bail!("{}: a CvT checkpoint, but --config names ConViT {}", a.input.display(), c.name),
-        None => None,
+    let opts = LoadOptions { config: None, activation: a.activation, f16: false, allow_nonfinite: a.allow_nonfinite };
+    let d = crate::models::describe(&ck, &a.input, arch, &opts, "--config")?;
+    let cfg = match &d.arch {
+        crate::models::Arch::Cvt(c) => c.clone(),
+        crate::models::Arch::Convit(c) => return convit(a, &ck, c, &d),
     };
-    let d = describe(&ck, &a.input, &LoadOptions { config, activation: a.activation, f16: false, allow_nonfinite: a.allow_nonfinite })?;
     let hf = a.naming == OutNaming::Hf;
 
     let mut names: Vec<&String> = ck.tensors.keys().collect();
@@ -66,8 +63,8 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     for n in names.iter().filter_map(|n| n.strip_suffix("running_mean")) {
         entries.push(Entry::i64_scalar(rename(&format!("{n}num_batches_tracked")), 0));
     }
-    let meta = model_metadata(&crate::models::Arch::Cvt(d.cfg.clone()), d.act, d.labels.as_deref(), d.preprocess.as_ref())?;
-    let summary = format!("{} tensors, {} naming, {}", entries.len(), if hf { "Hugging Face" } else { "official" }, d.cfg.name);
+    let meta = model_metadata(&crate::models::Arch::Cvt(cfg.clone()), d.act, d.labels.as_deref(), d.preprocess.as_ref())?;
+    let summary = format!("{} tensors, {} naming, {}", entries.len(), if hf { "Hugging Face" } else { "official" }, cfg.name);
     if !hf {
         let out = write_file(&a.output, &entries, &meta)?;
         println!("wrote {} ({summary})", out.display());
@@ -85,14 +82,14 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
             a.input.display()
         );
     }
-    if let Some(i) = (0..d.cfg.stages()).find(|&i| d.cfg.depths[i] <= i) {
+    if let Some(i) = (0..cfg.stages()).find(|&i| cfg.depths[i] <= i) {
         eprintln!(
             "warning: transformers (5.x) cannot build this model: it indexes stage {i}'s drop-path list by the stage number, which needs more than {i} blocks in stage {i} (depths {:?})",
-            d.cfg.depths
+            cfg.depths
         );
     }
-    let labels = d.labels.clone().or_else(|| (d.cfg.num_classes == 1000).then(crate::labels::imagenet));
-    let json = serde_json::to_string_pretty(&hf_config(&d.cfg, labels.as_deref()))?;
+    let labels = d.labels.clone().or_else(|| (cfg.num_classes == 1000).then(crate::labels::imagenet));
+    let json = serde_json::to_string_pretty(&hf_config(&cfg, labels.as_deref()))?;
     write_hf_dir(&a.output, &entries, &meta, json.as_bytes())?;
     println!("wrote {}/model.safetensors and config.json ({summary}; from_pretrained(\"{}\") loads it)", a.output.display(), a.output.display());
     Ok(())
@@ -100,20 +97,14 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
 
 /// A ConViT checkpoint (official `.pth`, possibly under `model`, or timm
 /// safetensors) to safetensors in its official names, which timm uses unchanged.
-fn convit(a: &ConvertArgs, ck: &crate::models::cvt::weights::Checkpoint, arch: Option<crate::models::Arch>) -> Result<()> {
+fn convit(a: &ConvertArgs, ck: &crate::models::cvt::weights::Checkpoint, cfg: &crate::models::convit::ConvitConfig, d: &crate::models::Described) -> Result<()> {
     if a.naming == OutNaming::Hf {
         bail!("{}: a ConViT checkpoint; --naming hf is CvT's Hugging Face layout (ConViT's official names are timm's: leave --naming out)", a.input.display());
     }
-    let want = match arch {
-        Some(crate::models::Arch::Convit(c)) => Some(c),
-        Some(crate::models::Arch::Cvt(c)) => bail!("{}: a ConViT checkpoint, but --config names CvT {}", a.input.display(), c.name),
-        None => None,
-    };
-    let cfg = crate::models::describe_convit(ck, &a.input, want.as_ref(), a.allow_nonfinite)?;
-    let (labels, spec) = crate::models::cvt::labels_and_preprocess(ck, &a.input, cfg.num_classes)?;
+    let (labels, spec) = (&d.labels, &d.preprocess);
     // In the state dict's order, as timm saves it.
     let entries: Vec<Entry> = cfg.expected_shapes().iter().map(|(n, _)| Entry::f32(n.clone(), ck.tensors[n].shape.clone(), &ck.tensors[n].data)).collect();
-    let meta = model_metadata(&crate::models::Arch::Convit(cfg.clone()), Act::Gelu, labels.as_deref(), spec.as_ref())?;
+    let meta = model_metadata(&crate::models::Arch::Convit(cfg.clone()), d.act, labels.as_deref(), spec.as_ref())?;
     let out = write_file(&a.output, &entries, &meta)?;
     println!("wrote {} ({} tensors, official/timm names, {})", out.display(), entries.len(), cfg.name);
     Ok(())

@@ -198,9 +198,7 @@ fn infer(g: &GpuArgs, a: &InferArgs) -> Result<()> {
     let arch = m.arch();
     // --res was checked above; image_size by the config's validation.
     let res = a.res.unwrap_or(arch.image_size());
-    if arch.fixed_size() && res != arch.image_size() {
-        bail!("--res {res}: {} takes {}x{} inputs only (its position embedding fixes the grid)", arch.name(), arch.image_size(), arch.image_size());
-    }
+    arch.check_res(res)?;
     let names = labels::for_head(arch.num_classes(), a.labels.as_deref(), loaded.labels.clone())?;
     let resize = if a.no_resize { preprocess::Resize::None } else { preprocess::Resize::Eval };
     if loaded.preprocess.channels != arch.in_chans() {

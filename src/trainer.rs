@@ -17,7 +17,7 @@ use crate::data::{folder, Dataset, FASHION_MNIST_DIR};
 use crate::gpu::Gpu;
 use crate::models::cvt::weights::{read_checkpoint, read_checkpoint_bytes, Tensor};
 use crate::models::cvt::weights::{Checkpoint, Naming};
-use crate::models::cvt::{describe, LoadOptions};
+use crate::models::cvt::LoadOptions;
 use crate::models::{Arch, Net, TrainNet};
 use crate::ops::optim::AdamW;
 use crate::ops::Act;
@@ -444,32 +444,13 @@ fn fine_tune_weights(path: &Path, model: Option<&str>, classes: usize, seed: u64
     Ok((arch, t, act, spec))
 }
 
-/// A checkpoint's architecture in either family (`arch` if given), checked
+/// A checkpoint's architecture in either family (`arch`: `--model`), checked
 /// against its tensors, with its activation (CvT: None where the naming's default
 /// applies and official names leave `--activation` to decide) and preprocessing.
 fn describe_any(ck: &Checkpoint, path: &Path, arch: Option<Arch>) -> Result<(Arch, Option<Act>, Option<Spec>)> {
-    match ck.family {
-        crate::models::Family::Cvt => {
-            let config = match arch {
-                Some(Arch::Cvt(c)) => Some(c),
-                Some(Arch::Convit(c)) => bail!("{}: a CvT checkpoint, but --model names ConViT {}", path.display(), c.name),
-                None => None,
-            };
-            let d = describe(ck, path, &LoadOptions { config, activation: None, ..Default::default() })?;
-            let act = (d.act_explicit || ck.naming == Naming::Hf).then_some(d.act);
-            Ok((Arch::Cvt(d.cfg), act, d.preprocess))
-        }
-        crate::models::Family::Convit => {
-            let want = match arch {
-                Some(Arch::Convit(c)) => Some(c),
-                Some(Arch::Cvt(c)) => bail!("{}: a ConViT checkpoint, but --model names CvT {}", path.display(), c.name),
-                None => None,
-            };
-            let cfg = crate::models::describe_convit(ck, path, want.as_ref(), false)?;
-            let (_, spec) = crate::models::cvt::labels_and_preprocess(ck, path, cfg.num_classes)?;
-            Ok((Arch::Convit(cfg), Some(Act::Gelu), spec))
-        }
-    }
+    let d = crate::models::describe(ck, path, arch, &LoadOptions::default(), "--model")?;
+    let act = (d.act_explicit || ck.naming == Naming::Hf).then_some(d.act);
+    Ok((d.arch, act, d.preprocess))
 }
 
 /// Fits the data to the model's input channels: a 1-channel model on RGB data
@@ -755,7 +736,7 @@ impl<'a> Run<'a> {
         // (of this process, or of all) makes a step.
         let mut opt = model.optimizer_with(AdamW { weight_decay: s.state.weight_decay, ..AdamW::default() }, s.state.accum_steps * world.size > 1)?;
         if let Some(moments) = &s.moments {
-            let moments = if world.size > 1 { broadcast_moments(world, moments)? } else { moments.clone() };
+            let moments = if world.size > 1 { broadcast_vectors(world, moments)? } else { moments.clone() };
             opt.load_state(&moments)?;
             opt.step = s.state.step;
         }
@@ -1176,13 +1157,13 @@ fn broadcast_tensors(world: &crate::dist::World, t: &HashMap<String, Tensor>) ->
     let mut meta = if world.is_root() { serde_json::to_vec(&shapes)? } else { vec![] };
     world.broadcast(&mut meta);
     let shapes: HashMap<String, Vec<usize>> = serde_json::from_slice(&meta).context("the parameter shapes rank 0 sent")?;
-    let data = broadcast_moments(world, &flat)?;
+    let data = broadcast_vectors(world, &flat)?;
     shapes.into_iter().map(|(n, s)| Ok((n.clone(), Tensor::new(s, data.get(&n).cloned().context("a parameter rank 0 did not send")?)))).collect()
 }
 
 /// Rank 0's named f32 vectors on every process, bit for bit (names as JSON, the
 /// values as raw little-endian bytes in name order).
-fn broadcast_moments(world: &crate::dist::World, m: &HashMap<String, Vec<f32>>) -> Result<HashMap<String, Vec<f32>>> {
+fn broadcast_vectors(world: &crate::dist::World, m: &HashMap<String, Vec<f32>>) -> Result<HashMap<String, Vec<f32>>> {
     let mut names: Vec<(String, usize)> = m.iter().map(|(n, v)| (n.clone(), v.len())).collect();
     names.sort();
     let mut head = if world.is_root() { serde_json::to_vec(&names)? } else { vec![] };

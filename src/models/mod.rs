@@ -108,6 +108,13 @@ impl Arch {
         matches!(self, Arch::Convit(_))
     }
 
+    /// Refuses `--res` `res` for an architecture whose input size is fixed.
+    pub fn check_res(&self, res: usize) -> Result<()> {
+        let s = self.image_size();
+        ensure!(!self.fixed_size() || res == s, "--res {res}: {} takes {s}x{s} inputs only (its position embedding fixes the grid)", self.name());
+        Ok(())
+    }
+
     /// For training on a data set: its class count, channels and resolution.
     pub fn fit_data(&mut self, classes: usize, chans: usize, res: usize) -> Result<()> {
         match self {
@@ -260,37 +267,59 @@ pub struct Loaded {
     pub preprocess: crate::preprocess::Spec,
 }
 
-/// Reads a checkpoint of either family (told by its names), works out its
-/// architecture (`arch`, else metadata, else shapes), checks every tensor and
-/// uploads it for inference.
-pub fn load(gpu: Arc<Gpu>, path: &Path, arch: Option<Arch>, opts: &cvt::LoadOptions) -> Result<Loaded> {
-    let ck = cvt::weights::read_checkpoint(path)?;
+/// What a checkpoint of either family says about itself, with the options
+/// applied (`describe`).
+pub struct Described {
+    pub arch: Arch,
+    /// The MLP activation (ConViT's is always exact GELU).
+    pub act: Act,
+    /// Whether `act` came from the options or the metadata, or is the family's
+    /// only one (not CvT's default for its naming).
+    pub act_explicit: bool,
+    pub labels: Option<Vec<String>>,
+    /// The `preprocess` metadata of checkpoints the engine wrote.
+    pub preprocess: Option<crate::preprocess::Spec>,
+}
+
+/// A checkpoint's architecture in either family — `arch` (what `flag`, e.g.
+/// `--config`, named), else `opts.config` (CvT), else the metadata, else its
+/// shapes — every tensor checked against it, with its activation, labels and
+/// preprocessing. An `arch` of the other family is a one-line error.
+pub fn describe(ck: &cvt::weights::Checkpoint, path: &Path, arch: Option<Arch>, opts: &cvt::LoadOptions, flag: &str) -> Result<Described> {
     let shown = path.display();
-    match (ck.family, arch) {
-        (Family::Cvt, arch) => {
+    match ck.family {
+        Family::Cvt => {
             let config = match arch {
                 Some(Arch::Cvt(c)) => Some(c),
-                Some(Arch::Convit(c)) => bail!("{shown}: a CvT checkpoint, but --config names ConViT {}", c.name),
+                Some(Arch::Convit(c)) => bail!("{shown}: a CvT checkpoint, but {flag} names ConViT {}", c.name),
                 None => opts.config.clone(),
             };
-            let o = cvt::LoadOptions { config, ..opts.clone() };
-            let l = cvt::load(gpu, path, &o)?;
-            Ok(Loaded { model: Net::Cvt(l.model), naming: l.naming, labels: l.labels, preprocess: l.preprocess })
+            let d = cvt::describe(ck, path, &cvt::LoadOptions { config, ..opts.clone() })?;
+            Ok(Described { arch: Arch::Cvt(d.cfg), act: d.act, act_explicit: d.act_explicit, labels: d.labels, preprocess: d.preprocess })
         }
-        (Family::Convit, arch) => {
+        Family::Convit => {
             let want = match arch {
                 Some(Arch::Convit(c)) => Some(c),
-                Some(Arch::Cvt(c)) => bail!("{shown}: a ConViT checkpoint, but --config names CvT {}", c.name),
+                Some(Arch::Cvt(c)) => bail!("{shown}: a ConViT checkpoint, but {flag} names CvT {}", c.name),
                 None => None,
             };
             anyhow::ensure!(opts.activation.is_none(), "{shown}: a ConViT checkpoint, whose MLP is exact GELU: --activation applies to CvT");
-            let cfg = describe_convit(&ck, path, want.as_ref(), opts.allow_nonfinite)?;
-            let (labels, preprocess) = cvt::labels_and_preprocess(&ck, path, cfg.num_classes)?;
-            let fmt = WeightFormat::from_flag(&gpu, opts.f16);
-            let model = Convit::new(gpu, cfg, &ck.tensors, false, fmt).with_context(|| format!("{shown}"))?;
-            Ok(Loaded { model: Net::Convit(model), naming: ck.naming, labels, preprocess: preprocess.unwrap_or_else(crate::preprocess::Spec::imagenet) })
+            let cfg = describe_convit(ck, path, want.as_ref(), opts.allow_nonfinite)?;
+            let (labels, preprocess) = cvt::labels_and_preprocess(ck, path, cfg.num_classes)?;
+            Ok(Described { arch: Arch::Convit(cfg), act: Act::Gelu, act_explicit: true, labels, preprocess })
         }
     }
+}
+
+/// Reads a checkpoint of either family (told by its names) once, works out its
+/// architecture (`describe`; `arch` from `--config`), checks every tensor and
+/// uploads it for inference.
+pub fn load(gpu: Arc<Gpu>, path: &Path, arch: Option<Arch>, opts: &cvt::LoadOptions) -> Result<Loaded> {
+    let ck = cvt::weights::read_checkpoint(path)?;
+    let d = describe(&ck, path, arch, opts, "--config")?;
+    let fmt = WeightFormat::from_flag(&gpu, opts.f16);
+    let model = Net::new(gpu, &d.arch, &ck.tensors, d.act, fmt).with_context(|| format!("{}", path.display()))?;
+    Ok(Loaded { model, naming: ck.naming, labels: d.labels, preprocess: d.preprocess.unwrap_or_else(crate::preprocess::Spec::imagenet) })
 }
 
 /// A model of either family built for training (f32 buffers with gradients).
@@ -360,17 +389,6 @@ impl TrainNet {
         match self {
             TrainNet::Cvt(m) => m.weights(),
             TrainNet::Convit(m) => m.weights(),
-        }
-    }
-
-    pub fn gradients(&self) -> Result<HashMap<String, Tensor>> {
-        match self {
-            TrainNet::Cvt(m) => {
-                let g = m.gradients()?;
-                let shapes: HashMap<String, Vec<usize>> = cvt::weights::expected_shapes(&m.cfg).into_iter().collect();
-                Ok(g.into_iter().map(|(n, v)| (n.clone(), Tensor::new(shapes.get(&n).cloned().unwrap_or_else(|| vec![v.len()]), v))).collect())
-            }
-            TrainNet::Convit(m) => m.gradients(),
         }
     }
 }

@@ -86,30 +86,34 @@ impl ConvitConfig {
         ConvitConfig { name: "convit-fmnist".into(), in_chans: 1, num_classes: 10, image_size: 28, patch_size: 7, heads: 4, head_dim: 16, depth: 6, local_layers: 4, ..Self::released("", 4) }
     }
 
-    /// `convit-ti`, `convit-s`, `convit-b`, `convit-fmnist`, or a JSON file
+    /// A preset by name: `convit-ti`, `convit-s`, `convit-b` (also timm's
+    /// `convit_tiny`, … and `convit-tiny`, …) or `convit-fmnist`.
+    fn preset(name: &str) -> Option<ConvitConfig> {
+        match name.to_lowercase().as_str() {
+            "convit-ti" | "convit-tiny" | "convit_tiny" => Some(Self::released("convit-ti", 4)),
+            "convit-s" | "convit-small" | "convit_small" => Some(Self::released("convit-s", 9)),
+            "convit-b" | "convit-base" | "convit_base" => Some(Self::released("convit-b", 16)),
+            "convit-fmnist" => Some(Self::fmnist()),
+            _ => None,
+        }
+    }
+
+    /// A preset (`preset`) or a JSON file
     /// (e.g. `{"name": "convit-s+", "heads": 9, "head_dim": 64}`).
     pub fn by_name(name: &str) -> Result<ConvitConfig> {
-        match name.to_lowercase().as_str() {
-            "convit-ti" | "convit-tiny" | "convit_tiny" => Ok(Self::released("convit-ti", 4)),
-            "convit-s" | "convit-small" | "convit_small" => Ok(Self::released("convit-s", 9)),
-            "convit-b" | "convit-base" | "convit_base" => Ok(Self::released("convit-b", 16)),
-            "convit-fmnist" => Ok(Self::fmnist()),
-            _ => {
-                let text = crate::util::read_text_limited(std::path::Path::new(name), crate::util::limits::TEXT, "JSON config")
-                    .map_err(|e| anyhow::anyhow!("{name}: not a model name (convit-ti, convit-s, convit-b, convit-fmnist) and not a readable JSON config ({})", e.root_cause()))?;
-                let cfg: ConvitConfig = serde_json::from_str(&text).with_context(|| format!("{name}: invalid ConViT config JSON"))?;
-                cfg.validate().with_context(|| name.to_string())?;
-                Ok(cfg)
-            }
+        if let Some(p) = Self::preset(name) {
+            return Ok(p);
         }
+        let text = crate::util::read_text_limited(std::path::Path::new(name), crate::util::limits::TEXT, "JSON config")
+            .map_err(|e| anyhow::anyhow!("{name}: not a model name (convit-ti, convit-s, convit-b, convit-fmnist) and not a readable JSON config ({})", e.root_cause()))?;
+        let cfg: ConvitConfig = serde_json::from_str(&text).with_context(|| format!("{name}: invalid ConViT config JSON"))?;
+        cfg.validate().with_context(|| name.to_string())?;
+        Ok(cfg)
     }
 
     /// Whether `name` names a ConViT preset.
     pub fn is_preset(name: &str) -> bool {
-        matches!(
-            name.to_lowercase().as_str(),
-            "convit-ti" | "convit-tiny" | "convit_tiny" | "convit-s" | "convit-small" | "convit_small" | "convit-b" | "convit-base" | "convit_base" | "convit-fmnist"
-        )
+        Self::preset(name).is_some()
     }
 
     pub fn dim(&self) -> usize {

@@ -14,7 +14,7 @@ use crate::ops::Act;
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::Arc;
-use weights::{check_against, read_checkpoint, Checkpoint, Naming};
+use weights::{check_against, Checkpoint, Naming};
 
 /// How to interpret a checkpoint.
 #[derive(Clone, Debug, Default)]
@@ -182,14 +182,13 @@ pub fn check_spec(s: &crate::preprocess::Spec) -> Result<()> {
     Ok(())
 }
 
-/// Reads a checkpoint, works out its architecture and activation (`describe`),
-/// checks every tensor and uploads it.
+/// Reads a CvT checkpoint, works out its architecture and activation
+/// (`describe`), checks every tensor and uploads it (`models::load`, which
+/// serves both families, for a CvT).
 pub fn load(gpu: Arc<Gpu>, path: &Path, opts: &LoadOptions) -> Result<Loaded> {
-    let ck = read_checkpoint(path)?;
-    let shown = path.display();
-    let Described { cfg, act, labels, preprocess, .. } = describe(&ck, path, opts)?;
-    let preprocess = preprocess.unwrap_or_else(crate::preprocess::Spec::imagenet);
-    let fmt = crate::ops::matmul::WeightFormat::from_flag(&gpu, opts.f16);
-    let model = Model::new_in(gpu, cfg, &ck.tensors, act, fmt).with_context(|| format!("{shown}"))?;
-    Ok(Loaded { model, naming: ck.naming, labels, preprocess })
+    let l = crate::models::load(gpu, path, None, opts)?;
+    match l.model {
+        crate::models::Net::Cvt(model) => Ok(Loaded { model, naming: l.naming, labels: l.labels, preprocess: l.preprocess }),
+        crate::models::Net::Convit(_) => anyhow::bail!("{}: a ConViT checkpoint, not a CvT one", path.display()),
+    }
 }
