@@ -626,6 +626,66 @@ fn cls_token_and_mean_pool() {
     assert_close("cls_fill", &plan.read(xi).unwrap(), &want, 0.0, 0.0);
 }
 
+/// ConViT's token kernels against f64, in both kernel sets, on odd sizes: the
+/// per-token table added to every image (`add_pos`), its gradient summed over the
+/// batch (`batch_sum`), and rows scattered below a class-token row and gathered
+/// back (`scatter_rows`, `gather_rows`); and the optimizer's gradient
+/// accumulation (`optim::accumulate`: copy, then add).
+#[test]
+fn position_table_rows_and_accumulation() {
+    use cvt_gpu::ops::optim::accumulate;
+    use cvt_gpu::ops::tokens::{add_pos, batch_sum, gather_rows, scatter_rows};
+    for gpu in [gpu_buffer_variants(), gpu_texture_variants()] {
+        let (b, n, c) = (3, 7, 5);
+        let (x, table) = (randn(b * n * c, 1), randn(n * c, 2));
+        let table_buf = Arc::new(gpu.upload("table", &table).unwrap());
+        let sum_buf = Arc::new(gpu.storage("sum", (n * c * 4) as u64).unwrap());
+        let mut g = Graph::new(gpu.clone());
+        let xi = g.pinned("x", x.len());
+        let y = add_pos(&mut g, "pos", xi, &table_buf, n * c).unwrap();
+        g.pin(y);
+        batch_sum(&mut g, "sum", xi, b, n * c, &sum_buf).unwrap();
+        let wide = g.pinned("wide", b * (n + 1) * c);
+        scatter_rows(&mut g, "scatter", xi, wide, c, (b * n, n, n + 1, 1)).unwrap();
+        let back = g.pinned("back", b * n * c);
+        gather_rows(&mut g, "gather", wide, back, c, (b * n, n, n + 1, 1)).unwrap();
+        let plan = g.compile().unwrap();
+        plan.write(xi, &x).unwrap();
+        plan.write(wide, &vec![7.0; b * (n + 1) * c]).unwrap();
+        plan.run().unwrap();
+        let want: Vec<f64> = (0..x.len()).map(|i| x[i] as f64 + table[i % (n * c)] as f64).collect();
+        assert_close("add_pos", &plan.read(y).unwrap(), &want, 1e-6, 1e-6);
+        let want: Vec<f64> = (0..n * c).map(|i| (0..b).map(|bi| x[bi * n * c + i] as f64).sum()).collect();
+        assert_close("batch_sum", &gpu.read(&sum_buf, 0, n * c).unwrap(), &want, 1e-6, 1e-6);
+        let mut want = vec![7.0f64; b * (n + 1) * c];
+        for bi in 0..b {
+            for i in 0..n * c {
+                want[(bi * (n + 1) + 1) * c + i] = x[bi * n * c + i] as f64;
+            }
+        }
+        assert_close("scatter_rows", &plan.read(wide).unwrap(), &want, 0.0, 0.0);
+        assert_close("gather_rows", &plan.read(back).unwrap(), &x.iter().map(|&v| v as f64).collect::<Vec<_>>(), 0.0, 0.0);
+        // Accumulation over three "micro-batches" of a 1001-value gradient.
+        let len = 1001;
+        let grads: Vec<Vec<f32>> = (0..3).map(|k| randn(len, 10 + k)).collect();
+        let (grad, acc) = (Arc::new(gpu.upload("grad", &grads[0]).unwrap()), Arc::new(gpu.storage("acc", (len * 4) as u64).unwrap()));
+        let (mut first, mut add) = (Graph::new(gpu.clone()), Graph::new(gpu.clone()));
+        accumulate(&mut first, "acc", &grad, &acc, len, true).unwrap();
+        accumulate(&mut add, "acc", &grad, &acc, len, false).unwrap();
+        let (first, add) = (first.compile().unwrap(), add.compile().unwrap());
+        for (k, gr) in grads.iter().enumerate() {
+            gpu.queue.write_buffer(&grad, 0, bytemuck::cast_slice(gr));
+            if k == 0 {
+                first.run().unwrap()
+            } else {
+                add.run().unwrap()
+            }
+        }
+        let want: Vec<f64> = (0..len).map(|i| grads.iter().map(|gr| gr[i] as f64).sum()).collect();
+        assert_close("accumulate", &gpu.read(&acc, 0, len).unwrap(), &want, 1e-6, 1e-6);
+    }
+}
+
 #[test]
 fn gelu_reference_is_exact() {
     // The f64 reference itself, against known values of erf.
