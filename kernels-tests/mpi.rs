@@ -54,8 +54,21 @@ fn two_ranks_equal_one_process_accumulating_two_micro_batches() {
     let d = tmp("equal");
     image_folder(&d.join("data"), &["a", "b"], 12);
     let cfg = tiny_cvt(&d);
-    let (ok, _, err) = run(mpirun(2).arg(bin()).args(train_args(&d, &cfg, &d.join("ranks"), 5, 2)));
+    // Small buckets (the tiny model's gradients are 2 KiB to 30 KiB a tensor), so
+    // that several all-reduces are in flight while the backward runs.
+    let (ok, out, err) = run(mpirun(2).arg(bin()).args(train_args(&d, &cfg, &d.join("ranks"), 5, 2)).args(["--bucket-mb", "0.02"]));
     assert!(ok, "mpirun -n 2: {err}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().expect("an epoch record")).unwrap();
+    let x = &last["allreduce"];
+    eprintln!("{x}");
+    assert_eq!((x["processes"].as_u64(), x["overlap"].as_bool()), (Some(2), Some(true)), "{last}");
+    // Something overlapped: a bucket's all-reduce was under way before the
+    // backward ended (the first bucket's segment ends long before it).
+    assert!(x["buckets"].as_u64().unwrap() >= 4 && x["hidden_ms_per_step"].as_f64().unwrap() > 0.0, "{x}");
+    // The same job with one all-reduce after the backward: the same bits.
+    let (ok, _, err) = run(mpirun(2).arg(bin()).args(train_args(&d, &cfg, &d.join("after"), 5, 2)).arg("--no-overlap"));
+    assert!(ok, "mpirun -n 2 --no-overlap: {err}");
+    assert_eq!(floats(&d.join("ranks/model.safetensors")), floats(&d.join("after/model.safetensors")), "overlapped and not");
     let (ok, _, err) = run(Command::new(bin()).args(train_args(&d, &cfg, &d.join("accum"), 5, 2)).args(["--accum-steps", "2"]));
     assert!(ok, "one process: {err}");
     let (a, b) = (floats(&d.join("ranks/model.safetensors")), floats(&d.join("accum/model.safetensors")));
@@ -135,6 +148,7 @@ fn a_killed_rank_ends_the_job_and_its_checkpoint_resumes() {
         assert!(t.elapsed() < Duration::from_secs(30), "processes outlived the killed rank ({ranks:?}) by 30 s");
         std::thread::sleep(Duration::from_millis(100));
     }
+    eprintln!("every process of the job ended {:.1} s after the kill", t.elapsed().as_secs_f64());
     assert!(!job.wait().unwrap().success(), "the job must fail when a rank dies");
     // A rank's exit can still be closing its files (the run directory's lock)
     // after its command line is gone: the resume waits for the lock, as a user would.

@@ -192,3 +192,63 @@ fn drop_path_scales_the_residual_branches() {
     let (loss3, _) = step.run(&images, &targets).unwrap();
     assert_ne!(loss3, loss0);
 }
+
+/// The data-parallel step's gradient exchange (`dist::exchange`) runs the step
+/// plan in segments, one per gradient bucket, accumulating and reading each
+/// bucket back as the backward finishes it. In one process (its all-reduce is
+/// the identity) it must leave exactly the plain step's accumulators, loss and
+/// logits, as a step's first micro-batch and as a later one; the segments must
+/// follow the plan's order and end before the backward does for the buckets
+/// the backward finishes first (else nothing could overlap).
+#[test]
+fn gradient_exchange_in_segments_is_the_plain_step() {
+    use cvt_gpu::dist::{exchange::Exchange, World};
+    use cvt_gpu::models::step::Optimizer;
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels-tests/reference/fixtures/tiny");
+    let cfg = CvtConfig::from_json_file(tiny.join("config.json").to_str().unwrap()).unwrap();
+    let ck = read_checkpoint(&tiny.join("official.safetensors")).unwrap();
+    let images: Vec<f32> = ["chelsea64.png", "coffee64.png"].iter().flat_map(|f| preprocess::load_image(&tiny.join(f), 64, Resize::None).unwrap()).collect();
+    let flipped: Vec<f32> = images.iter().rev().copied().collect();
+    let k = cfg.num_classes;
+    let one_hot = |ls: [usize; 2]| -> Vec<f32> { ls.iter().flat_map(|&l| (0..k).map(move |c| (c == l) as u8 as f32)).collect() };
+    let (ta, tb) = (one_hot([3, 7]), one_hot([1, 4]));
+    let world = World::single();
+    let model = TrainModel::new(gpu(), cfg.clone(), &ck.tensors, Act::QuickGelu).unwrap();
+    let gpu = model.gpu.clone();
+    let step = model.step_plan(2, 64, 64).unwrap();
+    let opt = Optimizer::with_accumulation(&gpu, model.params(), Default::default(), true).unwrap();
+    let sums = |opt: &Optimizer| -> Vec<Vec<f32>> { opt.accumulators().iter().map(|a| gpu.read(&a.sum, 0, a.len).unwrap()).collect() };
+    let total = step.plan.steps.len();
+
+    // Plain: micro-batch A starts the sum, B adds to it.
+    let ra = step.run(&images, &ta).unwrap();
+    opt.accumulate(true).unwrap();
+    let first_only = sums(&opt);
+    let rb = step.run(&flipped, &tb).unwrap();
+    opt.accumulate(false).unwrap();
+    let both = sums(&opt);
+
+    // Small buckets, so that the tiny model has many.
+    let mut x = Exchange::new(&gpu, &step, opt.accumulators(), true, 16 << 10).unwrap();
+    let ends = x.segment_ends();
+    eprintln!("{} buckets over {total} steps, segments end at {ends:?}", x.buckets());
+    assert!(x.buckets() >= 4, "{} buckets", x.buckets());
+    assert!(ends.windows(2).all(|w| w[0] <= w[1]) && *ends.last().unwrap() <= total, "{ends:?}");
+    assert!(ends[0] < total * 9 / 10, "the head's bucket is read back only at step {} of {total}", ends[0]);
+    let distinct = ends.iter().collect::<std::collections::BTreeSet<_>>().len();
+    assert!(distinct >= 3, "{ends:?}");
+
+    assert_eq!(x.run(&world, &step, &images, &ta, true).unwrap(), ra, "first micro-batch: loss and logits");
+    assert_eq!(sums(&opt), first_only, "first micro-batch: accumulators");
+    step.run(&images, &ta).unwrap();
+    opt.accumulate(true).unwrap();
+    assert_eq!(x.run(&world, &step, &flipped, &tb, false).unwrap(), rb, "second micro-batch: loss and logits");
+    assert_eq!(sums(&opt), both, "second micro-batch: accumulators");
+    assert_eq!(x.stats.steps, 2);
+
+    // Not overlapped: one segment, the whole backward, and the same sums.
+    let mut after = Exchange::new(&gpu, &step, opt.accumulators(), false, 16 << 10).unwrap();
+    assert!(after.segment_ends().iter().all(|&e| e == total));
+    assert_eq!(after.run(&world, &step, &images, &ta, true).unwrap(), ra);
+    assert_eq!(sums(&opt), first_only);
+}

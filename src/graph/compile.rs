@@ -144,13 +144,17 @@ impl Graph {
                             label: "copy to texture".into(),
                             flops: 0.0,
                             bytes: 2 * (rows * width * texel) as u64,
+                            bufs: match &src {
+                                CopySrc::Buf(b) => vec![Arc::as_ptr(b) as usize],
+                                CopySrc::Act(_) => vec![],
+                            },
                             kind: StepKind::Copy { from: from(&src), offset: offset + (y * w * texel) as u64, texture, width: width as u32, height: rows as u32, y: y as u32 },
                         });
                     }
                     continue;
                 }
                 OpRec::Clear { t } => {
-                    steps.push(Step { label: "clear".into(), flops: 0.0, bytes: bytes(t.0), kind: StepKind::Clear { slot: tensor_slot[t.0], bytes: bytes(t.0) } });
+                    steps.push(Step { label: "clear".into(), flops: 0.0, bytes: bytes(t.0), bufs: vec![], kind: StepKind::Clear { slot: tensor_slot[t.0], bytes: bytes(t.0) } });
                     continue;
                 }
                 OpRec::Dispatch { label, pipeline, bindings, groups, flops } => (label, pipeline, bindings, groups, flops),
@@ -192,7 +196,8 @@ impl Graph {
                     _ => 0,
                 })
                 .sum();
-            steps.push(Step { label, flops, bytes: traffic, kind: StepKind::Dispatch { pipeline, bind_group, groups } });
+            let bufs = bindings.iter().filter_map(|r| if let Res::Buf(b) = r { Some(Arc::as_ptr(b) as usize) } else { None }).collect();
+            steps.push(Step { label, flops, bytes: traffic, bufs, kind: StepKind::Dispatch { pipeline, bind_group, groups } });
         }
         Ok(Plan {
             activation_bytes: slot_size.iter().sum(),

@@ -228,6 +228,10 @@ pub struct Step {
     pub flops: f64,
     /// Bytes of the buffers the step binds (for a GB/s estimate).
     pub bytes: u64,
+    /// The buffers from outside the plan (`Res::Buf`) the step binds or copies
+    /// from, by address: where a parameter's gradient is last touched
+    /// (`Plan::last_use`).
+    bufs: Vec<usize>,
     kind: StepKind,
 }
 

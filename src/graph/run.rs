@@ -49,24 +49,40 @@ impl Plan {
     /// texture copies between them — and submits it.
     pub fn run(&self) -> Result<()> {
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
-        let mut i = 0;
-        while i < self.steps.len() {
-            // Copies and clears go between passes; runs of dispatches share one pass.
+        self.encode(&mut enc, 0..self.steps.len());
+        self.gpu.queue.submit([enc.finish()]);
+        self.gpu.check_error()
+    }
+
+    /// Records steps `range` into `enc`: runs of dispatches share a compute
+    /// pass; copies and clears go between passes. A plan run in pieces
+    /// (`dist::exchange`, which submits the backward in segments) records its
+    /// steps in order, each once.
+    pub fn encode(&self, enc: &mut wgpu::CommandEncoder, range: std::ops::Range<usize>) {
+        let mut i = range.start;
+        while i < range.end {
             if !matches!(self.steps[i].kind, StepKind::Dispatch { .. }) {
-                self.record_step(&mut enc, &self.steps[i], None);
+                self.record_step(enc, &self.steps[i], None);
                 i += 1;
                 continue;
             }
             let mut pass = enc.begin_compute_pass(&Default::default());
-            while let Some(Step { kind: StepKind::Dispatch { pipeline, bind_group, groups }, .. }) = self.steps.get(i) {
+            while i < range.end {
+                let Step { kind: StepKind::Dispatch { pipeline, bind_group, groups }, .. } = &self.steps[i] else { break };
                 pass.set_pipeline(pipeline);
                 pass.set_bind_group(0, bind_group, &[]);
                 pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
                 i += 1;
             }
         }
-        self.gpu.queue.submit([enc.finish()]);
-        self.gpu.check_error()
+    }
+
+    /// The last step that binds (or copies from) `buf`, a buffer from outside
+    /// the plan: after it, the plan no longer touches the buffer (a gradient
+    /// is final). None when no step does.
+    pub fn last_use(&self, buf: &Arc<wgpu::Buffer>) -> Option<usize> {
+        let key = Arc::as_ptr(buf) as usize;
+        self.steps.iter().rposition(|s| s.bufs.contains(&key))
     }
 
     /// Replays step `i` alone `n` times, one submit each, and waits (leak and

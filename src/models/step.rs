@@ -32,6 +32,16 @@ pub struct Param {
     pub decay: bool,
 }
 
+/// A parameter's gradient (what the step plan writes) and the accumulator
+/// the optimizer reads, which sums it over a step's micro-batches.
+#[derive(Clone)]
+pub struct Accumulator {
+    pub name: String,
+    pub grad: Arc<wgpu::Buffer>,
+    pub sum: Arc<wgpu::Buffer>,
+    pub len: usize,
+}
+
 /// AdamW over every parameter, recorded once and replayed each step.
 pub struct Optimizer {
     pub plan: Plan,
@@ -49,6 +59,9 @@ pub struct Optimizer {
     /// (a step's first micro-batch) or add every gradient into its accumulator,
     /// which AdamW and the clipping norm then read.
     accum: Option<(Plan, Plan)>,
+    /// With accumulation, each parameter's gradient and its accumulator, in
+    /// parameter order (`dist::exchange` accumulates by bucket).
+    accumulators: Vec<Accumulator>,
     /// What the update reads as each parameter's gradient, and its length.
     grads: Vec<(Arc<wgpu::Buffer>, usize)>,
 }
@@ -64,15 +77,13 @@ impl Optimizer {
     /// `accumulate` fills from the gradients of each micro-batch, and the update
     /// and the clipping norm read it instead of the last gradient.
     pub fn with_accumulation(gpu: &Arc<Gpu>, mut params: Vec<Param>, settings: AdamW, accumulate: bool) -> Result<Optimizer> {
+        let mut accumulators = vec![];
         let accum = if accumulate {
-            let (mut first, mut add) = (Graph::new(gpu.clone()), Graph::new(gpu.clone()));
             for p in params.iter_mut() {
-                let acc = Arc::new(gpu.storage(&format!("{}.grad_sum", p.name), (p.len * 4) as u64)?);
-                crate::ops::optim::accumulate(&mut first, &p.name, &p.grad, &acc, p.len, true)?;
-                crate::ops::optim::accumulate(&mut add, &p.name, &p.grad, &acc, p.len, false)?;
-                p.grad = acc;
+                let sum = Arc::new(gpu.storage(&format!("{}.grad_sum", p.name), (p.len * 4) as u64)?);
+                accumulators.push(Accumulator { name: p.name.clone(), grad: std::mem::replace(&mut p.grad, sum.clone()), sum, len: p.len });
             }
-            Some((first.compile()?, add.compile()?))
+            Some((accumulate_plan(gpu, &accumulators, true)?, accumulate_plan(gpu, &accumulators, false)?))
         } else {
             None
         };
@@ -91,7 +102,12 @@ impl Optimizer {
             slot += sumsq_slots(p.len);
             state.push((p.name, m));
         }
-        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, state, norm_plan: ng.compile()?, norms, norm_slots, accum, grads })
+        Ok(Optimizer { plan: g.compile()?, hyper, settings, step: 0, state, norm_plan: ng.compile()?, norms, norm_slots, accum, accumulators, grads })
+    }
+
+    /// Each parameter's gradient and accumulator (empty without accumulation).
+    pub fn accumulators(&self) -> &[Accumulator] {
+        &self.accumulators
     }
 
     /// The buffers the update reads as gradients (the accumulators, with
@@ -155,6 +171,16 @@ impl Optimizer {
     }
 }
 
+/// The plan that adds the gradients of `accs` into their accumulators (`first`:
+/// copies them, starting a step's sum).
+pub fn accumulate_plan<'a>(gpu: &Arc<Gpu>, accs: impl IntoIterator<Item = &'a Accumulator>, first: bool) -> Result<Plan> {
+    let mut g = Graph::new(gpu.clone());
+    for a in accs {
+        crate::ops::optim::accumulate(&mut g, &a.name, &a.grad, &a.sum, a.len, first)?;
+    }
+    g.compile()
+}
+
 impl StepPlan {
     /// Number of drop-path scales a step takes (0 when drop path is off):
     /// [block][attention, MLP][sample].
@@ -194,9 +220,20 @@ impl StepPlan {
 
     /// Runs forward + backward on NHWC images and soft targets; returns (mean loss, logits).
     pub fn run(&self, images: &[f32], targets: &[f32]) -> Result<(f32, Vec<f32>)> {
-        self.plan.write(self.images, images)?;
-        self.plan.write(self.targets, targets)?;
+        self.write_inputs(images, targets)?;
         self.plan.run()?;
+        self.results()
+    }
+
+    /// Uploads a step's NHWC images and soft targets (`run` does it; a plan
+    /// run in segments, `dist::exchange`, calls it first).
+    pub fn write_inputs(&self, images: &[f32], targets: &[f32]) -> Result<()> {
+        self.plan.write(self.images, images)?;
+        self.plan.write(self.targets, targets)
+    }
+
+    /// The mean loss and the logits of the last run (waits for it).
+    pub fn results(&self) -> Result<(f32, Vec<f32>)> {
         let losses = self.plan.read(self.loss)?;
         Ok((losses.iter().sum::<f32>() / self.batch as f32, self.plan.read(self.logits)?))
     }
