@@ -77,18 +77,7 @@ impl World {
         self.rank == 0
     }
 
-    /// Element-wise sum over the processes, in place.
-    pub fn sum_f32(&self, v: &mut [f32]) {
-        #[cfg(feature = "mpi")]
-        if let Some((_, c)) = &self.comm {
-            use mpi::collective::{CommunicatorCollectives, SystemOperation};
-            let send = v.to_vec();
-            c.all_reduce_into(&send[..], v, SystemOperation::sum());
-        }
-        let _ = v;
-    }
-
-    /// As `sum_f32` for f64 (losses and counts, exactly).
+    /// Element-wise sum over the processes, in place (losses and counts, exactly).
     pub fn sum_f64(&self, v: &mut [f64]) {
         #[cfg(feature = "mpi")]
         if let Some((_, c)) = &self.comm {
@@ -288,8 +277,8 @@ mod tests {
         // A small model: the first bucket is still apart.
         assert_eq!(buckets(&[1000, 300_000, 5], BUCKET_BYTES), vec![vec![2], vec![1, 0]]);
         let w = World::single();
-        let mut v = [1.5f32, -2.0];
-        w.sum_f32(&mut v);
+        let mut v = [1.5f64, -2.0];
+        w.sum_f64(&mut v);
         assert_eq!(v, [1.5, -2.0]);
         assert!(w.any(true) && !w.any(false));
     }
