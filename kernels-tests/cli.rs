@@ -1,6 +1,8 @@
 //! The command line as a user meets it: a real inference through the binary, and
 //! every kind of bad input ending in one clear line on stderr and exit code 1.
 
+mod scratch;
+use scratch::Scratch;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -12,10 +14,8 @@ fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels-tests/reference/fixtures/tiny")
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cvt-gpu-cli-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(tag: &str) -> Scratch {
+    Scratch::new(&format!("cli-{tag}"))
 }
 
 /// Runs `cvt-gpu infer` and asserts a one-line error mentioning `needle`.
@@ -126,7 +126,6 @@ fn bad_inputs_give_one_line_errors() {
     fails_with(&["infer", "--weights", &s(&w), "--config", &s(&t.join("bad.json")), &s(&img)], "invalid CvT config JSON");
     fails_with(&["infer", "--weights", &s(&w), "--config", &s(&cfg), "--topk", "0", &s(&img)], "--topk");
     fails_with(&["bench", "--gemm", "--f16"], "--f16 applies to inference");
-    std::fs::remove_dir_all(&t).ok();
 }
 
 #[test]

@@ -4,6 +4,8 @@
 //! groups, in both kernel sets. With `--large` fixtures (not committed), the
 //! ConViT-Ti logits of two real 224 crops.
 
+mod scratch;
+use scratch::Scratch;
 mod common;
 use common::*;
 
@@ -152,8 +154,7 @@ fn convit_ti_matches_timm_on_real_photos() {
 fn broken_convit_checkpoints_are_one_line_errors() {
     use cvt_gpu::checkpoint::{write_safetensors, Entry};
     let t = load(&fixtures().join("model.safetensors"));
-    let dir = std::env::temp_dir().join(format!("cvt-gpu-convit-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("convit-bad");
     let cases: [(&str, &dyn Fn(&mut HashMap<String, Tensor>), &str); 2] = [
         ("missing", &|t| drop(t.remove("blocks.0.attn.v.weight")), "missing tensor blocks.0.attn.v.weight"),
         ("misshaped", &|t| drop(t.insert("blocks.1.attn.qk.weight".into(), Tensor::new(vec![48, 20], vec![0.0; 960]))), "blocks.1.attn.qk.weight has shape [48, 20]"),
@@ -171,5 +172,4 @@ fn broken_convit_checkpoints_are_one_line_errors() {
         assert!(!err.contains("panicked") && lines.len() == 1, "{tag}: {err}");
         assert!(lines[0].contains(needle) && lines[0].contains(&path.display().to_string()), "{tag}: {} should name the file and say {needle:?}", lines[0]);
     }
-    std::fs::remove_dir_all(&dir).ok();
 }

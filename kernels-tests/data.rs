@@ -1,14 +1,14 @@
 //! Dataset readers: IDX (plain and gzipped), bad files, and the real
 //! Fashion-MNIST from Debian's dataset-fashion-mnist when installed.
 
+mod scratch;
 use cvt_gpu::data::{fashion_mnist, idx::read_idx, FASHION_MNIST_DIR};
+use scratch::Scratch;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cvt-gpu-data-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(tag: &str) -> Scratch {
+    Scratch::new(&format!("data-{tag}"))
 }
 
 fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
@@ -46,7 +46,6 @@ fn idx_plain_gzip_and_errors() {
     assert!(fashion_mnist(&d, "t10k").unwrap_err().to_string().contains("3] labels for 2 images"));
     let e = fashion_mnist(Path::new("/no/such/dir"), "train").unwrap_err().to_string();
     assert!(e.contains("dataset-fashion-mnist"), "{e}");
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -158,7 +157,6 @@ fn png_at(dir: &Path, name: &str) {
 #[test]
 fn image_folder_class_names() {
     let root = tmp("folder");
-    std::fs::remove_dir_all(&root).ok();
     let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9");
     for split in ["train", "val"] {
         png_at(&root.join(split).join("apple"), "0.png");
@@ -185,7 +183,6 @@ fn image_folder_class_names() {
     png_at(&root.join("train").join(std::ffi::OsStr::from_bytes(b"caf\xff")), "0.png");
     let e = format!("{:#}", image_folder(&root, "train", None).unwrap_err());
     assert!(e.contains("both read as class 'caf\u{FFFD}'"), "{e}");
-    std::fs::remove_dir_all(&root).ok();
 }
 
 /// Tiny-ImageNet: a class with no training images is an error; the text files
@@ -193,7 +190,6 @@ fn image_folder_class_names() {
 #[test]
 fn tiny_imagenet_empty_class_and_text_files() {
     let root = tmp("tiny");
-    std::fs::remove_dir_all(&root).ok();
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("wnids.txt"), "n1\nn2\n").unwrap();
     std::fs::write(root.join("words.txt"), "n1\tone, uno\nn2\ttwo\n").unwrap();
@@ -214,7 +210,6 @@ fn tiny_imagenet_empty_class_and_text_files() {
         let e = format!("{:#}", tiny_imagenet(&root, "val").unwrap_err());
         assert!(e.contains("not a regular file"), "{e}");
     }
-    std::fs::remove_dir_all(&root).ok();
 }
 
 /// Data parallelism's split of an epoch: step s of K ranks accumulating n

@@ -2,12 +2,14 @@
 //! Each must give a clean error, quickly and within a small heap (the counting
 //! allocator in `craft` aborts the process past 1 GiB).
 
+mod scratch;
+use scratch::Scratch;
 mod craft;
 
 use craft::{gzip, idx, pk, torch_zip, zip_stored};
 use cvt_gpu::data::idx::{parse_idx, read_idx};
 use cvt_gpu::models::cvt::weights::{read_checkpoint, read_checkpoint_bytes};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 /// Runs `f` under the allocator's eye: it must fail within `mem` bytes of heap
@@ -188,10 +190,8 @@ fn idx_gzip_bomb() {
     refused("header declaring 2^60 bytes", MIB, "declare more than", || parse_idx(&gzip(&idx(&[1 << 30, 1 << 30, 1], &[]))));
 }
 
-fn tmpdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cvt-gpu-hostile-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir() -> Scratch {
+    Scratch::new("hostile")
 }
 
 /// Runs a read on another thread: a reader that opens a FIFO blocks forever.
@@ -208,7 +208,8 @@ fn within_a_second<T: Send + 'static>(what: &str, f: impl FnOnce() -> anyhow::Re
 #[test]
 fn devices_and_fifos_are_refused_at_once() {
     let _g = craft::serial();
-    let fifo = tmpdir().join("fifo");
+    let dir = tmpdir();
+    let fifo = dir.join("fifo");
     let _ = std::fs::remove_file(&fifo);
     assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let zero = Path::new("/dev/zero").to_path_buf();

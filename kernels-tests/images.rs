@@ -5,8 +5,10 @@
 //! checked against the full resize-then-crop it replaced (kept below as the
 //! reference), and against torchvision in model.rs's fixture test.
 
+mod scratch;
 use cvt_gpu::preprocess::{self, decode_image_bytes, eval_transform, resize_bicubic, Spec};
 use image::RgbImage;
+use scratch::Scratch;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Mutex;
@@ -67,8 +69,7 @@ fn extreme_aspect_costs_what_the_output_costs() {
     let _g = SERIAL.lock().unwrap();
     let spec = Spec::imagenet();
     for (w, h) in [(1u32, 60000u32), (60000, 1)] {
-        let dir = std::env::temp_dir().join(format!("cvt-gpu-aspect-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new("aspect");
         let path = dir.join(format!("{w}x{h}.png"));
         std::fs::write(&path, png(&RgbImage::from_fn(w, h, |x, y| image::Rgb([(x + y) as u8, 128, ((x + y) / 256) as u8])))).unwrap();
         let t = std::time::Instant::now();
@@ -83,7 +84,6 @@ fn extreme_aspect_costs_what_the_output_costs() {
         // The same at 384 (a warp, no crop): bounded too.
         let (_, peak) = peak_during(|| spec.load(&path, 384, preprocess::Resize::Eval).unwrap());
         assert!(peak < 32 << 20, "{w}x{h} at 384: peak allocation {peak} bytes");
-        std::fs::remove_dir_all(&dir).ok();
     }
 }
 

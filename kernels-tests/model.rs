@@ -2,6 +2,8 @@
 //! real photos, in both checkpoint namings and both activations, plus the
 //! preprocessing against torchvision. Fixtures: kernels-tests/reference/make_fixtures.py.
 
+mod scratch;
+use scratch::Scratch;
 mod common;
 use common::*;
 
@@ -126,8 +128,7 @@ fn f16_and_bf16_checkpoints() {
     let dir = fixtures().join("tiny");
     let e = expected(&dir);
     let ck = read_checkpoint(&dir.join("official.safetensors")).unwrap();
-    let tmp = std::env::temp_dir().join(format!("cvt-gpu-test-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = Scratch::new("f16-checkpoints");
     for (dtype, name) in [(safetensors::Dtype::F16, "f16"), (safetensors::Dtype::BF16, "bf16")] {
         let round = |x: f32| {
             if name == "f16" {
@@ -153,7 +154,6 @@ fn f16_and_bf16_checkpoints() {
         let (a, b) = (run_logits(&from_file.model, &e), run_logits(&direct, &e));
         assert_close(&format!("{name} checkpoint"), &a, &b.iter().map(|&x| x as f64).collect::<Vec<_>>(), 0.0, 0.0);
     }
-    std::fs::remove_dir_all(&tmp).ok();
 }
 
 /// f16 weights alone (`WeightFormat::F16`, what `--f16` gives on adapters
@@ -262,8 +262,7 @@ fn preprocessing_matches_torchvision_exactly() {
 /// grayscale, RGBA (alpha dropped, as PIL's convert("RGB")), 16-bit, JPEG, WebP, BMP.
 #[test]
 fn image_formats_convert_to_rgb() {
-    let tmp = std::env::temp_dir().join(format!("cvt-gpu-fmt-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = Scratch::new("fmt");
     let rgb = image::RgbImage::from_fn(9, 7, |x, y| image::Rgb([(x * 28) as u8, (y * 36) as u8, ((x + y) * 15) as u8]));
     let gray = image::GrayImage::from_fn(9, 7, |x, y| image::Luma([(x * 20 + y) as u8]));
     let rgba = image::RgbaImage::from_fn(9, 7, |x, y| {
@@ -292,5 +291,4 @@ fn image_formats_convert_to_rgb() {
     // A file named .png holding another format is detected by content.
     std::fs::copy(tmp.join("rgb.bmp"), tmp.join("actually_bmp.png")).unwrap();
     assert_eq!(preprocess::decode(&tmp.join("actually_bmp.png")).unwrap(), rgb);
-    std::fs::remove_dir_all(&tmp).ok();
 }

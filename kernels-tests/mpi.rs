@@ -4,6 +4,8 @@
 //! the run stop at once; a killed rank ends the job within seconds, and its last
 //! checkpoint resumes in one process.
 
+mod scratch;
+use scratch::Scratch;
 mod cli_common;
 
 use cli_common::{image_folder, run, tensors};
@@ -22,11 +24,8 @@ fn mpirun(n: usize) -> Command {
     c
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cvt-gpu-mpi-{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(tag: &str) -> Scratch {
+    Scratch::new(&format!("mpi-{tag}"))
 }
 
 /// A tiny CvT for 16x16 images (BatchNorm in every block: statistics per micro-batch).
@@ -92,7 +91,6 @@ fn two_ranks_equal_one_process_accumulating_two_micro_batches() {
     }
     let evals = |p: &Path| std::fs::read_to_string(p.join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("\"kind\":\"eval\"")).count();
     assert_eq!((evals(&d.join("ranks")), evals(&d.join("accum"))), (2, 2), "both evaluate each epoch");
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -110,7 +108,6 @@ fn processes_that_disagree_stop_at_once() {
         assert!(err.lines().any(|l| l.starts_with(&format!("error: rank {r} of 2: the processes disagree on the run"))), "rank {r}: {err}");
     }
     assert!(!err.contains("MPI_ABORT"), "{err}");
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -159,5 +156,4 @@ fn a_killed_rank_ends_the_job_and_its_checkpoint_resumes() {
         (ok, _, err) = resume();
     }
     assert!(ok && err.contains("stopped at step"), "resume in one process: {err}");
-    std::fs::remove_dir_all(&d).ok();
 }

@@ -2,14 +2,13 @@
 //! expected size with coloured series on it, the SVG with the title and axis
 //! labels; partial and empty metrics files.
 
+mod scratch;
 use cvt_gpu::plot::{curves, HEIGHT, WIDTH};
+use scratch::Scratch;
 use std::path::PathBuf;
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cvt-gpu-plot-{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(tag: &str) -> Scratch {
+    Scratch::new(&format!("plot-{tag}"))
 }
 
 /// Two epochs of 50 steps: train records every 10 steps, an eval at each epoch end.
@@ -56,7 +55,6 @@ fn curves_png_and_svg() {
     // No temporary files left beside them.
     let names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(names.len(), 3, "{names:?}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -83,7 +81,6 @@ fn curves_of_one_point_and_of_nothing() {
     // A missing file.
     let e = format!("{:#}", curves(&dir.join("absent.jsonl"), &dir, "x").unwrap_err());
     assert!(e.contains("absent.jsonl"), "{e}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Renders a sample chart where CVT_PLOT_SAMPLE names a directory (for looking at it).

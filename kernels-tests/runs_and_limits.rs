@@ -8,6 +8,8 @@
 //! Every command runs under an address-space cap (`CAP`), so an input that makes
 //! the program allocate without bound fails the test instead of the machine.
 
+mod scratch;
+use scratch::Scratch;
 mod cli_common;
 
 use cli_common::{one_line_error, run};
@@ -37,11 +39,8 @@ fn bin() -> Command {
     c
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cvt-gpu-runs-{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(tag: &str) -> Scratch {
+    Scratch::new(&format!("runs-{tag}"))
 }
 
 /// A tiny CvT for 16x16 RGB images.
@@ -104,7 +103,6 @@ fn resume_continues_in_its_own_directory_and_logs_each_step_once() {
     assert_eq!(steps, sorted, "steps logged twice or out of order: {steps:?}");
     assert_eq!(steps.last(), Some(&12), "the run reached its end: {steps:?}");
     assert!(run_dir.join("curves.png").is_file());
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -143,7 +141,6 @@ fn sigterm_mid_epoch_checkpoints_and_a_busy_directory_is_refused() {
     let (ok, _, err) = run(train_cmd(&d.join("data"), &cfg).args(["--max-steps", "2", "--resume"]).arg(&out));
     assert!(ok, "{err}");
     assert_eq!(state(&out)["step"].as_u64().unwrap(), s["step"].as_u64().unwrap() + 2);
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -172,7 +169,6 @@ fn out_of_range_training_settings_are_refused_before_any_work() {
     huge.args(["train", "--image-folder"]).arg(d.join("data")).args(["--res", "100000", "--out"]).arg(d.join("out"));
     one_line_error("--res 100000", run(&mut huge), "100000");
     assert!(!d.join("out").exists());
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -207,7 +203,6 @@ fn oversized_inputs_and_models_fail_in_seconds() {
         let e = describe(&ck, Path::new("crafted.safetensors"), &LoadOptions::default()).err().expect("crafted metadata accepted");
         assert!(format!("{e:#}").contains(needle) && format!("{e:#}").contains("crafted.safetensors"), "{e:#}");
     }
-    std::fs::remove_dir_all(&d).ok();
 }
 
 /// A checkpoint of `cfg`'s shapes with some tensors changed, and metadata.
@@ -279,7 +274,6 @@ fn cli_refuses_nonfinite_weights_and_unknown_settings() {
     one_line_error("NaN weights allowed: NaN logits", run(bin().args(["infer", "--allow-nonfinite", "--weights"]).arg(&nan).arg(&img)), "not finite");
     one_line_error("misspelt setting", run(bin().env("CVT_GPU_TEXREAD", "storage").args(["infer", "--weights"]).arg(&w).arg(&img)), "CVT_GPU_TEX_READ");
     one_line_error("bad value", run(bin().env("CVT_GPU_KERNELS", "gpux").args(["infer", "--weights"]).arg(&w).arg(&img)), "CVT_GPU_KERNELS=gpux");
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -313,5 +307,4 @@ fn convert_hf_export_is_a_whole_directory_or_nothing() {
     assert!(ok, "{err}");
     assert!(std::fs::symlink_metadata(d.join("link.safetensors")).unwrap().file_type().is_symlink());
     assert!(std::fs::metadata(d.join("real.safetensors")).unwrap().len() > 1000);
-    std::fs::remove_dir_all(&d).ok();
 }

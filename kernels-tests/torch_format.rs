@@ -3,8 +3,10 @@
 //! (kernels-tests/reference/make_fixtures.py) and is compared tensor by tensor
 //! with a safetensors file of the same values.
 
+mod scratch;
 use cvt_gpu::models::cvt::weights::{read_checkpoint, Naming, Tensor};
 use cvt_gpu::models::pth;
+use scratch::Scratch;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,10 +19,8 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cvt-gpu"))
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cvt-gpu-torch-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(tag: &str) -> Scratch {
+    Scratch::new(&format!("torch-{tag}"))
 }
 
 fn safetensors_f32(path: &Path) -> HashMap<String, Tensor> {

@@ -4,6 +4,8 @@
 //! fine-tuning re-initialises a head, bad input gives one-line errors, and a
 //! short Fashion-MNIST run learns.
 
+mod scratch;
+use scratch::Scratch;
 mod cli_common;
 
 use cli_common::{image_folder, one_line_error, run, synth, tensors};
@@ -15,11 +17,8 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cvt-gpu"))
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cvt-gpu-train-{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(tag: &str) -> Scratch {
+    Scratch::new(&format!("train-{tag}"))
 }
 
 /// A tiny CvT for 16x16 RGB images (grids 4x4, 2x2, 1x1 + cls).
@@ -89,7 +88,6 @@ fn kill_and_resume_matches_uninterrupted() {
     for (name, v) in &a {
         assert!(b[name] == *v, "{name} differs");
     }
-    std::fs::remove_dir_all(&d).ok();
 }
 
 /// tiny-imagenet-200's layout with 3 classes, one undecodable training image.
@@ -153,7 +151,6 @@ fn tiny_imagenet_layout_trains_evaluates_and_resumes() {
     assert!((0.0..=1.0).contains(&top1));
     let (ok, stdout, err) = run(bin().args(["infer", "--topk", "3", "--weights"]).arg(out.join("model.safetensors")).arg(data.join("val/images/val_0.JPEG")));
     assert!(ok && stdout.contains("goldfish") && stdout.contains("bullfrog"), "infer: {stdout} {err}");
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -209,7 +206,6 @@ fn fine_tune_reinitialises_the_head_and_bad_input_fails_cleanly() {
         "trunc.safetensors",
     );
     assert_eq!(std::fs::read(ft.join("checkpoint.safetensors")).unwrap(), before, "the run's checkpoint is untouched");
-    std::fs::remove_dir_all(&d).ok();
 }
 
 /// Fashion-MNIST (Debian's dataset-fashion-mnist): 60 steps of 64 images take an
@@ -227,7 +223,6 @@ fn fashion_mnist_learns() {
     let top1 = v["val_top1"].as_f64().unwrap();
     eprintln!("Fashion-MNIST after 60 steps: val top-1 {:.1}% on 2000 test images, {:.1} img/s", 100.0 * top1, v["img_per_s"].as_f64().unwrap());
     assert!(top1 > 0.6, "val top-1 {top1} after 60 steps");
-    std::fs::remove_dir_all(&d).ok();
 }
 
 /// The model shipped in weights/fmnist (trained by this engine) classifies the
@@ -316,7 +311,6 @@ fn convit_trains_resumes_exactly_and_is_served() {
         "a ConViT checkpoint, but --model names CvT",
     );
     one_line_error("convert to HF names", run(bin().arg("convert").arg(&model).arg(d.join("hf")).args(["--naming", "hf"])), "ConViT");
-    std::fs::remove_dir_all(&d).ok();
 }
 
 /// Gradient accumulation: ConViT has no BatchNorm, so 2 micro-batches of 4 with
@@ -367,5 +361,4 @@ fn accumulated_micro_batches_equal_the_whole_batch() {
     let (ok, _, err) = resume(&[]);
     assert!(ok, "resumed: {err}");
     assert!(tensors(&d.join("accum/model.safetensors")) == tensors(&d.join("split/model.safetensors")), "resumed accumulation differs");
-    std::fs::remove_dir_all(&d).ok();
 }

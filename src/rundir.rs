@@ -19,8 +19,8 @@ const LOCK: &str = ".lock";
 
 pub struct RunDir {
     pub path: PathBuf,
-    /// Held open for the run: closing it releases the lock.
-    _lock: File,
+    /// Held open for the run: closing it releases the lock (None: `of_rank_0`).
+    _lock: Option<File>,
     created: bool,
 }
 
@@ -62,7 +62,14 @@ impl RunDir {
         if removed > 0 {
             eprintln!("note: {shown}: removed {removed} temporary file(s) left by an interrupted write");
         }
-        Ok(RunDir { path: path.to_path_buf(), _lock: lock, created })
+        Ok(RunDir { path: path.to_path_buf(), _lock: Some(lock), created })
+    }
+
+    /// The run directory as the other processes of a data-parallel run see
+    /// it: rank 0's path (for messages), neither created, locked nor written
+    /// (rank 0 alone writes; on another machine the path need not exist).
+    pub fn of_rank_0(path: &Path) -> RunDir {
+        RunDir { path: path.to_path_buf(), _lock: None, created: false }
     }
 
     pub fn join(&self, name: &str) -> PathBuf {

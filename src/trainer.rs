@@ -1117,9 +1117,8 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs, world: &crate::dist::World) -> Result
         (None, None) => PathBuf::from(DEFAULT_OUT),
     };
     // The run directory first: an unwritable or busy --out fails before any work.
-    // Rank 0 alone writes there; the other processes hold a scratch directory.
-    let scratch = std::env::temp_dir().join(format!("cvt-gpu-rank{}-{}", world.rank, std::process::id()));
-    let dir = RunDir::open(if world.is_root() { &out } else { &scratch })?;
+    // Rank 0 alone writes there.
+    let dir = if world.is_root() { RunDir::open(&out)? } else { RunDir::of_rank_0(&out) };
     let same_dir = resumed.as_ref().is_some_and(|(_, _, p)| p.parent().and_then(|d| d.canonicalize().ok()) == out.canonicalize().ok());
     let setup = Setup::new(a, resumed)?;
     if world.size > 1 {
@@ -1147,11 +1146,7 @@ pub fn train(gpu: Arc<Gpu>, a: &TrainArgs, world: &crate::dist::World) -> Result
     if same_dir && world.is_root() {
         truncate_metrics(&dir.path, setup.state.step)?;
     }
-    let r = Run::new(gpu, a, world, &dir, setup)?.run();
-    if !world.is_root() {
-        std::fs::remove_dir_all(&scratch).ok();
-    }
-    r
+    Run::new(gpu, a, world, &dir, setup)?.run()
 }
 
 /// Rank 0's tensors on every process (the run's starting parameters), bit for bit.
